@@ -1,0 +1,77 @@
+"""Benchmark guard: run the benchmarks and fail when a throughput ratio falls under its floor.
+
+Every ``benchmarks/bench_*.py`` declares ``GUARDS``, a list of
+``(fast_test, reference_test, floor, what)``: the reference is a peer (sippy, asyncio, a naive
+Python floor ...) measured in the *same* run, so the ratio ``reference / fast`` holds on a slow or
+noisy machine where absolute times would not.  Times are each benchmark's minimum round, the
+estimate least disturbed by other load.
+
+    python benchmarks/guard.py            # full rounds
+    python benchmarks/guard.py --quick    # CI: shorter rounds, same floors
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def load_guards(path: Path) -> list[tuple[str, str, float, str]]:
+    spec = importlib.util.spec_from_file_location(f"_guard_{path.stem}", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return list(getattr(module, "GUARDS", []))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("files", nargs="*", help="bench files (default: benchmarks/bench_*.py)")
+    ap.add_argument("--quick", action="store_true", help="short rounds (CI)")
+    args = ap.parse_args(argv)
+
+    files = [Path(f).resolve() for f in args.files] or sorted(HERE.glob("bench_*.py"))
+    guards = {f: load_guards(f) for f in files}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.json"
+        cmd = [
+            sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+            "--import-mode=importlib", "--rootdir", str(HERE), "-o", "testpaths=",
+            f"--benchmark-json={out}", "--benchmark-disable-gc",
+            *[str(f) for f in files],
+        ]
+        if args.quick:
+            cmd += ["--benchmark-min-rounds=20", "--benchmark-max-time=0.25"]
+        rc = subprocess.call(cmd)
+        if rc != 0:
+            print(f"guard: benchmark run failed (pytest exit {rc})")
+            return rc
+        data = json.loads(out.read_text())
+
+    best = {b["name"]: b["stats"]["min"] for b in data["benchmarks"]}
+    failed = 0
+    print(f"\n{'guard':58} {'ratio':>9} {'floor':>7}")
+    for path, rows in guards.items():
+        for fast, ref, floor, what in rows:
+            if fast not in best or ref not in best:
+                print(f"{what:58} missing benchmark {fast if fast not in best else ref}  FAIL")
+                failed += 1
+                continue
+            ratio = best[ref] / best[fast]
+            ok = ratio >= floor
+            failed += not ok
+            print(f"{what:58} {ratio:8.1f}x {floor:6.1f}x  {'ok' if ok else 'FAIL'}"
+                  f"   ({best[fast] * 1e9:,.0f} ns vs {best[ref] * 1e9:,.0f} ns)")
+    print(f"\n{failed} guard(s) under their floor" if failed else "\nall guards above their floors")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
