@@ -1,0 +1,28 @@
+"""RTP media: packets, RFC 3550 statistics, RTCP, jitter buffer, packetizer, G.711, RFC 4733.
+
+Everything here is sans-IO: callers pass datagrams and arrival times in, and get packets,
+frames and reports out.
+"""
+
+from __future__ import annotations
+
+from fastsip.rtp._packet import (
+    ONE_BYTE_EXTENSION_PROFILE,
+    TWO_BYTE_EXTENSION_PROFILE,
+    RtpBatch,
+    RtpPacket,
+    parse_batch,
+    parse_batch_buffer,
+)
+from fastsip.rtp.errors import RtcpError, RtpError
+
+__all__ = [
+    "ONE_BYTE_EXTENSION_PROFILE",
+    "TWO_BYTE_EXTENSION_PROFILE",
+    "RtcpError",
+    "RtpBatch",
+    "RtpError",
+    "RtpPacket",
+    "parse_batch",
+    "parse_batch_buffer",
+]
