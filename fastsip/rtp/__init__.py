@@ -14,9 +14,17 @@ from fastsip.rtp._packet import (
     parse_batch,
     parse_batch_buffer,
 )
+from fastsip.rtp._g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
 from fastsip.rtp.errors import RtcpError, RtpError
+from fastsip.rtp.events import DTMF_EVENTS, TelephoneEvent
 
 __all__ = [
+    "DTMF_EVENTS",
+    "TelephoneEvent",
+    "alaw_decode",
+    "alaw_encode",
+    "ulaw_decode",
+    "ulaw_encode",
     "ONE_BYTE_EXTENSION_PROFILE",
     "TWO_BYTE_EXTENSION_PROFILE",
     "RtcpError",
