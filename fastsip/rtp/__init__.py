@@ -15,6 +15,7 @@ from fastsip.rtp._packet import (
     parse_batch_buffer,
 )
 from fastsip.rtp._g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
+from fastsip.rtp._stats import RtpStats
 from fastsip.rtp.errors import RtcpError, RtpError
 from fastsip.rtp.events import DTMF_EVENTS, TelephoneEvent
 
@@ -31,6 +32,7 @@ __all__ = [
     "RtpBatch",
     "RtpError",
     "RtpPacket",
+    "RtpStats",
     "parse_batch",
     "parse_batch_buffer",
 ]
