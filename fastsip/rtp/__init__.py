@@ -18,8 +18,40 @@ from fastsip.rtp._g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
 from fastsip.rtp._stats import RtpStats
 from fastsip.rtp.errors import RtcpError, RtpError
 from fastsip.rtp.events import DTMF_EVENTS, TelephoneEvent
+from fastsip.rtp.rtcp import (
+    App,
+    Bye,
+    Feedback,
+    ReceiverReport,
+    ReceptionReport,
+    RtcpPacket,
+    SdesChunk,
+    SenderReport,
+    SourceDescription,
+    build_compound,
+    ntp_timestamp,
+    parse_rtcp,
+    receiver_report,
+    report_block,
+    rtcp_interval,
+)
 
 __all__ = [
+    "App",
+    "Bye",
+    "Feedback",
+    "ReceiverReport",
+    "ReceptionReport",
+    "RtcpPacket",
+    "SdesChunk",
+    "SenderReport",
+    "SourceDescription",
+    "build_compound",
+    "ntp_timestamp",
+    "parse_rtcp",
+    "receiver_report",
+    "report_block",
+    "rtcp_interval",
     "DTMF_EVENTS",
     "TelephoneEvent",
     "alaw_decode",
