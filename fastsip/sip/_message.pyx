@@ -1,13 +1,2386 @@
-# placeholder: the message core is being written (issue 2); names exist so the package imports.
-class CSeq: pass
-class Headers: pass
-class Limits: pass
-class Message: pass
-class NameAddr: pass
-class Request(Message): pass
-class Response(Message): pass
-class URI: pass
-class Via: pass
-def message_length(buf): raise NotImplementedError
-def parse(data): raise NotImplementedError
-def parse_uri(text): raise NotImplementedError
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The SIP message core: a one-pass, zero-copy parser, typed header views, edits, serialization.
+
+``parse(data)`` walks the bytes once and records, for every header line, a small-int name id and
+the offsets of its name and value (Kamailio's ``hdr_field`` list, without the copies).  Nothing is
+decoded until asked for; typed views (Via, name-addr, URI, CSeq) are built on first access and
+cached.  The header fields that the transaction layer and every later layer depend on (Via, From,
+To, CSeq, Call-ID, Max-Forwards, Content-Length, the start line) are validated during that pass, so
+a message that ``parse`` accepts can be routed without surprises; the rest are validated when read.
+
+Edits are a journal over the header index (Kamailio's lumps): an edited or inserted header line
+lives in a small bytes object of its own, a removed one is flagged, and ``bytes(msg)`` copies the
+untouched lines from the original buffer.  An unedited message serializes to its input bytes.
+"""
+
+cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t
+from libc.string cimport memchr, memcmp, memcpy, memmove, memset
+
+import ipaddress
+import os
+from collections import namedtuple
+
+from fastsip.errors import ParseError
+
+cdef extern from *:
+    """
+    /* Token characters of RFC 3261 25.1 (alphanum - . ! % * _ + ` ' ~). */
+    static unsigned char fastsip_token[256];
+    /* Characters allowed in an unquoted generic-param value: token, host (IPv6 references with
+       [ ] :), and the few more that real gear sends unquoted.  UTF-8 octets too. */
+    static unsigned char fastsip_pvalue[256];
+    /* Characters of a URI up to its end: anything but LWS, < > and " (RFC 3986 excludes them). */
+    static unsigned char fastsip_urichar[256];
+    /* Characters of a hostname or IPv4 address (RFC 3261 25.1; '_' tolerated, as gear sends it). */
+    static unsigned char fastsip_hostchar[256];
+    /* A 2-item instance of a tuple subclass (the CSeq namedtuple): what tuple.__new__ does,
+       minus the argument tuple and the temporary copy. */
+    static PyObject *fastsip_tuple2(PyObject *type, PyObject *a, PyObject *b) {
+        PyObject *t = ((PyTypeObject *)type)->tp_alloc((PyTypeObject *)type, 2);
+        if (t == NULL) return NULL;
+        Py_INCREF(a); PyTuple_SET_ITEM(t, 0, a);
+        Py_INCREF(b); PyTuple_SET_ITEM(t, 1, b);
+        return t;
+    }
+    static void fastsip_init_tables(void) {
+        const char *t;
+        int c;
+        for (c = 0; c < 256; c++) {
+            int alnum = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+            fastsip_token[c] = alnum;
+            fastsip_pvalue[c] = alnum || c >= 0x80;
+            fastsip_urichar[c] = c > 0x20 && c < 0x7f && c != '<' && c != '>' && c != '"';
+            fastsip_hostchar[c] = alnum || c == '-' || c == '.' || c == '_';
+        }
+        for (t = "-.!%*_+`'~"; *t; t++) {
+            fastsip_token[(unsigned char)*t] = 1;
+            fastsip_pvalue[(unsigned char)*t] = 1;
+        }
+        for (t = "[]:/@=?&$#"; *t; t++) fastsip_pvalue[(unsigned char)*t] = 1;
+    }
+    """
+    unsigned char fastsip_token[256]
+    unsigned char fastsip_pvalue[256]
+    unsigned char fastsip_urichar[256]
+    unsigned char fastsip_hostchar[256]
+    void fastsip_init_tables()
+    object fastsip_tuple2(object tuple_type, object a, object b)
+
+fastsip_init_tables()
+
+
+# ---------------------------------------------------------------------------------------------
+# Header names: ids for the well-known names, compact forms folded in (RFC 3261 7.3.3, 20;
+# RFC 3265, 3515, 3841, 3892, 4028, 4474 for the later letters).
+# ---------------------------------------------------------------------------------------------
+
+cdef enum:
+    H_OTHER = 0
+    H_VIA = 1
+    H_FROM = 2
+    H_TO = 3
+    H_CALL_ID = 4
+    H_CSEQ = 5
+    H_CONTACT = 6
+    H_CONTENT_LENGTH = 7
+    H_CONTENT_TYPE = 8
+    H_MAX_FORWARDS = 9
+    H_ROUTE = 10
+    H_RECORD_ROUTE = 11
+    H_TIMESTAMP = 12
+    N_HEADER_IDS = 96
+
+# (canonical name, compact form, comma-separated list grammar?).  The first eleven keep the ids of
+# the enum above; the rest are numbered in order.
+_HEADER_TABLE = [
+    ("Via", "v", True), ("From", "f", False), ("To", "t", False), ("Call-ID", "i", False),
+    ("CSeq", None, False), ("Contact", "m", True), ("Content-Length", "l", False),
+    ("Content-Type", "c", False), ("Max-Forwards", None, False), ("Route", None, True),
+    ("Record-Route", None, True), ("Timestamp", None, False),
+    ("Accept", None, True), ("Accept-Contact", "a", True), ("Accept-Encoding", None, True),
+    ("Accept-Language", None, True), ("Alert-Info", None, True), ("Allow", None, True),
+    ("Allow-Events", "u", True), ("Authentication-Info", None, False),
+    ("Authorization", None, False), ("Call-Info", None, True),
+    ("Content-Disposition", None, False), ("Content-Encoding", "e", True),
+    ("Content-Language", None, True), ("Date", None, False), ("Error-Info", None, True),
+    ("Event", "o", False), ("Expires", None, False), ("History-Info", None, True),
+    ("Identity", "y", False), ("In-Reply-To", None, True), ("Min-Expires", None, False),
+    ("Min-SE", None, False), ("MIME-Version", None, False), ("Organization", None, False),
+    ("P-Asserted-Identity", None, True), ("P-Preferred-Identity", None, True),
+    ("Path", None, True), ("Priority", None, False), ("Privacy", None, False),
+    ("Proxy-Authenticate", None, False), ("Proxy-Authorization", None, False),
+    ("Proxy-Require", None, True), ("RAck", None, False), ("Reason", None, True),
+    ("Refer-To", "r", False), ("Referred-By", "b", False), ("Reject-Contact", "j", True),
+    ("Replaces", None, False), ("Reply-To", None, False), ("Request-Disposition", "d", True),
+    ("Require", None, True), ("Retry-After", None, False), ("RSeq", None, False),
+    ("Security-Client", None, True), ("Security-Server", None, True),
+    ("Security-Verify", None, True), ("Server", None, False), ("Service-Route", None, True),
+    ("Session-Expires", "x", False), ("SIP-ETag", None, False), ("SIP-If-Match", None, False),
+    ("Subject", "s", False), ("Subscription-State", None, False), ("Supported", "k", True),
+    ("Unsupported", None, True), ("User-Agent", None, False), ("Warning", None, True),
+    ("WWW-Authenticate", None, False),
+]
+
+cdef int16_t _compact_id[128]          # compact letter (lowercased) -> id
+cdef bint _is_list[N_HEADER_IDS]
+cdef list _canonical = [None] * N_HEADER_IDS
+cdef bytes _names_blob                 # every lowercase long name, back to back
+cdef int32_t _name_off[N_HEADER_IDS]
+cdef int32_t _name_len[N_HEADER_IDS]
+# ids sorted by name length: _by_len[_len_start[n] : _len_start[n + 1]] are the ids of length n
+cdef int16_t _by_len[N_HEADER_IDS]
+cdef int32_t _len_start[34]
+cdef int _n_ids = len(_HEADER_TABLE) + 1
+
+
+cdef void _init_names() except *:
+    global _names_blob
+    cdef int i, n, k
+    memset(_compact_id, 0, sizeof(_compact_id))
+    memset(_is_list, 0, sizeof(_is_list))
+    blob = bytearray()
+    for i, (name, compact, is_list) in enumerate(_HEADER_TABLE, 1):
+        _canonical[i] = name
+        _is_list[i] = is_list
+        _name_off[i] = len(blob)
+        _name_len[i] = len(name)
+        blob += name.lower().encode()
+        if compact is not None:
+            _compact_id[ord(compact)] = i
+    _names_blob = bytes(blob)
+    k = 0
+    for n in range(34):
+        _len_start[n] = k
+        for i in range(1, _n_ids):
+            if _name_len[i] == n:
+                _by_len[k] = i
+                k += 1
+
+_init_names()
+
+
+cdef inline int _header_id(const char* p, Py_ssize_t n) noexcept:
+    """The id of a header name (token characters, already validated), 0 when not well known."""
+    cdef int c, i, k, hid
+    cdef const char* cand
+    if n == 1:
+        c = (<unsigned char>p[0]) | 0x20
+        return _compact_id[c] if c < 128 else 0
+    if n >= 33:
+        return 0
+    cdef const char* blob = PyBytes_AS_STRING(_names_blob)
+    c = (<unsigned char>p[0]) | 0x20
+    for k in range(_len_start[n], _len_start[n + 1]):
+        hid = _by_len[k]
+        cand = blob + _name_off[hid]
+        if <unsigned char>cand[0] != c:
+            continue
+        # Token characters OR 0x20 only collide with a lowercase letter when they are that letter
+        # in upper case, and with '-' never, so this is an exact case-insensitive comparison.
+        for i in range(1, n):
+            if ((<unsigned char>p[i]) | 0x20) != <unsigned char>cand[i]:
+                break
+        else:
+            return hid
+    return 0
+
+
+cdef int _name_id_of(object name) except -1:
+    cdef bytes b = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else bytes(name)
+    cdef Py_ssize_t i, n = len(b)
+    cdef const char* p = b
+    for i in range(n):
+        if not fastsip_token[<unsigned char>p[i]]:
+            return 0
+    return _header_id(p, n) if n else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Small scanning helpers.  Offsets are Py_ssize_t; every loop is bounded by an explicit end.
+# ---------------------------------------------------------------------------------------------
+
+cdef inline bint _is_lws(char c) noexcept:
+    # CR and LF only appear inside a header value where the line was folded (the line scanner
+    # has already cut the message at real line ends), so here they are whitespace.
+    return c == b' ' or c == b'\t' or c == b'\r' or c == b'\n'
+
+
+cdef inline Py_ssize_t _skip_lws(const char* p, Py_ssize_t i, Py_ssize_t e) noexcept:
+    while i < e and _is_lws(p[i]):
+        i += 1
+    return i
+
+
+cdef inline Py_ssize_t _rtrim(const char* p, Py_ssize_t s, Py_ssize_t e) noexcept:
+    while e > s and _is_lws(p[e - 1]):
+        e -= 1
+    return e
+
+
+cdef inline bint _ieq(const char* p, Py_ssize_t n, const char* lower, Py_ssize_t m) noexcept:
+    """Case-insensitive comparison of p[:n] with a lowercase ASCII literal."""
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    if n != m:
+        return False
+    for i in range(n):
+        c = <unsigned char>p[i]
+        if c >= b'A' and c <= b'Z':
+            c |= 0x20
+        if c != <unsigned char>lower[i]:
+            return False
+    return True
+
+
+cdef inline str _text(const char* p, Py_ssize_t s, Py_ssize_t e):
+    return PyUnicode_DecodeUTF8(p + s, e - s, "surrogateescape")
+
+
+cdef str _text_lws(const char* p, Py_ssize_t s, Py_ssize_t e):
+    """Decode a value that may contain folded lines: each run of LWS with a line break becomes
+    one SP (RFC 3261 7.3.1), leading and trailing LWS is dropped."""
+    cdef Py_ssize_t i
+    cdef bint fold = False
+    s = _skip_lws(p, s, e)
+    e = _rtrim(p, s, e)
+    for i in range(s, e):
+        if p[i] == b'\r' or p[i] == b'\n':
+            fold = True
+            break
+    if not fold:
+        return _text(p, s, e)
+    out = bytearray()
+    i = s
+    while i < e:
+        if p[i] == b'\r' or p[i] == b'\n':
+            while len(out) and (out[len(out) - 1] == 0x20 or out[len(out) - 1] == 0x09):
+                out.pop()
+            i = _skip_lws(p, i, e)
+            out.append(0x20)
+            continue
+        out.append(<unsigned char>p[i])
+        i += 1
+    return out.decode("utf-8", "surrogateescape")
+
+
+cdef inline int64_t _digits(const char* p, Py_ssize_t s, Py_ssize_t e, int64_t limit) noexcept:
+    """The decimal number in p[s:e], or -1 when it is empty, not all digits, or over limit."""
+    cdef int64_t v = 0
+    cdef Py_ssize_t i
+    if s >= e:
+        return -1
+    for i in range(s, e):
+        if p[i] < b'0' or p[i] > b'9':
+            return -1
+        v = v * 10 + (p[i] - 48)
+        if v > limit:
+            return -1
+    return v
+
+
+cdef int _fail(str reason, Py_ssize_t offset, int status=400) except -1:
+    raise ParseError(reason, offset, status)
+
+
+cdef Py_ssize_t _scan_quoted(const char* p, Py_ssize_t i, Py_ssize_t e) except -2:
+    """p[i] is '"'; return the index just past the closing quote (quoted-pair aware)."""
+    cdef Py_ssize_t start = i
+    i += 1
+    while i < e:
+        if p[i] == b'\\':
+            i += 2
+            continue
+        if p[i] == b'"':
+            return i + 1
+        i += 1
+    _fail("unterminated quoted string", start)
+
+
+cdef Py_ssize_t _split_comma(const char* p, Py_ssize_t i, Py_ssize_t e) except -2:
+    """Index of the next top-level ',' at or after i (outside quotes and < >), or e."""
+    cdef bint angle = False
+    while i < e:
+        if p[i] == b'"':
+            i = _scan_quoted(p, i, e)
+            continue
+        if p[i] == b'<':
+            angle = True
+        elif p[i] == b'>':
+            angle = False
+        elif p[i] == b',' and not angle:
+            return i
+        i += 1
+    return e
+
+
+# ---------------------------------------------------------------------------------------------
+# Offset-only parsers of URIs, generic params, Via and name-addr values.
+# ---------------------------------------------------------------------------------------------
+
+cdef enum:
+    URI_OPAQUE = 0
+    URI_SIP = 1
+    URI_SIPS = 2
+    URI_TEL = 3
+    RPORT_ABSENT = -2
+    RPORT_EMPTY = -1
+
+ctypedef struct UriParts:
+    int kind
+    int32_t scheme_e           # scheme is p[s:scheme_e]
+    int32_t user_s, user_e     # -1 when there is no userinfo
+    int32_t pw_s, pw_e         # -1 when there is no password
+    int32_t host_s, host_e     # tel: the number; opaque: everything after "scheme:"
+    int port                      # -1 when absent
+    int32_t params_s, params_e # ";a=b;c" (leading ';' included); params_s == params_e: none
+    int32_t headers_s, headers_e  # after '?'; -1 when none
+
+ctypedef struct ParamSpan:
+    int32_t name_s, name_e
+    int32_t value_s, value_e   # -1 when the param has no value
+    bint quoted
+
+ctypedef struct ViaParts:
+    int32_t s, e
+    int32_t proto_s, proto_e   # "SIP/2.0" as written may hold LWS; these are the name and
+    int32_t ver_s, ver_e       # version tokens
+    int32_t tr_s, tr_e
+    int32_t host_s, host_e
+    int port
+    int32_t params_s           # the first ';' after sent-by, == e without params
+    int32_t branch_s, branch_e
+    int32_t received_s, received_e
+    int32_t maddr_s, maddr_e
+    int rport
+
+ctypedef struct NameAddrParts:
+    int32_t s, e
+    int32_t dn_s, dn_e         # -1 when no display name
+    bint quoted
+    int32_t uri_s, uri_e
+    bint angle
+    int32_t params_s, params_e
+    int32_t tag_s, tag_e       # -1 when absent
+    bint wildcard
+
+
+cdef int _scan_hostport(const char* p, Py_ssize_t i, Py_ssize_t e,
+                        int32_t* host_s, int32_t* host_e, int* port,
+                        bint stop_lws) except -2:
+    """host [":" port] at p[i:e]; returns the index after it.  An IPv6 reference needs [ ]
+    (RFC 5118 4.2: a bare IPv6 address in a SIP URI is invalid)."""
+    cdef Py_ssize_t s = i
+    cdef int64_t v
+    cdef Py_ssize_t ps
+    if i < e and p[i] == b'[':
+        while i < e and p[i] != b']':
+            if not (p[i] == b'[' and i == s) and not (
+                    (p[i] >= b'0' and p[i] <= b'9') or (p[i] | 0x20) >= b'a' and (p[i] | 0x20) <= b'f'
+                    or p[i] == b':' or p[i] == b'.'):
+                _fail("invalid character in IPv6 reference", i)
+            i += 1
+        if i >= e:
+            _fail("unterminated IPv6 reference", s)
+        i += 1
+    else:
+        while i < e and fastsip_hostchar[<unsigned char>p[i]]:
+            i += 1
+    if i == s:
+        _fail("missing host", s)
+    host_s[0] = s
+    host_e[0] = i
+    port[0] = -1
+    if stop_lws:
+        i = _skip_lws(p, i, e)
+    if i < e and p[i] == b':':
+        i += 1
+        if stop_lws:
+            i = _skip_lws(p, i, e)
+        ps = i
+        while i < e and p[i] >= b'0' and p[i] <= b'9':
+            i += 1
+        v = _digits(p, ps, i, 65535)
+        if v < 0:
+            _fail("invalid port", ps)
+        port[0] = <int>v
+    return i
+
+
+cdef Py_ssize_t _scan_uri(const char* p, Py_ssize_t s, Py_ssize_t e, UriParts* u) except -2:
+    """Parse the URI in p[s:e] (the whole span must be the URI).  Returns e."""
+    cdef Py_ssize_t i = s, at = -1, j
+    cdef int kind
+    if s >= e:
+        _fail("empty URI", s)
+    # scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )
+    if not ((p[i] | 0x20) >= b'a' and (p[i] | 0x20) <= b'z'):
+        _fail("URI scheme must start with a letter", i)
+    while i < e and p[i] != b':':
+        if not (((p[i] | 0x20) >= b'a' and (p[i] | 0x20) <= b'z') or (p[i] >= b'0' and p[i] <= b'9')
+                or p[i] == b'+' or p[i] == b'-' or p[i] == b'.'):
+            _fail("invalid character in URI scheme", i)
+        i += 1
+    if i >= e:
+        _fail("URI has no scheme", s)
+    for j in range(i + 1, e):
+        if not fastsip_urichar[<unsigned char>p[j]]:
+            _fail("invalid character in URI", j)
+    u.scheme_e = i
+    if _ieq(p + s, i - s, b"sip", 3):
+        kind = URI_SIP
+    elif _ieq(p + s, i - s, b"sips", 4):
+        kind = URI_SIPS
+    elif _ieq(p + s, i - s, b"tel", 3):
+        kind = URI_TEL
+    else:
+        kind = URI_OPAQUE
+    u.kind = kind
+    u.user_s = u.user_e = u.pw_s = u.pw_e = -1
+    u.headers_s = u.headers_e = -1
+    u.port = -1
+    i += 1
+    if kind == URI_OPAQUE:
+        if i >= e:
+            _fail("empty URI after scheme", i)
+        u.host_s = i
+        u.host_e = e
+        u.params_s = u.params_e = e
+        return e
+    if kind == URI_TEL:
+        u.host_s = i
+        while i < e and p[i] != b';':
+            i += 1
+        if i == u.host_s:
+            _fail("empty telephone number", i)
+        u.host_e = i
+        u.params_s = i
+        u.params_e = e
+        return e
+    # sip / sips: [userinfo "@"] hostport uri-parameters [headers].  An unescaped '@' cannot
+    # appear in host, params or headers, so the first '@' ends the userinfo (whose user part may
+    # hold ';', '?', '/' and ',').
+    j = i
+    while j < e:
+        if p[j] == b'@':
+            at = j
+            break
+        j += 1
+    if at >= 0:
+        u.user_s = i
+        j = i
+        while j < at and p[j] != b':':
+            j += 1
+        u.user_e = j
+        if j < at:
+            u.pw_s = j + 1
+            u.pw_e = at
+        i = at + 1
+    i = _scan_hostport(p, i, e, &u.host_s, &u.host_e, &u.port, False)
+    u.params_s = i
+    while i < e and p[i] != b'?':
+        if i == u.params_s and p[i] != b';':
+            _fail("unexpected character after host in URI", i)
+        i += 1
+    u.params_e = i
+    if i < e:
+        u.headers_s = i + 1
+        u.headers_e = e
+    return e
+
+
+cdef Py_ssize_t _next_param(const char* p, Py_ssize_t i, Py_ssize_t e, ParamSpan* out) except -2:
+    """At i (LWS allowed) expect ';' name [= value].  Returns the index after the param, or -1
+    when p[i:] (after LWS) does not start with ';'."""
+    i = _skip_lws(p, i, e)
+    if i >= e or p[i] != b';':
+        return -1
+    i = _skip_lws(p, i + 1, e)
+    out.name_s = i
+    while i < e and fastsip_token[<unsigned char>p[i]]:
+        i += 1
+    if i == out.name_s:
+        _fail("empty parameter name", i)
+    out.name_e = i
+    out.value_s = out.value_e = -1
+    out.quoted = False
+    i = _skip_lws(p, i, e)
+    if i < e and p[i] == b'=':
+        i = _skip_lws(p, i + 1, e)
+        if i < e and p[i] == b'"':
+            out.value_s = i
+            i = _scan_quoted(p, i, e)
+            out.value_e = i
+            out.quoted = True
+        else:
+            out.value_s = i
+            while i < e and fastsip_pvalue[<unsigned char>p[i]]:
+                i += 1
+            if i == out.value_s:
+                _fail("empty parameter value", i)
+            out.value_e = i
+    else:
+        i = out.name_e
+    return i
+
+
+cdef Py_ssize_t _scan_via(const char* p, Py_ssize_t i, Py_ssize_t e, ViaParts* v) except -2:
+    """One via-parm from i; returns the index of the ',' that ends it, or e."""
+    cdef ParamSpan prm
+    cdef Py_ssize_t n
+    i = _skip_lws(p, i, e)
+    v.s = i
+    v.proto_s = i
+    while i < e and fastsip_token[<unsigned char>p[i]]:
+        i += 1
+    v.proto_e = i
+    if i == v.proto_s:
+        _fail("Via: missing protocol name", i)
+    i = _skip_lws(p, i, e)
+    if i >= e or p[i] != b'/':
+        _fail("Via: expected '/' after protocol name", i)
+    i = _skip_lws(p, i + 1, e)
+    v.ver_s = i
+    while i < e and fastsip_token[<unsigned char>p[i]]:
+        i += 1
+    v.ver_e = i
+    if i == v.ver_s:
+        _fail("Via: missing protocol version", i)
+    i = _skip_lws(p, i, e)
+    if i >= e or p[i] != b'/':
+        _fail("Via: expected '/' before transport", i)
+    i = _skip_lws(p, i + 1, e)
+    v.tr_s = i
+    while i < e and fastsip_token[<unsigned char>p[i]]:
+        i += 1
+    v.tr_e = i
+    if i == v.tr_s:
+        _fail("Via: missing transport", i)
+    n = i
+    i = _skip_lws(p, i, e)
+    if i == n:
+        _fail("Via: expected whitespace before sent-by", i)
+    i = _scan_hostport(p, i, e, &v.host_s, &v.host_e, &v.port, True)
+    v.params_s = i
+    v.branch_s = v.branch_e = v.received_s = v.received_e = v.maddr_s = v.maddr_e = -1
+    v.rport = RPORT_ABSENT
+    while True:
+        n = _next_param(p, i, e, &prm)
+        if n < 0:
+            break
+        i = n
+        n = prm.name_e - prm.name_s
+        if _ieq(p + prm.name_s, n, b"branch", 6):
+            v.branch_s = prm.value_s
+            v.branch_e = prm.value_e
+        elif _ieq(p + prm.name_s, n, b"received", 8):
+            v.received_s = prm.value_s
+            v.received_e = prm.value_e
+        elif _ieq(p + prm.name_s, n, b"rport", 5):
+            if prm.value_s < 0:
+                v.rport = RPORT_EMPTY
+            else:
+                v.rport = <int>_digits(p, prm.value_s, prm.value_e, 65535)
+                if v.rport < 0:
+                    _fail("Via: invalid rport", prm.value_s)
+        elif _ieq(p + prm.name_s, n, b"maddr", 5):
+            v.maddr_s = prm.value_s
+            v.maddr_e = prm.value_e
+    v.e = _rtrim(p, v.s, i)
+    i = _skip_lws(p, i, e)
+    if i < e and p[i] != b',':
+        _fail("Via: unexpected character", i)
+    return i
+
+
+cdef Py_ssize_t _scan_name_addr(const char* p, Py_ssize_t i, Py_ssize_t e, bint in_list,
+                                NameAddrParts* na, bint check_uri=True) except -2:
+    """One (name-addr / addr-spec) *(;param) element from i; returns the index of the ',' that
+    ends it (only when in_list), or e.  With check_uri False the URI's own syntax is left for
+    the first read of ``.uri`` (parse() uses that: routing needs From/To tags, not their URIs)."""
+    cdef ParamSpan prm
+    cdef Py_ssize_t j, n
+    cdef UriParts u
+    i = _skip_lws(p, i, e)
+    na.s = i
+    na.dn_s = na.dn_e = -1
+    na.quoted = False
+    na.angle = False
+    na.wildcard = False
+    na.tag_s = na.tag_e = -1
+    if i >= e:
+        _fail("empty name-addr", i)
+    if p[i] == b'"':
+        na.dn_s = i
+        i = _scan_quoted(p, i, e)
+        na.dn_e = i
+        na.quoted = True
+        i = _skip_lws(p, i, e)
+        if i >= e or p[i] != b'<':
+            _fail("expected '<' after display name", i)
+    elif p[i] == b'*' and in_list:
+        # Contact: * (RFC 3261 10.2.2)
+        na.wildcard = True
+        na.uri_s = i
+        na.uri_e = i + 1
+        na.params_s = na.params_e = i + 1
+        i += 1
+        na.e = i
+        i = _skip_lws(p, i, e)
+        if i < e and p[i] != b',':
+            _fail("unexpected character after '*'", i)
+        return i
+    else:
+        # Either a display name of tokens and LWS followed by '<', or an addr-spec.
+        j = i
+        while j < e and (fastsip_token[<unsigned char>p[j]] or _is_lws(p[j])):
+            j += 1
+        if j < e and p[j] == b'<':
+            if j > i:
+                na.dn_s = i
+                na.dn_e = _rtrim(p, i, j)
+            i = j
+    if i < e and p[i] == b'<':
+        na.angle = True
+        j = i + 1
+        while j < e and p[j] != b'>':
+            j += 1
+        if j >= e:
+            _fail("unterminated '<'", i)
+        # Spaces just inside < > are not allowed by the grammar (RFC 4475 3.1.2.14); being liberal
+        # here costs nothing and the value is forwarded as written.
+        na.uri_s = _skip_lws(p, i + 1, j)
+        na.uri_e = _rtrim(p, na.uri_s, j)
+        i = j + 1
+    else:
+        # addr-spec: the URI runs to the first ';' ',' or LWS; what follows are header params.
+        na.uri_s = i
+        while i < e and not _is_lws(p[i]) and p[i] != b';' and not (p[i] == b',' and in_list):
+            if not fastsip_urichar[<unsigned char>p[i]]:
+                _fail("invalid character in URI", i)
+            i += 1
+        na.uri_e = i
+    if check_uri:
+        _scan_uri(p, na.uri_s, na.uri_e, &u)
+    na.params_s = i
+    while True:
+        n = _next_param(p, i, e, &prm)
+        if n < 0:
+            break
+        i = n
+        if prm.value_s >= 0 and _ieq(p + prm.name_s, prm.name_e - prm.name_s, b"tag", 3):
+            na.tag_s = prm.value_s
+            na.tag_e = prm.value_e
+    na.params_e = i
+    na.e = _rtrim(p, na.s, i)
+    i = _skip_lws(p, i, e)
+    if i < e and not (in_list and p[i] == b','):
+        _fail("unexpected character after name-addr", i)
+    return i
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed values
+# ---------------------------------------------------------------------------------------------
+
+CSeq = namedtuple("CSeq", ["seq", "method"])
+CSeq.__doc__ = "The CSeq header field: sequence number and method (RFC 3261 20.16)."
+CSeq.__module__ = "fastsip.sip"
+cdef object _CSeq = CSeq
+
+
+cdef inline object _make_cseq(int64_t seq, str method):
+    return fastsip_tuple2(_CSeq, seq, method)
+
+cdef object _tuple_new = tuple.__new__
+
+# Interned method names, so reading msg.method or cseq.method for the common ones allocates nothing.
+_METHODS = ["INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "SUBSCRIBE",
+            "NOTIFY", "PUBLISH", "INFO", "REFER", "MESSAGE", "UPDATE"]
+cdef dict _method_by_bytes = {m.encode(): m for m in _METHODS}
+_TRANSPORTS = ["UDP", "TCP", "TLS", "SCTP", "WS", "WSS", "TLS-SCTP"]
+cdef dict _transport_by_bytes = {}
+for _t in _TRANSPORTS:
+    _transport_by_bytes[_t.encode()] = _t
+    _transport_by_bytes[_t.lower().encode()] = _t
+
+
+cdef list _method_list = [(m.encode(), m) for m in _METHODS]
+
+
+cdef inline str _method_text(const char* p, Py_ssize_t s, Py_ssize_t e):
+    # A linear scan of 14 short names beats hashing a fresh bytes object.
+    cdef Py_ssize_t n = e - s
+    cdef bytes b
+    for b, m in _method_list:
+        if PyBytes_GET_SIZE(b) == n and memcmp(PyBytes_AS_STRING(b), p + s, n) == 0:
+            return m
+    return _text(p, s, e)
+
+
+cdef str _unquote(const char* p, Py_ssize_t s, Py_ssize_t e):
+    """The content of a quoted-string p[s:e] (quotes included), quoted-pairs resolved."""
+    cdef Py_ssize_t i
+    out = bytearray()
+    i = s + 1
+    e -= 1
+    while i < e:
+        if p[i] == b'\\' and i + 1 < e:
+            i += 1
+        out.append(<unsigned char>p[i])
+        i += 1
+    return _text_lws(out, 0, len(out))
+
+
+cdef dict _params_dict(const char* p, Py_ssize_t i, Py_ssize_t e):
+    """Generic params as {lowercase name: value or None}; quoted values are unquoted."""
+    cdef ParamSpan prm
+    cdef Py_ssize_t n
+    cdef dict d = {}
+    while True:
+        n = _next_param(p, i, e, &prm)
+        if n < 0:
+            return d
+        i = n
+        name = _text(p, prm.name_s, prm.name_e).lower()
+        if prm.value_s < 0:
+            d[name] = None
+        elif prm.quoted:
+            d[name] = _unquote(p, prm.value_s, prm.value_e)
+        else:
+            d[name] = _text(p, prm.value_s, prm.value_e)
+
+
+cdef inline int _hexval(char c) noexcept:
+    if c >= b'0' and c <= b'9':
+        return c - 48
+    c |= 0x20
+    if c >= b'a' and c <= b'f':
+        return c - 87
+    return -1
+
+
+cdef str _unescape(const char* p, Py_ssize_t s, Py_ssize_t e):
+    """%HH escapes resolved (RFC 3261 19.1.2); a '%' not followed by two hex digits stays."""
+    cdef Py_ssize_t i
+    cdef int hi, lo
+    if memchr(p + s, b'%', e - s) == NULL:
+        return _text(p, s, e)
+    out = bytearray()
+    i = s
+    while i < e:
+        if p[i] == b'%' and e - i >= 3:
+            hi = _hexval(p[i + 1])
+            lo = _hexval(p[i + 2])
+            if hi >= 0 and lo >= 0:
+                out.append(hi * 16 + lo)
+                i += 3
+                continue
+        out.append(<unsigned char>p[i])
+        i += 1
+    return out.decode("utf-8", "surrogateescape")
+
+
+@cython.freelist(16)
+cdef class URI:
+    """A URI: sip, sips and tel are parsed; other schemes are kept opaque (RFC 3261 19.1).
+
+    ``str(uri)`` gives the text as written.  ``user``, ``password`` and parameter values are
+    %-unescaped.  ``==`` follows RFC 3261 19.1.4 for sip/sips (and RFC 3966 for tel).
+    """
+    cdef readonly str scheme
+    cdef readonly object user
+    cdef readonly object password
+    cdef readonly str host
+    cdef readonly object port
+    cdef readonly dict params
+    cdef readonly dict headers
+    cdef str _text
+
+    def __init__(self, text):
+        cdef bytes b = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else bytes(text)
+        _fill_uri_p(self, b, 0, len(b))
+
+    @property
+    def is_sip(self):
+        """True for sip: and sips: URIs."""
+        return self.scheme == "sip" or self.scheme == "sips"
+
+    @property
+    def transport(self):
+        """The transport parameter, lowercased, or None."""
+        t = self.params.get("transport")
+        return t.lower() if t else None
+
+    @property
+    def lr(self):
+        """True when the URI carries the lr parameter (a loose router, RFC 3261 16.4)."""
+        return "lr" in self.params
+
+    @property
+    def maddr(self):
+        return self.params.get("maddr")
+
+    @property
+    def host_address(self):
+        """The host without IPv6 brackets: what a socket call wants."""
+        h = self.host
+        return h[1:len(h) - 1] if h.startswith("[") else h
+
+    def __str__(self):
+        return self._text
+
+    def __repr__(self):
+        return f"URI({self._text!r})"
+
+    def __hash__(self):
+        return hash((self.scheme, self.user, _norm_host(self.host)))
+
+    def __eq__(self, other):
+        if isinstance(other, str):
+            try:
+                other = URI(other)
+            except ValueError:
+                return False
+        if not isinstance(other, URI):
+            return NotImplemented
+        return _uri_equal(self, <URI>other)
+
+    def __ne__(self, other):
+        r = self.__eq__(other)
+        return r if r is NotImplemented else not r
+
+    def __reduce__(self):
+        return (URI, (self._text,))
+
+
+cdef object _norm_host(str host):
+    if host and host[0] == "[":
+        try:
+            return ipaddress.IPv6Address(host[1:len(host) - 1])
+        except ValueError:
+            pass
+    return host.lower() if host else host
+
+
+# URI parameters that must match when present in either URI (RFC 3261 19.1.4).
+cdef tuple _URI_STRICT_PARAMS = ("user", "ttl", "method", "maddr", "transport")
+
+
+cdef bint _uri_equal(URI a, URI b):
+    cdef str k
+    if a.scheme != b.scheme:
+        return False
+    if a.scheme == "tel":
+        return (_tel_digits(a.host) == _tel_digits(b.host)
+                and {k: (v or "").lower() for k, v in a.params.items()}
+                == {k: (v or "").lower() for k, v in b.params.items()})
+    if a.scheme != "sip" and a.scheme != "sips":
+        return a._text.partition(":")[2] == b._text.partition(":")[2]
+    if a.user != b.user or a.password != b.password:
+        return False
+    if _norm_host(a.host) != _norm_host(b.host) or a.port != b.port:
+        return False
+    for k in _URI_STRICT_PARAMS:
+        if (k in a.params) != (k in b.params):
+            return False
+    for k, v in a.params.items():
+        if k in b.params:
+            w = b.params[k]
+            if (v or "").lower() != (w or "").lower():
+                return False
+    return a.headers == b.headers
+
+
+cdef str _tel_digits(str number):
+    # Visual separators do not count (RFC 3966 5.1.1).
+    return "".join(c for c in number if c not in "-.()").lower()
+
+
+cdef int _fill_uri_p(URI self, const char* p, Py_ssize_t s, Py_ssize_t e) except -1:
+    cdef UriParts u
+    cdef Py_ssize_t i, j, k
+    _scan_uri(p, s, e, &u)
+    self._text = _text(p, s, e)
+    self.scheme = _text(p, s, u.scheme_e).lower()
+    self.user = _unescape(p, u.user_s, u.user_e) if u.user_s >= 0 else None
+    self.password = _unescape(p, u.pw_s, u.pw_e) if u.pw_s >= 0 else None
+    self.host = _text(p, u.host_s, u.host_e)
+    if u.kind == URI_SIP or u.kind == URI_SIPS:
+        self.host = self.host.lower() if self.host[:1] != "[" else self.host
+    self.port = u.port if u.port >= 0 else None
+    self.params = {}
+    if u.params_e > u.params_s:
+        i = u.params_s
+        while i < u.params_e:
+            # URI params: ;name[=value], split on ';' (values may hold ':' '[' ']' '/' ...)
+            i += 1
+            j = i
+            while j < u.params_e and p[j] != b';':
+                j += 1
+            if j == i:
+                raise ParseError("empty URI parameter", i)
+            k = i
+            while k < j and p[k] != b'=':
+                k += 1
+            name = _unescape(p, i, k).lower()
+            self.params[name] = _unescape(p, k + 1, j) if k < j else None
+            i = j
+    self.headers = {}
+    if u.headers_s >= 0:
+        i = u.headers_s
+        while i < u.headers_e:
+            j = i
+            while j < u.headers_e and p[j] != b'&':
+                j += 1
+            k = i
+            while k < j and p[k] != b'=':
+                k += 1
+            if j > i:
+                self.headers[_unescape(p, i, k)] = _unescape(p, k + 1, j) if k < j else ""
+            i = j + 1
+    return 0
+
+
+cdef URI _make_uri(const char* p, Py_ssize_t s, Py_ssize_t e):
+    cdef URI u = URI.__new__(URI)
+    _fill_uri_p(u, p, s, e)
+    return u
+
+
+def parse_uri(text):
+    """Parse a URI from ``str`` or bytes; raises ParseError when it is malformed."""
+    return URI(text)
+
+
+@cython.freelist(32)
+cdef class Via:
+    """One Via header field value (RFC 3261 20.42), read lazily from the message buffer."""
+    cdef object _owner            # keeps the buffer alive
+    cdef const char* _p
+    cdef ViaParts _v
+    cdef dict _params
+
+    @property
+    def protocol(self):
+        """"SIP/2.0" (name/version as sent, without LWS)."""
+        return _text(self._p, self._v.proto_s, self._v.proto_e).upper() + "/" + \
+            _text(self._p, self._v.ver_s, self._v.ver_e)
+
+    @property
+    def transport(self):
+        """Transport in upper case: "UDP", "TCP", "TLS", "SCTP", "WS", "WSS" or as sent."""
+        cdef object b = PyBytes_FromStringAndSize(self._p + self._v.tr_s, self._v.tr_e - self._v.tr_s)
+        t = _transport_by_bytes.get(b)
+        return t if t is not None else _text(self._p, self._v.tr_s, self._v.tr_e).upper()
+
+    @property
+    def host(self):
+        """The sent-by host as written (IPv6 references keep their brackets)."""
+        return _text(self._p, self._v.host_s, self._v.host_e)
+
+    @property
+    def port(self):
+        """The sent-by port, or None when absent."""
+        return self._v.port if self._v.port >= 0 else None
+
+    @property
+    def sent_by(self):
+        """(host, port) with port None when absent."""
+        return (self.host, self.port)
+
+    @property
+    def branch(self):
+        if self._v.branch_s < 0:
+            return None
+        return _text(self._p, self._v.branch_s, self._v.branch_e)
+
+    @property
+    def received(self):
+        if self._v.received_s < 0:
+            return None
+        return _text(self._p, self._v.received_s, self._v.received_e)
+
+    @property
+    def maddr(self):
+        if self._v.maddr_s < 0:
+            return None
+        return _text(self._p, self._v.maddr_s, self._v.maddr_e)
+
+    @property
+    def rport(self):
+        """The rport value (RFC 3581): None when absent, 0 when present without a value."""
+        if self._v.rport == RPORT_ABSENT:
+            return None
+        return 0 if self._v.rport == RPORT_EMPTY else self._v.rport
+
+    @property
+    def has_rport(self):
+        return self._v.rport != RPORT_ABSENT
+
+    @property
+    def params(self):
+        """Every parameter as {lowercase name: value or None}, in order."""
+        if self._params is None:
+            self._params = _params_dict(self._p, self._v.params_s, self._v.e)
+        return self._params
+
+    @property
+    def rfc3261_branch(self):
+        """True when the branch carries the RFC 3261 magic cookie "z9hG4bK" (17.2.3)."""
+        return (self._v.branch_s >= 0 and self._v.branch_e - self._v.branch_s >= 7
+                and PyBytes_FromStringAndSize(self._p + self._v.branch_s, 7) == b"z9hG4bK")
+
+    def __str__(self):
+        return _text_lws(self._p, self._v.s, self._v.e)
+
+    def __repr__(self):
+        return f"<Via {self!s}>"
+
+    def __eq__(self, other):
+        if isinstance(other, Via):
+            return str(self) == str(other)
+        return NotImplemented
+
+    def __hash__(self):
+        return hash(str(self))
+
+
+cdef Via _make_via(object owner, const char* p, ViaParts* v):
+    cdef Via via = Via.__new__(Via)
+    via._owner = owner
+    via._p = p
+    via._v = v[0]
+    return via
+
+
+@cython.freelist(32)
+cdef class NameAddr:
+    """A name-addr or addr-spec with its header parameters: From, To, Contact, Route,
+    Record-Route (RFC 3261 20.10, 20.20, 20.39)."""
+    cdef object _owner
+    cdef const char* _p
+    cdef NameAddrParts _n
+    cdef object _uri
+    cdef dict _params
+
+    @property
+    def display_name(self):
+        """The display name, unquoted and unescaped; None when there is none."""
+        if self._n.dn_s < 0:
+            return None
+        if self._n.quoted:
+            return _unquote(self._p, self._n.dn_s, self._n.dn_e)
+        return _text_lws(self._p, self._n.dn_s, self._n.dn_e)
+
+    @property
+    def uri(self):
+        """The URI (None for the Contact wildcard '*')."""
+        if self._n.wildcard:
+            return None
+        if self._uri is None:
+            self._uri = _make_uri(self._p, self._n.uri_s, self._n.uri_e)
+        return self._uri
+
+    @property
+    def tag(self):
+        if self._n.tag_s < 0:
+            return None
+        return _text(self._p, self._n.tag_s, self._n.tag_e)
+
+    @property
+    def params(self):
+        """Header parameters (not URI parameters) as {lowercase name: value or None}."""
+        if self._params is None:
+            self._params = _params_dict(self._p, self._n.params_s, self._n.params_e)
+        return self._params
+
+    @property
+    def wildcard(self):
+        """True for the "*" Contact of a remove-all REGISTER (RFC 3261 10.2.2)."""
+        return bool(self._n.wildcard)
+
+    @property
+    def expires(self):
+        """The expires parameter as an int (Contact), or None."""
+        v = self.params.get("expires")
+        if v is None or not v.isdigit():
+            return None
+        return int(v)
+
+    @property
+    def q(self):
+        """The q parameter as a float (Contact), or None."""
+        v = self.params.get("q")
+        try:
+            return float(v) if v is not None else None
+        except ValueError:
+            return None
+
+    def __str__(self):
+        return _text_lws(self._p, self._n.s, self._n.e)
+
+    def __repr__(self):
+        return f"<NameAddr {self!s}>"
+
+    def __eq__(self, other):
+        if isinstance(other, NameAddr):
+            return str(self) == str(other)
+        return NotImplemented
+
+    def __hash__(self):
+        return hash(str(self))
+
+
+cdef NameAddr _make_name_addr(object owner, const char* p, NameAddrParts* n):
+    cdef NameAddr na = NameAddr.__new__(NameAddr)
+    na._owner = owner
+    na._p = p
+    na._n = n[0]
+    return na
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits
+# ---------------------------------------------------------------------------------------------
+
+cdef class Limits:
+    """Explicit bounds for untrusted input.  A message over a bound raises ParseError (513 for
+    size, 400 otherwise); nothing is ever read past the buffer or left unbounded."""
+    cdef readonly Py_ssize_t max_message_size
+    cdef readonly Py_ssize_t max_headers
+    cdef readonly Py_ssize_t max_line_length
+
+    def __init__(self, max_message_size=65535, max_headers=256, max_line_length=8192):
+        if max_message_size <= 0 or max_message_size > 0x7FFFFFFF:
+            raise ValueError("max_message_size must be in 1 .. 2**31-1")
+        if max_headers <= 0 or max_headers > 0x7FFF:
+            raise ValueError("max_headers must be in 1 .. 32767")
+        if max_line_length <= 0:
+            raise ValueError("max_line_length must be positive")
+        self.max_message_size = max_message_size
+        self.max_headers = max_headers
+        self.max_line_length = max_line_length
+
+    def __repr__(self):
+        return (f"Limits(max_message_size={self.max_message_size}, max_headers={self.max_headers},"
+                f" max_line_length={self.max_line_length})")
+
+
+cdef Limits _default_limits = Limits()
+
+
+# ---------------------------------------------------------------------------------------------
+# The message
+# ---------------------------------------------------------------------------------------------
+
+ctypedef struct HEntry:
+    int32_t line_s, line_e     # the whole line(s): terminator and folded continuations included
+    int32_t name_s, name_e
+    int32_t value_s, value_e   # trimmed; may span folded lines
+    int16_t id
+    int16_t src                   # -1: the message buffer; >= 0: index into Message._extra
+    uint8_t folded
+    uint8_t deleted
+
+DEF INLINE_HEADERS = 32
+
+
+cdef class Message:
+    """A parsed SIP message (base of Request and Response).  Build one with ``parse()``."""
+    cdef object _data
+    cdef Py_buffer _view
+    cdef bint _has_view
+    cdef const char* _buf
+    cdef Py_ssize_t _len
+    cdef Py_ssize_t _start          # start line begins here (leading CRLFs skipped)
+    cdef Py_ssize_t _sl_e           # end of the start line's text
+    cdef Py_ssize_t _hdr_s          # first header line
+    cdef Py_ssize_t _blank_s        # the empty line that ends the header section
+    cdef Py_ssize_t _body_s, _body_e
+    cdef HEntry* _h                 # _inline, or a heap array once a message outgrows it
+    cdef int _nh, _cap
+    cdef int16_t _first[N_HEADER_IDS]
+    # Parts of the top Via, From and To found while validating, reused by the accessors (they
+    # describe the original buffer, so any edit clears _parts_ok).
+    cdef bint _parts_ok
+    cdef ViaParts _top_via
+    cdef NameAddrParts _from_p, _to_p
+    cdef HEntry _inline[INLINE_HEADERS]
+    cdef list _extra
+    cdef object _new_body
+    cdef object _new_start_line     # bytes, CRLF included
+    cdef bint _edited
+    # caches of typed views
+    cdef object _c_headers, _c_via, _c_from, _c_to, _c_cseq, _c_contact, _c_route, _c_rr
+
+    def __cinit__(self):
+        self._h = self._inline
+        self._cap = INLINE_HEADERS
+        self._has_view = False
+
+    def __dealloc__(self):
+        if self._h != self._inline:
+            PyMem_Free(self._h)
+            self._h = self._inline
+        if self._has_view:
+            PyBuffer_Release(&self._view)
+            self._has_view = False
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("use fastsip.parse(data), Request.create() or Response.create()")
+
+    # -- internal access -------------------------------------------------------------------
+
+    cdef inline const char* _base(self, HEntry* h):
+        if h.src < 0:
+            return self._buf
+        return PyBytes_AS_STRING(self._extra[h.src])
+
+    cdef inline object _owner_of(self, HEntry* h):
+        # What a view must keep alive: the bytes of an edited line, the message's bytes, or the
+        # message itself when it holds a buffer export of a bytearray/memoryview.
+        if h.src >= 0:
+            return self._extra[h.src]
+        return self._data if not self._has_view else self
+
+    cdef int _find(self, int hid, int after) noexcept:
+        cdef int i
+        if after < 0:
+            i = self._first[hid]
+            return i
+        for i in range(after + 1, self._nh):
+            if self._h[i].id == hid and not self._h[i].deleted:
+                return i
+        return -1
+
+    cdef int _add_entry(self) except -1:
+        cdef HEntry* nh
+        if self._nh == self._cap:
+            if self._h == self._inline:
+                nh = <HEntry*>PyMem_Malloc(2 * self._cap * sizeof(HEntry))
+                if nh != NULL:
+                    memcpy(nh, self._inline, self._cap * sizeof(HEntry))
+            else:
+                nh = <HEntry*>PyMem_Realloc(self._h, 2 * self._cap * sizeof(HEntry))
+            if nh == NULL:
+                raise MemoryError()
+            self._h = nh
+            self._cap *= 2
+        self._nh += 1
+        return self._nh - 1
+
+    cdef void _reindex(self) noexcept:
+        cdef int i
+        for i in range(N_HEADER_IDS):
+            self._first[i] = -1
+        for i in range(self._nh - 1, -1, -1):
+            if not self._h[i].deleted:
+                self._first[self._h[i].id] = i
+
+    cdef void _invalidate(self) noexcept:
+        self._edited = True
+        self._parts_ok = False
+        self._c_via = self._c_from = self._c_to = self._c_cseq = None
+        self._c_contact = self._c_route = self._c_rr = None
+
+    # -- validation done by parse() ----------------------------------------------------------
+
+    cdef int _validate(self) except -1:
+        """The checks that make an accepted message safe to route (see the module doc)."""
+        cdef int i
+        cdef HEntry* h
+        cdef const char* p = self._buf
+        cdef Py_ssize_t j, k
+        cdef ViaParts v
+        cdef NameAddrParts na
+        cdef int64_t n
+        for i in range(self._nh):
+            h = &self._h[i]
+            if h.id == H_VIA:
+                j = h.value_s
+                if i == self._first[H_VIA]:
+                    j = _scan_via(p, j, h.value_e, &self._top_via)
+                    j += 1
+                while j < h.value_e:
+                    j = _scan_via(p, j, h.value_e, &v)
+                    j += 1
+            elif h.id == H_FROM:
+                _scan_name_addr(p, h.value_s, h.value_e, False,
+                                &self._from_p if i == self._first[H_FROM] else &na, False)
+            elif h.id == H_TO:
+                _scan_name_addr(p, h.value_s, h.value_e, False,
+                                &self._to_p if i == self._first[H_TO] else &na, False)
+            elif h.id == H_CSEQ:
+                j = _skip_lws(p, h.value_s, h.value_e)
+                k = j
+                while k < h.value_e and p[k] >= b'0' and p[k] <= b'9':
+                    k += 1
+                # RFC 3261 8.1.1.5: the sequence number is less than 2**31.
+                if _digits(p, j, k, 0x7FFFFFFF) < 0:
+                    _fail("CSeq: invalid sequence number", j)
+                j = _skip_lws(p, k, h.value_e)
+                if j == k or j >= h.value_e:
+                    _fail("CSeq: missing method", j)
+                k = j
+                while k < h.value_e and fastsip_token[<unsigned char>p[k]]:
+                    k += 1
+                if k != h.value_e:
+                    _fail("CSeq: invalid method", k)
+            elif h.id == H_MAX_FORWARDS:
+                if _digits(p, h.value_s, h.value_e, 255) < 0:
+                    _fail("Max-Forwards: not a number in 0..255", h.value_s)
+            elif h.id == H_CALL_ID:
+                if h.value_e <= h.value_s:
+                    _fail("Call-ID: empty", h.value_s)
+        self._parts_ok = True
+        return 0
+
+    # -- header access -----------------------------------------------------------------------
+
+    cdef str _value_str(self, int i):
+        cdef HEntry* h = &self._h[i]
+        cdef const char* p = self._base(h)
+        if h.folded:
+            return _text_lws(p, h.value_s, h.value_e)
+        return _text(p, h.value_s, h.value_e)
+
+    cdef list _values(self, int hid, bint split):
+        """Every value of header id hid (not H_OTHER), split at top-level commas if asked."""
+        cdef list out = []
+        cdef int i = self._first[hid]
+        cdef HEntry* h
+        cdef const char* p
+        cdef Py_ssize_t j, k
+        while i >= 0:
+            h = &self._h[i]
+            if not split:
+                out.append(self._value_str(i))
+            else:
+                p = self._base(h)
+                j = h.value_s
+                while j < h.value_e:
+                    k = _split_comma(p, j, h.value_e)
+                    if k > j or k < h.value_e:
+                        out.append(_text_lws(p, j, k))
+                    j = k + 1
+            i = self._find(hid, i)
+        return out
+
+    @property
+    def headers(self):
+        """Every header field, case-insensitively and with compact forms equal to long ones."""
+        if self._c_headers is None:
+            self._c_headers = Headers._new(self)
+        return self._c_headers
+
+    @property
+    def call_id(self):
+        """The Call-ID (str), or None when the message has none."""
+        cdef int i = self._first[H_CALL_ID]
+        return self._value_str(i) if i >= 0 else None
+
+    @property
+    def cseq(self):
+        """CSeq(seq, method), or None when the message has none."""
+        cdef int i
+        cdef HEntry* h
+        cdef const char* p
+        cdef Py_ssize_t j, k, m
+        if self._c_cseq is None:
+            i = self._first[H_CSEQ]
+            if i < 0:
+                return None
+            h = &self._h[i]
+            p = self._base(h)
+            j = _skip_lws(p, h.value_s, h.value_e)
+            k = j
+            while k < h.value_e and p[k] >= b'0' and p[k] <= b'9':
+                k += 1
+            m = _skip_lws(p, k, h.value_e)
+            self._c_cseq = _make_cseq(_digits(p, j, k, 0x7FFFFFFF), _method_text(p, m, h.value_e))
+        return self._c_cseq
+
+    @property
+    def max_forwards(self):
+        """Max-Forwards as an int, or None when absent."""
+        cdef int i = self._first[H_MAX_FORWARDS]
+        cdef HEntry* h
+        if i < 0:
+            return None
+        h = &self._h[i]
+        return _digits(self._base(h), h.value_s, h.value_e, 255)
+
+    @property
+    def content_length(self):
+        """Length of the body in octets (the Content-Length that framed it)."""
+        if self._new_body is not None:
+            return len(self._new_body)
+        return self._body_e - self._body_s
+
+    @property
+    def content_type(self):
+        cdef int i = self._first[H_CONTENT_TYPE]
+        return self._value_str(i) if i >= 0 else None
+
+    @property
+    def body(self):
+        """The body: a zero-copy view of exactly Content-Length octets (``bytes(msg.body)``
+        copies it)."""
+        if self._new_body is not None:
+            return memoryview(self._new_body)
+        return memoryview(self._data)[self._body_s:self._body_e]
+
+    @body.setter
+    def body(self, value):
+        self.set_body(value)
+
+    @property
+    def via(self):
+        """Every Via value, top first."""
+        cdef list out
+        cdef int i
+        cdef HEntry* h
+        cdef const char* p
+        cdef Py_ssize_t j
+        cdef ViaParts v
+        if self._c_via is None:
+            out = []
+            i = self._first[H_VIA]
+            while i >= 0:
+                h = &self._h[i]
+                p = self._base(h)
+                j = h.value_s
+                if self._parts_ok and i == self._first[H_VIA]:
+                    out.append(_make_via(self._owner_of(h), p, &self._top_via))
+                    j = self._top_via.e
+                    j = _skip_lws(p, j, h.value_e) + 1
+                while j < h.value_e:
+                    j = _scan_via(p, j, h.value_e, &v)
+                    out.append(_make_via(self._owner_of(h), p, &v))
+                    j += 1
+                i = self._find(H_VIA, i)
+            self._c_via = out
+        return self._c_via
+
+    @property
+    def top_via(self):
+        """The topmost Via value, or None."""
+        cdef int i = self._first[H_VIA]
+        cdef ViaParts v
+        cdef HEntry* h
+        if self._c_via is not None:
+            return self._c_via[0] if self._c_via else None
+        if i < 0:
+            return None
+        h = &self._h[i]
+        if self._parts_ok:
+            return _make_via(self._owner_of(h), self._base(h), &self._top_via)
+        _scan_via(self._base(h), h.value_s, h.value_e, &v)
+        return _make_via(self._owner_of(h), self._base(h), &v)
+
+    cdef object _single_name_addr(self, int hid):
+        cdef int i = self._first[hid]
+        cdef HEntry* h
+        cdef NameAddrParts na
+        if i < 0:
+            return None
+        h = &self._h[i]
+        if self._parts_ok and (hid == H_FROM or hid == H_TO):
+            return _make_name_addr(self._owner_of(h), self._base(h),
+                                   &self._from_p if hid == H_FROM else &self._to_p)
+        _scan_name_addr(self._base(h), h.value_s, h.value_e, False, &na)
+        return _make_name_addr(self._owner_of(h), self._base(h), &na)
+
+    cdef list _name_addr_list(self, int hid):
+        cdef list out = []
+        cdef int i = self._first[hid]
+        cdef HEntry* h
+        cdef const char* p
+        cdef Py_ssize_t j
+        cdef NameAddrParts na
+        while i >= 0:
+            h = &self._h[i]
+            p = self._base(h)
+            j = h.value_s
+            while j < h.value_e:
+                j = _scan_name_addr(p, j, h.value_e, True, &na)
+                out.append(_make_name_addr(self._owner_of(h), p, &na))
+                j += 1
+            i = self._find(hid, i)
+        return out
+
+    @property
+    def from_(self):
+        """The From header field (NameAddr), or None."""
+        if self._c_from is None:
+            self._c_from = self._single_name_addr(H_FROM)
+        return self._c_from
+
+    @property
+    def to(self):
+        """The To header field (NameAddr), or None."""
+        if self._c_to is None:
+            self._c_to = self._single_name_addr(H_TO)
+        return self._c_to
+
+    @property
+    def contact(self):
+        """Every Contact value (NameAddr; a wildcard '*' has ``.wildcard`` set)."""
+        if self._c_contact is None:
+            self._c_contact = self._name_addr_list(H_CONTACT)
+        return self._c_contact
+
+    @property
+    def route(self):
+        """Every Route value, first to last."""
+        if self._c_route is None:
+            self._c_route = self._name_addr_list(H_ROUTE)
+        return self._c_route
+
+    @property
+    def record_route(self):
+        """Every Record-Route value, first to last."""
+        if self._c_rr is None:
+            self._c_rr = self._name_addr_list(H_RECORD_ROUTE)
+        return self._c_rr
+
+    @property
+    def is_request(self):
+        return isinstance(self, Request)
+
+    @property
+    def is_response(self):
+        return isinstance(self, Response)
+
+    @property
+    def start_line(self):
+        """The start line as text (no CRLF)."""
+        if self._new_start_line is not None:
+            return self._new_start_line.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
+        return _text(self._buf, self._start, self._sl_e)
+
+    # -- edits (a journal over the header index) --------------------------------------------
+
+    cdef int _line(self, int hid, object name, object value) except -1:
+        """Store a new header line for name: value; returns its index into _extra, and leaves
+        its offsets in a fresh entry at the end of the table (the caller moves it)."""
+        cdef bytes bname = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else bytes(name)
+        cdef bytes bvalue = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else bytes(value)
+        cdef Py_ssize_t k
+        for k in range(len(bname)):
+            if not fastsip_token[<unsigned char>(<const char*>bname)[k]]:
+                raise ValueError(f"invalid header name {name!r}")
+        if b"\r" in bvalue or b"\n" in bvalue or b"\x00" in bvalue:
+            raise ValueError("header value must not contain CR, LF or NUL")
+        if not bname:
+            raise ValueError("empty header name")
+        cdef bytes line = bname + b": " + bvalue + b"\r\n"
+        if self._extra is None:
+            self._extra = []
+        self._extra.append(line)
+        cdef int i = self._add_entry()
+        cdef HEntry* h = &self._h[i]
+        h.line_s = 0
+        h.line_e = len(line)
+        h.name_s = 0
+        h.name_e = len(bname)
+        h.value_s = len(bname) + 2
+        h.value_e = h.value_s + len(bvalue)
+        h.id = hid
+        h.src = len(self._extra) - 1
+        h.folded = False
+        h.deleted = False
+        return i
+
+    cdef int _insert(self, int at, int hid, object name, object value) except -1:
+        """Insert a header line before entry `at` (at == _nh: after the last)."""
+        cdef int i = self._line(hid, name, value)
+        cdef HEntry tmp = self._h[i]
+        if at < i:
+            memmove(&self._h[at + 1], &self._h[at], (i - at) * sizeof(HEntry))
+            self._h[at] = tmp
+        self._reindex()
+        self._invalidate()
+        return at
+
+    cdef int _replace_value(self, int i, object value) except -1:
+        """Give entry i a new value, keeping its name as written."""
+        cdef HEntry* h = &self._h[i]
+        cdef const char* p = self._base(h)
+        name = PyBytes_FromStringAndSize(p + h.name_s, h.name_e - h.name_s)
+        cdef int j = self._line(h.id, name, value)
+        self._h[i] = self._h[j]
+        self._nh -= 1
+        self._invalidate()
+        return 0
+
+    cdef int _delete(self, int i) except -1:
+        self._h[i].deleted = True
+        self._reindex()
+        self._invalidate()
+        return 0
+
+    cdef object _pop_first_value(self, int hid):
+        """Remove the first comma-separated value of header hid; returns its text or None."""
+        cdef int i = self._first[hid]
+        cdef HEntry* h
+        cdef const char* p
+        cdef Py_ssize_t k, r
+        if i < 0:
+            return None
+        h = &self._h[i]
+        p = self._base(h)
+        k = _split_comma(p, h.value_s, h.value_e)
+        first = _text_lws(p, h.value_s, k)
+        if k >= h.value_e:
+            self._delete(i)
+        else:
+            r = _skip_lws(p, k + 1, h.value_e)
+            self._replace_value(i, _text_lws(p, r, h.value_e))
+        return first
+
+    def add_via(self, value):
+        """Add a Via value on top (a proxy's or a UAC's own; RFC 3261 16.6 step 8)."""
+        cdef ViaParts v
+        cdef bytes b = value.encode() if isinstance(value, str) else bytes(value)
+        if _scan_via(b, 0, len(b), &v) != len(b):
+            raise ParseError("add_via takes exactly one Via value", 0)
+        cdef int at = self._first[H_VIA]
+        self._insert(at if at >= 0 else 0, H_VIA, "Via", b)
+
+    def pop_via(self):
+        """Remove the top Via value (a proxy forwarding a response, RFC 3261 16.7 step 3);
+        returns it as text, or None when there was none."""
+        return self._pop_first_value(H_VIA)
+
+    def add_record_route(self, value):
+        """Add a Record-Route value on top of the Record-Route list (RFC 3261 16.6 step 4)."""
+        cdef NameAddrParts na
+        cdef bytes b = value.encode() if isinstance(value, str) else bytes(value)
+        if _scan_name_addr(b, 0, len(b), False, &na) != len(b):
+            raise ParseError("add_record_route takes exactly one name-addr", 0)
+        cdef int at = self._first[H_RECORD_ROUTE]
+        self._insert(at if at >= 0 else 0, H_RECORD_ROUTE, "Record-Route", b)
+
+    def add_route(self, value):
+        """Add a Route value on top of the route set (pre-loaded routes, RFC 3261 8.1.2)."""
+        cdef NameAddrParts na
+        cdef bytes b = value.encode() if isinstance(value, str) else bytes(value)
+        if _scan_name_addr(b, 0, len(b), False, &na) != len(b):
+            raise ParseError("add_route takes exactly one name-addr", 0)
+        cdef int at = self._first[H_ROUTE]
+        self._insert(at if at >= 0 else 0, H_ROUTE, "Route", b)
+
+    def pop_route(self):
+        """Remove the first Route value (loose routing, RFC 3261 16.4); returns it as text,
+        or None when there was none."""
+        return self._pop_first_value(H_ROUTE)
+
+    def decrement_max_forwards(self):
+        """Max-Forwards minus one (RFC 3261 16.6 step 3; added as 70 when absent).  Returns the
+        new value.  Raises ValueError when it is already 0: the caller answers 483."""
+        cdef int i = self._first[H_MAX_FORWARDS]
+        cdef HEntry* h
+        cdef int64_t mf
+        if i < 0:
+            self._insert(self._nh, H_MAX_FORWARDS, "Max-Forwards", b"70")
+            return 70
+        h = &self._h[i]
+        mf = _digits(self._base(h), h.value_s, h.value_e, 255)
+        if mf <= 0:
+            raise ValueError("Max-Forwards is 0: answer 483 Too Many Hops")
+        self._replace_value(i, str(mf - 1))
+        return mf - 1
+
+    def set_header(self, name, value):
+        """Set a header field to one value: the first line is replaced, other lines removed,
+        and the field is appended when absent."""
+        cdef int hid = _name_id_of(name)
+        cdef int i, first = -1
+        cdef Py_ssize_t n
+        if hid == H_CONTENT_LENGTH:
+            raise ValueError("Content-Length follows the body; use set_body()")
+        for i in range(self._nh):
+            if self._h[i].deleted or not self._entry_named(i, hid, name):
+                continue
+            if first < 0:
+                first = i
+            else:
+                self._h[i].deleted = True
+        if first >= 0:
+            self._reindex()
+            self._replace_value(first, value)
+        else:
+            self._insert(self._nh, hid, _canonical[hid] if hid else name, value)
+
+    def add_header(self, name, value, *, first=False):
+        """Add a header line: after the last line, or before every other one with first=True
+        (or, for a field already present, before its first line)."""
+        cdef int hid = _name_id_of(name)
+        cdef int i, at = self._nh
+        if hid == H_CONTENT_LENGTH:
+            raise ValueError("Content-Length follows the body; use set_body()")
+        if first:
+            at = 0
+            for i in range(self._nh):
+                if not self._h[i].deleted and self._entry_named(i, hid, name):
+                    at = i
+                    break
+        self._insert(at, hid, _canonical[hid] if hid else name, value)
+
+    def remove_header(self, name):
+        """Remove every line of a header field; returns how many lines were removed."""
+        cdef int hid = _name_id_of(name)
+        cdef int i, n = 0
+        for i in range(self._nh):
+            if not self._h[i].deleted and self._entry_named(i, hid, name):
+                self._h[i].deleted = True
+                n += 1
+        if n:
+            self._reindex()
+            self._invalidate()
+        return n
+
+    cdef bint _entry_named(self, int i, int hid, object name) except -1:
+        cdef HEntry* h = &self._h[i]
+        cdef bytes b
+        if hid:
+            return h.id == hid
+        if h.id:
+            return False
+        b = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else bytes(name)
+        return _ieq_bytes(self._base(h) + h.name_s, h.name_e - h.name_s, b)
+
+    def set_body(self, body, content_type=None):
+        """Replace the body; Content-Length follows, and Content-Type is set when given."""
+        cdef bytes b = bytes(body)
+        cdef int i = self._first[H_CONTENT_LENGTH]
+        self._new_body = b
+        if i >= 0:
+            self._replace_value(i, str(len(b)))
+        else:
+            self._insert(self._nh, H_CONTENT_LENGTH, "Content-Length", str(len(b)))
+        if content_type is not None:
+            self.set_header("Content-Type", content_type)
+        self._invalidate()
+
+    # -- serialization -----------------------------------------------------------------------
+
+    def __bytes__(self):
+        cdef Py_ssize_t total, n
+        cdef int i
+        cdef HEntry* h
+        cdef bytes out
+        cdef char* w
+        if not self._edited and self._new_start_line is None and self._new_body is None:
+            if (self._start == 0 and self._body_e == self._len
+                    and type(self._data) is bytes):
+                return self._data
+            return PyBytes_FromStringAndSize(self._buf + self._start, self._body_e - self._start)
+        sl = self._new_start_line
+        total = len(sl) if sl is not None else self._hdr_s - self._start
+        for i in range(self._nh):
+            h = &self._h[i]
+            if not h.deleted:
+                total += h.line_e - h.line_s
+        total += self._body_s - self._blank_s
+        body = self._new_body
+        total += len(body) if body is not None else self._body_e - self._body_s
+        out = PyBytes_FromStringAndSize(NULL, total)
+        w = PyBytes_AS_STRING(out)
+        if sl is not None:
+            n = len(sl)
+            memcpy(w, PyBytes_AS_STRING(sl), n)
+        else:
+            n = self._hdr_s - self._start
+            memcpy(w, self._buf + self._start, n)
+        w += n
+        for i in range(self._nh):
+            h = &self._h[i]
+            if not h.deleted:
+                n = h.line_e - h.line_s
+                memcpy(w, self._base(h) + h.line_s, n)
+                w += n
+        n = self._body_s - self._blank_s
+        memcpy(w, self._buf + self._blank_s, n)
+        w += n
+        if body is not None:
+            memcpy(w, PyBytes_AS_STRING(body), len(body))
+        else:
+            memcpy(w, self._buf + self._body_s, self._body_e - self._body_s)
+        return out
+
+    def __len__(self):
+        return len(self.__bytes__())
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.start_line!r}>"
+
+    def __reduce__(self):
+        return (parse, (self.__bytes__(),))
+
+
+cdef bint _ieq_bytes(const char* p, Py_ssize_t n, bytes name):
+    cdef Py_ssize_t i
+    cdef const char* q = name
+    if n != len(name):
+        return False
+    for i in range(n):
+        if ((<unsigned char>p[i]) | 0x20) != ((<unsigned char>q[i]) | 0x20):
+            return False
+    return True
+
+
+cdef class Request(Message):
+    """A SIP request."""
+    cdef Py_ssize_t _m_s, _m_e, _u_s, _u_e
+    cdef object _c_uri, _c_method
+
+    @property
+    def method(self):
+        if self._c_method is None:
+            self._c_method = _method_text(self._buf, self._m_s, self._m_e)
+        return self._c_method
+
+    @property
+    def uri(self):
+        """The Request-URI (``str(msg.uri)`` gives its text)."""
+        if self._c_uri is None:
+            self._c_uri = _make_uri(self._buf, self._u_s, self._u_e)
+        return self._c_uri
+
+    @uri.setter
+    def uri(self, value):
+        cdef URI u = value if isinstance(value, URI) else URI(value)
+        self._new_start_line = (f"{self.method} {u} SIP/2.0\r\n").encode("utf-8", "surrogateescape")
+        self._c_uri = u
+        self._edited = True
+
+    def reply(self, int status, reason=None, *, to_tag=None, headers=None, body=None,
+              content_type=None, record_route=False):
+        """Build a response to this request per RFC 3261 8.2.6: Via, From, To, Call-ID and CSeq
+        copied; a To tag added for status > 100 when the request had none (``to_tag`` or a
+        random one); Timestamp copied into a 100 (8.2.6.1).  ``record_route=True`` also copies
+        Record-Route (a UAS answering a dialog-creating request, 12.1.1)."""
+        cdef int i
+        if status < 100 or status > 699:
+            raise ValueError("status must be in 100..699")
+        if reason is None:
+            reason = REASON_PHRASES.get(status, "")
+        parts = [f"SIP/2.0 {status} {reason}\r\n".encode("utf-8", "surrogateescape")]
+        for i in range(self._nh):
+            h = self._h[i]
+            if h.deleted:
+                continue
+            if h.id == H_VIA or h.id == H_FROM or h.id == H_CALL_ID or h.id == H_CSEQ or (
+                    record_route and h.id == H_RECORD_ROUTE) or (
+                    status == 100 and h.id == H_TIMESTAMP):
+                parts.append(PyBytes_FromStringAndSize(self._base(&self._h[i]) + h.line_s,
+                                                       h.line_e - h.line_s))
+            elif h.id == H_TO:
+                to = self.to
+                line = PyBytes_FromStringAndSize(self._base(&self._h[i]) + h.line_s,
+                                                 h.line_e - h.line_s)
+                if status > 100 and to is not None and to.tag is None:
+                    if to_tag is None:
+                        to_tag = os.urandom(6).hex()
+                    line = line.rstrip(b"\r\n") + b";tag=" + str(to_tag).encode() + b"\r\n"
+                parts.append(line)
+        for name, value in _header_items(headers):
+            parts.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
+        b = bytes(body) if body is not None else b""
+        if content_type is not None:
+            parts.append(f"Content-Type: {content_type}\r\n".encode())
+        parts.append(b"Content-Length: %d\r\n\r\n" % len(b))
+        parts.append(b)
+        return parse(b"".join(parts))
+
+    @staticmethod
+    def create(method, uri, headers=None, body=b"", *, content_type=None):
+        """Build a request from scratch: ``Request.create("OPTIONS", "sip:a@b", [("Via", ...),
+        ...])``.  Content-Length is added from the body."""
+        return _create(f"{method} {uri} SIP/2.0", headers, body, content_type)
+
+
+cdef class Response(Message):
+    """A SIP response."""
+    cdef int _status
+    cdef Py_ssize_t _r_s, _r_e
+
+    @property
+    def status_code(self):
+        return self._status
+
+    @property
+    def reason(self):
+        return _text(self._buf, self._r_s, self._r_e)
+
+    @property
+    def method(self):
+        """The method of the request this answers (from CSeq)."""
+        c = self.cseq
+        return c.method if c is not None else None
+
+    @staticmethod
+    def create(int status, reason=None, headers=None, body=b"", *, content_type=None):
+        """Build a response from scratch; Content-Length is added from the body."""
+        if status < 100 or status > 699:
+            raise ValueError("status must be in 100..699")
+        if reason is None:
+            reason = REASON_PHRASES.get(status, "")
+        return _create(f"SIP/2.0 {status} {reason}", headers, body, content_type)
+
+
+def _header_items(headers):
+    if headers is None:
+        return ()
+    if isinstance(headers, dict):
+        return headers.items()
+    return headers
+
+
+cdef object _create(str start_line, headers, body, content_type):
+    parts = [start_line.encode("utf-8", "surrogateescape"), b"\r\n"]
+    for name, value in _header_items(headers):
+        if _name_id_of(name) == H_CONTENT_LENGTH:
+            continue
+        parts.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
+    b = bytes(body)
+    if content_type is not None:
+        parts.append(f"Content-Type: {content_type}\r\n".encode())
+    parts.append(b"Content-Length: %d\r\n\r\n" % len(b))
+    parts.append(b)
+    return parse(b"".join(parts))
+
+
+REASON_PHRASES = {
+    100: "Trying", 180: "Ringing", 181: "Call Is Being Forwarded", 182: "Queued",
+    183: "Session Progress", 199: "Early Dialog Terminated", 200: "OK", 202: "Accepted",
+    204: "No Notification", 300: "Multiple Choices", 301: "Moved Permanently",
+    302: "Moved Temporarily", 305: "Use Proxy", 380: "Alternative Service", 400: "Bad Request",
+    401: "Unauthorized", 402: "Payment Required", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 406: "Not Acceptable", 407: "Proxy Authentication Required",
+    408: "Request Timeout", 410: "Gone", 412: "Conditional Request Failed",
+    413: "Request Entity Too Large", 414: "Request-URI Too Long", 415: "Unsupported Media Type",
+    416: "Unsupported URI Scheme", 417: "Unknown Resource-Priority", 420: "Bad Extension",
+    421: "Extension Required", 422: "Session Interval Too Small", 423: "Interval Too Brief",
+    428: "Use Identity Header", 429: "Provide Referrer Identity", 430: "Flow Failed",
+    433: "Anonymity Disallowed", 436: "Bad Identity-Info", 437: "Unsupported Certificate",
+    438: "Invalid Identity Header", 439: "First Hop Lacks Outbound Support",
+    440: "Max-Breadth Exceeded", 469: "Bad Info Package", 470: "Consent Needed",
+    480: "Temporarily Unavailable", 481: "Call/Transaction Does Not Exist",
+    482: "Loop Detected", 483: "Too Many Hops", 484: "Address Incomplete", 485: "Ambiguous",
+    486: "Busy Here", 487: "Request Terminated", 488: "Not Acceptable Here",
+    489: "Bad Event", 491: "Request Pending", 493: "Undecipherable",
+    494: "Security Agreement Required", 500: "Server Internal Error", 501: "Not Implemented",
+    502: "Bad Gateway", 503: "Service Unavailable", 504: "Server Time-out",
+    505: "Version Not Supported", 513: "Message Too Large", 555: "Push Notification Service Not Supported",
+    580: "Precondition Failure", 600: "Busy Everywhere", 603: "Decline",
+    604: "Does Not Exist Anywhere", 606: "Not Acceptable", 607: "Unwanted", 608: "Rejected",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Headers view
+# ---------------------------------------------------------------------------------------------
+
+@cython.freelist(16)
+cdef class Headers:
+    """Case-insensitive view of a message's header fields; compact forms equal long forms.
+
+    ``get(name)`` gives the first value, ``getall(name)`` every value across header lines and,
+    for fields whose grammar is a comma-separated list (Via, Contact, Route, Allow, ...), across
+    commas (quotes and < > respected).  Other fields (Date, WWW-Authenticate, unknown fields)
+    are never split.  Iterating gives ``(name, value)`` for each header line in wire order, with
+    the name as written.
+    """
+    cdef Message _m
+
+    @staticmethod
+    cdef Headers _new(Message m):
+        cdef Headers h = Headers.__new__(Headers)
+        h._m = m
+        return h
+
+    cdef list _collect(self, name, bint split_lists):
+        cdef int hid = _name_id_of(name)
+        cdef Message m = self._m
+        cdef list out = []
+        cdef int i
+        cdef bytes b
+        cdef HEntry* h
+        if hid:
+            return m._values(hid, split_lists and _is_list[hid])
+        b = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else bytes(name)
+        for i in range(m._nh):
+            h = &m._h[i]
+            if not h.deleted and h.id == 0 and _ieq_bytes(m._base(h) + h.name_s,
+                                                          h.name_e - h.name_s, b):
+                out.append(m._value_str(i))
+        return out
+
+    def get(self, name, default=None):
+        """The first value of a header field (str), or ``default``."""
+        vals = self._collect(name, True)
+        return vals[0] if vals else default
+
+    def getall(self, name, default=None):
+        """Every value of a header field, in order; ``default`` (or []) when absent."""
+        vals = self._collect(name, True)
+        if not vals and default is not None:
+            return default
+        return vals
+
+    def getlines(self, name):
+        """Every header line's whole value for a field, never split at commas."""
+        return self._collect(name, False)
+
+    def __getitem__(self, name):
+        vals = self._collect(name, True)
+        if not vals:
+            raise KeyError(name)
+        return vals[0]
+
+    def __contains__(self, name):
+        return bool(self._collect(name, False))
+
+    def __iter__(self):
+        cdef Message m = self._m
+        cdef int i
+        cdef HEntry* h
+        for i in range(m._nh):
+            h = &m._h[i]
+            if not h.deleted:
+                yield (_text(m._base(h), h.name_s, h.name_e), m._value_str(i))
+
+    def items(self):
+        """``(name, value)`` for every header line, in wire order."""
+        return list(self)
+
+    def keys(self):
+        return [n for n, _ in self]
+
+    def __len__(self):
+        cdef Message m = self._m
+        cdef int i, n = 0
+        for i in range(m._nh):
+            if not m._h[i].deleted:
+                n += 1
+        return n
+
+    def __repr__(self):
+        return f"<Headers {self.items()!r}>"
+
+
+def canonical_name(name):
+    """The canonical spelling of a header name ("v" -> "Via", "call-id" -> "Call-ID"); unknown
+    names come back unchanged."""
+    cdef int hid = _name_id_of(name)
+    return _canonical[hid] if hid else name
+
+
+# ---------------------------------------------------------------------------------------------
+# parse() and stream framing
+# ---------------------------------------------------------------------------------------------
+
+cdef inline Py_ssize_t _line_end(const char* p, Py_ssize_t i, Py_ssize_t n) noexcept:
+    """Index of the '\\n' ending the line that starts at i, or -1."""
+    cdef const char* q = <const char*>memchr(p + i, b'\n', n - i)
+    return -1 if q == NULL else q - p
+
+
+cdef int _check_version(const char* p, Py_ssize_t s, Py_ssize_t e) except -1:
+    """SIP-Version = "SIP" "/" 1*DIGIT "." 1*DIGIT; only 2.0 is supported (505 otherwise)."""
+    cdef Py_ssize_t i
+    if e - s >= 4 and _ieq(p + s, 4, b"sip/", 4):
+        i = s + 4
+        while i < e and p[i] >= b'0' and p[i] <= b'9':
+            i += 1
+        if i > s + 4 and i < e and p[i] == b'.':
+            i += 1
+            while i < e and p[i] >= b'0' and p[i] <= b'9':
+                i += 1
+            if i == e:
+                if e - s == 7 and p[s + 4] == b'2' and p[s + 5] == b'.' and p[s + 6] == b'0':
+                    return 0
+                _fail("unsupported SIP version", s, 505)
+    _fail("malformed SIP version", s)
+
+
+cdef Message _parse(object data, Limits limits):
+    cdef Message m
+    cdef Request req
+    cdef Response resp
+    cdef const char* p
+    cdef Py_ssize_t n, i, j, k, le, ce, sp1, sp2, cl_i
+    cdef Py_buffer view
+    cdef bint has_view = False
+    cdef HEntry* h
+    cdef int hid, nh
+    cdef int64_t cl, code
+
+    if type(data) is bytes:
+        p = PyBytes_AS_STRING(data)
+        n = PyBytes_GET_SIZE(data)
+    else:
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        has_view = True
+        p = <const char*>view.buf
+        n = view.len
+    try:
+        if n > limits.max_message_size:
+            _fail(f"message larger than {limits.max_message_size} octets", limits.max_message_size, 513)
+        i = 0
+        # RFC 3261 7.5: CRLFs before the start line are ignored.
+        while i < n and (p[i] == b'\r' or p[i] == b'\n'):
+            i += 1
+        if i >= n:
+            _fail("empty message", i)
+        le = _line_end(p, i, n)
+        if le < 0:
+            _fail("start line not terminated", n)
+        ce = le - 1 if le > i and p[le - 1] == b'\r' else le
+        if ce - i > limits.max_line_length:
+            _fail("start line too long", i, 414 if p[i] != b'S' else 400)
+
+        if ce - i >= 4 and _ieq(p + i, 4, b"sip/", 4):
+            # Status-Line = SIP-Version SP Status-Code SP Reason-Phrase
+            resp = Response.__new__(Response)
+            m = resp
+            sp1 = i
+            while sp1 < ce and p[sp1] != b' ':
+                sp1 += 1
+            _check_version(p, i, sp1)
+            j = sp1 + 1
+            k = j
+            while k < ce and p[k] >= b'0' and p[k] <= b'9':
+                k += 1
+            code = _digits(p, j, k, 999) if k - j == 3 else -1
+            if code < 100 or code > 699:
+                _fail("invalid status code", j)
+            if k < ce and p[k] != b' ':
+                _fail("expected SP after status code", k)
+            resp._status = <int>code
+            resp._r_s = k + 1 if k < ce else ce
+            resp._r_e = ce
+        else:
+            # Request-Line = Method SP Request-URI SP SIP-Version, single SPs (RFC 4475 3.1.2.9:
+            # extra SP, trailing SP and LWS inside the URI are rejected, not repaired).
+            req = Request.__new__(Request)
+            m = req
+            j = i
+            while j < ce and fastsip_token[<unsigned char>p[j]]:
+                j += 1
+            if j == i:
+                _fail("invalid method", i)
+            if j >= ce or p[j] != b' ':
+                _fail("expected SP after method", j)
+            req._m_s = i
+            req._m_e = j
+            j += 1
+            k = j
+            while k < ce and p[k] != b' ':
+                k += 1
+            if k >= ce:
+                _fail("request line has no SIP version", ce)
+            if k == j:
+                _fail("empty Request-URI", j)
+            if p[j] == b'<':
+                _fail("Request-URI enclosed in <>", j)
+            _check_version(p, k + 1, ce)
+            req._u_s = j
+            req._u_e = k
+            _scan_uri_check(p, j, k)
+
+        m._start = i
+        m._sl_e = ce
+        i = le + 1
+        m._hdr_s = i
+        m._nh = 0
+        memset(m._first, 0xFF, sizeof(m._first))
+
+        # Header lines, up to the empty line.
+        while True:
+            if i >= n:
+                _fail("header section not terminated by an empty line", i)
+            if p[i] == b'\n':
+                m._blank_s = i
+                i += 1
+                break
+            if p[i] == b'\r':
+                if i + 1 < n and p[i + 1] == b'\n':
+                    m._blank_s = i
+                    i += 2
+                    break
+                _fail("bare CR in header section", i)
+            le = _line_end(p, i, n)
+            if le < 0:
+                _fail("header line not terminated", n)
+            ce = le - 1 if le > i and p[le - 1] == b'\r' else le
+            if ce - i > limits.max_line_length:
+                _fail("header line too long", i)
+            if p[i] == b' ' or p[i] == b'\t':
+                # A folded continuation of the previous header line (RFC 3261 7.3.1).
+                if m._nh == 0:
+                    _fail("continuation line before any header", i)
+                h = &m._h[m._nh - 1]
+                k = _rtrim(p, i, ce)
+                if k > i:
+                    if h.value_e <= h.value_s:
+                        h.value_s = _skip_lws(p, i, k)
+                    h.value_e = k
+                    h.folded = True
+                h.line_e = le + 1
+                i = le + 1
+                continue
+            if m._nh >= limits.max_headers:
+                _fail("too many header lines", i)
+            j = i
+            while j < ce and fastsip_token[<unsigned char>p[j]]:
+                j += 1
+            if j == i:
+                _fail("invalid header name", i)
+            k = j
+            while k < ce and (p[k] == b' ' or p[k] == b'\t'):
+                k += 1
+            if k >= ce or p[k] != b':':
+                _fail("header line without ':'", k)
+            k = _skip_lws(p, k + 1, ce)
+            nh = m._add_entry()
+            h = &m._h[nh]
+            h.line_s = i
+            h.line_e = le + 1
+            h.name_s = i
+            h.name_e = j
+            h.value_s = k
+            h.value_e = _rtrim(p, k, ce)
+            hid = _header_id(p + i, j - i)
+            h.id = hid
+            h.src = -1
+            h.folded = False
+            h.deleted = False
+            if m._first[hid] < 0:
+                m._first[hid] = nh
+            i = le + 1
+
+        # Body: exactly Content-Length octets; without one (datagrams, RFC 3261 18.3) the rest.
+        m._body_s = i
+        cl_i = m._first[H_CONTENT_LENGTH]
+        if cl_i >= 0:
+            h = &m._h[cl_i]
+            cl = _digits(p, h.value_s, h.value_e, 0x7FFFFFFF)
+            if cl < 0:
+                _fail("Content-Length: not a non-negative number", h.value_s)
+            if cl > n - i:
+                _fail("Content-Length larger than the data", i)
+            m._body_e = i + cl
+        else:
+            m._body_e = n
+        m._len = n
+        m._data = data
+        if has_view:
+            m._view = view
+            m._has_view = True
+            has_view = False
+        m._buf = p
+        m._validate()
+        return m
+    finally:
+        if has_view:
+            PyBuffer_Release(&view)
+
+
+cdef int _scan_uri_check(const char* p, Py_ssize_t s, Py_ssize_t e) except -1:
+    cdef UriParts u
+    _scan_uri(p, s, e, &u)
+    return 0
+
+
+def parse(data, Limits limits=None):
+    """Parse one SIP message from bytes, bytearray or memoryview; returns a Request or Response.
+
+    Raises ParseError (a ValueError) with ``.offset``, ``.reason`` and ``.status`` (the response
+    code a server should answer a request with: 400, 505, 513 ...).  Octets after the message's
+    Content-Length are ignored (RFC 3261 18.3).
+    """
+    return _parse(data, limits if limits is not None else _default_limits)
+
+
+def message_length(data, Limits limits=None):
+    """Frame a stream (TCP/TLS, RFC 3261 18.3): how long is the first message in ``data``?
+
+    Returns ``n > 0`` when ``data[:n]`` is one complete message, ``0`` when more bytes are needed,
+    and ``-n`` when ``data[:n]`` is a keep-alive to consume (RFC 5626 3.5.1): ``-4`` for a
+    CRLFCRLF ping (answer with a CRLF pong), ``-2`` for a CRLF pong.  A Content-Length that is
+    missing counts as 0.  Raises ParseError when the header section outgrows the message size
+    limit without ending, or Content-Length is malformed: the stream cannot be resynchronized
+    and the connection should be closed.
+    """
+    cdef Limits lim = limits if limits is not None else _default_limits
+    cdef const unsigned char[:] buf
+    cdef const char* p
+    cdef Py_ssize_t n, i, le, ce, j, k, hdr_end = -1
+    cdef int64_t cl = 0
+    cdef bint have_cl = False
+    cdef bytes b
+    if type(data) is bytes:
+        b = <bytes>data
+        p = PyBytes_AS_STRING(b)
+        n = PyBytes_GET_SIZE(b)
+    else:
+        buf = data
+        n = buf.shape[0]
+        if n == 0:
+            return 0
+        p = <const char*>&buf[0]
+    if n == 0:
+        return 0
+    if p[0] == b'\r' or p[0] == b'\n':
+        if n >= 4 and p[0] == b'\r' and p[1] == b'\n' and p[2] == b'\r' and p[3] == b'\n':
+            return -4
+        if n >= 2 and p[0] == b'\r' and p[1] == b'\n':
+            return -2
+        if p[0] == b'\n':
+            return -1
+        return 0
+    i = 0
+    while True:
+        if i >= n:
+            if n > lim.max_message_size:
+                _fail("header section exceeds the message size limit", n, 513)
+            return 0
+        le = _line_end(p, i, n)
+        if le < 0:
+            if n > lim.max_message_size:
+                _fail("header section exceeds the message size limit", n, 513)
+            return 0
+        ce = le - 1 if le > i and p[le - 1] == b'\r' else le
+        if ce == i:
+            hdr_end = le + 1
+            break
+        if i > 0 and p[i] != b' ' and p[i] != b'\t':
+            # Content-Length / l, found without building an index.
+            j = i
+            while j < ce and fastsip_token[<unsigned char>p[j]]:
+                j += 1
+            if _header_id(p + i, j - i) == H_CONTENT_LENGTH and j > i:
+                while j < ce and (p[j] == b' ' or p[j] == b'\t'):
+                    j += 1
+                if j < ce and p[j] == b':':
+                    k = _rtrim(p, j + 1, ce)
+                    j = _skip_lws(p, j + 1, k)
+                    cl = _digits(p, j, k, 0x7FFFFFFF)
+                    if cl < 0:
+                        _fail("Content-Length: not a non-negative number", j)
+                    have_cl = True
+        i = le + 1
+    if hdr_end + cl > lim.max_message_size:
+        _fail("message larger than the size limit", hdr_end, 513)
+    if n < hdr_end + cl:
+        return 0
+    return hdr_end + cl
