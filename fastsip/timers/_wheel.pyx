@@ -1,0 +1,847 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False, embedsignature=True
+"""The timer wheel: a hierarchical timing wheel for SIP transaction timers (RFC 3261 §17).
+
+A carrier proxy keeps hundreds of thousands of transactions alive, each with retransmission and
+timeout timers, and cancels most of them before they fire.  Here a timer is a 40-byte node in a
+chunked slab, linked by index into one of 64 slots on one of 11 levels; scheduling appends it to
+a slot, cancelling unlinks it, both O(1) with no tombstone left behind.  Each level has a 64-bit
+word saying which slots hold anything, so ``advance`` jumps straight from one non-empty slot to
+the next however far the clock moves.  When the clock enters a higher-level slot its timers
+cascade to lower levels, so every timer fires from level 0 at its own tick: never early (its tick
+is its deadline rounded *up*, and the exact deadline is checked again when it fires), at most one
+tick late.
+
+Two modes share the one wheel:
+
+* callback mode, ``call_later``/``call_at``, returns a :class:`TimerHandle`;
+* key mode, ``schedule_key``/``schedule_key_at``, takes an integer key and returns an integer
+  token, and ``advance_keys`` hands every expired key back in one ``array('q')`` - no Python
+  object per timer and no Python call per expiry.  Compiled callers use ``schedule_key_c`` and
+  ``cancel_key_c`` (see ``_wheel.pxd``).
+
+The wheel reads no clock: its time moves only when ``advance(now)`` is called (sans-IO).  The
+event-loop driver in ``fastsip.asyncio.timers`` calls it from a single loop timer.
+"""
+
+cimport cython
+from cpython cimport array as carray
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from libc.math cimport isnan
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdlib cimport qsort
+from libc.string cimport memcpy
+
+import array
+import logging
+
+cdef extern from *:
+    """
+    #if defined(_MSC_VER)
+    #include <intrin.h>
+    static __inline int fs_clz64(unsigned __int64 x) {
+        unsigned long i; _BitScanReverse64(&i, x); return 63 - (int)i;
+    }
+    static __inline int fs_ctz64(unsigned __int64 x) {
+        unsigned long i; _BitScanForward64(&i, x); return (int)i;
+    }
+    #else
+    #define fs_clz64(x) __builtin_clzll(x)
+    #define fs_ctz64(x) __builtin_ctzll(x)
+    #endif
+
+    /* Call a packed (callback, *args) tuple without building an args tuple. */
+    static PyObject *fs_call_packed(PyObject *packed) {
+        Py_ssize_t n = PyTuple_GET_SIZE(packed);
+        PyObject **items = ((PyTupleObject *)packed)->ob_item;
+        return PyObject_Vectorcall(items[0], items + 1, (size_t)(n - 1), NULL);
+    }
+    """
+    int fs_clz64(uint64_t x) noexcept nogil
+    int fs_ctz64(uint64_t x) noexcept nogil
+    object fs_call_packed(object packed)
+
+logger = logging.getLogger("fastsip.timers")
+
+# A timer node's state, in the low byte of Node.flags; the list it is on is in the bits above.
+cdef enum:
+    F_PENDING = 1
+    F_KEY = 2
+    F_ARGS = 4
+
+cdef uint32_t NIL = 0xFFFFFFFF
+cdef uint32_t GEN_MASK = 0x7FFFFFFF        # tokens keep the generation in 31 bits: int64 > 0
+cdef uint32_t HANDLE_CANCELLED = 0x80000000
+# Ticks are clamped to +-2**62 so that "hours" and "never" alike stay inside 11 levels.
+cdef int64_t MAX_TICK = (<int64_t>1) << 62
+cdef double MAX_Q = <double>((<int64_t>1) << 62)
+# Slack for the float division when() / tick: a deadline that is a whole number of ticks must
+# land on that tick, not the next.  Early firing is impossible anyway: it is re-checked exactly.
+cdef double EPS = 1e-9
+
+cdef carray.array _KEY_ARRAY = array.array("q")
+
+
+# ---------------------------------------------------------------------------------------------
+# Node storage and the intrusive lists
+
+cdef inline Node* _N(Node** chunks, uint32_t i) noexcept nogil:
+    return &chunks[i >> CHUNK_BITS][i & CHUNK_MASK]
+
+
+cdef inline void _link_tail(Node** ch, uint32_t head, uint32_t i, Node* n) noexcept nogil:
+    cdef Node* h = _N(ch, head)
+    cdef uint32_t last = h.prev
+    n.prev = last
+    n.next = head
+    _N(ch, last).next = i
+    h.prev = i
+
+
+cdef inline void _unlink(Node** ch, Node* n) noexcept nogil:
+    _N(ch, n.prev).next = n.next
+    _N(ch, n.next).prev = n.prev
+
+
+cdef inline bint _empty(Node** ch, uint32_t head) noexcept nogil:
+    return _N(ch, head).next == head
+
+
+cdef inline void _splice(Node** ch, uint32_t src, uint32_t dst) noexcept nogil:
+    """Move every node of list ``src`` to the tail of list ``dst``, in O(1)."""
+    cdef Node* s = _N(ch, src)
+    if s.next == src:
+        return
+    cdef Node* d = _N(ch, dst)
+    cdef uint32_t first = s.next
+    cdef uint32_t last = s.prev
+    _N(ch, d.prev).next = first
+    _N(ch, first).prev = d.prev
+    _N(ch, last).next = dst
+    d.prev = last
+    s.next = src
+    s.prev = src
+
+
+cdef int _grow_chunks(TimerWheel w) except -1:
+    cdef Py_ssize_t cap
+    cdef Node** table
+    if w._nchunks == w._chunks_cap:
+        cap = w._chunks_cap * 2 if w._chunks_cap else 16
+        table = <Node**>PyMem_Realloc(w._chunks, cap * sizeof(Node*))
+        if table == NULL:
+            raise MemoryError()
+        w._chunks = table
+        w._chunks_cap = cap
+    cdef Node* chunk = <Node*>PyMem_Malloc(CHUNK_SIZE * sizeof(Node))
+    if chunk == NULL:
+        raise MemoryError()
+    w._chunks[w._nchunks] = chunk
+    w._nchunks += 1
+    return 0
+
+
+cdef inline int64_t _alloc(TimerWheel w) except -1:
+    cdef uint32_t i = w._free
+    if i != NIL:
+        w._free = <uint32_t>_N(w._chunks, i).data
+        return i
+    if <Py_ssize_t>w._fresh == w._nchunks * CHUNK_SIZE:
+        if w._fresh >= 0xFFFF0000u:
+            raise MemoryError("timer wheel is full")
+        _grow_chunks(w)
+    i = w._fresh
+    w._fresh += 1
+    _N(w._chunks, i).gen = 0
+    return i
+
+
+cdef inline void _release(TimerWheel w, uint32_t i, Node* n) noexcept nogil:
+    # Bumping the generation is what makes every outstanding handle or token for it go stale.
+    n.gen = (n.gen + 1) & GEN_MASK
+    n.flags = 0
+    n.data = w._free
+    w._free = i
+
+
+# ---------------------------------------------------------------------------------------------
+# Ticks and placement
+
+cdef inline int64_t _ceil_tick(TimerWheel w, double when) noexcept nogil:
+    # Multiplying by 1/tick rounds differently from dividing, which is fine: the same function
+    # places and re-places a node, and firing re-checks the exact deadline anyway.
+    cdef double q = (when - w._origin) * w._inv_tick - EPS
+    if q >= MAX_Q:
+        return MAX_TICK - 1
+    if q <= -MAX_Q:
+        return -MAX_TICK
+    cdef int64_t t = <int64_t>q       # truncation; ceil without a libm call
+    return t + (<double>t < q)
+
+
+cdef inline int64_t _floor_tick(TimerWheel w, double now) noexcept nogil:
+    cdef double q = (now - w._origin) * w._inv_tick + EPS
+    if q >= MAX_Q:
+        return MAX_TICK - 1
+    if q <= -MAX_Q:
+        return -MAX_TICK
+    cdef int64_t t = <int64_t>q
+    return t - (<double>t > q)
+
+
+cdef inline int64_t _place(TimerWheel w, uint32_t i, Node* n) noexcept nogil:
+    """Link node ``i`` where its tick belongs; return the tick.
+
+    Invariant: a node on level L agrees with the current tick on every digit above L and is
+    strictly greater on digit L, so the first set bit of the lowest non-empty level is always the
+    next thing that happens.
+    """
+    cdef int64_t d = _ceil_tick(w, n.when)
+    cdef uint32_t pos
+    cdef int lvl
+    if d <= w._cur:
+        pos = DUE
+    else:
+        lvl = (63 - fs_clz64(<uint64_t>(d ^ w._cur))) // LEVEL_BITS
+        pos = lvl * LEVEL_SLOTS + <uint32_t>((d >> (lvl * LEVEL_BITS)) & (LEVEL_SLOTS - 1))
+        w._bitmap[lvl] |= (<uint64_t>1) << (pos & (LEVEL_SLOTS - 1))
+    n.flags = (n.flags & 0xFF) | (pos << 8)
+    _link_tail(w._chunks, pos, i, n)
+    return d
+
+
+cdef inline void _unplace(TimerWheel w, Node* n) noexcept nogil:
+    """Unlink a pending node and clear its slot's bit if the slot became empty."""
+    _unlink(w._chunks, n)
+    cdef uint32_t pos = n.flags >> 8
+    if pos < NSLOTS and _empty(w._chunks, pos):
+        w._bitmap[pos >> LEVEL_BITS] &= ~((<uint64_t>1) << (pos & (LEVEL_SLOTS - 1)))
+
+
+cdef inline int64_t _next_event(TimerWheel w) noexcept nogil:
+    """The next tick at which a slot is due (to fire or cascade), or -1; sets ``_ev_pos``."""
+    cdef int lvl, s, sh
+    cdef uint64_t b
+    cdef int64_t hi
+    for lvl in range(NLEVELS):
+        b = w._bitmap[lvl]
+        if b:
+            s = fs_ctz64(b)
+            sh = (lvl + 1) * LEVEL_BITS
+            hi = ((w._cur >> sh) << sh) if sh < 64 else 0
+            w._ev_pos = lvl * LEVEL_SLOTS + s
+            return hi | ((<int64_t>s) << (lvl * LEVEL_BITS))
+    return -1
+
+
+cdef inline void _cascade(TimerWheel w, uint32_t pos) noexcept nogil:
+    """Re-place every node of slot ``pos`` against the (just advanced) current tick."""
+    cdef Node** ch = w._chunks
+    cdef Node* h = _N(ch, pos)
+    cdef uint32_t i = h.next
+    cdef uint32_t nxt
+    cdef Node* n
+    h.next = pos
+    h.prev = pos
+    w._bitmap[pos >> LEVEL_BITS] &= ~((<uint64_t>1) << (pos & (LEVEL_SLOTS - 1)))
+    while i != pos:
+        n = _N(ch, i)
+        nxt = n.next
+        _place(w, i, n)
+        i = nxt
+
+
+# ---------------------------------------------------------------------------------------------
+# Firing
+
+cdef int _entry_cmp(const void* a, const void* b) noexcept nogil:
+    cdef const Entry* x = <const Entry*>a
+    cdef const Entry* y = <const Entry*>b
+    if x.when < y.when:
+        return -1
+    if x.when > y.when:
+        return 1
+    if x.seq < y.seq:
+        return -1
+    return 1 if x.seq > y.seq else 0
+
+
+cdef Py_ssize_t _collect(TimerWheel w) except -1:
+    """Copy the BATCH list into the batch array, in (deadline, scheduling order)."""
+    cdef Node** ch = w._chunks
+    cdef uint32_t i = _N(ch, BATCH).next
+    cdef Py_ssize_t k = 0
+    cdef Py_ssize_t cap
+    cdef Entry* buf
+    cdef Node* n
+    cdef bint ordered = True
+    while i != BATCH:
+        if k == w._batch_cap:
+            cap = w._batch_cap * 2 if w._batch_cap else 256
+            buf = <Entry*>PyMem_Realloc(w._batch, cap * sizeof(Entry))
+            if buf == NULL:
+                raise MemoryError()
+            w._batch = buf
+            w._batch_cap = cap
+        n = _N(ch, i)
+        w._batch[k].when = n.when
+        w._batch[k].seq = n.seq
+        w._batch[k].idx = i
+        w._batch[k].gen = n.gen
+        if k and ordered and _entry_cmp(&w._batch[k - 1], &w._batch[k]) > 0:
+            ordered = False
+        k += 1
+        i = n.next
+    if not ordered:
+        qsort(w._batch, k, sizeof(Entry), _entry_cmp)
+    return k
+
+
+cdef int _push_key(TimerWheel w, int64_t key) except -1:
+    cdef Py_ssize_t cap
+    cdef int64_t* buf
+    if w._nkeys == w._keys_cap:
+        cap = w._keys_cap * 2 if w._keys_cap else 256
+        buf = <int64_t*>PyMem_Realloc(w._keys, cap * sizeof(int64_t))
+        if buf == NULL:
+            raise MemoryError()
+        w._keys = buf
+        w._keys_cap = cap
+    w._keys[w._nkeys] = key
+    w._nkeys += 1
+    return 0
+
+
+cdef int _invoke(TimerWheel w, PyObject* p, uint32_t flags) except -1:
+    """Run one callback; an Exception goes to the error handler, never into the wheel."""
+    cdef object cb = <object>p
+    Py_DECREF(cb)       # the node's reference; ``cb`` holds its own until we return
+    try:
+        if flags & F_ARGS:
+            fs_call_packed(cb)
+        else:
+            cb()
+    except Exception as exc:
+        func = (<tuple>cb)[0] if flags & F_ARGS else cb
+        if w._on_error is None:
+            logger.error("timer callback %r raised", func, exc_info=exc)
+        else:
+            w._on_error(exc, func)
+    return 0
+
+
+cdef Py_ssize_t _fire_due(TimerWheel w, double now) except -1:
+    """Fire the DUE list in deadline order; return how many fired."""
+    cdef Node** ch
+    cdef Node* n
+    cdef Entry e
+    cdef Py_ssize_t k = 0
+    cdef Py_ssize_t count
+    cdef Py_ssize_t fired = 0
+    cdef PyObject* p
+    cdef uint32_t flags
+    _splice(w._chunks, DUE, BATCH)
+    count = _collect(w)
+    while k < count:
+        e = w._batch[k]
+        k += 1
+        ch = w._chunks
+        n = _N(ch, e.idx)
+        if n.gen != e.gen:
+            continue        # cancelled by an earlier callback of this batch
+        _unlink(ch, n)
+        if n.when > now:
+            # Its tick has come but float rounding put the deadline a hair after `now`.
+            _link_tail(ch, DEFER, e.idx, n)
+            continue
+        if now - n.when > w._max_late:
+            w._max_late = now - n.when
+        w._pending -= 1
+        w._fired += 1
+        fired += 1
+        flags = n.flags
+        if flags & F_KEY:
+            _push_key(w, n.data)
+            _release(w, e.idx, n)
+        else:
+            p = <PyObject*><Py_ssize_t>n.data
+            _release(w, e.idx, n)
+            _invoke(w, p, flags)
+            if not _empty(w._chunks, DUE):
+                # A callback scheduled something already due: merge it so order still holds.
+                _splice(w._chunks, DUE, BATCH)
+                count = _collect(w)
+                k = 0
+    return fired
+
+
+cdef Py_ssize_t _advance(TimerWheel w, double now) except -1:
+    if isnan(now):
+        raise ValueError("advance(): now is NaN")
+    if w._running:
+        raise RuntimeError("TimerWheel.advance() called from inside a timer callback")
+    if now > w._now:
+        w._now = now
+    now = w._now
+    cdef int64_t target = _floor_tick(w, now)
+    cdef int64_t ev
+    cdef Py_ssize_t fired = 0
+    w._running = True
+    try:
+        while True:
+            if not _empty(w._chunks, DUE):
+                fired += _fire_due(w, now)
+                continue
+            ev = _next_event(w)
+            if ev < 0 or ev > target:
+                break
+            w._cur = ev
+            _cascade(w, w._ev_pos)
+        if target > w._cur:
+            w._cur = target
+    finally:
+        w._running = False
+        # Whatever a raising error handler left unfired, and the deferred, wait for next time.
+        _splice(w._chunks, BATCH, DUE)
+        _splice(w._chunks, DEFER, DUE)
+    return fired
+
+
+cdef carray.array _take_keys(TimerWheel w):
+    cdef carray.array out = carray.clone(_KEY_ARRAY, w._nkeys, False)
+    if w._nkeys:
+        memcpy(out.data.as_voidptr, w._keys, w._nkeys * sizeof(int64_t))
+    w._nkeys = 0
+    return out
+
+
+cdef double _list_min_when(Node** ch, uint32_t head, double best) noexcept nogil:
+    cdef uint32_t i = _N(ch, head).next
+    cdef Node* n
+    while i != head:
+        n = _N(ch, i)
+        if n.when < best:
+            best = n.when
+        i = n.next
+    return best
+
+
+cdef inline int64_t _schedule(TimerWheel w, double when, int64_t data, uint32_t kind) except -1:
+    if isnan(when):
+        raise ValueError("timer deadline is NaN")
+    cdef int64_t i = _alloc(w)
+    cdef Node* n = _N(w._chunks, <uint32_t>i)
+    n.when = when
+    n.seq = w._seq
+    w._seq += 1
+    n.data = data
+    n.flags = kind | F_PENDING
+    cdef int64_t d = _place(w, <uint32_t>i, n)
+    w._pending += 1
+    w._scheduled += 1
+    if d < w._wakeup_tick and not w._running and w._wakeup_hook is not None:
+        # The owner sleeps past this timer: let it re-arm.  Only an earlier timer costs a call.
+        w._wakeup_tick = d
+        try:
+            w._wakeup_hook()
+        except Exception as exc:
+            # The timer is scheduled either way; a broken hook must not leave it half-made.
+            if w._on_error is None:
+                logger.error("timer wakeup hook %r raised", w._wakeup_hook, exc_info=exc)
+            else:
+                w._on_error(exc, w._wakeup_hook)
+    return i
+
+
+cdef inline void _cancel_node(TimerWheel w, uint32_t i, Node* n) noexcept:
+    cdef uint32_t flags = n.flags
+    cdef PyObject* p = <PyObject*><Py_ssize_t>n.data
+    _unplace(w, n)
+    _release(w, i, n)
+    w._pending -= 1
+    w._cancelled += 1
+    if not (flags & F_KEY):
+        Py_DECREF(<object>p)    # last: a callback's destructor may run arbitrary code
+
+
+# ---------------------------------------------------------------------------------------------
+# The Python surface
+
+@cython.final
+@cython.freelist(1024)
+cdef class TimerHandle:
+    """A scheduled callback: ``cancel()`` it, read ``when``, ``cancelled`` and ``pending``.
+
+    40 bytes (48 with allocator rounding) on top of the wheel's 40-byte node; the wheel keeps
+    the callback, not the handle, so a handle nobody holds costs nothing after scheduling.
+    """
+
+    cdef PyObject* _wheel       # owned reference: the handle keeps its wheel alive
+    cdef double _when
+    cdef uint32_t _idx
+    cdef uint32_t _gen          # the node's generation when scheduled | HANDLE_CANCELLED
+
+    def __init__(self) -> None:
+        raise TypeError("TimerHandle is made by TimerWheel.call_later()/call_at()")
+
+    def __dealloc__(self) -> None:
+        Py_XDECREF(self._wheel)
+
+    def cancel(self) -> bool:
+        """Unschedule the callback; True if it was still pending (O(1): an unlink)."""
+        self._gen |= HANDLE_CANCELLED
+        if self._wheel == NULL:
+            return False
+        cdef TimerWheel w = <TimerWheel>self._wheel
+        cdef Node* n = _N(w._chunks, self._idx)
+        if n.gen != (self._gen & GEN_MASK) or not (n.flags & F_PENDING):
+            return False
+        _cancel_node(w, self._idx, n)
+        return True
+
+    @property
+    def when(self) -> float:
+        """The deadline, in wheel seconds, exactly as scheduled."""
+        return self._when
+
+    @property
+    def cancelled(self) -> bool:
+        """True once ``cancel()`` has been called (as asyncio's ``TimerHandle.cancelled()``)."""
+        return (self._gen & HANDLE_CANCELLED) != 0
+
+    @property
+    def pending(self) -> bool:
+        """True until the callback has fired or been cancelled."""
+        if self._wheel == NULL:
+            return False
+        cdef TimerWheel w = <TimerWheel>self._wheel
+        cdef Node* n = _N(w._chunks, self._idx)
+        return n.gen == (self._gen & GEN_MASK) and (n.flags & F_PENDING) != 0
+
+    def __repr__(self) -> str:
+        state = "cancelled" if self.cancelled else ("pending" if self.pending else "done")
+        return f"<TimerHandle when={self._when!r} {state}>"
+
+
+cdef inline TimerHandle _new_handle(TimerWheel w, double when, int64_t idx):
+    cdef TimerHandle h = TimerHandle.__new__(TimerHandle)
+    Py_INCREF(w)
+    h._wheel = <PyObject*>w
+    h._when = when
+    h._idx = <uint32_t>idx
+    h._gen = _N(w._chunks, <uint32_t>idx).gen
+    return h
+
+
+cdef inline int64_t _pack_callback(object callback, tuple args, uint32_t* kind) except? -1:
+    """The owned PyObject* a callback node stores: the callable, or (callable, *args)."""
+    cdef object packed
+    cdef Py_ssize_t j, nargs = len(args)
+    if nargs == 0:
+        packed = callback
+        kind[0] = 0
+    else:
+        packed = PyTuple_New(nargs + 1)
+        Py_INCREF(callback)
+        PyTuple_SET_ITEM(packed, 0, callback)
+        for j in range(nargs):
+            item = args[j]
+            Py_INCREF(item)
+            PyTuple_SET_ITEM(packed, j + 1, item)
+        kind[0] = F_ARGS
+    Py_INCREF(packed)
+    return <int64_t><Py_ssize_t><PyObject*>packed
+
+
+@cython.final
+cdef class TimerWheel:
+    """A hierarchical timing wheel: O(1) schedule and cancel, never early, at most a tick late.
+
+    ``tick`` is the resolution in seconds; ``start`` the wheel's clock at creation.  The clock
+    moves only through ``advance(now)``, which runs every callback whose tick has come, in
+    deadline order (ties in scheduling order), and returns how many timers fired.
+    """
+
+    def __cinit__(self, double tick=0.001, double start=0.0):
+        cdef uint32_t i
+        cdef Node* h
+        if not (tick > 0.0) or tick != tick or tick == float("inf"):
+            raise ValueError(f"tick must be a positive number of seconds, not {tick!r}")
+        if isnan(start):
+            raise ValueError("start is NaN")
+        self._tick = tick
+        self._inv_tick = 1.0 / tick
+        self._origin = start
+        self._now = start
+        self._cur = 0
+        self._free = NIL
+        self._wakeup_tick = MAX_TICK
+        _grow_chunks(self)
+        # List heads are nodes 0 .. NHEADS-1 of the first chunk, each an empty circle.
+        for i in range(NHEADS):
+            h = _N(self._chunks, i)
+            h.prev = i
+            h.next = i
+            h.gen = 0
+            h.flags = 0
+        self._fresh = NHEADS
+
+    def __dealloc__(self):
+        cdef uint32_t head, i, nxt
+        cdef Node* n
+        if self._chunks != NULL:
+            for head in range(NHEADS):
+                i = _N(self._chunks, head).next
+                while i != head:
+                    n = _N(self._chunks, i)
+                    nxt = n.next
+                    if (n.flags & F_PENDING) and not (n.flags & F_KEY):
+                        Py_XDECREF(<PyObject*><Py_ssize_t>n.data)
+                    i = nxt
+            for i in range(self._nchunks):
+                PyMem_Free(self._chunks[i])
+            PyMem_Free(self._chunks)
+        PyMem_Free(self._batch)
+        PyMem_Free(self._keys)
+
+    # -- callback mode ------------------------------------------------------------------------
+
+    def call_later(self, double delay, callback, *args) -> TimerHandle:
+        """Run ``callback(*args)`` ``delay`` seconds after the wheel's current time."""
+        cdef uint32_t kind = 0
+        cdef double when = self._now + delay
+        cdef int64_t data = _pack_callback(callback, args, &kind)
+        cdef int64_t idx
+        try:
+            idx = _schedule(self, when, data, kind)
+        except BaseException:
+            Py_DECREF(<object><PyObject*><Py_ssize_t>data)
+            raise
+        return _new_handle(self, when, idx)
+
+    def call_at(self, double when, callback, *args) -> TimerHandle:
+        """Run ``callback(*args)`` when the wheel's clock reaches ``when`` (seconds)."""
+        cdef uint32_t kind = 0
+        cdef int64_t data = _pack_callback(callback, args, &kind)
+        cdef int64_t idx
+        try:
+            idx = _schedule(self, when, data, kind)
+        except BaseException:
+            Py_DECREF(<object><PyObject*><Py_ssize_t>data)
+            raise
+        return _new_handle(self, when, idx)
+
+    # -- key mode -----------------------------------------------------------------------------
+
+    cdef int64_t schedule_key_c(self, double when, int64_t key) except -1:
+        """Schedule ``key`` at ``when``; return its cancel token (C callers)."""
+        cdef int64_t idx = _schedule(self, when, key, F_KEY)
+        return ((<int64_t>_N(self._chunks, <uint32_t>idx).gen) << 32) | idx
+
+    cdef bint cancel_key_c(self, int64_t token) noexcept:
+        """Cancel a key timer by token; 1 if it was pending (C callers)."""
+        cdef uint64_t idx = <uint64_t>token & 0xFFFFFFFFu
+        if token < 0 or idx < NHEADS or idx >= self._fresh:
+            return False
+        cdef Node* n = _N(self._chunks, <uint32_t>idx)
+        if n.gen != <uint32_t>(token >> 32) or (n.flags & (F_PENDING | F_KEY)) != (F_PENDING | F_KEY):
+            return False
+        _cancel_node(self, <uint32_t>idx, n)
+        return True
+
+    def schedule_key(self, double delay, int64_t key) -> int:
+        """Schedule integer ``key`` to expire ``delay`` seconds from now; return a cancel token.
+
+        Expired keys come back in one array from :meth:`advance_keys` (or go to
+        :attr:`key_handler`), so expiring thousands of timers costs no Python call each.
+        """
+        return self.schedule_key_c(self._now + delay, key)
+
+    def schedule_key_at(self, double when, int64_t key) -> int:
+        """Schedule integer ``key`` to expire at wheel time ``when``; return a cancel token."""
+        return self.schedule_key_c(when, key)
+
+    def cancel_key(self, int64_t token) -> bool:
+        """Cancel a key timer by its token; True if it was pending.  Stale tokens are ignored."""
+        return self.cancel_key_c(token)
+
+    def advance_keys(self, double now) -> array.array:
+        """``advance(now)``, then return every key expired since the last call, oldest first.
+
+        The result is an ``array.array('q')`` (int64): iterating gives plain ints, and
+        ``numpy.frombuffer(keys, numpy.int64)`` views it without a copy.  ``key_handler`` is not
+        called for these keys.
+        """
+        _advance(self, now)
+        return _take_keys(self)
+
+    @property
+    def key_handler(self):
+        """Called by :meth:`advance` as ``key_handler(keys)`` with all keys it expired, if set.
+
+        Without a handler, expired keys wait in a buffer for :meth:`advance_keys`.
+        """
+        return self._key_handler
+
+    @key_handler.setter
+    def key_handler(self, handler) -> None:
+        self._key_handler = handler
+
+    # -- the clock ------------------------------------------------------------------------------
+
+    def advance(self, double now) -> int:
+        """Move the clock to ``now`` and fire every timer that is due; return how many fired.
+
+        Callbacks run in deadline order (ties in scheduling order), may schedule and cancel any
+        timer (one due before ``now`` fires in this same call), and an exception they raise goes
+        to :attr:`on_error`.  The clock never goes back: an earlier ``now`` fires what is due.
+        """
+        cdef Py_ssize_t fired = _advance(self, now)
+        if self._nkeys and self._key_handler is not None:
+            keys = _take_keys(self)
+            try:
+                self._key_handler(keys)
+            except Exception as exc:
+                if self._on_error is None:
+                    logger.error("timer key handler %r raised", self._key_handler, exc_info=exc)
+                else:
+                    self._on_error(exc, self._key_handler)
+        return fired
+
+    def time(self) -> float:
+        """The wheel's clock: the ``now`` of the latest advance (or ``start``)."""
+        return self._now
+
+    @property
+    def tick(self) -> float:
+        """The resolution, in seconds: a timer fires at most this late."""
+        return self._tick
+
+    def next_deadline(self):
+        """The earliest pending deadline (as scheduled), or None when nothing is pending.
+
+        Exact, so it scans one slot: drivers should prefer :meth:`next_wakeup`, which is O(1).
+        """
+        cdef Node** ch = self._chunks
+        cdef double inf = float("inf")
+        cdef double best = inf
+        cdef int lvl
+        if self._pending == 0:
+            return None
+        best = _list_min_when(ch, DUE, best)
+        best = _list_min_when(ch, DEFER, best)
+        best = _list_min_when(ch, BATCH, best)
+        for lvl in range(NLEVELS):
+            if self._bitmap[lvl]:
+                best = _list_min_when(ch, lvl * LEVEL_SLOTS + fs_ctz64(self._bitmap[lvl]), best)
+                break
+        return best
+
+    def next_wakeup(self):
+        """When ``advance`` next has work (a timer to fire or a slot to cascade), or None.
+
+        Never later than the earliest deadline's tick, found in O(1) from the occupancy words.
+        An event-loop driver sleeps until this time; nothing pending means no wakeup at all.
+        """
+        cdef Node** ch = self._chunks
+        cdef double inf = float("inf")
+        cdef double best
+        if self._pending == 0:
+            return None
+        if not (_empty(ch, DUE) and _empty(ch, DEFER) and _empty(ch, BATCH)):
+            best = _list_min_when(ch, DUE, inf)
+            best = _list_min_when(ch, DEFER, best)
+            return _list_min_when(ch, BATCH, best)
+        cdef int64_t ev = _next_event(self)
+        if ev < 0:
+            return None
+        return self._origin + ev * self._tick
+
+    @property
+    def wakeup_at(self) -> float:
+        """When the owner will next call ``advance`` (a driver sets this after arming)."""
+        if self._wakeup_tick >= MAX_TICK:
+            return float("inf")
+        return self._origin + self._wakeup_tick * self._tick
+
+    @wakeup_at.setter
+    def wakeup_at(self, double when) -> None:
+        self._wakeup_tick = MAX_TICK if isnan(when) else _ceil_tick(self, when)
+
+    @property
+    def wakeup_hook(self):
+        """Called with no arguments when a timer is scheduled, outside ``advance``, for a tick
+        before :attr:`wakeup_at`: the event-loop driver re-arms its one loop timer here."""
+        return self._wakeup_hook
+
+    @wakeup_hook.setter
+    def wakeup_hook(self, hook) -> None:
+        self._wakeup_hook = hook
+
+    @property
+    def on_error(self):
+        """``on_error(exc, callback)`` receives what a callback raised; None logs it to
+        ``logging.getLogger("fastsip.timers")``."""
+        return self._on_error
+
+    @on_error.setter
+    def on_error(self, handler) -> None:
+        self._on_error = handler
+
+    def clear(self) -> int:
+        """Cancel every pending timer (shutdown); return how many there were."""
+        cdef uint32_t head, i, nxt
+        cdef Node* n
+        cdef Py_ssize_t count = 0
+        cdef list dropped = []
+        for head in range(NHEADS):
+            i = _N(self._chunks, head).next
+            while i != head:
+                n = _N(self._chunks, i)
+                nxt = n.next
+                if not (n.flags & F_KEY):
+                    # Release after the wheel is consistent: destructors may call back into it.
+                    dropped.append(<object><PyObject*><Py_ssize_t>n.data)
+                    Py_DECREF(<object><PyObject*><Py_ssize_t>n.data)
+                _release(self, i, n)
+                count += 1
+                i = nxt
+            _N(self._chunks, head).next = head
+            _N(self._chunks, head).prev = head
+        for i in range(NLEVELS):
+            self._bitmap[i] = 0
+        self._pending = 0
+        self._cancelled += count
+        dropped.clear()
+        return count
+
+    # -- counters -------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._pending
+
+    @property
+    def scheduled(self) -> int:
+        """Timers scheduled so far (both modes)."""
+        return self._scheduled
+
+    @property
+    def fired(self) -> int:
+        """Timers that fired: callbacks run plus keys expired."""
+        return self._fired
+
+    @property
+    def cancelled(self) -> int:
+        """Timers cancelled while pending (cancelling a fired one does not count)."""
+        return self._cancelled
+
+    @property
+    def max_lateness(self) -> float:
+        """The worst ``now - when`` seen at firing, in seconds (includes a late ``advance``)."""
+        return self._max_late
+
+    def __repr__(self) -> str:
+        return (f"<TimerWheel tick={self._tick!r} time={self._now!r} pending={self._pending}"
+                f" fired={self._fired} cancelled={self._cancelled}>")
