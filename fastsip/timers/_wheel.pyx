@@ -768,7 +768,8 @@ cdef class TimerWheel:
 
     @wakeup_at.setter
     def wakeup_at(self, double when) -> None:
-        self._wakeup_tick = MAX_TICK if isnan(when) else _ceil_tick(self, when)
+        # +inf (or NaN) means "not armed": every new timer then calls the hook.
+        self._wakeup_tick = MAX_TICK if isnan(when) or when == float("inf") else _ceil_tick(self, when)
 
     @property
     def wakeup_hook(self):
