@@ -1,6 +1,7 @@
 """SIP messages: the zero-copy parser, typed header views, URIs, edits and serialization."""
 
 from fastsip.sip._message import (
+    REASON_PHRASES,
     CSeq,
     Headers,
     Limits,
@@ -10,12 +11,14 @@ from fastsip.sip._message import (
     Response,
     URI,
     Via,
+    canonical_name,
     message_length,
     parse,
     parse_uri,
 )
 
 __all__ = [
+    "REASON_PHRASES",
     "CSeq",
     "Headers",
     "Limits",
@@ -25,6 +28,7 @@ __all__ = [
     "Response",
     "URI",
     "Via",
+    "canonical_name",
     "message_length",
     "parse",
     "parse_uri",

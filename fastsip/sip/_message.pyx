@@ -574,10 +574,10 @@ cdef Py_ssize_t _scan_via(const char* p, Py_ssize_t i, Py_ssize_t e, ViaParts* v
             break
         i = n
         n = prm.name_e - prm.name_s
-        if _ieq(p + prm.name_s, n, b"branch", 6):
+        if v.branch_s < 0 and _ieq(p + prm.name_s, n, b"branch", 6):
             v.branch_s = prm.value_s
             v.branch_e = prm.value_e
-        elif _ieq(p + prm.name_s, n, b"received", 8):
+        elif v.received_s < 0 and _ieq(p + prm.name_s, n, b"received", 8):
             v.received_s = prm.value_s
             v.received_e = prm.value_e
         elif _ieq(p + prm.name_s, n, b"rport", 5):
@@ -672,7 +672,8 @@ cdef Py_ssize_t _scan_name_addr(const char* p, Py_ssize_t i, Py_ssize_t e, bint 
         if n < 0:
             break
         i = n
-        if prm.value_s >= 0 and _ieq(p + prm.name_s, prm.name_e - prm.name_s, b"tag", 3):
+        # A duplicated param counts once, first wins (as tshark and most stacks read it).
+        if na.tag_s < 0 and prm.value_s >= 0 and _ieq(p + prm.name_s, prm.name_e - prm.name_s, b"tag", 3):
             na.tag_s = prm.value_s
             na.tag_e = prm.value_e
     na.params_e = i
@@ -747,6 +748,8 @@ cdef dict _params_dict(const char* p, Py_ssize_t i, Py_ssize_t e):
             return d
         i = n
         name = _text(p, prm.name_s, prm.name_e).lower()
+        if name in d:
+            continue
         if prm.value_s < 0:
             d[name] = None
         elif prm.quoted:
