@@ -12,7 +12,14 @@ import pytest
 
 import numpy as np
 
-from fastsip.rtp import RtpPacket, alaw_decode, parse_batch, ulaw_decode, ulaw_encode
+from fastsip.rtp import (
+    JitterBuffer,
+    RtpPacket,
+    alaw_decode,
+    parse_batch,
+    ulaw_decode,
+    ulaw_encode,
+)
 
 N = 1000
 
@@ -98,6 +105,79 @@ def test_g711_ulaw_decode_numpy_lookup(benchmark):
     benchmark(lambda: np.take(_ULAW_DECODE_TABLE, CODES, out=out))
 
 
+# Jitter buffer: the single-packet path is datagram in (parse + put) and a frame out (get),
+# which is what rtpsynth's RtpJBuf.udp_in does in C.
+TIMES = [i * 0.02 for i in range(N)]
+
+
+def test_jitter_fastsip_per_packet(benchmark):
+    parse = RtpPacket.parse
+
+    def run():
+        jb = JitterBuffer(8000, 0.02)
+        put, get = jb.put, jb.get
+        for d, t in zip(PACKETS, TIMES):
+            put(parse(d), t)
+            get(t)
+
+    benchmark(run)
+
+
+def test_jitter_rtpsynth_per_packet(benchmark):
+    jbuf = pytest.importorskip("rtpsynth.RtpJBuf")
+
+    def run():
+        jb = jbuf.RtpJBuf(10)
+        udp_in = jb.udp_in
+        for d in PACKETS:
+            udp_in(d)
+
+    benchmark(run)
+
+
+def test_jitter_aiortc_per_packet(benchmark):
+    jb_mod = pytest.importorskip("aiortc.jitterbuffer")
+    rtp = pytest.importorskip("aiortc.rtp")
+    parse = rtp.RtpPacket.parse
+
+    def run():
+        jb = jb_mod.JitterBuffer(capacity=16)
+        add = jb.add
+        for d in PACKETS:
+            packet = parse(d)
+            packet._data = packet.payload     # what aiortc's receiver sets after depayloading
+            add(packet)
+
+    benchmark(run)
+
+
+# The batch path: 10 000 packets of a jittery, lossy stream per round, puts and gets in C.
+_NB = 10_000
+_rng = np.random.default_rng(5)
+B_SEQ = (np.arange(_NB) & 0xFFFF).astype(np.uint16)
+B_TS = (np.arange(_NB) * 160).astype(np.uint32)
+B_ARR = np.arange(_NB) * 0.02 + _rng.exponential(0.01, _NB)
+_order = np.argsort(B_ARR)
+B_SEQ, B_TS, B_ARR = B_SEQ[_order], B_TS[_order], B_ARR[_order]
+
+
+def test_jitter_fastsip_batch_10k(benchmark):
+    benchmark(lambda: JitterBuffer(8000, 0.02, adaptive=True).playout(B_SEQ, B_TS, B_ARR))
+
+
+def test_jitter_rtpsynth_10k(benchmark):
+    jbuf = pytest.importorskip("rtpsynth.RtpJBuf")
+    datagrams = [bytes(RtpPacket(sequence_number=int(s), timestamp=int(t), payload=bytes(160)))
+                 for s, t in zip(B_SEQ, B_TS)]
+
+    def run():
+        udp_in = jbuf.RtpJBuf(10).udp_in
+        for d in datagrams:
+            udp_in(d)
+
+    benchmark(run)
+
+
 GUARDS = [
     ("test_parse_fastsip", "test_parse_aiortc", 10.0, "RtpPacket.parse vs aiortc (>= 10x)"),
     ("test_parse_fastsip", "test_parse_unpack_from_floor", 1 / 3,
@@ -106,4 +186,11 @@ GUARDS = [
      "G.711 u-law encode vs NumPy table lookup"),
     ("test_g711_ulaw_decode_fastsip", "test_g711_ulaw_decode_numpy_lookup", 1.0,
      "G.711 u-law decode vs NumPy table lookup"),
+    ("test_jitter_fastsip_per_packet", "test_jitter_rtpsynth_per_packet", 1.0,
+     "jitter buffer parse+put+get vs rtpsynth udp_in (>= 1x)"),
+    ("test_jitter_fastsip_per_packet", "test_jitter_aiortc_per_packet", 5.0,
+     "jitter buffer parse+put+get vs aiortc parse+add"),
+    # rtpsynth runs ~0.13-0.3 us/packet; 10 M packets/s is 0.1 us, so 3x guards it with margin
+    ("test_jitter_fastsip_batch_10k", "test_jitter_rtpsynth_10k", 3.0,
+     "jitter buffer batch playout vs rtpsynth per packet"),
 ]

@@ -15,6 +15,7 @@ from fastsip.rtp._packet import (
     parse_batch_buffer,
 )
 from fastsip.rtp._g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
+from fastsip.rtp._jitter import Frame, FrameKind, JitterBuffer
 from fastsip.rtp._stats import RtpStats
 from fastsip.rtp.errors import RtcpError, RtpError
 from fastsip.rtp.events import DTMF_EVENTS, TelephoneEvent
@@ -40,6 +41,9 @@ __all__ = [
     "App",
     "Bye",
     "Feedback",
+    "Frame",
+    "FrameKind",
+    "JitterBuffer",
     "ReceiverReport",
     "ReceptionReport",
     "RtcpPacket",
