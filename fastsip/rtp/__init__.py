@@ -19,6 +19,7 @@ from fastsip.rtp._jitter import Frame, FrameKind, JitterBuffer
 from fastsip.rtp._stats import RtpStats
 from fastsip.rtp.errors import RtcpError, RtpError
 from fastsip.rtp.events import DTMF_EVENTS, TelephoneEvent
+from fastsip.rtp.packetizer import Depacketizer, Packetizer, depacketize
 from fastsip.rtp.rtcp import (
     App,
     Bye,
@@ -40,10 +41,12 @@ from fastsip.rtp.rtcp import (
 __all__ = [
     "App",
     "Bye",
+    "Depacketizer",
     "Feedback",
     "Frame",
     "FrameKind",
     "JitterBuffer",
+    "Packetizer",
     "ReceiverReport",
     "ReceptionReport",
     "RtcpPacket",
@@ -51,6 +54,7 @@ __all__ = [
     "SenderReport",
     "SourceDescription",
     "build_compound",
+    "depacketize",
     "ntp_timestamp",
     "parse_rtcp",
     "receiver_report",
