@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastsip.errors import FastSIPError, ParseError
 from fastsip.sip import (
+    REASON_PHRASES,
     CSeq,
     Headers,
     Limits,
@@ -19,6 +20,7 @@ from fastsip.sip import (
     Response,
     URI,
     Via,
+    canonical_name,
     message_length,
     parse,
     parse_uri,
@@ -27,6 +29,7 @@ from fastsip.sip import (
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "REASON_PHRASES",
     "CSeq",
     "FastSIPError",
     "Headers",
@@ -39,6 +42,7 @@ __all__ = [
     "TimerWheel",
     "URI",
     "Via",
+    "canonical_name",
     "message_length",
     "parse",
     "parse_uri",

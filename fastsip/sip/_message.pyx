@@ -301,14 +301,17 @@ cdef Py_ssize_t _scan_quoted(const char* p, Py_ssize_t i, Py_ssize_t e) except -
     _fail("unterminated quoted string", start)
 
 
-cdef Py_ssize_t _split_comma(const char* p, Py_ssize_t i, Py_ssize_t e) except -2:
-    """Index of the next top-level ',' at or after i (outside quotes and < >), or e."""
+cdef Py_ssize_t _split_comma(const char* p, Py_ssize_t i, Py_ssize_t e) noexcept:
+    """Index of the next top-level ',' at or after i (outside quotes and < >), or e.  Never
+    fails: an unterminated quote or '<' runs to the end (the typed views report such errors;
+    splitting a header for getall() must not)."""
     cdef bint angle = False
     while i < e:
         if p[i] == b'"':
-            i = _scan_quoted(p, i, e)
-            continue
-        if p[i] == b'<':
+            i += 1
+            while i < e and p[i] != b'"':
+                i += 2 if p[i] == b'\\' else 1
+        elif p[i] == b'<':
             angle = True
         elif p[i] == b'>':
             angle = False
@@ -841,6 +844,8 @@ cdef class URI:
         return f"URI({self._text!r})"
 
     def __hash__(self):
+        if self.scheme == "tel":
+            return hash((self.scheme, _tel_digits(self.host)))
         return hash((self.scheme, self.user, _norm_host(self.host)))
 
     def __eq__(self, other):

@@ -1,0 +1,380 @@
+"""The message API: header access, typed views, URIs, the edit journal, replies and framing."""
+
+from __future__ import annotations
+
+import gc
+import pickle
+import tracemalloc
+
+import pytest
+
+import fastsip
+from fastsip import CSeq, Limits, ParseError, URI, message_length, parse
+
+SDP = (b"v=0\r\no=alice 2890844526 2890844526 IN IP4 192.0.2.101\r\ns=-\r\n"
+       b"c=IN IP4 192.0.2.101\r\nt=0 0\r\nm=audio 49172 RTP/AVP 0 8 101\r\n"
+       b"a=rtpmap:101 telephone-event/8000\r\n")
+
+INVITE = (
+    b"INVITE sip:bob@biloxi.example.com SIP/2.0\r\n"
+    b"Via: SIP/2.0/UDP pc33.atlanta.example.com:5060;branch=z9hG4bK776asdhds;rport\r\n"
+    b"v: SIP/2.0/TCP 192.0.2.4;branch=z9hG4bKnashds8;received=192.0.2.1, SIP/2.0/UDP [2001:db8::1]:5070;branch=z9hG4bK3\r\n"
+    b"Route: <sip:p1.example.com;lr>, <sip:p2.example.com;lr>\r\n"
+    b"Route: <sip:p3.example.com;lr>\r\n"
+    b"Max-Forwards: 70\r\n"
+    b"To: Bob <sip:bob@biloxi.example.com>\r\n"
+    b'f: "Alice \\"A\\" Liddell" <sip:alice@atlanta.example.com>;tag=1928301774\r\n'
+    b"i: a84b4c76e66710@pc33.atlanta.example.com\r\n"
+    b"CSeq: 314159 INVITE\r\n"
+    b"Contact: <sip:alice@pc33.atlanta.example.com>;expires=60;q=0.7, sip:alice@192.0.2.9\r\n"
+    b"Allow: INVITE, ACK,CANCEL\r\n"
+    b"Allow: BYE\r\n"
+    b"Date: Sat, 13 Nov 2010 23:29:00 GMT\r\n"
+    b"X-Custom: a, b\r\n"
+    b"c: application/sdp\r\n"
+    b"l: " + str(len(SDP)).encode() + b"\r\n\r\n" + SDP
+)
+
+
+@pytest.fixture
+def msg() -> fastsip.Request:
+    m = parse(INVITE)
+    assert isinstance(m, fastsip.Request)
+    return m
+
+
+def test_request_line_and_scalars(msg: fastsip.Request) -> None:
+    assert msg.method == "INVITE"
+    assert str(msg.uri) == "sip:bob@biloxi.example.com"
+    assert msg.uri.user == "bob" and msg.uri.host == "biloxi.example.com" and msg.uri.port is None
+    assert msg.call_id == "a84b4c76e66710@pc33.atlanta.example.com"
+    assert msg.cseq == CSeq(314159, "INVITE") and msg.cseq.seq == 314159
+    assert isinstance(msg.cseq, tuple) and msg.cseq == (314159, "INVITE")
+    assert msg.max_forwards == 70
+    assert msg.content_length == len(SDP)
+    assert msg.body == SDP and isinstance(msg.body, memoryview)
+    assert msg.content_type == "application/sdp"
+    assert msg.is_request and not msg.is_response
+
+
+def test_headers_case_insensitive_compact_forms_and_splitting(msg: fastsip.Request) -> None:
+    h = msg.headers
+    assert h.get("call-id") == h.get("I") == h.get("Call-ID") == msg.call_id
+    assert h.get("Content-Type") == "application/sdp"
+    assert h.getall("allow") == ["INVITE", "ACK", "CANCEL", "BYE"]
+    assert h.getall("VIA") == [
+        "SIP/2.0/UDP pc33.atlanta.example.com:5060;branch=z9hG4bK776asdhds;rport",
+        "SIP/2.0/TCP 192.0.2.4;branch=z9hG4bKnashds8;received=192.0.2.1",
+        "SIP/2.0/UDP [2001:db8::1]:5070;branch=z9hG4bK3",
+    ]
+    # Date and unknown fields are never split at commas.
+    assert h.getall("Date") == ["Sat, 13 Nov 2010 23:29:00 GMT"]
+    assert h.getall("x-custom") == ["a, b"]
+    assert h.getlines("Route") == ["<sip:p1.example.com;lr>, <sip:p2.example.com;lr>",
+                                   "<sip:p3.example.com;lr>"]
+    assert h.get("Missing") is None and h.get("Missing", "d") == "d" and h.getall("Missing") == []
+    assert "from" in h and "f" in h and "Missing" not in h
+    with pytest.raises(KeyError):
+        h["Missing"]
+    names = [n for n, _ in h]
+    assert names[:3] == ["Via", "v", "Route"] and names[-1] == "l"
+    assert len(h) == 16
+    assert fastsip.canonical_name("v") == "Via" and fastsip.canonical_name("CALL-id") == "Call-ID"
+
+
+def test_via_values(msg: fastsip.Request) -> None:
+    v = msg.via
+    assert [x.branch for x in v] == ["z9hG4bK776asdhds", "z9hG4bKnashds8", "z9hG4bK3"]
+    assert [x.transport for x in v] == ["UDP", "TCP", "UDP"]
+    assert [x.sent_by for x in v] == [("pc33.atlanta.example.com", 5060), ("192.0.2.4", None),
+                                      ("[2001:db8::1]", 5070)]
+    assert v[0].rport == 0 and v[0].has_rport and v[1].rport is None and not v[1].has_rport
+    assert v[1].received == "192.0.2.1"
+    assert v[0].params == {"branch": "z9hG4bK776asdhds", "rport": None}
+    assert v[0].protocol == "SIP/2.0" and v[0].rfc3261_branch
+    assert msg.top_via is not None and msg.top_via.branch == "z9hG4bK776asdhds"
+    assert str(v[2]) == "SIP/2.0/UDP [2001:db8::1]:5070;branch=z9hG4bK3"
+
+
+def test_name_addrs(msg: fastsip.Request) -> None:
+    assert msg.from_.display_name == 'Alice "A" Liddell'
+    assert msg.from_.tag == "1928301774" and msg.to.tag is None
+    assert msg.to.display_name == "Bob" and str(msg.to.uri) == "sip:bob@biloxi.example.com"
+    c = msg.contact
+    assert [str(x.uri) for x in c] == ["sip:alice@pc33.atlanta.example.com", "sip:alice@192.0.2.9"]
+    assert c[0].expires == 60 and c[0].q == 0.7 and c[1].expires is None
+    assert [x.uri.host for x in msg.route] == ["p1.example.com", "p2.example.com", "p3.example.com"]
+    assert all(x.uri.lr for x in msg.route)
+    assert msg.record_route == []
+
+
+def test_contact_wildcard() -> None:
+    m = parse(b"REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n"
+              b"Contact: *\r\nExpires: 0\r\nContent-Length: 0\r\n\r\n")
+    (c,) = m.contact
+    assert c.wildcard and c.uri is None and str(c) == "*"
+
+
+def test_unedited_message_is_its_input(msg: fastsip.Request) -> None:
+    assert bytes(msg) is INVITE  # not even a copy
+    assert bytes(parse(bytearray(INVITE))) == INVITE
+    assert bytes(parse(memoryview(INVITE))) == INVITE
+    assert bytes(parse(b"\r\n\r\n" + INVITE)) == INVITE  # leading CRLFs are not the message
+
+
+def test_bytearray_and_memoryview_input() -> None:
+    buf = bytearray(INVITE)
+    m = parse(buf)
+    assert m.via[0].branch == "z9hG4bK776asdhds"
+    mv = memoryview(b"xx" + INVITE)[2:]
+    assert parse(mv).call_id == "a84b4c76e66710@pc33.atlanta.example.com"
+    del buf, m
+    gc.collect()
+
+
+def test_proxy_edits(msg: fastsip.Request) -> None:
+    msg.add_via("SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bK-proxy;rport")
+    assert msg.decrement_max_forwards() == 69
+    assert msg.pop_route() == "<sip:p1.example.com;lr>"
+    msg.add_record_route("<sip:192.0.2.10;lr>")
+    out = bytes(msg)
+    re = parse(out)
+    assert [v.branch for v in re.via] == ["z9hG4bK-proxy", "z9hG4bK776asdhds", "z9hG4bKnashds8",
+                                          "z9hG4bK3"]
+    assert re.max_forwards == 69
+    assert [r.uri.host for r in re.route] == ["p2.example.com", "p3.example.com"]
+    assert [str(r) for r in re.record_route] == ["<sip:192.0.2.10;lr>"]
+    assert bytes(re.body) == SDP
+    # The edited message reads back its own edits before serialization, too.
+    assert msg.via[0].branch == "z9hG4bK-proxy" and msg.max_forwards == 69
+    assert [r.uri.host for r in msg.route] == ["p2.example.com", "p3.example.com"]
+    # Untouched lines are copied byte for byte (compact forms, spacing).
+    assert b"\r\nf: \"Alice \\\"A\\\" Liddell\" <sip:alice@atlanta.example.com>;tag=1928301774\r\n" in out
+
+
+def test_pop_until_empty(msg: fastsip.Request) -> None:
+    assert msg.pop_route() and msg.pop_route() and msg.pop_route()
+    assert msg.pop_route() is None and msg.route == []
+    for _ in range(3):
+        assert msg.pop_via()
+    assert msg.pop_via() is None and msg.via == [] and msg.top_via is None
+    assert b"Route" not in bytes(msg) and b"Via" not in bytes(msg) and b"\r\nv:" not in bytes(msg)
+
+
+def test_max_forwards_zero_and_absent() -> None:
+    m = parse(b"OPTIONS sip:a@b SIP/2.0\r\nMax-Forwards: 0\r\nl: 0\r\n\r\n")
+    with pytest.raises(ValueError, match="483"):
+        m.decrement_max_forwards()
+    m = parse(b"OPTIONS sip:a@b SIP/2.0\r\nl: 0\r\n\r\n")
+    assert m.decrement_max_forwards() == 70 and parse(bytes(m)).max_forwards == 70
+
+
+def test_set_add_remove_headers_and_body(msg: fastsip.Request) -> None:
+    msg.set_header("Allow", "INVITE, BYE")
+    assert msg.headers.getall("Allow") == ["INVITE", "BYE"]
+    msg.set_header("Subject", "lunch")
+    msg.add_header("X-First", "1", first=True)
+    msg.add_header("Route", "<sip:p0.example.com;lr>", first=True)
+    assert msg.remove_header("date") == 1 and msg.remove_header("date") == 0
+    msg.set_body(b"hello", content_type="text/plain")
+    out = parse(bytes(msg))
+    assert out.headers.get("Subject") == "lunch"
+    assert out.headers.items()[0] == ("X-First", "1")
+    assert out.route[0].uri.host == "p0.example.com"
+    assert "Date" not in out.headers
+    assert bytes(out.body) == b"hello" and out.content_length == 5
+    assert out.headers.getall("content-length") == ["5"]
+    assert out.content_type == "text/plain"
+    with pytest.raises(ValueError):
+        msg.set_header("X-Evil", "a\r\nVia: injected")
+    with pytest.raises(ValueError):
+        msg.set_header("Content-Length", "9")
+    with pytest.raises(ParseError):
+        msg.add_via("not a via")
+
+
+def test_request_uri_rewrite(msg: fastsip.Request) -> None:
+    msg.uri = "sip:bob@192.0.2.55:5062;transport=tcp"
+    out = parse(bytes(msg))
+    assert out.start_line == "INVITE sip:bob@192.0.2.55:5062;transport=tcp SIP/2.0"
+    assert out.uri.port == 5062 and out.uri.transport == "tcp"
+
+
+def test_reply_follows_rfc3261_8_2_6(msg: fastsip.Request) -> None:
+    trying = msg.reply(100)
+    assert trying.status_code == 100 and trying.reason == "Trying"
+    assert trying.to.tag is None  # no tag on 100 (8.2.6.2)
+    ok = msg.reply(200, to_tag="abc", body=SDP, content_type="application/sdp",
+                   headers=[("Contact", "<sip:bob@192.0.2.4>")])
+    assert ok.to.tag == "abc" and ok.status_code == 200 and ok.reason == "OK"
+    assert [v.branch for v in ok.via] == [v.branch for v in msg.via]
+    assert ok.from_.tag == msg.from_.tag and ok.call_id == msg.call_id and ok.cseq == msg.cseq
+    assert bytes(ok.body) == SDP and ok.contact[0].uri.host == "192.0.2.4"
+    busy = msg.reply(486)
+    assert busy.to.tag and busy.reason == "Busy Here"
+    assert msg.reply(486).to.tag != busy.to.tag  # random tags
+    in_dialog = parse(INVITE.replace(b"To: Bob <sip:bob@biloxi.example.com>",
+                                     b"To: Bob <sip:bob@biloxi.example.com>;tag=xyz"))
+    assert in_dialog.reply(200).to.tag == "xyz"  # a To tag already there is kept
+    with pytest.raises(ValueError):
+        msg.reply(99)
+
+
+def test_create_from_scratch() -> None:
+    req = fastsip.Request.create(
+        "OPTIONS", "sip:carol@chicago.example.com",
+        {"Via": "SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKx", "From": "<sip:a@b>;tag=1",
+         "To": "<sip:carol@chicago.example.com>", "Call-ID": "c1", "CSeq": "1 OPTIONS",
+         "Max-Forwards": "70"})
+    assert req.method == "OPTIONS" and req.cseq == (1, "OPTIONS") and req.content_length == 0
+    resp = fastsip.Response.create(404, headers=[("Via", "SIP/2.0/UDP h;branch=z9hG4bK2"),
+                                                 ("CSeq", "2 BYE")], body=b"x")
+    assert resp.status_code == 404 and resp.reason == "Not Found" and resp.method == "BYE"
+    assert bytes(resp.body) == b"x"
+
+
+@pytest.mark.parametrize("a,b,equal", [
+    ("sip:%61lice@atlanta.com;transport=TCP", "sip:alice@AtLanTa.CoM;Transport=tcp", True),
+    ("sip:carol@chicago.com", "sip:carol@chicago.com;newparam=5", True),
+    ("sip:carol@chicago.com;security=on", "sip:carol@chicago.com;newparam=5", True),
+    ("sip:alice@atlanta.com;transport=tcp", "sip:alice@atlanta.com", False),
+    ("sip:ALICE@AtLanTa.CoM", "sip:alice@atlanta.com", False),
+    ("sip:bob@biloxi.com", "sip:bob@biloxi.com:5060", False),
+    ("sip:bob@biloxi.com", "sips:bob@biloxi.com", False),
+    ("sip:carol@chicago.com;newparam=5", "sip:carol@chicago.com;newparam=6", False),
+    ("sip:carol@chicago.com?Subject=next%20meeting", "sip:carol@chicago.com?Subject=%6Eext%20meeting", True),
+    ("sip:carol@chicago.com?Subject=a", "sip:carol@chicago.com", False),
+    ("tel:+1-201-555-0123", "tel:+12015550123", True),
+    ("mailto:a@b", "mailto:a@b", True),
+])
+def test_uri_comparison_rfc3261_19_1_4(a: str, b: str, equal: bool) -> None:
+    assert (URI(a) == URI(b)) is equal
+    assert (URI(b) == URI(a)) is equal
+    if equal:
+        assert hash(URI(a)) == hash(URI(b))
+
+
+def test_uri_parts() -> None:
+    u = URI("sips:alice:secret@[2001:db8::1]:5061;transport=tcp;lr;maddr=239.1.1.1?h=v&x=y")
+    assert (u.scheme, u.user, u.password, u.host, u.port) == ("sips", "alice", "secret",
+                                                              "[2001:db8::1]", 5061)
+    assert u.params == {"transport": "tcp", "lr": None, "maddr": "239.1.1.1"}
+    assert u.headers == {"h": "v", "x": "y"} and u.lr and u.maddr == "239.1.1.1"
+    assert u.host_address == "2001:db8::1"
+    t = URI("tel:+1-201-555-0123;phone-context=example.com")
+    assert t.scheme == "tel" and t.host == "+1-201-555-0123" and t.params == {
+        "phone-context": "example.com"}
+    o = URI("urn:service:sos")
+    assert o.scheme == "urn" and not o.is_sip and str(o) == "urn:service:sos"
+    assert pickle.loads(pickle.dumps(u)) == u
+    for bad in ["", "sip:", "sip:a@", "sip:a@b:99999", "sip:a@[::1", "1sip:a@b", "sip:a@b c",
+                "sip:a@b:x"]:
+        with pytest.raises(ParseError):
+            URI(bad)
+
+
+def test_response_parsing() -> None:
+    r = parse(b"SIP/2.0 180 Ringing\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n"
+              b"To: <sip:a@b>;tag=t\r\nFrom: <sip:c@d>;tag=f\r\nCall-ID: x\r\n"
+              b"CSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n")
+    assert isinstance(r, fastsip.Response) and r.status_code == 180 and r.reason == "Ringing"
+    assert r.method == "INVITE" and r.is_response
+
+
+@pytest.mark.parametrize("data,status,reason", [
+    (b"INVITE sip:a@b SIP/2.1\r\n\r\n", 505, "version"),
+    (b"SIP/3.0 200 OK\r\n\r\n", 505, "version"),
+    (b"INVITE sip:a@b SIP/2.0\r\nVia SIP/2.0/UDP h\r\n\r\n", 400, ":"),
+    (b"INVITE sip:a@b SIP/2.0\r\nCSeq: 1\r\n\r\n", 400, "CSeq"),
+    (b"INVITE sip:a@b SIP/2.0\r\nCSeq: x INVITE\r\n\r\n", 400, "CSeq"),
+    (b"INVITE sip:a@b SIP/2.0\r\nMax-Forwards: 256\r\n\r\n", 400, "Max-Forwards"),
+    (b"INVITE sip:a@b SIP/2.0\r\nContent-Length: 1x\r\n\r\n", 400, "Content-Length"),
+    (b"INVITE sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n", 400, "terminated"),
+    (b"INVITE sip:a@b SIP/2.0\r\n From: x\r\n\r\n", 400, "continuation"),
+    (b"INVITE sip:a@b SIP/2.0\r\nFrom: \"x <sip:a@b>\r\n\r\n", 400, "quoted"),
+    (b"SIP/2.0 1000 OK\r\n\r\n", 400, "status"),
+    (b"SIP/2.0 099 OK\r\n\r\n", 400, "status"),
+    (b"INVITE sip:a@b SIP/2.0", 400, "start line"),
+    (b"", 400, "empty"),
+    (b"\r\n\r\n", 400, "empty"),
+])
+def test_malformed_messages(data: bytes, status: int, reason: str) -> None:
+    with pytest.raises(ParseError) as err:
+        parse(data)
+    assert err.value.status == status
+    assert reason.lower() in err.value.reason.lower()
+
+
+def test_limits() -> None:
+    many = b"OPTIONS sip:a@b SIP/2.0\r\n" + b"X-A: 1\r\n" * 20 + b"\r\n"
+    assert len(parse(many, Limits(max_headers=20)).headers) == 20
+    with pytest.raises(ParseError, match="too many"):
+        parse(many, Limits(max_headers=19))
+    long = b"OPTIONS sip:a@b SIP/2.0\r\nX-A: " + b"a" * 100 + b"\r\n\r\n"
+    with pytest.raises(ParseError, match="too long"):
+        parse(long, Limits(max_line_length=50))
+    with pytest.raises(ParseError) as err:
+        parse(long, Limits(max_message_size=100))
+    assert err.value.status == 513
+    with pytest.raises(ValueError):
+        Limits(max_headers=0)
+    # More header lines than the inline index holds are fine (the index grows).
+    big = b"OPTIONS sip:a@b SIP/2.0\r\n" + b"".join(b"X-%d: %d\r\n" % (i, i) for i in range(200)) + b"\r\n"
+    m = parse(big)
+    assert len(m.headers) == 200 and m.headers.get("x-199") == "199"
+    m.add_header("X-200", "200", first=True)
+    assert parse(bytes(m)).headers.items()[0] == ("X-200", "200")
+
+
+def test_message_length_framing() -> None:
+    assert message_length(INVITE) == len(INVITE)
+    for cut in (1, 10, len(INVITE) - len(SDP), len(INVITE) - 1):
+        assert message_length(INVITE[:cut]) == 0
+    assert message_length(INVITE + INVITE[:20]) == len(INVITE)
+    assert message_length(bytearray(INVITE)) == len(INVITE)
+    assert message_length(memoryview(INVITE + b"x")) == len(INVITE)
+    assert message_length(b"") == 0
+    assert message_length(b"\r\n\r\n" + INVITE) == -4  # ping: answer with a pong
+    assert message_length(b"\r\n") == -2  # pong
+    assert message_length(b"\r\nINVITE") == -2
+    assert message_length(b"\r") == 0
+    nocl = b"OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/TCP h;branch=z9hG4bK1\r\n\r\nNEXT"
+    assert message_length(nocl) == len(nocl) - 4  # no Content-Length on a stream: no body
+    with pytest.raises(ParseError):
+        message_length(b"OPTIONS sip:a@b SIP/2.0\r\nContent-Length: -999\r\n\r\n")
+    with pytest.raises(ParseError) as err:
+        message_length(b"OPTIONS sip:a@b SIP/2.0\r\nX: " + b"a" * 70000)
+    assert err.value.status == 513
+    with pytest.raises(ParseError):
+        message_length(b"OPTIONS sip:a@b SIP/2.0\r\nl: 99999\r\n\r\n", Limits(max_message_size=1000))
+
+
+def test_views_outlive_the_message_and_nothing_leaks() -> None:
+    via = parse(INVITE).via[0]
+    frm = parse(bytearray(INVITE)).from_
+    gc.collect()
+    assert via.branch == "z9hG4bK776asdhds" and frm.tag == "1928301774"
+
+    def work() -> None:
+        m = parse(bytearray(INVITE))
+        m.via, m.from_, m.to, m.contact, m.route, m.cseq, m.uri, m.headers.items()
+        m.add_via("SIP/2.0/UDP 192.0.2.10;branch=z9hG4bKx")
+        m.pop_route()
+        bytes(m)
+        m.reply(180)
+
+    for _ in range(200):
+        work()
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for _ in range(2000):
+        work()
+    gc.collect()
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert grown < 64 * 1024, f"{grown} bytes retained after 2000 messages"
+
+
+def test_pickle_round_trip(msg: fastsip.Request) -> None:
+    assert bytes(pickle.loads(pickle.dumps(msg))) == INVITE
