@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import struct
 
-import pytest
-
 import numpy as np
+import pytest
 
 from fastsip.rtp import (
     JitterBuffer,

@@ -3,6 +3,7 @@ adaptive target, and the batch playout agreeing with the per-packet API."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
@@ -145,7 +146,7 @@ def test_fixed_mode_shrinks_gradually_after_a_burst():
     seqs = [f.sequence_number for f in frames if f.kind == FrameKind.NORMAL]
     gaps = [i for i in range(1, len(seqs)) if seqs[i] != seqs[i - 1] + 1]
     assert jb.discarded == len(gaps) > 0
-    assert all(b - a >= 4 for a, b in zip(gaps, gaps[1:]))
+    assert all(b - a >= 4 for a, b in itertools.pairwise(gaps))
     assert jb.current_delay <= jb.target_delay + 2 * PT
     assert sum(f.kind == FrameKind.MISSING for f in frames) == 0
 

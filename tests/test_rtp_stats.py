@@ -11,7 +11,7 @@ from fastsip.rtp import RtpError, RtpPacket, RtpStats
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from rtp_pcap import read_streams, read_tsv, read_udp  # noqa: E402
+from rtp_pcap import read_streams, read_tsv, read_udp
 
 PCAP = HERE / "data" / "rtp" / "pcap"
 TSHARK = HERE / "data" / "rtp" / "tshark"

@@ -27,7 +27,7 @@ from fastsip.sdp import (
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from rtp_pcap import read_udp  # noqa: E402
+from rtp_pcap import read_udp
 
 PCAP = HERE / "data" / "rtp" / "pcap"
 
@@ -35,7 +35,7 @@ PCAP = HERE / "data" / "rtp" / "pcap"
 def sdp_bodies(capture: str) -> list[bytes]:
     out = []
     for d in read_udp(PCAP / capture):
-        head, sep, body = d.payload.partition(b"\r\n\r\n")
+        _head, sep, body = d.payload.partition(b"\r\n\r\n")
         if sep and body.startswith(b"v=0"):
             out.append(body)
     return out
@@ -101,7 +101,7 @@ def test_fuzz_parse_raises_only_sdp_error(text):
         return
     for m in sd.media:
         try:
-            m.rtpmaps, m.fmtp, m.ptime
+            assert isinstance((m.rtpmaps, m.fmtp, m.ptime), tuple)
         except SdpError:
             pass
     SessionDescription.parse(str(sd))

@@ -6,6 +6,8 @@ frames and reports out.
 
 from __future__ import annotations
 
+from fastsip.rtp._g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
+from fastsip.rtp._jitter import Frame, FrameKind, JitterBuffer
 from fastsip.rtp._packet import (
     ONE_BYTE_EXTENSION_PROFILE,
     TWO_BYTE_EXTENSION_PROFILE,
@@ -14,8 +16,6 @@ from fastsip.rtp._packet import (
     parse_batch,
     parse_batch_buffer,
 )
-from fastsip.rtp._g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
-from fastsip.rtp._jitter import Frame, FrameKind, JitterBuffer
 from fastsip.rtp._stats import RtpStats
 from fastsip.rtp.errors import RtcpError, RtpError
 from fastsip.rtp.events import DTMF_EVENTS, TelephoneEvent
@@ -39,6 +39,9 @@ from fastsip.rtp.rtcp import (
 )
 
 __all__ = [
+    "DTMF_EVENTS",
+    "ONE_BYTE_EXTENSION_PROFILE",
+    "TWO_BYTE_EXTENSION_PROFILE",
     "App",
     "Bye",
     "Depacketizer",
@@ -49,30 +52,27 @@ __all__ = [
     "Packetizer",
     "ReceiverReport",
     "ReceptionReport",
-    "RtcpPacket",
-    "SdesChunk",
-    "SenderReport",
-    "SourceDescription",
-    "build_compound",
-    "depacketize",
-    "ntp_timestamp",
-    "parse_rtcp",
-    "receiver_report",
-    "report_block",
-    "rtcp_interval",
-    "DTMF_EVENTS",
-    "TelephoneEvent",
-    "alaw_decode",
-    "alaw_encode",
-    "ulaw_decode",
-    "ulaw_encode",
-    "ONE_BYTE_EXTENSION_PROFILE",
-    "TWO_BYTE_EXTENSION_PROFILE",
     "RtcpError",
+    "RtcpPacket",
     "RtpBatch",
     "RtpError",
     "RtpPacket",
     "RtpStats",
+    "SdesChunk",
+    "SenderReport",
+    "SourceDescription",
+    "TelephoneEvent",
+    "alaw_decode",
+    "alaw_encode",
+    "build_compound",
+    "depacketize",
+    "ntp_timestamp",
     "parse_batch",
     "parse_batch_buffer",
+    "parse_rtcp",
+    "receiver_report",
+    "report_block",
+    "rtcp_interval",
+    "ulaw_decode",
+    "ulaw_encode",
 ]

@@ -1,4 +1,5 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: cdivision=True, initializedcheck=False
 """G.711 μ-law and A-law over NumPy arrays, bit-exact with the ITU-T reference (G.191 STL g711.c).
 
 Encoding is one lookup in a 65536-entry table indexed by the 16-bit sample, decoding one lookup in
@@ -41,7 +42,8 @@ cdef short _ulaw_expand(int code) noexcept nogil:
 
 
 cdef unsigned char _alaw_compress(int x) noexcept nogil:
-    # G.191: 12-bit magnitude (one's complement for negative), segment by doubling, even bits inverted.
+    # G.191: 12-bit magnitude (one's complement for negative input), segment by doubling,
+    # even bits inverted.
     cdef int ix = ((~x) >> 4) if x < 0 else (x >> 4)
     cdef int iexp
     if ix > 15:

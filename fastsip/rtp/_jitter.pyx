@@ -1,4 +1,5 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: cdivision=True, initializedcheck=False
 """An RTP jitter buffer: packets in by arrival, one frame out per playout slot.
 
 The buffer is a ring of ``capacity`` slots indexed by 64-bit extended sequence number, so
@@ -272,7 +273,8 @@ cdef class JitterBuffer:
             self._ref_ext_ts = ts
             self._last_play_ext = seq - 1
             self._last_play_ts = ts - self.samples_per_frame
-        ext = self._max_ext + <short>(<unsigned short>(seq - <unsigned int>(self._max_ext & 0xFFFF)))
+        # extend to 64 bits: the nearest value to the highest seen (a signed 16-bit step)
+        ext = self._max_ext + <short>(<unsigned short>(seq - <unsigned int>self._max_ext))
         d = ext - self._next
         if d >= 2 * self.capacity or d < -self.capacity:
             # Far from the playout point: a sender restart, or a single stray packet.  Two in a
@@ -491,7 +493,8 @@ cdef class JitterBuffer:
         ``index`` is the input row played in that slot (-1 for MISSING/EMPTY).  With ``drain``,
         slots continue after the last arrival until the buffer is empty.
         """
-        cdef const unsigned short[:] seq = numpy.ascontiguousarray(sequence_numbers, dtype=numpy.uint16)
+        cdef const unsigned short[:] seq = numpy.ascontiguousarray(sequence_numbers,
+                                                                   dtype=numpy.uint16)
         cdef const unsigned int[:] tss = numpy.ascontiguousarray(timestamps, dtype=numpy.uint32)
         cdef const double[:] arr = numpy.ascontiguousarray(arrival_times, dtype=numpy.float64)
         cdef Py_ssize_t n = seq.shape[0], i = 0, k = 0, rows

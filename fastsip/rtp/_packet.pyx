@@ -1,4 +1,5 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: cdivision=True, initializedcheck=False
 """RTP packets (RFC 3550 §5.1) with RFC 8285 header extensions, parsed without copying.
 
 ``RtpPacket.parse`` validates the fixed header, the CSRC list, the extension header and the
@@ -24,7 +25,8 @@ ONE_BYTE_EXTENSION_PROFILE = ONE_BYTE_PROFILE
 TWO_BYTE_EXTENSION_PROFILE = TWO_BYTE_PROFILE
 
 
-cdef inline const unsigned char* _acquire(object data, Py_buffer* view, Py_ssize_t* length) except NULL:
+cdef inline const unsigned char* _acquire(object data, Py_buffer* view,
+                                          Py_ssize_t* length) except NULL:
     """Pointer and length of ``data``; bytes take a fast path, anything else the buffer protocol."""
     if type(data) is bytes:
         view.ndim = -12345    # marks "nothing to release"; a real export never has it
@@ -308,7 +310,8 @@ cdef class RtpPacket:
     @property
     def payload(self):
         """The payload as a memoryview over the datagram (no copy)."""
-        return memoryview(self._data)[self._payload_offset:self._payload_offset + self._payload_length]
+        cdef Py_ssize_t start = self._payload_offset
+        return memoryview(self._data)[start:start + self._payload_length]
 
     @property
     def payload_length(self):
@@ -338,10 +341,9 @@ cdef class RtpPacket:
 
     def __bytes__(self):
         cdef Py_buffer view
-        cdef Py_ssize_t n, i, total, pos
+        cdef Py_ssize_t n, total, pos
         cdef const unsigned char* src
         cdef unsigned char* out
-        cdef bint parsed = self._ext_block is None and self._csrc is None
         csrc = self.csrc
         ext = self.extension_data if self._has_extension else b""
         cdef const unsigned char[:] ext_view = ext
@@ -349,8 +351,8 @@ cdef class RtpPacket:
                  + self._payload_length + self._padding_length)
         result = PyBytes_FromStringAndSize(NULL, total)
         out = <unsigned char*>PyBytes_AS_STRING(result)
-        out[0] = (0x80 | (0x20 if self._padding_length else 0) | (0x10 if self._has_extension else 0)
-                  | self._csrc_count)
+        out[0] = (0x80 | (0x20 if self._padding_length else 0)
+                  | (0x10 if self._has_extension else 0) | self._csrc_count)
         out[1] = (0x80 if self.marker else 0) | self._payload_type
         _put16(out + 2, self.sequence_number)
         _put32(out + 4, self.timestamp)
@@ -393,7 +395,8 @@ cdef class RtpPacket:
         return hash(bytes(self))
 
     def __repr__(self):
-        return (f"RtpPacket(payload_type={self._payload_type}, sequence_number={self.sequence_number}, "
+        return (f"RtpPacket(payload_type={self._payload_type}, "
+                f"sequence_number={self.sequence_number}, "
                 f"timestamp={self.timestamp}, ssrc={self.ssrc:#010x}, marker={bool(self.marker)}, "
                 f"payload=<{self._payload_length} bytes>)")
 
@@ -425,14 +428,21 @@ class RtpBatch:
 cdef void _fill_row(const unsigned char* p, Py_ssize_t n, Py_ssize_t i,
                     unsigned char[:] valid, unsigned char[:] error, unsigned char[:] pt,
                     unsigned char[:] marker, unsigned short[:] seq, unsigned int[:] ts,
-                    unsigned int[:] ssrc, unsigned char[:] cc, int[:] poff, int[:] plen) noexcept nogil:
+                    unsigned int[:] ssrc, unsigned char[:] cc, int[:] poff,
+                    int[:] plen) noexcept nogil:
     cdef _Layout lay
     cdef int err = _check(p, n, &lay)
     error[i] = err
     if err != OK:
         valid[i] = 0
-        pt[i] = 0; marker[i] = 0; seq[i] = 0; ts[i] = 0; ssrc[i] = 0; cc[i] = 0
-        poff[i] = 0; plen[i] = 0
+        pt[i] = 0
+        marker[i] = 0
+        seq[i] = 0
+        ts[i] = 0
+        ssrc[i] = 0
+        cc[i] = 0
+        poff[i] = 0
+        plen[i] = 0
         return
     valid[i] = 1
     pt[i] = p[1] & 0x7F

@@ -1,4 +1,5 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: cdivision=True, initializedcheck=False
 """RFC 3550 receiver statistics for one synchronization source.
 
 A.1 sequence validation (probation, dropout, misorder, 64-bit extended sequence numbers),
@@ -97,7 +98,9 @@ cdef class RtpStats:
         return 1
 
     cpdef bint update(self, RtpPacket packet, double arrival_time):
-        """Account one packet that arrived at ``arrival_time`` (seconds); False if A.1 rejects it."""
+        """Account one packet that arrived at ``arrival_time`` (seconds).
+
+        Returns False when A.1 does not count it (probation, or a jump not yet confirmed)."""
         return self.update_fields(packet.sequence_number, packet.timestamp, arrival_time,
                                   packet.ssrc)
 
@@ -171,7 +174,8 @@ cdef class RtpStats:
     def fraction_lost(self):
         """A.3: fraction lost since the last :meth:`report`, in 1/256 units (0..255)."""
         cdef long long expected_interval = self.expected - <long long>self._expected_prior
-        cdef long long received_interval = <long long>self.received - <long long>self._received_prior
+        cdef long long received_interval = (<long long>self.received
+                                            - <long long>self._received_prior)
         cdef long long lost_interval = expected_interval - received_interval
         if expected_interval == 0 or lost_interval <= 0:
             return 0

@@ -286,7 +286,7 @@ class Feedback:
     @classmethod
     def nack(cls, ssrc: int, media_ssrc: int, lost: Iterable[int]) -> Feedback:
         """A Generic NACK (RFC 4585 §6.2.1) for the given sequence numbers."""
-        seqs = sorted(set(s & 0xFFFF for s in lost))
+        seqs = sorted({s & 0xFFFF for s in lost})
         fci = bytearray()
         while seqs:
             pid = seqs.pop(0)
@@ -315,7 +315,9 @@ class UnknownRtcp:
         return _header(self.packet_type, self.count, len(self.body)) + self.body
 
 
-RtcpPacket = Union[SenderReport, ReceiverReport, SourceDescription, Bye, App, Feedback, UnknownRtcp]
+RtcpPacket = Union[  # noqa: UP007 - a runtime alias, kept 3.10-compatible
+    SenderReport, ReceiverReport, SourceDescription, Bye, App, Feedback, UnknownRtcp
+]
 
 _PARSERS: dict[int, Callable[[int, bytes], RtcpPacket]] = {
     RTCP_SR: SenderReport._parse,
@@ -418,7 +420,6 @@ def rtcp_interval(members: int, senders: int, rtcp_bw: float, we_sent: bool,
             rtcp_bw *= RTCP_RCVR_BW_FRACTION
             n -= senders
     t = avg_rtcp_size * n / rtcp_bw if rtcp_bw > 0 else float("inf")
-    if t < rtcp_min_time:
-        t = rtcp_min_time
+    t = max(t, rtcp_min_time)
     t = t * (rng() + 0.5)
     return t / COMPENSATION

@@ -224,7 +224,7 @@ class SessionDescription:
         current: Media | None = None
         seen_v = seen_o = seen_s = False
         for number, raw in enumerate(data.split("\n"), 1):
-            line = raw[:-1] if raw.endswith("\r") else raw
+            line = raw.removesuffix("\r")
             if not line:
                 continue
             if len(line) < 2 or line[1] != "=" or not line[0].isalpha():
