@@ -78,3 +78,6 @@ class TimerWheel:
     def cancelled(self) -> int: ...
     @property
     def max_lateness(self) -> float: ...
+
+def _bench_key_cycles(wheel: TimerWheel, n: int, delay: float) -> int:
+    """``n`` key-mode schedule+cancel pairs through the C API (for benchmarks)."""

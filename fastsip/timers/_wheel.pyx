@@ -11,6 +11,11 @@ cascade to lower levels, so every timer fires from level 0 at its own tick: neve
 is its deadline rounded *up*, and the exact deadline is checked again when it fires), at most one
 tick late.
 
+What expiry costs is mostly memory latency: cascading walks the nodes of a slot, and a linked
+list is a chain of dependent loads.  So each slot is four interleaved sub-lists walked in
+lockstep (four misses in flight instead of one), batches are sorted with an inlined quicksort,
+and expired key nodes are freed where they lie instead of being unlinked one by one.
+
 Two modes share the one wheel:
 
 * callback mode, ``call_later``/``call_at``, returns a :class:`TimerHandle`;
@@ -31,7 +36,6 @@ from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from libc.math cimport isnan
 from libc.stdint cimport int64_t, uint32_t, uint64_t
-from libc.stdlib cimport qsort
 from libc.string cimport memcpy
 
 import array
@@ -51,6 +55,11 @@ cdef extern from *:
     #define fs_clz64(x) __builtin_clzll(x)
     #define fs_ctz64(x) __builtin_ctzll(x)
     #endif
+    #if defined(__GNUC__)
+    #define fs_prefetch(p) __builtin_prefetch((p), 1)
+    #else
+    #define fs_prefetch(p) ((void)(p))
+    #endif
 
     /* Call a packed (callback, *args) tuple without building an args tuple. */
     static PyObject *fs_call_packed(PyObject *packed) {
@@ -61,6 +70,7 @@ cdef extern from *:
     """
     int fs_clz64(uint64_t x) noexcept nogil
     int fs_ctz64(uint64_t x) noexcept nogil
+    void fs_prefetch(const void* p) noexcept nogil
     object fs_call_packed(object packed)
 
 logger = logging.getLogger("fastsip.timers")
@@ -199,24 +209,36 @@ cdef inline int64_t _place(TimerWheel w, uint32_t i, Node* n) noexcept nogil:
     next thing that happens.
     """
     cdef int64_t d = _ceil_tick(w, n.when)
-    cdef uint32_t pos
+    cdef uint32_t pos, head
     cdef int lvl
     if d <= w._cur:
         pos = DUE
+        head = DUE
     else:
         lvl = (63 - fs_clz64(<uint64_t>(d ^ w._cur))) // LEVEL_BITS
         pos = lvl * LEVEL_SLOTS + <uint32_t>((d >> (lvl * LEVEL_BITS)) & (LEVEL_SLOTS - 1))
         w._bitmap[lvl] |= (<uint64_t>1) << (pos & (LEVEL_SLOTS - 1))
+        head = (pos << SUB_BITS) | <uint32_t>(n.seq & (SUBLISTS - 1))
     n.flags = (n.flags & 0xFF) | (pos << 8)
-    _link_tail(w._chunks, pos, i, n)
+    _link_tail(w._chunks, head, i, n)
     return d
+
+
+cdef inline bint _slot_empty(Node** ch, uint32_t pos) noexcept nogil:
+    cdef uint32_t h = pos << SUB_BITS
+    cdef uint32_t j
+    for j in range(SUBLISTS):
+        if _N(ch, h + j).next != h + j:
+            return False
+    return True
 
 
 cdef inline void _unplace(TimerWheel w, Node* n) noexcept nogil:
     """Unlink a pending node and clear its slot's bit if the slot became empty."""
     _unlink(w._chunks, n)
     cdef uint32_t pos = n.flags >> 8
-    if pos < NSLOTS and _empty(w._chunks, pos):
+    # prev == next only when the head was the node's sole neighbour: its sub-list is now empty.
+    if pos < NSLOTS and n.prev == n.next and _slot_empty(w._chunks, pos):
         w._bitmap[pos >> LEVEL_BITS] &= ~((<uint64_t>1) << (pos & (LEVEL_SLOTS - 1)))
 
 
@@ -237,35 +259,87 @@ cdef inline int64_t _next_event(TimerWheel w) noexcept nogil:
 
 
 cdef inline void _cascade(TimerWheel w, uint32_t pos) noexcept nogil:
-    """Re-place every node of slot ``pos`` against the (just advanced) current tick."""
+    """Re-place every node of slot ``pos`` against the (just advanced) current tick.
+
+    The sub-lists are walked in lockstep, one node from each in turn: that keeps their
+    round-robin (scheduling) order and gives the memory system four misses to overlap.
+    """
     cdef Node** ch = w._chunks
-    cdef Node* h = _N(ch, pos)
-    cdef uint32_t i = h.next
-    cdef uint32_t nxt
+    cdef uint32_t base = pos << SUB_BITS
+    cdef uint32_t at[SUBLISTS]
+    cdef uint32_t j, i, live
+    cdef Node* h
     cdef Node* n
-    h.next = pos
-    h.prev = pos
+    for j in range(SUBLISTS):
+        h = _N(ch, base + j)
+        at[j] = h.next
+        h.next = base + j
+        h.prev = base + j
     w._bitmap[pos >> LEVEL_BITS] &= ~((<uint64_t>1) << (pos & (LEVEL_SLOTS - 1)))
-    while i != pos:
-        n = _N(ch, i)
-        nxt = n.next
-        _place(w, i, n)
-        i = nxt
+    live = SUBLISTS
+    while live:
+        live = 0
+        for j in range(SUBLISTS):
+            i = at[j]
+            if i != base + j:
+                n = _N(ch, i)
+                at[j] = n.next
+                _place(w, i, n)
+                live += 1
 
 
 # ---------------------------------------------------------------------------------------------
 # Firing
 
-cdef int _entry_cmp(const void* a, const void* b) noexcept nogil:
-    cdef const Entry* x = <const Entry*>a
-    cdef const Entry* y = <const Entry*>b
-    if x.when < y.when:
-        return -1
-    if x.when > y.when:
-        return 1
-    if x.seq < y.seq:
-        return -1
-    return 1 if x.seq > y.seq else 0
+cdef inline bint _before(const Entry* a, const Entry* b) noexcept nogil:
+    # Deadline order, ties in scheduling order; deadlines are never NaN, seqs never equal.
+    return a.when < b.when or (a.when == b.when and a.seq < b.seq)
+
+
+cdef void _sort_entries(Entry* a, Py_ssize_t n) noexcept nogil:
+    """Sort a batch in place: quicksort (median of three, Hoare) down to insertion sort.
+
+    Inlined comparisons matter here: with libc's qsort the calls through a function pointer
+    made sorting cost more than everything else expiry does (~100 ns a timer).
+    """
+    cdef Py_ssize_t i, j, mid
+    cdef Entry pivot, tmp
+    while n > 16:
+        mid = n >> 1
+        if _before(&a[mid], &a[0]):
+            tmp = a[0]; a[0] = a[mid]; a[mid] = tmp
+        if _before(&a[n - 1], &a[mid]):
+            tmp = a[mid]; a[mid] = a[n - 1]; a[n - 1] = tmp
+            if _before(&a[mid], &a[0]):
+                tmp = a[0]; a[0] = a[mid]; a[mid] = tmp
+        pivot = a[mid]
+        i = -1
+        j = n
+        while True:
+            i += 1
+            while _before(&a[i], &pivot):
+                i += 1
+            j -= 1
+            while _before(&pivot, &a[j]):
+                j -= 1
+            if i >= j:
+                break
+            tmp = a[i]; a[i] = a[j]; a[j] = tmp
+        # [0, j] <= pivot <= [j + 1, n): recurse into the smaller side, loop on the larger.
+        if j + 1 < n - j - 1:
+            _sort_entries(a, j + 1)
+            a += j + 1
+            n -= j + 1
+        else:
+            _sort_entries(a + j + 1, n - j - 1)
+            n = j + 1
+    for i in range(1, n):
+        tmp = a[i]
+        j = i
+        while j > 0 and _before(&tmp, &a[j - 1]):
+            a[j] = a[j - 1]
+            j -= 1
+        a[j] = tmp
 
 
 cdef Py_ssize_t _collect(TimerWheel w) except -1:
@@ -290,28 +364,38 @@ cdef Py_ssize_t _collect(TimerWheel w) except -1:
         w._batch[k].seq = n.seq
         w._batch[k].idx = i
         w._batch[k].gen = n.gen
-        if k and ordered and _entry_cmp(&w._batch[k - 1], &w._batch[k]) > 0:
+        if k and ordered and _before(&w._batch[k], &w._batch[k - 1]):
             ordered = False
         k += 1
         i = n.next
     if not ordered:
-        qsort(w._batch, k, sizeof(Entry), _entry_cmp)
+        _sort_entries(w._batch, k)
     return k
 
 
-cdef int _push_key(TimerWheel w, int64_t key) except -1:
-    cdef Py_ssize_t cap
+cdef int _reserve_keys(TimerWheel w, Py_ssize_t more) except -1:
+    """Room for ``more`` expired keys, so the firing loop itself can never fail half-way."""
+    cdef Py_ssize_t cap = w._keys_cap if w._keys_cap else 256
     cdef int64_t* buf
-    if w._nkeys == w._keys_cap:
-        cap = w._keys_cap * 2 if w._keys_cap else 256
+    while cap < w._nkeys + more:
+        cap *= 2
+    if cap != w._keys_cap:
         buf = <int64_t*>PyMem_Realloc(w._keys, cap * sizeof(int64_t))
         if buf == NULL:
             raise MemoryError()
         w._keys = buf
         w._keys_cap = cap
-    w._keys[w._nkeys] = key
-    w._nkeys += 1
     return 0
+
+
+cdef inline void _unlink_fired(TimerWheel w, Py_ssize_t start, Py_ssize_t stop) noexcept nogil:
+    """Unlink the batch entries in [start, stop) that fired (marked gen = NIL) but were left on
+    the BATCH list: freed nodes keep their links, and nothing is allocated until Python runs."""
+    cdef Node** ch = w._chunks
+    cdef Py_ssize_t k
+    for k in range(start, stop):
+        if w._batch[k].gen == NIL:
+            _unlink(ch, _N(ch, w._batch[k].idx))
 
 
 cdef int _invoke(TimerWheel w, PyObject* p, uint32_t flags) except -1:
@@ -333,47 +417,71 @@ cdef int _invoke(TimerWheel w, PyObject* p, uint32_t flags) except -1:
 
 
 cdef Py_ssize_t _fire_due(TimerWheel w, double now) except -1:
-    """Fire the DUE list in deadline order; return how many fired."""
-    cdef Node** ch
+    """Fire the DUE list in deadline order; return how many fired.
+
+    Expired keys are not unlinked one by one: until a Python callback is about to run nothing
+    can look at the BATCH list, so the fired nodes are freed where they lie and the list is
+    emptied in one step at the end (or unlinked just before a callback, which may cancel).
+    """
+    cdef Node** ch = w._chunks
     cdef Node* n
-    cdef Entry e
+    cdef Entry* e
     cdef Py_ssize_t k = 0
+    cdef Py_ssize_t linked_from = 0     # entries [linked_from, k) may be fired-but-linked
     cdef Py_ssize_t count
     cdef Py_ssize_t fired = 0
+    cdef Py_ssize_t counted = 0         # of `fired`, already added to w._fired
     cdef PyObject* p
-    cdef uint32_t flags
-    _splice(w._chunks, DUE, BATCH)
+    cdef uint32_t flags, idx
+    _splice(ch, DUE, BATCH)
     count = _collect(w)
+    _reserve_keys(w, count)
     while k < count:
-        e = w._batch[k]
+        e = &w._batch[k]
+        if k + 8 < count:
+            # Sorted order visits the batch's nodes out of memory order: fetch ahead.
+            fs_prefetch(_N(ch, w._batch[k + 8].idx))
         k += 1
-        ch = w._chunks
-        n = _N(ch, e.idx)
+        idx = e.idx
+        n = _N(ch, idx)
         if n.gen != e.gen:
             continue        # cancelled by an earlier callback of this batch
-        _unlink(ch, n)
         if n.when > now:
             # Its tick has come but float rounding put the deadline a hair after `now`.
-            _link_tail(ch, DEFER, e.idx, n)
+            _unlink(ch, n)
+            _link_tail(ch, DEFER, idx, n)
             continue
         if now - n.when > w._max_late:
             w._max_late = now - n.when
         w._pending -= 1
-        w._fired += 1
         fired += 1
         flags = n.flags
         if flags & F_KEY:
-            _push_key(w, n.data)
-            _release(w, e.idx, n)
+            w._keys[w._nkeys] = n.data
+            w._nkeys += 1
+            _release(w, idx, n)
+            e.gen = NIL
         else:
+            _unlink_fired(w, linked_from, k - 1)
+            _unlink(ch, n)
+            linked_from = k
             p = <PyObject*><Py_ssize_t>n.data
-            _release(w, e.idx, n)
+            _release(w, idx, n)
+            w._fired += fired - counted       # exact counters for the callback to read
+            counted = fired
             _invoke(w, p, flags)
-            if not _empty(w._chunks, DUE):
+            ch = w._chunks      # a callback may have grown the slab
+            if not _empty(ch, DUE):
                 # A callback scheduled something already due: merge it so order still holds.
-                _splice(w._chunks, DUE, BATCH)
+                _splice(ch, DUE, BATCH)
                 count = _collect(w)
+                _reserve_keys(w, count)
                 k = 0
+                linked_from = 0
+    # Whatever is still on BATCH fired and was freed in place.
+    _N(ch, BATCH).next = BATCH
+    _N(ch, BATCH).prev = BATCH
+    w._fired += fired - counted
     return fired
 
 
@@ -578,8 +686,9 @@ cdef class TimerWheel:
         self._cur = 0
         self._free = NIL
         self._wakeup_tick = MAX_TICK
-        _grow_chunks(self)
-        # List heads are nodes 0 .. NHEADS-1 of the first chunk, each an empty circle.
+        while self._nchunks * CHUNK_SIZE < NHEADS:
+            _grow_chunks(self)
+        # List heads are nodes 0 .. NHEADS-1, each an empty circle.
         for i in range(NHEADS):
             h = _N(self._chunks, i)
             h.prev = i
@@ -728,14 +837,18 @@ cdef class TimerWheel:
         cdef double inf = float("inf")
         cdef double best = inf
         cdef int lvl
+        cdef uint32_t j
         if self._pending == 0:
             return None
         best = _list_min_when(ch, DUE, best)
         best = _list_min_when(ch, DEFER, best)
         best = _list_min_when(ch, BATCH, best)
+        cdef uint32_t head
         for lvl in range(NLEVELS):
             if self._bitmap[lvl]:
-                best = _list_min_when(ch, lvl * LEVEL_SLOTS + fs_ctz64(self._bitmap[lvl]), best)
+                head = (lvl * LEVEL_SLOTS + fs_ctz64(self._bitmap[lvl])) << SUB_BITS
+                for j in range(SUBLISTS):
+                    best = _list_min_when(ch, head + j, best)
                 break
         return best
 
@@ -846,3 +959,14 @@ cdef class TimerWheel:
     def __repr__(self) -> str:
         return (f"<TimerWheel tick={self._tick!r} time={self._now!r} pending={self._pending}"
                 f" fired={self._fired} cancelled={self._cancelled}>")
+
+
+def _bench_key_cycles(TimerWheel wheel, Py_ssize_t n, double delay) -> int:
+    """``n`` key-mode schedule+cancel pairs through the C API, as the compiled transaction layer
+    makes them: what a timer costs once no Python call is in the way (benchmarks use this)."""
+    cdef Py_ssize_t i
+    cdef double when = wheel._now + delay
+    cdef int64_t ok = 0
+    for i in range(n):
+        ok += wheel.cancel_key_c(wheel.schedule_key_c(when + i * 1e-6, i))
+    return ok
