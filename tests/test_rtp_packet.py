@@ -105,6 +105,8 @@ def test_build_round_trip_with_csrc_extensions_padding():
     assert bytes(q.payload) == b"\x01\x02\x03"
     assert q.padding == 5 and data[-1] == 5
     assert bytes(q) == data and q == p
+    with pytest.raises(TypeError):
+        hash(q)                     # mutable header fields: not hashable
 
 
 def test_two_byte_extensions_when_one_byte_cannot_carry_them():

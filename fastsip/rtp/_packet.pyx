@@ -391,9 +391,6 @@ cdef class RtpPacket:
             return NotImplemented
         return bytes(self) == bytes(other)
 
-    def __hash__(self):
-        return hash(bytes(self))
-
     def __repr__(self):
         return (f"RtpPacket(payload_type={self._payload_type}, "
                 f"sequence_number={self.sequence_number}, "
