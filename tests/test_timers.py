@@ -606,3 +606,50 @@ def test_never_early_at_most_a_tick_late_on_arbitrary_floats(
     w.advance(prev_now + 1e5)
     assert sorted(fired) == sorted(set(whens) - cancelled)
     assert len(set(fired)) == len(fired)
+
+
+def test_wakeup_hook_fires_only_for_timers_before_the_armed_wakeup() -> None:
+    w = TimerWheel(tick=TICK)
+    calls: list[float | None] = []
+
+    def hook() -> None:            # what a driver does: re-arm at the next wakeup
+        calls.append(w.next_wakeup())
+        wake = w.next_wakeup()
+        w.wakeup_at = float("inf") if wake is None else wake
+
+    w.wakeup_hook = hook
+    w.call_later(5.0, lambda: None)
+    assert len(calls) == 1                       # nothing was armed
+    w.call_later(6.0, lambda: None)
+    w.schedule_key(7.0, 1)
+    assert len(calls) == 1                       # later than the armed wakeup: free
+    w.call_later(1.0, lambda: None)
+    assert len(calls) == 2                       # earlier: the owner must re-arm
+
+    def inside() -> None:
+        w.call_later(0.0001, lambda: None)       # during advance: no hook call
+
+    w.call_at(0.5, inside)
+    assert len(calls) == 3
+    # An advance made by someone other than the owner, while the owner sleeps until 10 s: the
+    # timer a callback scheduled for 0.5001 must still get the owner to re-arm, once, after.
+    w.wakeup_at = 10.0
+    w.advance(0.5)
+    assert len(calls) == 4
+    assert w.wakeup_at == pytest.approx(0.501)
+
+
+def test_a_raising_wakeup_hook_still_schedules() -> None:
+    w = TimerWheel()
+    errors: list[BaseException] = []
+    w.on_error = lambda exc, cb: errors.append(exc)
+
+    def hook() -> None:
+        raise OSError("loop closed")
+
+    w.wakeup_hook = hook
+    out: list[int] = []
+    h = w.call_later(0.5, out.append, 1)
+    assert h.pending and len(errors) == 1
+    w.advance(1.0)
+    assert out == [1]

@@ -517,6 +517,21 @@ cdef Py_ssize_t _advance(TimerWheel w, double now) except -1:
     return fired
 
 
+cdef int _check_wakeup(TimerWheel w) except -1:
+    """After an advance: call the wakeup hook if work is now due before the owner's wakeup.
+
+    Callbacks never call the hook (the driver re-arms after its own advance), but an advance
+    made by someone else must not leave an earlier timer waiting behind the armed one.
+    """
+    cdef int64_t ev
+    if w._wakeup_hook is None or not w._pending:
+        return 0
+    ev = w._cur + 1 if not _empty(w._chunks, DUE) else _next_event(w)
+    if 0 <= ev < w._wakeup_tick:
+        _call_wakeup_hook(w, ev)
+    return 0
+
+
 cdef carray.array _take_keys(TimerWheel w):
     cdef carray.array out = carray.clone(_KEY_ARRAY, w._nkeys, False)
     if w._nkeys:
@@ -551,16 +566,21 @@ cdef inline int64_t _schedule(TimerWheel w, double when, int64_t data, uint32_t 
     w._scheduled += 1
     if d < w._wakeup_tick and not w._running and w._wakeup_hook is not None:
         # The owner sleeps past this timer: let it re-arm.  Only an earlier timer costs a call.
-        w._wakeup_tick = d
-        try:
-            w._wakeup_hook()
-        except Exception as exc:
-            # The timer is scheduled either way; a broken hook must not leave it half-made.
-            if w._on_error is None:
-                logger.error("timer wakeup hook %r raised", w._wakeup_hook, exc_info=exc)
-            else:
-                w._on_error(exc, w._wakeup_hook)
+        _call_wakeup_hook(w, d)
     return i
+
+
+cdef int _call_wakeup_hook(TimerWheel w, int64_t tick) except -1:
+    w._wakeup_tick = tick
+    try:
+        w._wakeup_hook()
+    except Exception as exc:
+        # Whatever was being scheduled stays scheduled; a broken hook must not half-make it.
+        if w._on_error is None:
+            logger.error("timer wakeup hook %r raised", w._wakeup_hook, exc_info=exc)
+        else:
+            w._on_error(exc, w._wakeup_hook)
+    return 0
 
 
 cdef inline void _cancel_node(TimerWheel w, uint32_t i, Node* n) noexcept:
@@ -784,6 +804,7 @@ cdef class TimerWheel:
         called for these keys.
         """
         _advance(self, now)
+        _check_wakeup(self)
         return _take_keys(self)
 
     @property
@@ -808,6 +829,7 @@ cdef class TimerWheel:
         to :attr:`on_error`.  The clock never goes back: an earlier ``now`` fires what is due.
         """
         cdef Py_ssize_t fired = _advance(self, now)
+        _check_wakeup(self)
         if self._nkeys and self._key_handler is not None:
             keys = _take_keys(self)
             try:
