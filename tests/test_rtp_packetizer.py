@@ -11,6 +11,7 @@ from fastsip.rtp import (
     JitterBuffer,
     Packetizer,
     RtpPacket,
+    TelephoneEvent,
     depacketize,
     ulaw_decode,
     ulaw_encode,
@@ -84,6 +85,25 @@ def test_round_trip_through_the_wire_and_jitter_buffer():
     assert out[4 * 160:5 * 160] == codes.tobytes()[3 * 160:4 * 160]    # concealed by repetition
     assert out[5 * 160:] == codes.tobytes()[5 * 160:]
     assert np.abs(ulaw_decode(np.frombuffer(bytes(out), np.uint8))[:640] - pcm[:640]).max() < 400
+
+
+def test_telephone_event_packets_follow_rfc_4733():
+    p = Packetizer(0, ssrc=5, sequence_number=100, timestamp=8000)
+    audio = p.packetize(bytes(160))
+    events = p.telephone_event("5", 0.1, payload_type=101)
+    assert [e.sequence_number for e in events] == list(range(101, 101 + len(events)))
+    assert all(e.timestamp == 8160 and e.payload_type == 101 and e.ssrc == 5 for e in events)
+    assert [e.marker for e in events] == [True] + [False] * (len(events) - 1)
+    parsed = [TelephoneEvent.parse(e.payload) for e in events]
+    assert [x.duration for x in parsed] == [160, 320, 480, 640, 800, 800, 800]
+    assert [x.end for x in parsed] == [False] * 4 + [True] * 3
+    assert {x.digit for x in parsed} == {"5"}
+    after = p.packetize(bytes(160))[0]
+    assert after.timestamp == 8160 + 800 and after.marker
+    assert after.sequence_number == events[-1].sequence_number + 1
+    assert audio[0].sequence_number == 100
+    with pytest.raises(ValueError):
+        TelephoneEvent.for_digit("1", 10.0)
 
 
 def test_depacketize_fills_gaps_with_silence():

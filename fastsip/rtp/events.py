@@ -48,6 +48,21 @@ class TelephoneEvent:
         return DTMF_EVENTS[self.event] if self.event < 16 else None
 
     @classmethod
+    def for_digit(cls, digit: str, duration: float, *, clock_rate: int = 8000,
+                  ptime: float = 0.02, volume: int = 10) -> list[TelephoneEvent]:
+        """The payloads a sender emits for one key press of ``duration`` seconds (RFC 4733
+        §2.5.1): an update every ``ptime`` with the duration so far, then the final
+        (E bit set) payload three times (§2.5.1.4), all for the same event timestamp."""
+        step = round(clock_rate * ptime)
+        total = max(step, round(clock_rate * duration))
+        if total > 0xFFFF:
+            raise ValueError("events longer than 65535 ticks need segmenting (RFC 4733 §2.5.1.3)")
+        updates = [cls.from_digit(digit, volume=volume, duration=d)
+                   for d in range(step, total, step)]
+        final = cls.from_digit(digit, end=True, volume=volume, duration=total)
+        return [*updates, final, final, final]
+
+    @classmethod
     def from_digit(cls, digit: str, *, end: bool = False, volume: int = 10,
                    duration: int = 0) -> TelephoneEvent:
         index = DTMF_EVENTS.find(digit.upper())

@@ -16,6 +16,7 @@ import numpy as np
 
 from fastsip.rtp._jitter import Frame, FrameKind
 from fastsip.rtp._packet import RtpPacket
+from fastsip.rtp.events import TelephoneEvent
 
 
 def _as_bytes(audio: Any, sample_width: int) -> bytes:
@@ -76,6 +77,27 @@ class Packetizer:
         self.packets_sent += 1
         self.octets_sent += len(payload)
         return packet
+
+    def telephone_event(self, digit: str, duration: float, *, payload_type: int = 101,
+                        volume: int = 10) -> list[RtpPacket]:
+        """RFC 4733 packets for one DTMF key press on this stream (same SSRC and sequence).
+
+        Every packet carries the event's start timestamp, the first has the marker bit; the
+        media timestamp then moves on by the event's duration, as if audio had been sent."""
+        events = TelephoneEvent.for_digit(digit, duration, clock_rate=self.clock_rate,
+                                          ptime=self.ptime, volume=volume)
+        packets = []
+        for i, event in enumerate(events):
+            packets.append(RtpPacket(payload_type=payload_type,
+                                     sequence_number=self.sequence_number,
+                                     timestamp=self.timestamp, ssrc=self.ssrc,
+                                     payload=bytes(event), marker=i == 0))
+            self.sequence_number = (self.sequence_number + 1) & 0xFFFF
+        self.timestamp = (self.timestamp + events[-1].duration) & 0xFFFFFFFF
+        self._talkspurt = True        # the audio after an event starts a new talkspurt
+        self.packets_sent += len(packets)
+        self.octets_sent += 4 * len(packets)
+        return packets
 
     def flush(self) -> list[RtpPacket]:
         """A last, short packet for whatever is pending (end of stream)."""
