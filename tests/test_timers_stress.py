@@ -3,6 +3,7 @@ what a pending timer costs in memory (asserted, measured in a clean subprocess).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -96,7 +97,7 @@ def test_callback_timers_under_churn() -> None:
         batch = fired[last:]
         last = len(fired)
         assert all(whens[k] <= now for k in batch)
-        assert all((whens[a], a) < (whens[b], b) for a, b in zip(batch, batch[1:]))
+        assert all((whens[a], a) < (whens[b], b) for a, b in itertools.pairwise(batch))
         # Re-schedule some from here, as retransmissions would (deadlines relative to now).
         for k in batch[:20]:
             handles[k] = w.call_later(0.5, lambda: None)

@@ -41,7 +41,7 @@ class WheelDriver:
         self._offset = now - self.wheel.time()
         self._handle: asyncio.TimerHandle | None = None
         self._armed = math.inf
-        self.wakeups = 0            # how often the loop woke the wheel (idle costs none)
+        self.wakeups = 0  # how often the loop woke the wheel (idle costs none)
         self._closed = False
         self.wheel.wakeup_hook = self._rearm
         self._rearm()

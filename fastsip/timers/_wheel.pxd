@@ -41,7 +41,7 @@ cdef struct Node:
     uint32_t flags          # state bits (low byte) | slot (or DUE/DEFER) << 8
     double when             # the deadline as asked for, in wheel seconds
     uint64_t seq            # scheduling order, the tie-break between equal deadlines
-    int64_t data            # key mode: the key; callback mode: owned PyObject* (callback or packed tuple)
+    int64_t data            # the key, or an owned PyObject*: callback or (callback, *args)
 
 
 cdef struct Entry:

@@ -2,11 +2,12 @@
 
 import array
 from collections.abc import Callable
-from typing import Any, final
+from typing import Any, TypeAlias, final
 
 from typing_extensions import TypeVarTuple, Unpack
 
 _Ts = TypeVarTuple("_Ts")
+_ErrorHandler: TypeAlias = Callable[[Exception, Callable[..., Any]], object]
 
 @final
 class TimerHandle:
@@ -64,9 +65,9 @@ class TimerWheel:
     @wakeup_hook.setter
     def wakeup_hook(self, hook: Callable[[], object] | None) -> None: ...
     @property
-    def on_error(self) -> Callable[[Exception, Callable[..., Any]], object] | None: ...
+    def on_error(self) -> _ErrorHandler | None: ...
     @on_error.setter
-    def on_error(self, handler: Callable[[Exception, Callable[..., Any]], object] | None) -> None: ...
+    def on_error(self, handler: _ErrorHandler | None) -> None: ...
     def clear(self) -> int: ...
     def __len__(self) -> int: ...
     # counters

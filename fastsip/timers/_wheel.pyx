@@ -1,4 +1,5 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False, embedsignature=True
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, embedsignature=True
 """The timer wheel: a hierarchical timing wheel for SIP transaction timers (RFC 3261 §17).
 
 A carrier proxy keeps hundreds of thousands of transactions alive, each with retransmission and
@@ -296,6 +297,12 @@ cdef inline bint _before(const Entry* a, const Entry* b) noexcept nogil:
     return a.when < b.when or (a.when == b.when and a.seq < b.seq)
 
 
+cdef inline void _swap(Entry* x, Entry* y) noexcept nogil:
+    cdef Entry tmp = x[0]
+    x[0] = y[0]
+    y[0] = tmp
+
+
 cdef void _sort_entries(Entry* a, Py_ssize_t n) noexcept nogil:
     """Sort a batch in place: quicksort (median of three, Hoare) down to insertion sort.
 
@@ -307,11 +314,11 @@ cdef void _sort_entries(Entry* a, Py_ssize_t n) noexcept nogil:
     while n > 16:
         mid = n >> 1
         if _before(&a[mid], &a[0]):
-            tmp = a[0]; a[0] = a[mid]; a[mid] = tmp
+            _swap(&a[0], &a[mid])
         if _before(&a[n - 1], &a[mid]):
-            tmp = a[mid]; a[mid] = a[n - 1]; a[n - 1] = tmp
+            _swap(&a[mid], &a[n - 1])
             if _before(&a[mid], &a[0]):
-                tmp = a[0]; a[0] = a[mid]; a[mid] = tmp
+                _swap(&a[0], &a[mid])
         pivot = a[mid]
         i = -1
         j = n
@@ -324,7 +331,7 @@ cdef void _sort_entries(Entry* a, Py_ssize_t n) noexcept nogil:
                 j -= 1
             if i >= j:
                 break
-            tmp = a[i]; a[i] = a[j]; a[j] = tmp
+            _swap(&a[i], &a[j])
         # [0, j] <= pivot <= [j + 1, n): recurse into the smaller side, loop on the larger.
         if j + 1 < n - j - 1:
             _sort_entries(a, j + 1)
@@ -775,7 +782,8 @@ cdef class TimerWheel:
         if token < 0 or idx < NHEADS or idx >= self._fresh:
             return False
         cdef Node* n = _N(self._chunks, <uint32_t>idx)
-        if n.gen != <uint32_t>(token >> 32) or (n.flags & (F_PENDING | F_KEY)) != (F_PENDING | F_KEY):
+        if (n.gen != <uint32_t>(token >> 32)
+                or (n.flags & (F_PENDING | F_KEY)) != (F_PENDING | F_KEY)):
             return False
         _cancel_node(self, <uint32_t>idx, n)
         return True
@@ -904,7 +912,10 @@ cdef class TimerWheel:
     @wakeup_at.setter
     def wakeup_at(self, double when) -> None:
         # +inf (or NaN) means "not armed": every new timer then calls the hook.
-        self._wakeup_tick = MAX_TICK if isnan(when) or when == float("inf") else _ceil_tick(self, when)
+        if isnan(when) or when == float("inf"):
+            self._wakeup_tick = MAX_TICK
+        else:
+            self._wakeup_tick = _ceil_tick(self, when)
 
     @property
     def wakeup_hook(self):
