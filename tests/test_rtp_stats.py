@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fastsip.rtp import RtpError, RtpPacket, RtpStats
+from fastsip.rtp import RtpError, RtpPacket, RtpStats, parse_batch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -115,6 +115,24 @@ def test_duplicates_and_misorder_count_as_received():
     assert s.misordered == 2
     assert s.expected == 6 and s.received == 7
     assert s.cumulative_lost == -1            # RFC 3550 §6.4.1: duplicates make loss negative
+
+
+def test_update_many_matches_per_packet_updates():
+    frames = list(read_udp(PCAP / "g711a.pcap"))
+    pkts = [RtpPacket.parse(d.payload) for d in frames]
+    one = RtpStats(8000)
+    for p, d in zip(pkts, frames):
+        one.update(p, d.time)
+    b = parse_batch([d.payload for d in frames])
+    many = RtpStats(8000)
+    counted = many.update_many(b.sequence_number, b.timestamp, [d.time for d in frames],
+                               ssrc=int(b.ssrc[0]))
+    assert counted == len(frames) - 1          # the first packet is in probation
+    assert (many.received, many.expected, many.jitter, many.ssrc) == (
+        one.received, one.expected, one.jitter, one.ssrc)
+    assert many.jitter_seconds == one.jitter_seconds
+    with pytest.raises(ValueError):
+        many.update_many([1], [1, 2], [0.0])
 
 
 # --- conformance: header fields against tshark's per-packet decode ------------------------------

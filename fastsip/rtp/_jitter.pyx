@@ -84,6 +84,7 @@ _EMPTY_FRAME.kind = _EMPTY
 _EMPTY_FRAME.extended_sequence_number = -1
 
 
+@cython.final
 cdef class JitterBuffer:
     """Reorders RTP packets of one source and hands them out one ``ptime`` slot at a time.
 

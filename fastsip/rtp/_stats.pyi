@@ -1,5 +1,7 @@
 """Type stub for the compiled RFC 3550 statistics (fastsip/rtp/_stats.pyx)."""
 
+import numpy.typing as npt
+
 from fastsip.rtp._packet import RtpPacket
 
 class RtpStats:
@@ -24,6 +26,13 @@ class RtpStats:
     def update_fields(
         self, sequence_number: int, timestamp: int, arrival_time: float, ssrc: int | None = None
     ) -> bool: ...
+    def update_many(
+        self,
+        sequence_numbers: npt.ArrayLike,
+        timestamps: npt.ArrayLike,
+        arrival_times: npt.ArrayLike,
+        ssrc: int | None = None,
+    ) -> int: ...
     @property
     def probation(self) -> int: ...
     @property

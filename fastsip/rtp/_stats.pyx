@@ -7,13 +7,17 @@ A.3 loss (expected, received, cumulative and interval fraction lost) and A.8 int
 The caller demultiplexes by SSRC and passes each packet with its arrival time (seconds, any epoch).
 """
 
+cimport cython
 from libc.math cimport fabs
 
 from fastsip.rtp._packet cimport RtpPacket
 
+import numpy
+
 DEF RTP_SEQ_MOD = 65536
 
 
+@cython.final
 cdef class RtpStats:
     """Receiver statistics of one RTP source, as an RFC 3550 receiver report carries them."""
 
@@ -132,6 +136,22 @@ cdef class RtpStats:
         if valid:
             self.last_extended_sequence = self._cycles + seq
         return valid
+
+    def update_many(self, sequence_numbers, timestamps, arrival_times, ssrc=None):
+        """:meth:`update_fields` over NumPy columns (e.g. from ``parse_batch``), in C.
+
+        Returns how many packets A.1 counted."""
+        cdef const unsigned short[:] seq = numpy.ascontiguousarray(sequence_numbers,
+                                                                   dtype=numpy.uint16)
+        cdef const unsigned int[:] ts = numpy.ascontiguousarray(timestamps, dtype=numpy.uint32)
+        cdef const double[:] arr = numpy.ascontiguousarray(arrival_times, dtype=numpy.float64)
+        cdef Py_ssize_t i, n = seq.shape[0]
+        cdef Py_ssize_t counted = 0
+        if ts.shape[0] != n or arr.shape[0] != n:
+            raise ValueError("columns differ in length")
+        for i in range(n):
+            counted += self.update_fields(seq[i], ts[i], arr[i], ssrc)
+        return counted
 
     @property
     def probation(self):
