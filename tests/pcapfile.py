@@ -437,6 +437,8 @@ class TcpStream:
     the frame that carried it or, for bytes that arrived ahead of a gap, the frame that filled
     the gap.  A PDU ending at byte ``i`` is therefore complete at ``frames[i]``, the frame
     tshark reports a reassembled PDU in.  Retransmitted bytes are kept once, from the first copy.
+    One connection per address/port 4-tuple: a later connection reusing the same 4-tuple is not
+    told apart from the first (none of our captures has one).
     """
 
     src: str
