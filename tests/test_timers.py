@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import fastsip
@@ -653,3 +653,32 @@ def test_a_raising_wakeup_hook_still_schedules() -> None:
     assert h.pending and len(errors) == 1
     w.advance(1.0)
     assert out == [1]
+
+
+_CLUSTER = [((k * 7919) % 101) * 1e-14 for k in range(200)] + [3.0]    # 200 in one bucket
+
+
+@settings(max_examples=150, deadline=None)
+@example(_CLUSTER)
+@example([0.0005] * 100 + [0.0001 * (k % 10) for k in range(100)])
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(0.0, 0.001),                       # one tick, spread
+            st.sampled_from([0.0005, 0.0007, 0.001]),    # exact ties
+            st.floats(0.0, 1e-12),                       # a tight cluster
+            st.floats(-5.0, 10.0),                       # past-due and far
+        ),
+        min_size=0,
+        max_size=700,
+    )
+)
+def test_large_batches_come_out_in_deadline_then_scheduling_order(whens: list[float]) -> None:
+    # One advance over everything: a single large batch, the bucket sort's territory, with the
+    # shapes that push it to its fallbacks (all equal, clusters, one outlier far away).
+    expected = sorted(range(len(whens)), key=lambda k: (whens[k], k))
+    for start in (0.0, 20.0):          # per-tick batches; everything already due: one batch
+        w = TimerWheel(tick=TICK, start=start)
+        for k, when in enumerate(whens):
+            w.schedule_key_at(when, k)
+        assert list(w.advance_keys(20.0)) == expected

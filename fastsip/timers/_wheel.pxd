@@ -17,16 +17,17 @@ cdef enum:
     LEVEL_BITS = 6
     LEVEL_SLOTS = 64
     NLEVELS = 11
-    NSLOTS = 704            # NLEVELS * LEVEL_SLOTS slots in the wheel proper
-    # Each slot is SUBLISTS interleaved lists (a timer joins list seq % SUBLISTS).  Cascading
-    # walks them in lockstep: independent chains let the CPU overlap the cache misses that one
-    # long pointer chase would take one after another.
-    SUB_BITS = 2
-    SUBLISTS = 4
-    DUE = 2816              # NSLOTS * SUBLISTS: timers whose tick has come (or was past when set)
-    DEFER = 2817            # due by tick but a few ulps after `now`: fire next advance, never early
-    BATCH = 2818            # the sorted batch being fired right now
-    NHEADS = 2819           # list heads occupy node indices 0 .. NHEADS-1
+    NSLOTS = 704            # NLEVELS * LEVEL_SLOTS slots in the wheel proper: groups 0..703
+    DUE = 704               # group of timers whose tick has come (or was past when scheduled)
+    DEFER = 705             # due by tick but a few ulps after `now`: fire next advance, never early
+    BATCH = 706             # the sorted batch being fired right now
+    NGROUPS = 707
+    # Every group (a slot, DUE, ...) is SUBLISTS interleaved lists; a timer joins list
+    # seq % SUBLISTS.  A linked list is a chain of dependent loads, one cache miss at a time;
+    # walking the sub-lists in lockstep keeps that many misses in flight instead.
+    SUB_BITS = 3
+    SUBLISTS = 8
+    NHEADS = 5656           # NGROUPS * SUBLISTS list heads: node indices 0 .. NHEADS-1
     CHUNK_BITS = 12         # nodes live in chunks of 4096 that never move, so indices stay valid
     CHUNK_SIZE = 4096
     CHUNK_MASK = 4095
@@ -38,7 +39,7 @@ cdef struct Node:
     uint32_t prev
     uint32_t next
     uint32_t gen            # bumped each time the node is freed: stale handles and tokens miss
-    uint32_t flags          # state bits (low byte) | slot (or DUE/DEFER) << 8
+    uint32_t flags          # state bits (low byte) | group (slot, DUE, ...) << 8
     double when             # the deadline as asked for, in wheel seconds
     uint64_t seq            # scheduling order, the tie-break between equal deadlines
     int64_t data            # the key, or an owned PyObject*: callback or (callback, *args)
