@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-# cython: initializedcheck=False, embedsignature=True
+# cython: initializedcheck=False, embedsignature=True, always_allow_keywords=False
 """The timer wheel: a hierarchical timing wheel for SIP transaction timers (RFC 3261 §17).
 
 A carrier proxy keeps hundreds of thousands of transactions alive, each with retransmission and
@@ -258,27 +258,28 @@ cdef inline int64_t _place(TimerWheel w, uint32_t i, Node* n) noexcept nogil:
     return d
 
 
-cdef inline void _unplace(TimerWheel w, Node* n) noexcept nogil:
-    """Unlink a pending node and clear its slot's bit if the slot became empty."""
-    _unlink(w._chunks, n)
-    cdef uint32_t pos = n.flags >> 8
-    # prev == next only when the head was the node's sole neighbour: its sub-list is now empty.
-    if pos < NSLOTS and n.prev == n.next and _group_empty(w._chunks, pos):
-        w._bitmap[pos >> LEVEL_BITS] &= ~((<uint64_t>1) << (pos & (LEVEL_SLOTS - 1)))
-
-
 cdef inline int64_t _next_event(TimerWheel w) noexcept nogil:
-    """The next tick at which a slot is due (to fire or cascade), or -1; sets ``_ev_pos``."""
+    """The next tick at which a slot is due (to fire or cascade), or -1; sets ``_ev_pos``.
+
+    Cancelling never clears a slot's bit: knowing the slot became empty would cost every cancel
+    a look at all its sub-lists.  A bit whose slot turns out empty is dropped here instead, once.
+    """
     cdef int lvl, s, sh
     cdef uint64_t b
     cdef int64_t hi
+    cdef uint32_t pos
     for lvl in range(NLEVELS):
         b = w._bitmap[lvl]
-        if b:
+        while b:
             s = fs_ctz64(b)
+            pos = lvl * LEVEL_SLOTS + s
+            if _group_empty(w._chunks, pos):
+                b &= b - 1
+                w._bitmap[lvl] &= ~((<uint64_t>1) << s)
+                continue
             sh = (lvl + 1) * LEVEL_BITS
             hi = ((w._cur >> sh) << sh) if sh < 64 else 0
-            w._ev_pos = lvl * LEVEL_SLOTS + s
+            w._ev_pos = pos
             return hi | ((<int64_t>s) << (lvl * LEVEL_BITS))
     return -1
 
@@ -694,7 +695,7 @@ cdef int _call_wakeup_hook(TimerWheel w, int64_t tick) except -1:
 cdef inline void _cancel_node(TimerWheel w, uint32_t i, Node* n) noexcept:
     cdef uint32_t flags = n.flags
     cdef PyObject* p = <PyObject*><Py_ssize_t>n.data
-    _unplace(w, n)
+    _unlink(w._chunks, n)       # the slot's bit may go stale: _next_event drops it
     _release(w, i, n)
     w._pending -= 1
     w._cancelled += 1
@@ -967,16 +968,13 @@ cdef class TimerWheel:
         cdef Node** ch = self._chunks
         cdef double inf = float("inf")
         cdef double best = inf
-        cdef int lvl
         if self._pending == 0:
             return None
         best = _group_min_when(ch, DUE, best)
         best = _group_min_when(ch, DEFER, best)
         best = _group_min_when(ch, BATCH, best)
-        for lvl in range(NLEVELS):
-            if self._bitmap[lvl]:
-                best = _group_min_when(ch, lvl * LEVEL_SLOTS + fs_ctz64(self._bitmap[lvl]), best)
-                break
+        if _next_event(self) >= 0:
+            best = _group_min_when(ch, self._ev_pos, best)
         return best
 
     def next_wakeup(self):
