@@ -39,7 +39,7 @@ cdef struct Node:
     uint32_t prev
     uint32_t next
     uint32_t gen            # bumped each time the node is freed: stale handles and tokens miss
-    uint32_t flags          # state bits (low byte) | group (slot, DUE, ...) << 8
+    uint32_t flags          # state: pending, key or callback, callback packed with args
     double when             # the deadline as asked for, in wheel seconds
     uint64_t seq            # scheduling order, the tie-break between equal deadlines
     int64_t data            # the key, or an owned PyObject*: callback or (callback, *args)

@@ -78,7 +78,7 @@ cdef extern from *:
 
 logger = logging.getLogger("fastsip.timers")
 
-# A timer node's state, in the low byte of Node.flags; the list it is on is in the bits above.
+# A timer node's state, in Node.flags.
 cdef enum:
     F_PENDING = 1
     F_KEY = 2
@@ -139,8 +139,7 @@ cdef inline void _splice(Node** ch, uint32_t src, uint32_t dst) noexcept nogil:
 
 
 cdef inline void _link(Node** ch, uint32_t group, uint32_t i, Node* n) noexcept nogil:
-    """Append node ``i`` to ``group`` (its sub-list by scheduling order) and record the group."""
-    n.flags = (n.flags & 0xFF) | (group << 8)
+    """Append node ``i`` to ``group``: to its sub-list, chosen round-robin by scheduling order."""
     _link_tail(ch, (group << SUB_BITS) | <uint32_t>(n.seq & (SUBLISTS - 1)), i, n)
 
 
@@ -154,11 +153,7 @@ cdef inline bint _group_empty(Node** ch, uint32_t group) noexcept nogil:
 
 
 cdef inline void _splice_group(Node** ch, uint32_t src, uint32_t dst) noexcept nogil:
-    """Move all of group ``src`` to group ``dst``, sub-list by sub-list, in O(SUBLISTS).
-
-    Moved nodes keep ``src`` in their flags; that is harmless because the group recorded in a
-    node is only used to clear a slot's occupancy bit once that slot is found empty anyway.
-    """
+    """Move all of group ``src`` to group ``dst``, sub-list by sub-list, in O(SUBLISTS)."""
     cdef uint32_t j
     for j in range(SUBLISTS):
         _splice(ch, (src << SUB_BITS) + j, (dst << SUB_BITS) + j)
@@ -242,8 +237,8 @@ cdef inline int64_t _place(TimerWheel w, uint32_t i, Node* n) noexcept nogil:
     """Link node ``i`` where its tick belongs; return the tick.
 
     Invariant: a node on level L agrees with the current tick on every digit above L and is
-    strictly greater on digit L, so the first set bit of the lowest non-empty level is always the
-    next thing that happens.
+    strictly greater on digit L, so the first non-empty slot of the lowest level holding any
+    timer is always the next thing that happens.
     """
     cdef int64_t d = _ceil_tick(w, n.when)
     cdef uint32_t pos
