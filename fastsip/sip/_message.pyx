@@ -4,9 +4,11 @@
 ``parse(data)`` walks the bytes once and records, for every header line, a small-int name id and
 the offsets of its name and value (Kamailio's ``hdr_field`` list, without the copies).  Nothing is
 decoded until asked for; typed views (Via, name-addr, URI, CSeq) are built on first access and
-cached.  The header fields that the transaction layer and every later layer depend on (Via, From,
-To, CSeq, Call-ID, Max-Forwards, Content-Length, the start line) are validated during that pass, so
-a message that ``parse`` accepts can be routed without surprises; the rest are validated when read.
+cached.  What the transaction layer needs at once is validated during that pass (the start line
+and Request-URI, the top Via, the structure of From and To, CSeq, Call-ID, Max-Forwards and
+Content-Length), so a message that ``parse`` accepts can be matched to a transaction and
+answered; everything else (lower Vias, Contact, Route, the URIs inside From and To) raises
+ParseError when first read.
 
 Edits are a journal over the header index (Kamailio's lumps): an edited or inserted header line
 lives in a small bytes object of its own, a removed one is flagged, and ``bytes(msg)`` copies the
@@ -14,11 +16,10 @@ untouched lines from the original buffer.  An unedited message serializes to its
 """
 
 cimport cython
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_DecodeUTF8
-from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint64_t
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset
 
 import ipaddress
@@ -38,6 +39,9 @@ cdef extern from *:
     static unsigned char fastsip_urichar[256];
     /* Characters of a hostname or IPv4 address (RFC 3261 25.1; '_' tolerated, as gear sends it). */
     static unsigned char fastsip_hostchar[256];
+    /* SP HT CR LF: CR and LF only occur inside a value where a line was folded. */
+    static unsigned char fastsip_lws[256];
+    static inline uint64_t fastsip_load8(const char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
     /* A 2-item instance of a tuple subclass (the CSeq namedtuple): what tuple.__new__ does,
        minus the argument tuple and the temporary copy. */
     static PyObject *fastsip_tuple2(PyObject *type, PyObject *a, PyObject *b) {
@@ -56,6 +60,7 @@ cdef extern from *:
             fastsip_pvalue[c] = alnum || c >= 0x80;
             fastsip_urichar[c] = c > 0x20 && c < 0x7f && c != '<' && c != '>' && c != '"';
             fastsip_hostchar[c] = alnum || c == '-' || c == '.' || c == '_';
+            fastsip_lws[c] = c == ' ' || c == 9 || c == 13 || c == 10;
         }
         for (t = "-.!%*_+`'~"; *t; t++) {
             fastsip_token[(unsigned char)*t] = 1;
@@ -68,7 +73,10 @@ cdef extern from *:
     unsigned char fastsip_pvalue[256]
     unsigned char fastsip_urichar[256]
     unsigned char fastsip_hostchar[256]
+    unsigned char fastsip_lws[256]
+    uint64_t fastsip_load8(const char* p) noexcept
     void fastsip_init_tables()
+    Py_buffer* PyMemoryView_GET_BUFFER(object mv)
     object fastsip_tuple2(object tuple_type, object a, object b)
 
 fastsip_init_tables()
@@ -93,7 +101,7 @@ cdef enum:
     H_ROUTE = 10
     H_RECORD_ROUTE = 11
     H_TIMESTAMP = 12
-    N_HEADER_IDS = 96
+    N_HEADER_IDS = 72
 
 # (canonical name, compact form, comma-separated list grammar?).  The first eleven keep the ids of
 # the enum above; the rest are numbered in order.
@@ -132,19 +140,28 @@ cdef list _canonical = [None] * N_HEADER_IDS
 cdef bytes _names_blob                 # every lowercase long name, back to back
 cdef int32_t _name_off[N_HEADER_IDS]
 cdef int32_t _name_len[N_HEADER_IDS]
-# ids sorted by name length: _by_len[_len_start[n] : _len_start[n + 1]] are the ids of length n
-cdef int16_t _by_len[N_HEADER_IDS]
-cdef int32_t _len_start[34]
+# ids bucketed by (name length, first letter): _by_key[_key_start[k] : _key_start[k + 1]] are the
+# ids whose key is k = length * 27 + letter (0..25, 26 for anything else).
+DEF MAX_NAME = 33
+cdef int16_t _by_key[N_HEADER_IDS]
+cdef int32_t _key_start[MAX_NAME * 27 + 1]
 cdef int _n_ids = len(_HEADER_TABLE) + 1
+assert _n_ids <= N_HEADER_IDS
+
+
+cdef inline int _letter(unsigned char c) noexcept:
+    c |= 0x20
+    return c - 97 if 97 <= c <= 122 else 26
 
 
 cdef void _init_names() except *:
     global _names_blob
-    cdef int i, n, k
+    cdef int i, k, n
     memset(_compact_id, 0, sizeof(_compact_id))
     memset(_is_list, 0, sizeof(_is_list))
     blob = bytearray()
     for i, (name, compact, is_list) in enumerate(_HEADER_TABLE, 1):
+        assert len(name) < MAX_NAME
         _canonical[i] = name
         _is_list[i] = is_list
         _name_off[i] = len(blob)
@@ -153,40 +170,51 @@ cdef void _init_names() except *:
         if compact is not None:
             _compact_id[ord(compact)] = i
     _names_blob = bytes(blob)
-    k = 0
-    for n in range(34):
-        _len_start[n] = k
+    n = 0
+    for k in range(MAX_NAME * 27):
+        _key_start[k] = n
         for i in range(1, _n_ids):
-            if _name_len[i] == n:
-                _by_len[k] = i
-                k += 1
+            if _name_len[i] * 27 + _letter(ord(_canonical[i][0])) == k:
+                _by_key[n] = i
+                n += 1
+    _key_start[MAX_NAME * 27] = n
 
 _init_names()
 
 
 cdef inline int _header_id(const char* p, Py_ssize_t n) noexcept:
-    """The id of a header name (token characters, already validated), 0 when not well known."""
-    cdef int c, i, k, hid
+    """The id of a header name (token characters, already validated), 0 when not well known.
+
+    Token characters OR 0x20 only equal a lowercase letter when they are that letter in upper
+    case, and only equal '-' when they are '-', so OR-ing 0x20 into 8 bytes at a time compares
+    exactly and case-insensitively; the tail under 8 bytes goes byte by byte, so nothing past
+    either name is read."""
+    cdef int c, k, hid, key
+    cdef Py_ssize_t i
     cdef const char* cand
+    cdef const char* blob
     if n == 1:
         c = (<unsigned char>p[0]) | 0x20
         return _compact_id[c] if c < 128 else 0
-    if n >= 33:
+    if n >= MAX_NAME:
         return 0
-    cdef const char* blob = PyBytes_AS_STRING(_names_blob)
-    c = (<unsigned char>p[0]) | 0x20
-    for k in range(_len_start[n], _len_start[n + 1]):
-        hid = _by_len[k]
+    key = n * 27 + _letter(<unsigned char>p[0])
+    blob = PyBytes_AS_STRING(_names_blob)
+    for k in range(_key_start[key], _key_start[key + 1]):
+        hid = _by_key[k]
         cand = blob + _name_off[hid]
-        if <unsigned char>cand[0] != c:
-            continue
-        # Token characters OR 0x20 only collide with a lowercase letter when they are that letter
-        # in upper case, and with '-' never, so this is an exact case-insensitive comparison.
-        for i in range(1, n):
-            if ((<unsigned char>p[i]) | 0x20) != <unsigned char>cand[i]:
+        i = 1
+        while i + 8 <= n:
+            if (fastsip_load8(p + i) | <uint64_t>0x2020202020202020) != fastsip_load8(cand + i):
                 break
+            i += 8
         else:
-            return hid
+            while i < n:
+                if ((<unsigned char>p[i]) | 0x20) != <unsigned char>cand[i]:
+                    break
+                i += 1
+            else:
+                return hid
     return 0
 
 
@@ -207,7 +235,7 @@ cdef int _name_id_of(object name) except -1:
 cdef inline bint _is_lws(char c) noexcept:
     # CR and LF only appear inside a header value where the line was folded (the line scanner
     # has already cut the message at real line ends), so here they are whitespace.
-    return c == b' ' or c == b'\t' or c == b'\r' or c == b'\n'
+    return fastsip_lws[<unsigned char>c]
 
 
 cdef inline Py_ssize_t _skip_lws(const char* p, Py_ssize_t i, Py_ssize_t e) noexcept:
@@ -364,12 +392,12 @@ ctypedef struct ViaParts:
 ctypedef struct NameAddrParts:
     int32_t s, e
     int32_t dn_s, dn_e         # -1 when no display name
-    bint quoted
+    uint8_t quoted
     int32_t uri_s, uri_e
-    bint angle
+    uint8_t angle
     int32_t params_s, params_e
     int32_t tag_s, tag_e       # -1 when absent
-    bint wildcard
+    uint8_t wildcard
 
 
 cdef int _scan_hostport(const char* p, Py_ssize_t i, Py_ssize_t e,
@@ -713,16 +741,27 @@ for _t in _TRANSPORTS:
     _transport_by_bytes[_t.lower().encode()] = _t
 
 
-cdef list _method_list = [(m.encode(), m) for m in _METHODS]
+cdef bytes _methods_blob = "".join(_METHODS).encode()
+cdef list _method_str = list(_METHODS)
+cdef int _n_methods = len(_METHODS)
+cdef int32_t _method_off[16]
+cdef int32_t _method_len[16]
+_k = 0
+for _i, _m in enumerate(_METHODS):
+    _method_off[_i] = _k
+    _method_len[_i] = len(_m)
+    _k += len(_m)
 
 
 cdef inline str _method_text(const char* p, Py_ssize_t s, Py_ssize_t e):
-    # A linear scan of 14 short names beats hashing a fresh bytes object.
+    # A scan of 14 short names beats hashing a fresh bytes object; the common methods come back
+    # as shared str objects, so reading msg.method allocates nothing.
     cdef Py_ssize_t n = e - s
-    cdef bytes b
-    for b, m in _method_list:
-        if PyBytes_GET_SIZE(b) == n and memcmp(PyBytes_AS_STRING(b), p + s, n) == 0:
-            return m
+    cdef int k
+    cdef const char* blob = PyBytes_AS_STRING(_methods_blob)
+    for k in range(_n_methods):
+        if _method_len[k] == n and memcmp(blob + _method_off[k], p + s, n) == 0:
+            return <str>_method_str[k]
     return _text(p, s, e)
 
 
@@ -1195,22 +1234,50 @@ ctypedef struct HEntry:
     uint8_t folded
     uint8_t deleted
 
-DEF INLINE_HEADERS = 32
+DEF POOLED_HEADERS = 32
+DEF POOL_SIZE = 256
+
+# Header index arrays of POOLED_HEADERS entries, kept for reuse: parsing a message then takes no
+# malloc.  Only touched with the GIL held (parse and dealloc).
+cdef HEntry* _pool[POOL_SIZE]
+cdef int _pool_n = 0
 
 
+cdef HEntry* _take_headers() except NULL:
+    global _pool_n
+    cdef HEntry* a
+    if _pool_n:
+        _pool_n -= 1
+        return _pool[_pool_n]
+    a = <HEntry*>PyMem_Malloc(POOLED_HEADERS * sizeof(HEntry))
+    if a == NULL:
+        raise MemoryError()
+    return a
+
+
+cdef void _give_headers(HEntry* a, int cap) noexcept:
+    global _pool_n
+    if cap == POOLED_HEADERS and _pool_n < POOL_SIZE:
+        _pool[_pool_n] = a
+        _pool_n += 1
+    else:
+        PyMem_Free(a)
+
+
+@cython.no_gc
 cdef class Message:
     """A parsed SIP message (base of Request and Response).  Build one with ``parse()``."""
-    cdef object _data
-    cdef Py_buffer _view
-    cdef bint _has_view
+    cdef object _data               # bytes, or a memoryview (cast to 'B') of other buffers
     cdef const char* _buf
-    cdef Py_ssize_t _len
-    cdef Py_ssize_t _start          # start line begins here (leading CRLFs skipped)
-    cdef Py_ssize_t _sl_e           # end of the start line's text
-    cdef Py_ssize_t _hdr_s          # first header line
-    cdef Py_ssize_t _blank_s        # the empty line that ends the header section
-    cdef Py_ssize_t _body_s, _body_e
-    cdef HEntry* _h                 # _inline, or a heap array once a message outgrows it
+    # Offsets are int32: Limits caps a message below 2**31 octets.
+    cdef int32_t _len
+    cdef int32_t _start             # start line begins here (leading CRLFs skipped)
+    cdef int32_t _sl_e              # end of the start line's text
+    cdef int32_t _hdr_s             # first header line
+    cdef int32_t _blank_s           # the empty line that ends the header section
+    cdef int32_t _body_s, _body_e
+    cdef HEntry* _h                 # a pooled array of POOLED_HEADERS, or a bigger heap one
+
     cdef int _nh, _cap
     cdef int16_t _first[N_HEADER_IDS]
     # Parts of the top Via, From and To found while validating, reused by the accessors (they
@@ -1218,26 +1285,21 @@ cdef class Message:
     cdef bint _parts_ok
     cdef ViaParts _top_via
     cdef NameAddrParts _from_p, _to_p
-    cdef HEntry _inline[INLINE_HEADERS]
     cdef list _extra
     cdef object _new_body
     cdef object _new_start_line     # bytes, CRLF included
     cdef bint _edited
     # caches of typed views
-    cdef object _c_headers, _c_via, _c_from, _c_to, _c_cseq, _c_contact, _c_route, _c_rr
-
-    def __cinit__(self):
-        self._h = self._inline
-        self._cap = INLINE_HEADERS
-        self._has_view = False
+    cdef object _c_via, _c_from, _c_to, _c_cseq
+    # No GC participation, on purpose: a message and its views reference only immutable
+    # buffers (never each other), so they cannot form cycles.  The object stays under
+    # pymalloc's 512-byte limit and its header index comes from a pool, so creating and
+    # freeing a message costs no malloc.
 
     def __dealloc__(self):
-        if self._h != self._inline:
-            PyMem_Free(self._h)
-            self._h = self._inline
-        if self._has_view:
-            PyBuffer_Release(&self._view)
-            self._has_view = False
+        if self._h != NULL:
+            _give_headers(self._h, self._cap)
+            self._h = NULL
 
     def __init__(self, *args, **kwargs):
         raise TypeError("use fastsip.parse(data), Request.create() or Response.create()")
@@ -1254,7 +1316,7 @@ cdef class Message:
         # message itself when it holds a buffer export of a bytearray/memoryview.
         if h.src >= 0:
             return self._extra[h.src]
-        return self._data if not self._has_view else self
+        return self._data
 
     cdef int _find(self, int hid, int after) noexcept:
         cdef int i
@@ -1269,12 +1331,7 @@ cdef class Message:
     cdef int _add_entry(self) except -1:
         cdef HEntry* nh
         if self._nh == self._cap:
-            if self._h == self._inline:
-                nh = <HEntry*>PyMem_Malloc(2 * self._cap * sizeof(HEntry))
-                if nh != NULL:
-                    memcpy(nh, self._inline, self._cap * sizeof(HEntry))
-            else:
-                nh = <HEntry*>PyMem_Realloc(self._h, 2 * self._cap * sizeof(HEntry))
+            nh = <HEntry*>PyMem_Realloc(self._h, 2 * self._cap * sizeof(HEntry))
             if nh == NULL:
                 raise MemoryError()
             self._h = nh
@@ -1294,7 +1351,6 @@ cdef class Message:
         self._edited = True
         self._parts_ok = False
         self._c_via = self._c_from = self._c_to = self._c_cseq = None
-        self._c_contact = self._c_route = self._c_rr = None
 
     # -- validation done by parse() ----------------------------------------------------------
 
@@ -1310,13 +1366,10 @@ cdef class Message:
         for i in range(self._nh):
             h = &self._h[i]
             if h.id == H_VIA:
-                j = h.value_s
+                # The top Via keys the transaction and routes the response: it must be sound
+                # now.  Lower ones are only read when a response is forwarded (msg.via).
                 if i == self._first[H_VIA]:
-                    j = _scan_via(p, j, h.value_e, &self._top_via)
-                    j += 1
-                while j < h.value_e:
-                    j = _scan_via(p, j, h.value_e, &v)
-                    j += 1
+                    _scan_via(p, h.value_s, h.value_e, &self._top_via)
             elif h.id == H_FROM:
                 _scan_name_addr(p, h.value_s, h.value_e, False,
                                 &self._from_p if i == self._first[H_FROM] else &na, False)
@@ -1382,9 +1435,7 @@ cdef class Message:
     @property
     def headers(self):
         """Every header field, case-insensitively and with compact forms equal to long ones."""
-        if self._c_headers is None:
-            self._c_headers = Headers._new(self)
-        return self._c_headers
+        return Headers._new(self)
 
     @property
     def call_id(self):
@@ -1539,23 +1590,17 @@ cdef class Message:
     @property
     def contact(self):
         """Every Contact value (NameAddr; a wildcard '*' has ``.wildcard`` set)."""
-        if self._c_contact is None:
-            self._c_contact = self._name_addr_list(H_CONTACT)
-        return self._c_contact
+        return self._name_addr_list(H_CONTACT)
 
     @property
     def route(self):
         """Every Route value, first to last."""
-        if self._c_route is None:
-            self._c_route = self._name_addr_list(H_ROUTE)
-        return self._c_route
+        return self._name_addr_list(H_ROUTE)
 
     @property
     def record_route(self):
         """Every Record-Route value, first to last."""
-        if self._c_rr is None:
-            self._c_rr = self._name_addr_list(H_RECORD_ROUTE)
-        return self._c_rr
+        return self._name_addr_list(H_RECORD_ROUTE)
 
     @property
     def is_request(self):
@@ -1574,62 +1619,87 @@ cdef class Message:
 
     # -- edits (a journal over the header index) --------------------------------------------
 
-    cdef int _line(self, int hid, object name, object value) except -1:
-        """Store a new header line for name: value; returns its index into _extra, and leaves
-        its offsets in a fresh entry at the end of the table (the caller moves it)."""
-        cdef bytes bname = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else bytes(name)
-        cdef bytes bvalue = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else bytes(value)
+    cdef int _line(self, int hid, const char* name, Py_ssize_t nlen, const char* value,
+                   Py_ssize_t vlen) except -1:
+        """Store a new header line "name: value\\r\\n" (one allocation) and leave its offsets in
+        a fresh entry at the end of the index (the caller moves it).  Returns that entry."""
         cdef Py_ssize_t k
-        for k in range(len(bname)):
-            if not fastsip_token[<unsigned char>(<const char*>bname)[k]]:
-                raise ValueError(f"invalid header name {name!r}")
-        if b"\r" in bvalue or b"\n" in bvalue or b"\x00" in bvalue:
-            raise ValueError("header value must not contain CR, LF or NUL")
-        if not bname:
+        cdef char c
+        if nlen == 0:
             raise ValueError("empty header name")
-        cdef bytes line = bname + b": " + bvalue + b"\r\n"
+        for k in range(nlen):
+            if not fastsip_token[<unsigned char>name[k]]:
+                raise ValueError(f"invalid header name {name[:nlen]!r}")
+        for k in range(vlen):
+            c = value[k]
+            if c == b'\r' or c == b'\n' or c == 0:
+                raise ValueError("header value must not contain CR, LF or NUL")
+        cdef bytes line = PyBytes_FromStringAndSize(NULL, nlen + vlen + 4)
+        cdef char* w = PyBytes_AS_STRING(line)
+        memcpy(w, name, nlen)
+        w[nlen] = b':'
+        w[nlen + 1] = b' '
+        memcpy(w + nlen + 2, value, vlen)
+        w[nlen + 2 + vlen] = b'\r'
+        w[nlen + 3 + vlen] = b'\n'
         if self._extra is None:
             self._extra = []
         self._extra.append(line)
         cdef int i = self._add_entry()
         cdef HEntry* h = &self._h[i]
         h.line_s = 0
-        h.line_e = len(line)
+        h.line_e = <int32_t>(nlen + vlen + 4)
         h.name_s = 0
-        h.name_e = len(bname)
-        h.value_s = len(bname) + 2
-        h.value_e = h.value_s + len(bvalue)
+        h.name_e = <int32_t>nlen
+        h.value_s = <int32_t>(nlen + 2)
+        h.value_e = <int32_t>(nlen + 2 + vlen)
         h.id = hid
         h.src = len(self._extra) - 1
         h.folded = False
         h.deleted = False
         return i
 
-    cdef int _insert(self, int at, int hid, object name, object value) except -1:
+    cdef int _insert(self, int at, int hid, const char* name, Py_ssize_t nlen, const char* value,
+                     Py_ssize_t vlen) except -1:
         """Insert a header line before entry `at` (at == _nh: after the last)."""
-        cdef int i = self._line(hid, name, value)
+        cdef int i = self._line(hid, name, nlen, value, vlen)
         cdef HEntry tmp = self._h[i]
+        cdef int k
         if at < i:
             memmove(&self._h[at + 1], &self._h[at], (i - at) * sizeof(HEntry))
             self._h[at] = tmp
-        self._reindex()
+            for k in range(N_HEADER_IDS):
+                if self._first[k] >= at:
+                    self._first[k] += 1
+        if self._first[hid] < 0 or self._first[hid] > at:
+            self._first[hid] = at
         self._invalidate()
         return at
 
-    cdef int _replace_value(self, int i, object value) except -1:
+    cdef int _insert_obj(self, int at, int hid, object name, object value) except -1:
+        cdef bytes n = _as_bytes(name)
+        cdef bytes v = _as_bytes(value)
+        return self._insert(at, hid, n, len(n), v, len(v))
+
+    cdef int _replace_value(self, int i, const char* value, Py_ssize_t vlen) except -1:
         """Give entry i a new value, keeping its name as written."""
         cdef HEntry* h = &self._h[i]
         cdef const char* p = self._base(h)
-        name = PyBytes_FromStringAndSize(p + h.name_s, h.name_e - h.name_s)
-        cdef int j = self._line(h.id, name, value)
+        cdef int j = self._line(h.id, p + h.name_s, h.name_e - h.name_s, value, vlen)
         self._h[i] = self._h[j]
         self._nh -= 1
         self._invalidate()
         return 0
 
+    cdef int _replace_value_obj(self, int i, object value) except -1:
+        cdef bytes v = _as_bytes(value)
+        return self._replace_value(i, v, len(v))
+
     cdef int _delete(self, int i) except -1:
+        cdef int hid = self._h[i].id
         self._h[i].deleted = True
-        self._reindex()
+        if self._first[hid] == i:
+            self._first[hid] = self._find(hid, i)
         self._invalidate()
         return 0
 
@@ -1647,19 +1717,22 @@ cdef class Message:
         first = _text_lws(p, h.value_s, k)
         if k >= h.value_e:
             self._delete(i)
+        elif h.folded:
+            r = _skip_lws(p, k + 1, h.value_e)
+            self._replace_value_obj(i, _text_lws(p, r, h.value_e))
         else:
             r = _skip_lws(p, k + 1, h.value_e)
-            self._replace_value(i, _text_lws(p, r, h.value_e))
+            self._replace_value(i, p + r, h.value_e - r)
         return first
 
     def add_via(self, value):
         """Add a Via value on top (a proxy's or a UAC's own; RFC 3261 16.6 step 8)."""
         cdef ViaParts v
-        cdef bytes b = value.encode() if isinstance(value, str) else bytes(value)
+        cdef bytes b = _as_bytes(value)
         if _scan_via(b, 0, len(b), &v) != len(b):
             raise ParseError("add_via takes exactly one Via value", 0)
         cdef int at = self._first[H_VIA]
-        self._insert(at if at >= 0 else 0, H_VIA, "Via", b)
+        self._insert(at if at >= 0 else 0, H_VIA, b"Via", 3, b, len(b))
 
     def pop_via(self):
         """Remove the top Via value (a proxy forwarding a response, RFC 3261 16.7 step 3);
@@ -1669,20 +1742,20 @@ cdef class Message:
     def add_record_route(self, value):
         """Add a Record-Route value on top of the Record-Route list (RFC 3261 16.6 step 4)."""
         cdef NameAddrParts na
-        cdef bytes b = value.encode() if isinstance(value, str) else bytes(value)
+        cdef bytes b = _as_bytes(value)
         if _scan_name_addr(b, 0, len(b), False, &na) != len(b):
             raise ParseError("add_record_route takes exactly one name-addr", 0)
         cdef int at = self._first[H_RECORD_ROUTE]
-        self._insert(at if at >= 0 else 0, H_RECORD_ROUTE, "Record-Route", b)
+        self._insert(at if at >= 0 else 0, H_RECORD_ROUTE, b"Record-Route", 12, b, len(b))
 
     def add_route(self, value):
         """Add a Route value on top of the route set (pre-loaded routes, RFC 3261 8.1.2)."""
         cdef NameAddrParts na
-        cdef bytes b = value.encode() if isinstance(value, str) else bytes(value)
+        cdef bytes b = _as_bytes(value)
         if _scan_name_addr(b, 0, len(b), False, &na) != len(b):
             raise ParseError("add_route takes exactly one name-addr", 0)
         cdef int at = self._first[H_ROUTE]
-        self._insert(at if at >= 0 else 0, H_ROUTE, "Route", b)
+        self._insert(at if at >= 0 else 0, H_ROUTE, b"Route", 5, b, len(b))
 
     def pop_route(self):
         """Remove the first Route value (loose routing, RFC 3261 16.4); returns it as text,
@@ -1696,13 +1769,15 @@ cdef class Message:
         cdef HEntry* h
         cdef int64_t mf
         if i < 0:
-            self._insert(self._nh, H_MAX_FORWARDS, "Max-Forwards", b"70")
+            self._insert(self._nh, H_MAX_FORWARDS, b"Max-Forwards", 12, b"70", 2)
             return 70
         h = &self._h[i]
         mf = _digits(self._base(h), h.value_s, h.value_e, 255)
         if mf <= 0:
             raise ValueError("Max-Forwards is 0: answer 483 Too Many Hops")
-        self._replace_value(i, str(mf - 1))
+        cdef char digits[4]
+        cdef int nd = _format_small(mf - 1, digits)
+        self._replace_value(i, digits, nd)
         return mf - 1
 
     def set_header(self, name, value):
@@ -1722,9 +1797,9 @@ cdef class Message:
                 self._h[i].deleted = True
         if first >= 0:
             self._reindex()
-            self._replace_value(first, value)
+            self._replace_value_obj(first, value)
         else:
-            self._insert(self._nh, hid, _canonical[hid] if hid else name, value)
+            self._insert_obj(self._nh, hid, _canonical[hid] if hid else name, value)
 
     def add_header(self, name, value, *, first=False):
         """Add a header line: after the last line, or before every other one with first=True
@@ -1739,7 +1814,7 @@ cdef class Message:
                 if not self._h[i].deleted and self._entry_named(i, hid, name):
                     at = i
                     break
-        self._insert(at, hid, _canonical[hid] if hid else name, value)
+        self._insert_obj(at, hid, _canonical[hid] if hid else name, value)
 
     def remove_header(self, name):
         """Remove every line of a header field; returns how many lines were removed."""
@@ -1770,9 +1845,9 @@ cdef class Message:
         cdef int i = self._first[H_CONTENT_LENGTH]
         self._new_body = b
         if i >= 0:
-            self._replace_value(i, str(len(b)))
+            self._replace_value_obj(i, str(len(b)))
         else:
-            self._insert(self._nh, H_CONTENT_LENGTH, "Content-Length", str(len(b)))
+            self._insert_obj(self._nh, H_CONTENT_LENGTH, "Content-Length", str(len(b)))
         if content_type is not None:
             self.set_header("Content-Type", content_type)
         self._invalidate()
@@ -1833,6 +1908,29 @@ cdef class Message:
         return (parse, (self.__bytes__(),))
 
 
+cdef inline bytes _as_bytes(object v):
+    if type(v) is bytes:
+        return <bytes>v
+    if isinstance(v, str):
+        return (<str>v).encode("utf-8", "surrogateescape")
+    return bytes(v)
+
+
+cdef inline int _format_small(int v, char* out) noexcept:
+    """Decimal digits of 0 <= v < 1000 into out; returns how many."""
+    if v >= 100:
+        out[0] = <char>(48 + v // 100)
+        out[1] = <char>(48 + (v // 10) % 10)
+        out[2] = <char>(48 + v % 10)
+        return 3
+    if v >= 10:
+        out[0] = <char>(48 + v // 10)
+        out[1] = <char>(48 + v % 10)
+        return 2
+    out[0] = <char>(48 + v)
+    return 1
+
+
 cdef bint _ieq_bytes(const char* p, Py_ssize_t n, bytes name):
     cdef Py_ssize_t i
     cdef const char* q = name
@@ -1844,9 +1942,10 @@ cdef bint _ieq_bytes(const char* p, Py_ssize_t n, bytes name):
     return True
 
 
+@cython.no_gc
 cdef class Request(Message):
     """A SIP request."""
-    cdef Py_ssize_t _m_s, _m_e, _u_s, _u_e
+    cdef int32_t _m_s, _m_e, _u_s, _u_e
     cdef object _c_uri, _c_method
 
     @property
@@ -1915,10 +2014,11 @@ cdef class Request(Message):
         return _create(f"{method} {uri} SIP/2.0", headers, body, content_type)
 
 
+@cython.no_gc
 cdef class Response(Message):
     """A SIP response."""
     cdef int _status
-    cdef Py_ssize_t _r_s, _r_e
+    cdef int32_t _r_s, _r_e
 
     @property
     def status_code(self):
@@ -2126,8 +2226,7 @@ cdef Message _parse(object data, Limits limits):
     cdef Response resp
     cdef const char* p
     cdef Py_ssize_t n, i, j, k, le, ce, sp1, sp2, cl_i
-    cdef Py_buffer view
-    cdef bint has_view = False
+    cdef Py_buffer* view
     cdef HEntry* h
     cdef int hid, nh
     cdef int64_t cl, code
@@ -2136,11 +2235,13 @@ cdef Message _parse(object data, Limits limits):
         p = PyBytes_AS_STRING(data)
         n = PyBytes_GET_SIZE(data)
     else:
-        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-        has_view = True
+        # Zero copy for bytearray/memoryview too: the memoryview holds the buffer export (and
+        # keeps a bytearray from being resized) for as long as the message or a view lives.
+        data = memoryview(data).cast("B")
+        view = PyMemoryView_GET_BUFFER(data)
         p = <const char*>view.buf
         n = view.len
-    try:
+    if True:
         if n > limits.max_message_size:
             _fail(f"message larger than {limits.max_message_size} octets", limits.max_message_size, 513)
         i = 0
@@ -2209,6 +2310,8 @@ cdef Message _parse(object data, Limits limits):
         m._sl_e = ce
         i = le + 1
         m._hdr_s = i
+        m._h = _take_headers()
+        m._cap = POOLED_HEADERS
         m._nh = 0
         memset(m._first, 0xFF, sizeof(m._first))
 
@@ -2249,7 +2352,8 @@ cdef Message _parse(object data, Limits limits):
             if m._nh >= limits.max_headers:
                 _fail("too many header lines", i)
             j = i
-            while j < ce and fastsip_token[<unsigned char>p[j]]:
+            # No bound check needed: p[ce] is CR or LF, which is not a token character.
+            while fastsip_token[<unsigned char>p[j]]:
                 j += 1
             if j == i:
                 _fail("invalid header name", i)
@@ -2259,7 +2363,11 @@ cdef Message _parse(object data, Limits limits):
             if k >= ce or p[k] != b':':
                 _fail("header line without ':'", k)
             k = _skip_lws(p, k + 1, ce)
-            nh = m._add_entry()
+            if m._nh < m._cap:
+                nh = m._nh
+                m._nh += 1
+            else:
+                nh = m._add_entry()
             h = &m._h[nh]
             h.line_s = i
             h.line_e = le + 1
@@ -2291,16 +2399,9 @@ cdef Message _parse(object data, Limits limits):
             m._body_e = n
         m._len = n
         m._data = data
-        if has_view:
-            m._view = view
-            m._has_view = True
-            has_view = False
         m._buf = p
         m._validate()
         return m
-    finally:
-        if has_view:
-            PyBuffer_Release(&view)
 
 
 cdef int _scan_uri_check(const char* p, Py_ssize_t s, Py_ssize_t e) except -1:
