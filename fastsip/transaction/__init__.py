@@ -1,0 +1,35 @@
+"""RFC 3261 §17 transactions, sans-IO: see :mod:`fastsip.transaction.layer`."""
+
+from fastsip.transaction.layer import (
+    ACCEPTED,
+    CALLING,
+    COMPLETED,
+    CONFIRMED,
+    PROCEEDING,
+    TERMINATED,
+    TRYING,
+    ClientHandler,
+    ClientTransaction,
+    ServerTransaction,
+    TimerConfig,
+    TransactionLayer,
+    TransactionUser,
+    new_branch,
+)
+
+__all__ = [
+    "ACCEPTED",
+    "CALLING",
+    "COMPLETED",
+    "CONFIRMED",
+    "PROCEEDING",
+    "TERMINATED",
+    "TRYING",
+    "ClientHandler",
+    "ClientTransaction",
+    "ServerTransaction",
+    "TimerConfig",
+    "TransactionLayer",
+    "TransactionUser",
+    "new_branch",
+]

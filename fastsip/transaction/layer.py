@@ -1,0 +1,478 @@
+"""RFC 3261 §17 transactions (with RFC 6026's Accepted state), sans-IO.
+
+The layer takes parsed messages with their source address (:meth:`TransactionLayer.receive`) and
+requests to send (:meth:`TransactionLayer.request`); it sends through a
+:class:`~fastsip.transport.Transport` and keeps its timers on a clock with ``call_later`` and
+``time`` (a :class:`~fastsip.TimerWheel`, or the asyncio ``WheelDriver`` over one).  It never
+reads a clock or touches a socket itself, so every timer can be tested at exact times.
+
+Retransmissions of requests and responses, and the ACK of a non-2xx final response, are handled
+here: the transaction user (UA core, proxy) sees each request once, each response once (2xx
+retransmissions excepted: RFC 6026 hands those to the TU, which owns the 2xx/ACK exchange).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fastsip.sip import Message, Request, Response
+from fastsip.transport import Address, Transport
+from fastsip.transport.rules import response_destination
+
+__all__ = [
+    "ClientHandler",
+    "ClientTransaction",
+    "ServerTransaction",
+    "TimerConfig",
+    "TransactionLayer",
+    "TransactionUser",
+    "new_branch",
+]
+
+log = logging.getLogger("fastsip.transaction")
+
+MAGIC_COOKIE = "z9hG4bK"
+
+
+def new_branch() -> str:
+    """A fresh RFC 3261 branch: the magic cookie and 64 random bits (§8.1.1.7)."""
+    return MAGIC_COOKIE + os.urandom(8).hex()
+
+
+@dataclass(frozen=True, slots=True)
+class TimerConfig:
+    """T1 (RTT estimate), T2 (maximum retransmit interval for non-INVITE requests and INVITE
+    responses) and T4 (maximum duration a message stays in the network), §17.1.1.1."""
+
+    t1: float = 0.5
+    t2: float = 4.0
+    t4: float = 5.0
+
+    @property
+    def timeout(self) -> float:
+        """64*T1: Timers B, F, H, J (unreliable), L, M."""
+        return 64 * self.t1
+
+
+class Clock(Protocol):
+    def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Any: ...
+    def time(self) -> float: ...
+
+
+class ClientHandler(Protocol):
+    """The transaction user's side of a client transaction."""
+
+    def on_response(self, txn: ClientTransaction, response: Response) -> None:
+        """Each provisional and final response once; for INVITE, every 2xx (RFC 6026)."""
+
+    def on_timeout(self, txn: ClientTransaction) -> None:
+        """Timer B or F: no final response (the TU acts as if a 408 had come, §8.1.3.1)."""
+
+    def on_transport_error(self, txn: ClientTransaction) -> None:
+        """The request could not be sent (the TU acts as if a 503 had come, §8.1.3.1)."""
+
+
+class TransactionUser(Protocol):
+    """The transaction user above the server side (UA core or proxy core)."""
+
+    def on_request(self, txn: ServerTransaction, request: Request) -> None:
+        """A new request (never a retransmission; never an ACK)."""
+
+    def on_ack(self, request: Request, source: Address) -> None:
+        """An ACK that belongs to no INVITE server transaction in Completed state: the ACK
+        for a 2xx, which the UA core (or a proxy, end to end) handles (§13.3.1.4, §16.7)."""
+
+    def on_stray_response(self, response: Response, source: Address) -> None:
+        """A response that matches no client transaction: a proxy forwards it statelessly
+        (§16.7), a UAC ACKs a retransmitted 2xx (§13.2.2.4)."""
+
+    def on_server_timeout(self, txn: ServerTransaction) -> None:
+        """Timer H: the ACK for a non-2xx final response never came (§17.2.1)."""
+
+
+# States (RFC 3261 figures 5-8, RFC 6026 figures 5 and 7).
+CALLING = "calling"
+TRYING = "trying"
+PROCEEDING = "proceeding"
+COMPLETED = "completed"
+ACCEPTED = "accepted"
+CONFIRMED = "confirmed"
+TERMINATED = "terminated"
+
+
+class ClientTransaction:
+    """A client transaction (§17.1): INVITE (figure 5 + RFC 6026) or non-INVITE (figure 6)."""
+
+    __slots__ = ("layer", "request", "dest", "handler", "key", "is_invite", "state",
+                 "last_response", "_data", "_timer", "_timeout", "_interval", "_ack")
+
+    def __init__(self, layer: TransactionLayer, request: Request, dest: Address,
+                 handler: ClientHandler, key: tuple[str, str]) -> None:
+        self.layer = layer
+        self.request = request
+        self.dest = dest
+        self.handler = handler
+        self.key = key
+        self.is_invite = request.method == "INVITE"
+        self.state = CALLING if self.is_invite else TRYING
+        self.last_response: Response | None = None
+        self._data = bytes(request)
+        self._timer: Any = None       # A or E (retransmit), then D or K (linger)
+        self._timeout: Any = None     # B or F, then M (Accepted)
+        self._interval = layer.config.t1
+        self._ack: bytes | None = None
+
+    @property
+    def branch(self) -> str:
+        return self.key[0]
+
+    def _start(self) -> None:
+        cfg = self.layer.config
+        if not self.dest.reliable:
+            self._timer = self.layer.clock.call_later(cfg.t1, self._retransmit)
+        self._timeout = self.layer.clock.call_later(cfg.timeout, self._on_timeout)
+        self.layer.transport.send(self._data, self.dest)
+
+    def _retransmit(self) -> None:
+        # Timer A (INVITE: doubles without bound while Calling) or E (non-INVITE: doubles up to
+        # T2, and runs at T2 once a provisional response has come).
+        if self.state not in (CALLING, TRYING, PROCEEDING) or (self.is_invite and self.state != CALLING):
+            return
+        cfg = self.layer.config
+        if self.is_invite:
+            self._interval *= 2
+        elif self.state == PROCEEDING:
+            self._interval = cfg.t2
+        else:
+            self._interval = min(self._interval * 2, cfg.t2)
+        self._timer = self.layer.clock.call_later(self._interval, self._retransmit)
+        self.layer.transport.send(self._data, self.dest)
+
+    def _on_timeout(self) -> None:
+        self._timeout = None
+        if self.state == ACCEPTED:                       # Timer M
+            self._terminate()
+            return
+        if self.state in (CALLING, TRYING, PROCEEDING) and not (self.is_invite and self.state == PROCEEDING):
+            self._terminate()                            # Timer B / F
+            self.handler.on_timeout(self)
+
+    def _linger(self, delay: float) -> None:
+        # Timer D / K: absorb retransmitted final responses, then go.
+        if delay <= 0:
+            self._terminate()
+        else:
+            self._timer = self.layer.clock.call_later(delay, self._terminate)
+
+    def _receive(self, response: Response) -> None:
+        status = response.status_code
+        state = self.state
+        cfg = self.layer.config
+        if state == TERMINATED:
+            return
+        if status < 200:
+            if state in (CALLING, TRYING):
+                self.state = PROCEEDING
+                if self.is_invite:
+                    self._cancel_timer()                 # Timer A stops; B stops too
+                    self._cancel_timeout()
+            if state in (CALLING, TRYING, PROCEEDING):
+                self.last_response = response
+                self.handler.on_response(self, response)
+            return
+        if self.is_invite:
+            if 200 <= status < 300:
+                if state in (CALLING, PROCEEDING):
+                    self.state = ACCEPTED                # RFC 6026: absorb nothing, pass every 2xx
+                    self._cancel_timer()
+                    self._cancel_timeout()
+                    self._timeout = self.layer.clock.call_later(cfg.timeout, self._on_timeout)
+                if self.state == ACCEPTED:
+                    self.last_response = response
+                    self.handler.on_response(self, response)
+                return
+            if state in (CALLING, PROCEEDING):
+                self.state = COMPLETED
+                self._cancel_timer()
+                self._cancel_timeout()
+                self.last_response = response
+                self._ack = bytes(self._build_ack(response))
+                self.layer.transport.send(self._ack, self.dest)
+                self.handler.on_response(self, response)
+                self._linger(0 if self.dest.reliable else 32.0)
+            elif state == COMPLETED and self._ack is not None:
+                self.layer.transport.send(self._ack, self.dest)  # final retransmitted: ACK again
+            return
+        if state in (TRYING, PROCEEDING):
+            self.state = COMPLETED
+            self._cancel_timer()
+            self._cancel_timeout()
+            self.last_response = response
+            self.handler.on_response(self, response)
+            self._linger(0 if self.dest.reliable else cfg.t4)
+
+    def _build_ack(self, response: Response) -> Request:
+        """The ACK for a non-2xx final response (§17.1.1.3): same Request-URI, Call-ID, From,
+        CSeq number and top Via as the INVITE, To from the response, the INVITE's Route set."""
+        req = self.request
+        headers: list[tuple[str, str]] = [("Via", str(req.via[0]))]
+        headers += [("Route", str(r)) for r in req.route]
+        headers += [
+            ("Max-Forwards", "70"),
+            ("From", req.headers.get("From") or ""),
+            ("To", response.headers.get("To") or ""),
+            ("Call-ID", req.call_id or ""),
+            ("CSeq", f"{req.cseq.seq if req.cseq else 0} ACK"),
+        ]
+        return Request.create("ACK", str(req.uri), headers)
+
+    def transport_error(self) -> None:
+        if self.state == TERMINATED:
+            return
+        self._terminate()
+        self.handler.on_transport_error(self)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _cancel_timeout(self) -> None:
+        if self._timeout is not None:
+            self._timeout.cancel()
+            self._timeout = None
+
+    def _terminate(self) -> None:
+        if self.state == TERMINATED:
+            return
+        self.state = TERMINATED
+        self._cancel_timer()
+        self._cancel_timeout()
+        self.layer._client.pop(self.key, None)
+
+    def __repr__(self) -> str:
+        return f"<ClientTransaction {self.request.method} {self.branch} {self.state}>"
+
+
+class ServerTransaction:
+    """A server transaction (§17.2): INVITE (figure 7 + RFC 6026) or non-INVITE (figure 8)."""
+
+    __slots__ = ("layer", "request", "source", "key", "is_invite", "state", "last_response",
+                 "dest", "_data", "_timer", "_timeout", "_interval", "data")
+
+    def __init__(self, layer: TransactionLayer, request: Request, source: Address,
+                 key: tuple[Any, ...]) -> None:
+        self.layer = layer
+        self.request = request
+        self.source = source
+        self.key = key
+        self.is_invite = request.method == "INVITE"
+        self.state = PROCEEDING if self.is_invite else TRYING
+        self.last_response: Response | None = None
+        top = request.top_via
+        self.dest = response_destination(top, source) if top is not None else source
+        self._data: bytes | None = None
+        self._timer: Any = None
+        self._timeout: Any = None
+        self._interval = layer.config.t1
+        self.data: Any = None  # for the transaction user
+
+    @property
+    def method(self) -> str:
+        return self.request.method
+
+    def respond(self, response: Response) -> None:
+        """Send a response through the transaction (§17.2.1, §17.2.2)."""
+        status = response.status_code
+        state = self.state
+        if state in (COMPLETED, CONFIRMED, TERMINATED):
+            raise ValueError(f"{self!r} already sent a final response")
+        cfg = self.layer.config
+        if state == ACCEPTED:
+            if 200 <= status < 300:                      # the TU retransmits its 2xx (§13.3.1.4)
+                self.layer.transport.send(bytes(response), self.dest)
+                return
+            raise ValueError("a final response was already sent")
+        self.last_response = response
+        self._data = bytes(response)
+        self.layer.transport.send(self._data, self.dest)
+        if status < 200:
+            if state == TRYING:
+                self.state = PROCEEDING
+            return
+        if self.is_invite and status < 300:
+            self.state = ACCEPTED                        # RFC 6026: Timer L
+            self._timeout = self.layer.clock.call_later(cfg.timeout, self._terminate)
+            return
+        self.state = COMPLETED
+        if self.is_invite:
+            if not self.dest.reliable:                   # Timer G
+                self._timer = self.layer.clock.call_later(cfg.t1, self._retransmit)
+            self._timeout = self.layer.clock.call_later(cfg.timeout, self._on_timer_h)
+        elif self.dest.reliable:
+            self._terminate()                            # Timer J = 0
+        else:
+            self._timeout = self.layer.clock.call_later(cfg.timeout, self._terminate)
+
+    def reply(self, status: int, reason: str | None = None, **kwargs: Any) -> Response:
+        """Build a response with ``request.reply()`` and send it; returns it."""
+        response = self.request.reply(status, reason, **kwargs)
+        self.respond(response)
+        return response
+
+    def _retransmit(self) -> None:
+        if self.state != COMPLETED or self._data is None:
+            return
+        self._interval = min(self._interval * 2, self.layer.config.t2)
+        self._timer = self.layer.clock.call_later(self._interval, self._retransmit)
+        self.layer.transport.send(self._data, self.dest)
+
+    def _on_timer_h(self) -> None:
+        self._timeout = None
+        if self.state == COMPLETED:
+            self._terminate()
+            self.layer.tu.on_server_timeout(self)
+
+    def _receive_retransmission(self, request: Request, source: Address) -> None:
+        state = self.state
+        if request.method == "ACK":
+            if self.is_invite and state == COMPLETED:
+                self.state = CONFIRMED                   # Timer I
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                if self._timeout is not None:
+                    self._timeout.cancel()
+                    self._timeout = None
+                if self.dest.reliable:
+                    self._terminate()
+                else:
+                    self._timeout = self.layer.clock.call_later(self.layer.config.t4, self._terminate)
+            elif state == ACCEPTED:
+                self.layer.tu.on_ack(request, source)    # RFC 6026: the 2xx's ACK goes up
+            return
+        if state in (PROCEEDING, COMPLETED) and self._data is not None:
+            self.layer.transport.send(self._data, self.dest)  # last response again
+
+    def _terminate(self) -> None:
+        if self.state == TERMINATED:
+            return
+        self.state = TERMINATED
+        for t in (self._timer, self._timeout):
+            if t is not None:
+                t.cancel()
+        self._timer = self._timeout = None
+        self.layer._server.pop(self.key, None)
+
+    def __repr__(self) -> str:
+        return f"<ServerTransaction {self.request.method} {self.key[0]} {self.state}>"
+
+
+class TransactionLayer:
+    """The transaction table and the matching rules of §17.1.3 and §17.2.3."""
+
+    def __init__(self, transport: Transport, clock: Clock, tu: TransactionUser,
+                 config: TimerConfig | None = None) -> None:
+        self.transport = transport
+        self.clock = clock
+        self.tu = tu
+        self.config = config or TimerConfig()
+        self._client: dict[tuple[str, str], ClientTransaction] = {}
+        self._server: dict[tuple[Any, ...], ServerTransaction] = {}
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def request(self, request: Request, dest: Address, handler: ClientHandler) -> ClientTransaction:
+        """Start a client transaction for ``request`` (whose top Via, with a fresh branch, the
+        caller has added: see :func:`new_branch`) towards ``dest``.  Not for ACK (§17.1)."""
+        if request.method == "ACK":
+            raise ValueError("ACK is not sent in a client transaction")
+        top = request.top_via
+        if top is None or not top.branch:
+            raise ValueError("the request needs a top Via with a branch")
+        key = (top.branch, request.method)
+        if key in self._client:
+            raise ValueError(f"a client transaction for branch {top.branch} exists")
+        txn = ClientTransaction(self, request, dest, handler, key)
+        self._client[key] = txn
+        txn._start()
+        return txn
+
+    def transport_error(self, dest: Address) -> None:
+        """Sending to ``dest`` failed: its client transactions end with on_transport_error."""
+        for txn in [t for t in self._client.values() if t.dest.peer == dest.peer]:
+            txn.transport_error()
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def receive(self, msg: Message, source: Address) -> None:
+        """Hand a parsed message from ``source`` to its transaction, or up to the TU."""
+        if isinstance(msg, Response):
+            self._receive_response(msg, source)
+        else:
+            self._receive_request(msg, source)  # type: ignore[arg-type]
+
+    def _receive_response(self, response: Response, source: Address) -> None:
+        top = response.top_via
+        cseq = response.cseq
+        if top is None or cseq is None or top.branch is None:
+            return
+        txn = self._client.get((top.branch, cseq.method))
+        if txn is None:
+            self.tu.on_stray_response(response, source)
+            return
+        txn._receive(response)
+
+    def server_key(self, request: Request) -> tuple[Any, ...]:
+        """§17.2.3: branch + sent-by + method (ACK matches INVITE), or for a request without
+        the magic cookie (RFC 2543) Request-URI, From tag, Call-ID, CSeq number, top Via."""
+        top = request.top_via
+        method = request.method
+        if method == "ACK":
+            method = "INVITE"
+        if top is not None and top.branch and top.branch.startswith(MAGIC_COOKIE) \
+                and len(top.branch) > len(MAGIC_COOKIE):
+            return (top.branch, top.host.lower(), top.port, method)
+        cseq = request.cseq
+        frm = request.from_
+        return ("2543", str(request.uri), frm.tag if frm is not None else None, request.call_id,
+                cseq.seq if cseq is not None else None, str(top) if top is not None else None,
+                method)
+
+    def _receive_request(self, request: Request, source: Address) -> None:
+        key = self.server_key(request)
+        txn = self._server.get(key)
+        if txn is not None:
+            txn._receive_retransmission(request, source)
+            return
+        if request.method == "ACK":
+            self.tu.on_ack(request, source)
+            return
+        txn = ServerTransaction(self, request, source, key)
+        self._server[key] = txn
+        self.tu.on_request(txn, request)
+        if txn.is_invite and txn.state == PROCEEDING and txn.last_response is None:
+            # §17.2.1: a 100 unless the TU answers within 200 ms; it did not answer at once.
+            txn.respond(request.reply(100))
+
+    def find_invite(self, cancel: Request) -> ServerTransaction | None:
+        """The INVITE server transaction a CANCEL refers to (§9.2): same key but the method."""
+        key = self.server_key(cancel)
+        return self._server.get(key[:-1] + ("INVITE",))
+
+    # -- introspection ---------------------------------------------------------------------
+
+    @property
+    def client_transactions(self) -> int:
+        return len(self._client)
+
+    @property
+    def server_transactions(self) -> int:
+        return len(self._server)
+
+    def __len__(self) -> int:
+        return len(self._client) + len(self._server)

@@ -1,0 +1,63 @@
+"""Transport-layer vocabulary shared by the sans-IO layers (RFC 3261 §18).
+
+Nothing here touches a socket: :class:`Address` names where a message came from or goes to, and
+:class:`Transport` is what the transaction layer and the UA core send through.  The asyncio layer
+(:mod:`fastsip.asyncio`) implements it over real sockets; the §18 rules (received/rport, response
+routing, the next hop of a request) live in :mod:`fastsip.transport.rules`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["Address", "Transport", "RELIABLE", "DEFAULT_PORTS"]
+
+#: Transports whose delivery is reliable (no retransmission of requests, §17.1.1.2 Timer A off).
+RELIABLE = frozenset({"TCP", "TLS", "SCTP", "WS", "WSS"})
+DEFAULT_PORTS = {"UDP": 5060, "TCP": 5060, "SCTP": 5060, "TLS": 5061, "WS": 80, "WSS": 443}
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A transport address: ``transport`` ("UDP", "TCP", "TLS", upper case as in Via), ``host``
+    (an IP literal without brackets), ``port``, and for stream transports the id of the
+    connection a message arrived on (``connection``; 0 for datagrams or "any connection").
+
+    Two addresses that differ only in ``connection`` name the same peer; a response goes back
+    over ``connection`` while it is open (§18.2.2), otherwise over a new connection to the peer.
+    """
+
+    transport: str
+    host: str
+    port: int
+    connection: int = 0
+
+    @property
+    def reliable(self) -> bool:
+        return self.transport in RELIABLE
+
+    @property
+    def peer(self) -> tuple[str, str, int]:
+        """(transport, host, port): the key of a connection table."""
+        return (self.transport, self.host, self.port)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.transport.lower()}:{host}:{self.port}"
+
+
+class Transport(Protocol):
+    """What the sans-IO layers send through.  Implementations never block."""
+
+    def send(self, data: bytes, dest: Address) -> None:
+        """Send one message to ``dest``.  For stream transports, ``dest.connection`` (when
+        nonzero and still open) is used, else an open connection to ``dest.peer``, else a new
+        one.  A failure is reported later through the transaction layer's
+        ``transport_error(dest)``, never raised here."""
+        ...
+
+    def sent_by(self, transport: str) -> tuple[str, int]:
+        """The host and port to put in our own Via (and Record-Route/Contact) for
+        ``transport``: where responses and requests for us arrive."""
+        ...
