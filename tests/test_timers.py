@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import fastsip
-from fastsip.timers import TimerHandle, TimerWheel
+from fastsip.timers import TimerError, TimerHandle, TimerWheel
 
 TICK = 0.001
 
@@ -150,8 +150,11 @@ def test_clock_never_goes_back() -> None:
 
 
 def test_bad_input() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(TimerError) as info:
         TimerWheel(tick=0)
+    assert isinstance(info.value, fastsip.FastSIPError) and isinstance(info.value, ValueError)
+    with pytest.raises(ValueError):
+        TimerWheel(tick=math.inf)
     with pytest.raises(ValueError):
         TimerWheel(tick=-1.0)
     w = TimerWheel()

@@ -6,6 +6,6 @@ event-loop driver lives in :mod:`fastsip.asyncio.timers`.
 
 from __future__ import annotations
 
-from fastsip.timers._wheel import TimerHandle, TimerWheel
+from fastsip.timers._wheel import TimerError, TimerHandle, TimerWheel
 
-__all__ = ["TimerHandle", "TimerWheel"]
+__all__ = ["TimerError", "TimerHandle", "TimerWheel"]

@@ -6,8 +6,13 @@ from typing import Any, TypeAlias, final
 
 from typing_extensions import TypeVarTuple, Unpack
 
+from fastsip.errors import FastSIPError
+
 _Ts = TypeVarTuple("_Ts")
 _ErrorHandler: TypeAlias = Callable[[Exception, Callable[..., Any]], object]
+
+class TimerError(FastSIPError, ValueError):
+    """Bad input to the timer wheel: a NaN deadline or clock value, or a bad tick."""
 
 @final
 class TimerHandle:

@@ -44,6 +44,8 @@ from libc.string cimport memcpy, memset
 import array
 import logging
 
+from fastsip.errors import FastSIPError
+
 cdef extern from *:
     """
     #if defined(_MSC_VER)
@@ -77,6 +79,12 @@ cdef extern from *:
     object fs_call_packed(object packed)
 
 logger = logging.getLogger("fastsip.timers")
+
+
+class TimerError(FastSIPError, ValueError):
+    """Bad input to the timer wheel: a NaN deadline or clock value, or a tick that is not a
+    positive number of seconds."""
+
 
 # A timer node's state, in Node.flags.
 cdef enum:
@@ -589,7 +597,7 @@ cdef Py_ssize_t _fire_due(TimerWheel w, double now) except -1:
 
 cdef Py_ssize_t _advance(TimerWheel w, double now) except -1:
     if isnan(now):
-        raise ValueError("advance(): now is NaN")
+        raise TimerError("advance(): now is NaN")
     if w._running:
         raise RuntimeError("TimerWheel.advance() called from inside a timer callback")
     if now > w._now:
@@ -657,7 +665,7 @@ cdef double _group_min_when(Node** ch, uint32_t group, double best) noexcept nog
 
 cdef inline int64_t _schedule(TimerWheel w, double when, int64_t data, uint32_t kind) except -1:
     if isnan(when):
-        raise ValueError("timer deadline is NaN")
+        raise TimerError("timer deadline is NaN")
     cdef int64_t i = _alloc(w)
     cdef Node* n = _N(w._chunks, <uint32_t>i)
     n.when = when
@@ -800,9 +808,9 @@ cdef class TimerWheel:
         cdef uint32_t i
         cdef Node* h
         if not (tick > 0.0) or tick != tick or tick == float("inf"):
-            raise ValueError(f"tick must be a positive number of seconds, not {tick!r}")
+            raise TimerError(f"tick must be a positive number of seconds, not {tick!r}")
         if isnan(start):
-            raise ValueError("start is NaN")
+            raise TimerError("start is NaN")
         self._tick = tick
         self._inv_tick = 1.0 / tick
         self._origin = start
