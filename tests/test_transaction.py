@@ -1,0 +1,428 @@
+"""RFC 3261 §17 state machines at exact times: every timer, every transition of figures 5-8
+(with RFC 6026's Accepted state), and the matching rules of §17.1.3 and §17.2.3.
+
+The clock is a real TimerWheel advanced by hand; the transport records what would go out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import fastsip
+from fastsip import TimerWheel
+from fastsip.transaction import (
+    ACCEPTED,
+    CALLING,
+    COMPLETED,
+    CONFIRMED,
+    PROCEEDING,
+    TERMINATED,
+    TRYING,
+    ClientTransaction,
+    ServerTransaction,
+    TimerConfig,
+    TransactionLayer,
+    new_branch,
+)
+from fastsip.transport import Address
+
+UDP = Address("UDP", "192.0.2.20", 5060)
+TCP = Address("TCP", "192.0.2.20", 5060, connection=7)
+
+
+class Wire:
+    """The transport: records (message, destination) for everything sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[fastsip.Message, Address]] = []
+
+    def send(self, data: bytes, dest: Address) -> None:
+        self.sent.append((fastsip.parse(data), dest))
+
+    def sent_by(self, transport: str) -> tuple[str, int]:
+        return ("192.0.2.1", 5060)
+
+    def take(self) -> list[fastsip.Message]:
+        out = [m for m, _ in self.sent]
+        self.sent.clear()
+        return out
+
+
+class Recorder:
+    """Both a ClientHandler and a TransactionUser that records every call."""
+
+    def __init__(self, answer: int | None = None) -> None:
+        self.events: list[tuple[str, Any]] = []
+        self.answer = answer
+
+    def on_response(self, txn: ClientTransaction, response: fastsip.Response) -> None:
+        self.events.append(("response", response.status_code))
+
+    def on_timeout(self, txn: ClientTransaction) -> None:
+        self.events.append(("timeout", txn.request.method))
+
+    def on_transport_error(self, txn: ClientTransaction) -> None:
+        self.events.append(("transport_error", txn.request.method))
+
+    def on_request(self, txn: ServerTransaction, request: fastsip.Request) -> None:
+        self.events.append(("request", request.method))
+        if self.answer is not None:
+            txn.reply(self.answer)
+
+    def on_ack(self, request: fastsip.Request, source: Address) -> None:
+        self.events.append(("ack", request.cseq.seq if request.cseq else None))
+
+    def on_stray_response(self, response: fastsip.Response, source: Address) -> None:
+        self.events.append(("stray", response.status_code))
+
+    def on_server_timeout(self, txn: ServerTransaction) -> None:
+        self.events.append(("server_timeout", txn.method))
+
+
+def make(tu: Recorder | None = None) -> tuple[TransactionLayer, Wire, TimerWheel, Recorder]:
+    wire, wheel, rec = Wire(), TimerWheel(tick=0.001), tu or Recorder()
+    return TransactionLayer(wire, wheel, rec, TimerConfig()), wire, wheel, rec
+
+
+def request(method: str = "INVITE", branch: str | None = None, cseq: int = 1,
+            host: str = "client.example.com", to_tag: str = "") -> fastsip.Request:
+    branch = branch or new_branch()
+    to = "<sip:bob@example.com>" + (f";tag={to_tag}" if to_tag else "")
+    return fastsip.Request.create(method, "sip:bob@example.com", [
+        ("Via", f"SIP/2.0/UDP {host}:5060;branch={branch}"),
+        ("Route", "<sip:proxy.example.com;lr>"),
+        ("Max-Forwards", "70"),
+        ("From", "<sip:alice@example.com>;tag=a1"),
+        ("To", to),
+        ("Call-ID", "call-1@example.com"),
+        ("CSeq", f"{cseq} {method}"),
+    ])
+
+
+def response(req: fastsip.Request, status: int, to_tag: str = "b2") -> fastsip.Response:
+    return req.reply(status, to_tag=to_tag)
+
+
+def times_of(wheel: TimerWheel, wire: Wire, until: float, step: float = 0.001) -> list[float]:
+    """Advance to `until` in small steps and return when something was sent."""
+    out = []
+    t = wheel.time()
+    while t < until:
+        t = round(t + step, 6)
+        wheel.advance(t)
+        if wire.sent:
+            out.append(t)
+            wire.sent.clear()
+    return out
+
+
+# -- client INVITE (figure 5, RFC 6026 figure 5) -------------------------------------------------
+
+def test_client_invite_timer_a_doubles_and_timer_b_times_out() -> None:
+    layer, wire, wheel, rec = make()
+    txn = layer.request(request(), UDP, rec)
+    assert txn.state == CALLING and len(wire.take()) == 1
+    sends = times_of(wheel, wire, 33.0, step=0.0005)
+    # Timer A: T1, 2T1, 4T1 ... after each send; Timer B at 64*T1 = 32 s (A's 7th would be 63.5).
+    assert sends == pytest.approx([0.5, 1.5, 3.5, 7.5, 15.5, 31.5], abs=0.002)
+    assert rec.events == [("timeout", "INVITE")]
+    assert txn.state == TERMINATED and layer.client_transactions == 0
+
+
+def test_client_invite_provisional_stops_retransmissions_and_timer_b() -> None:
+    layer, wire, wheel, rec = make()
+    req = request()
+    txn = layer.request(req, UDP, rec)
+    wire.take()
+    wheel.advance(0.2)
+    layer.receive(response(req, 180), UDP)
+    assert txn.state == PROCEEDING
+    assert times_of(wheel, wire, 40.0, step=0.01) == []
+    assert rec.events == [("response", 180)]  # no timeout in Proceeding
+    layer.receive(response(req, 183), UDP)
+    assert rec.events[-1] == ("response", 183)
+
+
+def test_client_invite_2xx_accepted_passes_every_2xx_then_timer_m() -> None:
+    layer, wire, wheel, rec = make()
+    req = request()
+    txn = layer.request(req, UDP, rec)
+    ok = response(req, 200)
+    layer.receive(response(req, 100), UDP)
+    layer.receive(ok, UDP)
+    assert txn.state == ACCEPTED
+    layer.receive(ok, UDP)  # retransmitted 2xx: to the TU too (it re-sends its ACK)
+    assert rec.events == [("response", 100), ("response", 200), ("response", 200)]
+    assert [m.method for m in wire.take()] == ["INVITE"]  # the transaction never ACKs a 2xx
+    wheel.advance(31.9)
+    assert txn.state == ACCEPTED
+    wheel.advance(32.01)
+    assert txn.state == TERMINATED and layer.client_transactions == 0
+    layer.receive(ok, UDP)  # after Timer M: a stray for the UA core
+    assert rec.events[-1] == ("stray", 200)
+
+
+def test_client_invite_non_2xx_is_acked_by_the_transaction() -> None:
+    layer, wire, wheel, rec = make()
+    req = request(cseq=7)
+    txn = layer.request(req, UDP, rec)
+    wire.take()
+    busy = response(req, 486, to_tag="t9")
+    layer.receive(busy, UDP)
+    assert txn.state == COMPLETED and rec.events == [("response", 486)]
+    (ack,) = wire.take()
+    assert ack.method == "ACK" and str(ack.uri) == str(req.uri)
+    assert ack.via[0].branch == req.via[0].branch and len(ack.via) == 1
+    assert ack.cseq == (7, "ACK") and ack.to.tag == "t9" and ack.from_.tag == "a1"
+    assert ack.call_id == req.call_id and [str(r) for r in ack.route] == [str(r) for r in req.route]
+    layer.receive(busy, UDP)  # retransmitted final: ACK again, TU not bothered
+    assert [m.method for m in wire.take()] == ["ACK"] and rec.events == [("response", 486)]
+    wheel.advance(31.9)
+    assert txn.state == COMPLETED  # Timer D: 32 s over UDP
+    wheel.advance(32.1)
+    assert txn.state == TERMINATED
+
+
+def test_client_invite_over_reliable_transport() -> None:
+    layer, wire, wheel, rec = make()
+    req = request()
+    txn = layer.request(req, TCP, rec)
+    assert times_of(wheel, wire, 31.0, step=0.01) == [0.01]  # just the initial send
+    layer.receive(response(req, 603), TCP)
+    assert txn.state == TERMINATED  # Timer D = 0 for reliable transports
+    assert [m.method for m in wire.take()] == ["ACK"]
+
+
+# -- client non-INVITE (figure 6) -----------------------------------------------------------------
+
+def test_client_non_invite_timer_e_caps_at_t2_and_timer_f() -> None:
+    layer, wire, wheel, rec = make()
+    layer.request(request("OPTIONS"), UDP, rec)
+    wire.take()
+    sends = times_of(wheel, wire, 33.0, step=0.0005)
+    assert sends == pytest.approx([0.5, 1.5, 3.5, 7.5, 11.5, 15.5, 19.5, 23.5, 27.5, 31.5],
+                                  abs=0.002)
+    assert rec.events == [("timeout", "OPTIONS")]
+
+
+def test_client_non_invite_provisional_then_final_then_timer_k() -> None:
+    layer, wire, wheel, rec = make()
+    req = request("REGISTER")
+    txn = layer.request(req, UDP, rec)
+    wire.take()
+    wheel.advance(0.1)
+    layer.receive(response(req, 100), UDP)
+    assert txn.state == PROCEEDING
+    # In Proceeding, Timer E fires at T2 intervals.
+    assert times_of(wheel, wire, 9.0, step=0.0005) == pytest.approx([0.5, 4.5, 8.5], abs=0.002)
+    ok = response(req, 200)
+    layer.receive(ok, UDP)
+    layer.receive(ok, UDP)  # absorbed
+    assert rec.events == [("response", 100), ("response", 200)]
+    assert txn.state == COMPLETED
+    wheel.advance(9.0 + 4.9)
+    assert txn.state == COMPLETED
+    wheel.advance(9.0 + 5.1)  # Timer K = T4
+    assert txn.state == TERMINATED
+
+
+def test_transport_error_ends_client_transactions_to_that_peer() -> None:
+    layer, wire, wheel, rec = make()
+    layer.request(request("OPTIONS"), TCP, rec)
+    layer.request(request("OPTIONS"), Address("UDP", "192.0.2.99", 5060), rec)
+    layer.transport_error(Address("TCP", "192.0.2.20", 5060))
+    assert rec.events == [("transport_error", "OPTIONS")]
+    assert layer.client_transactions == 1
+
+
+def test_request_needs_a_branch_and_is_not_ack() -> None:
+    layer, wire, wheel, rec = make()
+    with pytest.raises(ValueError):
+        layer.request(request("ACK"), UDP, rec)
+    no_branch = fastsip.Request.create("OPTIONS", "sip:a@b", [("Via", "SIP/2.0/UDP h"),
+                                                             ("CSeq", "1 OPTIONS")])
+    with pytest.raises(ValueError):
+        layer.request(no_branch, UDP, rec)
+
+
+# -- server INVITE (figure 7, RFC 6026 figure 7) -----------------------------------------------
+
+def test_server_invite_sends_100_and_absorbs_retransmissions() -> None:
+    layer, wire, wheel, rec = make()
+    req = request()
+    layer.receive(req, UDP)
+    assert rec.events == [("request", "INVITE")]
+    (trying,) = wire.take()
+    assert trying.status_code == 100 and trying.to.tag is None
+    layer.receive(req, UDP)  # retransmission: the last provisional again, TU not called
+    assert [m.status_code for m in wire.take()] == [100]
+    assert rec.events == [("request", "INVITE")]
+    assert layer.server_transactions == 1
+
+
+def test_server_invite_non_2xx_timer_g_and_timer_h() -> None:
+    layer, wire, wheel, rec = make(Recorder(answer=486))
+    layer.receive(request(), UDP)
+    assert [m.status_code for m in wire.take()] == [486]  # answered at once: no 100
+    sends = times_of(wheel, wire, 33.0, step=0.0005)
+    # Timer G: T1 doubling up to T2; Timer H at 64*T1.
+    assert sends == pytest.approx([0.5, 1.5, 3.5, 7.5, 11.5, 15.5, 19.5, 23.5, 27.5, 31.5],
+                                  abs=0.002)
+    assert rec.events == [("request", "INVITE"), ("server_timeout", "INVITE")]
+    assert layer.server_transactions == 0
+
+
+def test_server_invite_ack_confirms_then_timer_i() -> None:
+    layer, wire, wheel, rec = make(Recorder(answer=404))
+    req = request()
+    layer.receive(req, UDP)
+    final = wire.take()[0]
+    txn = next(iter(layer._server.values()))
+    ack = fastsip.Request.create("ACK", "sip:bob@example.com", [
+        ("Via", str(req.via[0])), ("From", "<sip:alice@example.com>;tag=a1"),
+        ("To", f"<sip:bob@example.com>;tag={final.to.tag}"), ("Call-ID", "call-1@example.com"),
+        ("CSeq", "1 ACK")])
+    wheel.advance(0.2)
+    layer.receive(ack, UDP)
+    assert txn.state == CONFIRMED
+    assert ("ack", 1) not in rec.events  # an ACK for a non-2xx is the transaction's
+    assert times_of(wheel, wire, 5.1, step=0.001) == []  # Timer G stopped
+    assert txn.state == CONFIRMED  # absorbing ACK retransmissions for T4 ...
+    wheel.advance(5.25)
+    assert txn.state == TERMINATED  # ... Timer I = T4 = 5 s after the ACK
+
+
+def test_server_invite_2xx_accepted_hands_ack_up_and_timer_l() -> None:
+    layer, wire, wheel, rec = make(Recorder(answer=200))
+    req = request()
+    layer.receive(req, UDP)
+    txn = next(iter(layer._server.values()))
+    assert txn.state == ACCEPTED and [m.status_code for m in wire.take()] == [200]
+    layer.receive(req, UDP)  # INVITE retransmission: absorbed, nothing re-sent by the txn
+    assert wire.take() == []
+    txn.respond(txn.last_response)  # the TU's own 2xx retransmission goes out
+    assert [m.status_code for m in wire.take()] == [200]
+    ack = fastsip.Request.create("ACK", "sip:bob@example.com", [
+        ("Via", str(req.via[0])), ("From", "<sip:alice@example.com>;tag=a1"),
+        ("To", "<sip:bob@example.com>;tag=x"), ("Call-ID", "call-1@example.com"),
+        ("CSeq", "1 ACK")])
+    layer.receive(ack, UDP)
+    assert rec.events[-1] == ("ack", 1)
+    with pytest.raises(ValueError):
+        txn.reply(486)
+    wheel.advance(32.1)  # Timer L
+    assert txn.state == TERMINATED and layer.server_transactions == 0
+    layer.receive(ack, UDP)  # an ACK for a 2xx with no transaction: straight to the TU
+    assert rec.events[-1] == ("ack", 1)
+
+
+def test_server_invite_over_reliable_transport_terminates_on_ack() -> None:
+    layer, wire, wheel, rec = make(Recorder(answer=480))
+    req = request()
+    layer.receive(req, TCP)
+    txn = next(iter(layer._server.values()))
+    (final, dest) = wire.sent[0]
+    assert dest == TCP  # back over the connection the request came on
+    wire.take()
+    assert times_of(wheel, wire, 5.0, step=0.01) == []  # no Timer G over TCP
+    ack = fastsip.Request.create("ACK", "sip:bob@example.com", [
+        ("Via", str(req.via[0])), ("From", "<sip:alice@example.com>;tag=a1"),
+        ("To", f"<sip:bob@example.com>;tag={final.to.tag}"), ("Call-ID", "call-1@example.com"),
+        ("CSeq", "1 ACK")])
+    layer.receive(ack, TCP)
+    assert txn.state == TERMINATED  # Timer I = 0
+
+
+# -- server non-INVITE (figure 8) -------------------------------------------------------------------
+
+def test_server_non_invite_trying_proceeding_completed_timer_j() -> None:
+    layer, wire, wheel, rec = make()
+    req = request("OPTIONS")
+    layer.receive(req, UDP)
+    txn = next(iter(layer._server.values()))
+    assert txn.state == TRYING and wire.take() == []  # no automatic 100 for non-INVITE
+    layer.receive(req, UDP)
+    assert wire.take() == [] and rec.events == [("request", "OPTIONS")]  # absorbed in Trying
+    txn.reply(100)
+    assert txn.state == PROCEEDING
+    layer.receive(req, UDP)
+    assert [m.status_code for m in wire.take()] == [100, 100]
+    txn.reply(200)
+    assert txn.state == COMPLETED
+    layer.receive(req, UDP)
+    assert [m.status_code for m in wire.take()] == [200, 200]
+    wheel.advance(31.9)
+    assert txn.state == COMPLETED
+    wheel.advance(32.1)  # Timer J = 64*T1 over UDP
+    assert txn.state == TERMINATED
+
+
+def test_server_non_invite_reliable_terminates_at_once() -> None:
+    layer, wire, wheel, rec = make(Recorder(answer=200))
+    layer.receive(request("BYE"), TCP)
+    assert layer.server_transactions == 0
+
+
+# -- matching (§17.1.3, §17.2.3) --------------------------------------------------------------------
+
+def test_server_matching_branch_sent_by_and_method() -> None:
+    layer, wire, wheel, rec = make(Recorder(answer=200))
+    b = new_branch()
+    layer.receive(request("OPTIONS", branch=b), UDP)
+    layer.receive(request("OPTIONS", branch=b), UDP)  # retransmission
+    layer.receive(request("OPTIONS", branch=b, host="other.example.com"), UDP)  # other sent-by
+    layer.receive(request("OPTIONS", branch=new_branch()), UDP)
+    assert rec.events == [("request", "OPTIONS")] * 3
+
+
+def test_cancel_is_its_own_transaction_and_finds_the_invite() -> None:
+    layer, wire, wheel, rec = make()
+    b = new_branch()
+    layer.receive(request("INVITE", branch=b), UDP)
+    cancel = request("CANCEL", branch=b)
+    layer.receive(cancel, UDP)
+    assert rec.events == [("request", "INVITE"), ("request", "CANCEL")]
+    invite_txn = layer.find_invite(cancel)
+    assert invite_txn is not None and invite_txn.method == "INVITE"
+    assert layer.find_invite(request("CANCEL", branch=new_branch())) is None
+
+
+def test_rfc2543_requests_match_without_magic_cookie() -> None:
+    layer, wire, wheel, rec = make(Recorder(answer=486))
+    req = fastsip.Request.create("INVITE", "sip:bob@example.com", [
+        ("Via", "SIP/2.0/UDP old.example.com"), ("From", "<sip:a@example.com>;tag=1"),
+        ("To", "<sip:bob@example.com>"), ("Call-ID", "2543@example.com"), ("CSeq", "5 INVITE")])
+    layer.receive(req, UDP)
+    final = wire.take()[0]
+    layer.receive(req, UDP)  # retransmission matched by the RFC 2543 rule
+    assert rec.events == [("request", "INVITE")] and [m.status_code for m in wire.take()] == [486]
+    ack = fastsip.Request.create("ACK", "sip:bob@example.com", [
+        ("Via", "SIP/2.0/UDP old.example.com"), ("From", "<sip:a@example.com>;tag=1"),
+        ("To", f"<sip:bob@example.com>;tag={final.to.tag}"), ("Call-ID", "2543@example.com"),
+        ("CSeq", "5 ACK")])
+    layer.receive(ack, UDP)
+    assert next(iter(layer._server.values())).state == CONFIRMED
+
+
+def test_client_matching_by_branch_and_cseq_method() -> None:
+    layer, wire, wheel, rec = make()
+    req = request("INVITE")
+    layer.request(req, UDP, rec)
+    other = request("INVITE")
+    layer.receive(response(other, 200), UDP)  # unknown branch
+    cancel_resp = fastsip.parse(bytes(response(req, 200)).replace(b"1 INVITE", b"1 CANCEL"))
+    layer.receive(cancel_resp, UDP)  # same branch, other method: not this transaction
+    assert rec.events == [("stray", 200), ("stray", 200)]
+
+
+def test_responses_go_where_section_18_2_2_says() -> None:
+    layer, wire, wheel, rec = make(Recorder(answer=200))
+    req = fastsip.Request.create("OPTIONS", "sip:bob@example.com", [
+        ("Via", f"SIP/2.0/UDP 10.0.0.5:5070;branch={new_branch()};rport=40000;received=198.51.100.7"),
+        ("From", "<sip:a@example.com>;tag=1"), ("To", "<sip:bob@example.com>"),
+        ("Call-ID", "x"), ("CSeq", "1 OPTIONS")])
+    layer.receive(req, Address("UDP", "198.51.100.7", 40000))
+    (_, dest) = wire.sent[0]
+    assert dest == Address("UDP", "198.51.100.7", 40000)
