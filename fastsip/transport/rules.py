@@ -6,10 +6,29 @@ Sans-IO: these decide *where* a message goes and what the receiving side records
 
 from __future__ import annotations
 
-from fastsip.sip import Message, Via
+from collections.abc import Iterable
+
+from fastsip.sip import URI, Message, NameAddr, Request, Response, Via, parse_uri
 from fastsip.transport import DEFAULT_PORTS, Address
 
-__all__ = ["response_destination", "stamp_received", "strip_brackets"]
+__all__ = [
+    "UDP_SIZE_LIMIT",
+    "check_sent_by",
+    "next_hop",
+    "request_next_hop",
+    "response_destination",
+    "select_transport",
+    "stamp_received",
+    "strip_brackets",
+]
+
+#: §18.1.1: a request larger than this (path MTU unknown) goes over a congestion-controlled
+#: transport (TCP) instead of UDP.
+UDP_SIZE_LIMIT = 1300
+
+#: URI ``transport=`` values (RFC 3261 §19.1.1, RFC 7118 for ws/wss) to Via transport names.
+_URI_TRANSPORTS = {"udp": "UDP", "tcp": "TCP", "tls": "TLS", "sctp": "SCTP", "ws": "WS",
+                   "wss": "WSS"}
 
 
 def strip_brackets(host: str) -> str:
@@ -65,3 +84,82 @@ def response_destination(via: Via, source: Address | None = None) -> Address:
     if port is None:
         port = DEFAULT_PORTS.get(transport, 5060)
     return Address(transport, strip_brackets(host), port)
+
+
+def next_hop(target: URI | NameAddr | str) -> Address:
+    """Where a request for ``target`` (a Request-URI or the first Route) is sent: RFC 3263 §4
+    without NAPTR/SRV lookups.
+
+    Transport: the URI's ``transport`` parameter, else TLS for ``sips``, else UDP.  ``sips``
+    with ``transport=tcp`` means TLS (§26.2.2); with ``transport=udp`` it is an error.  Host: the
+    ``maddr`` parameter when present (§19.1.1), else the URI host (a name is returned as is;
+    resolving it is the caller's business).  Port: the URI's, else the transport's default.
+    Raises ValueError for a URI that is not sip/sips.
+    """
+    uri: URI | None
+    if isinstance(target, NameAddr):
+        uri = target.uri
+    elif isinstance(target, str):
+        uri = parse_uri(target)
+    else:
+        uri = target
+    if uri is None or not uri.is_sip:
+        raise ValueError(f"no SIP next hop for {target!s}")
+    secure = uri.scheme == "sips"
+    param = uri.transport
+    if param is not None:
+        transport = _URI_TRANSPORTS.get(param.lower(), param.upper())
+        if secure:
+            if transport == "TCP":
+                transport = "TLS"
+            elif transport == "UDP":
+                raise ValueError(f"sips URI with transport=udp: {uri!s}")
+    else:
+        transport = "TLS" if secure else "UDP"
+    host = strip_brackets(uri.maddr or uri.host)
+    port = uri.port if uri.port else DEFAULT_PORTS.get(transport, 5060)
+    return Address(transport, host, port)
+
+
+def request_next_hop(request: Request, outbound_proxy: URI | str | None = None) -> Address:
+    """The next hop of an outgoing request (§8.1.2): the outbound proxy when configured, else
+    the first Route (loose routing; a strict router has already been swapped into the
+    Request-URI by §12.2.1.1), else the Request-URI."""
+    if outbound_proxy is not None:
+        return next_hop(outbound_proxy)
+    routes = request.route
+    if routes:
+        return next_hop(routes[0])
+    return next_hop(request.uri)
+
+
+def select_transport(transport: str, size: int, *, tcp: bool = True,
+                     udp_size_limit: int = UDP_SIZE_LIMIT) -> str:
+    """§18.1.1: a request over ``udp_size_limit`` bytes that would go over UDP goes over TCP
+    instead, when TCP is available (``tcp``).  Call it *before* adding the top Via, whose
+    transport must name the one actually used (build the request, measure, then stamp)."""
+    if transport == "UDP" and tcp and size > udp_size_limit:
+        return "TCP"
+    return transport
+
+
+def check_sent_by(response: Response, local: Iterable[tuple[str, int]]) -> bool:
+    """§18.1.2: does the top Via's sent-by name one of our ``local`` (host, port) pairs?  A
+    client transport silently discards a response for which it does not.
+
+    Hosts compare case-insensitively without IPv6 brackets; a Via without a port means the
+    transport's default port.  A ``local`` host of ``0.0.0.0`` or ``::`` (a wildcard listener
+    with no advertised address) matches any host on that port.
+    """
+    via = response.top_via
+    if via is None:
+        return False
+    host = strip_brackets(via.host).lower()
+    port = via.port if via.port is not None else DEFAULT_PORTS.get(via.transport, 5060)
+    for local_host, local_port in local:
+        if local_port != port:
+            continue
+        h = strip_brackets(local_host).lower()
+        if h == host or h in ("0.0.0.0", "::"):
+            return True
+    return False
