@@ -1,0 +1,138 @@
+"""Helpers for tests over real sockets: the loops to run on, a message inbox, SIP requests to send,
+and a throwaway self-signed TLS certificate (made with ``cryptography``, no openssl CLI)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import socket
+import ssl
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastsip import Message, Request
+from fastsip.transport import Address
+
+LOOPS: list[Any] = [pytest.param(asyncio.new_event_loop, id="asyncio")]
+try:
+    import uvloop
+
+    LOOPS.append(pytest.param(uvloop.new_event_loop, id="uvloop"))
+except ImportError:     # pragma: no cover - uvloop is a bench extra, not a test dependency
+    LOOPS.append(pytest.param(None, id="uvloop", marks=pytest.mark.skip("uvloop not installed")))
+
+
+def _has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+HAS_IPV6 = _has_ipv6()
+needs_ipv6 = pytest.mark.skipif(not HAS_IPV6, reason="no IPv6 loopback")
+
+
+def run(factory: Callable[[], asyncio.AbstractEventLoop], coro: Coroutine[Any, Any, None],
+        timeout: float = 20.0) -> None:
+    """Run ``coro`` on a fresh loop from ``factory``, failing (not hanging) after ``timeout``."""
+    loop = factory()
+    try:
+        loop.run_until_complete(asyncio.wait_for(coro, timeout))
+    finally:
+        loop.close()
+
+
+class Inbox:
+    """Collects (message, source) pairs from a transport's receive callback."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Message, Address]] = []
+        self._event = asyncio.Event()
+
+    def __call__(self, msg: Message, source: Address) -> None:
+        self.items.append((msg, source))
+        self._event.set()
+
+    async def wait(self, count: int = 1, timeout: float = 5.0) -> list[tuple[Message, Address]]:
+        """Wait until ``count`` messages have arrived; fails after ``timeout``."""
+        async def until() -> None:
+            while len(self.items) < count:
+                self._event.clear()
+                await self._event.wait()
+        await asyncio.wait_for(until(), timeout)
+        return self.items
+
+
+def options(target: str, sent_by: str, transport: str = "UDP", *, branch: str = "z9hG4bKtest1",
+            call_id: str = "call-1@test", rport: bool = True, extra: str = "") -> Request:
+    """An OPTIONS request with one Via (``sent_by`` is "host:port")."""
+    via = f"SIP/2.0/{transport} {sent_by};branch={branch}" + (";rport" if rport else "") + extra
+    return Request.create("OPTIONS", target, [
+        ("Via", via),
+        ("Max-Forwards", "70"),
+        ("From", "<sip:alice@test>;tag=a1"),
+        ("To", "<sip:bob@test>"),
+        ("Call-ID", call_id),
+        ("CSeq", "1 OPTIONS"),
+    ])
+
+
+def hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def free_port(family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket(family, kind) as s:
+        s.bind(("127.0.0.1" if family == socket.AF_INET else "::1", 0))
+        return int(s.getsockname()[1])
+
+
+def tls_contexts(tmp: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a fresh self-signed certificate for 127.0.0.1, ::1 and
+    localhost, and a client context that trusts exactly that certificate."""
+    crypto = pytest.importorskip("cryptography")
+    del crypto
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fastsip test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.IPAddress(ipaddress.ip_address("::1")),
+        ]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    cert_file = tmp / "cert.pem"
+    key_file = tmp / "key.pem"
+    cert_file.write_bytes(cert_pem)
+    key_file.write_bytes(key_pem)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_file, key_file)
+    client = ssl.create_default_context(cadata=cert_pem.decode())
+    return server, client

@@ -1,0 +1,515 @@
+"""The asyncio transports over real sockets (127.0.0.1 and ::1), on the default loop and uvloop:
+UDP, TCP framing, keep-alives, bad input, connection reuse, TLS, and the Endpoint end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastsip import Limits, Message, Request, Response, parse
+from fastsip.asyncio import Endpoint, TransportLayer, parse_listen
+from fastsip.transaction import ClientTransaction, ServerTransaction, TimerConfig, new_branch
+from fastsip.transport import Address
+from fastsip.transport.rules import response_destination
+
+sys.path.insert(0, str(Path(__file__).parent))
+from netutil import (
+    HAS_IPV6,
+    LOOPS,
+    Inbox,
+    free_port,
+    hostport,
+    needs_ipv6,
+    options,
+    run,
+    tls_contexts,
+)
+
+HOSTS = [pytest.param("127.0.0.1", id="v4"),
+         pytest.param("::1", id="v6", marks=needs_ipv6)]
+
+
+def answer_with(server: TransportLayer, status: int = 200) -> Inbox:
+    """An inbox that also answers each request through ``server`` (§18.2.2 destination)."""
+    inbox = Inbox()
+
+    def on_message(msg: Message, source: Address) -> None:
+        inbox(msg, source)
+        if isinstance(msg, Request):
+            via = msg.top_via
+            assert via is not None
+            server.send(bytes(msg.reply(status)), response_destination(via, source))
+
+    server.on_message = on_message
+    return inbox
+
+
+# -- listen specs ------------------------------------------------------------------------------
+
+def test_parse_listen() -> None:
+    assert parse_listen("udp:127.0.0.1:5060") == ("UDP", "127.0.0.1", 5060)
+    assert parse_listen("TCP:[::1]:5070") == ("TCP", "::1", 5070)
+    assert parse_listen("tls:0.0.0.0") == ("TLS", "0.0.0.0", 5061)
+    assert parse_listen("udp:[::]:0") == ("UDP", "::", 0)
+    for bad in ["127.0.0.1:5060", "sctp:127.0.0.1:5060", "udp:", "udp:::1:5060",
+                "tcp:[::1", "udp:127.0.0.1:99999", "udp:127.0.0.1:x", "udp:example.com:5060",
+                "udp:[::1]5060"]:
+        with pytest.raises(ValueError, match="listen spec"):
+            parse_listen(bad)
+
+
+# -- UDP ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize("factory", LOOPS)
+def test_udp_round_trip(factory: Any, host: str) -> None:
+    async def main() -> None:
+        server, client = TransportLayer(), TransportLayer()
+        got_request = answer_with(server)
+        got_response = Inbox()
+        client.on_message = got_response
+        try:
+            s = await server.listen(f"udp:{hostport(host, 0)}")
+            c = await client.listen(f"udp:{hostport(host, 0)}")
+            assert s.address.port != 0 and c.address.port != 0
+            assert server.sent_by("UDP") == (host, s.address.port)
+            # The Via names a host that is not the source, so received= must be stamped.
+            req = options(f"sip:bob@{hostport(host, s.address.port)}",
+                          hostport(host, c.address.port))
+            client.send(bytes(req), s.address)
+            [(msg, source)] = await got_request.wait()
+            assert isinstance(msg, Request) and msg.method == "OPTIONS"
+            assert source == Address("UDP", host, c.address.port)
+            assert msg.top_via is not None and msg.top_via.rport == c.address.port
+            [(resp, rsource)] = await got_response.wait()
+            assert isinstance(resp, Response) and resp.status_code == 200
+            assert rsource == Address("UDP", host, s.address.port)
+            assert resp.top_via is not None and resp.top_via.rport == c.address.port
+        finally:
+            await server.close()
+            await client.close()
+
+    run(factory, main())
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_udp_stamps_received_when_via_lies(factory: Any) -> None:
+    async def main() -> None:
+        server = TransportLayer()
+        inbox = Inbox()
+        server.on_message = inbox
+        try:
+            s = await server.listen("udp:127.0.0.1:0")
+            raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            raw.bind(("127.0.0.1", 0))
+            port = raw.getsockname()[1]
+            req = options("sip:bob@127.0.0.1", "client.invalid:5999")
+            raw.sendto(bytes(req), ("127.0.0.1", s.address.port))
+            [(msg, _)] = await inbox.wait()
+            via = msg.top_via
+            assert via is not None
+            assert via.received == "127.0.0.1" and via.rport == port
+            assert response_destination(via) == Address("UDP", "127.0.0.1", port)
+            raw.close()
+        finally:
+            await server.close()
+
+    run(factory, main())
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_malformed_datagrams_do_not_stall_the_listener(factory: Any) -> None:
+    async def main() -> None:
+        server = TransportLayer()
+        inbox = Inbox()
+        calls = 0
+
+        def on_message(msg: Message, source: Address) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("a bug above the transport")  # must not kill the listener
+            inbox(msg, source)
+
+        server.on_message = on_message
+        try:
+            s = await server.listen("udp:127.0.0.1:0")
+            raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            dest = ("127.0.0.1", s.address.port)
+            good = bytes(options("sip:bob@127.0.0.1", "127.0.0.1:1"))
+            for junk in [b"\x00\xff" * 100, b"GARBAGE\r\n\r\n", b"INVITE sip:x SIP/9.9\r\n\r\n",
+                         b"OPTIONS sip:x SIP/2.0\r\nContent-Length: 99\r\n\r\n", b"\r\n",
+                         good[:40], b"SIP/2.0 200 OK\r\n\r\n", b"y" * 9000]:
+                raw.sendto(junk, dest)
+            raw.sendto(good.replace(b"call-1", b"first"), dest)    # raises in the callback
+            raw.sendto(good, dest)
+            [(msg, _)] = await inbox.wait()
+            assert isinstance(msg, Request) and msg.call_id == "call-1@test"
+            await asyncio.sleep(0.05)
+            assert calls == 2      # nothing from the junk reached the callback
+            raw.close()
+        finally:
+            await server.close()
+
+    run(factory, main())
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_response_with_foreign_via_is_dropped(factory: Any) -> None:
+    async def main() -> None:
+        client = TransportLayer()
+        inbox = Inbox()
+        client.on_message = inbox
+        try:
+            c = await client.listen("udp:127.0.0.1:0")
+            raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            ours = options("sip:x@127.0.0.1", f"127.0.0.1:{c.address.port}", branch="z9hG4bKours")
+            theirs = options("sip:x@127.0.0.1", "192.0.2.7:5060", branch="z9hG4bKtheirs")
+            raw.sendto(bytes(theirs.reply(200)), ("127.0.0.1", c.address.port))
+            raw.sendto(bytes(ours.reply(200)), ("127.0.0.1", c.address.port))
+            [(msg, _)] = await inbox.wait()
+            await asyncio.sleep(0.05)
+            assert len(inbox.items) == 1
+            assert msg.top_via is not None and msg.top_via.branch == "z9hG4bKours"
+            client.check_via = False
+            raw.sendto(bytes(theirs.reply(200)), ("127.0.0.1", c.address.port))
+            await inbox.wait(2)
+            raw.close()
+        finally:
+            await client.close()
+
+    run(factory, main())
+
+
+# -- TCP framing -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize("factory", LOOPS)
+def test_tcp_split_and_coalesced_messages(factory: Any, host: str) -> None:
+    async def main() -> None:
+        server = TransportLayer()
+        inbox = Inbox()
+        server.on_message = inbox
+        try:
+            s = await server.listen(f"tcp:{hostport(host, 0)}")
+            _, writer = await asyncio.open_connection(host, s.address.port)
+            local_port = writer.get_extra_info("sockname")[1]
+            one = options("sip:a@x", "h.invalid:1", "TCP", call_id="one")
+            one.set_body(b"v=0\r\n", "application/sdp")
+            data = bytes(one)
+            cuts = [0, 10, len(data) - 3, len(data)]            # a message in three writes
+            for start, end in itertools.pairwise(cuts):
+                assert inbox.items == []
+                writer.write(data[start:end])
+                await writer.drain()
+                await asyncio.sleep(0.02)
+            [(first, source)] = await inbox.wait()
+            assert first.call_id == "one" and bytes(first.body) == b"v=0\r\n"
+            assert source.transport == "TCP" and source.port == local_port
+            assert source.connection > 0
+            # Two messages in one write, plus the start of a third.
+            two = bytes(options("sip:a@x", "h.invalid:1", "TCP", call_id="two"))
+            three = bytes(options("sip:a@x", "h.invalid:1", "TCP", call_id="three"))
+            writer.write(two + three + b"OPTIONS sip:a@x SIP/2.0\r\n")
+            items = await inbox.wait(3)
+            assert [m.call_id for m, _ in items] == ["one", "two", "three"]
+            assert {src.connection for _, src in items} == {source.connection}
+            writer.close()
+        finally:
+            await server.close()
+
+    run(factory, main())
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_tcp_keepalive_ping_gets_pong(factory: Any) -> None:
+    async def main() -> None:
+        server = TransportLayer()
+        inbox = Inbox()
+        server.on_message = inbox
+        try:
+            s = await server.listen("tcp:127.0.0.1:0")
+            reader, writer = await asyncio.open_connection("127.0.0.1", s.address.port)
+            writer.write(b"\r\n\r\n")
+            assert await asyncio.wait_for(reader.readexactly(2), 5) == b"\r\n"
+            writer.write(b"\r\n\r")                              # a ping split in two
+            await writer.drain()
+            await asyncio.sleep(0.02)
+            writer.write(b"\n" + bytes(options("sip:a@x", "h.invalid:1", "TCP")))
+            assert await asyncio.wait_for(reader.readexactly(2), 5) == b"\r\n"
+            await inbox.wait()                                  # and the stream is in sync
+            writer.close()
+        finally:
+            await server.close()
+
+    run(factory, main())
+
+
+@pytest.mark.parametrize("garbage", [
+    pytest.param(b"NOT SIP AT ALL " * 300, id="no-header-end"),
+    pytest.param(b"OPTIONS sip:a@x SIP/2.0\r\nContent-Length: banana\r\n\r\n", id="bad-length"),
+    pytest.param(b"OPTIONS sip:a@x SIP/2.0\r\nContent-Length: 999999\r\n\r\n", id="too-long"),
+])
+@pytest.mark.parametrize("factory", LOOPS)
+def test_garbage_stream_closes_the_connection(factory: Any, garbage: bytes) -> None:
+    async def main() -> None:
+        server = TransportLayer(limits=Limits(max_message_size=4000))
+        inbox = Inbox()
+        server.on_message = inbox
+        try:
+            s = await server.listen("tcp:127.0.0.1:0")
+            reader, writer = await asyncio.open_connection("127.0.0.1", s.address.port)
+            writer.write(garbage)
+            assert await asyncio.wait_for(reader.read(), 5) == b""       # EOF: closed
+            await asyncio.sleep(0.02)
+            assert list(server.connections()) == []
+            assert inbox.items == []
+            writer.close()
+        finally:
+            await server.close()
+
+    run(factory, main())
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_idle_connections_are_closed(factory: Any) -> None:
+    async def main() -> None:
+        server = TransportLayer(idle_timeout=0.2)
+        try:
+            s = await server.listen("tcp:127.0.0.1:0")
+            reader, writer = await asyncio.open_connection("127.0.0.1", s.address.port)
+            await asyncio.sleep(0.05)
+            assert len(list(server.connections())) == 1
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            assert loop.time() - start >= 0.1
+            assert list(server.connections()) == []
+            writer.close()
+        finally:
+            await server.close()
+
+    run(factory, main())
+
+
+# -- connections: reuse, on demand, failure ----------------------------------------------------
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_response_and_new_requests_reuse_the_incoming_connection(factory: Any) -> None:
+    async def main() -> None:
+        server = TransportLayer()
+        inbox = answer_with(server)
+        try:
+            s = await server.listen("tcp:127.0.0.1:0")
+            reader, writer = await asyncio.open_connection("127.0.0.1", s.address.port)
+            writer.write(bytes(options("sip:a@x", "h.invalid:5060", "TCP")))
+            [(_, source)] = await inbox.wait()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            resp = parse(head)
+            assert isinstance(resp, Response) and resp.status_code == 200
+            # A request to the peer (no connection id) goes over the same connection.
+            peer = Address("TCP", source.host, source.port)
+            server.send(bytes(options("sip:c@x", "127.0.0.1:1", "TCP", call_id="back")), peer)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            back = parse(head)
+            assert isinstance(back, Request) and back.call_id == "back"
+            assert len(list(server.connections())) == 1
+            writer.close()
+        finally:
+            await server.close()
+
+    run(factory, main())
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_outgoing_connection_on_demand_and_alias(factory: Any) -> None:
+    async def main() -> None:
+        server, client = TransportLayer(), TransportLayer()
+        got = answer_with(server)
+        responses = Inbox()
+        client.on_message = responses
+        try:
+            s = await server.listen("tcp:127.0.0.1:0")
+            c = await client.listen("tcp:127.0.0.1:0")
+            sent_by = hostport(*client.sent_by("TCP"))
+            assert sent_by == f"127.0.0.1:{c.address.port}"
+            # Two sends before the connection is up: both are queued and arrive in order.
+            for n in range(2):
+                req = options("sip:b@x", sent_by, "TCP", branch=f"z9hG4bK{n}", call_id=f"q{n}",
+                              extra=";alias")
+                client.send(bytes(req), s.address)
+            items = await got.wait(2)
+            assert [m.call_id for m, _ in items] == ["q0", "q1"]
+            await responses.wait(2)
+            assert len(list(client.connections())) == 1
+            # RFC 5923 alias: the server reaches the client's listening address over the same
+            # connection instead of opening a new one.
+            server.send(bytes(options("sip:c@x", "127.0.0.1:1", "TCP", call_id="via-alias")),
+                        Address("TCP", "127.0.0.1", c.address.port))
+            [*_, (msg, src)] = await responses.wait(3)
+            assert msg.call_id == "via-alias"
+            assert src.port == s.address.port          # it came from the server's listener
+            assert len(list(server.connections())) == 1
+        finally:
+            await server.close()
+            await client.close()
+
+    run(factory, main())
+
+
+@pytest.mark.parametrize("transport", ["TCP", "UDP"])
+@pytest.mark.parametrize("factory", LOOPS)
+def test_unreachable_peer_reports_a_transport_error(factory: Any, transport: str) -> None:
+    async def main() -> None:
+        errors: list[Address] = []
+        client = TransportLayer(on_error=errors.append)
+        try:
+            await client.listen("tcp:127.0.0.1:0")     # no UDP listener for UDP: an error too
+            dest = Address(transport, "127.0.0.1", free_port())
+            client.send(b"OPTIONS sip:x SIP/2.0\r\n\r\n", dest)
+            assert errors == []                         # never from inside send()
+            for _ in range(200):
+                if errors:
+                    break
+                await asyncio.sleep(0.01)
+            assert errors == [dest]
+            assert list(client.connections()) == []
+        finally:
+            await client.close()
+
+    run(factory, main())
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize("factory", LOOPS)
+def test_tls_round_trip(factory: Any, host: str, tmp_path: Path) -> None:
+    server_ctx, client_ctx = tls_contexts(tmp_path)
+
+    async def main() -> None:
+        server = TransportLayer(tls_context=server_ctx)
+        client = TransportLayer(tls_context=server_ctx, tls_client_context=client_ctx)
+        got = answer_with(server)
+        responses = Inbox()
+        client.on_message = responses
+        try:
+            s = await server.listen(f"tls:{hostport(host, 0)}")
+            await client.listen(f"tls:{hostport(host, 0)}")
+            req = options(f"sips:b@{hostport(host, s.address.port)}",
+                          hostport(*client.sent_by("TLS")), "TLS")
+            client.send(bytes(req), s.address)
+            [(msg, source)] = await got.wait()
+            assert msg.call_id == "call-1@test" and source.transport == "TLS"
+            [(resp, _)] = await responses.wait()
+            assert isinstance(resp, Response) and resp.status_code == 200
+        finally:
+            await server.close()
+            await client.close()
+
+    run(factory, main())
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_tls_untrusted_certificate_is_a_transport_error(factory: Any, tmp_path: Path) -> None:
+    server_ctx, _ = tls_contexts(tmp_path)
+
+    async def main() -> None:
+        errors: list[Address] = []
+        server = TransportLayer(tls_context=server_ctx)
+        client = TransportLayer(on_error=errors.append)   # system trust store: not ours
+        try:
+            s = await server.listen("tls:127.0.0.1:0")
+            await client.listen("udp:127.0.0.1:0")
+            client.send(b"OPTIONS sip:x SIP/2.0\r\n\r\n", s.address)
+            for _ in range(300):
+                if errors:
+                    break
+                await asyncio.sleep(0.01)
+            assert errors == [s.address]
+        finally:
+            await server.close()
+            await client.close()
+
+    run(factory, main())
+
+
+# -- Endpoint: transport + timers + transactions -----------------------------------------------
+
+class Answerer:
+    """A transaction user that answers every request with 200."""
+
+    def __init__(self) -> None:
+        self.requests: list[Request] = []
+
+    def on_request(self, txn: ServerTransaction, request: Request) -> None:
+        self.requests.append(request)
+        txn.reply(200, to_tag="srv")
+
+    def on_ack(self, request: Request, source: Address) -> None: ...
+    def on_stray_response(self, response: Response, source: Address) -> None: ...
+    def on_server_timeout(self, txn: ServerTransaction) -> None: ...
+
+
+class Waiter:
+    """A client handler recording what happens to one transaction."""
+
+    def __init__(self) -> None:
+        self.done = asyncio.get_running_loop().create_future()
+
+    def on_response(self, txn: ClientTransaction, response: Response) -> None:
+        if response.status_code >= 200 and not self.done.done():
+            self.done.set_result(response.status_code)
+
+    def on_timeout(self, txn: ClientTransaction) -> None:
+        self.done.set_result("timeout")
+
+    def on_transport_error(self, txn: ClientTransaction) -> None:
+        self.done.set_result("transport error")
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_endpoint_transactions_over_udp_and_tcp(factory: Any) -> None:
+    listen = ["udp:127.0.0.1:0", "tcp:127.0.0.1:0"] + (["udp:[::1]:0"] if HAS_IPV6 else [])
+
+    async def main() -> None:
+        uas = Answerer()
+        async with Endpoint(uas, listen) as server, \
+                Endpoint(Answerer(), ["udp:127.0.0.1:0", "tcp:127.0.0.1:0"],
+                         timers=TimerConfig(t1=0.05)) as client:
+            assert "not started" not in repr(server)
+            for transport in ("UDP", "TCP"):
+                dest = server.address(transport)
+                req = options(f"sip:b@{hostport(dest.host, dest.port)}",
+                              hostport(*client.transport.sent_by(transport)), transport,
+                              branch=new_branch(), call_id=f"ep-{transport}")
+                waiter = Waiter()
+                client.transactions.request(req, dest, waiter)
+                assert await asyncio.wait_for(waiter.done, 5) == 200
+            assert [r.call_id for r in uas.requests] == ["ep-UDP", "ep-TCP"]
+            # A dead peer: the transaction ends with a transport error, not a timeout.
+            waiter = Waiter()
+            req = options("sip:b@127.0.0.1", hostport(*client.transport.sent_by("TCP")), "TCP",
+                          branch=new_branch())
+            client.transactions.request(req, Address("TCP", "127.0.0.1", free_port()), waiter)
+            assert await asyncio.wait_for(waiter.done, 5) == "transport error"
+        assert server.listeners == [] and client.listeners == []
+
+    run(factory, main())
+
+
+def test_endpoint_before_start_and_bad_spec() -> None:
+    from fastsip import FastSIPError
+
+    ep = Endpoint(Answerer.__new__(Answerer), ["udp:127.0.0.1:0", "bogus"])
+    with pytest.raises(FastSIPError):
+        ep.transactions  # noqa: B018
+    with pytest.raises(ValueError, match="listen spec"):
+        asyncio.run(ep.start())
+    assert ep.listeners == []        # the UDP listener bound first was closed again

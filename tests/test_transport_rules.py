@@ -1,0 +1,118 @@
+"""RFC 3261 §18 rules as plain functions: next hop (RFC 3263 §4 without DNS SRV/NAPTR), the
+§18.1.1 size rule, the §18.1.2 sent-by check, received/rport (§18.2.1, RFC 3581) and the
+response destination (§18.2.2)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastsip import Request, Response, parse, parse_uri
+from fastsip.transport import Address
+from fastsip.transport.rules import (
+    UDP_SIZE_LIMIT,
+    check_sent_by,
+    next_hop,
+    request_next_hop,
+    response_destination,
+    select_transport,
+    stamp_received,
+)
+
+
+def request(via: str, uri: str = "sip:bob@example.com", routes: tuple[str, ...] = ()) -> Request:
+    headers = [("Via", via)] + [("Route", r) for r in routes] + [
+        ("Max-Forwards", "70"), ("From", "<sip:a@x>;tag=1"), ("To", "<sip:b@x>"),
+        ("Call-ID", "c"), ("CSeq", "1 OPTIONS")]
+    return Request.create("OPTIONS", uri, headers)
+
+
+def response(via: str) -> Response:
+    return request(via).reply(200)
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("sip:bob@192.0.2.1", Address("UDP", "192.0.2.1", 5060)),
+    ("sip:bob@192.0.2.1:5070", Address("UDP", "192.0.2.1", 5070)),
+    ("sip:bob@example.com;transport=tcp", Address("TCP", "example.com", 5060)),
+    ("sip:bob@example.com;transport=TLS", Address("TLS", "example.com", 5061)),
+    ("sips:bob@example.com", Address("TLS", "example.com", 5061)),
+    ("sips:bob@example.com:6000;transport=tcp", Address("TLS", "example.com", 6000)),
+    ("sip:[2001:db8::1]:5080;transport=tcp", Address("TCP", "2001:db8::1", 5080)),
+    ("sip:[::1]", Address("UDP", "::1", 5060)),
+    ("sip:bob@example.com;maddr=239.255.255.1", Address("UDP", "239.255.255.1", 5060)),
+    ("sip:p.example.com;transport=sctp", Address("SCTP", "p.example.com", 5060)),
+])
+def test_next_hop(target: str, expected: Address) -> None:
+    assert next_hop(target) == expected
+    assert next_hop(parse_uri(target)) == expected
+
+
+@pytest.mark.parametrize("target", ["sips:bob@example.com;transport=udp", "tel:+15551234",
+                                    "mailto:bob@example.com"])
+def test_next_hop_rejects(target: str) -> None:
+    with pytest.raises(ValueError):
+        next_hop(target)
+
+
+def test_request_next_hop_prefers_outbound_proxy_then_route() -> None:
+    plain = request("SIP/2.0/UDP h:5060;branch=z9hG4bK1", "sip:bob@192.0.2.9:5099")
+    assert request_next_hop(plain) == Address("UDP", "192.0.2.9", 5099)
+    routed = request("SIP/2.0/UDP h:5060;branch=z9hG4bK1", "sip:bob@192.0.2.9",
+                     routes=("<sip:p1.example.com;transport=tcp;lr>", "<sip:p2.example.com;lr>"))
+    assert request_next_hop(routed) == Address("TCP", "p1.example.com", 5060)
+    assert request_next_hop(routed, "sip:out.example.com:5080") == \
+        Address("UDP", "out.example.com", 5080)
+
+
+def test_select_transport_size_rule() -> None:
+    assert select_transport("UDP", UDP_SIZE_LIMIT) == "UDP"
+    assert select_transport("UDP", UDP_SIZE_LIMIT + 1) == "TCP"
+    assert select_transport("UDP", 5000, tcp=False) == "UDP"
+    assert select_transport("UDP", 900, udp_size_limit=800) == "TCP"
+    assert select_transport("TLS", 5000) == "TLS"
+    assert select_transport("TCP", 10) == "TCP"
+
+
+def test_check_sent_by() -> None:
+    local = [("192.0.2.1", 5060), ("::1", 5070), ("Host.Example.com", 5061)]
+    assert check_sent_by(response("SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK1"), local)
+    assert check_sent_by(response("SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1"), local)  # default
+    assert check_sent_by(response("SIP/2.0/TCP [::1]:5070;branch=z9hG4bK1"), local)
+    assert check_sent_by(response("SIP/2.0/TLS host.example.COM;branch=z9hG4bK1"), local)
+    assert not check_sent_by(response("SIP/2.0/UDP 192.0.2.1:5070;branch=z9hG4bK1"), local)
+    assert not check_sent_by(response("SIP/2.0/UDP 192.0.2.2:5060;branch=z9hG4bK1"), local)
+    assert not check_sent_by(response("SIP/2.0/TLS host.example.com;branch=z9hG4bK1"),
+                             [("host.example.com", 5060)])
+    # A wildcard listener without an advertised address: any host on its port.
+    assert check_sent_by(response("SIP/2.0/UDP 10.1.1.1:5080;branch=z9hG4bK1"),
+                         [("0.0.0.0", 5080)])
+    no_via = parse(b"SIP/2.0 200 OK\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
+    assert isinstance(no_via, Response)
+    assert not check_sent_by(no_via, local)
+
+
+def test_stamp_received_and_response_destination() -> None:
+    src = Address("UDP", "198.51.100.7", 40000)
+    # Sent-by host differs from the source: received; rport asked for: filled in.
+    req = request("SIP/2.0/UDP client.example.com:5060;branch=z9hG4bK1;rport")
+    assert stamp_received(req, src)
+    via = req.top_via
+    assert via is not None
+    assert via.received == "198.51.100.7" and via.rport == 40000 and via.branch == "z9hG4bK1"
+    assert response_destination(via) == Address("UDP", "198.51.100.7", 40000)
+    # Same host, no rport: nothing to record; the response goes to the sent-by port.
+    same = request("SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK2")
+    assert not stamp_received(same, src)
+    assert same.top_via is not None and same.top_via.received is None
+    assert response_destination(same.top_via) == Address("UDP", "198.51.100.7", 5062)
+    # No port anywhere: the transport's default.
+    bare = request("SIP/2.0/TLS [2001:db8::5];branch=z9hG4bK3")
+    assert bare.top_via is not None
+    assert response_destination(bare.top_via) == Address("TLS", "2001:db8::5", 5061)
+    # Reliable transport with a known connection: back over it.
+    conn = Address("TCP", "198.51.100.7", 40001, connection=9)
+    tcp = request("SIP/2.0/TCP client.example.com;branch=z9hG4bK4")
+    stamp_received(tcp, conn)
+    assert tcp.top_via is not None
+    assert response_destination(tcp.top_via, conn) == conn
+    assert response_destination(tcp.top_via) == Address("TCP", "198.51.100.7", 5060)
