@@ -363,6 +363,45 @@ def test_outgoing_connection_on_demand_and_alias(factory: Any) -> None:
     run(factory, main())
 
 
+@pytest.mark.parametrize("factory", LOOPS)
+def test_oversized_datagram_and_unknown_transport_report_errors(factory: Any) -> None:
+    async def main() -> None:
+        errors: list[Address] = []
+        client = TransportLayer(on_error=errors.append)
+        try:
+            c = await client.listen("udp:127.0.0.1:0")
+            big = Address("UDP", "127.0.0.1", c.address.port)
+            sctp = Address("SCTP", "127.0.0.1", 5060)
+            client.send(b"x" * 70000, big)
+            client.send(b"x", sctp)
+            await asyncio.sleep(0.05)
+            assert errors == [big, sctp]
+        finally:
+            await client.close()
+
+    run(factory, main())
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_udp_resolves_host_names(factory: Any) -> None:
+    async def main() -> None:
+        server, client = TransportLayer(), TransportLayer()
+        inbox = Inbox()
+        server.on_message = inbox
+        try:
+            s = await server.listen("udp:127.0.0.1:0")
+            await client.listen("udp:127.0.0.1:0")
+            client.send(bytes(options("sip:b@localhost", "127.0.0.1:1")),
+                        Address("UDP", "localhost", s.address.port))
+            [(msg, _)] = await inbox.wait()
+            assert msg.call_id == "call-1@test"
+        finally:
+            await server.close()
+            await client.close()
+
+    run(factory, main())
+
+
 @pytest.mark.parametrize("transport", ["TCP", "UDP"])
 @pytest.mark.parametrize("factory", LOOPS)
 def test_unreachable_peer_reports_a_transport_error(factory: Any, transport: str) -> None:

@@ -44,6 +44,8 @@ _WILDCARDS = ("0.0.0.0", "::", "")
 _PONG = b"\r\n"
 # A peer that stops reading cannot make us hold more than this per connection.
 _MAX_WRITE_BUFFER = 4 * 1024 * 1024
+# The largest UDP payload over IPv4 (65535 - 8 - 20); bigger sends fail at once.
+_MAX_DATAGRAM = 65507
 
 
 def parse_listen(spec: str) -> tuple[str, str, int]:
@@ -80,6 +82,14 @@ def parse_listen(spec: str) -> tuple[str, str, int]:
     else:
         port = DEFAULT_PORTS[transport]
     return transport, host, port
+
+
+@lru_cache(maxsize=4096)
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.partition("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 @lru_cache(maxsize=4096)
@@ -373,18 +383,32 @@ class TransportLayer:
 
     # -- UDP -------------------------------------------------------------------------------
 
-    def _udp_socket(self, family: int) -> asyncio.DatagramTransport | None:
+    def _udp_socket(self, family: int, host: str = "") -> asyncio.DatagramTransport | None:
+        """The listening socket to send from: one of ``family``, preferring one on the same
+        side of loopback as ``host`` (a socket bound to 127.0.0.1 cannot reach the world, one
+        bound to a public address should not talk to 127.0.0.1), else the first."""
+        fallback = None
+        loopback = _is_loopback(host)
         for listener in self.listeners:
-            if listener._udp is not None and listener.family == family:
+            if listener._udp is None or listener.family != family:
+                continue
+            bound = listener.address.host
+            if bound in _WILDCARDS or _is_loopback(bound) == loopback:
                 return listener._udp
-        return None
+            if fallback is None:
+                fallback = listener._udp
+        return fallback
 
     def _send_udp(self, data: bytes, dest: Address) -> None:
         family = _family(dest.host)
         if family == 0:
             self._spawn(self._resolve_then_send(data, dest))
             return
-        sock = self._udp_socket(family)
+        if len(data) > _MAX_DATAGRAM:
+            log.debug("%d bytes do not fit in a UDP datagram to %s", len(data), dest)
+            self._fail_soon(dest)
+            return
+        sock = self._udp_socket(family, dest.host)
         if sock is None or sock.is_closing():
             log.debug("no UDP listener for the address family of %s", dest)
             self._fail_soon(dest)
@@ -403,7 +427,7 @@ class TransportLayer:
             self._fail(dest)
             return
         for family, *_, sockaddr in infos:
-            if self._udp_socket(family) is not None:
+            if self._udp_socket(family, str(sockaddr[0])) is not None:
                 self._send_udp(data, Address(dest.transport, str(sockaddr[0]), dest.port))
                 return
         self._fail(dest)
