@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from fastsip import Limits, Message, Request, Response, parse
+from fastsip import FastSIPError, Limits, Message, Request, Response, parse
 from fastsip.asyncio import Endpoint, TransportLayer, parse_listen
 from fastsip.transaction import ClientTransaction, ServerTransaction, TimerConfig, new_branch
 from fastsip.transport import Address
@@ -62,6 +62,35 @@ def test_parse_listen() -> None:
                 "udp:[::1]5060"]:
         with pytest.raises(ValueError, match="listen spec"):
             parse_listen(bad)
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_sent_by_advertised_and_wildcard(factory: Any) -> None:
+    async def main() -> None:
+        t = TransportLayer()
+        inbox = Inbox()
+        t.on_message = inbox
+        try:
+            with pytest.raises(FastSIPError):
+                t.sent_by("UDP")
+            u = await t.listen("udp:0.0.0.0:0")
+            host, port = t.sent_by("UDP")
+            assert port == u.address.port and host not in ("0.0.0.0", "")
+            await t.listen("tcp:127.0.0.1:0", advertise="203.0.113.9:5099")
+            assert t.sent_by("TCP") == ("203.0.113.9", 5099)
+            assert t.sent_by("TLS") == t.sent_by("UDP")      # no TLS listener: the first one
+            # Responses naming the advertised address, or any host on the wildcard's port,
+            # are ours.
+            raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            for sent_by in ("203.0.113.9:5099", f"10.9.9.9:{u.address.port}"):
+                raw.sendto(bytes(options("sip:x@y", sent_by).reply(200)),
+                           ("127.0.0.1", u.address.port))
+            await inbox.wait(2)
+            raw.close()
+        finally:
+            await t.close()
+
+    run(factory, main())
 
 
 # -- UDP ---------------------------------------------------------------------------------------
@@ -544,8 +573,6 @@ def test_endpoint_transactions_over_udp_and_tcp(factory: Any) -> None:
 
 
 def test_endpoint_before_start_and_bad_spec() -> None:
-    from fastsip import FastSIPError
-
     ep = Endpoint(Answerer.__new__(Answerer), ["udp:127.0.0.1:0", "bogus"])
     with pytest.raises(FastSIPError):
         ep.transactions  # noqa: B018
