@@ -38,10 +38,11 @@ def exercise(data: bytes) -> None:
         except ParseError:
             continue
         for x in (v if isinstance(v, list) else [v] if v is not None else []):
-            str(x)
-            x.params
-            try:
+            try:  # lower Vias are parsed when first read
+                str(x)
+                x.params
                 getattr(x, "uri", None)
+                getattr(x, "branch", None)
             except ParseError:
                 pass
     if isinstance(m, fastsip.Request):

@@ -1011,16 +1011,31 @@ cdef class Via:
     cdef const char* _p
     cdef ViaParts _v
     cdef dict _params
+    # A lower Via is only split out of its header line; its syntax is parsed on first read, so
+    # listing msg.via costs no parsing (the top one is parsed, and checked, by parse()).
+    cdef bint _lazy
+    cdef int32_t _ls, _le
+
+    cdef inline int _need(self) except -1:
+        cdef Py_ssize_t end
+        if self._lazy:
+            end = _scan_via(self._p, self._ls, self._le, &self._v)
+            if end != self._le:
+                _fail("Via: unexpected ','", end)
+            self._lazy = False
+        return 0
 
     @property
     def protocol(self):
         """"SIP/2.0" (name/version as sent, without LWS)."""
+        self._need()
         return _text(self._p, self._v.proto_s, self._v.proto_e).upper() + "/" + \
             _text(self._p, self._v.ver_s, self._v.ver_e)
 
     @property
     def transport(self):
         """Transport in upper case: "UDP", "TCP", "TLS", "SCTP", "WS", "WSS" or as sent."""
+        self._need()
         cdef object b = PyBytes_FromStringAndSize(self._p + self._v.tr_s, self._v.tr_e - self._v.tr_s)
         t = _transport_by_bytes.get(b)
         return t if t is not None else _text(self._p, self._v.tr_s, self._v.tr_e).upper()
@@ -1028,32 +1043,38 @@ cdef class Via:
     @property
     def host(self):
         """The sent-by host as written (IPv6 references keep their brackets)."""
+        self._need()
         return _text(self._p, self._v.host_s, self._v.host_e)
 
     @property
     def port(self):
         """The sent-by port, or None when absent."""
+        self._need()
         return self._v.port if self._v.port >= 0 else None
 
     @property
     def sent_by(self):
         """(host, port) with port None when absent."""
+        self._need()
         return (self.host, self.port)
 
     @property
     def branch(self):
+        self._need()
         if self._v.branch_s < 0:
             return None
         return _text(self._p, self._v.branch_s, self._v.branch_e)
 
     @property
     def received(self):
+        self._need()
         if self._v.received_s < 0:
             return None
         return _text(self._p, self._v.received_s, self._v.received_e)
 
     @property
     def maddr(self):
+        self._need()
         if self._v.maddr_s < 0:
             return None
         return _text(self._p, self._v.maddr_s, self._v.maddr_e)
@@ -1061,17 +1082,20 @@ cdef class Via:
     @property
     def rport(self):
         """The rport value (RFC 3581): None when absent, 0 when present without a value."""
+        self._need()
         if self._v.rport == RPORT_ABSENT:
             return None
         return 0 if self._v.rport == RPORT_EMPTY else self._v.rport
 
     @property
     def has_rport(self):
+        self._need()
         return self._v.rport != RPORT_ABSENT
 
     @property
     def params(self):
         """Every parameter as {lowercase name: value or None}, in order."""
+        self._need()
         if self._params is None:
             self._params = _params_dict(self._p, self._v.params_s, self._v.e)
         return self._params
@@ -1079,21 +1103,26 @@ cdef class Via:
     @property
     def rfc3261_branch(self):
         """True when the branch carries the RFC 3261 magic cookie "z9hG4bK" (17.2.3)."""
+        self._need()
         return (self._v.branch_s >= 0 and self._v.branch_e - self._v.branch_s >= 7
                 and PyBytes_FromStringAndSize(self._p + self._v.branch_s, 7) == b"z9hG4bK")
 
     def __str__(self):
+        self._need()
         return _text_lws(self._p, self._v.s, self._v.e)
 
     def __repr__(self):
+        self._need()
         return f"<Via {self!s}>"
 
     def __eq__(self, other):
+        self._need()
         if isinstance(other, Via):
             return str(self) == str(other)
         return NotImplemented
 
     def __hash__(self):
+        self._need()
         return hash(str(self))
 
 
@@ -1102,6 +1131,16 @@ cdef Via _make_via(object owner, const char* p, ViaParts* v):
     via._owner = owner
     via._p = p
     via._v = v[0]
+    return via
+
+
+cdef Via _lazy_via(object owner, const char* p, Py_ssize_t s, Py_ssize_t e):
+    cdef Via via = Via.__new__(Via)
+    via._owner = owner
+    via._p = p
+    via._lazy = True
+    via._ls = <int32_t>s
+    via._le = <int32_t>e
     return via
 
 
@@ -1505,8 +1544,7 @@ cdef class Message:
         cdef int i
         cdef HEntry* h
         cdef const char* p
-        cdef Py_ssize_t j
-        cdef ViaParts v
+        cdef Py_ssize_t j, k
         if self._c_via is None:
             out = []
             i = self._first[H_VIA]
@@ -1519,9 +1557,11 @@ cdef class Message:
                     j = self._top_via.e
                     j = _skip_lws(p, j, h.value_e) + 1
                 while j < h.value_e:
-                    j = _scan_via(p, j, h.value_e, &v)
-                    out.append(_make_via(self._owner_of(h), p, &v))
-                    j += 1
+                    k = _split_comma(p, j, h.value_e)
+                    if _skip_lws(p, j, k) == k:
+                        _fail("Via: empty value", j)
+                    out.append(_lazy_via(self._owner_of(h), p, j, k))
+                    j = k + 1
                 i = self._find(H_VIA, i)
             self._c_via = out
         return self._c_via
