@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -140,8 +141,11 @@ def bytes_per_timer(mode: str) -> float:
     allocator rounding included (tracemalloc would count requested sizes, not this)."""
     root = str(Path(fastsip.__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    # cwd away from the checkout: `python -c` puts the cwd first on sys.path, and the source
+    # tree's fastsip/ (no compiled modules after a plain `pip install .`) would shadow the
+    # installed one.
     out = subprocess.run([sys.executable, "-c", MEASURE, mode], env=env, check=True,
-                         capture_output=True, text=True).stdout
+                         capture_output=True, text=True, cwd=tempfile.gettempdir()).stdout
     return float(json.loads(out))
 
 
