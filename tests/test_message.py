@@ -9,7 +9,7 @@ import tracemalloc
 import pytest
 
 import fastsip
-from fastsip import CSeq, Limits, ParseError, URI, message_length, parse
+from fastsip import URI, CSeq, Limits, ParseError, message_length, parse
 
 SDP = (b"v=0\r\no=alice 2890844526 2890844526 IN IP4 192.0.2.101\r\ns=-\r\n"
        b"c=IN IP4 192.0.2.101\r\nt=0 0\r\nm=audio 49172 RTP/AVP 0 8 101\r\n"

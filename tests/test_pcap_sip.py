@@ -18,7 +18,7 @@ import pytest
 import fastsip
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pcapfile import read_packets, tcp_streams  # noqa: E402
+from pcapfile import read_packets, tcp_streams
 
 DATA = Path(__file__).parent / "data" / "pcap"
 TSVS = sorted((DATA / "tshark-sip-fields").glob("*.sip-fields.tsv"))

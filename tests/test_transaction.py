@@ -229,7 +229,7 @@ def test_client_non_invite_provisional_then_final_then_timer_k() -> None:
 
 
 def test_transport_error_ends_client_transactions_to_that_peer() -> None:
-    layer, wire, wheel, rec = make()
+    layer, _wire, _wheel, rec = make()
     layer.request(request("OPTIONS"), TCP, rec)
     layer.request(request("OPTIONS"), Address("UDP", "192.0.2.99", 5060), rec)
     layer.transport_error(Address("TCP", "192.0.2.20", 5060))
@@ -238,7 +238,7 @@ def test_transport_error_ends_client_transactions_to_that_peer() -> None:
 
 
 def test_request_needs_a_branch_and_is_not_ack() -> None:
-    layer, wire, wheel, rec = make()
+    layer, _wire, _wheel, rec = make()
     with pytest.raises(ValueError):
         layer.request(request("ACK"), UDP, rec)
     no_branch = fastsip.Request.create("OPTIONS", "sip:a@b", [("Via", "SIP/2.0/UDP h"),
@@ -250,7 +250,7 @@ def test_request_needs_a_branch_and_is_not_ack() -> None:
 # -- server INVITE (figure 7, RFC 6026 figure 7) -----------------------------------------------
 
 def test_server_invite_sends_100_and_absorbs_retransmissions() -> None:
-    layer, wire, wheel, rec = make()
+    layer, wire, _wheel, rec = make()
     req = request()
     layer.receive(req, UDP)
     assert rec.events == [("request", "INVITE")]
@@ -319,7 +319,7 @@ def test_server_invite_2xx_accepted_hands_ack_up_and_timer_l() -> None:
 
 
 def test_server_invite_over_reliable_transport_terminates_on_ack() -> None:
-    layer, wire, wheel, rec = make(Recorder(answer=480))
+    layer, wire, wheel, _rec = make(Recorder(answer=480))
     req = request()
     layer.receive(req, TCP)
     txn = next(iter(layer._server.values()))
@@ -360,7 +360,7 @@ def test_server_non_invite_trying_proceeding_completed_timer_j() -> None:
 
 
 def test_server_non_invite_reliable_terminates_at_once() -> None:
-    layer, wire, wheel, rec = make(Recorder(answer=200))
+    layer, _wire, _wheel, _rec = make(Recorder(answer=200))
     layer.receive(request("BYE"), TCP)
     assert layer.server_transactions == 0
 
@@ -368,7 +368,7 @@ def test_server_non_invite_reliable_terminates_at_once() -> None:
 # -- matching (§17.1.3, §17.2.3) --------------------------------------------------------------------
 
 def test_server_matching_branch_sent_by_and_method() -> None:
-    layer, wire, wheel, rec = make(Recorder(answer=200))
+    layer, _wire, _wheel, rec = make(Recorder(answer=200))
     b = new_branch()
     layer.receive(request("OPTIONS", branch=b), UDP)
     layer.receive(request("OPTIONS", branch=b), UDP)  # retransmission
@@ -378,7 +378,7 @@ def test_server_matching_branch_sent_by_and_method() -> None:
 
 
 def test_cancel_is_its_own_transaction_and_finds_the_invite() -> None:
-    layer, wire, wheel, rec = make()
+    layer, _wire, _wheel, rec = make()
     b = new_branch()
     layer.receive(request("INVITE", branch=b), UDP)
     cancel = request("CANCEL", branch=b)
@@ -390,7 +390,7 @@ def test_cancel_is_its_own_transaction_and_finds_the_invite() -> None:
 
 
 def test_rfc2543_requests_match_without_magic_cookie() -> None:
-    layer, wire, wheel, rec = make(Recorder(answer=486))
+    layer, wire, _wheel, rec = make(Recorder(answer=486))
     req = fastsip.Request.create("INVITE", "sip:bob@example.com", [
         ("Via", "SIP/2.0/UDP old.example.com"), ("From", "<sip:a@example.com>;tag=1"),
         ("To", "<sip:bob@example.com>"), ("Call-ID", "2543@example.com"), ("CSeq", "5 INVITE")])
@@ -407,7 +407,7 @@ def test_rfc2543_requests_match_without_magic_cookie() -> None:
 
 
 def test_client_matching_by_branch_and_cseq_method() -> None:
-    layer, wire, wheel, rec = make()
+    layer, _wire, _wheel, rec = make()
     req = request("INVITE")
     layer.request(req, UDP, rec)
     other = request("INVITE")
@@ -418,7 +418,7 @@ def test_client_matching_by_branch_and_cseq_method() -> None:
 
 
 def test_responses_go_where_section_18_2_2_says() -> None:
-    layer, wire, wheel, rec = make(Recorder(answer=200))
+    layer, wire, _wheel, _rec = make(Recorder(answer=200))
     req = fastsip.Request.create("OPTIONS", "sip:bob@example.com", [
         ("Via", f"SIP/2.0/UDP 10.0.0.5:5070;branch={new_branch()};rport=40000;received=198.51.100.7"),
         ("From", "<sip:a@example.com>;tag=1"), ("To", "<sip:bob@example.com>"),

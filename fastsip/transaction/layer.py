@@ -107,8 +107,21 @@ TERMINATED = "terminated"
 class ClientTransaction:
     """A client transaction (§17.1): INVITE (figure 5 + RFC 6026) or non-INVITE (figure 6)."""
 
-    __slots__ = ("layer", "request", "dest", "handler", "key", "is_invite", "state",
-                 "last_response", "_data", "_timer", "_timeout", "_interval", "_ack")
+    __slots__ = (
+        "_ack",
+        "_data",
+        "_interval",
+        "_timeout",
+        "_timer",
+        "dest",
+        "handler",
+        "is_invite",
+        "key",
+        "last_response",
+        "layer",
+        "request",
+        "state",
+    )
 
     def __init__(self, layer: TransactionLayer, request: Request, dest: Address,
                  handler: ClientHandler, key: tuple[str, str]) -> None:
@@ -261,8 +274,21 @@ class ClientTransaction:
 class ServerTransaction:
     """A server transaction (§17.2): INVITE (figure 7 + RFC 6026) or non-INVITE (figure 8)."""
 
-    __slots__ = ("layer", "request", "source", "key", "is_invite", "state", "last_response",
-                 "dest", "_data", "_timer", "_timeout", "_interval", "data")
+    __slots__ = (
+        "_data",
+        "_interval",
+        "_timeout",
+        "_timer",
+        "data",
+        "dest",
+        "is_invite",
+        "key",
+        "last_response",
+        "layer",
+        "request",
+        "source",
+        "state",
+    )
 
     def __init__(self, layer: TransactionLayer, request: Request, source: Address,
                  key: tuple[Any, ...]) -> None:

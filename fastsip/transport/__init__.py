@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Address", "Transport", "RELIABLE", "DEFAULT_PORTS"]
+__all__ = ["DEFAULT_PORTS", "RELIABLE", "Address", "Transport"]
 
 #: Transports whose delivery is reliable (no retransmission of requests, §17.1.1.2 Timer A off).
 RELIABLE = frozenset({"TCP", "TLS", "SCTP", "WS", "WSS"})
