@@ -451,13 +451,13 @@ class UserAgent:
     ``on_call_end`` (optional) sees every call that ends, either role.
     """
 
-    def __init__(self, transport: Transport, clock: Any, *,
+    def __init__(self, transport: Transport | None = None, clock: Any = None, *,
                  on_incoming: Callable[[Call], object] | None = None,
                  on_call_end: Callable[[Call], object] | None = None,
                  config: TimerConfig | None = None, user: str = "fastsip",
                  user_agent: str | None = "fastsip", from_host: str | None = None) -> None:
-        self.transport = transport
-        self.clock = clock
+        self.transport: Transport = transport if transport is not None else _Unattached()
+        self.clock: Any = clock if clock is not None else _Unattached()
         self.config = config or TimerConfig()
         self.on_incoming: Callable[[Call], object] = on_incoming or AutoAnswer()
         self.on_call_end = on_call_end
@@ -472,12 +472,21 @@ class UserAgent:
     # -- wiring ------------------------------------------------------------------------------
 
     def attach(self, layer: TransactionLayer) -> None:
-        """Use ``layer`` to send requests (the layer's TU must be this UA)."""
+        """Use ``layer`` to send requests, and its transport and clock for what the UA core
+        sends and times itself (the layer's TU must be this UA).  An I/O shell that builds the
+        layer (``fastsip.asyncio.Endpoint``) calls this once it has started."""
+        if layer.tu is not self:
+            raise UAError("the transaction layer's TU is another object")
         self.layer = layer
+        self.transport = layer.transport
+        self.clock = layer.clock
         self.config = layer.config
+        self._contacts.clear()
 
     def create_layer(self) -> TransactionLayer:
         """A transaction layer over our transport and clock, with this UA as its TU."""
+        if isinstance(self.transport, _Unattached) or isinstance(self.clock, _Unattached):
+            raise UAError("create_layer needs the transport and clock given to UserAgent()")
         layer = TransactionLayer(self.transport, self.clock, self, self.config)
         self.attach(layer)
         return layer
@@ -821,6 +830,15 @@ class UserAgent:
     @property
     def active_calls(self) -> int:
         return sum(1 for c in self.dialogs.values() if c.state != TERMINATED)
+
+
+class _Unattached:
+    """Stands in for the transport and clock until :meth:`UserAgent.attach`."""
+
+    def _fail(self, *args: Any) -> Any:
+        raise UAError("the UserAgent is not attached to a transaction layer yet")
+
+    send = sent_by = call_later = time = _fail
 
 
 class _ReinviteHandler:

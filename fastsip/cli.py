@@ -1,0 +1,411 @@
+"""The ``fastsip`` command: SIP test tools for carriers, on the asyncio endpoint.
+
+    fastsip answer --listen udp:0.0.0.0:5060 [--listen tcp:0.0.0.0:5060]
+    fastsip call sip:test@192.0.2.10:5060 --calls 100 --rate 10 --duration 5
+
+``answer`` is a UAS that answers every INVITE (180, then 200 with SDP) until stopped; ``call``
+places calls at a steady rate and prints what became of them.  This module adapts the sans-IO UA
+core's callbacks to the event loop; it is the one place besides ``fastsip.asyncio`` that runs
+a loop, and the only one that prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from fastsip.sip import REASON_PHRASES, URI
+from fastsip.transaction import TimerConfig
+from fastsip.ua import AutoAnswer, Call, UserAgent
+
+log = logging.getLogger("fastsip.cli")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+# -- shared ------------------------------------------------------------------------------------
+
+
+def _install_stop(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """SIGINT and SIGTERM set ``stop``; the tool then winds down and prints its summary."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows loops
+            loop.add_signal_handler(sig, stop.set)
+
+
+def _run(coro: Any, loop_kind: str) -> int:
+    if loop_kind in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if loop_kind == "uvloop":
+                print("fastsip: --loop uvloop but uvloop is not installed", file=sys.stderr)
+                return EXIT_USAGE
+        else:
+            return int(uvloop.run(coro))
+    return int(asyncio.run(coro))
+
+
+def _timers(args: argparse.Namespace) -> TimerConfig:
+    return TimerConfig(t1=args.t1, t2=args.t2)
+
+
+# -- fastsip answer ----------------------------------------------------------------------------
+
+
+class AnswerStats:
+    """What the answering UAS did, counted from the UA core's call callbacks."""
+
+    def __init__(self) -> None:
+        self.incoming = 0
+        self.answered = 0
+        self.confirmed = 0
+        self.ended: Counter[str] = Counter()
+
+    def on_incoming(self, policy: AutoAnswer) -> Any:
+        def incoming(call: Call) -> None:
+            self.incoming += 1
+            call.on_answer = self._answered
+            call.on_confirm = self._confirmed
+            call.on_end = self._ended
+            policy(call)
+        return incoming
+
+    def _answered(self, call: Call) -> None:
+        self.answered += 1
+
+    def _confirmed(self, call: Call) -> None:
+        self.confirmed += 1
+
+    def _ended(self, call: Call) -> None:
+        if call.error:
+            self.ended[call.error] += 1
+        elif call.ended_by == "cancel":
+            self.ended["cancelled"] += 1
+        elif call.ended_by == "remote":
+            self.ended["BYE from caller"] += 1
+        else:
+            self.ended[f"ended ({call.ended_by}, {call.status})"] += 1
+
+
+async def answer_main(args: argparse.Namespace) -> int:
+    from fastsip.asyncio import Endpoint
+
+    stats = AnswerStats()
+    policy = AutoAnswer(args.media_address, args.media_port, answer_after=args.ring_time)
+    ua = UserAgent(on_incoming=stats.on_incoming(policy), user=args.user)
+    endpoint = Endpoint(ua, listen=args.listen, advertise=args.advertise, timers=_timers(args))
+    try:
+        await endpoint.start()
+    except (OSError, ValueError) as exc:
+        print(f"fastsip answer: cannot listen: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    ua.attach(endpoint.transactions)
+    stop = asyncio.Event()
+    _install_stop(asyncio.get_running_loop(), stop)
+    for listener in endpoint.listeners:
+        print(f"listening on {listener.address}", flush=True)
+    started = time.monotonic()
+    try:
+        await stop.wait()
+    finally:
+        await endpoint.close()
+    elapsed = time.monotonic() - started
+    print(f"\nfastsip answer: {elapsed:.1f} s, {stats.incoming} INVITEs, "
+          f"{stats.answered} answered, {stats.confirmed} ACKed", flush=True)
+    for what, n in sorted(stats.ended.items()):
+        print(f"  {what}: {n}")
+    return EXIT_OK
+
+
+# -- fastsip call ------------------------------------------------------------------------------
+
+
+class CallStats:
+    """Outcomes of the calls ``fastsip call`` placed."""
+
+    def __init__(self) -> None:
+        self.attempted = 0
+        self.answered = 0
+        self.completed = 0
+        self.failed: Counter[str] = Counter()
+        self.stopped = 0              # cancelled or hung up early because we were stopped
+        self.active = 0
+
+    @property
+    def failures(self) -> int:
+        return sum(self.failed.values())
+
+    def record(self, call: Call, stopping: bool) -> None:
+        self.active -= 1
+        if call.answered:
+            if call.bye_status is not None and 200 <= call.bye_status < 300 \
+                    or call.ended_by == "remote":
+                self.completed += 1
+            else:
+                self.failed[f"BYE {_status_text(call.bye_status)}"] += 1
+        elif stopping and call.ended_by == "cancel":
+            self.stopped += 1
+        else:
+            self.failed[f"INVITE {_status_text(call.status)}"] += 1
+
+
+def _status_text(status: int | None) -> str:
+    if status is None:
+        return "no response"
+    return f"{status} {REASON_PHRASES.get(status, '')}".rstrip()
+
+
+async def call_main(args: argparse.Namespace) -> int:
+    from fastsip.asyncio import Endpoint
+    from fastsip.sdp import create_offer
+
+    try:
+        target = URI(args.uri)
+        if not target.is_sip:
+            raise ValueError("not a sip: or sips: URI")
+    except ValueError as exc:
+        print(f"fastsip call: bad SIP URI {args.uri!r}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    transport = args.transport.upper()
+    listen = args.listen or [f"{transport.lower()}:{_default_host(target)}:0"]
+    # Incoming INVITEs are not what this tool is for: refuse them politely.
+    ua = UserAgent(on_incoming=lambda c: c.reject(603), user=args.user)
+    endpoint = Endpoint(ua, listen=listen, advertise=args.advertise, timers=_timers(args))
+    try:
+        await endpoint.start()
+    except (OSError, ValueError) as exc:
+        print(f"fastsip call: cannot listen: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    ua.attach(endpoint.transactions)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    _install_stop(loop, stop)
+    host, _ = endpoint.transport.sent_by(transport)
+    sdp = bytes(create_offer(host, args.media_port))
+    stats = CallStats()
+    all_done = asyncio.Event()
+    live: set[Call] = set()
+    clock = endpoint.clock
+    state = {"stopping": False, "placing": True}
+
+    def check_done() -> None:
+        if not state["placing"] and stats.active == 0:
+            all_done.set()
+
+    def on_answer(call: Call) -> None:
+        stats.answered += 1
+        if state["stopping"]:
+            call.bye()
+        else:
+            clock.call_later(args.duration, hang_up, call)
+
+    def hang_up(call: Call) -> None:
+        if call.state == "confirmed":
+            call.bye()
+
+    def on_end(call: Call) -> None:
+        live.discard(call)
+        stats.record(call, state["stopping"])
+        check_done()
+
+    def place() -> None:
+        try:
+            call = ua.invite(target, body=sdp, transport=transport, proxy=args.proxy)
+        except Exception as exc:  # noqa: BLE001 - a bad URI/proxy or no route: count, go on
+            log.error("cannot place a call: %s", exc)
+            stats.attempted += 1
+            stats.failed[f"not sent ({exc})"] += 1
+            return
+        stats.attempted += 1
+        stats.active += 1
+        live.add(call)
+        call.on_answer = on_answer
+        call.on_end = on_end
+
+    started = loop.time()
+    elapsed = 0.0
+    interrupted = False
+    try:
+        interval = 1.0 / args.rate
+        placed = 0
+        while placed < args.calls and not stop.is_set():
+            due = min(args.calls, int((loop.time() - started) / interval) + 1)
+            while placed < due and (not args.limit or stats.active < args.limit):
+                place()
+                placed += 1
+            next_at = started + placed * interval
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, next_at - loop.time()))
+        state["placing"] = False
+        check_done()
+        stopper = asyncio.ensure_future(stop.wait())
+        waiter = asyncio.ensure_future(all_done.wait())
+        await asyncio.wait({stopper, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set() and not all_done.is_set():
+            interrupted = True
+            state["stopping"] = True
+            # Wind down: hang up what is up, cancel what rings; wait a little for the answers.
+            for call in list(live):
+                with contextlib.suppress(Exception):
+                    if call.state == "confirmed":
+                        call.bye()
+                    elif call.state in ("calling", "proceeding"):
+                        call.cancel()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(all_done.wait(), args.stop_timeout)
+        stopper.cancel()
+        waiter.cancel()
+        interrupted = interrupted or placed < args.calls
+        elapsed = loop.time() - started
+        linger = args.linger if args.linger is not None else (0.0 if transport == "UDP" else 5.0)
+        if linger > 0 and not stop.is_set():
+            # Peers (sipp among them) keep each call a few seconds after its BYE; closing our
+            # connections under them would count as a failure there.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), linger)
+    finally:
+        await endpoint.close()
+    _print_call_summary(stats, elapsed, args)
+    if stats.failures:
+        return EXIT_FAILED
+    return EXIT_INTERRUPTED if interrupted else EXIT_OK
+
+
+def _default_host(target: URI) -> str:
+    host = target.maddr or target.host
+    if host.startswith("127.") or host in ("localhost", "[::1]", "::1"):
+        return "[::1]" if ":" in host else "127.0.0.1"
+    return "0.0.0.0"
+
+
+def _print_call_summary(stats: CallStats, elapsed: float, args: argparse.Namespace) -> None:
+    print(f"fastsip call {args.uri}: {elapsed:.1f} s")
+    print(f"  attempted  {stats.attempted}")
+    print(f"  answered   {stats.answered}")
+    print(f"  completed  {stats.completed}")
+    print(f"  failed     {stats.failures}")
+    if stats.stopped or stats.active:
+        print(f"  stopped    {stats.stopped + stats.active} (cancelled or unfinished at stop)")
+    for what, n in stats.failed.most_common():
+        print(f"    {what}: {n}")
+    sys.stdout.flush()
+
+
+# -- argument parsing --------------------------------------------------------------------------
+
+
+def _positive(kind: type) -> Any:
+    def check(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0: {text}")
+        return value
+    return check
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="fastsip",
+        description="SIP test tools: a UAS that answers every call, and a call generator.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="warning",
+                        choices=["debug", "info", "warning", "error"],
+                        help="log detail on stderr (default: warning)")
+    common.add_argument("--advertise", metavar="HOST[:PORT]",
+                        help="address to put in Via/Contact instead of the bound one "
+                             "(behind NAT, or when listening on 0.0.0.0)")
+    common.add_argument("--user", default="fastsip", help="user part of our Contact URI")
+    common.add_argument("--media-port", type=int, default=6000,
+                        help="RTP port written in our SDP (no media is sent; default 6000)")
+    common.add_argument("--t1", type=_positive(float), default=0.5,
+                        help="SIP timer T1 in seconds, the RTT estimate (default 0.5)")
+    common.add_argument("--t2", type=_positive(float), default=4.0,
+                        help="SIP timer T2 in seconds (default 4)")
+    common.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+                        help="event loop: uvloop when installed (auto), or plain asyncio")
+
+    a = sub.add_parser(
+        "answer", parents=[common],
+        help="answer every INVITE (180, then 200 with SDP) until stopped",
+        description="A UAS that answers every INVITE with 180 Ringing, then 200 OK with an SDP "
+                    "answer; handles ACK, BYE, CANCEL (487) and OPTIONS; runs until Ctrl-C or "
+                    "SIGTERM, then prints what it did.")
+    a.add_argument("--listen", action="append", metavar="PROTO:HOST:PORT",
+                   help="where to listen, e.g. udp:0.0.0.0:5060 or tcp:[::]:5060; repeat for "
+                        "more (default: udp:127.0.0.1:5060)")
+    a.add_argument("--ring-time", type=float, default=0.0, metavar="S",
+                   help="seconds between 180 Ringing and 200 OK (default 0)")
+    a.add_argument("--media-address", default=None,
+                   help="address written in the SDP answer (default: the first listener's)")
+    a.set_defaults(func=answer_main)
+
+    c = sub.add_parser(
+        "call", parents=[common],
+        help="place N calls at R per second and report the outcome",
+        description="Places --calls calls to SIP-URI at --rate calls per second; each is "
+                    "INVITE, ACK, hold --duration seconds, BYE.  Prints attempted, answered, "
+                    "completed and failures by status; exits 1 if any call failed, 130 if "
+                    "stopped early, 0 otherwise.")
+    c.add_argument("uri", metavar="SIP-URI", help="whom to call, e.g. sip:test@192.0.2.10:5060")
+    c.add_argument("--calls", "-n", type=_positive(int), default=1, help="number of calls "
+                   "(default 1)")
+    c.add_argument("--rate", "-r", type=_positive(float), default=1.0,
+                   help="new calls per second (default 1)")
+    c.add_argument("--duration", "-d", type=float, default=0.0, metavar="S",
+                   help="seconds to hold each answered call before BYE (default 0)")
+    c.add_argument("--transport", "-t", choices=["udp", "tcp", "tls"], default="udp",
+                   help="transport for the calls (default udp)")
+    c.add_argument("--listen", action="append", metavar="PROTO:HOST:PORT",
+                   help="local address (default: the transport on 127.0.0.1 for a loopback "
+                        "target, else on 0.0.0.0, any free port)")
+    c.add_argument("--proxy", metavar="SIP-URI", default=None,
+                   help="send the INVITEs through this outbound proxy (loose routing)")
+    c.add_argument("--limit", type=int, default=0,
+                   help="at most this many calls at once (default: no limit)")
+    c.add_argument("--stop-timeout", type=float, default=5.0, metavar="S",
+                   help="on Ctrl-C, seconds to wait for hang-ups and cancels (default 5)")
+    c.add_argument("--linger", type=float, default=None, metavar="S",
+                   help="seconds to stay up after the last call ends, answering late "
+                        "retransmissions and keeping TCP/TLS connections open while the peer "
+                        "finishes (default: 5 for tcp/tls, 0 for udp)")
+    c.set_defaults(func=call_main)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "answer":
+        args.listen = args.listen or ["udp:127.0.0.1:5060"]
+        if args.media_address is None:
+            from fastsip.asyncio import parse_listen
+
+            try:
+                host = parse_listen(args.listen[0])[1]
+            except ValueError as exc:
+                print(f"fastsip answer: {exc}", file=sys.stderr)
+                return EXIT_USAGE
+            args.media_address = host if host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    try:
+        return _run(args.func(args), args.loop)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
