@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if args.quick:
             cmd += ["--benchmark-min-rounds=20", "--benchmark-max-time=0.25"]
-        rc = subprocess.call(cmd)
+        # cwd outside the checkout: `python -m` puts the cwd first on sys.path, and the source
+        # tree's fastsip/ (no compiled modules) would shadow the installed package.
+        rc = subprocess.call(cmd, cwd=tmp)
         if rc != 0:
             print(f"guard: benchmark run failed (pytest exit {rc})")
             return rc
