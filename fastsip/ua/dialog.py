@@ -52,6 +52,16 @@ def _header_without_tag(addr: NameAddr | None) -> str:
     return f"{name}<{addr.uri}>{params}"
 
 
+def _split(header: str | NameAddr) -> tuple[str | None, NameAddr | None]:
+    return (header, None) if isinstance(header, str) else (None, header)
+
+
+def _checked(addr: NameAddr | None) -> NameAddr:
+    if addr is None or addr.uri is None:
+        raise DialogError("a From or To header without a URI")
+    return addr
+
+
 class Dialog:
     """One dialog (§12): its ID, the URIs of both ends, the remote target, the route set, both
     CSeq counters and whether it is secure (sips).
@@ -62,33 +72,34 @@ class Dialog:
     """
 
     __slots__ = (
+        "_local_addr",
+        "_local_header",
+        "_remote_addr",
+        "_remote_header",
         "call_id",
         "is_uac",
         "local_cseq",
-        "local_header",
         "local_tag",
-        "local_uri",
         "remote_cseq",
-        "remote_header",
         "remote_tag",
         "remote_target",
-        "remote_uri",
         "route_set",
         "secure",
         "state",
     )
 
-    def __init__(self, call_id: str, local_tag: str, remote_tag: str, *, local_header: str,
-                 remote_header: str, remote_target: URI, route_set: Iterable[str] = (),
+    def __init__(self, call_id: str, local_tag: str, remote_tag: str, *,
+                 local_header: str | NameAddr, remote_header: str | NameAddr,
+                 remote_target: URI, route_set: Iterable[str] = (),
                  local_cseq: int = 0, remote_cseq: int | None = None, secure: bool = False,
                  state: str = CONFIRMED, is_uac: bool = True) -> None:
         self.call_id = call_id
         self.local_tag = local_tag
         self.remote_tag = remote_tag
-        self.local_header = local_header    # From value (without tag) on our requests
-        self.remote_header = remote_header  # To value (without tag) on our requests
-        self.local_uri = str(NameAddrText(local_header))
-        self.remote_uri = str(NameAddrText(remote_header))
+        # From/To values (without tag) for our requests.  Given as the parsed header, they are
+        # rendered on first use: most UAS dialogs never send a request of their own.
+        self._local_header, self._local_addr = _split(local_header)
+        self._remote_header, self._remote_addr = _split(remote_header)
         self.remote_target = remote_target
         self.route_set = list(route_set)
         self.local_cseq = local_cseq
@@ -96,6 +107,28 @@ class Dialog:
         self.secure = secure
         self.state = state
         self.is_uac = is_uac
+
+    @property
+    def local_header(self) -> str:
+        """Our From value (no tag) on requests in this dialog."""
+        if self._local_header is None:
+            self._local_header = _header_without_tag(self._local_addr)
+        return self._local_header
+
+    @property
+    def remote_header(self) -> str:
+        """The To value (no tag) on requests in this dialog."""
+        if self._remote_header is None:
+            self._remote_header = _header_without_tag(self._remote_addr)
+        return self._remote_header
+
+    @property
+    def local_uri(self) -> str:
+        return str(NameAddrText(self.local_header))
+
+    @property
+    def remote_uri(self) -> str:
+        return str(NameAddrText(self.remote_header))
 
     @property
     def id(self) -> DialogId:
@@ -135,7 +168,7 @@ class Dialog:
         cseq = request.cseq
         return cls(
             request.call_id or "", frm.tag, to.tag,
-            local_header=_header_without_tag(frm), remote_header=_header_without_tag(to),
+            local_header=frm, remote_header=to,
             remote_target=target, route_set=routes,
             local_cseq=cseq.seq if cseq is not None else 1, remote_cseq=None,
             secure=request.uri.scheme == "sips",
@@ -153,7 +186,7 @@ class Dialog:
         cseq = request.cseq
         return cls(
             request.call_id or "", local_tag, frm.tag,
-            local_header=_header_without_tag(request.to), remote_header=_header_without_tag(frm),
+            local_header=_checked(request.to), remote_header=frm,
             remote_target=contacts[0].uri, route_set=[str(r) for r in request.record_route],
             local_cseq=0, remote_cseq=cseq.seq if cseq is not None else None,
             secure=request.uri.scheme == "sips" and bool(request.via)
