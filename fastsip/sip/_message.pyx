@@ -269,6 +269,11 @@ cdef inline str _text(const char* p, Py_ssize_t s, Py_ssize_t e):
     return PyUnicode_DecodeUTF8(p + s, e - s, "surrogateescape")
 
 
+cdef inline object _opt_text(const char* p, Py_ssize_t s, Py_ssize_t e):
+    """The text of p[s:e], or None when the part is absent (s < 0)."""
+    return _text(p, s, e) if s >= 0 else None
+
+
 cdef str _text_lws(const char* p, Py_ssize_t s, Py_ssize_t e):
     """Decode a value that may contain folded lines: each run of LWS with a line break becomes
     one SP (RFC 3261 7.3.1), leading and trailing LWS is dropped."""
@@ -1061,23 +1066,17 @@ cdef class Via:
     @property
     def branch(self):
         self._need()
-        if self._v.branch_s < 0:
-            return None
-        return _text(self._p, self._v.branch_s, self._v.branch_e)
+        return _opt_text(self._p, self._v.branch_s, self._v.branch_e)
 
     @property
     def received(self):
         self._need()
-        if self._v.received_s < 0:
-            return None
-        return _text(self._p, self._v.received_s, self._v.received_e)
+        return _opt_text(self._p, self._v.received_s, self._v.received_e)
 
     @property
     def maddr(self):
         self._need()
-        if self._v.maddr_s < 0:
-            return None
-        return _text(self._p, self._v.maddr_s, self._v.maddr_e)
+        return _opt_text(self._p, self._v.maddr_s, self._v.maddr_e)
 
     @property
     def rport(self):
@@ -1174,9 +1173,7 @@ cdef class NameAddr:
 
     @property
     def tag(self):
-        if self._n.tag_s < 0:
-            return None
-        return _text(self._p, self._n.tag_s, self._n.tag_e)
+        return _opt_text(self._p, self._n.tag_s, self._n.tag_e)
 
     @property
     def params(self):
