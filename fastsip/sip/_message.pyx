@@ -1,4 +1,5 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False
 """The SIP message core: a one-pass, zero-copy parser, typed header views, edits, serialization.
 
 ``parse(data)`` walks the bytes once and records, for every header line, a small-int name id and
@@ -373,7 +374,7 @@ ctypedef struct UriParts:
     int32_t pw_s, pw_e         # -1 when there is no password
     int32_t host_s, host_e     # tel: the number; opaque: everything after "scheme:"
     int port                      # -1 when absent
-    int32_t params_s, params_e # ";a=b;c" (leading ';' included); params_s == params_e: none
+    int32_t params_s, params_e  # ";a=b;c" (leading ';' included); params_s == params_e: none
     int32_t headers_s, headers_e  # after '?'; -1 when none
 
 ctypedef struct ParamSpan:
@@ -416,7 +417,8 @@ cdef int _scan_hostport(const char* p, Py_ssize_t i, Py_ssize_t e,
     if i < e and p[i] == b'[':
         while i < e and p[i] != b']':
             if not (p[i] == b'[' and i == s) and not (
-                    (p[i] >= b'0' and p[i] <= b'9') or (p[i] | 0x20) >= b'a' and (p[i] | 0x20) <= b'f'
+                    (p[i] >= b'0' and p[i] <= b'9')
+                    or ((p[i] | 0x20) >= b'a' and (p[i] | 0x20) <= b'f')
                     or p[i] == b':' or p[i] == b'.'):
                 _fail("invalid character in IPv6 reference", i)
             i += 1
@@ -709,7 +711,8 @@ cdef Py_ssize_t _scan_name_addr(const char* p, Py_ssize_t i, Py_ssize_t e, bint 
             break
         i = n
         # A duplicated param counts once, first wins (as tshark and most stacks read it).
-        if na.tag_s < 0 and prm.value_s >= 0 and _ieq(p + prm.name_s, prm.name_e - prm.name_s, b"tag", 3):
+        if (na.tag_s < 0 and prm.value_s >= 0
+                and _ieq(p + prm.name_s, prm.name_e - prm.name_s, b"tag", 3)):
             na.tag_s = prm.value_s
             na.tag_e = prm.value_e
     na.params_e = i
@@ -852,7 +855,7 @@ cdef class URI:
     cdef str _text
 
     def __init__(self, text):
-        cdef bytes b = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else bytes(text)
+        cdef bytes b = _as_bytes(text)
         _fill_uri_p(self, b, 0, len(b))
 
     @property
@@ -1041,7 +1044,8 @@ cdef class Via:
     def transport(self):
         """Transport in upper case: "UDP", "TCP", "TLS", "SCTP", "WS", "WSS" or as sent."""
         self._need()
-        cdef object b = PyBytes_FromStringAndSize(self._p + self._v.tr_s, self._v.tr_e - self._v.tr_s)
+        cdef object b = PyBytes_FromStringAndSize(self._p + self._v.tr_s,
+                                                  self._v.tr_e - self._v.tr_s)
         t = _transport_by_bytes.get(b)
         return t if t is not None else _text(self._p, self._v.tr_s, self._v.tr_e).upper()
 
@@ -1396,9 +1400,7 @@ cdef class Message:
         cdef HEntry* h
         cdef const char* p = self._buf
         cdef Py_ssize_t j, k
-        cdef ViaParts v
         cdef NameAddrParts na
-        cdef int64_t n
         for i in range(self._nh):
             h = &self._h[i]
             if h.id == H_VIA:
@@ -1822,7 +1824,6 @@ cdef class Message:
         and the field is appended when absent."""
         cdef int hid = _name_id_of(name)
         cdef int i, first = -1
-        cdef Py_ssize_t n
         if hid == H_CONTENT_LENGTH:
             raise ValueError("Content-Length follows the body; use set_body()")
         for i in range(self._nh):
@@ -2124,7 +2125,8 @@ REASON_PHRASES = {
     489: "Bad Event", 491: "Request Pending", 493: "Undecipherable",
     494: "Security Agreement Required", 500: "Server Internal Error", 501: "Not Implemented",
     502: "Bad Gateway", 503: "Service Unavailable", 504: "Server Time-out",
-    505: "Version Not Supported", 513: "Message Too Large", 555: "Push Notification Service Not Supported",
+    505: "Version Not Supported", 513: "Message Too Large",
+    555: "Push Notification Service Not Supported",
     580: "Precondition Failure", 600: "Busy Everywhere", 603: "Decline",
     604: "Does Not Exist Anywhere", 606: "Not Acceptable", 607: "Unwanted", 608: "Rejected",
 }
@@ -2262,7 +2264,7 @@ cdef Message _parse(object data, Limits limits):
     cdef Request req
     cdef Response resp
     cdef const char* p
-    cdef Py_ssize_t n, i, j, k, le, ce, sp1, sp2, cl_i
+    cdef Py_ssize_t n, i, j, k, le, ce, sp1, cl_i
     cdef Py_buffer* view
     cdef HEntry* h
     cdef int hid, nh
@@ -2280,7 +2282,8 @@ cdef Message _parse(object data, Limits limits):
         n = view.len
     if True:
         if n > limits.max_message_size:
-            _fail(f"message larger than {limits.max_message_size} octets", limits.max_message_size, 513)
+            _fail(f"message larger than {limits.max_message_size} octets",
+                  limits.max_message_size, 513)
         i = 0
         # RFC 3261 7.5: CRLFs before the start line are ignored.
         while i < n and (p[i] == b'\r' or p[i] == b'\n'):
@@ -2472,7 +2475,6 @@ def message_length(data, Limits limits=None):
     cdef const char* p
     cdef Py_ssize_t n, i, le, ce, j, k, hdr_end = -1
     cdef int64_t cl = 0
-    cdef bint have_cl = False
     cdef bytes b
     if type(data) is bytes:
         b = <bytes>data
@@ -2523,7 +2525,6 @@ def message_length(data, Limits limits=None):
                     cl = _digits(p, j, k, 0x7FFFFFFF)
                     if cl < 0:
                         _fail("Content-Length: not a non-negative number", j)
-                    have_cl = True
         i = le + 1
     if hdr_end + cl > lim.max_message_size:
         _fail("message larger than the size limit", hdr_end, 513)
