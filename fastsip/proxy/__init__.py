@@ -1,0 +1,31 @@
+"""The proxy layer: registrar, location service and digest authentication (and the proxy core).
+
+Everything here is sans-IO: it takes parsed messages, transport addresses and the current time,
+and returns responses and decisions.  The asyncio server and the CLI drive it.
+"""
+
+from __future__ import annotations
+
+from fastsip.proxy.location import (
+    Binding,
+    LocationStore,
+    LocationStoreError,
+    MemoryLocationStore,
+    SqliteLocationStore,
+    aor_of,
+    contact_key,
+    open_store,
+)
+from fastsip.proxy.registrar import Registrar
+
+__all__ = [
+    "Binding",
+    "LocationStore",
+    "LocationStoreError",
+    "MemoryLocationStore",
+    "Registrar",
+    "SqliteLocationStore",
+    "aor_of",
+    "contact_key",
+    "open_store",
+]

@@ -1,0 +1,296 @@
+"""The registrar (RFC 3261 §10.3, Path per RFC 3327): REGISTER in, a final response out.
+
+Sans-IO: :meth:`Registrar.handle` takes the parsed request, the transport address it came from
+and the current time, updates a :class:`~fastsip.proxy.location.LocationStore` and returns the
+response to send.  Authentication is the caller's job (:mod:`fastsip.proxy.auth`) and happens
+before ``handle``; the authenticated user name can be passed in so the registrar refuses to bind
+an AOR that belongs to someone else (§10.3 step 3).
+
+``now`` is absolute seconds in the caller's clock and should be wall-clock time (``time.time()``):
+expiries are stored as absolute times, and the 200's Date header is rendered from ``now``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from email.utils import formatdate
+from typing import TypeVar
+
+from fastsip.errors import ParseError
+from fastsip.proxy.location import Binding, LocationStore, aor_of, contact_key
+from fastsip.sip import URI, Request, Response
+from fastsip.transport import Address
+
+__all__ = ["Registrar"]
+
+logger = logging.getLogger("fastsip.proxy")
+
+_T = TypeVar("_T")
+
+#: Option tags this registrar understands in Require / Proxy-Require (§8.2.2.3).
+SUPPORTED = frozenset({"path"})
+
+# §10.3 step 6: a registrar may only reject an interval below its minimum with 423 when the
+# interval is also under an hour; a longer one below the minimum is raised to the minimum.
+_ONE_HOUR = 3600
+
+
+class _Reject(Exception):
+    """Internal: the request fails with this response (status, reason, extra headers)."""
+
+    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]] | None = None):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or []
+
+
+@dataclass(slots=True)
+class _ContactUpdate:
+    contact: str
+    key: str
+    expires: int
+    q: float
+    instance: str | None
+
+
+def _tokens(values: Iterable[str]) -> list[str]:
+    return [t.strip().lower() for v in values for t in v.split(",") if t.strip()]
+
+
+def _parse_expires(text: str) -> int:
+    text = text.strip()
+    if not text.isdigit():
+        raise _Reject(400, f"Bad Request (invalid Expires value {text!r})")
+    return int(text)
+
+
+class Registrar:
+    """A registrar over a location store.
+
+    ``domains``: the domains this registrar is responsible for (host parts, case-insensitive);
+    empty accepts any.  ``min_expires`` / ``max_expires`` / ``default_expires``: §10.3 step 6, in
+    seconds.  Bindings are keyed by :func:`~fastsip.proxy.location.aor_of` of the To URI.
+    """
+
+    def __init__(
+        self,
+        store: LocationStore,
+        *,
+        domains: Iterable[str] = (),
+        min_expires: int = 60,
+        max_expires: int = 7200,
+        default_expires: int = 3600,
+    ) -> None:
+        if not 0 <= min_expires <= max_expires:
+            raise ValueError("need 0 <= min_expires <= max_expires")
+        self.store = store
+        self.domains = frozenset(d.lower() for d in domains)
+        self.min_expires = min_expires
+        self.max_expires = max_expires
+        self.default_expires = min(max(default_expires, min_expires), max_expires)
+
+    def is_ours(self, uri: URI) -> bool:
+        """Whether ``uri``'s host is a domain this registrar is responsible for (always true
+        when no domains were configured).  A proxy can use it to decide between a location
+        lookup and forwarding (§10.3 step 1, §16.5)."""
+        return not self.domains or uri.host.lower() in self.domains
+
+    def lookup(self, uri: URI | str, now: float) -> list[Binding]:
+        """The current bindings of the AOR ``uri`` names (q descending, newest first)."""
+        return self.store.lookup(aor_of(uri), now)
+
+    def handle(
+        self, request: Request, source: Address, now: float, *, user: str | None = None
+    ) -> Response:
+        """Process one REGISTER (§10.3 steps 1-8) and return the final response to send.
+
+        ``source`` is where the request came from: it is stored with each binding so a proxy can
+        reach a contact behind a NAT.  ``user``, when given, is the name the request was
+        authenticated as; the registrar then accepts only the AOR whose user part it is (403
+        otherwise).
+        """
+        try:
+            return self._handle(request, source, now, user)
+        except _Reject as reject:
+            logger.info(
+                "REGISTER %s from %s rejected: %d %s",
+                request.headers.get("To", "?"),
+                source,
+                reject.status,
+                reject.reason,
+            )
+            return request.reply(reject.status, reject.reason, headers=reject.headers)
+
+    def _handle(self, request: Request, source: Address, now: float, user: str | None) -> Response:
+        if request.method != "REGISTER":
+            raise _Reject(405, "Method Not Allowed", [("Allow", "REGISTER")])
+        # Step 1: the Request-URI names the domain whose location service is being changed.
+        ruri = request.uri
+        if not ruri.is_sip:
+            raise _Reject(416, "Unsupported URI Scheme")
+        if not self.is_ours(ruri):
+            # A registrar that is also a proxy would forward instead (the caller decides that
+            # with is_ours()); this one refuses to act for a domain it does not serve.
+            raise _Reject(403, "Forbidden (domain not served here)")
+        # Step 2: extensions the request insists on.
+        unsupported = [
+            tag
+            for name in ("Require", "Proxy-Require")
+            for tag in _tokens(request.headers.getall(name))
+            if tag not in SUPPORTED
+        ]
+        if unsupported:
+            raise _Reject(420, "Bad Extension", [("Unsupported", ", ".join(unsupported))])
+        # Step 5 (before 3/4, which need the AOR): the To header carries the address-of-record.
+        to = request.to
+        to_uri = to.uri if to is not None else None
+        if to_uri is None or not to_uri.is_sip:
+            # RFC 4475 §3.3.4 (unksm2): an AOR must be a SIP or SIPS URI.
+            raise _Reject(400, "Bad Request (address-of-record must be a SIP or SIPS URI)")
+        if not self.is_ours(to_uri):
+            raise _Reject(404, "Not Found (address-of-record not in this domain)")
+        aor = aor_of(to_uri)
+        # Steps 3 and 4: the authenticated user may only change its own bindings.
+        if user is not None and user != to_uri.user:
+            raise _Reject(403, "Forbidden (not allowed to register this address-of-record)")
+        call_id = request.call_id
+        cseq = request.cseq
+        if not call_id or cseq is None:
+            raise _Reject(400, "Bad Request (missing Call-ID or CSeq)")
+        # Step 6: the contacts and their expiration intervals.
+        wildcard, updates = self._contacts(request)
+        path = tuple(request.headers.getall("Path"))
+        supports_path = "path" in _tokens(request.headers.getall("Supported"))
+        # Step 7: apply the updates, ordered by Call-ID/CSeq against the current bindings.
+        current = {b.key: b for b in self._store(aor, lambda: self.store.lookup(aor, now))}
+
+        def check_order(binding: Binding) -> None:
+            # A REGISTER from the same Call-ID that is not newer than the one that set this
+            # binding arrived out of order (or replays an old one); applying it would undo a
+            # later change.  The RFC only says "the request fails": 400 because retrying the
+            # same request can never succeed (a 5xx with Retry-After would invite a retry).
+            if binding.call_id == call_id and cseq.seq <= binding.cseq:
+                raise _Reject(400, "Bad Request (CSeq out of order for this Call-ID)")
+
+        if wildcard:
+            for binding in current.values():
+                check_order(binding)
+            self._store(aor, lambda: self.store.remove_all(aor))
+            logger.info("%s: removed all bindings (Contact: *) from %s", aor, source)
+        else:
+            puts: list[Binding] = []
+            removes: list[str] = []
+            user_agent = request.headers.get("User-Agent")
+            for update in updates:
+                existing = current.get(update.key)
+                if existing is not None:
+                    check_order(existing)
+                if update.expires == 0:
+                    removes.append(update.contact)
+                    continue
+                puts.append(
+                    Binding(
+                        aor=aor,
+                        contact=update.contact,
+                        expires=now + update.expires,
+                        q=update.q,
+                        call_id=call_id,
+                        cseq=cseq.seq,
+                        path=path,
+                        source=str(source),
+                        instance=update.instance,
+                        user_agent=user_agent,
+                        registered_at=now,
+                    )
+                )
+            if puts or removes:
+                self._store(aor, lambda: self.store.update(aor, puts, removes))
+                logger.debug(
+                    "%s: %d bound, %d removed, from %s", aor, len(puts), len(removes), source
+                )
+        # Step 8: 200 with every current binding (a fetch, with no Contact, lands here too).
+        headers: list[tuple[str, str]] = [
+            ("Contact", self._render_contact(b, now))
+            for b in self._store(aor, lambda: self.store.lookup(aor, now))
+        ]
+        if supports_path and path and updates:
+            # RFC 3327 §5.3: echo the Path the registrar stored, only to a UA that said it
+            # understands Path.
+            headers.extend(("Path", p) for p in path)
+        headers.append(("Date", formatdate(now, usegmt=True)))
+        return request.reply(200, "OK", headers=headers)
+
+    def _contacts(self, request: Request) -> tuple[bool, list[_ContactUpdate]]:
+        """Step 6: (is this ``Contact: *``, the per-contact updates), or a rejection."""
+        try:
+            contacts = request.contact
+        except ParseError as exc:
+            raise _Reject(400, f"Bad Request (invalid Contact: {exc.reason})") from None
+        expires_header = request.headers.get("Expires")
+        header_expires = None if expires_header is None else _parse_expires(expires_header)
+        if any(c.wildcard for c in contacts):
+            # §10.2.2: "*" removes every binding, and is only valid alone with Expires: 0.
+            if len(contacts) != 1 or header_expires != 0:
+                raise _Reject(400, "Bad Request (Contact: * needs Expires: 0 and no other contact)")
+            return True, []
+        updates: list[_ContactUpdate] = []
+        too_brief = False
+        for c in contacts:
+            uri = c.uri
+            if uri is None:
+                raise _Reject(400, "Bad Request (invalid Contact URI)")
+            params = {k.lower(): v for k, v in c.params.items()}
+            if c.expires is not None:
+                expires = c.expires
+            elif "expires" in params:
+                raise _Reject(400, "Bad Request (invalid Contact expires parameter)")
+            elif header_expires is not None:
+                expires = header_expires
+            else:
+                expires = self.default_expires
+            expires = min(expires, self.max_expires)
+            if 0 < expires < self.min_expires:
+                if expires < _ONE_HOUR:
+                    too_brief = True
+                else:
+                    expires = self.min_expires
+            q = c.q
+            if q is None:
+                if "q" in params:
+                    raise _Reject(400, "Bad Request (invalid Contact q parameter)")
+                q = 1.0
+            elif not 0.0 <= q <= 1.0:
+                raise _Reject(400, "Bad Request (Contact q must be between 0 and 1)")
+            text = str(uri)
+            try:
+                key = contact_key(uri)
+            except ParseError as exc:
+                raise _Reject(400, f"Bad Request (invalid Contact URI: {exc.reason})") from None
+            updates.append(_ContactUpdate(text, key, expires, q, params.get("+sip.instance")))
+        if too_brief:
+            # The whole request fails, and the client learns the smallest interval we accept.
+            raise _Reject(423, "Interval Too Brief", [("Min-Expires", str(self.min_expires))])
+        return False, updates
+
+    def _store(self, aor: str, call: Callable[[], _T]) -> _T:
+        try:
+            return call()
+        except Exception:
+            # A store failure (disk full, database locked too long) commits nothing, since the
+            # stores apply one REGISTER's changes atomically: say so, and let the UA retry
+            # shortly instead of believing it is registered.
+            logger.exception("%s: location store failed", aor)
+            raise _Reject(500, "Server Internal Error", [("Retry-After", "5")]) from None
+
+    @staticmethod
+    def _render_contact(binding: Binding, now: float) -> str:
+        parts = [f"<{binding.contact}>;expires={binding.expires_in(now)}"]
+        if binding.q != 1.0:
+            parts.append(f";q={binding.q:g}")
+        if binding.instance is not None:
+            # RFC 5626 §6: the registrar echoes +sip.instance so the UA recognizes its binding.
+            parts.append(f';+sip.instance="{binding.instance}"')
+        return "".join(parts)
