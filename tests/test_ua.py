@@ -408,3 +408,24 @@ def test_bye_before_ack_stops_2xx_retransmission() -> None:
     assert net.sent("bob", "SIP/2.0 200 OK") and call.ended
     bob_call_200s = [t for t in net.sent("bob", "SIP/2.0 200") if t > 0.0]
     assert bob_call_200s == []                                # the BYE stopped them at once
+
+
+def test_bye_in_early_dialog_gets_200_and_the_invite_487() -> None:
+    net, alice, bob = pair(on_incoming=lambda c: c.ring())
+    call = alice.ua.invite(bob.uri, body=SDP_OFFER)
+    net.run()
+    bob_call = next(iter(bob.ua.dialogs.values()))
+    assert bob_call.dialog is not None and bob_call.dialog.early
+    # alice's UA sends BYEs only on answered calls; forge one in the early dialog (§15).
+    inv = call.invite
+    bye = Request.create("BYE", bob.uri, [
+        ("Via", "SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKearlybye"), ("Max-Forwards", "70"),
+        ("From", inv.headers.get("From") or ""),
+        ("To", f"<{bob.uri}>;tag={bob_call.local_tag}"), ("Call-ID", call.call_id),
+        ("CSeq", "2 BYE")])
+    alice.send(bytes(bye), Address("UDP", "127.0.0.1", 5080))
+    net.run(until=1.0)
+    lines = [line for _, who, line in net.log if who == "bob"]
+    assert lines[-2:] == ["SIP/2.0 200 OK", "SIP/2.0 487 Request Terminated"]
+    assert bob_call.ended and call.ended and call.status == 487
+    assert bob.ua.dialogs == {}

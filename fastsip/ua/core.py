@@ -28,7 +28,7 @@ from fastsip.transaction import (
 )
 from fastsip.transport import DEFAULT_PORTS, Address, Transport
 from fastsip.transport.rules import strip_brackets
-from fastsip.ua.dialog import Dialog, DialogError, DialogId, new_tag
+from fastsip.ua.dialog import EARLY, Dialog, DialogError, DialogId, new_tag
 
 __all__ = [
     "ALLOW",
@@ -185,6 +185,11 @@ class Call:
         resp = self.invite.reply(status, to_tag=self.local_tag, record_route=True,
                                  headers=[("Contact", self.ua.contact(self.transport)), *headers],
                                  body=body, content_type=content_type)
+        if self.dialog is None:
+            # The provisional response with our tag makes an early dialog (§12.1.1): a BYE in
+            # it from the caller must find it (§15.1.2).
+            self.dialog = Dialog.from_uas(self.invite, self.local_tag, state=EARLY)
+            self.ua.dialogs[self.dialog.id] = self
         txn.respond(resp)
         if self.state == CALLING:
             self.state = PROCEEDING
@@ -204,7 +209,7 @@ class Call:
             self.dialog = Dialog.from_uas(request, self.local_tag)
             ua.dialogs[self.dialog.id] = self
         else:
-            self.dialog.confirm()
+            self.dialog.confirm()                    # the early dialog from ring()
         self._local_body = body
         self._content_type = content_type
         txn.respond(resp)
