@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="new calls per second (default 1)")
     c.add_argument("--duration", "-d", type=float, default=0.0, metavar="S",
                    help="seconds to hold each answered call before BYE (default 0)")
-    c.add_argument("--transport", "-t", choices=["udp", "tcp", "tls"], default="udp",
+    c.add_argument("--transport", "-t", choices=["udp", "tcp"], default="udp",
                    help="transport for the calls (default udp)")
     c.add_argument("--listen", action="append", metavar="PROTO:HOST:PORT",
                    help="local address (default: the transport on 127.0.0.1 for a loopback "
