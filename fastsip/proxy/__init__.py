@@ -6,6 +6,12 @@ and returns responses and decisions.  The asyncio server and the CLI drive it.
 
 from __future__ import annotations
 
+from fastsip.proxy.auth import (
+    AuthResult,
+    Credentials,
+    CredentialsError,
+    DigestAuthenticator,
+)
 from fastsip.proxy.location import (
     Binding,
     LocationStore,
@@ -19,7 +25,11 @@ from fastsip.proxy.location import (
 from fastsip.proxy.registrar import Registrar
 
 __all__ = [
+    "AuthResult",
     "Binding",
+    "Credentials",
+    "CredentialsError",
+    "DigestAuthenticator",
     "LocationStore",
     "LocationStoreError",
     "MemoryLocationStore",
