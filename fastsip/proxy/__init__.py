@@ -12,6 +12,14 @@ from fastsip.proxy.auth import (
     CredentialsError,
     DigestAuthenticator,
 )
+from fastsip.proxy.core import (
+    Proxy,
+    ProxyContext,
+    RequestRouter,
+    ResponseContext,
+    StatelessContext,
+    Target,
+)
 from fastsip.proxy.location import (
     Binding,
     LocationStore,
@@ -33,8 +41,14 @@ __all__ = [
     "LocationStore",
     "LocationStoreError",
     "MemoryLocationStore",
+    "Proxy",
+    "ProxyContext",
     "Registrar",
+    "RequestRouter",
+    "ResponseContext",
     "SqliteLocationStore",
+    "StatelessContext",
+    "Target",
     "aor_of",
     "contact_key",
     "open_store",

@@ -1,0 +1,550 @@
+"""The routing API: :class:`Request` (what a handler gets), decisions, and :class:`Router`, which
+runs the user's :class:`~fastsip.app.routes.Routes` on top of :class:`fastsip.proxy.Proxy`.
+
+Sync handlers run inline (no coroutine is created).  Async handlers run as tasks through the
+``spawn`` callable the I/O shell gives (``loop.create_task``), so this package stays free of
+asyncio; at most ``max_concurrency`` run at once and at most ``max_per_source`` for one source
+host, beyond which a request is answered ``503`` with ``Retry-After`` at once (never queued).  A
+handler that raises gets the request a ``500`` and a ``log.exception`` line on
+``fastsip.app``; the server keeps serving.
+
+Default routing (no handler, or a handler that returns None), for the domains we serve
+(``domains``; none given: any host naming this proxy):
+
+- REGISTER for our domain: digest-authenticated when an authenticator is set (401), then the
+  registrar.  For another domain: 403.
+- Initial requests whose From is one of our domains: authenticated when an authenticator is
+  set (407) -- our users must prove who they are before we route for them.
+- OPTIONS to us (no user part): 200 with Allow.
+- A Request-URI in our domain: the registered contacts, forked in parallel (or in q order with
+  ``serial_by_q``); none: 404.
+- Another domain: relayed when the request comes from one of our users (From in our domains,
+  authenticated when auth is on) or ``open_relay`` is set; otherwise 403 "Relaying Forbidden"
+  (so a fresh server is not an open relay for spam or toll fraud).
+- A request that still carries Route headers (a preloaded route) follows them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import Any, Protocol
+
+from fastsip.app.routes import Routes
+from fastsip.errors import FastSIPError
+from fastsip.proxy.core import Proxy, ProxyContext, ResponseContext, Target
+from fastsip.sip import URI, Headers, NameAddr, Response
+from fastsip.sip import Request as SipRequest
+from fastsip.transport import Address
+
+__all__ = ["Decision", "Request", "Router"]
+
+log = logging.getLogger("fastsip.app")
+
+#: What the default routing answers OPTIONS with (RFC 3261 §11.2).
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, SUBSCRIBE, NOTIFY, REFER, MESSAGE, " \
+        "UPDATE, INFO, PRACK"
+
+
+class _AuthResult(Protocol):
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def user(self) -> str | None: ...
+    @property
+    def stale(self) -> bool: ...
+
+
+class Authenticator(Protocol):
+    """:class:`fastsip.proxy.auth.DigestAuthenticator`'s shape, as the router uses it."""
+
+    def challenge(self, request: SipRequest, now: float, *, proxy: bool = False,
+                  stale: bool = False) -> Response: ...
+    def authenticate(self, request: SipRequest, now: float, *, proxy: bool = False) -> Any: ...
+
+
+class Registrar(Protocol):
+    """:class:`fastsip.proxy.Registrar`'s shape, as the router uses it."""
+
+    def handle(self, request: SipRequest, source: Address, now: float, *,
+               user: str | None = None) -> Response: ...
+    def lookup(self, uri: URI | str, now: float) -> list[Any]: ...
+
+
+class Decision:
+    """What a handler returns: forward to targets, or answer.  Made by :class:`Request`'s
+    methods (``relay``, ``fork``, ``reply``, ``redirect``, ``challenge``, ``register``)."""
+
+    __slots__ = ("groups", "headers", "kind", "parallel", "reason", "response", "status",
+                 "targets")
+
+    def __init__(self, kind: str, *, targets: Sequence[Target] = (), parallel: bool = True,
+                 status: int = 0, reason: str | None = None,
+                 headers: Iterable[tuple[str, str]] = (), response: Response | None = None,
+                 groups: Sequence[Sequence[Target]] = ()) -> None:
+        self.kind = kind              # "forward", "reply" or "response"
+        self.targets = list(targets)
+        self.parallel = parallel
+        self.groups = [list(g) for g in groups]  # serial groups, each forked in parallel
+        self.status = status
+        self.reason = reason
+        self.headers = list(headers)
+        self.response = response
+
+    def __repr__(self) -> str:
+        if self.kind == "forward":
+            return f"<Decision forward {self.targets} parallel={self.parallel}>"
+        if self.kind == "response" and self.response is not None:
+            return f"<Decision response {self.response.status_code}>"
+        return f"<Decision reply {self.status}>"
+
+
+TargetLike = str | URI | Target | Any  # Any: a location Binding
+
+
+class Request:
+    """A request as a routing handler sees it: the parsed message (``request``), where it came
+    from (``source``), who sent it once authenticated (``user``), and the decisions.
+
+    ``data`` is a dict for the handler's own notes (kept across the failure hook);
+    ``failures`` lists the best responses that reached the failure hook so far.
+    """
+
+    __slots__ = ("_router", "_stale", "ctx", "data", "failures", "user")
+
+    def __init__(self, router: Router, ctx: ProxyContext) -> None:
+        self._router = router
+        self.ctx = ctx
+        self.user: str | None = None
+        self._stale = False
+        self.data: dict[str, Any] = {}
+        self.failures: list[Response] = []
+
+    # -- the message -------------------------------------------------------------------------
+
+    @property
+    def request(self) -> SipRequest:
+        return self.ctx.request
+
+    @property
+    def source(self) -> Address:
+        return self.ctx.source
+
+    @property
+    def method(self) -> str:
+        return self.ctx.request.method
+
+    @property
+    def uri(self) -> URI:
+        return self.ctx.request.uri
+
+    @property
+    def headers(self) -> Headers:
+        return self.ctx.request.headers
+
+    @property
+    def from_(self) -> NameAddr | None:
+        return self.ctx.request.from_
+
+    @property
+    def to(self) -> NameAddr | None:
+        return self.ctx.request.to
+
+    @property
+    def call_id(self) -> str | None:
+        return self.ctx.request.call_id
+
+    @property
+    def in_dialog(self) -> bool:
+        to = self.ctx.request.to
+        return to is not None and to.tag is not None
+
+    @property
+    def for_us(self) -> bool:
+        """Is the Request-URI in one of our domains (or naming this proxy)?"""
+        return self._router.is_ours(self.ctx.request.uri)
+
+    @property
+    def from_us(self) -> bool:
+        """Is the From URI in one of our domains?"""
+        frm = self.ctx.request.from_
+        return frm is not None and frm.uri is not None and self._router.is_ours(frm.uri)
+
+    # -- decisions ---------------------------------------------------------------------------
+
+    def relay(self, to: str | URI | None = None, *, route: Sequence[str] = ()) -> Decision:
+        """Forward the request.  Without ``to``: along its Route headers, else to the
+        Request-URI -- for one of our domains, to the registered contacts (404 when none).
+        With ``to``: to that URI, which becomes the Request-URI; a ``to`` without a user part
+        keeps the Request-URI's user (``relay(to="sip:gw.example.net")`` sends
+        ``sip:+4420...@gw.example.net``).  ``route``: Route values to push first (an
+        outbound proxy: ``["<sip:edge.example.net;lr>"]``)."""
+        req = self.ctx.request
+        if to is None:
+            if req.route or not self.for_us:
+                return Decision("forward", targets=[Target(route=route)])
+            bindings = self.lookup()
+            if not bindings:
+                return self.reply(404)
+            return self._router.fork_bindings(bindings, route)
+        return Decision("forward", targets=[Target(self._retarget(to), route=route)])
+
+    def fork(self, targets: Iterable[TargetLike], *, parallel: bool = True) -> Decision:
+        """Fork to ``targets`` (URIs, :class:`~fastsip.proxy.Target` or location bindings):
+        all at once, or one after another (``parallel=False``: the next is tried when the
+        previous one failed).  The best response wins (§16.7); the first 2xx ends the search."""
+        return Decision("forward", targets=[self._target(t) for t in targets], parallel=parallel)
+
+    def reply(self, status: int, reason: str | None = None, *,
+              headers: Iterable[tuple[str, str]] = ()) -> Decision:
+        """Answer with ``status`` (a To tag is added for us)."""
+        return Decision("reply", status=status, reason=reason, headers=headers)
+
+    def redirect(self, targets: Iterable[str | URI], status: int = 302) -> Decision:
+        """Answer with a 3xx listing ``targets`` as Contacts (§8.3, §21.3)."""
+        return self.reply(status, headers=[("Contact", f"<{t}>") for t in targets])
+
+    def challenge(self) -> Decision:
+        """Ask for credentials: 401 for a REGISTER, 407 for anything else (§22)."""
+        auth = self._router.authenticator
+        if auth is None:
+            raise FastSIPError("challenge() needs an authenticator on the Router")
+        response = auth.challenge(self.ctx.request, self._router.wallclock(),
+                                  proxy=self.method != "REGISTER", stale=self._stale)
+        return Decision("response", response=response)
+
+    def authenticate(self) -> bool:
+        """Check the request's credentials (Authorization for REGISTER, Proxy-Authorization
+        otherwise).  True (and ``user`` set) when they are good.  With no authenticator on the
+        Router, everything is accepted anonymously."""
+        auth = self._router.authenticator
+        if auth is None:
+            return True
+        result: _AuthResult = auth.authenticate(self.ctx.request, self._router.wallclock(),
+                                                proxy=self.method != "REGISTER")
+        if result.ok:
+            self.user = result.user
+            return True
+        self._stale = bool(result.stale)  # the next challenge says stale=TRUE (RFC 2617 3.2.1)
+        return False
+
+    def register(self) -> Decision:
+        """Hand a REGISTER to the registrar (call :meth:`authenticate` first if you want it
+        authenticated: the registrar then binds only the authenticated user's AOR)."""
+        registrar = self._router.registrar
+        if registrar is None:
+            raise FastSIPError("register() needs a registrar on the Router")
+        response = registrar.handle(self.ctx.request, self.ctx.source, self._router.wallclock(),
+                                    user=self.user)
+        return Decision("response", response=response)
+
+    def lookup(self, aor: str | URI | None = None) -> list[Any]:
+        """The registered bindings of ``aor`` (default: the Request-URI), best first."""
+        registrar = self._router.registrar
+        if registrar is None:
+            return []
+        return registrar.lookup(aor if aor is not None else self.ctx.request.uri,
+                                self._router.wallclock())
+
+    def default(self) -> Decision:
+        """What the default routing would do with this request (module docstring)."""
+        return self._router.default_decision(self)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _retarget(self, to: str | URI) -> URI | str:
+        uri = to if isinstance(to, URI) else URI(to)
+        user = self.ctx.request.uri.user
+        if uri.user is None and user is not None and uri.is_sip:
+            text = str(uri)
+            colon = text.index(":")
+            return f"{text[:colon + 1]}{user}@{text[colon + 1:]}"
+        return uri
+
+    def _target(self, t: TargetLike) -> Target:
+        if isinstance(t, Target):
+            return t
+        if isinstance(t, (str, URI)):
+            return Target(t)
+        return self._router.binding_target(t)
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.uri} from {self.source}>"
+
+
+_Spawn = Callable[[Coroutine[Any, Any, None]], object]
+
+
+class Router:
+    """Runs :class:`Routes` (or the default routing) for a :class:`~fastsip.proxy.Proxy`.
+
+    - ``routes``: the user's hooks (:func:`~fastsip.app.load_routes`); None: default routing.
+    - ``registrar``: a :class:`fastsip.proxy.Registrar` (REGISTER, location lookups).
+    - ``authenticator``: a :class:`fastsip.proxy.auth.DigestAuthenticator` (optional).
+    - ``domains``: the domains we serve (default: the registrar's; none: any host naming us).
+    - ``open_relay``: relay requests for other domains from anyone (default: our users only).
+    - ``spawn``: runs a coroutine as a task (``loop.create_task``); needed for async hooks.
+    - ``max_concurrency`` / ``max_per_source``: async hooks running at once, in all and per
+      source host; beyond either, 503 with ``Retry-After: retry_after``.
+    - ``serial_by_q``: registered contacts are tried in groups of equal q, highest first
+      (RFC 3261 §16.6 allows it); default: all in parallel.
+    - ``wallclock``: the time for the registrar and nonces (wall clock: expiries persist).
+    """
+
+    def __init__(self, routes: Routes | None = None, *, registrar: Registrar | None = None,
+                 authenticator: Authenticator | None = None, domains: Iterable[str] | None = None,
+                 open_relay: bool = False, spawn: _Spawn | None = None,
+                 max_concurrency: int = 1000, max_per_source: int | None = None,
+                 retry_after: int = 5, serial_by_q: bool = False,
+                 wallclock: Callable[[], float] = time.time) -> None:
+        self.routes = routes if routes is not None else Routes()
+        self.registrar = registrar
+        self.authenticator = authenticator
+        if domains is None:
+            domains = getattr(registrar, "domains", ())
+        self.domains = frozenset(d.lower() for d in domains)
+        self.open_relay = open_relay
+        self.spawn = spawn
+        self.max_concurrency = max_concurrency
+        self.max_per_source = max_per_source if max_per_source is not None else \
+            max(1, max_concurrency // 2)
+        self.retry_after = retry_after
+        self.serial_by_q = serial_by_q
+        self.wallclock = wallclock
+        self.proxy: Proxy | None = None
+        self.running = 0
+        self._per_source: dict[str, int] = {}
+        self._tasks: set[object] = set()
+        r = self.routes
+        self._request_async = r.request is not None and inspect.iscoroutinefunction(r.request)
+        self._failure_async = r.failure is not None and inspect.iscoroutinefunction(r.failure)
+
+    # -- RequestRouter (what the proxy core calls) -------------------------------------------
+
+    @property
+    def in_dialog(self) -> bool:
+        return self.routes.in_dialog
+
+    @property
+    def wants_responses(self) -> bool:
+        return self.routes.response is not None
+
+    def attach(self, proxy: Proxy) -> None:
+        """Called by :meth:`Proxy.attach`: we ask the proxy whether a host is us."""
+        self.proxy = proxy
+
+    def on_request(self, ctx: ProxyContext) -> None:
+        req = Request(self, ctx)
+        ctx.data = req
+        fn = self.routes.request
+        if fn is None:
+            self._apply(req, self.default_decision(req))
+            return
+        self._call(req, fn, (req,), self._request_async, failure=False)
+
+    def on_failure(self, ctx: ResponseContext, best: Response) -> bool:
+        fn = self.routes.failure
+        req = ctx.data
+        if fn is None or not isinstance(req, Request):
+            return False
+        req.failures.append(best)
+        if self._failure_async and not self._admit(req.source):
+            return False  # overloaded: the best response goes back as it is
+        self._call(req, fn, (req, best), self._failure_async, failure=True)
+        return True
+
+    def on_response(self, ctx: ResponseContext, response: Response) -> None:
+        fn = self.routes.response
+        if fn is not None:
+            fn(ctx.data, response)
+
+    # -- running hooks -----------------------------------------------------------------------
+
+    def _admit(self, source: Address) -> bool:
+        return self.running < self.max_concurrency and \
+            self._per_source.get(source.host, 0) < self.max_per_source
+
+    def _call(self, req: Request, fn: Callable[..., Any], args: tuple[Any, ...], is_async: bool,
+              *, failure: bool) -> None:
+        if is_async and not failure and not self._admit(req.source):
+            self._overloaded(req)
+            return
+        try:
+            result = fn(*args)
+        except Exception:
+            log.exception("%s raised for %s %s", getattr(fn, "__name__", fn), req.method,
+                          req.uri)
+            req.ctx.respond(500)
+            return
+        if inspect.isawaitable(result):
+            if not is_async and not self._admit(req.source):  # a sync def returning a coroutine
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+                self._overloaded(req) if not failure else self._give_up(req)
+                return
+            self._start_task(req, result, failure)
+            return
+        self._finish(req, result, failure)
+
+    def _overloaded(self, req: Request) -> None:
+        log.warning("overload: %d handlers running (%d from %s): 503 for %s %s",
+                    self.running, self._per_source.get(req.source.host, 0), req.source.host,
+                    req.method, req.uri)
+        req.ctx.respond(503, headers=[("Retry-After", str(self.retry_after))])
+
+    @staticmethod
+    def _give_up(req: Request) -> None:
+        ctx = req.ctx
+        if isinstance(ctx, ResponseContext):
+            ctx.send_best()
+
+    def _start_task(self, req: Request, awaitable: Any, failure: bool) -> None:
+        spawn = self.spawn
+        if spawn is None:
+            log.error("an async hook needs Router(spawn=...): 500 for %s %s", req.method, req.uri)
+            close = getattr(awaitable, "close", None)
+            if close is not None:
+                close()
+            req.ctx.respond(500)
+            return
+        host = req.source.host
+        self.running += 1
+        self._per_source[host] = self._per_source.get(host, 0) + 1
+        holder: list[object] = []
+        task = spawn(self._run(req, awaitable, failure, holder))
+        if task is not None:
+            holder.append(task)
+            self._tasks.add(task)  # a task nobody references can be collected mid-flight
+
+    async def _run(self, req: Request, awaitable: Any, failure: bool,
+                   holder: list[object]) -> None:
+        host = req.source.host
+        try:
+            try:
+                result = await awaitable
+            finally:
+                self.running -= 1
+                n = self._per_source.get(host, 1) - 1
+                if n:
+                    self._per_source[host] = n
+                else:
+                    self._per_source.pop(host, None)
+                if holder:
+                    self._tasks.discard(holder[0])
+        except Exception:
+            log.exception("async hook raised for %s %s", req.method, req.uri)
+            req.ctx.respond(500)
+            return
+        self._finish(req, result, failure)
+
+    def _finish(self, req: Request, result: Any, failure: bool) -> None:
+        try:
+            if result is None:
+                if failure:
+                    self._give_up(req)
+                    return
+                result = self.default_decision(req)
+            self._apply(req, result)
+        except Exception:
+            log.exception("routing %s %s failed", req.method, req.uri)
+            req.ctx.respond(500)
+
+    @staticmethod
+    def _apply(req: Request, decision: Any) -> None:
+        ctx = req.ctx
+        if ctx.done:
+            return
+        if not isinstance(decision, Decision):
+            raise TypeError(f"a handler returned {decision!r}, not a decision "
+                            f"(req.relay(), req.reply(...), ...) or None")
+        if decision.kind == "forward":
+            if decision.groups and isinstance(ctx, ResponseContext):
+                ctx.forward_groups(decision.groups)
+            elif decision.groups:
+                ctx.forward(decision.groups[0])
+            else:
+                ctx.forward(decision.targets, parallel=decision.parallel)
+        elif decision.kind == "response" and decision.response is not None:
+            ctx.respond(decision.response)
+        else:
+            ctx.respond(decision.status, decision.reason, headers=decision.headers)
+
+    # -- default routing ---------------------------------------------------------------------
+
+    def is_ours(self, uri: URI) -> bool:
+        """A URI in one of our domains, or naming this proxy's host."""
+        if not uri.is_sip:
+            return False
+        if self.domains and uri.host.lower() in self.domains:
+            return True
+        return self.proxy_is_local_host(uri)
+
+    def proxy_is_local_host(self, uri: URI) -> bool:
+        proxy = self.proxy
+        return proxy is not None and proxy.is_local(uri)
+
+    def default_decision(self, req: Request) -> Decision:
+        method = req.method
+        request = req.request
+        if method == "REGISTER":
+            if self.registrar is None or not req.for_us:
+                return req.reply(403, "Not Our Domain") if not self.open_relay else req.relay()
+            if not req.authenticate():
+                return req.challenge()
+            return req.register()
+        if req.in_dialog or request.route:
+            return req.relay()  # loose routing (§16.4): the route set decides
+        if method not in ("ACK", "CANCEL") and self.authenticator is not None and req.from_us \
+                and not req.authenticate():
+            return req.challenge()
+        if req.for_us:
+            if request.uri.user is None:
+                if method == "OPTIONS":
+                    return req.reply(200, headers=[("Allow", ALLOW), ("Accept", "application/sdp")])
+                return req.reply(404)
+            return req.relay()
+        if self.open_relay or req.from_us:
+            return req.relay()
+        return req.reply(403, "Relaying Forbidden")
+
+    def fork_bindings(self, bindings: Sequence[Any], route: Sequence[str] = ()) -> Decision:
+        """Targets for registered contacts: in parallel, or by q groups (``serial_by_q``)."""
+        targets = [self.binding_target(b, route) for b in bindings]
+        if not self.serial_by_q or len(bindings) < 2:
+            return Decision("forward", targets=targets)
+        # Equal q in parallel, decreasing q in series (bindings come highest q first).
+        groups: list[list[Target]] = []
+        last_q: float | None = None
+        for b, t in zip(bindings, targets):
+            if b.q != last_q:
+                groups.append([])
+                last_q = b.q
+            groups[-1].append(t)
+        return Decision("forward", groups=groups)
+
+    @staticmethod
+    def binding_target(binding: Any, route: Sequence[str] = ()) -> Target:
+        """A registered contact as a target: its Path goes in front (RFC 3327); a binding made
+        over TCP/TLS is reached over the same connection's peer (the UA cannot accept new
+        connections behind a NAT)."""
+        dest: Address | None = None
+        source = getattr(binding, "source", None)
+        path = tuple(getattr(binding, "path", ()) or ())
+        if source and not path:
+            addr = _parse_address(source)
+            if addr is not None and addr.reliable:
+                dest = addr
+        return Target(binding.contact, route=(*route, *path), dest=dest)
+
+
+def _parse_address(text: str) -> Address | None:
+    """``"tcp:198.51.100.7:5060"`` / ``"udp:[2001:db8::1]:5060"`` (``str(Address)``)."""
+    try:
+        transport, rest = text.split(":", 1)
+        host, port = rest.rsplit(":", 1)
+        return Address(transport.upper(), host.strip("[]"), int(port))
+    except ValueError:
+        return None

@@ -1,0 +1,1100 @@
+"""The proxy core (RFC 3261 §16): a stateful, forking proxy and a stateless one, sans-IO.
+
+:class:`Proxy` is a :class:`~fastsip.transaction.TransactionUser`.  For each new request it
+validates (§16.3), applies route information preprocessing (§16.4: strict-router compatibility,
+popping our own Route) and then either loose-routes it on its own (an in-dialog request: it has a
+To tag) or asks the *router* (an initial request).  The router decides through the
+:class:`ResponseContext` it is given, now or later (an ``async`` handler)::
+
+    class MyRouter:
+        in_dialog = False                        # True: see in-dialog requests too
+        def on_request(self, ctx: ResponseContext) -> None:
+            ctx.forward([Target("sip:bob@192.0.2.7")])     # or ctx.respond(404)
+        def on_failure(self, ctx: ResponseContext, best: Response) -> bool:
+            return False                         # True: "I will forward or respond later"
+        def on_response(self, ctx: ResponseContext, response: Response) -> None:
+            pass                                 # sees each response from a branch
+
+    proxy = Proxy(MyRouter())
+    endpoint = Endpoint(proxy, listen=[...]); await endpoint.start()
+    proxy.attach(endpoint.transactions)
+
+(:mod:`fastsip.app` is the friendly layer over this: decorated functions and default routing.)
+
+The response context (§16.7) forks in parallel and in series, forwards 1xx (not 100) and every
+2xx at once, cancels the other branches after a 2xx or a 6xx, and otherwise sends the best final
+response when every branch is done (6xx, else the lowest class, 503 becomes 500).  Timer C
+(§16.8) guards each INVITE branch; a CANCEL from upstream (§16.10) gets its 200 here and cancels
+every pending branch, whose 487 then goes back as the best response.  ACKs for 2xx and responses
+that match no transaction are forwarded statelessly.
+
+With ``stateless=True`` (§16.11) give messages to :meth:`Proxy.receive` instead of the
+transaction layer (``transport.on_message = proxy.receive``): requests are forwarded to one
+target with a branch derived from the upstream one (so retransmissions and the CANCEL follow the
+same path), responses are routed back by their Via; nothing is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+from fastsip.sip import URI, Message, Request, Response, parse
+from fastsip.transaction import (
+    ClientTransaction,
+    ServerTransaction,
+    TransactionLayer,
+)
+from fastsip.transport import DEFAULT_PORTS, Address, Transport
+from fastsip.transport.rules import (
+    next_hop,
+    request_next_hop,
+    response_destination,
+    strip_brackets,
+)
+
+__all__ = [
+    "Proxy",
+    "ProxyContext",
+    "RequestRouter",
+    "ResponseContext",
+    "StatelessContext",
+    "Target",
+]
+
+log = logging.getLogger("fastsip.proxy")
+
+MAGIC_COOKIE = "z9hG4bK"
+#: Methods whose forwarded initial request carries our Record-Route: the ones that create a
+#: dialog (RFC 3261 INVITE, RFC 6665 SUBSCRIBE/NOTIFY, RFC 3515 REFER).  Others gain nothing.
+RECORD_ROUTE_METHODS = frozenset({"INVITE", "SUBSCRIBE", "NOTIFY", "REFER"})
+#: §16.7 step 6: within a class, prefer responses that let the UAC retry with more information.
+_PREFERRED = frozenset({401, 407, 415, 420, 484})
+_TERMINATED_STATES = frozenset({"completed", "confirmed", "terminated"})
+
+
+class Target:
+    """Where one branch goes (§16.5's target set, one element).
+
+    ``uri``: the new Request-URI (None: keep the Request-URI, as loose routing does).  ``route``:
+    Route header values to push in front (a binding's Path, RFC 3327, or an outbound proxy).
+    ``dest``: the transport address to send to, bypassing §8.1.2/RFC 3263 (a TCP binding's
+    connection, a NAT'd contact's source).
+    """
+
+    __slots__ = ("dest", "route", "uri")
+
+    def __init__(
+        self,
+        uri: URI | str | None = None,
+        *,
+        route: Sequence[str] = (),
+        dest: Address | None = None,
+    ) -> None:
+        self.uri = uri
+        self.route = tuple(route)
+        self.dest = dest
+
+    def __repr__(self) -> str:
+        return f"Target({str(self.uri) if self.uri is not None else None!r})"
+
+
+class ProxyContext(Protocol):
+    """What a router sees: the request and the two ways to decide.  Both
+    :class:`ResponseContext` (stateful) and :class:`StatelessContext` implement it."""
+
+    request: Request
+    source: Address
+    proxy: Proxy
+    data: Any
+
+    @property
+    def stateless(self) -> bool: ...
+    @property
+    def done(self) -> bool: ...
+    def forward(self, targets: Iterable[Target], *, parallel: bool = True) -> None: ...
+    def respond(
+        self,
+        status: int | Response,
+        reason: str | None = None,
+        *,
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> None: ...
+
+
+class RequestRouter(Protocol):
+    """The routing policy above the proxy core (see :mod:`fastsip.app` for the friendly one)."""
+
+    #: True: in-dialog requests (To tag present) reach :meth:`on_request` too; False: the core
+    #: loose-routes them (DESIGN §4).
+    in_dialog: bool
+
+    def on_request(self, ctx: ProxyContext) -> None:
+        """Decide for a new request: call ``ctx.forward(...)`` or ``ctx.respond(...)``, now or
+        later.  An exception here becomes a 500."""
+
+    def on_failure(self, ctx: ResponseContext, best: Response) -> bool:
+        """Every branch failed (no 2xx, no 6xx, not cancelled); ``best`` is what would go back.
+        Return True to take over (forward to new targets or respond, now or later), False to
+        send ``best``."""
+
+    def on_response(self, ctx: ResponseContext, response: Response) -> None:
+        """A response from a branch (not 100), our Via already removed, before it is forwarded
+        or kept for the best-response choice.  Called only when ``wants_responses`` is true."""
+
+
+def _loop_hash(request: Request) -> str:
+    """§16.6 step 8 / RFC 5393 §4.2: a hash of the fields that make a request "the same" when
+    it comes back: Request-URI as received, From/To tags, Call-ID, CSeq number, Route,
+    Proxy-Require, Proxy-Authorization.  The topmost Via is left out on purpose (RFC 5393:
+    it changes on every hop, so including it would hide every loop)."""
+    frm = request.from_
+    to = request.to
+    cseq = request.cseq
+    h = request.headers
+    text = "\x00".join(
+        (
+            str(request.uri),
+            (frm.tag or "") if frm is not None else "",
+            (to.tag or "") if to is not None else "",
+            request.call_id or "",
+            str(cseq.seq) if cseq is not None else "",
+            ",".join(h.getall("Route")),
+            ",".join(h.getall("Proxy-Require")),
+            ",".join(h.getall("Proxy-Authorization")),
+        )
+    )
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def _stateless_branch(request: Request) -> str:
+    """§16.11: the branch a stateless proxy puts in its Via is a function of the received
+    request's own transaction id, so a retransmission, the ACK for a non-2xx and the CANCEL
+    (same upstream branch, method left out) all go out with the same branch."""
+    top = request.top_via
+    if top is not None and top.branch and top.branch.startswith(MAGIC_COOKIE):
+        key = f"{top.branch}\x00{top.host}\x00{top.port}"
+    else:  # RFC 2543 peer: the §17.2.3 fields
+        frm = request.from_
+        cseq = request.cseq
+        key = "\x00".join(
+            (
+                str(request.uri),
+                (frm.tag or "") if frm is not None else "",
+                request.call_id or "",
+                str(cseq.seq) if cseq is not None else "",
+                str(top) if top is not None else "",
+            )
+        )
+    return MAGIC_COOKIE + "sl" + hashlib.blake2b(key.encode(), digest_size=10).hexdigest()
+
+
+def _new_tag() -> str:
+    return os.urandom(5).hex()
+
+
+class _Ignore:
+    """Client handler for our CANCELs: their responses change nothing (§16.10 / §9.1)."""
+
+    __slots__ = ()
+
+    def on_response(self, txn: ClientTransaction, response: Response) -> None:
+        pass
+
+    def on_timeout(self, txn: ClientTransaction) -> None:
+        pass
+
+    def on_transport_error(self, txn: ClientTransaction) -> None:
+        pass
+
+
+_IGNORE = _Ignore()
+
+
+class Branch:
+    """One client transaction of a response context (a ClientHandler)."""
+
+    __slots__ = (
+        "_cancel_guard",
+        "_timer_c",
+        "cancel_sent",
+        "cancel_wanted",
+        "ctx",
+        "dest",
+        "final",
+        "provisional",
+        "request",
+        "target",
+        "txn",
+    )
+
+    def __init__(
+        self, ctx: ResponseContext, target: Target, request: Request, dest: Address
+    ) -> None:
+        self.ctx = ctx
+        self.target = target
+        self.request = request
+        self.dest = dest
+        self.txn: ClientTransaction | None = None
+        self.final: Response | None = None
+        self.provisional = False
+        self.cancel_wanted = False
+        self.cancel_sent = False
+        self._timer_c: Any = None
+        self._cancel_guard: Any = None
+
+    @property
+    def pending(self) -> bool:
+        return self.final is None
+
+    # ClientHandler
+    def on_response(self, txn: ClientTransaction, response: Response) -> None:
+        self.ctx._on_branch_response(self, response)
+
+    def on_timeout(self, txn: ClientTransaction) -> None:
+        self.ctx._branch_failed(self, 408)
+
+    def on_transport_error(self, txn: ClientTransaction) -> None:
+        self.ctx._branch_failed(self, 503)
+
+    def _stop_timers(self) -> None:
+        if self._timer_c is not None:
+            self._timer_c.cancel()
+            self._timer_c = None
+        if self._cancel_guard is not None:
+            self._cancel_guard.cancel()
+            self._cancel_guard = None
+
+    def cancel(self) -> None:
+        """§9.1 for a branch: a CANCEL once a provisional response has come (before that the
+        CANCEL must wait for one), only for INVITE."""
+        if self.final is not None or self.cancel_sent or self.request.method != "INVITE":
+            return
+        if not self.provisional:
+            self.cancel_wanted = True
+            return
+        self.cancel_sent = True
+        req = self.request
+        proxy = self.ctx.proxy
+        headers: list[tuple[str, str]] = [("Via", str(req.via[0]))]
+        headers += [("Route", str(r)) for r in req.route]
+        cseq = req.cseq
+        headers += [
+            ("Max-Forwards", "70"),
+            ("From", req.headers.get("From") or ""),
+            ("To", req.headers.get("To") or ""),
+            ("Call-ID", req.call_id or ""),
+            ("CSeq", f"{cseq.seq if cseq is not None else 0} CANCEL"),
+        ]
+        cancel = Request.create("CANCEL", str(req.uri), headers)
+        try:
+            proxy.layer.request(cancel, self.dest, _IGNORE)
+        except ValueError as exc:  # a CANCEL for this branch exists already
+            log.debug("no CANCEL for %s: %s", self.dest, exc)
+        # §9.1: a UAS that never answers the CANCEL must not keep the branch alive forever.
+        self._cancel_guard = proxy.clock.call_later(
+            proxy.layer.config.timeout, self.ctx._branch_failed, self, 408
+        )
+
+
+class ResponseContext:
+    """§16.7's response context: one per server transaction the proxy forwards for.
+
+    Routers call :meth:`forward` (parallel or serial fork) or :meth:`respond`; after a failure
+    hook took over, :meth:`send_best` sends the best response after all.  ``data`` is free for
+    the router.
+    """
+
+    __slots__ = (
+        "_auth",
+        "_best",
+        "_counted",
+        "active",
+        "branches",
+        "cancelled",
+        "data",
+        "final_sent",
+        "proxy",
+        "request",
+        "serial",
+        "source",
+        "txn",
+    )
+
+    def __init__(
+        self, proxy: Proxy, txn: ServerTransaction, request: Request, source: Address
+    ) -> None:
+        self.proxy = proxy
+        self.txn = txn
+        self.request = request
+        self.source = source
+        self.branches: list[Branch] = []
+        self.active = 0
+        self.serial: list[list[Target]] = []
+        self.final_sent = False
+        self.cancelled = False
+        self.data: Any = None
+        self._best: Response | None = None
+        self._auth: list[tuple[str, str]] | None = None
+        self._counted = True
+
+    @property
+    def stateless(self) -> bool:
+        return False
+
+    @property
+    def done(self) -> bool:
+        """A final response went upstream: decisions now change nothing."""
+        return self.final_sent
+
+    @property
+    def best(self) -> Response | None:
+        """The best final response so far (§16.7 step 6), before any 503 → 500 rewrite."""
+        return self._best
+
+    # -- decisions ---------------------------------------------------------------------------
+
+    def forward(self, targets: Iterable[Target], *, parallel: bool = True) -> None:
+        """Fork to ``targets``: all at once (``parallel``) or one after another, each tried when
+        the previous one failed (serial forking, §16.6).  An empty target set gets 480 (§16.5)."""
+        if self.final_sent:
+            return
+        if self.cancelled:
+            self._respond_local(487)
+            return
+        targets = list(targets)
+        if not targets:
+            self._respond_local(480)
+            return
+        if parallel:
+            self.serial = []
+            self._start(targets)
+        else:
+            self.serial = [[t] for t in targets[1:]]
+            self._start(targets[:1])
+
+    def forward_groups(self, groups: Iterable[Iterable[Target]]) -> None:
+        """Serial forking over parallel groups: each group forks in parallel; the next group
+        starts when every branch of the previous one failed (q-ordered contacts, §16.6)."""
+        if self.final_sent:
+            return
+        if self.cancelled:
+            self._respond_local(487)
+            return
+        lists = [list(g) for g in groups]
+        lists = [g for g in lists if g]
+        if not lists:
+            self._respond_local(480)
+            return
+        self.serial = lists[1:]
+        self._start(lists[0])
+
+    def respond(
+        self,
+        status: int | Response,
+        reason: str | None = None,
+        *,
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        """Answer upstream ourselves (a status, or a ready Response such as a registrar's).
+        A final response ends the context and cancels any pending branch."""
+        if self.final_sent:
+            return
+        if isinstance(status, Response):
+            response = status
+        else:
+            response = self._make_response(status, reason, headers)
+        if response.status_code >= 200:
+            self.final_sent = True
+            self.serial = []
+            for b in self.branches:
+                b.cancel()
+            self._release()
+        self._send_upstream(response)
+
+    def send_best(self) -> None:
+        """Send the best final response gathered so far (after a failure hook declined)."""
+        if self.final_sent:
+            return
+        best = self._best
+        if best is None:
+            self._respond_local(487 if self.cancelled else 408)
+            return
+        if best.status_code == 503:
+            # §16.7 step 6: a 503 means *that* server is overloaded, not us: 500 upstream.
+            self._respond_local(500, "Server Error (downstream 503)")
+            return
+        if self._auth and best.status_code in (401, 407):
+            # §16.7 step 7: every challenge goes up in the one response, so the UAC can
+            # answer all of them.
+            seen = set(best.headers.getall("WWW-Authenticate")) | set(
+                best.headers.getall("Proxy-Authenticate")
+            )
+            for name, value in self._auth:
+                if value not in seen:
+                    best.add_header(name, value)
+        self.final_sent = True
+        self._release()
+        self._send_upstream(best)
+
+    def cancel(self) -> None:
+        """A CANCEL from upstream (§16.10): no new branches; pending ones are cancelled and
+        their 487 goes back as the best response.  With no branch yet (a handler still
+        deciding, or between serial targets) the 487 goes back at once."""
+        if self.final_sent:
+            return
+        self.cancelled = True
+        self.serial = []
+        if self.active == 0:
+            self._respond_local(487)
+            return
+        for b in self.branches:
+            b.cancel()
+
+    # -- branches ----------------------------------------------------------------------------
+
+    def _start(self, targets: list[Target]) -> None:
+        proxy = self.proxy
+        failed: list[int] = []
+        for target in targets:
+            try:
+                branch = proxy._make_branch(self, target)
+            except ValueError as exc:
+                log.info("cannot forward %s to %r: %s", self.request.method, target, exc)
+                failed.append(400 if isinstance(exc, _BadTarget) else 503)
+                continue
+            self.branches.append(branch)
+            self.active += 1
+            if branch.request.method == "INVITE" and proxy.timer_c > 0:
+                branch._timer_c = proxy.clock.call_later(proxy.timer_c, self._timer_c, branch)
+            try:
+                branch.txn = proxy.layer.request(branch.request, branch.dest, branch)
+            except ValueError as exc:
+                log.info("cannot start a branch to %s: %s", branch.dest, exc)
+                self._branch_failed(branch, 503)
+        for status in failed:
+            self._record_final(self.request.reply(status, to_tag=_new_tag()))
+        if self.active == 0 and not self.final_sent:
+            self._branches_done()
+
+    def _timer_c(self, branch: Branch) -> None:
+        # §16.8: a branch stuck after a provisional response is cancelled; one that never
+        # got any is treated as if a 408 had come.
+        branch._timer_c = None
+        if branch.final is not None:
+            return
+        if branch.provisional:
+            branch.cancel()
+        else:
+            self._branch_failed(branch, 408)
+
+    def _branch_failed(self, branch: Branch, status: int) -> None:
+        if branch.final is not None:
+            return
+        response = self.request.reply(status, to_tag=_new_tag())
+        self._branch_final(branch, response)
+
+    def _on_branch_response(self, branch: Branch, response: Response) -> None:
+        response.pop_via()  # §16.7 step 3: our Via
+        status = response.status_code
+        if status < 200:
+            if branch.final is not None:
+                return
+            branch.provisional = True
+            if branch.cancel_wanted:
+                branch.cancel()
+            if status == 100:
+                return  # §16.7 step 5: 100 is hop by hop
+            if branch._timer_c is not None:  # §16.8: a 101-199 restarts Timer C
+                branch._timer_c.cancel()
+                proxy = self.proxy
+                branch._timer_c = proxy.clock.call_later(proxy.timer_c, self._timer_c, branch)
+            self._hook(response)
+            if not self.final_sent:
+                self._send_upstream(response)
+            return
+        if status < 300:
+            first = branch.final is None
+            if first:
+                branch.final = response
+                branch._stop_timers()
+                self.active -= 1
+            self._hook(response)
+            if self.request.method == "INVITE" or not self.final_sent:
+                # §16.7 step 9: every 2xx to an INVITE goes up at once (each is a dialog).
+                self._send_upstream(response)
+            if not self.final_sent:
+                self.final_sent = True
+                self.serial = []
+                self._release()
+                for b in self.branches:  # §16.7 step 10
+                    if b is not branch:
+                        b.cancel()
+            return
+        if branch.final is not None:
+            return
+        self._hook(response)
+        self._branch_final(branch, response)
+
+    def _branch_final(self, branch: Branch, response: Response) -> None:
+        branch.final = response
+        branch._stop_timers()
+        self.active -= 1
+        self._record_final(response)
+        if response.status_code >= 600 and not self.final_sent:
+            # §16.7 step 5: a 6xx ends the search: cancel the rest, try nothing new.
+            self.serial = []
+            for b in self.branches:
+                b.cancel()
+        if self.active == 0:
+            self._branches_done()
+
+    def _record_final(self, response: Response) -> None:
+        status = response.status_code
+        if status in (401, 407):
+            name = "WWW-Authenticate" if status == 401 else "Proxy-Authenticate"
+            if self._auth is None:
+                self._auth = []
+            self._auth += [(name, v) for v in response.headers.getall(name)]
+        best = self._best
+        if best is None or _rank(status) < _rank(best.status_code):
+            self._best = response
+
+    def _branches_done(self) -> None:
+        if self.final_sent:
+            return
+        best = self._best
+        six = best is not None and best.status_code >= 600
+        if self.serial and not self.cancelled and not six:
+            self._start(self.serial.pop(0))
+            return
+        router = self.proxy.router
+        if best is not None and not self.cancelled and not six and router is not None:
+            try:
+                if router.on_failure(self, best):
+                    return
+            except Exception:
+                log.exception(
+                    "failure hook raised for %s %s", self.request.method, self.request.uri
+                )
+                self._respond_local(500)
+                return
+        self.send_best()
+
+    def _hook(self, response: Response) -> None:
+        proxy = self.proxy
+        if proxy._wants_responses and proxy.router is not None:
+            try:
+                proxy.router.on_response(self, response)
+            except Exception:
+                log.exception("response hook raised for %d", response.status_code)
+
+    # -- upstream ----------------------------------------------------------------------------
+
+    def _make_response(
+        self, status: int, reason: str | None, headers: Iterable[tuple[str, str]]
+    ) -> Response:
+        req = self.request
+        to = req.to
+        tag = _new_tag() if status > 100 and (to is None or to.tag is None) else None
+        return req.reply(status, reason, to_tag=tag, headers=list(headers) or None)
+
+    def _respond_local(self, status: int, reason: str | None = None) -> None:
+        self.respond(status, reason)
+
+    def _send_upstream(self, response: Response) -> None:
+        txn = self.txn
+        if txn.state in _TERMINATED_STATES:
+            # A 2xx after the server transaction is gone (RFC 6026 Timer L ran out): forward
+            # it statelessly, as §16.7 step 9 asks.
+            if 200 <= response.status_code < 300:
+                self.proxy.transport.send(bytes(response), txn.dest)
+            return
+        try:
+            txn.respond(response)
+        except ValueError as exc:  # the transaction already has a final response
+            log.debug("not forwarding %d: %s", response.status_code, exc)
+
+    def _release(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.proxy._live -= 1
+
+    def __repr__(self) -> str:
+        return (
+            f"<ResponseContext {self.request.method} {self.request.uri} "
+            f"branches={len(self.branches)} active={self.active}>"
+        )
+
+
+def _rank(status: int) -> tuple[int, int]:
+    return (0 if status >= 600 else status // 100, 0 if status in _PREFERRED else 1)
+
+
+class _BadTarget(ValueError):
+    pass
+
+
+class StatelessContext:
+    """A request being proxied statelessly (§16.11): one target, nothing remembered."""
+
+    __slots__ = ("data", "decided", "proxy", "request", "source")
+
+    def __init__(self, proxy: Proxy, request: Request, source: Address) -> None:
+        self.proxy = proxy
+        self.request = request
+        self.source = source
+        self.decided = False
+        self.data: Any = None
+
+    @property
+    def stateless(self) -> bool:
+        return True
+
+    @property
+    def done(self) -> bool:
+        return self.decided
+
+    def forward(self, targets: Iterable[Target], *, parallel: bool = True) -> None:
+        """Forward to the first target only: a stateless proxy cannot fork (§16.11)."""
+        if self.decided:
+            return
+        self.decided = True
+        for target in targets:
+            self.proxy._forward_stateless(self.request, target, self.source)
+            return
+        self._send(480, None, ())
+
+    def respond(
+        self,
+        status: int | Response,
+        reason: str | None = None,
+        *,
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        if self.decided:
+            return
+        self.decided = True
+        self._send(status, reason, headers)
+
+    def _send(
+        self, status: int | Response, reason: str | None, headers: Iterable[tuple[str, str]]
+    ) -> None:
+        if isinstance(status, Response):
+            response = status
+        else:
+            req = self.request
+            to = req.to
+            # A stateless proxy's To tag must be the same for a retransmitted request.
+            tag = (
+                None
+                if status == 100 or (to is not None and to.tag)
+                else _stateless_branch(req)[-10:]
+            )
+            response = req.reply(status, reason, to_tag=tag, headers=list(headers) or None)
+        self.proxy._send_response(response, self.source)
+
+
+class Proxy:
+    """The proxy core: a TransactionUser (stateful) or a message sink (``stateless=True``).
+
+    - ``router``: the routing policy (:class:`RequestRouter`; None: loose-route everything,
+      404 for requests addressed to us).
+    - ``record_route``: add our Record-Route (``;lr``, matching the outgoing transport; two of
+      them when the transport changes, RFC 5658) to initial dialog-creating requests.
+    - ``timer_c``: Timer C in seconds (§16.8: more than 3 minutes; 0 turns it off).
+    - ``max_pending``: response contexts waiting for a final response; beyond it new requests
+      get 503 with ``Retry-After: retry_after`` (memory stays bounded under a flood).
+    - ``aliases``: other host names that mean us (for Route and Record-Route recognition), in
+      addition to our sent-by addresses.
+    - ``schemes``: Request-URI schemes we can route (others: 416, §16.3 step 2).
+    - ``proxy_require``: option tags we support in Proxy-Require (others: 420, §16.3 step 6).
+    - ``loop_detection``: §16.3 step 4 / RFC 5393 (482 for a request that comes back
+      unchanged; a spiral, changed by routing, is fine).
+    """
+
+    def __init__(
+        self,
+        router: RequestRouter | None = None,
+        *,
+        record_route: bool = True,
+        timer_c: float = 180.0,
+        stateless: bool = False,
+        max_pending: int = 100_000,
+        retry_after: int = 5,
+        aliases: Iterable[str] = (),
+        schemes: Iterable[str] = ("sip", "sips"),
+        proxy_require: Iterable[str] = (),
+        loop_detection: bool = True,
+    ) -> None:
+        self.router = router
+        self.record_route = record_route
+        self.timer_c = timer_c
+        self.stateless = stateless
+        self.max_pending = max_pending
+        self.retry_after = retry_after
+        self.aliases = {strip_brackets(a).lower() for a in aliases}
+        self.schemes = frozenset(s.lower() for s in schemes)
+        self.proxy_require = frozenset(proxy_require)
+        self.loop_detection = loop_detection
+        self._layer: TransactionLayer | None = None
+        self._live = 0
+        self._wants_responses = bool(getattr(router, "wants_responses", False))
+        self._counter = itertools.count(1)
+        self._prefix = os.urandom(3).hex()
+        self._sent_by: dict[str, tuple[str, int]] = {}
+        self._hosts: set[str] | None = None
+        self._ports: set[int] = set()
+
+    # -- wiring ------------------------------------------------------------------------------
+
+    def attach(self, layer: TransactionLayer) -> None:
+        """Use ``layer`` (whose TU must be this proxy) and its transport and clock.  An I/O
+        shell (``fastsip.asyncio.Endpoint``) calls this once it has started."""
+        if layer.tu is not self:
+            raise ValueError("the transaction layer's TU is another object")
+        self._layer = layer
+        self._sent_by.clear()
+        self._hosts = None
+        attach = getattr(self.router, "attach", None)
+        if attach is not None:
+            attach(self)
+
+    @property
+    def layer(self) -> TransactionLayer:
+        if self._layer is None:
+            raise ValueError("the Proxy has no transaction layer yet (attach one)")
+        return self._layer
+
+    @property
+    def transport(self) -> Transport:
+        return self.layer.transport
+
+    @property
+    def clock(self) -> Any:
+        return self.layer.clock
+
+    @property
+    def pending(self) -> int:
+        """Response contexts still waiting for their final response."""
+        return self._live
+
+    def sent_by(self, transport: str) -> tuple[str, int]:
+        """Our host and port for ``transport`` (Via, Record-Route), cached."""
+        sb = self._sent_by.get(transport)
+        if sb is None:
+            sb = self._sent_by[transport] = self.transport.sent_by(transport)
+        return sb
+
+    def _local(self) -> tuple[set[str], set[int]]:
+        if self._hosts is None:
+            hosts = set(self.aliases)
+            ports: set[int] = set()
+            for t in ("UDP", "TCP", "TLS", "SCTP", "WS", "WSS"):
+                try:
+                    host, port = self.transport.sent_by(t)
+                except Exception as exc:  # noqa: BLE001 - no listener at all (yet)
+                    log.debug("no sent-by for %s: %s", t, exc)
+                    continue
+                hosts.add(strip_brackets(host).lower())
+                ports.add(port)
+            self._hosts, self._ports = hosts, ports
+        return self._hosts, self._ports
+
+    def is_local(self, uri: URI | None) -> bool:
+        """Does ``uri`` name this proxy (one of our hosts or aliases, one of our ports)?"""
+        if uri is None or not uri.is_sip:
+            return False
+        hosts, ports = self._local()
+        if strip_brackets(uri.maddr or uri.host).lower() not in hosts:
+            return False
+        port = uri.port
+        if port is None:
+            port = DEFAULT_PORTS.get((uri.transport or "udp").upper(), 5060)
+            if uri.scheme == "sips":
+                port = 5061
+        return port in ports
+
+    def _via_is_ours(self, host: str, port: int | None, transport: str) -> bool:
+        hosts, ports = self._local()
+        if strip_brackets(host).lower() not in hosts:
+            return False
+        return (port if port is not None else DEFAULT_PORTS.get(transport, 5060)) in ports
+
+    # -- TransactionUser ---------------------------------------------------------------------
+
+    def on_request(self, txn: ServerTransaction, request: Request) -> None:
+        if request.method == "CANCEL":
+            self._on_cancel(txn, request)
+            return
+        if self._live >= self.max_pending:
+            txn.respond(
+                request.reply(
+                    503, to_tag=_new_tag(), headers=[("Retry-After", str(self.retry_after))]
+                )
+            )
+            return
+        ctx = ResponseContext(self, txn, request, txn.source)
+        txn.data = ctx  # for a CANCEL (§16.10)
+        self._live += 1
+        try:
+            bad = self._validate(request)
+            if bad is not None:
+                ctx.respond(bad[0], bad[1], headers=bad[2])
+                return
+            in_dialog = self._preprocess(request)
+        except ValueError as exc:  # a header that fails to parse on first access
+            ctx.respond(400, f"Bad Request ({exc})"[:120])
+            return
+        self._dispatch(ctx, in_dialog)
+
+    def _dispatch(self, ctx: ProxyContext, in_dialog: bool) -> None:
+        request = ctx.request
+        router = self.router
+        if router is None or (in_dialog and not router.in_dialog):
+            if not request.route and self.is_local(request.uri):
+                ctx.respond(404 if request.method != "OPTIONS" or in_dialog else 200)
+            else:
+                ctx.forward([Target()])
+            return
+        try:
+            router.on_request(ctx)
+        except Exception:
+            log.exception("router raised for %s %s", request.method, request.uri)
+            ctx.respond(500)
+
+    def on_ack(self, request: Request, source: Address) -> None:
+        """An ACK for a 2xx (or one that matches nothing): forwarded statelessly, end to end,
+        along its Route set / Request-URI (§16.11 for the ACK, §13.2.2.4 end to end)."""
+        try:
+            self._preprocess(request)
+            if not request.route and self.is_local(request.uri):
+                return  # an ACK for us: we never send 2xx to INVITE, so nothing to do
+            self._forward_stateless(request, Target(), source)
+        except ValueError as exc:
+            log.debug("dropping ACK from %s: %s", source, exc)
+
+    def on_stray_response(self, response: Response, source: Address) -> None:
+        """A response no client transaction wants (a 2xx retransmitted after Timer M, or any
+        response in stateless mode): route it back by the next Via (§16.7 step 3, §16.11)."""
+        top = response.top_via
+        if top is None or not self._via_is_ours(top.host, top.port, top.transport):
+            return
+        response.pop_via()
+        nxt = response.top_via
+        if nxt is None:
+            return  # it was for us
+        self.transport.send(bytes(response), response_destination(nxt))
+
+    def on_server_timeout(self, txn: ServerTransaction) -> None:
+        pass  # Timer H: the upstream never ACKed our non-2xx; nothing is waiting on it
+
+    # -- stateless entry ---------------------------------------------------------------------
+
+    def receive(self, msg: Message, source: Address) -> None:
+        """The entry point for messages from the transport.  Stateful: the transaction layer
+        takes them.  Stateless (§16.11): nothing is kept; requests are routed at once (one
+        target), ACK/CANCEL forwarded like any request, responses routed back by Via."""
+        if not self.stateless:
+            self.layer.receive(msg, source)
+            return
+        if isinstance(msg, Response):
+            self.on_stray_response(msg, source)
+            return
+        request: Request = msg  # type: ignore[assignment]
+        if request.method == "ACK":
+            self.on_ack(request, source)
+            return
+        ctx = StatelessContext(self, request, source)
+        try:
+            bad = self._validate(request)
+            if bad is not None:
+                ctx.respond(bad[0], bad[1], headers=bad[2])
+                return
+            in_dialog = self._preprocess(request)
+        except ValueError as exc:
+            ctx.respond(400, f"Bad Request ({exc})"[:120])
+            return
+        # A CANCEL is routed like its INVITE (the router must be deterministic, §16.11) and
+        # goes out with the same derived branch, so the next hop matches it.
+        self._dispatch(ctx, in_dialog)
+
+    # -- §16.3 and §16.4 ---------------------------------------------------------------------
+
+    def _validate(self, request: Request) -> tuple[int, str | None, list[tuple[str, str]]] | None:
+        """§16.3: the request must be one we can proxy.  Returns (status, reason, headers) of
+        the error response, or None."""
+        cseq = request.cseq
+        frm = request.from_
+        to = request.to
+        if frm is None or to is None or not request.call_id or cseq is None:
+            return (400, "Bad Request (missing From, To, Call-ID or CSeq)", [])
+        if frm.uri is None or to.uri is None:  # parsing them raises ParseError: 400 too
+            return (400, "Bad Request (From or To)", [])
+        if cseq.method != request.method:
+            return (400, "Bad Request (CSeq method does not match)", [])
+        if request.uri.scheme.lower() not in self.schemes:
+            return (416, None, [])
+        mf = request.max_forwards
+        if (
+            mf is not None
+            and mf <= 0
+            and not (request.method == "OPTIONS" and self.is_local(request.uri))
+        ):
+            return (483, None, [])
+        if self.loop_detection and self._looped(request):
+            return (482, None, [])
+        required = request.headers.getall("Proxy-Require")
+        if required:
+            unsupported = [t.strip() for t in required if t.strip() not in self.proxy_require]
+            if unsupported:
+                return (420, None, [("Unsupported", ", ".join(unsupported))])
+        return None
+
+    def _looped(self, request: Request) -> bool:
+        vias = request.via
+        if len(vias) < 2:
+            return False
+        mine: str | None = None
+        for via in vias:
+            branch = via.branch
+            if not branch or not branch.startswith(MAGIC_COOKIE + "-"):
+                continue
+            if not self._via_is_ours(via.host, via.port, via.transport):
+                continue
+            if mine is None:
+                mine = _loop_hash(request)
+            # Our branches: "z9hG4bK-" + loop hash + "." + unique part.
+            if branch[len(MAGIC_COOKIE) + 1 :].split(".", 1)[0] == mine:
+                return True
+        return False
+
+    def _preprocess(self, request: Request) -> bool:
+        """§16.4: a Request-URI that is one of our Record-Route URIs came through a strict
+        router (the real target is the last Route); then our own Route values are removed.
+        Returns True for an in-dialog request (To tag)."""
+        uri = request.uri
+        if uri.lr and self.is_local(uri):
+            routes = [str(r) for r in request.route]
+            if routes:
+                request.remove_header("Route")
+                for value in reversed(routes[:-1]):
+                    request.add_route(value)
+                target = routes[-1].strip()
+                if target.startswith("<"):
+                    target = target[1 : target.index(">")]
+                request.uri = target
+        # Ours may be there twice (RFC 5658 double Record-Route across transports).
+        for _ in range(2):
+            routes_view = request.route
+            if not routes_view or not self.is_local(routes_view[0].uri):
+                break
+            request.pop_route()
+        to = request.to
+        return to is not None and to.tag is not None
+
+    # -- §16.6 forwarding --------------------------------------------------------------------
+
+    def _prepare(
+        self, request: Request, target: Target, source: Address, record_route: bool
+    ) -> Address:
+        """§16.6 steps 2-7 on ``request`` (a copy, or the original when stateless): returns the
+        destination; the caller adds the Via (step 8) and sends."""
+        if target.uri is not None:
+            request.uri = target.uri
+        if request.max_forwards is None:
+            request.set_header("Max-Forwards", "70")
+        else:
+            request.decrement_max_forwards()
+        for value in reversed(target.route):
+            request.add_route(value)
+        # Step 6: a strict router next: it gets the Request-URI, which goes last in Route.
+        strict = False
+        routes = request.route
+        if routes:
+            first = routes[0].uri
+            if first is not None and not first.lr:
+                values = [str(r) for r in routes]
+                request.remove_header("Route")
+                values = values[1:] + [f"<{request.uri}>"]
+                for value in reversed(values):
+                    request.add_route(value)
+                request.uri = first
+                strict = True
+        if target.dest is not None:
+            dest = target.dest
+        else:
+            try:
+                # Step 7: to the first Route, or (a strict router) the new Request-URI.
+                dest = next_hop(request.uri) if strict else request_next_hop(request)
+            except ValueError as exc:
+                raise _BadTarget(str(exc)) from None
+        if record_route:
+            out = self._rr_uri(dest.transport)
+            if source.transport != dest.transport:
+                request.add_record_route(self._rr_uri(source.transport))
+            request.add_record_route(out)
+        return dest
+
+    def _rr_uri(self, transport: str) -> str:
+        host, port = self.sent_by(transport)
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        t = "" if transport == "UDP" else f";transport={transport.lower()}"
+        return f"<sip:{host}:{port}{t};lr>"
+
+    def _via(self, transport: str, branch: str) -> str:
+        host, port = self.sent_by(transport)
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"SIP/2.0/{transport} {host}:{port};branch={branch}"
+
+    def _make_branch(self, ctx: ResponseContext, target: Target) -> Branch:
+        original = ctx.request
+        copy: Request = parse(bytes(original))  # type: ignore[assignment]  # §16.6 step 1
+        rr = (
+            self.record_route
+            and original.method in RECORD_ROUTE_METHODS
+            and (original.to is None or original.to.tag is None)
+        )
+        dest = self._prepare(copy, target, ctx.source, rr)
+        loop = _loop_hash(original) if self.loop_detection else "0"
+        branch = f"{MAGIC_COOKIE}-{loop}.{self._prefix}{next(self._counter):x}"
+        copy.add_via(self._via(dest.transport, branch))
+        return Branch(ctx, target, copy, dest)
+
+    def _forward_stateless(self, request: Request, target: Target, source: Address) -> None:
+        try:
+            rr = (
+                self.record_route
+                and request.method in RECORD_ROUTE_METHODS
+                and (request.to is None or request.to.tag is None)
+            )
+            dest = self._prepare(request, target, source, rr)
+        except ValueError as exc:  # Max-Forwards ran out, or no route to the target
+            log.debug("not forwarding %s: %s", request.method, exc)
+            return
+        request.add_via(self._via(dest.transport, _stateless_branch(request)))
+        self.transport.send(bytes(request), dest)
+
+    def _send_response(self, response: Response, source: Address) -> None:
+        top = response.top_via
+        if top is None:
+            return
+        self.transport.send(bytes(response), response_destination(top, source))
+
+    # -- §16.10 CANCEL -----------------------------------------------------------------------
+
+    def _on_cancel(self, txn: ServerTransaction, cancel: Request) -> None:
+        invite = self.layer.find_invite(cancel)
+        ctx = invite.data if invite is not None else None
+        if not isinstance(ctx, ResponseContext):
+            # No response context: nothing of ours to cancel (we proxy statefully).
+            txn.respond(cancel.reply(481, to_tag=_new_tag()))
+            return
+        txn.respond(cancel.reply(200, to_tag=_new_tag()))
+        ctx.cancel()

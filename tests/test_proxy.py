@@ -1,0 +1,514 @@
+"""Proxy core (RFC 3261 §16) over the real TransactionLayer, UserAgents and raw endpoints, on a
+TimerWheel clock: validation, routing, forking and response aggregation, Timer C, CANCEL, ACK
+for 2xx, loop detection and the stateless mode."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_proxy_net import Net, Phone, ProxyNode, Raw, raw_request
+
+from fastsip.proxy.core import ProxyContext, ResponseContext, Target
+from fastsip.sip import Request, Response
+from fastsip.ua import Call
+
+PROXY = "sip:127.0.0.1:5060;lr"
+
+
+class FixedRouter:
+    """Forwards every initial request to ``targets`` (parallel or not); records failures."""
+
+    in_dialog = False
+    wants_responses = False
+
+    def __init__(self, targets: list[str] | None = None, parallel: bool = True,
+                 failover: list[str] | None = None) -> None:
+        self.targets = targets or []
+        self.parallel = parallel
+        self.failover = failover
+        self.failures: list[int] = []
+        self.contexts: list[ProxyContext] = []
+
+    def on_request(self, ctx: ProxyContext) -> None:
+        self.contexts.append(ctx)
+        if self.targets:
+            ctx.forward([Target(t) for t in self.targets], parallel=self.parallel)
+        else:
+            ctx.forward([Target()])
+
+    def on_failure(self, ctx: ResponseContext, best: Response) -> bool:
+        self.failures.append(best.status_code)
+        if self.failover:
+            ctx.forward([Target(self.failover.pop(0))])
+            return True
+        return False
+
+    def on_response(self, ctx: ResponseContext, response: Response) -> None:
+        pass
+
+
+def ring(status: int = 180) -> Any:
+    return lambda call: call.ring(status)
+
+
+def reject(status: int) -> Any:
+    return lambda call: call.reject(status)
+
+
+def setup(router: Any = None, **kw: Any) -> tuple[Net, ProxyNode, Phone]:
+    net = Net()
+    proxy = ProxyNode(net, router, **kw)
+    alice = Phone(net, "alice", 5070)
+    return net, proxy, alice
+
+
+def call_via_proxy(alice: Phone, uri: str) -> Call:
+    return alice.ua.invite(uri, body=b"v=0\r\n", proxy=PROXY)
+
+
+# -- the basic path -----------------------------------------------------------------------------
+
+
+def test_call_through_proxy_record_route_and_ack_end_to_end() -> None:
+    net, proxy, alice = setup(FixedRouter(["sip:bob@127.0.0.1:5080"]))
+    bob = Phone(net, "bob", 5080)
+    call = call_via_proxy(alice, "sip:bob@example.com")
+    net.run(1.0)
+    assert call.status == 200 and call.state == "confirmed"
+    invite = bob.calls[0].invite
+    # §16.6: R-URI retargeted, Max-Forwards decremented, our Record-Route with lr, our Via on
+    # top with an RFC 3261 branch, and our Route (the UAC's preloaded one) removed.
+    assert str(invite.uri) == "sip:bob@127.0.0.1:5080"
+    assert invite.max_forwards == 69
+    assert [str(r) for r in invite.record_route] == ["<sip:127.0.0.1:5060;lr>"]
+    assert invite.via[0].host == "127.0.0.1" and invite.via[0].port == 5060
+    assert invite.via[0].rfc3261_branch and len(invite.via) == 2
+    assert invite.route == []
+    # §16.2: a 100 Trying went back at once; the ACK for the 2xx crossed the proxy (route set)
+    assert "SIP/2.0 100 Trying" in net.lines("proxy", "alice")
+    assert "ACK sip:bob@127.0.0.1:5080 SIP/2.0" in net.lines("proxy", "bob")
+    # The dialog's route set goes through the proxy, so the BYE does too (loose routing).
+    call.bye()
+    net.run(2.0)
+    assert call.bye_status == 200
+    assert "BYE sip:bob@127.0.0.1:5080 SIP/2.0" in net.lines("proxy", "bob")
+    assert proxy.proxy.pending == 0
+
+
+def test_in_dialog_request_does_not_reach_router() -> None:
+    router = FixedRouter(["sip:bob@127.0.0.1:5080"])
+    net, _proxy, alice = setup(router)
+    Phone(net, "bob", 5080)
+    call = call_via_proxy(alice, "sip:bob@example.com")
+    net.run(1.0)
+    call.bye()
+    net.run(2.0)
+    assert [c.request.method for c in router.contexts] == ["INVITE"]
+
+
+def test_no_record_route_when_disabled() -> None:
+    net, _proxy, alice = setup(FixedRouter(["sip:bob@127.0.0.1:5080"]), record_route=False)
+    bob = Phone(net, "bob", 5080)
+    call_via_proxy(alice, "sip:bob@example.com")
+    net.run(1.0)
+    assert bob.calls[0].invite.record_route == []
+
+
+# -- §16.3 validation ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, status", [
+    (raw_request(max_forwards=0), 483),
+    (raw_request(uri="mailto:bob@example.com"), 416),
+    (raw_request(extra="Proxy-Require: foo\n"), 420),
+    (raw_request(cseq_method="BYE"), 400),
+])
+def test_validation(text: str, status: int) -> None:
+    net, proxy, _ = setup(FixedRouter(["sip:bob@127.0.0.1:5080"]))
+    up = Raw(net, "up", 5071)
+    up.send_to(text)
+    net.run(0.1)
+    finals = [s for s in up.statuses() if s >= 200]
+    assert finals == [status]
+    if status == 420:
+        assert up.responses()[-1].headers.get("Unsupported") == "foo"
+    assert proxy.proxy.pending == 0
+
+
+def test_malformed_header_gets_400_and_proxy_keeps_serving() -> None:
+    net, _proxy, _ = setup(FixedRouter())
+    up = Raw(net, "up", 5071, )
+    up.send_to(raw_request(uri="sip:bob@127.0.0.1:5090").replace("From: <sip:alice",
+                                                                  "From: <<<sip:alice"))
+    net.run(0.1)
+    down = Raw(net, "down", 5090, auto=lambda r: r.reply(200, to_tag="x"))
+    up.send_to(raw_request("MESSAGE", "sip:bob@127.0.0.1:5090"))
+    net.run(0.2)
+    assert up.statuses()[0] == 400 or 400 in up.statuses()
+    assert 200 in up.statuses()
+    assert down.requests("MESSAGE")
+
+
+def test_options_with_max_forwards_zero_to_us_is_not_483() -> None:
+    net, _proxy, _ = setup(None)
+    up = Raw(net, "up", 5071)
+    up.send_to(raw_request("OPTIONS", "sip:127.0.0.1:5060", max_forwards=0))
+    net.run(0.1)
+    assert up.statuses() == [200]
+
+
+# -- §16.4 route processing ---------------------------------------------------------------------
+
+
+def test_strict_router_upstream_request_uri_is_our_record_route() -> None:
+    # A strict router put our Record-Route URI in the Request-URI and the remote target last
+    # in Route (§16.4): we restore the target and forward to it.
+    net, _proxy, _ = setup(FixedRouter())
+    up = Raw(net, "up", 5071)
+    down = Raw(net, "down", 5090, auto=lambda r: r.reply(200))
+    up.send_to(raw_request("BYE", PROXY.replace("sip:", "sip:"), to_tag="t1",
+                           extra="Route: <sip:bob@127.0.0.1:5090>\n"))
+    net.run(0.1)
+    (bye,) = down.requests("BYE")
+    assert str(bye.uri) == "sip:bob@127.0.0.1:5090"
+    assert bye.route == []
+    assert 200 in up.statuses()
+
+
+def test_strict_router_downstream_postprocess() -> None:
+    # §16.6 step 6: the next Route is a strict router (no lr): it becomes the Request-URI and
+    # the Request-URI goes last in Route.
+    net, _proxy, _ = setup(FixedRouter())
+    up = Raw(net, "up", 5071)
+    down = Raw(net, "down", 5090, auto=lambda r: r.reply(200))
+    up.send_to(raw_request("MESSAGE", "sip:bob@example.com",
+                           extra=f"Route: <{PROXY}>, <sip:127.0.0.1:5090>\n"))
+    net.run(0.1)
+    (msg,) = down.requests("MESSAGE")
+    assert str(msg.uri) == "sip:127.0.0.1:5090"
+    assert [str(r) for r in msg.route] == ["<sip:bob@example.com>"]
+
+
+def test_loose_route_to_next_proxy_keeps_request_uri() -> None:
+    net, _proxy, _ = setup(FixedRouter())
+    up = Raw(net, "up", 5071)
+    down = Raw(net, "down", 5090, auto=lambda r: r.reply(200))
+    up.send_to(raw_request("MESSAGE", "sip:bob@example.com",
+                           extra=f"Route: <{PROXY}>, <sip:127.0.0.1:5090;lr>\n"))
+    net.run(0.1)
+    (msg,) = down.requests("MESSAGE")
+    assert str(msg.uri) == "sip:bob@example.com"
+    assert [str(r) for r in msg.route] == ["<sip:127.0.0.1:5090;lr>"]
+
+
+def test_loop_detected_482_but_spiral_allowed() -> None:
+    # The target is the proxy itself with the same Request-URI: the request comes back
+    # unchanged -> 482.  (A target that changes the Request-URI spirals and is fine.)
+    net, _proxy, _ = setup(FixedRouter())
+    up = Raw(net, "up", 5071)
+    up.send_to(raw_request("MESSAGE", "sip:bob@127.0.0.1:5060;x=1"))
+    net.run(0.5)
+    assert 482 in up.statuses()
+
+
+def test_spiral_is_not_a_loop() -> None:
+    class Spiral(FixedRouter):
+        def on_request(self, ctx: ProxyContext) -> None:
+            if ctx.request.uri.user == "alias":   # first pass: retarget through ourselves
+                ctx.forward([Target("sip:bob@127.0.0.1:5060")])
+            else:
+                ctx.forward([Target("sip:bob@127.0.0.1:5090")])
+
+    net, _proxy, _ = setup(Spiral())
+    up = Raw(net, "up", 5071)
+    down = Raw(net, "down", 5090, auto=lambda r: r.reply(200))
+    up.send_to(raw_request("MESSAGE", "sip:alias@127.0.0.1:5060"))
+    net.run(0.5)
+    assert len(down.requests("MESSAGE")) == 1
+    assert len(down.requests("MESSAGE")[0].via) == 3
+    assert up.statuses() == [200]
+
+
+# -- §16.7 forking and aggregation --------------------------------------------------------------
+
+
+def test_parallel_fork_best_response_and_2xx_forwarded() -> None:
+    net, _proxy, alice = setup(FixedRouter(["sip:b1@127.0.0.1:5081", "sip:b2@127.0.0.1:5082"]))
+    Phone(net, "b1", 5081, reject(486))
+    b2 = Phone(net, "b2", 5082, ring())
+    call = call_via_proxy(alice, "sip:bob@example.com")
+    net.run(0.5)
+    assert call.state == "proceeding"  # the 180 went up, the 486 is kept
+    b2.calls[0].answer(b"v=0\r\n")
+    net.run(1.0)
+    assert call.status == 200 and call.state == "confirmed"
+
+
+def test_parallel_fork_all_fail_best_is_lowest_class() -> None:
+    net, _proxy, alice = setup(FixedRouter(["sip:b1@127.0.0.1:5081", "sip:b2@127.0.0.1:5082",
+                                           "sip:b3@127.0.0.1:5083"]))
+    Phone(net, "b1", 5081, reject(503))
+    Phone(net, "b2", 5082, reject(486))
+    Phone(net, "b3", 5083, reject(302))
+    call = call_via_proxy(alice, "sip:bob@example.com")
+    net.run(1.0)
+    assert call.status == 302
+
+
+def test_503_becomes_500() -> None:
+    net, _proxy, alice = setup(FixedRouter(["sip:b1@127.0.0.1:5081"]))
+    Phone(net, "b1", 5081, reject(503))
+    call = call_via_proxy(alice, "sip:bob@example.com")
+    net.run(1.0)
+    assert call.status == 500
+
+
+def test_6xx_ends_search_and_cancels_others() -> None:
+    net, _proxy, alice = setup(FixedRouter(["sip:b1@127.0.0.1:5081", "sip:b2@127.0.0.1:5082"]))
+    b1 = Phone(net, "b1", 5081, ring())
+    b2 = Phone(net, "b2", 5082, ring())
+    call = call_via_proxy(alice, "sip:bob@example.com")
+    net.run(0.5)
+    b2.calls[0].reject(603)
+    net.run(1.0)
+    assert "CANCEL sip:b1@127.0.0.1:5081 SIP/2.0" in net.lines("proxy", "b1")
+    assert b1.calls[0].status == 487
+    assert call.status == 603
+
+
+def test_two_2xx_both_forwarded_and_others_cancelled() -> None:
+    net, _proxy, alice = setup(FixedRouter(["sip:b1@127.0.0.1:5081", "sip:b2@127.0.0.1:5082",
+                                           "sip:b3@127.0.0.1:5083"]))
+    Phone(net, "b1", 5081)             # answers at once
+    Phone(net, "b2", 5082)             # answers at once too: a second dialog
+    b3 = Phone(net, "b3", 5083, ring())
+    call_via_proxy(alice, "sip:bob@example.com")
+    net.run(1.0)
+    oks = [line for line in net.lines("proxy", "alice") if line.startswith("SIP/2.0 200")]
+    assert len(oks) >= 2
+    assert b3.calls[0].status == 487
+
+
+def test_serial_fork_next_on_failure() -> None:
+    net, _proxy, alice = setup(FixedRouter(["sip:b1@127.0.0.1:5081", "sip:b2@127.0.0.1:5082"],
+                                          parallel=False))
+    Phone(net, "b1", 5081, reject(480))
+    b2 = Phone(net, "b2", 5082)
+    call = call_via_proxy(alice, "sip:bob@example.com")
+    net.run(1.0)
+    assert call.status == 200 and b2.calls
+    b1_invites = [x for x in net.lines("proxy", "b1") if x.startswith("INVITE")]
+    assert len(b1_invites) == 1
+
+
+def test_failure_hook_failover() -> None:
+    router = FixedRouter(["sip:b1@127.0.0.1:5081"], failover=["sip:gw@127.0.0.1:5082"])
+    net, _proxy, alice = setup(router)
+    Phone(net, "b1", 5081, reject(486))
+    gw = Phone(net, "gw", 5082)
+    call = call_via_proxy(alice, "sip:bob@example.com")
+    net.run(1.0)
+    assert router.failures == [486]
+    assert call.status == 200 and gw.calls
+
+
+def test_auth_challenges_aggregated() -> None:
+    def challenge(realm: str) -> Any:
+        return lambda r: r.reply(407, to_tag="t", headers=[
+            ("Proxy-Authenticate", f'Digest realm="{realm}", nonce="n"')])
+
+    net, _proxy, _ = setup(FixedRouter(["sip:b1@127.0.0.1:5081", "sip:b2@127.0.0.1:5082"]))
+    up = Raw(net, "up", 5071)
+    Raw(net, "b1", 5081, auto=challenge("one"))
+    Raw(net, "b2", 5082, auto=challenge("two"))
+    up.send_to(raw_request("MESSAGE", "sip:bob@example.com"))
+    net.run(0.5)
+    (resp,) = up.responses()
+    assert resp.status_code == 407
+    realms = resp.headers.getall("Proxy-Authenticate")
+    assert len(realms) == 2 and any("one" in r for r in realms) and any("two" in r for r in realms)
+
+
+def test_no_answer_408_after_timer_b() -> None:
+    net, _proxy, alice = setup(FixedRouter(["sip:nobody@127.0.0.1:5099"]))
+    call = call_via_proxy(alice, "sip:bob@example.com")
+    net.run(40.0)
+    assert call.status == 408
+
+
+# -- §16.8 Timer C, §16.10 CANCEL ---------------------------------------------------------------
+
+
+def test_timer_c_cancels_ringing_branch() -> None:
+    net, _proxy, alice = setup(FixedRouter(["sip:b1@127.0.0.1:5081"]), timer_c=181.0)
+    b1 = Phone(net, "b1", 5081, ring())
+    call = call_via_proxy(alice, "sip:bob@example.com")
+    net.run(100.0)
+    assert call.state == "proceeding"
+    net.run(200.0)
+    assert "CANCEL sip:b1@127.0.0.1:5081 SIP/2.0" in net.lines("proxy", "b1")
+    assert b1.calls[0].status == 487
+    assert call.status == 487
+
+
+def test_timer_c_restarted_by_provisional() -> None:
+    net, _proxy, alice = setup(FixedRouter(["sip:b1@127.0.0.1:5081"]), timer_c=181.0)
+    b1 = Phone(net, "b1", 5081, ring())
+    call_via_proxy(alice, "sip:bob@example.com")
+    net.run(150.0)
+    b1.calls[0].ring(183)
+    net.run(300.0)  # 150 + 181 = 331: not yet
+    assert "CANCEL sip:b1@127.0.0.1:5081 SIP/2.0" not in net.lines("proxy", "b1")
+    net.run(340.0)
+    assert "CANCEL sip:b1@127.0.0.1:5081 SIP/2.0" in net.lines("proxy", "b1")
+
+
+def test_cancel_propagates_to_all_branches() -> None:
+    net, proxy, alice = setup(FixedRouter(["sip:b1@127.0.0.1:5081", "sip:b2@127.0.0.1:5082"]))
+    b1 = Phone(net, "b1", 5081, ring())
+    b2 = Phone(net, "b2", 5082, ring())
+    call = call_via_proxy(alice, "sip:bob@example.com")
+    net.run(0.5)
+    call.cancel()
+    net.run(2.0)
+    assert "SIP/2.0 200 OK" in [x for x in net.lines("proxy", "alice") if "200" in x]
+    assert b1.calls[0].status == 487 and b2.calls[0].status == 487
+    assert call.status == 487
+    assert proxy.proxy.pending == 0
+
+
+def test_cancel_before_downstream_provisional_waits_for_it() -> None:
+    # §9.1: a CANCEL may only follow a provisional response.
+    net, _proxy, _alice = setup(FixedRouter(["sip:b1@127.0.0.1:5081"]))
+    down = Raw(net, "b1", 5081)
+    up = Raw(net, "up", 5071)
+    invite = raw_request("INVITE", "sip:bob@example.com", port=5071, branch="z9hG4bKc1",
+                         call_id="cx")
+    up.send_to(invite)
+    net.run(0.1)
+    up.send_to(raw_request("CANCEL", "sip:bob@example.com", port=5071, branch="z9hG4bKc1",
+                           call_id="cx").replace("tag=a", "tag=X"))
+    net.run(0.2)
+    assert down.requests("CANCEL") == []
+    (inv,) = down.requests("INVITE")
+    down.reply(inv.reply(180, to_tag="d"))
+    net.run(0.3)
+    assert len(down.requests("CANCEL")) == 1
+
+
+def test_cancel_unknown_gets_481() -> None:
+    net, _proxy, _ = setup(FixedRouter())
+    up = Raw(net, "up", 5071)
+    up.send_to(raw_request("CANCEL", "sip:bob@example.com"))
+    net.run(0.1)
+    assert up.statuses() == [481]
+
+
+# -- stray responses, ACK -----------------------------------------------------------------------
+
+
+def test_stray_2xx_forwarded_by_via() -> None:
+    net, proxy, _ = setup(FixedRouter())
+    up = Raw(net, "up", 5071)
+    Raw(net, "down", 5090)
+    resp = Response.create(200, headers=[
+        ("Via", "SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK-x.y"),
+        ("Via", "SIP/2.0/UDP 127.0.0.1:5071;branch=z9hG4bKup"),
+        ("From", "<sip:a@x>;tag=1"), ("To", "<sip:b@y>;tag=2"), ("Call-ID", "c"),
+        ("CSeq", "1 INVITE")])
+    down = net.nodes[("127.0.0.1", 5090)]
+    down.send(bytes(resp), proxy.address)
+    net.run(0.1)
+    (got,) = up.responses()
+    assert len(got.via) == 1 and got.via[0].port == 5071
+
+
+def test_ack_for_2xx_forwarded_statelessly_by_route() -> None:
+    net, _proxy, _ = setup(FixedRouter())
+    up = Raw(net, "up", 5071)
+    down = Raw(net, "down", 5090)
+    up.send_to(raw_request("ACK", "sip:bob@127.0.0.1:5090", to_tag="t",
+                           extra=f"Route: <{PROXY}>\n"))
+    net.run(0.1)
+    (ack,) = down.requests("ACK")
+    assert ack.max_forwards == 69 and len(ack.via) == 2 and ack.route == []
+
+
+# -- stateless mode (§16.11) --------------------------------------------------------------------
+
+
+def test_stateless_forwarding_and_response_by_via() -> None:
+    net, proxy, _ = setup(FixedRouter(["sip:bob@127.0.0.1:5090"]), stateless=True)
+    up = Raw(net, "up", 5071)
+    down = Raw(net, "down", 5090, auto=lambda r: r.reply(200, to_tag="d"))
+    text = raw_request("MESSAGE", "sip:bob@example.com", port=5071, branch="z9hG4bKsame")
+    up.send_to(text)
+    up.send_to(text)  # a retransmission goes through too, with the same branch
+    net.run(0.1)
+    msgs = down.requests("MESSAGE")
+    assert len(msgs) == 2
+    assert msgs[0].via[0].branch == msgs[1].via[0].branch
+    assert up.statuses() == [200, 200]
+    assert proxy.layer.server_transactions == 0 and proxy.layer.client_transactions == 0
+
+
+def test_stateless_cancel_follows_invite_branch() -> None:
+    net, _proxy, _ = setup(FixedRouter(["sip:bob@127.0.0.1:5090"]), stateless=True)
+    up = Raw(net, "up", 5071)
+    down = Raw(net, "down", 5090)
+    up.send_to(raw_request("INVITE", "sip:bob@example.com", port=5071, branch="z9hG4bKq",
+                           call_id="c9"))
+    up.send_to(raw_request("CANCEL", "sip:bob@example.com", port=5071, branch="z9hG4bKq",
+                           call_id="c9"))
+    net.run(0.1)
+    inv, = down.requests("INVITE")
+    can, = down.requests("CANCEL")
+    assert inv.via[0].branch == can.via[0].branch
+
+
+def test_stateless_validation_reply() -> None:
+    net, _proxy, _ = setup(FixedRouter(["sip:bob@127.0.0.1:5090"]), stateless=True)
+    up = Raw(net, "up", 5071)
+    up.send_to(raw_request("MESSAGE", "sip:bob@example.com", port=5071, max_forwards=0))
+    net.run(0.1)
+    assert up.statuses() == [483]
+
+
+# -- overload ----------------------------------------------------------------------------------
+
+
+def test_max_pending_503() -> None:
+    class Hold(FixedRouter):
+        def on_request(self, ctx: ProxyContext) -> None:
+            self.contexts.append(ctx)   # decides never
+
+    net, _proxy, _ = setup(Hold(), max_pending=2)
+    up = Raw(net, "up", 5071)
+    for _ in range(3):
+        up.send_to(raw_request("MESSAGE", "sip:bob@example.com"))
+    net.run(0.1)
+    assert up.statuses() == [503]
+    assert up.responses()[0].headers.get("Retry-After") == "5"
+
+
+def test_router_exception_is_500() -> None:
+    class Boom(FixedRouter):
+        def on_request(self, ctx: ProxyContext) -> None:
+            raise RuntimeError("boom")
+
+    net, proxy, _ = setup(Boom())
+    up = Raw(net, "up", 5071)
+    up.send_to(raw_request("MESSAGE", "sip:bob@example.com"))
+    net.run(0.1)
+    assert up.statuses() == [500]
+    assert proxy.proxy.pending == 0
+
+
+def test_request_unused() -> None:
+    assert Request  # re-exported type used in annotations elsewhere
