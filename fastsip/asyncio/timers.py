@@ -97,7 +97,12 @@ class WheelDriver:
             self._handle.cancel()
         self._armed = wake
         self.wheel.wakeup_at = wake
-        self._handle = self._loop.call_at(wake + self._offset, self._on_wakeup)
+        # Round up to the next millisecond (plus half of one): uvloop keeps time in whole
+        # milliseconds and truncates a timer's delay, so a wakeup armed for the exact instant
+        # can fire just before it; the wheel then has nothing due, re-arms for the same instant,
+        # and the loop spins until its clock ticks over (seen as hundreds of wakeups).
+        at = math.ceil((wake + self._offset) * 1000.0) / 1000.0 + 0.0005
+        self._handle = self._loop.call_at(at, self._on_wakeup)
 
     def _on_wakeup(self) -> None:
         self._handle = None
