@@ -1,0 +1,389 @@
+"""``fastsip serve``: the registrar and stateful proxy as a server process.
+
+    fastsip serve --domain example.com [--listen udp:0.0.0.0:5060 ...] [--routes routes.py]
+                  [--db memory:|sqlite:PATH] [--auth-users users.txt] [--log-level info]
+
+It assembles the layers -- :class:`~fastsip.asyncio.Endpoint` (sockets, timers, transactions),
+:class:`~fastsip.proxy.Proxy` (RFC 3261 §16), :class:`~fastsip.app.Router` running the user's
+routes module or the default routing, :class:`~fastsip.proxy.Registrar` over a location store,
+and optionally a :class:`~fastsip.proxy.auth.DigestAuthenticator` -- and runs them until SIGTERM
+or Ctrl-C.  Then it drains: new initial requests get ``503`` with ``Retry-After`` while the
+transactions in flight finish (``--grace`` seconds at most), and the store is closed, so a
+SQLite store keeps every binding for the next start.
+
+Every initial request gets one log line on ``fastsip.app.serve`` at INFO when its final
+response has gone upstream, as ``key=value`` fields a log shipper can split::
+
+    request method=INVITE status=200 outcome=answered duration_ms=12.4 call_id=... \
+        from=sip:alice@example.com to=sip:bob@example.com source=udp:127.0.0.1:5071
+
+Below INFO nothing is tracked per request, so a quiet server pays nothing for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fastsip.proxy.core import Proxy, ProxyContext, ResponseContext
+    from fastsip.sip import Response
+
+__all__ = ["add_parser", "run"]
+
+log = logging.getLogger("fastsip.app.serve")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+DEFAULT_LISTEN = ("udp:127.0.0.1:5060", "tcp:127.0.0.1:5060")
+#: How often expired bindings are removed from the store (they are ignored by lookups before
+#: that; the purge only bounds the store's size).
+PURGE_INTERVAL = 60.0
+#: How often requests whose outcome was not seen at once (async routes, branch timeouts) are
+#: checked for a final response; their logged duration is this coarse.
+SWEEP_INTERVAL = 0.2
+
+
+# -- per-request outcome log ------------------------------------------------------------------
+
+
+def _outcome(method: str, status: int) -> str:
+    """A word for the log: what became of the request, as an operator reads it."""
+    if status < 300:
+        return "registered" if method == "REGISTER" else (
+            "answered" if method == "INVITE" else "accepted")
+    if status < 400:
+        return "redirected"
+    if status in (401, 407):
+        return "challenged"
+    if status == 503:
+        return "unavailable"
+    if status in (408, 480):
+        return "unanswered"
+    return "rejected"
+
+
+def _quote(value: str) -> str:
+    """A log field value: bare when it has no space, quote or equals sign, else quoted."""
+    if value and not any(c in value for c in ' "=\\'):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class _Pending:
+    """An initial request whose final response has not been seen yet."""
+
+    __slots__ = ("ctx", "fields", "method", "started")
+
+    def __init__(self, ctx: ProxyContext, method: str, fields: str, started: float) -> None:
+        self.ctx = ctx
+        self.method = method
+        self.fields = fields
+        self.started = started
+
+
+def _final(ctx: ProxyContext) -> Response | None:
+    """The final response sent upstream for ``ctx``, if any (stateful: the server transaction
+    keeps the last response it sent)."""
+    txn = getattr(ctx, "txn", None)
+    response = getattr(txn, "last_response", None)
+    if response is not None and response.status_code >= 200:
+        return response  # type: ignore[no-any-return]
+    return None
+
+
+class ServeRouter:
+    """Wraps the :class:`~fastsip.app.Router` for the server: refuses new initial requests
+    while draining, and logs each initial request with its outcome.
+
+    The outcome is read from the server transaction's last response right after the
+    router returns (local answers: registrar, 404, challenges) and right after each branch
+    response has been handled (``wants_responses``: a 2xx or the last failure goes upstream in
+    that same step); whatever is still open (async routes, Timer C) is checked by a sweep.
+    """
+
+    def __init__(self, inner: Any, *, loop: asyncio.AbstractEventLoop,
+                 clock: Callable[[], float] = time.monotonic, retry_after: int = 5) -> None:
+        self.inner = inner
+        self.loop = loop
+        self.clock = clock
+        self.retry_after = retry_after
+        self.draining = False
+        #: The routes' choice: see in-dialog requests too, or leave them to the core.
+        self.in_dialog = bool(getattr(inner, "in_dialog", False))
+        self.pending: dict[int, _Pending] = {}
+        self._inner_wants = bool(getattr(inner, "wants_responses", False))
+        self._track = log.isEnabledFor(logging.INFO)
+        self._sweeper: asyncio.TimerHandle | None = None
+        #: Counts by outcome word, for the summary at stop.
+        self.outcomes: dict[str, int] = {}
+
+    # RequestRouter -------------------------------------------------------------------------
+
+    @property
+    def wants_responses(self) -> bool:
+        # Tracking needs to see branch responses; without it, only if the routes want them.
+        return self._track or self._inner_wants
+
+    def attach(self, proxy: Proxy) -> None:
+        attach = getattr(self.inner, "attach", None)
+        if attach is not None:
+            attach(proxy)
+
+    def on_request(self, ctx: ProxyContext) -> None:
+        request = ctx.request
+        if self.draining:
+            to = request.to
+            if to is None or to.tag is None:  # in-dialog requests (routes with in_dialog) pass
+                ctx.respond(503, "Shutting Down",
+                            headers=[("Retry-After", str(self.retry_after))])
+                self._count(request.method, 503)
+                return
+        if not self._track:
+            self.inner.on_request(ctx)
+            return
+        started = self.clock()
+        method = request.method
+        fields = self._fields(ctx)
+        self.inner.on_request(ctx)
+        response = _final(ctx)
+        if response is not None:
+            self._log(method, fields, started, response)
+            return
+        self.pending[id(ctx)] = _Pending(ctx, method, fields, started)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def on_failure(self, ctx: ResponseContext, best: Response) -> bool:
+        return bool(self.inner.on_failure(ctx, best))
+
+    def on_response(self, ctx: ResponseContext, response: Response) -> None:
+        if self._inner_wants:
+            self.inner.on_response(ctx, response)
+        if response.status_code >= 200 and id(ctx) in self.pending:
+            # The proxy core acts on this response after we return; look once it has.
+            self.loop.call_soon(self._check, id(ctx))
+
+    # outcome tracking ----------------------------------------------------------------------
+
+    @staticmethod
+    def _fields(ctx: ProxyContext) -> str:
+        request = ctx.request
+        frm, to = request.from_, request.to
+        return (f"call_id={_quote(request.call_id or '')} "
+                f"from={_quote(str(frm.uri) if frm is not None else '')} "
+                f"to={_quote(str(to.uri) if to is not None else '')} "
+                f"source={ctx.source}")
+
+    def _check(self, key: int) -> None:
+        entry = self.pending.get(key)
+        if entry is None:
+            return
+        response = _final(entry.ctx)
+        if response is not None:
+            del self.pending[key]
+            self._log(entry.method, entry.fields, entry.started, response)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        for key in list(self.pending):
+            self._check(key)
+        if self.pending:
+            self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def _count(self, method: str, status: int) -> str:
+        outcome = _outcome(method, status)
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        return outcome
+
+    def _log(self, method: str, fields: str, started: float, response: Response) -> None:
+        status = response.status_code
+        outcome = self._count(method, status)
+        log.info("request method=%s status=%d outcome=%s duration_ms=%.1f %s", method, status,
+                 outcome, (self.clock() - started) * 1000.0, fields)
+
+    def flush(self) -> None:
+        """At stop: log what never got a final response."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for entry in self.pending.values():
+            response = _final(entry.ctx)
+            if response is not None:
+                self._log(entry.method, entry.fields, entry.started, response)
+            else:
+                self.outcomes["abandoned"] = self.outcomes.get("abandoned", 0) + 1
+                log.info("request method=%s status=- outcome=abandoned duration_ms=%.1f %s",
+                         entry.method, (self.clock() - entry.started) * 1000.0, entry.fields)
+        self.pending.clear()
+
+
+# -- the server --------------------------------------------------------------------------------
+
+
+def _default_realm(args: argparse.Namespace) -> str:
+    if args.realm:
+        return str(args.realm)
+    if args.domain:
+        return str(args.domain[0])
+    from fastsip.asyncio import parse_listen
+
+    return parse_listen(args.listen[0])[1].strip("[]")
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the exit status."""
+    from fastsip.app import Router, load_routes
+    from fastsip.asyncio import Endpoint
+    from fastsip.proxy import Registrar, open_store
+    from fastsip.proxy.core import Proxy
+    from fastsip.transaction import TimerConfig
+
+    listen = args.listen or list(DEFAULT_LISTEN)
+    args.listen = listen
+    try:
+        routes = load_routes(args.routes) if args.routes else None
+    except Exception as exc:  # noqa: BLE001 - any error in the user's module: refuse to start
+        log.error("cannot load routes from %s: %s: %s", args.routes, type(exc).__name__, exc)
+        print(f"fastsip serve: cannot load routes from {args.routes}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    authenticator = None
+    if args.auth_users:
+        from fastsip.proxy.auth import Credentials, DigestAuthenticator
+
+        try:
+            credentials = Credentials.from_file(args.auth_users)
+            authenticator = DigestAuthenticator(_default_realm(args), credentials)
+        except (OSError, ValueError) as exc:
+            print(f"fastsip serve: --auth-users {args.auth_users}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        store = open_store(args.db)
+    except (OSError, ValueError) as exc:
+        print(f"fastsip serve: --db {args.db}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    loop = asyncio.get_running_loop()
+    try:
+        registrar = Registrar(store, domains=args.domain or ())
+        router = Router(routes, registrar=registrar, authenticator=authenticator,
+                        spawn=loop.create_task, max_concurrency=args.max_concurrency)
+        serve_router = ServeRouter(router, loop=loop)
+        proxy = Proxy(serve_router, aliases=args.domain or ())
+        endpoint = Endpoint(proxy, listen=listen, advertise=args.advertise,
+                            timers=TimerConfig(t1=args.t1))
+        try:
+            await endpoint.start()
+        except (OSError, ValueError) as exc:
+            print(f"fastsip serve: cannot listen: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        proxy.attach(endpoint.transactions)
+
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+
+        def purge() -> None:
+            try:
+                n = store.purge(time.time())
+            except Exception:  # a store error must not stop the server
+                log.exception("purging expired bindings failed")
+            else:
+                if n:
+                    log.info("purged %d expired binding(s)", n)
+            purger[0] = loop.call_later(PURGE_INTERVAL, purge)
+
+        purger = [loop.call_later(PURGE_INTERVAL, purge)]
+        log.info("serving domains=%s db=%s routes=%s auth=%s",
+                 ",".join(args.domain or []) or "-", args.db, args.routes or "default",
+                 f"realm:{authenticator.realm}" if authenticator is not None else "off")
+        for listener in endpoint.listeners:
+            print(f"listening on {listener.address}", flush=True)
+        try:
+            await stop.wait()
+            # Drain: refuse new initial requests, let the ones in flight (and the dialogs'
+            # BYEs and ACKs) finish, for --grace seconds at most.
+            serve_router.draining = True
+            log.info("stopping: draining %d transaction(s) for up to %.1f s",
+                     proxy.pending, args.grace)
+            deadline = loop.time() + args.grace
+            while proxy.pending and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            if proxy.pending:
+                log.warning("stopping with %d transaction(s) unfinished", proxy.pending)
+        finally:
+            purger[0].cancel()
+            serve_router.flush()
+            await endpoint.close()
+        summary = " ".join(f"{k}={v}" for k, v in sorted(serve_router.outcomes.items()))
+        log.info("stopped %s", summary or "(no requests)")
+        return EXIT_OK
+    finally:
+        store.close()
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text}")
+    return value
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``serve`` to the ``fastsip`` command's subparsers."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "serve",
+        help="run the registrar and proxy (routing in Python) until stopped",
+        description="A SIP registrar and stateful proxy.  REGISTERs for --domain are stored "
+                    "in the location store; requests for our users go to their registered "
+                    "contacts (404 when none); a --routes module decides otherwise.  "
+                    "SIGTERM or Ctrl-C drains and stops.  Every initial request is logged "
+                    "with its outcome at --log-level info.")
+    p.add_argument("--listen", action="append", metavar="PROTO:HOST:PORT",
+                   help="where to listen, e.g. udp:0.0.0.0:5060 or tcp:[::]:5060; repeat for "
+                        "more (default: udp and tcp on 127.0.0.1:5060)")
+    p.add_argument("--routes", metavar="FILE.py",
+                   help="a routes module (@route, @on_failure ...; see examples/); default: "
+                        "registrar + location lookup for our domains")
+    p.add_argument("--db", default="memory:", metavar="memory:|sqlite:PATH",
+                   help="location store (default memory:; sqlite:PATH survives restarts)")
+    p.add_argument("--auth-users", metavar="FILE",
+                   help="digest credentials, one 'user:password' a line: REGISTERs and our "
+                        "users' requests are challenged (401/407)")
+    p.add_argument("--domain", action="append", metavar="NAME",
+                   help="a domain we are registrar and proxy for (repeatable; default: the "
+                        "addresses we listen on)")
+    p.add_argument("--realm", help="digest realm (default: the first --domain)")
+    p.add_argument("--advertise", metavar="HOST[:PORT]",
+                   help="address for our Via and Record-Route instead of the bound one")
+    p.add_argument("--max-concurrency", type=_positive_int, default=1000, metavar="N",
+                   help="async route handlers running at once; beyond it 503 (default 1000)")
+    p.add_argument("--grace", type=_non_negative, default=5.0, metavar="S",
+                   help="on stop, seconds to let transactions in flight finish (default 5)")
+    p.add_argument("--t1", type=float, default=0.5, help=argparse.SUPPRESS)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log detail on stderr (default info: one line per initial request)")
+    p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+                   help="event loop: uvloop when installed (auto), or plain asyncio")
+    p.set_defaults(func=run)
+    return p
