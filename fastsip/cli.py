@@ -385,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "retransmissions and keeping TCP/TLS connections open while the peer "
                         "finishes (default: 5 for tcp/tls, 0 for udp)")
     c.set_defaults(func=call_main)
+
+    # fastsip serve (registrar + proxy) lives in fastsip.app.serve, with its own options.
+    from fastsip.app.serve import add_parser as add_serve_parser
+    add_serve_parser(sub)
     return ap
 
 
