@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_proxy_net import Net, Phone, ProxyNode, Raw, raw_request
 
 from fastsip.proxy.core import ProxyContext, ResponseContext, Target
-from fastsip.sip import Request, Response
+from fastsip.sip import Response
 from fastsip.ua import Call
 
 PROXY = "sip:127.0.0.1:5060;lr"
@@ -508,7 +508,3 @@ def test_router_exception_is_500() -> None:
     net.run(0.1)
     assert up.statuses() == [500]
     assert proxy.proxy.pending == 0
-
-
-def test_request_unused() -> None:
-    assert Request  # re-exported type used in annotations elsewhere

@@ -129,9 +129,10 @@ class ProxyContext(Protocol):
 class RequestRouter(Protocol):
     """The routing policy above the proxy core (see :mod:`fastsip.app` for the friendly one)."""
 
-    #: True: in-dialog requests (To tag present) reach :meth:`on_request` too; False: the core
-    #: loose-routes them (DESIGN §4).
-    in_dialog: bool
+    @property
+    def in_dialog(self) -> bool:
+        """True: in-dialog requests (To tag present) reach :meth:`on_request` too; False: the
+        core loose-routes them (DESIGN §4)."""
 
     def on_request(self, ctx: ProxyContext) -> None:
         """Decide for a new request: call ``ctx.forward(...)`` or ``ctx.respond(...)``, now or
