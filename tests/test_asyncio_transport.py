@@ -190,6 +190,45 @@ def test_malformed_datagrams_do_not_stall_the_listener(factory: Any) -> None:
 
 
 @pytest.mark.parametrize("factory", LOOPS)
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_malformed_request_gets_400_and_the_server_keeps_serving(factory: Any,
+                                                                transport: str) -> None:
+    async def main() -> None:
+        server = TransportLayer()
+        inbox = Inbox()
+        server.on_message = inbox
+        try:
+            s = await server.listen(f"{transport}:127.0.0.1:0")
+            good = bytes(options("sip:bob@127.0.0.1", "127.0.0.1:1"))
+            bad = good.replace(b"Max-Forwards: 70", b"Max-Forwards: 9999")
+            assert bad != good
+            if transport == "udp":
+                raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                raw.settimeout(2.0)
+                raw.sendto(bad, ("127.0.0.1", s.address.port))
+                answer = await asyncio.get_running_loop().run_in_executor(None, raw.recv, 4096)
+                raw.sendto(good, ("127.0.0.1", s.address.port))
+            else:
+                reader, writer = await asyncio.open_connection("127.0.0.1", s.address.port)
+                writer.write(bad)
+                answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2.0)
+                writer.write(good)                         # the connection stays usable
+            resp = parse(answer)
+            assert isinstance(resp, Response) and resp.status_code == 400
+            assert "Max-Forwards" in resp.reason and resp.call_id == "call-1@test"
+            [(msg, _)] = await inbox.wait()
+            assert isinstance(msg, Request) and msg.call_id == "call-1@test"
+            if transport == "udp":
+                raw.close()
+            else:
+                writer.close()
+        finally:
+            await server.close()
+
+    run(factory, main())
+
+
+@pytest.mark.parametrize("factory", LOOPS)
 def test_response_with_foreign_via_is_dropped(factory: Any) -> None:
     async def main() -> None:
         client = TransportLayer()

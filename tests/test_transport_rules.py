@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import pytest
 
+import fastsip
 from fastsip import Request, Response, parse, parse_uri
 from fastsip.transport import Address
 from fastsip.transport.rules import (
     UDP_SIZE_LIMIT,
     check_sent_by,
+    error_response,
     next_hop,
     request_next_hop,
     response_destination,
@@ -116,3 +118,58 @@ def test_stamp_received_and_response_destination() -> None:
     assert tcp.top_via is not None
     assert response_destination(tcp.top_via, conn) == conn
     assert response_destination(tcp.top_via) == Address("TCP", "198.51.100.7", 5060)
+
+
+# -- stateless answers to malformed requests (§8.2.6, §21.4) -----------------------------------
+
+def _error_of(data: bytes) -> fastsip.ParseError:
+    with pytest.raises(fastsip.ParseError) as err:
+        fastsip.parse(data)
+    return err.value
+
+
+BAD_MF = (b"INVITE sip:bob@example.com SIP/2.0\r\n"
+          b"Via: SIP/2.0/UDP 192.0.2.15;branch=z9hG4bK1\r\n"
+          b"v: SIP/2.0/UDP 192.0.2.16;branch=z9hG4bK2\r\n"
+          b"Max-Forwards: 300\r\n"
+          b"From: <sip:alice@example.com>;tag=1\r\nTo: <sip:bob@example.com>\r\n"
+          b"i: bad-1@example.com\r\nCSeq: 8 INVITE\r\nContent-Length: 0\r\n\r\n")
+BAD_VIA = BAD_MF.replace(b"192.0.2.15;branch=z9hG4bK1", b"192.0.2.15;;,;,,")  # RFC 4475 badinv01
+
+
+def test_error_response_copies_what_routes_and_matches_it() -> None:
+    answer = error_response(BAD_MF, _error_of(BAD_MF))
+    assert answer is not None
+    resp = fastsip.parse(answer)
+    assert isinstance(resp, fastsip.Response)
+    assert resp.status_code == 400 and "Max-Forwards" in resp.reason
+    assert [v.branch for v in resp.via] == ["z9hG4bK1", "z9hG4bK2"]
+    assert resp.call_id == "bad-1@example.com" and resp.cseq == (8, "INVITE")
+    assert resp.to.tag and resp.from_.tag == "1" and resp.content_length == 0
+    assert resp.max_forwards is None  # only what routes and matches the response is copied
+
+
+def test_error_response_copies_a_broken_via_as_it_came() -> None:
+    answer = error_response(BAD_VIA, _error_of(BAD_VIA))
+    assert answer is not None
+    assert answer.startswith(b"SIP/2.0 400 Bad Request (empty parameter name)\r\n")
+    assert b"\r\nVia: SIP/2.0/UDP 192.0.2.15;;,;,,\r\nVia: SIP/2.0/UDP 192.0.2.16" in answer
+
+
+def test_error_response_505_for_an_unsupported_version() -> None:
+    data = BAD_VIA.replace(b"SIP/2.0\r\n", b"SIP/7.0\r\n", 1)
+    answer = error_response(data, _error_of(data))
+    assert answer is not None and answer.startswith(b"SIP/2.0 505 Version Not Supported\r\n")
+
+
+@pytest.mark.parametrize("data", [
+    BAD_VIA.replace(b"INVITE sip", b"ACK sip").replace(b"8 INVITE", b"8 ACK"),  # never answer ACK
+    b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP h;;\r\n\r\n",                    # responses are dropped
+    BAD_VIA.replace(b"i: bad-1@example.com\r\n", b""),                     # nothing to match on
+    b"\x00\x01garbage",
+])
+def test_error_response_is_none_when_no_answer_is_allowed(data: bytes) -> None:
+    try:
+        fastsip.parse(data)
+    except fastsip.ParseError as exc:
+        assert error_response(data, exc) is None

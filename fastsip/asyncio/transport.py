@@ -30,7 +30,12 @@ from typing import Any, cast
 from fastsip.errors import FastSIPError, ParseError
 from fastsip.sip import Limits, Message, Request, message_length, parse
 from fastsip.transport import DEFAULT_PORTS, Address
-from fastsip.transport.rules import check_sent_by, stamp_received, strip_brackets
+from fastsip.transport.rules import (
+    check_sent_by,
+    error_response,
+    stamp_received,
+    strip_brackets,
+)
 
 __all__ = ["Listener", "TransportLayer", "parse_listen"]
 
@@ -136,7 +141,8 @@ class _Datagram(asyncio.DatagramProtocol):
         try:
             msg = parse(data, layer.limits)
         except ParseError as exc:
-            log.debug("dropping datagram from %s:%s: %s", addr[0], addr[1], exc)
+            log.debug("malformed datagram from %s:%s: %s", addr[0], addr[1], exc)
+            layer._answer_malformed(data, exc, Address("UDP", addr[0], addr[1]))
             return
         layer._deliver(msg, Address("UDP", addr[0], addr[1]))
 
@@ -219,8 +225,9 @@ class _Connection(asyncio.Protocol):
         try:
             msg = parse(chunk, self.layer.limits)
         except ParseError as exc:
-            # Framing held, so the stream stays in sync: drop just this message.
-            log.debug("dropping message from %s: %s", self.peer, exc)
+            # Framing held, so the stream stays in sync: answer (or drop) just this message.
+            log.debug("malformed message from %s: %s", self.peer, exc)
+            self.layer._answer_malformed(chunk, exc, self.peer)
             return
         self.layer._deliver(msg, self.peer)
 
@@ -516,6 +523,13 @@ class TransportLayer:
             self._arm_sweeper()
 
     # -- receiving -------------------------------------------------------------------------
+
+    def _answer_malformed(self, data: bytes, exc: ParseError, source: Address) -> None:
+        # A request that fails to parse gets the RFC's answer (400/505/513) straight back to
+        # where it came from, statelessly; responses and hopeless input are dropped.
+        answer = error_response(data, exc)
+        if answer is not None:
+            self.send(answer, source)
 
     def _deliver(self, msg: Message, source: Address) -> None:
         if isinstance(msg, Request):

@@ -6,14 +6,18 @@ Sans-IO: these decide *where* a message goes and what the receiving side records
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterable
 
-from fastsip.sip import URI, Message, NameAddr, Request, Response, Via, parse_uri
+from fastsip.errors import ParseError
+from fastsip.sip import REASON_PHRASES, URI, Message, NameAddr, Request, Response, Via, parse_uri
 from fastsip.transport import DEFAULT_PORTS, Address
 
 __all__ = [
     "UDP_SIZE_LIMIT",
     "check_sent_by",
+    "error_response",
     "next_hop",
     "request_next_hop",
     "response_destination",
@@ -163,3 +167,56 @@ def check_sent_by(response: Response, local: Iterable[tuple[str, int]]) -> bool:
         if h == host or h in ("0.0.0.0", "::"):
             return True
     return False
+
+
+# Header lines a stateless error response copies (§8.2.6.2), compact forms included.
+_ECHO = {b"via": b"Via", b"v": b"Via", b"from": b"From", b"f": b"From", b"to": b"To",
+         b"t": b"To", b"call-id": b"Call-ID", b"i": b"Call-ID", b"cseq": b"CSeq"}
+_REQUEST_LINE = re.compile(rb"[A-Za-z0-9.!%*_+`'~-]+ \S")
+_UNSAFE = re.compile(r"[^\x20-\x7e]")
+
+
+def error_response(data: bytes, error: ParseError, max_scan: int = 65535) -> bytes | None:
+    """The stateless answer to a request that failed to parse (§8.2.6, §21.4.1: 400 with the
+    problem in the reason phrase; 505 for an unsupported version; 513 for a message too large),
+    or None when no answer is possible or allowed: not a request, an ACK (never answered), or
+    the Via, From, To, Call-ID and CSeq needed to route and match a response are missing.
+
+    Those header lines are copied as they came; nothing else of the request is trusted.
+    """
+    if not _REQUEST_LINE.match(data):
+        return None                                   # responses and noise are dropped (§18.1.2)
+    if data[:4] == b"ACK " or data[:3].upper() == b"SIP":
+        return None
+    head = data[:max_scan]
+    end = head.find(b"\r\n\r\n")
+    lines = (head if end < 0 else head[:end]).split(b"\r\n")[1:]
+    copied: list[bytes] = []
+    seen: set[bytes] = set()
+    to_line = b""
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        canonical = _ECHO.get(name.strip().lower())
+        if not sep or canonical is None or (canonical != b"Via" and canonical in seen):
+            continue
+        value = value.strip()
+        if not value or b"\r" in value or b"\n" in value:
+            continue
+        seen.add(canonical)
+        if canonical == b"To":
+            to_line = canonical + b": " + value
+            continue
+        copied.append(canonical + b": " + value)
+    if seen != {b"Via", b"From", b"To", b"Call-ID", b"CSeq"}:
+        return None
+    if b";tag=" not in to_line.lower():
+        to_line += b";tag=" + os.urandom(6).hex().encode()  # §8.2.6.2: a To tag on a final response
+    status = error.status if error.status in (400, 414, 505, 513) else 400
+    reason = REASON_PHRASES.get(status, "Bad Request")
+    if status == 400:
+        reason += " (" + _UNSAFE.sub("?", error.reason)[:120] + ")"
+    vias = [c for c in copied if c.startswith(b"Via:")]
+    rest = [c for c in copied if not c.startswith(b"Via:")]
+    out = [f"SIP/2.0 {status} {reason}".encode()] + vias + rest[:1] + [to_line] + rest[1:]
+    out.append(b"Content-Length: 0")
+    return b"\r\n".join(out) + b"\r\n\r\n"
