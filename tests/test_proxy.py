@@ -508,3 +508,34 @@ def test_router_exception_is_500() -> None:
     net.run(0.1)
     assert up.statuses() == [500]
     assert proxy.proxy.pending == 0
+
+
+def test_settled_contexts_leave_no_cyclic_garbage() -> None:
+    # The per-call objects must be freed by reference counting: the cyclic GC's full passes
+    # over a heap of live transactions cost more CPU than the proxy path itself.
+    import gc
+
+    net, proxy, _ = setup(FixedRouter(["sip:bob@127.0.0.1:5090"]))
+    up = Raw(net, "up", 5071)
+    Raw(net, "down", 5090, auto=lambda r: r.reply(180 if r.method == "INVITE" else 200,
+                                                  to_tag="d"))
+    gc.collect()
+    gc.disable()
+    try:
+        up.send_to(raw_request("MESSAGE", "sip:bob@example.com"))
+        up.send_to(raw_request("INVITE", "sip:bob@example.com"))
+        net.run(0.1)
+        down = net.nodes[("127.0.0.1", 5090)]
+        assert isinstance(down, Raw)
+        down.reply(down.requests("INVITE")[0].reply(486, to_tag="d"))
+        net.run(100.0)  # every transaction timer has run out
+        assert proxy.layer.server_transactions == 0 and proxy.layer.client_transactions == 0
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        kinds = {type(o).__name__ for o in gc.garbage}
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert not kinds & {"ResponseContext", "Branch", "ServerTransaction", "ClientTransaction"}
+    assert 486 in up.statuses() and 200 in up.statuses()

@@ -357,7 +357,7 @@ class Router:
 
     def on_response(self, ctx: ResponseContext, response: Response) -> None:
         fn = self.routes.response
-        if fn is not None:
+        if fn is not None and isinstance(ctx.data, Request):  # (None once the context settled)
             fn(ctx.data, response)
 
     # -- running hooks -----------------------------------------------------------------------
