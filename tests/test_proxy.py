@@ -539,3 +539,21 @@ def test_settled_contexts_leave_no_cyclic_garbage() -> None:
         gc.enable()
     assert not kinds & {"ResponseContext", "Branch", "ServerTransaction", "ClientTransaction"}
     assert 486 in up.statuses() and 200 in up.statuses()
+
+
+def test_stateless_ack_for_non_2xx_follows_invite_route() -> None:
+    net, _, _ = setup(FixedRouter(["sip:bob@127.0.0.1:5090"]), stateless=True)
+    up = Raw(net, "up", 5071)
+    down = Raw(net, "down", 5090)
+    up.send_to(raw_request("INVITE", "sip:bob@example.com", branch="z9hG4bKn2", call_id="n2"))
+    net.run(0.1)
+    (inv,) = down.requests("INVITE")
+    down.reply(inv.reply(486, to_tag="d"))
+    net.run(0.2)
+    assert up.statuses() == [486]
+    up.send_to(raw_request("ACK", "sip:bob@example.com", branch="z9hG4bKn2", call_id="n2",
+                           to_tag="d"))
+    net.run(0.3)
+    (ack,) = down.requests("ACK")
+    assert ack.via[0].branch == inv.via[0].branch  # the ACK matches the INVITE's transaction
+    assert up.statuses() == [486]  # and is never answered

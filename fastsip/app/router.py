@@ -490,8 +490,10 @@ class Router:
         method = req.method
         request = req.request
         if method == "REGISTER":
-            if self.registrar is None or not req.for_us:
+            if not req.for_us:
                 return req.reply(403, "Not Our Domain") if not self.open_relay else req.relay()
+            if self.registrar is None:
+                return req.reply(405, headers=[("Allow", ALLOW.replace(" REGISTER,", ""))])
             if not req.authenticate():
                 return req.challenge()
             return req.register()

@@ -152,10 +152,11 @@ class RequestRouter(Protocol):
 
 
 def _loop_hash(request: Request) -> str:
-    """§16.6 step 8 / RFC 5393 §4.2: a hash of the fields that make a request "the same" when
-    it comes back: Request-URI as received, From/To tags, Call-ID, CSeq number, Route,
-    Proxy-Require, Proxy-Authorization.  The topmost Via is left out on purpose (RFC 5393:
-    it changes on every hop, so including it would hide every loop)."""
+    """§16.6 step 8: a hash of the fields that make a request "the same" when it comes back:
+    Request-URI as received, From/To tags, Call-ID, CSeq number, Proxy-Require,
+    Proxy-Authorization.  The topmost Via, which §16.6 also lists, is left out on purpose (it
+    changes on every hop, so including it would hide every loop; RFC 5393 §4.2 notes the
+    same).  Computed on arrival, before §16.4 touches the request."""
     frm = request.from_
     to = request.to
     cseq = request.cseq
@@ -167,7 +168,6 @@ def _loop_hash(request: Request) -> str:
             (to.tag or "") if to is not None else "",
             request.call_id or "",
             str(cseq.seq) if cseq is not None else "",
-            ",".join(h.getall("Route")),
             ",".join(h.getall("Proxy-Require")),
             ",".join(h.getall("Proxy-Authorization")),
         )
@@ -320,6 +320,7 @@ class ResponseContext:
         "cancelled",
         "data",
         "final_sent",
+        "loop",
         "proxy",
         "request",
         "serial",
@@ -343,6 +344,7 @@ class ResponseContext:
         self._best: Response | None = None
         self._auth: list[tuple[str, str]] | None = None
         self._counted = True
+        self.loop = "0"  # §16.6 step 8's hash, for our branches' loop detection
 
     @property
     def stateless(self) -> bool:
@@ -697,7 +699,8 @@ class StatelessContext:
         if self.decided:
             return
         self.decided = True
-        self._send(status, reason, headers)
+        if self.request.method != "ACK":  # an ACK is never answered (§17)
+            self._send(status, reason, headers)
 
     def _send(
         self, status: int | Response, reason: str | None, headers: Iterable[tuple[str, str]]
@@ -861,6 +864,10 @@ class Proxy:
         self._live += 1
         try:
             bad = self._validate(request)
+            if bad is None and self.loop_detection:
+                ctx.loop = _loop_hash(request)
+                if self._looped(request, ctx.loop):
+                    bad = (482, None, [])
             if bad is not None:
                 ctx.respond(bad[0], bad[1], headers=bad[2])
                 return
@@ -890,11 +897,14 @@ class Proxy:
         along its Route set / Request-URI (§16.11 for the ACK, §13.2.2.4 end to end)."""
         try:
             self._preprocess(request)
-            if not request.route and self.is_local(request.uri):
-                return  # an ACK for us: we never send 2xx to INVITE, so nothing to do
-            self._forward_stateless(request, Target(), source)
+            self._forward_ack(request, source)
         except ValueError as exc:
             log.debug("dropping ACK from %s: %s", source, exc)
+
+    def _forward_ack(self, request: Request, source: Address) -> None:
+        if not request.route and self.is_local(request.uri):
+            return  # an ACK for us: we never send 2xx to INVITE, so nothing to do
+        self._forward_stateless(request, Target(), source)
 
     def on_stray_response(self, response: Response, source: Address) -> None:
         """A response no client transaction wants (a 2xx retransmitted after Timer M, or any
@@ -924,11 +934,17 @@ class Proxy:
             self.on_stray_response(msg, source)
             return
         request: Request = msg  # type: ignore[assignment]
-        if request.method == "ACK":
-            self.on_ack(request, source)
-            return
         ctx = StatelessContext(self, request, source)
         try:
+            if request.method == "ACK":
+                # An ACK with a route set (for a 2xx) follows it; one without (for a non-2xx,
+                # or a 2xx without Record-Route) is routed like its INVITE, below.
+                self._preprocess(request)
+                if request.route or not self.router:
+                    self._forward_ack(request, source)
+                    return
+                self._dispatch(ctx, False)
+                return
             bad = self._validate(request)
             if bad is not None:
                 ctx.respond(bad[0], bad[1], headers=bad[2])
@@ -964,8 +980,6 @@ class Proxy:
             and not (request.method == "OPTIONS" and self.is_local(request.uri))
         ):
             return (483, None, [])
-        if self.loop_detection and self._looped(request):
-            return (482, None, [])
         required = request.headers.getall("Proxy-Require")
         if required:
             unsupported = [t.strip() for t in required if t.strip() not in self.proxy_require]
@@ -973,19 +987,16 @@ class Proxy:
                 return (420, None, [("Unsupported", ", ".join(unsupported))])
         return None
 
-    def _looped(self, request: Request) -> bool:
+    def _looped(self, request: Request, mine: str) -> bool:
         vias = request.via
         if len(vias) < 2:
             return False
-        mine: str | None = None
         for via in vias:
             branch = via.branch
             if not branch or not branch.startswith(MAGIC_COOKIE + "-"):
                 continue
             if not self._via_is_ours(via.host, via.port, via.transport):
                 continue
-            if mine is None:
-                mine = _loop_hash(request)
             # Our branches: "z9hG4bK-" + loop hash + "." + unique part.
             if branch[len(MAGIC_COOKIE) + 1 :].split(".", 1)[0] == mine:
                 return True
@@ -1080,7 +1091,7 @@ class Proxy:
             and (original.to is None or original.to.tag is None)
         )
         dest = self._prepare(copy, target, ctx.source, rr)
-        loop = _loop_hash(original) if self.loop_detection else "0"
+        loop = ctx.loop
         branch = f"{MAGIC_COOKIE}-{loop}.{self._prefix}{next(self._counter):x}"
         copy.add_via(self._via(dest.transport, branch))
         return Branch(ctx, target, copy, dest)
