@@ -557,3 +557,22 @@ def test_stateless_ack_for_non_2xx_follows_invite_route() -> None:
     (ack,) = down.requests("ACK")
     assert ack.via[0].branch == inv.via[0].branch  # the ACK matches the INVITE's transaction
     assert up.statuses() == [486]  # and is never answered
+
+
+def test_on_final_hook_hears_each_outcome_once() -> None:
+    class Final(FixedRouter):
+        def __init__(self) -> None:
+            super().__init__(["sip:b1@127.0.0.1:5081", "sip:b2@127.0.0.1:5082"])
+            self.finals: list[tuple[str, int]] = []
+
+        def on_final(self, ctx: ResponseContext, response: Response) -> None:
+            self.finals.append((ctx.request.method, response.status_code))
+
+    router = Final()
+    net, _, alice = setup(router)
+    Phone(net, "b1", 5081, reject(486))
+    Phone(net, "b2", 5082)
+    call = call_via_proxy(alice, "sip:bob@example.com")
+    net.run(1.0)
+    assert call.status == 200
+    assert router.finals == [("INVITE", 200)]

@@ -148,7 +148,11 @@ class RequestRouter(Protocol):
 
     def on_response(self, ctx: ResponseContext, response: Response) -> None:
         """A response from a branch (not 100), our Via already removed, before it is forwarded
-        or kept for the best-response choice.  Called only when ``wants_responses`` is true."""
+        or kept for the best-response choice.  Called only when ``wants_responses`` is true.
+
+        (Optional, found by name: ``on_final(ctx, response)`` hears the first final response
+        that went upstream for a stateful context -- forwarded, best, or local -- for logs and
+        accounting, without polling.)"""
 
 
 def _loop_hash(request: Request) -> str:
@@ -417,8 +421,9 @@ class ResponseContext:
             self.serial = []
             for b in self.branches:
                 b.cancel()
-            self._release()
         self._send_upstream(response)
+        if self.final_sent:
+            self._release(response)
         self._check_done()
 
     def send_best(self) -> None:
@@ -443,8 +448,8 @@ class ResponseContext:
                 if value not in seen:
                     best.add_header(name, value)
         self.final_sent = True
-        self._release()
         self._send_upstream(best)
+        self._release(best)
         self._check_done()
 
     def cancel(self) -> None:
@@ -538,7 +543,7 @@ class ResponseContext:
             if not self.final_sent:
                 self.final_sent = True
                 self.serial = []
-                self._release()
+                self._release(response)
                 for b in self.branches:  # §16.7 step 10
                     if b is not branch:
                         b.cancel()
@@ -639,10 +644,18 @@ class ResponseContext:
             self.txn.data = FINISHED
             self.data = None
 
-    def _release(self) -> None:
+    def _release(self, final: Response) -> None:
+        # The first final response went upstream: the context no longer counts against
+        # max_pending, and a router that asked (``on_final``) hears the outcome.
         if self._counted:
             self._counted = False
-            self.proxy._live -= 1
+            proxy = self.proxy
+            proxy._live -= 1
+            if proxy._wants_final and proxy.router is not None:
+                try:
+                    proxy.router.on_final(self, final)  # type: ignore[attr-defined]
+                except Exception:
+                    log.exception("final-response hook raised for %d", final.status_code)
 
     def __repr__(self) -> str:
         return (
@@ -765,6 +778,7 @@ class Proxy:
         self._layer: TransactionLayer | None = None
         self._live = 0
         self._wants_responses = bool(getattr(router, "wants_responses", False))
+        self._wants_final = callable(getattr(router, "on_final", None))
         self._counter = itertools.count(1)
         self._prefix = os.urandom(3).hex()
         self._sent_by: dict[str, tuple[str, int]] = {}
