@@ -262,7 +262,10 @@ async def run(args: argparse.Namespace) -> int:
 
         try:
             credentials = Credentials.from_file(args.auth_users)
-            authenticator = DigestAuthenticator(_default_realm(args), credentials)
+            kwargs: dict[str, Any] = {}
+            if args.auth_algorithm:
+                kwargs["algorithms"] = args.auth_algorithm
+            authenticator = DigestAuthenticator(_default_realm(args), credentials, **kwargs)
         except (OSError, ValueError) as exc:
             print(f"fastsip serve: --auth-users {args.auth_users}: {exc}", file=sys.stderr)
             return EXIT_USAGE
@@ -374,6 +377,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="a domain we are registrar and proxy for (repeatable; default: the "
                         "addresses we listen on)")
     p.add_argument("--realm", help="digest realm (default: the first --domain)")
+    p.add_argument("--auth-algorithm", action="append", choices=["SHA-256", "MD5"],
+                   metavar="SHA-256|MD5",
+                   help="digest algorithms to offer, in order (repeatable; default SHA-256 then "
+                        "MD5).  Clients that only take the first challenge and know only MD5 "
+                        "(sipp 3.6) need --auth-algorithm MD5")
     p.add_argument("--advertise", metavar="HOST[:PORT]",
                    help="address for our Via and Record-Route instead of the bound one")
     p.add_argument("--max-concurrency", type=_positive_int, default=1000, metavar="N",
