@@ -1,0 +1,369 @@
+"""``fastsip serve`` with real peers on 127.0.0.1, each a separate process.
+
+- sipp REGISTERs ``service@example.com`` (``tests/data/sipp/register.xml``) with a sipp UAS as
+  its contact; sipp's UAC then calls ``service@example.com`` through serve and every call
+  completes.  The UAS copies Record-Route and the UAC follows the route set
+  (``uac_rr.xml``/``uas_rr.xml``), so the ACK and BYE come back through serve: the UAS sees
+  serve's Via on top of the BYE, and the UAC's BYE carries serve's Route.
+- an unknown user gets 404; a request without Call-ID gets 400.
+- ``--db sqlite:PATH``: after a SIGTERM and a restart, the binding is still there and the call
+  still routes.
+- ``--auth-users``: a REGISTER without credentials gets 401; sipp's ``[authentication]``
+  (``register_auth.xml``) gets 200.
+- a flood of malformed datagrams from one source does not stop serve answering a valid
+  OPTIONS from another.
+
+Skipped without sipp (Debian: ``apt-get install sip-tester``).  Loads stay small (a few calls
+at 10 cps): CI machines are shared.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+import fastsip
+
+SIPP = shutil.which("sipp")
+pytestmark = pytest.mark.skipif(SIPP is None, reason="sipp is not installed (sip-tester)")
+
+HOST = "127.0.0.1"
+DOMAIN = "example.com"
+SCENARIOS = Path(__file__).resolve().parent / "data" / "sipp"
+CALLS = 5
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on HOST."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+            t.bind((HOST, 0))
+            port = int(t.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                try:
+                    u.bind((HOST, port))
+                except OSError:
+                    continue
+        return port
+    raise RuntimeError("no free port")
+
+
+def fastsip_env() -> dict[str, str]:
+    """Subprocesses run the fastsip these tests imported, never one from their cwd."""
+    env = dict(os.environ)
+    pkg_parent = str(Path(fastsip.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([pkg_parent, *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def stop(proc: subprocess.Popen[str], timeout: float = 15.0) -> int:
+    """SIGTERM (serve's clean stop), then SIGKILL if it hangs; returns the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return proc.returncode
+
+
+class Serve:
+    """A ``fastsip serve`` process on one UDP port; its log goes to ``serve-N.log``."""
+
+    count = 0
+
+    def __init__(self, workdir: Path, port: int, *extra: str) -> None:
+        Serve.count += 1
+        self.port = port
+        self.log_path = workdir / f"serve-{Serve.count}.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fastsip.cli", "serve", "--listen", f"udp:{HOST}:{port}",
+             "--domain", DOMAIN, "--grace", "2", *extra],
+            cwd=workdir, env=fastsip_env(), stdout=subprocess.PIPE, stderr=self._log,
+            stdin=subprocess.DEVNULL, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("listening on"):
+            self.close()
+            raise AssertionError(f"serve did not start: {line!r}\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def close(self) -> int:
+        rc = stop(self.proc)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._log.close()
+        return rc
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """Every process runs here: ``python -m`` puts its cwd on sys.path, and a checkout's
+    uncompiled fastsip/ must not shadow the installed one."""
+    return tmp_path
+
+
+def sipp(scenario: str, workdir: Path, name: str, *extra: str,
+         background: bool = False, timeout: float = 30) -> subprocess.Popen[str]:
+    assert SIPP is not None
+    cmd = [SIPP, "-sf", str(SCENARIOS / scenario), "-i", HOST, "-nostdin", "-trace_stat",
+           "-stf", str(workdir / f"{name}.csv"), "-fd", "1", "-trace_msg",
+           "-message_file", str(workdir / f"{name}.msg"), "-timeout", str(int(timeout)),
+           *extra]
+    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+    if not background:
+        finish(proc, timeout + 30)
+    return proc
+
+
+def finish(proc: subprocess.Popen[str], timeout: float) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out or ""
+
+
+def successful(workdir: Path, name: str) -> int:
+    rows = list(csv.reader((workdir / f"{name}.csv").read_text().splitlines(), delimiter=";"))
+    return int(dict(zip(rows[0], rows[-1]))["SuccessfulCall(C)"]) if len(rows) > 1 else 0
+
+
+def register(workdir: Path, name: str, serve_port: int, user: str, contact_port: int,
+             *extra: str, scenario: str = "register.xml") -> subprocess.Popen[str]:
+    return sipp(scenario, workdir, name, f"{HOST}:{serve_port}", "-p", str(free_port()),
+                "-m", "1", "-s", user, "-key", "domain", DOMAIN, "-key", "contact_host", HOST,
+                "-key", "contact_port", str(contact_port), "-key", "expires", "3600", *extra,
+                timeout=10)
+
+
+def start_uas(workdir: Path, name: str, port: int, calls: int) -> subprocess.Popen[str]:
+    return sipp("uas_rr.xml", workdir, name, "-p", str(port), "-m", str(calls),
+                background=True, timeout=40)
+
+
+def run_uac(workdir: Path, name: str, serve_port: int, user: str,
+            calls: int = CALLS) -> subprocess.Popen[str]:
+    return sipp("uac_rr.xml", workdir, name, f"{HOST}:{serve_port}", "-p", str(free_port()),
+                "-m", str(calls), "-r", "10", "-s", user, "-key", "domain", DOMAIN,
+                timeout=30)
+
+
+def sip_exchange(port: int, message: str, *, want_final: bool = True,
+                 timeout: float = 5.0) -> list[str]:
+    """Send one request over UDP from a fresh socket, retransmitted every 0.5 s until a
+    response comes (as Timer A/E would: a datagram can be lost); return the status lines
+    received until a final response (or the timeout)."""
+    lines: list[str] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((HOST, 0))
+        me = s.getsockname()[1]
+        s.settimeout(0.5)
+        data = message.replace("{me}", str(me)).encode()
+        s.sendto(data, (HOST, port))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                reply = s.recv(65535)
+            except OSError:
+                if not lines:
+                    s.sendto(data, (HOST, port))
+                continue
+            first = reply.split(b"\r\n", 1)[0].decode()
+            lines.append(first)
+            if want_final and first.startswith("SIP/2.0 ") and int(first.split()[1]) >= 200:
+                break
+    return lines
+
+
+def request(method: str, uri: str, *, call_id: str, headers: Sequence[str] = (),
+            omit: Sequence[str] = ()) -> str:
+    base = {
+        "Via": f"SIP/2.0/UDP {HOST}:{{me}};branch=z9hG4bK-{call_id}",
+        "Max-Forwards": "70",
+        "From": f"<sip:tester@{DOMAIN}>;tag=t-{call_id}",
+        "To": f"<{uri}>",
+        "Call-ID": f"{call_id}@{HOST}",
+        "CSeq": f"1 {method}",
+    }
+    text = f"{method} {uri} SIP/2.0\r\n"
+    text += "".join(f"{k}: {v}\r\n" for k, v in base.items() if k not in omit)
+    text += "".join(f"{h}\r\n" for h in headers)
+    return text + "Content-Length: 0\r\n\r\n"
+
+
+def final_status(lines: list[str]) -> int | None:
+    for line in reversed(lines):
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "SIP/2.0" and int(parts[1]) >= 200:
+            return int(parts[1])
+    return None
+
+
+def bye_messages(message_file: Path, received: bool) -> list[str]:
+    """The BYEs in a sipp -trace_msg file, sent or received."""
+    text = message_file.read_text()
+    marker = "message received" if received else "message sent"
+    out = []
+    for block in text.split("----------------------------------------------- ")[1:]:
+        # A block: the timestamp line, "UDP message sent (N bytes):", a blank line, the message.
+        _, _, rest = block.partition("\n")
+        head, _, body = rest.partition("\n")
+        body = body.lstrip()
+        if marker in head and body.startswith("BYE "):
+            out.append(body.replace("\r\n", "\n").strip())
+    return out
+
+
+# -- the tests ---------------------------------------------------------------------------------
+
+
+def test_register_then_calls_follow_the_route_set(workdir: Path) -> None:
+    port, uas_port = free_port(), free_port()
+    serve = Serve(workdir, port)
+    uas = None
+    try:
+        uas = start_uas(workdir, "uas", uas_port, CALLS)
+        reg = register(workdir, "register", port, "service", uas_port)
+        assert reg.returncode == 0, serve.log()
+        uac = run_uac(workdir, "uac", port, "service")
+        uas_out = finish(uas, 30)
+        assert uac.returncode == 0, (successful(workdir, "uac"), serve.log())
+        assert successful(workdir, "uac") == CALLS
+        assert uas.returncode == 0, uas_out[-2000:]
+        assert successful(workdir, "uas") == CALLS
+    finally:
+        if uas is not None and uas.poll() is None:
+            uas.kill()
+            uas.communicate()
+        assert serve.close() == 0
+    # The route set was honoured: the UAC sent its BYEs to the UAS's Contact with serve's
+    # Route, and each reached the UAS with serve's Via on top -- the BYE went through serve.
+    sent = bye_messages(workdir / "uac.msg", received=False)
+    assert len(sent) >= CALLS
+    assert all(f"Route: <sip:{HOST}:{port};lr" in b for b in sent), sent[0]
+    assert all(b.startswith(f"BYE sip:{HOST}:{uas_port}") for b in sent), sent[0]
+    got = bye_messages(workdir / "uas.msg", received=True)
+    assert len(got) >= CALLS
+    for bye in got:
+        vias = [line for line in bye.splitlines() if line.lower().startswith(("via:", "v:"))]
+        assert f"{HOST}:{port};branch=" in vias[0], bye
+    log = serve.log()
+    assert "method=REGISTER status=200 outcome=registered" in log
+    assert log.count("method=INVITE status=200 outcome=answered") == CALLS
+    assert "stopped" in log
+
+
+def test_unknown_user_404_and_malformed_400(workdir: Path) -> None:
+    port = free_port()
+    serve = Serve(workdir, port)
+    try:
+        lines = sip_exchange(port, request("INVITE", f"sip:nobody@{DOMAIN}", call_id="u1"))
+        assert final_status(lines) == 404, lines
+        lines = sip_exchange(port, request("OPTIONS", f"sip:nobody@{DOMAIN}", call_id="m1",
+                                           omit=["Call-ID"]))
+        assert final_status(lines) == 400, lines
+        lines = sip_exchange(port, request("OPTIONS", f"sip:{HOST}:{port}", call_id="o1"))
+        assert final_status(lines) == 200, lines
+    finally:
+        assert serve.close() == 0
+    log = serve.log()
+    assert "method=INVITE status=404 outcome=rejected" in log
+    assert "to=sip:nobody@example.com" in log
+
+
+def test_sqlite_binding_survives_restart(workdir: Path) -> None:
+    port, uas_port = free_port(), free_port()
+    db = f"sqlite:{workdir / 'location.db'}"
+    serve = Serve(workdir, port, "--db", db)
+    try:
+        reg = register(workdir, "register", port, "service", uas_port)
+        assert reg.returncode == 0, serve.log()
+    finally:
+        assert serve.close() == 0
+    serve = Serve(workdir, port, "--db", db)
+    uas = None
+    try:
+        uas = start_uas(workdir, "uas", uas_port, 2)
+        uac = run_uac(workdir, "uac", port, "service", calls=2)
+        finish(uas, 30)
+        assert uac.returncode == 0 and successful(workdir, "uac") == 2, serve.log()
+    finally:
+        if uas is not None and uas.poll() is None:
+            uas.kill()
+            uas.communicate()
+        assert serve.close() == 0
+
+
+def test_digest_authentication_with_sipp(workdir: Path) -> None:
+    port = free_port()
+    users = workdir / "users.txt"
+    users.write_text("# user:password\nalice:s3cret\n")
+    # sipp 3.6 answers only the first challenge and knows MD5 only: offer just MD5.
+    serve = Serve(workdir, port, "--auth-users", str(users), "--auth-algorithm", "MD5")
+    try:
+        # Without credentials: challenged.
+        lines = sip_exchange(port, request(
+            "REGISTER", f"sip:{DOMAIN}", call_id="r1",
+            headers=[f"Contact: <sip:alice@{HOST}:5999>", "Expires: 60"]))
+        assert final_status(lines) == 401, lines
+        # sipp answers the challenge ([authentication]) and is accepted.
+        reg = register(workdir, "register_auth", port, "alice", 5999, "-au", "alice",
+                       "-ap", "s3cret", "-auth_uri", DOMAIN, scenario="register_auth.xml")
+        assert reg.returncode == 0, serve.log()
+        # A wrong password is not.
+        bad = register(workdir, "register_bad", port, "alice", 5999, "-au", "alice",
+                       "-ap", "wrong", "-auth_uri", DOMAIN, scenario="register_auth.xml")
+        assert bad.returncode != 0
+    finally:
+        assert serve.close() == 0
+    log = serve.log()
+    assert "method=REGISTER status=401 outcome=challenged" in log
+    assert "method=REGISTER status=200 outcome=registered" in log
+
+
+def test_malformed_flood_does_not_stop_service(workdir: Path) -> None:
+    port = free_port()
+    serve = Serve(workdir, port)
+    garbage = [
+        b"\x00\xff" * 200,
+        b"INVITE sip:x SIP/2.0\r\nVia: nonsense\r\n\r\n",
+        b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 192.0.2.1:5060\r\n\r\n",
+        b"OPTIONS sip:a@b SIP/2.0\r\nContent-Length: 99999\r\n\r\n",
+        b"REGISTER sip:example.com SIP/2.0\r\n" + b"X: y\r\n" * 2000 + b"\r\n",
+        b"\r\n\r\n",
+    ]
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flood:
+            flood.bind((HOST, 0))
+            for i in range(3000):
+                try:
+                    flood.sendto(garbage[i % len(garbage)], (HOST, port))
+                except OSError:
+                    pass  # loopback buffer full: the flood only has to be a flood
+        started = time.monotonic()
+        lines = sip_exchange(port, request("OPTIONS", f"sip:{HOST}:{port}", call_id="after"),
+                             timeout=10)
+        assert final_status(lines) == 200, lines
+        # The flood is bounded by the socket buffer and dropped as it is read: a retransmission
+        # or two at most, not a backlog of seconds.
+        assert time.monotonic() - started < 3.0
+        assert serve.proc.poll() is None
+    finally:
+        assert serve.close() == 0
