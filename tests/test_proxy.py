@@ -488,7 +488,7 @@ def test_max_pending_503() -> None:
         def on_request(self, ctx: ProxyContext) -> None:
             self.contexts.append(ctx)   # decides never
 
-    net, _proxy, _ = setup(Hold(), max_pending=2)
+    net, _proxy, _ = setup(Hold(), max_pending=2, max_pending_per_source=2)
     up = Raw(net, "up", 5071)
     for _ in range(3):
         up.send_to(raw_request("MESSAGE", "sip:bob@example.com"))
@@ -576,3 +576,23 @@ def test_on_final_hook_hears_each_outcome_once() -> None:
     net.run(1.0)
     assert call.status == 200
     assert router.finals == [("INVITE", 200)]
+
+
+def test_max_pending_per_source_leaves_room_for_others() -> None:
+    class Hold(FixedRouter):
+        def on_request(self, ctx: ProxyContext) -> None:
+            self.contexts.append(ctx)   # decides never
+
+    net, proxy, _ = setup(Hold(), max_pending=4, max_pending_per_source=2)
+    up = Raw(net, "up", 5071)
+    other = Raw(net, "other", 5072)
+    other.host = "127.0.0.2"
+    net.nodes[("127.0.0.2", 5072)] = other
+    for _ in range(3):
+        up.send_to(raw_request("MESSAGE", "sip:bob@example.com"))
+    other.send_to(raw_request("MESSAGE", "sip:bob@example.com", port=5072).replace(
+        "127.0.0.1:5072", "127.0.0.2:5072"))
+    net.run(0.1)
+    assert up.statuses() == [503]
+    assert other.statuses() == []       # admitted (its context is pending)
+    assert proxy.proxy.pending == 3

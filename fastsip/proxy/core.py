@@ -651,6 +651,12 @@ class ResponseContext:
             self._counted = False
             proxy = self.proxy
             proxy._live -= 1
+            host = self.source.host
+            n = proxy._per_source.get(host, 1) - 1
+            if n:
+                proxy._per_source[host] = n
+            else:
+                proxy._per_source.pop(host, None)
             if proxy._wants_final and proxy.router is not None:
                 try:
                     proxy.router.on_final(self, final)  # type: ignore[attr-defined]
@@ -743,6 +749,8 @@ class Proxy:
     - ``timer_c``: Timer C in seconds (§16.8: more than 3 minutes; 0 turns it off).
     - ``max_pending``: response contexts waiting for a final response; beyond it new requests
       get 503 with ``Retry-After: retry_after`` (memory stays bounded under a flood).
+      ``max_pending_per_source`` (default: half of it) bounds one source host's share, so a
+      flood from one place cannot take every slot.
     - ``aliases``: other host names that mean us (for Route and Record-Route recognition), in
       addition to our sent-by addresses.
     - ``schemes``: Request-URI schemes we can route (others: 416, §16.3 step 2).
@@ -759,6 +767,7 @@ class Proxy:
         timer_c: float = 180.0,
         stateless: bool = False,
         max_pending: int = 100_000,
+        max_pending_per_source: int | None = None,
         retry_after: int = 5,
         aliases: Iterable[str] = (),
         schemes: Iterable[str] = ("sip", "sips"),
@@ -770,6 +779,11 @@ class Proxy:
         self.timer_c = timer_c
         self.stateless = stateless
         self.max_pending = max_pending
+        self.max_pending_per_source = (
+            max_pending_per_source if max_pending_per_source is not None
+            else max(1, max_pending // 2)
+        )
+        self._per_source: dict[str, int] = {}
         self.retry_after = retry_after
         self.aliases = {strip_brackets(a).lower() for a in aliases}
         self.schemes = frozenset(s.lower() for s in schemes)
@@ -866,7 +880,12 @@ class Proxy:
         if request.method == "CANCEL":
             self._on_cancel(txn, request)
             return
-        if self._live >= self.max_pending:
+        host = txn.source.host
+        per_source = self._per_source
+        if self._live >= self.max_pending or \
+                per_source.get(host, 0) >= self.max_pending_per_source:
+            log.warning("overload: %d contexts pending (%d from %s): 503 for %s",
+                        self._live, per_source.get(host, 0), host, request.method)
             txn.respond(
                 request.reply(
                     503, to_tag=_new_tag(), headers=[("Retry-After", str(self.retry_after))]
@@ -876,6 +895,7 @@ class Proxy:
         ctx = ResponseContext(self, txn, request, txn.source)
         txn.data = ctx  # for a CANCEL (§16.10)
         self._live += 1
+        per_source[host] = per_source.get(host, 0) + 1
         try:
             bad = self._validate(request)
             if bad is None and self.loop_detection:
