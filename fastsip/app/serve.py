@@ -48,9 +48,6 @@ DEFAULT_LISTEN = ("udp:127.0.0.1:5060", "tcp:127.0.0.1:5060")
 #: How often expired bindings are removed from the store (they are ignored by lookups before
 #: that; the purge only bounds the store's size).
 PURGE_INTERVAL = 60.0
-#: How often requests whose outcome was not seen at once (async routes, branch timeouts) are
-#: checked for a final response; their logged duration is this coarse.
-SWEEP_INTERVAL = 0.2
 
 
 # -- per-request outcome log ------------------------------------------------------------------
@@ -80,59 +77,37 @@ def _quote(value: str) -> str:
 
 
 class _Pending:
-    """An initial request whose final response has not been seen yet."""
+    """An initial request whose final response has not gone upstream yet."""
 
-    __slots__ = ("ctx", "fields", "method", "started")
+    __slots__ = ("fields", "method", "started")
 
-    def __init__(self, ctx: ProxyContext, method: str, fields: str, started: float) -> None:
-        self.ctx = ctx
+    def __init__(self, method: str, fields: str, started: float) -> None:
         self.method = method
         self.fields = fields
         self.started = started
 
 
-def _final(ctx: ProxyContext) -> Response | None:
-    """The final response sent upstream for ``ctx``, if any (stateful: the server transaction
-    keeps the last response it sent)."""
-    txn = getattr(ctx, "txn", None)
-    response = getattr(txn, "last_response", None)
-    if response is not None and response.status_code >= 200:
-        return response  # type: ignore[no-any-return]
-    return None
-
-
 class ServeRouter:
     """Wraps the :class:`~fastsip.app.Router` for the server: refuses new initial requests
-    while draining, and logs each initial request with its outcome.
+    while draining, and logs each initial request with its outcome (the proxy core's
+    ``on_final`` hook: the first final response that went upstream, local or forwarded)."""
 
-    The outcome is read from the server transaction's last response right after the
-    router returns (local answers: registrar, 404, challenges) and right after each branch
-    response has been handled (``wants_responses``: a 2xx or the last failure goes upstream in
-    that same step); whatever is still open (async routes, Timer C) is checked by a sweep.
-    """
-
-    def __init__(self, inner: Any, *, loop: asyncio.AbstractEventLoop,
-                 clock: Callable[[], float] = time.monotonic, retry_after: int = 5) -> None:
+    def __init__(self, inner: Any, *, clock: Callable[[], float] = time.monotonic,
+                 retry_after: int = 5) -> None:
         self.inner = inner
-        self.loop = loop
         self.clock = clock
         self.retry_after = retry_after
         self.draining = False
         #: The routes' choice: see in-dialog requests too, or leave them to the core.
         self.in_dialog = bool(getattr(inner, "in_dialog", False))
+        #: Only what the routes ask for: the outcome comes from on_final, not from here.
+        self.wants_responses = bool(getattr(inner, "wants_responses", False))
         self.pending: dict[int, _Pending] = {}
-        self._inner_wants = bool(getattr(inner, "wants_responses", False))
         self._track = log.isEnabledFor(logging.INFO)
-        self._sweeper: asyncio.TimerHandle | None = None
         #: Counts by outcome word, for the summary at stop.
         self.outcomes: dict[str, int] = {}
 
     # RequestRouter -------------------------------------------------------------------------
-
-    @property
-    def wants_responses(self) -> bool:
-        # Tracking needs to see branch responses; without it, only if the routes want them.
-        return self._track or self._inner_wants
 
     def attach(self, proxy: Proxy) -> None:
         attach = getattr(self.inner, "attach", None)
@@ -148,30 +123,22 @@ class ServeRouter:
                             headers=[("Retry-After", str(self.retry_after))])
                 self._count(request.method, 503)
                 return
-        if not self._track:
-            self.inner.on_request(ctx)
-            return
-        started = self.clock()
-        method = request.method
-        fields = self._fields(ctx)
+        if self._track and not ctx.stateless:
+            # Before the router runs: a local answer (registrar, 404) reaches on_final at once.
+            self.pending[id(ctx)] = _Pending(request.method, self._fields(ctx),
+                                             self.clock())
         self.inner.on_request(ctx)
-        response = _final(ctx)
-        if response is not None:
-            self._log(method, fields, started, response)
-            return
-        self.pending[id(ctx)] = _Pending(ctx, method, fields, started)
-        if self._sweeper is None:
-            self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     def on_failure(self, ctx: ResponseContext, best: Response) -> bool:
         return bool(self.inner.on_failure(ctx, best))
 
     def on_response(self, ctx: ResponseContext, response: Response) -> None:
-        if self._inner_wants:
-            self.inner.on_response(ctx, response)
-        if response.status_code >= 200 and id(ctx) in self.pending:
-            # The proxy core acts on this response after we return; look once it has.
-            self.loop.call_soon(self._check, id(ctx))
+        self.inner.on_response(ctx, response)
+
+    def on_final(self, ctx: ResponseContext, response: Response) -> None:
+        entry = self.pending.pop(id(ctx), None)
+        if entry is not None:
+            self._log(entry.method, entry.fields, entry.started, response)
 
     # outcome tracking ----------------------------------------------------------------------
 
@@ -183,22 +150,6 @@ class ServeRouter:
                 f"from={_quote(str(frm.uri) if frm is not None else '')} "
                 f"to={_quote(str(to.uri) if to is not None else '')} "
                 f"source={ctx.source}")
-
-    def _check(self, key: int) -> None:
-        entry = self.pending.get(key)
-        if entry is None:
-            return
-        response = _final(entry.ctx)
-        if response is not None:
-            del self.pending[key]
-            self._log(entry.method, entry.fields, entry.started, response)
-
-    def _sweep(self) -> None:
-        self._sweeper = None
-        for key in list(self.pending):
-            self._check(key)
-        if self.pending:
-            self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     def _count(self, method: str, status: int) -> str:
         outcome = _outcome(method, status)
@@ -213,17 +164,10 @@ class ServeRouter:
 
     def flush(self) -> None:
         """At stop: log what never got a final response."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
         for entry in self.pending.values():
-            response = _final(entry.ctx)
-            if response is not None:
-                self._log(entry.method, entry.fields, entry.started, response)
-            else:
-                self.outcomes["abandoned"] = self.outcomes.get("abandoned", 0) + 1
-                log.info("request method=%s status=- outcome=abandoned duration_ms=%.1f %s",
-                         entry.method, (self.clock() - entry.started) * 1000.0, entry.fields)
+            self.outcomes["abandoned"] = self.outcomes.get("abandoned", 0) + 1
+            log.info("request method=%s status=- outcome=abandoned duration_ms=%.1f %s",
+                     entry.method, (self.clock() - entry.started) * 1000.0, entry.fields)
         self.pending.clear()
 
 
@@ -280,7 +224,7 @@ async def run(args: argparse.Namespace) -> int:
         registrar = Registrar(store, domains=args.domain or ())
         router = Router(routes, registrar=registrar, authenticator=authenticator,
                         spawn=loop.create_task, max_concurrency=args.max_concurrency)
-        serve_router = ServeRouter(router, loop=loop)
+        serve_router = ServeRouter(router)
         proxy = Proxy(serve_router, aliases=args.domain or ())
         endpoint = Endpoint(proxy, listen=listen, advertise=args.advertise,
                             timers=TimerConfig(t1=args.t1))
