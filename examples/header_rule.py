@@ -1,0 +1,46 @@
+"""Header-based rules for a multi-tenant edge:
+
+- ``X-Tenant`` picks the tenant's PBX: a call with ``X-Tenant: acme`` goes to acme's PBX,
+  whatever the Request-URI's domain; an unknown tenant gets 403.  The header is internal, so
+  it is removed before the request leaves.
+- ``P-Asserted-Identity`` (RFC 3325) is only believed from the trust domain: from any other
+  source it is removed, so nobody outside can claim an identity our PBXs would trust.
+
+Requests without ``X-Tenant`` take the default routing (registrar, our users' contacts).
+
+Run it::
+
+    fastsip serve --domain example.com --routes examples/header_rule.py
+
+and try ``sipp`` with ``X-Tenant: acme`` added to its INVITE (a scenario file), or any UA
+that can add a header.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastsip.app import Request, route
+
+#: tenant -> its PBX (the Request-URI's user is kept).
+TENANTS = {
+    "acme": "sip:pbx.acme.example.net",
+    "globex": "sip:pbx.globex.example.net;transport=tcp",
+}
+#: Sources inside the trust domain (RFC 3325 §2.3): their P-Asserted-Identity is kept.
+TRUSTED = {"192.0.2.10", "192.0.2.11"}
+
+
+@route
+def initial(req: Request) -> Any:
+    request = req.request
+    if "P-Asserted-Identity" in request.headers and req.source.host not in TRUSTED:
+        request.remove_header("P-Asserted-Identity")
+    tenant = request.headers.get("X-Tenant")
+    if tenant is None:
+        return None                                  # the default routing
+    pbx = TENANTS.get(tenant.strip().lower())
+    if pbx is None:
+        return req.reply(403, "Unknown Tenant")
+    request.remove_header("X-Tenant")
+    return req.relay(to=pbx)
