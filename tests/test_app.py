@@ -98,6 +98,8 @@ def test_default_register_then_call_reaches_contact_unknown_404() -> None:
     register(up, "bob", 5080)
     net.run(0.1)
     assert up.statuses() == [200]
+    to = up.responses()[0].to
+    assert to is not None and to.tag  # §8.2.6.2, added by the proxy core
     alice = Phone(net, "alice", 5070)
     call = alice.ua.invite(f"sip:bob@{DOMAIN}", body=b"v=0\r\n", proxy="sip:127.0.0.1:5060")
     net.run(1.0)

@@ -40,7 +40,7 @@ import hashlib
 import itertools
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from fastsip.sip import URI, Message, Request, Response, parse
@@ -413,7 +413,7 @@ class ResponseContext:
         if self.final_sent:
             return
         if isinstance(status, Response):
-            response = status
+            response = _with_to_tag(status, _new_tag)
         else:
             response = self._make_response(status, reason, headers)
         if response.status_code >= 200:
@@ -670,6 +670,17 @@ class ResponseContext:
         )
 
 
+def _with_to_tag(response: Response, tag: Callable[[], str]) -> Response:
+    """§8.2.6.2: a response we make (registrar, challenge) carries a To tag, 100 excepted."""
+    if response.status_code > 100:
+        to = response.to
+        if to is not None and to.tag is None:
+            value = response.headers.get("To")
+            if value is not None:
+                response.set_header("To", f"{value};tag={tag()}")
+    return response
+
+
 def _rank(status: int) -> tuple[int, int]:
     return (0 if status >= 600 else status // 100, 0 if status in _PREFERRED else 1)
 
@@ -725,7 +736,7 @@ class StatelessContext:
         self, status: int | Response, reason: str | None, headers: Iterable[tuple[str, str]]
     ) -> None:
         if isinstance(status, Response):
-            response = status
+            response = _with_to_tag(status, lambda: _stateless_branch(self.request)[-10:])
         else:
             req = self.request
             to = req.to
