@@ -439,3 +439,27 @@ def test_two_route_handlers_refused(tmp_path: Path) -> None:
                     "@route\ndef a(req): return None\n@route\ndef b(req): return None\n")
     with pytest.raises(ValueError, match="more than one"):
         load_routes(path)
+
+
+def test_hung_async_handler_times_out_with_500() -> None:
+    tasks = Tasks()
+    gate = Gate()
+
+    async def initial(req: Request) -> Any:
+        await gate
+        return req.reply(200)
+
+    router = Router(Routes(initial), spawn=tasks, handler_timeout=10.0)
+    net, _, up = app(router)
+    up.send_to(raw_request("MESSAGE", "sip:x@example.org"))
+    net.run(0.1)
+    tasks.run()
+    net.run(9.0)
+    assert up.statuses() == []
+    net.run(11.0)
+    assert up.statuses() == [500]
+    assert router.running == 1          # still holds its slot until it really ends
+    gate.open = True
+    tasks.run()
+    net.run(12.0)
+    assert up.statuses() == [500] and router.running == 0

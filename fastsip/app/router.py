@@ -288,6 +288,8 @@ class Router:
     - ``spawn``: runs a coroutine as a task (``loop.create_task``); needed for async hooks.
     - ``max_concurrency`` / ``max_per_source``: async hooks running at once, in all and per
       source host; beyond either, 503 with ``Retry-After: retry_after``.
+    - ``handler_timeout``: an async hook still running after this many seconds gets its
+      request a 500 (0: no limit); its result, when it comes, is ignored.
     - ``serial_by_q``: registered contacts are tried in groups of equal q, highest first
       (RFC 3261 §16.6 allows it); default: all in parallel.
     - ``wallclock``: the time for the registrar and nonces (wall clock: expiries persist).
@@ -298,6 +300,7 @@ class Router:
                  open_relay: bool = False, spawn: _Spawn | None = None,
                  max_concurrency: int = 1000, max_per_source: int | None = None,
                  retry_after: int = 5, serial_by_q: bool = False,
+                 handler_timeout: float = 30.0,
                  wallclock: Callable[[], float] = time.time) -> None:
         self.routes = routes if routes is not None else Routes()
         self.registrar = registrar
@@ -312,6 +315,7 @@ class Router:
             max(1, max_concurrency // 2)
         self.retry_after = retry_after
         self.serial_by_q = serial_by_q
+        self.handler_timeout = handler_timeout
         self.wallclock = wallclock
         self.proxy: Proxy | None = None
         self.running = 0
@@ -414,18 +418,32 @@ class Router:
         self.running += 1
         self._per_source[host] = self._per_source.get(host, 0) + 1
         holder: list[object] = []
-        task = spawn(self._run(req, awaitable, failure, holder))
+        timer: Any = None
+        proxy = self.proxy
+        if self.handler_timeout > 0 and proxy is not None:
+            timer = proxy.clock.call_later(self.handler_timeout, self._timed_out, req)
+        task = spawn(self._run(req, awaitable, failure, holder, timer))
         if task is not None:
             holder.append(task)
             self._tasks.add(task)  # a task nobody references can be collected mid-flight
 
+    @staticmethod
+    def _timed_out(req: Request) -> None:
+        # The request must not wait forever on a hung handler (its slot stays taken until
+        # the handler really ends, so the bound still holds).
+        if not req.ctx.done:
+            log.error("async hook still running for %s %s: 500", req.method, req.uri)
+            req.ctx.respond(500, "Server Internal Error (routing timeout)")
+
     async def _run(self, req: Request, awaitable: Any, failure: bool,
-                   holder: list[object]) -> None:
+                   holder: list[object], timer: Any) -> None:
         host = req.source.host
         try:
             try:
                 result = await awaitable
             finally:
+                if timer is not None:
+                    timer.cancel()
                 self.running -= 1
                 n = self._per_source.get(host, 1) - 1
                 if n:
