@@ -230,7 +230,7 @@ def measure(argv: Sequence[str], env: dict[str, str] | None, calls: int, rate: i
                     "-key", "contact_port", str(uas_port), "-key", "expires", "3600",
                     workdir=workdir, name=f"{name}_register", timeout=10)
         assert reg.returncode == 0, f"{name}: REGISTER failed (see {name}.log)"
-        uac = ["-s", USER, "-key", "domain", DOMAIN, "-r", str(rate)]
+        uac = ["-s", USER, "-key", "domain", DOMAIN, "-key", "caller", "caller", "-r", str(rate)]
         _sipp("uac_rr.xml", f"{HOST}:{port}", "-p", str(free_port()), "-m", str(WARMUP_CALLS),
               *uac, workdir=workdir, name=f"{name}_warmup", timeout=WARMUP_CALLS / rate + 30)
         warm = successful(workdir, f"{name}_warmup")

@@ -162,6 +162,7 @@ def run_uac(workdir: Path, name: str, serve_port: int, user: str,
             calls: int = CALLS) -> subprocess.Popen[str]:
     return sipp("uac_rr.xml", workdir, name, f"{HOST}:{serve_port}", "-p", str(free_port()),
                 "-m", str(calls), "-r", "10", "-s", user, "-key", "domain", DOMAIN,
+                "-key", "caller", "caller",
                 timeout=30)
 
 
