@@ -426,3 +426,25 @@ def test_responses_go_where_section_18_2_2_says() -> None:
     layer.receive(req, Address("UDP", "198.51.100.7", 40000))
     (_, dest) = wire.sent[0]
     assert dest == Address("UDP", "198.51.100.7", 40000)
+
+
+def test_server_non_invite_abandoned_by_its_tu_is_freed() -> None:
+    layer, _wire, wheel, _rec = make()  # the recorder never answers
+    layer.receive(request("OPTIONS"), UDP)
+    txn = next(iter(layer._server.values()))
+    wheel.advance(63.9)
+    assert txn.state == TRYING and layer.server_transactions == 1
+    wheel.advance(64.1)  # 2*64*T1: well after the client's Timer F
+    assert txn.state == TERMINATED and layer.server_transactions == 0
+
+
+def test_server_non_invite_answered_late_keeps_its_timer_j() -> None:
+    layer, _wire, wheel, _rec = make()
+    layer.receive(request("OPTIONS"), UDP)
+    txn = next(iter(layer._server.values()))
+    wheel.advance(10.0)
+    txn.reply(200)
+    wheel.advance(41.9)  # Timer J runs 32 s from the answer; the abandon guard is gone
+    assert txn.state == COMPLETED
+    wheel.advance(42.1)
+    assert txn.state == TERMINATED

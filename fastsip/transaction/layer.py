@@ -330,6 +330,9 @@ class ServerTransaction:
             if state == TRYING:
                 self.state = PROCEEDING
             return
+        if self._timeout is not None:                    # the abandon guard, if armed
+            self._timeout.cancel()
+            self._timeout = None
         if self.is_invite and status < 300:
             self.state = ACCEPTED                        # RFC 6026: Timer L
             self._timeout = self.layer.clock.call_later(cfg.timeout, self._terminate)
@@ -356,6 +359,14 @@ class ServerTransaction:
         self._interval = min(self._interval * 2, self.layer.config.t2)
         self._timer = self.layer.clock.call_later(self._interval, self._retransmit)
         self.layer.transport.send(self._data, self.dest)
+
+    def _abandon(self) -> None:
+        # No timer of §17.2.2 ends a non-INVITE server transaction whose TU never answers; the
+        # client gave up at Timer F (64*T1) long before this fires, so free the entry.
+        self._timeout = None
+        if self.state in (TRYING, PROCEEDING):
+            log.warning("%r: no final response from the transaction user; dropped", self)
+            self._terminate()
 
     def _on_timer_h(self) -> None:
         self._timeout = None
@@ -481,9 +492,12 @@ class TransactionLayer:
         txn = ServerTransaction(self, request, source, key)
         self._server[key] = txn
         self.tu.on_request(txn, request)
-        if txn.is_invite and txn.state == PROCEEDING and txn.last_response is None:
-            # §17.2.1: a 100 unless the TU answers within 200 ms; it did not answer at once.
-            txn.respond(request.reply(100))
+        if txn.is_invite:
+            if txn.state == PROCEEDING and txn.last_response is None:
+                # §17.2.1: a 100 unless the TU answers within 200 ms; it did not answer at once.
+                txn.respond(request.reply(100))
+        elif txn.state in (TRYING, PROCEEDING):
+            txn._timeout = self.clock.call_later(2 * self.config.timeout, txn._abandon)
 
     def find_invite(self, cancel: Request) -> ServerTransaction | None:
         """The INVITE server transaction a CANCEL refers to (§9.2): same key but the method."""
