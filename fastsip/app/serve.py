@@ -119,9 +119,11 @@ class ServeRouter:
         if self.draining:
             to = request.to
             if to is None or to.tag is None:  # in-dialog requests (routes with in_dialog) pass
+                started = self.clock()
                 ctx.respond(503, "Shutting Down",
                             headers=[("Retry-After", str(self.retry_after))])
-                self._count(request.method, 503)
+                if self._track:
+                    self._log(request.method, self._fields(ctx), started, 503)
                 return
         if self._track and not ctx.stateless:
             # Before the router runs: a local answer (registrar, 404) reaches on_final at once.
@@ -138,7 +140,7 @@ class ServeRouter:
     def on_final(self, ctx: ResponseContext, response: Response) -> None:
         entry = self.pending.pop(id(ctx), None)
         if entry is not None:
-            self._log(entry.method, entry.fields, entry.started, response)
+            self._log(entry.method, entry.fields, entry.started, response.status_code)
 
     # outcome tracking ----------------------------------------------------------------------
 
@@ -156,8 +158,7 @@ class ServeRouter:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         return outcome
 
-    def _log(self, method: str, fields: str, started: float, response: Response) -> None:
-        status = response.status_code
+    def _log(self, method: str, fields: str, started: float, status: int) -> None:
         outcome = self._count(method, status)
         log.info("request method=%s status=%d outcome=%s duration_ms=%.1f %s", method, status,
                  outcome, (self.clock() - started) * 1000.0, fields)
