@@ -5,6 +5,8 @@
   completes.  The UAS copies Record-Route and the UAC follows the route set
   (``uac_rr.xml``/``uas_rr.xml``), so the ACK and BYE come back through serve: the UAS sees
   serve's Via on top of the BYE, and the UAC's BYE carries serve's Route.
+- a caller on TCP reaches a callee registered on UDP: two Record-Routes (RFC 5658), both in
+  the caller's BYE.
 - an unknown user gets 404; a request without Call-ID gets 400.
 - ``--db sqlite:PATH``: after a SIGTERM and a restart, the binding is still there and the call
   still routes.
@@ -83,13 +85,14 @@ class Serve:
 
     count = 0
 
-    def __init__(self, workdir: Path, port: int, *extra: str) -> None:
+    def __init__(self, workdir: Path, port: int, *extra: str, tcp: bool = False) -> None:
         Serve.count += 1
         self.port = port
         self.log_path = workdir / f"serve-{Serve.count}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fastsip.cli", "serve", "--listen", f"udp:{HOST}:{port}",
+             *(["--listen", f"tcp:{HOST}:{port}"] if tcp else []),
              "--domain", DOMAIN, "--grace", "2", *extra],
             cwd=workdir, env=fastsip_env(), stdout=subprocess.PIPE, stderr=self._log,
             stdin=subprocess.DEVNULL, text=True)
@@ -159,11 +162,10 @@ def start_uas(workdir: Path, name: str, port: int, calls: int) -> subprocess.Pop
 
 
 def run_uac(workdir: Path, name: str, serve_port: int, user: str,
-            calls: int = CALLS) -> subprocess.Popen[str]:
+            calls: int = CALLS, *extra: str) -> subprocess.Popen[str]:
     return sipp("uac_rr.xml", workdir, name, f"{HOST}:{serve_port}", "-p", str(free_port()),
                 "-m", str(calls), "-r", "10", "-s", user, "-key", "domain", DOMAIN,
-                "-key", "caller", "caller",
-                timeout=30)
+                "-key", "caller", "caller", *extra, timeout=30)
 
 
 def sip_exchange(port: int, message: str, *, want_final: bool = True,
@@ -269,6 +271,30 @@ def test_register_then_calls_follow_the_route_set(workdir: Path) -> None:
     assert "method=REGISTER status=200 outcome=registered" in log
     assert log.count("method=INVITE status=200 outcome=answered") == CALLS
     assert "stopped" in log
+
+
+def test_tcp_caller_to_udp_callee_double_record_route(workdir: Path) -> None:
+    """The caller on TCP, the callee registered on UDP: serve records two routes (RFC 5658),
+    one per side, and the caller's BYE carries both back through it."""
+    port, uas_port = free_port(), free_port()
+    serve = Serve(workdir, port, tcp=True)
+    uas = None
+    try:
+        uas = start_uas(workdir, "uas", uas_port, 3)
+        assert register(workdir, "register", port, "service", uas_port).returncode == 0
+        uac = run_uac(workdir, "uac", port, "service", 3, "-t", "t1")
+        finish(uas, 30)
+        assert uac.returncode == 0 and successful(workdir, "uac") == 3, serve.log()
+        assert uas.returncode == 0 and successful(workdir, "uas") == 3
+    finally:
+        if uas is not None and uas.poll() is None:
+            uas.kill()
+            uas.communicate()
+        assert serve.close() == 0
+    sent = bye_messages(workdir / "uac.msg", received=False)
+    assert sent and all(
+        f"Route: <sip:{HOST}:{port};transport=tcp;lr>, <sip:{HOST}:{port};lr>" in b
+        for b in sent), sent[0]
 
 
 def test_unknown_user_404_and_malformed_400(workdir: Path) -> None:
