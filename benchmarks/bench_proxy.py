@@ -66,7 +66,7 @@ DOMAIN = "example.com"
 USER = "service"
 CALLS = int(os.environ.get("FASTSIP_BENCH_PROXY_CALLS", "1500"))
 RATE = int(os.environ.get("FASTSIP_BENCH_PROXY_RATE", "150"))
-ROUNDS = int(os.environ.get("FASTSIP_BENCH_PROXY_ROUNDS", "2"))
+ROUNDS = int(os.environ.get("FASTSIP_BENCH_PROXY_ROUNDS", "3"))
 #: Kamailio's memory manager for shm and pkg ("-x/-X"): empty keeps the packaged default
 #: (qm, which in Debian's build records debugging information per allocation and is
 #: Kamailio's largest single cost here); "fm" or "tlsf" are its faster managers.
