@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,9 @@ import pytest
 import fastsip
 from fastsip.cli import build_parser, main
 
+sys.path.insert(0, str(Path(__file__).parent))
+from procutil import free_port as _free_port
+
 HOST = "127.0.0.1"
 
 
@@ -25,20 +27,6 @@ def _env() -> dict[str, str]:
     parent = str(Path(fastsip.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([parent, *filter(None, [env.get("PYTHONPATH")])])
     return env
-
-
-def _free_port() -> int:
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind((HOST, 0))
-            port = int(t.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                try:
-                    u.bind((HOST, port))
-                except OSError:
-                    continue
-        return port
-    raise RuntimeError("no free port")
 
 
 def test_help_and_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,7 +22,6 @@ at 10 cps): CI machines are shared.
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 import signal
 import socket
@@ -34,7 +33,8 @@ from pathlib import Path
 
 import pytest
 
-import fastsip
+sys.path.insert(0, str(Path(__file__).parent))
+from procutil import fastsip_env, free_port
 
 SIPP = shutil.which("sipp")
 pytestmark = pytest.mark.skipif(SIPP is None, reason="sipp is not installed (sip-tester)")
@@ -43,29 +43,6 @@ HOST = "127.0.0.1"
 DOMAIN = "example.com"
 SCENARIOS = Path(__file__).resolve().parent / "data" / "sipp"
 CALLS = 5
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on HOST."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind((HOST, 0))
-            port = int(t.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                try:
-                    u.bind((HOST, port))
-                except OSError:
-                    continue
-        return port
-    raise RuntimeError("no free port")
-
-
-def fastsip_env() -> dict[str, str]:
-    """Subprocesses run the fastsip these tests imported, never one from their cwd."""
-    env = dict(os.environ)
-    pkg_parent = str(Path(fastsip.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([pkg_parent, *filter(None, [env.get("PYTHONPATH")])])
-    return env
 
 
 def stop(proc: subprocess.Popen[str], timeout: float = 15.0) -> int:

@@ -14,10 +14,8 @@ Loads stay small (at most 100 calls at 50 cps) because CI machines are shared.
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,37 +24,13 @@ from pathlib import Path
 
 import pytest
 
-import fastsip
+sys.path.insert(0, str(Path(__file__).parent))
+from procutil import fastsip_env, free_port
 
 SIPP = shutil.which("sipp")
 pytestmark = pytest.mark.skipif(SIPP is None, reason="sipp is not installed (sip-tester)")
 
 HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on HOST (we listen on both with one number)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind((HOST, 0))
-            port = int(t.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                try:
-                    u.bind((HOST, port))
-                except OSError:
-                    continue
-        return port
-    raise RuntimeError("no free port")
-
-
-def fastsip_env() -> dict[str, str]:
-    """The test's environment, with the directory of the fastsip the tests imported first on
-    PYTHONPATH: the subprocesses run that same fastsip (installed, or built in place), never
-    another one picked up from their working directory."""
-    env = dict(os.environ)
-    pkg_parent = str(Path(fastsip.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([pkg_parent, *filter(None, [env.get("PYTHONPATH")])])
-    return env
 
 
 def stop(proc: subprocess.Popen[str], timeout: float = 10.0) -> str:
