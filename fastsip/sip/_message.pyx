@@ -839,6 +839,7 @@ cdef str _unescape(const char* p, Py_ssize_t s, Py_ssize_t e):
 
 
 @cython.freelist(16)
+@cython.no_gc
 cdef class URI:
     """A URI: sip, sips and tel are parsed; other schemes are kept opaque (RFC 3261 19.1).
 
@@ -1013,6 +1014,7 @@ def parse_uri(text):
 
 
 @cython.freelist(32)
+@cython.no_gc
 cdef class Via:
     """One Via header field value (RFC 3261 20.42), read lazily from the message buffer."""
     cdef object _owner            # keeps the buffer alive
@@ -1148,6 +1150,7 @@ cdef Via _lazy_via(object owner, const char* p, Py_ssize_t s, Py_ssize_t e):
 
 
 @cython.freelist(32)
+@cython.no_gc
 cdef class NameAddr:
     """A name-addr or addr-spec with its header parameters: From, To, Contact, Route,
     Record-Route (RFC 3261 20.10, 20.20, 20.39)."""
@@ -2137,6 +2140,7 @@ REASON_PHRASES = {
 # ---------------------------------------------------------------------------------------------
 
 @cython.freelist(16)
+@cython.no_gc
 cdef class Headers:
     """Case-insensitive view of a message's header fields; compact forms equal long forms.
 
