@@ -171,14 +171,20 @@ cdef void _init_names() except *:
         if compact is not None:
             _compact_id[ord(compact)] = i
     _names_blob = bytes(blob)
+    # Counting sort of the ids by key (one pass to count, one to place).
+    cdef int32_t key_of[N_HEADER_IDS]
+    memset(_key_start, 0, sizeof(_key_start))
+    for i in range(1, _n_ids):
+        key_of[i] = _name_len[i] * 27 + _letter(ord(_canonical[i][0]))
+        _key_start[key_of[i] + 1] += 1
+    for k in range(MAX_NAME * 27):
+        _key_start[k + 1] += _key_start[k]
     n = 0
     for k in range(MAX_NAME * 27):
-        _key_start[k] = n
         for i in range(1, _n_ids):
-            if _name_len[i] * 27 + _letter(ord(_canonical[i][0])) == k:
+            if key_of[i] == k:
                 _by_key[n] = i
                 n += 1
-    _key_start[MAX_NAME * 27] = n
 
 _init_names()
 
