@@ -24,7 +24,6 @@ import csv
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,8 @@ from pathlib import Path
 
 import pytest
 
-import fastsip
+sys.path.insert(0, str(Path(__file__).parent))
+from benchproc import cpu_seconds, fastsip_env, free_port
 
 SIPP = shutil.which("sipp")
 HOST = "127.0.0.1"
@@ -46,33 +46,6 @@ FLOOR = 0.2
 
 # No GUARDS entry: this is not a pytest-benchmark timing (see the module docstring).
 GUARDS: list[tuple[str, str, float, str]] = []
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of every thread of ``pid`` so far."""
-    total = 0
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[0])
-        return total / 1e9
-    except (FileNotFoundError, ProcessLookupError, ValueError):
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def fastsip_env() -> dict[str, str]:
-    env = dict(os.environ)
-    parent = str(Path(fastsip.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([parent, *filter(None, [env.get("PYTHONPATH")])])
-    return env
 
 
 def run_uac(port: int, calls: int, rate: int, workdir: Path, name: str) -> int:

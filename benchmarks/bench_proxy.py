@@ -52,7 +52,9 @@ from typing import Any
 
 import pytest
 
-import fastsip
+sys.path.insert(0, str(Path(__file__).parent))
+from benchproc import cpu_seconds as _task_seconds
+from benchproc import fastsip_env, free_port
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS = HERE.parent / "tests" / "data" / "sipp"
@@ -102,35 +104,6 @@ def initial(req):
 '''
 
 
-def free_port() -> int:
-    """A port free for UDP and TCP on HOST."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind((HOST, 0))
-            port = int(t.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                try:
-                    u.bind((HOST, port))
-                except OSError:
-                    continue
-        return port
-    raise RuntimeError("no free port")
-
-
-def _task_seconds(pid: int) -> float:
-    """CPU time of every thread of ``pid`` (schedstat ns; /proc/pid/stat ticks as fallback)."""
-    total = 0
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[0])
-        return total / 1e9
-    except (FileNotFoundError, ProcessLookupError, ValueError):
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _descendants(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -159,13 +132,6 @@ def cpu_seconds(root: int) -> float:
         except (FileNotFoundError, ProcessLookupError):
             pass
     return total
-
-
-def fastsip_env() -> dict[str, str]:
-    env = dict(os.environ)
-    parent = str(Path(fastsip.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([parent, *filter(None, [env.get("PYTHONPATH")])])
-    return env
 
 
 def _sipp(scenario: str, *extra: str, workdir: Path, name: str, timeout: float,

@@ -136,7 +136,7 @@ def run_key_sippy(msgs: list[bytes]) -> Any:
 
 def run_key_naive(msgs: list[bytes]) -> Any:
     for data in msgs:
-        head, _, body = data.partition(b"\r\n\r\n")
+        head, _, _body = data.partition(b"\r\n\r\n")
         h: dict[bytes, list[bytes]] = {}
         for line in head.split(b"\r\n")[1:]:
             name, _, value = line.partition(b":")

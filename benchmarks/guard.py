@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     best = {b["name"]: b["stats"]["min"] for b in data.get("benchmarks", [])}
     failed = 0
     print(f"\n{'guard':58} {'ratio':>9} {'floor':>7}")
-    for path, rows in guards.items():
+    for rows in guards.values():
         for fast, ref, floor, what in rows:
             if fast not in best or ref not in best:
                 print(f"{what:58} missing benchmark {fast if fast not in best else ref}  FAIL")
