@@ -257,6 +257,13 @@ cdef inline Py_ssize_t _rtrim(const char* p, Py_ssize_t s, Py_ssize_t e) noexcep
     return e
 
 
+cdef inline Py_ssize_t _token_end(const char* p, Py_ssize_t i, Py_ssize_t e) noexcept:
+    """The end of the run of token characters that starts at i (i itself when there is none)."""
+    while i < e and fastsip_token[<unsigned char>p[i]]:
+        i += 1
+    return i
+
+
 cdef inline bint _ieq(const char* p, Py_ssize_t n, const char* lower, Py_ssize_t m) noexcept:
     """Case-insensitive comparison of p[:n] with a lowercase ASCII literal."""
     cdef Py_ssize_t i
@@ -545,8 +552,7 @@ cdef Py_ssize_t _next_param(const char* p, Py_ssize_t i, Py_ssize_t e, ParamSpan
         return -1
     i = _skip_lws(p, i + 1, e)
     out.name_s = i
-    while i < e and fastsip_token[<unsigned char>p[i]]:
-        i += 1
+    i = _token_end(p, i, e)
     if i == out.name_s:
         _fail("empty parameter name", i)
     out.name_e = i
@@ -579,9 +585,7 @@ cdef Py_ssize_t _scan_via(const char* p, Py_ssize_t i, Py_ssize_t e, ViaParts* v
     i = _skip_lws(p, i, e)
     v.s = i
     v.proto_s = i
-    while i < e and fastsip_token[<unsigned char>p[i]]:
-        i += 1
-    v.proto_e = i
+    i = v.proto_e = _token_end(p, i, e)
     if i == v.proto_s:
         _fail("Via: missing protocol name", i)
     i = _skip_lws(p, i, e)
@@ -589,9 +593,7 @@ cdef Py_ssize_t _scan_via(const char* p, Py_ssize_t i, Py_ssize_t e, ViaParts* v
         _fail("Via: expected '/' after protocol name", i)
     i = _skip_lws(p, i + 1, e)
     v.ver_s = i
-    while i < e and fastsip_token[<unsigned char>p[i]]:
-        i += 1
-    v.ver_e = i
+    i = v.ver_e = _token_end(p, i, e)
     if i == v.ver_s:
         _fail("Via: missing protocol version", i)
     i = _skip_lws(p, i, e)
@@ -599,9 +601,7 @@ cdef Py_ssize_t _scan_via(const char* p, Py_ssize_t i, Py_ssize_t e, ViaParts* v
         _fail("Via: expected '/' before transport", i)
     i = _skip_lws(p, i + 1, e)
     v.tr_s = i
-    while i < e and fastsip_token[<unsigned char>p[i]]:
-        i += 1
-    v.tr_e = i
+    i = v.tr_e = _token_end(p, i, e)
     if i == v.tr_s:
         _fail("Via: missing transport", i)
     n = i
