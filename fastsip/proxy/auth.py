@@ -240,13 +240,17 @@ class AuthResult:
 
     ``ok``: authenticated as ``user``.  ``stale``: the credentials were right but the nonce has
     expired; challenge again with ``stale=True`` so the client retries without asking its user.
-    ``reason``: why not, for logs (never sent: it would help an attacker).
+    ``reason``: why not, for logs (never sent: it would help an attacker).  ``guess``: the
+    credentials were checked against a secret and were wrong, or named a user we do not have --
+    what a password guesser or a user scanner produces, as opposed to a stale or foreign nonce,
+    a replay or a client bug, which reveal nothing (abuse defence counts only guesses).
     """
 
     ok: bool
     user: str | None = None
     stale: bool = False
     reason: str = ""
+    guess: bool = False
 
 
 _NONCE_TS = struct.Struct(">q")  # issue time, in microseconds of the caller's clock
@@ -409,12 +413,13 @@ class DigestAuthenticator:
             nc_value = int(nc, 16)
         ha1 = self.credentials.ha1(user, self.realm, algorithm)
         if ha1 is None:
-            return AuthResult(False, user, reason=f"no {algorithm} secret for user {user!r}")
+            return AuthResult(False, user, reason=f"no {algorithm} secret for user {user!r}",
+                              guess=True)
         expected = digest_response(
             algorithm, ha1, nonce, request.method, digest_uri, qop=qop, nc=nc, cnonce=cnonce
         )
         if not hmac.compare_digest(expected, response.lower()):
-            return AuthResult(False, user, reason="wrong response (bad password?)")
+            return AuthResult(False, user, reason="wrong response (bad password?)", guess=True)
         # The response is right: only now may the nonce's age make it "stale" (RFC 2617
         # §3.2.1: stale means the digest was valid and only the nonce is too old).
         if now - issued > self.nonce_ttl:
