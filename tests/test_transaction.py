@@ -448,3 +448,65 @@ def test_server_non_invite_answered_late_keeps_its_timer_j() -> None:
     assert txn.state == COMPLETED
     wheel.advance(42.1)
     assert txn.state == TERMINATED
+
+
+# -- stateless answers, caps, robustness (a server on a public address) ------------------------
+
+
+def test_respond_statelessly_sends_once_and_keeps_nothing() -> None:
+    class Reject(Recorder):
+        def on_request(self, txn: ServerTransaction, request: fastsip.Request) -> None:
+            super().on_request(txn, request)
+            txn.respond_statelessly(request.reply(404, to_tag="sl"))
+
+    layer, wire, wheel, rec = make(Reject())
+    invite = request("INVITE")
+    layer.receive(invite, UDP)
+    assert [m.status_code for m in wire.take()] == [404]   # no 100 before it either
+    assert layer.server_transactions == 0
+    # No Timer G: nothing more is ever sent; a retransmission is a new request, answered anew.
+    wheel.advance(40.0)
+    assert wire.take() == []
+    layer.receive(invite, UDP)
+    assert [m.status_code for m in wire.take()] == [404]
+    # The ACK for it matches nothing: the TU hears it (and decides to drop it).
+    ack = fastsip.Request.create("ACK", "sip:bob@example.com", [
+        ("Via", str(invite.via[0])), ("From", "<sip:alice@example.com>;tag=a1"),
+        ("To", "<sip:bob@example.com>;tag=sl"), ("Call-ID", "call-1@example.com"),
+        ("CSeq", "1 ACK")])
+    layer.receive(ack, UDP)
+    assert rec.events[-1] == ("ack", 1)
+
+
+def test_server_table_cap_gets_503_without_a_transaction() -> None:
+    layer, wire, _wheel, rec = make(Recorder())          # the TU never answers
+    layer.max_server_transactions = 3
+    for _ in range(5):
+        layer.receive(request("OPTIONS"), UDP)
+    sent = wire.take()
+    assert [m.status_code for m in sent] == [503, 503]
+    assert all(m.headers.get("Retry-After") == "5" for m in sent)
+    assert layer.server_transactions == 3 and len(rec.events) == 3 and layer.overloaded == 2
+
+
+def test_client_table_cap_refuses_new_requests() -> None:
+    layer, _wire, _wheel, rec = make()
+    layer.max_client_transactions = 2
+    layer.request(request("OPTIONS"), UDP, rec)
+    layer.request(request("OPTIONS"), UDP, rec)
+    with pytest.raises(ValueError, match="cap"):
+        layer.request(request("OPTIONS"), UDP, rec)
+
+
+def test_a_parse_error_in_the_tu_gets_400_and_no_transaction_is_left() -> None:
+    class Lazy(Recorder):
+        def on_request(self, txn: ServerTransaction, request: fastsip.Request) -> None:
+            request.contact  # noqa: B018 - a lazily parsed header that is malformed
+
+    layer, wire, _wheel, _rec = make(Lazy())
+    bad = fastsip.parse(bytes(request("OPTIONS")).replace(
+        b"Max-Forwards", b"Contact: <sip:bob@exa mple.com>\r\nMax-Forwards"))
+    layer.receive(bad, UDP)
+    [answer] = wire.take()
+    assert answer.status_code == 400 and answer.reason.startswith("Bad Request (")
+    assert layer.server_transactions == 0

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from fastsip.errors import ParseError
 from fastsip.sip import Message, Request, Response
 from fastsip.transport import Address, Transport
 from fastsip.transport.rules import response_destination
@@ -347,6 +348,23 @@ class ServerTransaction:
         else:
             self._timeout = self.layer.clock.call_later(cfg.timeout, self._terminate)
 
+    def respond_statelessly(self, response: Response) -> None:
+        """Send a final response outside the state machine and forget the transaction, as a
+        stateless proxy would (§16.11; Kamailio's ``sl_send_reply``): no Timer G
+        retransmissions, no Timer H/J linger, nothing kept.  A retransmitted request is then
+        processed anew (the TU gives the same answer), and the ACK for a non-2xx matches
+        nothing and reaches the TU's ``on_ack``.
+
+        For local negative answers to requests from sources that may be forged or flooding:
+        neither memory nor traffic then grows with their rate (one response per request)."""
+        if self.state in (COMPLETED, CONFIRMED, ACCEPTED, TERMINATED):
+            raise ValueError(f"{self!r} already sent a final response")
+        if response.status_code < 200:
+            raise ValueError("a provisional response is never sent statelessly")
+        self.last_response = response
+        self.layer.transport.send(bytes(response), self.dest)
+        self._terminate()
+
     def reply(self, status: int, reason: str | None = None, **kwargs: Any) -> Response:
         """Build a response with ``request.reply()`` and send it; returns it."""
         response = self.request.reply(status, reason, **kwargs)
@@ -410,14 +428,29 @@ class ServerTransaction:
 
 
 class TransactionLayer:
-    """The transaction table and the matching rules of §17.1.3 and §17.2.3."""
+    """The transaction table and the matching rules of §17.1.3 and §17.2.3.
+
+    ``max_server_transactions`` / ``max_client_transactions`` bound the tables (memory under
+    any load): a new request beyond the server cap is answered ``503`` with ``Retry-After:
+    retry_after`` statelessly (an ACK is dropped), and :meth:`request` beyond the client cap
+    raises ValueError (a proxy's branch then fails as with a 503).  ``None``: no cap.
+    """
 
     def __init__(self, transport: Transport, clock: Clock, tu: TransactionUser,
-                 config: TimerConfig | None = None) -> None:
+                 config: TimerConfig | None = None, *,
+                 max_server_transactions: int | None = None,
+                 max_client_transactions: int | None = None,
+                 retry_after: int = 5) -> None:
         self.transport = transport
         self.clock = clock
         self.tu = tu
         self.config = config or TimerConfig()
+        self.max_server_transactions = max_server_transactions
+        self.max_client_transactions = max_client_transactions
+        self.retry_after = retry_after
+        #: Requests refused because a table was full (for logs and metrics).
+        self.overloaded = 0
+        self._overload_logged = float("-inf")
         self._client: dict[tuple[str, str], ClientTransaction] = {}
         self._server: dict[tuple[Any, ...], ServerTransaction] = {}
 
@@ -434,6 +467,10 @@ class TransactionLayer:
         key = (top.branch, request.method)
         if key in self._client:
             raise ValueError(f"a client transaction for branch {top.branch} exists")
+        cap = self.max_client_transactions
+        if cap is not None and len(self._client) >= cap:
+            self._overload("client", cap)
+            raise ValueError(f"{cap} client transactions in progress (the cap)")
         txn = ClientTransaction(self, request, dest, handler, key)
         self._client[key] = txn
         txn._start()
@@ -459,10 +496,14 @@ class TransactionLayer:
         if top is None or cseq is None or top.branch is None:
             return
         txn = self._client.get((top.branch, cseq.method))
-        if txn is None:
-            self.tu.on_stray_response(response, source)
-            return
-        txn._receive(response)
+        try:
+            if txn is None:
+                self.tu.on_stray_response(response, source)
+            else:
+                txn._receive(response)
+        except ParseError as exc:
+            # A response is never answered (§18.1.2): a malformed one is dropped.
+            log.debug("dropping a %d from %s: %s", response.status_code, source, exc)
 
     def server_key(self, request: Request) -> tuple[Any, ...]:
         """§17.2.3: branch + sent-by + method (ACK matches INVITE), or for a request without
@@ -481,23 +522,70 @@ class TransactionLayer:
                 method)
 
     def _receive_request(self, request: Request, source: Address) -> None:
-        key = self.server_key(request)
+        try:
+            key = self.server_key(request)
+        except ParseError as exc:           # an RFC 2543 key over a From that does not parse
+            self._answer_statelessly(request, source, 400, f"Bad Request ({exc.reason})"[:120])
+            return
         txn = self._server.get(key)
         if txn is not None:
             txn._receive_retransmission(request, source)
             return
         if request.method == "ACK":
-            self.tu.on_ack(request, source)
+            try:
+                self.tu.on_ack(request, source)
+            except ParseError as exc:
+                log.debug("dropping ACK from %s: %s", source, exc)
+            return
+        cap = self.max_server_transactions
+        if cap is not None and len(self._server) >= cap:
+            self._overload("server", cap)
+            self._answer_statelessly(request, source, 503, None,
+                                     [("Retry-After", str(self.retry_after))])
             return
         txn = ServerTransaction(self, request, source, key)
         self._server[key] = txn
-        self.tu.on_request(txn, request)
+        try:
+            self.tu.on_request(txn, request)
+        except ParseError as exc:
+            # Malformed content the TU met while handling the request (a header parsed
+            # lazily): the RFC's answer is 400 with the problem, never silence.
+            log.debug("400 for %s from %s: %s", request.method, source, exc)
+            if txn.state in (TRYING, PROCEEDING):
+                txn.respond_statelessly(request.reply(
+                    400, f"Bad Request ({exc.reason})"[:120], to_tag=os.urandom(5).hex()))
+        except Exception:
+            log.exception("the transaction user failed on %s from %s", request.method, source)
+            if txn.state in (TRYING, PROCEEDING):
+                txn.respond_statelessly(request.reply(500, to_tag=os.urandom(5).hex()))
         if txn.is_invite:
             if txn.state == PROCEEDING and txn.last_response is None:
                 # §17.2.1: a 100 unless the TU answers within 200 ms; it did not answer at once.
                 txn.respond(request.reply(100))
         elif txn.state in (TRYING, PROCEEDING):
             txn._timeout = self.clock.call_later(2 * self.config.timeout, txn._abandon)
+
+    def _answer_statelessly(self, request: Request, source: Address, status: int,
+                            reason: str | None,
+                            headers: list[tuple[str, str]] | None = None) -> None:
+        """A response outside any transaction (none could be made): never to an ACK."""
+        if request.method == "ACK":
+            return
+        top = request.top_via
+        if top is None:
+            return
+        response = request.reply(status, reason, to_tag=os.urandom(5).hex(), headers=headers)
+        self.transport.send(bytes(response), response_destination(top, source))
+
+    def _overload(self, side: str, cap: int) -> None:
+        # One line per ten seconds at most: under a flood, a line per request would be a
+        # second flood, into the log.
+        self.overloaded += 1
+        now = self.clock.time()
+        if now - self._overload_logged >= 10.0:
+            self._overload_logged = now
+            log.warning("overload: %d %s transactions (the cap): refusing new work with 503 "
+                        "(%d refused so far)", cap, side, self.overloaded)
 
     def find_invite(self, cancel: Request) -> ServerTransaction | None:
         """The INVITE server transaction a CANCEL refers to (§9.2): same key but the method."""
