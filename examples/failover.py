@@ -3,9 +3,13 @@ server error (5xx) or does not answer in time (408: the proxy's transaction time
 call is sent to the backup.  A busy callee (486) or a rejected number (404, 6xx) is an answer,
 not a failure of the gateway, so it goes back to the caller as it is.
 
+Only our users (authenticated with ``--auth-users``) and trusted sources (``--trusted``, a
+PBX of ours) may call out; the server's relay policy answers anyone else 407 or 403, so the
+gateways are not free for whoever finds the server (toll fraud).
+
 Run it::
 
-    fastsip serve --domain example.com --routes examples/failover.py
+    fastsip serve --domain example.com --routes examples/failover.py --auth-users users.txt
 
 REGISTER and calls between registered users take the default routing.  Change ``PRIMARY``
 and ``BACKUP`` to your gateways (a URI without a user part: the dialled number is kept).
@@ -33,8 +37,11 @@ def is_number(user: str | None) -> bool:
 def initial(req: Request) -> Any:
     if req.method != "INVITE" or not is_number(req.uri.user):
         return None                                  # the default routing
-    if not req.from_us:
-        return req.reply(403, "Calls Out Only For Our Users")
+    if not req.trusted:
+        if not req.from_us:
+            return req.reply(403, "Calls Out Only For Our Users")
+        if not req.authenticate():
+            return req.challenge()
     req.data["gateway"] = PRIMARY
     return req.relay(to=PRIMARY)
 

@@ -2,12 +2,15 @@
 matching prefix, the next cheapest tried when one fails (serial forking, RFC 3261 §16.6).
 
 Everything else (REGISTER, calls between our registered users) takes the default routing.
-Only our own users may call out -- with ``--auth-users`` they must also prove it (407) --
-so the server is not a free gateway for anyone who finds it (toll fraud).
+Only our own users may call out, and they must prove it: with ``--auth-users`` they answer a
+407 challenge; a PBX of ours is listed with ``--trusted``.  Anyone else gets 403 -- the
+server's relay policy refuses to send an unauthenticated, untrusted call to a gateway, so
+the server is not a free gateway for anyone who finds it (toll fraud).
 
 Run it::
 
-    fastsip serve --domain example.com --routes examples/lcr.py [--auth-users users.txt]
+    fastsip serve --domain example.com --routes examples/lcr.py --auth-users users.txt \
+                  [--trusted 192.0.2.0/24]
 
 and call ``sip:+442079460000@example.com`` through it: the INVITE goes to
 ``sip:+442079460000@gw-b.example.net`` (the cheapest for +4420), then to gw-a if gw-b fails.
@@ -56,10 +59,11 @@ def initial(req: Request) -> Any:
     number = normalize(user) if user is not None else None
     if req.method != "INVITE" or number is None:
         return None                                  # the default routing
-    if not req.from_us:
-        return req.reply(403, "Calls Out Only For Our Users")
-    if not req.authenticate():                       # always true without --auth-users
-        return req.challenge()
+    if not req.trusted:                              # our PBXs (--trusted) may call out
+        if not req.from_us:
+            return req.reply(403, "Calls Out Only For Our Users")
+        if not req.authenticate():                   # 407 (without --auth-users the relay
+            return req.challenge()                   # policy answers 403 instead)
     candidates = gateways(number)
     if not candidates:
         return req.reply(404, "No Route To Number")

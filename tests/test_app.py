@@ -22,9 +22,13 @@ from test_proxy_net import Net, Phone, ProxyNode, Raw, raw_request
 from fastsip.app import Request, Router, Routes, load_routes, on_failure, on_response, route
 from fastsip.proxy import Credentials, DigestAuthenticator, Registrar, open_store
 from fastsip.proxy.auth import digest_response
+from fastsip.proxy.edge import TrustedNetworks
 from fastsip.sip import Response
 
 DOMAIN = "example.com"
+#: The test network's callers (127.0.0.1) as a trusted PBX: for the tests of routing
+#: mechanics (gateways, failover, hooks) that the relay policy would otherwise stop.
+PBX = TrustedNetworks(["127.0.0.1"])
 
 
 def register(up: Raw, user: str, contact_port: int, *, extra: str = "", cseq: int = 1,
@@ -132,16 +136,44 @@ def test_default_relay_policy_and_options() -> None:
     # Not from one of our users, not to our domain: not an open relay.
     up.send_to(raw_request("MESSAGE", "sip:x@127.0.0.1:5090").replace(
         "From: <sip:alice@127.0.0.1:5071>", "From: <sip:alice@elsewhere.net>"))
-    # From our domain: relayed.
+    # A From that merely claims our domain proves nothing without authentication: refused.
     up.send_to(raw_request("MESSAGE", "sip:x@127.0.0.1:5090").replace(
         "From: <sip:alice@127.0.0.1:5071>", f"From: <sip:alice@{DOMAIN}>"))
     # OPTIONS to us: 200 with Allow.
     up.send_to(raw_request("OPTIONS", f"sip:{DOMAIN}"))
     net.run(0.2)
     by_method = {(r.cseq.method if r.cseq else ""): r for r in up.responses()}
-    assert sorted(up.statuses()) == [200, 200, 403]
-    assert len(down.requests("MESSAGE")) == 1
+    assert sorted(up.statuses()) == [200, 403, 403]
+    assert not down.requests()
+    assert by_method["MESSAGE"].reason == "Relaying Forbidden"
     assert "INVITE" in (by_method["OPTIONS"].headers.get("Allow") or "")
+
+
+def test_trusted_source_relays_and_handler_can_vouch() -> None:
+    # A trusted source (a gateway, an SBC) may relay anywhere without authentication.
+    net, _proxy, up = app(default_router(), trusted=TrustedNetworks(["127.0.0.1"]))
+    down = Raw(net, "down", 5090, auto=lambda r: r.reply(200, to_tag="d"))
+    up.send_to(raw_request("MESSAGE", "sip:x@127.0.0.1:5090"))
+    net.run(0.2)
+    assert up.statuses() == [200] and len(down.requests("MESSAGE")) == 1
+
+    # A handler may vouch for a request the policy would stop (req.trusted = True) ...
+    @route
+    def vouch(req: Request) -> Any:
+        req.trusted = req.request.headers.get("X-Key") == "sesame"
+        return req.relay(to="sip:gw@127.0.0.1:5091")
+
+    module = type(sys)("m")
+    module.vouch = vouch  # type: ignore[attr-defined]
+    net, _proxy, up = app(Router(Routes.from_module(module)))
+    gw = Raw(net, "gw", 5091, auto=lambda r: r.reply(200, to_tag="g"))
+    up.send_to(raw_request("MESSAGE", "sip:x@example.org", extra="X-Key: sesame\n"))
+    # ... and without it, a gateway the handler chose is as off-limits as a foreign domain.
+    up.send_to(raw_request("MESSAGE", "sip:x@example.org"))
+    net.run(0.2)
+    assert sorted(up.statuses()) == [200, 403]
+    assert len(gw.requests("MESSAGE")) == 1
+    assert gw.requests("MESSAGE")[0].headers.get("X-Key") == "sesame"
 
 
 def test_open_relay() -> None:
@@ -208,7 +240,7 @@ def test_load_routes_from_file_relay_to_gateway_keeps_user(tmp_path: Path) -> No
     """))
     routes = load_routes(path)
     assert routes.request is not None and routes.failure is None
-    net, _proxy, up = app(Router(routes, registrar=Registrar(open_store("memory:"),
+    net, _proxy, up = app(Router(routes, trusted=PBX, registrar=Registrar(open_store("memory:"),
                                                             domains=[DOMAIN])))
     gw = Raw(net, "gw", 5090, auto=lambda r: r.reply(200, to_tag="g"))
     up.send_to(raw_request("MESSAGE", f"sip:+442071234567@{DOMAIN}"))
@@ -256,7 +288,7 @@ def test_async_handler_runs_as_task() -> None:
         await gate
         return req.relay(to="sip:bob@127.0.0.1:5090")
 
-    router = Router(Routes(initial), spawn=tasks)
+    router = Router(Routes(initial), spawn=tasks, trusted=PBX)
     net, _proxy, up = app(router)
     down = Raw(net, "down", 5090, auto=lambda r: r.reply(200, to_tag="d"))
     up.send_to(raw_request("INVITE", "sip:bob@example.org"))
@@ -367,7 +399,7 @@ def test_failover_and_serial_fork_via_hooks() -> None:
         return None
 
     routes = Routes(initial, failure=failover)
-    net, _proxy, up = app(Router(routes))
+    net, _proxy, up = app(Router(routes, trusted=PBX))
     b1 = Raw(net, "b1", 5081, auto=lambda r: r.reply(480, to_tag="1"))
     b2 = Raw(net, "b2", 5082, auto=lambda r: r.reply(486, to_tag="2"))
     gw = Raw(net, "gw", 5083, auto=lambda r: r.reply(503, to_tag="3"))
@@ -387,7 +419,7 @@ def test_async_failure_hook() -> None:
         return req.relay(to="sip:gw@127.0.0.1:5083")
 
     routes = Routes(lambda req: req.relay(to="sip:b1@127.0.0.1:5081"), failure=failover)
-    net, _proxy, up = app(Router(routes, spawn=tasks))
+    net, _proxy, up = app(Router(routes, spawn=tasks, trusted=PBX))
     Raw(net, "b1", 5081, auto=lambda r: r.reply(486, to_tag="1"))
     gw = Raw(net, "gw", 5083, auto=lambda r: r.reply(200, to_tag="3"))
     up.send_to(raw_request("MESSAGE", "sip:bob@example.org"))
@@ -416,7 +448,7 @@ def test_response_hook_and_in_dialog_opt_in() -> None:
     module.watch = watch  # type: ignore[attr-defined]
     routes = Routes.from_module(module)
     assert routes.in_dialog
-    net, _proxy, up = app(Router(routes))
+    net, _proxy, up = app(Router(routes, trusted=PBX))
     Raw(net, "down", 5090, auto=lambda r: r.reply(200, to_tag="d"))
     up.send_to(raw_request("MESSAGE", "sip:bob@example.org"))
     up.send_to(raw_request("BYE", "sip:bob@127.0.0.1:5090", to_tag="t"))

@@ -14,6 +14,7 @@ import pytest
 from fastsip.app import Router, load_routes
 from fastsip.proxy import Registrar, open_store
 from fastsip.proxy.core import Target
+from fastsip.proxy.edge import TrustedNetworks
 from fastsip.sip import Request, Response, parse
 from fastsip.transport import Address
 
@@ -46,16 +47,21 @@ class Ctx:
         self.forwarded.append((list(targets), parallel))
 
     def respond(self, status: int | Response, reason: str | None = None, *,
-                headers: Iterable[tuple[str, str]] = ()) -> None:
+                headers: Iterable[tuple[str, str]] = (), stateless: bool | None = None) -> None:
         self.responses.append(status.status_code if isinstance(status, Response) else status)
 
     def uris(self, n: int = -1) -> list[str]:
         return [str(t.uri) for t in self.forwarded[n][0]]
 
 
+#: The trust domain of these tests: a PBX/SBC of ours (``--trusted``).
+TRUSTED = TrustedNetworks(["192.0.2.10", "192.0.2.11"])
+
+
 def router_for(example: str) -> Router:
     registrar = Registrar(open_store("memory:"), domains=[DOMAIN])
-    return Router(load_routes(EXAMPLES / example), registrar=registrar, wallclock=lambda: NOW)
+    return Router(load_routes(EXAMPLES / example), registrar=registrar, wallclock=lambda: NOW,
+                  trusted=TRUSTED)
 
 
 def sip(method: str, uri: str, *, from_user: str = "alice", from_domain: str = DOMAIN,
@@ -76,7 +82,10 @@ def sip(method: str, uri: str, *, from_user: str = "alice", from_domain: str = D
     return msg
 
 
-SOURCE = Address("UDP", "198.51.100.7", 5060)
+#: A phone somewhere on the internet (untrusted), and a PBX of ours (trusted).
+STRANGER = Address("UDP", "198.51.100.7", 5060)
+PBX = Address("UDP", "192.0.2.10", 5060)
+SOURCE = PBX
 
 
 def decide(router: Router, request: Request, source: Address = SOURCE) -> Ctx:
@@ -132,7 +141,11 @@ def test_lcr_normalizes_dialled_numbers() -> None:
 def test_lcr_refuses_strangers_and_unknown_prefixes() -> None:
     router = router_for("lcr.py")
     ctx = decide(router, sip("INVITE", f"sip:+442079460000@{DOMAIN}",
-                             from_domain="elsewhere.example"))
+                             from_domain="elsewhere.example"), STRANGER)
+    assert ctx.responses == [403] and not ctx.forwarded
+    # A From that claims our domain proves nothing: without authentication the relay policy
+    # refuses to hand the call to a gateway (toll fraud).
+    ctx = decide(router, sip("INVITE", f"sip:+442079460000@{DOMAIN}", n=3), STRANGER)
     assert ctx.responses == [403] and not ctx.forwarded
     ctx = decide(router, sip("INVITE", f"sip:+999123@{DOMAIN}", n=2))
     assert ctx.responses == [404]
@@ -190,12 +203,15 @@ def test_header_rule_pai_only_from_the_trust_domain() -> None:
     router = router_for("header_rule.py")
     pai = "P-Asserted-Identity: <sip:ceo@example.com>"
     outside = sip("INVITE", f"sip:100@{DOMAIN}", headers=[pai, "X-Tenant: globex"])
-    ctx = decide(router, outside)
-    assert "P-Asserted-Identity" not in outside.headers
-    assert ctx.uris() == ["sip:100@pbx.globex.example.net;transport=tcp"]
+    ctx = decide(router, outside, STRANGER)
+    # Neither header is believed from outside: both go, and the default routing decides
+    # (nobody is registered as 100: 404), so no stranger reaches a tenant's PBX.
+    assert "P-Asserted-Identity" not in outside.headers and "X-Tenant" not in outside.headers
+    assert ctx.responses == [404] and not ctx.forwarded
     inside = sip("INVITE", f"sip:100@{DOMAIN}", headers=[pai, "X-Tenant: globex"], n=2)
-    decide(router, inside, Address("UDP", "192.0.2.10", 5060))
+    ctx = decide(router, inside, PBX)
     assert inside.headers.get("P-Asserted-Identity") == "<sip:ceo@example.com>"
+    assert ctx.uris() == ["sip:100@pbx.globex.example.net;transport=tcp"]
 
 
 def test_header_rule_without_tenant_is_default_routing() -> None:

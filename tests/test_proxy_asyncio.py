@@ -12,6 +12,7 @@ import pytest
 from fastsip.app import Request, Router, Routes
 from fastsip.asyncio import Endpoint
 from fastsip.proxy import Proxy
+from fastsip.proxy.edge import TrustedNetworks
 from fastsip.ua import Call, UserAgent
 
 
@@ -28,7 +29,9 @@ async def _call_through_proxy(transport: str) -> None:
         await asyncio.sleep(0)  # as if a database were asked
         return req.relay(to=f"sip:bob@127.0.0.1:{bob_addr.port};transport={t}")
 
-    proxy = Proxy(Router(Routes(initial), spawn=loop.create_task))
+    # alice is a trusted PBX here: the relay policy lets her reach a gateway-like target.
+    proxy = Proxy(Router(Routes(initial), spawn=loop.create_task),
+                  trusted=TrustedNetworks(["127.0.0.1"]))
     proxy_ep = Endpoint(proxy, listen=[f"{t}:127.0.0.1:0"])
     await proxy_ep.start()
     proxy.attach(proxy_ep.transactions)

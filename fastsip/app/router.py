@@ -15,13 +15,20 @@ Default routing (no handler, or a handler that returns None), for the domains we
   registrar.  For another domain: 403.
 - Initial requests whose From is one of our domains: authenticated when an authenticator is
   set (407) -- our users must prove who they are before we route for them.
-- OPTIONS to us (no user part): 200 with Allow.
+- OPTIONS to us (no user part): 200 with Allow (statelessly: keep-alives keep no state).
 - A Request-URI in our domain: the registered contacts, forked in parallel (or in q order with
   ``serial_by_q``); none: 404.
-- Another domain: relayed when the request comes from one of our users (From in our domains,
-  authenticated when auth is on) or ``open_relay`` is set; otherwise 403 "Relaying Forbidden"
-  (so a fresh server is not an open relay for spam or toll fraud).
-- A request that still carries Route headers (a preloaded route) follows them.
+- Another domain, or a preloaded Route: relayed -- subject to the relay policy below.
+
+The relay policy (Kamailio's default configuration is the model) holds for every decision,
+the user's handlers' included: an initial request from a source that is neither trusted
+(:attr:`Request.trusted`) nor authenticated (:attr:`Request.authenticated`) may only reach our
+users' registered contacts (or be answered).  Forwarding it anywhere else -- a foreign
+Request-URI, a preloaded Route that does not name us, a gateway a handler chose -- gets a 407
+challenge when an authenticator is set and 403 "Relaying Forbidden" otherwise.  A handler that
+knows better sets ``req.trusted = True`` before deciding.  (``open_relay`` turns it off.)
+Repeated failed logins are counted by a :class:`~fastsip.proxy.edge.SourceGuard`: a user who
+keeps failing from one source gets 403 from there, and the source is banned.
 """
 
 from __future__ import annotations
@@ -29,12 +36,13 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Container, Coroutine, Iterable, Sequence
 from typing import Any, Protocol
 
 from fastsip.app.routes import Routes
-from fastsip.errors import FastSIPError
+from fastsip.errors import FastSIPError, ParseError
 from fastsip.proxy.core import Proxy, ProxyContext, ResponseContext, Target
+from fastsip.proxy.edge import SourceGuard
 from fastsip.sip import URI, Headers, NameAddr, Response
 from fastsip.sip import Request as SipRequest
 from fastsip.transport import Address
@@ -55,6 +63,10 @@ class _AuthResult(Protocol):
     def user(self) -> str | None: ...
     @property
     def stale(self) -> bool: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def guess(self) -> bool: ...
 
 
 class Authenticator(Protocol):
@@ -77,13 +89,14 @@ class Decision:
     """What a handler returns: forward to targets, or answer.  Made by :class:`Request`'s
     methods (``relay``, ``fork``, ``reply``, ``redirect``, ``challenge``, ``register``)."""
 
-    __slots__ = ("groups", "headers", "kind", "parallel", "reason", "response", "status",
-                 "targets")
+    __slots__ = ("groups", "headers", "kind", "parallel", "reason", "response", "stateless",
+                 "status", "targets")
 
     def __init__(self, kind: str, *, targets: Sequence[Target] = (), parallel: bool = True,
                  status: int = 0, reason: str | None = None,
                  headers: Iterable[tuple[str, str]] = (), response: Response | None = None,
-                 groups: Sequence[Sequence[Target]] = ()) -> None:
+                 groups: Sequence[Sequence[Target]] = (),
+                 stateless: bool | None = None) -> None:
         self.kind = kind              # "forward", "reply" or "response"
         self.targets = list(targets)
         self.parallel = parallel
@@ -92,6 +105,11 @@ class Decision:
         self.reason = reason
         self.headers = list(headers)
         self.response = response
+        self.stateless = stateless    # None: the proxy core's rule (negative answers: yes)
+
+    def all_targets(self) -> list[Target]:
+        """Every target of a forward decision (the serial groups' too)."""
+        return self.targets + [t for g in self.groups for t in g]
 
     def __repr__(self) -> str:
         if self.kind == "forward":
@@ -112,16 +130,41 @@ class Request:
     ``failures`` lists the best responses that reached the failure hook so far.
     """
 
-    __slots__ = ("_router", "_stale", "ctx", "data", "failures", "user")
+    __slots__ = ("_blocked", "_checked", "_router", "_stale", "_trusted", "ctx", "data",
+                 "failures", "user")
 
     def __init__(self, router: Router, ctx: ProxyContext) -> None:
         self._router = router
         self.ctx = ctx
         self.user: str | None = None
         self._stale = False
+        self._checked = False         # the credentials were verified (once: nonce-counts)
+        self._blocked = False         # this user failed too often from this source: 403
+        self._trusted: bool | None = None
         self.data: dict[str, Any] = {}
         self.failures: list[Response] = []
 
+    # -- who is asking -----------------------------------------------------------------------
+
+    @property
+    def trusted(self) -> bool:
+        """The source is trusted (``--trusted`` networks: gateways, SBCs, peer proxies), so the
+        relay policy lets the request go anywhere.  A handler may set it (True: "I vouch for
+        this request", e.g. after checking something the policy cannot know; False: treat a
+        trusted source like any other)."""
+        if self._trusted is None:
+            self._trusted = self._router.is_trusted(self.ctx.source.host)
+        return self._trusted
+
+    @trusted.setter
+    def trusted(self, value: bool) -> None:
+        self._trusted = bool(value)
+
+    @property
+    def authenticated(self) -> bool:
+        """Digest credentials were checked and are good (``user`` is set).  False with no
+        authenticator on the Router: nobody is authenticated then."""
+        return self.user is not None
     # -- the message -------------------------------------------------------------------------
 
     @property
@@ -198,19 +241,26 @@ class Request:
         return Decision("forward", targets=[self._target(t) for t in targets], parallel=parallel)
 
     def reply(self, status: int, reason: str | None = None, *,
-              headers: Iterable[tuple[str, str]] = ()) -> Decision:
-        """Answer with ``status`` (a To tag is added for us)."""
-        return Decision("reply", status=status, reason=reason, headers=headers)
+              headers: Iterable[tuple[str, str]] = (), stateless: bool | None = None) -> Decision:
+        """Answer with ``status`` (a To tag is added for us).  ``stateless``: keep no server
+        transaction for it (a retransmitted request is simply answered again); by default a
+        negative answer is stateless and a 2xx is not (see
+        :meth:`~fastsip.proxy.ResponseContext.respond`)."""
+        return Decision("reply", status=status, reason=reason, headers=headers,
+                        stateless=stateless)
 
     def redirect(self, targets: Iterable[str | URI], status: int = 302) -> Decision:
         """Answer with a 3xx listing ``targets`` as Contacts (§8.3, §21.3)."""
         return self.reply(status, headers=[("Contact", f"<{t}>") for t in targets])
 
     def challenge(self) -> Decision:
-        """Ask for credentials: 401 for a REGISTER, 407 for anything else (§22)."""
+        """Ask for credentials: 401 for a REGISTER, 407 for anything else (§22).  A user who
+        failed too often from this source gets 403 instead: no more guesses from there."""
         auth = self._router.authenticator
         if auth is None:
             raise FastSIPError("challenge() needs an authenticator on the Router")
+        if self._blocked:
+            return self.reply(403, "Forbidden (too many failed attempts)")
         response = auth.challenge(self.ctx.request, self._router.wallclock(),
                                   proxy=self.method != "REGISTER", stale=self._stale)
         return Decision("response", response=response)
@@ -218,16 +268,39 @@ class Request:
     def authenticate(self) -> bool:
         """Check the request's credentials (Authorization for REGISTER, Proxy-Authorization
         otherwise).  True (and ``user`` set) when they are good.  With no authenticator on the
-        Router, everything is accepted anonymously."""
-        auth = self._router.authenticator
+        Router, everything is accepted anonymously (``authenticated`` stays False).  The
+        credentials are verified once per request; later calls return the same verdict.
+
+        A failure whose password was checked (or whose user does not exist) is a guess: it is
+        logged at WARNING and counted by the Router's guard, which answers a user's attempts
+        from a source that keeps failing with 403 (:meth:`challenge`) and bans the source."""
+        router = self._router
+        auth = router.authenticator
         if auth is None:
             return True
-        result: _AuthResult = auth.authenticate(self.ctx.request, self._router.wallclock(),
+        if self._checked:
+            return self.user is not None
+        self._checked = True
+        request = self.ctx.request
+        result: _AuthResult = auth.authenticate(request, router.wallclock(),
                                                 proxy=self.method != "REGISTER")
+        host = self.ctx.source.host
+        guard = router.guard
+        now = router.clock()
+        if result.user is not None and guard.auth_blocked(host, result.user, now):
+            self._blocked = True
+            guard.auth_failed(host, result.user, "blocked after repeated failures", now,
+                              method=self.method, guess=True)
+            return False
         if result.ok:
             self.user = result.user
             return True
         self._stale = bool(result.stale)  # the next challenge says stale=TRUE (RFC 2617 3.2.1)
+        if not result.stale and _has_credentials(request, self.method):
+            guard.auth_failed(host, result.user, result.reason, now, method=self.method,
+                              guess=result.guess)
+            self._blocked = result.user is not None and guard.auth_blocked(
+                host, result.user, now)
         return False
 
     def register(self) -> Decision:
@@ -293,6 +366,13 @@ class Router:
     - ``serial_by_q``: registered contacts are tried in groups of equal q, highest first
       (RFC 3261 §16.6 allows it); default: all in parallel.
     - ``wallclock``: the time for the registrar and nonces (wall clock: expiries persist).
+    - ``guard``: the :class:`~fastsip.proxy.edge.SourceGuard` that counts failed logins (a
+      default one, without rate limiting, when None); ``fastsip serve`` shares one with the
+      transport, which drops what banned sources send.
+
+    - ``trusted``: source hosts whose requests the relay policy lets go anywhere (``host in
+      trusted``; a :class:`~fastsip.proxy.edge.TrustedNetworks`); default: the proxy's
+      (``Proxy(trusted=...)``), so the core and the routing share one set.
     """
 
     def __init__(self, routes: Routes | None = None, *, registrar: Registrar | None = None,
@@ -301,7 +381,9 @@ class Router:
                  max_concurrency: int = 1000, max_per_source: int | None = None,
                  retry_after: int = 5, serial_by_q: bool = False,
                  handler_timeout: float = 30.0,
-                 wallclock: Callable[[], float] = time.time) -> None:
+                 wallclock: Callable[[], float] = time.time,
+                 guard: SourceGuard | None = None,
+                 trusted: Container[str] | None = None) -> None:
         self.routes = routes if routes is not None else Routes()
         self.registrar = registrar
         self.authenticator = authenticator
@@ -317,6 +399,8 @@ class Router:
         self.serial_by_q = serial_by_q
         self.handler_timeout = handler_timeout
         self.wallclock = wallclock
+        self.guard = guard if guard is not None else SourceGuard(rate=0)
+        self.trusted = trusted
         self.proxy: Proxy | None = None
         self.running = 0
         self._per_source: dict[str, int] = {}
@@ -338,6 +422,19 @@ class Router:
     def attach(self, proxy: Proxy) -> None:
         """Called by :meth:`Proxy.attach`: we ask the proxy whether a host is us."""
         self.proxy = proxy
+
+    def is_trusted(self, host: str) -> bool:
+        """Is ``host`` a trusted source (ours, else the proxy's trusted networks)?"""
+        trusted = self.trusted
+        if trusted is None:
+            proxy = self.proxy
+            return proxy is not None and host in proxy.trusted
+        return host in trusted
+
+    def clock(self) -> float:
+        """The proxy's (event loop's) monotonic time: what the guard's windows and bans use."""
+        proxy = self.proxy
+        return proxy.clock.time() if proxy is not None else time.monotonic()
 
     def on_request(self, ctx: ProxyContext) -> None:
         req = Request(self, ctx)
@@ -470,14 +567,17 @@ class Router:
             log.exception("routing %s %s failed", req.method, req.uri)
             req.ctx.respond(500)
 
-    @staticmethod
-    def _apply(req: Request, decision: Any) -> None:
+    def _apply(self, req: Request, decision: Any) -> None:
         ctx = req.ctx
         if ctx.done:
             return
         if not isinstance(decision, Decision):
             raise TypeError(f"a handler returned {decision!r}, not a decision "
                             f"(req.relay(), req.reply(...), ...) or None")
+        if decision.kind == "forward" and not self._may_forward(req, decision):
+            refusal = self._refuse_relay(req)
+            if refusal is not None:
+                decision = refusal
         if decision.kind == "forward":
             if decision.groups and isinstance(ctx, ResponseContext):
                 ctx.forward_groups(decision.groups)
@@ -486,9 +586,51 @@ class Router:
             else:
                 ctx.forward(decision.targets, parallel=decision.parallel)
         elif decision.kind == "response" and decision.response is not None:
-            ctx.respond(decision.response)
+            ctx.respond(decision.response, stateless=decision.stateless)
         else:
-            ctx.respond(decision.status, decision.reason, headers=decision.headers)
+            ctx.respond(decision.status, decision.reason, headers=decision.headers,
+                        stateless=decision.stateless)
+
+    # -- the relay policy --------------------------------------------------------------------
+
+    def _may_forward(self, req: Request, decision: Decision) -> bool:
+        """The relay policy (module docstring): may this request go where ``decision`` sends
+        it?  Anything goes for a trusted or authenticated request; otherwise an initial request
+        may only reach our users' registered contacts (or come back to us), and an in-dialog
+        one must have come through our Record-Route."""
+        if self.open_relay or req.trusted or req.authenticated:
+            return True
+        ctx = req.ctx
+        proxy = self.proxy
+        if req.in_dialog:
+            return proxy is None or proxy.dialog_allowed(ctx)
+        request = ctx.request
+        if request.route:
+            return False                         # a preloaded Route that is not ours
+        for target in decision.all_targets():
+            if target.binding is not None:
+                continue                         # a registered contact of one of our users
+            if target.route or target.dest is not None:
+                return False
+            uri = target.uri if target.uri is not None else request.uri
+            try:
+                ours = self.is_ours(uri if isinstance(uri, URI) else URI(uri))
+            except (ParseError, ValueError):
+                return False
+            if not ours:
+                return False
+        return True
+
+    def _refuse_relay(self, req: Request) -> Decision | None:
+        """What a request the relay policy stops gets: its credentials are checked if it
+        brought some (None: they are good, it may go after all), else a 407 challenge when we
+        authenticate, else 403."""
+        if self.authenticator is not None and not req._checked and req.authenticate():
+            return None
+        if self.authenticator is not None and not req.in_dialog:
+            return req.challenge()
+        log.debug("relay refused: %s %s from %s", req.method, req.uri, req.source)
+        return req.reply(403, "Relaying Forbidden")
 
     # -- default routing ---------------------------------------------------------------------
 
@@ -515,20 +657,22 @@ class Router:
             if not req.authenticate():
                 return req.challenge()
             return req.register()
-        if req.in_dialog or request.route:
+        if req.in_dialog:
             return req.relay()  # loose routing (§16.4): the route set decides
         if method not in ("ACK", "CANCEL") and self.authenticator is not None and req.from_us \
                 and not req.authenticate():
             return req.challenge()
-        if req.for_us:
+        if req.for_us and not request.route:
             if request.uri.user is None:
                 if method == "OPTIONS":
-                    return req.reply(200, headers=[("Allow", ALLOW), ("Accept", "application/sdp")])
+                    # Keep-alives and monitoring: answered without keeping a transaction.
+                    return req.reply(200, headers=[("Allow", ALLOW), ("Accept", "application/sdp")],
+                                     stateless=True)
                 return req.reply(404)
             return req.relay()
-        if self.open_relay or req.from_us:
-            return req.relay()
-        return req.reply(403, "Relaying Forbidden")
+        # Another domain, or a preloaded Route: where the request asks to go, if the relay
+        # policy lets it (_apply: trusted or authenticated, else 407 or 403).
+        return req.relay()
 
     def fork_bindings(self, bindings: Sequence[Any], route: Sequence[str] = ()) -> Decision:
         """Targets for registered contacts: in parallel, or by q groups (``serial_by_q``)."""
@@ -557,7 +701,14 @@ class Router:
             addr = _parse_address(source)
             if addr is not None and addr.reliable:
                 dest = addr
-        return Target(binding.contact, route=(*route, *path), dest=dest)
+        return Target(binding.contact, route=(*route, *path), dest=dest, binding=binding)
+
+
+def _has_credentials(request: SipRequest, method: str) -> bool:
+    """Did the request bring credentials (for any realm)?  A request without any is a first
+    attempt that gets a challenge, not a failed login."""
+    name = "Authorization" if method == "REGISTER" else "Proxy-Authorization"
+    return name in request.headers
 
 
 def _parse_address(text: str) -> Address | None:

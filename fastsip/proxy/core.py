@@ -40,7 +40,7 @@ import hashlib
 import itertools
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any, Protocol
 
 from fastsip.sip import URI, Message, Request, Response, parse
@@ -75,8 +75,21 @@ RECORD_ROUTE_METHODS = frozenset({"INVITE", "SUBSCRIBE", "NOTIFY", "REFER"})
 #: §16.7 step 6: within a class, prefer responses that let the UAC retry with more information.
 _PREFERRED = frozenset({401, 407, 415, 420, 484})
 _TERMINATED_STATES = frozenset({"completed", "confirmed", "terminated"})
+#: Server transaction states in which no final response has gone out yet.
+_OPEN_STATES = frozenset({"trying", "proceeding"})
 #: ``ServerTransaction.data`` once its response context is settled (a late CANCEL gets 200).
 FINISHED = "finished"
+#: Headers a request carries at most once (RFC 3261 §20; RFC 4475 3.3.8 ``multi01``).
+_SINGLE_INSTANCE = ("Call-ID", "From", "To", "CSeq", "Max-Forwards", "Content-Length")
+#: The reason phrase for an in-dialog request that did not come through us.
+FORBIDDEN_NOT_ROUTED = "Forbidden (not routed through this proxy)"
+
+
+def _bad_request(exc: Exception) -> str:
+    """A 400's reason phrase naming the problem (printable ASCII, bounded)."""
+    reason = getattr(exc, "reason", None) or str(exc)
+    text = "".join(c if " " <= c <= "~" else "?" for c in reason)[:100]
+    return f"Bad Request ({text})"
 
 
 
@@ -86,10 +99,12 @@ class Target:
     ``uri``: the new Request-URI (None: keep the Request-URI, as loose routing does).  ``route``:
     Route header values to push in front (a binding's Path, RFC 3327, or an outbound proxy).
     ``dest``: the transport address to send to, bypassing §8.1.2/RFC 3263 (a TCP binding's
-    connection, a NAT'd contact's source).
+    connection, a NAT'd contact's source).  ``binding``: the location-service binding this
+    target came from, when it is a registered contact of one of our users (the relay policy
+    lets anyone reach those).
     """
 
-    __slots__ = ("dest", "route", "uri")
+    __slots__ = ("binding", "dest", "route", "uri")
 
     def __init__(
         self,
@@ -97,10 +112,12 @@ class Target:
         *,
         route: Sequence[str] = (),
         dest: Address | None = None,
+        binding: Any = None,
     ) -> None:
         self.uri = uri
         self.route = tuple(route)
         self.dest = dest
+        self.binding = binding
 
     def __repr__(self) -> str:
         return f"Target({str(self.uri) if self.uri is not None else None!r})"
@@ -114,6 +131,7 @@ class ProxyContext(Protocol):
     source: Address
     proxy: Proxy
     data: Any
+    routed: bool
 
     @property
     def stateless(self) -> bool: ...
@@ -126,6 +144,7 @@ class ProxyContext(Protocol):
         reason: str | None = None,
         *,
         headers: Iterable[tuple[str, str]] = (),
+        stateless: bool | None = None,
     ) -> None: ...
 
 
@@ -201,8 +220,25 @@ def _stateless_branch(request: Request) -> str:
     return MAGIC_COOKIE + "sl" + hashlib.blake2b(key.encode(), digest_size=10).hexdigest()
 
 
+#: Every To tag this process puts on a response it makes itself starts with this, so an ACK
+#: for one of our local answers (sent statelessly, so no transaction absorbs its ACK) is known
+#: as ours and dropped instead of being forwarded (Kamailio's ``sl`` module does the same).
+LOCAL_TAG_PREFIX = "fs" + os.urandom(3).hex()
+
+
 def _new_tag() -> str:
-    return os.urandom(5).hex()
+    return LOCAL_TAG_PREFIX + os.urandom(4).hex()
+
+
+def _stateless_tag(request: Request) -> str:
+    """The To tag of a stateless local answer: a function of the request's transaction id,
+    so a retransmitted request gets the very same response (§16.11)."""
+    return LOCAL_TAG_PREFIX + _stateless_branch(request)[-8:]
+
+
+def is_local_tag(tag: str | None) -> bool:
+    """Was this To tag made by this process (a local answer of ours)?"""
+    return tag is not None and tag.startswith(LOCAL_TAG_PREFIX)
 
 
 class _Ignore:
@@ -327,6 +363,7 @@ class ResponseContext:
         "loop",
         "proxy",
         "request",
+        "routed",
         "serial",
         "source",
         "txn",
@@ -349,6 +386,8 @@ class ResponseContext:
         self._auth: list[tuple[str, str]] | None = None
         self._counted = True
         self.loop = "0"  # §16.6 step 8's hash, for our branches' loop detection
+        #: It came through us: a Route named us (we record-routed its dialog), see _preprocess.
+        self.routed = False
 
     @property
     def stateless(self) -> bool:
@@ -407,23 +446,47 @@ class ResponseContext:
         reason: str | None = None,
         *,
         headers: Iterable[tuple[str, str]] = (),
+        stateless: bool | None = None,
     ) -> None:
         """Answer upstream ourselves (a status, or a ready Response such as a registrar's).
-        A final response ends the context and cancels any pending branch."""
+        A final response ends the context and cancels any pending branch.
+
+        ``stateless``: send a final response outside the server transaction and forget it
+        (:meth:`ServerTransaction.respond_statelessly`).  By default (None) a local *negative*
+        final answer (3xx-6xx) goes out statelessly when nothing has been sent upstream yet,
+        as Kamailio's default configuration does with ``sl_send_reply``: the source may be
+        forged or flooding, and a stateful INVITE answer would be retransmitted by Timer G
+        for 32 s, holding memory and amplifying every forged request ~11 times.  A
+        retransmitted request simply gets the same answer again.  Once a provisional response
+        went up the client stops retransmitting, so the answer then stays stateful."""
         if self.final_sent:
             return
-        if isinstance(status, Response):
-            response = _with_to_tag(status, _new_tag)
+        txn = self.txn
+        code = status.status_code if isinstance(status, Response) else status
+        if code >= 200 and txn.state in _OPEN_STATES:
+            if stateless is None:
+                stateless = code >= 300 and txn.last_response is None
         else:
-            response = self._make_response(status, reason, headers)
-        if response.status_code >= 200:
+            stateless = False
+        # A stateless answer's To tag is a function of the request, so a retransmitted
+        # request gets the very same response.
+        tag = (lambda: _stateless_tag(self.request)) if stateless else _new_tag
+        if isinstance(status, Response):
+            response = _with_to_tag(status, tag)
+        else:
+            response = self._make_response(status, reason, headers, tag)
+        if code >= 200:
             self.final_sent = True
             self.serial = []
             for b in self.branches:
                 b.cancel()
-        self._send_upstream(response)
-        if self.final_sent:
+            if stateless:
+                txn.respond_statelessly(response)
+            else:
+                self._send_upstream(response)
             self._release(response)
+        else:
+            self._send_upstream(response)
         self._check_done()
 
     def send_best(self) -> None:
@@ -611,12 +674,13 @@ class ResponseContext:
     # -- upstream ----------------------------------------------------------------------------
 
     def _make_response(
-        self, status: int, reason: str | None, headers: Iterable[tuple[str, str]]
+        self, status: int, reason: str | None, headers: Iterable[tuple[str, str]],
+        tag: Callable[[], str] = _new_tag,
     ) -> Response:
         req = self.request
         to = req.to
-        tag = _new_tag() if status > 100 and (to is None or to.tag is None) else None
-        return req.reply(status, reason, to_tag=tag, headers=list(headers) or None)
+        to_tag = tag() if status > 100 and (to is None or to.tag is None) else None
+        return req.reply(status, reason, to_tag=to_tag, headers=list(headers) or None)
 
     def _respond_local(self, status: int, reason: str | None = None) -> None:
         self.respond(status, reason)
@@ -639,7 +703,7 @@ class ResponseContext:
         # (context <-> branches, <-> server transaction, <-> router data) so reference counting
         # frees all of it.  Left to the cyclic GC, ~10 objects per call cost more CPU than the
         # whole proxy path (full collections walk every live transaction).
-        if self.final_sent and self.active == 0 and self.branches:
+        if self.final_sent and self.active == 0 and self.txn.data is self:
             self.branches = []
             self.txn.data = FINISHED
             self.data = None
@@ -692,7 +756,7 @@ class _BadTarget(ValueError):
 class StatelessContext:
     """A request being proxied statelessly (§16.11): one target, nothing remembered."""
 
-    __slots__ = ("data", "decided", "proxy", "request", "source")
+    __slots__ = ("data", "decided", "proxy", "request", "routed", "source")
 
     def __init__(self, proxy: Proxy, request: Request, source: Address) -> None:
         self.proxy = proxy
@@ -700,6 +764,7 @@ class StatelessContext:
         self.source = source
         self.decided = False
         self.data: Any = None
+        self.routed = False
 
     @property
     def stateless(self) -> bool:
@@ -725,6 +790,7 @@ class StatelessContext:
         reason: str | None = None,
         *,
         headers: Iterable[tuple[str, str]] = (),
+        stateless: bool | None = None,
     ) -> None:
         if self.decided:
             return
@@ -736,7 +802,7 @@ class StatelessContext:
         self, status: int | Response, reason: str | None, headers: Iterable[tuple[str, str]]
     ) -> None:
         if isinstance(status, Response):
-            response = _with_to_tag(status, lambda: _stateless_branch(self.request)[-10:])
+            response = _with_to_tag(status, lambda: _stateless_tag(self.request))
         else:
             req = self.request
             to = req.to
@@ -744,7 +810,7 @@ class StatelessContext:
             tag = (
                 None
                 if status == 100 or (to is not None and to.tag)
-                else _stateless_branch(req)[-10:]
+                else _stateless_tag(req)
             )
             response = req.reply(status, reason, to_tag=tag, headers=list(headers) or None)
         self.proxy._send_response(response, self.source)
@@ -768,6 +834,15 @@ class Proxy:
     - ``proxy_require``: option tags we support in Proxy-Require (others: 420, §16.3 step 6).
     - ``loop_detection``: §16.3 step 4 / RFC 5393 (482 for a request that comes back
       unchanged; a spiral, changed by routing, is fine).
+    - ``trusted``: source hosts (``host in trusted``: a
+      :class:`~fastsip.proxy.edge.TrustedNetworks`) whose requests need not come through us.
+    - ``require_own_route`` (default: ``record_route``): a request in a dialog (To tag) or an
+      ACK is loose-routed only when it came through our Record-Route (a Route naming us) or
+      its Request-URI names us; otherwise an untrusted source gets 403 (an ACK is dropped).
+      Without it, adding a To tag would turn the proxy into an open relay.
+
+    Local answers (``ctx.respond``) that are negative and come before anything else went
+    upstream are sent statelessly: see :meth:`ResponseContext.respond`.
     """
 
     def __init__(
@@ -784,6 +859,8 @@ class Proxy:
         schemes: Iterable[str] = ("sip", "sips"),
         proxy_require: Iterable[str] = (),
         loop_detection: bool = True,
+        trusted: Container[str] = frozenset(),
+        require_own_route: bool | None = None,
     ) -> None:
         self.router = router
         self.record_route = record_route
@@ -800,6 +877,11 @@ class Proxy:
         self.schemes = frozenset(s.lower() for s in schemes)
         self.proxy_require = frozenset(proxy_require)
         self.loop_detection = loop_detection
+        self.trusted = trusted
+        self.require_own_route = record_route if require_own_route is None else require_own_route
+        #: Requests refused with 503 because max_pending was reached (logs, metrics).
+        self.overloaded = 0
+        self._overload_logged = float("-inf")
         self._layer: TransactionLayer | None = None
         self._live = 0
         self._wants_responses = bool(getattr(router, "wants_responses", False))
@@ -854,30 +936,38 @@ class Proxy:
         if self._hosts is None:
             hosts = set(self.aliases)
             ports: set[int] = set()
-            for t in ("UDP", "TCP", "TLS", "SCTP", "WS", "WSS"):
-                try:
-                    host, port = self.transport.sent_by(t)
-                except Exception as exc:  # noqa: BLE001 - no listener at all (yet)
-                    log.debug("no sent-by for %s: %s", t, exc)
-                    continue
-                hosts.add(strip_brackets(host).lower())
-                ports.add(port)
+            local_addresses = getattr(self.transport, "local_addresses", None)
+            if local_addresses is not None:
+                # Every listening and advertised address, and every interface address behind
+                # a wildcard listener (the shell knows them).
+                own_hosts, own_ports = local_addresses()
+                hosts.update(strip_brackets(h).lower() for h in own_hosts)
+                ports.update(own_ports)
+            else:
+                for t in ("UDP", "TCP", "TLS", "SCTP", "WS", "WSS"):
+                    try:
+                        host, port = self.transport.sent_by(t)
+                    except Exception as exc:  # noqa: BLE001 - no listener at all (yet)
+                        log.debug("no sent-by for %s: %s", t, exc)
+                        continue
+                    hosts.add(strip_brackets(host).lower())
+                    ports.add(port)
             self._hosts, self._ports = hosts, ports
         return self._hosts, self._ports
 
     def is_local(self, uri: URI | None) -> bool:
-        """Does ``uri`` name this proxy (one of our hosts or aliases, one of our ports)?"""
+        """Does ``uri`` name this proxy?  Its host (or maddr) is one of our addresses (every
+        listening and advertised one; every interface address behind a wildcard listener), an
+        alias or a served domain, and its port, when it has one, is one of ours.  A URI with no
+        port names us on whatever port we listen (``sip:127.0.0.1`` for a proxy on 5080): the
+        one definition of "us" for Route popping, the relay policy and the default routing."""
         if uri is None or not uri.is_sip:
             return False
         hosts, ports = self._local()
         if strip_brackets(uri.maddr or uri.host).lower() not in hosts:
             return False
         port = uri.port
-        if port is None:
-            port = DEFAULT_PORTS.get((uri.transport or "udp").upper(), 5060)
-            if uri.scheme == "sips":
-                port = 5061
-        return port in ports
+        return port is None or port in ports
 
     def _via_is_ours(self, host: str, port: int | None, transport: str) -> bool:
         hosts, ports = self._local()
@@ -895,11 +985,11 @@ class Proxy:
         per_source = self._per_source
         if self._live >= self.max_pending or \
                 per_source.get(host, 0) >= self.max_pending_per_source:
-            log.warning("overload: %d contexts pending (%d from %s): 503 for %s",
-                        self._live, per_source.get(host, 0), host, request.method)
-            txn.respond(
+            self._overloaded(host, request.method)
+            txn.respond_statelessly(
                 request.reply(
-                    503, to_tag=_new_tag(), headers=[("Retry-After", str(self.retry_after))]
+                    503, to_tag=_stateless_tag(request),
+                    headers=[("Retry-After", str(self.retry_after))],
                 )
             )
             return
@@ -916,16 +1006,41 @@ class Proxy:
             if bad is not None:
                 ctx.respond(bad[0], bad[1], headers=bad[2])
                 return
-            in_dialog = self._preprocess(request)
+            in_dialog, routed = self._preprocess(request)
         except ValueError as exc:  # a header that fails to parse on first access
-            ctx.respond(400, f"Bad Request ({exc})"[:120])
+            ctx.respond(400, _bad_request(exc))
             return
-        self._dispatch(ctx, in_dialog)
+        self._dispatch(ctx, in_dialog, routed)
 
-    def _dispatch(self, ctx: ProxyContext, in_dialog: bool) -> None:
+    def _overloaded(self, host: str, method: str) -> None:
+        # At most one line per ten seconds: under a flood a line per request is a flood too.
+        self.overloaded += 1
+        now = self.clock.time()
+        if now - self._overload_logged >= 10.0:
+            self._overload_logged = now
+            log.warning("overload: %d contexts pending (%d from %s): 503 for %s "
+                        "(%d refused so far)", self._live, self._per_source.get(host, 0), host,
+                        method, self.overloaded)
+
+    def dialog_allowed(self, ctx: ProxyContext) -> bool:
+        """May this in-dialog request be loose-routed on (see ``require_own_route``)?  It came
+        through our Record-Route, or names us, or comes from a trusted source."""
+        request = ctx.request
+        return (not self.require_own_route or ctx.routed or ctx.source.host in self.trusted
+                or (not request.route and self.is_local(request.uri)))
+
+    def _dispatch(self, ctx: ProxyContext, in_dialog: bool, routed: bool = True) -> None:
         request = ctx.request
         router = self.router
+        ctx.routed = routed
         if router is None or (in_dialog and not router.in_dialog):
+            if in_dialog and not self.dialog_allowed(ctx):
+                # "In a dialog" but not through our Record-Route: loose-routing it would let
+                # anyone bounce requests off us to any address by adding a To tag.
+                log.debug("403 for %s %s from %s: in a dialog, not routed through us",
+                          request.method, request.uri, ctx.source)
+                ctx.respond(403, FORBIDDEN_NOT_ROUTED)
+                return
             if not request.route and self.is_local(request.uri):
                 ctx.respond(404 if request.method != "OPTIONS" or in_dialog else 200)
             else:
@@ -939,9 +1054,18 @@ class Proxy:
 
     def on_ack(self, request: Request, source: Address) -> None:
         """An ACK for a 2xx (or one that matches nothing): forwarded statelessly, end to end,
-        along its Route set / Request-URI (§16.11 for the ACK, §13.2.2.4 end to end)."""
+        along its Route set / Request-URI (§16.11 for the ACK, §13.2.2.4 end to end).  An ACK
+        for one of our own stateless answers (our To tag) ends here, and so does one that did
+        not come through our Record-Route (see ``require_own_route``)."""
         try:
-            self._preprocess(request)
+            to = request.to
+            if to is not None and is_local_tag(to.tag):
+                return
+            _, routed = self._preprocess(request)
+            if not routed and self.require_own_route and source.host not in self.trusted:
+                if request.route or not self.is_local(request.uri):
+                    log.debug("dropping ACK from %s: not routed through us", source)
+                return
             self._forward_ack(request, source)
         except ValueError as exc:
             log.debug("dropping ACK from %s: %s", source, exc)
@@ -984,6 +1108,9 @@ class Proxy:
             if request.method == "ACK":
                 # An ACK with a route set (for a 2xx) follows it; one without (for a non-2xx,
                 # or a 2xx without Record-Route) is routed like its INVITE, below.
+                to = request.to
+                if to is not None and is_local_tag(to.tag):
+                    return  # the ACK for one of our own answers
                 self._preprocess(request)
                 if request.route or not self.router:
                     self._forward_ack(request, source)
@@ -994,19 +1121,28 @@ class Proxy:
             if bad is not None:
                 ctx.respond(bad[0], bad[1], headers=bad[2])
                 return
-            in_dialog = self._preprocess(request)
+            in_dialog, routed = self._preprocess(request)
         except ValueError as exc:
-            ctx.respond(400, f"Bad Request ({exc})"[:120])
+            ctx.respond(400, _bad_request(exc))
             return
         # A CANCEL is routed like its INVITE (the router must be deterministic, §16.11) and
         # goes out with the same derived branch, so the next hop matches it.
-        self._dispatch(ctx, in_dialog)
+        self._dispatch(ctx, in_dialog, routed)
 
     # -- §16.3 and §16.4 ---------------------------------------------------------------------
 
     def _validate(self, request: Request) -> tuple[int, str | None, list[tuple[str, str]]] | None:
-        """§16.3: the request must be one we can proxy.  Returns (status, reason, headers) of
-        the error response, or None."""
+        """§16.3, with Kamailio's ``sanity`` checks in front: the request must be one we can
+        proxy.  Returns (status, reason, headers) of the error response, or None.
+
+        Every header a layer above reads is parsed here, once (the views are cached), so a
+        malformed one is answered 400 with the problem named, before routing and
+        authentication, and can never raise later from deep inside a layer.  May raise
+        ParseError itself (the caller answers 400)."""
+        headers = request.headers
+        for name in _SINGLE_INSTANCE:
+            if len(headers.getlines(name)) > 1:
+                return (400, f"Bad Request (more than one {name})", [])
         cseq = request.cseq
         frm = request.from_
         to = request.to
@@ -1016,6 +1152,11 @@ class Proxy:
             return (400, "Bad Request (From or To)", [])
         if cseq.method != request.method:
             return (400, "Bad Request (CSeq method does not match)", [])
+        # The lazily parsed lists: every Via (loop detection reads them all), the route set,
+        # and Contact, which the registrar, logs and routes read.
+        request.via  # noqa: B018 - parsed for the side effect of raising now
+        request.route  # noqa: B018
+        request.contact  # noqa: B018
         if request.uri.scheme.lower() not in self.schemes:
             return (416, None, [])
         mf = request.max_forwards
@@ -1025,7 +1166,7 @@ class Proxy:
             and not (request.method == "OPTIONS" and self.is_local(request.uri))
         ):
             return (483, None, [])
-        required = request.headers.getall("Proxy-Require")
+        required = headers.getall("Proxy-Require")
         if required:
             unsupported = [t.strip() for t in required if t.strip() not in self.proxy_require]
             if unsupported:
@@ -1047,10 +1188,12 @@ class Proxy:
                 return True
         return False
 
-    def _preprocess(self, request: Request) -> bool:
+    def _preprocess(self, request: Request) -> tuple[bool, bool]:
         """§16.4: a Request-URI that is one of our Record-Route URIs came through a strict
         router (the real target is the last Route); then our own Route values are removed.
-        Returns True for an in-dialog request (To tag)."""
+        Returns (in a dialog: it has a To tag, routed here: it named us in a Route or, via a
+        strict router, in the Request-URI)."""
+        routed = False
         uri = request.uri
         if uri.lr and self.is_local(uri):
             routes = [str(r) for r in request.route]
@@ -1062,14 +1205,16 @@ class Proxy:
                 if target.startswith("<"):
                     target = target[1 : target.index(">")]
                 request.uri = target
+                routed = True
         # Ours may be there twice (RFC 5658 double Record-Route across transports).
         for _ in range(2):
             routes_view = request.route
             if not routes_view or not self.is_local(routes_view[0].uri):
                 break
             request.pop_route()
+            routed = True
         to = request.to
-        return to is not None and to.tag is not None
+        return to is not None and to.tag is not None, routed
 
     # -- §16.6 forwarding --------------------------------------------------------------------
 
@@ -1164,7 +1309,15 @@ class Proxy:
     # -- §16.10 CANCEL -----------------------------------------------------------------------
 
     def _on_cancel(self, txn: ServerTransaction, cancel: Request) -> None:
-        invite = self.layer.find_invite(cancel)
+        try:
+            bad = self._validate(cancel)
+            invite = self.layer.find_invite(cancel) if bad is None else None
+        except ValueError as exc:
+            bad = (400, _bad_request(exc), [])
+        if bad is not None:
+            txn.respond_statelessly(cancel.reply(bad[0], bad[1], to_tag=_stateless_tag(cancel),
+                                                 headers=bad[2] or None))
+            return
         ctx = invite.data if invite is not None else None
         if ctx is FINISHED:
             # §16.10: the context exists but is settled: 200, and the CANCEL changes nothing.
@@ -1172,7 +1325,7 @@ class Proxy:
             return
         if not isinstance(ctx, ResponseContext):
             # No response context: nothing of ours to cancel (we proxy statefully).
-            txn.respond(cancel.reply(481, to_tag=_new_tag()))
+            txn.respond_statelessly(cancel.reply(481, to_tag=_stateless_tag(cancel)))
             return
         txn.respond(cancel.reply(200, to_tag=_new_tag()))
         ctx.cancel()
