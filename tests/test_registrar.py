@@ -253,3 +253,14 @@ def test_store_failure_is_500_with_retry_after(tmp_path: Path) -> None:
     store.close()
     r = reg.handle(register("<sip:bob@a>"), SOURCE, T0)
     assert r.status_code == 500 and r.headers.get("Retry-After") == "5"
+
+
+def test_rfc4475_regbadct_contact_without_brackets_is_rejected() -> None:
+    # RFC 4475 3.1.2.13: an addr-spec Contact carrying escaped headers must be in < >.
+    data = (Path(__file__).parent / "data" / "rfc4475" / "regbadct.dat").read_bytes()
+    request = parse(data)
+    assert isinstance(request, Request)
+    registrar = Registrar(MemoryLocationStore(), domains=["example.com"])
+    response = registrar.handle(request, Address("UDP", "135.180.130.133", 5060), 1000.0)
+    assert response.status_code == 400 and "< >" in response.reason
+    assert registrar.lookup("sip:user@example.com", 1000.0) == []

@@ -238,10 +238,18 @@ class Registrar:
             return True, []
         updates: list[_ContactUpdate] = []
         too_brief = False
-        for c in contacts:
+        raw_values = request.headers.getall("Contact")
+        for n, c in enumerate(contacts):
             uri = c.uri
             if uri is None:
                 raise _Reject(400, "Bad Request (invalid Contact URI)")
+            raw = raw_values[n] if n < len(raw_values) else "<"
+            if uri.headers and "<" not in raw:
+                # §20.10: a URI with headers (or ',' ';' '?') must be in < >; without them
+                # the '?' is not part of any URI (RFC 4475 3.1.2.13, regbadct): 400, not a
+                # binding to a URI the UA never meant.
+                raise _Reject(400, "Bad Request (invalid Contact: a URI with headers must "
+                                   "be enclosed in < >)")
             params = {k.lower(): v for k, v in c.params.items()}
             if c.expires is not None:
                 expires = c.expires
