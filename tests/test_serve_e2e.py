@@ -21,73 +21,32 @@ at 10 cps): CI machines are shared.
 
 from __future__ import annotations
 
-import csv
-import shutil
-import signal
 import socket
-import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from procutil import fastsip_env, free_port
+from procutil import free_port
+from serveutil import (
+    CALLS,
+    DOMAIN,
+    HOST,
+    SIPP,
+    Serve,
+    final_status,
+    finish,
+    register,
+    request,
+    run_uac,
+    sip_exchange,
+    start_uas,
+    successful,
+)
 
-SIPP = shutil.which("sipp")
 pytestmark = pytest.mark.skipif(SIPP is None, reason="sipp is not installed (sip-tester)")
-
-HOST = "127.0.0.1"
-DOMAIN = "example.com"
-SCENARIOS = Path(__file__).resolve().parent / "data" / "sipp"
-CALLS = 5
-
-
-def stop(proc: subprocess.Popen[str], timeout: float = 15.0) -> int:
-    """SIGTERM (serve's clean stop), then SIGKILL if it hangs; returns the exit status."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    return proc.returncode
-
-
-class Serve:
-    """A ``fastsip serve`` process on one UDP port; its log goes to ``serve-N.log``."""
-
-    count = 0
-
-    def __init__(self, workdir: Path, port: int, *extra: str, tcp: bool = False) -> None:
-        Serve.count += 1
-        self.port = port
-        self.log_path = workdir / f"serve-{Serve.count}.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastsip.cli", "serve", "--listen", f"udp:{HOST}:{port}",
-             *(["--listen", f"tcp:{HOST}:{port}"] if tcp else []),
-             "--domain", DOMAIN, "--grace", "2", *extra],
-            cwd=workdir, env=fastsip_env(), stdout=subprocess.PIPE, stderr=self._log,
-            stdin=subprocess.DEVNULL, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("listening on"):
-            self.close()
-            raise AssertionError(f"serve did not start: {line!r}\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def close(self) -> int:
-        rc = stop(self.proc)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
-        return rc
 
 
 @pytest.fixture
@@ -95,105 +54,6 @@ def workdir(tmp_path: Path) -> Path:
     """Every process runs here: ``python -m`` puts its cwd on sys.path, and a checkout's
     uncompiled fastsip/ must not shadow the installed one."""
     return tmp_path
-
-
-def sipp(scenario: str, workdir: Path, name: str, *extra: str,
-         background: bool = False, timeout: float = 30) -> subprocess.Popen[str]:
-    assert SIPP is not None
-    cmd = [SIPP, "-sf", str(SCENARIOS / scenario), "-i", HOST, "-nostdin", "-trace_stat",
-           "-stf", str(workdir / f"{name}.csv"), "-fd", "1", "-trace_msg",
-           "-message_file", str(workdir / f"{name}.msg"), "-timeout", str(int(timeout)),
-           *extra]
-    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
-    if not background:
-        finish(proc, timeout + 30)
-    return proc
-
-
-def finish(proc: subprocess.Popen[str], timeout: float) -> str:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    return out or ""
-
-
-def successful(workdir: Path, name: str) -> int:
-    rows = list(csv.reader((workdir / f"{name}.csv").read_text().splitlines(), delimiter=";"))
-    return int(dict(zip(rows[0], rows[-1]))["SuccessfulCall(C)"]) if len(rows) > 1 else 0
-
-
-def register(workdir: Path, name: str, serve_port: int, user: str, contact_port: int,
-             *extra: str, scenario: str = "register.xml") -> subprocess.Popen[str]:
-    return sipp(scenario, workdir, name, f"{HOST}:{serve_port}", "-p", str(free_port()),
-                "-m", "1", "-s", user, "-key", "domain", DOMAIN, "-key", "contact_host", HOST,
-                "-key", "contact_port", str(contact_port), "-key", "expires", "3600", *extra,
-                timeout=10)
-
-
-def start_uas(workdir: Path, name: str, port: int, calls: int) -> subprocess.Popen[str]:
-    return sipp("uas_rr.xml", workdir, name, "-p", str(port), "-m", str(calls),
-                background=True, timeout=40)
-
-
-def run_uac(workdir: Path, name: str, serve_port: int, user: str,
-            calls: int = CALLS, *extra: str) -> subprocess.Popen[str]:
-    return sipp("uac_rr.xml", workdir, name, f"{HOST}:{serve_port}", "-p", str(free_port()),
-                "-m", str(calls), "-r", "10", "-s", user, "-key", "domain", DOMAIN,
-                "-key", "caller", "caller", *extra, timeout=30)
-
-
-def sip_exchange(port: int, message: str, *, want_final: bool = True,
-                 timeout: float = 5.0) -> list[str]:
-    """Send one request over UDP from a fresh socket, retransmitted every 0.5 s until a
-    response comes (as Timer A/E would: a datagram can be lost); return the status lines
-    received until a final response (or the timeout)."""
-    lines: list[str] = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((HOST, 0))
-        me = s.getsockname()[1]
-        s.settimeout(0.5)
-        data = message.replace("{me}", str(me)).encode()
-        s.sendto(data, (HOST, port))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                reply = s.recv(65535)
-            except OSError:
-                if not lines:
-                    s.sendto(data, (HOST, port))
-                continue
-            first = reply.split(b"\r\n", 1)[0].decode()
-            lines.append(first)
-            if want_final and first.startswith("SIP/2.0 ") and int(first.split()[1]) >= 200:
-                break
-    return lines
-
-
-def request(method: str, uri: str, *, call_id: str, headers: Sequence[str] = (),
-            omit: Sequence[str] = ()) -> str:
-    base = {
-        "Via": f"SIP/2.0/UDP {HOST}:{{me}};branch=z9hG4bK-{call_id}",
-        "Max-Forwards": "70",
-        "From": f"<sip:tester@{DOMAIN}>;tag=t-{call_id}",
-        "To": f"<{uri}>",
-        "Call-ID": f"{call_id}@{HOST}",
-        "CSeq": f"1 {method}",
-    }
-    text = f"{method} {uri} SIP/2.0\r\n"
-    text += "".join(f"{k}: {v}\r\n" for k, v in base.items() if k not in omit)
-    text += "".join(f"{h}\r\n" for h in headers)
-    return text + "Content-Length: 0\r\n\r\n"
-
-
-def final_status(lines: list[str]) -> int | None:
-    for line in reversed(lines):
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == "SIP/2.0" and int(parts[1]) >= 200:
-            return int(parts[1])
-    return None
 
 
 def bye_messages(message_file: Path, received: bool) -> list[str]:
