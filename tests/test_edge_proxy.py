@@ -20,9 +20,10 @@ from test_proxy_net import Net, Phone, ProxyNode, Raw, raw_request
 from fastsip.app import Router
 from fastsip.proxy import Credentials, DigestAuthenticator, Registrar, open_store
 from fastsip.proxy.auth import digest_response
-from fastsip.proxy.core import LOCAL_TAG_PREFIX
+from fastsip.proxy.core import LOCAL_TAG_PREFIX, UNREACHABLE
 from fastsip.proxy.edge import SourceGuard, TrustedNetworks
 from fastsip.sip import Response
+from fastsip.transport import Address
 
 DOMAIN = "example.com"
 VICTIM = 5099          # a UDP "victim" of relay attempts: it must never receive anything
@@ -303,3 +304,18 @@ def test_a_password_guesser_is_stopped_and_the_real_user_is_not() -> None:
                                    call_id="real").replace("127.0.0.1:5071", "127.0.0.3:5073"))
     net.run(net.wheel.time() + 0.05)
     assert phone.statuses() == [407, 200] and len(victim.requests("MESSAGE")) == 1
+
+
+def test_an_unreachable_next_hop_is_503_a_downstream_503_is_500() -> None:
+    net, proxy, attacker, _victim = edge(trusted=["127.0.0.1"])
+    attacker.send_to(raw_request("MESSAGE", "sip:x@127.0.0.1:5097"))    # nobody listens
+    net.run(0.01)
+    proxy.layer.transport_error(Address("UDP", "127.0.0.1", 5097))      # as the shell reports
+    net.run(0.1)
+    [unreachable] = attacker.responses()
+    assert unreachable.status_code == 503 and unreachable.reason == UNREACHABLE
+    # A 503 from a downstream server means *it* is overloaded: 500 upstream (§16.7 step 6).
+    Raw(net, "busy", 5096, auto=lambda r: r.reply(503, to_tag="busy"))
+    attacker.send_to(raw_request("MESSAGE", "sip:x@127.0.0.1:5096"))
+    net.run(0.1)
+    assert attacker.statuses()[-1] == 500

@@ -81,6 +81,8 @@ _OPEN_STATES = frozenset({"trying", "proceeding"})
 FINISHED = "finished"
 #: Headers a request carries at most once (RFC 3261 §20; RFC 4475 3.3.8 ``multi01``).
 _SINGLE_INSTANCE = ("Call-ID", "From", "To", "CSeq", "Max-Forwards", "Content-Length")
+#: The reason phrase of the 503 for a branch whose next hop could not be reached or resolved.
+UNREACHABLE = "Service Unavailable (next hop unreachable)"
 #: The reason phrase for an in-dialog request that did not come through us.
 FORBIDDEN_NOT_ROUTED = "Forbidden (not routed through this proxy)"
 
@@ -241,6 +243,11 @@ def is_local_tag(tag: str | None) -> bool:
     return tag is not None and tag.startswith(LOCAL_TAG_PREFIX)
 
 
+def _is_ours(response: Response) -> bool:
+    to = response.to
+    return to is not None and is_local_tag(to.tag)
+
+
 class _Ignore:
     """Client handler for our CANCELs: their responses change nothing (§16.10 / §9.1)."""
 
@@ -301,7 +308,9 @@ class Branch:
         self.ctx._branch_failed(self, 408)
 
     def on_transport_error(self, txn: ClientTransaction) -> None:
-        self.ctx._branch_failed(self, 503)
+        # §16.9: as if a 503 had come -- but one of ours, which send_best passes on as a 503
+        # (the next hop could not be reached or resolved), not as a downstream server's.
+        self.ctx._branch_failed(self, 503, UNREACHABLE)
 
     def _stop_timers(self) -> None:
         if self._timer_c is not None:
@@ -497,8 +506,10 @@ class ResponseContext:
         if best is None:
             self._respond_local(487 if self.cancelled else 408)
             return
-        if best.status_code == 503:
+        if best.status_code == 503 and not _is_ours(best):
             # §16.7 step 6: a 503 means *that* server is overloaded, not us: 500 upstream.
+            # (A 503 we made because the next hop was unreachable goes up as it is: the
+            # caller learns the destination is unavailable, not that we failed.)
             self._respond_local(500, "Server Error (downstream 503)")
             return
         if self._auth and best.status_code in (401, 407):
@@ -568,10 +579,10 @@ class ResponseContext:
         else:
             self._branch_failed(branch, 408)
 
-    def _branch_failed(self, branch: Branch, status: int) -> None:
+    def _branch_failed(self, branch: Branch, status: int, reason: str | None = None) -> None:
         if branch.final is not None:
             return
-        response = self.request.reply(status, to_tag=_new_tag())
+        response = self.request.reply(status, reason, to_tag=_new_tag())
         self._branch_final(branch, response)
 
     def _on_branch_response(self, branch: Branch, response: Response) -> None:
