@@ -22,17 +22,20 @@ from fastsip.transport.rules import response_destination
 sys.path.insert(0, str(Path(__file__).parent))
 from netutil import HAS_IPV6, LOOPS, Inbox, hostport, needs_ipv6, options, run, tls_contexts
 
-#: Both ways of reading sockets: our own (add_reader) and asyncio's endpoints and servers,
-#: which stand in where the loop has no add_reader (Windows' proactor loop).
+#: Both ways of reading sockets: our own (add_reader) and the loop's endpoints and servers
+#: (uvloop's UDP transport by default; all of them where the loop has no add_reader).
 IO = [pytest.param(True, id="lean"), pytest.param(False, id="stand-in")]
 
 Reader = asyncio.StreamReader
 Writer = asyncio.StreamWriter
 
 
-def make_layer(lean: bool = True, **kwargs: Any) -> TransportLayer:
+def make_layer(lean: bool | None = None, **kwargs: Any) -> TransportLayer:
+    """A TransportLayer reading its sockets the ``lean`` way or not (None: the default)."""
     layer = TransportLayer(**kwargs)
-    layer._lean_io = lean
+    if lean is not None:
+        layer._lean_io = lean
+        layer._lean_udp = lean
     return layer
 
 
@@ -460,16 +463,32 @@ def test_response_goes_back_over_the_connection_whatever_the_via_says(factory: A
 # -- the lean UDP path -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("factory", LOOPS)
-def test_udp_burst_is_drained_in_batches(factory: Any) -> None:
+def test_udp_path_by_loop(factory: Any) -> None:
+    """add_reader on asyncio; uvloop's own datagram transport, which measured cheaper."""
     async def main() -> None:
-        server = make_layer()
+        layer = make_layer()
+        try:
+            s = await layer.listen("udp:127.0.0.1:0")
+            uvloop = type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+            assert type(s._udp).__name__ == ("_Datagram" if uvloop else "_UdpSocket")
+            assert s.receive_buffer > 0
+        finally:
+            await layer.close()
+
+    run(factory, main())
+
+
+@pytest.mark.parametrize("lean", IO)
+@pytest.mark.parametrize("factory", LOOPS)
+def test_udp_burst_is_drained(factory: Any, lean: bool) -> None:
+    async def main() -> None:
+        server = make_layer(lean)
         inbox = Inbox()
         server.on_message = inbox
         raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             s = await server.listen("udp:127.0.0.1:0")
-            assert type(s._udp).__name__ == "_UdpSocket"   # add_reader works on this loop
-            assert s.receive_buffer > 0
+            assert type(s._udp).__name__ == ("_UdpSocket" if lean else "_Datagram")
             for n in range(600):                           # more than one batch
                 raw.sendto(bytes(options("sip:a@x", "127.0.0.1:1", call_id=f"b{n}")),
                            ("127.0.0.1", s.address.port))
@@ -504,7 +523,7 @@ class _StubSocket:
 def test_udp_send_full_buffer_drops_other_errors_report(factory: Any) -> None:
     async def main() -> None:
         errors: list[Address] = []
-        layer = make_layer(on_error=errors.append)
+        layer = make_layer(True, on_error=errors.append)
         try:
             listener = await layer.listen("udp:127.0.0.1:0")
             udp = listener._udp
@@ -521,6 +540,39 @@ def test_udp_send_full_buffer_drops_other_errors_report(factory: Any) -> None:
             layer.send(b"x", dest)
             await until(lambda: errors == [dest])
             udp.sock = real  # type: ignore[union-attr]
+        finally:
+            await layer.close()
+
+    run(factory, main())
+
+
+class _FullTransport:
+    """Stands in for a datagram transport whose send queue is full."""
+
+    def get_write_buffer_size(self) -> int:
+        return 1 << 30
+
+    def is_closing(self) -> bool:
+        return False
+
+    def sendto(self, data: bytes, addr: Any) -> None:
+        raise AssertionError("must not queue more")
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_udp_send_queue_full_drops(factory: Any) -> None:
+    async def main() -> None:
+        errors: list[Address] = []
+        layer = make_layer(False, on_error=errors.append)
+        try:
+            listener = await layer.listen("udp:127.0.0.1:0")
+            udp = listener._udp
+            real = udp.transport  # type: ignore[union-attr]
+            udp.transport = _FullTransport()  # type: ignore[union-attr]
+            layer.send(b"x", Address("UDP", "127.0.0.1", 9))
+            udp.transport = real  # type: ignore[union-attr]
+            await asyncio.sleep(0.02)
+            assert errors == [] and layer.stats.sends_dropped == 1
         finally:
             await layer.close()
 

@@ -3,12 +3,14 @@
 It implements :class:`fastsip.transport.Transport` (what the sans-IO layers send through) and
 feeds what arrives, parsed, to one receive callback (the transaction layer's ``receive``).
 
-- UDP: one socket per listener, ours, read with ``loop.add_reader``: a wakeup drains up to 256
-  ready datagrams with ``recvfrom_into`` into one preallocated buffer and reads the clock once
-  (asyncio's datagram transport costs a wakeup and a fresh 256 KiB buffer per datagram).
-  Responses and requests leave from a listening socket, so a NAT sees the same port both ways;
-  a datagram the socket cannot take now (EAGAIN, ENOBUFS) is dropped, as UDP may.  A datagram
-  that does not parse is answered statelessly when it can be (400/505/513), else dropped.
+- UDP: one socket per listener.  On asyncio it is read with ``loop.add_reader``: a wakeup
+  drains up to 256 ready datagrams with ``recvfrom_into`` into one preallocated buffer and reads
+  the clock once (asyncio's datagram transport costs a wakeup and a fresh 256 KiB buffer per
+  datagram).  On uvloop, whose datagram transport already drains the socket in C into one
+  buffer, that transport is cheaper and is used.  Responses and requests leave from a
+  listening socket, so a NAT sees the same port both ways; a datagram the socket cannot take
+  now (EAGAIN, ENOBUFS, a full send queue) is dropped, as UDP may.  A datagram that does not
+  parse is answered statelessly when it can be (400/505/513), else dropped.
 - TCP/TLS: listening sockets are ours too, so every accepted socket meets ``admit`` and the
   connection limits before a transport, a read or a TLS handshake exists for it.  Every
   connection, accepted or opened by us, is in one table keyed by its id and by its peer
@@ -26,8 +28,8 @@ feeds what arrives, parsed, to one receive callback (the transaction layer's ``r
   the datagram silently, or closes the connection at once.  :attr:`TransportLayer.stats`
   counts what was turned away.
 - Where the loop has no ``add_reader`` (Windows' proactor loop), asyncio's datagram endpoints
-  and servers stand in, with the same limits (a TLS connection then counts from the end of its
-  handshake, which ``tls_handshake_timeout`` still bounds).
+  and servers stand in, with the same limits and hook (a TLS connection then counts from the
+  end of its handshake, which ``tls_handshake_timeout`` still bounds).
 - ``send()`` never blocks and never raises for network trouble: a failed connect (or a peer we
   cannot reach at all) is reported through the ``on_error`` callback, which the
   :class:`~fastsip.asyncio.endpoint.Endpoint` wires to the transaction layer's
@@ -278,8 +280,9 @@ class _UdpSocket:
 
 
 class _Datagram(asyncio.DatagramProtocol):
-    """A UDP listening socket on asyncio's datagram transport: the stand-in where the loop has
-    no ``add_reader`` (Windows' proactor loop)."""
+    """A UDP listening socket on the loop's datagram transport: uvloop's (its receive loop in C
+    costs less than ``_UdpSocket``'s in Python), or the stand-in where the loop has no
+    ``add_reader`` (Windows' proactor loop)."""
 
     def __init__(self, layer: TransportLayer) -> None:
         self.layer = layer
@@ -310,11 +313,18 @@ class _Datagram(asyncio.DatagramProtocol):
         log.debug("UDP socket error: %s", exc)
 
     def send(self, data: bytes, dest: Address) -> None:
-        if self.transport is None:
+        transport = self.transport
+        if transport is None:
             self.layer._fail_soon(dest)
             return
+        if cast(asyncio.WriteTransport, transport).get_write_buffer_size() > _MAX_WRITE_BUFFER:
+            # The transport queues what the socket cannot take now; past this, drop (as
+            # _UdpSocket does at once) rather than grow memory under overload.
+            self.layer.stats.sends_dropped += 1
+            log.debug("UDP send to %s dropped: send queue full", dest)
+            return
         try:
-            self.transport.sendto(data, (dest.host, dest.port))
+            transport.sendto(data, (dest.host, dest.port))
         except OSError as exc:      # e.g. an unreachable network, reported synchronously
             log.debug("UDP send to %s failed: %s", dest, exc)
             self.layer._fail_soon(dest)
@@ -552,8 +562,11 @@ class TransportLayer:
     """
 
     # Own the listening sockets and read them with loop.add_reader where the loop can; False
-    # uses asyncio's datagram endpoints and servers everywhere (tests and benchmarks compare).
+    # uses the loop's datagram endpoints and servers everywhere (tests compare the two).
     _lean_io = True
+    # UDP through _UdpSocket (True) or the loop's datagram transport (False); None: by loop,
+    # the transport on uvloop, where it measured cheaper (benchmarks/bench_udp_intake.py).
+    _lean_udp: bool | None = None
 
     def __init__(
         self,
@@ -680,7 +693,10 @@ class TransportLayer:
         return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
 
     def _udp_reader(self, sock: socket.socket) -> _UdpSocket | None:
-        if not self._lean_io:
+        lean = self._lean_udp
+        if lean is None:
+            lean = self._lean_io and not type(self.loop).__module__.startswith("uvloop")
+        if not lean:
             return None
         try:
             return _UdpSocket(self, sock, self.loop)
