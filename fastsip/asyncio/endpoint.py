@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import TypeVar
 
 from fastsip.asyncio.timers import WheelDriver
-from fastsip.asyncio.transport import Listener, TransportLayer
+from fastsip.asyncio.transport import AdmitCallback, Listener, TransportLayer
 from fastsip.errors import FastSIPError
 from fastsip.sip import Limits
 from fastsip.transaction import TimerConfig, TransactionLayer, TransactionUser
@@ -43,8 +43,11 @@ class Endpoint:
       (behind NAT, or when listening on 0.0.0.0); applies to every listener.
     - ``tls_context``: server context (certificate chain loaded) for ``tls:`` listeners;
       ``tls_client_context``: verifies servers we connect to (default: system trust store).
-    - ``timers``: T1/T2/T4; ``idle_timeout``: seconds before an idle TCP/TLS connection is
-      closed; ``check_via``: drop responses whose top Via is not ours (§18.1.2).
+    - ``timers``: T1/T2/T4; ``check_via``: drop responses whose top Via is not ours (§18.1.2).
+    - Edge limits, passed to the :class:`TransportLayer` (see there): ``max_connections``,
+      ``max_connections_per_source``, ``idle_timeout``, ``read_timeout``,
+      ``tls_handshake_timeout``, ``udp_receive_buffer``, and ``admit(host, now)``, the hook of
+      a ban/rate-limit policy (False: the datagram is dropped, the connection closed).
 
     Received requests reach ``tu.on_request(txn, request)`` with ``received``/``rport`` already
     stamped; see :class:`~fastsip.transaction.TransactionUser`.  Messages sent outside a
@@ -62,7 +65,13 @@ class Endpoint:
         tls_client_context: ssl.SSLContext | None = None,
         timers: TimerConfig | None = None,
         limits: Limits | None = None,
-        idle_timeout: float = 300.0,
+        idle_timeout: float = 120.0,
+        read_timeout: float = 10.0,
+        tls_handshake_timeout: float = 10.0,
+        max_connections: int | None = 2048,
+        max_connections_per_source: int | None = 64,
+        admit: AdmitCallback | None = None,
+        udp_receive_buffer: int = 4 * 1024 * 1024,
         check_via: bool = True,
     ) -> None:
         if isinstance(listen, str):
@@ -74,7 +83,10 @@ class Endpoint:
         #: The transport (send through it; its ``sent_by(transport)`` gives our Via host/port).
         self.transport = TransportLayer(
             tls_context=tls_context, tls_client_context=tls_client_context, limits=limits,
-            idle_timeout=idle_timeout, check_via=check_via)
+            idle_timeout=idle_timeout, read_timeout=read_timeout,
+            tls_handshake_timeout=tls_handshake_timeout, max_connections=max_connections,
+            max_connections_per_source=max_connections_per_source, admit=admit,
+            udp_receive_buffer=udp_receive_buffer, check_via=check_via)
         self._driver: WheelDriver | None = None
         self._transactions: TransactionLayer | None = None
 

@@ -3,13 +3,33 @@
 It implements :class:`fastsip.transport.Transport` (what the sans-IO layers send through) and
 feeds what arrives, parsed, to one receive callback (the transaction layer's ``receive``).
 
-- UDP: one socket per listener; responses and requests leave from a listening socket, so a NAT
-  sees the same port both ways.  A datagram that does not parse is logged and dropped.
-- TCP/TLS: every connection, accepted or opened by us, is in one table keyed by its id and by its
-  peer (transport, host, port), and is reused for anything sent to that peer (RFC 5923 style).
+- UDP: one socket per listener.  On asyncio it is read with ``loop.add_reader``: a wakeup
+  drains up to 256 ready datagrams with ``recvfrom_into`` into one preallocated buffer and reads
+  the clock once (asyncio's datagram transport costs a wakeup and a fresh 256 KiB buffer per
+  datagram).  On uvloop, whose datagram transport already drains the socket in C into one
+  buffer, that transport is cheaper and is used.  Responses and requests leave from a
+  listening socket, so a NAT sees the same port both ways; a datagram the socket cannot take
+  now (EAGAIN, ENOBUFS, a full send queue) is dropped, as UDP may.  A datagram that does not
+  parse is answered statelessly when it can be (400/505/513), else dropped.
+- TCP/TLS: listening sockets are ours too, so every accepted socket meets ``admit`` and the
+  connection limits before a transport, a read or a TLS handshake exists for it.  Every
+  connection, accepted or opened by us, is in one table keyed by its id and by its peer
+  (transport, host, port), and is reused for anything sent to that peer (RFC 5923 style).
   Streams are framed with :func:`fastsip.message_length`; CRLFCRLF keep-alives get a CRLF pong
-  (RFC 5626 §3.5.1); a stream that cannot be resynchronized is closed; idle connections are
-  closed after ``idle_timeout``.  Buffers are bounded by the message size limit.
+  (RFC 5626 §3.5.1); a stream that cannot be resynchronized is closed.  Buffers are bounded by
+  the message size limit.
+- Limits at the edge (Kamailio's ``tcp_max_connections``, ``tcp_connection_lifetime`` as the
+  model): ``max_connections`` in all and ``max_connections_per_source`` accepted from one IP
+  (over either, an accepted connection is closed at once); ``idle_timeout``; ``read_timeout``
+  for a connection holding an incomplete message (slowloris: a header line every few seconds
+  is not idle, but never finishes); ``tls_handshake_timeout``.  One loop timer sweeps them all.
+- ``admit(host, now)``: the hook of an edge policy (rate limits, bans), asked for each datagram
+  before it is parsed, each accepted connection and each message on a connection.  False drops
+  the datagram silently, or closes the connection at once.  :attr:`TransportLayer.stats`
+  counts what was turned away.
+- Where the loop has no ``add_reader`` (Windows' proactor loop), asyncio's datagram endpoints
+  and servers stand in, with the same limits and hook (a TLS connection then counts from the
+  end of its handshake, which ``tls_handshake_timeout`` still bounds).
 - ``send()`` never blocks and never raises for network trouble: a failed connect (or a peer we
   cannot reach at all) is reported through the ``on_error`` callback, which the
   :class:`~fastsip.asyncio.endpoint.Endpoint` wires to the transaction layer's
@@ -19,14 +39,18 @@ feeds what arrives, parsed, to one receive callback (the transaction layer's ``r
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import socket
 import ssl
+import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, cast
 
+from fastsip.asyncio.netif import interface_addresses, routed_address
 from fastsip.errors import FastSIPError, ParseError
 from fastsip.sip import Limits, Message, Request, message_length, parse
 from fastsip.transport import DEFAULT_PORTS, Address
@@ -37,12 +61,14 @@ from fastsip.transport.rules import (
     strip_brackets,
 )
 
-__all__ = ["Listener", "TransportLayer", "parse_listen"]
+__all__ = ["AdmitCallback", "Listener", "TransportLayer", "TransportStats", "parse_listen"]
 
 log = logging.getLogger("fastsip.asyncio.transport")
 
 MessageCallback = Callable[[Message, Address], None]
 ErrorCallback = Callable[[Address], None]
+#: ``admit(host, now)``: may this source IP (no brackets) be heard at loop time ``now``?
+AdmitCallback = Callable[[str, float], bool]
 
 _STREAM = ("TCP", "TLS")
 _WILDCARDS = ("0.0.0.0", "::", "")
@@ -51,6 +77,19 @@ _PONG = b"\r\n"
 _MAX_WRITE_BUFFER = 4 * 1024 * 1024
 # The largest UDP payload over IPv4 (65535 - 8 - 20); bigger sends fail at once.
 _MAX_DATAGRAM = 65507
+# One receive buffer per UDP socket, big enough for any datagram (a longer one is truncated,
+# and then fails to parse).
+_RECV_SIZE = 65536
+# Datagrams drained per wakeup: enough to amortize the wakeup under load, bounded so that one
+# flooded socket cannot starve the rest of the loop.
+_UDP_BATCH = 256
+# Connections accepted per wakeup (asyncio's servers take up to their backlog).
+_ACCEPT_BATCH = 64
+_BACKLOG = 1024                       # Kamailio's tcp_listen_backlog; the kernel may cap it
+_ACCEPT_RETRY = 1.0                   # out of descriptors: pause accepting this long
+_ACCEPT_PAUSE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_SEND_DROP = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
+_MAX_SWEEP_PERIOD = 30.0
 
 
 def parse_listen(spec: str) -> tuple[str, str, int]:
@@ -107,61 +146,266 @@ def _family(host: str) -> int:
     return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
 
 
+def _host_key(host: str) -> str:
+    """A host as :meth:`TransportLayer.local_addresses` gives it: no brackets or scope, an IP
+    literal in its compressed form, a name in lower case."""
+    host = strip_brackets(host).partition("%")[0]
+    try:
+        return ipaddress.ip_address(host).compressed
+    except ValueError:
+        return host.lower()
+
+
+@dataclass(slots=True)
+class TransportStats:
+    """What the transport took in and turned away, counted since it was made (plain ints:
+    read them, or reset them, from the loop's thread)."""
+
+    #: UDP datagrams read, and those of them ``admit`` dropped before parsing.
+    datagrams: int = 0
+    datagrams_denied: int = 0
+    #: Accepted connections closed at once: ``admit`` said no / over ``max_connections`` /
+    #: over ``max_connections_per_source``.
+    connections_denied: int = 0
+    connections_refused: int = 0
+    connections_refused_per_source: int = 0
+    #: Connections closed because ``admit`` refused a message on them.
+    messages_denied: int = 0
+    #: Outgoing connects not made because ``max_connections`` were open (reported to on_error).
+    connects_refused: int = 0
+    #: Connections closed by the sweeper: idle, or an incomplete message held too long.
+    closed_idle: int = 0
+    closed_read_timeout: int = 0
+    #: Accepted TLS connections whose handshake failed or outlasted tls_handshake_timeout.
+    tls_handshakes_failed: int = 0
+    #: UDP sends dropped because the socket could not take them (EAGAIN, ENOBUFS).
+    sends_dropped: int = 0
+
+
 class Listener:
     """A bound listening socket: ``address`` has the real port (after port 0), ``sent_by`` what
-    we advertise in Via for it (the ``advertise`` address, else the bound one)."""
+    we advertise in Via for it (the ``advertise`` address, else the bound one);
+    ``receive_buffer`` is the SO_RCVBUF a UDP socket got (the kernel may cap what was asked)."""
 
-    __slots__ = ("_server", "_udp", "address", "family", "sent_by")
+    __slots__ = ("_acceptor", "_server", "_udp", "address", "family", "receive_buffer",
+                 "sent_by")
 
     def __init__(self, address: Address, family: int, sent_by: tuple[str, int]) -> None:
         self.address = address
         self.family = family
         self.sent_by = sent_by
+        self.receive_buffer = 0
         self._server: asyncio.AbstractServer | None = None
-        self._udp: asyncio.DatagramTransport | None = None
+        self._acceptor: _Acceptor | None = None
+        self._udp: _UdpSocket | _Datagram | None = None
 
     def __repr__(self) -> str:
         return f"<Listener {self.address} sent-by {self.sent_by[0]}:{self.sent_by[1]}>"
 
 
+# -- UDP -----------------------------------------------------------------------------------------
+
+class _UdpSocket:
+    """A UDP listening socket we own, read with ``loop.add_reader``: one wakeup drains up to
+    ``_UDP_BATCH`` datagrams into one preallocated buffer, reading the clock once."""
+
+    __slots__ = ("_buffer", "_view", "closed", "layer", "loop", "sock")
+
+    def __init__(self, layer: TransportLayer, sock: socket.socket,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.layer = layer
+        self.sock = sock
+        self.loop = loop
+        self._buffer = bytearray(_RECV_SIZE)
+        self._view = memoryview(self._buffer)
+        self.closed = False
+        loop.add_reader(sock.fileno(), self._read_ready)   # NotImplementedError: proactor
+
+    def _read_ready(self) -> None:
+        layer = self.layer
+        recvfrom_into = self.sock.recvfrom_into
+        buffer, view = self._buffer, self._view
+        admit = layer.admit
+        receive = layer._receive_datagram
+        now = self.loop.time()
+        count = denied = 0
+        try:
+            while count < _UDP_BATCH:
+                try:
+                    n, addr = recvfrom_into(buffer)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    # An error queued on the socket (or the socket closed under us): the
+                    # next wakeup goes on.
+                    log.debug("UDP receive error: %s", exc)
+                    break
+                count += 1
+                host = addr[0]
+                if admit is not None and not admit(host, now):
+                    denied += 1
+                    continue
+                receive(bytes(view[:n]), host, addr[1])
+        except Exception:
+            # A bug in the admit hook (or below): log it, keep the reader; the datagrams not
+            # read yet wait for the next wakeup.
+            log.exception("error receiving a UDP datagram")
+        finally:
+            stats = layer.stats
+            stats.datagrams += count
+            stats.datagrams_denied += denied
+
+    def send(self, data: bytes, dest: Address) -> None:
+        try:
+            self.sock.sendto(data, (dest.host, dest.port))
+        except OSError as exc:
+            if exc.errno in _SEND_DROP:
+                # The socket's buffer is full: lost, as a datagram may be (retransmission
+                # covers it); queueing here would only grow memory under overload.
+                self.layer.stats.sends_dropped += 1
+                log.debug("UDP send to %s dropped: %s", dest, exc)
+                return
+            log.debug("UDP send to %s failed: %s", dest, exc)
+            self.layer._fail_soon(dest)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.loop.remove_reader(self.sock.fileno())
+        except RuntimeError:        # the loop is closed already
+            pass
+        self.sock.close()
+
+
 class _Datagram(asyncio.DatagramProtocol):
-    """One UDP listening socket."""
+    """A UDP listening socket on the loop's datagram transport: uvloop's (its receive loop in C
+    costs less than ``_UdpSocket``'s in Python), or the stand-in where the loop has no
+    ``add_reader`` (Windows' proactor loop)."""
 
     def __init__(self, layer: TransportLayer) -> None:
         self.layer = layer
         self.transport: asyncio.DatagramTransport | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         layer = self.layer
-        if len(data) <= 4 and not data.strip():
-            return  # RFC 5626 §4.4.1 STUN-less keep-alive (CRLF) over UDP: nothing to do
+        stats = layer.stats
+        stats.datagrams += 1
         try:
-            msg = parse(data, layer.limits)
-        except ParseError as exc:
-            log.debug("malformed datagram from %s:%s: %s", addr[0], addr[1], exc)
-            layer._answer_malformed(data, exc, Address("UDP", addr[0], addr[1]))
-            return
-        layer._deliver(msg, Address("UDP", addr[0], addr[1]))
+            admit = layer.admit
+            if admit is not None and not admit(addr[0], layer._now()):
+                stats.datagrams_denied += 1
+                return
+            layer._receive_datagram(data, addr[0], addr[1])
+        except Exception:
+            log.exception("error receiving a UDP datagram")
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors on an unconnected socket cannot be tied to one destination reliably.
         log.debug("UDP socket error: %s", exc)
+
+    def send(self, data: bytes, dest: Address) -> None:
+        transport = self.transport
+        if transport is None:
+            self.layer._fail_soon(dest)
+            return
+        if cast(asyncio.WriteTransport, transport).get_write_buffer_size() > _MAX_WRITE_BUFFER:
+            # The transport queues what the socket cannot take now; past this, drop (as
+            # _UdpSocket does at once) rather than grow memory under overload.
+            self.layer.stats.sends_dropped += 1
+            log.debug("UDP send to %s dropped: send queue full", dest)
+            return
+        try:
+            transport.sendto(data, (dest.host, dest.port))
+        except OSError as exc:      # e.g. an unreachable network, reported synchronously
+            log.debug("UDP send to %s failed: %s", dest, exc)
+            self.layer._fail_soon(dest)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+# -- TCP / TLS -----------------------------------------------------------------------------------
+
+class _Acceptor:
+    """A TCP or TLS listening socket we own, read with ``loop.add_reader``: each accepted
+    socket meets ``admit`` and the connection limits before a transport, a read or a TLS
+    handshake exists for it, so refusing one costs an accept() and a close()."""
+
+    __slots__ = ("_retry", "closed", "layer", "loop", "name", "sock")
+
+    def __init__(self, layer: TransportLayer, sock: socket.socket, name: str,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.layer = layer
+        self.sock = sock
+        self.name = name
+        self.loop = loop
+        self.closed = False
+        self._retry: asyncio.TimerHandle | None = None
+        loop.add_reader(sock.fileno(), self._accept_ready)   # NotImplementedError: proactor
+
+    def _accept_ready(self) -> None:
+        accept = self.sock.accept
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, addr = accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_PAUSE:
+                    # Out of descriptors or memory: the listening socket stays readable, so
+                    # pause rather than spin (as asyncio's own servers do).
+                    log.warning("cannot accept %s connections: %s; pausing %.0f s",
+                                self.name, exc, _ACCEPT_RETRY)
+                    self.loop.remove_reader(self.sock.fileno())
+                    self._retry = self.loop.call_later(_ACCEPT_RETRY, self._resume)
+                    return
+                log.debug("accept failed: %s", exc)     # e.g. ECONNABORTED: on to the next
+                continue
+            self.layer._accepted(sock, addr, self.name)
+
+    def _resume(self) -> None:
+        self._retry = None
+        if not self.closed:
+            self.loop.add_reader(self.sock.fileno(), self._accept_ready)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._retry is not None:
+            self._retry.cancel()
+        try:
+            self.loop.remove_reader(self.sock.fileno())
+        except RuntimeError:        # the loop is closed already
+            pass
+        self.sock.close()
 
 
 class _Connection(asyncio.Protocol):
     """One TCP or TLS connection, accepted or opened by us, framed per RFC 3261 §18.3."""
 
     def __init__(self, layer: TransportLayer, transport_name: str, cid: int,
-                 peer: Address | None = None) -> None:
+                 peer: Address | None = None, *, accepted: bool = False) -> None:
         self.layer = layer
         self.name = transport_name
         self.id = cid
-        self.peer = peer                       # known up front for outgoing connections
+        self.peer = peer                       # known up front, but for the stand-in servers
+        self.accepted = accepted
         self.transport: asyncio.Transport | None = None
+        self.sock: socket.socket | None = None  # accepted, not yet handed to the loop
         self.buffer = bytearray()
+        # Loop time of the first byte of the incomplete message in ``buffer`` (None: empty).
+        self.partial_since: float | None = None
         self.pending: list[bytes] = []         # written once connected
         self.pending_size = 0
         self.last_active = layer._loop.time() if layer._loop is not None else 0.0
@@ -172,11 +416,18 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        self.transport = transport
-        if self.peer is None:                  # accepted: the peer is the remote socket
+        if self.closed:                        # closed while its TLS handshake ran
+            transport.abort()
+            return
+        if self.peer is None:                  # accepted by a stand-in asyncio server
             remote = transport.get_extra_info("peername")
+            if not remote or not self.layer._admit_connection(str(remote[0])):
+                self.closed = True
+                transport.abort()
+                return
             self.peer = Address(self.name, remote[0], remote[1], self.id)
             self.layer._register(self)
+        self.transport = transport
         for data in self.pending:
             transport.write(data)
         self.pending.clear()
@@ -184,9 +435,11 @@ class _Connection(asyncio.Protocol):
         self.last_active = self.layer._now()
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = self.layer._now()
+        now = self.last_active = self.layer._now()
         buf = self.buffer
+        held = len(buf)
         buf += data
+        total = len(buf)
         limits = self.layer.limits
         while buf:
             try:
@@ -211,6 +464,13 @@ class _Connection(asyncio.Protocol):
                 if n == -2 and len(buf) == 3:
                     break                      # maybe the first half of a CRLFCRLF ping
                 del buf[:-n]
+        # read_timeout runs from the first byte of the message still incomplete: a message
+        # that began in this chunk (the buffer was empty, or what it held was consumed) starts
+        # the clock; more bytes of the same message do not reset it.
+        if not buf:
+            self.partial_since = None
+        elif held == 0 or len(buf) < total:
+            self.partial_since = now
         if len(buf) > limits.max_message_size:  # message_length raises first; belt and braces
             self.close()
 
@@ -222,14 +482,20 @@ class _Connection(asyncio.Protocol):
 
     def _dispatch(self, chunk: bytes) -> None:
         assert self.peer is not None
+        layer = self.layer
+        if layer.admit is not None and not layer._ask_admit(self.peer.host, self.last_active):
+            log.debug("closing %s: source not admitted", self.peer)
+            layer.stats.messages_denied += 1
+            self.close(abort=True)
+            return
         try:
-            msg = parse(chunk, self.layer.limits)
+            msg = parse(chunk, layer.limits)
         except ParseError as exc:
             # Framing held, so the stream stays in sync: answer (or drop) just this message.
             log.debug("malformed message from %s: %s", self.peer, exc)
-            self.layer._answer_malformed(chunk, exc, self.peer)
+            layer._answer_malformed(chunk, exc, self.peer)
             return
-        self.layer._deliver(msg, self.peer)
+        layer._deliver(msg, self.peer)
 
     def write(self, data: bytes) -> bool:
         """Write now, or queue until connected; False when the connection cannot take it."""
@@ -246,17 +512,26 @@ class _Connection(asyncio.Protocol):
             return False
         if self.transport.get_write_buffer_size() > _MAX_WRITE_BUFFER:
             log.debug("closing %s: peer does not read", self.peer)
-            self.close()
+            self.close(abort=True)             # close() would wait for it to read, forever
             return False
         self.transport.write(data)
         return True
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Close (``abort``: at once, discarding what is not written yet) and forget it."""
         if self.transport is not None:
-            self.transport.close()
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
+        elif self.sock is not None:
+            self.sock.close()
+            self.sock = None
         self.closed = True
         self.layer._unregister(self)
 
+
+# -- the layer -----------------------------------------------------------------------------------
 
 class TransportLayer:
     """The asyncio implementation of :class:`fastsip.transport.Transport` (RFC 3261 §18).
@@ -267,7 +542,31 @@ class TransportLayer:
     construction.  ``check_via`` drops responses whose top Via is not ours (§18.1.2).
     ``tls_context`` is the server context (certificate) for ``tls:`` listeners;
     ``tls_client_context`` verifies servers we connect to (default: the system trust store).
+
+    Edge limits (seconds; 0 turns a timeout off, None a cap):
+
+    - ``max_connections``: TCP/TLS connections open at once, accepted and outgoing (Kamailio's
+      tcp_max_connections); ``max_connections_per_source``: accepted ones from one IP.  Over
+      either, an accepted connection is closed at once and an outgoing connect fails through
+      ``on_error``.
+    - ``idle_timeout``: a connection with no traffic either way is closed (Kamailio's
+      tcp_connection_lifetime); ``read_timeout``: one holding an incomplete message this long
+      since its first byte is closed (slowloris); ``tls_handshake_timeout``: an accepted TLS
+      connection that has not finished its handshake is closed.
+    - ``admit(host, now)``: asked for each datagram before it is parsed, each accepted
+      connection and each message on a connection, with the source IP (no brackets) and the
+      loop's time; False drops the datagram silently or closes the connection.  It runs for
+      every datagram of a flood: keep it cheap, never block.  May be set after construction.
+    - ``udp_receive_buffer``: SO_RCVBUF asked for each UDP socket (bursts wait there instead of
+      being dropped by the kernel; it may grant less, see ``Listener.receive_buffer``).
     """
+
+    # Own the listening sockets and read them with loop.add_reader where the loop can; False
+    # uses the loop's datagram endpoints and servers everywhere (tests compare the two).
+    _lean_io = True
+    # UDP through _UdpSocket (True) or the loop's datagram transport (False); None: by loop,
+    # the transport on uvloop, where it measured cheaper (benchmarks/bench_udp_intake.py).
+    _lean_udp: bool | None = None
 
     def __init__(
         self,
@@ -277,8 +576,14 @@ class TransportLayer:
         tls_context: ssl.SSLContext | None = None,
         tls_client_context: ssl.SSLContext | None = None,
         limits: Limits | None = None,
-        idle_timeout: float = 300.0,
+        idle_timeout: float = 120.0,
+        read_timeout: float = 10.0,
+        tls_handshake_timeout: float = 10.0,
         connect_timeout: float = 10.0,
+        max_connections: int | None = 2048,
+        max_connections_per_source: int | None = 64,
+        admit: AdmitCallback | None = None,
+        udp_receive_buffer: int = 4 * 1024 * 1024,
         check_via: bool = True,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
@@ -288,12 +593,21 @@ class TransportLayer:
         self.tls_client_context = tls_client_context
         self.limits = limits if limits is not None else Limits()
         self.idle_timeout = idle_timeout
+        self.read_timeout = read_timeout
+        self.tls_handshake_timeout = tls_handshake_timeout
         self.connect_timeout = connect_timeout
+        self.max_connections = max_connections
+        self.max_connections_per_source = max_connections_per_source
+        self.admit = admit
+        self.udp_receive_buffer = udp_receive_buffer
         self.check_via = check_via
+        #: Counters of what came in and what the limits and ``admit`` turned away.
+        self.stats = TransportStats()
         self._loop = loop
         self.listeners: list[Listener] = []
         self._connections: dict[int, _Connection] = {}
         self._by_peer: dict[tuple[str, str, int], _Connection] = {}
+        self._per_source: dict[str, int] = {}      # accepted connections open per source IP
         self._next_id = 1
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
@@ -315,36 +629,101 @@ class TransportLayer:
         Raises ValueError for a bad spec, OSError when the address cannot be bound, and
         FastSIPError for ``tls:`` without a ``tls_context``."""
         transport, host, port = parse_listen(spec)
+        if transport == "TLS" and self.tls_context is None:
+            raise FastSIPError(f"{spec}: a tls: listener needs a tls_context")
         loop = self.loop
         family = _family(host)
+        server: asyncio.AbstractServer | None = None
+        acceptor: _Acceptor | None = None
+        udp: _UdpSocket | _Datagram | None = None
+        receive_buffer = 0
         if transport == "UDP":
-            udp, _ = await loop.create_datagram_endpoint(
-                lambda: _Datagram(self), local_addr=(host, port), family=family)
-            bound = udp.get_extra_info("sockname")
-            server = None
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                receive_buffer = self._set_receive_buffer(sock)
+                sock.bind((host, port))
+                sock.setblocking(False)
+                bound = sock.getsockname()
+                udp = self._udp_reader(sock)
+                if udp is None:
+                    _, udp = await loop.create_datagram_endpoint(
+                        lambda: _Datagram(self), sock=sock)
+            except BaseException:
+                sock.close()
+                raise
         else:
-            ctx = None
-            if transport == "TLS":
-                if self.tls_context is None:
-                    raise FastSIPError(f"{spec}: a tls: listener needs a tls_context")
-                ctx = self.tls_context
-            name = transport
-            server = await loop.create_server(
-                lambda: _Connection(self, name, self._new_id()), host, port,
-                family=family, ssl=ctx, reuse_address=True)
-            bound = server.sockets[0].getsockname()
-            udp = None
+            sock = _bind_stream(host, port, family)
+            try:
+                bound = sock.getsockname()
+                acceptor = self._acceptor(sock, transport)
+                if acceptor is None:
+                    server = await self._stand_in_server(sock, transport)
+            except BaseException:
+                sock.close()
+                raise
         address = Address(transport, bound[0], bound[1])
         sent_by = self._advertised(address, advertise)
         listener = Listener(address, family, sent_by)
         listener._server = server
+        listener._acceptor = acceptor
         listener._udp = udp
+        listener.receive_buffer = receive_buffer
         self.listeners.append(listener)
         self._local.append(sent_by)
         if sent_by[0] != address.host or sent_by[1] != address.port:
             self._local.append((address.host, address.port))
-        log.info("listening on %s (sent-by %s:%d)", address, *sent_by)
+        if udp is not None:
+            log.info("listening on %s (sent-by %s:%d; receive buffer %d bytes%s)", address,
+                     *sent_by, receive_buffer,
+                     "" if receive_buffer >= self.udp_receive_buffer else
+                     f", {self.udp_receive_buffer} asked: the kernel caps it "
+                     "(Linux: net.core.rmem_max)")
+        else:
+            log.info("listening on %s (sent-by %s:%d)", address, *sent_by)
         return listener
+
+    def _set_receive_buffer(self, sock: socket.socket) -> int:
+        """Ask for ``udp_receive_buffer`` bytes of SO_RCVBUF; returns what the kernel granted
+        (Linux reports twice the usable size, and caps a request at net.core.rmem_max)."""
+        if self.udp_receive_buffer > 0:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.udp_receive_buffer)
+            except OSError as exc:
+                log.debug("cannot set SO_RCVBUF to %d: %s", self.udp_receive_buffer, exc)
+        return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+
+    def _udp_reader(self, sock: socket.socket) -> _UdpSocket | None:
+        lean = self._lean_udp
+        if lean is None:
+            lean = self._lean_io and not type(self.loop).__module__.startswith("uvloop")
+        if not lean:
+            return None
+        try:
+            return _UdpSocket(self, sock, self.loop)
+        except NotImplementedError:         # no add_reader: the datagram endpoint stands in
+            return None
+
+    def _acceptor(self, sock: socket.socket, transport: str) -> _Acceptor | None:
+        if not self._lean_io:
+            return None
+        try:
+            return _Acceptor(self, sock, transport, self.loop)
+        except NotImplementedError:         # no add_reader: an asyncio server stands in
+            return None
+
+    async def _stand_in_server(self, sock: socket.socket, transport: str
+                               ) -> asyncio.AbstractServer:
+        """asyncio's own server on ``sock``: limits and ``admit`` apply in connection_made,
+        which for TLS comes after the handshake (still bounded by tls_handshake_timeout)."""
+        ctx = self.tls_context if transport == "TLS" else None
+        return await self.loop.create_server(
+            lambda: _Connection(self, transport, self._new_id(), accepted=True), sock=sock,
+            ssl=ctx, ssl_handshake_timeout=self._handshake_timeout(ctx), backlog=_BACKLOG)
+
+    def _handshake_timeout(self, ctx: ssl.SSLContext | None) -> float | None:
+        if ctx is None or self.tls_handshake_timeout <= 0:
+            return None                     # asyncio's default (60 s) when turned off
+        return self.tls_handshake_timeout
 
     def _advertised(self, address: Address, advertise: str | None) -> tuple[str, int]:
         if advertise:
@@ -357,8 +736,31 @@ class TransportLayer:
                 host, port = advertise, ""
             return (host, int(port) if port else address.port)
         if address.host in _WILDCARDS:
-            return (_guess_local_ip(address.host == "::"), address.port)
+            return (routed_address(address.host == "::"), address.port)
         return (address.host, address.port)
+
+    def local_addresses(self) -> tuple[set[str], set[int]]:
+        """The hosts and ports that are us, for telling whether a Request-URI or Route names
+        this node: each listener's bound host and its advertised (sent-by) host, and for a
+        wildcard listener every interface address of its family; each listener's port and
+        advertised port.  Hosts have no brackets or scope (IP literals compressed, names lower
+        case).  Interfaces are read afresh on each call: callers cache the answer."""
+        hosts: set[str] = set()
+        ports: set[int] = set()
+        interfaces: list[str] | None = None
+        for listener in self.listeners:
+            bound = listener.address.host
+            if bound in _WILDCARDS:
+                if interfaces is None:
+                    interfaces = interface_addresses()
+                v6 = listener.family == socket.AF_INET6
+                hosts.update(_host_key(a) for a in interfaces if (":" in a) == v6)
+            else:
+                hosts.add(_host_key(bound))
+            hosts.add(_host_key(listener.sent_by[0]))
+            ports.add(listener.address.port)
+            ports.add(listener.sent_by[1])
+        return hosts, ports
 
     # -- the Transport protocol ------------------------------------------------------------
 
@@ -390,7 +792,7 @@ class TransportLayer:
 
     # -- UDP -------------------------------------------------------------------------------
 
-    def _udp_socket(self, family: int, host: str = "") -> asyncio.DatagramTransport | None:
+    def _udp_socket(self, family: int, host: str = "") -> _UdpSocket | _Datagram | None:
         """The listening socket to send from: one of ``family``, preferring one on the same
         side of loopback as ``host`` (a socket bound to 127.0.0.1 cannot reach the world, one
         bound to a public address should not talk to 127.0.0.1), else the first."""
@@ -416,15 +818,11 @@ class TransportLayer:
             self._fail_soon(dest)
             return
         sock = self._udp_socket(family, dest.host)
-        if sock is None or sock.is_closing():
+        if sock is None or sock.closed:
             log.debug("no UDP listener for the address family of %s", dest)
             self._fail_soon(dest)
             return
-        try:
-            sock.sendto(data, (dest.host, dest.port))
-        except OSError as exc:      # e.g. an unreachable network, reported synchronously
-            log.debug("UDP send to %s failed: %s", dest, exc)
-            self._fail_soon(dest)
+        sock.send(data, dest)
 
     async def _resolve_then_send(self, data: bytes, dest: Address) -> None:
         try:
@@ -452,6 +850,13 @@ class TransportLayer:
         if conn is not None and not conn.closed:
             self._fail_soon(dest)      # open but refusing (write buffer full)
             return
+        cap = self.max_connections
+        if cap is not None and len(self._connections) >= cap:
+            log.debug("no new connection to %s: %d open (max_connections)",
+                      dest, len(self._connections))
+            self.stats.connects_refused += 1
+            self._fail_soon(dest)
+            return
         conn = _Connection(self, dest.transport, self._new_id(),
                            Address(dest.transport, dest.host, dest.port))
         conn.peer = Address(dest.transport, dest.host, dest.port, conn.id)
@@ -478,6 +883,73 @@ class TransportLayer:
             self._unregister(conn)
             self._fail(dest)
 
+    def _ask_admit(self, host: str, now: float) -> bool:
+        """``admit(host, now)`` for a connection or a message on one; a hook that raises is a
+        bug, logged, and counts as a no (a broken policy must not open the gate)."""
+        admit = self.admit
+        if admit is None:
+            return True
+        try:
+            return admit(host, now)
+        except Exception:
+            log.exception("error in the admit hook for %s", host)
+            return False
+
+    def _admit_connection(self, host: str) -> bool:
+        """May a connection just accepted from ``host`` stay?  ``admit``, then the limits;
+        a refusal is logged at DEBUG (a flood must not flood the log) and counted."""
+        if not self._ask_admit(host, self._now()):
+            self.stats.connections_denied += 1
+            log.debug("closing a connection from %s: not admitted", host)
+            return False
+        cap = self.max_connections
+        if cap is not None and len(self._connections) >= cap:
+            self.stats.connections_refused += 1
+            log.debug("refusing a connection from %s: %d open (max_connections)",
+                      host, len(self._connections))
+            return False
+        cap = self.max_connections_per_source
+        if cap is not None and self._per_source.get(host, 0) >= cap:
+            self.stats.connections_refused_per_source += 1
+            log.debug("refusing a connection from %s: %d open from there "
+                      "(max_connections_per_source)", host, cap)
+            return False
+        return True
+
+    def _accepted(self, sock: socket.socket, addr: Any, name: str) -> None:
+        """A socket from an :class:`_Acceptor`: closed at once if refused, else counted and
+        handed to the loop (TLS: after its handshake)."""
+        host = str(addr[0])
+        if not self._admit_connection(host):
+            sock.close()
+            return
+        conn = _Connection(self, name, self._new_id(), accepted=True)
+        conn.peer = Address(name, host, int(addr[1]), conn.id)
+        conn.sock = sock
+        self._register(conn)
+        self._spawn(self._attach(conn))
+
+    async def _attach(self, conn: _Connection) -> None:
+        sock, conn.sock = conn.sock, None
+        if sock is None:                    # closed before this task ran
+            return
+        ctx = self.tls_context if conn.name == "TLS" else None
+        failure: object = None
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: conn, sock, ssl=ctx, ssl_handshake_timeout=self._handshake_timeout(ctx))
+        except Exception as exc:  # noqa: BLE001 - a failed or timed-out handshake, a reset...
+            failure = exc
+        else:
+            if conn.transport is None and not conn.closed:
+                failure = "closed during the handshake"
+        if failure is not None:
+            if ctx is not None:
+                self.stats.tls_handshakes_failed += 1
+            log.debug("%s connection from %s not established: %s", conn.name, conn.peer, failure)
+            conn.closed = True
+            self._unregister(conn)
+
     def _new_id(self) -> int:
         cid = self._next_id
         self._next_id += 1
@@ -487,12 +959,22 @@ class TransportLayer:
         assert conn.peer is not None
         self._connections[conn.id] = conn
         self._by_peer[conn.peer.peer] = conn
-        if self._sweeper is None and self.idle_timeout > 0:
+        if conn.accepted:
+            host = conn.peer.host
+            self._per_source[host] = self._per_source.get(host, 0) + 1
+        if self._sweeper is None:
             self._arm_sweeper()
 
     def _unregister(self, conn: _Connection) -> None:
         if self._connections.pop(conn.id, None) is None:
             return
+        if conn.accepted and conn.peer is not None:
+            host = conn.peer.host
+            left = self._per_source.get(host, 0) - 1
+            if left > 0:
+                self._per_source[host] = left
+            else:
+                self._per_source.pop(host, None)
         keys = list(conn.aliases)
         if conn.peer is not None:
             keys.append(conn.peer.peer)
@@ -508,21 +990,51 @@ class TransportLayer:
             conn.aliases.append(key)
 
     def _arm_sweeper(self) -> None:
-        period = max(min(self.idle_timeout / 4, 30.0), 0.01)
+        # A quarter of the shortest timeout: a connection is closed at most 25 % late.
+        timeouts = [t for t in (self.idle_timeout, self.read_timeout) if t > 0]
+        if not timeouts or self._closed:
+            return
+        period = max(min(min(timeouts) / 4, _MAX_SWEEP_PERIOD), 0.01)
         self._sweeper = self.loop.call_later(period, self._sweep)
 
     def _sweep(self) -> None:
-        """Close connections idle for ``idle_timeout`` (one loop timer for all of them)."""
+        """Close connections idle for ``idle_timeout``, or holding an incomplete message for
+        ``read_timeout`` (one loop timer for all of them)."""
         self._sweeper = None
-        deadline = self._now() - self.idle_timeout
+        now = self._now()
+        idle = self.idle_timeout
+        read = self.read_timeout
         for conn in list(self._connections.values()):
-            if conn.last_active <= deadline and conn.transport is not None:
+            transport = conn.transport
+            if transport is None:           # connecting, or its TLS handshake is running
+                continue
+            if read > 0 and conn.partial_since is not None and now - conn.partial_since >= read:
+                log.debug("closing %s: an incomplete message for %.1f s (read_timeout)",
+                          conn.peer, now - conn.partial_since)
+                self.stats.closed_read_timeout += 1
+                conn.close(abort=True)
+            elif idle > 0 and now - conn.last_active >= idle:
                 log.debug("closing idle connection to %s", conn.peer)
-                conn.close()
-        if self._connections and not self._closed:
+                self.stats.closed_idle += 1
+                # Data still unwritten after that long will not be read: do not wait for it.
+                conn.close(abort=transport.get_write_buffer_size() > 0)
+        if self._connections:
             self._arm_sweeper()
 
     # -- receiving -------------------------------------------------------------------------
+
+    def _receive_datagram(self, data: bytes, host: str, port: int) -> None:
+        """One datagram ``admit`` let through: a keep-alive, a malformed message, or one to
+        deliver."""
+        if len(data) <= 4 and not data.strip():
+            return  # RFC 5626 §4.4.1 STUN-less keep-alive (CRLF) over UDP: nothing to do
+        try:
+            msg = parse(data, self.limits)
+        except ParseError as exc:
+            log.debug("malformed datagram from %s:%s: %s", host, port, exc)
+            self._answer_malformed(data, exc, Address("UDP", host, port))
+            return
+        self._deliver(msg, Address("UDP", host, port))
 
     def _answer_malformed(self, data: bytes, exc: ParseError, source: Address) -> None:
         # A request that fails to parse gets the RFC's answer (400/505/513) straight back to
@@ -598,6 +1110,8 @@ class TransportLayer:
         for listener in self.listeners:
             if listener._udp is not None:
                 listener._udp.close()
+            if listener._acceptor is not None:
+                listener._acceptor.close()
             if listener._server is not None:
                 listener._server.close()
                 servers.append(listener._server)
@@ -609,14 +1123,19 @@ class TransportLayer:
         self._local.clear()
 
 
-def _guess_local_ip(v6: bool) -> str:
-    """The address the routing table would use to reach the outside world (a connected UDP
-    socket sends nothing); the loopback address when there is no route."""
-    family = socket.AF_INET6 if v6 else socket.AF_INET
-    probe = "2001:db8::1" if v6 else "192.0.2.1"
+def _bind_stream(host: str, port: int, family: int) -> socket.socket:
+    """A listening TCP socket on (host, port), set up as asyncio's create_server would: address
+    reuse on POSIX (a restart need not wait out TIME_WAIT), IPv6 only on an IPv6 address."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect((probe, 9))
-            return str(s.getsockname()[0])
-    except OSError:
-        return "::1" if v6 else "127.0.0.1"
+        if sys.platform != "win32":     # on Windows it would let another socket steal the port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

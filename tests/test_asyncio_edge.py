@@ -1,0 +1,620 @@
+"""The transport at the edge, over real sockets on 127.0.0.0/8 (and ::1), on asyncio and uvloop:
+connection limits, idle/read/TLS-handshake timeouts, the ``admit`` hook, responses on the
+connection a request came in on (§18.2.2), the lean UDP path, and our own addresses."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastsip import Message, Request, Response, parse
+from fastsip.asyncio import Endpoint, TransportLayer, interface_addresses, netif
+from fastsip.transaction import ServerTransaction
+from fastsip.transport import Address
+from fastsip.transport.rules import response_destination
+
+sys.path.insert(0, str(Path(__file__).parent))
+from netutil import HAS_IPV6, LOOPS, Inbox, hostport, needs_ipv6, options, run, tls_contexts
+
+#: Both ways of reading sockets: our own (add_reader) and the loop's endpoints and servers
+#: (uvloop's UDP transport by default; all of them where the loop has no add_reader).
+IO = [pytest.param(True, id="lean"), pytest.param(False, id="stand-in")]
+
+Reader = asyncio.StreamReader
+Writer = asyncio.StreamWriter
+
+
+def make_layer(lean: bool | None = None, **kwargs: Any) -> TransportLayer:
+    """A TransportLayer reading its sockets the ``lean`` way or not (None: the default)."""
+    layer = TransportLayer(**kwargs)
+    if lean is not None:
+        layer._lean_io = lean
+        layer._lean_udp = lean
+    return layer
+
+
+def answer_with(server: TransportLayer, status: int = 200) -> Inbox:
+    """An inbox that also answers each request through ``server`` (§18.2.2 destination)."""
+    inbox = Inbox()
+
+    def on_message(msg: Message, source: Address) -> None:
+        inbox(msg, source)
+        if isinstance(msg, Request):
+            via = msg.top_via
+            assert via is not None
+            server.send(bytes(msg.reply(status)), response_destination(via, source))
+
+    server.on_message = on_message
+    return inbox
+
+
+async def connect(port: int, host: str = "127.0.0.1", local: str | None = None
+                  ) -> tuple[Reader, Writer]:
+    return await asyncio.open_connection(
+        host, port, local_addr=(local, 0) if local else None)
+
+
+async def closed_by_server(reader: Reader, timeout: float = 2.0) -> bool:
+    """True when the server closes the connection (EOF or reset) within ``timeout``."""
+    try:
+        return await asyncio.wait_for(reader.read(65536), timeout) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+
+
+async def ping(reader: Reader, writer: Writer, call_id: str) -> Response:
+    """One OPTIONS over an open TCP connection, and its response."""
+    writer.write(bytes(options("sip:a@x", "h.invalid:5060", "TCP", call_id=call_id)))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+    resp = parse(head)
+    assert isinstance(resp, Response) and resp.call_id == call_id
+    return resp
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+# -- connection limits -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lean", IO)
+@pytest.mark.parametrize("factory", LOOPS)
+def test_over_max_connections_is_refused_at_once(factory: Any, lean: bool) -> None:
+    async def main() -> None:
+        server = make_layer(lean, max_connections=3)
+        answer_with(server)
+        clients: list[tuple[Reader, Writer]] = []
+        try:
+            s = await server.listen("tcp:127.0.0.1:0")
+            for n in range(3):
+                clients.append(await connect(s.address.port))
+                await ping(*clients[-1], f"c{n}")
+            extra = await connect(s.address.port)
+            assert await closed_by_server(extra[0], 1.0)
+            extra[1].close()
+            assert server.stats.connections_refused == 1
+            # The ones already open keep working...
+            for n, client in enumerate(clients):
+                await ping(*client, f"again{n}")
+            # ...and once one closes, a new connection is accepted and served.
+            clients.pop()[1].close()
+            await until(lambda: len(list(server.connections())) == 2)
+            clients.append(await connect(s.address.port))
+            await ping(*clients[-1], "new")
+            assert server.stats.connections_refused == 1
+        finally:
+            for _, writer in clients:
+                writer.close()
+            await server.close()
+
+    run(factory, main())
+
+
+@pytest.mark.parametrize("lean", IO)
+@pytest.mark.parametrize("factory", LOOPS)
+def test_per_source_cap(factory: Any, lean: bool) -> None:
+    async def main() -> None:
+        server = make_layer(lean, max_connections_per_source=2)
+        answer_with(server)
+        clients: list[tuple[Reader, Writer]] = []
+        try:
+            s = await server.listen("tcp:127.0.0.1:0")
+            for n in range(2):
+                clients.append(await connect(s.address.port, local="127.0.0.1"))
+                await ping(*clients[-1], f"one{n}")
+            third = await connect(s.address.port, local="127.0.0.1")
+            assert await closed_by_server(third[0], 1.0)
+            third[1].close()
+            assert server.stats.connections_refused_per_source == 1
+            # Another source (127.0.0.2 is loopback too) has its own count.
+            clients.append(await connect(s.address.port, local="127.0.0.2"))
+            resp = await ping(*clients[-1], "two")
+            assert resp.status_code == 200
+            assert sorted(a.host for a in server.connections()) == ["127.0.0.1", "127.0.0.1",
+                                                                    "127.0.0.2"]
+        finally:
+            for _, writer in clients:
+                writer.close()
+            await server.close()
+
+    run(factory, main())
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_outgoing_connect_over_the_cap_is_a_transport_error(factory: Any) -> None:
+    async def main() -> None:
+        errors: list[Address] = []
+        a, b = make_layer(), make_layer()
+        client = make_layer(max_connections=1, on_error=errors.append)
+        inbox = Inbox()
+        a.on_message = b.on_message = inbox
+        try:
+            sa = await a.listen("tcp:127.0.0.1:0")
+            sb = await b.listen("tcp:127.0.0.1:0")
+            await client.listen("udp:127.0.0.1:0")
+            client.send(bytes(options("sip:a@x", "127.0.0.1:1", "TCP")), sa.address)
+            client.send(bytes(options("sip:b@x", "127.0.0.1:1", "TCP")), sb.address)
+            await inbox.wait(1)
+            await until(lambda: bool(errors))
+            assert errors == [sb.address]
+            assert client.stats.connects_refused == 1
+            assert [x.port for x in client.connections()] == [sa.address.port]
+        finally:
+            for layer in (a, b, client):
+                await layer.close()
+
+    run(factory, main())
+
+
+# -- timeouts ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_idle_connection_is_closed_after_idle_timeout(factory: Any) -> None:
+    async def main() -> None:
+        server = make_layer(idle_timeout=0.3)
+        answer_with(server)
+        try:
+            s = await server.listen("tcp:127.0.0.1:0")
+            reader, writer = await connect(s.address.port)
+            await ping(reader, writer, "before")           # traffic resets the idle clock
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            assert await closed_by_server(reader)
+            assert 0.25 <= loop.time() - start < 1.5
+            assert server.stats.closed_idle == 1 and server.stats.closed_read_timeout == 0
+            assert list(server.connections()) == []
+            writer.close()
+        finally:
+            await server.close()
+
+    run(factory, main())
+
+
+@pytest.mark.parametrize("lean", IO)
+@pytest.mark.parametrize("factory", LOOPS)
+def test_slowloris_is_closed_after_read_timeout(factory: Any, lean: bool) -> None:
+    async def main() -> None:
+        server = make_layer(lean, read_timeout=0.5, idle_timeout=10)
+        inbox = answer_with(server)
+        try:
+            s = await server.listen("tcp:127.0.0.1:0")
+            slow_reader, slow = await connect(s.address.port)
+            normal = await connect(s.address.port)
+            loop = asyncio.get_running_loop()
+            slow.write(b"OPTIONS sip:a@x SIP/2.0\r\n")     # a message that never ends
+            start = loop.time()
+            closed_after = None
+            for n in range(15):                           # a header line every 0.2 s...
+                await asyncio.sleep(0.2)
+                await ping(*normal, f"normal{n}")         # ...while a normal client is served
+                if slow_reader.at_eof() or slow.is_closing():
+                    break
+                try:
+                    slow.write(f"X-Slow-{n}: still typing\r\n".encode())
+                    await slow.drain()
+                except (ConnectionResetError, BrokenPipeError):
+                    break
+                if closed_after is None and server.stats.closed_read_timeout:
+                    closed_after = loop.time() - start
+            assert await closed_by_server(slow_reader, 1.0)
+            if closed_after is None:
+                closed_after = loop.time() - start
+            assert 0.45 <= closed_after < 1.5, closed_after
+            assert server.stats.closed_read_timeout == 1 and server.stats.closed_idle == 0
+            await ping(*normal, "after")
+            assert [a.port for a in server.connections()] == \
+                [normal[1].get_extra_info("sockname")[1]]
+            assert all(m.call_id != "call-1@test" for m, _ in inbox.items)
+            slow.close()
+            normal[1].close()
+        finally:
+            await server.close()
+
+    run(factory, main())
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_messages_completed_slowly_are_kept(factory: Any) -> None:
+    """Each message arriving over less than read_timeout is fine however long the stream
+    lasts: the clock restarts at the first byte of each message, also when that byte comes in
+    the same read as the end of the message before."""
+    async def main() -> None:
+        server = make_layer(read_timeout=0.4, idle_timeout=10)
+        inbox = answer_with(server)
+        try:
+            s = await server.listen("tcp:127.0.0.1:0")
+            reader, writer = await connect(s.address.port)
+            stream = b"".join(bytes(options("sip:a@x", "h.invalid:5060", "TCP",
+                                            call_id=f"m{n}")) for n in range(4))
+            step = len(stream) * 3 // 20          # 0.6 of a message: reads straddle messages
+            for start in range(0, len(stream), step):      # ~0.7 s in all, 0.2 s per message
+                writer.write(stream[start:start + step])
+                await asyncio.sleep(0.1)
+            items = await inbox.wait(4)
+            assert [m.call_id for m, _ in items] == ["m0", "m1", "m2", "m3"]
+            assert server.stats.closed_read_timeout == 0
+            assert len(list(server.connections())) == 1
+            for _ in range(4):
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+            writer.close()
+        finally:
+            await server.close()
+
+    run(factory, main())
+
+
+@pytest.mark.parametrize("lean", IO)
+@pytest.mark.parametrize("factory", LOOPS)
+def test_tls_client_that_never_handshakes_is_closed(factory: Any, lean: bool,
+                                                    tmp_path: Path) -> None:
+    server_ctx, client_ctx = tls_contexts(tmp_path)
+
+    async def main() -> None:
+        server = make_layer(lean, tls_context=server_ctx, tls_handshake_timeout=0.4)
+        answer_with(server)
+        try:
+            s = await server.listen("tls:127.0.0.1:0")
+            loop = asyncio.get_running_loop()
+            mute_reader, mute = await connect(s.address.port)   # plain TCP: no ClientHello
+            start = loop.time()
+            if lean:   # counted from accept, so a handshake cannot dodge the limits
+                await until(lambda: len(list(server.connections())) == 1)
+            assert await closed_by_server(mute_reader, 3.0)
+            assert 0.35 <= loop.time() - start < 2.0
+            mute.close()
+            if lean:
+                assert server.stats.tls_handshakes_failed == 1
+            await until(lambda: list(server.connections()) == [])
+            # A client that does handshake is served.
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", s.address.port, ssl=client_ctx, server_hostname="127.0.0.1")
+            resp = await ping(reader, writer, "tls")
+            assert resp.status_code == 200
+            writer.close()
+        finally:
+            await server.close()
+
+    run(factory, main())
+
+
+# -- admit -------------------------------------------------------------------------------------
+
+class Gate:
+    """An admit hook with a switch, recording what it was asked."""
+
+    def __init__(self) -> None:
+        self.open = False
+        self.asked: list[tuple[str, float]] = []
+
+    def __call__(self, host: str, now: float) -> bool:
+        self.asked.append((host, now))
+        return self.open
+
+
+@pytest.mark.parametrize("host", [pytest.param("127.0.0.1", id="v4"),
+                                  pytest.param("::1", id="v6", marks=needs_ipv6)])
+@pytest.mark.parametrize("lean", IO)
+@pytest.mark.parametrize("factory", LOOPS)
+def test_admit_drops_datagrams_silently(factory: Any, lean: bool, host: str) -> None:
+    async def main() -> None:
+        gate = Gate()
+        server = make_layer(lean, admit=gate)
+        inbox = answer_with(server)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        raw = socket.socket(family, socket.SOCK_DGRAM)
+        raw.bind((host, 0))
+        raw.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            s = await server.listen(f"udp:{hostport(host, 0)}")
+            dest = (host, s.address.port)
+            good = bytes(options("sip:a@x", hostport(host, raw.getsockname()[1])))
+            for data in (good, b"garbage that would get no answer anyway", b"\r\n\r\n"):
+                raw.sendto(data, dest)
+            await until(lambda: len(gate.asked) == 3)
+            await asyncio.sleep(0.1)
+            assert inbox.items == []
+            with pytest.raises(BlockingIOError):
+                raw.recv(65535)                       # nothing came back
+            assert server.stats.datagrams_denied == 3
+            assert {h for h, _ in gate.asked} == {host}
+            assert all(isinstance(now, float) and abs(now - loop.time()) < 5
+                       for _, now in gate.asked)
+            gate.open = True
+            raw.sendto(good, dest)
+            await inbox.wait(1)
+            answer = await asyncio.wait_for(loop.sock_recv(raw, 65535), 2)
+            assert parse(answer).status_code == 200   # type: ignore[union-attr]
+            assert server.stats.datagrams == 4 and server.stats.datagrams_denied == 3
+        finally:
+            raw.close()
+            await server.close()
+
+    run(factory, main())
+
+
+@pytest.mark.parametrize("lean", IO)
+@pytest.mark.parametrize("factory", LOOPS)
+def test_admit_closes_connections(factory: Any, lean: bool) -> None:
+    async def main() -> None:
+        gate = Gate()
+        server = make_layer(lean, admit=gate)
+        inbox = answer_with(server)
+        try:
+            s = await server.listen("tcp:127.0.0.1:0")
+            reader, writer = await connect(s.address.port)
+            assert await closed_by_server(reader, 1.0)      # refused when accepted
+            writer.close()
+            assert server.stats.connections_denied == 1 and inbox.items == []
+            gate.open = True
+            reader, writer = await connect(s.address.port)
+            await ping(reader, writer, "let-in")
+            # Banned while connected: the next message closes the connection, unanswered.
+            gate.open = False
+            writer.write(bytes(options("sip:a@x", "h.invalid:5060", "TCP", call_id="late")))
+            assert await closed_by_server(reader, 1.0)
+            writer.close()
+            assert server.stats.messages_denied == 1
+            assert [m.call_id for m, _ in inbox.items] == ["let-in"]
+            assert {h for h, _ in gate.asked} == {"127.0.0.1"}
+            await until(lambda: list(server.connections()) == [])
+        finally:
+            await server.close()
+
+    run(factory, main())
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_admit_that_raises_denies_and_the_listener_survives(factory: Any) -> None:
+    async def main() -> None:
+        broken = True
+
+        def admit(host: str, now: float) -> bool:
+            if broken:
+                raise RuntimeError("a bug in the policy")
+            return True
+
+        server = make_layer(admit=admit)
+        inbox = answer_with(server)
+        raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s = await server.listen("udp:127.0.0.1:0")
+            raw.sendto(bytes(options("sip:a@x", "127.0.0.1:1")), ("127.0.0.1", s.address.port))
+            await until(lambda: server.stats.datagrams == 1)
+            broken = False
+            raw.sendto(bytes(options("sip:a@x", "127.0.0.1:1")), ("127.0.0.1", s.address.port))
+            await inbox.wait(1)
+        finally:
+            raw.close()
+            await server.close()
+
+    run(factory, main())
+
+
+# -- §18.2.2: a request that came over a connection is answered over it --------------------------
+
+class Answerer:
+    """A transaction user that answers every request with 200."""
+
+    def on_request(self, txn: ServerTransaction, request: Request) -> None:
+        txn.reply(200, to_tag="srv")
+
+    def on_ack(self, request: Request, source: Address) -> None: ...
+    def on_stray_response(self, response: Response, source: Address) -> None: ...
+    def on_server_timeout(self, txn: ServerTransaction) -> None: ...
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_response_goes_back_over_the_connection_whatever_the_via_says(factory: Any) -> None:
+    async def main() -> None:
+        decoy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)   # the Via's UDP address
+        decoy.bind(("127.0.0.1", 0))
+        decoy.setblocking(False)
+        decoy_port = decoy.getsockname()[1]
+        try:
+            async with Endpoint(Answerer(), ["udp:127.0.0.1:0", "tcp:127.0.0.1:0"]) as ep:
+                reader, writer = await connect(ep.address("TCP").port)
+                req = options("sip:a@127.0.0.1", f"127.0.0.1:{decoy_port}", "UDP",
+                              call_id="via-says-udp")
+                writer.write(bytes(req))
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+                resp = parse(head)
+                assert isinstance(resp, Response) and resp.status_code == 200
+                assert resp.call_id == "via-says-udp"
+                await asyncio.sleep(0.2)
+                with pytest.raises(BlockingIOError):
+                    decoy.recv(65535)
+                writer.close()
+        finally:
+            decoy.close()
+
+    run(factory, main())
+
+
+# -- the lean UDP path -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_udp_path_by_loop(factory: Any) -> None:
+    """add_reader on asyncio; uvloop's own datagram transport, which measured cheaper."""
+    async def main() -> None:
+        layer = make_layer()
+        try:
+            s = await layer.listen("udp:127.0.0.1:0")
+            uvloop = type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+            assert type(s._udp).__name__ == ("_Datagram" if uvloop else "_UdpSocket")
+            assert s.receive_buffer > 0
+        finally:
+            await layer.close()
+
+    run(factory, main())
+
+
+@pytest.mark.parametrize("lean", IO)
+@pytest.mark.parametrize("factory", LOOPS)
+def test_udp_burst_is_drained(factory: Any, lean: bool) -> None:
+    async def main() -> None:
+        server = make_layer(lean)
+        inbox = Inbox()
+        server.on_message = inbox
+        raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s = await server.listen("udp:127.0.0.1:0")
+            assert type(s._udp).__name__ == ("_UdpSocket" if lean else "_Datagram")
+            for n in range(600):                           # more than one batch
+                raw.sendto(bytes(options("sip:a@x", "127.0.0.1:1", call_id=f"b{n}")),
+                           ("127.0.0.1", s.address.port))
+            items = await inbox.wait(600)
+            assert [m.call_id for m, _ in items] == [f"b{n}" for n in range(600)]
+            assert server.stats.datagrams == 600
+        finally:
+            raw.close()
+            await server.close()
+
+    run(factory, main())
+
+
+class _StubSocket:
+    """Stands in for a UDP socket whose sendto fails with ``error``."""
+
+    def __init__(self, real: socket.socket, error: OSError) -> None:
+        self.real = real
+        self.error = error
+
+    def sendto(self, data: bytes, addr: Any) -> int:
+        raise self.error
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def close(self) -> None:
+        self.real.close()
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_udp_send_full_buffer_drops_other_errors_report(factory: Any) -> None:
+    async def main() -> None:
+        errors: list[Address] = []
+        layer = make_layer(True, on_error=errors.append)
+        try:
+            listener = await layer.listen("udp:127.0.0.1:0")
+            udp = listener._udp
+            assert udp is not None
+            real = udp.sock  # type: ignore[union-attr]
+            dest = Address("UDP", "127.0.0.1", 9)
+            udp.sock = _StubSocket(real, BlockingIOError(11, "EAGAIN"))  # type: ignore[union-attr]
+            layer.send(b"x", dest)
+            udp.sock = _StubSocket(real, OSError(105, "ENOBUFS"))  # type: ignore[union-attr]
+            layer.send(b"x", dest)
+            await asyncio.sleep(0.02)
+            assert errors == [] and layer.stats.sends_dropped == 2
+            udp.sock = _StubSocket(real, OSError(101, "ENETUNREACH"))  # type: ignore[union-attr]
+            layer.send(b"x", dest)
+            await until(lambda: errors == [dest])
+            udp.sock = real  # type: ignore[union-attr]
+        finally:
+            await layer.close()
+
+    run(factory, main())
+
+
+class _FullTransport:
+    """Stands in for a datagram transport whose send queue is full."""
+
+    def get_write_buffer_size(self) -> int:
+        return 1 << 30
+
+    def is_closing(self) -> bool:
+        return False
+
+    def sendto(self, data: bytes, addr: Any) -> None:
+        raise AssertionError("must not queue more")
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_udp_send_queue_full_drops(factory: Any) -> None:
+    async def main() -> None:
+        errors: list[Address] = []
+        layer = make_layer(False, on_error=errors.append)
+        try:
+            listener = await layer.listen("udp:127.0.0.1:0")
+            udp = listener._udp
+            real = udp.transport  # type: ignore[union-attr]
+            udp.transport = _FullTransport()  # type: ignore[union-attr]
+            layer.send(b"x", Address("UDP", "127.0.0.1", 9))
+            udp.transport = real  # type: ignore[union-attr]
+            await asyncio.sleep(0.02)
+            assert errors == [] and layer.stats.sends_dropped == 1
+        finally:
+            await layer.close()
+
+    run(factory, main())
+
+
+# -- our own addresses -------------------------------------------------------------------------
+
+def test_interface_addresses() -> None:
+    found = interface_addresses()
+    assert "127.0.0.1" in found
+    if HAS_IPV6:
+        assert "::1" in found
+    assert len(found) == len(set(found))
+    for addr in found:
+        assert "%" not in addr and "[" not in addr
+        socket.inet_pton(socket.AF_INET6 if ":" in addr else socket.AF_INET, addr)
+        assert not addr.lower().startswith("fe80:")
+    fallback = netif._fallback()
+    assert "127.0.0.1" in fallback
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_local_addresses(factory: Any) -> None:
+    async def main() -> None:
+        layer = make_layer()
+        try:
+            t = await layer.listen("tcp:127.0.0.1:0", advertise="Proxy.Example.COM:5099")
+            u = await layer.listen("udp:0.0.0.0:0")
+            hosts, ports = layer.local_addresses()
+            v4 = {a for a in interface_addresses() if ":" not in a}
+            assert {"127.0.0.1", "proxy.example.com"} | v4 <= hosts
+            assert layer.sent_by("UDP")[0] in hosts
+            assert "0.0.0.0" not in hosts
+            assert not any(":" in h for h in hosts)         # no v6 listener, no v6 host
+            assert ports == {t.address.port, 5099, u.address.port}
+            if HAS_IPV6:
+                v6 = await layer.listen("udp:[::]:0", advertise="[2001:DB8::5]")
+                hosts, ports = layer.local_addresses()
+                assert "::1" in hosts and "2001:db8::5" in hosts
+                assert v6.address.port in ports
+        finally:
+            await layer.close()
+
+    run(factory, main())
