@@ -37,10 +37,12 @@ same path), responses are routed back by their Via; nothing is kept.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import itertools
 import logging
 import os
 from collections.abc import Callable, Container, Iterable, Sequence
+from functools import lru_cache
 from typing import Any, Protocol
 
 from fastsip.sip import URI, Message, Request, Response, parse
@@ -241,6 +243,17 @@ def _stateless_tag(request: Request) -> str:
 def is_local_tag(tag: str | None) -> bool:
     """Was this To tag made by this process (a local answer of ours)?"""
     return tag is not None and tag.startswith(LOCAL_TAG_PREFIX)
+
+
+@lru_cache(maxsize=4096)
+def _canonical_host(host: str) -> str:
+    """A host as compared for "is this us": an IP literal in its one canonical text (IPv6
+    compressed, lower case, brackets off), a name lower-cased."""
+    text = strip_brackets(host)
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return text.lower()
 
 
 def _is_ours(response: Response) -> bool:
@@ -884,7 +897,7 @@ class Proxy:
         )
         self._per_source: dict[str, int] = {}
         self.retry_after = retry_after
-        self.aliases = {strip_brackets(a).lower() for a in aliases}
+        self.aliases = {_canonical_host(a) for a in aliases}
         self.schemes = frozenset(s.lower() for s in schemes)
         self.proxy_require = frozenset(proxy_require)
         self.loop_detection = loop_detection
@@ -952,7 +965,7 @@ class Proxy:
                 # Every listening and advertised address, and every interface address behind
                 # a wildcard listener (the shell knows them).
                 own_hosts, own_ports = local_addresses()
-                hosts.update(strip_brackets(h).lower() for h in own_hosts)
+                hosts.update(_canonical_host(h) for h in own_hosts)
                 ports.update(own_ports)
             else:
                 for t in ("UDP", "TCP", "TLS", "SCTP", "WS", "WSS"):
@@ -961,7 +974,7 @@ class Proxy:
                     except Exception as exc:  # noqa: BLE001 - no listener at all (yet)
                         log.debug("no sent-by for %s: %s", t, exc)
                         continue
-                    hosts.add(strip_brackets(host).lower())
+                    hosts.add(_canonical_host(host))
                     ports.add(port)
             self._hosts, self._ports = hosts, ports
         return self._hosts, self._ports
@@ -975,14 +988,14 @@ class Proxy:
         if uri is None or not uri.is_sip:
             return False
         hosts, ports = self._local()
-        if strip_brackets(uri.maddr or uri.host).lower() not in hosts:
+        if _canonical_host(uri.maddr or uri.host) not in hosts:
             return False
         port = uri.port
         return port is None or port in ports
 
     def _via_is_ours(self, host: str, port: int | None, transport: str) -> bool:
         hosts, ports = self._local()
-        if strip_brackets(host).lower() not in hosts:
+        if _canonical_host(host) not in hosts:
             return False
         return (port if port is not None else DEFAULT_PORTS.get(transport, 5060)) in ports
 
