@@ -286,7 +286,7 @@ class Request:
                                                 proxy=self.method != "REGISTER")
         host = self.ctx.source.host
         guard = router.guard
-        now = router.clock()
+        now = router.monotonic()
         if result.user is not None and guard.auth_blocked(host, result.user, now):
             self._blocked = True
             guard.auth_failed(host, result.user, "blocked after repeated failures", now,
@@ -370,6 +370,9 @@ class Router:
       default one, without rate limiting, when None); ``fastsip serve`` shares one with the
       transport, which drops what banned sources send.
 
+    - ``monotonic``: the clock of the guard's windows and bans (default: the proxy's); it
+      must be the clock of whoever else feeds the guard (``fastsip serve``: the loop's time,
+      which the transport's admission check passes too).
     - ``trusted``: source hosts whose requests the relay policy lets go anywhere (``host in
       trusted``; a :class:`~fastsip.proxy.edge.TrustedNetworks`); default: the proxy's
       (``Proxy(trusted=...)``), so the core and the routing share one set.
@@ -383,7 +386,8 @@ class Router:
                  handler_timeout: float = 30.0,
                  wallclock: Callable[[], float] = time.time,
                  guard: SourceGuard | None = None,
-                 trusted: Container[str] | None = None) -> None:
+                 trusted: Container[str] | None = None,
+                 monotonic: Callable[[], float] | None = None) -> None:
         self.routes = routes if routes is not None else Routes()
         self.registrar = registrar
         self.authenticator = authenticator
@@ -401,6 +405,7 @@ class Router:
         self.wallclock = wallclock
         self.guard = guard if guard is not None else SourceGuard(rate=0)
         self.trusted = trusted
+        self._monotonic = monotonic
         self.proxy: Proxy | None = None
         self.running = 0
         self._per_source: dict[str, int] = {}
@@ -431,8 +436,10 @@ class Router:
             return proxy is not None and host in proxy.trusted
         return host in trusted
 
-    def clock(self) -> float:
-        """The proxy's (event loop's) monotonic time: what the guard's windows and bans use."""
+    def monotonic(self) -> float:
+        """The time of the guard's windows and bans (``monotonic``, else the proxy's clock)."""
+        if self._monotonic is not None:
+            return self._monotonic()
         proxy = self.proxy
         return proxy.clock.time() if proxy is not None else time.monotonic()
 

@@ -2,6 +2,7 @@
 
     fastsip serve --domain example.com [--listen udp:0.0.0.0:5060 ...] [--routes routes.py]
                   [--db memory:|sqlite:PATH] [--auth-users users.txt] [--log-level info]
+                  [--trusted CIDR ...] [--rate-limit N] [--max-connections N] ...
 
 It assembles the layers -- :class:`~fastsip.asyncio.Endpoint` (sockets, timers, transactions),
 :class:`~fastsip.proxy.Proxy` (RFC 3261 §16), :class:`~fastsip.app.Router` running the user's
@@ -18,6 +19,12 @@ response has gone upstream, as ``key=value`` fields a log shipper can split::
         from=sip:alice@example.com to=sip:bob@example.com source=udp:127.0.0.1:5071
 
 Below INFO nothing is tracked per request, so a quiet server pays nothing for it.
+
+Its defaults are meant for a public address (see ``docs/security.md``): no open relay (the
+routing API's relay policy), local negative answers sent statelessly, per-source rate limits
+with bans (``--rate-limit``, ``--ban-time``; ``--trusted`` networks are exempt), failed-login
+bans, caps on transactions and TCP/TLS connections, and idle, slow-read and TLS handshake
+timeouts.
 """
 
 from __future__ import annotations
@@ -202,16 +209,32 @@ async def run(args: argparse.Namespace) -> int:
         log.error("cannot load routes from %s: %s: %s", args.routes, type(exc).__name__, exc)
         print(f"fastsip serve: cannot load routes from {args.routes}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    from fastsip.proxy.edge import SourceGuard, TrustedNetworks
+
+    try:
+        trusted = TrustedNetworks(args.trusted or ())
+    except ValueError as exc:
+        print(f"fastsip serve: --trusted: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    guard = SourceGuard(
+        rate=args.rate_limit,
+        burst=args.rate_burst if args.rate_burst is not None else max(1.0, 4 * args.rate_limit),
+        ban_time=args.ban_time,
+        source_failures=args.max_auth_failures,
+        user_failures=max(1, args.max_auth_failures // 2),
+        trusted=trusted,
+    )
     authenticator = None
     if args.auth_users:
         from fastsip.proxy.auth import Credentials, DigestAuthenticator
 
         try:
             credentials = Credentials.from_file(args.auth_users)
-            kwargs: dict[str, Any] = {}
-            if args.auth_algorithm:
-                kwargs["algorithms"] = args.auth_algorithm
-            authenticator = DigestAuthenticator(_default_realm(args), credentials, **kwargs)
+            # MD5 first: many deployed clients (sipp 3.6, baresip 1.0) answer only the first
+            # challenge and know only MD5; SHA-256 is offered too, for those that prefer it.
+            algorithms = args.auth_algorithm or ["MD5", "SHA-256"]
+            authenticator = DigestAuthenticator(_default_realm(args), credentials,
+                                                algorithms=algorithms)
         except (OSError, ValueError) as exc:
             print(f"fastsip serve: --auth-users {args.auth_users}: {exc}", file=sys.stderr)
             return EXIT_USAGE
@@ -225,17 +248,29 @@ async def run(args: argparse.Namespace) -> int:
     try:
         registrar = Registrar(store, domains=args.domain or ())
         router = Router(routes, registrar=registrar, authenticator=authenticator,
-                        spawn=loop.create_task, max_concurrency=args.max_concurrency)
+                        spawn=loop.create_task, max_concurrency=args.max_concurrency,
+                        guard=guard, monotonic=loop.time)
         serve_router = ServeRouter(router)
-        proxy = Proxy(serve_router, aliases=args.domain or ())
-        endpoint = Endpoint(proxy, listen=listen, advertise=args.advertise,
-                            timers=TimerConfig(t1=args.t1))
+        proxy = Proxy(serve_router, aliases=[*(args.domain or ()), *(args.alias or ())],
+                      trusted=trusted, max_pending=args.max_transactions)
+        endpoint = Endpoint(
+            proxy, listen=listen, advertise=args.advertise, timers=TimerConfig(t1=args.t1),
+            # The transport asks the guard before it parses anything from a source: a banned
+            # or flooding source costs a dictionary look-up per datagram, and no answer.
+            admit=guard.admit,
+            max_connections=args.max_connections,
+            max_connections_per_source=args.max_connections_per_source,
+            idle_timeout=args.tcp_idle_timeout, read_timeout=args.tcp_read_timeout,
+            tls_handshake_timeout=args.tls_handshake_timeout)
         try:
             await endpoint.start()
         except (OSError, ValueError) as exc:
             print(f"fastsip serve: cannot listen: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        proxy.attach(endpoint.transactions)
+        transactions = endpoint.transactions
+        transactions.max_server_transactions = args.max_transactions
+        transactions.max_client_transactions = args.max_transactions
+        proxy.attach(transactions)
         # Live transactions linger 32 s (Timers J/L/M), so the young generation fills with
         # objects that are not garbage; CPython's default thresholds then run collections that
         # scan them on most calls.  The proxy holds no reference cycles per call, so collecting
@@ -249,6 +284,7 @@ async def run(args: argparse.Namespace) -> int:
                 loop.add_signal_handler(sig, stop.set)
 
         def purge() -> None:
+            guard.sweep(loop.time())
             try:
                 n = store.purge(time.time())
             except Exception:  # a store error must not stop the server
@@ -262,6 +298,12 @@ async def run(args: argparse.Namespace) -> int:
         log.info("serving domains=%s db=%s routes=%s auth=%s",
                  ",".join(args.domain or []) or "-", args.db, args.routes or "default",
                  f"realm:{authenticator.realm}" if authenticator is not None else "off")
+        log.info("edge trusted=%s rate_limit=%s ban_time=%gs max_auth_failures=%d "
+                 "max_transactions=%d max_connections=%d/%d per source",
+                 ",".join(str(n) for n in trusted.networks) or "-",
+                 f"{args.rate_limit:g}/s,burst={guard.burst:g}" if args.rate_limit else "off",
+                 args.ban_time, args.max_auth_failures, args.max_transactions,
+                 args.max_connections, args.max_connections_per_source)
         for listener in endpoint.listeners:
             print(f"listening on {listener.address}", flush=True)
         try:
@@ -282,6 +324,9 @@ async def run(args: argparse.Namespace) -> int:
             await endpoint.close()
         summary = " ".join(f"{k}={v}" for k, v in sorted(serve_router.outcomes.items()))
         log.info("stopped %s", summary or "(no requests)")
+        log.info("edge banned=%d dropped=%d failed_logins=%d overload_503=%d",
+                 guard.banned_total, guard.dropped, guard.failed_logins,
+                 proxy.overloaded + transactions.overloaded)
         return EXIT_OK
     finally:
         store.close()
@@ -331,15 +376,50 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--realm", help="digest realm (default: the first --domain)")
     p.add_argument("--auth-algorithm", action="append", choices=["SHA-256", "MD5"],
                    metavar="SHA-256|MD5",
-                   help="digest algorithms to offer, in order (repeatable; default SHA-256 then "
-                        "MD5).  Clients that only take the first challenge and know only MD5 "
-                        "(sipp 3.6) need --auth-algorithm MD5")
+                   help="digest algorithms to offer, in order (repeatable; default MD5 then "
+                        "SHA-256: clients that take only the first challenge and know only MD5, "
+                        "such as sipp 3.6 and baresip 1.0, must get MD5 first)")
     p.add_argument("--advertise", metavar="HOST[:PORT]",
                    help="address for our Via and Record-Route instead of the bound one")
     p.add_argument("--max-concurrency", type=_positive_int, default=1000, metavar="N",
                    help="async route handlers running at once; beyond it 503 (default 1000)")
     p.add_argument("--grace", type=_non_negative, default=5.0, metavar="S",
                    help="on stop, seconds to let transactions in flight finish (default 5)")
+    edge = p.add_argument_group(
+        "safety at the edge",
+        "Defaults suit a public address; see docs/security.md for the policy.")
+    edge.add_argument("--trusted", action="append", metavar="CIDR",
+                      help="a trusted source network (gateway, SBC, peer proxy), e.g. "
+                           "192.0.2.0/24 (repeatable): it may relay without authentication "
+                           "and is exempt from rate limits and bans")
+    edge.add_argument("--alias", action="append", metavar="HOST",
+                      help="another name or address meaning this server (a public address "
+                           "behind 1:1 NAT, a DNS name); repeatable")
+    edge.add_argument("--rate-limit", type=_non_negative, default=100.0, metavar="N",
+                      help="messages per second one untrusted source may send; over it the "
+                           "source is banned (default 100; 0 turns it off)")
+    edge.add_argument("--rate-burst", type=_non_negative, default=None, metavar="N",
+                      help="messages a source may send at once (default 4 x --rate-limit)")
+    edge.add_argument("--ban-time", type=_non_negative, default=300.0, metavar="S",
+                      help="seconds a banned source's packets are dropped (default 300)")
+    edge.add_argument("--max-auth-failures", type=_positive_int, default=10, metavar="N",
+                      help="failed logins that get a source banned; a user who fails half as "
+                           "often from one source gets 403 from there (default 10)")
+    edge.add_argument("--max-transactions", type=_positive_int, default=50_000, metavar="N",
+                      help="server (and client) transactions at once; beyond it a stateless "
+                           "503 with Retry-After (default 50000)")
+    edge.add_argument("--max-connections", type=_positive_int, default=2048, metavar="N",
+                      help="TCP/TLS connections in all; beyond it new ones are refused "
+                           "(default 2048)")
+    edge.add_argument("--max-connections-per-source", type=_positive_int, default=64,
+                      metavar="N", help="TCP/TLS connections from one address (default 64)")
+    edge.add_argument("--tcp-idle-timeout", type=_non_negative, default=120.0, metavar="S",
+                      help="close a TCP/TLS connection idle this long (default 120)")
+    edge.add_argument("--tcp-read-timeout", type=_non_negative, default=10.0, metavar="S",
+                      help="close a connection that holds an unfinished message this long "
+                           "(slowloris; default 10)")
+    edge.add_argument("--tls-handshake-timeout", type=_non_negative, default=10.0, metavar="S",
+                      help="close a TLS connection whose handshake takes longer (default 10)")
     p.add_argument("--t1", type=float, default=0.5, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log detail on stderr (default info: one line per initial request)")
