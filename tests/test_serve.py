@@ -13,16 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_serve_e2e import (  # the helpers live with the e2e tests
-    DOMAIN,
-    HOST,
-    Serve,
-    fastsip_env,
-    final_status,
-    free_port,
-    request,
-    sip_exchange,
-)
+from procutil import fastsip_env, free_port
+from serveutil import DOMAIN, HOST, Serve, final_status, request, sip_exchange
 
 
 def serve_exit(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
