@@ -618,3 +618,53 @@ def test_local_addresses(factory: Any) -> None:
             await layer.close()
 
     run(factory, main())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="socket filters: Linux")
+@pytest.mark.parametrize("lean", IO)
+@pytest.mark.parametrize("factory", LOOPS)
+def test_banned_sources_are_dropped_by_the_kernel(factory: Any, lean: bool) -> None:
+    async def main() -> None:
+        layer = make_layer(lean)
+        inbox = answer_with(layer)
+        listener = await layer.listen("udp:127.0.0.1:0")
+        port = listener.address.port
+        banned = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        banned.bind(("127.0.0.2", 0))
+        other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        other.bind(("127.0.0.3", 0))
+        try:
+            assert layer.drop_sources(["127.0.0.2", "2001:db8::1"]) == 2
+            for n in range(50):
+                banned.sendto(bytes(options("sip:a@x", "127.0.0.2:9", call_id=f"b{n}")),
+                              ("127.0.0.1", port))
+            other.sendto(bytes(options("sip:a@x", "127.0.0.3:9", call_id="ok")),
+                         ("127.0.0.1", port))
+            await inbox.wait(1)
+            await asyncio.sleep(0.2)
+            # Nothing of the banned source was even read: the kernel dropped it.
+            assert [m.call_id for m, _ in inbox.items] == ["ok"]
+            assert layer.stats.datagrams == 1
+            # Lifting the ban lets it in again.
+            assert layer.drop_sources([]) == 0
+            banned.sendto(bytes(options("sip:a@x", "127.0.0.2:9", call_id="again")),
+                          ("127.0.0.1", port))
+            await inbox.wait(2)
+            assert inbox.items[-1][0].call_id == "again"
+        finally:
+            banned.close()
+            other.close()
+            await layer.close()
+
+    run(factory, main())
+
+
+def test_kernel_ban_program_is_a_search_tree() -> None:
+    from fastsip.asyncio import kernelban
+
+    assert kernelban.program([]) is None and kernelban.program(["2001:db8::1"]) is None
+    many = [f"10.{i >> 8 & 255}.{i & 255}.1" for i in range(5000)]
+    code = kernelban.program(many)
+    assert code is not None and len(code) <= kernelban.BPF_MAXINSNS
+    # The tree holds the most recent MAX_ADDRESSES, in ~1.5 instructions each.
+    assert len(code) < 1.6 * kernelban.MAX_ADDRESSES

@@ -295,6 +295,7 @@ async def run(args: argparse.Namespace) -> int:
             purger[0] = loop.call_later(PURGE_INTERVAL, purge)
 
         purger = [loop.call_later(PURGE_INTERVAL, purge)]
+        _mirror_bans_in_kernel(guard, endpoint.transport, loop)
         log.info("serving domains=%s db=%s routes=%s auth=%s",
                  ",".join(args.domain or []) or "-", args.db, args.routes or "default",
                  f"realm:{authenticator.realm}" if authenticator is not None else "off")
@@ -330,6 +331,35 @@ async def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         store.close()
+
+
+def _mirror_bans_in_kernel(guard: Any, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+    """Keep the kernel's filter of banned sources (``TransportLayer.drop_sources``) equal to
+    the guard's bans: rebuilt once per loop iteration after bans change, and the next ban
+    expired on time (a source the kernel drops never reaches ``admit``, which would expire
+    it lazily)."""
+    state: dict[str, Any] = {"sync": None, "expiry": None}
+
+    def sync() -> None:
+        state["sync"] = None
+        transport.drop_sources(list(guard.bans))
+        if state["expiry"] is not None:
+            state["expiry"].cancel()
+            state["expiry"] = None
+        if guard.bans:
+            # (a ban ends at its time; expire_bans calls back here through on_bans_changed)
+            state["expiry"] = loop.call_at(min(guard.bans.values()), expire)
+
+    def expire() -> None:
+        state["expiry"] = None
+        if not guard.expire_bans(loop.time()) and guard.bans:
+            state["expiry"] = loop.call_at(min(guard.bans.values()) + 0.001, expire)
+
+    def changed() -> None:
+        if state["sync"] is None:
+            state["sync"] = loop.call_soon(sync)
+
+    guard.on_bans_changed = changed
 
 
 # -- command line -----------------------------------------------------------------------------

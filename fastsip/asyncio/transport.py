@@ -45,11 +45,12 @@ import logging
 import socket
 import ssl
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, cast
 
+from fastsip.asyncio import kernelban
 from fastsip.asyncio.netif import interface_addresses, routed_address
 from fastsip.errors import FastSIPError, ParseError
 from fastsip.sip import Limits, Message, Request, message_length, parse
@@ -180,6 +181,8 @@ class TransportStats:
     tls_handshakes_failed: int = 0
     #: UDP sends dropped because the socket could not take them (EAGAIN, ENOBUFS).
     sends_dropped: int = 0
+    #: Banned sources the kernel currently drops for us (drop_sources).
+    kernel_filtered: int = 0
 
 
 class Listener:
@@ -187,8 +190,8 @@ class Listener:
     we advertise in Via for it (the ``advertise`` address, else the bound one);
     ``receive_buffer`` is the SO_RCVBUF a UDP socket got (the kernel may cap what was asked)."""
 
-    __slots__ = ("_acceptor", "_server", "_udp", "address", "family", "receive_buffer",
-                 "sent_by")
+    __slots__ = ("_acceptor", "_server", "_udp", "_udp_sock", "address", "family",
+                 "receive_buffer", "sent_by")
 
     def __init__(self, address: Address, family: int, sent_by: tuple[str, int]) -> None:
         self.address = address
@@ -198,6 +201,7 @@ class Listener:
         self._server: asyncio.AbstractServer | None = None
         self._acceptor: _Acceptor | None = None
         self._udp: _UdpSocket | _Datagram | None = None
+        self._udp_sock: socket.socket | None = None   # for its kernel filter (banned sources)
 
     def __repr__(self) -> str:
         return f"<Listener {self.address} sent-by {self.sent_by[0]}:{self.sent_by[1]}>"
@@ -667,6 +671,7 @@ class TransportLayer:
         listener._server = server
         listener._acceptor = acceptor
         listener._udp = udp
+        listener._udp_sock = sock if transport == "UDP" else None
         listener.receive_buffer = receive_buffer
         self.listeners.append(listener)
         self._local.append(sent_by)
@@ -738,6 +743,33 @@ class TransportLayer:
         if address.host in _WILDCARDS:
             return (routed_address(address.host == "::"), address.port)
         return (address.host, address.port)
+
+    def drop_sources(self, hosts: Iterable[str]) -> int:
+        """Have the kernel drop datagrams from ``hosts`` (the banned sources) on every IPv4
+        UDP listener, replacing the previous set: a flood from them then never wakes us nor
+        fills the receive buffer that legitimate datagrams need (:mod:`kernelban`, Linux).
+        Returns how many addresses the kernel filters (0 where it cannot; ``admit`` still
+        drops them in Python)."""
+        if not kernelban.available():
+            return 0
+        hosts = list(hosts)
+        code = kernelban.program(hosts)
+        filtered = 0
+        for listener in self.listeners:
+            sock = listener._udp_sock
+            if sock is None or listener.family != socket.AF_INET or sock.fileno() < 0:
+                continue
+            try:
+                if code is None:
+                    kernelban.detach(sock)
+                else:
+                    kernelban.attach(sock, code)
+                    filtered = min(len(hosts), kernelban.MAX_ADDRESSES)
+            except OSError as exc:
+                log.warning("cannot filter banned sources in the kernel on %s: %s",
+                            listener.address, exc)
+        self.stats.kernel_filtered = filtered
+        return filtered
 
     def local_addresses(self) -> tuple[set[str], set[int]]:
         """The hosts and ports that are us, for telling whether a Request-URI or Route names

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 
 __all__ = ["SourceGuard", "TrustedNetworks"]
@@ -140,6 +140,9 @@ class SourceGuard:
         #: (host, user) -> (failures, first failure time)
         self._user_failures: dict[tuple[str, str], tuple[int, float]] = {}
         self._next_sweep = float("-inf")
+        #: Called (no arguments) whenever a ban starts or ends, for whoever mirrors the bans
+        #: elsewhere (the shell drops banned sources in the kernel).
+        self.on_bans_changed: Callable[[], object] | None = None
         #: Counters for logs and metrics.
         self.dropped = 0
         self.banned_total = 0
@@ -159,6 +162,7 @@ class SourceGuard:
                     return False
                 del bans[host]
                 log.info("ban on %s expired", host)
+                self._changed()
         if not self.rate or host in self.trusted:
             return True
         src = self._sources.get(host)
@@ -249,6 +253,27 @@ class SourceGuard:
         bans[host] = now + self.ban_time
         self.banned_total += 1
         log.warning("banned %s for %gs: %s", host, self.ban_time, why)
+        self._changed()
+
+    def expire_bans(self, now: float) -> int:
+        """End the bans that are over (``admit`` does it lazily for a source that sends
+        again; call this when nothing reaches ``admit`` from banned sources, e.g. because
+        the kernel drops them).  Returns how many ended."""
+        over = [h for h, t in self.bans.items() if t <= now]
+        for host in over:
+            del self.bans[host]
+            log.info("ban on %s expired", host)
+        if over:
+            self._changed()
+        return len(over)
+
+    def _changed(self) -> None:
+        hook = self.on_bans_changed
+        if hook is not None:
+            try:
+                hook()
+            except Exception:  # the guard's own state is right whatever the mirror does
+                log.exception("on_bans_changed failed")
 
     def _track(self, host: str, now: float) -> _Source | None:
         sources = self._sources
@@ -277,9 +302,7 @@ class SourceGuard:
         for h in [h for h, s in sources.items()
                   if now - s.seen >= refill and not (s.failures and now - s.first_failure <= window)]:
             del sources[h]
-        bans = self.bans
-        for h in [h for h, t in bans.items() if t <= now]:
-            del bans[h]
+        self.expire_bans(now)
         self._sweep_failures(now)
         return before - len(self)
 
