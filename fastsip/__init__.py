@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from fastsip.errors import FastSIPError, ParseError
 from fastsip.sip import (
     REASON_PHRASES,
+    URI,
     CSeq,
     Headers,
     Limits,
@@ -18,7 +19,6 @@ from fastsip.sip import (
     NameAddr,
     Request,
     Response,
-    URI,
     Via,
     canonical_name,
     message_length,
@@ -30,6 +30,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "REASON_PHRASES",
+    "URI",
     "CSeq",
     "FastSIPError",
     "Headers",
@@ -40,7 +41,6 @@ __all__ = [
     "Request",
     "Response",
     "TimerWheel",
-    "URI",
     "Via",
     "canonical_name",
     "message_length",

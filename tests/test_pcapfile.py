@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from pcapfile import (  # noqa: E402
+from pcapfile import (
     LINKTYPE_NONE,
     Packet,
     PcapFormatError,

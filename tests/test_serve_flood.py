@@ -27,8 +27,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from procutil import fastsip_env, free_port
-from serveutil import SIPP, Serve, finish, register, run_uac, sip_exchange, start_uas, \
-    successful
+from serveutil import SIPP, Serve, finish, register, run_uac, sip_exchange, start_uas, successful
 
 pytestmark = pytest.mark.skipif(SIPP is None, reason="sipp is not installed (sip-tester)")
 

@@ -241,7 +241,7 @@ def _closed_within(sock: socket.socket, seconds: float) -> bool:
         while sock.recv(65535):
             pass
         return True
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return False
     except OSError:
         return True

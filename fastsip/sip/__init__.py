@@ -2,6 +2,7 @@
 
 from fastsip.sip._message import (
     REASON_PHRASES,
+    URI,
     CSeq,
     Headers,
     Limits,
@@ -9,7 +10,6 @@ from fastsip.sip._message import (
     NameAddr,
     Request,
     Response,
-    URI,
     Via,
     canonical_name,
     message_length,
@@ -19,6 +19,7 @@ from fastsip.sip._message import (
 
 __all__ = [
     "REASON_PHRASES",
+    "URI",
     "CSeq",
     "Headers",
     "Limits",
@@ -26,7 +27,6 @@ __all__ = [
     "NameAddr",
     "Request",
     "Response",
-    "URI",
     "Via",
     "canonical_name",
     "message_length",

@@ -1,10 +1,10 @@
 """Type stubs for the compiled SIP message core (fastsip/sip/_message.pyx)."""
 
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, NamedTuple, overload
+from typing import Any, NamedTuple, TypeAlias, overload
 
-_Buffer = bytes | bytearray | memoryview
-_Headers = Mapping[str, str] | Iterable[tuple[str, str]] | None
+_Buffer: TypeAlias = bytes | bytearray | memoryview
+_Headers: TypeAlias = Mapping[str, str] | Iterable[tuple[str, str]] | None
 
 class CSeq(NamedTuple):
     """The CSeq header field: sequence number and method (RFC 3261 20.16)."""

@@ -362,7 +362,7 @@ def main() -> int:
         return 1
     write_synthetic()
     FRAMES.mkdir(exist_ok=True)
-    version = subprocess.run(["tshark", "--version"], capture_output=True, text=True)
+    version = subprocess.run(["tshark", "--version"], capture_output=True, text=True, check=False)
     (FRAMES / "TSHARK_VERSION").write_text(version.stdout.splitlines()[0] + "\n")
     counts = ["capture\tframes"]
     for capture in captures():
