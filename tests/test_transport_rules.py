@@ -4,6 +4,8 @@ response destination (§18.2.2)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import fastsip
@@ -173,3 +175,12 @@ def test_error_response_is_none_when_no_answer_is_allowed(data: bytes) -> None:
         fastsip.parse(data)
     except fastsip.ParseError as exc:
         assert error_response(data, exc) is None
+
+
+def test_error_response_to_rfc4475_lwsstart() -> None:
+    # RFC 4475 3.1.2.9: several SP between Request-Line elements; rejecting is right, and a
+    # rejection is an answer, not silence.
+    data = (Path(__file__).parent / "data" / "rfc4475" / "lwsstart.dat").read_bytes()
+    answer = error_response(data, _error_of(data))
+    assert answer is not None and answer.startswith(b"SIP/2.0 400 Bad Request (")
+    assert b"Call-ID: lwsstart.dfknq234oi243099adsdfnawe3@example.com" in answer

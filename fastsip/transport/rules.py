@@ -172,7 +172,7 @@ def check_sent_by(response: Response, local: Iterable[tuple[str, int]]) -> bool:
 # Header lines a stateless error response copies (§8.2.6.2), compact forms included.
 _ECHO = {b"via": b"Via", b"v": b"Via", b"from": b"From", b"f": b"From", b"to": b"To",
          b"t": b"To", b"call-id": b"Call-ID", b"i": b"Call-ID", b"cseq": b"CSeq"}
-_REQUEST_LINE = re.compile(rb"[A-Za-z0-9.!%*_+`'~-]+ \S")
+_REQUEST_LINE = re.compile(rb"[A-Za-z0-9.!%*_+`'~-]+ +\S")  # lwsstart: several SP too
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
 
 
