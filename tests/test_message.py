@@ -378,3 +378,25 @@ def test_views_outlive_the_message_and_nothing_leaks() -> None:
 
 def test_pickle_round_trip(msg: fastsip.Request) -> None:
     assert bytes(pickle.loads(pickle.dumps(msg))) == INVITE
+
+
+@pytest.mark.parametrize("to", [b"To: sip:bob@exa(mple.com", b"To: <sip:bob@[::1>"])
+def test_a_to_uri_that_does_not_parse_fails_only_on_uri_edited_or_not(to: bytes) -> None:
+    # A server answers such a request 400: building that answer (and reading the To tag) must
+    # not need the To URI, before or after the message was edited (a stamped Via).
+    raw = (b"OPTIONS sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1\r\n"
+           b"From: <sip:a@example.com>;tag=1\r\n" + to + b"\r\nCall-ID: c\r\n"
+           b"CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
+    for edited in (False, True):
+        request = parse(raw)
+        assert isinstance(request, fastsip.Request)
+        if edited:
+            request.add_via("SIP/2.0/UDP 192.0.2.9;branch=z9hG4bK2")
+            request.pop_via()
+        to_view = request.to
+        assert to_view is not None and to_view.tag is None
+        with pytest.raises(ParseError):
+            to_view.uri  # noqa: B018
+        answer = request.reply(400, "Bad Request (To)", to_tag="t1")
+        assert answer.status_code == 400
+        assert to + b";tag=t1\r\n" in bytes(answer)

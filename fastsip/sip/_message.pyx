@@ -1600,7 +1600,9 @@ cdef class Message:
         if self._parts_ok and (hid == H_FROM or hid == H_TO):
             return _make_name_addr(self._owner_of(h), self._base(h),
                                    &self._from_p if hid == H_FROM else &self._to_p)
-        _scan_name_addr(self._base(h), h.value_s, h.value_e, False, &na)
+        # As parse() does: the URI's own syntax is checked when .uri is read, so .from_/.to
+        # behave the same before and after an edit (a stamped Via) of the message.
+        _scan_name_addr(self._base(h), h.value_s, h.value_e, False, &na, False)
         return _make_name_addr(self._owner_of(h), self._base(h), &na)
 
     cdef list _name_addr_list(self, int hid):
@@ -2037,10 +2039,16 @@ cdef class Request(Message):
                 parts.append(PyBytes_FromStringAndSize(self._base(&self._h[i]) + h.line_s,
                                                        h.line_e - h.line_s))
             elif h.id == H_TO:
-                to = self.to
                 line = PyBytes_FromStringAndSize(self._base(&self._h[i]) + h.line_s,
                                                  h.line_e - h.line_s)
-                if status > 100 and to is not None and to.tag is None:
+                try:
+                    to = self.to
+                    tagged = to is not None and to.tag is not None
+                except ParseError:
+                    # A To whose URI does not parse still gets its answer (a 400 saying so):
+                    # whether it has a tag is read from the text.
+                    tagged = b";tag=" in line.lower().replace(b" ", b"")
+                if status > 100 and not tagged:
                     if to_tag is None:
                         to_tag = os.urandom(6).hex()
                     line = line.rstrip(b"\r\n") + b";tag=" + str(to_tag).encode() + b"\r\n"
