@@ -319,3 +319,14 @@ def test_an_unreachable_next_hop_is_503_a_downstream_503_is_500() -> None:
     attacker.send_to(raw_request("MESSAGE", "sip:x@127.0.0.1:5096"))
     net.run(0.1)
     assert attacker.statuses()[-1] == 500
+
+
+def test_bytes_that_are_not_utf8_get_their_answer() -> None:
+    # Tags and Call-IDs off the wire may hold any byte; hashing them for the stateless To
+    # tag and the loop check must not fail (it did: UnicodeEncodeError, no answer).
+    net, proxy, attacker, _victim = edge()
+    raw = raw_request("INVITE", f"sip:%ff@{DOMAIN}", branch="1234")  # RFC 2543: no cookie
+    data = raw.replace("\n", "\r\n").encode().replace(b"Call-ID: ", b"Call-ID: \xff\xfe", 1)
+    attacker.send_to(data)
+    net.run(0.5)
+    assert attacker.statuses() == [404] and proxy.layer.server_transactions == 0

@@ -66,7 +66,10 @@ class CredentialsError(FastSIPError, ValueError):
 
 
 def _hash(algorithm: str, text: str) -> str:
-    return hashlib.new(ALGORITHMS[algorithm], text.encode("utf-8")).hexdigest()
+    # surrogateescape: text off the wire (a digest uri) may hold bytes that are not UTF-8;
+    # they hash as the bytes that came, and never raise.
+    return hashlib.new(ALGORITHMS[algorithm],
+                       text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def digest_response(

@@ -199,7 +199,7 @@ def _loop_hash(request: Request) -> str:
             ",".join(h.getall("Proxy-Authorization")),
         )
     )
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
 
 
 def _stateless_branch(request: Request) -> str:
@@ -221,7 +221,8 @@ def _stateless_branch(request: Request) -> str:
                 str(top) if top is not None else "",
             )
         )
-    return MAGIC_COOKIE + "sl" + hashlib.blake2b(key.encode(), digest_size=10).hexdigest()
+    return MAGIC_COOKIE + "sl" + hashlib.blake2b(key.encode("utf-8", "surrogateescape"),
+                                                 digest_size=10).hexdigest()
 
 
 #: Every To tag this process puts on a response it makes itself starts with this, so an ACK
