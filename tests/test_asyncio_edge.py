@@ -668,3 +668,23 @@ def test_kernel_ban_program_is_a_search_tree() -> None:
     assert code is not None and len(code) <= kernelban.BPF_MAXINSNS
     # The tree holds the most recent MAX_ADDRESSES, in ~1.5 instructions each.
     assert len(code) < 1.6 * kernelban.MAX_ADDRESSES
+
+
+@pytest.mark.parametrize("transport", ["UDP", "TCP"])
+@pytest.mark.parametrize("factory", LOOPS)
+def test_a_name_that_cannot_be_resolved_is_a_transport_error(factory: Any,
+                                                             transport: str) -> None:
+    # A Request-URI host like "a..b" (an empty label: IDNA refuses to even encode it) must
+    # end as a transport error (the proxy's 503), not as an exception in a task.
+    async def main() -> None:
+        failed: list[Address] = []
+        layer = make_layer(on_error=failed.append)
+        await layer.listen(f"{transport.lower()}:127.0.0.1:0")
+        try:
+            layer.send(b"OPTIONS sip:x SIP/2.0\r\n\r\n", Address(transport, "a..b", 5060))
+            await until(lambda: bool(failed), 5.0)
+            assert failed[0].host == "a..b"
+        finally:
+            await layer.close()
+
+    run(factory, main())

@@ -859,7 +859,7 @@ class TransportLayer:
     async def _resolve_then_send(self, data: bytes, dest: Address) -> None:
         try:
             infos = await self.loop.getaddrinfo(dest.host, dest.port, type=socket.SOCK_DGRAM)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:   # ValueError: UnicodeError from IDNA, a bad name
             log.debug("cannot resolve %s: %s", dest.host, exc)
             self._fail(dest)
             return
@@ -909,7 +909,8 @@ class TransportLayer:
                 self.loop.create_connection(lambda: conn, dest.host, dest.port, ssl=ctx,
                                             server_hostname=server_hostname),
                 self.connect_timeout)
-        except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        # (ValueError: a name that cannot even be encoded, IDNA's UnicodeError)
+        except (OSError, ValueError, asyncio.TimeoutError, ssl.SSLError) as exc:
             log.debug("cannot connect to %s: %s", dest, exc)
             conn.closed = True
             self._unregister(conn)
