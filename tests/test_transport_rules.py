@@ -184,3 +184,21 @@ def test_error_response_to_rfc4475_lwsstart() -> None:
     answer = error_response(data, _error_of(data))
     assert answer is not None and answer.startswith(b"SIP/2.0 400 Bad Request (")
     assert b"Call-ID: lwsstart.dfknq234oi243099adsdfnawe3@example.com" in answer
+
+
+def test_error_response_unfolds_continuation_lines() -> None:
+    # RFC 4475 wsinv folds its To and Via over several lines; with its From broken it must
+    # still be answered (the folded Via and To are copied whole).
+    data = (Path(__file__).parent / "data" / "rfc4475" / "wsinv.dat").read_bytes()
+    data = data.replace(b"<sip:jdrosen@example.com>", b"<sip:jdrosen@example.com", 1)
+    answer = error_response(data, _error_of(data))
+    assert answer is not None and answer.startswith(b"SIP/2.0 400 Bad Request (")
+    assert b"\r\nVia: SIP  /   2.0 /UDP 192.0.2.2;branch=390skdjuw\r\n" in answer
+    assert b"\r\nTo: sip:vivekg@chair-dnrc.example.com ;   tag    = 1918181833n\r\n" in answer
+    # A "continuation" right after the request line continues nothing: it is a header line.
+    odd = BAD_MF.replace(b"\r\nVia:", b"\r\n Via:", 1)
+    answer = error_response(odd, _error_of(odd))
+    assert answer is not None and b"\r\nVia: SIP/2.0/UDP" in answer
+    # A corrupted status line that reads as a request line is a request: answered.
+    assert error_response(b"SIP.2.0 200 OK\r\n" + BAD_MF.split(b"\r\n", 1)[1],
+                          fastsip.ParseError("malformed SIP version", 0)) is not None

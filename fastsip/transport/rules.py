@@ -174,6 +174,8 @@ _ECHO = {b"via": b"Via", b"v": b"Via", b"from": b"From", b"f": b"From", b"to": b
          b"t": b"To", b"call-id": b"Call-ID", b"i": b"Call-ID", b"cseq": b"CSeq"}
 _REQUEST_LINE = re.compile(rb"[A-Za-z0-9.!%*_+`'~-]+ +\S")  # lwsstart: several SP too
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
+_END_OF_HEADERS = re.compile(rb"\r?\n\r?\n")
+_TO_TAG = re.compile(rb";\s*tag\s*=", re.IGNORECASE)
 
 
 def error_response(data: bytes, error: ParseError, max_scan: int = 65535) -> bytes | None:
@@ -186,11 +188,21 @@ def error_response(data: bytes, error: ParseError, max_scan: int = 65535) -> byt
     """
     if not _REQUEST_LINE.match(data):
         return None                                   # responses and noise are dropped (§18.1.2)
-    if data[:4] == b"ACK " or data[:3].upper() == b"SIP":
+    if data[:4] == b"ACK " or data[:4].upper() == b"SIP/":
         return None
     head = data[:max_scan]
-    end = head.find(b"\r\n\r\n")
-    lines = (head if end < 0 else head[:end]).split(b"\r\n")[1:]
+    end = _END_OF_HEADERS.search(head)
+    if end is not None:
+        head = head[:end.start()]
+    # Unfold continuation lines (RFC 3261 §7.3.1: a header value may go on over lines that
+    # start with whitespace; RFC 4475 wsinv folds its To and Via), bare LF or CRLF alike.  A
+    # "continuation" right after the request line continues nothing: it stands alone.
+    lines: list[bytes] = []
+    for line in head.replace(b"\r\n", b"\n").split(b"\n")[1:]:
+        if line[:1] in (b" ", b"\t") and lines:
+            lines[-1] += b" " + line.strip()
+        else:
+            lines.append(line)
     copied: list[bytes] = []
     seen: set[bytes] = set()
     to_line = b""
@@ -209,7 +221,7 @@ def error_response(data: bytes, error: ParseError, max_scan: int = 65535) -> byt
         copied.append(canonical + b": " + value)
     if seen != {b"Via", b"From", b"To", b"Call-ID", b"CSeq"}:
         return None
-    if b";tag=" not in to_line.lower():
+    if not _TO_TAG.search(to_line):
         to_line += b";tag=" + os.urandom(6).hex().encode()  # §8.2.6.2: a To tag on a final response
     status = error.status if error.status in (400, 414, 505, 513) else 400
     reason = REASON_PHRASES.get(status, "Bad Request")
