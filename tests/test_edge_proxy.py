@@ -330,3 +330,11 @@ def test_bytes_that_are_not_utf8_get_their_answer() -> None:
     attacker.send_to(data)
     net.run(0.5)
     assert attacker.statuses() == [404] and proxy.layer.server_transactions == 0
+
+
+def test_rfc4475_zeromf_max_forwards_zero_to_a_user_is_483() -> None:
+    net, _proxy, attacker, _victim = edge()
+    attacker.send_to(raw_request("OPTIONS", f"sip:user@{DOMAIN}", max_forwards=0))
+    attacker.send_to(raw_request("OPTIONS", f"sip:{DOMAIN}", max_forwards=0))   # to us: answered
+    net.run(0.5)
+    assert attacker.statuses() == [483, 200]

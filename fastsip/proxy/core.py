@@ -1188,7 +1188,10 @@ class Proxy:
         if (
             mf is not None
             and mf <= 0
-            and not (request.method == "OPTIONS" and self.is_local(request.uri))
+            # An OPTIONS to the proxy itself is answered, not forwarded (§11, §16.3 step 3);
+            # to a user -- ours or not -- it would have to go on: 483 (RFC 4475 zeromf).
+            and not (request.method == "OPTIONS" and request.uri.user is None
+                     and self.is_local(request.uri))
         ):
             return (483, None, [])
         required = headers.getall("Proxy-Require")
