@@ -486,7 +486,7 @@ def test_server_table_cap_gets_503_without_a_transaction() -> None:
     sent = wire.take()
     assert [m.status_code for m in sent] == [503, 503]
     assert all(m.headers.get("Retry-After") == "5" for m in sent)
-    assert layer.server_transactions == 3 and len(rec.events) == 3 and layer.overloaded == 2
+    assert layer.server_transactions == 3 and len(rec.events) == 3 and layer.refusals.count == 2
 
 
 def test_client_table_cap_refuses_new_requests() -> None:

@@ -45,6 +45,7 @@ from fastsip.proxy.core import Proxy, ProxyContext, ResponseContext, Target
 from fastsip.proxy.edge import SourceGuard
 from fastsip.sip import URI, Headers, NameAddr, Response
 from fastsip.sip import Request as SipRequest
+from fastsip.transaction import Refusals
 from fastsip.transport import Address
 
 __all__ = ["Decision", "Request", "Router"]
@@ -406,6 +407,8 @@ class Router:
         self.guard = guard if guard is not None else SourceGuard(rate=0)
         self.trusted = trusted
         self._monotonic = monotonic
+        #: Requests refused with 503 because too many handlers were running (logs, metrics).
+        self.refusals = Refusals()
         self.proxy: Proxy | None = None
         self.running = 0
         self._per_source: dict[str, int] = {}
@@ -498,9 +501,11 @@ class Router:
         self._finish(req, result, failure)
 
     def _overloaded(self, req: Request) -> None:
-        log.warning("overload: %d handlers running (%d from %s): 503 for %s %s",
-                    self.running, self._per_source.get(req.source.host, 0), req.source.host,
-                    req.method, req.uri)
+        if self.refusals.refused(self.monotonic()):
+            log.warning("overload: %d handlers running (%d from %s): 503 for %s %s "
+                        "(%d refused so far)", self.running,
+                        self._per_source.get(req.source.host, 0), req.source.host, req.method,
+                        req.uri, self.refusals.count)
         req.ctx.respond(503, headers=[("Retry-After", str(self.retry_after))])
 
     @staticmethod

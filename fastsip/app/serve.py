@@ -327,7 +327,7 @@ async def run(args: argparse.Namespace) -> int:
         log.info("stopped %s", summary or "(no requests)")
         log.info("edge banned=%d dropped=%d failed_logins=%d overload_503=%d",
                  guard.banned_total, guard.dropped, guard.failed_logins,
-                 proxy.overloaded + transactions.overloaded)
+                 proxy.refusals.count + transactions.refusals.count + router.refusals.count)
         return EXIT_OK
     finally:
         store.close()

@@ -48,6 +48,7 @@ from typing import Any, Protocol
 from fastsip.sip import URI, Message, Request, Response, parse
 from fastsip.transaction import (
     ClientTransaction,
+    Refusals,
     ServerTransaction,
     TransactionLayer,
 )
@@ -905,8 +906,7 @@ class Proxy:
         self.trusted = trusted
         self.require_own_route = record_route if require_own_route is None else require_own_route
         #: Requests refused with 503 because max_pending was reached (logs, metrics).
-        self.overloaded = 0
-        self._overload_logged = float("-inf")
+        self.refusals = Refusals()
         self._layer: TransactionLayer | None = None
         self._live = 0
         self._wants_responses = bool(getattr(router, "wants_responses", False))
@@ -1038,14 +1038,10 @@ class Proxy:
         self._dispatch(ctx, in_dialog, routed)
 
     def _overloaded(self, host: str, method: str) -> None:
-        # At most one line per ten seconds: under a flood a line per request is a flood too.
-        self.overloaded += 1
-        now = self.clock.time()
-        if now - self._overload_logged >= 10.0:
-            self._overload_logged = now
+        if self.refusals.refused(self.clock.time()):
             log.warning("overload: %d contexts pending (%d from %s): 503 for %s "
                         "(%d refused so far)", self._live, self._per_source.get(host, 0), host,
-                        method, self.overloaded)
+                        method, self.refusals.count)
 
     def dialog_allowed(self, ctx: ProxyContext) -> bool:
         """May this in-dialog request be loose-routed on (see ``require_own_route``)?  It came

@@ -27,6 +27,7 @@ from fastsip.transport.rules import response_destination
 __all__ = [
     "ClientHandler",
     "ClientTransaction",
+    "Refusals",
     "ServerTransaction",
     "TimerConfig",
     "TransactionLayer",
@@ -427,6 +428,27 @@ class ServerTransaction:
         return f"<ServerTransaction {self.request.method} {self.key[0]} {self.state}>"
 
 
+class Refusals:
+    """Counts requests refused for overload and says when a log line is due: at most one
+    every ``every`` seconds (under a flood a line per refused request would be a second
+    flood, into the log).  ``count`` is the total, for the next line and for metrics."""
+
+    __slots__ = ("_last", "count", "every")
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self.count = 0
+        self._last = float("-inf")
+
+    def refused(self, now: float) -> bool:
+        """One more refusal at ``now``; True when it should be logged."""
+        self.count += 1
+        if now - self._last >= self.every:
+            self._last = now
+            return True
+        return False
+
+
 class TransactionLayer:
     """The transaction table and the matching rules of §17.1.3 and §17.2.3.
 
@@ -449,8 +471,7 @@ class TransactionLayer:
         self.max_client_transactions = max_client_transactions
         self.retry_after = retry_after
         #: Requests refused because a table was full (for logs and metrics).
-        self.overloaded = 0
-        self._overload_logged = float("-inf")
+        self.refusals = Refusals()
         self._client: dict[tuple[str, str], ClientTransaction] = {}
         self._server: dict[tuple[Any, ...], ServerTransaction] = {}
 
@@ -578,14 +599,9 @@ class TransactionLayer:
         self.transport.send(bytes(response), response_destination(top, source))
 
     def _overload(self, side: str, cap: int) -> None:
-        # One line per ten seconds at most: under a flood, a line per request would be a
-        # second flood, into the log.
-        self.overloaded += 1
-        now = self.clock.time()
-        if now - self._overload_logged >= 10.0:
-            self._overload_logged = now
+        if self.refusals.refused(self.clock.time()):
             log.warning("overload: %d %s transactions (the cap): refusing new work with 503 "
-                        "(%d refused so far)", cap, side, self.overloaded)
+                        "(%d refused so far)", cap, side, self.refusals.count)
 
     def find_invite(self, cancel: Request) -> ServerTransaction | None:
         """The INVITE server transaction a CANCEL refers to (§9.2): same key but the method."""
