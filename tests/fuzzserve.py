@@ -57,6 +57,7 @@ import json
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -1005,6 +1006,7 @@ class Case:
     me: str = ""
     stream: int = -1
     auth: str | None = None
+    template: bytes = b""         # the bytes before digest credentials were filled in
     sent_at: float = 0.0
     sends: int = 0
     statuses: list[int] = field(default_factory=list)
@@ -1017,11 +1019,14 @@ class Case:
         return finals[0] if finals else None
 
     def summary(self) -> dict[str, Any]:
-        return {"idx": self.idx, "seed": self.seed, "method": self.method,
-                "transport": self.transport, "mutations": self.mutations,
-                "expect": self.expect, "why": self.why, "statuses": self.statuses[:8],
-                "sink": self.sink, "sends": self.sends, "stream": self.stream,
-                "data": base64.b64encode(self.data).decode()}
+        out = {"idx": self.idx, "seed": self.seed, "method": self.method,
+               "transport": self.transport, "mutations": self.mutations,
+               "expect": self.expect, "why": self.why, "statuses": self.statuses[:8],
+               "sink": self.sink, "sends": self.sends, "stream": self.stream,
+               "data": base64.b64encode(self.data).decode()}
+        if self.template and self.template != self.data:
+            out["template"] = base64.b64encode(self.template).decode()
+        return out
 
 
 class Generator:
@@ -1496,6 +1501,8 @@ class FuzzRun:
         self.tcp_kinds: Counter[str] = Counter()
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._udp: list[asyncio.BaseTransport] = []
+        self._writers: set[asyncio.StreamWriter] = set()
         self.drops_before: int | None = None
         self.drops_after_traffic: int | None = None
         self.drops_after: int | None = None
@@ -1598,9 +1605,10 @@ class FuzzRun:
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
         for host in (*UDP_CLIENTS, TCP_CLIENT, PROBE_HOST, SETUP_HOST):
-            _, proto = await loop.create_datagram_endpoint(
+            transport, proto = await loop.create_datagram_endpoint(
                 lambda: _Udp(lambda d, a, p: self.on_response(d, "udp")),
                 sock=_udp_socket(host, SIP_PORT))
+            self._udp.append(transport)
             self.clients[host] = proto
             # Responses sent over TCP to a Via (sent-by host, port 5060).
             self._servers.append(await asyncio.start_server(
@@ -1609,8 +1617,9 @@ class FuzzRun:
         def sink_udp(data: bytes, addr: tuple[str, int], proto: _Udp) -> None:
             self.on_sink(data, "udp", lambda r: proto.send(r, addr))
 
-        await loop.create_datagram_endpoint(lambda: _Udp(sink_udp),
-                                            sock=_udp_socket(SINK_HOST, SIP_PORT))
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Udp(sink_udp), sock=_udp_socket(SINK_HOST, SIP_PORT))
+        self._udp.append(transport)
         for port in (SIP_PORT, SIP_PORT + 1):
             self._servers.append(await asyncio.start_server(
                 self._sink_tcp, SINK_HOST, port, reuse_address=True))
@@ -1618,6 +1627,7 @@ class FuzzRun:
     async def _client_tcp(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
         buf = bytearray()
+        self._writers.add(writer)
         try:
             while True:
                 chunk = await reader.read(65536)
@@ -1629,12 +1639,14 @@ class FuzzRun:
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
+            self._writers.discard(writer)
             writer.close()
 
     async def _sink_tcp(self, reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter) -> None:
         port = writer.get_extra_info("sockname")[1]
         buf = bytearray()
+        self._writers.add(writer)
         try:
             while True:
                 chunk = await reader.read(65536)
@@ -1649,6 +1661,7 @@ class FuzzRun:
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
+            self._writers.discard(writer)
             writer.close()
 
     # -- setup: credentials --------------------------------------------------------------
@@ -1732,8 +1745,10 @@ class FuzzRun:
     def _send_udp(self, case: Case) -> None:
         client = self.clients[case.me]
         creds = self.creds.get("udp")
-        if case.sends == 0 and creds is not None:
-            case.data = creds.fill(case.data)
+        if case.sends == 0:
+            case.template = case.data
+            if creds is not None:
+                case.data = creds.fill(case.data)
         case.sends += 1
         case.sent_at = case.sent_at or time.monotonic()
         client.send(case.data, self.serve.address)
@@ -1809,8 +1824,9 @@ class FuzzRun:
     async def _one_stream(self, sem: asyncio.Semaphore, st: Stream) -> None:
         async with sem:
             creds = self.creds.get("tcp")
-            if creds is not None:
-                for c in st.cases:
+            for c in st.cases:
+                c.template = c.data
+                if creds is not None:
                     c.data = creds.fill(c.data)
             stream = st.data()
             try:
@@ -1897,10 +1913,21 @@ class FuzzRun:
         await asyncio.sleep(settle)
         await self.probe(10**6 + 1)
         self.drops_after = self.serve.udp_drops()
+        await self.close()
+
+    async def close(self) -> None:
+        """Close every socket of ours (a triage after the run binds the same addresses)."""
         for t in list(self._tasks):
             t.cancel()
         for srv in self._servers:
             srv.close()
+        for w in list(self._writers):
+            w.close()
+        for u in self._udp:
+            u.close()
+        await asyncio.sleep(0.1)      # let the connection handlers see their EOF and end
+        for srv in self._servers:
+            await srv.wait_closed()
 
     # -- result --------------------------------------------------------------------------
 
@@ -1983,56 +2010,107 @@ def run_fuzz(config: FuzzConfig, workdir: Path) -> dict[str, Any]:
     result["log"] = scan_log(run.serve.log())
     result["log_path"] = str(run.serve.log_path)
     if config.triage:
-        result["triage"] = triage(workdir, [c for c in run.cases.values()
-                                            if _worth_triage(c)], config)
+        suspects = sorted((c for c in run.cases.values() if _worth_triage(c)),
+                          key=lambda c: (_worth_triage(c), c.idx))
+        result["triage"] = triage(workdir, suspects, config)
     return result
 
 
-def _worth_triage(c: Case) -> bool:
-    return (c.expect == ANSWER and c.final is None) or c.final == 500 or \
-        (c.expect == NONE and bool(c.statuses))
+def _worth_triage(c: Case) -> int:
+    """0: not worth a replay; else a priority (1 first): unanswered, answered though it must
+    not be, 500, then (a sample of) 408 -- a branch that failed without telling anyone."""
+    if c.expect == ANSWER and c.final is None:
+        return 1
+    if c.expect == NONE and c.statuses:
+        return 2
+    if c.final == 500:
+        return 3
+    if c.final == 408:
+        return 4
+    return 0
 
 
 # -- triage: one suspicious case at a time, against a fresh serve ----------------------------
 
 
 def _replay(serve: Serve, client: socket.socket, data: bytes, transport: str,
-            wait: float = 0.4) -> tuple[list[int], str]:
-    """Send ``data`` alone; the statuses that came back and the log lines it caused."""
+            wait: float = 0.4, listener: socket.socket | None = None) -> tuple[list[int], str]:
+    """Send ``data`` alone; the statuses that came back (over UDP to ``client``, over TCP on
+    the connection, or on a connection serve opened to ``listener``: a Via naming TCP) and
+    the log records it caused."""
     before = len(serve.log())
     statuses: list[int] = []
+    conns: list[socket.socket] = []
+    buffers: dict[socket.socket, bytearray] = {}
     if transport == "udp":
         client.sendto(data, serve.address)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            client.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                reply = client.recv(65535)
-            except OSError:
-                break
-            s = status_of(reply)
-            if s is not None:
-                statuses.append(s)
-                if s >= 200:
-                    break
     else:
-        with socket.create_connection(serve.address, timeout=wait,
-                                      source_address=(TCP_CLIENT, 0)) as conn:
-            conn.sendall(data)
-            buf = bytearray()
-            deadline = time.monotonic() + wait
-            with contextlib.suppress(OSError):
-                while time.monotonic() < deadline:
-                    conn.settimeout(max(0.01, deadline - time.monotonic()))
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    buf += chunk
-                    statuses += [s for s in map(status_of, split_messages(buf)) if s]
-                    if any(s >= 200 for s in statuses):
-                        break
+        conn = socket.create_connection(serve.address, timeout=wait,
+                                        source_address=(TCP_CLIENT, 0))
+        conn.sendall(data)
+        conns.append(conn)
+    deadline = time.monotonic() + wait
+    try:
+        while time.monotonic() < deadline and not any(s >= 200 for s in statuses):
+            watch = [client, *conns, *([listener] if listener is not None else [])]
+            ready, _, _ = select.select(watch, [], [], max(0.0, deadline - time.monotonic()))
+            for sock in ready:
+                if sock is listener:
+                    accepted, _ = sock.accept()
+                    conns.append(accepted)
+                    continue
+                try:
+                    chunk = sock.recv(65536)
+                except OSError:
+                    chunk = b""
+                if sock is client:
+                    statuses += [x for x in [status_of(chunk)] if x is not None]
+                    continue
+                if not chunk:
+                    conns.remove(sock)
+                    sock.close()
+                    continue
+                buf = buffers.setdefault(sock, bytearray())
+                buf += chunk
+                statuses += [x for x in map(status_of, split_messages(buf)) if x is not None]
+    finally:
+        for sock in conns:
+            sock.close()
     time.sleep(0.05)
     return statuses, serve.log()[before:]
+
+
+_replays = iter(range(1, 10**7))
+
+
+def fresh(data: bytes) -> bytes:
+    """``data`` with every case token replaced by a new one of the same length, so a replay
+    is a new transaction (same branch and sent-by would be absorbed as a retransmission)."""
+    return _TOK.sub(lambda m: f"Rp{next(_replays):07d}00".encode(), data)
+
+
+def _challenge_sync(serve: Serve) -> Credentials | None:
+    """A digest challenge from ``serve`` (blocking), for filling in fresh credentials."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((SETUP_HOST, 0))
+        s.settimeout(0.5)
+        tag = os.urandom(4).hex()
+        req = (f"REGISTER sip:{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP {SETUP_HOST};branch=z9hG4bK"
+               f"t{tag};rport\r\nMax-Forwards: 70\r\nFrom: <sip:alice@{DOMAIN}>;tag={tag}\r\n"
+               f"To: <sip:alice@{DOMAIN}>\r\nCall-ID: t-{tag}\r\nCSeq: 1 REGISTER\r\n"
+               "Content-Length: 0\r\n\r\n").encode()
+        for _ in range(6):
+            s.sendto(req, serve.address)
+            try:
+                data = s.recv(65535)
+            except OSError:
+                continue
+            for line in header_lines(data, b"www-authenticate"):
+                p = parse_challenge(line.partition(b":")[2].decode("latin-1"))
+                if "nonce" in p and p.get("algorithm", "MD5").upper() in ("MD5", "SHA-256"):
+                    return Credentials(p.get("realm", DOMAIN), p["nonce"], p.get("opaque"),
+                                       p.get("algorithm", "MD5").upper())
+    return None
 
 
 def _signature(log_delta: str) -> str:
@@ -2041,68 +2119,96 @@ def _signature(log_delta: str) -> str:
 
 
 def minimize(serve: Serve, client: socket.socket, data: bytes, transport: str,
-             want: str, budget: int = 150) -> bytes:
-    """Drop header lines (and trailing body) while the same traceback signature reproduces."""
+             want: str, prepare: Callable[[bytes], bytes], budget: int = 150) -> bytes:
+    """Drop header lines (and the body) while the same traceback signature reproduces.
+    ``data`` is a template (credentials not filled in): ``prepare`` makes each trial's
+    bytes."""
     d = Draft.parse(data)
     tries = 0
     changed = True
     while changed and tries < budget:
         changed = False
         for k in range(len(d.headers) - 1, -1, -1):
-            trial = Draft(d.start, d.headers[:k] + d.headers[k + 1:], d.body, d.terminated)
+            trial = Draft(d.start, d.headers[:k] + d.headers[k + 1:], d.body, d.terminated,
+                          d.eol)
             tries += 1
-            _, delta = _replay(serve, client, trial.render(), transport, wait=0.15)
+            _, delta = _replay(serve, client, prepare(trial.render()), transport, wait=0.15)
             if _signature(delta) == want:
                 d = trial
                 changed = True
             if tries >= budget:
                 break
         if d.body:
-            trial = Draft(d.start, d.headers, b"", d.terminated)
-            _, delta = _replay(serve, client, trial.render(), transport, wait=0.15)
+            trial = Draft(d.start, d.headers, b"", d.terminated, d.eol)
+            _, delta = _replay(serve, client, prepare(trial.render()), transport, wait=0.15)
             if _signature(delta) == want:
                 d = trial
     return d.render()
 
 
 def triage(workdir: Path, cases: list[Case], config: FuzzConfig) -> dict[str, Any]:
-    """Replay each suspicious case alone against a fresh serve (same options) and record its
-    answer and the log records it caused; group by traceback signature, keep the shortest
-    datagram of each group (minimized when asked)."""
+    """Replay each suspicious case alone against a fresh serve (same options; new tokens and,
+    for authenticated templates, credentials for the new serve's nonce) and record its answer
+    and the log records it caused; group by traceback signature, keep the shortest example of
+    each group (minimized when asked)."""
     serve = Serve(workdir, config.serve_args, auth=config.auth, t1=config.t1)
-    client = _udp_socket(UDP_CLIENTS[0], SIP_PORT)
-    client.setblocking(True)
+    me = UDP_CLIENTS[0]
+    client = _udp_socket(me, SIP_PORT)
+    listener = socket.create_server((me, SIP_PORT), reuse_port=False)
+    creds = _challenge_sync(serve) if config.auth else None
+
+    def prepare(template: bytes) -> bytes:
+        # Every client address becomes the one socket replaying (same length: no
+        # Content-Length changes), tokens are new, credentials fit the new serve.
+        data = fresh(template)
+        for other in (*UDP_CLIENTS[1:], TCP_CLIENT):
+            data = data.replace(other.encode(), me.encode())
+        return creds.fill(data) if creds is not None else data
+
     groups: dict[str, dict[str, Any]] = {}
     silent: dict[str, dict[str, Any]] = {}
+    replayed = 0
+    per_class: Counter[int] = Counter()
+    caps = {1: 2000, 2: 200, 3: 500, 4: 300}   # 408s are many and mostly fine: a sample
     try:
-        for c in cases[:3000]:
+        for c in cases:
             if not serve.alive():
                 break
-            statuses, delta = _replay(serve, client, c.data, c.transport)
+            priority = _worth_triage(c)
+            if per_class[priority] >= caps[priority]:
+                continue
+            per_class[priority] += 1
+            replayed += 1
+            template = c.template or c.data
+            statuses, delta = _replay(serve, client, prepare(template), c.transport,
+                                      listener=listener)
             sig = _signature(delta)
+            example = (len(template), c.idx, template, c.transport, c.seed, c.mutations,
+                       statuses)
             if sig:
                 g = groups.setdefault(sig, {"count": 0, "examples": [], "statuses": Counter()})
                 g["count"] += 1
                 g["statuses"][str(statuses[-1] if statuses else None)] += 1
-                g["examples"].append((len(c.data), c.idx, c.data, c.transport, c.seed,
-                                      c.mutations, statuses))
+                g["examples"].append(example)
             elif c.expect == ANSWER and not any(s >= 200 for s in statuses):
-                why = f"{c.seed}:{'+'.join(m.split(':')[0] for m in c.mutations)}"
+                why = f"{c.seed}:{'+'.join(sorted({m.split(':')[0] for m in c.mutations}))}"
                 g = silent.setdefault(why, {"count": 0, "examples": []})
                 g["count"] += 1
-                g["examples"].append((len(c.data), c.idx, c.data, c.transport, c.seed,
-                                      c.mutations, statuses))
-        out: dict[str, Any] = {"groups": {}, "silent": {}}
+                g["examples"].append(example)
+        out: dict[str, Any] = {"replayed": replayed, "groups": {}, "silent": {}}
         for sig, g in sorted(groups.items(), key=lambda kv: -kv[1]["count"]):
             g["examples"].sort(key=lambda e: e[0])
             _, idx, data, transport, seed, muts, statuses = g["examples"][0]
-            small = minimize(serve, client, data, transport, sig) if config.minimize else data
-            _, delta = _replay(serve, client, small, transport)
+            small = minimize(serve, client, data, transport, sig, prepare) \
+                if config.minimize else data
+            statuses, delta = _replay(serve, client, prepare(small), transport,
+                                      listener=listener)
             out["groups"][sig] = {
                 "count": g["count"], "statuses": dict(g["statuses"]), "case": idx,
                 "seed": seed, "mutations": muts, "transport": transport,
                 "datagram": base64.b64encode(small).decode(),
                 "original": base64.b64encode(data).decode(),
+                "replay_statuses": statuses, "reproduces": _signature(delta) == sig,
                 "traceback": delta[-3000:]}
         for why, g in sorted(silent.items(), key=lambda kv: -kv[1]["count"]):
             g["examples"].sort(key=lambda e: e[0])
@@ -2113,6 +2219,7 @@ def triage(workdir: Path, cases: list[Case], config: FuzzConfig) -> dict[str, An
         return out
     finally:
         client.close()
+        listener.close()
         serve.stop()
 
 
