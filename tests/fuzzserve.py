@@ -86,6 +86,7 @@ SIP_PORT = 5060
 UDP_CLIENTS = ("127.0.1.1", "127.0.1.2")
 TCP_CLIENT = "127.0.1.3"
 PROBE_HOST = "127.0.2.1"
+CLIENT_HOSTS = frozenset((*UDP_CLIENTS, TCP_CLIENT))
 SETUP_HOST = "127.0.2.2"
 DOMAIN = "example.com"
 USERS = {"alice": "s3cret", "bob": "hunter2"}
@@ -284,6 +285,12 @@ def response_reaches_us(via: ViaInfo) -> tuple[bool, str]:
     of our clients (bound to port 5060, listening on UDP and TCP there) back to us?"""
     if "maddr" in via.params:
         return False, "Via maddr sends the response elsewhere"
+    received = via.params.get("received")
+    if received is not None and "rport" not in via.params and via.host in CLIENT_HOSTS \
+            and received not in CLIENT_HOSTS:
+        # The sent-by is the source address, so serve has no reason to restamp the Via
+        # (§18.2.1) and the response goes where the client's own received points (§18.2.2).
+        return False, "Via received names another address"
     if via.transport not in ("UDP", "TCP"):
         return False, f"Via transport {via.transport} (response not sent over UDP/TCP 5060)"
     if "rport" in via.params:
@@ -338,6 +345,37 @@ def wire_method(data: bytes) -> str:
     """The method of the Request-Line as sent ('' when there is none)."""
     m = _REQUEST_LINE.match(data.split(CRLF, 1)[0])
     return m.group(1).decode("latin-1") if m else ""
+
+
+def transaction_key(data: bytes) -> tuple[str, ...]:
+    """§17.2.3's server transaction key, read liberally: the top Via's branch (with the magic
+    cookie), sent-by and the method (ACK as INVITE); without the cookie (RFC 2543) the
+    Request-URI, From tag, Call-ID, CSeq number and top Via.  Two requests with one key are
+    one transaction: the second is a retransmission."""
+    parts = data.split(CRLF, 1)[0].split(b" ")
+    method = parts[0].decode("latin-1")
+    method = "INVITE" if method == "ACK" else method
+    first: dict[bytes, bytes] = {}
+    for line in Draft.parse(data).headers:
+        name, sep, value = line.partition(b":")
+        key = canonical(name)
+        if sep and key in REQUIRED and key not in first:
+            first[key] = value
+    via = loose_via(first.get(b"via", b""))
+    branch = via.params.get("branch") if via else None
+    if via is not None and branch and branch.startswith("z9hG4bK") and len(branch) > 7:
+        return (branch, via.host.lower(), str(via.port), method)
+    tag = re.search(rb";\s*tag\s*=\s*([^;,\s]+)", first.get(b"from", b""))
+    cseq = first.get(b"cseq", b"").split()
+    return ("2543", (parts[1] if len(parts) > 1 else b"").decode("latin-1"),
+            (tag.group(1) if tag else b"").decode("latin-1"),
+            _norm(first.get(b"call-id", b"")).decode("latin-1"),
+            (cseq[0] if cseq else b"").decode("latin-1"),
+            _norm(first.get(b"via", b"")).decode("latin-1"), method)
+
+
+def _norm(value: bytes) -> bytes:
+    return b" ".join(value.split())
 
 
 def frame_stream(data: bytes) -> tuple[list[bytes], str]:
@@ -430,7 +468,7 @@ TEMPLATES: list[Template] = [
               "To: <sip:dave@biloxi.example.net>", "Contact: <sip:carol@{me}>",
               "Content-Type: application/sdp"], SDP),
     Template("invite-2543", "INVITE", "sip:bob@example.com",
-             ["From: <sip:carol@atlanta.example.net>", "To: sip:bob@example.com",
+             ['From: "Carol {tok}" <sip:carol@atlanta.example.net>', "To: sip:bob@example.com",
               "Content-Type: application/sdp"], SDP),
     Template("register-auth", "REGISTER", "sip:example.com",
              ["From: <sip:alice@example.com>;tag=t{tok}", "To: <sip:alice@example.com>",
@@ -454,7 +492,7 @@ TEMPLATES: list[Template] = [
     Template("options-zero-mf", "OPTIONS", "sip:dave@biloxi.example.net",
              ["From: " + _FROM_FOREIGN, "To: <sip:dave@biloxi.example.net>"]),
     Template("options-2543", "OPTIONS", "sip:{serve}",
-             ["From: sip:carol@atlanta.example.net", "To: sip:{serve}"]),
+             ['From: "{tok}" <sip:carol@atlanta.example.net>', "To: sip:{serve}"]),
     Template("cancel-stray", "CANCEL", "sip:bob@example.com",
              ["From: " + _FROM_FOREIGN, "To: <sip:bob@example.com>"]),
     Template("cancel-pending", "CANCEL", "", [], kind="cancel"),
@@ -502,7 +540,9 @@ class Ctx:
 
 def _via(rng: random.Random, me: str, tok: str, transport: str, rfc2543: bool) -> str:
     if rfc2543:
-        return f"SIP/2.0/{transport} {me}"
+        # No branch (RFC 2543): the case token goes in a Via parameter, which every
+        # response copies, so an answer is attributed even when a mutation hits Call-ID.
+        return f"SIP/2.0/{transport} {me};fz={tok}"
     form = rng.randrange(4)
     if form == 0:
         return f"SIP/2.0/{transport} {me};branch=z9hG4bK{tok};rport"
@@ -569,15 +609,24 @@ def torture_messages() -> dict[str, bytes]:
 
 
 def tokenize(data: bytes, tok: str) -> bytes:
-    """Put ``tok`` into a torture message's Call-ID, first branch and From tag so responses
-    can be attributed; nothing else changes."""
+    """Put ``tok`` into a torture message's Call-ID, first branch (or, without one, a Via
+    parameter after the sent-by) and From tag so responses can be attributed; nothing else
+    changes."""
     d = Draft.parse(data)
     t = tok.encode()
     for key in (b"call-id",):
         for i in d.find(key)[:1]:
             d.set_value(i, d.value(i).strip() + b"." + t)
     for i in d.find(b"via")[:1]:
-        d.headers[i] = re.sub(rb"(branch\s*=\s*[^;,\s]*)", rb"\1." + t, d.headers[i], count=1)
+        line = d.headers[i]
+        if re.search(rb"branch\s*=", line):
+            d.headers[i] = re.sub(rb"(branch\s*=\s*[^;,\s]*)", rb"\1." + t, line, count=1)
+        else:
+            name, _, value = line.partition(b":")
+            m = _VIA.match(value.replace(b"\r\n", b"  "))
+            if m is not None:
+                end = m.end(3) if m.group(3) else m.end(2)
+                d.headers[i] = name + b":" + value[:end] + b";fz=" + t + value[end:]
     for i in d.find(b"from")[:1]:
         d.headers[i] = re.sub(rb"(;\s*tag\s*=\s*[^;,\s]*)", rb"\1" + t, d.headers[i], count=1)
     return d.render()
@@ -904,10 +953,13 @@ def m_params(rng: random.Random, d: Draft) -> Mutation:
 
 def m_via_extra(rng: random.Random, d: Draft) -> Mutation:
     kind = rng.randrange(5)
-    extra = [b"Via: SIP/2.0/UDP [2001:db8::9:1]:6050;branch=z9hG4bKv6",
-             b"Via: SIP/2.0/TCP 192.0.2.9;branch=z9hG4bKz;received=[2001:db8::9]",
-             b"Via: SIP/2.0/UDP 255.255.255.255;branch=z9hG4bKbcast",
-             b"Via: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKa, SIP/2.0/UDP 192.0.2.2;branch=z9hG4bKb",
+    # Each extra Via gets its own branch: on top, a shared one would make two cases one
+    # transaction (§17.2.3), and the second would rightly be absorbed as a retransmission.
+    b1, b2 = (b"z9hG4bKx%010x" % rng.getrandbits(40) for _ in range(2))
+    extra = [b"Via: SIP/2.0/UDP [2001:db8::9:1]:6050;branch=" + b1,
+             b"Via: SIP/2.0/TCP 192.0.2.9;branch=" + b1 + b";received=[2001:db8::9]",
+             b"Via: SIP/2.0/UDP 255.255.255.255;branch=" + b1,
+             b"Via: SIP/2.0/UDP 192.0.2.1;branch=" + b1 + b", SIP/2.0/UDP 192.0.2.2;branch=" + b2,
              ][kind] if kind < 4 else None
     i = _pick_line(rng, d, [b"via"])
     if extra is None:
@@ -1039,6 +1091,11 @@ class Generator:
         self.torture = torture_messages()
         self.torture_names = sorted(self.torture)
         self.recent_invites: deque[tuple[bytes, Ctx]] = deque(maxlen=64)
+        # An INVITE gets at most one CANCEL and one ACK: a second would be a retransmission.
+        self.derived: set[tuple[str, str]] = set()
+        # Transaction keys sent so far: a request with one of them is, by §17.2.3, a
+        # retransmission of the earlier one (whose answer it gets), so its own is optional.
+        self.keys: set[tuple[str, ...]] = set()
         names = [t.name for t in TEMPLATES]
         self.choices = names
         self.weights = [_WEIGHTS.get(n, 1) for n in names]
@@ -1048,9 +1105,12 @@ class Generator:
         tok = token(self.seed, idx)
         name = rng.choices(self.choices, self.weights)[0]
         t = TEMPLATE_BY_NAME[name]
-        if t.kind in ("cancel", "ack") and self.recent_invites:
-            invite, ictx = rng.choice(list(self.recent_invites))
-            method = "CANCEL" if t.kind == "cancel" else "ACK"
+        method = "CANCEL" if t.kind == "cancel" else "ACK"
+        fresh_invites = [(inv, c) for inv, c in self.recent_invites
+                         if (c.tok, method) not in self.derived]
+        if t.kind in ("cancel", "ack") and fresh_invites:
+            invite, ictx = rng.choice(fresh_invites)
+            self.derived.add((ictx.tok, method))
             text = derived_request(method, invite, ictx)
             return name, method, Draft.parse(text.encode()), ictx, None
         if t.kind != "plain":
@@ -1098,9 +1158,17 @@ class Generator:
                 refuse = True if label == "bytes:truncate" else refuse
         data = data[:MAX_DATAGRAM]
         method = wire_method(data) or method
-        expect, why = expectation(_with_auth_shape(data), "udp")
+        expect, why = self._judge(_with_auth_shape(data), "udp")
         return Case(idx, name, method, data, "udp", labels, refuse, expect, why, me=me,
                     auth=auth)
+
+    def _judge(self, data: bytes, transport: str) -> tuple[str, str]:
+        expect, why = expectation(data, transport)
+        key = transaction_key(data)
+        if key in self.keys and expect == ANSWER:
+            expect, why = EITHER, "same transaction key as an earlier request"
+        self.keys.add(key)
+        return expect, why
 
     def tcp_stream(self, s: int, first_idx: int) -> Stream:
         """One TCP stream: 1-5 requests with framing-safe mutations (Content-Length kept
@@ -1140,7 +1208,7 @@ class Generator:
             c.mutations.append("stream:content-length=" + bad.decode())
         elif kind == "chunked":
             st.cuts = sorted(rng.random() for _ in range(5))
-        st.judge()
+        st.judge(self._judge)
         return st
 
 
@@ -1164,7 +1232,7 @@ class Stream:
     def data(self) -> bytes:
         return b"".join(c.data if c is not None else d for d, c in self.pieces)
 
-    def judge(self) -> None:
+    def judge(self, judge: Callable[[bytes, str], tuple[str, str]]) -> None:
         """The oracle for each case: answerable only when §18.3 framing (as a client sees it)
         yields exactly its bytes at its place in the stream."""
         spans: dict[tuple[int, int], Case] = {}
@@ -1184,7 +1252,7 @@ class Stream:
             off = start + len(msg)
             c = spans.get((start, off))
             if c is not None:
-                c.expect, c.why = expectation(msg, "tcp")
+                c.expect, c.why = judge(msg, "tcp")
                 seen.add(c.idx)
         for c in self.cases:
             if c.idx not in seen:
@@ -1267,7 +1335,8 @@ class Serve:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fastsip.cli", "serve", *self.args], cwd=workdir,
             env=fastsip_env(), stdout=subprocess.PIPE, stderr=self._log,
-            stdin=subprocess.DEVNULL, text=True)
+            stdin=subprocess.DEVNULL, text=True,
+            preexec_fn=_die_with_parent)  # noqa: PLW1509 - the harness starts no threads
         assert self.proc.stdout is not None
         for _ in range(2):
             line = self.proc.stdout.readline()
@@ -1319,6 +1388,12 @@ class Serve:
             self.proc.stdout.close()
         self._log.close()
         return self.proc.returncode
+
+
+def _die_with_parent() -> None:
+    # A harness that dies must not leave serve running in its namespace (PR_SET_PDEATHSIG).
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
 _RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (\w+) ([\w.]+): ", re.MULTILINE)
@@ -1428,10 +1503,6 @@ def header_lines(data: bytes, name: bytes) -> list[bytes]:
     return out
 
 
-def _norm(value: bytes) -> bytes:
-    return b" ".join(value.split())
-
-
 def _matching_fields(data: bytes) -> tuple[bytes | None, ...]:
     """The top Via's branch, CSeq, Call-ID and From of a message, normalized: what a response
     copies from its request (serve rewrites the Via when it stamps ``received``, so only the
@@ -1484,7 +1555,11 @@ class FuzzRun:
         self.cfg = config
         self.workdir = workdir
         self.serve = Serve(workdir, config.serve_args, auth=config.auth, t1=config.t1)
-        self.gen = Generator(config.seed, f"{SERVE_HOST}:{self.serve.port}")
+        try:
+            self.gen = Generator(config.seed, f"{SERVE_HOST}:{self.serve.port}")
+        except BaseException:
+            self.serve.stop()
+            raise
         self.cases: dict[int, Case] = {}
         self.by_token: dict[int, list[int]] = {}
         self.clients: dict[str, _Udp] = {}
@@ -2151,10 +2226,15 @@ def triage(workdir: Path, cases: list[Case], config: FuzzConfig) -> dict[str, An
     for authenticated templates, credentials for the new serve's nonce) and record its answer
     and the log records it caused; group by traceback signature, keep the shortest example of
     each group (minimized when asked)."""
-    serve = Serve(workdir, config.serve_args, auth=config.auth, t1=config.t1)
     me = UDP_CLIENTS[0]
     client = _udp_socket(me, SIP_PORT)
-    listener = socket.create_server((me, SIP_PORT), reuse_port=False)
+    listener = socket.create_server((me, SIP_PORT))
+    try:
+        serve = Serve(workdir, config.serve_args, auth=config.auth, t1=config.t1)
+    except BaseException:
+        client.close()
+        listener.close()
+        raise
     creds = _challenge_sync(serve) if config.auth else None
 
     def prepare(template: bytes) -> bytes:
@@ -2262,23 +2342,7 @@ def _recorder(on: Callable[[bytes], None]) -> Callable[[], _Udp]:
 
 
 def _key(data: bytes) -> tuple[str, ...]:
-    """Roughly serve's §17.2.3 transaction key: messages with the
-    same key must not be in flight together, or one is taken for a retransmission of the
-    other."""
-    first = data.split(CRLF, 1)[0].split(b" ")
-    method = first[0].decode("latin-1")
-    via = None
-    for line in Draft.parse(data).headers:
-        name, sep, value = line.partition(b":")
-        if sep and canonical(name) == b"via":
-            via = loose_via(value)
-            break
-    branch = via.params.get("branch") if via else None
-    m = "INVITE" if method == "ACK" else method
-    if branch and branch.startswith("z9hG4bK") and len(branch) > 7 and via is not None:
-        return (branch, via.host.lower(), str(via.port), m)
-    call_id = header_lines(data, b"call-id")
-    return ("2543", call_id[0].decode("latin-1") if call_id else "", m)
+    return transaction_key(data)
 
 
 def _via_ports(data: bytes) -> set[int]:
