@@ -1119,7 +1119,7 @@ class Generator:
         via = _via(rng, me, tok, transport, rfc2543=name.endswith("2543"))
         ctx = Ctx(me, tok, rng.randint(1, 99999), via, self.serve, transport)
         text = render_template(t, rng, ctx)
-        if t.method == "INVITE" and transport == "UDP" and "2543" not in name:
+        if t.method == "INVITE" and "2543" not in name:
             self.recent_invites.append((text.encode(), ctx))
         return name, t.method, Draft.parse(text.encode()), ctx, t.auth
 
@@ -1556,7 +1556,11 @@ class FuzzRun:
         self.workdir = workdir
         self.serve = Serve(workdir, config.serve_args, auth=config.auth, t1=config.t1)
         try:
+            # One generator per transport: the TCP streams are made while the UDP traffic
+            # runs, in an order that depends on timing, so sharing state (recent INVITEs,
+            # transaction keys seen) would make the cases depend on it too.
             self.gen = Generator(config.seed, f"{SERVE_HOST}:{self.serve.port}")
+            self.tcp_gen = Generator(config.seed, f"{SERVE_HOST}:{self.serve.port}")
         except BaseException:
             self.serve.stop()
             raise
@@ -1657,8 +1661,10 @@ class FuzzRun:
             case.sink += 1
         if len(self.sink_log) < 20000:
             self.sink_log.append({"how": how, "case": case.idx if case else None,
-                                  "first": first_line(data), "refuse": case.refuse if case
-                                  else None})
+                                  "first": first_line(data),
+                                  "refuse": case.refuse if case else None,
+                                  "seed": case.seed if case else None,
+                                  "mutations": case.mutations if case else None})
         if status is not None or data.startswith(b"ACK ") or reply is None \
                 or not self.cfg.sink_answers:
             return
@@ -1885,7 +1891,7 @@ class FuzzRun:
         next_idx = self.cfg.datagrams
         tasks = []
         for s in range(self.cfg.tcp_streams):
-            st = self.gen.tcp_stream(s, next_idx)
+            st = self.tcp_gen.tcp_stream(s, next_idx)
             next_idx += len(st.cases)
             self.tcp_kinds[st.kind] += 1
             for c in st.cases:
@@ -2088,6 +2094,13 @@ def run_fuzz(config: FuzzConfig, workdir: Path) -> dict[str, Any]:
         suspects = sorted((c for c in run.cases.values() if _worth_triage(c)),
                           key=lambda c: (_worth_triage(c), c.idx))
         result["triage"] = triage(workdir, suspects, config)
+        # Each unanswered case with what its replay alone showed: the traceback signature,
+        # "silent" (no answer again), or the status it got (then it was the load or a
+        # collision with another case, not the message itself).
+        verdicts = result["triage"].pop("cases")
+        for key in ("unanswered", "provisional_only", "answered_but_must_not"):
+            for entry in result[key]:
+                entry["replay"] = verdicts.get(str(entry["idx"]), "not replayed")
     return result
 
 
@@ -2247,6 +2260,7 @@ def triage(workdir: Path, cases: list[Case], config: FuzzConfig) -> dict[str, An
 
     groups: dict[str, dict[str, Any]] = {}
     silent: dict[str, dict[str, Any]] = {}
+    verdicts: dict[str, str] = {}
     replayed = 0
     per_class: Counter[int] = Counter()
     caps = {1: 2000, 2: 200, 3: 500, 4: 300}   # 408s are many and mostly fine: a sample
@@ -2265,6 +2279,8 @@ def triage(workdir: Path, cases: list[Case], config: FuzzConfig) -> dict[str, An
             sig = _signature(delta)
             example = (len(template), c.idx, template, c.transport, c.seed, c.mutations,
                        statuses)
+            finals = [x for x in statuses if x >= 200]
+            verdicts[str(c.idx)] = sig or (f"answered {finals[0]}" if finals else "silent")
             if sig:
                 g = groups.setdefault(sig, {"count": 0, "examples": [], "statuses": Counter()})
                 g["count"] += 1
@@ -2275,7 +2291,8 @@ def triage(workdir: Path, cases: list[Case], config: FuzzConfig) -> dict[str, An
                 g = silent.setdefault(why, {"count": 0, "examples": []})
                 g["count"] += 1
                 g["examples"].append(example)
-        out: dict[str, Any] = {"replayed": replayed, "groups": {}, "silent": {}}
+        out: dict[str, Any] = {"replayed": replayed, "groups": {}, "silent": {},
+                               "cases": verdicts}
         for sig, g in sorted(groups.items(), key=lambda kv: -kv[1]["count"]):
             g["examples"].sort(key=lambda e: e[0])
             _, idx, data, transport, seed, muts, statuses = g["examples"][0]
