@@ -1199,13 +1199,17 @@ class Generator:
         if kind == "cut":
             last.data = last.data[: rng.randrange(1, len(last.data))]
             last.mutations.append("stream:cut")
+            st.tail_from = len(st.pieces) - 1
         elif kind == "garbage":
+            st.tail_from = len(st.pieces)
             st.add(random_datagram(rng))
         elif kind == "broken-length":
-            c = rng.choice(st.cases)
+            j = rng.randrange(len(st.cases))
+            c = st.cases[j]
             bad = rng.choice([b"-1", b"abc", b"99999", b"5, 6", b""])
             c.data = re.sub(rb"Content-Length: \d+", b"Content-Length: " + bad, c.data)
             c.mutations.append("stream:content-length=" + bad.decode())
+            st.tail_from = next(k for k, (_, pc) in enumerate(st.pieces) if pc is c)
         elif kind == "chunked":
             st.cuts = sorted(rng.random() for _ in range(5))
         st.judge(self._judge)
@@ -1221,6 +1225,11 @@ class Stream:
     kind: str
     pieces: list[tuple[bytes, Case | None]] = field(default_factory=list)
     cuts: list[float] = field(default_factory=list)
+    #: The piece where the stream breaks (cut message, garbage, broken Content-Length): the
+    #: writer sends it only once the requests before it are answered, because serve may
+    #: then close the connection, and a late answer's new connection would go where the
+    #: Via says (§18.2.2), which is not always a port of ours.
+    tail_from: int | None = None
 
     @property
     def cases(self) -> list[Case]:
@@ -1229,8 +1238,8 @@ class Stream:
     def add(self, data: bytes, case: Case | None = None) -> None:
         self.pieces.append((data, case))
 
-    def data(self) -> bytes:
-        return b"".join(c.data if c is not None else d for d, c in self.pieces)
+    def data(self, start: int = 0, stop: int | None = None) -> bytes:
+        return b"".join(c.data if c is not None else d for d, c in self.pieces[start:stop])
 
     def judge(self, judge: Callable[[bytes, str], tuple[str, str]]) -> None:
         """The oracle for each case: answerable only when §18.3 framing (as a client sees it)
@@ -1909,7 +1918,6 @@ class FuzzRun:
                 c.template = c.data
                 if creds is not None:
                     c.data = creds.fill(c.data)
-            stream = st.data()
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(
                     SERVE_HOST, self.serve.port, local_addr=(TCP_CLIENT, 0)), 5)
@@ -1930,21 +1938,27 @@ class FuzzRun:
             now = time.monotonic()
             for c in st.cases:
                 c.sends, c.sent_at = 1, now
+            head = st.data(0, st.tail_from)
+            tail = st.data(st.tail_from) if st.tail_from is not None else b""
             pos = 0
             try:
-                for cut in [*(int(f * len(stream)) for f in st.cuts), len(stream)]:
+                for cut in [*(int(f * len(head)) for f in st.cuts), len(head)]:
                     if cut <= pos:
                         continue
-                    writer.write(stream[pos:cut])
+                    writer.write(head[pos:cut])
                     await writer.drain()
                     pos = cut
-                    if cut != len(stream):
+                    if cut != len(head):
                         await asyncio.sleep(0.02)
                 deadline = time.monotonic() + 64 * self.cfg.t1 + 4.0
                 while time.monotonic() < deadline and not reading.done():
                     if all(c.final is not None for c in st.cases if c.expect == ANSWER):
                         break
                     await asyncio.sleep(0.05)
+                if tail and not reading.done():
+                    writer.write(tail)
+                    await writer.drain()
+                    await asyncio.sleep(0.5)
             except OSError:
                 pass
             finally:
@@ -2125,7 +2139,13 @@ def _replay(serve: Serve, client: socket.socket, data: bytes, transport: str,
             wait: float = 0.4, listener: socket.socket | None = None) -> tuple[list[int], str]:
     """Send ``data`` alone; the statuses that came back (over UDP to ``client``, over TCP on
     the connection, or on a connection serve opened to ``listener``: a Via naming TCP) and
-    the log records it caused."""
+    the log records it caused.  Only answers that carry one of ``data``'s replay tokens
+    count (a late answer to an earlier replay is not this one's)."""
+    mine = set(_REPLAY_TOK.findall(data))
+
+    def ours(response: bytes) -> bool:
+        return not mine or bool(mine & set(_REPLAY_TOK.findall(response)))
+
     before = len(serve.log())
     statuses: list[int] = []
     conns: list[socket.socket] = []
@@ -2152,7 +2172,8 @@ def _replay(serve: Serve, client: socket.socket, data: bytes, transport: str,
                 except OSError:
                     chunk = b""
                 if sock is client:
-                    statuses += [x for x in [status_of(chunk)] if x is not None]
+                    if ours(chunk):
+                        statuses += [x for x in [status_of(chunk)] if x is not None]
                     continue
                 if not chunk:
                     conns.remove(sock)
@@ -2160,7 +2181,8 @@ def _replay(serve: Serve, client: socket.socket, data: bytes, transport: str,
                     continue
                 buf = buffers.setdefault(sock, bytearray())
                 buf += chunk
-                statuses += [x for x in map(status_of, split_messages(buf)) if x is not None]
+                statuses += [x for x in map(status_of, filter(ours, split_messages(buf)))
+                             if x is not None]
     finally:
         for sock in conns:
             sock.close()
@@ -2169,6 +2191,7 @@ def _replay(serve: Serve, client: socket.socket, data: bytes, transport: str,
 
 
 _replays = iter(range(1, 10**7))
+_REPLAY_TOK = re.compile(rb"Rp\d{7}00")
 
 
 def fresh(data: bytes) -> bytes:
