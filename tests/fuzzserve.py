@@ -732,7 +732,10 @@ def m_delete(rng: random.Random, d: Draft) -> Mutation:
     if i is None:
         return Mutation("del:none")
     name = d.name(d.headers.pop(i))
-    return Mutation("del:" + (name.decode("latin-1") or "?"), refuse=name in REQUIRED)
+    # Without its only Via (or From, To, Call-ID, CSeq) a request must be refused; a second
+    # Via deleted leaves a valid one.
+    refuse = name in REQUIRED and not d.find(name)
+    return Mutation("del:" + (name.decode("latin-1") or "?"), refuse=refuse)
 
 
 def m_reorder(rng: random.Random, d: Draft) -> Mutation:
@@ -1065,6 +1068,7 @@ class Case:
     stream: int = -1
     auth: str | None = None
     template: bytes = b""         # the bytes before digest credentials were filled in
+    refusing: list[str] = field(default_factory=list)   # the mutations that make it refusable
     sent_at: float = 0.0
     sends: int = 0
     statuses: list[int] = field(default_factory=list)
@@ -1134,6 +1138,7 @@ class Generator:
         me = UDP_CLIENTS[idx % len(UDP_CLIENTS)]
         roll = rng.random()
         labels: list[str] = []
+        refusing: list[str] = []
         refuse = False
         auth = None
         if roll < 0.03:
@@ -1155,17 +1160,22 @@ class Generator:
                 m = fn(rng, d)
                 labels.append(m.label)
                 refuse |= m.refuse
+                if m.refuse:
+                    refusing.append(m.label)
             data = _render(d, fix_length=False)
             # A few stay pristine (the harness's own check of its templates); the others
             # without SIP-aware mutations get byte-level ones.
             if (n == 0 and rng.random() < 0.6) or (n > 0 and rng.random() < 0.15):
                 data, label = m_bytes(rng, data)
                 labels.append(label)
-                refuse = True if label == "bytes:truncate" else refuse
+                if label == "bytes:truncate":
+                    refuse = True
+                    refusing.append(label)
         data = data[:MAX_DATAGRAM]
         method = wire_method(data) or method
         expect, why = self._judge(_with_auth_shape(data), "udp")
         return Case(idx, name, method, data, "udp", labels, refuse, expect, why, me=me,
+                    refusing=refusing,
                     auth=auth)
 
     def _judge(self, data: bytes, transport: str) -> tuple[str, str]:
@@ -1193,15 +1203,18 @@ class Generator:
             idx = first_idx + k
             name, method, d, _, auth = self._template_case(rng, idx, "TCP", TCP_CLIENT)
             labels: list[str] = []
+            refusing: list[str] = []
             refuse = False
             for fn in rng.choices([f for f, _ in safe], [w for _, w in safe],
                                   k=rng.choices([0, 1, 2], [30, 50, 20])[0]):
                 m = fn(rng, d)
                 labels.append(m.label)
                 refuse |= m.refuse
+                if m.refuse:
+                    refusing.append(m.label)
             data = _render(d, fix_length=True)
             c = Case(idx, name, wire_method(data) or method, data, "tcp", labels, refuse,
-                     EITHER, "", me=TCP_CLIENT, stream=s, auth=auth)
+                     EITHER, "", me=TCP_CLIENT, stream=s, auth=auth, refusing=refusing)
             st.add(c.data, c)
             if kind == "keepalive":
                 st.add(b"\r\n\r\n")
@@ -1601,6 +1614,8 @@ class FuzzRun:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._udp: list[asyncio.BaseTransport] = []
         self._writers: set[asyncio.StreamWriter] = set()
+        self.our_acks: set[tuple[bytes | None, ...]] = set()
+        self.our_acks_forwarded = 0
         self.drops_before: int | None = None
         self.drops_after_traffic: int | None = None
         self.drops_after: int | None = None
@@ -1666,13 +1681,20 @@ class FuzzRun:
         if not num:
             return
         lines += [b"CSeq: " + num[0] + b" ACK", b"Content-Length: 0"]
+        ack = CRLF.join(lines) + b"\r\n\r\n"
+        self.our_acks.add(_matching_fields(ack)[1:3])
         client = self.clients.get(case.me)
         if client is not None:
-            client.send(CRLF.join(lines) + b"\r\n\r\n", self.serve.address)
+            client.send(ack, self.serve.address)
 
     # -- the sink ------------------------------------------------------------------------
 
     def on_sink(self, data: bytes, how: str, reply: Callable[[bytes], None] | None) -> None:
+        if data.startswith(b"ACK ") and _matching_fields(data)[1:3] in self.our_acks:
+            # Our own ACK for a non-2xx final that serve answered itself: it must stay
+            # there (the answer's transaction, or for a stateless one serve, absorbs it).
+            self.our_acks_forwarded += 1
+            return
         self.sink_count += 1
         case = self._attribute(data)
         status = status_of(data)
@@ -2062,6 +2084,9 @@ class FuzzRun:
             elif c.expect == NONE and c.statuses:
                 answered_none.append(c)
         forwarded_refused = [e for e in self.sink_log if e["refuse"]]
+        forwarded_cases = [c for c in self.cases.values() if c.sink]
+        refusable_cases = [c for c in forwarded_cases if c.refusing]
+        refusing_labels = Counter(label for c in refusable_cases for label in set(c.refusing))
         rss = self.rss
         return {
             "config": dataclass_dict(self.cfg), "serve_args": self.serve.args,
@@ -2080,6 +2105,10 @@ class FuzzRun:
             # Kernel drops at serve's UDP socket: before, after the traffic, at the end.
             "udp_drops": [self.drops_before, self.drops_after_traffic, self.drops_after],
             "sink": {"received": self.sink_count, "log": self.sink_log[:2000],
+                     "cases_forwarded": len(forwarded_cases),
+                     "our_acks_forwarded": self.our_acks_forwarded,
+                     "refusable_cases_forwarded": len(refusable_cases),
+                     "refusing_mutations": dict(refusing_labels.most_common()),
                      "from_refusable": len(forwarded_refused),
                      "from_refusable_examples": forwarded_refused[:50]},
             "stray": dict(self.stray),
@@ -2617,8 +2646,9 @@ def _print_summary(result: dict[str, Any]) -> None:
     rss = result["rss"]
     if rss:
         print(f"  RSS kB: start {rss[0][1]}, peak {max(r[1] for r in rss)}, end {rss[-1][1]}")
-    print(f"  sink received {result['sink']['received']}, from refusable requests "
-          f"{result['sink']['from_refusable']}; udp drops at serve {result['udp_drops']}")
+    print(f"  sink received {result['sink']['received']} datagrams/messages from "
+          f"{result['sink']['cases_forwarded']} cases, {result['sink']['refusable_cases_forwarded']}"
+          f" of them refusable; udp drops at serve {result['udp_drops']}")
     print(f"  log error groups: {json.dumps(result['log']['groups'], indent=1)}")
 
 
