@@ -1527,8 +1527,16 @@ def header_lines(data: bytes, name: bytes) -> list[bytes]:
     """The header lines named ``name`` (any line ending: serve copies a request's lines as
     they came, so a response to an LF-only request has LF-only lines)."""
     head = re.split(rb"\r?\n\r?\n", data, maxsplit=1)[0]
-    out = []
+    lines: list[bytes] = []
     for line in re.split(rb"\r?\n|\r", head)[1:]:
+        # A continuation line (RFC 3261 §7.3.1) is part of the header before it: a folded
+        # value and its unfolded copy in a response are the same value.
+        if line[:1] in (b" ", b"\t") and lines:
+            lines[-1] += b" " + line.strip()
+        else:
+            lines.append(line)
+    out = []
+    for line in lines:
         n, sep, _ = line.partition(b":")
         if sep and canonical(n) == name:
             out.append(line)
