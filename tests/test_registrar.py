@@ -264,3 +264,25 @@ def test_rfc4475_regbadct_contact_without_brackets_is_rejected() -> None:
     response = registrar.handle(request, Address("UDP", "135.180.130.133", 5060), 1000.0)
     assert response.status_code == 400 and "< >" in response.reason
     assert registrar.lookup("sip:user@example.com", 1000.0) == []
+
+
+@pytest.mark.parametrize(("contact", "why"), [
+    ("<sip:bob@example.com;;;>", "invalid Contact URI"),
+    ("<sips:bob@example.com;transport=udp>", "cannot be reached"),
+    ("<tel:+15551234567>", "scheme 'tel'"),
+    ("<sip:bob@example.com:0>", "port 0"),
+    ("<sip:bob@example..com>", "not a valid name"),
+    ("<sip:bob@192.0.2.1:5060;transport=foo>", "transport 'foo'"),
+])
+def test_contacts_the_proxy_could_never_reach_are_refused(contact: str, why: str) -> None:
+    # Stored, such a binding would turn every later call to the AOR into a 400 or a timeout.
+    registrar = Registrar(MemoryLocationStore(), domains=["example.com"])
+    request = parse((
+        "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1\r\n"
+        "From: <sip:bob@example.com>;tag=1\r\nTo: <sip:bob@example.com>\r\nCall-ID: c1\r\n"
+        f"CSeq: 1 REGISTER\r\nContact: {contact}\r\nContent-Length: 0\r\n\r\n").encode())
+    assert isinstance(request, Request)
+    response = registrar.handle(request, Address("UDP", "192.0.2.1", 5060), 1000.0)
+    assert response.status_code == 400 and why in response.reason, response.reason
+    assert len(response.reason) <= 120
+    assert registrar.lookup("sip:bob@example.com", 1000.0) == []

@@ -12,7 +12,9 @@ expiries are stored as absolute times, and the 200's Date header is rendered fro
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from email.utils import formatdate
@@ -21,7 +23,8 @@ from typing import TypeVar
 from fastsip.errors import ParseError
 from fastsip.proxy.location import Binding, LocationStore, aor_of, contact_key
 from fastsip.sip import URI, Request, Response
-from fastsip.transport import Address
+from fastsip.transport import DEFAULT_PORTS, Address
+from fastsip.transport.rules import next_hop
 
 __all__ = ["Registrar"]
 
@@ -43,7 +46,9 @@ class _Reject(Exception):
     def __init__(self, status: int, reason: str, headers: list[tuple[str, str]] | None = None):
         super().__init__(reason)
         self.status = status
-        self.reason = reason
+        # Parts of it come off the wire: printable ASCII, and short enough for a status line.
+        reason = "".join(c if " " <= c <= "~" else "?" for c in reason)
+        self.reason = reason if len(reason) <= 120 else reason[:116] + "...)"
         self.headers = headers or []
 
 
@@ -65,6 +70,35 @@ def _parse_expires(text: str) -> int:
     if not text.isdigit():
         raise _Reject(400, f"Bad Request (invalid Expires value {text!r})")
     return int(text)
+
+
+def _unroutable(uri: URI) -> str:
+    """Why the proxy could never reach a contact URI ("" when it can): only sip/sips, a
+    transport we have, a port that can be one, and a host that can be an address."""
+    if not uri.is_sip:
+        return f"URI scheme {uri.scheme!r} cannot be reached (sip or sips only)"
+    try:
+        hop = next_hop(uri)
+    except ValueError as exc:
+        return f"cannot be reached: {exc}"
+    if hop.transport not in DEFAULT_PORTS:
+        return f"transport {uri.transport!r} is not supported"
+    if uri.port == 0:
+        return "port 0 cannot be reached"
+    host = hop.host
+    if not host:
+        return "has no host"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        labels = host.rstrip(".").split(".")
+        if len(host) > 253 or any(not 0 < len(label) <= 63 or not _LABEL.fullmatch(label)
+                                  for label in labels):
+            return f"host {host!r} is not a valid name"
+    return ""
+
+
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?")
 
 
 class Registrar:
@@ -240,9 +274,17 @@ class Registrar:
         too_brief = False
         raw_values = request.headers.getall("Contact")
         for n, c in enumerate(contacts):
-            uri = c.uri
+            try:
+                uri = c.uri
+            except ParseError as exc:
+                raise _Reject(400, f"Bad Request (invalid Contact URI: {exc.reason})") from None
             if uri is None:
                 raise _Reject(400, "Bad Request (invalid Contact URI)")
+            unreachable = _unroutable(uri)
+            if unreachable:
+                # A binding we could never send to would only turn later calls to this AOR
+                # into 400s and timeouts: refuse it now, where the UA learns why.
+                raise _Reject(400, f"Bad Request (Contact {unreachable})")
             raw = raw_values[n] if n < len(raw_values) else "<"
             if uri.headers and "<" not in raw:
                 # §20.10: a URI with headers (or ',' ';' '?') must be in < >; without them
