@@ -20,10 +20,11 @@ from test_proxy_net import Net, Phone, ProxyNode, Raw, raw_request
 from fastsip.app import Router
 from fastsip.proxy import Credentials, DigestAuthenticator, Registrar, open_store
 from fastsip.proxy.auth import digest_response
-from fastsip.proxy.core import LOCAL_TAG_PREFIX, UNREACHABLE
+from fastsip.proxy.core import UNREACHABLE
 from fastsip.proxy.edge import SourceGuard, TrustedNetworks
 from fastsip.sip import Response
 from fastsip.transport import Address
+from fastsip.transport.rules import LOCAL_TAG_PREFIX, local_tag
 
 DOMAIN = "example.com"
 VICTIM = 5099          # a UDP "victim" of relay attempts: it must never receive anything
@@ -338,3 +339,14 @@ def test_rfc4475_zeromf_max_forwards_zero_to_a_user_is_483() -> None:
     attacker.send_to(raw_request("OPTIONS", f"sip:{DOMAIN}", max_forwards=0))   # to us: answered
     net.run(0.5)
     assert attacker.statuses() == [483, 200]
+
+
+def test_the_ack_for_any_answer_of_ours_goes_nowhere_even_from_a_trusted_source() -> None:
+    # A stateless answer (ours, or the transport's 400 to a malformed request) leaves no
+    # transaction to absorb its ACK: the tag says it is ours, so it is not forwarded.
+    net, _proxy, attacker, victim = edge(trusted=["127.0.0.1"])
+    attacker.send_to(raw_request("ACK", victim_uri(), to_tag=local_tag()))
+    attacker.send_to(raw_request("ACK", victim_uri(), to_tag="theirs"))   # a 2xx's ACK: on
+    net.run(0.5)
+    assert [r.headers.get("To") for r in victim.requests("ACK")] == \
+        [f"<{victim_uri()}>;tag=theirs"]

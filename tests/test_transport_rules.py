@@ -15,6 +15,7 @@ from fastsip.transport.rules import (
     UDP_SIZE_LIMIT,
     check_sent_by,
     error_response,
+    is_local_tag,
     next_hop,
     request_next_hop,
     response_destination,
@@ -175,6 +176,14 @@ def test_error_response_is_none_when_no_answer_is_allowed(data: bytes) -> None:
         fastsip.parse(data)
     except fastsip.ParseError as exc:
         assert error_response(data, exc) is None
+
+
+def test_error_response_tags_are_ours() -> None:
+    # ... so the ACK for such an answer is known as ours and never forwarded (proxy core).
+    answer = error_response(BAD_MF, _error_of(BAD_MF))
+    assert answer is not None
+    to = fastsip.parse(answer).to
+    assert to is not None and is_local_tag(to.tag)
 
 
 def test_error_response_to_rfc4475_lwsstart() -> None:

@@ -54,6 +54,8 @@ from fastsip.transaction import (
 )
 from fastsip.transport import DEFAULT_PORTS, Address, Transport
 from fastsip.transport.rules import (
+    is_local_tag,
+    local_tag,
     next_hop,
     request_next_hop,
     response_destination,
@@ -226,25 +228,14 @@ def _stateless_branch(request: Request) -> str:
                                                  digest_size=10).hexdigest()
 
 
-#: Every To tag this process puts on a response it makes itself starts with this, so an ACK
-#: for one of our local answers (sent statelessly, so no transaction absorbs its ACK) is known
-#: as ours and dropped instead of being forwarded (Kamailio's ``sl`` module does the same).
-LOCAL_TAG_PREFIX = "fs" + os.urandom(3).hex()
-
-
 def _new_tag() -> str:
-    return LOCAL_TAG_PREFIX + os.urandom(4).hex()
+    return local_tag()
 
 
 def _stateless_tag(request: Request) -> str:
     """The To tag of a stateless local answer: a function of the request's transaction id,
     so a retransmitted request gets the very same response (§16.11)."""
-    return LOCAL_TAG_PREFIX + _stateless_branch(request)[-8:]
-
-
-def is_local_tag(tag: str | None) -> bool:
-    """Was this To tag made by this process (a local answer of ours)?"""
-    return tag is not None and tag.startswith(LOCAL_TAG_PREFIX)
+    return local_tag(_stateless_branch(request)[-8:])
 
 
 @lru_cache(maxsize=4096)

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from fastsip.errors import ParseError
 from fastsip.sip import Message, Request, Response
 from fastsip.transport import Address, Transport
-from fastsip.transport.rules import response_destination
+from fastsip.transport.rules import local_tag, response_destination
 
 __all__ = [
     "ClientHandler",
@@ -574,11 +574,11 @@ class TransactionLayer:
             log.debug("400 for %s from %s: %s", request.method, source, exc)
             if txn.state in (TRYING, PROCEEDING):
                 txn.respond_statelessly(request.reply(
-                    400, f"Bad Request ({exc.reason})"[:120], to_tag=os.urandom(5).hex()))
+                    400, f"Bad Request ({exc.reason})"[:120], to_tag=local_tag()))
         except Exception:
             log.exception("the transaction user failed on %s from %s", request.method, source)
             if txn.state in (TRYING, PROCEEDING):
-                txn.respond_statelessly(request.reply(500, to_tag=os.urandom(5).hex()))
+                txn.respond_statelessly(request.reply(500, to_tag=local_tag()))
         if txn.is_invite:
             if txn.state == PROCEEDING and txn.last_response is None:
                 # §17.2.1: a 100 unless the TU answers within 200 ms; it did not answer at once.
@@ -595,7 +595,7 @@ class TransactionLayer:
         top = request.top_via
         if top is None:
             return
-        response = request.reply(status, reason, to_tag=os.urandom(5).hex(), headers=headers)
+        response = request.reply(status, reason, to_tag=local_tag(), headers=headers)
         self.transport.send(bytes(response), response_destination(top, source))
 
     def _overload(self, side: str, cap: int) -> None:

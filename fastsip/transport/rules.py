@@ -15,9 +15,12 @@ from fastsip.sip import REASON_PHRASES, URI, Message, NameAddr, Request, Respons
 from fastsip.transport import DEFAULT_PORTS, Address
 
 __all__ = [
+    "LOCAL_TAG_PREFIX",
     "UDP_SIZE_LIMIT",
     "check_sent_by",
     "error_response",
+    "is_local_tag",
+    "local_tag",
     "next_hop",
     "request_next_hop",
     "response_destination",
@@ -33,6 +36,24 @@ UDP_SIZE_LIMIT = 1300
 #: URI ``transport=`` values (RFC 3261 §19.1.1, RFC 7118 for ws/wss) to Via transport names.
 _URI_TRANSPORTS = {"udp": "UDP", "tcp": "TCP", "tls": "TLS", "sctp": "SCTP", "ws": "WS",
                    "wss": "WSS"}
+
+
+#: Every To tag this process puts on a response it makes itself starts with this, so an ACK
+#: for one of our local answers -- most go out statelessly, with no transaction to absorb
+#: their ACK -- is known as ours and dropped instead of forwarded (Kamailio's ``sl`` does
+#: the same with its tag).
+LOCAL_TAG_PREFIX = "fs" + os.urandom(3).hex()
+
+
+def local_tag(suffix: str | None = None) -> str:
+    """A To tag for a response we make: our prefix, then ``suffix`` (a stateless answer
+    derives it from the request, so a retransmission gets the same tag) or random hex."""
+    return LOCAL_TAG_PREFIX + (suffix if suffix is not None else os.urandom(4).hex())
+
+
+def is_local_tag(tag: str | None) -> bool:
+    """Was this To tag made by this process (one of our local answers)?"""
+    return tag is not None and tag.startswith(LOCAL_TAG_PREFIX)
 
 
 def strip_brackets(host: str) -> str:
@@ -222,7 +243,7 @@ def error_response(data: bytes, error: ParseError, max_scan: int = 65535) -> byt
     if seen != {b"Via", b"From", b"To", b"Call-ID", b"CSeq"}:
         return None
     if not _TO_TAG.search(to_line):
-        to_line += b";tag=" + os.urandom(6).hex().encode()  # §8.2.6.2: a To tag on a final response
+        to_line += b";tag=" + local_tag().encode()  # §8.2.6.2: a To tag on a final response
     status = error.status if error.status in (400, 414, 505, 513) else 400
     reason = REASON_PHRASES.get(status, "Bad Request")
     if status == 400:
