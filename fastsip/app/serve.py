@@ -325,9 +325,14 @@ async def run(args: argparse.Namespace) -> int:
             await endpoint.close()
         summary = " ".join(f"{k}={v}" for k, v in sorted(serve_router.outcomes.items()))
         log.info("stopped %s", summary or "(no requests)")
-        log.info("edge banned=%d dropped=%d failed_logins=%d overload_503=%d",
-                 guard.banned_total, guard.dropped, guard.failed_logins,
-                 proxy.refusals.count + transactions.refusals.count + router.refusals.count)
+        stats = endpoint.transport.stats
+        log.info("edge banned=%d dropped=%d failed_logins=%d overload_503=%d "
+                 "connections_refused=%d closed_idle=%d closed_slow=%d",
+                 guard.banned_total, guard.dropped,
+                 guard.failed_logins,
+                 proxy.refusals.count + transactions.refusals.count + router.refusals.count,
+                 stats.connections_refused + stats.connections_refused_per_source
+                 + stats.connections_denied, stats.closed_idle, stats.closed_read_timeout)
         return EXIT_OK
     finally:
         store.close()
