@@ -39,6 +39,24 @@ HAS_IPV6 = _has_ipv6()
 needs_ipv6 = pytest.mark.skipif(not HAS_IPV6, reason="no IPv6 loopback")
 
 
+def _has_loopback_aliases() -> bool:
+    """Can we bind 127.0.0.2 and 127.0.0.3?  All of 127/8 is loopback on Linux; macOS has only
+    127.0.0.1 unless aliases were added (``ifconfig lo0 alias 127.0.0.2``)."""
+    try:
+        for host in ("127.0.0.2", "127.0.0.3"):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((host, 0))
+        return True
+    except OSError:
+        return False
+
+
+#: Tests that need a second and third source address on loopback (one source banned or
+#: capped while another is served).
+needs_loopback_aliases = pytest.mark.skipif(
+    not _has_loopback_aliases(), reason="127.0.0.2/127.0.0.3 are not configured on loopback")
+
+
 def run(factory: Callable[[], asyncio.AbstractEventLoop], coro: Coroutine[Any, Any, None],
         timeout: float = 20.0) -> None:
     """Run ``coro`` on a fresh loop from ``factory``, failing (not hanging) after ``timeout``."""

@@ -20,7 +20,17 @@ from fastsip.transport import Address
 from fastsip.transport.rules import response_destination
 
 sys.path.insert(0, str(Path(__file__).parent))
-from netutil import HAS_IPV6, LOOPS, Inbox, hostport, needs_ipv6, options, run, tls_contexts
+from netutil import (
+    HAS_IPV6,
+    LOOPS,
+    Inbox,
+    hostport,
+    needs_ipv6,
+    needs_loopback_aliases,
+    options,
+    run,
+    tls_contexts,
+)
 
 #: Both ways of reading sockets: our own (add_reader) and the loop's endpoints and servers
 #: (uvloop's UDP transport by default; all of them where the loop has no add_reader).
@@ -119,6 +129,7 @@ def test_over_max_connections_is_refused_at_once(factory: Any, lean: bool) -> No
     run(factory, main())
 
 
+@needs_loopback_aliases
 @pytest.mark.parametrize("lean", IO)
 @pytest.mark.parametrize("factory", LOOPS)
 def test_per_source_cap(factory: Any, lean: bool) -> None:

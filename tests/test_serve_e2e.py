@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from netutil import needs_loopback_aliases
 from procutil import free_port
 from serveutil import (
     CALLS,
@@ -203,6 +204,7 @@ def test_digest_authentication_with_sipp(workdir: Path) -> None:
     assert "method=REGISTER status=200 outcome=registered" in log
 
 
+@needs_loopback_aliases
 def test_malformed_flood_does_not_stop_service(workdir: Path) -> None:
     port = free_port()
     serve = Serve(workdir, port)

@@ -27,10 +27,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from netutil import needs_loopback_aliases
 from procutil import fastsip_env, free_port
 from serveutil import SIPP, Serve, finish, register, run_uac, sip_exchange, start_uas, successful
 
-pytestmark = pytest.mark.skipif(SIPP is None, reason="sipp is not installed (sip-tester)")
+pytestmark = [pytest.mark.skipif(SIPP is None, reason="sipp is not installed (sip-tester)"),
+              needs_loopback_aliases]
 
 FLOODER = Path(__file__).resolve().parent / "flooder.py"
 FLOOD_SECONDS = float(os.environ.get("FASTSIP_FLOOD_SECONDS", "10"))

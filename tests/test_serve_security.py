@@ -17,8 +17,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from netutil import needs_loopback_aliases
 from procutil import free_port
 from serveutil import DOMAIN, HOST, Serve
+
+pytestmark = needs_loopback_aliases
 
 ATTACKER = "127.0.0.1"
 ELSEWHERE = "127.0.0.2"          # loopback too: another source address
