@@ -699,3 +699,45 @@ def test_a_name_that_cannot_be_resolved_is_a_transport_error(factory: Any,
             await layer.close()
 
     run(factory, main())
+
+
+class LateAnswerer(Answerer):
+    """Answers every request 200 after ``delay`` seconds (a forwarded request's answer)."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def on_request(self, txn: ServerTransaction, request: Request) -> None:
+        asyncio.get_running_loop().call_later(self.delay, txn.reply, 200)
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_late_answer_after_the_connection_closed_goes_to_the_via_sent_by(factory: Any) -> None:
+    # §18.2.2: the connection the request came on closed before the answer: a new one is
+    # opened to the received IP and the Via's sent-by port -- where the client listens --
+    # not to the ephemeral port its closed connection came from.
+    async def main() -> None:
+        got: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def client_listener(reader: Reader, writer: Writer) -> None:
+            got.put_nowait(await reader.readuntil(b"\r\n\r\n"))
+            writer.close()
+
+        listener = await asyncio.start_server(client_listener, "127.0.0.1", 0)
+        sent_by = listener.sockets[0].getsockname()[1]
+        try:
+            async with Endpoint(LateAnswerer(0.3), ["tcp:127.0.0.1:0"]) as ep:
+                _reader, writer = await connect(ep.address("TCP").port)
+                writer.write(bytes(options("sip:a@127.0.0.1", f"127.0.0.1:{sent_by}", "TCP",
+                                           call_id="late", rport=False)))
+                await writer.drain()
+                writer.close()                     # gone before the answer
+                head = await asyncio.wait_for(got.get(), 5)
+                resp = parse(head)
+                assert isinstance(resp, Response) and resp.status_code == 200
+                assert resp.call_id == "late"
+        finally:
+            listener.close()
+            await listener.wait_closed()
+
+    run(factory, main())

@@ -119,7 +119,10 @@ def test_stamp_received_and_response_destination() -> None:
     tcp = request("SIP/2.0/TCP client.example.com;branch=z9hG4bK4")
     stamp_received(tcp, conn)
     assert tcp.top_via is not None
-    assert response_destination(tcp.top_via, conn) == conn
+    # (and, should that connection close first, a new one to received + the sent-by port,
+    # not to the peer's ephemeral port: §18.2.2)
+    assert response_destination(tcp.top_via, conn) == Address("TCP", "198.51.100.7", 5060,
+                                                              connection=9)
     assert response_destination(tcp.top_via) == Address("TCP", "198.51.100.7", 5060)
 
 

@@ -93,13 +93,19 @@ def stamp_received(request: Message, source: Address) -> bool:
 def response_destination(via: Via, source: Address | None = None) -> Address:
     """Where a response to a request whose top Via is ``via`` goes (§18.2.2, RFC 3581 §4).
 
-    Reliable transport with the connection still known: back over it (``source.connection``).
+    Reliable transport with the connection still known: back over it (``source.connection``),
+    with ``received`` and the sent-by port as the address to connect to if it has closed.
     Otherwise ``received`` (or the sent-by host) with the ``rport`` value, else the sent-by port,
     else the transport's default port.  (maddr, for multicast, is honoured as the host.)
     """
     transport = via.transport
     if source is not None and source.reliable and source.connection:
-        return source
+        # Over the connection the request came on while it is open (whatever the Via says);
+        # should it close first, the address here is where §18.2.2 says to open a new one:
+        # the received IP with the sent-by port (not the peer's ephemeral port).
+        port = via.port if via.port else DEFAULT_PORTS.get(source.transport, 5060)
+        return Address(source.transport, strip_brackets(via.received or via.host), port,
+                       source.connection)
     host = via.maddr or via.received or via.host
     port: int | None
     if via.maddr:
