@@ -324,7 +324,10 @@ def test_server_invite_over_reliable_transport_terminates_on_ack() -> None:
     layer.receive(req, TCP)
     txn = next(iter(layer._server.values()))
     (final, dest) = wire.sent[0]
-    assert dest == TCP  # back over the connection the request came on
+    # Back over the connection the request came on (and, were it closed, to the Via's
+    # sent-by: §18.2.2).
+    assert dest.connection == TCP.connection and dest.transport == "TCP"
+    assert (dest.host, dest.port) == ("client.example.com", 5060)
     wire.take()
     assert times_of(wheel, wire, 5.0, step=0.01) == []  # no Timer G over TCP
     ack = fastsip.Request.create("ACK", "sip:bob@example.com", [
