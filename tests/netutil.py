@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 
 from fastsip import Message, Request
+from fastsip.asyncio import TransportLayer
 from fastsip.transport import Address
+from fastsip.transport.rules import response_destination
 
 LOOPS: list[Any] = [pytest.param(asyncio.new_event_loop, id="asyncio")]
 try:
@@ -86,6 +88,21 @@ class Inbox:
                 await self._event.wait()
         await asyncio.wait_for(until(), timeout)
         return self.items
+
+
+def answer_with(server: TransportLayer, status: int = 200) -> Inbox:
+    """An inbox that also answers each request through ``server`` (§18.2.2 destination)."""
+    inbox = Inbox()
+
+    def on_message(msg: Message, source: Address) -> None:
+        inbox(msg, source)
+        if isinstance(msg, Request):
+            via = msg.top_via
+            assert via is not None
+            server.send(bytes(msg.reply(status)), response_destination(via, source))
+
+    server.on_message = on_message
+    return inbox
 
 
 def options(target: str, sent_by: str, transport: str = "UDP", *, branch: str = "z9hG4bKtest1",

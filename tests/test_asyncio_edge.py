@@ -13,17 +13,17 @@ from typing import Any
 
 import pytest
 
-from fastsip import Message, Request, Response, parse
+from fastsip import Request, Response, parse
 from fastsip.asyncio import Endpoint, TransportLayer, interface_addresses, netif
 from fastsip.transaction import ServerTransaction
 from fastsip.transport import Address
-from fastsip.transport.rules import response_destination
 
 sys.path.insert(0, str(Path(__file__).parent))
 from netutil import (
     HAS_IPV6,
     LOOPS,
     Inbox,
+    answer_with,
     hostport,
     needs_ipv6,
     needs_loopback_aliases,
@@ -47,21 +47,6 @@ def make_layer(lean: bool | None = None, **kwargs: Any) -> TransportLayer:
         layer._lean_io = lean
         layer._lean_udp = lean
     return layer
-
-
-def answer_with(server: TransportLayer, status: int = 200) -> Inbox:
-    """An inbox that also answers each request through ``server`` (§18.2.2 destination)."""
-    inbox = Inbox()
-
-    def on_message(msg: Message, source: Address) -> None:
-        inbox(msg, source)
-        if isinstance(msg, Request):
-            via = msg.top_via
-            assert via is not None
-            server.send(bytes(msg.reply(status)), response_destination(via, source))
-
-    server.on_message = on_message
-    return inbox
 
 
 async def connect(port: int, host: str = "127.0.0.1", local: str | None = None

@@ -23,6 +23,7 @@ from netutil import (
     HAS_IPV6,
     LOOPS,
     Inbox,
+    answer_with,
     free_port,
     hostport,
     needs_ipv6,
@@ -33,21 +34,6 @@ from netutil import (
 
 HOSTS = [pytest.param("127.0.0.1", id="v4"),
          pytest.param("::1", id="v6", marks=needs_ipv6)]
-
-
-def answer_with(server: TransportLayer, status: int = 200) -> Inbox:
-    """An inbox that also answers each request through ``server`` (§18.2.2 destination)."""
-    inbox = Inbox()
-
-    def on_message(msg: Message, source: Address) -> None:
-        inbox(msg, source)
-        if isinstance(msg, Request):
-            via = msg.top_via
-            assert via is not None
-            server.send(bytes(msg.reply(status)), response_destination(via, source))
-
-    server.on_message = on_message
-    return inbox
 
 
 # -- listen specs ------------------------------------------------------------------------------
