@@ -38,18 +38,21 @@ def stop(proc: subprocess.Popen[str], timeout: float = 15.0) -> int:
 
 
 class Serve:
-    """A ``fastsip serve`` process on one UDP port; its log goes to ``serve-N.log``."""
+    """A ``fastsip serve`` process on one UDP port (and TCP with ``tcp``), or on the
+    ``listen`` addresses instead (``udp:[::1]:P`` ...); its log goes to ``serve-N.log``."""
 
     count = 0
 
-    def __init__(self, workdir: Path, port: int, *extra: str, tcp: bool = False) -> None:
+    def __init__(self, workdir: Path, port: int, *extra: str, tcp: bool = False,
+                 listen: Sequence[str] = ()) -> None:
         Serve.count += 1
         self.port = port
         self.log_path = workdir / f"serve-{Serve.count}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in close()
+        listeners = list(listen) or [f"udp:{HOST}:{port}", *([f"tcp:{HOST}:{port}"] if tcp else [])]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastsip.cli", "serve", "--listen", f"udp:{HOST}:{port}",
-             *(["--listen", f"tcp:{HOST}:{port}"] if tcp else []),
+            [sys.executable, "-m", "fastsip.cli", "serve",
+             *(arg for where in listeners for arg in ("--listen", where)),
              "--domain", DOMAIN, "--grace", "2", *extra],
             cwd=workdir, env=fastsip_env(), stdout=subprocess.PIPE, stderr=self._log,
             stdin=subprocess.DEVNULL, text=True)
@@ -98,6 +101,21 @@ def finish(proc: subprocess.Popen[str], timeout: float) -> str:
 def successful(workdir: Path, name: str) -> int:
     rows = list(csv.reader((workdir / f"{name}.csv").read_text().splitlines(), delimiter=";"))
     return int(dict(zip(rows[0], rows[-1]))["SuccessfulCall(C)"]) if len(rows) > 1 else 0
+
+
+def bye_messages(message_file: Path, received: bool) -> list[str]:
+    """The BYEs in a sipp -trace_msg file, sent or received."""
+    text = message_file.read_text()
+    marker = "message received" if received else "message sent"
+    out = []
+    for block in text.split("----------------------------------------------- ")[1:]:
+        # A block: the timestamp line, "UDP message sent (N bytes):", a blank line, the message.
+        _, _, rest = block.partition("\n")
+        head, _, body = rest.partition("\n")
+        body = body.lstrip()
+        if marker in head and body.startswith("BYE "):
+            out.append(body.replace("\r\n", "\n").strip())
+    return out
 
 
 def register(workdir: Path, name: str, serve_port: int, user: str, contact_port: int,

@@ -37,6 +37,7 @@ from serveutil import (
     HOST,
     SIPP,
     Serve,
+    bye_messages,
     final_status,
     finish,
     register,
@@ -55,21 +56,6 @@ def workdir(tmp_path: Path) -> Path:
     """Every process runs here: ``python -m`` puts its cwd on sys.path, and a checkout's
     uncompiled fastsip/ must not shadow the installed one."""
     return tmp_path
-
-
-def bye_messages(message_file: Path, received: bool) -> list[str]:
-    """The BYEs in a sipp -trace_msg file, sent or received."""
-    text = message_file.read_text()
-    marker = "message received" if received else "message sent"
-    out = []
-    for block in text.split("----------------------------------------------- ")[1:]:
-        # A block: the timestamp line, "UDP message sent (N bytes):", a blank line, the message.
-        _, _, rest = block.partition("\n")
-        head, _, body = rest.partition("\n")
-        body = body.lstrip()
-        if marker in head and body.startswith("BYE "):
-            out.append(body.replace("\r\n", "\n").strip())
-    return out
 
 
 # -- the tests ---------------------------------------------------------------------------------
