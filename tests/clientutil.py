@@ -177,6 +177,14 @@ class PjsuaPeer(LineProcess):
     def close(self, quit_line: str | None = "quit", timeout: float = 10.0) -> int:
         return super().close(quit_line, timeout)
 
+    @staticmethod
+    def close_all(peers: list[PjsuaPeer]) -> None:
+        """Stop them all at once (each takes about a second to unregister and shut down)."""
+        for peer in peers:
+            peer.send("quit")
+        for peer in peers:
+            peer.close()
+
 
 
 class Baresip(Lines):
