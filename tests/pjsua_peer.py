@@ -60,7 +60,7 @@ class Peer:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.calls: list[Call] = []     # PJSIP keeps no Python reference: we must
+        self.calls: list[Call] = []     # PJSIP holds no Python reference to them: we do
         self.account: Account | None = None
 
     def answer(self, call: Call, code: int) -> None:
@@ -186,7 +186,6 @@ def main(argv: list[str] | None = None) -> int:
         tls.certFile = args.cert
         tls.privKeyFile = args.key
         tls.verifyServer = args.verify_server
-        tls.method = pj.PJSIP_TLSV1_2_METHOD
     tid = ep.transportCreate(TRANSPORTS[(args.transport, family)], tcfg)
     ep.libStart()
     local = ep.transportGetInfo(tid).localName
