@@ -42,14 +42,18 @@ class Serve:
 
     count = 0
 
-    def __init__(self, workdir: Path, port: int, *extra: str, tcp: bool = False) -> None:
+    def __init__(self, workdir: Path, port: int, *extra: str, tcp: bool = False,
+                 listen: Sequence[str] = ()) -> None:
+        """``listen``: the --listen specs, instead of UDP (and with ``tcp``, TCP) on HOST:port."""
         Serve.count += 1
         self.port = port
         self.log_path = workdir / f"serve-{Serve.count}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in close()
+        if not listen:
+            listen = [f"udp:{HOST}:{port}", *([f"tcp:{HOST}:{port}"] if tcp else [])]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastsip.cli", "serve", "--listen", f"udp:{HOST}:{port}",
-             *(["--listen", f"tcp:{HOST}:{port}"] if tcp else []),
+            [sys.executable, "-m", "fastsip.cli", "serve",
+             *(arg for spec in listen for arg in ("--listen", spec)),
              "--domain", DOMAIN, "--grace", "2", *extra],
             cwd=workdir, env=fastsip_env(), stdout=subprocess.PIPE, stderr=self._log,
             stdin=subprocess.DEVNULL, text=True)

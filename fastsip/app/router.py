@@ -43,6 +43,7 @@ from fastsip.app.routes import Routes
 from fastsip.errors import FastSIPError, ParseError
 from fastsip.proxy.core import Proxy, ProxyContext, ResponseContext, Target
 from fastsip.proxy.edge import SourceGuard
+from fastsip.proxy.registrar import SUPPORTED as REGISTRAR_SUPPORTED
 from fastsip.sip import URI, Headers, NameAddr, Response
 from fastsip.sip import Request as SipRequest
 from fastsip.transaction import Refusals
@@ -55,6 +56,8 @@ log = logging.getLogger("fastsip.app")
 #: What the default routing answers OPTIONS with (RFC 3261 §11.2).
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, SUBSCRIBE, NOTIFY, REFER, MESSAGE, " \
         "UPDATE, INFO, PRACK"
+#: The extensions we support, for that answer: the registrar's (Path, RFC 3327).
+SUPPORTED = ", ".join(sorted(REGISTRAR_SUPPORTED))
 
 
 class _AuthResult(Protocol):
@@ -310,8 +313,10 @@ class Request:
         registrar = self._router.registrar
         if registrar is None:
             raise FastSIPError("register() needs a registrar on the Router")
-        response = registrar.handle(self.ctx.request, self.ctx.source, self._router.wallclock(),
-                                    user=self.user)
+        request = self.ctx.request
+        response = registrar.handle(request, self.ctx.source, self._router.wallclock(),
+                                    user=self.user,
+                                    addressed_to_us=self._router.proxy_is_local_host(request.uri))
         return Decision("response", response=response)
 
     def lookup(self, aor: str | URI | None = None) -> list[Any]:
@@ -663,7 +668,9 @@ class Router:
         request = req.request
         if method == "REGISTER":
             if not req.for_us:
-                return req.reply(403, "Not Our Domain") if not self.open_relay else req.relay()
+                if self.open_relay:
+                    return req.relay()
+                return req.reply(403, "Forbidden (domain not served here)")
             if self.registrar is None:
                 return req.reply(405, headers=[("Allow", ALLOW.replace(" REGISTER,", ""))])
             if not req.authenticate():
@@ -678,8 +685,8 @@ class Router:
             if request.uri.user is None:
                 if method == "OPTIONS":
                     # Keep-alives and monitoring: answered without keeping a transaction.
-                    return req.reply(200, headers=[("Allow", ALLOW), ("Accept", "application/sdp")],
-                                     stateless=True)
+                    return req.reply(200, headers=[("Allow", ALLOW), ("Accept", "application/sdp"),
+                                                   ("Supported", SUPPORTED)], stateless=True)
                 return req.reply(404)
             return req.relay()
         # Another domain, or a preloaded Route: where the request asks to go, if the relay

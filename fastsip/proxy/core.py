@@ -1268,24 +1268,40 @@ class Proxy:
             except ValueError as exc:
                 raise _BadTarget(str(exc)) from None
         if record_route:
-            out = self._rr_uri(dest.transport)
-            if source.transport != dest.transport:
-                request.add_record_route(self._rr_uri(source.transport))
-            request.add_record_route(out)
+            out = self.local_for(dest)
+            inbound = self.local_for(source)
+            if inbound.peer != out.peer:
+                # RFC 5658: the request changes transport, address family or interface here,
+                # so each side gets a Record-Route it can reach (the caller's route set starts
+                # at the inbound one, the callee's at the outbound one).
+                request.add_record_route(self._rr_uri(inbound))
+            request.add_record_route(self._rr_uri(out))
         return dest
 
-    def _rr_uri(self, transport: str) -> str:
-        host, port = self.sent_by(transport)
+    def local_for(self, peer: Address) -> Address:
+        """Our end of a message to ``peer`` (or from it, when ``peer`` is a source naming the
+        socket it arrived on): transport, advertised host and port of that listener.  A
+        transport without ``local_for`` stands in with its ``sent_by`` for the transport."""
+        local_for = getattr(self.transport, "local_for", None)
+        if local_for is not None:
+            return local_for(peer)  # type: ignore[no-any-return]
+        host, port = self.sent_by(peer.transport)
+        return Address(peer.transport, host, port)
+
+    @staticmethod
+    def _rr_uri(local: Address) -> str:
+        host, transport = local.host, local.transport
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         t = "" if transport == "UDP" else f";transport={transport.lower()}"
-        return f"<sip:{host}:{port}{t};lr>"
+        return f"<sip:{host}:{local.port}{t};lr>"
 
-    def _via(self, transport: str, branch: str) -> str:
-        host, port = self.sent_by(transport)
+    def _via(self, dest: Address, branch: str) -> str:
+        local = self.local_for(dest)
+        host = local.host
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
-        return f"SIP/2.0/{transport} {host}:{port};branch={branch}"
+        return f"SIP/2.0/{dest.transport} {host}:{local.port};branch={branch}"
 
     def _make_branch(self, ctx: ResponseContext, target: Target) -> Branch:
         original = ctx.request
@@ -1298,7 +1314,7 @@ class Proxy:
         dest = self._prepare(copy, target, ctx.source, rr)
         loop = ctx.loop
         branch = f"{MAGIC_COOKIE}-{loop}.{self._prefix}{next(self._counter):x}"
-        copy.add_via(self._via(dest.transport, branch))
+        copy.add_via(self._via(dest, branch))
         return Branch(ctx, target, copy, dest)
 
     def _forward_stateless(self, request: Request, target: Target, source: Address) -> None:
@@ -1312,7 +1328,7 @@ class Proxy:
         except ValueError as exc:  # Max-Forwards ran out, or no route to the target
             log.debug("not forwarding %s: %s", request.method, exc)
             return
-        request.add_via(self._via(dest.transport, _stateless_branch(request)))
+        request.add_via(self._via(dest, _stateless_branch(request)))
         self.transport.send(bytes(request), dest)
 
     def _send_response(self, response: Response, source: Address) -> None:

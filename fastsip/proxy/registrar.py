@@ -137,17 +137,20 @@ class Registrar:
         return self.store.lookup(aor_of(uri), now)
 
     def handle(
-        self, request: Request, source: Address, now: float, *, user: str | None = None
+        self, request: Request, source: Address, now: float, *, user: str | None = None,
+        addressed_to_us: bool = False,
     ) -> Response:
         """Process one REGISTER (§10.3 steps 1-8) and return the final response to send.
 
         ``source`` is where the request came from: it is stored with each binding so a proxy can
         reach a contact behind a NAT.  ``user``, when given, is the name the request was
         authenticated as; the registrar then accepts only the AOR whose user part it is (403
-        otherwise).
+        otherwise).  ``addressed_to_us``: the Request-URI names this server by its address
+        (``REGISTER sip:192.0.2.10``, a phone's usual registrar setting) rather than a domain;
+        the domain is then the To header's, which must still be ours.
         """
         try:
-            return self._handle(request, source, now, user)
+            return self._handle(request, source, now, user, addressed_to_us)
         except _Reject as reject:
             logger.info(
                 "REGISTER %s from %s rejected: %d %s",
@@ -158,14 +161,15 @@ class Registrar:
             )
             return request.reply(reject.status, reject.reason, headers=reject.headers)
 
-    def _handle(self, request: Request, source: Address, now: float, user: str | None) -> Response:
+    def _handle(self, request: Request, source: Address, now: float, user: str | None,
+                addressed_to_us: bool = False) -> Response:
         if request.method != "REGISTER":
             raise _Reject(405, "Method Not Allowed", [("Allow", "REGISTER")])
         # Step 1: the Request-URI names the domain whose location service is being changed.
         ruri = request.uri
         if not ruri.is_sip:
             raise _Reject(416, "Unsupported URI Scheme")
-        if not self.is_ours(ruri):
+        if not addressed_to_us and not self.is_ours(ruri):
             # A registrar that is also a proxy would forward instead (the caller decides that
             # with is_ours()); this one refuses to act for a domain it does not serve.
             raise _Reject(403, "Forbidden (domain not served here)")
@@ -185,6 +189,8 @@ class Registrar:
             # RFC 4475 §3.3.4 (unksm2): an AOR must be a SIP or SIPS URI.
             raise _Reject(400, "Bad Request (address-of-record must be a SIP or SIPS URI)")
         if not self.is_ours(to_uri):
+            # §10.3 step 5: an AOR not valid for the domain is 404 (the Request-URI's domain, or
+            # ours when the request was addressed to this server by IP).
             raise _Reject(404, "Not Found (address-of-record not in this domain)")
         aor = aor_of(to_uri)
         # Steps 3 and 4: the authenticated user may only change its own bindings.

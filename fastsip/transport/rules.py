@@ -114,7 +114,10 @@ def response_destination(via: Via, source: Address | None = None) -> Address:
         port = via.rport if via.rport else via.port
     if port is None:
         port = DEFAULT_PORTS.get(transport, 5060)
-    return Address(transport, strip_brackets(host), port)
+    # A datagram's source names the socket it arrived on: the response leaves from it, so
+    # the client (and its NAT) sees it come from the address it sent to (§18.2.2).
+    sock = source.connection if source is not None and source.transport == transport else 0
+    return Address(transport, strip_brackets(host), port, sock)
 
 
 def next_hop(target: URI | NameAddr | str) -> Address:
