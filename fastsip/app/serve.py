@@ -199,6 +199,7 @@ async def run(args: argparse.Namespace) -> int:
     from fastsip.asyncio import Endpoint
     from fastsip.proxy import Registrar, open_store
     from fastsip.proxy.core import Proxy
+    from fastsip.proxy.nat import NatKeeper
     from fastsip.transaction import TimerConfig
 
     listen = args.listen or list(DEFAULT_LISTEN)
@@ -246,7 +247,8 @@ async def run(args: argparse.Namespace) -> int:
 
     loop = asyncio.get_running_loop()
     try:
-        registrar = Registrar(store, domains=args.domain or ())
+        registrar = Registrar(store, domains=args.domain or (),
+                              flow_timer=int(args.nat_ping_interval) or None)
         router = Router(routes, registrar=registrar, authenticator=authenticator,
                         spawn=loop.create_task, max_concurrency=args.max_concurrency,
                         guard=guard, monotonic=loop.time)
@@ -271,6 +273,10 @@ async def run(args: argparse.Namespace) -> int:
         transactions.max_server_transactions = args.max_transactions
         transactions.max_client_transactions = args.max_transactions
         proxy.attach(transactions)
+        keeper = NatKeeper(store, time.time, interval=args.nat_ping_interval,
+                           max_failures=args.nat_ping_failures, method=args.nat_ping_method)
+        if args.nat_ping_interval > 0:
+            keeper.attach(proxy)
         # Live transactions linger 32 s (Timers J/L/M), so the young generation fills with
         # objects that are not garbage; CPython's default thresholds then run collections that
         # scan them on most calls.  The proxy holds no reference cycles per call, so collecting
@@ -305,6 +311,8 @@ async def run(args: argparse.Namespace) -> int:
                  f"{args.rate_limit:g}/s,burst={guard.burst:g}" if args.rate_limit else "off",
                  args.ban_time, args.max_auth_failures, args.max_transactions,
                  args.max_connections, args.max_connections_per_source)
+        log.info("nat keep_alive=%s", f"{args.nat_ping_method}/{args.nat_ping_interval:g}s,"
+                 f"failures={args.nat_ping_failures}" if args.nat_ping_interval > 0 else "off")
         for listener in endpoint.listeners:
             print(f"listening on {listener.address}", flush=True)
         try:
@@ -321,6 +329,7 @@ async def run(args: argparse.Namespace) -> int:
                 log.warning("stopping with %d transaction(s) unfinished", proxy.pending)
         finally:
             purger[0].cancel()
+            keeper.stop()
             serve_router.flush()
             await endpoint.close()
         summary = " ".join(f"{k}={v}" for k, v in sorted(serve_router.outcomes.items()))
@@ -333,6 +342,9 @@ async def run(args: argparse.Namespace) -> int:
                  proxy.refusals.count + transactions.refusals.count + router.refusals.count,
                  stats.connections_refused + stats.connections_refused_per_source
                  + stats.connections_denied, stats.closed_idle, stats.closed_read_timeout)
+        if keeper.sent:
+            log.info("nat keep_alives=%d answered=%d flows_removed=%d",
+                     keeper.sent, keeper.answered, keeper.removed)
         return EXIT_OK
     finally:
         store.close()
@@ -392,7 +404,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "with its outcome at --log-level info.")
     p.add_argument("--listen", action="append", metavar="PROTO:HOST:PORT",
                    help="where to listen, e.g. udp:0.0.0.0:5060 or tcp:[::]:5060; repeat for "
-                        "more (default: udp and tcp on 127.0.0.1:5060)")
+                        "more (default: udp and tcp on 127.0.0.1:5060).  Behind 1:1 NAT, add "
+                        "the public address to advertise: udp:10.0.0.5:5060/203.0.113.5")
     p.add_argument("--routes", metavar="FILE.py",
                    help="a routes module (@route, @on_failure ...; see examples/); default: "
                         "registrar + location lookup for our domains")
@@ -416,6 +429,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="async route handlers running at once; beyond it 503 (default 1000)")
     p.add_argument("--grace", type=_non_negative, default=5.0, metavar="S",
                    help="on stop, seconds to let transactions in flight finish (default 5)")
+    nat = p.add_argument_group(
+        "NAT traversal",
+        "Phones behind NAT are reached over the flow they registered from (and those of RFC "
+        "5626 outbound and TCP/TLS clients); their Contacts in dialogs get an alias naming "
+        "it.  Flow bindings are pinged to keep NAT pinholes and connections open.")
+    nat.add_argument("--nat-ping-interval", type=_non_negative, default=30.0, metavar="S",
+                     help="seconds between keep-alives to each flow binding (default 30; 0: "
+                          "none); also the Flow-Timer told to outbound clients")
+    nat.add_argument("--nat-ping-failures", type=_positive_int, default=3, metavar="N",
+                     help="remove a binding whose flow leaves N OPTIONS keep-alives in a row "
+                          "unanswered (default 3)")
+    nat.add_argument("--nat-ping-method", choices=["options", "crlf"], default="options",
+                     help="OPTIONS (answered: dead flows are noticed) or a CRLF keep-alive "
+                          "(RFC 5626; nothing comes back) (default options)")
     edge = p.add_argument_group(
         "safety at the edge",
         "Defaults suit a public address; see docs/security.md for the policy.")

@@ -38,9 +38,10 @@ class Endpoint:
 
     - ``listen``: listener specs, ``"udp:127.0.0.1:5060"``, ``"tcp:[::1]:5060"``,
       ``"tls:0.0.0.0:5061"`` (port 0: any free port; read the real one from
-      :attr:`listeners`).
+      :attr:`listeners`); ``SPEC/HOST[:PORT]`` advertises HOST[:PORT] for that listener (a
+      server behind 1:1 NAT: ``udp:10.0.0.5:5060/203.0.113.5``).
     - ``advertise``: "host" or "host:port" to put in our Via instead of the bound address
-      (behind NAT, or when listening on 0.0.0.0); applies to every listener.
+      (behind NAT, or when listening on 0.0.0.0); applies to every listener without its own.
     - ``tls_context``: server context (certificate chain loaded) for ``tls:`` listeners;
       ``tls_client_context``: verifies servers we connect to (default: system trust store).
     - ``timers``: T1/T2/T4; ``check_via``: drop responses whose top Via is not ours (§18.1.2).
@@ -124,7 +125,8 @@ class Endpoint:
             return
         try:
             for spec in self.listen_specs:
-                await self.transport.listen(spec, advertise=self.advertise)
+                spec, _, own = spec.partition("/")
+                await self.transport.listen(spec, advertise=own or self.advertise)
         except BaseException:
             await self.transport.close()
             raise

@@ -45,6 +45,7 @@ from collections.abc import Callable, Container, Iterable, Sequence
 from functools import lru_cache
 from typing import Any, Protocol
 
+from fastsip.proxy.nat import add_alias, contact_behind_nat, pop_alias, request_behind_nat
 from fastsip.sip import URI, Message, Request, Response, parse
 from fastsip.transaction import (
     ClientTransaction,
@@ -77,6 +78,9 @@ MAGIC_COOKIE = "z9hG4bK"
 #: Methods whose forwarded initial request carries our Record-Route: the ones that create a
 #: dialog (RFC 3261 INVITE, RFC 6665 SUBSCRIBE/NOTIFY, RFC 3515 REFER).  Others gain nothing.
 RECORD_ROUTE_METHODS = frozenset({"INVITE", "SUBSCRIBE", "NOTIFY", "REFER"})
+#: Requests whose Contact sets (or refreshes) a dialog's remote target (RFC 3261 §12.2, RFC
+#: 3311, RFC 6665): a Contact behind NAT in them, or in their 1xx/2xx, gets an alias.
+_TARGET_METHODS = frozenset({"INVITE", "SUBSCRIBE", "NOTIFY", "REFER", "UPDATE"})
 #: §16.7 step 6: within a class, prefer responses that let the UAC retry with more information.
 _PREFERRED = frozenset({401, 407, 415, 420, 484})
 _TERMINATED_STATES = frozenset({"completed", "confirmed", "terminated"})
@@ -594,6 +598,12 @@ class ResponseContext:
     def _on_branch_response(self, branch: Branch, response: Response) -> None:
         response.pop_via()  # §16.7 step 3: our Via
         status = response.status_code
+        if 100 < status < 300 and branch.target.binding is not None and self.proxy.nat \
+                and self.request.method in _TARGET_METHODS \
+                and contact_behind_nat(response, branch.dest):
+            # Our registered user answers from behind a NAT: the caller's in-dialog requests
+            # will reach it over the flow we sent the request on.
+            add_alias(response, branch.dest)
         if status < 200:
             if branch.final is not None:
                 return
@@ -857,6 +867,9 @@ class Proxy:
       ACK is loose-routed only when it came through our Record-Route (a Route naming us) or
       its Request-URI names us; otherwise an untrusted source gets 403 (an ACK is dropped).
       Without it, adding a To tag would turn the proxy into an open relay.
+    - ``nat``: NAT traversal (:mod:`fastsip.proxy.nat`): the Contact of a client behind NAT in
+      a dialog-creating or target-refresh request or answer gets an ``alias`` naming its flow,
+      and a request whose Request-URI carries one (its last hop: no Route left) goes there.
 
     Local answers (``ctx.respond``) that are negative and come before anything else went
     upstream are sent statelessly: see :meth:`ResponseContext.respond`.
@@ -878,6 +891,7 @@ class Proxy:
         loop_detection: bool = True,
         trusted: Container[str] = frozenset(),
         require_own_route: bool | None = None,
+        nat: bool = True,
     ) -> None:
         self.router = router
         self.record_route = record_route
@@ -896,6 +910,10 @@ class Proxy:
         self.loop_detection = loop_detection
         self.trusted = trusted
         self.require_own_route = record_route if require_own_route is None else require_own_route
+        self.nat = nat
+        #: A :class:`~fastsip.proxy.nat.NatKeeper` pinging flow bindings (it attaches itself);
+        #: answers to its pings are handed to it.
+        self.nat_keeper: Any = None
         #: Requests refused with 503 because max_pending was reached (logs, metrics).
         self.refusals = Refusals()
         self._layer: TransactionLayer | None = None
@@ -1093,6 +1111,9 @@ class Proxy:
         top = response.top_via
         if top is None or not self._via_is_ours(top.host, top.port, top.transport):
             return
+        keeper = self.nat_keeper
+        if keeper is not None and keeper.on_response(response):
+            return  # the answer to a keep-alive: the flow is alive
         response.pop_via()
         nxt = response.top_via
         if nxt is None:
@@ -1259,14 +1280,22 @@ class Proxy:
                     request.add_route(value)
                 request.uri = first
                 strict = True
+        flow = None
+        if target.dest is None and self.nat and not strict and not request.route:
+            # An in-dialog request to a client behind NAT: its target's alias names the flow.
+            flow = pop_alias(request)
         if target.dest is not None:
             dest = target.dest
+        elif flow is not None:
+            dest = flow
         else:
             try:
                 # Step 7: to the first Route, or (a strict router) the new Request-URI.
                 dest = next_hop(request.uri) if strict else request_next_hop(request)
             except ValueError as exc:
                 raise _BadTarget(str(exc)) from None
+        if self.nat and request.method in _TARGET_METHODS and request_behind_nat(request, source):
+            add_alias(request, source)
         if record_route:
             out = self.local_for(dest)
             inbound = self.local_for(source)

@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from fastsip.errors import ParseError
 from fastsip.proxy.location import Binding, LocationStore, aor_of, contact_key
+from fastsip.proxy.nat import request_behind_nat
 from fastsip.sip import URI, Request, Response
 from fastsip.transport import DEFAULT_PORTS, Address
 from fastsip.transport.rules import next_hop
@@ -33,7 +34,7 @@ logger = logging.getLogger("fastsip.proxy")
 _T = TypeVar("_T")
 
 #: Option tags this registrar understands in Require / Proxy-Require (§8.2.2.3).
-SUPPORTED = frozenset({"path"})
+SUPPORTED = frozenset({"path", "outbound"})
 
 # §10.3 step 6: a registrar may only reject an interval below its minimum with 423 when the
 # interval is also under an hour; a longer one below the minimum is raised to the minimum.
@@ -59,6 +60,7 @@ class _ContactUpdate:
     expires: int
     q: float
     instance: str | None
+    reg_id: int | None = None
 
 
 def _tokens(values: Iterable[str]) -> list[str]:
@@ -117,6 +119,7 @@ class Registrar:
         min_expires: int = 60,
         max_expires: int = 7200,
         default_expires: int = 3600,
+        flow_timer: int | None = None,
     ) -> None:
         if not 0 <= min_expires <= max_expires:
             raise ValueError("need 0 <= min_expires <= max_expires")
@@ -125,6 +128,9 @@ class Registrar:
         self.min_expires = min_expires
         self.max_expires = max_expires
         self.default_expires = min(max(default_expires, min_expires), max_expires)
+        #: RFC 5626 Flow-Timer for outbound registrations: how often (seconds) the client
+        #: should send its keep-alives (None: not said).
+        self.flow_timer = flow_timer
 
     def is_ours(self, uri: URI) -> bool:
         """Whether ``uri``'s host is a domain this registrar is responsible for (always true
@@ -203,7 +209,14 @@ class Registrar:
         # Step 6: the contacts and their expiration intervals.
         wildcard, updates = self._contacts(request)
         path = tuple(request.headers.getall("Path"))
-        supports_path = "path" in _tokens(request.headers.getall("Supported"))
+        supported = _tokens(request.headers.getall("Supported"))
+        supports_path = "path" in supported
+        # RFC 5626: a client that asks for outbound (reg-id with +sip.instance, and says it
+        # supports it) gets its binding kept per flow; so does one behind a NAT (nathelper).
+        outbound = "outbound" in supported and any(
+            u.reg_id is not None and u.instance for u in updates)
+        flow = outbound or request_behind_nat(request, source)
+        sock = source.connection if source.transport == "UDP" else 0
         # Step 7: apply the updates, ordered by Call-ID/CSeq against the current bindings.
         current = {b.key: b for b in self._store(aor, lambda: self.store.lookup(aor, now))}
 
@@ -231,6 +244,13 @@ class Registrar:
                 if update.expires == 0:
                     removes.append(update.contact)
                     continue
+                if outbound and update.reg_id is not None and update.instance:
+                    # RFC 5626 §6 step 3: a new flow for the same instance and reg-id
+                    # replaces the old binding, whatever its Contact.
+                    removes.extend(
+                        b.contact for b in current.values()
+                        if b.instance == update.instance and b.reg_id == update.reg_id
+                        and b.key != update.key)
                 puts.append(
                     Binding(
                         aor=aor,
@@ -244,6 +264,9 @@ class Registrar:
                         instance=update.instance,
                         user_agent=user_agent,
                         registered_at=now,
+                        flow=flow,
+                        socket=sock,
+                        reg_id=update.reg_id if outbound else None,
                     )
                 )
             if puts or removes:
@@ -260,6 +283,12 @@ class Registrar:
             # RFC 3327 §5.3: echo the Path the registrar stored, only to a UA that said it
             # understands Path.
             headers.extend(("Path", p) for p in path)
+        if outbound and updates:
+            # RFC 5626 §6: the binding is kept per flow; the client learns how often to keep
+            # the flow alive.
+            headers.append(("Require", "outbound"))
+            if self.flow_timer:
+                headers.append(("Flow-Timer", str(self.flow_timer)))
         headers.append(("Date", formatdate(now, usegmt=True)))
         return request.reply(200, "OK", headers=headers)
 
@@ -325,7 +354,16 @@ class Registrar:
                 key = contact_key(uri)
             except ParseError as exc:
                 raise _Reject(400, f"Bad Request (invalid Contact URI: {exc.reason})") from None
-            updates.append(_ContactUpdate(text, key, expires, q, params.get("+sip.instance")))
+            reg_id_text = params.get("reg-id")
+            reg_id = None
+            if reg_id_text is not None:
+                if not reg_id_text.isdigit() or not 0 < int(reg_id_text) < 2**31:
+                    raise _Reject(400, "Bad Request (invalid Contact reg-id parameter)")
+                reg_id = int(reg_id_text)
+            instance = params.get("+sip.instance")
+            if instance is not None:
+                instance = instance.strip('"') or None
+            updates.append(_ContactUpdate(text, key, expires, q, instance, reg_id))
         if too_brief:
             # The whole request fails, and the client learns the smallest interval we accept.
             raise _Reject(423, "Interval Too Brief", [("Min-Expires", str(self.min_expires))])
@@ -347,6 +385,9 @@ class Registrar:
         if binding.q != 1.0:
             parts.append(f";q={binding.q:g}")
         if binding.instance is not None:
-            # RFC 5626 §6: the registrar echoes +sip.instance so the UA recognizes its binding.
+            # RFC 5626 §6: the registrar echoes +sip.instance (and reg-id) so the UA
+            # recognizes its binding.
             parts.append(f';+sip.instance="{binding.instance}"')
+            if binding.reg_id is not None:
+                parts.append(f";reg-id={binding.reg_id}")
         return "".join(parts)
