@@ -425,19 +425,19 @@ def _routes_error(path: str, exc: BaseException) -> str:
     """One line for a routes module that cannot be loaded: the file, the error, and the line
     of the file it came from when the traceback has one (a NameError at import time)."""
     if isinstance(exc, FileNotFoundError):
-        return f"--routes {path}: no such file"
+        return f"cannot load routes from {path}: no such file"
     if isinstance(exc, ImportError) and not isinstance(exc, ModuleNotFoundError) \
             and str(exc).startswith("cannot load routes"):
-        return f"--routes {path}: not a Python module (a .py file)"
+        return f"cannot load routes from {path}: not a Python module (a .py file)"
     if isinstance(exc, SyntaxError):  # its message names the file and line already
-        return f"--routes {path}: SyntaxError: {exc}"
+        return f"cannot load routes from {path}: SyntaxError: {exc}"
     where = ""
     module = Path(path).resolve()
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
         if Path(frame.filename).resolve() == module:
             where = f" (line {frame.lineno})"
             break
-    return f"--routes {path}: {type(exc).__name__}: {exc}{where}"
+    return f"cannot load routes from {path}: {type(exc).__name__}: {exc}{where}"
 
 
 class _RawEpilogFormatter(argparse.HelpFormatter):
