@@ -129,10 +129,10 @@ def run_uac(workdir: Path, name: str, serve_port: int, user: str,
 
 
 def sip_exchange(port: int, message: str, *, want_final: bool = True,
-                 timeout: float = 5.0) -> list[str]:
+                 timeout: float = 5.0, full: bool = False) -> list[str]:
     """Send one request over UDP from a fresh socket, retransmitted every 0.5 s until a
     response comes (as Timer A/E would: a datagram can be lost); return the status lines
-    received until a final response (or the timeout)."""
+    received until a final response (or the timeout); ``full``: the whole responses."""
     lines: list[str] = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind((HOST, 0))
@@ -149,7 +149,7 @@ def sip_exchange(port: int, message: str, *, want_final: bool = True,
                     s.sendto(data, (HOST, port))
                 continue
             first = reply.split(b"\r\n", 1)[0].decode()
-            lines.append(first)
+            lines.append(reply.decode(errors="replace") if full else first)
             if want_final and first.startswith("SIP/2.0 ") and int(first.split()[1]) >= 200:
                 break
     return lines

@@ -18,7 +18,16 @@ response has gone upstream, as ``key=value`` fields a log shipper can split::
     request method=INVITE status=200 outcome=answered duration_ms=12.4 call_id=... \
         from=sip:alice@example.com to=sip:bob@example.com source=udp:127.0.0.1:5071
 
+``outcome`` is one of ``registered``, ``answered``, ``accepted`` (2xx), ``redirected`` (3xx),
+``challenged`` (401/407), ``cancelled`` (the caller's CANCEL ended it), ``unanswered`` (408/480:
+nobody answered, ``--ring-timeout`` ran out), ``unavailable`` (503), ``rejected`` (any other
+failure) and, at stop, ``abandoned`` (no final response yet).  The stop summary counts them.
 Below INFO nothing is tracked per request, so a quiet server pays nothing for it.
+
+Exit status: 0 after a clean stop; 1 when a listen address cannot be bound (in use, not an
+address of this host: the command line is right, the system refused); 2 for bad options, a
+bad ``--listen`` spec, or a routes, credentials or database file that cannot be used.  Every
+error is one line naming the address, option or file, never a traceback.
 
 Its defaults are meant for a public address (see ``docs/security.md``): no open relay (the
 routing API's relay policy), local negative answers sent statelessly, per-source rate limits
@@ -37,7 +46,9 @@ import logging
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -61,8 +72,16 @@ PURGE_INTERVAL = 60.0
 # -- per-request outcome log ------------------------------------------------------------------
 
 
-def _outcome(method: str, status: int) -> str:
-    """A word for the log: what became of the request, as an operator reads it."""
+def _outcome(method: str, status: int, cancelled: bool = False) -> str:
+    """A word for the log: what became of the request, as an operator reads it.
+
+    ``cancelled``: the caller's CANCEL reached us (the response context knows, §16.10), so a
+    failure that went up -- normally 487 -- is the caller hanging up before an answer, not a
+    rejection.  A 487 from downstream without a CANCEL of the caller's is *not* "cancelled":
+    something past us ended the request (a B2BUA's other leg, a device's own policy), and the
+    caller did not ask for it; it stays "rejected" with its status in the line."""
+    if cancelled and status >= 300:
+        return "cancelled"
     if status < 300:
         return "registered" if method == "REGISTER" else (
             "answered" if method == "INVITE" else "accepted")
@@ -148,7 +167,8 @@ class ServeRouter:
     def on_final(self, ctx: ResponseContext, response: Response) -> None:
         entry = self.pending.pop(id(ctx), None)
         if entry is not None:
-            self._log(entry.method, entry.fields, entry.started, response.status_code)
+            self._log(entry.method, entry.fields, entry.started, response.status_code,
+                      cancelled=ctx.cancelled)
 
     # outcome tracking ----------------------------------------------------------------------
 
@@ -161,13 +181,14 @@ class ServeRouter:
                 f"to={_quote(str(to.uri) if to is not None else '')} "
                 f"source={ctx.source}")
 
-    def _count(self, method: str, status: int) -> str:
-        outcome = _outcome(method, status)
+    def _count(self, method: str, status: int, cancelled: bool = False) -> str:
+        outcome = _outcome(method, status, cancelled)
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         return outcome
 
-    def _log(self, method: str, fields: str, started: float, status: int) -> None:
-        outcome = self._count(method, status)
+    def _log(self, method: str, fields: str, started: float, status: int,
+             cancelled: bool = False) -> None:
+        outcome = self._count(method, status, cancelled)
         log.info("request method=%s status=%d outcome=%s duration_ms=%.1f %s", method, status,
                  outcome, (self.clock() - started) * 1000.0, fields)
 
@@ -196,7 +217,8 @@ def _default_realm(args: argparse.Namespace) -> str:
 async def run(args: argparse.Namespace) -> int:
     """Run the server until SIGTERM/SIGINT; returns the exit status."""
     from fastsip.app import Router, load_routes
-    from fastsip.asyncio import Endpoint
+    from fastsip.asyncio import Endpoint, ListenError
+    from fastsip.errors import FastSIPError
     from fastsip.proxy import Registrar, open_store
     from fastsip.proxy.core import Proxy
     from fastsip.proxy.nat import NatKeeper
@@ -204,11 +226,14 @@ async def run(args: argparse.Namespace) -> int:
 
     listen = args.listen or list(DEFAULT_LISTEN)
     args.listen = listen
+    problem = _check_operator_options(args)
+    if problem:
+        print(f"fastsip serve: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         routes = load_routes(args.routes) if args.routes else None
     except Exception as exc:  # noqa: BLE001 - any error in the user's module: refuse to start
-        log.error("cannot load routes from %s: %s: %s", args.routes, type(exc).__name__, exc)
-        print(f"fastsip serve: cannot load routes from {args.routes}: {exc}", file=sys.stderr)
+        print(f"fastsip serve: {_routes_error(args.routes, exc)}", file=sys.stderr)
         return EXIT_USAGE
     from fastsip.proxy.edge import SourceGuard, TrustedNetworks
 
@@ -247,14 +272,15 @@ async def run(args: argparse.Namespace) -> int:
 
     loop = asyncio.get_running_loop()
     try:
-        registrar = Registrar(store, domains=args.domain or (),
+        registrar = Registrar(store, domains=args.domain or (), **_registrar_limits(args),
                               flow_timer=int(args.nat_ping_interval) or None)
         router = Router(routes, registrar=registrar, authenticator=authenticator,
                         spawn=loop.create_task, max_concurrency=args.max_concurrency,
                         guard=guard, monotonic=loop.time)
         serve_router = ServeRouter(router)
         proxy = Proxy(serve_router, aliases=[*(args.domain or ()), *(args.alias or ())],
-                      trusted=trusted, max_pending=args.max_transactions)
+                      trusted=trusted, max_pending=args.max_transactions,
+                      timer_c=args.ring_timeout)
         endpoint = Endpoint(
             proxy, listen=listen, advertise=args.advertise, timers=TimerConfig(t1=args.t1),
             # The transport asks the guard before it parses anything from a source: a banned
@@ -266,7 +292,10 @@ async def run(args: argparse.Namespace) -> int:
             tls_handshake_timeout=args.tls_handshake_timeout)
         try:
             await endpoint.start()
-        except (OSError, ValueError) as exc:
+        except ListenError as exc:  # "cannot listen on udp:127.0.0.1:5060: Address in use"
+            print(f"fastsip serve: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        except (OSError, ValueError, FastSIPError) as exc:
             print(f"fastsip serve: cannot listen: {exc}", file=sys.stderr)
             return EXIT_USAGE
         transactions = endpoint.transactions
@@ -311,6 +340,8 @@ async def run(args: argparse.Namespace) -> int:
                  f"{args.rate_limit:g}/s,burst={guard.burst:g}" if args.rate_limit else "off",
                  args.ban_time, args.max_auth_failures, args.max_transactions,
                  args.max_connections, args.max_connections_per_source)
+        log.info("timers ring_timeout=%gs expires=%d..%ds (default %ds)", args.ring_timeout,
+                 args.min_expires, args.max_expires, args.default_expires)
         log.info("nat keep_alive=%s", f"{args.nat_ping_method}/{args.nat_ping_interval:g}s,"
                  f"failures={args.nat_ping_failures}" if args.nat_ping_interval > 0 else "off")
         for listener in endpoint.listeners:
@@ -375,6 +406,92 @@ def _mirror_bans_in_kernel(guard: Any, transport: Any, loop: asyncio.AbstractEve
     guard.on_bans_changed = sync
 
 
+# -- operator options: ring timeout, registration intervals, start-up checks -----------------
+
+
+def _check_operator_options(args: argparse.Namespace) -> str:
+    """What is wrong with the command line that argparse cannot see ("" when nothing): a
+    malformed --listen spec (named), and registration intervals out of order."""
+    from fastsip.asyncio import parse_listen
+
+    for spec in args.listen:
+        try:
+            parse_listen(spec)
+        except ValueError as exc:
+            return f"--listen: {exc}"
+    if not args.min_expires <= args.default_expires <= args.max_expires:
+        return (f"registration intervals out of order: --min-expires {args.min_expires}, "
+                f"--default-expires {args.default_expires}, --max-expires {args.max_expires} "
+                "(need min <= default <= max)")
+    return ""
+
+
+def _registrar_limits(args: argparse.Namespace) -> dict[str, int]:
+    """§10.3 step 6: the intervals a REGISTER may ask for (423 below the minimum, shortened
+    above the maximum, the default where it asks for none)."""
+    return {"min_expires": args.min_expires, "max_expires": args.max_expires,
+            "default_expires": args.default_expires}
+
+
+def _routes_error(path: str, exc: BaseException) -> str:
+    """One line for a routes module that cannot be loaded: the file, the error, and the line
+    of the file it came from when the traceback has one (a NameError at import time)."""
+    if isinstance(exc, FileNotFoundError):
+        return f"cannot load routes from {path}: no such file"
+    if isinstance(exc, ImportError) and not isinstance(exc, ModuleNotFoundError) \
+            and str(exc).startswith("cannot load routes"):
+        return f"cannot load routes from {path}: not a Python module (a .py file)"
+    if isinstance(exc, SyntaxError):  # its message names the file and line already
+        return f"cannot load routes from {path}: SyntaxError: {exc}"
+    where = ""
+    module = Path(path).resolve()
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if Path(frame.filename).resolve() == module:
+            where = f" (line {frame.lineno})"
+            break
+    return f"cannot load routes from {path}: {type(exc).__name__}: {exc}{where}"
+
+
+class _RawEpilogFormatter(argparse.HelpFormatter):
+    """Wraps the description as usual but keeps the epilog's lines (an example command must
+    stay on one line to be copied)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text is SERVE_EPILOG:  # as RawDescriptionHelpFormatter does, for this text only
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+SERVE_EPILOG = """\
+example:
+  fastsip serve --domain example.com --listen udp:0.0.0.0:5060 --listen tcp:0.0.0.0:5060
+
+exit status: 0 after a clean stop; 1 when a listen address cannot be bound (in use, not an
+address of this host); 2 for bad options or a routes, credentials or database file that
+cannot be used.  Errors are one line naming the address, option or file."""
+
+
+def _add_operator_options(p: argparse.ArgumentParser) -> None:
+    """The ring timeout (Timer C) and the registration intervals, in their own group."""
+    g = p.add_argument_group(
+        "ringing and registrations",
+        "How long a call may ring, and the registration intervals the registrar grants.")
+    g.add_argument("--ring-timeout", type=_positive_float, default=180.0, metavar="S",
+                   help="seconds a forwarded INVITE may ring without an answer (Timer C, RFC "
+                        "3261 §16.8; each provisional response restarts it): then the branch "
+                        "is CANCELled and the caller gets 408 (default 180; as a ring "
+                        "timeout 30-120 is usual)")
+    g.add_argument("--min-expires", type=_positive_int, default=60, metavar="S",
+                   help="shortest registration granted: a REGISTER asking less (but not 0) "
+                        "gets 423 Interval Too Brief with Min-Expires (default 60)")
+    g.add_argument("--max-expires", type=_positive_int, default=3600, metavar="S",
+                   help="longest registration granted: a longer one is shortened in the 200 "
+                        "(default 3600)")
+    g.add_argument("--default-expires", type=_positive_int, default=3600, metavar="S",
+                   help="registration interval for a Contact with no expires parameter and no "
+                        "Expires header (default 3600)")
+
+
 # -- command line -----------------------------------------------------------------------------
 
 
@@ -382,6 +499,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0: {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0: {text}")
     return value
 
 
@@ -401,7 +525,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "in the location store; requests for our users go to their registered "
                     "contacts (404 when none); a --routes module decides otherwise.  "
                     "SIGTERM or Ctrl-C drains and stops.  Every initial request is logged "
-                    "with its outcome at --log-level info.")
+                    "with its outcome at --log-level info.",
+        epilog=SERVE_EPILOG, formatter_class=_RawEpilogFormatter)
     p.add_argument("--listen", action="append", metavar="PROTO:HOST:PORT",
                    help="where to listen, e.g. udp:0.0.0.0:5060 or tcp:[::]:5060; repeat for "
                         "more (default: udp and tcp on 127.0.0.1:5060).  Behind 1:1 NAT, add "
@@ -478,6 +603,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                            "(slowloris; default 10)")
     edge.add_argument("--tls-handshake-timeout", type=_non_negative, default=10.0, metavar="S",
                       help="close a TLS connection whose handshake takes longer (default 10)")
+    _add_operator_options(p)
     p.add_argument("--t1", type=float, default=0.5, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log detail on stderr (default info: one line per initial request)")

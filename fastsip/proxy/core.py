@@ -290,6 +290,7 @@ class Branch:
         "provisional",
         "request",
         "target",
+        "timer_c_fired",
     )
 
     def __init__(
@@ -303,6 +304,8 @@ class Branch:
         self.provisional = False
         self.cancel_wanted = False
         self.cancel_sent = False
+        #: Timer C cancelled this branch (§16.8): its 487 means "no answer" (408 upstream).
+        self.timer_c_fired = False
         self._timer_c: Any = None
         self._cancel_guard: Any = None
 
@@ -585,6 +588,7 @@ class ResponseContext:
         if branch.final is not None:
             return
         if branch.provisional:
+            branch.timer_c_fired = True
             branch.cancel()
         else:
             self._branch_failed(branch, 408)
@@ -642,6 +646,11 @@ class ResponseContext:
         if branch.final is not None:
             return
         self._hook(response)
+        if branch.timer_c_fired and response.status_code == 487:
+            # Our Timer C CANCEL brought this 487; the caller did not cancel, nobody answered:
+            # it counts as 408 (Kamailio's tm fakes a 408 on fr_inv_timer too).  A 2xx that
+            # crossed the CANCEL still goes up above: the call connects after all.
+            response = self.request.reply(408, to_tag=_new_tag())
         self._branch_final(branch, response)
 
     def _branch_final(self, branch: Branch, response: Response) -> None:

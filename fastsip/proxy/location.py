@@ -341,16 +341,23 @@ class SqliteLocationStore:
             )
         self.path = str(path)
         self._lock = threading.Lock()
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so nothing stays uncommitted.
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(bindings)")}
-        for name, decl in _ADDED_COLUMNS:
-            if name not in have:
-                self._db.execute(f"ALTER TABLE bindings ADD COLUMN {name} {decl}")
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so nothing stays
+            # uncommitted.
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(bindings)")}
+            for name, decl in _ADDED_COLUMNS:
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE bindings ADD COLUMN {name} {decl}")
+        except sqlite3.Error as exc:
+            # sqlite3 says "unable to open database file" without saying which file.
+            raise LocationStoreError(
+                f"cannot open SQLite database {self.path!r}: {exc}"
+            ) from None
 
     def _select(self, sql: str, args: tuple[object, ...]) -> list[Binding]:
         with self._lock:
