@@ -343,9 +343,16 @@ def test_sips_goes_only_over_tls(tmp_path: Path) -> None:
     assert "method=INVITE status=480" in serve.log()
 
 
-def test_sips_without_a_tls_listener_is_416(tmp_path: Path) -> None:
+@pytest.mark.parametrize("with_cert", [False, True], ids=["no-tls", "cert-but-no-tls-listener"])
+def test_sips_without_a_tls_listener_is_416(tmp_path: Path, with_cert: bool) -> None:
+    """No tls: listener, no sips path (our Record-Route could not name a TLS port) -- with a
+    certificate given too (it is then only our client certificate)."""
+    extra: list[str] = []
+    if with_cert:
+        cert = TestCA(tmp_path).issue("serve")
+        extra = ["--tls-cert", str(cert.cert), "--tls-key", str(cert.key)]
     port = free_port()
-    serve = Serve(tmp_path, port)
+    serve = Serve(tmp_path, port, *extra)
     try:
         lines = sip_exchange(port, request("OPTIONS", f"sips:bob@{DOMAIN}", call_id="s1"))
         assert final_status(lines) == 416, lines

@@ -3,6 +3,7 @@
     fastsip serve --domain example.com [--listen udp:0.0.0.0:5060 ...] [--routes routes.py]
                   [--db memory:|sqlite:PATH] [--auth-users users.txt] [--log-level info]
                   [--trusted CIDR ...] [--rate-limit N] [--max-connections N] ...
+                  [--listen tls:0.0.0.0:5061 --tls-cert chain.pem [--tls-key key.pem]]
 
 It assembles the layers -- :class:`~fastsip.asyncio.Endpoint` (sockets, timers, transactions),
 :class:`~fastsip.proxy.Proxy` (RFC 3261 §16), :class:`~fastsip.app.Router` running the user's
@@ -351,17 +352,19 @@ async def run(args: argparse.Namespace) -> int:
 
 def _tls_contexts(args: argparse.Namespace, listen: list[str]
                   ) -> tuple[ssl.SSLContext | None, ssl.SSLContext]:
-    """The server context for ``tls:`` listeners (None without --tls-cert) and the client
-    context for the TLS connections we open.  Raises ValueError with the message for the
-    operator: the option, the file and what is wrong with it."""
+    """The server context for ``tls:`` listeners (None without one) and the client context
+    for the TLS connections we open.  Raises ValueError with the message for the operator:
+    the option, the file and what is wrong with it."""
     from fastsip.asyncio import parse_listen
     from fastsip.asyncio.tls import TLSConfigError, client_context, server_context
 
+    listening = False
     for spec in listen:
         try:
             transport = parse_listen(spec)[0]
         except ValueError:
             continue                          # the endpoint reports a bad spec when it binds
+        listening = listening or transport == "TLS"
         if transport == "TLS" and not args.tls_cert:
             raise ValueError(f"--listen {spec}: needs --tls-cert (our certificate chain; and "
                              "--tls-key unless the key is in that file)")
@@ -372,6 +375,8 @@ def _tls_contexts(args: argparse.Namespace, listen: list[str]
                          "certificates must chain to)")
     option = {"cert": "--tls-cert", "key": "--tls-key", "ca": "--tls-ca"}
     try:
+        # (Without a tls: listener the files are still checked: the chain is our client
+        # certificate below.)
         server = (server_context(args.tls_cert, args.tls_key, args.tls_ca,
                                  verify_client=args.tls_verify_client)
                   if args.tls_cert else None)
@@ -381,6 +386,8 @@ def _tls_contexts(args: argparse.Namespace, listen: list[str]
                                 cert=args.tls_cert, key=args.tls_key)
     except TLSConfigError as exc:
         raise ValueError(f"{option[exc.role]} {exc}") from None
+    if not listening:
+        server = None
     if server is not None:
         log.info("tls cert=%s key=%s clients=%s", args.tls_cert, args.tls_key or "(in cert)",
                  f"verified:{args.tls_ca}" if args.tls_verify_client else "not verified")
@@ -509,8 +516,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     tls = p.add_argument_group(
         "TLS",
         "SIP over TLS (RFC 3261 §26.2): --listen tls:HOST:PORT needs --tls-cert.  A sips: "
-        "request only ever leaves over TLS (480 when its target has no TLS hop; 416 with no "
-        "tls: listener).  See docs/security.md.")
+        "request only ever leaves over TLS for a sips: target (else 480; 416 with no tls: "
+        "listener).  See docs/security.md.")
     tls.add_argument("--tls-cert", metavar="FILE",
                      help="our certificate chain, PEM, leaf first (the private key may follow "
                           "in the same file)")
