@@ -3,6 +3,7 @@
     fastsip serve --domain example.com [--listen udp:0.0.0.0:5060 ...] [--routes routes.py]
                   [--db memory:|sqlite:PATH] [--auth-users users.txt] [--log-level info]
                   [--trusted CIDR ...] [--rate-limit N] [--max-connections N] ...
+                  [--listen tls:0.0.0.0:5061 --tls-cert chain.pem [--tls-key key.pem]]
 
 It assembles the layers -- :class:`~fastsip.asyncio.Endpoint` (sockets, timers, transactions),
 :class:`~fastsip.proxy.Proxy` (RFC 3261 §16), :class:`~fastsip.app.Router` running the user's
@@ -52,6 +53,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import ssl
+
     from fastsip.proxy.core import Proxy, ProxyContext, ResponseContext
     from fastsip.sip import Response
 
@@ -265,6 +268,11 @@ async def run(args: argparse.Namespace) -> int:
             print(f"fastsip serve: --auth-users {args.auth_users}: {exc}", file=sys.stderr)
             return EXIT_USAGE
     try:
+        tls_server, tls_client = _tls_contexts(args, listen)
+    except ValueError as exc:
+        print(f"fastsip serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         store = open_store(args.db)
     except (OSError, ValueError) as exc:
         print(f"fastsip serve: --db {args.db}: {exc}", file=sys.stderr)
@@ -280,9 +288,13 @@ async def run(args: argparse.Namespace) -> int:
         serve_router = ServeRouter(router)
         proxy = Proxy(serve_router, aliases=[*(args.domain or ()), *(args.alias or ())],
                       trusted=trusted, max_pending=args.max_transactions,
-                      timer_c=args.ring_timeout)
+                      timer_c=args.ring_timeout,
+                      # Without a TLS listener we cannot be on a sips path: 416 (RFC 3261
+                      # §26.2.2: a sips request is never passed on over a hop without TLS).
+                      schemes=("sip", "sips") if tls_server is not None else ("sip",))
         endpoint = Endpoint(
             proxy, listen=listen, advertise=args.advertise, timers=TimerConfig(t1=args.t1),
+            tls_context=tls_server, tls_client_context=tls_client,
             # The transport asks the guard before it parses anything from a source: a banned
             # or flooding source costs a dictionary look-up per datagram, and no answer.
             admit=guard.admit,
@@ -379,6 +391,56 @@ async def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         store.close()
+
+
+def _tls_contexts(args: argparse.Namespace, listen: list[str]
+                  ) -> tuple[ssl.SSLContext | None, ssl.SSLContext]:
+    """The server context for ``tls:`` listeners (None without one) and the client context
+    for the TLS connections we open.  Raises ValueError with the message for the operator:
+    the option, the file and what is wrong with it."""
+    from fastsip.asyncio import parse_listen
+    from fastsip.asyncio.tls import TLSConfigError, client_context, server_context
+
+    listening = False
+    for spec in listen:
+        try:
+            transport = parse_listen(spec)[0]
+        except ValueError:
+            continue                          # the endpoint reports a bad spec when it binds
+        listening = listening or transport == "TLS"
+        if transport == "TLS" and not args.tls_cert:
+            raise ValueError(f"--listen {spec}: needs --tls-cert (our certificate chain; and "
+                             "--tls-key unless the key is in that file)")
+    if args.tls_key and not args.tls_cert:
+        raise ValueError("--tls-key needs --tls-cert (the certificate for that key)")
+    if args.tls_verify_client and not args.tls_ca:
+        raise ValueError("--tls-verify-client needs --tls-ca (the CA bundle that client "
+                         "certificates must chain to)")
+    option = {"cert": "--tls-cert", "key": "--tls-key", "ca": "--tls-ca"}
+    try:
+        # (Without a tls: listener the files are still checked: the chain is our client
+        # certificate below.)
+        server = (server_context(args.tls_cert, args.tls_key, args.tls_ca,
+                                 verify_client=args.tls_verify_client)
+                  if args.tls_cert else None)
+        # Our chain goes to servers that ask for a client certificate (mutual TLS between
+        # proxies); verification of theirs: --tls-ca, else the system's trust store.
+        client = client_context(args.tls_ca, verify=not args.tls_no_verify_server,
+                                cert=args.tls_cert, key=args.tls_key)
+    except TLSConfigError as exc:
+        raise ValueError(f"{option[exc.role]} {exc}") from None
+    if not listening:
+        server = None
+    if server is not None:
+        log.info("tls cert=%s key=%s clients=%s", args.tls_cert, args.tls_key or "(in cert)",
+                 f"verified:{args.tls_ca}" if args.tls_verify_client else "not verified")
+    if args.tls_no_verify_server:
+        log.warning("--tls-no-verify-server: TLS connections we open do not verify the next "
+                    "hop's certificate; anyone on the path can read and change the signalling "
+                    "(for labs only)")
+    elif server is not None or args.tls_ca:
+        log.info("tls next hops verified against %s", args.tls_ca or "the system trust store")
+    return server, client
 
 
 def _mirror_bans_in_kernel(guard: Any, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
@@ -603,6 +665,26 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                            "(slowloris; default 10)")
     edge.add_argument("--tls-handshake-timeout", type=_non_negative, default=10.0, metavar="S",
                       help="close a TLS connection whose handshake takes longer (default 10)")
+    tls = p.add_argument_group(
+        "TLS",
+        "SIP over TLS (RFC 3261 §26.2): --listen tls:HOST:PORT needs --tls-cert.  A sips: "
+        "request only ever leaves over TLS for a sips: target (else 480; 416 with no tls: "
+        "listener).  See docs/security.md.")
+    tls.add_argument("--tls-cert", metavar="FILE",
+                     help="our certificate chain, PEM, leaf first (the private key may follow "
+                          "in the same file)")
+    tls.add_argument("--tls-key", metavar="FILE",
+                     help="our private key, PEM, unencrypted (default: in the --tls-cert file)")
+    tls.add_argument("--tls-ca", metavar="FILE",
+                     help="CA bundle, PEM: verifies client certificates (--tls-verify-client) "
+                          "and the servers we connect to over TLS (default for those: the "
+                          "system trust store)")
+    tls.add_argument("--tls-verify-client", action="store_true",
+                     help="require a client certificate that chains to --tls-ca on tls: "
+                          "listeners (the handshake fails without one)")
+    tls.add_argument("--tls-no-verify-server", action="store_true",
+                     help="do not verify the next hop's certificate on TLS connections we "
+                          "open: INSECURE, for labs with self-signed certificates")
     _add_operator_options(p)
     p.add_argument("--t1", type=float, default=0.5, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],

@@ -975,6 +975,8 @@ class TransportLayer:
             if self.tls_client_context is None:
                 self.tls_client_context = ssl.create_default_context()
             ctx = self.tls_client_context
+            # The next hop's host: a name is sent as SNI and must be in the certificate's DNS
+            # SANs; an IP literal must be in its IP SANs, and ssl sends no SNI for it (RFC 6066).
             server_hostname = dest.host
         try:
             await asyncio.wait_for(
@@ -983,7 +985,13 @@ class TransportLayer:
                 self.connect_timeout)
         # (ValueError: a name that cannot even be encoded, IDNA's UnicodeError)
         except (OSError, ValueError, asyncio.TimeoutError, ssl.SSLError) as exc:
-            log.debug("cannot connect to %s: %s", dest, exc)
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                # Our own choice of next hop failed its identity check: the operator must
+                # hear of it (a wrong --tls-ca, an expired certificate, a spoofed peer).
+                log.warning("TLS to %s refused: its certificate does not verify: %s",
+                            dest, exc.verify_message or exc)
+            else:
+                log.debug("cannot connect to %s: %s", dest, exc)
             conn.closed = True
             self._unregister(conn)
             self._fail(dest)

@@ -95,6 +95,10 @@ UNREACHABLE = "Service Unavailable (next hop unreachable)"
 #: The reason phrase for an in-dialog request that did not come through us.
 FORBIDDEN_NOT_ROUTED = "Forbidden (not routed through this proxy)"
 
+#: A sips request whose target has a sip: URI or can only be reached by a hop that is not TLS
+#: (RFC 5630 §5.3: 480 with Warning 380 "SIPS Not Allowed").
+NO_SECURE_HOP = "Temporarily Unavailable (no TLS path to the sips target)"
+
 
 def _bad_request(exc: Exception) -> str:
     """A 400's reason phrase naming the problem (printable ASCII, bounded)."""
@@ -557,13 +561,16 @@ class ResponseContext:
 
     def _start(self, targets: list[Target]) -> None:
         proxy = self.proxy
-        failed: list[int] = []
+        failed: list[tuple[int, str | None, list[tuple[str, str]]]] = []
         for target in targets:
             try:
                 branch = proxy._make_branch(self, target)
             except ValueError as exc:
                 log.info("cannot forward %s to %r: %s", self.request.method, target, exc)
-                failed.append(400 if isinstance(exc, _BadTarget) else 503)
+                if isinstance(exc, _BadTarget):
+                    failed.append((exc.status, exc.reason, exc.headers(proxy, self.source)))
+                else:
+                    failed.append((503, None, []))
                 continue
             self.branches.append(branch)
             self.active += 1
@@ -576,8 +583,9 @@ class ResponseContext:
             except ValueError as exc:
                 log.info("cannot start a branch to %s: %s", branch.dest, exc)
                 self._branch_failed(branch, 503)
-        for status in failed:
-            self._record_final(self.request.reply(status, to_tag=_new_tag()))
+        for status, reason, headers in failed:
+            self._record_final(self.request.reply(status, reason, to_tag=_new_tag(),
+                                                  headers=headers or None))
         if self.active == 0 and not self.final_sent:
             self._branches_done()
 
@@ -770,6 +778,24 @@ class ResponseContext:
         )
 
 
+def _is_sips(uri: URI | None) -> bool:
+    return uri is not None and uri.scheme.lower() == "sips"
+
+
+def _keep_scheme(request: Request, was_sips: bool) -> Address:
+    """RFC 5630 §5.3: a proxy never retargets across schemes.  A sips request for a sip:
+    target (a contact registered with a sip: URI) is refused; a sip request for a sips:
+    target goes there with a sip: Request-URI over TLS.  Returns where the sips: URI led."""
+    if was_sips:
+        raise _NoSecureHop(f"sips request for the sip: target {request.uri}")
+    try:
+        hop = next_hop(request.uri)
+    except ValueError as exc:
+        raise _BadTarget(str(exc)) from None
+    request.uri = "sip:" + str(request.uri)[5:]
+    return hop
+
+
 def _with_to_tag(response: Response, tag: Callable[[], str]) -> Response:
     """§8.2.6.2: a response we make (registrar, challenge) carries a To tag, 100 excepted."""
     if response.status_code > 100:
@@ -786,7 +812,28 @@ def _rank(status: int) -> tuple[int, int]:
 
 
 class _BadTarget(ValueError):
-    pass
+    """A target the request cannot be sent to; the branch fails with ``status``."""
+
+    status = 400
+    reason: str | None = None
+
+    def headers(self, proxy: Proxy, source: Address) -> list[tuple[str, str]]:
+        return []
+
+
+class _NoSecureHop(_BadTarget):
+    """RFC 3261 §26.2.2, RFC 5630 §5.3: a sips request goes over TLS on every hop, the last
+    one included, and only to a sips: target; otherwise that target is unavailable: 480 with
+    Warning 380 (SIPS Not Allowed), not our error."""
+
+    status = 480
+    reason = NO_SECURE_HOP
+
+    def headers(self, proxy: Proxy, source: Address) -> list[tuple[str, str]]:
+        host, port = proxy.sent_by(source.transport)
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return [("Warning", f'380 {host}:{port} "SIPS Not Allowed"')]
 
 
 class StatelessContext:
@@ -1268,8 +1315,14 @@ class Proxy:
     ) -> Address:
         """§16.6 steps 2-7 on ``request`` (a copy, or the original when stateless): returns the
         destination; the caller adds the Via (step 8) and sends."""
+        # A sips Request-URI asks for TLS on every hop to the end (RFC 5630 deprecates the
+        # last-hop exception), and retargeting never changes the scheme.
+        secure = _is_sips(request.uri)
+        tls_target: Address | None = None
         if target.uri is not None:
             request.uri = target.uri
+            if _is_sips(request.uri) != secure:
+                tls_target = _keep_scheme(request, secure)
         if request.max_forwards is None:
             request.set_header("Max-Forwards", "70")
         else:
@@ -1297,6 +1350,8 @@ class Proxy:
             dest = target.dest
         elif flow is not None:
             dest = flow
+        elif tls_target is not None and not strict and not routes:
+            dest = tls_target
         else:
             try:
                 # Step 7: to the first Route, or (a strict router) the new Request-URI.
@@ -1305,15 +1360,22 @@ class Proxy:
                 raise _BadTarget(str(exc)) from None
         if self.nat and request.method in _TARGET_METHODS and request_behind_nat(request, source):
             add_alias(request, source)
+        # §16.6 steps 4 and 7: a sips top Route (or strict router) secures this hop too.
+        secure = secure or bool(routes and _is_sips(routes[0].uri))
+        if secure and dest.transport != "TLS":
+            raise _NoSecureHop(f"sips request to {dest}: not a TLS hop")
         if record_route:
+            # §16.6 step 4: a sips Record-Route for a sips request (on a TLS hop: one that
+            # came in otherwise gets a sip: URI for its side, the truth about that hop).
             out = self.local_for(dest)
             inbound = self.local_for(source)
             if inbound.peer != out.peer:
                 # RFC 5658: the request changes transport, address family or interface here,
                 # so each side gets a Record-Route it can reach (the caller's route set starts
                 # at the inbound one, the callee's at the outbound one).
-                request.add_record_route(self._rr_uri(inbound))
-            request.add_record_route(self._rr_uri(out))
+                request.add_record_route(
+                    self._rr_uri(inbound, secure and inbound.transport == "TLS"))
+            request.add_record_route(self._rr_uri(out, secure))
         return dest
 
     def local_for(self, peer: Address) -> Address:
@@ -1327,10 +1389,14 @@ class Proxy:
         return Address(peer.transport, host, port)
 
     @staticmethod
-    def _rr_uri(local: Address) -> str:
-        host, transport = local.host, local.transport
+    def _rr_uri(local: Address, secure: bool = False) -> str:
+        """Our Record-Route URI for the listener ``local``; ``secure``: a sips: URI (a TLS hop
+        of a sips request; sips means TLS, so no ``transport=tls``, RFC 5630 §3.1.3)."""
+        host, transport, port = local.host, local.transport, local.port
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
+        if secure:
+            return f"<sips:{host}:{port};lr>"
         t = "" if transport == "UDP" else f";transport={transport.lower()}"
         return f"<sip:{host}:{local.port}{t};lr>"
 
