@@ -200,3 +200,29 @@ def test_register_addressed_to_the_server_by_ip(workdir: Path) -> None:
         assert reply.startswith("SIP/2.0 403 Forbidden (domain not served here)"), reply
     finally:
         assert serve.close() == 0
+
+
+def test_advertised_address_per_listener(workdir: Path) -> None:
+    """A server behind 1:1 NAT: ``--listen udp:PRIVATE:P/PUBLIC`` writes the public address in
+    its Via and Record-Route, and a request addressed to the public address is for us."""
+    port, uas_port = free_port(), free_port()
+    serve = Serve(workdir, port, listen=[f"udp:{HOST}:{port}/203.0.113.5"])
+    uas = None
+    try:
+        reply, _ = ask((HOST, port), f"sip:203.0.113.5:{port}")
+        assert reply.startswith("SIP/2.0 200 "), reply
+        uas = sipp("uas_rr.xml", workdir, "uas", "-p", str(uas_port), "-m", "1",
+                   background=True, timeout=20)
+        assert register(workdir, "register", port, "service", uas_port).returncode == 0
+        # The caller sends its ACK and BYE to the advertised address (unreachable here), so
+        # look only at what reached the callee.
+        sipp("uac_rr.xml", workdir, "uac", f"{HOST}:{port}", "-p", str(free_port()), "-m", "1",
+             "-s", "service", "-key", "domain", DOMAIN, "-key", "caller", "caller", timeout=5)
+    finally:
+        if uas is not None and uas.poll() is None:
+            uas.kill()
+            uas.communicate()
+        assert serve.close() == 0
+    [(vias, rrs)] = _vias_and_record_routes(workdir / "uas.msg", "INVITE")[:1]
+    assert vias[0].startswith(f"SIP/2.0/UDP 203.0.113.5:{port};"), vias
+    assert rrs == [f"<sip:203.0.113.5:{port};lr>"], rrs

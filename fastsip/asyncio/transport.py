@@ -96,7 +96,12 @@ _MAX_SWEEP_PERIOD = 30.0
 def parse_listen(spec: str) -> tuple[str, str, int]:
     """``"udp:127.0.0.1:5060"``, ``"tcp:[::1]:5060"``, ``"tls:0.0.0.0:5061"`` →
     ``("UDP", "127.0.0.1", 5060)``.  The port may be omitted (the transport's default) or 0
-    (any free port).  Raises ValueError with the reason for anything else."""
+    (any free port).  A ``/HOST[:PORT]`` suffix (the address to advertise for it, see
+    :meth:`TransportLayer.listen`) is checked and left out of the answer.  Raises ValueError
+    with the reason for anything else."""
+    spec, slash, advertise = spec.partition("/")
+    if slash and (not advertise or any(c.isspace() for c in advertise)):
+        raise ValueError(f"listen spec {spec}/{advertise!r}: expected /HOST[:PORT] to advertise")
     transport, sep, rest = spec.partition(":")
     transport = transport.upper()
     if not sep or transport not in ("UDP", "TCP", "TLS"):
