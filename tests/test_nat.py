@@ -121,3 +121,107 @@ def test_binding_flow() -> None:
         == Address("TCP", "2001:db8::1", 61000)
     assert binding_flow(Binding(**base, source="tcp:203.0.113.7:61000",
                                 path=("<sip:edge;lr>",))) is None
+
+
+class _Clock:
+    """The Clock interface of the sans-IO layers (call_later/time), driven by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.timers: list[tuple[float, object, tuple[object, ...]]] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_later(self, delay: float, callback: object, *args: object) -> object:
+        entry = (self.now + delay, callback, args)
+        self.timers.append(entry)
+
+        class _Handle:
+            def cancel(_self) -> None:
+                if entry in self.timers:
+                    self.timers.remove(entry)
+        return _Handle()
+
+    def advance(self, seconds: float) -> None:
+        end = self.now + seconds
+        while True:
+            due = [t for t in self.timers if t[0] <= end]
+            if not due:
+                break
+            first = min(due, key=lambda t: t[0])
+            self.timers.remove(first)
+            self.now = first[0]
+            first[1](*first[2])  # type: ignore[operator]
+        self.now = end
+
+
+class _Sent:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, Address]] = []
+
+    def send(self, data: bytes, dest: Address) -> None:
+        self.sent.append((data, dest))
+
+
+class _ProxyShape:
+    """What NatKeeper uses of a Proxy: its clock, transport and local_for."""
+
+    def __init__(self) -> None:
+        self.clock = _Clock()
+        self.transport = _Sent()
+        self.nat_keeper = None
+
+    def local_for(self, peer: Address) -> Address:
+        return Address(peer.transport, "192.0.2.1", 5060, 1)
+
+
+def test_keeper_spreads_pings_and_removes_silent_flows() -> None:
+    from fastsip.proxy.location import MemoryLocationStore
+    from fastsip.proxy.nat import NatKeeper
+
+    store = MemoryLocationStore()
+    for n in range(90):
+        store.put(Binding(aor=f"sip:u{n}@x", contact=f"sip:u{n}@10.0.0.{n % 250}:5060",
+                          expires=1e12, source=f"udp:203.0.113.{n % 250}:{40000 + n}",
+                          flow=True, socket=1))
+    # One that is not a flow is never pinged.
+    store.put(Binding(aor="sip:plain@x", contact="sip:plain@198.51.100.1", expires=1e12,
+                      source="udp:198.51.100.1:5060"))
+    proxy = _ProxyShape()
+    keeper = NatKeeper(store, lambda: 1000.0, interval=30, max_failures=2)
+    keeper.attach(proxy)
+    clock, wire = proxy.clock, proxy.transport
+
+    def answer_all_but(silent: str) -> None:
+        for data, _ in wire.sent:
+            text = data.decode()
+            if f"sip:{silent}@" in text.split("\r\n", 1)[0]:
+                continue
+            via = text.split("Via: ", 1)[1].split("\r\n", 1)[0]
+            ok = parse(f"SIP/2.0 200 OK\r\nVia: {via}\r\nFrom: <sip:k@x>;tag=1\r\n"
+                       f"To: <sip:u@x>;tag=2\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\n"
+                       "Content-Length: 0\r\n\r\n".encode())
+            assert isinstance(ok, Response) and keeper.on_response(ok)
+        wire.sent.clear()
+
+    clock.advance(30.0)                     # the first slice of round 1
+    assert len(wire.sent) == 3              # 90 flows / 30 slices
+    clock.advance(29.0)
+    assert keeper.sent == 90
+    assert all(dest.connection == 1 for _, dest in wire.sent)   # from the flow's socket
+    answer_all_but("u7")
+    for _ in range(2):                      # rounds 2 and 3: u7 stays silent
+        clock.advance(30.0)
+        answer_all_but("u7")
+    clock.advance(30.0)                     # round 4 starts: u7 missed 2 in a row
+    assert keeper.removed == 1
+    assert store.lookup("sip:u7@x", 0) == [] and len(store.lookup("sip:u8@x", 0)) == 1
+    assert store.lookup("sip:plain@x", 0)
+    # A response that is not an answer to a ping is not the keeper's.
+    other = parse(b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKother\r\n"
+                  b"From: <sip:k@x>;tag=1\r\nTo: <sip:u@x>;tag=2\r\nCall-ID: c\r\n"
+                  b"CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
+    assert isinstance(other, Response) and not keeper.on_response(other)
+    keeper.stop()
+    assert not clock.timers

@@ -255,6 +255,9 @@ class NatKeeper:
         self._now = now
         self._proxy: Any = None
         self._timer: Any = None
+        self._queue: list[tuple[Binding, Address, tuple[str, str]]] = []
+        self._chunk = 0
+        self._round_started = 0.0
         self._prefix = os.urandom(4).hex()
         self._counter = itertools.count(1)
         #: Unanswered pings in a row, by (aor, contact key).
@@ -271,6 +274,7 @@ class NatKeeper:
         self._proxy = proxy
         proxy.nat_keeper = self
         if self.interval > 0 and self._timer is None:
+            self._round_started = proxy.clock.time()
             self._timer = proxy.clock.call_later(self.interval, self._tick)
 
     def stop(self) -> None:
@@ -279,23 +283,47 @@ class NatKeeper:
             self._timer = None
 
     def _tick(self) -> None:
+        """A round's pings are spread over the interval in up to 30 slices (one a second at
+        the default), so 10,000 flows cost ~330 datagrams a second, not one burst that stalls
+        the loop and the network every 30 s."""
         self._timer = None
+        proxy = self._proxy
+        if proxy is None or self.interval <= 0:
+            return
+        clock = proxy.clock
+        slices = max(1, min(int(self.interval), 30))
         try:
-            self.ping_all()
+            if not self._queue:
+                self._round_started = clock.time()
+                self._queue = self._start_round()
+                self._chunk = -(-len(self._queue) // slices)
+            for _ in range(min(self._chunk, len(self._queue))):
+                self._ping(*self._queue.pop())
         except Exception:  # a store error must not stop the keep-alives for good
             log.exception("NAT keep-alive round failed")
-        if self._proxy is not None and self.interval > 0:
-            self._timer = self._proxy.clock.call_later(self.interval, self._tick)
+            self._queue = []
+        if self._queue:
+            delay = self.interval / slices
+        else:
+            delay = max(0.01, self._round_started + self.interval - clock.time())
+        self._timer = clock.call_later(delay, self._tick)
 
     def ping_all(self) -> int:
-        """One round: count the pings still unanswered, remove dead flows, ping the rest.
-        Returns how many were sent."""
+        """One whole round at once: count the pings still unanswered, remove dead flows,
+        ping the rest.  Returns how many were sent."""
+        due = self._start_round()
+        for item in due:
+            self._ping(*item)
+        return len(due)
+
+    def _start_round(self) -> list[tuple[Binding, Address, tuple[str, str]]]:
+        """Count the last round's unanswered pings, remove the dead flows, and return the
+        bindings to ping this round (in reverse order: they are popped from the end)."""
         now = self._now()
-        # Pings of the last round that got no answer.
         for key in self._pending.values():
             self.missed[key] = self.missed.get(key, 0) + 1
         self._pending.clear()
-        sent = 0
+        due: list[tuple[Binding, Address, tuple[str, str]]] = []
         live: set[tuple[str, str]] = set()
         for aor in self.store.aors():
             for binding in self.store.lookup(aor, now):
@@ -307,12 +335,12 @@ class NatKeeper:
                 if self.method == "OPTIONS" and self.missed.get(key, 0) >= self.max_failures:
                     self._remove(binding, flow)
                     continue
-                self._ping(binding, flow, key)
-                sent += 1
+                due.append((binding, flow, key))
         # Forget counters of bindings that are gone.
         for key in [k for k in self.missed if k not in live]:
             del self.missed[key]
-        return sent
+        due.reverse()
+        return due
 
     def _remove(self, binding: Binding, flow: Address) -> None:
         key = (binding.aor, binding.key)
