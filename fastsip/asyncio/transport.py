@@ -61,6 +61,7 @@ from fastsip.transport.rules import (
     stamp_received,
     strip_brackets,
 )
+from fastsip.transport.stun import binding_response, is_stun
 
 __all__ = ["AdmitCallback", "Listener", "TransportLayer", "TransportStats", "parse_listen"]
 
@@ -1147,6 +1148,13 @@ class TransportLayer:
         so whatever answers it leaves from the same socket)."""
         if len(data) <= 4 and not data.strip():
             return  # RFC 5626 §4.4.1 STUN-less keep-alive (CRLF) over UDP: nothing to do
+        if is_stun(data):
+            # RFC 5626 §4.4.2: an outbound client's STUN keep-alive on the SIP port.  Never
+            # SIP; anything but a well-formed Binding request is dropped unanswered.
+            answer = binding_response(data, host, port)
+            if answer is not None:
+                self.send(answer, Address("UDP", host, port, lid))
+            return
         try:
             msg = parse(data, self.limits)
         except ParseError as exc:
