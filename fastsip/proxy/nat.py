@@ -255,7 +255,8 @@ class NatKeeper:
         self._now = now
         self._proxy: Any = None
         self._timer: Any = None
-        self._queue: list[tuple[Binding, Address, tuple[str, str]]] = []
+        self._queue: list[str] = []                       # AORs left in this round
+        self._live: set[tuple[str, str]] = set()          # bindings pinged this round
         self._chunk = 0
         self._round_started = 0.0
         self._prefix = os.urandom(4).hex()
@@ -283,9 +284,10 @@ class NatKeeper:
             self._timer = None
 
     def _tick(self) -> None:
-        """A round's pings are spread over the interval in up to 30 slices (one a second at
-        the default), so 10,000 flows cost ~330 datagrams a second, not one burst that stalls
-        the loop and the network every 30 s."""
+        """A round is spread over the interval in up to 30 slices (one a second at the
+        default): each slice looks up and pings its share of the AORs, so 10,000 flows cost
+        ~330 datagrams and a few milliseconds a second, not one burst that stalls the loop
+        and the network every 30 s."""
         self._timer = None
         proxy = self._proxy
         if proxy is None or self.interval <= 0:
@@ -297,8 +299,9 @@ class NatKeeper:
                 self._round_started = clock.time()
                 self._queue = self._start_round()
                 self._chunk = -(-len(self._queue) // slices)
-            for _ in range(min(self._chunk, len(self._queue))):
-                self._ping(*self._queue.pop())
+            batch = self._queue[-self._chunk:] if self._chunk else []
+            del self._queue[len(self._queue) - len(batch):]
+            self._visit(batch)
         except Exception:  # a store error must not stop the keep-alives for good
             log.exception("NAT keep-alive round failed")
             self._queue = []
@@ -311,36 +314,37 @@ class NatKeeper:
     def ping_all(self) -> int:
         """One whole round at once: count the pings still unanswered, remove dead flows,
         ping the rest.  Returns how many were sent."""
-        due = self._start_round()
-        for item in due:
-            self._ping(*item)
-        return len(due)
+        before = self.sent
+        self._visit(self._start_round())
+        return self.sent - before
 
-    def _start_round(self) -> list[tuple[Binding, Address, tuple[str, str]]]:
-        """Count the last round's unanswered pings, remove the dead flows, and return the
-        bindings to ping this round (in reverse order: they are popped from the end)."""
-        now = self._now()
+    def _start_round(self) -> list[str]:
+        """Count the last round's unanswered pings, forget the counters of bindings no longer
+        pinged, and return this round's AORs (popped from the end)."""
         for key in self._pending.values():
             self.missed[key] = self.missed.get(key, 0) + 1
         self._pending.clear()
-        due: list[tuple[Binding, Address, tuple[str, str]]] = []
-        live: set[tuple[str, str]] = set()
-        for aor in self.store.aors():
+        live, self._live = self._live, set()
+        for key in [k for k in self.missed if k not in live]:
+            del self.missed[key]
+        aors = self.store.aors()
+        aors.reverse()
+        return aors
+
+    def _visit(self, aors: list[str]) -> None:
+        """Ping the flow bindings of ``aors``; remove those whose flow is dead."""
+        now = self._now()
+        for aor in aors:
             for binding in self.store.lookup(aor, now):
                 flow = binding_flow(binding)
                 if flow is None:
                     continue
                 key = (binding.aor, binding.key)
-                live.add(key)
                 if self.method == "OPTIONS" and self.missed.get(key, 0) >= self.max_failures:
                     self._remove(binding, flow)
                     continue
-                due.append((binding, flow, key))
-        # Forget counters of bindings that are gone.
-        for key in [k for k in self.missed if k not in live]:
-            del self.missed[key]
-        due.reverse()
-        return due
+                self._live.add(key)
+                self._ping(binding, flow, key)
 
     def _remove(self, binding: Binding, flow: Address) -> None:
         key = (binding.aor, binding.key)
