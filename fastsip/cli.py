@@ -1,5 +1,7 @@
-"""The ``fastsip`` command: SIP test tools for carriers, on the asyncio endpoint.
+"""The ``fastsip`` command: ``serve`` (the registrar and proxy, :mod:`fastsip.app.serve`) and
+SIP test tools for carriers, on the asyncio endpoint.
 
+    fastsip serve --domain example.com
     fastsip answer --listen udp:0.0.0.0:5060 [--listen tcp:0.0.0.0:5060]
     fastsip call sip:test@192.0.2.10:5060 --calls 100 --rate 10 --duration 5
 
@@ -15,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import platform
 import signal
 import sys
 import time
@@ -109,7 +112,8 @@ async def answer_main(args: argparse.Namespace) -> int:
     try:
         await endpoint.start()
     except (OSError, ValueError) as exc:
-        print(f"fastsip answer: cannot listen: {exc}", file=sys.stderr)
+        # (a ListenError names the address, a ValueError the bad spec)
+        print(f"fastsip answer: {exc}", file=sys.stderr)
         return EXIT_USAGE
     ua.attach(endpoint.transactions)
     stop = asyncio.Event()
@@ -186,7 +190,8 @@ async def call_main(args: argparse.Namespace) -> int:
     try:
         await endpoint.start()
     except (OSError, ValueError) as exc:
-        print(f"fastsip call: cannot listen: {exc}", file=sys.stderr)
+        # (a ListenError names the address, a ValueError the bad spec)
+        print(f"fastsip call: {exc}", file=sys.stderr)
         return EXIT_USAGE
     ua.attach(endpoint.transactions)
     loop = asyncio.get_running_loop()
@@ -317,11 +322,49 @@ def _positive(kind: type) -> Any:
     return check
 
 
+def version_text() -> str:
+    """``fastsip X.Y.Z (Python A.B.C)``: the installed distribution's version (what pip
+    installed, which a bug report needs), or the package's own when run from a source tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("fastsip")
+    except PackageNotFoundError:
+        from fastsip import __version__ as ours
+    return f"fastsip {ours} (Python {platform.python_version()})"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, looked up only when asked (reading package metadata scans sys.path)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="fastsip",
-        description="SIP test tools: a UAS that answers every call, and a call generator.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="A SIP registrar and stateful proxy with routing in Python (serve), and "
+                    "SIP test tools\n(answer, call).  'fastsip COMMAND --help' lists a "
+                    "command's options.",
+        epilog="examples:\n"
+               "  fastsip serve --domain example.com\n"
+               "  fastsip serve --domain example.com --listen udp:0.0.0.0:5060 "
+               "--db sqlite:locations.db\n"
+               "  fastsip answer --listen udp:127.0.0.1:5080\n"
+               "  fastsip call sip:test@127.0.0.1:5080 --calls 100 --rate 10")
+    ap.add_argument("--version", action=_VersionAction,
+                    help="print the fastsip and Python versions and exit")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # serve first: it is what most people run (and the one --help should lead with).
+    from fastsip.app.serve import add_parser as add_serve_parser
+    add_serve_parser(sub)
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default="warning",
@@ -385,10 +428,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "retransmissions and keeping TCP/TLS connections open while the peer "
                         "finishes (default: 5 for tcp/tls, 0 for udp)")
     c.set_defaults(func=call_main)
-
-    # fastsip serve (registrar + proxy) lives in fastsip.app.serve, with its own options.
-    from fastsip.app.serve import add_parser as add_serve_parser
-    add_serve_parser(sub)
     return ap
 
 

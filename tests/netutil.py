@@ -1,11 +1,9 @@
 """Helpers for tests over real sockets: the loops to run on, a message inbox, SIP requests to send,
-and a throwaway self-signed TLS certificate (made with ``cryptography``, no openssl CLI)."""
+and TLS contexts with a certificate from a throwaway CA (``tlsutil``)."""
 
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import socket
 import ssl
 from collections.abc import Callable, Coroutine
@@ -131,43 +129,13 @@ def free_port(family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> i
 
 
 def tls_contexts(tmp: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """A server context with a fresh self-signed certificate for 127.0.0.1, ::1 and
-    localhost, and a client context that trusts exactly that certificate."""
-    crypto = pytest.importorskip("cryptography")
-    del crypto
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    """A server context with a fresh certificate for 127.0.0.1, ::1 and localhost from a
+    throwaway CA (:class:`tlsutil.TestCA`), and a client context that trusts exactly that CA."""
+    from tlsutil import TestCA
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fastsip test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            x509.IPAddress(ipaddress.ip_address("::1")),
-        ]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(serialization.Encoding.PEM,
-                                serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    cert_file = tmp / "cert.pem"
-    key_file = tmp / "key.pem"
-    cert_file.write_bytes(cert_pem)
-    key_file.write_bytes(key_pem)
+    ca = TestCA(tmp)
+    leaf = ca.issue("server")
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(cert_file, key_file)
-    client = ssl.create_default_context(cadata=cert_pem.decode())
+    server.load_cert_chain(leaf.cert, leaf.key)
+    client = ssl.create_default_context(cadata=ca.ca_pem.decode())
     return server, client

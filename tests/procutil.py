@@ -13,7 +13,7 @@ HOST = "127.0.0.1"
 
 def free_port(host: str = HOST) -> int:
     """A port free for both UDP and TCP on ``host`` (servers listen on both with one number);
-    ``host`` may be an IPv6 address (``::1``)."""
+    ``host`` may be an IPv6 literal."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for _ in range(50):
         with socket.socket(family, socket.SOCK_STREAM) as t:

@@ -38,21 +38,22 @@ def stop(proc: subprocess.Popen[str], timeout: float = 15.0) -> int:
 
 
 class Serve:
-    """A ``fastsip serve`` process on one UDP port (and TCP with ``tcp``), or on the
-    ``listen`` addresses instead (``udp:[::1]:P`` ...); its log goes to ``serve-N.log``."""
+    """A ``fastsip serve`` process on one UDP port; its log goes to ``serve-N.log``."""
 
     count = 0
 
     def __init__(self, workdir: Path, port: int, *extra: str, tcp: bool = False,
                  listen: Sequence[str] = ()) -> None:
+        """``listen``: the --listen specs, instead of UDP (and with ``tcp``, TCP) on HOST:port."""
         Serve.count += 1
         self.port = port
         self.log_path = workdir / f"serve-{Serve.count}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in close()
-        listeners = list(listen) or [f"udp:{HOST}:{port}", *([f"tcp:{HOST}:{port}"] if tcp else [])]
+        if not listen:
+            listen = [f"udp:{HOST}:{port}", *([f"tcp:{HOST}:{port}"] if tcp else [])]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fastsip.cli", "serve",
-             *(arg for where in listeners for arg in ("--listen", where)),
+             *(arg for spec in listen for arg in ("--listen", spec)),
              "--domain", DOMAIN, "--grace", "2", *extra],
             cwd=workdir, env=fastsip_env(), stdout=subprocess.PIPE, stderr=self._log,
             stdin=subprocess.DEVNULL, text=True)
@@ -143,10 +144,10 @@ def run_uac(workdir: Path, name: str, serve_port: int, user: str,
 
 
 def sip_exchange(port: int, message: str, *, want_final: bool = True,
-                 timeout: float = 5.0) -> list[str]:
+                 timeout: float = 5.0, full: bool = False) -> list[str]:
     """Send one request over UDP from a fresh socket, retransmitted every 0.5 s until a
     response comes (as Timer A/E would: a datagram can be lost); return the status lines
-    received until a final response (or the timeout)."""
+    received until a final response (or the timeout); ``full``: the whole responses."""
     lines: list[str] = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind((HOST, 0))
@@ -163,7 +164,7 @@ def sip_exchange(port: int, message: str, *, want_final: bool = True,
                     s.sendto(data, (HOST, port))
                 continue
             first = reply.split(b"\r\n", 1)[0].decode()
-            lines.append(first)
+            lines.append(reply.decode(errors="replace") if full else first)
             if want_final and first.startswith("SIP/2.0 ") and int(first.split()[1]) >= 200:
                 break
     return lines

@@ -100,11 +100,13 @@ def test_udp_round_trip(factory: Any, host: str) -> None:
             client.send(bytes(req), s.address)
             [(msg, source)] = await got_request.wait()
             assert isinstance(msg, Request) and msg.method == "OPTIONS"
-            assert source == Address("UDP", host, c.address.port)
+            # The source names the socket it arrived on (its listener's id): answers leave
+            # from it.
+            assert source == Address("UDP", host, c.address.port, s.id)
             assert msg.top_via is not None and msg.top_via.rport == c.address.port
             [(resp, rsource)] = await got_response.wait()
             assert isinstance(resp, Response) and resp.status_code == 200
-            assert rsource == Address("UDP", host, s.address.port)
+            assert rsource == Address("UDP", host, s.address.port, c.id)
             assert resp.top_via is not None and resp.top_via.rport == c.address.port
         finally:
             await server.close()

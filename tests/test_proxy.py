@@ -354,7 +354,26 @@ def test_timer_c_cancels_ringing_branch() -> None:
     net.run(200.0)
     assert "CANCEL sip:b1@127.0.0.1:5081 SIP/2.0" in net.lines("proxy", "b1")
     assert b1.calls[0].status == 487
-    assert call.status == 487
+    # Nobody answered: the caller hears 408, not the 487 of a CANCEL it never sent.
+    assert call.status == 408
+
+
+def test_timer_c_cancel_crossed_by_2xx_connects_the_call() -> None:
+    # The callee answers just as Timer C's CANCEL leaves: its 200 still reaches the caller
+    # (the 408 is only for a 487 our CANCEL brought).
+    net, _proxy, _ = setup(FixedRouter(["sip:b1@127.0.0.1:5081"]), timer_c=181.0)
+    down = Raw(net, "b1", 5081)
+    up = Raw(net, "up", 5071)
+    up.send_to(raw_request("INVITE", "sip:bob@example.com", port=5071, branch="z9hG4bKtc",
+                           call_id="tc"))
+    net.run(0.1)
+    (inv,) = down.requests("INVITE")
+    down.reply(inv.reply(180, to_tag="d"))
+    net.run(190.0)
+    assert down.requests("CANCEL")  # (retransmitted: nobody answers it here)
+    down.reply(inv.reply(200, to_tag="d"))
+    net.run(191.0)
+    assert [s for s in up.statuses() if s >= 200] == [200]
 
 
 def test_timer_c_restarted_by_provisional() -> None:

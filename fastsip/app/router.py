@@ -43,6 +43,8 @@ from fastsip.app.routes import Routes
 from fastsip.errors import FastSIPError, ParseError
 from fastsip.proxy.core import Proxy, ProxyContext, ResponseContext, Target
 from fastsip.proxy.edge import SourceGuard
+from fastsip.proxy.nat import binding_flow
+from fastsip.proxy.registrar import SUPPORTED as REGISTRAR_SUPPORTED
 from fastsip.sip import URI, Headers, NameAddr, Response
 from fastsip.sip import Request as SipRequest
 from fastsip.transaction import Refusals
@@ -55,6 +57,8 @@ log = logging.getLogger("fastsip.app")
 #: What the default routing answers OPTIONS with (RFC 3261 §11.2).
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, SUBSCRIBE, NOTIFY, REFER, MESSAGE, " \
         "UPDATE, INFO, PRACK"
+#: The extensions we support, for that answer: the registrar's (Path, RFC 3327).
+SUPPORTED = ", ".join(sorted(REGISTRAR_SUPPORTED))
 
 
 class _AuthResult(Protocol):
@@ -82,7 +86,7 @@ class Registrar(Protocol):
     """:class:`fastsip.proxy.Registrar`'s shape, as the router uses it."""
 
     def handle(self, request: SipRequest, source: Address, now: float, *,
-               user: str | None = None) -> Response: ...
+               user: str | None = None, addressed_to_us: bool = False) -> Response: ...
     def lookup(self, uri: URI | str, now: float) -> list[Any]: ...
 
 
@@ -310,8 +314,10 @@ class Request:
         registrar = self._router.registrar
         if registrar is None:
             raise FastSIPError("register() needs a registrar on the Router")
-        response = registrar.handle(self.ctx.request, self.ctx.source, self._router.wallclock(),
-                                    user=self.user)
+        request = self.ctx.request
+        response = registrar.handle(request, self.ctx.source, self._router.wallclock(),
+                                    user=self.user,
+                                    addressed_to_us=self._router.proxy_is_local_host(request.uri))
         return Decision("response", response=response)
 
     def lookup(self, aor: str | URI | None = None) -> list[Any]:
@@ -663,7 +669,9 @@ class Router:
         request = req.request
         if method == "REGISTER":
             if not req.for_us:
-                return req.reply(403, "Not Our Domain") if not self.open_relay else req.relay()
+                if self.open_relay:
+                    return req.relay()
+                return req.reply(403, "Forbidden (domain not served here)")
             if self.registrar is None:
                 return req.reply(405, headers=[("Allow", ALLOW.replace(" REGISTER,", ""))])
             if not req.authenticate():
@@ -678,8 +686,8 @@ class Router:
             if request.uri.user is None:
                 if method == "OPTIONS":
                     # Keep-alives and monitoring: answered without keeping a transaction.
-                    return req.reply(200, headers=[("Allow", ALLOW), ("Accept", "application/sdp")],
-                                     stateless=True)
+                    return req.reply(200, headers=[("Allow", ALLOW), ("Accept", "application/sdp"),
+                                                   ("Supported", SUPPORTED)], stateless=True)
                 return req.reply(404)
             return req.relay()
         # Another domain, or a preloaded Route: where the request asks to go, if the relay
@@ -703,16 +711,12 @@ class Router:
 
     @staticmethod
     def binding_target(binding: Any, route: Sequence[str] = ()) -> Target:
-        """A registered contact as a target: its Path goes in front (RFC 3327); a binding made
-        over TCP/TLS is reached over the same connection's peer (the UA cannot accept new
-        connections behind a NAT)."""
-        dest: Address | None = None
-        source = getattr(binding, "source", None)
+        """A registered contact as a target: its Path goes in front (RFC 3327); a binding of a
+        client behind NAT, an outbound client or a TCP/TLS one is reached over its flow (the
+        address and socket its REGISTER came from, :func:`~fastsip.proxy.nat.binding_flow`),
+        with the Contact as Request-URI."""
         path = tuple(getattr(binding, "path", ()) or ())
-        if source and not path:
-            addr = _parse_address(source)
-            if addr is not None and addr.reliable:
-                dest = addr
+        dest = binding_flow(binding) if hasattr(binding, "source") else None
         return Target(binding.contact, route=(*route, *path), dest=dest, binding=binding)
 
 
@@ -721,13 +725,3 @@ def _has_credentials(request: SipRequest, method: str) -> bool:
     attempt that gets a challenge, not a failed login."""
     name = "Authorization" if method == "REGISTER" else "Proxy-Authorization"
     return name in request.headers
-
-
-def _parse_address(text: str) -> Address | None:
-    """``"tcp:198.51.100.7:5060"`` / ``"udp:[2001:db8::1]:5060"`` (``str(Address)``)."""
-    try:
-        transport, rest = text.split(":", 1)
-        host, port = rest.rsplit(":", 1)
-        return Address(transport.upper(), host.strip("[]"), int(port))
-    except ValueError:
-        return None

@@ -3,6 +3,7 @@
     fastsip serve --domain example.com [--listen udp:0.0.0.0:5060 ...] [--routes routes.py]
                   [--db memory:|sqlite:PATH] [--auth-users users.txt] [--log-level info]
                   [--trusted CIDR ...] [--rate-limit N] [--max-connections N] ...
+                  [--listen tls:0.0.0.0:5061 --tls-cert chain.pem [--tls-key key.pem]]
 
 It assembles the layers -- :class:`~fastsip.asyncio.Endpoint` (sockets, timers, transactions),
 :class:`~fastsip.proxy.Proxy` (RFC 3261 §16), :class:`~fastsip.app.Router` running the user's
@@ -18,7 +19,16 @@ response has gone upstream, as ``key=value`` fields a log shipper can split::
     request method=INVITE status=200 outcome=answered duration_ms=12.4 call_id=... \
         from=sip:alice@example.com to=sip:bob@example.com source=udp:127.0.0.1:5071
 
+``outcome`` is one of ``registered``, ``answered``, ``accepted`` (2xx), ``redirected`` (3xx),
+``challenged`` (401/407), ``cancelled`` (the caller's CANCEL ended it), ``unanswered`` (408/480:
+nobody answered, ``--ring-timeout`` ran out), ``unavailable`` (503), ``rejected`` (any other
+failure) and, at stop, ``abandoned`` (no final response yet).  The stop summary counts them.
 Below INFO nothing is tracked per request, so a quiet server pays nothing for it.
+
+Exit status: 0 after a clean stop; 1 when a listen address cannot be bound (in use, not an
+address of this host: the command line is right, the system refused); 2 for bad options, a
+bad ``--listen`` spec, or a routes, credentials or database file that cannot be used.  Every
+error is one line naming the address, option or file, never a traceback.
 
 Its defaults are meant for a public address (see ``docs/security.md``): no open relay (the
 routing API's relay policy), local negative answers sent statelessly, per-source rate limits
@@ -37,10 +47,14 @@ import logging
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import ssl
+
     from fastsip.proxy.core import Proxy, ProxyContext, ResponseContext
     from fastsip.sip import Response
 
@@ -61,8 +75,16 @@ PURGE_INTERVAL = 60.0
 # -- per-request outcome log ------------------------------------------------------------------
 
 
-def _outcome(method: str, status: int) -> str:
-    """A word for the log: what became of the request, as an operator reads it."""
+def _outcome(method: str, status: int, cancelled: bool = False) -> str:
+    """A word for the log: what became of the request, as an operator reads it.
+
+    ``cancelled``: the caller's CANCEL reached us (the response context knows, §16.10), so a
+    failure that went up -- normally 487 -- is the caller hanging up before an answer, not a
+    rejection.  A 487 from downstream without a CANCEL of the caller's is *not* "cancelled":
+    something past us ended the request (a B2BUA's other leg, a device's own policy), and the
+    caller did not ask for it; it stays "rejected" with its status in the line."""
+    if cancelled and status >= 300:
+        return "cancelled"
     if status < 300:
         return "registered" if method == "REGISTER" else (
             "answered" if method == "INVITE" else "accepted")
@@ -148,7 +170,8 @@ class ServeRouter:
     def on_final(self, ctx: ResponseContext, response: Response) -> None:
         entry = self.pending.pop(id(ctx), None)
         if entry is not None:
-            self._log(entry.method, entry.fields, entry.started, response.status_code)
+            self._log(entry.method, entry.fields, entry.started, response.status_code,
+                      cancelled=ctx.cancelled)
 
     # outcome tracking ----------------------------------------------------------------------
 
@@ -161,13 +184,14 @@ class ServeRouter:
                 f"to={_quote(str(to.uri) if to is not None else '')} "
                 f"source={ctx.source}")
 
-    def _count(self, method: str, status: int) -> str:
-        outcome = _outcome(method, status)
+    def _count(self, method: str, status: int, cancelled: bool = False) -> str:
+        outcome = _outcome(method, status, cancelled)
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         return outcome
 
-    def _log(self, method: str, fields: str, started: float, status: int) -> None:
-        outcome = self._count(method, status)
+    def _log(self, method: str, fields: str, started: float, status: int,
+             cancelled: bool = False) -> None:
+        outcome = self._count(method, status, cancelled)
         log.info("request method=%s status=%d outcome=%s duration_ms=%.1f %s", method, status,
                  outcome, (self.clock() - started) * 1000.0, fields)
 
@@ -196,18 +220,23 @@ def _default_realm(args: argparse.Namespace) -> str:
 async def run(args: argparse.Namespace) -> int:
     """Run the server until SIGTERM/SIGINT; returns the exit status."""
     from fastsip.app import Router, load_routes
-    from fastsip.asyncio import Endpoint
+    from fastsip.asyncio import Endpoint, ListenError
+    from fastsip.errors import FastSIPError
     from fastsip.proxy import Registrar, open_store
     from fastsip.proxy.core import Proxy
+    from fastsip.proxy.nat import NatKeeper
     from fastsip.transaction import TimerConfig
 
     listen = args.listen or list(DEFAULT_LISTEN)
     args.listen = listen
+    problem = _check_operator_options(args)
+    if problem:
+        print(f"fastsip serve: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         routes = load_routes(args.routes) if args.routes else None
     except Exception as exc:  # noqa: BLE001 - any error in the user's module: refuse to start
-        log.error("cannot load routes from %s: %s: %s", args.routes, type(exc).__name__, exc)
-        print(f"fastsip serve: cannot load routes from {args.routes}: {exc}", file=sys.stderr)
+        print(f"fastsip serve: {_routes_error(args.routes, exc)}", file=sys.stderr)
         return EXIT_USAGE
     from fastsip.proxy.edge import SourceGuard, TrustedNetworks
 
@@ -239,6 +268,11 @@ async def run(args: argparse.Namespace) -> int:
             print(f"fastsip serve: --auth-users {args.auth_users}: {exc}", file=sys.stderr)
             return EXIT_USAGE
     try:
+        tls_server, tls_client = _tls_contexts(args, listen)
+    except ValueError as exc:
+        print(f"fastsip serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         store = open_store(args.db)
     except (OSError, ValueError) as exc:
         print(f"fastsip serve: --db {args.db}: {exc}", file=sys.stderr)
@@ -246,15 +280,21 @@ async def run(args: argparse.Namespace) -> int:
 
     loop = asyncio.get_running_loop()
     try:
-        registrar = Registrar(store, domains=args.domain or ())
+        registrar = Registrar(store, domains=args.domain or (), **_registrar_limits(args),
+                              flow_timer=int(args.nat_ping_interval) or None)
         router = Router(routes, registrar=registrar, authenticator=authenticator,
                         spawn=loop.create_task, max_concurrency=args.max_concurrency,
                         guard=guard, monotonic=loop.time)
         serve_router = ServeRouter(router)
         proxy = Proxy(serve_router, aliases=[*(args.domain or ()), *(args.alias or ())],
-                      trusted=trusted, max_pending=args.max_transactions)
+                      trusted=trusted, max_pending=args.max_transactions,
+                      timer_c=args.ring_timeout,
+                      # Without a TLS listener we cannot be on a sips path: 416 (RFC 3261
+                      # §26.2.2: a sips request is never passed on over a hop without TLS).
+                      schemes=("sip", "sips") if tls_server is not None else ("sip",))
         endpoint = Endpoint(
             proxy, listen=listen, advertise=args.advertise, timers=TimerConfig(t1=args.t1),
+            tls_context=tls_server, tls_client_context=tls_client,
             # The transport asks the guard before it parses anything from a source: a banned
             # or flooding source costs a dictionary look-up per datagram, and no answer.
             admit=guard.admit,
@@ -264,13 +304,20 @@ async def run(args: argparse.Namespace) -> int:
             tls_handshake_timeout=args.tls_handshake_timeout)
         try:
             await endpoint.start()
-        except (OSError, ValueError) as exc:
+        except ListenError as exc:  # "cannot listen on udp:127.0.0.1:5060: Address in use"
+            print(f"fastsip serve: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        except (OSError, ValueError, FastSIPError) as exc:
             print(f"fastsip serve: cannot listen: {exc}", file=sys.stderr)
             return EXIT_USAGE
         transactions = endpoint.transactions
         transactions.max_server_transactions = args.max_transactions
         transactions.max_client_transactions = args.max_transactions
         proxy.attach(transactions)
+        keeper = NatKeeper(store, time.time, interval=args.nat_ping_interval,
+                           max_failures=args.nat_ping_failures, method=args.nat_ping_method)
+        if args.nat_ping_interval > 0:
+            keeper.attach(proxy)
         # Live transactions linger 32 s (Timers J/L/M), so the young generation fills with
         # objects that are not garbage; CPython's default thresholds then run collections that
         # scan them on most calls.  The proxy holds no reference cycles per call, so collecting
@@ -305,6 +352,10 @@ async def run(args: argparse.Namespace) -> int:
                  f"{args.rate_limit:g}/s,burst={guard.burst:g}" if args.rate_limit else "off",
                  args.ban_time, args.max_auth_failures, args.max_transactions,
                  args.max_connections, args.max_connections_per_source)
+        log.info("timers ring_timeout=%gs expires=%d..%ds (default %ds)", args.ring_timeout,
+                 args.min_expires, args.max_expires, args.default_expires)
+        log.info("nat keep_alive=%s", f"{args.nat_ping_method}/{args.nat_ping_interval:g}s,"
+                 f"failures={args.nat_ping_failures}" if args.nat_ping_interval > 0 else "off")
         for listener in endpoint.listeners:
             print(f"listening on {listener.address}", flush=True)
         try:
@@ -321,6 +372,7 @@ async def run(args: argparse.Namespace) -> int:
                 log.warning("stopping with %d transaction(s) unfinished", proxy.pending)
         finally:
             purger[0].cancel()
+            keeper.stop()
             serve_router.flush()
             await endpoint.close()
         summary = " ".join(f"{k}={v}" for k, v in sorted(serve_router.outcomes.items()))
@@ -333,9 +385,62 @@ async def run(args: argparse.Namespace) -> int:
                  proxy.refusals.count + transactions.refusals.count + router.refusals.count,
                  stats.connections_refused + stats.connections_refused_per_source
                  + stats.connections_denied, stats.closed_idle, stats.closed_read_timeout)
+        if keeper.sent:
+            log.info("nat keep_alives=%d answered=%d flows_removed=%d",
+                     keeper.sent, keeper.answered, keeper.removed)
         return EXIT_OK
     finally:
         store.close()
+
+
+def _tls_contexts(args: argparse.Namespace, listen: list[str]
+                  ) -> tuple[ssl.SSLContext | None, ssl.SSLContext]:
+    """The server context for ``tls:`` listeners (None without one) and the client context
+    for the TLS connections we open.  Raises ValueError with the message for the operator:
+    the option, the file and what is wrong with it."""
+    from fastsip.asyncio import parse_listen
+    from fastsip.asyncio.tls import TLSConfigError, client_context, server_context
+
+    listening = False
+    for spec in listen:
+        try:
+            transport = parse_listen(spec)[0]
+        except ValueError:
+            continue                          # the endpoint reports a bad spec when it binds
+        listening = listening or transport == "TLS"
+        if transport == "TLS" and not args.tls_cert:
+            raise ValueError(f"--listen {spec}: needs --tls-cert (our certificate chain; and "
+                             "--tls-key unless the key is in that file)")
+    if args.tls_key and not args.tls_cert:
+        raise ValueError("--tls-key needs --tls-cert (the certificate for that key)")
+    if args.tls_verify_client and not args.tls_ca:
+        raise ValueError("--tls-verify-client needs --tls-ca (the CA bundle that client "
+                         "certificates must chain to)")
+    option = {"cert": "--tls-cert", "key": "--tls-key", "ca": "--tls-ca"}
+    try:
+        # (Without a tls: listener the files are still checked: the chain is our client
+        # certificate below.)
+        server = (server_context(args.tls_cert, args.tls_key, args.tls_ca,
+                                 verify_client=args.tls_verify_client)
+                  if args.tls_cert else None)
+        # Our chain goes to servers that ask for a client certificate (mutual TLS between
+        # proxies); verification of theirs: --tls-ca, else the system's trust store.
+        client = client_context(args.tls_ca, verify=not args.tls_no_verify_server,
+                                cert=args.tls_cert, key=args.tls_key)
+    except TLSConfigError as exc:
+        raise ValueError(f"{option[exc.role]} {exc}") from None
+    if not listening:
+        server = None
+    if server is not None:
+        log.info("tls cert=%s key=%s clients=%s", args.tls_cert, args.tls_key or "(in cert)",
+                 f"verified:{args.tls_ca}" if args.tls_verify_client else "not verified")
+    if args.tls_no_verify_server:
+        log.warning("--tls-no-verify-server: TLS connections we open do not verify the next "
+                    "hop's certificate; anyone on the path can read and change the signalling "
+                    "(for labs only)")
+    elif server is not None or args.tls_ca:
+        log.info("tls next hops verified against %s", args.tls_ca or "the system trust store")
+    return server, client
 
 
 def _mirror_bans_in_kernel(guard: Any, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
@@ -363,6 +468,92 @@ def _mirror_bans_in_kernel(guard: Any, transport: Any, loop: asyncio.AbstractEve
     guard.on_bans_changed = sync
 
 
+# -- operator options: ring timeout, registration intervals, start-up checks -----------------
+
+
+def _check_operator_options(args: argparse.Namespace) -> str:
+    """What is wrong with the command line that argparse cannot see ("" when nothing): a
+    malformed --listen spec (named), and registration intervals out of order."""
+    from fastsip.asyncio import parse_listen
+
+    for spec in args.listen:
+        try:
+            parse_listen(spec)
+        except ValueError as exc:
+            return f"--listen: {exc}"
+    if not args.min_expires <= args.default_expires <= args.max_expires:
+        return (f"registration intervals out of order: --min-expires {args.min_expires}, "
+                f"--default-expires {args.default_expires}, --max-expires {args.max_expires} "
+                "(need min <= default <= max)")
+    return ""
+
+
+def _registrar_limits(args: argparse.Namespace) -> dict[str, int]:
+    """§10.3 step 6: the intervals a REGISTER may ask for (423 below the minimum, shortened
+    above the maximum, the default where it asks for none)."""
+    return {"min_expires": args.min_expires, "max_expires": args.max_expires,
+            "default_expires": args.default_expires}
+
+
+def _routes_error(path: str, exc: BaseException) -> str:
+    """One line for a routes module that cannot be loaded: the file, the error, and the line
+    of the file it came from when the traceback has one (a NameError at import time)."""
+    if isinstance(exc, FileNotFoundError):
+        return f"cannot load routes from {path}: no such file"
+    if isinstance(exc, ImportError) and not isinstance(exc, ModuleNotFoundError) \
+            and str(exc).startswith("cannot load routes"):
+        return f"cannot load routes from {path}: not a Python module (a .py file)"
+    if isinstance(exc, SyntaxError):  # its message names the file and line already
+        return f"cannot load routes from {path}: SyntaxError: {exc}"
+    where = ""
+    module = Path(path).resolve()
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if Path(frame.filename).resolve() == module:
+            where = f" (line {frame.lineno})"
+            break
+    return f"cannot load routes from {path}: {type(exc).__name__}: {exc}{where}"
+
+
+class _RawEpilogFormatter(argparse.HelpFormatter):
+    """Wraps the description as usual but keeps the epilog's lines (an example command must
+    stay on one line to be copied)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text is SERVE_EPILOG:  # as RawDescriptionHelpFormatter does, for this text only
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+SERVE_EPILOG = """\
+example:
+  fastsip serve --domain example.com --listen udp:0.0.0.0:5060 --listen tcp:0.0.0.0:5060
+
+exit status: 0 after a clean stop; 1 when a listen address cannot be bound (in use, not an
+address of this host); 2 for bad options or a routes, credentials or database file that
+cannot be used.  Errors are one line naming the address, option or file."""
+
+
+def _add_operator_options(p: argparse.ArgumentParser) -> None:
+    """The ring timeout (Timer C) and the registration intervals, in their own group."""
+    g = p.add_argument_group(
+        "ringing and registrations",
+        "How long a call may ring, and the registration intervals the registrar grants.")
+    g.add_argument("--ring-timeout", type=_positive_float, default=180.0, metavar="S",
+                   help="seconds a forwarded INVITE may ring without an answer (Timer C, RFC "
+                        "3261 §16.8; each provisional response restarts it): then the branch "
+                        "is CANCELled and the caller gets 408 (default 180; as a ring "
+                        "timeout 30-120 is usual)")
+    g.add_argument("--min-expires", type=_positive_int, default=60, metavar="S",
+                   help="shortest registration granted: a REGISTER asking less (but not 0) "
+                        "gets 423 Interval Too Brief with Min-Expires (default 60)")
+    g.add_argument("--max-expires", type=_positive_int, default=3600, metavar="S",
+                   help="longest registration granted: a longer one is shortened in the 200 "
+                        "(default 3600)")
+    g.add_argument("--default-expires", type=_positive_int, default=3600, metavar="S",
+                   help="registration interval for a Contact with no expires parameter and no "
+                        "Expires header (default 3600)")
+
+
 # -- command line -----------------------------------------------------------------------------
 
 
@@ -370,6 +561,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0: {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0: {text}")
     return value
 
 
@@ -389,10 +587,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "in the location store; requests for our users go to their registered "
                     "contacts (404 when none); a --routes module decides otherwise.  "
                     "SIGTERM or Ctrl-C drains and stops.  Every initial request is logged "
-                    "with its outcome at --log-level info.")
+                    "with its outcome at --log-level info.",
+        epilog=SERVE_EPILOG, formatter_class=_RawEpilogFormatter)
     p.add_argument("--listen", action="append", metavar="PROTO:HOST:PORT",
                    help="where to listen, e.g. udp:0.0.0.0:5060 or tcp:[::]:5060; repeat for "
-                        "more (default: udp and tcp on 127.0.0.1:5060)")
+                        "more (default: udp and tcp on 127.0.0.1:5060).  Behind 1:1 NAT, add "
+                        "the public address to advertise: udp:10.0.0.5:5060/203.0.113.5")
     p.add_argument("--routes", metavar="FILE.py",
                    help="a routes module (@route, @on_failure ...; see examples/); default: "
                         "registrar + location lookup for our domains")
@@ -416,6 +616,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="async route handlers running at once; beyond it 503 (default 1000)")
     p.add_argument("--grace", type=_non_negative, default=5.0, metavar="S",
                    help="on stop, seconds to let transactions in flight finish (default 5)")
+    nat = p.add_argument_group(
+        "NAT traversal",
+        "Phones behind NAT are reached over the flow they registered from (and those of RFC "
+        "5626 outbound and TCP/TLS clients); their Contacts in dialogs get an alias naming "
+        "it.  Flow bindings are pinged to keep NAT pinholes and connections open.")
+    nat.add_argument("--nat-ping-interval", type=_non_negative, default=30.0, metavar="S",
+                     help="seconds between keep-alives to each flow binding (default 30; 0: "
+                          "none); also the Flow-Timer told to outbound clients")
+    nat.add_argument("--nat-ping-failures", type=_positive_int, default=3, metavar="N",
+                     help="remove a binding whose flow leaves N OPTIONS keep-alives in a row "
+                          "unanswered (default 3)")
+    nat.add_argument("--nat-ping-method", choices=["options", "crlf"], default="options",
+                     help="OPTIONS (answered: dead flows are noticed) or a CRLF keep-alive "
+                          "(RFC 5626; nothing comes back) (default options)")
     edge = p.add_argument_group(
         "safety at the edge",
         "Defaults suit a public address; see docs/security.md for the policy.")
@@ -451,6 +665,27 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                            "(slowloris; default 10)")
     edge.add_argument("--tls-handshake-timeout", type=_non_negative, default=10.0, metavar="S",
                       help="close a TLS connection whose handshake takes longer (default 10)")
+    tls = p.add_argument_group(
+        "TLS",
+        "SIP over TLS (RFC 3261 §26.2): --listen tls:HOST:PORT needs --tls-cert.  A sips: "
+        "request only ever leaves over TLS for a sips: target (else 480; 416 with no tls: "
+        "listener).  See docs/security.md.")
+    tls.add_argument("--tls-cert", metavar="FILE",
+                     help="our certificate chain, PEM, leaf first (the private key may follow "
+                          "in the same file)")
+    tls.add_argument("--tls-key", metavar="FILE",
+                     help="our private key, PEM, unencrypted (default: in the --tls-cert file)")
+    tls.add_argument("--tls-ca", metavar="FILE",
+                     help="CA bundle, PEM: verifies client certificates (--tls-verify-client) "
+                          "and the servers we connect to over TLS (default for those: the "
+                          "system trust store)")
+    tls.add_argument("--tls-verify-client", action="store_true",
+                     help="require a client certificate that chains to --tls-ca on tls: "
+                          "listeners (the handshake fails without one)")
+    tls.add_argument("--tls-no-verify-server", action="store_true",
+                     help="do not verify the next hop's certificate on TLS connections we "
+                          "open: INSECURE, for labs with self-signed certificates")
+    _add_operator_options(p)
     p.add_argument("--t1", type=float, default=0.5, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log detail on stderr (default info: one line per initial request)")

@@ -8,7 +8,7 @@ transaction layer, and :func:`interface_addresses` (the host's own IP addresses)
 
 from __future__ import annotations
 
-from fastsip.asyncio.endpoint import Endpoint
+from fastsip.asyncio.endpoint import Endpoint, ListenError
 from fastsip.asyncio.netif import interface_addresses
 from fastsip.asyncio.timers import WheelDriver
 from fastsip.asyncio.transport import (
@@ -22,6 +22,7 @@ from fastsip.asyncio.transport import (
 __all__ = [
     "AdmitCallback",
     "Endpoint",
+    "ListenError",
     "Listener",
     "TransportLayer",
     "TransportStats",

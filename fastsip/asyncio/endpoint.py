@@ -18,17 +18,38 @@ from types import TracebackType
 from typing import TypeVar
 
 from fastsip.asyncio.timers import WheelDriver
-from fastsip.asyncio.transport import AdmitCallback, Listener, TransportLayer
+from fastsip.asyncio.transport import AdmitCallback, Listener, TransportLayer, parse_listen
 from fastsip.errors import FastSIPError
 from fastsip.sip import Limits
 from fastsip.transaction import TimerConfig, TransactionLayer, TransactionUser
 from fastsip.transport import Address
 
-__all__ = ["Endpoint"]
+__all__ = ["Endpoint", "ListenError"]
 
 log = logging.getLogger("fastsip.asyncio.endpoint")
 
 _E = TypeVar("_E", bound="Endpoint")
+
+
+class ListenError(OSError):
+    """A listener could not be bound; its message names the address:
+    ``cannot listen on udp:127.0.0.1:5060: Address already in use``.  ``address`` is the
+    spec as ``proto:host:port`` (an IPv6 host in brackets); errno is the bind's."""
+
+    def __init__(self, spec: str, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.address = _spec_address(spec)
+
+    def __str__(self) -> str:
+        return f"cannot listen on {self.address}: {self.strerror}"
+
+
+def _spec_address(spec: str) -> str:
+    try:
+        transport, host, port = parse_listen(spec)
+    except ValueError:
+        return spec
+    return f"{transport.lower()}:{f'[{host}]' if ':' in host else host}:{port}"
 
 
 class Endpoint:
@@ -38,9 +59,10 @@ class Endpoint:
 
     - ``listen``: listener specs, ``"udp:127.0.0.1:5060"``, ``"tcp:[::1]:5060"``,
       ``"tls:0.0.0.0:5061"`` (port 0: any free port; read the real one from
-      :attr:`listeners`).
+      :attr:`listeners`); ``SPEC/HOST[:PORT]`` advertises HOST[:PORT] for that listener (a
+      server behind 1:1 NAT: ``udp:10.0.0.5:5060/203.0.113.5``).
     - ``advertise``: "host" or "host:port" to put in our Via instead of the bound address
-      (behind NAT, or when listening on 0.0.0.0); applies to every listener.
+      (behind NAT, or when listening on 0.0.0.0); applies to every listener without its own.
     - ``tls_context``: server context (certificate chain loaded) for ``tls:`` listeners;
       ``tls_client_context``: verifies servers we connect to (default: system trust store).
     - ``timers``: T1/T2/T4; ``check_via``: drop responses whose top Via is not ours (§18.1.2).
@@ -119,12 +141,19 @@ class Endpoint:
 
     async def start(self) -> None:
         """Bind every listener and start the timers; on a bind failure, close what was
-        opened and re-raise (OSError, or ValueError for a bad spec)."""
+        opened and raise :class:`ListenError` (an OSError naming the address), or ValueError
+        for a bad spec."""
         if self._transactions is not None:
             return
         try:
             for spec in self.listen_specs:
-                await self.transport.listen(spec, advertise=self.advertise)
+                spec, _, own = spec.partition("/")
+                try:
+                    await self.transport.listen(spec, advertise=own or self.advertise)
+                except OSError as exc:
+                    # The kernel's "Address already in use" names no address; with several
+                    # listeners the operator must know which one failed.
+                    raise ListenError(spec, exc) from exc
         except BaseException:
             await self.transport.close()
             raise

@@ -61,6 +61,7 @@ from fastsip.transport.rules import (
     stamp_received,
     strip_brackets,
 )
+from fastsip.transport.stun import binding_response, is_stun
 
 __all__ = ["AdmitCallback", "Listener", "TransportLayer", "TransportStats", "parse_listen"]
 
@@ -96,7 +97,12 @@ _MAX_SWEEP_PERIOD = 30.0
 def parse_listen(spec: str) -> tuple[str, str, int]:
     """``"udp:127.0.0.1:5060"``, ``"tcp:[::1]:5060"``, ``"tls:0.0.0.0:5061"`` →
     ``("UDP", "127.0.0.1", 5060)``.  The port may be omitted (the transport's default) or 0
-    (any free port).  Raises ValueError with the reason for anything else."""
+    (any free port).  A ``/HOST[:PORT]`` suffix (the address to advertise for it, see
+    :meth:`TransportLayer.listen`) is checked and left out of the answer.  Raises ValueError
+    with the reason for anything else."""
+    spec, slash, advertise = spec.partition("/")
+    if slash and (not advertise or any(c.isspace() for c in advertise)):
+        raise ValueError(f"listen spec {spec}/{advertise!r}: expected /HOST[:PORT] to advertise")
     transport, sep, rest = spec.partition(":")
     transport = transport.upper()
     if not sep or transport not in ("UDP", "TCP", "TLS"):
@@ -190,13 +196,17 @@ class Listener:
     we advertise in Via for it (the ``advertise`` address, else the bound one);
     ``receive_buffer`` is the SO_RCVBUF a UDP socket got (the kernel may cap what was asked)."""
 
-    __slots__ = ("_acceptor", "_server", "_udp", "_udp_sock", "address", "family",
+    __slots__ = ("_acceptor", "_server", "_udp", "_udp_sock", "address", "family", "id",
                  "receive_buffer", "sent_by")
 
-    def __init__(self, address: Address, family: int, sent_by: tuple[str, int]) -> None:
+    def __init__(self, address: Address, family: int, sent_by: tuple[str, int],
+                 lid: int = 0) -> None:
         self.address = address
         self.family = family
         self.sent_by = sent_by
+        #: The socket's id: the ``connection`` of every Address a datagram arrived on it from
+        #: (1, 2, ... in the order of listen(), so the same --listen list gives the same ids).
+        self.id = lid
         self.receive_buffer = 0
         self._server: asyncio.AbstractServer | None = None
         self._acceptor: _Acceptor | None = None
@@ -213,12 +223,13 @@ class _UdpSocket:
     """A UDP listening socket we own, read with ``loop.add_reader``: one wakeup drains up to
     ``_UDP_BATCH`` datagrams into one preallocated buffer, reading the clock once."""
 
-    __slots__ = ("_buffer", "_view", "closed", "layer", "loop", "sock")
+    __slots__ = ("_buffer", "_view", "closed", "layer", "lid", "loop", "sock")
 
     def __init__(self, layer: TransportLayer, sock: socket.socket,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, lid: int) -> None:
         self.layer = layer
         self.sock = sock
+        self.lid = lid
         self.loop = loop
         self._buffer = bytearray(_RECV_SIZE)
         self._view = memoryview(self._buffer)
@@ -231,6 +242,7 @@ class _UdpSocket:
         buffer, view = self._buffer, self._view
         admit = layer.admit
         receive = layer._receive_datagram
+        lid = self.lid
         now = self.loop.time()
         count = denied = 0
         try:
@@ -249,7 +261,7 @@ class _UdpSocket:
                 if admit is not None and not admit(host, now):
                     denied += 1
                     continue
-                receive(bytes(view[:n]), host, addr[1])
+                receive(bytes(view[:n]), host, addr[1], lid)
         except Exception:
             # A bug in the admit hook (or below): log it, keep the reader; the datagrams not
             # read yet wait for the next wakeup.
@@ -288,8 +300,9 @@ class _Datagram(asyncio.DatagramProtocol):
     costs less than ``_UdpSocket``'s in Python), or the stand-in where the loop has no
     ``add_reader`` (Windows' proactor loop)."""
 
-    def __init__(self, layer: TransportLayer) -> None:
+    def __init__(self, layer: TransportLayer, lid: int) -> None:
         self.layer = layer
+        self.lid = lid
         self.transport: asyncio.DatagramTransport | None = None
 
     @property
@@ -308,7 +321,7 @@ class _Datagram(asyncio.DatagramProtocol):
             if admit is not None and not admit(addr[0], layer._now()):
                 stats.datagrams_denied += 1
                 return
-            layer._receive_datagram(data, addr[0], addr[1])
+            layer._receive_datagram(data, addr[0], addr[1], self.lid)
         except Exception:
             log.exception("error receiving a UDP datagram")
 
@@ -345,13 +358,14 @@ class _Acceptor:
     socket meets ``admit`` and the connection limits before a transport, a read or a TLS
     handshake exists for it, so refusing one costs an accept() and a close()."""
 
-    __slots__ = ("_retry", "closed", "layer", "loop", "name", "sock")
+    __slots__ = ("_retry", "closed", "layer", "lid", "loop", "name", "sock")
 
     def __init__(self, layer: TransportLayer, sock: socket.socket, name: str,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, lid: int) -> None:
         self.layer = layer
         self.sock = sock
         self.name = name
+        self.lid = lid
         self.loop = loop
         self.closed = False
         self._retry: asyncio.TimerHandle | None = None
@@ -375,7 +389,7 @@ class _Acceptor:
                     return
                 log.debug("accept failed: %s", exc)     # e.g. ECONNABORTED: on to the next
                 continue
-            self.layer._accepted(sock, addr, self.name)
+            self.layer._accepted(sock, addr, self.name, self.lid)
 
     def _resume(self) -> None:
         self._retry = None
@@ -399,7 +413,8 @@ class _Connection(asyncio.Protocol):
     """One TCP or TLS connection, accepted or opened by us, framed per RFC 3261 §18.3."""
 
     def __init__(self, layer: TransportLayer, transport_name: str, cid: int,
-                 peer: Address | None = None, *, accepted: bool = False) -> None:
+                 peer: Address | None = None, *, accepted: bool = False, lid: int = 0
+                 ) -> None:
         self.layer = layer
         self.name = transport_name
         self.id = cid
@@ -415,6 +430,8 @@ class _Connection(asyncio.Protocol):
         self.last_active = layer._loop.time() if layer._loop is not None else 0.0
         self.closed = False
         self.aliases: list[tuple[str, str, int]] = []
+        #: The id of the listener that accepted it (0: opened by us).
+        self.lid = lid
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -637,6 +654,7 @@ class TransportLayer:
             raise FastSIPError(f"{spec}: a tls: listener needs a tls_context")
         loop = self.loop
         family = _family(host)
+        lid = len(self.listeners) + 1
         server: asyncio.AbstractServer | None = None
         acceptor: _Acceptor | None = None
         udp: _UdpSocket | _Datagram | None = None
@@ -648,10 +666,10 @@ class TransportLayer:
                 sock.bind((host, port))
                 sock.setblocking(False)
                 bound = sock.getsockname()
-                udp = self._udp_reader(sock)
+                udp = self._udp_reader(sock, lid)
                 if udp is None:
                     _, udp = await loop.create_datagram_endpoint(
-                        lambda: _Datagram(self), sock=sock)
+                        lambda: _Datagram(self, lid), sock=sock)
             except BaseException:
                 sock.close()
                 raise
@@ -659,15 +677,15 @@ class TransportLayer:
             sock = _bind_stream(host, port, family)
             try:
                 bound = sock.getsockname()
-                acceptor = self._acceptor(sock, transport)
+                acceptor = self._acceptor(sock, transport, lid)
                 if acceptor is None:
-                    server = await self._stand_in_server(sock, transport)
+                    server = await self._stand_in_server(sock, transport, lid)
             except BaseException:
                 sock.close()
                 raise
         address = Address(transport, bound[0], bound[1])
         sent_by = self._advertised(address, advertise)
-        listener = Listener(address, family, sent_by)
+        listener = Listener(address, family, sent_by, lid)
         listener._server = server
         listener._acceptor = acceptor
         listener._udp = udp
@@ -697,32 +715,33 @@ class TransportLayer:
                 log.debug("cannot set SO_RCVBUF to %d: %s", self.udp_receive_buffer, exc)
         return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
 
-    def _udp_reader(self, sock: socket.socket) -> _UdpSocket | None:
+    def _udp_reader(self, sock: socket.socket, lid: int) -> _UdpSocket | None:
         lean = self._lean_udp
         if lean is None:
             lean = self._lean_io and not type(self.loop).__module__.startswith("uvloop")
         if not lean:
             return None
         try:
-            return _UdpSocket(self, sock, self.loop)
+            return _UdpSocket(self, sock, self.loop, lid)
         except NotImplementedError:         # no add_reader: the datagram endpoint stands in
             return None
 
-    def _acceptor(self, sock: socket.socket, transport: str) -> _Acceptor | None:
+    def _acceptor(self, sock: socket.socket, transport: str, lid: int) -> _Acceptor | None:
         if not self._lean_io:
             return None
         try:
-            return _Acceptor(self, sock, transport, self.loop)
+            return _Acceptor(self, sock, transport, self.loop, lid)
         except NotImplementedError:         # no add_reader: an asyncio server stands in
             return None
 
-    async def _stand_in_server(self, sock: socket.socket, transport: str
+    async def _stand_in_server(self, sock: socket.socket, transport: str, lid: int
                                ) -> asyncio.AbstractServer:
         """asyncio's own server on ``sock``: limits and ``admit`` apply in connection_made,
         which for TLS comes after the handshake (still bounded by tls_handshake_timeout)."""
         ctx = self.tls_context if transport == "TLS" else None
         return await self.loop.create_server(
-            lambda: _Connection(self, transport, self._new_id(), accepted=True), sock=sock,
+            lambda: _Connection(self, transport, self._new_id(), accepted=True, lid=lid),
+            sock=sock,
             ssl=ctx, ssl_handshake_timeout=self._handshake_timeout(ctx), backlog=_BACKLOG)
 
     def _handshake_timeout(self, ctx: ssl.SSLContext | None) -> float | None:
@@ -807,6 +826,56 @@ class TransportLayer:
             raise FastSIPError("no listeners: call listen() first")
         return self.listeners[0].sent_by
 
+    def local_for(self, dest: Address) -> Address:
+        """Our end of a message to (or one that came from) ``dest``: the transport, the
+        advertised host and port of the listener it leaves from (or arrived on), and that
+        listener's id as ``connection`` -- what our Via and Record-Route must name so the
+        peer's answers come back to the same socket.
+
+        A ``dest`` that names a socket or connection (``connection``, as a source Address
+        does) gives the listener it is on; otherwise the one :meth:`send` would pick: same
+        transport and address family, on the same side of loopback.  With no listener of that
+        transport, the first listener's address stands in (as :meth:`sent_by`), id 0."""
+        listener = self._listener_for(dest)
+        if listener is None:
+            host, port = self.sent_by(dest.transport)
+            return Address(dest.transport, host, port)
+        host, port = listener.sent_by
+        return Address(listener.address.transport, host, port, listener.id)
+
+    def _listener(self, lid: int) -> Listener | None:
+        if 0 < lid <= len(self.listeners):
+            listener = self.listeners[lid - 1]
+            if listener.id == lid:
+                return listener
+        return None
+
+    def _listener_for(self, dest: Address) -> Listener | None:
+        transport = dest.transport
+        if dest.connection:
+            if transport == "UDP":
+                listener = self._listener(dest.connection)
+                if listener is not None and listener.address.transport == "UDP":
+                    return listener
+            else:
+                conn = self._connections.get(dest.connection)
+                if conn is not None and conn.lid:
+                    return self._listener(conn.lid)
+        family = _family(dest.host)
+        loopback = _is_loopback(dest.host)
+        fallback = None
+        for listener in self.listeners:
+            if listener.address.transport != transport:
+                continue
+            if family and listener.family != family:
+                continue
+            bound = listener.address.host
+            if bound in _WILDCARDS or _is_loopback(bound) == loopback:
+                return listener
+            if fallback is None:
+                fallback = listener
+        return fallback
+
     def send(self, data: bytes, dest: Address) -> None:
         """Send one message to ``dest``; never blocks or raises for network trouble (failures
         go to ``on_error(dest)``).  Stream transports: ``dest.connection`` while open, else
@@ -828,7 +897,7 @@ class TransportLayer:
         """The listening socket to send from: one of ``family``, preferring one on the same
         side of loopback as ``host`` (a socket bound to 127.0.0.1 cannot reach the world, one
         bound to a public address should not talk to 127.0.0.1), else the first."""
-        fallback = None
+        fallback: _UdpSocket | _Datagram | None = None
         loopback = _is_loopback(host)
         for listener in self.listeners:
             if listener._udp is None or listener.family != family:
@@ -849,7 +918,15 @@ class TransportLayer:
             log.debug("%d bytes do not fit in a UDP datagram to %s", len(data), dest)
             self._fail_soon(dest)
             return
-        sock = self._udp_socket(family, dest.host)
+        sock = None
+        if dest.connection:
+            # The socket the peer's datagram arrived on (a response, a NAT flow): leave from
+            # it, so the peer (and its NAT) sees the address it sent to.
+            listener = self._listener(dest.connection)
+            if listener is not None and listener.family == family:
+                sock = listener._udp
+        if sock is None or sock.closed:
+            sock = self._udp_socket(family, dest.host)
         if sock is None or sock.closed:
             log.debug("no UDP listener for the address family of %s", dest)
             self._fail_soon(dest)
@@ -865,7 +942,8 @@ class TransportLayer:
             return
         for family, *_, sockaddr in infos:
             if self._udp_socket(family, str(sockaddr[0])) is not None:
-                self._send_udp(data, Address(dest.transport, str(sockaddr[0]), dest.port))
+                self._send_udp(data, Address(dest.transport, str(sockaddr[0]), dest.port,
+                                             dest.connection))
                 return
         self._fail(dest)
 
@@ -903,6 +981,8 @@ class TransportLayer:
             if self.tls_client_context is None:
                 self.tls_client_context = ssl.create_default_context()
             ctx = self.tls_client_context
+            # The next hop's host: a name is sent as SNI and must be in the certificate's DNS
+            # SANs; an IP literal must be in its IP SANs, and ssl sends no SNI for it (RFC 6066).
             server_hostname = dest.host
         try:
             await asyncio.wait_for(
@@ -911,7 +991,13 @@ class TransportLayer:
                 self.connect_timeout)
         # (ValueError: a name that cannot even be encoded, IDNA's UnicodeError)
         except (OSError, ValueError, asyncio.TimeoutError, ssl.SSLError) as exc:
-            log.debug("cannot connect to %s: %s", dest, exc)
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                # Our own choice of next hop failed its identity check: the operator must
+                # hear of it (a wrong --tls-ca, an expired certificate, a spoofed peer).
+                log.warning("TLS to %s refused: its certificate does not verify: %s",
+                            dest, exc.verify_message or exc)
+            else:
+                log.debug("cannot connect to %s: %s", dest, exc)
             conn.closed = True
             self._unregister(conn)
             self._fail(dest)
@@ -949,14 +1035,14 @@ class TransportLayer:
             return False
         return True
 
-    def _accepted(self, sock: socket.socket, addr: Any, name: str) -> None:
+    def _accepted(self, sock: socket.socket, addr: Any, name: str, lid: int) -> None:
         """A socket from an :class:`_Acceptor`: closed at once if refused, else counted and
         handed to the loop (TLS: after its handshake)."""
         host = str(addr[0])
         if not self._admit_connection(host):
             sock.close()
             return
-        conn = _Connection(self, name, self._new_id(), accepted=True)
+        conn = _Connection(self, name, self._new_id(), accepted=True, lid=lid)
         conn.peer = Address(name, host, int(addr[1]), conn.id)
         conn.sock = sock
         self._register(conn)
@@ -1056,18 +1142,26 @@ class TransportLayer:
 
     # -- receiving -------------------------------------------------------------------------
 
-    def _receive_datagram(self, data: bytes, host: str, port: int) -> None:
-        """One datagram ``admit`` let through: a keep-alive, a malformed message, or one to
-        deliver."""
+    def _receive_datagram(self, data: bytes, host: str, port: int, lid: int = 0) -> None:
+        """One datagram ``admit`` let through on listener ``lid``: a keep-alive, a malformed
+        message, or one to deliver (its source Address names the socket as ``connection``,
+        so whatever answers it leaves from the same socket)."""
         if len(data) <= 4 and not data.strip():
             return  # RFC 5626 §4.4.1 STUN-less keep-alive (CRLF) over UDP: nothing to do
+        if is_stun(data):
+            # RFC 5626 §4.4.2: an outbound client's STUN keep-alive on the SIP port.  Never
+            # SIP; anything but a well-formed Binding request is dropped unanswered.
+            answer = binding_response(data, host, port)
+            if answer is not None:
+                self.send(answer, Address("UDP", host, port, lid))
+            return
         try:
             msg = parse(data, self.limits)
         except ParseError as exc:
             log.debug("malformed datagram from %s:%s: %s", host, port, exc)
-            self._answer_malformed(data, exc, Address("UDP", host, port))
+            self._answer_malformed(data, exc, Address("UDP", host, port, lid))
             return
-        self._deliver(msg, Address("UDP", host, port))
+        self._deliver(msg, Address("UDP", host, port, lid))
 
     def _answer_malformed(self, data: bytes, exc: ParseError, source: Address) -> None:
         # A request that fails to parse gets the RFC's answer (400/505/513) straight back to

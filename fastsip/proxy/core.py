@@ -45,6 +45,7 @@ from collections.abc import Callable, Container, Iterable, Sequence
 from functools import lru_cache
 from typing import Any, Protocol
 
+from fastsip.proxy.nat import add_alias, contact_behind_nat, pop_alias, request_behind_nat
 from fastsip.sip import URI, Message, Request, Response, parse
 from fastsip.transaction import (
     ClientTransaction,
@@ -77,6 +78,9 @@ MAGIC_COOKIE = "z9hG4bK"
 #: Methods whose forwarded initial request carries our Record-Route: the ones that create a
 #: dialog (RFC 3261 INVITE, RFC 6665 SUBSCRIBE/NOTIFY, RFC 3515 REFER).  Others gain nothing.
 RECORD_ROUTE_METHODS = frozenset({"INVITE", "SUBSCRIBE", "NOTIFY", "REFER"})
+#: Requests whose Contact sets (or refreshes) a dialog's remote target (RFC 3261 §12.2, RFC
+#: 3311, RFC 6665): a Contact behind NAT in them, or in their 1xx/2xx, gets an alias.
+_TARGET_METHODS = frozenset({"INVITE", "SUBSCRIBE", "NOTIFY", "REFER", "UPDATE"})
 #: §16.7 step 6: within a class, prefer responses that let the UAC retry with more information.
 _PREFERRED = frozenset({401, 407, 415, 420, 484})
 _TERMINATED_STATES = frozenset({"completed", "confirmed", "terminated"})
@@ -90,6 +94,10 @@ _SINGLE_INSTANCE = ("Call-ID", "From", "To", "CSeq", "Max-Forwards", "Content-Le
 UNREACHABLE = "Service Unavailable (next hop unreachable)"
 #: The reason phrase for an in-dialog request that did not come through us.
 FORBIDDEN_NOT_ROUTED = "Forbidden (not routed through this proxy)"
+
+#: A sips request whose target has a sip: URI or can only be reached by a hop that is not TLS
+#: (RFC 5630 §5.3: 480 with Warning 380 "SIPS Not Allowed").
+NO_SECURE_HOP = "Temporarily Unavailable (no TLS path to the sips target)"
 
 
 def _bad_request(exc: Exception) -> str:
@@ -286,6 +294,7 @@ class Branch:
         "provisional",
         "request",
         "target",
+        "timer_c_fired",
     )
 
     def __init__(
@@ -299,6 +308,8 @@ class Branch:
         self.provisional = False
         self.cancel_wanted = False
         self.cancel_sent = False
+        #: Timer C cancelled this branch (§16.8): its 487 means "no answer" (408 upstream).
+        self.timer_c_fired = False
         self._timer_c: Any = None
         self._cancel_guard: Any = None
 
@@ -550,13 +561,16 @@ class ResponseContext:
 
     def _start(self, targets: list[Target]) -> None:
         proxy = self.proxy
-        failed: list[int] = []
+        failed: list[tuple[int, str | None, list[tuple[str, str]]]] = []
         for target in targets:
             try:
                 branch = proxy._make_branch(self, target)
             except ValueError as exc:
                 log.info("cannot forward %s to %r: %s", self.request.method, target, exc)
-                failed.append(400 if isinstance(exc, _BadTarget) else 503)
+                if isinstance(exc, _BadTarget):
+                    failed.append((exc.status, exc.reason, exc.headers(proxy, self.source)))
+                else:
+                    failed.append((503, None, []))
                 continue
             self.branches.append(branch)
             self.active += 1
@@ -569,8 +583,9 @@ class ResponseContext:
             except ValueError as exc:
                 log.info("cannot start a branch to %s: %s", branch.dest, exc)
                 self._branch_failed(branch, 503)
-        for status in failed:
-            self._record_final(self.request.reply(status, to_tag=_new_tag()))
+        for status, reason, headers in failed:
+            self._record_final(self.request.reply(status, reason, to_tag=_new_tag(),
+                                                  headers=headers or None))
         if self.active == 0 and not self.final_sent:
             self._branches_done()
 
@@ -581,6 +596,7 @@ class ResponseContext:
         if branch.final is not None:
             return
         if branch.provisional:
+            branch.timer_c_fired = True
             branch.cancel()
         else:
             self._branch_failed(branch, 408)
@@ -594,6 +610,12 @@ class ResponseContext:
     def _on_branch_response(self, branch: Branch, response: Response) -> None:
         response.pop_via()  # §16.7 step 3: our Via
         status = response.status_code
+        if 100 < status < 300 and branch.target.binding is not None and self.proxy.nat \
+                and self.request.method in _TARGET_METHODS \
+                and contact_behind_nat(response, branch.dest):
+            # Our registered user answers from behind a NAT: the caller's in-dialog requests
+            # will reach it over the flow we sent the request on.
+            add_alias(response, branch.dest)
         if status < 200:
             if branch.final is not None:
                 return
@@ -632,6 +654,11 @@ class ResponseContext:
         if branch.final is not None:
             return
         self._hook(response)
+        if branch.timer_c_fired and response.status_code == 487:
+            # Our Timer C CANCEL brought this 487; the caller did not cancel, nobody answered:
+            # it counts as 408 (Kamailio's tm fakes a 408 on fr_inv_timer too).  A 2xx that
+            # crossed the CANCEL still goes up above: the call connects after all.
+            response = self.request.reply(408, to_tag=_new_tag())
         self._branch_final(branch, response)
 
     def _branch_final(self, branch: Branch, response: Response) -> None:
@@ -751,6 +778,24 @@ class ResponseContext:
         )
 
 
+def _is_sips(uri: URI | None) -> bool:
+    return uri is not None and uri.scheme.lower() == "sips"
+
+
+def _keep_scheme(request: Request, was_sips: bool) -> Address:
+    """RFC 5630 §5.3: a proxy never retargets across schemes.  A sips request for a sip:
+    target (a contact registered with a sip: URI) is refused; a sip request for a sips:
+    target goes there with a sip: Request-URI over TLS.  Returns where the sips: URI led."""
+    if was_sips:
+        raise _NoSecureHop(f"sips request for the sip: target {request.uri}")
+    try:
+        hop = next_hop(request.uri)
+    except ValueError as exc:
+        raise _BadTarget(str(exc)) from None
+    request.uri = "sip:" + str(request.uri)[5:]
+    return hop
+
+
 def _with_to_tag(response: Response, tag: Callable[[], str]) -> Response:
     """§8.2.6.2: a response we make (registrar, challenge) carries a To tag, 100 excepted."""
     if response.status_code > 100:
@@ -767,7 +812,28 @@ def _rank(status: int) -> tuple[int, int]:
 
 
 class _BadTarget(ValueError):
-    pass
+    """A target the request cannot be sent to; the branch fails with ``status``."""
+
+    status = 400
+    reason: str | None = None
+
+    def headers(self, proxy: Proxy, source: Address) -> list[tuple[str, str]]:
+        return []
+
+
+class _NoSecureHop(_BadTarget):
+    """RFC 3261 §26.2.2, RFC 5630 §5.3: a sips request goes over TLS on every hop, the last
+    one included, and only to a sips: target; otherwise that target is unavailable: 480 with
+    Warning 380 (SIPS Not Allowed), not our error."""
+
+    status = 480
+    reason = NO_SECURE_HOP
+
+    def headers(self, proxy: Proxy, source: Address) -> list[tuple[str, str]]:
+        host, port = proxy.sent_by(source.transport)
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return [("Warning", f'380 {host}:{port} "SIPS Not Allowed"')]
 
 
 class StatelessContext:
@@ -857,6 +923,9 @@ class Proxy:
       ACK is loose-routed only when it came through our Record-Route (a Route naming us) or
       its Request-URI names us; otherwise an untrusted source gets 403 (an ACK is dropped).
       Without it, adding a To tag would turn the proxy into an open relay.
+    - ``nat``: NAT traversal (:mod:`fastsip.proxy.nat`): the Contact of a client behind NAT in
+      a dialog-creating or target-refresh request or answer gets an ``alias`` naming its flow,
+      and a request whose Request-URI carries one (its last hop: no Route left) goes there.
 
     Local answers (``ctx.respond``) that are negative and come before anything else went
     upstream are sent statelessly: see :meth:`ResponseContext.respond`.
@@ -878,6 +947,7 @@ class Proxy:
         loop_detection: bool = True,
         trusted: Container[str] = frozenset(),
         require_own_route: bool | None = None,
+        nat: bool = True,
     ) -> None:
         self.router = router
         self.record_route = record_route
@@ -896,6 +966,10 @@ class Proxy:
         self.loop_detection = loop_detection
         self.trusted = trusted
         self.require_own_route = record_route if require_own_route is None else require_own_route
+        self.nat = nat
+        #: A :class:`~fastsip.proxy.nat.NatKeeper` pinging flow bindings (it attaches itself);
+        #: answers to its pings are handed to it.
+        self.nat_keeper: Any = None
         #: Requests refused with 503 because max_pending was reached (logs, metrics).
         self.refusals = Refusals()
         self._layer: TransactionLayer | None = None
@@ -1093,6 +1167,9 @@ class Proxy:
         top = response.top_via
         if top is None or not self._via_is_ours(top.host, top.port, top.transport):
             return
+        keeper = self.nat_keeper
+        if keeper is not None and keeper.on_response(response):
+            return  # the answer to a keep-alive: the flow is alive
         response.pop_via()
         nxt = response.top_via
         if nxt is None:
@@ -1238,8 +1315,14 @@ class Proxy:
     ) -> Address:
         """§16.6 steps 2-7 on ``request`` (a copy, or the original when stateless): returns the
         destination; the caller adds the Via (step 8) and sends."""
+        # A sips Request-URI asks for TLS on every hop to the end (RFC 5630 deprecates the
+        # last-hop exception), and retargeting never changes the scheme.
+        secure = _is_sips(request.uri)
+        tls_target: Address | None = None
         if target.uri is not None:
             request.uri = target.uri
+            if _is_sips(request.uri) != secure:
+                tls_target = _keep_scheme(request, secure)
         if request.max_forwards is None:
             request.set_header("Max-Forwards", "70")
         else:
@@ -1259,33 +1342,70 @@ class Proxy:
                     request.add_route(value)
                 request.uri = first
                 strict = True
+        flow = None
+        if target.dest is None and self.nat and not strict and not request.route:
+            # An in-dialog request to a client behind NAT: its target's alias names the flow.
+            flow = pop_alias(request)
         if target.dest is not None:
             dest = target.dest
+        elif flow is not None:
+            dest = flow
+        elif tls_target is not None and not strict and not routes:
+            dest = tls_target
         else:
             try:
                 # Step 7: to the first Route, or (a strict router) the new Request-URI.
                 dest = next_hop(request.uri) if strict else request_next_hop(request)
             except ValueError as exc:
                 raise _BadTarget(str(exc)) from None
+        if self.nat and request.method in _TARGET_METHODS and request_behind_nat(request, source):
+            add_alias(request, source)
+        # §16.6 steps 4 and 7: a sips top Route (or strict router) secures this hop too.
+        secure = secure or bool(routes and _is_sips(routes[0].uri))
+        if secure and dest.transport != "TLS":
+            raise _NoSecureHop(f"sips request to {dest}: not a TLS hop")
         if record_route:
-            out = self._rr_uri(dest.transport)
-            if source.transport != dest.transport:
-                request.add_record_route(self._rr_uri(source.transport))
-            request.add_record_route(out)
+            # §16.6 step 4: a sips Record-Route for a sips request (on a TLS hop: one that
+            # came in otherwise gets a sip: URI for its side, the truth about that hop).
+            out = self.local_for(dest)
+            inbound = self.local_for(source)
+            if inbound.peer != out.peer:
+                # RFC 5658: the request changes transport, address family or interface here,
+                # so each side gets a Record-Route it can reach (the caller's route set starts
+                # at the inbound one, the callee's at the outbound one).
+                request.add_record_route(
+                    self._rr_uri(inbound, secure and inbound.transport == "TLS"))
+            request.add_record_route(self._rr_uri(out, secure))
         return dest
 
-    def _rr_uri(self, transport: str) -> str:
-        host, port = self.sent_by(transport)
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        t = "" if transport == "UDP" else f";transport={transport.lower()}"
-        return f"<sip:{host}:{port}{t};lr>"
+    def local_for(self, peer: Address) -> Address:
+        """Our end of a message to ``peer`` (or from it, when ``peer`` is a source naming the
+        socket it arrived on): transport, advertised host and port of that listener.  A
+        transport without ``local_for`` stands in with its ``sent_by`` for the transport."""
+        local_for = getattr(self.transport, "local_for", None)
+        if local_for is not None:
+            return local_for(peer)  # type: ignore[no-any-return]
+        host, port = self.sent_by(peer.transport)
+        return Address(peer.transport, host, port)
 
-    def _via(self, transport: str, branch: str) -> str:
-        host, port = self.sent_by(transport)
+    @staticmethod
+    def _rr_uri(local: Address, secure: bool = False) -> str:
+        """Our Record-Route URI for the listener ``local``; ``secure``: a sips: URI (a TLS hop
+        of a sips request; sips means TLS, so no ``transport=tls``, RFC 5630 §3.1.3)."""
+        host, transport, port = local.host, local.transport, local.port
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
-        return f"SIP/2.0/{transport} {host}:{port};branch={branch}"
+        if secure:
+            return f"<sips:{host}:{port};lr>"
+        t = "" if transport == "UDP" else f";transport={transport.lower()}"
+        return f"<sip:{host}:{local.port}{t};lr>"
+
+    def _via(self, dest: Address, branch: str) -> str:
+        local = self.local_for(dest)
+        host = local.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"SIP/2.0/{dest.transport} {host}:{local.port};branch={branch}"
 
     def _make_branch(self, ctx: ResponseContext, target: Target) -> Branch:
         original = ctx.request
@@ -1298,7 +1418,7 @@ class Proxy:
         dest = self._prepare(copy, target, ctx.source, rr)
         loop = ctx.loop
         branch = f"{MAGIC_COOKIE}-{loop}.{self._prefix}{next(self._counter):x}"
-        copy.add_via(self._via(dest.transport, branch))
+        copy.add_via(self._via(dest, branch))
         return Branch(ctx, target, copy, dest)
 
     def _forward_stateless(self, request: Request, target: Target, source: Address) -> None:
@@ -1312,7 +1432,7 @@ class Proxy:
         except ValueError as exc:  # Max-Forwards ran out, or no route to the target
             log.debug("not forwarding %s: %s", request.method, exc)
             return
-        request.add_via(self._via(dest.transport, _stateless_branch(request)))
+        request.add_via(self._via(dest, _stateless_branch(request)))
         self.transport.send(bytes(request), dest)
 
     def _send_response(self, response: Response, source: Address) -> None:

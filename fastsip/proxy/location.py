@@ -102,7 +102,10 @@ class Binding:
     of the REGISTER that last touched the binding (§10.3 step 7 orders updates by them).
     ``path`` is the Path header of that REGISTER (RFC 3327), in order; ``source`` is the transport
     address the REGISTER came from (``"udp:198.51.100.7:40000"``), which is how a proxy reaches a
-    contact behind a NAT whose Contact URI carries an unreachable private address.
+    contact behind a NAT whose Contact URI carries an unreachable private address.  ``flow``:
+    reach it there (a client behind NAT, or an RFC 5626 outbound one), from our socket number
+    ``socket`` (the UDP listener the REGISTER arrived on; ids follow the --listen order);
+    ``instance`` / ``reg_id``: RFC 5626's ``+sip.instance`` and ``reg-id``.
     """
 
     aor: str
@@ -116,6 +119,9 @@ class Binding:
     instance: str | None = None
     user_agent: str | None = None
     registered_at: float = 0.0
+    flow: bool = False
+    socket: int = 0
+    reg_id: int | None = None
 
     @property
     def key(self) -> str:
@@ -252,6 +258,9 @@ CREATE TABLE IF NOT EXISTS bindings (
     instance TEXT,
     user_agent TEXT,
     registered_at REAL NOT NULL,
+    flow INTEGER NOT NULL DEFAULT 0,
+    socket INTEGER NOT NULL DEFAULT 0,
+    reg_id INTEGER,
     PRIMARY KEY (aor, contact_key)
 );
 CREATE INDEX IF NOT EXISTS bindings_expires ON bindings (expires);
@@ -259,10 +268,15 @@ CREATE INDEX IF NOT EXISTS bindings_expires ON bindings (expires);
 
 _COLUMNS = (
     "aor, contact_key, contact, expires, q, call_id, cseq, path, source, instance, user_agent,"
-    " registered_at"
+    " registered_at, flow, socket, reg_id"
 )
+_PLACEHOLDERS = ", ".join("?" for _ in _COLUMNS.split(","))
+# Columns added since the first schema, for files written by an older fastsip.
+_ADDED_COLUMNS = (("flow", "INTEGER NOT NULL DEFAULT 0"), ("socket", "INTEGER NOT NULL DEFAULT 0"),
+                  ("reg_id", "INTEGER"))
 
-_Row = tuple[str, str, str, float, float, str, int, str, str | None, str | None, str | None, float]
+_Row = tuple[str, str, str, float, float, str, int, str, str | None, str | None, str | None, float,
+             int, int, int | None]
 
 
 def _to_row(binding: Binding) -> _Row:
@@ -279,11 +293,15 @@ def _to_row(binding: Binding) -> _Row:
         binding.instance,
         binding.user_agent,
         binding.registered_at,
+        int(binding.flow),
+        binding.socket,
+        binding.reg_id,
     )
 
 
 def _from_row(row: _Row) -> Binding:
-    aor, _key, contact, expires, q, call_id, cseq, path, source, instance, ua, at = row
+    aor, _key, contact, expires, q, call_id, cseq, path, source, instance, ua, at, flow, sock, \
+        reg_id = row
     return Binding(
         aor=aor,
         contact=contact,
@@ -296,6 +314,9 @@ def _from_row(row: _Row) -> Binding:
         instance=instance,
         user_agent=ua,
         registered_at=at,
+        flow=bool(flow),
+        socket=sock,
+        reg_id=reg_id,
     )
 
 
@@ -320,12 +341,23 @@ class SqliteLocationStore:
             )
         self.path = str(path)
         self._lock = threading.Lock()
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so nothing stays uncommitted.
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so nothing stays
+            # uncommitted.
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(bindings)")}
+            for name, decl in _ADDED_COLUMNS:
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE bindings ADD COLUMN {name} {decl}")
+        except sqlite3.Error as exc:
+            # sqlite3 says "unable to open database file" without saying which file.
+            raise LocationStoreError(
+                f"cannot open SQLite database {self.path!r}: {exc}"
+            ) from None
 
     def _select(self, sql: str, args: tuple[object, ...]) -> list[Binding]:
         with self._lock:
@@ -359,7 +391,7 @@ class SqliteLocationStore:
                 self._db.executemany("DELETE FROM bindings WHERE aor = ? AND contact_key = ?", keys)
                 self._db.executemany(
                     f"INSERT OR REPLACE INTO bindings ({_COLUMNS})"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f" VALUES ({_PLACEHOLDERS})",
                     rows,
                 )
             except BaseException:

@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from fastsip.errors import ParseError
 from fastsip.proxy.location import Binding, LocationStore, aor_of, contact_key
+from fastsip.proxy.nat import request_behind_nat
 from fastsip.sip import URI, Request, Response
 from fastsip.transport import DEFAULT_PORTS, Address
 from fastsip.transport.rules import next_hop
@@ -33,7 +34,7 @@ logger = logging.getLogger("fastsip.proxy")
 _T = TypeVar("_T")
 
 #: Option tags this registrar understands in Require / Proxy-Require (§8.2.2.3).
-SUPPORTED = frozenset({"path"})
+SUPPORTED = frozenset({"path", "outbound"})
 
 # §10.3 step 6: a registrar may only reject an interval below its minimum with 423 when the
 # interval is also under an hour; a longer one below the minimum is raised to the minimum.
@@ -59,6 +60,7 @@ class _ContactUpdate:
     expires: int
     q: float
     instance: str | None
+    reg_id: int | None = None
 
 
 def _tokens(values: Iterable[str]) -> list[str]:
@@ -117,6 +119,7 @@ class Registrar:
         min_expires: int = 60,
         max_expires: int = 7200,
         default_expires: int = 3600,
+        flow_timer: int | None = None,
     ) -> None:
         if not 0 <= min_expires <= max_expires:
             raise ValueError("need 0 <= min_expires <= max_expires")
@@ -125,6 +128,9 @@ class Registrar:
         self.min_expires = min_expires
         self.max_expires = max_expires
         self.default_expires = min(max(default_expires, min_expires), max_expires)
+        #: RFC 5626 Flow-Timer for outbound registrations: how often (seconds) the client
+        #: should send its keep-alives (None: not said).
+        self.flow_timer = flow_timer
 
     def is_ours(self, uri: URI) -> bool:
         """Whether ``uri``'s host is a domain this registrar is responsible for (always true
@@ -137,17 +143,20 @@ class Registrar:
         return self.store.lookup(aor_of(uri), now)
 
     def handle(
-        self, request: Request, source: Address, now: float, *, user: str | None = None
+        self, request: Request, source: Address, now: float, *, user: str | None = None,
+        addressed_to_us: bool = False,
     ) -> Response:
         """Process one REGISTER (§10.3 steps 1-8) and return the final response to send.
 
         ``source`` is where the request came from: it is stored with each binding so a proxy can
         reach a contact behind a NAT.  ``user``, when given, is the name the request was
         authenticated as; the registrar then accepts only the AOR whose user part it is (403
-        otherwise).
+        otherwise).  ``addressed_to_us``: the Request-URI names this server by its address
+        (``REGISTER sip:192.0.2.10``, a phone's usual registrar setting) rather than a domain;
+        the domain is then the To header's, which must still be ours.
         """
         try:
-            return self._handle(request, source, now, user)
+            return self._handle(request, source, now, user, addressed_to_us)
         except _Reject as reject:
             logger.info(
                 "REGISTER %s from %s rejected: %d %s",
@@ -158,14 +167,15 @@ class Registrar:
             )
             return request.reply(reject.status, reject.reason, headers=reject.headers)
 
-    def _handle(self, request: Request, source: Address, now: float, user: str | None) -> Response:
+    def _handle(self, request: Request, source: Address, now: float, user: str | None,
+                addressed_to_us: bool = False) -> Response:
         if request.method != "REGISTER":
             raise _Reject(405, "Method Not Allowed", [("Allow", "REGISTER")])
         # Step 1: the Request-URI names the domain whose location service is being changed.
         ruri = request.uri
         if not ruri.is_sip:
             raise _Reject(416, "Unsupported URI Scheme")
-        if not self.is_ours(ruri):
+        if not addressed_to_us and not self.is_ours(ruri):
             # A registrar that is also a proxy would forward instead (the caller decides that
             # with is_ours()); this one refuses to act for a domain it does not serve.
             raise _Reject(403, "Forbidden (domain not served here)")
@@ -185,6 +195,8 @@ class Registrar:
             # RFC 4475 §3.3.4 (unksm2): an AOR must be a SIP or SIPS URI.
             raise _Reject(400, "Bad Request (address-of-record must be a SIP or SIPS URI)")
         if not self.is_ours(to_uri):
+            # §10.3 step 5: an AOR not valid for the domain is 404 (the Request-URI's domain, or
+            # ours when the request was addressed to this server by IP).
             raise _Reject(404, "Not Found (address-of-record not in this domain)")
         aor = aor_of(to_uri)
         # Steps 3 and 4: the authenticated user may only change its own bindings.
@@ -197,7 +209,14 @@ class Registrar:
         # Step 6: the contacts and their expiration intervals.
         wildcard, updates = self._contacts(request)
         path = tuple(request.headers.getall("Path"))
-        supports_path = "path" in _tokens(request.headers.getall("Supported"))
+        supported = _tokens(request.headers.getall("Supported"))
+        supports_path = "path" in supported
+        # RFC 5626: a client that asks for outbound (reg-id with +sip.instance, and says it
+        # supports it) gets its binding kept per flow; so does one behind a NAT (nathelper).
+        outbound = "outbound" in supported and any(
+            u.reg_id is not None and u.instance for u in updates)
+        flow = outbound or request_behind_nat(request, source)
+        sock = source.connection if source.transport == "UDP" else 0
         # Step 7: apply the updates, ordered by Call-ID/CSeq against the current bindings.
         current = {b.key: b for b in self._store(aor, lambda: self.store.lookup(aor, now))}
 
@@ -225,6 +244,13 @@ class Registrar:
                 if update.expires == 0:
                     removes.append(update.contact)
                     continue
+                if outbound and update.reg_id is not None and update.instance:
+                    # RFC 5626 §6 step 3: a new flow for the same instance and reg-id
+                    # replaces the old binding, whatever its Contact.
+                    removes.extend(
+                        b.contact for b in current.values()
+                        if b.instance == update.instance and b.reg_id == update.reg_id
+                        and b.key != update.key)
                 puts.append(
                     Binding(
                         aor=aor,
@@ -238,6 +264,9 @@ class Registrar:
                         instance=update.instance,
                         user_agent=user_agent,
                         registered_at=now,
+                        flow=flow,
+                        socket=sock,
+                        reg_id=update.reg_id if outbound else None,
                     )
                 )
             if puts or removes:
@@ -254,6 +283,12 @@ class Registrar:
             # RFC 3327 §5.3: echo the Path the registrar stored, only to a UA that said it
             # understands Path.
             headers.extend(("Path", p) for p in path)
+        if outbound and updates:
+            # RFC 5626 §6: the binding is kept per flow; the client learns how often to keep
+            # the flow alive.
+            headers.append(("Require", "outbound"))
+            if self.flow_timer:
+                headers.append(("Flow-Timer", str(self.flow_timer)))
         headers.append(("Date", formatdate(now, usegmt=True)))
         return request.reply(200, "OK", headers=headers)
 
@@ -319,7 +354,16 @@ class Registrar:
                 key = contact_key(uri)
             except ParseError as exc:
                 raise _Reject(400, f"Bad Request (invalid Contact URI: {exc.reason})") from None
-            updates.append(_ContactUpdate(text, key, expires, q, params.get("+sip.instance")))
+            reg_id_text = params.get("reg-id")
+            reg_id = None
+            if reg_id_text is not None:
+                if not reg_id_text.isdigit() or not 0 < int(reg_id_text) < 2**31:
+                    raise _Reject(400, "Bad Request (invalid Contact reg-id parameter)")
+                reg_id = int(reg_id_text)
+            instance = params.get("+sip.instance")
+            if instance is not None:
+                instance = instance.strip('"') or None
+            updates.append(_ContactUpdate(text, key, expires, q, instance, reg_id))
         if too_brief:
             # The whole request fails, and the client learns the smallest interval we accept.
             raise _Reject(423, "Interval Too Brief", [("Min-Expires", str(self.min_expires))])
@@ -341,6 +385,9 @@ class Registrar:
         if binding.q != 1.0:
             parts.append(f";q={binding.q:g}")
         if binding.instance is not None:
-            # RFC 5626 §6: the registrar echoes +sip.instance so the UA recognizes its binding.
+            # RFC 5626 §6: the registrar echoes +sip.instance (and reg-id) so the UA
+            # recognizes its binding.
             parts.append(f';+sip.instance="{binding.instance}"')
+            if binding.reg_id is not None:
+                parts.append(f";reg-id={binding.reg_id}")
         return "".join(parts)

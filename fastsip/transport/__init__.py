@@ -21,11 +21,14 @@ DEFAULT_PORTS = {"UDP": 5060, "TCP": 5060, "SCTP": 5060, "TLS": 5061, "WS": 80, 
 @dataclass(frozen=True, slots=True)
 class Address:
     """A transport address: ``transport`` ("UDP", "TCP", "TLS", upper case as in Via), ``host``
-    (an IP literal without brackets), ``port``, and for stream transports the id of the
-    connection a message arrived on (``connection``; 0 for datagrams or "any connection").
+    (an IP literal without brackets), ``port``, and ``connection``: for stream transports the
+    id of the connection a message arrived on, for datagrams the id of the local socket it
+    arrived on (0: "any connection", "the usual socket").
 
-    Two addresses that differ only in ``connection`` name the same peer; a response goes back
-    over ``connection`` while it is open (§18.2.2), otherwise over a new connection to the peer.
+    Two addresses that differ only in ``connection`` name the same peer (``peer``).  What is
+    sent to an address with a ``connection`` goes over that connection while it is open
+    (§18.2.2), otherwise over a new one to the peer; a datagram leaves from that socket, so
+    the peer and any NAT in front of it see the address they sent to (a flow, RFC 5626).
     """
 
     transport: str
@@ -61,3 +64,10 @@ class Transport(Protocol):
         """The host and port to put in our own Via (and Record-Route/Contact) for
         ``transport``: where responses and requests for us arrive."""
         ...
+
+    # Optional (a transport with one listener per transport need not have it):
+    #
+    # def local_for(self, dest: Address) -> Address:
+    #     """Our end of a message to ``dest`` -- or of one that came from it, when ``dest``
+    #     names a socket or connection: the advertised host and port of that listener (what
+    #     our Via and Record-Route must carry), with its id as ``connection``."""

@@ -103,18 +103,16 @@ def response_destination(via: Via, source: Address | None = None) -> Address:
         # Over the connection the request came on while it is open (whatever the Via says);
         # should it close first, the address here is where §18.2.2 says to open a new one:
         # the received IP with the sent-by port (not the peer's ephemeral port).
-        port = via.port if via.port else DEFAULT_PORTS.get(source.transport, 5060)
-        return Address(source.transport, strip_brackets(via.received or via.host), port,
-                       source.connection)
+        sent_by_port = via.port if via.port else DEFAULT_PORTS.get(source.transport, 5060)
+        return Address(source.transport, strip_brackets(via.received or via.host),
+                       sent_by_port, source.connection)
     host = via.maddr or via.received or via.host
-    port: int | None
-    if via.maddr:
-        port = via.port
-    else:
-        port = via.rport if via.rport else via.port
-    if port is None:
-        port = DEFAULT_PORTS.get(transport, 5060)
-    return Address(transport, strip_brackets(host), port)
+    given = via.port if via.maddr else (via.rport if via.rport else via.port)
+    port = given if given is not None else DEFAULT_PORTS.get(transport, 5060)
+    # A datagram's source names the socket it arrived on: the response leaves from it, so
+    # the client (and its NAT) sees it come from the address it sent to (§18.2.2).
+    sock = source.connection if source is not None and source.transport == transport else 0
+    return Address(transport, strip_brackets(host), port, sock)
 
 
 def next_hop(target: URI | NameAddr | str) -> Address:

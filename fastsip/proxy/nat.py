@@ -1,0 +1,393 @@
+"""NAT traversal for the proxy and registrar: flows, Contact aliases and keep-alives.
+
+A phone behind a NAT writes its private address (``192.168.1.20:5060``) in its Via and
+Contact, but its packets reach us from the NAT's public address and port.  Only that address --
+the *flow* the phone's packets come over (RFC 5626: our socket, the NAT's address and port,
+the transport) -- reaches it: a datagram to the Contact goes nowhere, and the NAT's pinhole
+closes after some idle seconds (30 s on many home routers).  Kamailio's ``nathelper`` and RFC
+5626 (SIP outbound) are the models; here is what fastsip does:
+
+- **Detection** (:func:`request_behind_nat`, :func:`contact_behind_nat`): a request whose top
+  Via names another address than where it came from (the sent-by host, or over UDP the port;
+  nathelper's ``nat_uac_test`` 2 and 16), or whose Contact is a private address
+  (RFC 1918/6598, ULA, link-local) seen from a public one (test 1); a response whose Contact is
+  not where it came from.  Third-party registrations (a Contact that is not the sender, with a
+  Via that is) are left alone.
+- **Registrations**: the binding of a client behind NAT, of an RFC 5626 outbound client
+  (``reg-id`` + ``+sip.instance``) and of any TCP/TLS client is a *flow* binding: requests for
+  it go to the address and socket its REGISTER came from, with the Contact as Request-URI.
+- **Dialogs**: the Contact of a dialog-creating or target-refreshing request or response from
+  behind NAT gets an ``alias`` parameter naming its flow (``;alias=203.0.113.7~40312~1``:
+  address, port, transport as Kamailio's ``add_contact_alias`` writes it, so a Kamailio in the
+  path understands it too).  The other side's in-dialog requests carry it in their
+  Request-URI; since we record-route, they come through us, and we send them to the alias
+  address, with the parameter removed (Kamailio's ``handle_ruri_alias``).  The address is
+  reached from the socket of that address family :meth:`local_for` picks (with one listener
+  per family, the one the flow came in on).
+- **Keep-alives** (:class:`NatKeeper`): every flow binding is sent an OPTIONS (or a CRLF) every
+  ``interval`` seconds, statelessly (as nathelper does): it keeps the NAT's pinhole and a
+  TCP connection open, and a binding whose flow leaves ``max_failures`` pings in a row
+  unanswered is removed, so calls stop going to a phone that is gone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import logging
+import os
+from collections.abc import Callable
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+from fastsip.sip import URI, Message, Request, Response
+from fastsip.transport import DEFAULT_PORTS, Address
+
+if TYPE_CHECKING:
+    from fastsip.proxy.location import Binding, LocationStore
+
+__all__ = [
+    "ALIAS",
+    "NatKeeper",
+    "add_alias",
+    "binding_flow",
+    "contact_behind_nat",
+    "is_private",
+    "parse_address",
+    "pop_alias",
+    "request_behind_nat",
+]
+
+log = logging.getLogger("fastsip.proxy.nat")
+
+#: The Contact / Request-URI parameter that carries a flow through a dialog.
+ALIAS = "alias"
+
+# Kamailio's protocol numbers in an alias (ip~port~proto).
+_PROTO_NUMBER = {"UDP": "1", "TCP": "2", "TLS": "3", "SCTP": "4", "WS": "5", "WSS": "6"}
+_PROTO_NAME = {v: k for k, v in _PROTO_NUMBER.items()}
+
+_PRIVATE = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",   # RFC 1918
+    "100.64.0.0/10",                                    # RFC 6598 carrier-grade NAT
+    "169.254.0.0/16",                                   # link-local
+    "192.0.0.0/29",                                     # RFC 6333 DS-Lite
+    "fc00::/7", "fe80::/10",                            # ULA, link-local
+))
+
+#: The branch prefix of our keep-alive OPTIONS: their answers are recognized by it.
+PING_BRANCH = "z9hG4bK-nat."
+
+
+@lru_cache(maxsize=4096)
+def is_private(host: str) -> bool:
+    """Is ``host`` an address that cannot be reached from the public Internet (RFC 1918,
+    RFC 6598, DS-Lite, ULA, link-local)?  Names and loopback are not."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]").partition("%")[0])
+    except ValueError:
+        return False
+    return any(ip in net for net in _PRIVATE if net.version == ip.version)
+
+
+def _host(host: str) -> str:
+    return host.strip("[]").lower()
+
+
+def request_behind_nat(request: Request, source: Address) -> bool:
+    """Did ``request`` come from behind a NAT?  Its top Via's sent-by is not the source
+    address (host, or port over UDP -- rport says where the answer really goes), or its Contact
+    is private while the source is not."""
+    via = request.top_via
+    if via is not None:
+        if _host(via.host) != _host(source.host):
+            return True
+        if source.transport == "UDP":
+            port = via.port or DEFAULT_PORTS.get(via.transport, 5060)
+            if port != source.port:
+                return True
+    return _private_contact(request, source)
+
+
+def contact_behind_nat(message: Message, peer: Address) -> bool:
+    """Is the Contact of ``message`` (a response from ``peer``, or a request) not where the
+    message came from -- another host, or over UDP another port -- or private while the peer
+    is not?"""
+    uri = _contact_uri(message)
+    if uri is None or not uri.is_sip:
+        return False
+    if uri.maddr:
+        return False
+    if _host(uri.host) != _host(peer.host):
+        return True
+    if peer.transport == "UDP":
+        port = uri.port or DEFAULT_PORTS.get("UDP", 5060)
+        return port != peer.port
+    return False
+
+
+def _private_contact(message: Message, source: Address) -> bool:
+    uri = _contact_uri(message)
+    return (uri is not None and uri.is_sip and is_private(uri.host)
+            and not is_private(source.host) and _host(uri.host) != _host(source.host))
+
+
+def _contact_uri(message: Message) -> URI | None:
+    try:
+        contacts = message.contact
+    except ValueError:
+        return None
+    if len(contacts) != 1 or contacts[0].wildcard:
+        return None
+    try:
+        return contacts[0].uri
+    except ValueError:
+        return None
+
+
+def add_alias(message: Message, flow: Address) -> bool:
+    """Add ``;alias=HOST~PORT~PROTO`` for ``flow`` to the one Contact of ``message`` (a copy
+    being forwarded, or a response on its way upstream).  Returns False when there is no single
+    SIP Contact to mark or it already carries an alias."""
+    uri = _contact_uri(message)
+    if uri is None or not uri.is_sip or ALIAS in {k.lower() for k in uri.params}:
+        return False
+    contact = message.contact[0]
+    host = f"[{flow.host}]" if ":" in flow.host else flow.host
+    alias = f"{host}~{flow.port}~{_PROTO_NUMBER.get(flow.transport, '1')}"
+    display = contact.display_name
+    text = f"<{uri};{ALIAS}={alias}>"
+    if display:
+        text = f"{display} {text}"
+    params = "".join(f";{k}" if v is None else f";{k}={v}" for k, v in contact.params.items())
+    message.set_header("Contact", text + params)
+    return True
+
+
+def pop_alias(request: Request) -> Address | None:
+    """If the Request-URI carries our ``alias``, remove it and return the flow it names (the
+    address to send the request to); else None.  A malformed alias is removed and ignored."""
+    uri = request.uri
+    value = None
+    for name, v in uri.params.items():
+        if name.lower() == ALIAS:
+            value = v
+            break
+    else:
+        return None
+    text = str(uri)
+    # Rebuild the URI without the parameter (URI params are ;name=value up to '?' or the end).
+    head, sep, headers = text.partition("?")
+    kept = [p for p in head.split(";")[1:] if p.split("=", 1)[0].lower() != ALIAS]
+    request.uri = ";".join([head.split(";", 1)[0], *kept]) + (sep + headers if sep else "")
+    if not value:
+        return None
+    parts = value.split("~")
+    if len(parts) != 3:
+        return None
+    host, port_text, proto = parts
+    transport = _PROTO_NAME.get(proto)
+    if transport is None or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        return None
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return Address(transport, host, int(port_text))
+
+
+def binding_flow(binding: Binding) -> Address | None:
+    """Where a binding is reached when not at its Contact: the flow its REGISTER came over
+    (address, and for UDP the id of our socket it arrived on) for a client behind NAT, an
+    RFC 5626 outbound client, or any TCP/TLS client (it cannot accept connections: its
+    Contact port is not listening).  None: reach it at its Contact (or its Path)."""
+    source = binding.source
+    if not source or binding.path:
+        return None
+    addr = parse_address(source)
+    if addr is None:
+        return None
+    if addr.reliable:
+        return addr
+    if not binding.flow:
+        return None
+    return Address(addr.transport, addr.host, addr.port, binding.socket)
+
+
+def parse_address(text: str) -> Address | None:
+    """``"tcp:198.51.100.7:5060"`` / ``"udp:[2001:db8::1]:5060"`` (``str(Address)``) back to
+    an Address; None for anything else."""
+    try:
+        transport, rest = text.split(":", 1)
+        host, port = rest.rsplit(":", 1)
+        return Address(transport.upper(), host.strip("[]"), int(port))
+    except ValueError:
+        return None
+
+
+# -- keep-alives ------------------------------------------------------------------------------
+
+
+class NatKeeper:
+    """Pings every flow binding every ``interval`` seconds and removes the ones whose flow
+    stops answering.
+
+    ``method``: ``"OPTIONS"`` (answered by any SIP UA; the answer proves the flow alive) or
+    ``"CRLF"`` (RFC 5626's keep-alive over UDP and TCP: keeps the pinhole and the connection
+    open, but nothing comes back, so no binding is ever removed for silence).  Pings are sent
+    statelessly, one datagram each; a binding is removed after ``max_failures`` unanswered
+    pings in a row (OPTIONS only).  ``now``: wall-clock seconds (the store's clock).
+
+    Wire it to a :class:`~fastsip.proxy.Proxy` with :meth:`attach` (the proxy hands answers
+    to our pings to :meth:`on_response`); the pings run on the proxy's timer wheel.
+    """
+
+    def __init__(self, store: LocationStore, now: Callable[[], float], *,
+                 interval: float = 30.0, max_failures: int = 3, method: str = "OPTIONS") -> None:
+        method = method.upper()
+        if method not in ("OPTIONS", "CRLF"):
+            raise ValueError(f"keep-alive method must be OPTIONS or CRLF, not {method!r}")
+        self.store = store
+        self.interval = interval
+        self.max_failures = max_failures
+        self.method = method
+        self._now = now
+        self._proxy: Any = None
+        self._timer: Any = None
+        self._queue: list[str] = []                       # AORs left in this round
+        self._live: set[tuple[str, str]] = set()          # bindings pinged this round
+        self._chunk = 0
+        self._round_started = 0.0
+        self._prefix = os.urandom(4).hex()
+        self._counter = itertools.count(1)
+        #: Unanswered pings in a row, by (aor, contact key).
+        self.missed: dict[tuple[str, str], int] = {}
+        #: The ping in flight (branch) per binding.
+        self._pending: dict[str, tuple[str, str]] = {}
+        #: Pings sent, answers received, bindings removed (logs, metrics).
+        self.sent = 0
+        self.answered = 0
+        self.removed = 0
+
+    def attach(self, proxy: Any) -> None:
+        """Start pinging through ``proxy`` (its transport, local addresses and wheel)."""
+        self._proxy = proxy
+        proxy.nat_keeper = self
+        if self.interval > 0 and self._timer is None:
+            self._round_started = proxy.clock.time()
+            self._timer = proxy.clock.call_later(self.interval, self._tick)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _tick(self) -> None:
+        """A round is spread over the interval in up to 30 slices (one a second at the
+        default): each slice looks up and pings its share of the AORs, so 10,000 flows cost
+        ~330 datagrams and a few milliseconds a second, not one burst that stalls the loop
+        and the network every 30 s."""
+        self._timer = None
+        proxy = self._proxy
+        if proxy is None or self.interval <= 0:
+            return
+        clock = proxy.clock
+        slices = max(1, min(int(self.interval), 30))
+        try:
+            if not self._queue:
+                self._round_started = clock.time()
+                self._queue = self._start_round()
+                self._chunk = -(-len(self._queue) // slices)
+            batch = self._queue[-self._chunk:] if self._chunk else []
+            del self._queue[len(self._queue) - len(batch):]
+            self._visit(batch)
+        except Exception:  # a store error must not stop the keep-alives for good
+            log.exception("NAT keep-alive round failed")
+            self._queue = []
+        if self._queue:
+            delay = self.interval / slices
+        else:
+            delay = max(0.01, self._round_started + self.interval - clock.time())
+        self._timer = clock.call_later(delay, self._tick)
+
+    def ping_all(self) -> int:
+        """One whole round at once: count the pings still unanswered, remove dead flows,
+        ping the rest.  Returns how many were sent."""
+        before = self.sent
+        self._visit(self._start_round())
+        return self.sent - before
+
+    def _start_round(self) -> list[str]:
+        """Count the last round's unanswered pings, forget the counters of bindings no longer
+        pinged, and return this round's AORs (popped from the end)."""
+        for key in self._pending.values():
+            self.missed[key] = self.missed.get(key, 0) + 1
+        self._pending.clear()
+        live, self._live = self._live, set()
+        for key in [k for k in self.missed if k not in live]:
+            del self.missed[key]
+        aors = self.store.aors()
+        aors.reverse()
+        return aors
+
+    def _visit(self, aors: list[str]) -> None:
+        """Ping the flow bindings of ``aors``; remove those whose flow is dead."""
+        now = self._now()
+        for aor in aors:
+            for binding in self.store.lookup(aor, now):
+                flow = binding_flow(binding)
+                if flow is None:
+                    continue
+                key = (binding.aor, binding.key)
+                if self.method == "OPTIONS" and self.missed.get(key, 0) >= self.max_failures:
+                    self._remove(binding, flow)
+                    continue
+                self._live.add(key)
+                self._ping(binding, flow, key)
+
+    def _remove(self, binding: Binding, flow: Address) -> None:
+        key = (binding.aor, binding.key)
+        self.missed.pop(key, None)
+        try:
+            self.store.remove(binding.aor, binding.contact)
+        except Exception:
+            log.exception("%s: cannot remove the binding of a dead flow", binding.aor)
+            return
+        self.removed += 1
+        log.info("%s: removed binding %s: its flow %s left %d keep-alives unanswered",
+                 binding.aor, binding.contact, flow, self.max_failures)
+
+    def _ping(self, binding: Binding, flow: Address, key: tuple[str, str]) -> None:
+        proxy = self._proxy
+        if self.method == "CRLF":
+            proxy.transport.send(b"\r\n\r\n", flow)
+            self.sent += 1
+            return
+        branch = f"{PING_BRANCH}{self._prefix}{next(self._counter):x}"
+        local = proxy.local_for(flow)
+        host = f"[{local.host}]" if ":" in local.host else local.host
+        text = (f"OPTIONS {binding.contact} SIP/2.0\r\n"
+                f"Via: SIP/2.0/{flow.transport} {host}:{local.port};branch={branch}\r\n"
+                "Max-Forwards: 1\r\n"
+                f"From: <sip:keepalive@{host}>;tag={branch[len(PING_BRANCH):]}\r\n"
+                f"To: <{binding.contact}>\r\n"
+                f"Call-ID: {branch}@{host}\r\n"
+                "CSeq: 1 OPTIONS\r\n"
+                "Content-Length: 0\r\n\r\n")
+        self._pending[branch] = key
+        proxy.transport.send(text.encode(), flow)
+        self.sent += 1
+
+    def on_response(self, response: Response) -> bool:
+        """An answer with one of our ping branches: the flow is alive.  Returns True when the
+        response was ours (the proxy then drops it)."""
+        via = response.top_via
+        branch = via.branch if via is not None else None
+        if not branch or not branch.startswith(PING_BRANCH):
+            return False
+        key = self._pending.pop(branch, None)
+        if key is not None:
+            self.answered += 1
+            self.missed.pop(key, None)
+        return True
