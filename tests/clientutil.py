@@ -5,8 +5,6 @@ does not stop when asked is killed."""
 from __future__ import annotations
 
 import contextlib
-import datetime
-import ipaddress
 import json
 import queue
 import re
@@ -326,83 +324,3 @@ def pjsip_messages(log: str, direction: str, what: str) -> list[SipMessage]:
     ``what`` (``"BYE"``, ``"200/BYE"``)."""
     return [SipMessage(m["dir"], m["what"], m["transport"], m["peer"], m["text"])
             for m in _PJSIP_MSG.finditer(log) if m["dir"] == direction and m["what"] == what]
-
-
-# -- a throwaway certificate authority -----------------------------------------------------------
-
-
-class TestCA:
-    """A CA made for one test, and the certificates it issues (PEM files in ``directory``),
-    with ``cryptography``: the TLS peers trust ``ca_file`` and nothing else."""
-
-    __test__ = False    # not a test class, whatever pytest thinks of the name
-
-    def __init__(self, directory: Path) -> None:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-        self._key = ec.generate_private_key(ec.SECP256R1())
-        self._name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fastsip test CA")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        self._cert = (
-            x509.CertificateBuilder()
-            .subject_name(self._name).issuer_name(self._name)
-            .public_key(self._key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True,
-                content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-            .sign(self._key, hashes.SHA256()))
-        self.ca_file = directory / "ca.pem"
-        self.ca_file.write_bytes(self._pem(self._cert))
-
-    @staticmethod
-    def _pem(cert: Any) -> bytes:
-        from cryptography.hazmat.primitives import serialization
-
-        return bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-    def issue(self, name: str, *addresses: str) -> tuple[Path, Path]:
-        """A certificate for ``addresses`` (IP addresses or DNS names, in its subjectAltName)
-        signed by this CA; returns the (certificate, key) files ``NAME.pem``, ``NAME.key``."""
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-        key = ec.generate_private_key(ec.SECP256R1())
-        alt: list[x509.GeneralName] = []
-        for a in addresses:
-            try:
-                alt.append(x509.IPAddress(ipaddress.ip_address(a)))
-            except ValueError:
-                alt.append(x509.DNSName(a))
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(self._name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False)
-            .sign(self._key, hashes.SHA256()))
-        cert_file, key_file = self.directory / f"{name}.pem", self.directory / f"{name}.key"
-        cert_file.write_bytes(self._pem(cert))
-        key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                               serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-        return cert_file, key_file
