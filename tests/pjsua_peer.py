@@ -152,9 +152,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--verify-server", action="store_true")
     p.add_argument("--answer", type=lambda s: [int(c) for c in s.split(",") if c], default=[],
                    help="answer an incoming call at once with these codes, e.g. 180,200")
-    p.add_argument("--no-contact-rewrite", action="store_true",
-                   help="keep the Contact when the registrar's Via says received/rport differ "
-                   "(PJSIP's rewrite asserts on TCP over IPv6 in the PyPI wheel)")
+    p.add_argument("--no-nat-rewrite", action="store_true",
+                   help="keep Contact and Via when the registrar's Via says received/rport "
+                   "differ (PJSIP's rewrite asserts on TCP over IPv6 in the PyPI wheel; a UA "
+                   "behind a NAT that does not learn its public address)")
+    p.add_argument("--public-address", default="",
+                   help="the address to put in Via, Contact and SDP instead of the bound one "
+                   "(a UA behind NAT that believes it is reached there)")
     p.add_argument("--lifetime", type=float, default=60.0, help="exit after this many seconds")
     p.add_argument("--log", default="", help="PJSIP's log file")
     return p.parse_args(argv)
@@ -180,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     tcfg = pj.TransportConfig()
     tcfg.port = 0
     tcfg.boundAddress = args.bind
+    tcfg.publicAddress = args.public_address
     if args.transport == "tls":
         tls = tcfg.tlsConfig
         tls.CaListFile = args.ca
@@ -205,8 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     # transports but is built without IPv6 media (an account asking for it fails an assertion).
     acfg.mediaConfig.transportConfig.boundAddress = "127.0.0.1"
     acfg.mediaConfig.transportConfig.port = 0
-    if args.no_contact_rewrite:
+    if args.no_nat_rewrite:
         acfg.natConfig.contactRewriteUse = 0
+        acfg.natConfig.viaRewriteUse = 0
+        acfg.natConfig.sdpNatRewriteUse = 0
     account = Account(peer)
     peer.account = account
     account.create(acfg)

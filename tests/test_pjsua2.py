@@ -17,6 +17,8 @@ take pytest down; every wait is bounded).  Two accounts, ``alice`` and ``bob`` o
   case, serve verifying the clients'), with the controls that show the verification is real;
 - caller and callee on different transports or address families (IPv6 to IPv4, TLS to UDP,
   IPv4 UDP to IPv6 TCP) through serve listening on both;
+- a client behind a NAT it does not know of (its Contact says 127.0.0.2, it sends from
+  127.0.0.1), called and calling: reached at its source, the in-dialog BYE too;
 - registered the way PJSIP is most often set up, with the server's own address as the
   registrar URI.
 
@@ -91,7 +93,7 @@ class Setup:
         # another port (always over TCP and TLS: the connection's port is not the listener's);
         # over IPv6 that rewrite fails an assertion inside the wheel's PJSIP, which dies.
         if leg.transport != "udp" and ":" in leg.host:
-            extra += ("--no-contact-rewrite",)
+            extra += ("--no-nat-rewrite",)
         return PjsuaPeer(workdir, user, "--user", user, "--domain", DOMAIN,
                          "--transport", leg.transport, "--bind", leg.host,
                          "--proxy", proxy, "--registrar", f"sip:{DOMAIN}",
@@ -199,6 +201,46 @@ def call_answered_and_ended(workdir: Path, setup: Setup, bye_from: str) -> None:
     assert len(vias) == 2 and setup.address(other_leg) in vias[0], byes[0]
     # ... and the hanger had its 200 for the BYE back through serve.
     assert pjsip_messages(hanger.log(), "RX", "200/BYE"), hanger.log()[-3000:]
+
+
+@pytest.mark.parametrize("nated", ["callee", "caller"])
+def test_client_behind_nat_is_reached_at_its_source(workdir: Path, nated: str) -> None:
+    """alice behaves as a phone behind a NAT that does not know it: her Via, Contact and SDP
+    say 127.0.0.2 (where nothing of hers listens) while she sends from 127.0.0.1, and she does
+    not correct them from the registrar's received/rport.  serve must reach her where her
+    requests come from: the INVITE when she is called, and bob's in-dialog BYE either way.
+    (Before issue 10 a UDP binding was reached at its Contact: she was unreachable.)"""
+    setup = Setup()
+    serve = setup.serve(workdir)
+    peers: list[PjsuaPeer] = []
+    try:
+        alice = setup.peer(workdir, "alice", setup.caller, "--public-address", "127.0.0.2",
+                           "--no-nat-rewrite", "--answer", "180,200")
+        bob = setup.peer(workdir, "bob", setup.callee, "--answer", "180,200")
+        peers += [alice, bob]
+        for peer in peers:
+            assert peer.expect(r"^REG code=(\d+)")[1] == "200", (peer.lines, serve.log())
+        caller, callee = (bob, "alice") if nated == "callee" else (alice, "bob")
+        caller.send(f"call sip:{callee}@{DOMAIN}")
+        for peer in peers:
+            peer.expect(r"^CALL state=CONFIRMED code=200")
+        bob.send("hangup")
+        for peer in peers:
+            peer.expect(r"^CALL state=DISCONNECTED")
+    finally:
+        PjsuaPeer.close_all(peers)
+        assert serve.close() == 0, serve.log()
+    # She kept saying 127.0.0.2 ...
+    registers = pjsip_messages(alice.log(), "TX", "REGISTER")
+    assert registers and all("@127.0.0.2:" in m.headers("Contact")[0] for m in registers), (
+        registers)
+    # ... and got every request from serve all the same: the INVITE (when called) and the BYE.
+    wanted = ["INVITE", "BYE"] if nated == "callee" else ["BYE"]
+    for method in wanted:
+        got = pjsip_messages(alice.log(), "RX", method)
+        assert len(got) == 1 and got[0].peer == setup.address(setup.caller), (method, got)
+    assert pjsip_messages(bob.log(), "RX", "200/BYE"), bob.log()[-3000:]
+    assert "method=INVITE status=200 outcome=answered" in serve.log()
 
 
 # -- a call cancelled while ringing, a call refused ------------------------------------------------
