@@ -343,6 +343,10 @@ async def run(args: argparse.Namespace) -> int:
 
         purger = [loop.call_later(PURGE_INTERVAL, purge)]
         _mirror_bans_in_kernel(guard, endpoint.transport, loop)
+        # Which loop runs us matters to throughput (uvloop is a dependency wherever it
+        # builds; --loop asyncio, or a platform without it, gets plain asyncio).
+        log.info("event loop %s (%s)", "uvloop" if type(loop).__module__.startswith("uvloop")
+                 else "asyncio", type(loop).__name__)
         log.info("serving domains=%s db=%s routes=%s auth=%s",
                  ",".join(args.domain or []) or "-", args.db, args.routes or "default",
                  f"realm:{authenticator.realm}" if authenticator is not None else "off")
