@@ -52,6 +52,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fastsip.app.logqueue import DEFAULT_MAX_QUEUED, direct_emitter, dropped_lines
+
 if TYPE_CHECKING:
     import ssl
 
@@ -106,6 +108,11 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+#: The per-request line; its arguments are all immutable (str, int, float), as the log
+#: writer thread formats it later.
+_REQUEST_LINE = "request method=%s status=%d outcome=%s duration_ms=%.1f %s"
+
+
 class _Pending:
     """An initial request whose final response has not gone upstream yet."""
 
@@ -134,6 +141,8 @@ class ServeRouter:
         self.wants_responses = bool(getattr(inner, "wants_responses", False))
         self.pending: dict[int, _Pending] = {}
         self._track = log.isEnabledFor(logging.INFO)
+        #: Under ``fastsip serve`` the line is queued as a tuple for the log writer thread.
+        self._emit = direct_emitter(log, logging.INFO)
         #: Counts by outcome word, for the summary at stop.
         self.outcomes: dict[str, int] = {}
 
@@ -192,8 +201,11 @@ class ServeRouter:
     def _log(self, method: str, fields: str, started: float, status: int,
              cancelled: bool = False) -> None:
         outcome = self._count(method, status, cancelled)
-        log.info("request method=%s status=%d outcome=%s duration_ms=%.1f %s", method, status,
-                 outcome, (self.clock() - started) * 1000.0, fields)
+        args = (method, status, outcome, (self.clock() - started) * 1000.0, fields)
+        if self._emit is not None:   # straight onto the writer's queue: no LogRecord
+            self._emit(_REQUEST_LINE, args)
+        else:
+            log.info(_REQUEST_LINE, *args)
 
     def flush(self) -> None:
         """At stop: log what never got a final response."""
@@ -376,7 +388,9 @@ async def run(args: argparse.Namespace) -> int:
             serve_router.flush()
             await endpoint.close()
         summary = " ".join(f"{k}={v}" for k, v in sorted(serve_router.outcomes.items()))
-        log.info("stopped %s", summary or "(no requests)")
+        if dropped_lines():  # (the writer's own WARNING at exit has the final count)
+            summary += f" log_lines_dropped={dropped_lines()}"
+        log.info("stopped %s", summary.strip() or "(no requests)")
         stats = endpoint.transport.stats
         log.info("edge banned=%d dropped=%d failed_logins=%d overload_503=%d "
                  "connections_refused=%d closed_idle=%d closed_slow=%d",
@@ -689,6 +703,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--t1", type=float, default=0.5, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log detail on stderr (default info: one line per initial request)")
+    p.add_argument("--log-queue", type=_positive_int, default=DEFAULT_MAX_QUEUED, metavar="N",
+                   help="log lines waiting for the writer thread at most; more are dropped and "
+                        "counted (a stalled stderr must not stall serving; default 100000)")
     p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
                    help="event loop: uvloop when installed (auto), or plain asyncio")
     p.set_defaults(func=run)
