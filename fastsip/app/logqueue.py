@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 __all__ = ["DEFAULT_MAX_QUEUED", "FORMAT", "LineFormatter", "QueueLogHandler",
-           "direct_emitter", "dropped_lines", "install", "stop"]
+           "direct_emitter", "dropped_lines", "flush", "install", "stop"]
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Lines waiting for the writer at most (about 30 MB of queued requests' lines): a minute and
@@ -284,6 +284,12 @@ def stop() -> None:
     """Write every queued line and end the writers :func:`install` started."""
     for handler in _installed:
         handler.close()
+
+
+def flush() -> None:
+    """Wait until the lines queued so far are written (before printing to the same stream)."""
+    for handler in _installed:
+        handler.flush()
 
 
 def dropped_lines() -> int:

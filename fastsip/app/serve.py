@@ -23,7 +23,12 @@ response has gone upstream, as ``key=value`` fields a log shipper can split::
 ``challenged`` (401/407), ``cancelled`` (the caller's CANCEL ended it), ``unanswered`` (408/480:
 nobody answered, ``--ring-timeout`` ran out), ``unavailable`` (503), ``rejected`` (any other
 failure) and, at stop, ``abandoned`` (no final response yet).  The stop summary counts them.
-Below INFO nothing is tracked per request, so a quiet server pays nothing for it.
+Below INFO nothing is tracked per request, so a quiet server pays nothing for it.  At INFO
+the line costs the event loop a tuple put on a queue (~0.7 µs): a writer thread
+(:mod:`fastsip.app.logqueue`) formats and writes, in batches while lines come fast.  Every
+queued line is written before the process exits after SIGTERM; if stderr stalls, lines past
+``--log-queue`` (100000) are dropped, counted in a WARNING and in the ``stopped`` line
+(``log_lines_dropped=N``), and serving goes on.  ``benchmarks/bench_logging.py`` measures it.
 
 Exit status: 0 after a clean stop; 1 when a listen address cannot be bound (in use, not an
 address of this host: the command line is right, the system refused); 2 for bad options, a
@@ -52,6 +57,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fastsip.app import logqueue
 from fastsip.app.logqueue import DEFAULT_MAX_QUEUED, direct_emitter, dropped_lines
 
 if TYPE_CHECKING:
@@ -219,6 +225,13 @@ class ServeRouter:
 # -- the server --------------------------------------------------------------------------------
 
 
+def _fail(message: str) -> None:
+    """The one line saying why we cannot start, on stderr after the log lines before it (the
+    log writer thread writes to the same stream: one print must not land inside its line)."""
+    logqueue.flush()
+    print(f"fastsip serve: {message}", file=sys.stderr, flush=True)
+
+
 def _default_realm(args: argparse.Namespace) -> str:
     if args.realm:
         return str(args.realm)
@@ -243,19 +256,19 @@ async def run(args: argparse.Namespace) -> int:
     args.listen = listen
     problem = _check_operator_options(args)
     if problem:
-        print(f"fastsip serve: {problem}", file=sys.stderr)
+        _fail(problem)
         return EXIT_USAGE
     try:
         routes = load_routes(args.routes) if args.routes else None
     except Exception as exc:  # noqa: BLE001 - any error in the user's module: refuse to start
-        print(f"fastsip serve: {_routes_error(args.routes, exc)}", file=sys.stderr)
+        _fail(_routes_error(args.routes, exc))
         return EXIT_USAGE
     from fastsip.proxy.edge import SourceGuard, TrustedNetworks
 
     try:
         trusted = TrustedNetworks(args.trusted or ())
     except ValueError as exc:
-        print(f"fastsip serve: --trusted: {exc}", file=sys.stderr)
+        _fail(f"--trusted: {exc}")
         return EXIT_USAGE
     guard = SourceGuard(
         rate=args.rate_limit,
@@ -277,17 +290,17 @@ async def run(args: argparse.Namespace) -> int:
             authenticator = DigestAuthenticator(_default_realm(args), credentials,
                                                 algorithms=algorithms)
         except (OSError, ValueError) as exc:
-            print(f"fastsip serve: --auth-users {args.auth_users}: {exc}", file=sys.stderr)
+            _fail(f"--auth-users {args.auth_users}: {exc}")
             return EXIT_USAGE
     try:
         tls_server, tls_client = _tls_contexts(args, listen)
     except ValueError as exc:
-        print(f"fastsip serve: {exc}", file=sys.stderr)
+        _fail(str(exc))
         return EXIT_USAGE
     try:
         store = open_store(args.db)
     except (OSError, ValueError) as exc:
-        print(f"fastsip serve: --db {args.db}: {exc}", file=sys.stderr)
+        _fail(f"--db {args.db}: {exc}")
         return EXIT_USAGE
 
     loop = asyncio.get_running_loop()
@@ -317,10 +330,10 @@ async def run(args: argparse.Namespace) -> int:
         try:
             await endpoint.start()
         except ListenError as exc:  # "cannot listen on udp:127.0.0.1:5060: Address in use"
-            print(f"fastsip serve: {exc}", file=sys.stderr)
+            _fail(str(exc))
             return EXIT_FAILED
         except (OSError, ValueError, FastSIPError) as exc:
-            print(f"fastsip serve: cannot listen: {exc}", file=sys.stderr)
+            _fail(f"cannot listen: {exc}")
             return EXIT_USAGE
         transactions = endpoint.transactions
         transactions.max_server_transactions = args.max_transactions
@@ -368,6 +381,7 @@ async def run(args: argparse.Namespace) -> int:
                  args.min_expires, args.max_expires, args.default_expires)
         log.info("nat keep_alive=%s", f"{args.nat_ping_method}/{args.nat_ping_interval:g}s,"
                  f"failures={args.nat_ping_failures}" if args.nat_ping_interval > 0 else "off")
+        logqueue.flush()  # the start-up lines are out before we say we are up
         for listener in endpoint.listeners:
             print(f"listening on {listener.address}", flush=True)
         try:
