@@ -433,8 +433,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Lines are queued and written by a thread (the event loop never formats or writes one);
+    # every queued line is out before we return, and at exit.
+    from fastsip.app import logqueue
+
+    logqueue.install(getattr(logging, args.log_level.upper()), sys.stderr,
+                     max_queued=getattr(args, "log_queue", logqueue.DEFAULT_MAX_QUEUED))
+    try:
+        return _main(args)
+    finally:
+        logqueue.stop()
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.command == "answer":
         args.listen = args.listen or ["udp:127.0.0.1:5060"]
         if args.media_address is None:

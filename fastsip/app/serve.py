@@ -23,7 +23,12 @@ response has gone upstream, as ``key=value`` fields a log shipper can split::
 ``challenged`` (401/407), ``cancelled`` (the caller's CANCEL ended it), ``unanswered`` (408/480:
 nobody answered, ``--ring-timeout`` ran out), ``unavailable`` (503), ``rejected`` (any other
 failure) and, at stop, ``abandoned`` (no final response yet).  The stop summary counts them.
-Below INFO nothing is tracked per request, so a quiet server pays nothing for it.
+Below INFO nothing is tracked per request, so a quiet server pays nothing for it.  At INFO
+the line costs the event loop a tuple put on a queue (~0.7 µs): a writer thread
+(:mod:`fastsip.app.logqueue`) formats and writes, in batches while lines come fast.  Every
+queued line is written before the process exits after SIGTERM; if stderr stalls, lines past
+``--log-queue`` (100000) are dropped, counted in a WARNING and in the ``stopped`` line
+(``log_lines_dropped=N``), and serving goes on.  ``benchmarks/bench_logging.py`` measures it.
 
 Exit status: 0 after a clean stop; 1 when a listen address cannot be bound (in use, not an
 address of this host: the command line is right, the system refused); 2 for bad options, a
@@ -51,6 +56,9 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from fastsip.app import logqueue
+from fastsip.app.logqueue import DEFAULT_MAX_QUEUED, direct_emitter, dropped_lines
 
 if TYPE_CHECKING:
     import ssl
@@ -106,6 +114,11 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+#: The per-request line; its arguments are all immutable (str, int, float), as the log
+#: writer thread formats it later.
+_REQUEST_LINE = "request method=%s status=%d outcome=%s duration_ms=%.1f %s"
+
+
 class _Pending:
     """An initial request whose final response has not gone upstream yet."""
 
@@ -134,6 +147,8 @@ class ServeRouter:
         self.wants_responses = bool(getattr(inner, "wants_responses", False))
         self.pending: dict[int, _Pending] = {}
         self._track = log.isEnabledFor(logging.INFO)
+        #: Under ``fastsip serve`` the line is queued as a tuple for the log writer thread.
+        self._emit = direct_emitter(log, logging.INFO)
         #: Counts by outcome word, for the summary at stop.
         self.outcomes: dict[str, int] = {}
 
@@ -192,8 +207,11 @@ class ServeRouter:
     def _log(self, method: str, fields: str, started: float, status: int,
              cancelled: bool = False) -> None:
         outcome = self._count(method, status, cancelled)
-        log.info("request method=%s status=%d outcome=%s duration_ms=%.1f %s", method, status,
-                 outcome, (self.clock() - started) * 1000.0, fields)
+        args = (method, status, outcome, (self.clock() - started) * 1000.0, fields)
+        if self._emit is not None:   # straight onto the writer's queue: no LogRecord
+            self._emit(_REQUEST_LINE, args)
+        else:
+            log.info(_REQUEST_LINE, *args)
 
     def flush(self) -> None:
         """At stop: log what never got a final response."""
@@ -205,6 +223,13 @@ class ServeRouter:
 
 
 # -- the server --------------------------------------------------------------------------------
+
+
+def _fail(message: str) -> None:
+    """The one line saying why we cannot start, on stderr after the log lines before it (the
+    log writer thread writes to the same stream: one print must not land inside its line)."""
+    logqueue.flush()
+    print(f"fastsip serve: {message}", file=sys.stderr, flush=True)
 
 
 def _default_realm(args: argparse.Namespace) -> str:
@@ -231,19 +256,19 @@ async def run(args: argparse.Namespace) -> int:
     args.listen = listen
     problem = _check_operator_options(args)
     if problem:
-        print(f"fastsip serve: {problem}", file=sys.stderr)
+        _fail(problem)
         return EXIT_USAGE
     try:
         routes = load_routes(args.routes) if args.routes else None
     except Exception as exc:  # noqa: BLE001 - any error in the user's module: refuse to start
-        print(f"fastsip serve: {_routes_error(args.routes, exc)}", file=sys.stderr)
+        _fail(_routes_error(args.routes, exc))
         return EXIT_USAGE
     from fastsip.proxy.edge import SourceGuard, TrustedNetworks
 
     try:
         trusted = TrustedNetworks(args.trusted or ())
     except ValueError as exc:
-        print(f"fastsip serve: --trusted: {exc}", file=sys.stderr)
+        _fail(f"--trusted: {exc}")
         return EXIT_USAGE
     guard = SourceGuard(
         rate=args.rate_limit,
@@ -265,17 +290,17 @@ async def run(args: argparse.Namespace) -> int:
             authenticator = DigestAuthenticator(_default_realm(args), credentials,
                                                 algorithms=algorithms)
         except (OSError, ValueError) as exc:
-            print(f"fastsip serve: --auth-users {args.auth_users}: {exc}", file=sys.stderr)
+            _fail(f"--auth-users {args.auth_users}: {exc}")
             return EXIT_USAGE
     try:
         tls_server, tls_client = _tls_contexts(args, listen)
     except ValueError as exc:
-        print(f"fastsip serve: {exc}", file=sys.stderr)
+        _fail(str(exc))
         return EXIT_USAGE
     try:
         store = open_store(args.db)
     except (OSError, ValueError) as exc:
-        print(f"fastsip serve: --db {args.db}: {exc}", file=sys.stderr)
+        _fail(f"--db {args.db}: {exc}")
         return EXIT_USAGE
 
     loop = asyncio.get_running_loop()
@@ -305,10 +330,10 @@ async def run(args: argparse.Namespace) -> int:
         try:
             await endpoint.start()
         except ListenError as exc:  # "cannot listen on udp:127.0.0.1:5060: Address in use"
-            print(f"fastsip serve: {exc}", file=sys.stderr)
+            _fail(str(exc))
             return EXIT_FAILED
         except (OSError, ValueError, FastSIPError) as exc:
-            print(f"fastsip serve: cannot listen: {exc}", file=sys.stderr)
+            _fail(f"cannot listen: {exc}")
             return EXIT_USAGE
         transactions = endpoint.transactions
         transactions.max_server_transactions = args.max_transactions
@@ -360,6 +385,7 @@ async def run(args: argparse.Namespace) -> int:
                  args.min_expires, args.max_expires, args.default_expires)
         log.info("nat keep_alive=%s", f"{args.nat_ping_method}/{args.nat_ping_interval:g}s,"
                  f"failures={args.nat_ping_failures}" if args.nat_ping_interval > 0 else "off")
+        logqueue.flush()  # the start-up lines are out before we say we are up
         for listener in endpoint.listeners:
             print(f"listening on {listener.address}", flush=True)
         try:
@@ -380,7 +406,9 @@ async def run(args: argparse.Namespace) -> int:
             serve_router.flush()
             await endpoint.close()
         summary = " ".join(f"{k}={v}" for k, v in sorted(serve_router.outcomes.items()))
-        log.info("stopped %s", summary or "(no requests)")
+        if dropped_lines():  # (the writer's own WARNING at exit has the final count)
+            summary += f" log_lines_dropped={dropped_lines()}"
+        log.info("stopped %s", summary.strip() or "(no requests)")
         stats = endpoint.transport.stats
         log.info("edge banned=%d dropped=%d failed_logins=%d overload_503=%d "
                  "connections_refused=%d closed_idle=%d closed_slow=%d",
@@ -693,6 +721,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--t1", type=float, default=0.5, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log detail on stderr (default info: one line per initial request)")
+    p.add_argument("--log-queue", type=_positive_int, default=DEFAULT_MAX_QUEUED, metavar="N",
+                   help="log lines waiting for the writer thread at most; more are dropped and "
+                        "counted (a stalled stderr must not stall serving; default 100000)")
     p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
                    help="event loop: uvloop when installed (auto), or plain asyncio")
     p.set_defaults(func=run)
