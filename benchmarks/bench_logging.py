@@ -34,7 +34,6 @@ import contextlib
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchproc import fastsip_env, free_port
+from benchproc import fastsip_env
 
 from fastsip.app import logqueue
 
@@ -214,56 +213,16 @@ def _cpu(pid: int) -> tuple[float, float, float]:
     return user / tick, system / tick, others / tick
 
 
-def _serve_argv(workdir: Path, level: str) -> list[str]:
-    from bench_proxy import ROUTES
-
-    routes = workdir / "bench_routes.py"
-    routes.write_text(ROUTES)
-    return [sys.executable, "-m", "fastsip.cli", "serve", "--listen", f"udp:{HOST}:{{port}}",
-            "--routes", str(routes), "--domain", DOMAIN, "--db", "memory:",
-            "--trusted", HOST, "--log-level", level]
-
-
 def measure_serve(level: str, calls: int, rate: int, workdir: Path, name: str
                   ) -> tuple[float, float, int, int, float]:
-    """serve at ``level`` under bench_proxy's load: (user s, system s, calls ok, log lines,
-    CPU s of the log writer thread)."""
-    from bench_proxy import USER, WARMUP_CALLS, _sipp, _stop, _wait_udp_answers, successful
+    """serve at ``level`` under bench_proxy's load (its ``measure``): (user s, system s,
+    calls ok, log lines, CPU s of the log writer thread)."""
+    from bench_proxy import fastsip_argv, measure
 
-    port, uas_port = free_port(), free_port()
-    cmd = [a.replace("{port}", str(port)) for a in _serve_argv(workdir, level)]
-    log_path = workdir / f"{name}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=workdir, env=fastsip_env(), stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        uas = None
-        try:
-            _wait_udp_answers(port)
-            total = WARMUP_CALLS + calls
-            uas = _sipp("uas_rr.xml", "-p", str(uas_port), "-m", str(total), workdir=workdir,
-                        name=f"{name}_uas", timeout=total / rate + 120, background=True)
-            reg = _sipp("register.xml", f"{HOST}:{port}", "-p", str(free_port()), "-m", "1",
-                        "-s", USER, "-key", "domain", DOMAIN, "-key", "contact_host", HOST,
-                        "-key", "contact_port", str(uas_port), "-key", "expires", "3600",
-                        workdir=workdir, name=f"{name}_register", timeout=10)
-            assert reg.returncode == 0, f"{name}: REGISTER failed (see {log_path})"
-            uac = ["-s", USER, "-key", "domain", DOMAIN, "-key", "caller", "caller",
-                   "-r", str(rate)]
-            _sipp("uac_rr.xml", f"{HOST}:{port}", "-p", str(free_port()), "-m",
-                  str(WARMUP_CALLS), *uac, workdir=workdir, name=f"{name}_warmup",
-                  timeout=WARMUP_CALLS / rate + 30)
-            time.sleep(0.5)
-            user0, sys0, other0 = _cpu(proc.pid)
-            _sipp("uac_rr.xml", f"{HOST}:{port}", "-p", str(free_port()), "-m", str(calls),
-                  *uac, workdir=workdir, name=name, timeout=calls / rate + 60)
-            user1, sys1, other1 = _cpu(proc.pid)
-            ok = successful(workdir, name)
-        finally:
-            if uas is not None:
-                _stop(uas)
-            _stop(proc)
-    lines = log_path.read_text(errors="replace").count("request method=")
-    return user1 - user0, sys1 - sys0, ok, lines, other1 - other0
+    (user, system, writer), ok, _ = measure(fastsip_argv(workdir, level), fastsip_env(), calls,
+                                            rate, workdir, name, cpu=_cpu)
+    lines = (workdir / f"{name}.log").read_text(errors="replace").count("request method=")
+    return user, system, ok, lines, writer
 
 
 def compare_levels(calls: int = CALLS, rate: int = RATE, rounds: int = ROUNDS

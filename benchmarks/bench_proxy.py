@@ -49,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -203,9 +203,14 @@ def _wait_udp_answers(port: int, timeout: float = 15.0) -> None:
 
 
 def measure(argv: Sequence[str], env: dict[str, str] | None, calls: int, rate: int,
-            workdir: Path, name: str) -> tuple[tuple[float, float, float], int, int]:
-    """Start a proxy (``{port}`` in argv), register the UAS, warm up, then the measured load:
-    ((CPU, user, system seconds), successful calls, successful warm-up calls)."""
+            workdir: Path, name: str,
+            cpu: Callable[[int], tuple[float, ...]] | None = None,
+            ) -> tuple[tuple[float, ...], int, int]:
+    """Start a proxy (``{port}`` in argv; its output goes to ``NAME.log``), register the UAS,
+    warm up, then the measured load: (what ``cpu(pid)`` counted during it -- by default
+    :func:`cpu_seconds`'s (CPU, user, system seconds) --, successful calls, successful
+    warm-up calls)."""
+    read_cpu = cpu if cpu is not None else cpu_seconds
     port = free_port()
     uas_port = free_port()
     cmd = [a.replace("{port}", str(port)) for a in argv]
@@ -228,11 +233,11 @@ def measure(argv: Sequence[str], env: dict[str, str] | None, calls: int, rate: i
               *uac, workdir=workdir, name=f"{name}_warmup", timeout=WARMUP_CALLS / rate + 30)
         warm = successful(workdir, f"{name}_warmup")
         time.sleep(0.5)
-        before = cpu_seconds(proc.pid)
+        before = read_cpu(proc.pid)
         _sipp("uac_rr.xml", f"{HOST}:{port}", "-p", str(free_port()), "-m", str(calls), *uac,
               workdir=workdir, name=name, timeout=calls / rate + 60)
-        after = cpu_seconds(proc.pid)
-        spent = (after[0] - before[0], after[1] - before[1], after[2] - before[2])
+        after = read_cpu(proc.pid)
+        spent = tuple(a - b for a, b in zip(after, before))
         return spent, successful(workdir, name), warm
     finally:
         if uas is not None:
@@ -250,7 +255,8 @@ def kamailio_argv(workdir: Path, mem: str = "") -> list[str]:
             "-l", f"udp:{HOST}:{{port}}", "-m", "64", "-M", "8", *extra]
 
 
-def fastsip_argv(workdir: Path, quiet: bool = False) -> list[str]:
+def fastsip_argv(workdir: Path, log_level: str | None = None) -> list[str]:
+    """serve as installed, with its defaults but for ``log_level`` when given."""
     routes = workdir / "bench_routes.py"
     routes.write_text(ROUTES)
     # sipp stands for the SBCs in front of a carrier's core proxy, which its deployment lists
@@ -258,7 +264,7 @@ def fastsip_argv(workdir: Path, quiet: bool = False) -> list[str]:
     # default --rate-limit (100/s) and banned.  Every edge check still runs per message.
     return [sys.executable, "-m", "fastsip.cli", "serve", "--listen", f"udp:{HOST}:{{port}}",
             "--routes", str(routes), "--domain", DOMAIN, "--db", "memory:",
-            "--trusted", HOST, *(["--log-level", "warning"] if quiet else [])]
+            "--trusted", HOST, *(["--log-level", log_level] if log_level else [])]
 
 
 def compare(calls: int = CALLS, rate: int = RATE, quiet: bool = False,
@@ -275,8 +281,8 @@ def compare(calls: int = CALLS, rate: int = RATE, quiet: bool = False,
                     cpu, ok, _ = measure(kamailio_argv(workdir, kamailio_mem), None, calls,
                                          rate, workdir, f"kamailio{i}")
                 else:
-                    cpu, ok, _ = measure(fastsip_argv(workdir, quiet), fastsip_env(), calls,
-                                         rate, workdir, f"fastsip{i}")
+                    cpu, ok, _ = measure(fastsip_argv(workdir, "warning" if quiet else None),
+                                         fastsip_env(), calls, rate, workdir, f"fastsip{i}")
                 runs[name].append((cpu[0], ok, cpu[1], cpu[2]))
     best = {name: min(r, key=lambda x: x[0] / max(x[1], 1)) for name, r in runs.items()}
     per_call = {name: [round(c / max(ok, 1) * 1e6, 1) for c, ok, _, _ in r]
