@@ -170,6 +170,22 @@ def sip_exchange(port: int, message: str, *, want_final: bool = True,
     return lines
 
 
+_COMPACT = {"via": "v", "contact": "m", "call-id": "i", "from": "f", "to": "t",
+            "content-length": "l", "content-type": "c", "supported": "k"}
+
+
+def header_values(message: str, name: str) -> list[str]:
+    """The values of header ``name`` (or its compact form) in a message's text, in order; one
+    per header line (a line with several comma-separated values stays one)."""
+    wanted = {name.lower(), _COMPACT.get(name.lower(), name.lower())}
+    values = []
+    for line in message.split("\r\n\r\n", 1)[0].split("\r\n")[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() in wanted:
+            values.append(value.strip())
+    return values
+
+
 def request(method: str, uri: str, *, call_id: str, headers: Sequence[str] = (),
             omit: Sequence[str] = ()) -> str:
     base = {

@@ -22,7 +22,17 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from netutil import needs_ipv6, needs_loopback_aliases
 from procutil import free_port
-from serveutil import DOMAIN, HOST, SIPP, Serve, finish, register, sipp, successful
+from serveutil import (
+    DOMAIN,
+    HOST,
+    SIPP,
+    Serve,
+    finish,
+    header_values,
+    register,
+    sipp,
+    successful,
+)
 
 pytestmark = pytest.mark.skipif(SIPP is None, reason="sipp is not installed (sip-tester)")
 
@@ -66,11 +76,8 @@ def ask(to: tuple[str, int], uri: str, *, method: str = "OPTIONS", timeout: floa
 
 
 def header(reply: str, name: str) -> str | None:
-    for line in reply.split("\r\n")[1:]:
-        key, _, value = line.partition(":")
-        if key.strip().lower() == name.lower():
-            return value.strip()
-    return None
+    values = header_values(reply, name)
+    return values[0] if values else None
 
 
 def test_each_listener_answers_from_its_own_socket(workdir: Path) -> None:

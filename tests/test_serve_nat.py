@@ -35,6 +35,7 @@ from serveutil import (
     Serve,
     final_status,
     finish,
+    header_values,
     register,
     request,
     run_uac,
@@ -53,40 +54,12 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _headers(text: str) -> list[tuple[str, str]]:
-    out = []
-    for line in text.split("\r\n\r\n", 1)[0].split("\r\n")[1:]:
-        name, _, value = line.partition(":")
-        out.append((name.strip(), value.strip()))
-    return out
-
-
-def _get(text: str, name: str) -> list[str]:
-    compact = {"via": "v", "contact": "m", "call-id": "i", "from": "f", "to": "t"}
-    names = {name.lower(), compact.get(name.lower(), name.lower())}
-    return [v for n, v in _headers(text) if n.lower() in names]
-
-
 def fetch_bindings(port: int, user: str) -> str:
     """A REGISTER without Contact (§10.2.3) from another socket: the 200 lists the bindings."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((HOST, 0))
-        me = s.getsockname()[1]
-        s.settimeout(1.0)
-        text = (f"REGISTER sip:{DOMAIN} SIP/2.0\r\n"
-                f"Via: SIP/2.0/UDP {HOST}:{me};branch=z9hG4bK{uuid.uuid4().hex[:12]}\r\n"
-                f"Max-Forwards: 70\r\nFrom: <sip:{user}@{DOMAIN}>;tag=f{me}\r\n"
-                f"To: <sip:{user}@{DOMAIN}>\r\nCall-ID: {uuid.uuid4().hex}\r\n"
-                "CSeq: 1 REGISTER\r\nContent-Length: 0\r\n\r\n").encode()
-        for _ in range(5):
-            s.sendto(text, (HOST, port))
-            try:
-                reply = s.recv(65535).decode()
-            except OSError:
-                continue
-            assert reply.startswith("SIP/2.0 200 "), reply
-            return " ".join(_get(reply, "Contact"))
-    raise AssertionError("no answer to the binding fetch")
+    [reply] = sip_exchange(port, request("REGISTER", f"sip:{user}@{DOMAIN}",
+                                         call_id=uuid.uuid4().hex), full=True)
+    assert reply.startswith("SIP/2.0 200 "), reply
+    return " ".join(header_values(reply, "Contact"))
 
 
 class NatPhone:
@@ -146,12 +119,12 @@ class NatPhone:
         Record-Route, with our tag and Contact."""
         lines = [f"SIP/2.0 {status} {reason}"]
         for name in ("Via", "Record-Route", "From"):
-            lines += [f"{name}: {v}" for v in _get(req, name)]
-        to = _get(req, "To")[0]
+            lines += [f"{name}: {v}" for v in header_values(req, name)]
+        to = header_values(req, "To")[0]
         if ";tag=" not in to and status > 100:
             to += f";tag={self.tag}"
-        lines += [f"To: {to}", f"Call-ID: {_get(req, 'Call-ID')[0]}",
-                  f"CSeq: {_get(req, 'CSeq')[0]}", f"Contact: {self.contact}"]
+        lines += [f"To: {to}", f"Call-ID: {header_values(req, 'Call-ID')[0]}",
+                  f"CSeq: {header_values(req, 'CSeq')[0]}", f"Contact: {self.contact}"]
         if body:
             lines += ["Content-Type: application/sdp"]
         lines += [f"Content-Length: {len(body)}", "", body]
@@ -247,9 +220,9 @@ def test_phone_behind_nat_calls_out_and_callee_hangs_up(workdir: Path) -> None:
                 ok = got[0]
         assert ok is not None, serve.log()
         # ACK along the route set to the callee's Contact.
-        routes = [r for v in reversed(_get(ok, "Record-Route")) for r in v.split(",")]
-        target = _get(ok, "Contact")[0].strip("<>").split(">")[0]
-        to = _get(ok, "To")[0]
+        routes = [r for v in reversed(header_values(ok, "Record-Route")) for r in v.split(",")]
+        target = header_values(ok, "Contact")[0].strip("<>").split(">")[0]
+        to = header_values(ok, "To")[0]
         phone.send(f"ACK {target} SIP/2.0\r\n"
                    f"Via: {phone.via('ack' + call_id[:8])}\r\n"
                    + "".join(f"Route: {r.strip()}\r\n" for r in routes) +
@@ -312,10 +285,10 @@ def test_outbound_registration(workdir: Path) -> None:
                         f';reg-id=1;+sip.instance="{instance}"'))
         for answer in answers:
             assert answer.startswith("SIP/2.0 200 "), answer
-            assert "outbound" in " ".join(_get(answer, "Require")), answer
-            assert _get(answer, "Flow-Timer") == ["25"], answer
+            assert "outbound" in " ".join(header_values(answer, "Require")), answer
+            assert header_values(answer, "Flow-Timer") == ["25"], answer
         # The second flow replaced the first (same instance, same reg-id).
-        contacts = [c for v in _get(answers[1], "Contact") for c in v.split(",")]
+        contacts = [c for v in header_values(answers[1], "Contact") for c in v.split(",")]
         assert len(contacts) == 1 and ":5997;ob>" in contacts[0], contacts
         assert "reg-id=1" in contacts[0] and instance in contacts[0], contacts
         # A call reaches the device over the second flow, not the first.
