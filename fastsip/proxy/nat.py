@@ -311,13 +311,6 @@ class NatKeeper:
             delay = max(0.01, self._round_started + self.interval - clock.time())
         self._timer = clock.call_later(delay, self._tick)
 
-    def ping_all(self) -> int:
-        """One whole round at once: count the pings still unanswered, remove dead flows,
-        ping the rest.  Returns how many were sent."""
-        before = self.sent
-        self._visit(self._start_round())
-        return self.sent - before
-
     def _start_round(self) -> list[str]:
         """Count the last round's unanswered pings, forget the counters of bindings no longer
         pinged, and return this round's AORs (popped from the end)."""
