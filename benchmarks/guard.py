@@ -39,28 +39,34 @@ def main(argv: list[str] | None = None) -> int:
 
     files = [Path(f).resolve() for f in args.files] or sorted(HERE.glob("bench_*.py"))
     guards = {f: load_guards(f) for f in files}
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "bench.json"
-        cmd = [
-            # -s: the process-CPU benchmarks (bench_answer, bench_proxy) print their ratios
-            sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
-            "--import-mode=importlib", "--rootdir", str(HERE), "-o", "testpaths=",
-            f"--benchmark-json={out}", "--benchmark-disable-gc",
-            *[str(f) for f in files],
-        ]
-        if args.quick:
-            cmd += ["--benchmark-min-rounds=20", "--benchmark-max-time=0.25"]
-        # cwd outside the checkout: `python -m` puts the cwd first on sys.path, and the source
-        # tree's fastsip/ (no compiled modules) would shadow the installed package.
-        rc = subprocess.call(cmd, cwd=tmp)
-        if rc != 0:
-            print(f"guard: benchmark run failed (pytest exit {rc})")
-            return rc
-        # Files with only plain tests (the CPU-per-call benchmarks) leave no timings behind.
-        text = out.read_text() if out.exists() else ""
-        data = json.loads(text) if text.strip() else {}
+    # One pytest process per file: a benchmark must not be measured in a process another one
+    # has left changed (after bench_logging's micro-benchmarks, bench_sip's parse measured
+    # 245 us instead of 155 us in the same process).
+    data: dict[str, list[dict[str, object]]] = {"benchmarks": []}
+    for f in files:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "bench.json"
+            cmd = [
+                # -s: the process-CPU benchmarks (bench_answer, bench_proxy) print their ratios
+                sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+                "--import-mode=importlib", "--rootdir", str(HERE), "-o", "testpaths=",
+                f"--benchmark-json={out}", "--benchmark-disable-gc", str(f),
+            ]
+            if args.quick:
+                cmd += ["--benchmark-min-rounds=20", "--benchmark-max-time=0.25"]
+            # cwd outside the checkout: `python -m` puts the cwd first on sys.path, and the
+            # source tree's fastsip/ (no compiled modules) would shadow the installed package.
+            rc = subprocess.call(cmd, cwd=tmp)
+            if rc != 0:
+                print(f"guard: benchmark run of {f.name} failed (pytest exit {rc})")
+                return rc
+            # Files with only plain tests (the CPU-per-call benchmarks) leave no timings.
+            text = out.read_text() if out.exists() else ""
+            if text.strip():
+                data["benchmarks"].extend(json.loads(text).get("benchmarks", []))
 
-    best = {b["name"]: b["stats"]["min"] for b in data.get("benchmarks", [])}
+    best = {b["name"]: b["stats"]["min"]  # type: ignore[index]
+            for b in data["benchmarks"]}
     failed = 0
     print(f"\n{'guard':58} {'ratio':>9} {'floor':>7}")
     for rows in guards.values():
