@@ -10,6 +10,7 @@ import pytest
 
 import fastsip
 from fastsip import URI, CSeq, Limits, ParseError, message_length, parse
+from fastsip.sip import Request, Response
 
 SDP = (b"v=0\r\no=alice 2890844526 2890844526 IN IP4 192.0.2.101\r\ns=-\r\n"
        b"c=IN IP4 192.0.2.101\r\nt=0 0\r\nm=audio 49172 RTP/AVP 0 8 101\r\n"
@@ -400,3 +401,67 @@ def test_a_to_uri_that_does_not_parse_fails_only_on_uri_edited_or_not(to: bytes)
         answer = request.reply(400, "Bad Request (To)", to_tag="t1")
         assert answer.status_code == 400
         assert to + b";tag=t1\r\n" in bytes(answer)
+
+
+def test_copy_is_independent_and_carries_edits_so_far() -> None:
+    # A proxy forwards a copy of the request on each branch (§16.6 step 1): edits to one
+    # branch's copy must never show in the original or in another branch's copy.
+    req = parse(
+        b"INVITE sip:bob@example.com SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK-a\r\n"
+        b"Route: <sip:p1.example.com;lr>\r\n"
+        b"From: <sip:alice@example.com>;tag=1\r\nTo: <sip:bob@example.com>\r\n"
+        b"Call-ID: c1\r\nCSeq: 1 INVITE\r\nMax-Forwards: 70\r\n"
+        b"Content-Type: application/sdp\r\nContent-Length: 4\r\n\r\nv=0\n"
+    )
+    assert isinstance(req, Request)
+    req.decrement_max_forwards()
+    req.uri = "sip:bob@192.0.2.9:5070"          # an edit made before the copy...
+    first = req.copy()
+    assert bytes(first) == bytes(req)           # ...is in the copy
+    assert first.uri == req.uri and first.method == "INVITE" and first.max_forwards == 69
+    first.pop_route()
+    first.add_via("SIP/2.0/UDP 192.0.2.2:5060;branch=z9hG4bK-b1")
+    first.add_record_route("<sip:192.0.2.2;lr>")
+    second = req.copy()
+    second.uri = "sip:bob@192.0.2.10"
+    second.add_via("SIP/2.0/UDP 192.0.2.2:5060;branch=z9hG4bK-b2")
+    # The original is untouched by either branch.
+    assert req.top_via is not None and req.top_via.branch == "z9hG4bK-a"
+    assert len(req.route) == 1 and not req.record_route and str(req.uri) == "sip:bob@192.0.2.9:5070"
+    assert first.top_via is not None and first.top_via.branch == "z9hG4bK-b1"
+    assert second.top_via is not None and second.top_via.branch == "z9hG4bK-b2"
+    assert not first.route and len(second.route) == 1 and not second.record_route
+    assert str(first.uri) == "sip:bob@192.0.2.9:5070" and str(second.uri) == "sip:bob@192.0.2.10"
+    # Each copy serializes to what parsing it again gives, body included.
+    for msg in (first, second):
+        again = parse(bytes(msg))
+        assert bytes(again) == bytes(msg) and bytes(msg.body) == b"v=0\n"
+        assert [str(v) for v in again.via] == [str(v) for v in msg.via]
+
+
+def test_copy_of_a_response() -> None:
+    resp = parse(b"SIP/2.0 180 Ringing\r\nVia: SIP/2.0/UDP p;branch=z9hG4bK-1\r\n"
+                 b"Via: SIP/2.0/UDP a;branch=z9hG4bK-2\r\nFrom: <sip:a@x>;tag=1\r\n"
+                 b"To: <sip:b@x>;tag=2\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n"
+                 b"Content-Length: 0\r\n\r\n")
+    assert isinstance(resp, Response)
+    copy = resp.copy()
+    copy.pop_via()
+    assert copy.status_code == 180 and copy.reason == "Ringing" and len(copy.via) == 1
+    assert len(resp.via) == 2 and bytes(resp).count(b"Via:") == 2
+
+
+def test_headers_count_counts_lines_not_values() -> None:
+    msg = parse(b"OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP a;branch=z9hG4bK-1, "
+                b"SIP/2.0/UDP b;branch=z9hG4bK-2\r\nv: SIP/2.0/UDP c;branch=z9hG4bK-3\r\n"
+                b"From: <sip:a@b>;tag=1\r\nTo: <sip:b@b>\r\nCall-ID: x\r\nCSeq: 1 OPTIONS\r\n"
+                b"X-Custom: 1\r\nx-custom: 2\r\nContent-Length: 0\r\n\r\n")
+    assert msg.headers.count("Via") == 2 and msg.headers.count("v") == 2
+    assert msg.headers.count("From") == 1 and msg.headers.count("Route") == 0
+    assert msg.headers.count("X-Custom") == 2 and msg.headers.count("X-Other") == 0
+    msg.pop_via()                                   # the first value of the first line...
+    msg.add_via("SIP/2.0/UDP p;branch=z9hG4bK-9")   # ...and a new line on top
+    assert msg.headers.count("Via") == 3 and len(msg.via) == 3
+    msg.remove_header("Via")
+    assert msg.headers.count("Via") == 0

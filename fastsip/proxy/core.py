@@ -46,7 +46,7 @@ from functools import lru_cache
 from typing import Any, Protocol
 
 from fastsip.proxy.nat import add_alias, contact_behind_nat, pop_alias, request_behind_nat
-from fastsip.sip import URI, Message, Request, Response, parse
+from fastsip.sip import URI, Message, Request, Response
 from fastsip.transaction import (
     ClientTransaction,
     Refusals,
@@ -973,6 +973,7 @@ class Proxy:
         #: Requests refused with 503 because max_pending was reached (logs, metrics).
         self.refusals = Refusals()
         self._layer: TransactionLayer | None = None
+        self._transport_local_for: Callable[[Address], Address] | None = None
         self._live = 0
         self._wants_responses = bool(getattr(router, "wants_responses", False))
         self._wants_final = callable(getattr(router, "on_final", None))
@@ -992,6 +993,8 @@ class Proxy:
         self._layer = layer
         self._sent_by.clear()
         self._hosts = None
+        # Looked up once: our end of every branch and Record-Route comes from it.
+        self._transport_local_for = getattr(layer.transport, "local_for", None)
         attach = getattr(self.router, "attach", None)
         if attach is not None:
             attach(self)
@@ -1230,7 +1233,7 @@ class Proxy:
         ParseError itself (the caller answers 400)."""
         headers = request.headers
         for name in _SINGLE_INSTANCE:
-            if len(headers.getlines(name)) > 1:
+            if headers.count(name) > 1:
                 return (400, f"Bad Request (more than one {name})", [])
         cseq = request.cseq
         frm = request.from_
@@ -1382,9 +1385,9 @@ class Proxy:
         """Our end of a message to ``peer`` (or from it, when ``peer`` is a source naming the
         socket it arrived on): transport, advertised host and port of that listener.  A
         transport without ``local_for`` stands in with its ``sent_by`` for the transport."""
-        local_for = getattr(self.transport, "local_for", None)
+        local_for = self._transport_local_for
         if local_for is not None:
-            return local_for(peer)  # type: ignore[no-any-return]
+            return local_for(peer)
         host, port = self.sent_by(peer.transport)
         return Address(peer.transport, host, port)
 
@@ -1409,7 +1412,7 @@ class Proxy:
 
     def _make_branch(self, ctx: ResponseContext, target: Target) -> Branch:
         original = ctx.request
-        copy: Request = parse(bytes(original))  # type: ignore[assignment]  # §16.6 step 1
+        copy = original.copy()  # §16.6 step 1: a copy per branch, nothing parsed again
         rr = (
             self.record_route
             and original.method in RECORD_ROUTE_METHODS
