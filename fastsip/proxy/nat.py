@@ -215,9 +215,11 @@ def binding_flow(binding: Binding) -> Address | None:
     return Address(addr.transport, addr.host, addr.port, binding.socket)
 
 
+@lru_cache(maxsize=4096)
 def parse_address(text: str) -> Address | None:
     """``"tcp:198.51.100.7:5060"`` / ``"udp:[2001:db8::1]:5060"`` (``str(Address)``) back to
-    an Address; None for anything else."""
+    an Address; None for anything else.  Cached: every call to a registered user reads its
+    binding's source, and an Address is an immutable value."""
     try:
         transport, rest = text.split(":", 1)
         host, port = rest.rsplit(":", 1)
