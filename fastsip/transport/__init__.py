@@ -10,8 +10,7 @@ does with a datagram that arrives (keep-alive, STUN, malformed, the §18 checks)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 __all__ = ["DEFAULT_PORTS", "RELIABLE", "Address", "Transport"]
 
@@ -20,7 +19,6 @@ RELIABLE = frozenset({"TCP", "TLS", "SCTP", "WS", "WSS"})
 DEFAULT_PORTS = {"UDP": 5060, "TCP": 5060, "SCTP": 5060, "TLS": 5061, "WS": 80, "WSS": 443}
 
 
-@dataclass(frozen=True, slots=True)
 class Address:
     """A transport address: ``transport`` ("UDP", "TCP", "TLS", upper case as in Via), ``host``
     (an IP literal without brackets), ``port``, and ``connection``: for stream transports the
@@ -31,12 +29,20 @@ class Address:
     sent to an address with a ``connection`` goes over that connection while it is open
     (§18.2.2), otherwise over a new one to the peer; a datagram leaves from that socket, so
     the peer and any NAT in front of it see the address they sent to (a flow, RFC 5626).
+
+    A value: equal and hashed by its four fields, never changed after it is made (``Final``:
+    the type checker refuses an assignment).  A plain slotted class rather than a frozen
+    dataclass because several are made per message on the relay path, and a frozen
+    dataclass's ``__init__`` (``object.__setattr__`` per field) costs five times as much.
     """
 
-    transport: str
-    host: str
-    port: int
-    connection: int = 0
+    __slots__ = ("connection", "host", "port", "transport")
+
+    def __init__(self, transport: str, host: str, port: int, connection: int = 0) -> None:
+        self.transport: Final = transport
+        self.host: Final = host
+        self.port: Final = port
+        self.connection: Final = connection
 
     @property
     def reliable(self) -> bool:
@@ -46,6 +52,23 @@ class Address:
     def peer(self) -> tuple[str, str, int]:
         """(transport, host, port): the key of a connection table."""
         return (self.transport, self.host, self.port)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not Address:
+            return NotImplemented
+        return (self.port == other.port and self.host == other.host
+                and self.transport == other.transport
+                and self.connection == other.connection)
+
+    def __hash__(self) -> int:
+        return hash((self.transport, self.host, self.port, self.connection))
+
+    def __repr__(self) -> str:
+        return (f"Address(transport={self.transport!r}, host={self.host!r}, "
+                f"port={self.port!r}, connection={self.connection!r})")
+
+    def __reduce__(self) -> tuple[type[Address], tuple[str, str, int, int]]:
+        return (Address, (self.transport, self.host, self.port, self.connection))
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
