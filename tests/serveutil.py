@@ -43,8 +43,10 @@ class Serve:
     count = 0
 
     def __init__(self, workdir: Path, port: int, *extra: str, tcp: bool = False,
-                 listen: Sequence[str] = ()) -> None:
-        """``listen``: the --listen specs, instead of UDP (and with ``tcp``, TCP) on HOST:port."""
+                 listen: Sequence[str] = (), command: Sequence[str] = ()) -> None:
+        """``listen``: the --listen specs, instead of UDP (and with ``tcp``, TCP) on HOST:port.
+        ``command``: another server to run instead (its whole argv), one that prints
+        ``listening on ...`` first on stdout and stops on SIGTERM, as serve does."""
         Serve.count += 1
         self.port = port
         self.log_path = workdir / f"serve-{Serve.count}.log"
@@ -52,6 +54,7 @@ class Serve:
         if not listen:
             listen = [f"udp:{HOST}:{port}", *([f"tcp:{HOST}:{port}"] if tcp else [])]
         self.proc = subprocess.Popen(
+            list(command) or
             [sys.executable, "-m", "fastsip.cli", "serve",
              *(arg for spec in listen for arg in ("--listen", spec)),
              "--domain", DOMAIN, "--grace", "2", *extra],

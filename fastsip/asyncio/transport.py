@@ -53,15 +53,10 @@ from typing import Any, cast
 from fastsip.asyncio import kernelban
 from fastsip.asyncio.netif import interface_addresses, routed_address
 from fastsip.errors import FastSIPError, ParseError
-from fastsip.sip import Limits, Message, Request, message_length, parse
+from fastsip.sip import Limits, Message, Request, Response, message_length, parse
 from fastsip.transport import DEFAULT_PORTS, Address
-from fastsip.transport.rules import (
-    check_sent_by,
-    error_response,
-    stamp_received,
-    strip_brackets,
-)
-from fastsip.transport.stun import binding_response, is_stun
+from fastsip.transport.intake import answer_malformed, deliver_message, receive_datagram
+from fastsip.transport.rules import strip_brackets
 
 __all__ = ["AdmitCallback", "Listener", "TransportLayer", "TransportStats", "parse_listen"]
 
@@ -1143,56 +1138,29 @@ class TransportLayer:
     # -- receiving -------------------------------------------------------------------------
 
     def _receive_datagram(self, data: bytes, host: str, port: int, lid: int = 0) -> None:
-        """One datagram ``admit`` let through on listener ``lid``: a keep-alive, a malformed
-        message, or one to deliver (its source Address names the socket as ``connection``,
-        so whatever answers it leaves from the same socket)."""
-        if len(data) <= 4 and not data.strip():
-            return  # RFC 5626 §4.4.1 STUN-less keep-alive (CRLF) over UDP: nothing to do
-        if is_stun(data):
-            # RFC 5626 §4.4.2: an outbound client's STUN keep-alive on the SIP port.  Never
-            # SIP; anything but a well-formed Binding request is dropped unanswered.
-            answer = binding_response(data, host, port)
-            if answer is not None:
-                self.send(answer, Address("UDP", host, port, lid))
-            return
-        try:
-            msg = parse(data, self.limits)
-        except ParseError as exc:
-            log.debug("malformed datagram from %s:%s: %s", host, port, exc)
-            self._answer_malformed(data, exc, Address("UDP", host, port, lid))
-            return
-        self._deliver(msg, Address("UDP", host, port, lid))
+        """One datagram ``admit`` let through on listener ``lid``, to the sans-IO intake
+        (:func:`~fastsip.transport.intake.receive_datagram`: keep-alives, STUN, malformed
+        requests, the §18 checks).  The source Address it hands up names the socket as
+        ``connection``, so whatever answers it leaves from the same socket."""
+        receive_datagram(data, host, port, lid, self.limits, self, self.on_message,
+                         self._local if self.check_via else None)
 
     def _answer_malformed(self, data: bytes, exc: ParseError, source: Address) -> None:
-        # A request that fails to parse gets the RFC's answer (400/505/513) straight back to
-        # where it came from, statelessly; responses and hopeless input are dropped.
-        answer = error_response(data, exc)
-        if answer is not None:
-            self.send(answer, source)
+        answer_malformed(data, exc, source, self)
 
-    def _deliver(self, msg: Message, source: Address) -> None:
-        if isinstance(msg, Request):
+    def _deliver(self, msg: Request | Response, source: Address) -> None:
+        """A message framed on a connection: RFC 5923 aliases, then the intake's §18 checks
+        and up."""
+        if isinstance(msg, Request) and source.reliable and source.connection:
+            # Requests to the sent-by of a Via with ``alias`` reuse this connection (a
+            # stream's only: a datagram's ``connection`` is a socket id, not a connection).
             via = msg.top_via
-            if via is None:
-                log.debug("dropping %s from %s: no Via", msg.method, source)
-                return
-            if source.connection and "alias" in via.params:
+            if via is not None and "alias" in via.params:
                 conn = self._connections.get(source.connection)
                 if conn is not None:
                     port = via.port or DEFAULT_PORTS.get(source.transport, 5060)
                     self._alias(conn, (source.transport, strip_brackets(via.host), port))
-            stamp_received(msg, source)
-        elif self.check_via and not check_sent_by(msg, self._local):  # type: ignore[arg-type]
-            log.debug("dropping response from %s: top Via is not ours", source)
-            return
-        callback = self.on_message
-        if callback is None:
-            return
-        try:
-            callback(msg, source)
-        except Exception:
-            # One bad message (or a bug above us) must not take the listener down.
-            log.exception("error handling a message from %s", source)
+        deliver_message(msg, source, self.on_message, self._local if self.check_via else None)
 
     # -- errors, tasks, shutdown -----------------------------------------------------------
 

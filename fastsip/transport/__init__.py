@@ -3,7 +3,9 @@
 Nothing here touches a socket: :class:`Address` names where a message came from or goes to, and
 :class:`Transport` is what the transaction layer and the UA core send through.  The asyncio layer
 (:mod:`fastsip.asyncio`) implements it over real sockets; the §18 rules (received/rport, response
-routing, the next hop of a request) live in :mod:`fastsip.transport.rules`.
+routing, the next hop of a request) live in :mod:`fastsip.transport.rules`, and what every shell
+does with a datagram that arrives (keep-alive, STUN, malformed, the §18 checks) in
+:mod:`fastsip.transport.intake`.
 """
 
 from __future__ import annotations
