@@ -35,6 +35,26 @@ system CPU are reported apart (from /proc/PID/stat: clock ticks, so +-10 ms per 
 Kamailio runs with its packaged memory manager (qm) unless ``--kamailio-mem`` (or
 ``FASTSIP_BENCH_KAMAILIO_MEM``) picks ``fm`` or ``tlsf``, which cost it less per call.
 Linux only (procfs); skipped without sipp or kamailio (Debian: ``apt-get install kamailio``).
+
+Saturation, opt-in (never run by pytest or ``guard.py``; about 1-3 minutes):
+
+    PYTHONPATH=. python benchmarks/bench_proxy.py --saturate [--saturate-rates 250,500,1000]
+                    [--saturate-seconds 3] [--saturate-budget 300] [--saturate-tries 2] [--quiet]
+
+steps the offered call rate (default 250, 500, 1000, 1500, 2000, 3000 calls/s): at each rate
+each proxy in turn, a fresh one per step through the same ``measure`` (REGISTER, warm-up, then
+rate x seconds calls; sipp gives up on a call after 5 s without its next message, so an
+overloaded step ends; Kamailio gets 1 GB of shared memory, as 64 MB runs out near 1000
+calls/s).  A step in which a call failed is tried again (``--saturate-tries``, default 2: on a
+shared machine another user's burst can fail one).  Per step: calls attempted, completed and
+failed; the proxy's CPU per completed call, user and system apart; its CPU utilisation (CPU
+seconds over the step's wall seconds, the same /proc readers), sipp's (UAC and UAS), and the
+rest of the machine's busy time (/proc/stat).  A proxy's steps end at a rate none of whose
+tries completed, and no step starts past the budget.  Its saturation point is the highest rate
+at which every call completed; "CPU per call at two rates" puts the first rate beside that one,
+to show how the cost per call moves as the load grows.  sipp's UAC and UAS run on the same
+cores as the proxy (two on the CI machine), so a saturation point is the machine's, proxy and
+load generator together; the output says so.
 """
 
 from __future__ import annotations
@@ -162,11 +182,15 @@ def _sipp(scenario: str, *extra: str, workdir: Path, name: str, timeout: float,
     return proc
 
 
-def successful(workdir: Path, name: str) -> int:
+def sipp_counts(workdir: Path, name: str) -> dict[str, str]:
+    """The last row of sipp's statistics file ``NAME.csv`` (its totals at exit), by column;
+    empty if sipp wrote none."""
     rows = list(csv.reader((workdir / f"{name}.csv").read_text().splitlines(), delimiter=";"))
-    if len(rows) < 2:
-        return 0
-    return int(dict(zip(rows[0], rows[-1]))["SuccessfulCall(C)"])
+    return dict(zip(rows[0], rows[-1])) if len(rows) > 1 else {}
+
+
+def successful(workdir: Path, name: str) -> int:
+    return int(sipp_counts(workdir, name).get("SuccessfulCall(C)", 0))
 
 
 def _stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
@@ -205,11 +229,12 @@ def _wait_udp_answers(port: int, timeout: float = 15.0) -> None:
 def measure(argv: Sequence[str], env: dict[str, str] | None, calls: int, rate: int,
             workdir: Path, name: str,
             cpu: Callable[[int], tuple[float, ...]] | None = None,
+            uac_extra: Sequence[str] = (),
             ) -> tuple[tuple[float, ...], int, int]:
     """Start a proxy (``{port}`` in argv; its output goes to ``NAME.log``), register the UAS,
     warm up, then the measured load: (what ``cpu(pid)`` counted during it -- by default
     :func:`cpu_seconds`'s (CPU, user, system seconds) --, successful calls, successful
-    warm-up calls)."""
+    warm-up calls).  ``uac_extra``: more options for the measured sipp UAC."""
     read_cpu = cpu if cpu is not None else cpu_seconds
     port = free_port()
     uas_port = free_port()
@@ -235,7 +260,7 @@ def measure(argv: Sequence[str], env: dict[str, str] | None, calls: int, rate: i
         time.sleep(0.5)
         before = read_cpu(proc.pid)
         _sipp("uac_rr.xml", f"{HOST}:{port}", "-p", str(free_port()), "-m", str(calls), *uac,
-              workdir=workdir, name=name, timeout=calls / rate + 60)
+              *uac_extra, workdir=workdir, name=name, timeout=calls / rate + 60)
         after = read_cpu(proc.pid)
         spent = tuple(a - b for a, b in zip(after, before))
         return spent, successful(workdir, name), warm
@@ -246,13 +271,15 @@ def measure(argv: Sequence[str], env: dict[str, str] | None, calls: int, rate: i
         log.close()
 
 
-def kamailio_argv(workdir: Path, mem: str = "") -> list[str]:
+def kamailio_argv(workdir: Path, mem: str = "", shm_mb: int = 64) -> list[str]:
+    """``shm_mb``: Kamailio's shared memory, where tm keeps its transactions (64 MB holds the
+    default run's; at 1000 calls/s its default allocator runs out within seconds)."""
     assert KAMAILIO is not None
     run = workdir / "kamailio-run"
     run.mkdir(exist_ok=True)
     extra = ["-x", mem, "-X", mem] if mem else []
     return [KAMAILIO, "-f", str(KAMAILIO_CFG), "-DD", "-E", "-Y", str(run),
-            "-l", f"udp:{HOST}:{{port}}", "-m", "64", "-M", "8", *extra]
+            "-l", f"udp:{HOST}:{{port}}", "-m", str(shm_mb), "-M", "8", *extra]
 
 
 def fastsip_argv(workdir: Path, log_level: str | None = None) -> list[str]:
@@ -323,6 +350,207 @@ def report(r: dict[str, Any]) -> str:
             f"{r['kamailio_rounds']}, fastsip {r['fastsip_rounds']}")
 
 
+# -- saturation (--saturate; not run by pytest) ------------------------------------------------
+
+#: The offered call rates (calls/s) of the saturation steps, lowest first.
+SATURATE_RATES = (250, 500, 1000, 1500, 2000, 3000)
+#: Seconds of calls per step (calls = rate x this), and the whole run's budget: no step starts
+#: past it.
+SATURATE_SECONDS = 3.0
+SATURATE_BUDGET = 300.0
+#: Tries of a step before its rate counts as failed: on a shared machine someone else's burst
+#: of work can make one try fail below the rate the proxy sustains.
+SATURATE_TRIES = 2
+#: sipp aborts a call whose next message has not come in this long (ms): an overloaded proxy's
+#: calls fail within the step instead of after sipp's 30 s of retransmissions.  Generous, so a
+#: call that completes after a retransmission or two (at 0.5, 1.5, 3.5 s) still counts.
+SATURATE_RECV_TIMEOUT_MS = 5000
+#: Kamailio's shared memory for the steps (MB): tm keeps every transaction there until its
+#: wait timer ends, and with 64 MB (the default run's) it answers "out of mem" from about
+#: 1000 calls/s -- a configuration limit, not the CPU saturation this mode looks for.
+SATURATE_KAMAILIO_SHM_MB = 1024
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every CPU of the machine has spent not idle so far (/proc/stat), whoever
+    spent them: the proxy, sipp, other users of the machine."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)   # idle, iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # (guest time is in user)
+
+
+def load_generator_seconds(proxy: int) -> float:
+    """CPU seconds so far of this process's children other than the proxy's tree -- sipp's
+    UAS, and the UACs once reaped (in our cutime/cstime) -- from /proc/PID/stat ticks."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = int(fields[13]) + int(fields[14])          # cutime, cstime: reaped children
+    me = os.getpid()
+    skip = set(_descendants(proxy)) | {me}
+    for pid in _descendants(me):
+        if pid in skip:
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return ticks / tick
+
+
+def step_reading(pid: int) -> tuple[float, ...]:
+    """:func:`cpu_seconds` of the proxy, then the wall clock, sipp's CPU seconds and the
+    machine's busy seconds: ``measure`` subtracts two readings, so a step's utilisations are
+    CPU over wall."""
+    return (*cpu_seconds(pid), time.monotonic(), load_generator_seconds(pid),
+            machine_busy_seconds())
+
+
+def saturation_step(name: str, rate: int, seconds: float, workdir: Path, attempt: int = 1,
+                    quiet: bool = False, kamailio_mem: str = KAMAILIO_MEM) -> dict[str, Any]:
+    """One proxy at one offered rate for ``seconds`` of calls, a fresh proxy through
+    :func:`measure`: what sipp counted, and the CPU of the proxy, of sipp and of the rest of
+    the machine over the step's wall seconds."""
+    if name == "kamailio":
+        argv = kamailio_argv(workdir, kamailio_mem, SATURATE_KAMAILIO_SHM_MB)
+        env = None
+    else:
+        argv = fastsip_argv(workdir, "warning" if quiet else None)
+        env = fastsip_env()
+    calls = max(1, round(rate * seconds))
+    step = f"{name}_{rate}cps_{attempt}"
+    spent, ok, _ = measure(argv, env, calls, rate, workdir, step, cpu=step_reading,
+                           uac_extra=["-recv_timeout", str(SATURATE_RECV_TIMEOUT_MS)])
+    cpu, user, system, wall, sipp_cpu, busy = spent
+    wall = max(wall, 1e-9)
+    attempted = int(sipp_counts(workdir, step).get("OutgoingCall(C)", calls))
+    return {
+        "proxy": name, "rate": rate, "attempt": attempt, "calls": calls,
+        "attempted": attempted, "ok": ok, "failed": attempted - ok, "wall_s": wall,
+        "achieved_cps": attempted / wall,
+        "us_per_call": cpu / max(ok, 1) * 1e6,
+        "user_us": user / max(ok, 1) * 1e6, "sys_us": system / max(ok, 1) * 1e6,
+        "cpu_util": cpu / wall, "sipp_util": sipp_cpu / wall,
+        # the rest of the machine's busy time: whoever else shares it
+        "other_util": max(0.0, busy - cpu - sipp_cpu) / wall,
+        "machine_util": busy / wall / (os.cpu_count() or 1)}
+
+
+def saturate(rates: Sequence[int] = SATURATE_RATES, seconds: float = SATURATE_SECONDS,
+             budget: float = SATURATE_BUDGET, tries: int = SATURATE_TRIES, quiet: bool = False,
+             kamailio_mem: str = KAMAILIO_MEM) -> list[dict[str, Any]]:
+    """Each proxy at each offered rate in turn (interleaved per rate, as :func:`compare`'s
+    rounds); a step in which a call did not complete is tried again, up to ``tries`` times
+    (on a shared machine a burst of someone else's work can fail one), and a proxy's steps
+    end at a rate none of whose tries completed: past saturation more load only costs time.
+    No step starts once ``budget`` seconds have passed.  One row per step tried."""
+    rows: list[dict[str, Any]] = []
+    done: set[str] = set()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for i, rate in enumerate(rates):
+            order = ["kamailio", "fastsip"] if i % 2 == 0 else ["fastsip", "kamailio"]
+            for name in order:
+                completed = False
+                for attempt in range(1, tries + 1):
+                    if name in done or time.monotonic() - started > budget:
+                        break
+                    row = saturation_step(name, rate, seconds, workdir, attempt, quiet,
+                                          kamailio_mem)
+                    rows.append(row)
+                    if row["ok"] >= row["calls"]:
+                        completed = True
+                        break
+                if not completed:
+                    done.add(name)
+    return rows
+
+
+def _completed(rows: Sequence[dict[str, Any]], rate: int) -> dict[str, Any] | None:
+    return next((r for r in rows if r["rate"] == rate and r["ok"] >= r["calls"]), None)
+
+
+def saturation_point(rows: Sequence[dict[str, Any]], proxy: str) -> dict[str, Any] | None:
+    """The step at the highest offered rate at which every call completed (in one of its
+    tries, and at every lower rate too), or None when the first rate never completed."""
+    mine = [r for r in rows if r["proxy"] == proxy]
+    best = None
+    for rate in sorted({r["rate"] for r in mine}):
+        row = _completed(mine, rate)
+        if row is None:
+            break
+        best = row
+    return best
+
+
+def saturation_report(rows: Sequence[dict[str, Any]], seconds: float = SATURATE_SECONDS,
+                      quiet: bool = False, kamailio_mem: str = KAMAILIO_MEM) -> str:
+    ncpu = os.cpu_count() or 1
+    lines = [
+        ("proxy saturation: sipp uac_rr through each proxy to a REGISTERed sipp uas, "
+         f"{seconds:g} s of calls per step, a fresh proxy per step (kamailio memory manager "
+         f"{kamailio_mem or 'qm (default)'}, {SATURATE_KAMAILIO_SHM_MB} MB shm; fastsip serve "
+         "--routes at "
+         f"{'warning' if quiet else 'info'})"),
+        (f"  NOTE: this machine has {ncpu} CPU(s) and sipp's UAC and UAS run on them beside "
+         "the proxy: the load generator competes"),
+        ("  with the proxy for the cores, so these limits are the machine's (proxy + sipp), "
+         "not the proxy's alone; 'machine' is"),
+        ("  every CPU's busy share during the step (the proxy, sipp, anything else running; "
+         "100% = all cores)."),
+        (f"  {'proxy':9} {'offered':>8} {'try':>3} {'achieved':>9} {'attempted':>9} {'ok':>6} "
+         f"{'failed':>6} {'us/call':>8} {'(user':>6} {'sys)':>5} {'proxy CPU':>9} "
+         f"{'sipp CPU':>8} {'others':>6} {'machine':>7}"),
+    ]
+    for r in rows:
+        tail = "*" if r["failed"] else " "
+        lines.append(
+            f"  {r['proxy']:9} {r['rate']:>4} cps {r['attempt']:>3} "
+            f"{r['achieved_cps']:>5.0f}{tail}cps "
+            f"{r['attempted']:>9} {r['ok']:>6} {r['failed']:>6} {r['us_per_call']:>8.1f} "
+            f"{r['user_us']:>6.1f} {r['sys_us']:>5.1f} {r['cpu_util']:>8.0%}{tail}"
+            f"{r['sipp_util']:>7.0%}{tail}{r['other_util']:>6.0%}{tail}"
+            f"{r['machine_util']:>6.0%}{tail}")
+    lines.append("  us/call: the proxy's CPU (all its processes) over the calls that completed; "
+                 "proxy CPU, sipp CPU (UAC + UAS), others")
+    lines.append("  (the machine's busy time left over: other users of the machine): CPU seconds "
+                 "over the step's wall seconds, 100% = one core;")
+    lines.append("  achieved: calls sipp started over those wall seconds.  * the wall seconds "
+                 f"include up to {SATURATE_RECV_TIMEOUT_MS / 1000:g} s of waiting for calls")
+    lines.append("  that never completed (sipp's -recv_timeout): rate and utilisations are "
+                 "understated.")
+    for proxy in ("kamailio", "fastsip"):
+        mine = [r for r in rows if r["proxy"] == proxy]
+        if not mine:
+            continue
+        rates = sorted({r["rate"] for r in mine})
+        point = saturation_point(mine, proxy)
+        if point is None:
+            where = f"below {rates[0]} cps (calls failed at the first rate)"
+        elif point["rate"] == rates[-1]:
+            where = (f">= {point['rate']} cps offered, {point['achieved_cps']:.0f} achieved "
+                     "(every rate completed: not reached)")
+        else:
+            failed_at = rates[rates.index(point["rate"]) + 1]
+            where = (f"{point['rate']} cps offered, {point['achieved_cps']:.0f} achieved "
+                     f"(calls failed at {failed_at} cps in every try)")
+        lines.append(f"  {proxy} saturation point (highest rate with every call completed): "
+                     f"{where}")
+        low = _completed(mine, rates[0])
+        if point is not None and low is not None and point["rate"] > low["rate"]:
+            growth = point["us_per_call"] / low["us_per_call"] if low["us_per_call"] else 0.0
+            lines.append(
+                f"  {proxy} CPU per call at two rates: {low['us_per_call']:.1f} us at "
+                f"{low['rate']} cps ({low['cpu_util']:.0%} of a core) -> "
+                f"{point['us_per_call']:.1f} us at {point['rate']} cps "
+                f"({point['cpu_util']:.0%} of a core): x{growth:.2f}")
+    return "\n".join(lines)
+
+
 @pytest.mark.skipif(SIPP is None or KAMAILIO is None or not os.path.isdir("/proc/self/task"),
                     reason="needs sipp, kamailio and Linux procfs")
 def test_proxy_cpu_per_call_vs_kamailio() -> None:
@@ -342,7 +570,31 @@ if __name__ == "__main__":
                     help="Kamailio's memory manager (default: the packaged default, qm)")
     ap.add_argument("--quiet", action="store_true",
                     help="serve at --log-level warning (default: its default, info)")
+    sat = ap.add_argument_group("saturation", "step the offered rate instead (see the module "
+                                "docstring); --calls, --rate and --rounds do not apply")
+    sat.add_argument("--saturate", action="store_true",
+                     help="find each proxy's saturation point and its CPU per call per rate")
+    sat.add_argument("--saturate-rates", metavar="R,R,...",
+                     default=",".join(str(r) for r in SATURATE_RATES),
+                     help="offered calls/s per step, lowest first (default %(default)s)")
+    sat.add_argument("--saturate-seconds", type=float, default=SATURATE_SECONDS, metavar="S",
+                     help="seconds of calls per step (default %(default)s)")
+    sat.add_argument("--saturate-budget", type=float, default=SATURATE_BUDGET, metavar="S",
+                     help="no step starts after this many seconds (default %(default)s)")
+    sat.add_argument("--saturate-tries", type=int, default=SATURATE_TRIES, metavar="N",
+                     help="tries of a rate before it counts as failed (default %(default)s)")
     a = ap.parse_args()
     if SIPP is None or KAMAILIO is None:
         sys.exit("needs sipp and kamailio")
-    print(report(compare(a.calls, a.rate, a.quiet, a.rounds, a.kamailio_mem)))
+    if a.saturate:
+        try:
+            rates = sorted({int(r) for r in a.saturate_rates.split(",") if r.strip()})
+        except ValueError:
+            sys.exit(f"--saturate-rates {a.saturate_rates!r}: expected calls/s like 250,500")
+        if not rates or rates[0] <= 0 or a.saturate_seconds <= 0 or a.saturate_tries <= 0:
+            sys.exit("--saturate-rates, --saturate-seconds and --saturate-tries must be > 0")
+        rows = saturate(rates, a.saturate_seconds, a.saturate_budget, a.saturate_tries,
+                        a.quiet, a.kamailio_mem)
+        print(saturation_report(rows, a.saturate_seconds, a.quiet, a.kamailio_mem))
+    else:
+        print(report(compare(a.calls, a.rate, a.quiet, a.rounds, a.kamailio_mem)))

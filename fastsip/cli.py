@@ -7,8 +7,8 @@ SIP test tools for carriers, on the asyncio endpoint.
 
 ``answer`` is a UAS that answers every INVITE (180, then 200 with SDP) until stopped; ``call``
 places calls at a steady rate and prints what became of them.  This module adapts the sans-IO UA
-core's callbacks to the event loop; it is the one place besides ``fastsip.asyncio`` that runs
-a loop, and the only one that prints.
+core's callbacks to the event loop, which the shell runs (:mod:`fastsip.asyncio.runner`: the
+loop, and SIGINT/SIGTERM as a stop); it is the only module that prints.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import asyncio
 import contextlib
 import logging
 import platform
-import signal
 import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from fastsip.asyncio.runner import LOOPS, LoopUnavailableError, StopSignals, run
 from fastsip.sip import REASON_PHRASES, URI
 from fastsip.transaction import TimerConfig
 from fastsip.ua import AutoAnswer, Call, UserAgent
@@ -38,26 +38,6 @@ EXIT_INTERRUPTED = 130
 
 
 # -- shared ------------------------------------------------------------------------------------
-
-
-def _install_stop(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
-    """SIGINT and SIGTERM set ``stop``; the tool then winds down and prints its summary."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows loops
-            loop.add_signal_handler(sig, stop.set)
-
-
-def _run(coro: Any, loop_kind: str) -> int:
-    if loop_kind in ("auto", "uvloop"):
-        try:
-            import uvloop
-        except ImportError:
-            if loop_kind == "uvloop":
-                print("fastsip: --loop uvloop but uvloop is not installed", file=sys.stderr)
-                return EXIT_USAGE
-        else:
-            return int(uvloop.run(coro))
-    return int(asyncio.run(coro))
 
 
 def _timers(args: argparse.Namespace) -> TimerConfig:
@@ -103,6 +83,12 @@ class AnswerStats:
 
 
 async def answer_main(args: argparse.Namespace) -> int:
+    # SIGINT and SIGTERM stop it from the start: the summary is printed even then.
+    with StopSignals() as stop:
+        return await _answer(args, stop)
+
+
+async def _answer(args: argparse.Namespace, stop: asyncio.Event) -> int:
     from fastsip.asyncio import Endpoint
 
     stats = AnswerStats()
@@ -116,8 +102,6 @@ async def answer_main(args: argparse.Namespace) -> int:
         print(f"fastsip answer: {exc}", file=sys.stderr)
         return EXIT_USAGE
     ua.attach(endpoint.transactions)
-    stop = asyncio.Event()
-    _install_stop(asyncio.get_running_loop(), stop)
     for listener in endpoint.listeners:
         print(f"listening on {listener.address}", flush=True)
     started = time.monotonic()
@@ -172,6 +156,12 @@ def _status_text(status: int | None) -> str:
 
 
 async def call_main(args: argparse.Namespace) -> int:
+    # SIGINT and SIGTERM stop it from the start: calls up are hung up, the summary printed.
+    with StopSignals() as stop:
+        return await _call(args, stop)
+
+
+async def _call(args: argparse.Namespace, stop: asyncio.Event) -> int:
     from fastsip.asyncio import Endpoint
     from fastsip.sdp import create_offer
 
@@ -195,8 +185,6 @@ async def call_main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     ua.attach(endpoint.transactions)
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    _install_stop(loop, stop)
     host, _ = endpoint.transport.sent_by(transport)
     sdp = bytes(create_offer(host, args.media_port))
     stats = CallStats()
@@ -380,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="SIP timer T1 in seconds, the RTT estimate (default 0.5)")
     common.add_argument("--t2", type=_positive(float), default=4.0,
                         help="SIP timer T2 in seconds (default 4)")
-    common.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+    common.add_argument("--loop", choices=LOOPS, default="auto",
                         help="event loop: uvloop when installed (auto), or plain asyncio")
 
     a = sub.add_parser(
@@ -458,7 +446,10 @@ def _main(args: argparse.Namespace) -> int:
                 return EXIT_USAGE
             args.media_address = host if host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     try:
-        return _run(args.func(args), args.loop)
+        return run(args.func(args), args.loop)
+    except LoopUnavailableError:
+        print("fastsip: --loop uvloop but uvloop is not installed", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 

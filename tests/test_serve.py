@@ -1,6 +1,7 @@
 """``fastsip serve`` as a process, without sipp: refusing to start on bad input (exit 2), and
-the stop on SIGTERM -- new initial requests get 503 while a transaction in flight is given
-``--grace`` seconds, then the server exits 0 and says what it abandoned."""
+the stop on SIGTERM or SIGINT -- new initial requests get 503 while a transaction in flight is
+given ``--grace`` seconds, then the server exits 0 and says what it abandoned -- on uvloop and
+on plain asyncio (``--loop asyncio``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -44,9 +47,21 @@ def test_refuses_to_start_on_bad_input(tmp_path: Path) -> None:
     assert r.returncode == 2 and "'carrier-pigeon:1.2.3.4:5'" in r.stderr, r.stderr
 
 
-def test_sigterm_drains_then_stops(tmp_path: Path) -> None:
+try:
+    import uvloop  # noqa: F401
+    DEFAULT_LOOP = "uvloop"
+except ImportError:  # pragma: no cover - a dependency wherever it builds
+    DEFAULT_LOOP = "asyncio"
+
+
+@pytest.mark.parametrize(("stop_signal", "loop", "loop_logged"), [
+    (signal.SIGTERM, "auto", DEFAULT_LOOP),
+    (signal.SIGINT, "asyncio", "asyncio"),
+], ids=["SIGTERM", "SIGINT-asyncio"])
+def test_signal_drains_then_stops(tmp_path: Path, stop_signal: signal.Signals, loop: str,
+                                  loop_logged: str) -> None:
     port = free_port()
-    serve = Serve(tmp_path, port)  # --grace 2
+    serve = Serve(tmp_path, port, "--loop", loop)  # --grace 2
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as callee:
             # bob's phone: takes the INVITE and never answers (serve keeps the transaction).
@@ -65,7 +80,7 @@ def test_sigterm_drains_then_stops(tmp_path: Path) -> None:
                               (HOST, port))
                 assert callee.recv(65535).startswith(b"INVITE sip:bob@")
                 started = time.monotonic()
-                serve.proc.send_signal(signal.SIGTERM)
+                serve.proc.send_signal(stop_signal)
                 time.sleep(0.3)
                 lines = sip_exchange(port, request("INVITE", f"sip:bob@{DOMAIN}",
                                                    call_id="late"))
@@ -77,6 +92,7 @@ def test_sigterm_drains_then_stops(tmp_path: Path) -> None:
     finally:
         serve.close()
     log = serve.log()
+    assert f"event loop {loop_logged} (" in log, log
     assert "stopping: draining 1 transaction(s)" in log, log
     assert "method=INVITE status=- outcome=abandoned" in log and "call_id=inflight" in log
     assert "method=INVITE status=503 outcome=unavailable" in log and "call_id=late" in log

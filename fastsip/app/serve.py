@@ -46,11 +46,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import logging
 import re
-import signal
 import sys
 import time
 import traceback
@@ -60,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastsip.app import logqueue
 from fastsip.app.logqueue import DEFAULT_MAX_QUEUED, direct_emitter, dropped_lines
+from fastsip.asyncio.runner import LOOPS, StopSignals, loop_name
 
 if TYPE_CHECKING:
     import ssl
@@ -251,6 +250,13 @@ def _default_realm(args: argparse.Namespace) -> str:
 
 async def run(args: argparse.Namespace) -> int:
     """Run the server until SIGTERM/SIGINT; returns the exit status."""
+    # The shell turns the stop signals into an event, from the start: a service manager's
+    # SIGTERM while we start up is a clean stop too.
+    with StopSignals() as stop:
+        return await _serve(args, stop)
+
+
+async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     from fastsip.app import Router, load_routes
     from fastsip.asyncio import Endpoint, ListenError
     from fastsip.errors import FastSIPError
@@ -357,11 +363,6 @@ async def run(args: argparse.Namespace) -> int:
         gc.freeze()
         gc.set_threshold(10_000, 50, 100)
 
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
-
         def purge() -> None:
             guard.sweep(loop.time())
             try:
@@ -377,8 +378,7 @@ async def run(args: argparse.Namespace) -> int:
         _mirror_bans_in_kernel(guard, endpoint.transport, loop)
         # Which loop runs us matters to throughput (uvloop is a dependency wherever it
         # builds; --loop asyncio, or a platform without it, gets plain asyncio).
-        log.info("event loop %s (%s)", "uvloop" if type(loop).__module__.startswith("uvloop")
-                 else "asyncio", type(loop).__name__)
+        log.info("event loop %s (%s)", loop_name(loop), type(loop).__name__)
         log.info("serving domains=%s db=%s routes=%s auth=%s",
                  ",".join(args.domain or []) or "-", args.db, args.routes or "default",
                  f"realm:{authenticator.realm}" if authenticator is not None else "off")
@@ -731,7 +731,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--log-queue", type=_positive_int, default=DEFAULT_MAX_QUEUED, metavar="N",
                    help="log lines waiting for the writer thread at most; more are dropped and "
                         "counted (a stalled stderr must not stall serving; default 100000)")
-    p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+    p.add_argument("--loop", choices=LOOPS, default="auto",
                    help="event loop: uvloop when installed (auto), or plain asyncio")
     p.set_defaults(func=run)
     return p

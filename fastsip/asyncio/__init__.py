@@ -3,13 +3,23 @@
 Everything below it is sans-IO; this layer feeds it bytes and the loop's time.  It holds the timer
 wheel's loop driver (:class:`WheelDriver`), the UDP/TCP/TLS transports (:class:`TransportLayer`,
 with its edge limits and ``admit`` hook), the :class:`Endpoint` that assembles them with a
-transaction layer, and :func:`interface_addresses` (the host's own IP addresses).
+transaction layer, :func:`interface_addresses` (the host's own IP addresses), and the running
+of a program: :func:`run` on uvloop or asyncio's loop, :class:`StopSignals` (SIGINT/SIGTERM as
+a stop event) and :func:`loop_name`.
 """
 
 from __future__ import annotations
 
 from fastsip.asyncio.endpoint import Endpoint, ListenError
 from fastsip.asyncio.netif import interface_addresses
+from fastsip.asyncio.runner import (
+    LOOPS,
+    STOP_SIGNALS,
+    LoopUnavailableError,
+    StopSignals,
+    loop_name,
+    run,
+)
 from fastsip.asyncio.timers import WheelDriver
 from fastsip.asyncio.transport import (
     AdmitCallback,
@@ -20,13 +30,19 @@ from fastsip.asyncio.transport import (
 )
 
 __all__ = [
+    "LOOPS",
+    "STOP_SIGNALS",
     "AdmitCallback",
     "Endpoint",
     "ListenError",
     "Listener",
+    "LoopUnavailableError",
+    "StopSignals",
     "TransportLayer",
     "TransportStats",
     "WheelDriver",
     "interface_addresses",
+    "loop_name",
     "parse_listen",
+    "run",
 ]
