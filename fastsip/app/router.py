@@ -495,7 +495,9 @@ class Router:
                           req.uri)
             req.ctx.respond(500)
             return
-        if inspect.isawaitable(result):
+        # A plain handler's Decision (or None) is the common case: isawaitable's ABC check
+        # costs more than the rest of this call, so it runs only for anything else.
+        if result is not None and result.__class__ is not Decision and inspect.isawaitable(result):
             if not is_async and not self._admit(req.source):  # a sync def returning a coroutine
                 close = getattr(result, "close", None)
                 if close is not None:
