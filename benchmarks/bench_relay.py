@@ -1,0 +1,335 @@
+"""The relay path of ``fastsip serve`` in one process, without sockets: the CPU of the sans-IO
+layers per call, where ``bench_proxy.py`` measures the whole server (kernel and loop included).
+
+One call is what ``bench_proxy.py``'s load makes of it (sipp ``uac_rr`` -> proxy -> a
+registered ``uas_rr``): the proxy receives INVITE, 180, 200, ACK, BYE and 200, and sends
+INVITE, 100, 180, 200, ACK, BYE and 200.  The stack is serve's: the intake's rules
+(:func:`fastsip.transport.intake.receive_datagram`, with the edge guard's ``admit``), the
+transaction layer on a timer wheel, the stateful :class:`~fastsip.proxy.core.Proxy`, and
+``ServeRouter(Router(routes))`` running ``bench_proxy.ROUTES`` with the registrar and the memory
+location store, logging at INFO through the queue (to /dev/null).  Sends are appended to a list.
+
+The reference, measured in the same run through the same driver, is a naive floor: a
+stateless pure-Python relay of the same messages (split the header lines, push a Via and a
+Record-Route or pop them, a dict for the location service), the least any Python proxy does
+per message.  fastsip does much more per call (transactions and their timers, validation,
+loop detection, routing, a log line), so the guard's ratio is below 1; it catches a relay
+path that got slower.  Each round's driver (building the UAS's answers from what the proxy
+sent) costs a few microseconds per call, the same for both.
+
+    PYTHONPATH=. python benchmarks/bench_relay.py [--calls 3000] [--rounds 5]
+
+prints microseconds per call (thread CPU) for both; under pytest it is a guard (``GUARDS``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_proxy import ROUTES
+
+from fastsip import TimerWheel
+from fastsip.app import Router, load_routes, logqueue
+from fastsip.app.serve import ServeRouter
+from fastsip.proxy import Registrar, open_store
+from fastsip.proxy.core import Proxy
+from fastsip.proxy.edge import SourceGuard, TrustedNetworks
+from fastsip.sip import Limits
+from fastsip.transaction import TransactionLayer
+from fastsip.transport import Address
+from fastsip.transport.intake import receive_datagram
+
+GUARDS = [
+    ("test_relay_fastsip", "test_relay_naive_floor", 0.1,
+     "relay path per call vs a naive stateless Python relay"),
+]
+
+HOST = "127.0.0.1"
+PROXY = (HOST, 5060)
+UAC = (HOST, 5070)
+UAS = (HOST, 5080)
+
+INVITE = (
+    "INVITE sip:service@example.com SIP/2.0\r\n"
+    "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-{n}-1\r\n"
+    "From: sipp <sip:caller@example.com>;tag={n}SIPpTag00{n}\r\n"
+    "To: <sip:service@example.com>\r\n"
+    "Call-ID: {n}-4242@127.0.0.1\r\n"
+    "CSeq: 1 INVITE\r\n"
+    "Contact: <sip:caller@127.0.0.1:5070>\r\n"
+    "Max-Forwards: 70\r\n"
+    "Subject: Performance Test\r\n"
+    "Content-Type: application/sdp\r\n"
+    "Content-Length: 129\r\n\r\n"
+    "v=0\r\no=user1 53655765 2353687637 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\n"
+    "t=0 0\r\nm=audio 6000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
+)
+
+IN_DIALOG = (
+    "{method} sip:service@127.0.0.1:5080;transport=UDP SIP/2.0\r\n"
+    "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-{n}-{cseq}{method}\r\n"
+    "{route}"
+    "From: sipp <sip:caller@example.com>;tag={n}SIPpTag00{n}\r\n"
+    "To: <sip:service@example.com>;tag=uas{n}\r\n"
+    "Call-ID: {n}-4242@127.0.0.1\r\n"
+    "CSeq: {cseq} {method}\r\n"
+    "Max-Forwards: 70\r\n"
+    "Content-Length: 0\r\n\r\n"
+)
+
+REGISTER = (
+    b"REGISTER sip:example.com SIP/2.0\r\n"
+    b"Via: SIP/2.0/UDP 127.0.0.1:5080;branch=z9hG4bK-reg1\r\n"
+    b"From: <sip:service@example.com>;tag=r1\r\n"
+    b"To: <sip:service@example.com>\r\n"
+    b"Call-ID: reg-1@127.0.0.1\r\n"
+    b"CSeq: 1 REGISTER\r\n"
+    b"Contact: <sip:service@127.0.0.1:5080>\r\n"
+    b"Expires: 3600\r\n"
+    b"Max-Forwards: 70\r\n"
+    b"Content-Length: 0\r\n\r\n"
+)
+
+Receive = Callable[[bytes, tuple[str, int]], None]
+Wire = list[tuple[bytes, int]]  # (datagram, destination port)
+
+
+# -- the driver: sipp's two sides, answering what the relay sent ------------------------------
+
+
+def _uas_answers(request: bytes, tag: str, *statuses: bytes) -> list[bytes]:
+    """The UAS's responses: Vias, Record-Routes, From, Call-ID and CSeq copied (uas_rr), its
+    tag added to To.  One pass over the request's header lines."""
+    copied = []
+    to = b""
+    for line in request.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name = line[: line.find(b":")]
+        if name in _COPIED:
+            copied.append(line)
+        elif name == b"To":
+            to = line if b";tag=" in line else line + b";tag=" + tag.encode()
+    tail = [to, b"Contact: <sip:service@127.0.0.1:5080;transport=UDP>", b"Content-Length: 0",
+            b"", b""]
+    return [b"\r\n".join([b"SIP/2.0 " + status, *copied, *tail]) for status in statuses]
+
+
+_COPIED = {b"Via", b"Record-Route", b"From", b"Call-ID", b"CSeq"}
+
+
+def one_call(n: int, receive: Receive, wire: Wire) -> None:
+    """INVITE / 180 / 200 / ACK / BYE / 200 through the relay; checks what comes out."""
+    receive(INVITE.format(n=n).encode(), UAC)
+    forwarded = [d for d, port in wire if port == UAS[1]]
+    assert len(forwarded) == 1, wire
+    wire.clear()
+    ringing, ok = _uas_answers(forwarded[0], f"uas{n}", b"180 Ringing", b"200 OK")
+    receive(ringing, UAS)
+    receive(ok, UAS)
+    upstream = [d for d, port in wire if port == UAC[1]]
+    assert upstream and upstream[-1].startswith(b"SIP/2.0 200"), wire
+    # The caller's route set: the 200's Record-Route values, reversed (§12.1.2).
+    record_route = [line[13:].strip().decode()
+                    for line in upstream[-1].partition(b"\r\n\r\n")[0].split(b"\r\n")
+                    if line.startswith(b"Record-Route:")]
+    route = "".join(f"Route: {value}\r\n" for value in reversed(record_route))
+    wire.clear()
+    receive(IN_DIALOG.format(method="ACK", n=n, cseq=1, route=route).encode(), UAC)
+    receive(IN_DIALOG.format(method="BYE", n=n, cseq=2, route=route).encode(), UAC)
+    forwarded = [d for d, port in wire if port == UAS[1]]
+    assert len(forwarded) == 2 and forwarded[1].startswith(b"BYE"), wire
+    wire.clear()
+    receive(_uas_answers(forwarded[1], f"uas{n}", b"200 OK")[0], UAS)
+    assert len(wire) == 1 and wire[0][0].startswith(b"SIP/2.0 200"), wire
+    wire.clear()
+
+
+# -- fastsip serve's stack ----------------------------------------------------------------------
+
+
+class _WireTransport:
+    """The Transport the layers send through: a list, and one UDP listener as our end."""
+
+    def __init__(self, wire: Wire) -> None:
+        self.wire = wire
+        self.local = Address("UDP", *PROXY, 1)
+
+    def send(self, data: bytes, dest: Address) -> None:
+        self.wire.append((data, dest.port))
+
+    def sent_by(self, transport: str) -> tuple[str, int]:
+        return PROXY
+
+    def local_for(self, dest: Address) -> Address:
+        return self.local
+
+
+def fastsip_relay(routes_path: str) -> tuple[Receive, Wire, TimerWheel]:
+    """serve's layers as ``fastsip serve --routes R --domain example.com --trusted 127.0.0.1``
+    assembles them, fed datagrams by the intake as the asyncio shell does."""
+    wheel = TimerWheel(0.001)
+    trusted = TrustedNetworks([HOST])
+    guard = SourceGuard(rate=100.0, burst=400.0, ban_time=600.0, source_failures=10,
+                        user_failures=5, trusted=trusted)
+    registrar = Registrar(open_store("memory:"), domains=["example.com"], flow_timer=30)
+    router = Router(load_routes(routes_path), registrar=registrar, guard=guard,
+                    monotonic=wheel.time)
+    proxy = Proxy(ServeRouter(router, clock=wheel.time), aliases=["example.com"],
+                  trusted=trusted)
+    wire: Wire = []
+    transport = _WireTransport(wire)
+    layer = TransactionLayer(transport, wheel, proxy)
+    proxy.attach(layer)
+    local = [PROXY]
+    limits = Limits()
+
+    def receive(data: bytes, source: tuple[str, int]) -> None:
+        if guard.admit(source[0], wheel.time()):
+            receive_datagram(data, source[0], source[1], 1, limits, transport, layer.receive,
+                             local)
+
+    receive(REGISTER, UAS)
+    assert wire and wire[-1][0].startswith(b"SIP/2.0 200"), wire
+    wire.clear()
+    return receive, wire, wheel
+
+
+# -- the naive floor -----------------------------------------------------------------------------
+
+
+def naive_relay() -> tuple[Receive, Wire]:
+    """A stateless relay in plain Python: the least per message (no transactions, no timers,
+    no validation), for scale."""
+    wire: Wire = []
+    location: dict[bytes, tuple[str, int]] = {}
+    counter = itertools.count()
+    via = f"Via: SIP/2.0/UDP {PROXY[0]}:{PROXY[1]};branch=z9hG4bK-naive".encode()
+    rr = f"Record-Route: <sip:{PROXY[0]}:{PROXY[1]};lr>".encode()
+
+    def hostport(text: bytes) -> tuple[str, int]:
+        host, _, port = text.partition(b":")
+        return host.decode(), int(port.split(b";", 1)[0] or b"5060")
+
+    def receive(data: bytes, source: tuple[str, int]) -> None:
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        start = lines[0]
+        headers = [(line.split(b":", 1)[0].strip().lower(), line) for line in lines[1:]]
+        if start.startswith(b"SIP/2.0 "):
+            vias = [i for i, (name, _) in enumerate(headers) if name == b"via"]
+            del lines[vias[0] + 1]
+            dest = hostport(headers[vias[1]][1].split(b" ")[-1])
+            wire.append((b"\r\n".join(lines) + b"\r\n\r\n" + body, dest[1]))
+            return
+        method, uri, _ = start.split(b" ")
+        user = uri.split(b":", 1)[1].split(b"@", 1)[0]
+        if method == b"REGISTER":           # the AOR is the To URI's
+            to = next(line for name, line in headers if name == b"to")
+            contact = next(line for name, line in headers if name == b"contact")
+            aor_user = to.split(b"sip:", 1)[1].split(b"@", 1)[0]
+            location[aor_user] = hostport(contact.split(b"@", 1)[1].rstrip(b">"))
+            wire.append((b"SIP/2.0 200 OK\r\n\r\n", source[1]))
+            return
+        routes = [i for i, (name, _) in enumerate(headers) if name == b"route"]
+        if routes:
+            del lines[routes[0] + 1]
+            dest = hostport(uri.split(b"@", 1)[1])
+        else:
+            dest = location[user]
+            lines.insert(1, rr)
+            if method == b"INVITE":
+                keep = [line for name, line in headers
+                        if name in (b"via", b"from", b"to", b"call-id", b"cseq")]
+                wire.append((b"\r\n".join([b"SIP/2.0 100 Trying", *keep, b"", b""]),
+                             source[1]))
+        lines.insert(1, via + str(next(counter)).encode())
+        wire.append((b"\r\n".join(lines) + b"\r\n\r\n" + body, dest[1]))
+
+    receive(REGISTER, UAS)
+    wire.clear()
+    return receive, wire
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def routes_path() -> Any:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench_routes.py"
+        path.write_text(ROUTES)
+        # serve's default: INFO, one line per initial request, through the queue's writer.
+        with open(os.devnull, "w") as sink:
+            logqueue.install(logging.INFO, sink)
+            try:
+                yield str(path)
+            finally:
+                logqueue.stop()
+
+
+def test_relay_fastsip(benchmark: Any, routes_path: str) -> None:
+    receive, wire, wheel = fastsip_relay(routes_path)
+    calls = itertools.count()
+
+    def call() -> None:
+        n = next(calls)
+        wheel.advance(n * 0.004)     # 250 calls/s of wheel time: timers are set and cancelled
+        one_call(n, receive, wire)
+
+    benchmark(call)
+
+
+def test_relay_naive_floor(benchmark: Any) -> None:
+    receive, wire = naive_relay()
+    calls = itertools.count()
+    benchmark(lambda: one_call(next(calls), receive, wire))
+
+
+def measure(calls: int, rounds: int) -> dict[str, float]:
+    """Best round's thread CPU per call, each relay in fresh state per round."""
+    best = {"fastsip": float("inf"), "naive": float("inf")}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench_routes.py"
+        path.write_text(ROUTES)
+        for _ in range(rounds):
+            for name in ("fastsip", "naive"):
+                if name == "fastsip":
+                    receive, wire, wheel = fastsip_relay(str(path))
+                else:
+                    receive, wire = naive_relay()
+                    wheel = None
+                started = time.thread_time()
+                for n in range(calls):
+                    if wheel is not None:
+                        wheel.advance(n * 0.004)
+                    one_call(n, receive, wire)
+                best[name] = min(best[name], (time.thread_time() - started) / calls * 1e6)
+    return best
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--calls", type=int, default=3000)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    with open(os.devnull, "w") as devnull:
+        logqueue.install(logging.INFO, devnull)
+        try:
+            r = measure(args.calls, args.rounds)
+        finally:
+            logqueue.stop()
+    print(f"relay path, CPU per call (best of {args.rounds} rounds of {args.calls} calls):\n"
+          f"  fastsip serve's sans-IO stack  {r['fastsip']:8.1f} us\n"
+          f"  naive stateless Python relay   {r['naive']:8.1f} us\n"
+          f"  ratio naive/fastsip {r['naive'] / r['fastsip']:.3f} (guard floor {GUARDS[0][2]})")
