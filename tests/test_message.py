@@ -465,3 +465,49 @@ def test_headers_count_counts_lines_not_values() -> None:
     assert msg.headers.count("Via") == 3 and len(msg.via) == 3
     msg.remove_header("Via")
     assert msg.headers.count("Via") == 0
+
+
+def _options_with_via(via: str) -> bytes:
+    return (f"OPTIONS sip:a@b SIP/2.0\r\nVia: {via}\r\nVia: SIP/2.0/UDP p;branch=z9hG4bK-p\r\n"
+            "From: <sip:a@b>;tag=1\r\nTo: <sip:b@b>\r\nCall-ID: x\r\nCSeq: 1 OPTIONS\r\n"
+            "Content-Length: 0\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize(("via", "host", "port", "changed", "expected"), [
+    # RFC 3581 §4: an empty rport is filled, and received is added with it.
+    ("SIP/2.0/UDP 10.0.0.2:5060;rport;branch=z9hG4bK-a", "203.0.113.9", 40000, True,
+     "SIP/2.0/UDP 10.0.0.2:5060;rport=40000;branch=z9hG4bK-a;received=203.0.113.9"),
+    # §18.2.1: another host gets received; an older received goes, an rport value stays.
+    ("SIP/2.0/UDP h.example.com;branch=z9hG4bK-a;received=1.2.3.4;rport=999", "192.0.2.1",
+     5060, True, "SIP/2.0/UDP h.example.com;branch=z9hG4bK-a;rport=999;received=192.0.2.1"),
+    # The same host and no rport: nothing to say.
+    ("SIP/2.0/UDP 192.0.2.1:5070;branch=z9hG4bK-a", "192.0.2.1", 5070, False,
+     "SIP/2.0/UDP 192.0.2.1:5070;branch=z9hG4bK-a"),
+    # An IPv6 sent-by compares without its brackets.
+    ("SIP/2.0/TCP [2001:db8::1]:5060;branch=z9hG4bK-a;rport", "2001:db8::1", 5060, True,
+     "SIP/2.0/TCP [2001:db8::1]:5060;branch=z9hG4bK-a;rport=5060;received=2001:db8::1"),
+    # Parameter names are case-insensitive; a quoted value is kept as written.
+    ('SIP/2.0/UDP 10.0.0.2;RPORT;branch=z9hG4bK-a;Received=9.9.9.9;x="a;b"', "10.0.0.2",
+     5060, True, 'SIP/2.0/UDP 10.0.0.2;rport=5060;branch=z9hG4bK-a;x="a;b";received=10.0.0.2'),
+])
+def test_stamp_received_edits_the_top_via(via: str, host: str, port: int, changed: bool,
+                                          expected: str) -> None:
+    msg = parse(_options_with_via(via))
+    assert msg.stamp_received(host, port) is changed
+    assert str(msg.top_via) == expected
+    again = parse(bytes(msg))           # what goes on the wire parses to the same Via
+    assert str(again.top_via) == expected and len(again.via) == 2
+
+
+def test_stamp_received_keeps_the_other_values_of_the_line_and_unfolds() -> None:
+    msg = parse(_options_with_via(
+        "SIP/2.0/UDP 10.0.0.2:5060;rport;branch=z9hG4bK-a, SIP/2.0/UDP 10.0.0.3;branch=z9hG4bK-b"))
+    assert msg.stamp_received("203.0.113.9", 4000)
+    assert [str(v) for v in parse(bytes(msg)).via] == [
+        "SIP/2.0/UDP 10.0.0.2:5060;rport=4000;branch=z9hG4bK-a;received=203.0.113.9",
+        "SIP/2.0/UDP 10.0.0.3;branch=z9hG4bK-b", "SIP/2.0/UDP p;branch=z9hG4bK-p"]
+    folded = parse(_options_with_via("SIP/2.0/UDP 10.0.0.2:5060;rport\r\n ;branch=z9hG4bK-a"))
+    assert folded.stamp_received("203.0.113.9", 4000)
+    top = parse(bytes(folded)).top_via
+    assert top is not None and top.rport == 4000 and top.received == "203.0.113.9"
+    assert top.branch == "z9hG4bK-a"

@@ -1816,6 +1816,66 @@ cdef class Message:
         cdef int at = self._first[H_VIA]
         self._insert(at if at >= 0 else 0, H_VIA, b"Via", 3, b, len(b))
 
+    def stamp_received(self, str host, int port):
+        """§18.2.1 and RFC 3581 §4 on the top Via of a request that came from ``host``:``port``
+        (``host`` without brackets): ``received=HOST`` when the sent-by host is another, and
+        ``rport=PORT`` filled in when the client sent an empty ``rport`` (``received`` is then
+        added too).  One edit of that value: the rest stays as written, an older ``received``
+        is dropped, other Via values on the same line are kept.  True when the Via changed,
+        False when it needed nothing or there is none; ParseError for a top Via that does not
+        parse."""
+        cdef int i = self._first[H_VIA]
+        cdef HEntry* h
+        cdef const char* p
+        cdef Py_ssize_t vs, ve, k, j, n, hs, he, nl
+        cdef ViaParts v
+        cdef ParamSpan prm
+        cdef bytes unfolded
+        cdef bytes hb = host.encode("utf-8", "surrogateescape")
+        cdef bint add_received, fill_rport
+        if i < 0:
+            return False
+        h = &self._h[i]
+        p = self._base(h)
+        vs = h.value_s
+        ve = h.value_e
+        if h.folded:
+            # Continuation lines: work on the unfolded text (the new value is one line).
+            unfolded = _text_lws(p, vs, ve).encode("utf-8", "surrogateescape")
+            p = unfolded
+            vs = 0
+            ve = len(unfolded)
+        k = _scan_via(p, vs, ve, &v)
+        hs = v.host_s
+        he = v.host_e
+        if he - hs >= 2 and p[hs] == b'[' and p[he - 1] == b']':
+            hs += 1
+            he -= 1
+        add_received = not (he - hs == len(hb) and memcmp(p + hs, <const char*>hb, he - hs) == 0)
+        fill_rport = v.rport == RPORT_EMPTY
+        if not add_received and not fill_rport:
+            return False
+        parts = [PyBytes_FromStringAndSize(p + v.s, v.params_s - v.s)]
+        j = v.params_s
+        while True:
+            n = _next_param(p, j, k, &prm)
+            if n < 0:
+                break
+            nl = prm.name_e - prm.name_s
+            if _ieq(p + prm.name_s, nl, b"received", 8):
+                pass
+            elif fill_rport and prm.value_s < 0 and _ieq(p + prm.name_s, nl, b"rport", 5):
+                parts.append(b";rport=%d" % port)
+            else:
+                parts.append(PyBytes_FromStringAndSize(p + j, n - j))
+            j = n
+        parts.append(b";received=" + hb)
+        if k < ve:
+            parts.append(PyBytes_FromStringAndSize(p + k, ve - k))   # ", " and the other values
+        value = b"".join(parts)
+        self._replace_value(i, value, len(value))
+        return True
+
     def pop_via(self):
         """Remove the top Via value (a proxy forwarding a response, RFC 3261 16.7 step 3);
         returns it as text, or None when there was none."""
