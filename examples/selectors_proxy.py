@@ -45,6 +45,7 @@ from fastsip.sip import Limits
 from fastsip.transaction import TransactionLayer
 from fastsip.transport import Address
 from fastsip.transport.intake import receive_datagram
+from fastsip.transport.rules import parse_hostport, parse_listen
 
 log = logging.getLogger("selectors_proxy")
 
@@ -225,28 +226,6 @@ class SelectorsProxy:
                 f"asyncio imported: {'asyncio' in sys.modules}")
 
 
-def host_port(text: str, default_port: int | None) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` (the port optional with a default) -> (host, port)."""
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"{text!r}: expected [IPV6]:PORT")
-        port_text = rest[1:]
-    elif text.count(":") > 1:
-        raise ValueError(f"{text!r}: write an IPv6 address in brackets, [::1]:5060")
-    else:
-        host, _, port_text = text.partition(":")
-    if not host:
-        raise ValueError(f"{text!r}: missing host")
-    if not port_text:
-        if default_port is None:
-            raise ValueError(f"{text!r}: missing port")
-        return host, default_port
-    if not port_text.isdigit() or int(port_text) > 65535:
-        raise ValueError(f"{text!r}: bad port {port_text!r}")
-    return host, int(port_text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="fastsip's stateful proxy and registrar on a selectors loop (no asyncio)")
@@ -263,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        host, port = host_port(args.listen, None)
+        _, host, port = parse_listen(f"udp:{args.listen}")
         ip = ipaddress.ip_address(host)
     except ValueError as exc:
         parser.error(f"--listen {exc}")
@@ -285,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     sent_by = (str(bound[0]), int(bound[1]))
     if args.advertise:
         try:
-            sent_by = host_port(args.advertise, sent_by[1])
+            sent_by = parse_hostport(args.advertise, sent_by[1])
         except ValueError as exc:
             sock.close()
             parser.error(f"--advertise {exc}")

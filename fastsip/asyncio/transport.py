@@ -56,7 +56,7 @@ from fastsip.errors import FastSIPError, ParseError
 from fastsip.sip import Limits, Message, Request, Response, message_length, parse
 from fastsip.transport import DEFAULT_PORTS, Address
 from fastsip.transport.intake import answer_malformed, deliver_message, receive_datagram
-from fastsip.transport.rules import strip_brackets
+from fastsip.transport.rules import parse_hostport, parse_listen, strip_brackets
 
 __all__ = ["AdmitCallback", "Listener", "TransportLayer", "TransportStats", "parse_listen"]
 
@@ -87,47 +87,6 @@ _ACCEPT_RETRY = 1.0                   # out of descriptors: pause accepting this
 _ACCEPT_PAUSE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _SEND_DROP = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
 _MAX_SWEEP_PERIOD = 30.0
-
-
-def parse_listen(spec: str) -> tuple[str, str, int]:
-    """``"udp:127.0.0.1:5060"``, ``"tcp:[::1]:5060"``, ``"tls:0.0.0.0:5061"`` →
-    ``("UDP", "127.0.0.1", 5060)``.  The port may be omitted (the transport's default) or 0
-    (any free port).  A ``/HOST[:PORT]`` suffix (the address to advertise for it, see
-    :meth:`TransportLayer.listen`) is checked and left out of the answer.  Raises ValueError
-    with the reason for anything else."""
-    spec, slash, advertise = spec.partition("/")
-    if slash and (not advertise or any(c.isspace() for c in advertise)):
-        raise ValueError(f"listen spec {spec}/{advertise!r}: expected /HOST[:PORT] to advertise")
-    transport, sep, rest = spec.partition(":")
-    transport = transport.upper()
-    if not sep or transport not in ("UDP", "TCP", "TLS"):
-        raise ValueError(f"listen spec {spec!r}: expected udp:, tcp: or tls: then host[:port]")
-    if rest.startswith("["):
-        end = rest.find("]")
-        if end < 0:
-            raise ValueError(f"listen spec {spec!r}: unclosed '[' in IPv6 host")
-        host, tail = rest[1:end], rest[end + 1:]
-        if tail and not tail.startswith(":"):
-            raise ValueError(f"listen spec {spec!r}: expected ':port' after ']'")
-        port_text = tail[1:]
-    elif rest.count(":") > 1:
-        raise ValueError(f"listen spec {spec!r}: write an IPv6 host in brackets, [::1]:5060")
-    else:
-        host, _, port_text = rest.partition(":")
-    if not host:
-        raise ValueError(f"listen spec {spec!r}: missing host")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"listen spec {spec!r}: host must be an IP address, not {host!r}") \
-            from None
-    if port_text:
-        if not port_text.isdigit() or int(port_text) > 65535:
-            raise ValueError(f"listen spec {spec!r}: bad port {port_text!r}")
-        port = int(port_text)
-    else:
-        port = DEFAULT_PORTS[transport]
-    return transport, host, port
 
 
 @lru_cache(maxsize=4096)
@@ -746,14 +705,7 @@ class TransportLayer:
 
     def _advertised(self, address: Address, advertise: str | None) -> tuple[str, int]:
         if advertise:
-            if advertise.startswith("["):
-                host, _, port = advertise[1:].partition("]")
-                port = port[1:]
-            elif advertise.count(":") == 1:
-                host, _, port = advertise.partition(":")
-            else:
-                host, port = advertise, ""
-            return (host, int(port) if port else address.port)
+            return parse_hostport(advertise, address.port)
         if address.host in _WILDCARDS:
             return (routed_address(address.host == "::"), address.port)
         return (address.host, address.port)

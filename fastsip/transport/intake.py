@@ -70,28 +70,13 @@ def receive_datagram(data: bytes, host: str, port: int, connection: int, limits:
         log.debug("malformed datagram from %s: %s", source, exc)
         answer_malformed(data, exc, source, transport)
         return False
-    # deliver_message, written out: a call costs more than these lines, once per datagram.
-    if isinstance(msg, Request):
-        if msg.top_via is None:
-            log.debug("dropping %s from %s: no Via", msg.method, source)
-            return False
-        stamp_received(msg, source)
-    elif local is not None and not check_sent_by(msg, local):
-        log.debug("dropping response from %s: top Via is not ours", source)
-        return False
-    if deliver is None:
-        return False
-    try:
-        deliver(msg, source)
-    except Exception:
-        log.exception("error handling a message from %s", source)
-    return True
+    return deliver_message(msg, source, deliver, local)
 
 
 def deliver_message(msg: Request | Response, source: Address, deliver: Deliver | None,
                     local: Iterable[tuple[str, int]] | None = None) -> bool:
     """§18.2.1 and §18.1.2 for a parsed message from ``source`` (one framed on a stream),
-    then ``deliver(msg, source)``: a request needs a Via, and gets ``received``/``rport``
+    then ``deliver(msg, source)`` (the datagram path ends here too): a request needs a Via, and gets ``received``/``rport``
     stamped in it; a response's top Via must name one of our ``local`` sent-bys (None: not
     checked).  An exception from ``deliver`` is logged.  True when delivered."""
     if isinstance(msg, Request):

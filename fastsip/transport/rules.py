@@ -6,6 +6,7 @@ Sans-IO: these decide *where* a message goes and what the receiving side records
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Iterable
@@ -239,3 +240,51 @@ def error_response(data: bytes, error: ParseError, max_scan: int = 65535) -> byt
     out = [f"SIP/2.0 {status} {reason}".encode()] + vias + rest[:1] + [to_line] + rest[1:]
     out.append(b"Content-Length: 0")
     return b"\r\n".join(out) + b"\r\n\r\n"
+
+
+def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT`` -> (host without brackets, port);
+    without a port, ``default_port`` (None: a port is required).  ValueError with the reason
+    for anything else (an IPv6 address outside brackets, an empty host, a bad port)."""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{text!r}: expected [IPV6]:PORT")
+        port_text = rest[1:]
+    elif text.count(":") > 1:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, [::1]:5060")
+    else:
+        host, _, port_text = text.partition(":")
+    if not host:
+        raise ValueError(f"{text!r}: missing host")
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"{text!r}: missing port")
+        return host, default_port
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"{text!r}: bad port {port_text!r}")
+    return host, int(port_text)
+
+
+def parse_listen(spec: str) -> tuple[str, str, int]:
+    """``"udp:127.0.0.1:5060"``, ``"tcp:[::1]:5060"``, ``"tls:0.0.0.0:5061"`` ->
+    ``("UDP", "127.0.0.1", 5060)``.  The port may be omitted (the transport's default) or 0
+    (any free port).  A ``/HOST[:PORT]`` suffix (the address to advertise for it) is checked
+    and left out of the answer.  Raises ValueError with the reason for anything else."""
+    spec, slash, advertise = spec.partition("/")
+    if slash and (not advertise or any(c.isspace() for c in advertise)):
+        raise ValueError(f"listen spec {spec}/{advertise!r}: expected /HOST[:PORT] to advertise")
+    transport, sep, rest = spec.partition(":")
+    transport = transport.upper()
+    if not sep or transport not in ("UDP", "TCP", "TLS"):
+        raise ValueError(f"listen spec {spec!r}: expected udp:, tcp: or tls: then host[:port]")
+    try:
+        host, port = parse_hostport(rest, DEFAULT_PORTS[transport])
+    except ValueError as exc:
+        raise ValueError(f"listen spec {spec!r}: {exc}") from None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"listen spec {spec!r}: host must be an IP address, not {host!r}") \
+            from None
+    return transport, host, port
