@@ -75,10 +75,11 @@ def receive_datagram(data: bytes, host: str, port: int, connection: int, limits:
 
 def deliver_message(msg: Request | Response, source: Address, deliver: Deliver | None,
                     local: Iterable[tuple[str, int]] | None = None) -> bool:
-    """§18.2.1 and §18.1.2 for a parsed message from ``source`` (one framed on a stream),
-    then ``deliver(msg, source)`` (the datagram path ends here too): a request needs a Via, and gets ``received``/``rport``
-    stamped in it; a response's top Via must name one of our ``local`` sent-bys (None: not
-    checked).  An exception from ``deliver`` is logged.  True when delivered."""
+    """§18.2.1 and §18.1.2 for a parsed message from ``source`` (one framed on a stream, or
+    a datagram from :func:`receive_datagram`), then ``deliver(msg, source)``: a request needs
+    a Via, and gets ``received``/``rport`` stamped in it; a response's top Via must name one
+    of our ``local`` sent-bys (None: not checked).  An exception from ``deliver`` is logged.
+    True when delivered."""
     if isinstance(msg, Request):
         if msg.top_via is None:
             log.debug("dropping %s from %s: no Via", msg.method, source)
