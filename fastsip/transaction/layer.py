@@ -193,7 +193,7 @@ class ClientTransaction:
             if state in (CALLING, TRYING):
                 self.state = PROCEEDING
                 if self.is_invite:
-                    self._cancel_timer()                 # Timer A stops; B stops too
+                    self._stop_retransmitting()          # Timer A stops; B stops too
                     self._cancel_timeout()
             if state in (CALLING, TRYING, PROCEEDING):
                 self.last_response = response
@@ -203,7 +203,7 @@ class ClientTransaction:
             if 200 <= status < 300:
                 if state in (CALLING, PROCEEDING):
                     self.state = ACCEPTED                # RFC 6026: absorb nothing, pass every 2xx
-                    self._cancel_timer()
+                    self._stop_retransmitting()
                     self._cancel_timeout()
                     self._timeout = self.layer.clock.call_later(cfg.timeout, self._on_timeout)
                 if self.state == ACCEPTED:
@@ -212,7 +212,7 @@ class ClientTransaction:
                 return
             if state in (CALLING, PROCEEDING):
                 self.state = COMPLETED
-                self._cancel_timer()
+                self._stop_retransmitting()
                 self._cancel_timeout()
                 self.last_response = response
                 self._ack = bytes(self._build_ack(response))
@@ -224,7 +224,7 @@ class ClientTransaction:
             return
         if state in (TRYING, PROCEEDING):
             self.state = COMPLETED
-            self._cancel_timer()
+            self._stop_retransmitting()
             self._cancel_timeout()
             self.last_response = response
             self.handler.on_response(self, response)
@@ -251,10 +251,14 @@ class ClientTransaction:
         self._terminate()
         self.handler.on_transport_error(self)
 
-    def _cancel_timer(self) -> None:
+    def _stop_retransmitting(self) -> None:
+        # Timer A/E (or D/K, the linger) is stopped; the request's bytes are never sent again
+        # from here, so they go: a finished transaction lingers for up to 32 s (Timer D/M),
+        # and at carrier rates every byte it keeps is multiplied by tens of thousands.
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._data = b""
 
     def _cancel_timeout(self) -> None:
         if self._timeout is not None:
@@ -265,7 +269,7 @@ class ClientTransaction:
         if self.state == TERMINATED:
             return
         self.state = TERMINATED
-        self._cancel_timer()
+        self._stop_retransmitting()
         self._cancel_timeout()
         self.layer._client.pop(self.key, None)
 
@@ -337,6 +341,7 @@ class ServerTransaction:
             self._timeout = None
         if self.is_invite and status < 300:
             self.state = ACCEPTED                        # RFC 6026: Timer L
+            self._data = None          # never resent by us: the TU retransmits its 2xx
             self._timeout = self.layer.clock.call_later(cfg.timeout, self._terminate)
             return
         self.state = COMPLETED
