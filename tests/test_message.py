@@ -511,3 +511,37 @@ def test_stamp_received_keeps_the_other_values_of_the_line_and_unfolds() -> None
     top = parse(bytes(folded)).top_via
     assert top is not None and top.rport == 4000 and top.received == "203.0.113.9"
     assert top.branch == "z9hG4bK-a"
+
+
+def _invite(**changes: str) -> bytes:
+    fields = {"uri": "sip:bob@example.com", "via": "SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK-a",
+              "from_tag": "1", "to_tag": "", "call_id": "c1", "cseq": "1",
+              "extra": ""} | changes
+    to = "<sip:bob@example.com>" + (f";tag={fields['to_tag']}" if fields["to_tag"] else "")
+    return (f"INVITE {fields['uri']} SIP/2.0\r\nVia: {fields['via']}\r\n"
+            f"From: Alice <sip:alice@example.com>;tag={fields['from_tag']}\r\nTo: {to}\r\n"
+            f"Call-ID: {fields['call_id']}\r\nCSeq: {fields['cseq']} INVITE\r\n{fields['extra']}"
+            "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+def test_loop_hash_covers_the_fields_of_rfc3261_16_6_step_8() -> None:
+    base = parse(_invite()).loop_hash()
+    assert len(base) == 16 and int(base, 16) >= 0
+    # The same request coming back: another Via on top, a stamped Via, a lower Max-Forwards.
+    back = parse(_invite(via="SIP/2.0/UDP 192.0.2.9;branch=z9hG4bK-x, SIP/2.0/UDP 192.0.2.1:5060;"
+                             "branch=z9hG4bK-a"))
+    back.stamp_received("203.0.113.5", 4000)
+    back.decrement_max_forwards()
+    assert back.loop_hash() == base
+    # A Request-URI edited after arrival still hashes as received.
+    edited = parse(_invite())
+    edited.uri = "sip:bob@192.0.2.44"
+    assert edited.loop_hash() == base
+    # Any of the listed fields makes it another request.
+    for change in ({"uri": "sip:carol@example.com"}, {"from_tag": "2"}, {"to_tag": "9"},
+                   {"call_id": "c2"}, {"cseq": "2"}, {"extra": "Proxy-Require: foo\r\n"},
+                   {"extra": 'Proxy-Authorization: Digest username="a"\r\n'}):
+        assert parse(_invite(**change)).loop_hash() != base, change
+    # Fields that run together differently are not confused ("ab"+"" vs "a"+"b").
+    assert parse(_invite(from_tag="ab", call_id="c")).loop_hash() != \
+        parse(_invite(from_tag="a", call_id="bc")).loop_hash()

@@ -189,30 +189,6 @@ class RequestRouter(Protocol):
         accounting, without polling.)"""
 
 
-def _loop_hash(request: Request) -> str:
-    """§16.6 step 8: a hash of the fields that make a request "the same" when it comes back:
-    Request-URI as received, From/To tags, Call-ID, CSeq number, Proxy-Require,
-    Proxy-Authorization.  The topmost Via, which §16.6 also lists, is left out on purpose (it
-    changes on every hop, so including it would hide every loop; RFC 5393 §4.2 notes the
-    same).  Computed on arrival, before §16.4 touches the request."""
-    frm = request.from_
-    to = request.to
-    cseq = request.cseq
-    h = request.headers
-    text = "\x00".join(
-        (
-            str(request.uri),
-            (frm.tag or "") if frm is not None else "",
-            (to.tag or "") if to is not None else "",
-            request.call_id or "",
-            str(cseq.seq) if cseq is not None else "",
-            ",".join(h.getall("Proxy-Require")),
-            ",".join(h.getall("Proxy-Authorization")),
-        )
-    )
-    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
-
-
 def _stateless_branch(request: Request) -> str:
     """§16.11: the branch a stateless proxy puts in its Via is a function of the received
     request's own transaction id, so a retransmission, the ACK for a non-2xx and the CANCEL
@@ -1093,7 +1069,7 @@ class Proxy:
         try:
             bad = self._validate(request)
             if bad is None and self.loop_detection:
-                ctx.loop = _loop_hash(request)
+                ctx.loop = request.loop_hash()  # §16.6 step 8, on arrival
                 if self._looped(request, ctx.loop):
                     bad = (482, None, [])
             if bad is not None:

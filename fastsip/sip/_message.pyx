@@ -235,6 +235,28 @@ cdef int _name_id_of(object name) except -1:
     return _header_id(p, n) if n else 0
 
 
+cdef int _H_PROXY_REQUIRE = _name_id_of("Proxy-Require")
+cdef int _H_PROXY_AUTHORIZATION = _name_id_of("Proxy-Authorization")
+
+# FNV-1a, 64 bits: a hash of raw header bytes that is the same in every process (a loop
+# that passes through two workers of a cluster must still be recognised), cheap, and not a
+# security boundary (see Request.loop_hash).
+DEF FNV_OFFSET = 14695981039346656037
+DEF FNV_PRIME = 1099511628211
+
+
+cdef inline uint64_t _fnv(uint64_t h, const char* p, Py_ssize_t s, Py_ssize_t e) noexcept:
+    cdef Py_ssize_t i
+    for i in range(s, e):
+        h = (h ^ <unsigned char>p[i]) * <uint64_t>FNV_PRIME
+    return h
+
+
+cdef inline uint64_t _fnv_end(uint64_t h) noexcept:
+    # A field separator: "ab" + "" and "a" + "b" must not hash alike.
+    return (h ^ 0xFF) * <uint64_t>FNV_PRIME
+
+
 # ---------------------------------------------------------------------------------------------
 # Small scanning helpers.  Offsets are Py_ssize_t; every loop is bounded by an explicit end.
 # ---------------------------------------------------------------------------------------------
@@ -2124,6 +2146,56 @@ cdef class Request(Message):
         self._new_start_line = (f"{self.method} {u} SIP/2.0\r\n").encode("utf-8", "surrogateescape")
         self._c_uri = u
         self._edited = True
+
+    def loop_hash(self):
+        """RFC 3261 §16.6 step 8: 16 hex digits that are the same for this request when it
+        comes back to us -- over the Request-URI as received, the From and To tags, Call-ID,
+        the CSeq number, Proxy-Require and Proxy-Authorization.  The Via header, which §16.6
+        also lists, is left out on purpose: it changes on every hop, so including it would hide
+        every loop (RFC 5393 §4.2 says the same).  Read from the parser's index, nothing
+        decoded; the same in every process (FNV-1a 64).  Not a defence against a client that
+        forges a collision: the worst it gets is a 482 for its own request."""
+        cdef uint64_t hv = <uint64_t>FNV_OFFSET
+        cdef int i, hid
+        cdef HEntry* h
+        cdef const char* p
+        cdef NameAddrParts na
+        cdef Py_ssize_t j, k
+        hv = _fnv_end(_fnv(hv, self._buf, self._u_s, self._u_e))
+        for hid in (H_FROM, H_TO):
+            i = self._first[hid]
+            if i >= 0:
+                h = &self._h[i]
+                p = self._base(h)
+                if self._parts_ok:        # the parts parse() found (no edit since)
+                    na = self._from_p if hid == H_FROM else self._to_p
+                else:
+                    _scan_name_addr(p, h.value_s, h.value_e, False, &na, False)
+                if na.tag_s >= 0:
+                    hv = _fnv(hv, p, na.tag_s, na.tag_e)
+            hv = _fnv_end(hv)
+        i = self._first[H_CALL_ID]
+        if i >= 0:
+            h = &self._h[i]
+            hv = _fnv(hv, self._base(h), h.value_s, h.value_e)
+        hv = _fnv_end(hv)
+        i = self._first[H_CSEQ]
+        if i >= 0:
+            h = &self._h[i]
+            p = self._base(h)
+            j = _skip_lws(p, h.value_s, h.value_e)
+            k = j
+            while k < h.value_e and p[k] >= b'0' and p[k] <= b'9':
+                k += 1
+            hv = _fnv(hv, p, j, k)
+        hv = _fnv_end(hv)
+        for hid in (_H_PROXY_REQUIRE, _H_PROXY_AUTHORIZATION):
+            for i in range(self._nh):
+                h = &self._h[i]
+                if h.id == hid and not h.deleted:
+                    hv = _fnv_end(_fnv(hv, self._base(h), h.value_s, h.value_e))
+            hv = _fnv_end(hv)
+        return "%016x" % hv
 
     def reply(self, int status, reason=None, *, to_tag=None, headers=None, body=None,
               content_type=None, record_route=False):
