@@ -360,4 +360,5 @@ if __name__ == "__main__":
           f"(best of {args.rounds} rounds of {args.calls} calls):\n"
           f"  fastsip serve's sans-IO stack  {r['fastsip']:8.1f} us\n"
           f"  naive stateless Python relay   {r['naive']:8.1f} us\n"
-          f"  ratio naive/fastsip {r['naive'] / r['fastsip']:.3f} (guard floor {GUARDS[0][2]})")
+          f"  ratio naive/fastsip {r['naive'] / r['fastsip']:.3f} (the relays' receive calls "
+          f"only; the guard, floor {GUARDS[0][2]}, times whole calls, driver included)")
