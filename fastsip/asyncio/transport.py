@@ -52,6 +52,7 @@ from typing import Any, cast
 
 from fastsip.asyncio import kernelban
 from fastsip.asyncio.netif import interface_addresses, routed_address
+from fastsip.asyncio.runner import loop_name
 from fastsip.errors import FastSIPError, ParseError
 from fastsip.sip import Limits, Message, Request, Response, message_length, parse
 from fastsip.transport import DEFAULT_PORTS, Address
@@ -672,7 +673,7 @@ class TransportLayer:
     def _udp_reader(self, sock: socket.socket, lid: int) -> _UdpSocket | None:
         lean = self._lean_udp
         if lean is None:
-            lean = self._lean_io and not type(self.loop).__module__.startswith("uvloop")
+            lean = self._lean_io and loop_name(self.loop) != "uvloop"
         if not lean:
             return None
         try:

@@ -279,6 +279,14 @@ cdef inline Py_ssize_t _rtrim(const char* p, Py_ssize_t s, Py_ssize_t e) noexcep
     return e
 
 
+cdef inline Py_ssize_t _digits_end(const char* p, Py_ssize_t i, Py_ssize_t e) noexcept:
+    """The end of the run of decimal digits that starts at i (i itself when there is none): a
+    CSeq number, a status code."""
+    while i < e and p[i] >= b'0' and p[i] <= b'9':
+        i += 1
+    return i
+
+
 cdef inline Py_ssize_t _token_end(const char* p, Py_ssize_t i, Py_ssize_t e) noexcept:
     """The end of the run of token characters that starts at i (i itself when there is none)."""
     while i < e and fastsip_token[<unsigned char>p[i]]:
@@ -1479,9 +1487,7 @@ cdef class Message:
                                 &self._to_p if i == self._first[H_TO] else &na, False)
             elif h.id == H_CSEQ:
                 j = _skip_lws(p, h.value_s, h.value_e)
-                k = j
-                while k < h.value_e and p[k] >= b'0' and p[k] <= b'9':
-                    k += 1
+                k = _digits_end(p, j, h.value_e)
                 # RFC 3261 8.1.1.5: the sequence number is less than 2**31.
                 if _digits(p, j, k, 0x7FFFFFFF) < 0:
                     _fail("CSeq: invalid sequence number", j)
@@ -1558,9 +1564,7 @@ cdef class Message:
             h = &self._h[i]
             p = self._base(h)
             j = _skip_lws(p, h.value_s, h.value_e)
-            k = j
-            while k < h.value_e and p[k] >= b'0' and p[k] <= b'9':
-                k += 1
+            k = _digits_end(p, j, h.value_e)
             m = _skip_lws(p, k, h.value_e)
             self._c_cseq = _make_cseq(_digits(p, j, k, 0x7FFFFFFF), _method_text(p, m, h.value_e))
         return self._c_cseq
@@ -2184,9 +2188,7 @@ cdef class Request(Message):
             h = &self._h[i]
             p = self._base(h)
             j = _skip_lws(p, h.value_s, h.value_e)
-            k = j
-            while k < h.value_e and p[k] >= b'0' and p[k] <= b'9':
-                k += 1
+            k = _digits_end(p, j, h.value_e)
             hv = _fnv(hv, p, j, k)
         hv = _fnv_end(hv)
         for hid in (_H_PROXY_REQUIRE, _H_PROXY_AUTHORIZATION):
@@ -2529,9 +2531,7 @@ cdef Message _parse(object data, Limits limits):
                 sp1 += 1
             _check_version(p, i, sp1)
             j = sp1 + 1
-            k = j
-            while k < ce and p[k] >= b'0' and p[k] <= b'9':
-                k += 1
+            k = _digits_end(p, j, ce)
             code = _digits(p, j, k, 999) if k - j == 3 else -1
             if code < 100 or code > 699:
                 _fail("invalid status code", j)
