@@ -49,7 +49,7 @@ from bench_proxy import ROUTES
 from fastsip import TimerWheel
 from fastsip.app import Router, load_routes, logqueue
 from fastsip.app.serve import ServeRouter
-from fastsip.proxy import Registrar, open_store
+from fastsip.proxy import MemoryLocationStore, Registrar
 from fastsip.proxy.core import Proxy
 from fastsip.proxy.edge import SourceGuard, TrustedNetworks
 from fastsip.sip import Limits
@@ -188,7 +188,7 @@ def fastsip_relay(routes_path: str) -> tuple[Receive, Wire, TimerWheel]:
     trusted = TrustedNetworks([HOST])
     guard = SourceGuard(rate=100.0, burst=400.0, ban_time=600.0, source_failures=10,
                         user_failures=5, trusted=trusted)
-    registrar = Registrar(open_store("memory:"), domains=["example.com"], flow_timer=30)
+    registrar = Registrar(MemoryLocationStore(), domains=["example.com"], flow_timer=30)
     router = Router(load_routes(routes_path), registrar=registrar, guard=guard,
                     monotonic=wheel.time)
     proxy = Proxy(ServeRouter(router, clock=wheel.time), aliases=["example.com"],

@@ -139,7 +139,7 @@ class SelectorsProxy:
         self.wheel.call_later(PURGE_INTERVAL, self._purge)
 
     def _purge(self) -> None:
-        removed = self.store.purge(time.time())
+        removed = self.store.purge_now(time.time())
         if removed:
             log.info("purged %d expired binding(s)", removed)
         self.wheel.call_later(PURGE_INTERVAL, self._purge)
@@ -222,7 +222,7 @@ class SelectorsProxy:
         return (f"stopped on {name}: datagrams={self.datagrams} delivered={self.delivered} "
                 f"sent={self.transport.sent} dropped={self.transport.dropped} "
                 f"send_failures={self.send_failures} timers_fired={self.wheel.fired} "
-                f"transactions_left={len(self.layer)} aors={len(self.store.aors())} "
+                f"transactions_left={len(self.layer)} aors={len(self.store)} "
                 f"asyncio imported: {'asyncio' in sys.modules}")
 
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_proxy_net import Net, Phone, ProxyNode, Raw, raw_request
 
 from fastsip.app import Request, Router, Routes, load_routes, on_failure, on_response, route
-from fastsip.proxy import Credentials, DigestAuthenticator, Registrar, open_store
+from fastsip.proxy import Credentials, DigestAuthenticator, MemoryLocationStore, Registrar
 from fastsip.proxy.auth import digest_response
 from fastsip.proxy.edge import TrustedNetworks
 from fastsip.sip import Response
@@ -89,7 +89,7 @@ def app(router: Router, **kw: Any) -> tuple[Net, ProxyNode, Raw]:
 
 
 def default_router(**kw: Any) -> Router:
-    registrar = Registrar(open_store("memory:"), domains=[DOMAIN])
+    registrar = Registrar(MemoryLocationStore(), domains=[DOMAIN])
     return Router(registrar=registrar, wallclock=lambda: 1000.0, **kw)
 
 
@@ -240,7 +240,7 @@ def test_load_routes_from_file_relay_to_gateway_keeps_user(tmp_path: Path) -> No
     """))
     routes = load_routes(path)
     assert routes.request is not None and routes.failure is None
-    net, _proxy, up = app(Router(routes, trusted=PBX, registrar=Registrar(open_store("memory:"),
+    net, _proxy, up = app(Router(routes, trusted=PBX, registrar=Registrar(MemoryLocationStore(),
                                                             domains=[DOMAIN])))
     gw = Raw(net, "gw", 5090, auto=lambda r: r.reply(200, to_tag="g"))
     up.send_to(raw_request("MESSAGE", f"sip:+442071234567@{DOMAIN}"))
@@ -495,3 +495,77 @@ def test_hung_async_handler_times_out_with_500() -> None:
     tasks.run()
     net.run(12.0)
     assert up.statuses() == [500] and router.running == 0
+
+
+# -- a location store that waits (a database across the network) --------------------------------
+
+
+class GatedStore(MemoryLocationStore):
+    """The in-memory store behind a gate: every operation waits until the gate opens, as one
+    across the network waits for its round trip."""
+
+    immediate_reads = False
+    immediate_writes = False
+
+    def __init__(self, gate: Gate) -> None:
+        super().__init__()
+        self.gate = gate
+
+    async def lookup(self, aor: str, now: float) -> list[Any]:
+        await self.gate
+        return self.lookup_now(aor, now)
+
+    async def update(self, aor: str, put: Any = (), remove: Any = ()) -> None:
+        await self.gate
+        self.update_now(aor, put, remove)
+
+
+def test_a_store_that_waits_is_awaited_in_tasks_by_plain_handlers() -> None:
+    """``req.register()`` and ``req.relay()`` in plain handlers over a store that waits: the
+    answer goes out only once the store has answered (the 200 after the write), the waits
+    run as tasks under the concurrency bound, and a request beyond it gets 503 at once."""
+    gate, tasks = Gate(), Tasks()
+    seen: list[str] = []
+
+    def initial(req: Request) -> Any:
+        seen.append(req.method)
+        return None                 # the default routing: register(), relay() to our user
+
+    registrar = Registrar(GatedStore(gate), domains=[DOMAIN])
+    router = Router(Routes(initial), registrar=registrar, spawn=tasks, max_concurrency=1,
+                    wallclock=lambda: 1000.0)
+    net, _proxy, up = app(router)
+    bob = Phone(net, "bob", 5080)
+    register(up, "bob", 5080)
+    net.run(0.1)
+    tasks.run()
+    assert up.statuses() == [] and router.running == 1     # the write has not landed
+    register(up, "carol", 5081)                            # beyond max_concurrency=1
+    net.run(0.1)
+    assert up.statuses() == [503]
+    gate.open = True
+    tasks.run()
+    net.run(0.1)
+    assert up.statuses() == [503, 200] and router.running == 0
+    gate.open = False
+    alice = Phone(net, "alice", 5070)
+    call = alice.ua.invite(f"sip:bob@{DOMAIN}", proxy="sip:127.0.0.1:5060")
+    net.run(0.1)
+    tasks.run()
+    assert not bob.calls and router.running == 1           # the lookup waits
+    gate.open = True
+    tasks.run()
+    net.run(1.0)
+    assert call.status == 200 and str(bob.calls[0].invite.uri) == "sip:bob@127.0.0.1:5080"
+    assert seen == ["REGISTER", "REGISTER", "INVITE"]
+
+
+def test_a_store_that_waits_without_spawn_is_500(caplog: pytest.LogCaptureFixture) -> None:
+    gate = Gate()
+    registrar = Registrar(GatedStore(gate), domains=[DOMAIN])
+    net, _proxy, up = app(Router(registrar=registrar, wallclock=lambda: 1000.0))
+    with caplog.at_level(logging.ERROR, logger="fastsip.app"):
+        register(up, "bob", 5080)
+        net.run(0.1)
+    assert up.statuses() == [500]
+    assert any("spawn" in r.getMessage() for r in caplog.records)

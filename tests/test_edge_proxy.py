@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_proxy_net import Net, Phone, ProxyNode, Raw, raw_request
 
 from fastsip.app import Router
-from fastsip.proxy import Credentials, DigestAuthenticator, Registrar, open_store
+from fastsip.proxy import Credentials, DigestAuthenticator, MemoryLocationStore, Registrar
 from fastsip.proxy.auth import digest_response
 from fastsip.proxy.core import UNREACHABLE
 from fastsip.proxy.edge import SourceGuard, TrustedNetworks
@@ -35,7 +35,7 @@ def edge(*, auth: bool = False, trusted: list[str] | None = None,
     """A proxy for example.com with default routing (optionally digest auth), an attacker on
     127.0.0.1:5071 and a victim on 127.0.0.1:5099."""
     net = Net()
-    registrar = Registrar(open_store("memory:"), domains=[DOMAIN])
+    registrar = Registrar(MemoryLocationStore(), domains=[DOMAIN])
     authenticator = None
     if auth:
         creds = Credentials()

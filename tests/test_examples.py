@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from fastsip.app import Router, load_routes
-from fastsip.proxy import Registrar, open_store
+from fastsip.proxy import MemoryLocationStore, Registrar
 from fastsip.proxy.core import Target
 from fastsip.proxy.edge import TrustedNetworks
 from fastsip.sip import Request, Response, parse
@@ -59,7 +59,7 @@ TRUSTED = TrustedNetworks(["192.0.2.10", "192.0.2.11"])
 
 
 def router_for(example: str) -> Router:
-    registrar = Registrar(open_store("memory:"), domains=[DOMAIN])
+    registrar = Registrar(MemoryLocationStore(), domains=[DOMAIN])
     return Router(load_routes(EXAMPLES / example), registrar=registrar, wallclock=lambda: NOW,
                   trusted=TRUSTED)
 

@@ -1,41 +1,61 @@
-"""Location stores: the in-memory and SQLite stores behave the same; SQLite survives restarts."""
+"""Location stores: the in-memory and SQLite stores behave the same; SQLite survives restarts,
+commits off the event loop and groups concurrent REGISTERs' writes into one commit."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 import fastsip
+from fastsip.asyncio.stores import SqliteLocationStore, open_store
 from fastsip.proxy.location import (
     Binding,
     LocationStore,
     LocationStoreError,
     MemoryLocationStore,
-    SqliteLocationStore,
+    StoreWouldWait,
     aor_of,
     contact_key,
-    open_store,
+    run_immediately,
 )
 
 AOR = "sip:bob@example.com"
 
+Body = Callable[[LocationStore], Awaitable[None]]
+
 
 @pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocationStore]:
+def on_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[Body], None]]:
+    """Runs an async test body against each store, on a fresh loop."""
     s: LocationStore
     if request.param == "memory":
         s = MemoryLocationStore()
     else:
         s = SqliteLocationStore(tmp_path / "loc.db")
-    yield s
-    s.close()
+
+    def run(body: Body) -> None:
+        async def main() -> None:
+            try:
+                await body(s)
+            finally:
+                await s.close()
+        asyncio.run(main())
+
+    yield run
+
+
+async def put(store: LocationStore, binding: Binding) -> None:
+    await store.update(binding.aor, put=[binding])
 
 
 def test_aor_of_canonical() -> None:
@@ -54,46 +74,68 @@ def test_contact_key_follows_uri_equality() -> None:
     assert contact_key("sip:Bob@h") != contact_key("sip:bob@h")
 
 
-def test_put_lookup_order_and_expiry(store: LocationStore) -> None:
-    store.put(Binding(AOR, "sip:bob@10.0.0.1", expires=200.0, q=0.5, registered_at=100.0))
-    store.put(Binding(AOR, "sip:bob@10.0.0.2", expires=200.0, q=1.0, registered_at=90.0))
-    store.put(Binding(AOR, "sip:bob@10.0.0.3", expires=200.0, q=0.5, registered_at=110.0))
-    store.put(Binding(AOR, "sip:bob@10.0.0.4", expires=150.0, q=0.9, registered_at=120.0))
-    order = [b.contact for b in store.lookup(AOR, 120.0)]
-    assert order == ["sip:bob@10.0.0.2", "sip:bob@10.0.0.4", "sip:bob@10.0.0.3", "sip:bob@10.0.0.1"]
-    # At 150 the fourth binding has expired: lookup hides it, bindings() still has it.
-    assert "sip:bob@10.0.0.4" not in [b.contact for b in store.lookup(AOR, 150.0)]
-    assert len(store.bindings(AOR)) == 4
-    assert store.purge(150.0) == 1
-    assert len(store.bindings(AOR)) == 3
-    assert store.purge(1000.0) == 3
-    assert store.aors() == []
-    assert store.lookup(AOR, 0.0) == []
+def test_put_lookup_order_and_expiry(on_store: Callable[[Body], None]) -> None:
+    async def body(store: LocationStore) -> None:
+        await put(store, Binding(AOR, "sip:bob@10.0.0.1", expires=200.0, q=0.5,
+                                 registered_at=100.0))
+        await put(store, Binding(AOR, "sip:bob@10.0.0.2", expires=200.0, q=1.0,
+                                 registered_at=90.0))
+        await put(store, Binding(AOR, "sip:bob@10.0.0.3", expires=200.0, q=0.5,
+                                 registered_at=110.0))
+        await put(store, Binding(AOR, "sip:bob@10.0.0.4", expires=150.0, q=0.9,
+                                 registered_at=120.0))
+        order = [b.contact for b in await store.lookup(AOR, 120.0)]
+        assert order == ["sip:bob@10.0.0.2", "sip:bob@10.0.0.4", "sip:bob@10.0.0.3",
+                         "sip:bob@10.0.0.1"]
+        # At 150 the fourth binding has expired: lookup hides it, bindings() still has it.
+        assert "sip:bob@10.0.0.4" not in [b.contact for b in await store.lookup(AOR, 150.0)]
+        assert len(await store.bindings(AOR)) == 4
+        assert await store.purge(150.0) == 1
+        assert len(await store.bindings(AOR)) == 3
+        assert await store.purge(1000.0) == 3
+        assert await store.aors() == []
+        assert await store.lookup(AOR, 0.0) == []
+    on_store(body)
 
 
-def test_put_replaces_equal_contact(store: LocationStore) -> None:
-    store.put(Binding(AOR, "sip:bob@Host.example", expires=100.0, cseq=1))
-    store.put(Binding(AOR, "sip:bob@host.example;ob", expires=300.0, cseq=2))
-    (b,) = store.bindings(AOR)
-    assert b.cseq == 2 and b.expires == 300.0 and b.contact == "sip:bob@host.example;ob"
+def test_put_replaces_equal_contact(on_store: Callable[[Body], None]) -> None:
+    async def body(store: LocationStore) -> None:
+        await put(store, Binding(AOR, "sip:bob@Host.example", expires=100.0, cseq=1))
+        await put(store, Binding(AOR, "sip:bob@host.example;ob", expires=300.0, cseq=2))
+        (b,) = await store.bindings(AOR)
+        assert b.cseq == 2 and b.expires == 300.0 and b.contact == "sip:bob@host.example;ob"
+    on_store(body)
 
 
-def test_remove_remove_all_update_and_aors(store: LocationStore) -> None:
-    other = "sip:alice@example.com"
-    store.put(Binding(AOR, "sip:bob@a", expires=100.0))
-    store.put(Binding(AOR, "sip:bob@b", expires=100.0))
-    store.put(Binding(other, "sip:alice@c", expires=100.0))
-    assert store.aors() == [other, AOR]
-    store.remove(AOR, "sip:bob@A")
-    assert [b.contact for b in store.bindings(AOR)] == ["sip:bob@b"]
-    store.remove(AOR, "sip:nobody@x")  # removing what is not there is no error
-    store.update(AOR, put=[Binding(AOR, "sip:bob@d", expires=100.0)], remove=["sip:bob@b"])
-    assert [b.contact for b in store.bindings(AOR)] == ["sip:bob@d"]
-    store.remove_all(AOR)
-    assert store.aors() == [other]
+def test_update_remove_all_and_aors(on_store: Callable[[Body], None]) -> None:
+    async def body(store: LocationStore) -> None:
+        other = "sip:alice@example.com"
+        await put(store, Binding(AOR, "sip:bob@a", expires=100.0))
+        await put(store, Binding(AOR, "sip:bob@b", expires=100.0))
+        await put(store, Binding(other, "sip:alice@c", expires=100.0))
+        assert await store.aors() == [other, AOR]
+        await store.update(AOR, remove=["sip:bob@A"])
+        assert [b.contact for b in await store.bindings(AOR)] == ["sip:bob@b"]
+        await store.update(AOR, remove=["sip:nobody@x"])  # removing what is not there: no error
+        await store.update(AOR, put=[Binding(AOR, "sip:bob@d", expires=100.0)],
+                           remove=["sip:bob@b"])
+        assert [b.contact for b in await store.bindings(AOR)] == ["sip:bob@d"]
+        await store.remove_all(AOR)
+        assert await store.aors() == [other]
+    on_store(body)
 
 
-def test_binding_fields_round_trip(store: LocationStore) -> None:
+def test_a_bad_contact_changes_nothing(on_store: Callable[[Body], None]) -> None:
+    async def body(store: LocationStore) -> None:
+        await put(store, Binding(AOR, "sip:bob@a", expires=100.0))
+        with pytest.raises(ValueError):
+            await store.update(AOR, put=[Binding(AOR, "sip:bob@b", expires=100.0)],
+                               remove=["sip:bob@a", "<not a uri"])
+        assert [b.contact for b in await store.bindings(AOR)] == ["sip:bob@a"]
+    on_store(body)
+
+
+def test_binding_fields_round_trip(on_store: Callable[[Body], None]) -> None:
     b = Binding(
         AOR,
         "sip:bob@192.168.1.2:5060;transport=udp",
@@ -106,38 +148,141 @@ def test_binding_fields_round_trip(store: LocationStore) -> None:
         instance="<urn:uuid:00000000-0000-1000-8000-000A95A0E128>",
         user_agent="softphone/1.0",
         registered_at=100.25,
+        flow=True,
+        socket=2,
+        reg_id=1,
     )
-    store.put(b)
-    assert store.lookup(AOR, 0.0) == [b]
-    assert b.expires_in(3600.0) == 101
+
+    async def body(store: LocationStore) -> None:
+        await put(store, b)
+        assert await store.lookup(AOR, 0.0) == [b]
+        assert b.expires_in(3600.0) == 101
+    on_store(body)
+
+
+def test_run_immediately_runs_a_memory_store_without_a_loop() -> None:
+    store = MemoryLocationStore()
+    run_immediately(store.update(AOR, put=[Binding(AOR, "sip:bob@a", expires=100.0)]))
+    assert [b.contact for b in run_immediately(store.lookup(AOR, 0.0))] == ["sip:bob@a"]
+
+    async def waits() -> None:
+        await asyncio.sleep(0)
+
+    with pytest.raises(StoreWouldWait):
+        run_immediately(waits())
+
+
+def _reopen(path: Path) -> list[Binding]:
+    s = SqliteLocationStore(path)
+    try:
+        return run_immediately(s.bindings(AOR))   # reads come from memory: no loop needed
+    finally:
+        asyncio.run(s.close())
 
 
 def test_sqlite_survives_reopen_and_purges(tmp_path: Path) -> None:
     path = tmp_path / "loc.db"
-    s = SqliteLocationStore(path)
-    s.put(Binding(AOR, "sip:bob@a", expires=1000.0, path=("<sip:p;lr>",), source="tcp:1.2.3.4:5"))
-    s.put(Binding(AOR, "sip:bob@b", expires=50.0))
-    s.close()
-    again = open_store(f"sqlite:{path}")
-    assert [b.contact for b in again.bindings(AOR)] == ["sip:bob@a", "sip:bob@b"]
-    (live,) = again.lookup(AOR, 100.0)
-    assert live.path == ("<sip:p;lr>",) and live.source == "tcp:1.2.3.4:5"
-    assert again.purge(100.0) == 1
-    again.close()
-    third = SqliteLocationStore(path)
-    assert [b.contact for b in third.bindings(AOR)] == ["sip:bob@a"]
-    third.close()
+
+    async def first() -> None:
+        s = SqliteLocationStore(path)
+        await put(s, Binding(AOR, "sip:bob@a", expires=1000.0, path=("<sip:p;lr>",),
+                             source="tcp:1.2.3.4:5"))
+        await put(s, Binding(AOR, "sip:bob@b", expires=50.0))
+        await s.close()
+        again = open_store(f"sqlite:{path}")
+        assert [b.contact for b in await again.bindings(AOR)] == ["sip:bob@a", "sip:bob@b"]
+        (live,) = await again.lookup(AOR, 100.0)
+        assert live.path == ("<sip:p;lr>",) and live.source == "tcp:1.2.3.4:5"
+        assert await again.purge(100.0) == 1
+        await again.close()
+
+    asyncio.run(first())
+    assert [b.contact for b in _reopen(path)] == ["sip:bob@a"]
+
+
+def test_sqlite_groups_concurrent_writes_into_few_commits(tmp_path: Path) -> None:
+    """200 REGISTERs' writes at once: every one durable, in far fewer commits than writes."""
+    path = tmp_path / "loc.db"
+
+    async def main() -> tuple[int, int]:
+        s = SqliteLocationStore(path)
+        await asyncio.gather(*(
+            s.update(f"sip:u{n}@example.com",
+                     put=[Binding(f"sip:u{n}@example.com", f"sip:u{n}@10.0.0.1", expires=1e12)])
+            for n in range(200)))
+        assert len(await s.aors()) == 200
+        await s.close()
+        return s.commits, s.writes
+
+    commits, writes = asyncio.run(main())
+    assert writes == 200 and commits < 50, (commits, writes)
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT COUNT(*) FROM bindings").fetchone() == (200,)
+    db.close()
+
+
+def test_sqlite_commits_off_the_loop_and_a_failed_commit_changes_nothing(tmp_path: Path) -> None:
+    """Another process holds the file's write lock: the update waits (the loop keeps
+    running meanwhile), then fails; neither the file nor the lookups show the binding."""
+    path = tmp_path / "loc.db"
+    s = SqliteLocationStore(path, busy_timeout=0.5)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")   # the write lock, as a second writer would hold it
+
+    async def main() -> int:
+        ticks = 0
+        update = asyncio.ensure_future(put(s, Binding(AOR, "sip:bob@a", expires=1e12)))
+        while not update.done():
+            ticks += 1
+            await asyncio.sleep(0.01)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await update
+        assert await s.lookup(AOR, 0.0) == []
+        return ticks
+
+    started = time.monotonic()
+    ticks = asyncio.run(main())
+    assert time.monotonic() - started >= 0.4
+    assert ticks >= 10          # the loop ran while SQLite waited for the lock
+    blocker.execute("ROLLBACK")
+    blocker.close()
+
+    async def after() -> None:
+        await put(s, Binding(AOR, "sip:bob@b", expires=1e12))   # the writer thread survived
+        await s.close()
+
+    asyncio.run(after())
+    assert [b.contact for b in _reopen(path)] == ["sip:bob@b"]
+
+
+def test_sqlite_close_commits_what_is_queued(tmp_path: Path) -> None:
+    path = tmp_path / "loc.db"
+
+    async def main() -> None:
+        s = SqliteLocationStore(path)
+        pending = [asyncio.ensure_future(put(s, Binding(AOR, f"sip:bob@h{n}", expires=1e12)))
+                   for n in range(20)]
+        await asyncio.sleep(0)          # queued, not yet awaited to the end
+        await s.close()
+        await asyncio.gather(*pending)
+        with pytest.raises(LocationStoreError, match="closed"):
+            await put(s, Binding(AOR, "sip:bob@late", expires=1e12))
+
+    asyncio.run(main())
+    assert len(_reopen(path)) == 20
 
 
 def test_sqlite_binding_survives_sigkill(tmp_path: Path) -> None:
-    """A committed write is on disk even when the process dies without closing the store."""
+    """A write whose update() returned is on disk even when the process dies at once."""
     db = tmp_path / "loc.db"
     script = textwrap.dedent(
         f"""
-        import os, signal
-        from fastsip.proxy.location import Binding, SqliteLocationStore
+        import asyncio, os, signal
+        from fastsip.asyncio.stores import SqliteLocationStore
+        from fastsip.proxy.location import Binding
         s = SqliteLocationStore({str(db)!r})
-        s.put(Binding({AOR!r}, "sip:bob@198.51.100.7:40000", expires=1e12, cseq=7))
+        asyncio.run(s.update({AOR!r}, put=[Binding({AOR!r}, "sip:bob@198.51.100.7:40000",
+                                                   expires=1e12, cseq=7)]))
         os.kill(os.getpid(), signal.SIGKILL)
         """
     )
@@ -149,10 +294,8 @@ def test_sqlite_binding_survives_sigkill(tmp_path: Path) -> None:
         [sys.executable, "-c", script], cwd=tmp_path, env=env, timeout=60, check=False
     )
     assert proc.returncode == -signal.SIGKILL
-    s = SqliteLocationStore(db)
-    (b,) = s.lookup(AOR, 0.0)
+    (b,) = _reopen(db)
     assert b.contact == "sip:bob@198.51.100.7:40000" and b.cseq == 7
-    s.close()
 
 
 def test_open_store_urls(tmp_path: Path) -> None:
@@ -160,9 +303,10 @@ def test_open_store_urls(tmp_path: Path) -> None:
     assert isinstance(open_store("memory"), MemoryLocationStore)
     s = open_store(f"sqlite:///{tmp_path}/a.db".replace("////", "///"))
     assert isinstance(s, SqliteLocationStore) and Path(s.path) == tmp_path / "a.db"
-    s.close()
-    for bad in ("redis://x", "sqlite:", "postgres:x", ""):
+    asyncio.run(s.close())
+    for bad in ("redis-x", "sqlite:", "postgres:x", ""):
         with pytest.raises(LocationStoreError, match="sqlite"):
             open_store(bad)
     with pytest.raises(ValueError):
         SqliteLocationStore(tmp_path / "b.db", synchronous="SOMETIMES")
+

@@ -176,18 +176,22 @@ class _ProxyShape:
         return Address(peer.transport, "192.0.2.1", 5060, 1)
 
 
+def _keyed(binding: Binding) -> tuple[str, list[Binding]]:
+    return binding.aor, [binding]
+
+
 def test_keeper_spreads_pings_and_removes_silent_flows() -> None:
     from fastsip.proxy.location import MemoryLocationStore
     from fastsip.proxy.nat import NatKeeper
 
     store = MemoryLocationStore()
     for n in range(90):
-        store.put(Binding(aor=f"sip:u{n}@x", contact=f"sip:u{n}@10.0.0.{n % 250}:5060",
+        store.update_now(*_keyed(Binding(aor=f"sip:u{n}@x", contact=f"sip:u{n}@10.0.0.{n % 250}:5060",
                           expires=1e12, source=f"udp:203.0.113.{n % 250}:{40000 + n}",
-                          flow=True, socket=1))
+                          flow=True, socket=1)))
     # One that is not a flow is never pinged.
-    store.put(Binding(aor="sip:plain@x", contact="sip:plain@198.51.100.1", expires=1e12,
-                      source="udp:198.51.100.1:5060"))
+    store.update_now(*_keyed(Binding(aor="sip:plain@x", contact="sip:plain@198.51.100.1", expires=1e12,
+                      source="udp:198.51.100.1:5060")))
     proxy = _ProxyShape()
     keeper = NatKeeper(store, lambda: 1000.0, interval=30, max_failures=2)
     keeper.attach(proxy)
@@ -216,8 +220,8 @@ def test_keeper_spreads_pings_and_removes_silent_flows() -> None:
         answer_all_but("u7")
     clock.advance(30.0)                     # round 4 starts: u7 missed 2 in a row
     assert keeper.removed == 1
-    assert store.lookup("sip:u7@x", 0) == [] and len(store.lookup("sip:u8@x", 0)) == 1
-    assert store.lookup("sip:plain@x", 0)
+    assert store.lookup_now("sip:u7@x", 0) == [] and len(store.lookup_now("sip:u8@x", 0)) == 1
+    assert store.lookup_now("sip:plain@x", 0)
     # A response that is not an answer to a ping is not the keeper's.
     other = parse(b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKother\r\n"
                   b"From: <sip:k@x>;tag=1\r\nTo: <sip:u@x>;tag=2\r\nCall-ID: c\r\n"

@@ -19,7 +19,7 @@ A routes module (see :mod:`fastsip.app.routes`)::
 Wiring it (what ``fastsip serve`` does)::
 
     routes = load_routes("routes.py")
-    registrar = Registrar(open_store("memory:"), domains=["example.com"])
+    registrar = Registrar(MemoryLocationStore(), domains=["example.com"])
     router = Router(routes, registrar=registrar, spawn=asyncio.get_running_loop().create_task)
     proxy = Proxy(router)
     endpoint = Endpoint(proxy, listen=["udp:0.0.0.0:5060"]); await endpoint.start()

@@ -8,6 +8,11 @@ host, beyond which a request is answered ``503`` with ``Retry-After`` at once (n
 handler that raises gets the request a ``500`` and a ``log.exception`` line on
 ``fastsip.app``; the server keeps serving.
 
+The location store is asynchronous (it may be a file or a database on the network), but a plain
+``def`` handler never awaits it: ``req.relay()`` for one of our users and ``req.register()``
+return decisions that the Router completes after the handler returns -- in place when the store
+answers from memory, else as a task under the same bounds.
+
 Default routing (no handler, or a handler that returns None), for the domains we serve
 (``domains``; none given: any host naming this proxy):
 
@@ -43,6 +48,7 @@ from fastsip.app.routes import Routes
 from fastsip.errors import FastSIPError, ParseError
 from fastsip.proxy.core import Proxy, ProxyContext, ResponseContext, Target
 from fastsip.proxy.edge import SourceGuard
+from fastsip.proxy.location import run_immediately
 from fastsip.proxy.nat import binding_flow
 from fastsip.proxy.registrar import SUPPORTED as REGISTRAR_SUPPORTED
 from fastsip.sip import URI, Headers, NameAddr, Response
@@ -85,14 +91,24 @@ class Authenticator(Protocol):
 class Registrar(Protocol):
     """:class:`fastsip.proxy.Registrar`'s shape, as the router uses it."""
 
-    def handle(self, request: SipRequest, source: Address, now: float, *,
-               user: str | None = None, addressed_to_us: bool = False) -> Response: ...
-    def lookup(self, uri: URI | str, now: float) -> list[Any]: ...
+    @property
+    def immediate(self) -> bool: ...
+    @property
+    def store(self) -> Any: ...
+    async def handle(self, request: SipRequest, source: Address, now: float, *,
+                     user: str | None = None, addressed_to_us: bool = False) -> Response: ...
+    async def lookup(self, uri: URI | str, now: float) -> list[Any]: ...
 
 
 class Decision:
     """What a handler returns: forward to targets, or answer.  Made by :class:`Request`'s
-    methods (``relay``, ``fork``, ``reply``, ``redirect``, ``challenge``, ``register``)."""
+    methods (``relay``, ``fork``, ``reply``, ``redirect``, ``challenge``, ``register``).
+
+    Two kinds wait for the location store and are resolved by the :class:`Router` after the
+    handler returns, so a plain ``def`` handler never has to await a store: ``"register"``
+    (the registrar handles the REGISTER; its answer is the decision) and ``"lookup"`` (the
+    Request-URI's registered contacts, 404 when there are none; ``targets[0].route`` is pushed
+    in front of each)."""
 
     __slots__ = ("groups", "headers", "kind", "parallel", "reason", "response", "stateless",
                  "status", "targets")
@@ -102,7 +118,7 @@ class Decision:
                  headers: Iterable[tuple[str, str]] = (), response: Response | None = None,
                  groups: Sequence[Sequence[Target]] = (),
                  stateless: bool | None = None) -> None:
-        self.kind = kind              # "forward", "reply" or "response"
+        self.kind = kind              # "forward", "reply", "response"; "register", "lookup"
         self.targets = list(targets)
         self.parallel = parallel
         self.groups = [list(g) for g in groups]  # serial groups, each forked in parallel
@@ -121,6 +137,8 @@ class Decision:
             return f"<Decision forward {self.targets} parallel={self.parallel}>"
         if self.kind == "response" and self.response is not None:
             return f"<Decision response {self.response.status_code}>"
+        if self.kind in ("register", "lookup"):
+            return f"<Decision {self.kind}>"
         return f"<Decision reply {self.status}>"
 
 
@@ -228,15 +246,18 @@ class Request:
         With ``to``: to that URI, which becomes the Request-URI; a ``to`` without a user part
         keeps the Request-URI's user (``relay(to="sip:gw.example.net")`` sends
         ``sip:+4420...@gw.example.net``).  ``route``: Route values to push first (an
-        outbound proxy: ``["<sip:edge.example.net;lr>"]``)."""
+        outbound proxy: ``["<sip:edge.example.net;lr>"]``).
+
+        For one of our users the contacts come from the location store, which may have to be
+        waited for: the decision is then a ``"lookup"`` that the Router completes (and that
+        becomes a 404 when the user has no binding)."""
         req = self.ctx.request
         if to is None:
             if req.route or not self.for_us:
                 return Decision("forward", targets=[Target(route=route)])
-            bindings = self.lookup()
-            if not bindings:
+            if self._router.registrar is None:
                 return self.reply(404)
-            return self._router.fork_bindings(bindings, route)
+            return Decision("lookup", targets=[Target(route=route)])
         return Decision("forward", targets=[Target(self._retarget(to), route=route)])
 
     def fork(self, targets: Iterable[TargetLike], *, parallel: bool = True) -> Decision:
@@ -310,23 +331,21 @@ class Request:
 
     def register(self) -> Decision:
         """Hand a REGISTER to the registrar (call :meth:`authenticate` first if you want it
-        authenticated: the registrar then binds only the authenticated user's AOR)."""
-        registrar = self._router.registrar
-        if registrar is None:
+        authenticated: the registrar then binds only the authenticated user's AOR).  The
+        Router runs the registrar once the handler has returned; its answer goes back."""
+        if self._router.registrar is None:
             raise FastSIPError("register() needs a registrar on the Router")
-        request = self.ctx.request
-        response = registrar.handle(request, self.ctx.source, self._router.wallclock(),
-                                    user=self.user,
-                                    addressed_to_us=self._router.proxy_is_local_host(request.uri))
-        return Decision("response", response=response)
+        return Decision("register")
 
-    def lookup(self, aor: str | URI | None = None) -> list[Any]:
-        """The registered bindings of ``aor`` (default: the Request-URI), best first."""
+    async def lookup(self, aor: str | URI | None = None) -> list[Any]:
+        """The registered bindings of ``aor`` (default: the Request-URI), best first.  A
+        coroutine (the store may be on a disk or across the network): ``await req.lookup()``
+        in an ``async def`` handler.  ``req.relay()`` needs no await: it looks up for you."""
         registrar = self._router.registrar
         if registrar is None:
             return []
-        return registrar.lookup(aor if aor is not None else self.ctx.request.uri,
-                                self._router.wallclock())
+        return await registrar.lookup(aor if aor is not None else self.ctx.request.uri,
+                                      self._router.wallclock())
 
     def default(self) -> Decision:
         """What the default routing would do with this request (module docstring)."""
@@ -457,7 +476,7 @@ class Router:
         ctx.data = req
         fn = self.routes.request
         if fn is None:
-            self._apply(req, self.default_decision(req))
+            self._finish(req, self.default_decision(req), failure=False)
             return
         self._call(req, fn, (req,), self._request_async, failure=False)
 
@@ -582,18 +601,58 @@ class Router:
                     self._give_up(req)
                     return
                 result = self.default_decision(req)
-            self._apply(req, result)
+            self._apply(req, result, failure)
         except Exception:
             log.exception("routing %s %s failed", req.method, req.uri)
             req.ctx.respond(500)
 
-    def _apply(self, req: Request, decision: Any) -> None:
+    # -- decisions that wait for the location store ------------------------------------------
+
+    def _resolve(self, req: Request, decision: Decision, failure: bool) -> None:
+        """Complete a "register" or "lookup" decision.  Over a store that answers from memory
+        it runs in place (no task: the lookup on every INVITE stays cheap); otherwise as a
+        task under the same bounds as an async handler (concurrency, timeout)."""
+        registrar = self.registrar
+        assert registrar is not None  # (Request.register / relay made it only with one)
+        if decision.kind == "register":
+            immediate = registrar.immediate
+            work = self._register(req, registrar)
+        else:
+            immediate = registrar.store.immediate_reads
+            work = self._lookup(req, registrar, decision.targets[0].route)
+        if immediate:
+            self._apply(req, run_immediately(work), failure)
+            return
+        if not self._admit(req.source):
+            work.close()
+            self._give_up(req) if failure else self._overloaded(req)
+            return
+        self._start_task(req, work, failure)
+
+    async def _register(self, req: Request, registrar: Registrar) -> Decision:
+        request = req.ctx.request
+        response = await registrar.handle(
+            request, req.ctx.source, self.wallclock(), user=req.user,
+            addressed_to_us=self.proxy_is_local_host(request.uri))
+        return Decision("response", response=response)
+
+    async def _lookup(self, req: Request, registrar: Registrar, route: Sequence[str]
+                      ) -> Decision:
+        bindings = await registrar.lookup(req.ctx.request.uri, self.wallclock())
+        if not bindings:
+            return req.reply(404)
+        return self.fork_bindings(bindings, route)
+
+    def _apply(self, req: Request, decision: Any, failure: bool = False) -> None:
         ctx = req.ctx
         if ctx.done:
             return
         if not isinstance(decision, Decision):
             raise TypeError(f"a handler returned {decision!r}, not a decision "
                             f"(req.relay(), req.reply(...), ...) or None")
+        if decision.kind in ("register", "lookup"):
+            self._resolve(req, decision, failure)
+            return
         if decision.kind == "forward" and not self._may_forward(req, decision):
             refusal = self._refuse_relay(req)
             if refusal is not None:

@@ -258,9 +258,9 @@ async def run(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     from fastsip.app import Router, load_routes
-    from fastsip.asyncio import Endpoint, ListenError
+    from fastsip.asyncio import Endpoint, ListenError, open_store
     from fastsip.errors import FastSIPError
-    from fastsip.proxy import Registrar, open_store
+    from fastsip.proxy import Registrar
     from fastsip.proxy.core import Proxy
     from fastsip.proxy.nat import NatKeeper
     from fastsip.transaction import TimerConfig
@@ -353,7 +353,8 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
         transactions.max_client_transactions = args.max_transactions
         proxy.attach(transactions)
         keeper = NatKeeper(store, time.time, interval=args.nat_ping_interval,
-                           max_failures=args.nat_ping_failures, method=args.nat_ping_method)
+                           max_failures=args.nat_ping_failures, method=args.nat_ping_method,
+                           spawn=loop.create_task)
         if args.nat_ping_interval > 0:
             keeper.attach(proxy)
         # Live transactions linger 32 s (Timers J/L/M), so the young generation fills with
@@ -363,18 +364,23 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
         gc.freeze()
         gc.set_threshold(10_000, 50, 100)
 
-        def purge() -> None:
-            guard.sweep(loop.time())
+        async def purge() -> None:
             try:
-                n = store.purge(time.time())
+                n = await store.purge(time.time())
             except Exception:  # a store error must not stop the server
                 log.exception("purging expired bindings failed")
             else:
                 if n:
                     log.info("purged %d expired binding(s)", n)
-            purger[0] = loop.call_later(PURGE_INTERVAL, purge)
 
-        purger = [loop.call_later(PURGE_INTERVAL, purge)]
+        def sweep() -> None:
+            guard.sweep(loop.time())
+            purging.add(task := loop.create_task(purge()))
+            task.add_done_callback(purging.discard)
+            purger[0] = loop.call_later(PURGE_INTERVAL, sweep)
+
+        purging: set[asyncio.Task[None]] = set()
+        purger = [loop.call_later(PURGE_INTERVAL, sweep)]
         _mirror_bans_in_kernel(guard, endpoint.transport, loop)
         # Which loop runs us matters to throughput (uvloop is a dependency wherever it
         # builds; --loop asyncio, or a platform without it, gets plain asyncio).
@@ -429,7 +435,8 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
                      keeper.sent, keeper.answered, keeper.removed)
         return EXIT_OK
     finally:
-        store.close()
+        # The writes in flight commit before the file closes: a REGISTER answered 200 stays.
+        await store.close()
 
 
 def _tls_contexts(args: argparse.Namespace, listen: list[str]

@@ -5,7 +5,8 @@ wheel's loop driver (:class:`WheelDriver`), the UDP/TCP/TLS transports (:class:`
 with its edge limits and ``admit`` hook), the :class:`Endpoint` that assembles them with a
 transaction layer, :func:`interface_addresses` (the host's own IP addresses), and the running
 of a program: :func:`run` on uvloop or asyncio's loop, :class:`StopSignals` (SIGINT/SIGTERM as
-a stop event) and :func:`loop_name`.
+a stop event) and :func:`loop_name`; and the location stores that wait for a disk or a
+network, opened from a ``--db`` URL by :func:`open_store`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fastsip.asyncio.runner import (
     loop_name,
     run,
 )
+from fastsip.asyncio.stores import SqliteLocationStore, open_store
 from fastsip.asyncio.timers import WheelDriver
 from fastsip.asyncio.transport import (
     AdmitCallback,
@@ -37,12 +39,14 @@ __all__ = [
     "ListenError",
     "Listener",
     "LoopUnavailableError",
+    "SqliteLocationStore",
     "StopSignals",
     "TransportLayer",
     "TransportStats",
     "WheelDriver",
     "interface_addresses",
     "loop_name",
+    "open_store",
     "parse_listen",
     "run",
 ]

@@ -25,10 +25,10 @@ from fastsip.proxy.location import (
     LocationStore,
     LocationStoreError,
     MemoryLocationStore,
-    SqliteLocationStore,
+    StoreWouldWait,
     aor_of,
     contact_key,
-    open_store,
+    run_immediately,
 )
 from fastsip.proxy.registrar import Registrar
 
@@ -46,10 +46,10 @@ __all__ = [
     "Registrar",
     "RequestRouter",
     "ResponseContext",
-    "SqliteLocationStore",
     "StatelessContext",
+    "StoreWouldWait",
     "Target",
     "aor_of",
     "contact_key",
-    "open_store",
+    "run_immediately",
 ]

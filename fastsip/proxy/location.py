@@ -6,21 +6,17 @@ and every query that depends on the time takes ``now``; nothing here reads a clo
 should use wall-clock seconds (``time.time()``) so a SQLite store's expiries still mean the same
 thing after a restart or a reboot (a monotonic clock restarts from an arbitrary point).
 
-Two stores sit behind one small interface, :class:`LocationStore`: :class:`MemoryLocationStore`
-(the default) and :class:`SqliteLocationStore` (bindings survive a restart).  :func:`open_store`
-builds one from a ``--db`` URL.
+The stores sit behind one small asynchronous interface, :class:`LocationStore`.  This module
+holds the interface and the default :class:`MemoryLocationStore`; the stores that wait for a disk
+or a network (SQLite, Redis, PostgreSQL) belong to the shell, :mod:`fastsip.asyncio.stores`,
+whose ``open_store`` builds any of them from a ``--db`` URL.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import sqlite3
-import threading
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from fastsip.errors import FastSIPError
 from fastsip.sip import URI
@@ -30,13 +26,11 @@ __all__ = [
     "LocationStore",
     "LocationStoreError",
     "MemoryLocationStore",
-    "SqliteLocationStore",
+    "StoreWouldWait",
     "aor_of",
     "contact_key",
-    "open_store",
+    "run_immediately",
 ]
-
-logger = logging.getLogger("fastsip.proxy")
 
 
 class LocationStoreError(FastSIPError, ValueError):
@@ -144,77 +138,100 @@ class LocationStore(Protocol):
 
     Bindings are keyed by (AOR, :func:`contact_key` of the contact).  ``aor`` arguments are
     canonical AORs (:func:`aor_of`).
+
+    The operations are coroutines: a store on a disk or across the network waits for it
+    without stalling the event loop, and an ``update`` returns once the change is durable in
+    that store (a registrar's 200 OK may then promise the binding survives).  A store whose
+    answers come from this process's memory says so with ``immediate_reads`` (lookups) and
+    ``immediate_writes`` (updates): its coroutines then finish without ever suspending, so a
+    caller may run them in place with :func:`run_immediately` -- no task, no loop needed.
     """
 
-    def lookup(self, aor: str, now: float) -> list[Binding]:
+    #: lookup / bindings / aors answer from memory and never suspend.
+    immediate_reads: bool
+    #: update / remove / remove_all / purge never suspend.
+    immediate_writes: bool
+
+    async def lookup(self, aor: str, now: float) -> list[Binding]:
         """Unexpired bindings of ``aor``: q descending, then most recently registered first."""
         ...
 
-    def bindings(self, aor: str) -> list[Binding]:
+    async def bindings(self, aor: str) -> list[Binding]:
         """Every stored binding of ``aor``, expired ones included (not yet purged)."""
         ...
 
-    def put(self, binding: Binding) -> None:
-        """Insert ``binding`` or replace the one with the same AOR and contact key."""
+    async def update(self, aor: str, put: Iterable[Binding] = (),
+                     remove: Iterable[str] = ()) -> None:
+        """Apply one REGISTER's changes to ``aor`` at once: all of them or none (§10.3 step 7
+        commits binding updates "if and only if all binding updates and additions succeed").
+        ``put`` inserts or replaces bindings (by contact key); ``remove`` names contacts."""
         ...
 
-    def remove(self, aor: str, contact: str) -> None:
-        """Remove the binding of ``aor`` whose contact has the same key as ``contact``."""
-        ...
-
-    def remove_all(self, aor: str) -> None:
+    async def remove_all(self, aor: str) -> None:
         """Remove every binding of ``aor``."""
         ...
 
-    def update(self, aor: str, put: Iterable[Binding] = (), remove: Iterable[str] = ()) -> None:
-        """Apply one REGISTER's changes to ``aor`` at once: all of them or none (§10.3 step 7
-        commits binding updates "if and only if all binding updates and additions succeed")."""
-        ...
-
-    def purge(self, now: float) -> int:
+    async def purge(self, now: float) -> int:
         """Drop every binding expired at ``now``; return how many were dropped."""
         ...
 
-    def aors(self) -> list[str]:
+    async def aors(self) -> list[str]:
         """Every AOR with at least one stored binding, sorted."""
         ...
 
-    def close(self) -> None:
-        """Release the store's resources."""
+    async def close(self) -> None:
+        """Release the store's resources (after the writes in flight are durable)."""
         ...
 
 
+class StoreWouldWait(FastSIPError, RuntimeError):
+    """:func:`run_immediately` was given a coroutine that suspended: the store waits for I/O
+    and needs an event loop (a task) to run it."""
+
+
+_R = TypeVar("_R")
+
+
+def run_immediately(coro: Coroutine[Any, Any, _R]) -> _R:
+    """Run ``coro`` to its result in place, without a loop.  For the operations of a store
+    whose ``immediate_reads`` / ``immediate_writes`` says they never suspend (the in-memory
+    store), from code that has no event loop (an embedding on ``selectors``) or should not pay
+    for a task per call (the lookup on every INVITE).  Raises :class:`StoreWouldWait` (and
+    closes the coroutine) when it suspends after all."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    coro.close()
+    raise StoreWouldWait(f"{getattr(coro, '__qualname__', coro)!s} waited for I/O: "
+                         "this store needs an event loop")
+
+
 class MemoryLocationStore:
-    """The default store: a dict per AOR.  Lost when the process ends."""
+    """The default store: a dict per AOR.  Lost when the process ends, and private to it.
+
+    The coroutine methods never suspend (``immediate_reads`` / ``immediate_writes``); the
+    plain ``*_now`` methods are the same operations for code that holds the store itself
+    (a store built over this one, tests)."""
+
+    immediate_reads = True
+    immediate_writes = True
 
     def __init__(self) -> None:
         self._bindings: dict[str, dict[str, Binding]] = {}
 
-    def lookup(self, aor: str, now: float) -> list[Binding]:
+    def lookup_now(self, aor: str, now: float) -> list[Binding]:
         found = [b for b in self._bindings.get(aor, {}).values() if b.expires > now]
         found.sort(key=_lookup_order)
         return found
 
-    def bindings(self, aor: str) -> list[Binding]:
+    def bindings_now(self, aor: str) -> list[Binding]:
         found = list(self._bindings.get(aor, {}).values())
         found.sort(key=_lookup_order)
         return found
 
-    def put(self, binding: Binding) -> None:
-        self._bindings.setdefault(binding.aor, {})[binding.key] = binding
-
-    def remove(self, aor: str, contact: str) -> None:
-        by_key = self._bindings.get(aor)
-        if by_key is None:
-            return
-        by_key.pop(contact_key(contact), None)
-        if not by_key:
-            del self._bindings[aor]
-
-    def remove_all(self, aor: str) -> None:
-        self._bindings.pop(aor, None)
-
-    def update(self, aor: str, put: Iterable[Binding] = (), remove: Iterable[str] = ()) -> None:
+    def update_now(self, aor: str, put: Iterable[Binding] = (),
+                   remove: Iterable[str] = ()) -> None:
         # Compute every key first: a bad contact raises before anything changes.
         puts = [(b.key, b) for b in put]
         removes = [contact_key(c) for c in remove]
@@ -226,7 +243,15 @@ class MemoryLocationStore:
         if not by_key:
             del self._bindings[aor]
 
-    def purge(self, now: float) -> int:
+    def replace_now(self, aor: str, bindings: Iterable[Binding]) -> None:
+        """Make ``bindings`` the whole of ``aor``'s (none: forget the AOR)."""
+        by_key = {b.key: b for b in bindings}
+        if by_key:
+            self._bindings[aor] = by_key
+        else:
+            self._bindings.pop(aor, None)
+
+    def purge_now(self, now: float) -> int:
         dropped = 0
         for aor in list(self._bindings):
             by_key = self._bindings[aor]
@@ -237,204 +262,31 @@ class MemoryLocationStore:
                 del self._bindings[aor]
         return dropped
 
-    def aors(self) -> list[str]:
+    def aors_now(self) -> list[str]:
         return sorted(self._bindings)
 
-    def close(self) -> None:
+    def __len__(self) -> int:
+        """How many AORs have a stored binding."""
+        return len(self._bindings)
+
+    async def lookup(self, aor: str, now: float) -> list[Binding]:
+        return self.lookup_now(aor, now)
+
+    async def bindings(self, aor: str) -> list[Binding]:
+        return self.bindings_now(aor)
+
+    async def update(self, aor: str, put: Iterable[Binding] = (),
+                     remove: Iterable[str] = ()) -> None:
+        self.update_now(aor, put, remove)
+
+    async def remove_all(self, aor: str) -> None:
+        self._bindings.pop(aor, None)
+
+    async def purge(self, now: float) -> int:
+        return self.purge_now(now)
+
+    async def aors(self) -> list[str]:
+        return self.aors_now()
+
+    async def close(self) -> None:
         self._bindings.clear()
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS bindings (
-    aor TEXT NOT NULL,
-    contact_key TEXT NOT NULL,
-    contact TEXT NOT NULL,
-    expires REAL NOT NULL,
-    q REAL NOT NULL,
-    call_id TEXT NOT NULL,
-    cseq INTEGER NOT NULL,
-    path TEXT NOT NULL,
-    source TEXT,
-    instance TEXT,
-    user_agent TEXT,
-    registered_at REAL NOT NULL,
-    flow INTEGER NOT NULL DEFAULT 0,
-    socket INTEGER NOT NULL DEFAULT 0,
-    reg_id INTEGER,
-    PRIMARY KEY (aor, contact_key)
-);
-CREATE INDEX IF NOT EXISTS bindings_expires ON bindings (expires);
-"""
-
-_COLUMNS = (
-    "aor, contact_key, contact, expires, q, call_id, cseq, path, source, instance, user_agent,"
-    " registered_at, flow, socket, reg_id"
-)
-_PLACEHOLDERS = ", ".join("?" for _ in _COLUMNS.split(","))
-# Columns added since the first schema, for files written by an older fastsip.
-_ADDED_COLUMNS = (("flow", "INTEGER NOT NULL DEFAULT 0"), ("socket", "INTEGER NOT NULL DEFAULT 0"),
-                  ("reg_id", "INTEGER"))
-
-_Row = tuple[str, str, str, float, float, str, int, str, str | None, str | None, str | None, float,
-             int, int, int | None]
-
-
-def _to_row(binding: Binding) -> _Row:
-    return (
-        binding.aor,
-        binding.key,
-        binding.contact,
-        binding.expires,
-        binding.q,
-        binding.call_id,
-        binding.cseq,
-        json.dumps(list(binding.path)),
-        binding.source,
-        binding.instance,
-        binding.user_agent,
-        binding.registered_at,
-        int(binding.flow),
-        binding.socket,
-        binding.reg_id,
-    )
-
-
-def _from_row(row: _Row) -> Binding:
-    aor, _key, contact, expires, q, call_id, cseq, path, source, instance, ua, at, flow, sock, \
-        reg_id = row
-    return Binding(
-        aor=aor,
-        contact=contact,
-        expires=expires,
-        q=q,
-        call_id=call_id,
-        cseq=cseq,
-        path=tuple(json.loads(path)),
-        source=source,
-        instance=instance,
-        user_agent=ua,
-        registered_at=at,
-        flow=bool(flow),
-        socket=sock,
-        reg_id=reg_id,
-    )
-
-
-class SqliteLocationStore:
-    """Bindings in a SQLite file, so a restart loses none of them.
-
-    Every write is its own committed transaction before the call returns: once the registrar has
-    answered 200 to a REGISTER, the binding is on disk.  The journal is WAL (readers never block
-    the writer, and a commit is one append to the log).  ``synchronous`` defaults to ``FULL``: in
-    WAL mode ``NORMAL`` already survives a killed process, but only ``FULL`` also survives a power
-    loss or an OS crash, and REGISTER rates are low enough (one per UA per refresh interval) that
-    the fsync per commit is affordable.  Pass ``synchronous="NORMAL"`` to trade that for speed.
-
-    The connection may be used from several threads (a lock serializes it), but the calls block
-    on disk I/O: an asyncio server should expect a write to cost an fsync.
-    """
-
-    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
-        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-            raise LocationStoreError(
-                f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}"
-            )
-        self.path = str(path)
-        self._lock = threading.Lock()
-        try:
-            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so nothing stays
-            # uncommitted.
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(_SCHEMA)
-            have = {row[1] for row in self._db.execute("PRAGMA table_info(bindings)")}
-            for name, decl in _ADDED_COLUMNS:
-                if name not in have:
-                    self._db.execute(f"ALTER TABLE bindings ADD COLUMN {name} {decl}")
-        except sqlite3.Error as exc:
-            # sqlite3 says "unable to open database file" without saying which file.
-            raise LocationStoreError(
-                f"cannot open SQLite database {self.path!r}: {exc}"
-            ) from None
-
-    def _select(self, sql: str, args: tuple[object, ...]) -> list[Binding]:
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM bindings WHERE {sql}", args).fetchall()
-        found = [_from_row(row) for row in rows]
-        found.sort(key=_lookup_order)
-        return found
-
-    def lookup(self, aor: str, now: float) -> list[Binding]:
-        return self._select("aor = ? AND expires > ?", (aor, now))
-
-    def bindings(self, aor: str) -> list[Binding]:
-        return self._select("aor = ?", (aor,))
-
-    def put(self, binding: Binding) -> None:
-        self.update(binding.aor, put=(binding,))
-
-    def remove(self, aor: str, contact: str) -> None:
-        self.update(aor, remove=(contact,))
-
-    def remove_all(self, aor: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM bindings WHERE aor = ?", (aor,))
-
-    def update(self, aor: str, put: Iterable[Binding] = (), remove: Iterable[str] = ()) -> None:
-        rows = [_to_row(b) for b in put]
-        keys = [(aor, contact_key(c)) for c in remove]
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany("DELETE FROM bindings WHERE aor = ? AND contact_key = ?", keys)
-                self._db.executemany(
-                    f"INSERT OR REPLACE INTO bindings ({_COLUMNS})"
-                    f" VALUES ({_PLACEHOLDERS})",
-                    rows,
-                )
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def purge(self, now: float) -> int:
-        with self._lock:
-            cursor = self._db.execute("DELETE FROM bindings WHERE expires <= ?", (now,))
-            dropped = cursor.rowcount
-        if dropped:
-            logger.debug("location store %s: purged %d expired bindings", self.path, dropped)
-        return dropped
-
-    def aors(self) -> list[str]:
-        with self._lock:
-            rows = self._db.execute("SELECT DISTINCT aor FROM bindings ORDER BY aor").fetchall()
-        return [str(row[0]) for row in rows]
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-
-def open_store(url: str) -> MemoryLocationStore | SqliteLocationStore:
-    """Open a location store from a ``--db`` URL: ``memory:`` (or ``memory``) for the in-memory
-    store, ``sqlite:PATH`` for a SQLite file (``sqlite:///abs/path`` is accepted too)."""
-    if url in ("memory", "memory:"):
-        return MemoryLocationStore()
-    if url.startswith("sqlite:"):
-        path = url[len("sqlite:") :]
-        if path.startswith("///"):
-            path = path[2:]
-        elif path.startswith("//"):
-            raise LocationStoreError(
-                f"location store URL {url!r}: use sqlite:PATH or sqlite:///ABS/PATH"
-            )
-        if not path:
-            raise LocationStoreError(
-                f"location store URL {url!r} has no file path (use sqlite:PATH)"
-            )
-        return SqliteLocationStore(path)
-    raise LocationStoreError(
-        f"unknown location store URL {url!r}: expected 'memory:' or 'sqlite:PATH'"
-    )

@@ -36,7 +36,7 @@ import ipaddress
 import itertools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,8 @@ from fastsip.transport import DEFAULT_PORTS, Address
 
 if TYPE_CHECKING:
     from fastsip.proxy.location import Binding, LocationStore
+
+from fastsip.proxy.location import run_immediately
 
 __all__ = [
     "ALIAS",
@@ -242,11 +244,14 @@ class NatKeeper:
     pings in a row (OPTIONS only).  ``now``: wall-clock seconds (the store's clock).
 
     Wire it to a :class:`~fastsip.proxy.Proxy` with :meth:`attach` (the proxy hands answers
-    to our pings to :meth:`on_response`); the pings run on the proxy's timer wheel.
+    to our pings to :meth:`on_response`); the pings run on the proxy's timer wheel.  The store
+    is read (and dead flows removed) in place when it answers from memory; a store that waits
+    for I/O needs ``spawn`` (``loop.create_task``), which runs each slice of a round as a task.
     """
 
     def __init__(self, store: LocationStore, now: Callable[[], float], *,
-                 interval: float = 30.0, max_failures: int = 3, method: str = "OPTIONS") -> None:
+                 interval: float = 30.0, max_failures: int = 3, method: str = "OPTIONS",
+                 spawn: Callable[[Coroutine[Any, Any, None]], object] | None = None) -> None:
         method = method.upper()
         if method not in ("OPTIONS", "CRLF"):
             raise ValueError(f"keep-alive method must be OPTIONS or CRLF, not {method!r}")
@@ -255,6 +260,8 @@ class NatKeeper:
         self.max_failures = max_failures
         self.method = method
         self._now = now
+        self._spawn = spawn
+        self._stopped = False
         self._proxy: Any = None
         self._timer: Any = None
         self._queue: list[str] = []                       # AORs left in this round
@@ -275,12 +282,14 @@ class NatKeeper:
     def attach(self, proxy: Any) -> None:
         """Start pinging through ``proxy`` (its transport, local addresses and wheel)."""
         self._proxy = proxy
+        self._stopped = False
         proxy.nat_keeper = self
         if self.interval > 0 and self._timer is None:
             self._round_started = proxy.clock.time()
             self._timer = proxy.clock.call_later(self.interval, self._tick)
 
     def stop(self) -> None:
+        self._stopped = True  # (a slice running as a task arms no next one)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -291,29 +300,44 @@ class NatKeeper:
         ~330 datagrams and a few milliseconds a second, not one burst that stalls the loop
         and the network every 30 s."""
         self._timer = None
-        proxy = self._proxy
-        if proxy is None or self.interval <= 0:
+        if self._proxy is None or self.interval <= 0:
             return
+        work = self._slice()
+        store = self.store
+        if store.immediate_reads and store.immediate_writes:
+            run_immediately(work)
+        elif self._spawn is not None:
+            self._spawn(work)
+        else:
+            work.close()
+            log.error("NAT keep-alives stopped: this location store waits for I/O, and the "
+                      "NatKeeper was given no spawn to run it")
+
+    async def _slice(self) -> None:
+        """One slice of a round; arms the timer of the next."""
+        proxy = self._proxy
         clock = proxy.clock
         slices = max(1, min(int(self.interval), 30))
         try:
             if not self._queue:
                 self._round_started = clock.time()
-                self._queue = self._start_round()
+                self._queue = await self._start_round()
                 self._chunk = -(-len(self._queue) // slices)
             batch = self._queue[-self._chunk:] if self._chunk else []
             del self._queue[len(self._queue) - len(batch):]
-            self._visit(batch)
+            await self._visit(batch)
         except Exception:  # a store error must not stop the keep-alives for good
             log.exception("NAT keep-alive round failed")
             self._queue = []
+        if self._stopped:
+            return
         if self._queue:
             delay = self.interval / slices
         else:
             delay = max(0.01, self._round_started + self.interval - clock.time())
         self._timer = clock.call_later(delay, self._tick)
 
-    def _start_round(self) -> list[str]:
+    async def _start_round(self) -> list[str]:
         """Count the last round's unanswered pings, forget the counters of bindings no longer
         pinged, and return this round's AORs (popped from the end)."""
         for key in self._pending.values():
@@ -322,30 +346,30 @@ class NatKeeper:
         live, self._live = self._live, set()
         for key in [k for k in self.missed if k not in live]:
             del self.missed[key]
-        aors = self.store.aors()
+        aors = await self.store.aors()
         aors.reverse()
         return aors
 
-    def _visit(self, aors: list[str]) -> None:
+    async def _visit(self, aors: list[str]) -> None:
         """Ping the flow bindings of ``aors``; remove those whose flow is dead."""
         now = self._now()
         for aor in aors:
-            for binding in self.store.lookup(aor, now):
+            for binding in await self.store.lookup(aor, now):
                 flow = binding_flow(binding)
                 if flow is None:
                     continue
                 key = (binding.aor, binding.key)
                 if self.method == "OPTIONS" and self.missed.get(key, 0) >= self.max_failures:
-                    self._remove(binding, flow)
+                    await self._remove(binding, flow)
                     continue
                 self._live.add(key)
                 self._ping(binding, flow, key)
 
-    def _remove(self, binding: Binding, flow: Address) -> None:
+    async def _remove(self, binding: Binding, flow: Address) -> None:
         key = (binding.aor, binding.key)
         self.missed.pop(key, None)
         try:
-            self.store.remove(binding.aor, binding.contact)
+            await self.store.update(binding.aor, remove=(binding.contact,))
         except Exception:
             log.exception("%s: cannot remove the binding of a dead flow", binding.aor)
             return

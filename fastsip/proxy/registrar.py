@@ -2,7 +2,10 @@
 
 Sans-IO: :meth:`Registrar.handle` takes the parsed request, the transport address it came from
 and the current time, updates a :class:`~fastsip.proxy.location.LocationStore` and returns the
-response to send.  Authentication is the caller's job (:mod:`fastsip.proxy.auth`) and happens
+response to send.  It is a coroutine because the store's operations are: a store on a disk or a
+network is awaited, and the 200 goes out only once the binding is durable there.  Over a store
+whose operations never wait (``immediate_reads`` and ``immediate_writes``, the in-memory one),
+:func:`~fastsip.proxy.location.run_immediately` runs it in place, with no event loop.  Authentication is the caller's job (:mod:`fastsip.proxy.auth`) and happens
 before ``handle``; the authenticated user name can be passed in so the registrar refuses to bind
 an AOR that belongs to someone else (§10.3 step 3).
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import TypeVar
@@ -138,11 +141,19 @@ class Registrar:
         lookup and forwarding (§10.3 step 1, §16.5)."""
         return not self.domains or uri.host.lower() in self.domains
 
-    def lookup(self, uri: URI | str, now: float) -> list[Binding]:
-        """The current bindings of the AOR ``uri`` names (q descending, newest first)."""
-        return self.store.lookup(aor_of(uri), now)
+    @property
+    def immediate(self) -> bool:
+        """Whether :meth:`handle` and :meth:`lookup` never wait (the store answers from memory
+        and writes to it), so a caller may run them with
+        :func:`~fastsip.proxy.location.run_immediately` instead of a task."""
+        store = self.store
+        return store.immediate_reads and store.immediate_writes
 
-    def handle(
+    async def lookup(self, uri: URI | str, now: float) -> list[Binding]:
+        """The current bindings of the AOR ``uri`` names (q descending, newest first)."""
+        return await self.store.lookup(aor_of(uri), now)
+
+    async def handle(
         self, request: Request, source: Address, now: float, *, user: str | None = None,
         addressed_to_us: bool = False,
     ) -> Response:
@@ -156,7 +167,7 @@ class Registrar:
         the domain is then the To header's, which must still be ours.
         """
         try:
-            return self._handle(request, source, now, user, addressed_to_us)
+            return await self._handle(request, source, now, user, addressed_to_us)
         except _Reject as reject:
             logger.info(
                 "REGISTER %s from %s rejected: %d %s",
@@ -167,8 +178,8 @@ class Registrar:
             )
             return request.reply(reject.status, reject.reason, headers=reject.headers)
 
-    def _handle(self, request: Request, source: Address, now: float, user: str | None,
-                addressed_to_us: bool = False) -> Response:
+    async def _handle(self, request: Request, source: Address, now: float, user: str | None,
+                      addressed_to_us: bool = False) -> Response:
         if request.method != "REGISTER":
             raise _Reject(405, "Method Not Allowed", [("Allow", "REGISTER")])
         # Step 1: the Request-URI names the domain whose location service is being changed.
@@ -218,7 +229,7 @@ class Registrar:
         flow = outbound or request_behind_nat(request, source)
         sock = source.connection if source.transport == "UDP" else 0
         # Step 7: apply the updates, ordered by Call-ID/CSeq against the current bindings.
-        current = {b.key: b for b in self._store(aor, lambda: self.store.lookup(aor, now))}
+        current = {b.key: b for b in await self._store(aor, self.store.lookup(aor, now))}
 
         def check_order(binding: Binding) -> None:
             # A REGISTER from the same Call-ID that is not newer than the one that set this
@@ -231,7 +242,7 @@ class Registrar:
         if wildcard:
             for binding in current.values():
                 check_order(binding)
-            self._store(aor, lambda: self.store.remove_all(aor))
+            await self._store(aor, self.store.remove_all(aor))
             logger.info("%s: removed all bindings (Contact: *) from %s", aor, source)
         else:
             puts: list[Binding] = []
@@ -270,14 +281,14 @@ class Registrar:
                     )
                 )
             if puts or removes:
-                self._store(aor, lambda: self.store.update(aor, puts, removes))
+                await self._store(aor, self.store.update(aor, puts, removes))
                 logger.debug(
                     "%s: %d bound, %d removed, from %s", aor, len(puts), len(removes), source
                 )
         # Step 8: 200 with every current binding (a fetch, with no Contact, lands here too).
         headers: list[tuple[str, str]] = [
             ("Contact", self._render_contact(b, now))
-            for b in self._store(aor, lambda: self.store.lookup(aor, now))
+            for b in await self._store(aor, self.store.lookup(aor, now))
         ]
         if supports_path and path and updates:
             # RFC 3327 §5.3: echo the Path the registrar stored, only to a UA that said it
@@ -369,9 +380,9 @@ class Registrar:
             raise _Reject(423, "Interval Too Brief", [("Min-Expires", str(self.min_expires))])
         return False, updates
 
-    def _store(self, aor: str, call: Callable[[], _T]) -> _T:
+    async def _store(self, aor: str, operation: Awaitable[_T]) -> _T:
         try:
-            return call()
+            return await operation
         except Exception:
             # A store failure (disk full, database locked too long) commits nothing, since the
             # stores apply one REGISTER's changes atomically: say so, and let the UA retry
