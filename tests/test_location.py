@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import fastsip
-from fastsip.asyncio.stores import SqliteLocationStore, open_store
+from fastsip.asyncio.stores import SqliteLocationStore, open_store, redact
 from fastsip.proxy.location import (
     Binding,
     LocationStore,
@@ -304,9 +304,15 @@ def test_open_store_urls(tmp_path: Path) -> None:
     s = open_store(f"sqlite:///{tmp_path}/a.db".replace("////", "///"))
     assert isinstance(s, SqliteLocationStore) and Path(s.path) == tmp_path / "a.db"
     asyncio.run(s.close())
-    for bad in ("redis-x", "sqlite:", "postgres:x", ""):
+    for bad in ("redis-x", "sqlite:", "sqlite://host/x", "mysql://x/db", ""):
         with pytest.raises(LocationStoreError, match="sqlite"):
             open_store(bad)
+    # A password in the URL never reaches a message (nor, through redact(), serve's log).
+    with pytest.raises(LocationStoreError) as info:
+        open_store("mysql://fastsip:s3cret@db.example/loc")
+    assert "s3cret" not in str(info.value) and "fastsip:***@db.example" in str(info.value)
+    assert redact("redis://:pw@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    assert redact("postgresql://u@h/db") == "postgresql://u@h/db"
     with pytest.raises(ValueError):
         SqliteLocationStore(tmp_path / "b.db", synchronous="SOMETIMES")
 

@@ -33,7 +33,7 @@ def test_refuses_to_start_on_bad_input(tmp_path: Path) -> None:
     broken.write_text("def oops(:\n")
     r = serve_exit(tmp_path, *listen, "--routes", str(broken))
     assert r.returncode == 2 and "cannot load routes" in r.stderr, r.stderr
-    r = serve_exit(tmp_path, *listen, "--db", "postgres://nope")
+    r = serve_exit(tmp_path, *listen, "--db", "mysql://nope")
     assert r.returncode == 2 and "--db" in r.stderr, r.stderr
     r = serve_exit(tmp_path, *listen, "--auth-users", str(tmp_path / "missing.txt"))
     assert r.returncode == 2 and "--auth-users" in r.stderr, r.stderr

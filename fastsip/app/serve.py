@@ -259,6 +259,7 @@ async def run(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     from fastsip.app import Router, load_routes
     from fastsip.asyncio import Endpoint, ListenError, open_store
+    from fastsip.asyncio.stores import redact
     from fastsip.errors import FastSIPError
     from fastsip.proxy import Registrar
     from fastsip.proxy.core import Proxy
@@ -313,8 +314,14 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     try:
         store = open_store(args.db)
     except (OSError, ValueError) as exc:
-        _fail(f"--db {args.db}: {exc}")
+        _fail(f"--db {redact(args.db)}: {exc}")
         return EXIT_USAGE
+    try:
+        await store.open()
+    except Exception as exc:  # noqa: BLE001 - any driver's error: say it, and do not start
+        _fail(f"--db {redact(args.db)}: cannot use the location store: {exc}")
+        await store.close()
+        return EXIT_FAILED
 
     loop = asyncio.get_running_loop()
     try:
@@ -386,7 +393,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
         # builds; --loop asyncio, or a platform without it, gets plain asyncio).
         log.info("event loop %s (%s)", loop_name(loop), type(loop).__name__)
         log.info("serving domains=%s db=%s routes=%s auth=%s",
-                 ",".join(args.domain or []) or "-", args.db, args.routes or "default",
+                 ",".join(args.domain or []) or "-", redact(args.db), args.routes or "default",
                  f"realm:{authenticator.realm}" if authenticator is not None else "off")
         log.info("edge trusted=%s rate_limit=%s ban_time=%gs max_auth_failures=%d "
                  "max_transactions=%d max_connections=%d/%d per source",
@@ -642,8 +649,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--routes", metavar="FILE.py",
                    help="a routes module (@route, @on_failure ...; see examples/); default: "
                         "registrar + location lookup for our domains")
-    p.add_argument("--db", default="memory:", metavar="memory:|sqlite:PATH",
-                   help="location store (default memory:; sqlite:PATH survives restarts)")
+    p.add_argument("--db", default="memory:", metavar="URL",
+                   help="location store (default memory:; sqlite:PATH survives restarts; "
+                        "redis://HOST:PORT/N and postgresql://HOST/DBNAME are shared by nodes)")
     p.add_argument("--auth-users", metavar="FILE",
                    help="digest credentials, one 'user:password' a line: REGISTERs and our "
                         "users' requests are challenged (401/407)")

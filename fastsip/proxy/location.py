@@ -152,6 +152,11 @@ class LocationStore(Protocol):
     #: update / remove / remove_all / purge never suspend.
     immediate_writes: bool
 
+    async def open(self) -> None:
+        """Connect (a networked store) and check the store is usable: called once, before
+        any other operation, so a server refuses to start on a store it cannot reach."""
+        ...
+
     async def lookup(self, aor: str, now: float) -> list[Binding]:
         """Unexpired bindings of ``aor``: q descending, then most recently registered first."""
         ...
@@ -268,6 +273,9 @@ class MemoryLocationStore:
     def __len__(self) -> int:
         """How many AORs have a stored binding."""
         return len(self._bindings)
+
+    async def open(self) -> None:
+        pass
 
     async def lookup(self, aor: str, now: float) -> list[Binding]:
         return self.lookup_now(aor, now)

@@ -1,12 +1,6 @@
-"""Location stores that wait for a disk or a network, and :func:`open_store` for ``--db`` URLs.
+"""Bindings in a SQLite file (``--db sqlite:PATH``): :class:`SqliteLocationStore`.
 
-The interface, :class:`~fastsip.proxy.location.LocationStore`, and the in-memory default live in
-the sans-IO layer; the stores here own a file or a connection, so they belong to the shell.
-Each one's ``update`` returns only when the change is durable where it was configured to be:
-the registrar's 200 OK to a REGISTER is a promise that the binding survives a crash.
-
-:class:`SqliteLocationStore` keeps its connection on a writer thread, so the event loop never
-waits for a disk: REGISTERs queue their changes, and the thread commits whatever has queued
+It keeps its connection on a writer thread, so the event loop never waits for a disk: REGISTERs queue their changes, and the thread commits whatever has queued
 while the previous commit was syncing as one transaction (group commit: one fsync for many
 REGISTERs under load, and still one per REGISTER when they come one at a time).
 """
@@ -25,13 +19,12 @@ from typing import Any
 
 from fastsip.proxy.location import (
     Binding,
-    LocationStore,
     LocationStoreError,
     MemoryLocationStore,
     contact_key,
 )
 
-__all__ = ["SqliteLocationStore", "open_store"]
+__all__ = ["SqliteLocationStore"]
 
 logger = logging.getLogger("fastsip.proxy")
 
@@ -173,6 +166,9 @@ class SqliteLocationStore:
                                         daemon=True)
         self._thread.start()
 
+    async def open(self) -> None:
+        pass  # (opened, and read into the mirror, by the constructor)
+
     # -- reads: the mirror -------------------------------------------------------------------
 
     async def lookup(self, aor: str, now: float) -> list[Binding]:
@@ -289,23 +285,3 @@ class SqliteLocationStore:
         self.commits += 1
         self.writes += len(batch)
         return outcomes
-
-
-def open_store(url: str) -> LocationStore:
-    """Open a location store from a ``--db`` URL: ``memory:`` (or ``memory``) for the in-memory
-    store, ``sqlite:PATH`` for a SQLite file (``sqlite:///abs/path`` is accepted too)."""
-    if url in ("memory", "memory:"):
-        return MemoryLocationStore()
-    if url.startswith("sqlite:"):
-        path = url[len("sqlite:"):]
-        if path.startswith("///"):
-            path = path[2:]
-        elif path.startswith("//"):
-            raise LocationStoreError(
-                f"location store URL {url!r}: use sqlite:PATH or sqlite:///ABS/PATH")
-        if not path:
-            raise LocationStoreError(
-                f"location store URL {url!r} has no file path (use sqlite:PATH)")
-        return SqliteLocationStore(path)
-    raise LocationStoreError(
-        f"unknown location store URL {url!r}: expected 'memory:' or 'sqlite:PATH'")
