@@ -5,6 +5,7 @@ address: 127.0.0.2 and 127.0.0.3 are loopback too), exchange single requests ove
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 import signal
 import socket
@@ -120,6 +121,59 @@ def bye_messages(message_file: Path, received: bool) -> list[str]:
         if marker in head and body.startswith("BYE "):
             out.append(body.replace("\r\n", "\n").strip())
     return out
+
+
+def answered_users(message_file: Path) -> set[str]:
+    """The users whose REGISTER got a 200, from a sipp -trace_msg file."""
+    users = set()
+    text = message_file.read_text()
+    for block in text.split("----------------------------------------------- ")[1:]:
+        _, _, rest = block.partition("\n")
+        head, _, body = rest.partition("\n")
+        body = body.lstrip()
+        if "message received" in head and body.startswith("SIP/2.0 200"):
+            to = re.search(r"^To:\s*<sip:([^@>]+)@", body, re.MULTILINE)
+            assert to is not None, body
+            users.add(to.group(1))
+    return users
+
+
+def register_load_killed(workdir: Path, port: int, *serve_args: str,
+                         users: int = 6000, rate: int = 1000, after: float = 2.5) -> set[str]:
+    """Run serve on ``port`` (with ``serve_args``: its --db) under a sipp REGISTER load over
+    ``users`` distinct users, SIGKILL it ``after`` seconds in, and return the users sipp got
+    a 200 for.  Asserts the kill landed mid-load: many answered, not all."""
+    csv_file = workdir / "users.csv"
+    csv_file.write_text("SEQUENTIAL\n" + "".join(f"u{n:05d}\n" for n in range(users)))
+    # --rate-limit 0: one source sending a thousand REGISTERs a second is the point here.
+    serve = Serve(workdir, port, *serve_args, "--rate-limit", "0")
+    load = sipp("register_users.xml", workdir, "load", f"{HOST}:{port}", "-inf", str(csv_file),
+                "-key", "domain", DOMAIN, "-r", str(rate), "-m", str(users),
+                "-p", str(free_port()), background=True, timeout=30)
+    try:
+        time.sleep(after)                             # in the middle of the load
+        assert serve.proc.poll() is None, serve.log()
+        serve.proc.send_signal(signal.SIGKILL)
+        serve.proc.wait(10)
+        time.sleep(0.5)                               # answers already on the wire arrive
+    finally:
+        load.send_signal(signal.SIGTERM)              # sipp writes its message file and ends
+        finish(load, 20)
+        serve.close()
+    answered = answered_users(workdir / "load.msg")
+    assert 300 <= len(answered) < users, (len(answered), serve.log()[-2000:])
+    return answered
+
+
+def fetch_contacts(port: int, user: str) -> str:
+    """A REGISTER without Contact (a fetch, RFC 3261 §10.2.3) for ``user``: the 200's text."""
+    (reply,) = sip_exchange(port, (
+        f"REGISTER sip:{DOMAIN} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {HOST}:{{me}};branch=z9hG4bK-fetch\r\n"
+        f"From: <sip:{user}@{DOMAIN}>;tag=f\r\nTo: <sip:{user}@{DOMAIN}>\r\n"
+        "Call-ID: fetch-1\r\nCSeq: 1 REGISTER\r\nContent-Length: 0\r\n\r\n"), full=True)
+    assert reply.startswith("SIP/2.0 200"), reply
+    return reply
 
 
 def register(workdir: Path, name: str, serve_port: int, user: str, contact_port: int,

@@ -16,8 +16,13 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+from redisutil import RedisServer
+
 import fastsip
 from fastsip.asyncio.stores import SqliteLocationStore, open_store, redact
+from fastsip.asyncio.stores.redis import RedisLocationStore
 from fastsip.proxy.location import (
     Binding,
     LocationStore,
@@ -34,17 +39,34 @@ AOR = "sip:bob@example.com"
 Body = Callable[[LocationStore], Awaitable[None]]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+#: The tests' clock: absolute wall-clock seconds in the future (Redis expires keys by its own
+#: clock, so bindings stamped in 1970 would vanish on arrival).
+T = 4_000_000_000.0
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def on_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[Body], None]]:
     """Runs an async test body against each store, on a fresh loop."""
     s: LocationStore
     if request.param == "memory":
         s = MemoryLocationStore()
-    else:
+    elif request.param == "sqlite":
         s = SqliteLocationStore(tmp_path / "loc.db")
+    else:
+        server = request.getfixturevalue("redis_server")
+        # A prefix of its own per test: the module's tests share one server.
+        s = RedisLocationStore(server.url, prefix=f"t{tmp_path.name}:")
 
     def run(body: Body) -> None:
         async def main() -> None:
+            await s.open()
             try:
                 await body(s)
             finally:
@@ -76,60 +98,70 @@ def test_contact_key_follows_uri_equality() -> None:
 
 def test_put_lookup_order_and_expiry(on_store: Callable[[Body], None]) -> None:
     async def body(store: LocationStore) -> None:
-        await put(store, Binding(AOR, "sip:bob@10.0.0.1", expires=200.0, q=0.5,
-                                 registered_at=100.0))
-        await put(store, Binding(AOR, "sip:bob@10.0.0.2", expires=200.0, q=1.0,
-                                 registered_at=90.0))
-        await put(store, Binding(AOR, "sip:bob@10.0.0.3", expires=200.0, q=0.5,
-                                 registered_at=110.0))
-        await put(store, Binding(AOR, "sip:bob@10.0.0.4", expires=150.0, q=0.9,
-                                 registered_at=120.0))
-        order = [b.contact for b in await store.lookup(AOR, 120.0)]
+        await put(store, Binding(AOR, "sip:bob@10.0.0.1", expires=T + 200, q=0.5,
+                                 registered_at=T + 100))
+        await put(store, Binding(AOR, "sip:bob@10.0.0.2", expires=T + 200, q=1.0,
+                                 registered_at=T + 90))
+        await put(store, Binding(AOR, "sip:bob@10.0.0.3", expires=T + 200, q=0.5,
+                                 registered_at=T + 110))
+        await put(store, Binding(AOR, "sip:bob@10.0.0.4", expires=T + 150, q=0.9,
+                                 registered_at=T + 120))
+        order = [b.contact for b in await store.lookup(AOR, T + 120)]
         assert order == ["sip:bob@10.0.0.2", "sip:bob@10.0.0.4", "sip:bob@10.0.0.3",
                          "sip:bob@10.0.0.1"]
         # At 150 the fourth binding has expired: lookup hides it, bindings() still has it.
-        assert "sip:bob@10.0.0.4" not in [b.contact for b in await store.lookup(AOR, 150.0)]
+        assert "sip:bob@10.0.0.4" not in [b.contact for b in await store.lookup(AOR, T + 150)]
         assert len(await store.bindings(AOR)) == 4
-        assert await store.purge(150.0) == 1
+        if isinstance(store, RedisLocationStore):
+            # Redis expires by itself: purge sweeps nothing, and the next write of the AOR
+            # drops what expired before it.
+            assert await store.purge(T + 150) == 0
+            await put(store, Binding(AOR, "sip:bob@10.0.0.2", expires=T + 200, q=1.0,
+                                     registered_at=T + 150))
+        else:
+            assert await store.purge(T + 150) == 1
         assert len(await store.bindings(AOR)) == 3
-        assert await store.purge(1000.0) == 3
-        assert await store.aors() == []
-        assert await store.lookup(AOR, 0.0) == []
+        if not isinstance(store, RedisLocationStore):
+            assert await store.purge(T + 1000) == 3
+            assert await store.aors() == []
+        assert await store.lookup(AOR, T + 1000) == []
     on_store(body)
 
 
 def test_put_replaces_equal_contact(on_store: Callable[[Body], None]) -> None:
     async def body(store: LocationStore) -> None:
-        await put(store, Binding(AOR, "sip:bob@Host.example", expires=100.0, cseq=1))
-        await put(store, Binding(AOR, "sip:bob@host.example;ob", expires=300.0, cseq=2))
+        await put(store, Binding(AOR, "sip:bob@Host.example", expires=T + 100, cseq=1))
+        await put(store, Binding(AOR, "sip:bob@host.example;ob", expires=T + 300, cseq=2))
         (b,) = await store.bindings(AOR)
-        assert b.cseq == 2 and b.expires == 300.0 and b.contact == "sip:bob@host.example;ob"
+        assert b.cseq == 2 and b.expires == T + 300 and b.contact == "sip:bob@host.example;ob"
     on_store(body)
 
 
 def test_update_remove_all_and_aors(on_store: Callable[[Body], None]) -> None:
     async def body(store: LocationStore) -> None:
         other = "sip:alice@example.com"
-        await put(store, Binding(AOR, "sip:bob@a", expires=100.0))
-        await put(store, Binding(AOR, "sip:bob@b", expires=100.0))
-        await put(store, Binding(other, "sip:alice@c", expires=100.0))
+        await put(store, Binding(AOR, "sip:bob@a", expires=T + 100))
+        await put(store, Binding(AOR, "sip:bob@b", expires=T + 100))
+        await put(store, Binding(other, "sip:alice@c", expires=T + 100))
         assert await store.aors() == [other, AOR]
         await store.update(AOR, remove=["sip:bob@A"])
         assert [b.contact for b in await store.bindings(AOR)] == ["sip:bob@b"]
         await store.update(AOR, remove=["sip:nobody@x"])  # removing what is not there: no error
-        await store.update(AOR, put=[Binding(AOR, "sip:bob@d", expires=100.0)],
+        await store.update(AOR, put=[Binding(AOR, "sip:bob@d", expires=T + 100)],
                            remove=["sip:bob@b"])
         assert [b.contact for b in await store.bindings(AOR)] == ["sip:bob@d"]
         await store.remove_all(AOR)
         assert await store.aors() == [other]
+        await store.update(other, remove=["sip:alice@c"])   # the last binding: the AOR goes
+        assert await store.aors() == []
     on_store(body)
 
 
 def test_a_bad_contact_changes_nothing(on_store: Callable[[Body], None]) -> None:
     async def body(store: LocationStore) -> None:
-        await put(store, Binding(AOR, "sip:bob@a", expires=100.0))
+        await put(store, Binding(AOR, "sip:bob@a", expires=T + 100))
         with pytest.raises(ValueError):
-            await store.update(AOR, put=[Binding(AOR, "sip:bob@b", expires=100.0)],
+            await store.update(AOR, put=[Binding(AOR, "sip:bob@b", expires=T + 100)],
                                remove=["sip:bob@a", "<not a uri"])
         assert [b.contact for b in await store.bindings(AOR)] == ["sip:bob@a"]
     on_store(body)
@@ -139,7 +171,7 @@ def test_binding_fields_round_trip(on_store: Callable[[Body], None]) -> None:
     b = Binding(
         AOR,
         "sip:bob@192.168.1.2:5060;transport=udp",
-        expires=3700.5,
+        expires=T + 3700.5,
         q=0.7,
         call_id="abc@host",
         cseq=42,
@@ -147,7 +179,7 @@ def test_binding_fields_round_trip(on_store: Callable[[Body], None]) -> None:
         source="udp:198.51.100.7:40000",
         instance="<urn:uuid:00000000-0000-1000-8000-000A95A0E128>",
         user_agent="softphone/1.0",
-        registered_at=100.25,
+        registered_at=T + 100.25,
         flow=True,
         socket=2,
         reg_id=1,
@@ -155,8 +187,8 @@ def test_binding_fields_round_trip(on_store: Callable[[Body], None]) -> None:
 
     async def body(store: LocationStore) -> None:
         await put(store, b)
-        assert await store.lookup(AOR, 0.0) == [b]
-        assert b.expires_in(3600.0) == 101
+        assert await store.lookup(AOR, T) == [b]
+        assert b.expires_in(T + 3600.0) == 101
     on_store(body)
 
 

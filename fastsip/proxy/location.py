@@ -177,7 +177,8 @@ class LocationStore(Protocol):
         ...
 
     async def purge(self, now: float) -> int:
-        """Drop every binding expired at ``now``; return how many were dropped."""
+        """Drop every binding expired at ``now``; return how many were dropped.  A store whose
+        server expires bindings by itself (Redis) has nothing to do and returns 0."""
         ...
 
     async def aors(self) -> list[str]:

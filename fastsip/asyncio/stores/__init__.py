@@ -63,4 +63,11 @@ def open_store(url: str) -> LocationStore:
             raise LocationStoreError(
                 f"location store URL {url!r} has no file path (use sqlite:PATH)")
         return SqliteLocationStore(path)
+    scheme = url.split(":", 1)[0].lower()
+    store: LocationStore
+    if scheme in ("redis", "rediss", "unix"):
+        _driver("redis", "redis", url)
+        from fastsip.asyncio.stores.redis import RedisLocationStore
+        store = RedisLocationStore(url)
+        return store
     raise LocationStoreError(f"unknown location store URL {redact(url)!r}: expected {_SCHEMES}")
