@@ -127,7 +127,8 @@ class Binding:
         return max(0, int(self.expires - now + 0.5))
 
 
-def _lookup_order(binding: Binding) -> tuple[float, float]:
+def lookup_order(binding: Binding) -> tuple[float, float]:
+    """The sort key of a lookup's answer (every store sorts by it)."""
     # Highest q first; among equal q, the most recently registered first (RFC 3261 §16.6 leaves
     # the order within a q-value to the proxy; the newest registration is the likeliest to work).
     return (-binding.q, -binding.registered_at)
@@ -228,12 +229,12 @@ class MemoryLocationStore:
 
     def lookup_now(self, aor: str, now: float) -> list[Binding]:
         found = [b for b in self._bindings.get(aor, {}).values() if b.expires > now]
-        found.sort(key=_lookup_order)
+        found.sort(key=lookup_order)
         return found
 
     def bindings_now(self, aor: str) -> list[Binding]:
         found = list(self._bindings.get(aor, {}).values())
-        found.sort(key=_lookup_order)
+        found.sort(key=lookup_order)
         return found
 
     def update_now(self, aor: str, put: Iterable[Binding] = (),

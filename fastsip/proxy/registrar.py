@@ -24,7 +24,7 @@ from email.utils import formatdate
 from typing import TypeVar
 
 from fastsip.errors import ParseError
-from fastsip.proxy.location import Binding, LocationStore, aor_of, contact_key
+from fastsip.proxy.location import Binding, LocationStore, aor_of, contact_key, lookup_order
 from fastsip.proxy.nat import request_behind_nat
 from fastsip.sip import URI, Request, Response
 from fastsip.transport import DEFAULT_PORTS, Address
@@ -243,6 +243,7 @@ class Registrar:
             for binding in current.values():
                 check_order(binding)
             await self._store(aor, self.store.remove_all(aor))
+            current = {}
             logger.info("%s: removed all bindings (Contact: *) from %s", aor, source)
         else:
             puts: list[Binding] = []
@@ -285,10 +286,15 @@ class Registrar:
                 logger.debug(
                     "%s: %d bound, %d removed, from %s", aor, len(puts), len(removes), source
                 )
+                # What the store now holds, without asking it again (a round trip saved on a
+                # networked store): what we read, with our changes applied.
+                for removed in removes:
+                    current.pop(contact_key(removed), None)
+                current.update((b.key, b) for b in puts)
         # Step 8: 200 with every current binding (a fetch, with no Contact, lands here too).
         headers: list[tuple[str, str]] = [
             ("Contact", self._render_contact(b, now))
-            for b in await self._store(aor, self.store.lookup(aor, now))
+            for b in sorted((b for b in current.values() if b.expires > now), key=lookup_order)
         ]
         if supports_path and path and updates:
             # RFC 3327 §5.3: echo the Path the registrar stored, only to a UA that said it

@@ -42,8 +42,8 @@ from fastsip.asyncio.stores import redact
 from fastsip.proxy.location import (
     Binding,
     LocationStoreError,
-    _lookup_order,
     contact_key,
+    lookup_order,
 )
 
 __all__ = ["RedisLocationStore"]
@@ -150,7 +150,7 @@ class RedisLocationStore:
     async def bindings(self, aor: str) -> list[Binding]:
         raw = await self._redis.hgetall(self._key(aor))
         found = [_from_json(aor, v) for v in raw.values()]
-        found.sort(key=_lookup_order)
+        found.sort(key=lookup_order)
         return found
 
     async def lookup(self, aor: str, now: float) -> list[Binding]:

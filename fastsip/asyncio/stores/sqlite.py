@@ -92,16 +92,18 @@ class _Write:
         self.future: asyncio.Future[Any] = loop.create_future()
 
 
-def _settle(write: _Write, result: Any, error: BaseException | None) -> None:
-    # On the loop thread, in commit order: the mirror follows the database exactly.
-    if error is None:
-        result = write.mirror(result)
-    if write.future.done():  # the caller was cancelled; the change stands all the same
-        return
-    if error is None:
-        write.future.set_result(result)
-    else:
-        write.future.set_exception(error)
+def _settle(outcomes: list[tuple[_Write, Any, BaseException | None]]) -> None:
+    """On the loop thread, in commit order, a batch at a time (one wake-up of the loop per
+    commit, not per change): the mirror follows the database exactly."""
+    for write, result, error in outcomes:
+        if error is None:
+            result = write.mirror(result)
+        if write.future.done():  # the caller was cancelled; the change stands all the same
+            continue
+        if error is None:
+            write.future.set_result(result)
+        else:
+            write.future.set_exception(error)
 
 
 class SqliteLocationStore:
@@ -248,10 +250,12 @@ class SqliteLocationStore:
                     closing = True
                     break
                 batch.append(more)
-            outcomes = self._commit(db, batch)
-            for write, (result, error) in zip(batch, outcomes):
+            by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+            for write, (result, error) in zip(batch, self._commit(db, batch)):
+                by_loop.setdefault(write.loop, []).append((write, result, error))
+            for loop, outcomes in by_loop.items():
                 try:
-                    write.loop.call_soon_threadsafe(_settle, write, result, error)
+                    loop.call_soon_threadsafe(_settle, outcomes)
                 except RuntimeError:  # that loop is closed: nobody is waiting any more
                     pass
         db.close()
