@@ -420,7 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # (serve --workers starts its workers with the same command line)
     # Lines are queued and written by a thread (the event loop never formats or writes one);
     # every queued line is out before we return, and at exit.
     from fastsip.app import logqueue

@@ -48,8 +48,12 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import re
+import secrets
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -256,6 +260,77 @@ async def run(args: argparse.Namespace) -> int:
         return await _serve(args, stop)
 
 
+async def _supervise(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    """``--workers N``: start N serve processes on the same addresses and watch them
+    (:mod:`fastsip.asyncio.workers` says how a call finds its worker)."""
+    from fastsip.asyncio.workers import Supervisor
+
+    problem = _addresses_taken(args.listen)
+    if problem:
+        _fail(problem)
+        return EXIT_FAILED
+    directory = tempfile.mkdtemp(prefix="fastsip-workers-")  # mode 0700: ours alone
+    # One nonce secret for all: a challenge one worker sent is answered to another.
+    env = dict(os.environ, FASTSIP_NONCE_SECRET=secrets.token_hex(32))
+    argv = list(getattr(args, "argv", None) or sys.argv[1:])
+
+    def worker_argv(index: int) -> list[str]:
+        return [sys.executable, "-m", "fastsip.cli", *argv, "--worker-index", str(index),
+                "--worker-dir", directory]
+
+    log.info("starting %d workers (calls shared by Call-ID; sockets in %s)", args.workers,
+             directory)
+    logqueue.flush()
+    supervisor = Supervisor(worker_argv, args.workers, len(args.listen), env=env,
+                            stop_timeout=args.grace + 10.0)
+    try:
+        return await supervisor.run(stop)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _addresses_taken(listen: list[str]) -> str:
+    """Whether another process holds one of our UDP addresses ("" when none does).  Workers
+    bind with SO_REUSEPORT, which would quietly share an address with another server of this
+    user that did too; a plain bind first fails if anyone holds it."""
+    import socket
+
+    from fastsip.asyncio import parse_listen
+
+    for spec in listen:
+        _, host, port = parse_listen(spec.partition("/")[0])
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                return f"cannot listen on {spec}: {exc.strerror or exc}"
+    return ""
+
+
+def _workers_problem(args: argparse.Namespace) -> str:
+    """Why ``--workers N`` (N > 1) cannot run as asked ("" when it can)."""
+    from fastsip.asyncio import parse_listen
+
+    specs = [(spec, *parse_listen(spec.partition("/")[0])) for spec in args.listen]
+    streams = [spec for spec, transport, _, _ in specs if transport != "UDP"]
+    if streams:
+        return (f"--workers {args.workers} serves UDP listeners only ({', '.join(streams)} is "
+                "not): a TCP/TLS connection stays in the worker that accepted it, and calls "
+                "for a phone registered over it may belong to another worker.  Give --listen "
+                "udp:... only, or run one worker")
+    anywhere = [spec for spec, _, _, port in specs if port == 0]
+    if anywhere:
+        return (f"--workers {args.workers} needs a fixed port ({', '.join(anywhere)} asks for "
+                "any free one, which each worker would pick for itself)")
+    scheme = args.db.split(":", 1)[0].lower()
+    if scheme not in ("redis", "rediss", "unix", "postgresql", "postgres"):
+        return (f"--workers {args.workers} needs a location store every worker shares: --db "
+                "redis://HOST:PORT/N or postgresql://HOST/DBNAME (memory: and sqlite: belong "
+                "to one process)")
+    return ""
+
+
 async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     from fastsip.app import Router, load_routes
     from fastsip.asyncio import Endpoint, ListenError, open_store
@@ -272,6 +347,20 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     if problem:
         _fail(problem)
         return EXIT_USAGE
+    if args.workers > 1:
+        from fastsip.asyncio.workers import reuse_port_supported
+
+        problem = _workers_problem(args)
+        if problem:
+            _fail(problem)
+            return EXIT_USAGE
+        if not reuse_port_supported():
+            log.warning("--workers %d: this platform cannot share a UDP address between "
+                        "processes (SO_REUSEPORT): running one", args.workers)
+            args.workers = 1
+        elif args.worker_index is None:
+            return await _supervise(args, stop)
+    worker = args.worker_index if args.workers > 1 else None
     try:
         routes = load_routes(args.routes) if args.routes else None
     except Exception as exc:  # noqa: BLE001 - any error in the user's module: refuse to start
@@ -301,8 +390,10 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
             # MD5 first: many deployed clients (sipp 3.6, baresip 1.0) answer only the first
             # challenge and know only MD5; SHA-256 is offered too, for those that prefer it.
             algorithms = args.auth_algorithm or ["MD5", "SHA-256"]
-            authenticator = DigestAuthenticator(_default_realm(args), credentials,
-                                                algorithms=algorithms)
+            authenticator = DigestAuthenticator(
+                _default_realm(args), credentials, algorithms=algorithms,
+                # Workers share the supervisor's secret (a nonce from one is good at another).
+                secret=os.environ.get("FASTSIP_NONCE_SECRET") if worker is not None else None)
         except (OSError, ValueError) as exc:
             _fail(f"--auth-users {args.auth_users}: {exc}")
             return EXIT_USAGE
@@ -346,7 +437,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
             max_connections=args.max_connections,
             max_connections_per_source=args.max_connections_per_source,
             idle_timeout=args.tcp_idle_timeout, read_timeout=args.tcp_read_timeout,
-            tls_handshake_timeout=args.tls_handshake_timeout)
+            tls_handshake_timeout=args.tls_handshake_timeout, reuse_port=worker is not None)
         try:
             await endpoint.start()
         except ListenError as exc:  # "cannot listen on udp:127.0.0.1:5060: Address in use"
@@ -359,10 +450,19 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
         transactions.max_server_transactions = args.max_transactions
         transactions.max_client_transactions = args.max_transactions
         proxy.attach(transactions)
+        handoff = None
+        if worker is not None:
+            from fastsip.asyncio.workers import HandOff
+
+            handoff = HandOff(endpoint.transport, worker, args.workers, args.worker_dir)
+            handoff.start()
+            log.info("worker %d of %d (pid %d)", worker, args.workers, os.getpid())
         keeper = NatKeeper(store, time.time, interval=args.nat_ping_interval,
                            max_failures=args.nat_ping_failures, method=args.nat_ping_method,
-                           spawn=loop.create_task)
-        if args.nat_ping_interval > 0:
+                           spawn=loop.create_task,
+                           shard=(worker, args.workers) if worker is not None else (0, 1))
+        # Every worker reads the same shared store: one of them pings the flows.
+        if args.nat_ping_interval > 0 and not worker:
             keeper.attach(proxy)
         # Live transactions linger 32 s (Timers J/L/M), so the young generation fills with
         # objects that are not garbage; CPython's default thresholds then run collections that
@@ -424,6 +524,8 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
             purger[0].cancel()
             keeper.stop()
             serve_router.flush()
+            if handoff is not None:
+                handoff.close()
             await endpoint.close()
         summary = " ".join(f"{k}={v}" for k, v in sorted(serve_router.outcomes.items()))
         if dropped_lines():  # (the writer's own WARNING at exit has the final count)
@@ -440,6 +542,9 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
         if keeper.sent:
             log.info("nat keep_alives=%d answered=%d flows_removed=%d",
                      keeper.sent, keeper.answered, keeper.removed)
+        if handoff is not None:
+            log.info("worker %d handed_off=%d taken_over=%d lost=%d", worker, handoff.handed,
+                     handoff.received, handoff.lost)
         return EXIT_OK
     finally:
         # The writes in flight commit before the file closes: a REGISTER answered 200 stays.
@@ -624,6 +729,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _workers(text: str) -> int:
+    if text == "auto":
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count() or 1)
+    return _positive_int(text)
+
+
 def _non_negative(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -670,6 +782,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="async route handlers running at once; beyond it 503 (default 1000)")
     p.add_argument("--grace", type=_non_negative, default=5.0, metavar="S",
                    help="on stop, seconds to let transactions in flight finish (default 5)")
+    p.add_argument("--workers", type=_workers, default=1, metavar="N|auto",
+                   help="worker processes sharing the UDP listeners (Linux SO_REUSEPORT); each "
+                        "call is handled by one, chosen by its Call-ID, however the load "
+                        "arrives; auto: one per CPU (default 1).  Needs a shared --db (redis:// "
+                        "or postgresql://) and UDP listeners only")
+    # Set by the supervisor for the workers it starts (not for operators).
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-dir", default=None, help=argparse.SUPPRESS)
     nat = p.add_argument_group(
         "NAT traversal",
         "Phones behind NAT are reached over the flow they registered from (and those of RFC "

@@ -69,7 +69,8 @@ class Endpoint:
     - Edge limits, passed to the :class:`TransportLayer` (see there): ``max_connections``,
       ``max_connections_per_source``, ``idle_timeout``, ``read_timeout``,
       ``tls_handshake_timeout``, ``udp_receive_buffer``, and ``admit(host, now)``, the hook of
-      a ban/rate-limit policy (False: the datagram is dropped, the connection closed).
+      a ban/rate-limit policy (False: the datagram is dropped, the connection closed);
+      ``reuse_port``: UDP listeners shared with other worker processes (SO_REUSEPORT).
 
     Received requests reach ``tu.on_request(txn, request)`` with ``received``/``rport`` already
     stamped; see :class:`~fastsip.transaction.TransactionUser`.  Messages sent outside a
@@ -95,6 +96,7 @@ class Endpoint:
         admit: AdmitCallback | None = None,
         udp_receive_buffer: int = 4 * 1024 * 1024,
         check_via: bool = True,
+        reuse_port: bool = False,
     ) -> None:
         if isinstance(listen, str):
             listen = (listen,)
@@ -108,7 +110,7 @@ class Endpoint:
             idle_timeout=idle_timeout, read_timeout=read_timeout,
             tls_handshake_timeout=tls_handshake_timeout, max_connections=max_connections,
             max_connections_per_source=max_connections_per_source, admit=admit,
-            udp_receive_buffer=udp_receive_buffer, check_via=check_via)
+            udp_receive_buffer=udp_receive_buffer, check_via=check_via, reuse_port=reuse_port)
         self._driver: WheelDriver | None = None
         self._transactions: TransactionLayer | None = None
 

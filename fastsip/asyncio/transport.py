@@ -56,7 +56,7 @@ from fastsip.asyncio.runner import loop_name
 from fastsip.errors import FastSIPError, ParseError
 from fastsip.sip import Limits, Message, Request, Response, message_length, parse
 from fastsip.transport import DEFAULT_PORTS, Address
-from fastsip.transport.intake import answer_malformed, deliver_message, receive_datagram
+from fastsip.transport.intake import Steer, answer_malformed, deliver_message, receive_datagram
 from fastsip.transport.rules import parse_hostport, parse_listen, strip_brackets
 
 __all__ = ["AdmitCallback", "Listener", "TransportLayer", "TransportStats", "parse_listen"]
@@ -535,6 +535,8 @@ class TransportLayer:
       every datagram of a flood: keep it cheap, never block.  May be set after construction.
     - ``udp_receive_buffer``: SO_RCVBUF asked for each UDP socket (bursts wait there instead of
       being dropped by the kernel; it may grant less, see ``Listener.receive_buffer``).
+    - ``reuse_port``: bind UDP listeners with SO_REUSEPORT (Linux), so several worker
+      processes share each address; :attr:`steer` then hands each datagram to its owner.
     """
 
     # Own the listening sockets and read them with loop.add_reader where the loop can; False
@@ -561,6 +563,7 @@ class TransportLayer:
         admit: AdmitCallback | None = None,
         udp_receive_buffer: int = 4 * 1024 * 1024,
         check_via: bool = True,
+        reuse_port: bool = False,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.on_message = on_message
@@ -577,6 +580,10 @@ class TransportLayer:
         self.admit = admit
         self.udp_receive_buffer = udp_receive_buffer
         self.check_via = check_via
+        self.reuse_port = reuse_port
+        #: ``steer(msg, data, source)`` of the intake (several workers on one socket): takes
+        #: the datagrams another worker owns.  None: every datagram is ours.
+        self.steer: Steer | None = None
         #: Counters of what came in and what the limits and ``admit`` turned away.
         self.stats = TransportStats()
         self._loop = loop
@@ -617,6 +624,8 @@ class TransportLayer:
         if transport == "UDP":
             sock = socket.socket(family, socket.SOCK_DGRAM)
             try:
+                if self.reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 receive_buffer = self._set_receive_buffer(sock)
                 sock.bind((host, port))
                 sock.setblocking(False)
@@ -1090,13 +1099,16 @@ class TransportLayer:
 
     # -- receiving -------------------------------------------------------------------------
 
-    def _receive_datagram(self, data: bytes, host: str, port: int, lid: int = 0) -> None:
+    def _receive_datagram(self, data: bytes, host: str, port: int, lid: int = 0,
+                          steer: bool = True) -> None:
         """One datagram ``admit`` let through on listener ``lid``, to the sans-IO intake
         (:func:`~fastsip.transport.intake.receive_datagram`: keep-alives, STUN, malformed
         requests, the §18 checks).  The source Address it hands up names the socket as
-        ``connection``, so whatever answers it leaves from the same socket."""
+        ``connection``, so whatever answers it leaves from the same socket.  ``steer``
+        False: a datagram another worker handed us, ours by definition."""
         receive_datagram(data, host, port, lid, self.limits, self, self.on_message,
-                         self._local if self.check_via else None)
+                         self._local if self.check_via else None,
+                         self.steer if steer else None)
 
     def _answer_malformed(self, data: bytes, exc: ParseError, source: Address) -> None:
         answer_malformed(data, exc, source, self)

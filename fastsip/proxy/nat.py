@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastsip.sip import URI, Message, Request, Response
 from fastsip.transport import DEFAULT_PORTS, Address
+from fastsip.transport.rules import call_id_shard
 
 if TYPE_CHECKING:
     from fastsip.proxy.location import Binding, LocationStore
@@ -247,11 +248,15 @@ class NatKeeper:
     to our pings to :meth:`on_response`); the pings run on the proxy's timer wheel.  The store
     is read (and dead flows removed) in place when it answers from memory; a store that waits
     for I/O needs ``spawn`` (``loop.create_task``), which runs each slice of a round as a task.
+    ``shard``: (this worker, workers) when several share the address and route each message
+    by its Call-ID (``serve --workers``): the pings' Call-IDs are picked so the answers come
+    back here.
     """
 
     def __init__(self, store: LocationStore, now: Callable[[], float], *,
                  interval: float = 30.0, max_failures: int = 3, method: str = "OPTIONS",
-                 spawn: Callable[[Coroutine[Any, Any, None]], object] | None = None) -> None:
+                 spawn: Callable[[Coroutine[Any, Any, None]], object] | None = None,
+                 shard: tuple[int, int] = (0, 1)) -> None:
         method = method.upper()
         if method not in ("OPTIONS", "CRLF"):
             raise ValueError(f"keep-alive method must be OPTIONS or CRLF, not {method!r}")
@@ -261,6 +266,7 @@ class NatKeeper:
         self.method = method
         self._now = now
         self._spawn = spawn
+        self._shard = shard
         self._stopped = False
         self._proxy: Any = None
         self._timer: Any = None
@@ -383,9 +389,14 @@ class NatKeeper:
             proxy.transport.send(b"\r\n\r\n", flow)
             self.sent += 1
             return
-        branch = f"{PING_BRANCH}{self._prefix}{next(self._counter):x}"
         local = proxy.local_for(flow)
         host = f"[{local.host}]" if ":" in local.host else local.host
+        index, count = self._shard
+        while True:
+            # The answer finds the worker that pings by its Call-ID: take one that is ours.
+            branch = f"{PING_BRANCH}{self._prefix}{next(self._counter):x}"
+            if call_id_shard(f"{branch}@{host}", count) == index:
+                break
         text = (f"OPTIONS {binding.contact} SIP/2.0\r\n"
                 f"Via: SIP/2.0/{flow.transport} {host}:{local.port};branch={branch}\r\n"
                 "Max-Forwards: 1\r\n"

@@ -37,23 +37,30 @@ from fastsip.transport import Address, Transport
 from fastsip.transport.rules import check_sent_by, error_response, stamp_received
 from fastsip.transport.stun import binding_response, is_stun
 
-__all__ = ["Deliver", "answer_malformed", "deliver_message", "receive_datagram"]
+__all__ = ["Deliver", "Steer", "answer_malformed", "deliver_message", "receive_datagram"]
 
 log = logging.getLogger("fastsip.transport")
 
 #: Where an accepted message goes: ``deliver(msg, source)``, the transaction layer's ``receive``.
 Deliver = Callable[[Request | Response, Address], object]
+#: ``steer(msg, data, source)``: a shell running several workers takes a parsed datagram that
+#: another worker owns (and hands ``data`` to it); True: taken, not ours to deliver.
+Steer = Callable[[Request | Response, bytes, Address], bool]
 
 
 def receive_datagram(data: bytes, host: str, port: int, connection: int, limits: Limits,
                      transport: Transport, deliver: Deliver | None,
-                     local: Iterable[tuple[str, int]] | None = None) -> bool:
+                     local: Iterable[tuple[str, int]] | None = None,
+                     steer: Steer | None = None) -> bool:
     """One UDP datagram from ``host``:``port`` that arrived on socket ``connection`` (0: the
     only one): answered here when it is STUN or a malformed request (through ``transport``),
     ignored when it is a keep-alive or fails the §18 checks, else handed to ``deliver(msg,
     source)``.  ``limits`` bound the parse; ``local`` are our sent-by (host, port) pairs: a
-    response whose top Via names none of them is dropped (None: no such check).  True when
-    a message was delivered.  (Positional arguments: this is the per-datagram path.)"""
+    response whose top Via names none of them is dropped (None: no such check).  ``steer``:
+    asked first for every message that parsed, when several workers share the socket (it
+    takes the ones another worker owns; keep-alives, STUN and malformed requests are answered
+    by whoever received them).  True when a message was delivered.  (Positional arguments:
+    this is the per-datagram path.)"""
     if len(data) <= 4 and not data.strip():
         return False
     if is_stun(data):
@@ -69,6 +76,8 @@ def receive_datagram(data: bytes, host: str, port: int, connection: int, limits:
     except ParseError as exc:
         log.debug("malformed datagram from %s: %s", source, exc)
         answer_malformed(data, exc, source, transport)
+        return False
+    if steer is not None and steer(msg, data, source):
         return False
     return deliver_message(msg, source, deliver, local)
 

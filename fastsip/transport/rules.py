@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import zlib
 from collections.abc import Iterable
 
 from fastsip.errors import ParseError
@@ -18,6 +19,7 @@ from fastsip.transport import DEFAULT_PORTS, Address
 __all__ = [
     "LOCAL_TAG_PREFIX",
     "UDP_SIZE_LIMIT",
+    "call_id_shard",
     "check_sent_by",
     "error_response",
     "is_local_tag",
@@ -288,3 +290,14 @@ def parse_listen(spec: str) -> tuple[str, str, int]:
         raise ValueError(f"listen spec {spec!r}: host must be an IP address, not {host!r}") \
             from None
     return transport, host, port
+
+
+def call_id_shard(call_id: str | None, shards: int) -> int:
+    """Which of ``shards`` workers owns the messages of Call-ID ``call_id``: every message of
+    a call -- the INVITE, its retransmissions, CANCEL, the ACK, the responses, the BYE -- has
+    the same Call-ID, so they all meet the transactions of the same worker.  CRC-32, not
+    ``hash()``: every process must compute the same answer (``hash`` of a str is salted per
+    process).  A message without a Call-ID is worker 0's."""
+    if shards <= 1 or not call_id:
+        return 0
+    return zlib.crc32(call_id.encode("utf-8", "surrogateescape")) % shards

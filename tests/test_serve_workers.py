@@ -1,0 +1,149 @@
+"""``fastsip serve --workers 2`` with sipp: every call of a load sent from one socket completes,
+under 5% loss too (CANCEL, ACK, responses and retransmissions reach the worker that holds the
+call), the calls spread over both workers; a worker SIGKILLed mid-load is started again and
+the only calls that fail are those it held.  And the combinations that cannot work are refused
+with the reason.  (A Redis server, started here, is the shared location store.)"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from procutil import free_port
+from redisutil import RedisServer
+from serveutil import SIPP, Serve, finish, register, run_uac, start_uas, successful
+
+from fastsip.asyncio.workers import reuse_port_supported
+from fastsip.transport.rules import call_id_shard
+
+pytestmark = [
+    pytest.mark.skipif(SIPP is None, reason="sipp is not installed"),
+    pytest.mark.skipif(not reuse_port_supported(), reason="needs Linux SO_REUSEPORT"),
+]
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
+def workers_serve(tmp_path: Path, port: int, redis: RedisServer) -> Serve:
+    # --rate-limit 0: sipp's load comes from one address at hundreds of messages a second.
+    return Serve(tmp_path, port, "--workers", "2", "--db", redis.url, "--rate-limit", "0")
+
+
+def worker_pids(log: str) -> dict[int, int]:
+    return {int(i): int(pid) for i, pid in re.findall(r"worker (\d+) of 2 \(pid (\d+)\)", log)}
+
+
+def stopped_counts(log: str) -> list[int]:
+    """Calls answered by each worker, from their "stopped" lines (in stop order)."""
+    return [int(n) for n in re.findall(r"stopped .*?answered=(\d+)", log)]
+
+
+def uac_counts(tmp_path: Path, name: str) -> dict[str, int]:
+    rows = list(csv.reader((tmp_path / f"{name}.csv").read_text().splitlines(), delimiter=";"))
+    last = dict(zip(rows[0], rows[-1]))
+    return {k: int(last[k]) for k in ("SuccessfulCall(C)", "FailedCall(C)")}
+
+
+@pytest.mark.parametrize("lost", [0, 5])
+def test_calls_from_one_socket_spread_over_workers_and_all_complete(
+        tmp_path: Path, redis: RedisServer, lost: int) -> None:
+    calls = 600
+    port, uas_port = free_port(), free_port()
+    serve = workers_serve(tmp_path, port, redis)
+    uas = None
+    try:
+        uas = start_uas(tmp_path, "uas", uas_port, calls, timeout=90)
+        assert register(tmp_path, "register", port, "service", uas_port).returncode == 0
+        uac = run_uac(tmp_path, "uac", port, "service", calls, "-lost", str(lost), rate=150,
+                      timeout=90)
+        finish(uas, 30)
+        assert uac.returncode == 0, (uac_counts(tmp_path, "uac"), serve.log()[-3000:])
+        assert successful(tmp_path, "uac") == calls
+    finally:
+        if uas is not None and uas.poll() is None:
+            uas.kill()
+            uas.communicate()
+        assert serve.close() == 0
+    log = serve.log()
+    answered = stopped_counts(log)
+    # One sipp socket, yet each worker handled a fair share of the calls.
+    assert len(answered) == 2 and sum(answered) == calls, answered
+    assert min(answered) > calls * 0.35, answered
+    handed = [int(n) for n in re.findall(r"handed_off=(\d+)", log)]
+    assert len(handed) == 2 and sum(handed) > 0, handed
+    assert "Traceback" not in log
+
+
+def test_a_killed_worker_is_restarted_and_only_its_calls_fail(tmp_path: Path,
+                                                               redis: RedisServer) -> None:
+    calls, rate = 1500, 100
+    port, uas_port = free_port(), free_port()
+    serve = workers_serve(tmp_path, port, redis)
+    uas = None
+    try:
+        uas = start_uas(tmp_path, "uas", uas_port, calls, timeout=120)
+        assert register(tmp_path, "register", port, "service", uas_port).returncode == 0
+        errors = tmp_path / "uac_errors.log"
+        uac = run_uac(tmp_path, "uac", port, "service", calls, "-trace_err", "-error_file",
+                      str(errors), rate=rate, timeout=120, background=True)
+        time.sleep(5)
+        victim = worker_pids(serve.log())[1]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while "worker 1 running again" not in serve.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "worker 1 running again" in serve.log(), serve.log()[-3000:]
+        assert worker_pids(serve.log())[1] != victim
+        finish(uac, 120)
+        finish(uas, 30)
+    finally:
+        if uas is not None and uas.poll() is None:
+            uas.kill()
+            uas.communicate()
+        assert serve.close() == 0
+    counts = uac_counts(tmp_path, "uac")
+    assert counts["SuccessfulCall(C)"] + counts["FailedCall(C)"] == calls, counts
+    # What was lost: only calls worker 1 held when it died (sipp names each failed call).
+    failed_ids = set(re.findall(r"Call-I[Dd]:? '?([^'\s,]+)",
+                                errors.read_text() if errors.exists() else ""))
+    assert counts["FailedCall(C)"] <= rate, counts          # at most a second of calls
+    assert all(call_id_shard(cid, 2) == 1 for cid in failed_ids), failed_ids
+    # The restarted worker took calls again.
+    answered = stopped_counts(serve.log())
+    assert len(answered) == 2 and min(answered) > 0, answered
+
+
+@pytest.mark.parametrize(("args", "why"), [
+    (["--db", "memory:"], "needs a location store every worker shares"),
+    (["--db", "sqlite:x.db"], "needs a location store every worker shares"),
+    (["--db", "redis://127.0.0.1:1/0", "--listen", "tcp:127.0.0.1:{port}"], "UDP listeners only"),
+    (["--db", "redis://127.0.0.1:1/0", "--listen", "udp:127.0.0.1:0"], "fixed port"),
+])
+def test_combinations_workers_cannot_serve_are_refused(tmp_path: Path, args: list[str],
+                                                        why: str) -> None:
+    import subprocess
+
+    from procutil import fastsip_env
+
+    port = free_port()
+    argv = [sys.executable, "-m", "fastsip.cli", "serve", "--workers", "2",
+            "--listen", f"udp:127.0.0.1:{port}", *(a.format(port=port) for a in args)]
+    proc = subprocess.run(argv, cwd=tmp_path, env=fastsip_env(), capture_output=True,
+                          text=True, timeout=30, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert why in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
