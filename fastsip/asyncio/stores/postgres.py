@@ -218,7 +218,8 @@ class PostgresLocationStore:
         # Every key first, before any I/O: a bad contact raises ValueError and changes nothing.
         # One row per key: the last put wins and keeps the first one's place (a dict's rule,
         # as in the memory store; one statement may not upsert a row twice anyway).
-        rows = {key: _to_row(aor, key, b) for b, key in ((b, b.key) for b in put)}
+        rows = list({key: _to_row(aor, key, b) for b, key in ((b, b.key) for b in put)}
+                    .values())
         keys = [contact_key(c) for c in remove]
         pool = self._use()
         if not rows and not keys:
@@ -227,13 +228,22 @@ class PostgresLocationStore:
             if rows and keys:
                 async with connection.transaction():
                     await connection.execute(_REMOVE, aor, keys)
-                    await connection.executemany(_UPSERT, list(rows.values()))
+                    await self._put(connection, rows)
             elif keys:
                 await connection.execute(_REMOVE, aor, keys)   # one statement: atomic
             else:
-                # asyncpg sends every row then one Sync: one round trip, one implicit
-                # transaction (atomic since asyncpg 0.22).
-                await connection.executemany(_UPSERT, list(rows.values()))
+                await self._put(connection, rows)
+
+    @staticmethod
+    async def _put(connection: Any, rows: list[_Row]) -> None:
+        if len(rows) == 1:
+            # The usual REGISTER (one Contact): a plain statement costs the loop a third less
+            # CPU than executemany's pipeline machinery.
+            await connection.execute(_UPSERT, *rows[0])
+        else:
+            # asyncpg sends every row, then one Sync: one round trip, and one implicit
+            # transaction (executemany is atomic since asyncpg 0.22).
+            await connection.executemany(_UPSERT, rows)
 
     async def remove_all(self, aor: str) -> None:
         await self._use().execute(_REMOVE_ALL, aor)
