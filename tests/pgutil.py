@@ -1,17 +1,22 @@
-"""A throwaway PostgreSQL server for tests: ``with postgres_server(tmp) as pg: pg.url()``.
+"""A throwaway PostgreSQL server for tests and benchmarks.
+
+``with postgres_cluster(tmp) as pg:`` gives a :class:`PgServer` (``pg.create_database()``,
+``pg.psql()``, ``pg.restart()``); ``with postgres_server(tmp) as url:`` just the URL of a fresh
+database on one (what a benchmark needs).
 
 ``initdb`` a new cluster in a temporary directory, start it listening on 127.0.0.1 only (on a
 free port, its Unix socket in that directory too), stop it (``pg_ctl stop -m fast``) and delete
 it at the end.  TCP connections need the password (scram-sha-256), so the tests' URLs carry one
 the way a deployment's would.  PostgreSQL refuses to run as root: under root the server runs as
 the ``postgres`` system user (which the package creates), in a directory of ``/tmp`` that user
-can reach.  Without PostgreSQL, or without a user to run it as, the tests skip and say why.
+can reach.  Without PostgreSQL, or without a user to run it as, the tests skip and say why
+(outside a test: :class:`PgUnavailable`).
 
 A test module wraps it in its own fixture::
 
     @pytest.fixture(scope="module")
     def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
-        with postgres_server(tmp_path_factory.mktemp("pg")) as server:
+        with postgres_cluster(tmp_path_factory.mktemp("pg")) as server:
             yield server
 """
 
@@ -40,19 +45,26 @@ PASSWORD = "pg-s3cret-pw"
 INSTALL_HINT = "PostgreSQL is not installed (.ci/system-deps installs it)"
 
 
+class PgUnavailable(RuntimeError):
+    """This machine cannot run a throwaway PostgreSQL server (the message says why)."""
+
+
+_TOOLS = ("initdb", "pg_ctl", "postgres", "psql", "createdb")
+
+
+def _version(postgres: str) -> tuple[int, ...]:
+    # /usr/lib/postgresql/15/bin/postgres -> (15,)
+    return tuple(int(n) for n in Path(postgres).parts[-3].split(".") if n.isdigit())
+
+
 def find_bin() -> Path | None:
-    """The directory with initdb, pg_ctl and postgres: from PATH, else Debian's
-    /usr/lib/postgresql/VERSION/bin (the newest)."""
+    """The directory with initdb, pg_ctl, postgres, psql and createdb: pg_ctl's on PATH, else
+    Debian's /usr/lib/postgresql/VERSION/bin (the newest)."""
     on_path = shutil.which("pg_ctl")
-    if on_path and shutil.which("initdb") and shutil.which("postgres"):
-        return Path(on_path).resolve().parent
-    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"),
-                      key=lambda p: [int(n) if n.isdigit() else 0 for n in p.split("/")[4].split(".")])
-    for postgres in reversed(versions):
-        bindir = Path(postgres).parent
-        if all((bindir / tool).exists() for tool in ("initdb", "pg_ctl", "psql", "createdb")):
-            return bindir
-    return None
+    candidates = [Path(on_path).resolve().parent] if on_path else []
+    candidates += [Path(p).parent for p in sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"),
+                                                  key=_version, reverse=True)]
+    return next((d for d in candidates if all((d / t).exists() for t in _TOOLS)), None)
 
 
 class PgServer:
@@ -171,26 +183,32 @@ def _run_as_postgres() -> list[str] | None:
 
 
 @contextmanager
-def postgres_server(workdir: Path) -> Iterator[PgServer]:
-    """A fresh cluster, started; stopped and deleted on exit.  Skips the calling test when
-    PostgreSQL (or a non-root user to run it as) is missing."""
+def postgres_cluster(workdir: Path, *, skip: bool = True) -> Iterator[PgServer]:
+    """A fresh cluster, started; stopped and deleted on exit.  When PostgreSQL (or a non-root
+    user to run it as) is missing: skips the calling test, or with ``skip=False`` raises
+    :class:`PgUnavailable`."""
+    def unavailable(reason: str) -> PgUnavailable:
+        if skip:
+            pytest.skip(reason)
+        return PgUnavailable(reason)
+
     bindir = find_bin()
     if bindir is None:
-        pytest.skip(INSTALL_HINT)
+        raise unavailable(INSTALL_HINT)
     runas: list[str] = []
     own_home = False
     if os.geteuid() == 0:
         prefix = _run_as_postgres()
         if prefix is None:
-            pytest.skip("PostgreSQL refuses to run as root and there is no 'postgres' user "
-                        "(or runuser/setpriv) to run it as")
+            raise unavailable("PostgreSQL refuses to run as root and there is no 'postgres' "
+                              "user (or runuser/setpriv) to run it as")
         runas = prefix
         # pytest's temporary directories are private to root: postgres could not enter them.
         home = Path(tempfile.mkdtemp(prefix="fastsip-pg-"))
         own_home = True
     else:
         home = workdir / "pg"
-        home.mkdir()
+        home.mkdir(parents=True)
     server = PgServer(bindir, home, runas)
     try:
         server._chown(home)
@@ -207,3 +225,11 @@ def postgres_server(workdir: Path) -> Iterator[PgServer]:
         finally:
             if own_home:
                 shutil.rmtree(home, ignore_errors=True)
+
+
+@contextmanager
+def postgres_server(workdir: Path) -> Iterator[str]:
+    """The URL (with its password) of a new database on a throwaway server, for a benchmark
+    or a script: raises :class:`PgUnavailable` where there is no PostgreSQL to run."""
+    with postgres_cluster(workdir, skip=False) as server:
+        yield server.create_database("fastsip")

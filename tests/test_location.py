@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from pgutil import PgServer, postgres_server
+from pgutil import PgServer, postgres_cluster
 from redisutil import RedisServer
 
 import fastsip
@@ -56,7 +56,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 @pytest.fixture(scope="module")
 def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
-    with postgres_server(tmp_path_factory.mktemp("pg")) as server:
+    with postgres_cluster(tmp_path_factory.mktemp("pg")) as server:
         yield server
 
 

@@ -23,7 +23,7 @@ from fastsip.asyncio.stores.postgres import PostgresLocationStore
 from fastsip.proxy.location import Binding, LocationStore, LocationStoreError, MemoryLocationStore
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pgutil import PASSWORD, PgServer, postgres_server
+from pgutil import PASSWORD, PgServer, postgres_cluster
 from procutil import free_port
 from serveutil import (
     DOMAIN,
@@ -43,7 +43,7 @@ AOR = "sip:bob@example.com"
 
 @pytest.fixture(scope="module")
 def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
-    with postgres_server(tmp_path_factory.mktemp("pg")) as server:
+    with postgres_cluster(tmp_path_factory.mktemp("pg")) as server:
         yield server
 
 
