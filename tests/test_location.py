@@ -1,5 +1,6 @@
-"""Location stores: the in-memory and SQLite stores behave the same; SQLite survives restarts,
-commits off the event loop and groups concurrent REGISTERs' writes into one commit."""
+"""Location stores: the in-memory, SQLite, Redis and PostgreSQL stores behave the same; SQLite
+survives restarts, commits off the event loop and groups concurrent REGISTERs' writes into one
+commit.  (test_store_redis.py and test_store_postgres.py test the networked stores' own ways.)"""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from pgutil import PgServer, postgres_cluster
 from redisutil import RedisServer
 
 import fastsip
 from fastsip.asyncio.stores import SqliteLocationStore, open_store, redact
+from fastsip.asyncio.stores.postgres import PostgresLocationStore
 from fastsip.asyncio.stores.redis import RedisLocationStore
 from fastsip.proxy.location import (
     Binding,
@@ -51,7 +54,13 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(scope="module")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+    with postgres_cluster(tmp_path_factory.mktemp("pg")) as server:
+        yield server
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis", "postgresql"])
 def on_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[Body], None]]:
     """Runs an async test body against each store, on a fresh loop."""
     s: LocationStore
@@ -59,10 +68,14 @@ def on_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callabl
         s = MemoryLocationStore()
     elif request.param == "sqlite":
         s = SqliteLocationStore(tmp_path / "loc.db")
-    else:
+    elif request.param == "redis":
         server = request.getfixturevalue("redis_server")
         # A prefix of its own per test: the module's tests share one server.
         s = RedisLocationStore(server.url, prefix=f"t{tmp_path.name}:")
+    else:
+        # A new database per test: the module's tests share one server.
+        pg: PgServer = request.getfixturevalue("pg_server")
+        s = PostgresLocationStore(pg.create_database())
 
     def run(body: Body) -> None:
         async def main() -> None:

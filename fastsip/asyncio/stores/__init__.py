@@ -70,4 +70,9 @@ def open_store(url: str) -> LocationStore:
         from fastsip.asyncio.stores.redis import RedisLocationStore
         store = RedisLocationStore(url)
         return store
+    if scheme in ("postgresql", "postgres"):
+        _driver("asyncpg", "postgresql", url)
+        from fastsip.asyncio.stores.postgres import PostgresLocationStore
+        store = PostgresLocationStore(url)
+        return store
     raise LocationStoreError(f"unknown location store URL {redact(url)!r}: expected {_SCHEMES}")
