@@ -358,6 +358,7 @@ def test_open_store_urls(tmp_path: Path) -> None:
     assert "s3cret" not in str(info.value) and "fastsip:***@db.example" in str(info.value)
     assert redact("redis://:pw@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
     assert redact("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert redact("postgresql://u:pa/ss@word@h:5432/db") == "postgresql://u:***@h:5432/db"
     with pytest.raises(ValueError):
         SqliteLocationStore(tmp_path / "b.db", synchronous="SOMETIMES")
 

@@ -20,7 +20,6 @@ A URL's password is never logged: :func:`redact` is what a log line shows.
 from __future__ import annotations
 
 import importlib
-import re
 from typing import Any
 
 from fastsip.asyncio.stores.sqlite import SqliteLocationStore
@@ -32,8 +31,14 @@ _SCHEMES = "'memory:', 'sqlite:PATH', 'redis://HOST[:PORT][/DB]' or 'postgresql:
 
 
 def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (for logs and error messages)."""
-    return re.sub(r"^([a-z][a-z0-9+.-]*://[^:/@]*:)[^@/]*@", r"\1***@", url, flags=re.IGNORECASE)
+    """``url`` with its password replaced by ``***`` (for logs and error messages).  The
+    user information ends at the *last* ``@``: a password with an unencoded ``/`` or ``@``
+    is hidden whole (at worst more than the password is)."""
+    scheme, sep, rest = url.partition("://")
+    at = rest.rfind("@")
+    if not sep or at < 0 or ":" not in rest[:at]:
+        return url
+    return f"{scheme}://{rest[:at].split(':', 1)[0]}:***@{rest[at + 1:]}"
 
 
 def _driver(module: str, extra: str, url: str) -> Any:
