@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -103,7 +104,6 @@ def throughput(rates: tuple[int, ...] = (300, 600, 900, 1200), seconds: float = 
                 port, uas_port = free_port(), free_port()
                 argv = [a.replace("{port}", str(port))
                         for a in serve_argv(workdir, workers, redis.url)]
-                import subprocess
                 log = open(workdir / f"t{workers}.log", "wb")  # noqa: SIM115
                 proc = subprocess.Popen(argv, cwd=workdir, env=fastsip_env(), stdout=log,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -127,7 +127,10 @@ def throughput(rates: tuple[int, ...] = (300, 600, 900, 1200), seconds: float = 
                                     timeout=seconds + 40, background=True)
                         time.sleep(seconds)         # the offered load's span: busy over it
                         busy = (machine_busy_seconds() - busy0) / (time.monotonic() - t0)
-                        uac.wait(seconds + 70)
+                        try:
+                            uac.wait(seconds + 40)
+                        except subprocess.TimeoutExpired:  # calls stuck past the load's end
+                            _stop(uac)
                         ok = successful(workdir, f"t{workers}_{rate}")
                         print(f"--workers {workers} offered {rate:5d}/s for {seconds:g} s: "
                               f"{ok}/{n} calls completed ({ok / n:4.0%}); machine busy "
