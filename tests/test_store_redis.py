@@ -60,17 +60,17 @@ def test_an_aor_expires_in_redis_with_its_last_binding(server: RedisServer) -> N
         now = time.time()
         await store.update(AOR, put=[binding("sip:bob@a", now + 100, now),
                                      binding("sip:bob@b", now + 300, now)])
-        ttl = await store._redis.ttl(store.prefix + AOR)
+        ttl = await store._client.call("TTL", store.prefix + AOR)
         assert 295 <= ttl <= 300                     # the last binding's expiry
         await store.update(AOR, remove=["sip:bob@b"])
-        assert 95 <= await store._redis.ttl(store.prefix + AOR) <= 100
+        assert 95 <= await store._client.call("TTL", store.prefix + AOR) <= 100
         # A binding that has expired by the next write is dropped by it.
         await store.update(AOR, put=[binding("sip:bob@c", now + 200, now + 150)])
         assert [b.contact for b in await store.bindings(AOR)] == ["sip:bob@c"]
         # One that expires for real: Redis deletes the AOR without anyone purging.
         await store.update(AOR, put=[binding("sip:bob@c", time.time() + 0.3)])
         await asyncio.sleep(0.6)
-        assert await store._redis.exists(store.prefix + AOR) == 0
+        assert await store._client.call("EXISTS", store.prefix + AOR) == 0
         assert await store.aors() == []
         await store.close()
 
@@ -136,7 +136,7 @@ def test_a_redis_without_an_append_only_file_is_warned_about(
         server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
         store = RedisLocationStore(server.url)
-        await store._redis.config_set("appendonly", "no")
+        await store._client.call("CONFIG", "SET", "appendonly", "no")
         with caplog.at_level(logging.WARNING, logger="fastsip.proxy"):
             await store.open()
         await store.close()

@@ -324,7 +324,7 @@ def _workers_problem(args: argparse.Namespace) -> str:
         return (f"--workers {args.workers} needs a fixed port ({', '.join(anywhere)} asks for "
                 "any free one, which each worker would pick for itself)")
     scheme = args.db.split(":", 1)[0].lower()
-    if scheme not in ("redis", "rediss", "unix", "postgresql", "postgres"):
+    if scheme not in ("redis", "rediss", "postgresql", "postgres"):
         return (f"--workers {args.workers} needs a location store every worker shares: --db "
                 "redis://HOST:PORT/N or postgresql://HOST/DBNAME (memory: and sqlite: belong "
                 "to one process)")

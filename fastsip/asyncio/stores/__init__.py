@@ -8,8 +8,9 @@ the registrar's 200 OK to a REGISTER is a promise that the binding survives a cr
 - ``memory:`` -- :class:`~fastsip.proxy.location.MemoryLocationStore` (the default; one process)
 - ``sqlite:PATH`` -- :class:`~fastsip.asyncio.stores.sqlite.SqliteLocationStore` (one process;
   survives restarts)
-- ``redis://[:PASSWORD@]HOST[:PORT][/DB]`` -- shared by workers and nodes (``pip install
-  'fastsip[redis]'``); the password may come from ``FASTSIP_REDIS_PASSWORD`` instead
+- ``redis://[:PASSWORD@]HOST[:PORT][/DB]`` (``rediss://`` over TLS) -- shared by workers and
+  nodes (fastsip's own client, no extra needed); the password may come from
+  ``FASTSIP_REDIS_PASSWORD`` instead
 - ``postgresql://[USER[:PASSWORD]@]HOST[:PORT]/DBNAME`` -- shared by workers and nodes (``pip
   install 'fastsip[postgresql]'``); libpq's ``PGPASSWORD``/``PGUSER``/... fill what the URL
   leaves out
@@ -70,8 +71,7 @@ def open_store(url: str) -> LocationStore:
         return SqliteLocationStore(path)
     scheme = url.split(":", 1)[0].lower()
     store: LocationStore
-    if scheme in ("redis", "rediss", "unix"):
-        _driver("redis", "redis", url)
+    if scheme in ("redis", "rediss"):
         from fastsip.asyncio.stores.redis import RedisLocationStore
         store = RedisLocationStore(url)
         return store

@@ -1,5 +1,7 @@
 """Bindings in Redis (``--db redis://HOST:PORT/N``): :class:`RedisLocationStore`, shared by every
-worker and node that points at the same database.
+worker and node that points at the same database.  It talks to Redis through
+:class:`fastsip.asyncio.resp.RedisClient`, one pipelined connection (that module says why not
+redis-py: the per-call lookup's cost).
 
 **Layout: one hash per address-of-record**, ``<prefix><aor>`` (``fastsip:loc:sip:bob@example.com``),
 whose fields are the contact keys (:func:`~fastsip.proxy.location.contact_key`) and whose values
@@ -29,15 +31,14 @@ neither is ever logged.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 from collections.abc import Iterable
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
-
+from fastsip.asyncio.resp import RedisClient, RedisError, ReplyError
 from fastsip.asyncio.stores import redact
 from fastsip.proxy.location import (
     Binding,
@@ -118,26 +119,25 @@ class RedisLocationStore:
         password = os.environ.get("FASTSIP_REDIS_PASSWORD") or None
         try:
             # The URL's own password, when it has one, wins over the environment's.
-            self._redis: Any = aioredis.from_url(
-                url, password=password, socket_timeout=timeout,
-                socket_connect_timeout=timeout, health_check_interval=30)
+            self._client = RedisClient(url, password=password, timeout=timeout)
         except ValueError as exc:
             raise LocationStoreError(f"location store URL {redact(url)!r}: {exc}") from None
-        self._update = self._redis.register_script(_UPDATE)
+        self._update_sha = hashlib.sha1(_UPDATE.encode()).hexdigest()
         self._closed = False
 
     async def open(self) -> None:
         """Check that Redis answers (and says whether it keeps a log it fsyncs)."""
         try:
-            await self._redis.ping()
-        except RedisError as exc:
+            await self._client.call("PING")
+        except (RedisError, ReplyError, OSError) as exc:
             raise LocationStoreError(
                 f"cannot reach Redis at {redact(self.url)}: {exc}") from None
         try:
-            config = await self._redis.config_get("append*")
-        except ResponseError:  # CONFIG may be disabled (managed Redis, ACLs): nothing to say
+            flat = await self._client.call("CONFIG", "GET", "appendonly")
+        except ReplyError:  # CONFIG may be disabled (managed Redis, ACLs): nothing to say
             return
-        if config.get(b"appendonly", config.get("appendonly")) in (b"no", "no"):
+        config = dict(zip(flat[::2], flat[1::2]))
+        if config.get(b"appendonly") == b"no":
             logger.warning("Redis at %s keeps no append-only file: a Redis crash loses "
                            "registrations (appendonly yes, appendfsync always makes each 200 "
                            "durable)", redact(self.url))
@@ -148,8 +148,8 @@ class RedisLocationStore:
         return self.prefix + aor
 
     async def bindings(self, aor: str) -> list[Binding]:
-        raw = await self._redis.hgetall(self._key(aor))
-        found = [_from_json(aor, v) for v in raw.values()]
+        flat = await self._client.call("HGETALL", self._key(aor))
+        found = [_from_json(aor, v) for v in flat[1::2]]
         found.sort(key=lookup_order)
         return found
 
@@ -164,10 +164,17 @@ class RedisLocationStore:
         args: list[Any] = [_now_of(puts), len(removes), *removes]
         for binding in puts:
             args += (binding.key, _to_json(binding))
-        await self._update(keys=[self._key(aor)], args=args)
+        key = self._key(aor)
+        try:
+            await self._client.call("EVALSHA", self._update_sha, 1, key, *args)
+        except ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            # First use on this server (or after SCRIPT FLUSH): send the script itself.
+            await self._client.call("EVAL", _UPDATE, 1, key, *args)
 
     async def remove_all(self, aor: str) -> None:
-        await self._redis.delete(self._key(aor))
+        await self._client.call("DEL", self._key(aor))
 
     async def purge(self, now: float) -> int:
         # Redis expires each AOR with its last binding; a binding expired inside a live AOR is
@@ -177,17 +184,20 @@ class RedisLocationStore:
 
     async def aors(self) -> list[str]:
         prefix = self._key("")
-        found = []
-        async for key in self._redis.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
-            text = key.decode() if isinstance(key, bytes) else key
-            found.append(text[len(prefix):])
-        found.sort()
-        return found
+        pattern = _glob_escape(prefix) + "*"
+        found: set[str] = set()
+        cursor = b"0"
+        while True:    # SCAN may return a key twice: a set
+            cursor, keys = await self._client.call("SCAN", cursor, "MATCH", pattern,
+                                                   "COUNT", 1000)
+            found.update(k.decode()[len(prefix):] for k in keys)
+            if cursor == b"0":
+                return sorted(found)
 
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            await self._redis.aclose()
+            await self._client.close()
 
 
 def _now_of(puts: list[Binding]) -> float:
