@@ -99,8 +99,10 @@ def test_a_killed_worker_is_restarted_and_only_its_calls_fail(tmp_path: Path,
         uas = start_uas(tmp_path, "uas", uas_port, calls, timeout=120)
         assert register(tmp_path, "register", port, "service", uas_port).returncode == 0
         errors = tmp_path / "uac_errors.log"
+        # -timeout 45: a call whose INVITE the killed worker had answered 100 (so the caller
+        # retransmits nothing) waits for a final answer no one will send; sipp ends it then.
         uac = run_uac(tmp_path, "uac", port, "service", calls, "-trace_err", "-error_file",
-                      str(errors), rate=rate, timeout=120, background=True)
+                      str(errors), rate=rate, timeout=45, background=True)
         time.sleep(5)
         victim = worker_pids(serve.log())[1]
         os.kill(victim, signal.SIGKILL)
@@ -109,22 +111,21 @@ def test_a_killed_worker_is_restarted_and_only_its_calls_fail(tmp_path: Path,
             time.sleep(0.2)
         assert "worker 1 running again" in serve.log(), serve.log()[-3000:]
         assert worker_pids(serve.log())[1] != victim
-        finish(uac, 120)
-        finish(uas, 30)
+        finish(uac, 120)        # (the UAS is not waited for: a call lost early never reached it)
     finally:
         if uas is not None and uas.poll() is None:
             uas.kill()
             uas.communicate()
         assert serve.close() == 0
     counts = uac_counts(tmp_path, "uac")
-    assert counts["SuccessfulCall(C)"] + counts["FailedCall(C)"] == calls, counts
+    lost = calls - counts["SuccessfulCall(C)"]     # failed, or still waiting at sipp's end
     # What was lost: calls worker 1 held when it died (sipp names each failed call) -- and,
     # like any UDP loss, a datagram of another worker's call that was waiting in the dead
     # worker's socket queue (the kernel had picked that socket for it).  Peers retransmit;
     # sipp's UAS does not resend its 200 for a retransmitted INVITE, so such a call can fail.
     failed_ids = set(re.findall(r"Call-I[Dd]:? '?([^'\s,]+)",
                                 errors.read_text() if errors.exists() else ""))
-    assert counts["FailedCall(C)"] <= rate, counts          # at most a second of calls
+    assert lost <= rate, counts                              # at most a second of calls
     others = {cid for cid in failed_ids if call_id_shard(cid, 2) != 1}
     assert len(others) <= 3, (others, failed_ids)
     # The restarted worker took calls again.
