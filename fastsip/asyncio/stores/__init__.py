@@ -54,8 +54,8 @@ def _driver(module: str, extra: str, url: str) -> Any:
 
 def open_store(url: str) -> LocationStore:
     """Open a location store from a ``--db`` URL (the module docstring lists them).  Networked
-    stores connect on their first use, so this never waits; ``await store.open()`` (where a
-    store has it) checks the connection at start-up."""
+    stores connect on their first use, so this never waits; ``await store.open()`` connects
+    and checks the store at start-up."""
     if url in ("memory", "memory:"):
         return MemoryLocationStore()
     if url.startswith("sqlite:"):
