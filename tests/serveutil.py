@@ -165,13 +165,16 @@ def register_load_killed(workdir: Path, port: int, *serve_args: str,
     return answered
 
 
+def register_request(user: str, call_id: str, *headers: str) -> str:
+    """A REGISTER binding ``user``'s AOR in our domain (To names it; ``{me}`` in the Via is
+    the sender's port, as :func:`sip_exchange` fills in)."""
+    return request("REGISTER", f"sip:{DOMAIN}", call_id=call_id, headers=headers).replace(
+        f"To: <sip:{DOMAIN}>", f"To: <sip:{user}@{DOMAIN}>")
+
+
 def fetch_contacts(port: int, user: str) -> str:
     """A REGISTER without Contact (a fetch, RFC 3261 §10.2.3) for ``user``: the 200's text."""
-    (reply,) = sip_exchange(port, (
-        f"REGISTER sip:{DOMAIN} SIP/2.0\r\n"
-        f"Via: SIP/2.0/UDP {HOST}:{{me}};branch=z9hG4bK-fetch\r\n"
-        f"From: <sip:{user}@{DOMAIN}>;tag=f\r\nTo: <sip:{user}@{DOMAIN}>\r\n"
-        "Call-ID: fetch-1\r\nCSeq: 1 REGISTER\r\nContent-Length: 0\r\n\r\n"), full=True)
+    (reply,) = sip_exchange(port, register_request(user, "fetch-1"), full=True)
     assert reply.startswith("SIP/2.0 200"), reply
     return reply
 

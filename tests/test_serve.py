@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from procutil import fastsip_env, free_port
-from serveutil import DOMAIN, HOST, Serve, final_status, request, sip_exchange
+from serveutil import DOMAIN, HOST, Serve, final_status, register_request, request, sip_exchange
 
 
 def serve_exit(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -68,10 +68,8 @@ def test_signal_drains_then_stops(tmp_path: Path, stop_signal: signal.Signals, l
             callee.bind((HOST, 0))
             callee.settimeout(5)
             contact = f"sip:bob@{HOST}:{callee.getsockname()[1]}"
-            lines = sip_exchange(port, request(
-                "REGISTER", f"sip:{DOMAIN}", call_id="reg", headers=[
-                    f"Contact: <{contact}>", "Expires: 600"]).replace(
-                f"To: <sip:{DOMAIN}>", f"To: <sip:bob@{DOMAIN}>"))
+            lines = sip_exchange(port, register_request(
+                "bob", "reg", f"Contact: <{contact}>", "Expires: 600"))
             assert final_status(lines) == 200, lines
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as caller:
                 caller.bind((HOST, 0))

@@ -27,7 +27,7 @@ from serveutil import (
     final_status,
     finish,
     register,
-    request,
+    register_request,
     sip_exchange,
     sipp,
     successful,
@@ -184,9 +184,7 @@ def test_ring_timeout_cancels_callee_and_gives_caller_408(tmp_path: Path) -> Non
 
 def register_once(port: int, call_id: str, *headers: str) -> str:
     """A REGISTER for bob over UDP; returns the final response (whole text)."""
-    message = request("REGISTER", f"sip:{DOMAIN}", call_id=call_id, headers=[
-        f"Contact: <sip:bob@{HOST}:5999>", *headers]).replace(
-        f"To: <sip:{DOMAIN}>", f"To: <sip:bob@{DOMAIN}>")
+    message = register_request("bob", call_id, f"Contact: <sip:bob@{HOST}:5999>", *headers)
     responses = sip_exchange(port, message, full=True)
     assert final_status(responses) is not None, responses
     return responses[-1]

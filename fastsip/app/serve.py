@@ -50,10 +50,7 @@ import gc
 import logging
 import os
 import re
-import secrets
-import shutil
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -263,49 +260,23 @@ async def run(args: argparse.Namespace) -> int:
 async def _supervise(args: argparse.Namespace, stop: asyncio.Event) -> int:
     """``--workers N``: start N serve processes on the same addresses and watch them
     (:mod:`fastsip.asyncio.workers` says how a call finds its worker)."""
-    from fastsip.asyncio.workers import Supervisor
+    from fastsip.asyncio.workers import Supervisor, addresses_taken
 
-    problem = _addresses_taken(args.listen)
+    problem = addresses_taken(args.listen)
     if problem:
         _fail(problem)
         return EXIT_FAILED
-    directory = tempfile.mkdtemp(prefix="fastsip-workers-")  # mode 0700: ours alone
-    # One nonce secret for all: a challenge one worker sent is answered to another.
-    env = dict(os.environ, FASTSIP_NONCE_SECRET=secrets.token_hex(32))
     argv = list(getattr(args, "argv", None) or sys.argv[1:])
 
-    def worker_argv(index: int) -> list[str]:
+    def worker_argv(index: int, directory: str) -> list[str]:
         return [sys.executable, "-m", "fastsip.cli", *argv, "--worker-index", str(index),
                 "--worker-dir", directory]
 
-    log.info("starting %d workers (calls shared by Call-ID; sockets in %s)", args.workers,
-             directory)
+    log.info("starting %d workers (calls shared by Call-ID)", args.workers)
     logqueue.flush()
-    supervisor = Supervisor(worker_argv, args.workers, len(args.listen), env=env,
+    supervisor = Supervisor(worker_argv, args.workers, len(args.listen),
                             stop_timeout=args.grace + 10.0)
-    try:
-        return await supervisor.run(stop)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-def _addresses_taken(listen: list[str]) -> str:
-    """Whether another process holds one of our UDP addresses ("" when none does).  Workers
-    bind with SO_REUSEPORT, which would quietly share an address with another server of this
-    user that did too; a plain bind first fails if anyone holds it."""
-    import socket
-
-    from fastsip.asyncio import parse_listen
-
-    for spec in listen:
-        _, host, port = parse_listen(spec.partition("/")[0])
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            try:
-                probe.bind((host, port))
-            except OSError as exc:
-                return f"cannot listen on {spec}: {exc.strerror or exc}"
-    return ""
+    return await supervisor.run(stop)
 
 
 def _workers_problem(args: argparse.Namespace) -> str:
@@ -383,6 +354,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     )
     authenticator = None
     if args.auth_users:
+        from fastsip.asyncio.workers import NONCE_SECRET_ENV
         from fastsip.proxy.auth import Credentials, DigestAuthenticator
 
         try:
@@ -393,7 +365,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
             authenticator = DigestAuthenticator(
                 _default_realm(args), credentials, algorithms=algorithms,
                 # Workers share the supervisor's secret (a nonce from one is good at another).
-                secret=os.environ.get("FASTSIP_NONCE_SECRET") if worker is not None else None)
+                secret=os.environ.get(NONCE_SECRET_ENV) if worker is not None else None)
         except (OSError, ValueError) as exc:
             _fail(f"--auth-users {args.auth_users}: {exc}")
             return EXIT_USAGE

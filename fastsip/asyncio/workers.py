@@ -36,10 +36,13 @@ import contextlib
 import errno
 import logging
 import os
+import secrets
+import shutil
 import signal
 import socket
 import struct
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,7 +54,12 @@ from fastsip.transport.rules import call_id_shard
 if TYPE_CHECKING:
     from fastsip.asyncio.transport import TransportLayer
 
-__all__ = ["HandOff", "Supervisor", "reuse_port_supported"]
+__all__ = ["NONCE_SECRET_ENV", "HandOff", "Supervisor", "addresses_taken",
+           "reuse_port_supported"]
+
+#: The environment variable through which the supervisor gives every worker the same digest
+#: nonce secret (a challenge one worker sent is answered to another).
+NONCE_SECRET_ENV = "FASTSIP_NONCE_SECRET"
 
 log = logging.getLogger("fastsip.asyncio.workers")
 
@@ -68,6 +76,23 @@ def reuse_port_supported() -> bool:
     datagrams over them (Linux's SO_REUSEPORT; BSDs and macOS have the option but deliver
     every datagram to the last socket bound)."""
     return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+def addresses_taken(listen: Sequence[str]) -> str:
+    """Whether another process holds one of the UDP addresses of ``listen`` specs ("" when
+    none does).  Workers bind with SO_REUSEPORT, which would quietly share an address with
+    another server of this user that did too; a plain bind first fails if anyone holds it."""
+    from fastsip.transport.rules import parse_listen
+
+    for spec in listen:
+        _, host, port = parse_listen(spec.partition("/")[0])
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                return f"cannot listen on {spec}: {exc.strerror or exc}"
+    return ""
 
 
 def socket_path(directory: str | Path, index: int) -> str:
@@ -185,9 +210,11 @@ class _Worker:
 
 
 class Supervisor:
-    """Runs ``count`` workers, ``argv(index)`` each (a ``fastsip serve`` that prints its
-    ``listening on ...`` lines on stdout, ``listeners`` of them, once it listens and stops
-    cleanly on SIGTERM).
+    """Runs ``count`` workers, ``argv(index, directory)`` each (a ``fastsip serve`` that prints
+    its ``listening on ...`` lines on stdout, ``listeners`` of them, once it listens and stops
+    cleanly on SIGTERM).  ``directory`` is where the workers' hand-off sockets go: made for
+    the run (mode 0700, this user's alone) and removed after it.  The workers' environment
+    carries one fresh nonce secret (:data:`NONCE_SECRET_ENV`).
 
     - :meth:`run` starts them all and prints the listening lines once every worker is up; a
       worker that cannot start stops the whole start (its stderr has said why).
@@ -197,13 +224,15 @@ class Supervisor:
       ``stop_timeout`` seconds for them to drain; the stragglers get SIGKILL.
     """
 
-    def __init__(self, argv: Callable[[int], Sequence[str]], count: int, listeners: int, *,
+    def __init__(self, argv: Callable[[int, str], Sequence[str]], count: int, listeners: int, *,
                  env: dict[str, str] | None = None, restart_delay: float = 0.5,
                  start_timeout: float = 30.0, stop_timeout: float = 30.0) -> None:
         self.argv = argv
         self.count = count
         self.listeners = listeners
-        self.env = env
+        self.env = dict(os.environ if env is None else env)
+        self.env[NONCE_SECRET_ENV] = secrets.token_hex(32)
+        self.directory = ""
         self.restart_delay = restart_delay
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
@@ -216,7 +245,7 @@ class Supervisor:
     async def _spawn(self, worker: _Worker) -> None:
         loop = asyncio.get_running_loop()
         worker.proc = await asyncio.create_subprocess_exec(
-            *self.argv(worker.index), stdin=asyncio.subprocess.DEVNULL,
+            *self.argv(worker.index, self.directory), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, env=self.env)
         worker.started = loop.time()
         worker.ready = loop.create_future()
@@ -250,6 +279,13 @@ class Supervisor:
 
     async def run(self, stop: asyncio.Event) -> int:
         """Start, watch and stop the workers; returns the exit status (0: a clean stop)."""
+        self.directory = tempfile.mkdtemp(prefix="fastsip-workers-")  # mode 0700
+        try:
+            return await self._run(stop)
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    async def _run(self, stop: asyncio.Event) -> int:
         for worker in self.workers:
             await self._spawn(worker)
         try:
