@@ -114,6 +114,22 @@ def test_request_is_stamped_and_delivered_with_its_socket() -> None:
     assert (via.host, via.received, via.rport) == ("10.0.0.9", PEER[0], PEER[1])
 
 
+@pytest.mark.parametrize("body", [b"", b"v=0\r\n"])
+def test_a_datagram_without_content_length_gets_one(body: bytes) -> None:
+    """§18.3: a datagram's body is the rest of it; what we pass on may leave over TCP, where
+    only Content-Length frames it.  A request or a response; the body is kept as it came."""
+    head, _, _ = REQUEST.partition(b"Content-Length: 0\r\n")
+    assert head != REQUEST and b"Content-Length" not in head + b"\r\n" + body
+    delivered, _, up = intake(head + b"\r\n" + body)
+    [(msg, _)] = up.got
+    assert delivered and msg.headers.get("Content-Length") == str(len(body))
+    assert bytes(msg).endswith(f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    # One already there is left alone (an unedited length, byte for byte).
+    _, _, up = intake(REQUEST)
+    [(msg, _)] = up.got
+    assert msg.headers.getall("Content-Length") == ["0"]
+
+
 def test_request_without_via_is_dropped() -> None:
     no_via = b"\r\n".join(line for line in REQUEST.split(b"\r\n")
                           if not line.startswith(b"Via:"))

@@ -2006,6 +2006,17 @@ cdef class Message:
         b = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else bytes(name)
         return _ieq_bytes(self._base(h) + h.name_s, h.name_e - h.name_s, b)
 
+    def ensure_content_length(self):
+        """Add ``Content-Length`` when the message has none; True when added.
+
+        A datagram's body is the rest of it (RFC 3261 §18.3), so one may come without the
+        header; over TCP or TLS the header alone frames the message, and a body forwarded
+        there without it would be read as the next message (§20.14: MUST on streams)."""
+        if self._first[H_CONTENT_LENGTH] >= 0:
+            return False
+        self._insert_obj(self._nh, H_CONTENT_LENGTH, "Content-Length", str(self.content_length))
+        return True
+
     def set_body(self, body, content_type=None):
         """Replace the body; Content-Length follows, and Content-Type is set when given."""
         cdef bytes b = bytes(body)

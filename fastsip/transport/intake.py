@@ -13,6 +13,8 @@ the clock; :func:`receive_datagram` decides, and hands what passes to ``deliver(
   :func:`~fastsip.transport.rules.error_response`), dropped otherwise;
 - a request without a Via is dropped; any other gets ``received``/``rport`` in its top Via
   (§18.2.1, RFC 3581 §4);
+- a message without Content-Length gets one (§18.3: a datagram's body is the rest of it; a
+  stream, where it may be forwarded, is framed by the header alone);
 - a response whose top Via does not name us is dropped (§18.1.2);
 - an exception from ``deliver`` is logged and swallowed: one bad message (or a bug above) must
   not stop the shell's loop.
@@ -97,6 +99,10 @@ def deliver_message(msg: Request | Response, source: Address, deliver: Deliver |
     elif local is not None and not check_sent_by(msg, local):
         log.debug("dropping response from %s: top Via is not ours", source)
         return False
+    # §18.3: a datagram may leave Content-Length out (its body is the rest); whatever we pass
+    # on may go out over TCP, where only the header frames it (otherwise the body would be
+    # read as the next message on the connection).
+    msg.ensure_content_length()
     if deliver is None:
         return False
     try:
