@@ -1514,6 +1514,10 @@ def split_messages(buf: bytearray) -> list[bytes]:
         del buf[:end + 4 + n]
 
 
+#: A whole Request-Line, as a framed request's first line must be.
+_FRAMED_REQUEST = re.compile(rb"(" + _TOKEN + rb") \S+ SIP/2\.0")
+
+
 def first_line(data: bytes) -> str:
     return data.split(CRLF, 1)[0][:120].decode("latin-1")
 
@@ -1654,7 +1658,11 @@ class FuzzRun:
     def on_response(self, data: bytes, where: str) -> None:
         status = status_of(data)
         if status is None:
-            self.stray["request-to-client:" + first_line(data).split(" ")[0][:20]] += 1
+            # A request serve forwards to a user registered over our TCP stream, or, when its
+            # first line is no request line, bytes the stream's framing lost track of.
+            line = data.split(CRLF, 1)[0]
+            kind = "request-to-client:" if _FRAMED_REQUEST.fullmatch(line) else "unframed:"
+            self.stray[kind + first_line(data).split(" ")[0][:20]] += 1
             return
         cid = header_lines(data, b"call-id")
         if cid and b"probe-" in cid[0]:

@@ -136,6 +136,15 @@ def test_no_error_or_traceback_in_serve_log(fuzz: dict[str, Any]) -> None:
     assert not fuzz["log"]["errors"], fuzz["log"]["groups"]
 
 
+def test_messages_serve_sends_over_tcp_stay_framed(fuzz: dict[str, Any]) -> None:
+    """A request serve forwards to a user registered over one of the harness's TCP streams
+    arrives framed: a body it relayed from a datagram without Content-Length must not be read
+    as a message of its own (it was, "v=0" and "Watson," stood as request lines, and the
+    response behind them was lost)."""
+    bad = {k: n for k, n in fuzz["stray"].items() if k.startswith("unframed:")}
+    assert not bad, bad
+
+
 def test_every_answerable_request_is_answered(fuzz: dict[str, Any]) -> None:
     """Every request with a Request-Line and usable Via/From/To/Call-ID/CSeq got a final
     response (after three retransmissions, so a datagram lost in a socket buffer does not
