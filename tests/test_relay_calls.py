@@ -39,9 +39,11 @@ class FakePlane:
         self.stats: dict[int, dict[str, Any]] = {}
 
     def open_pair(self, interface: str | None, family: str | None = None) -> LegPair:
+        asked = interface
         if len(self.open) // 2 >= self.capacity:
             raise MediaPlaneFull("no free port pair")
-        if interface is None:
+        if interface not in self.interfaces:
+            # unknown names (rtpengine's legacy "internal"/"external" too): the default
             interface = next(n for n, (_, f) in self.interfaces.items()
                              if family is None or f == family)
         address, fam = self.interfaces[interface]
@@ -49,7 +51,7 @@ class FakePlane:
         self.open[pair.rtp], self.open[pair.rtcp] = pair.port, pair.port + 1
         self.next_leg += 2
         self.next_port += 2
-        self.opened.append((interface, family, pair))
+        self.opened.append((asked, family, pair))
         return pair
 
     def set_peer(self, leg: int, host: str, port: int) -> None:

@@ -59,8 +59,10 @@ class MediaPlane(Protocol):
     """The sockets and packet path, owned by the asyncio shell; this module only signals to it."""
 
     def open_pair(self, interface: str | None, family: str | None = None) -> LegPair:
-        """Bind RTP (even port) + RTCP (port + 1) on the named interface (``None``: the first one
-        of ``family``, "IP4"/"IP6"; ``family`` ``None``: any).  Raises :class:`MediaPlaneFull`."""
+        """Bind RTP (even port) + RTCP (port + 1) on the named interface (``None``, or a name
+        the plane does not know, such as rtpengine's legacy "internal"/"external": the first
+        interface of ``family``, "IP4"/"IP6"; ``family`` ``None``: any), as rtpengine falls
+        back to its default interface.  Raises :class:`MediaPlaneFull` when no pair is free."""
         ...
 
     def set_peer(self, leg: int, host: str, port: int) -> None:
