@@ -414,3 +414,34 @@ def test_second_answer_from_another_fork_is_an_alias() -> None:
     call = calls.get("c1")
     assert call is not None and call.monologue("B2") is call.monologue("B1")
     assert plane.peers[plane.opened[1][2].rtp] == ("127.0.1.2", 6002)
+
+
+def test_tcp_media_is_not_relayed_and_keeps_its_endpoint() -> None:
+    calls, plane = _registry()
+    offer = _sdp("v=0", "o=- 1 1 IN IP4 10.1.1.1", "s=-", "c=IN IP4 10.1.1.1", "t=0 0",
+                 "m=audio  4000  RTP/AVP  0", "m=message 2855 TCP/MSRP *",
+                 "a=path:msrp://10.1.1.1:2855/x;tcp")
+    out = calls.offer("c1", "A", None, offer, SignalOptions(), T0)
+    assert "m=audio 30002 RTP/AVP 0\r\n" in out
+    assert out.endswith("m=message 2855 TCP/MSRP *\r\nc=IN IP4 10.1.1.1\r\n"
+                        "a=path:msrp://10.1.1.1:2855/x;tcp\r\n")
+    assert len(plane.opened) == 2
+
+
+def test_offer_to_itself_is_refused() -> None:
+    calls, plane = _registry()
+    with pytest.raises(RelayError, match="Invalid dialogue association"):
+        calls.offer("c1", "A", "A", SIPP_OFFER, SignalOptions(), T0)
+    assert not plane.opened and len(calls) == 0
+
+
+def test_late_offer_in_200_and_answer_in_ack() -> None:
+    # Kamailio's rtpengine_manage for an INVITE without SDP: the 200 OK carries the offer
+    # (from-tag = the callee's tag), the ACK the answer
+    calls, plane = _registry()
+    calls.offer("c1", "B", "A", SIPP_ANSWER, SignalOptions(), T0)
+    out = calls.answer("c1", "B", "A", SIPP_OFFER, SignalOptions(), T0)
+    b_pair, a_pair = (p for _, _, p in plane.opened)
+    assert f"m=audio {b_pair.port} " in out
+    assert plane.peers[a_pair.rtp] == ("127.0.0.1", 6000)
+    assert plane.peers[b_pair.rtp] == ("127.0.1.1", 6002)

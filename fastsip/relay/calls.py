@@ -95,7 +95,12 @@ ICE_ATTRIBUTES = frozenset({
 EXTMAP_ATTRIBUTES = frozenset({"extmap", "extmap-allow-mixed"})
 #: The ``a=`` attribute that marks an SDP this relay already rewrote (rtpengine's loop-protect).
 LOOP_ATTRIBUTE = "rtpengine"
-_RELAYABLE_PROTO = re.compile(r"(^|/)(RTP|UDP|udptl)(/|$)", re.IGNORECASE)
+_UDP_PROTO = re.compile(r"(^|/)(RTP|UDP|udptl)(/|$)", re.IGNORECASE)
+
+
+def _relayable(proto: str) -> bool:
+    """Datagram media this relay can carry: RTP over UDP, UDPTL; not RFC 4571 TCP framing."""
+    return bool(_UDP_PROTO.search(proto)) and not proto.upper().startswith("TCP")
 
 
 @dataclass(frozen=True)
@@ -254,6 +259,8 @@ class CallRegistry:
     def offer(self, call_id: str, from_tag: str, to_tag: str | None, sdp: str,
               options: SignalOptions, now: float) -> str:
         """An SDP offer from ``from_tag``: returns the SDP to forward to the other side."""
+        if to_tag == from_tag:
+            raise RelayError("Invalid dialogue association")
         call = self.calls.get(call_id)
         created = call is None
         if call is None:
@@ -477,7 +484,7 @@ class CallRegistry:
             theirs.type = m.media
             theirs.protocol = options.transport_protocol if options.transport_protocol in (
                 "RTP/AVP", "RTP/AVPF") else m.proto
-        if m.port == 0 or not _RELAYABLE_PROTO.search(m.proto):
+        if m.port == 0 or not _relayable(m.proto):
             # a rejected (or non-UDP) stream: nothing to relay; a rejection frees both sides
             if m.port == 0:
                 self._close_media(mine)
@@ -582,9 +589,15 @@ class CallRegistry:
             out = [line for line in lines
                    if not (strip_ice and (_attr(line) or ("", None))[0] in ICE_ATTRIBUTES)]
             if m.port != 0 and (theirs is None or theirs.pair is None) and not offer \
-                    and _RELAYABLE_PROTO.search(m.proto):
+                    and _relayable(m.proto):
                 # the answer accepts a stream the offer rejected: reject it here too
                 out[0] = re.sub(r"^(m=\S+ )\d+", r"\g<1>0", out[0])
+            conn = parsed.connection
+            if m.port != 0 and m.connection is None and conn is not None \
+                    and session_shown != (conn.host, conn.addrtype):
+                # an unrelayed stream keeps its own endpoint when the session c= now names us
+                at = 2 if len(out) > 1 and out[1].startswith("i=") else 1
+                out.insert(at, f"c={conn}{eol}")
             return out
         host, family = address
         conn = m.connection or parsed.connection
@@ -596,7 +609,7 @@ class CallRegistry:
             proto = options.transport_protocol
         elif not offer and options.transport_protocol != "accept":
             proto = theirs.protocol  # rtpengine: the answer keeps the offered protocol
-        fields = lines[0].rstrip("\r\n").split(" ")
+        fields = lines[0].split()
         formats = fields[3:]
         if options.codec_strip:
             formats = self._strip_codecs(m, formats, options.codec_strip)

@@ -484,6 +484,7 @@ class NgControl:
     # -- datagrams -----------------------------------------------------------------------------
     def receive(self, data: bytes, source: tuple[str, int], now: float) -> bytes | None:
         """Handle one control datagram; None when it has no cookie (nothing to reply to)."""
+        data = bytes(data)
         space = data.find(b" ", 0, MAX_COOKIE + 1)
         if space <= 0:
             log.warning("ng: datagram without a cookie from %s:%s dropped", *source)
