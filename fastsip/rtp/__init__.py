@@ -1,7 +1,9 @@
-"""RTP media: packets, RFC 3550 statistics, RTCP, jitter buffer, packetizer, G.711, RFC 4733.
+"""RTP media: packets, RFC 3550 statistics, RTCP, jitter buffer, packetizer, G.711, RFC 4733,
+and the relay's compiled packet path.
 
 Everything here is sans-IO: callers pass datagrams and arrival times in, and get packets,
-frames and reports out.
+frames and reports out.  The one exception is :class:`Relay`, which reads and writes fds the
+shell owns (it never opens one), so that packets never become Python objects.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from fastsip.rtp._packet import (
     parse_batch,
     parse_batch_buffer,
 )
+from fastsip.rtp._relay import Relay
 from fastsip.rtp._stats import RtpStats
 from fastsip.rtp.errors import RtcpError, RtpError
 from fastsip.rtp.events import DTMF_EVENTS, TelephoneEvent
@@ -52,6 +55,7 @@ __all__ = [
     "Packetizer",
     "ReceiverReport",
     "ReceptionReport",
+    "Relay",
     "RtcpError",
     "RtcpPacket",
     "RtpBatch",

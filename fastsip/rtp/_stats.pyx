@@ -7,7 +7,6 @@ A.3 loss (expected, received, cumulative and interval fraction lost) and A.8 int
 The caller demultiplexes by SSRC and passes each packet with its arrival time (seconds, any epoch).
 """
 
-cimport cython
 from libc.math cimport fabs
 
 from fastsip.rtp._packet cimport RtpPacket
@@ -17,29 +16,8 @@ import numpy
 DEF RTP_SEQ_MOD = 65536
 
 
-@cython.final
 cdef class RtpStats:
     """Receiver statistics of one RTP source, as an RFC 3550 receiver report carries them."""
-
-    cdef readonly double clock_rate
-    cdef readonly int min_sequential, max_dropout, max_misorder
-    # A.1 state
-    cdef unsigned int _max_seq       # highest 16-bit sequence number seen
-    cdef unsigned long long _cycles  # count of wraps, shifted: multiples of 2**16
-    cdef unsigned long long _base_seq
-    cdef unsigned int _bad_seq
-    cdef int _probation
-    cdef readonly unsigned long long received
-    cdef unsigned long long _expected_prior, _received_prior
-    cdef readonly unsigned long long bad, misordered
-    cdef bint _started
-    cdef readonly object ssrc
-    # A.8 state
-    cdef bint _have_transit
-    cdef double _last_arrival
-    cdef unsigned int _last_ts
-    cdef double _jitter              # in timestamp units, not scaled
-    cdef readonly unsigned long long last_extended_sequence
 
     def __init__(self, double clock_rate, *, int min_sequential=2, int max_dropout=3000,
                  int max_misorder=100):
@@ -111,13 +89,19 @@ cdef class RtpStats:
     cpdef bint update_fields(self, unsigned int sequence_number, unsigned int timestamp,
                              double arrival_time, object ssrc=None):
         """:meth:`update` from header fields (for batch columns or another parser's packets)."""
+        if not self._started:
+            self.ssrc = ssrc
+        return self.update_c(sequence_number, timestamp, arrival_time)
+
+    cdef bint update_c(self, unsigned int sequence_number, unsigned int timestamp,
+                       double arrival_time) noexcept:
+        """:meth:`update_fields` for compiled callers: C arguments, ``ssrc`` left alone."""
         cdef int valid
         cdef double d
         cdef int ts_delta
         cdef unsigned int seq = sequence_number & 0xFFFF
         if not self._started:
             self._started = True
-            self.ssrc = ssrc
             self._init_seq(seq)
             self._max_seq = (seq - 1) & 0xFFFF
             self._probation = self.min_sequential
@@ -136,6 +120,23 @@ cdef class RtpStats:
         if valid:
             self.last_extended_sequence = self._cycles + seq
         return valid
+
+    cdef void reset_c(self) noexcept:
+        """Forget the source: the next packet starts a new one (A.1 probation included), as
+        when a relay sees the SSRC change.  Settings (clock rate, A.1 limits) stay."""
+        self._init_seq(0)
+        self._max_seq = 0
+        self._probation = 0
+        self._bad_seq = 0
+        self.bad = 0
+        self.misordered = 0
+        self._started = False
+        self.ssrc = None
+        self._have_transit = False
+        self._last_arrival = 0.0
+        self._last_ts = 0
+        self._jitter = 0.0
+        self.last_extended_sequence = 0
 
     def update_many(self, sequence_numbers, timestamps, arrival_times, ssrc=None):
         """:meth:`update_fields` over NumPy columns (e.g. from ``parse_batch``), in C.

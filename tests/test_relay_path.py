@@ -1,0 +1,447 @@
+"""The relay's compiled packet path (fastsip.rtp.Relay) over real UDP sockets on loopback.
+
+A "caller" and a "callee" socket stand for the two user agents; the relay has one socket per
+leg.  The tests drive ``drain()`` directly, waiting for readability with a bounded ``select``.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from fastsip.rtp import Relay, RtpPacket
+from fastsip.rtp._relay import LATCH_FIRST, LATCH_OFF, LATCH_STRICT, batched
+
+TIMEOUT = 2.0       # seconds any single wait may take
+
+
+def _has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+needs_ipv6 = pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")
+
+Addr = tuple[str, int]
+
+
+def rtp(seq: int, ts: int = 0, ssrc: int = 0x1234, payload: bytes = b"") -> bytes:
+    return bytes(RtpPacket(payload_type=0, sequence_number=seq & 0xFFFF,
+                           timestamp=ts & 0xFFFFFFFF, ssrc=ssrc,
+                           payload=payload or seq.to_bytes(4, "big") * 40))
+
+
+class Net:
+    """UDP sockets made by a test, all closed at its end."""
+
+    def __init__(self) -> None:
+        self.socks: list[socket.socket] = []
+
+    def udp(self, host: str = "127.0.0.1", rcvbuf: int | None = None) -> socket.socket:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        self.socks.append(s)
+        if rcvbuf:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        s.bind((host, 0))
+        s.setblocking(False)
+        return s
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+
+
+@pytest.fixture
+def net() -> Iterator[Net]:
+    n = Net()
+    yield n
+    n.close()
+
+
+def addr(s: socket.socket) -> Addr:
+    a = s.getsockname()
+    return (a[0], a[1])
+
+
+def wait_readable(s: socket.socket, timeout: float = TIMEOUT) -> bool:
+    return bool(select.select([s], [], [], timeout)[0])
+
+
+def pump(relay: Relay, leg: int, sock: socket.socket, now: float, expect: int) -> int:
+    """Drain ``leg`` until ``expect`` datagrams were read (bounded in time)."""
+    got = 0
+    deadline = time.monotonic() + TIMEOUT
+    while got < expect and time.monotonic() < deadline:
+        if wait_readable(sock, max(0.0, deadline - time.monotonic())):
+            got += relay.drain(leg, now)
+    return got
+
+
+def receive(s: socket.socket, n: int, timeout: float = TIMEOUT) -> list[tuple[bytes, Addr]]:
+    """Up to ``n`` datagrams from ``s`` (fewer if none comes for ``timeout``)."""
+    out: list[tuple[bytes, Addr]] = []
+    while len(out) < n and wait_readable(s, timeout):
+        data, source = s.recvfrom(65536)
+        out.append((data, (source[0], source[1])))
+    return out
+
+
+def quiet(s: socket.socket, timeout: float = 0.2) -> bool:
+    """Nothing arrives on ``s`` for ``timeout``."""
+    return not wait_readable(s, timeout)
+
+
+class Call:
+    """Two relay legs bridged: caller <-> leg 1 | relay | leg 2 <-> callee."""
+
+    def __init__(self, net: Net, relay: Relay, caller_host: str = "127.0.0.1",
+                 callee_host: str = "127.0.0.1", leg_a_host: str = "127.0.0.1",
+                 leg_b_host: str = "127.0.0.1", rtcp: bool = False,
+                 rcvbuf: int | None = None) -> None:
+        self.relay = relay
+        self.caller = net.udp(caller_host, rcvbuf)
+        self.callee = net.udp(callee_host, rcvbuf)
+        self.leg_a = net.udp(leg_a_host, rcvbuf)
+        self.leg_b = net.udp(leg_b_host, rcvbuf)
+        relay.add_leg(1, self.leg_a.fileno(), rtcp=rtcp)
+        relay.add_leg(2, self.leg_b.fileno(), rtcp=rtcp)
+        relay.bridge(1, 2)
+        relay.set_peer(1, *addr(self.caller))
+        relay.set_peer(2, *addr(self.callee))
+
+    def send_a(self, packets: list[bytes], now: float = 1.0,
+               source: socket.socket | None = None) -> None:
+        """``packets`` from the caller (or ``source``) to leg 1, drained."""
+        for p in packets:
+            (source or self.caller).sendto(p, addr(self.leg_a))
+        assert pump(self.relay, 1, self.leg_a, now, len(packets)) == len(packets)
+
+    def send_b(self, packets: list[bytes], now: float = 1.0) -> None:
+        for p in packets:
+            self.callee.sendto(p, addr(self.leg_b))
+        assert pump(self.relay, 2, self.leg_b, now, len(packets)) == len(packets)
+
+    def a_to_b(self, packets: list[bytes], now: float = 1.0) -> list[tuple[bytes, Addr]]:
+        self.send_a(packets, now)
+        return receive(self.callee, len(packets))
+
+    def b_to_a(self, packets: list[bytes], now: float = 1.0) -> list[tuple[bytes, Addr]]:
+        self.send_b(packets, now)
+        return receive(self.caller, len(packets))
+
+
+def test_module_flags():
+    assert batched is (sys.platform == "linux")
+    assert len({LATCH_OFF, LATCH_FIRST, LATCH_STRICT}) == 3
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", pytest.param("::1", marks=needs_ipv6)])
+def test_bridge_relays_from_the_leg_port_in_order(net, host):
+    call = Call(net, Relay(), host, host, host, host)
+    packets = [rtp(i) for i in range(50)]
+    got = call.a_to_b(packets)
+    assert [d for d, _ in got] == packets
+    assert {source for _, source in got} == {addr(call.leg_b)}
+    back = [rtp(i, ssrc=0x9999) for i in range(20)]
+    got = call.b_to_a(back)
+    assert [d for d, _ in got] == back
+    assert {source for _, source in got} == {addr(call.leg_a)}
+    stats = call.relay.stats(1)
+    assert stats["packets"] == 50
+    assert stats["bytes"] == sum(map(len, packets))
+    assert stats["errors"] == 0
+    assert call.relay.stats(2)["sent"] == 50
+    assert call.relay.legs == 2
+
+
+@needs_ipv6
+def test_ipv4_caller_to_ipv6_callee(net):
+    call = Call(net, Relay(), caller_host="127.0.0.1", leg_a_host="127.0.0.1",
+                callee_host="::1", leg_b_host="::1")
+    packets = [rtp(i) for i in range(10)]
+    got = call.a_to_b(packets)
+    assert [d for d, _ in got] == packets
+    assert got[0][1] == addr(call.leg_b)
+    got = call.b_to_a(packets)
+    assert [d for d, _ in got] == packets
+    assert got[0][1] == addr(call.leg_a)
+
+
+@needs_ipv6
+def test_peer_family_unlike_the_fd_counts_an_error(net):
+    relay = Relay()
+    call = Call(net, relay, leg_b_host="::1")
+    relay.set_peer(2, *addr(call.callee))     # an IPv4 remote for an IPv6 leg
+    call.send_a([rtp(1)])
+    assert quiet(call.callee)
+    assert relay.stats(1)["errors"] == 1
+
+
+def test_latching_learns_the_callers_real_source(net):
+    relay = Relay()
+    call = Call(net, relay)
+    # The caller's SDP names 127.0.0.2:X, where nothing listens; it sends from 127.0.0.1:Y.
+    sdp = ("127.0.0.2", 9)
+    relay.set_peer(1, *sdp)
+    # Before the caller's first packet, the callee's go to the SDP address (lost there).
+    call.send_b([rtp(1)])
+    assert relay.stats(1)["peer"] == sdp and not relay.stats(1)["latched"]
+    assert relay.stats(1)["sent"] == 1
+    call.a_to_b([rtp(1)])
+    assert relay.stats(1)["latched"]
+    assert relay.stats(1)["peer"] == addr(call.caller)
+    assert relay.stats(1)["sdp_peer"] == sdp
+    got = call.b_to_a([rtp(i, ssrc=7) for i in range(5)])
+    assert len(got) == 5 and got[0][1] == addr(call.leg_a)
+    # A new SDP address (re-INVITE) forgets the learned source until the next packet.
+    relay.set_peer(1, *sdp)
+    assert not relay.stats(1)["latched"]
+
+
+def test_latch_first_keeps_the_first_source_until_it_falls_silent(net):
+    relay = Relay()
+    call = Call(net, relay)
+    other = net.udp()
+    call.send_a([rtp(1)], now=10.0)
+    # Another source is relayed, but the return path stays with the first...
+    call.send_a([rtp(2)], now=11.0, source=other)
+    assert len(receive(call.callee, 2)) == 2
+    assert relay.stats(1)["peer"] == addr(call.caller)
+    call.send_a([rtp(3)], now=12.0)
+    call.send_a([rtp(4)], now=14.9, source=other)    # the latched source spoke 2.9 s ago
+    assert relay.stats(1)["peer"] == addr(call.caller)
+    # ...until the latched source has sent nothing for 3 s.
+    call.send_a([rtp(5)], now=15.0, source=other)
+    assert relay.stats(1)["peer"] == addr(other)
+    assert relay.stats(1)["errors"] == 0
+    call.send_b([rtp(1, ssrc=5)])
+    assert receive(other, 1)[0][0] == rtp(1, ssrc=5)
+    assert quiet(call.caller)
+
+
+def test_latch_strict_drops_a_third_party_and_counts_it(net):
+    relay = Relay()
+    call = Call(net, relay)
+    relay.set_latching(1, LATCH_STRICT)
+    intruder = net.udp()
+    call.a_to_b([rtp(1)])
+    # strict: no re-latch, however long the latched source was silent
+    call.send_a([b"\x80\x00\x00\x05" + bytes(40)], now=100.0, source=intruder)
+    assert quiet(call.callee)
+    stats = relay.stats(1)
+    assert stats["errors"] == 1
+    assert stats["peer"] == addr(call.caller)
+    assert stats["packets"] == 2              # counted as received, as rtpengine does
+    assert [d for d, _ in call.a_to_b([rtp(2)], now=100.0)] == [rtp(2)]
+
+
+def test_latch_off_keeps_sending_to_the_sdp_address(net):
+    relay = Relay()
+    call = Call(net, relay)
+    sdp_socket = net.udp()
+    relay.set_peer(1, *addr(sdp_socket))
+    relay.set_latching(1, LATCH_OFF)
+    call.a_to_b([rtp(1)])                    # the caller sends from elsewhere
+    assert not relay.stats(1)["latched"]
+    call.send_b([rtp(1, ssrc=2)])
+    assert receive(sdp_socket, 1)[0][0] == rtp(1, ssrc=2)
+    assert quiet(call.caller)
+
+
+def test_a_leg_with_no_bridge_counts_drops_and_still_latches(net):
+    relay = Relay()
+    leg = net.udp()
+    caller = net.udp()
+    relay.add_leg(5, leg.fileno())
+    caller.sendto(rtp(1), addr(leg))
+    assert pump(relay, 5, leg, 1.0, 1) == 1
+    stats = relay.stats(5)
+    assert stats["errors"] == 1 and stats["packets"] == 1
+    assert stats["latched"] and stats["peer"] == addr(caller)
+
+
+def test_stray_rtcp_on_an_rtp_leg_does_not_latch(net):
+    # rtpengine GH #697: Asterisk sends RTCP to the RTP port; that must not become the
+    # return address.
+    relay = Relay()
+    call = Call(net, relay)
+    stray = net.udp()
+    rr = struct.pack("!BBHI", 0x80, 201, 1, 0x1234)
+    call.send_a([rr], source=stray)
+    assert not relay.stats(1)["latched"]
+    assert receive(call.callee, 1)[0][0] == rr        # relayed all the same
+    assert relay.stats(1)["ssrc"] is None             # and not RTP to the statistics
+    call.a_to_b([rtp(1)])
+    assert relay.stats(1)["peer"] == addr(call.caller)
+
+
+def test_stats_loss_jitter_and_ssrc_change(net):
+    relay = Relay()
+    call = Call(net, relay)
+    assert relay.stats(1)["last_packet"] == 0.0
+    seqs = [*range(10), *range(15, 30)]            # 15..29 after a gap of five
+    for seq in seqs:
+        # one packet per drain, arriving exactly on its timestamp's schedule (20 ms @ 8 kHz)
+        call.a_to_b([rtp(seq, ts=160 * seq)], now=100.0 + 0.02 * seq)
+    stats = relay.stats(1)
+    assert stats["ssrc"] == 0x1234
+    assert stats["expected"] == 30
+    assert stats["received"] == 25
+    assert stats["lost"] == 5
+    assert stats["jitter"] == pytest.approx(0.0, abs=1e-6)
+    assert stats["last_packet"] == pytest.approx(100.0 + 0.02 * 29)
+    # A late packet: jitter in milliseconds (RFC 3550 A.8, J += (|D| - J) / 16).
+    call.a_to_b([rtp(30, ts=160 * 30)], now=100.0 + 0.02 * 30 + 0.016)
+    assert relay.stats(1)["jitter"] == pytest.approx(1.0, rel=1e-6)
+    # A new SSRC is a new source: the figures start over.
+    for seq in range(3):
+        call.a_to_b([rtp(500 + seq, ts=0, ssrc=0xBEEF)], now=200.0 + 0.02 * seq)
+    stats = relay.stats(1)
+    assert stats["ssrc"] == 0xBEEF
+    assert stats["expected"] == 3 and stats["lost"] == 0
+    assert stats["jitter"] > 0          # ts stayed 0 while time moved: not the old estimate
+    assert stats["packets"] == 25 + 1 + 3
+
+
+def test_clock_rate_scales_jitter(net):
+    relay = Relay()
+    call = Call(net, relay)
+    relay.set_clock_rate(1, 48000)
+    for seq in range(3):
+        call.a_to_b([rtp(seq, ts=960 * seq)], now=1.0 + 0.02 * seq)
+    assert relay.stats(1)["jitter"] == pytest.approx(0.0, abs=1e-6)
+    call.a_to_b([rtp(3, ts=960 * 3)], now=1.0 + 0.06 + 0.016)
+    assert relay.stats(1)["jitter"] == pytest.approx(1.0, rel=1e-6)
+
+
+def test_rtcp_legs_are_relayed_and_only_counted(net):
+    relay = Relay()
+    call = Call(net, relay, rtcp=True)
+    sr = struct.pack("!BBHIIIIII", 0x80, 200, 6, 0x1234, 1, 2, 3, 4, 5)
+    got = call.a_to_b([sr])
+    assert got == [(sr, addr(call.leg_b))]
+    got = call.b_to_a([sr])
+    assert got == [(sr, addr(call.leg_a))]
+    stats = relay.stats(1)
+    assert stats["packets"] == 1 and stats["bytes"] == len(sr)
+    assert "ssrc" not in stats and "jitter" not in stats
+
+
+def test_a_datagram_longer_than_a_slot_is_dropped_not_cut(net):
+    relay = Relay()
+    call = Call(net, relay)
+    fits = bytes([0x80]) + bytes(2047)            # exactly one 2048-byte slot
+    for d in (b"\x80" + bytes(2999), fits, b"\x80" + bytes(2048)):
+        call.caller.sendto(d, addr(call.leg_a))
+    assert pump(relay, 1, call.leg_a, 1.0, 3) == 3
+    got = receive(call.callee, 3, timeout=0.3)
+    assert [d for d, _ in got] == [fits]
+    stats = relay.stats(1)
+    assert stats["errors"] == 2
+    assert stats["packets"] == 1 and stats["bytes"] == 2048
+
+
+def test_garbage_and_short_datagrams_are_relayed_and_counted(net):
+    relay = Relay()
+    call = Call(net, relay)
+    junk = [b"", b"\x00", b"garbage", rtp(1)[:11], b"\x00\x01\x00\x00\x21\x12\xa4\x42" + bytes(12),
+            b"\x40" + bytes(30)]               # version 1: not RTP
+    got = call.a_to_b(junk)
+    assert [d for d, _ in got] == junk       # relayed unchanged (the relay is not a filter)
+    stats = relay.stats(1)
+    assert stats["packets"] == len(junk) and stats["errors"] == 0
+    assert stats["ssrc"] is None and stats["expected"] == 0
+
+
+def test_a_burst_over_many_batches_honours_the_budget(net):
+    relay = Relay(batch=64, max_batches=8)
+    call = Call(net, relay, rcvbuf=4 << 20)
+    granted = call.leg_a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    if granted < 2 << 20:
+        pytest.skip(f"SO_RCVBUF capped at {granted}: 1000 queued datagrams may not fit")
+    packets = [rtp(i, payload=i.to_bytes(4, "big")) for i in range(1000)]
+    for p in packets:
+        call.caller.sendto(p, addr(call.leg_a))
+    first = relay.drain(1, 1.0)
+    assert first == 512                          # the budget: 8 batches of 64
+    reads = [first]
+    deadline = time.monotonic() + TIMEOUT
+    while sum(reads) < 1000 and time.monotonic() < deadline:
+        if wait_readable(call.leg_a, 0.5):
+            reads.append(relay.drain(1, 1.0))
+    assert sum(reads) == 1000 and max(reads) <= 512
+    got = receive(call.callee, 1000)
+    assert [d for d, _ in got] == packets
+    assert relay.stats(1)["lost"] == 0 and relay.stats(1)["expected"] == 1000
+
+
+def test_removing_a_leg_mid_stream(net):
+    relay = Relay(batch=16, max_batches=1)
+    call = Call(net, relay)
+    for i in range(100):
+        call.caller.sendto(rtp(i), addr(call.leg_a))
+    assert wait_readable(call.leg_a)
+    assert relay.drain(1, 1.0) == 16
+    relay.remove_leg(2)
+    assert relay.legs == 1
+    left = pump(relay, 1, call.leg_a, 1.0, 84)
+    assert left == 84
+    assert relay.stats(1)["errors"] == 84        # nowhere to send them now
+    assert len(receive(call.callee, 100, timeout=0.3)) == 16
+    relay.remove_leg(1)
+    assert relay.drain(1, 1.0) == 0              # a removed leg reads nothing
+    with pytest.raises(KeyError):
+        relay.stats(1)
+
+
+def test_bridging_again_leaves_the_old_partner_alone(net):
+    relay = Relay()
+    call = Call(net, relay)
+    third = net.udp()
+    relay.add_leg(3, third.fileno())
+    relay.bridge(1, 3)
+    call.send_a([rtp(1)])
+    assert quiet(call.callee)                    # leg 3 has no remote yet: dropped
+    assert relay.stats(1)["errors"] == 1
+    call.send_b([rtp(1)])
+    assert relay.stats(2)["errors"] == 1         # leg 2 lost its partner
+
+
+def test_api_errors(net):
+    relay = Relay()
+    s = net.udp()
+    relay.add_leg(1, s.fileno())
+    with pytest.raises(ValueError):
+        relay.add_leg(1, s.fileno())
+    with pytest.raises(KeyError):
+        relay.set_peer(2, "127.0.0.1", 4000)
+    with pytest.raises(ValueError):
+        relay.set_peer(1, "not-an-ip", 4000)
+    with pytest.raises(ValueError):
+        relay.set_peer(1, "127.0.0.1", 0)
+    with pytest.raises(ValueError):
+        relay.set_latching(1, 7)
+    with pytest.raises(ValueError):
+        relay.bridge(1, 1)
+    with pytest.raises(ValueError):
+        relay.set_clock_rate(1, 0)
+    with pytest.raises(ValueError):
+        Relay(batch=0)
+    closed = net.udp()
+    fd = closed.fileno()
+    closed.close()
+    with pytest.raises(ValueError):
+        relay.add_leg(9, fd)
+    with pytest.raises(KeyError):
+        relay.remove_leg(9)
