@@ -338,13 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="fastsip",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="A SIP registrar and stateful proxy with routing in Python (serve), and "
-                    "SIP test tools\n(answer, call).  'fastsip COMMAND --help' lists a "
+        description="A SIP registrar and stateful proxy with routing in Python (serve), an "
+                    "RTP relay driven over\nrtpengine's ng protocol (media), and SIP test tools "
+                    "(answer, call).  'fastsip COMMAND --help' lists a "
                     "command's options.",
         epilog="examples:\n"
                "  fastsip serve --domain example.com\n"
                "  fastsip serve --domain example.com --listen udp:0.0.0.0:5060 "
                "--db sqlite:locations.db\n"
+               "  fastsip media --interface 192.0.2.10 --ng 127.0.0.1:2223\n"
                "  fastsip answer --listen udp:127.0.0.1:5080\n"
                "  fastsip call sip:test@127.0.0.1:5080 --calls 100 --rate 10")
     ap.add_argument("--version", action=_VersionAction,
@@ -353,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     # serve first: it is what most people run (and the one --help should lead with).
     from fastsip.app.serve import add_parser as add_serve_parser
     add_serve_parser(sub)
+    from fastsip.app.media import add_parser as add_media_parser
+    add_media_parser(sub)
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default="warning",
