@@ -150,11 +150,12 @@ class Request:
     from (``source``), who sent it once authenticated (``user``), and the decisions.
 
     ``data`` is a dict for the handler's own notes (kept across the failure hook);
-    ``failures`` lists the best responses that reached the failure hook so far.
+    ``failures`` lists the best responses that reached the failure hook so far; ``media``
+    chooses whether this call's media goes through the relay (``serve --media``).
     """
 
     __slots__ = ("_blocked", "_checked", "_router", "_stale", "_trusted", "ctx", "data",
-                 "failures", "user")
+                 "failures", "media", "user")
 
     def __init__(self, router: Router, ctx: ProxyContext) -> None:
         self._router = router
@@ -166,6 +167,9 @@ class Request:
         self._trusted: bool | None = None
         self.data: dict[str, Any] = {}
         self.failures: list[Response] = []
+        #: Anchor this call's media in the relay (``serve --media``): None follows the
+        #: server's default; a handler sets False to let a call's media go end to end.
+        self.media: bool | None = None
 
     # -- who is asking -----------------------------------------------------------------------
 

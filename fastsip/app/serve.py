@@ -422,6 +422,16 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
         transactions.max_server_transactions = args.max_transactions
         transactions.max_client_transactions = args.max_transactions
         proxy.attach(transactions)
+        ng_client = anchor = None
+        if args.media is not None:
+            from fastsip.app.anchor import MediaAnchor
+            from fastsip.asyncio.ngclient import NgClient
+
+            ng_client = NgClient(*_media_address(args.media))
+            await ng_client.open()
+            anchor = MediaAnchor(ng_client, loop.create_task)
+            proxy.media = anchor
+            log.info("media anchored in the relay at %s", args.media)
         handoff = None
         if worker is not None:
             from fastsip.asyncio.workers import HandOff
@@ -499,6 +509,8 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
             if handoff is not None:
                 handoff.close()
             await endpoint.close()
+            if ng_client is not None:
+                ng_client.close()
         summary = " ".join(f"{k}={v}" for k, v in sorted(serve_router.outcomes.items()))
         if dropped_lines():  # (the writer's own WARNING at exit has the final count)
             summary += f" log_lines_dropped={dropped_lines()}"
@@ -511,6 +523,8 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
                  proxy.refusals.count + transactions.refusals.count + router.refusals.count,
                  stats.connections_refused + stats.connections_refused_per_source
                  + stats.connections_denied, stats.closed_idle, stats.closed_read_timeout)
+        if anchor is not None:
+            log.info("media %s", " ".join(f"{k}={v}" for k, v in anchor.counts.items()))
         if keeper.sent:
             log.info("nat keep_alives=%d answered=%d flows_removed=%d",
                      keeper.sent, keeper.answered, keeper.removed)
@@ -611,11 +625,26 @@ def _check_operator_options(args: argparse.Namespace) -> str:
             parse_listen(spec)
         except ValueError as exc:
             return f"--listen: {exc}"
+    if args.media is not None:
+        try:
+            _media_address(args.media)
+        except ValueError as exc:
+            return f"--media: {exc}"
     if not args.min_expires <= args.default_expires <= args.max_expires:
         return (f"registration intervals out of order: --min-expires {args.min_expires}, "
                 f"--default-expires {args.default_expires}, --max-expires {args.max_expires} "
                 "(need min <= default <= max)")
     return ""
+
+
+def _media_address(spec: str) -> tuple[str, int]:
+    """``ng:HOST:PORT`` (``ng:[V6]:PORT``) → (host, port); ValueError says what is wrong."""
+    from fastsip.transport.rules import parse_hostport
+
+    scheme, sep, rest = spec.partition(":")
+    if not sep or scheme.lower() != "ng":
+        raise ValueError(f"{spec!r}: expected ng:HOST:PORT (rtpengine's ng control protocol)")
+    return parse_hostport(rest)
 
 
 def _registrar_limits(args: argparse.Namespace) -> dict[str, int]:
@@ -776,6 +805,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     nat.add_argument("--nat-ping-method", choices=["options", "crlf"], default="options",
                      help="OPTIONS (answered: dead flows are noticed) or a CRLF keep-alive "
                           "(RFC 5626; nothing comes back) (default options)")
+    p.add_argument("--media", metavar="ng:HOST:PORT",
+                   help="anchor every call's media in a relay driven over rtpengine's ng "
+                        "protocol ('fastsip media', or rtpengine): SDP in INVITE/UPDATE and "
+                        "their answers is rewritten by it, BYE and failures free it; a routes "
+                        "handler may set req.media = False for a call (default: media goes "
+                        "end to end)")
     edge = p.add_argument_group(
         "safety at the edge",
         "Defaults suit a public address; see docs/security.md for the policy.")

@@ -64,6 +64,7 @@ from fastsip.transport.rules import (
 )
 
 __all__ = [
+    "MediaHook",
     "Proxy",
     "ProxyContext",
     "RequestRouter",
@@ -187,6 +188,27 @@ class RequestRouter(Protocol):
         (Optional, found by name: ``on_final(ctx, response)`` hears the first final response
         that went upstream for a stateful context -- forwarded, best, or local -- for logs and
         accounting, without polling.)"""
+
+
+class MediaHook(Protocol):
+    """Media anchoring beside the routing (``Proxy.media``; ``fastsip serve --media``): it may
+    rewrite the SDP of a request before the proxy forwards it and of a response before the
+    proxy passes it on, and it must be told when a call ends.  Rewriting waits for a media
+    relay, so each of the first two may *hold* the message (return True) and call ``resume()``
+    when its body is ready (or answer the request itself through ``ctx``); the core does
+    nothing more with a held message until then.  The core stays sans-IO: whatever waits runs
+    in the hook's shell."""
+
+    def on_forward(self, ctx: ResponseContext, resume: Callable[[], None]) -> bool:
+        """``ctx.request`` is about to be forwarded (once per context).  True: held."""
+
+    def on_response(self, ctx: ResponseContext, response: Response,
+                    resume: Callable[[], None]) -> bool:
+        """A 101-299 from a branch, our Via removed, before the proxy handles it.  True: held."""
+
+    def on_final(self, ctx: ResponseContext, response: Response) -> None:
+        """The first final response went upstream for ``ctx`` (a failure ends the call's
+        media; a 2xx does not)."""
 
 
 def _stateless_branch(request: Request) -> str:
@@ -363,6 +385,7 @@ class ResponseContext:
         "data",
         "final_sent",
         "loop",
+        "media",
         "proxy",
         "request",
         "routed",
@@ -390,6 +413,8 @@ class ResponseContext:
         self.loop = "0"  # §16.6 step 8's hash, for our branches' loop detection
         #: It came through us: a Route named us (we record-routed its dialog), see _preprocess.
         self.routed = False
+        #: The media hook's note for this context (None: it has not seen the request yet).
+        self.media: Any = None
 
     @property
     def stateless(self) -> bool:
@@ -421,10 +446,10 @@ class ResponseContext:
             return
         if parallel:
             self.serial = []
-            self._start(targets)
+            self._begin(targets)
         else:
             self.serial = [[t] for t in targets[1:]]
-            self._start(targets[:1])
+            self._begin(targets[:1])
 
     def forward_groups(self, groups: Iterable[Iterable[Target]]) -> None:
         """Serial forking over parallel groups: each group forks in parallel; the next group
@@ -440,7 +465,25 @@ class ResponseContext:
             self._respond_local(480)
             return
         self.serial = lists[1:]
-        self._start(lists[0])
+        self._begin(lists[0])
+
+    def _begin(self, targets: list[Target]) -> None:
+        # The media hook sees the request once, before its first branch: it may hold the
+        # forwarding while a relay rewrites the SDP (every branch copies the rewritten body).
+        media = self.proxy.media
+        if media is not None and self.media is None:
+            self.media = True
+            if media.on_forward(self, lambda: self._resume_begin(targets)):
+                return
+        self._start(targets)
+
+    def _resume_begin(self, targets: list[Target]) -> None:
+        if self.final_sent:
+            return      # answered while held (a CANCEL, the hook's own answer)
+        if self.cancelled:
+            self._respond_local(487)
+            return
+        self._start(targets)
 
     def respond(
         self,
@@ -592,6 +635,14 @@ class ResponseContext:
             # Our registered user answers from behind a NAT: the caller's in-dialog requests
             # will reach it over the flow we sent the request on.
             add_alias(response, branch.dest)
+        media = self.proxy.media
+        if media is not None and 100 < status < 300 and \
+                media.on_response(self, response, lambda: self._branch_response(branch, response)):
+            return
+        self._branch_response(branch, response)
+
+    def _branch_response(self, branch: Branch, response: Response) -> None:
+        status = response.status_code
         if status < 200:
             if branch.final is not None:
                 return
@@ -730,10 +781,13 @@ class ResponseContext:
 
     def _release(self, final: Response) -> None:
         # The first final response went upstream: the context no longer counts against
-        # max_pending, and a router that asked (``on_final``) hears the outcome.
+        # max_pending, and a router that asked (``on_final``) hears the outcome, and so does
+        # the media hook of a call it anchored.
         if self._counted:
             self._counted = False
             proxy = self.proxy
+            if self.media is not None and proxy.media is not None:
+                proxy.media.on_final(self, final)
             proxy._live -= 1
             host = self.source.host
             n = proxy._per_source.get(host, 1) - 1
@@ -946,6 +1000,9 @@ class Proxy:
         #: A :class:`~fastsip.proxy.nat.NatKeeper` pinging flow bindings (it attaches itself);
         #: answers to its pings are handed to it.
         self.nat_keeper: Any = None
+        #: The :class:`MediaHook` anchoring calls' media in a relay (None: media goes end to
+        #: end); set by whoever assembles the server (``fastsip serve --media``).
+        self.media: MediaHook | None = None
         #: Requests refused with 503 because max_pending was reached (logs, metrics).
         self.refusals = Refusals()
         self._layer: TransactionLayer | None = None

@@ -1,0 +1,226 @@
+"""Media anchoring for ``fastsip serve --media ng:HOST:PORT``: every call's RTP goes through a
+media relay driven over rtpengine's ng protocol (``fastsip media``, or rtpengine itself).
+
+:class:`MediaAnchor` is the proxy core's :class:`~fastsip.proxy.core.MediaHook`, doing what
+Kamailio's ``rtpengine`` module does in a typical configuration:
+
+- an INVITE or UPDATE with an SDP body, initial or in a dialog (a re-INVITE), is held while
+  the relay answers an ``offer``; its body becomes the relay's SDP, then it is forwarded;
+- a 1xx/2xx with SDP to such a request is held for the ``answer`` likewise;
+- a BYE, and a final failure (>= 300, a CANCEL's 487 included) of an anchored INVITE,
+  ``delete`` the call's media (nothing waits for those);
+- a routing handler may keep a call out of the relay: ``req.media = False`` (or ``True`` to
+  insist when the default is off).
+
+A relay that does not answer (``NgClient`` retries, then gives up) gets the request a 503
+"Media Relay Unavailable": a call the operator wants anchored is not put through without its
+media.  Only the ng client waits (on the loop, as a task through ``spawn``); the core calls
+these methods synchronously and resumes the held message when the task is done.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Protocol
+
+from fastsip.errors import FastSIPError
+from fastsip.proxy.core import ResponseContext
+from fastsip.sip import Message, Response
+
+__all__ = ["MediaAnchor", "NgCommander"]
+
+log = logging.getLogger("fastsip.app.media")
+
+_OFFER_METHODS = frozenset({"INVITE", "UPDATE"})
+#: rtpengine's options for a proxy in front of phones: the SDP's o= and c= name the relay
+#: (replace-origin, replace-session-connection), as Kamailio's configurations ask.
+_REPLACE = ["origin", "session-connection"]
+#: Calls remembered as anchored (so an in-dialog request that carries no routing decision
+#: follows its call's choice); the oldest are forgotten first past this many.
+_MAX_CALLS = 100_000
+
+
+class NgCommander(Protocol):
+    """What sends ng commands: :class:`fastsip.asyncio.ngclient.NgClient`."""
+
+    async def command(self, command: Mapping[str, Any]) -> dict[str, Any]: ...
+
+
+_Spawn = Callable[[Coroutine[Any, Any, None]], object]
+
+
+def _is_sdp(msg: Message) -> bool:
+    if msg.content_length == 0:
+        return False
+    ctype = msg.content_type
+    return ctype is not None and ctype.split(";", 1)[0].strip().lower() == "application/sdp"
+
+
+def _tags(msg: Message) -> tuple[str | None, str | None]:
+    frm, to = msg.from_, msg.to
+    return (frm.tag if frm is not None else None, to.tag if to is not None else None)
+
+
+class MediaAnchor:
+    """The :class:`~fastsip.proxy.core.MediaHook` of ``serve --media`` (module docstring).
+
+    - ``ng``: sends ng commands (an open :class:`~fastsip.asyncio.ngclient.NgClient`).
+    - ``spawn``: runs a coroutine as a task (``loop.create_task``).
+    - ``default``: anchor calls unless a handler says ``req.media = False`` (False: only
+      those a handler marks ``req.media = True``).
+    - ``flags``: extra ng flags for offers and answers (e.g. ``["trust-address"]``).
+    """
+
+    def __init__(self, ng: NgCommander, spawn: _Spawn, *, default: bool = True,
+                 flags: list[str] | None = None) -> None:
+        self.ng = ng
+        self.spawn = spawn
+        self.default = default
+        self.flags = list(flags or [])
+        self._calls: OrderedDict[str, bool] = OrderedDict()
+        self._tasks: set[object] = set()
+        #: Counts, for logs and the summary: offers, answers, deletes, failures.
+        self.counts = {"offer": 0, "answer": 0, "delete": 0, "failed": 0}
+
+    # -- which calls -------------------------------------------------------------------------
+
+    def _wanted(self, ctx: ResponseContext) -> bool:
+        request = ctx.request
+        call_id = request.call_id or ""
+        choice = getattr(ctx.data, "media", None)
+        if choice is None:
+            if _tags(request)[1] is not None:            # in a dialog: as the call began
+                return self._calls.get(call_id, False)
+            choice = self.default
+        return bool(choice)
+
+    def _remember(self, call_id: str) -> None:
+        calls = self._calls
+        calls[call_id] = True
+        calls.move_to_end(call_id)
+        while len(calls) > _MAX_CALLS:
+            calls.popitem(last=False)
+
+    # -- MediaHook ---------------------------------------------------------------------------
+
+    def on_forward(self, ctx: ResponseContext, resume: Callable[[], None]) -> bool:
+        request = ctx.request
+        method = request.method
+        if method == "BYE":
+            if self._calls.pop(request.call_id or "", False):
+                self._send_delete(request)
+            return False
+        if method not in _OFFER_METHODS or not _is_sdp(request) or not self._wanted(ctx):
+            ctx.media = False
+            return False
+        self._remember(request.call_id or "")
+        self._start(self._offer(ctx, resume))
+        return True
+
+    def on_response(self, ctx: ResponseContext, response: Response,
+                    resume: Callable[[], None]) -> bool:
+        if ctx.media is not True or ctx.request.method not in _OFFER_METHODS \
+                or not _is_sdp(response):
+            return False
+        self._start(self._answer(ctx, response, resume))
+        return True
+
+    def on_final(self, ctx: ResponseContext, response: Response) -> None:
+        if ctx.media is not True or response.status_code < 300:
+            return
+        request = ctx.request
+        if request.method == "INVITE" and _tags(request)[1] is None:
+            # The call failed (or was cancelled): its media goes.  (A failed re-INVITE leaves
+            # the call, and its media, as they were: RFC 3261 §14.1.)
+            self._calls.pop(request.call_id or "", None)
+            self._send_delete(request)
+
+    # -- ng ----------------------------------------------------------------------------------
+
+    def _base(self, msg: Message, command: str) -> dict[str, Any]:
+        from_tag, to_tag = _tags(msg)
+        out: dict[str, Any] = {"command": command, "call-id": msg.call_id or "",
+                               "from-tag": from_tag or ""}
+        if to_tag is not None:
+            out["to-tag"] = to_tag
+        return out
+
+    def _media_options(self, out: dict[str, Any], msg: Message, source_host: str | None
+                       ) -> dict[str, Any]:
+        out["sdp"] = bytes(msg.body)
+        out["replace"] = list(_REPLACE)
+        if self.flags:
+            out["flags"] = list(self.flags)
+        if source_host is not None:
+            # Where the signalling came from: a relay that does not trust SDP addresses (the
+            # default of rtpengine's) sends there until latching learns the media's source.
+            out["received-from"] = ["IP6" if ":" in source_host else "IP4", source_host]
+        return out
+
+    async def _offer(self, ctx: ResponseContext, resume: Callable[[], None]) -> None:
+        request = ctx.request
+        command = self._media_options(self._base(request, "offer"), request, ctx.source.host)
+        try:
+            reply = await self.ng.command(command)
+            sdp = _sdp_of(reply)
+        except FastSIPError as exc:
+            self.counts["failed"] += 1
+            log.warning("media relay: offer for call %s failed: %s: 503", request.call_id, exc)
+            self._calls.pop(request.call_id or "", None)
+            ctx.media = False
+            if not ctx.final_sent:
+                ctx.respond(503, "Media Relay Unavailable")
+            return
+        self.counts["offer"] += 1
+        request.set_body(sdp)
+        resume()
+
+    async def _answer(self, ctx: ResponseContext, response: Response,
+                      resume: Callable[[], None]) -> None:
+        command = self._media_options(self._base(response, "answer"), response, None)
+        try:
+            reply = await self.ng.command(command)
+            response.set_body(_sdp_of(reply))
+            self.counts["answer"] += 1
+        except FastSIPError as exc:
+            # The answer is on its way to the caller already in the callee's mind: passing it
+            # on unanchored beats losing it (the call may lack media; the log says why).
+            self.counts["failed"] += 1
+            log.warning("media relay: answer for call %s failed: %s: passed on unchanged",
+                        response.call_id, exc)
+        resume()
+
+    def _send_delete(self, msg: Message) -> None:
+        self._start(self._delete(self._base(msg, "delete")))
+
+    async def _delete(self, command: dict[str, Any]) -> None:
+        try:
+            await self.ng.command(command)
+            self.counts["delete"] += 1
+        except FastSIPError as exc:
+            # The relay's own timeout frees it anyway.
+            log.info("media relay: delete for call %s: %s", command.get("call-id"), exc)
+
+    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.spawn(coro)
+        if task is not None:
+            self._tasks.add(task)
+            done = getattr(task, "add_done_callback", None)
+            if done is not None:
+                done(self._tasks.discard)
+
+
+def _sdp_of(reply: dict[str, Any]) -> bytes:
+    sdp = reply.get("sdp")
+    if isinstance(sdp, str):
+        return sdp.encode()
+    if isinstance(sdp, bytes):
+        return sdp
+    raise _NoSdp(f"the relay's reply has no SDP: {sorted(reply)}")
+
+
+class _NoSdp(FastSIPError):
+    pass
+
