@@ -216,7 +216,10 @@ cdef enum:
     DEFAULT_CLOCK_RATE = 8000
 
 # A latched source that has sent nothing for this long may be replaced by a new one (a NAT
-# rebinding or a moved endpoint), in LATCH_FIRST mode.  rtpengine's window is also 3 s.
+# rebinding or a moved endpoint), in LATCH_FIRST mode.  rtpengine also uses 3 s, differently:
+# for 3 s after each offer/answer it follows the newest source, then confirms one for good
+# (only its media-handover flag moves it later).  Counting from the latched source's last
+# packet instead needs no signalling time here and still recovers from a NAT rebinding.
 cdef double RELATCH_AFTER = 3.0
 
 LATCH_OFF = _LATCH_OFF
