@@ -445,3 +445,44 @@ def test_api_errors(net):
         relay.add_leg(9, fd)
     with pytest.raises(KeyError):
         relay.remove_leg(9)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the poll set is epoll (Linux)")
+def test_poll_drains_every_ready_leg_in_one_call(net):
+    """The loop watches the Relay's one epoll descriptor; one poll() relays what waits on
+    every leg (three calls here), and a removed leg is no longer in the set."""
+    relay = Relay()
+    pollset = relay.fileno()
+    assert pollset >= 0
+    calls = []
+    for n in range(3):
+        c = Call.__new__(Call)
+        c.relay = relay
+        c.caller, c.callee, c.leg_a, c.leg_b = (net.udp() for _ in range(4))
+        relay.add_leg(10 * n + 1, c.leg_a.fileno())
+        relay.add_leg(10 * n + 2, c.leg_b.fileno())
+        relay.bridge(10 * n + 1, 10 * n + 2)
+        relay.set_peer(10 * n + 1, *addr(c.caller))
+        relay.set_peer(10 * n + 2, *addr(c.callee))
+        calls.append(c)
+    assert relay.poll(1.0) == 0                      # nothing waits: nothing read
+    for n, c in enumerate(calls):
+        for i in range(5):
+            c.caller.sendto(rtp(i, ssrc=n), addr(c.leg_a))
+            c.callee.sendto(rtp(i, ssrc=100 + n), addr(c.leg_b))
+    # Both directions of all three calls: 30 datagrams, once the set says they are in.
+    deadline = time.monotonic() + TIMEOUT
+    got = 0
+    while got < 30 and time.monotonic() < deadline:
+        if select.select([pollset], [], [], TIMEOUT)[0]:
+            got += relay.poll(1.0)
+    assert got == 30
+    for n, c in enumerate(calls):
+        assert [d for d, _ in receive(c.callee, 5)] == [rtp(i, ssrc=n) for i in range(5)]
+        assert [d for d, _ in receive(c.caller, 5)] == [rtp(i, ssrc=100 + n) for i in range(5)]
+    # A removed leg leaves the set: what its socket gets is not read by poll() any more.
+    relay.remove_leg(1)
+    calls[0].caller.sendto(rtp(9), addr(calls[0].leg_a))
+    assert wait_readable(calls[0].leg_a)
+    assert relay.poll(2.0) == 0
+    assert not select.select([pollset], [], [], 0.1)[0]

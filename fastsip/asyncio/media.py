@@ -2,11 +2,12 @@
 control socket.
 
 :class:`SocketMediaPlane` is the :class:`~fastsip.relay.calls.MediaPlane` the ng core drives:
-it binds RTP/RTCP port pairs on the relay's interfaces, hands their descriptors to the
-compiled :class:`~fastsip.rtp._relay.Relay` and asks the loop to call
-:meth:`Relay.drain <fastsip.rtp._relay.Relay.drain>` when one is readable.  Datagrams then go
-socket to socket in C, batched (``recvmmsg``/``sendmmsg``); Python runs once per readable
-socket, never per packet.  :class:`NgServer` answers the ng control protocol on UDP.
+it binds RTP/RTCP port pairs on the relay's interfaces and hands their descriptors to the
+compiled :class:`~fastsip.rtp._relay.Relay`.  On Linux the loop watches the Relay's own epoll
+set of every leg and calls :meth:`Relay.poll <fastsip.rtp._relay.Relay.poll>` once per
+wake-up; elsewhere it watches each socket and calls ``drain`` for it.  Datagrams go socket to
+socket in C, batched (``recvmmsg``/``sendmmsg``); Python runs once per wake-up, never per
+packet.  :class:`NgServer` answers the ng control protocol on UDP.
 """
 
 from __future__ import annotations
@@ -95,6 +96,13 @@ class SocketMediaPlane:
         self._sockets: dict[int, socket.socket] = {}
         self._port: dict[int, tuple[str, int]] = {}    # leg -> (interface name, port)
         self._next_leg = 1
+        # Linux: the Relay's own epoll set holds every leg; the loop watches it alone and one
+        # poll() drains whatever is ready.  Elsewhere each socket is watched (drain per fd).
+        self._pollset = self.relay.fileno()
+        if self._pollset >= 0:
+            poll = self.relay.poll
+            time = self.loop.time
+            self.loop.add_reader(self._pollset, lambda: poll(time()))
 
     def interface(self, name: str | None, family: str | None = None) -> MediaInterface:
         """The interface called ``name`` (a name chooses the family too: rtpengine's
@@ -157,7 +165,8 @@ class SocketMediaPlane:
         sock = self._sockets.pop(leg, None)
         if sock is None:
             return
-        self.loop.remove_reader(sock.fileno())
+        if self._pollset < 0:
+            self.loop.remove_reader(sock.fileno())
         self.relay.remove_leg(leg)
         sock.close()
         name, port = self._port.pop(leg)
@@ -167,6 +176,9 @@ class SocketMediaPlane:
     def close_all(self) -> None:
         for leg in list(self._sockets):
             self.close(leg)
+        if self._pollset >= 0:
+            self.loop.remove_reader(self._pollset)
+            self._pollset = -1
 
     @property
     def legs(self) -> int:
@@ -192,10 +204,11 @@ class SocketMediaPlane:
         self._sockets[leg] = sock
         self._port[leg] = (iface.name, port)
         self.relay.add_leg(leg, sock.fileno(), rtcp=rtcp)
-        drain = self.relay.drain
-        time = self.loop.time
-        # One Python call per readable socket: drain() reads and forwards a batch in C.
-        self.loop.add_reader(sock.fileno(), lambda: drain(leg, time()))
+        if self._pollset < 0:
+            drain = self.relay.drain
+            time = self.loop.time
+            # One Python call per readable socket: drain() reads and forwards a batch in C.
+            self.loop.add_reader(sock.fileno(), lambda: drain(leg, time()))
         return leg
 
 

@@ -2,8 +2,11 @@
 # cython: cdivision=True, initializedcheck=False
 """The media relay's packet path: RTP/RTCP datagrams move socket to socket in C.
 
-The shell (fastsip.asyncio) owns the sockets and the loop; it registers each leg's fd here and
-calls :meth:`Relay.drain` when the fd is readable.  A drain reads datagrams in batches into
+The shell (fastsip.asyncio) owns the sockets and the loop; it registers each leg's fd here.  On
+Linux the Relay keeps every leg's fd in an epoll set of its own: the loop watches that one
+descriptor (:meth:`Relay.fileno`) and calls :meth:`Relay.poll`, which drains every ready leg in
+C -- one Python call per wake-up, however many streams are busy.  Elsewhere the shell watches
+each fd and calls :meth:`Relay.drain` for it.  A drain reads datagrams in batches into
 buffers allocated once per Relay, latches the source address (rtpengine-style), updates the
 leg's counters and RFC 3550 receive statistics in C, and sends the batch from the bridged
 leg's fd to that leg's remote end.  No Python object is made per packet.
@@ -12,12 +15,14 @@ This module does no signalling: which legs exist, their SDP addresses and bridge
 the ng control layer through the shell.
 """
 
+from libc.errno cimport errno
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp, memcpy, memset
 
 from fastsip.rtp._stats cimport RtpStats
 
 import ipaddress
+import os
 
 cdef extern from *:
     """
@@ -148,6 +153,46 @@ cdef extern from *:
     #endif
     }
 
+    /* A poll set of the relay's own: every leg's fd in one epoll instance (Linux), so the
+     * loop watches one descriptor and one call from Python drains every ready leg -- the
+     * loop's cost per wake-up is paid once for all streams, not once per socket.  Elsewhere
+     * there is none (fs_pollset_new returns -1) and the shell watches each fd itself. */
+    #if defined(__linux__)
+    #include <sys/epoll.h>
+    #include <unistd.h>
+    #define FS_POLLSET 1
+    #define FS_POLL_MAX 256
+    static int fs_pollset_new(void) { return epoll_create1(EPOLL_CLOEXEC); }
+    static int fs_pollset_add(int ps, int fd, void *ptr) {
+        struct epoll_event ev;
+        memset(&ev, 0, sizeof(ev));
+        ev.events = EPOLLIN;
+        ev.data.ptr = ptr;
+        return epoll_ctl(ps, EPOLL_CTL_ADD, fd, &ev);
+    }
+    static int fs_pollset_del(int ps, int fd) {
+        struct epoll_event ev;
+        memset(&ev, 0, sizeof(ev));
+        return epoll_ctl(ps, EPOLL_CTL_DEL, fd, &ev);
+    }
+    /* The ready members (their pointers) without waiting: at most FS_POLL_MAX. */
+    static int fs_pollset_ready(int ps, void **ready) {
+        struct epoll_event ev[FS_POLL_MAX];
+        int i, r = epoll_wait(ps, ev, FS_POLL_MAX, 0);
+        for (i = 0; i < r; i++) ready[i] = ev[i].data.ptr;
+        return r;
+    }
+    static void fs_pollset_close(int ps) { close(ps); }
+    #else
+    #define FS_POLLSET 0
+    #define FS_POLL_MAX 256
+    static int fs_pollset_new(void) { return -1; }
+    static int fs_pollset_add(int ps, int fd, void *ptr) { (void)ps; (void)fd; (void)ptr; return -1; }
+    static int fs_pollset_del(int ps, int fd) { (void)ps; (void)fd; return -1; }
+    static int fs_pollset_ready(int ps, void **ready) { (void)ps; (void)ready; return -1; }
+    static void fs_pollset_close(int ps) { (void)ps; }
+    #endif
+
     /* The address family of a bound socket, or -1. */
     static int fs_sock_family(int fd) {
         struct sockaddr_storage ss;
@@ -181,6 +226,12 @@ cdef extern from *:
     int fs_recv_batch(int fd, fs_mmsg *v, unsigned int n) noexcept nogil
     int fs_send_batch(int fd, fs_mmsg *v, unsigned int n) noexcept nogil
     int fs_sock_family(int fd) noexcept nogil
+    int FS_POLLSET, FS_POLL_MAX
+    int fs_pollset_new() noexcept nogil
+    int fs_pollset_add(int ps, int fd, void *ptr) noexcept nogil
+    int fs_pollset_del(int ps, int fd) noexcept nogil
+    int fs_pollset_ready(int ps, void **ready) noexcept nogil
+    void fs_pollset_close(int ps) noexcept nogil
 
     # Only the fields this module reads or writes; the C headers above bring the full types.
     int AF_INET, AF_INET6
@@ -214,6 +265,7 @@ cdef enum:
     # (RTP over UDP is kept under the path MTU).  A longer datagram is dropped, never cut.
     SLOT_SIZE = 2048
     DEFAULT_CLOCK_RATE = 8000
+    FS_POLL_MAX_C = 256     # the C block's FS_POLL_MAX, as a size Cython can declare with
 
 # A latched source that has sent nothing for this long may be replaced by a new one (a NAT
 # rebinding or a moved endpoint), in LATCH_FIRST mode.  rtpengine also uses 3 s, differently:
@@ -316,8 +368,10 @@ cdef class Relay:
     cdef sockaddr_storage *_src
     cdef fs_mmsg *_rmsg
     cdef fs_mmsg *_smsg
+    cdef int _pollset                # the legs' epoll set (Linux), or -1
 
     def __cinit__(self):
+        self._pollset = -1
         self._buf = NULL
         self._riov = self._siov = NULL
         self._src = NULL
@@ -351,8 +405,14 @@ cdef class Relay:
             self._rmsg[i].msg_hdr.msg_name = &self._src[i]
             self._smsg[i].msg_hdr.msg_iov = &self._siov[i]
             self._smsg[i].msg_hdr.msg_iovlen = 1
+        if FS_POLLSET:
+            self._pollset = fs_pollset_new()
+            if self._pollset < 0:
+                raise OSError(errno, os.strerror(errno))
 
     def __dealloc__(self):
+        if self._pollset >= 0:
+            fs_pollset_close(self._pollset)
         free(self._buf)
         free(self._riov)
         free(self._siov)
@@ -386,6 +446,10 @@ cdef class Relay:
         new.clock_rate = DEFAULT_CLOCK_RATE
         if not rtcp:
             new.rtp = RtpStats(DEFAULT_CLOCK_RATE)
+        # The poll set holds a borrowed pointer: the leg stays in _legs (alive) until
+        # remove_leg takes it out of the set first.
+        if self._pollset >= 0 and fs_pollset_add(self._pollset, fd, <void *>new) != 0:
+            raise OSError(errno, f"cannot watch fd {fd}: {os.strerror(errno)}")
         self._legs[leg] = new
 
     def set_peer(self, leg, str host, int port):
@@ -455,6 +519,8 @@ cdef class Relay:
         cdef _Leg gone = self._legs.pop(leg, None)
         if gone is None:
             raise KeyError(f"no leg {leg!r}")
+        if self._pollset >= 0:
+            fs_pollset_del(self._pollset, gone.fd)
         if gone.partner is not None:
             gone.partner.partner = None
             gone.partner = None
@@ -484,6 +550,29 @@ cdef class Relay:
             result["expected"] = target.rtp.expected
             result["received"] = target.rtp.received
         return result
+
+    def fileno(self):
+        """The descriptor to watch for :meth:`poll` (an epoll set of every leg's fd, Linux),
+        or -1: then watch each leg's fd and call :meth:`drain`."""
+        return self._pollset
+
+    def poll(self, double now):
+        """Drain every leg that is readable now (each up to its budget); returns how many
+        datagrams were read.  One call per loop wake-up however many streams are busy."""
+        cdef void *ready[FS_POLL_MAX_C]
+        cdef Py_ssize_t total = 0
+        cdef int n, i, _round
+        if self._pollset < 0:
+            return 0
+        for _round in range(4):
+            n = fs_pollset_ready(self._pollset, ready)
+            if n <= 0:
+                break
+            for i in range(n):
+                total += self._drain(<_Leg>ready[i], now)
+            if n < FS_POLL_MAX:
+                break
+        return total
 
     def drain(self, leg, double now):
         """Read ``leg``'s fd until it is empty or the budget (``batch * max_batches``
