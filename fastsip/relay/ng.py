@@ -670,6 +670,7 @@ class NgControl:
             tags[key] = self._monologue_stats(ml, totals, ssrcs)
         return {
             "created": int(call.created),
+            "created_us": round((call.created % 1) * 1e6) % 1_000_000,
             "last signal": int(call.last_signal),
             "SSRC": ssrcs,
             "tags": tags,
@@ -681,6 +682,10 @@ class NgControl:
         out: dict[str, Any] = {"tag": ml.tag, "created": int(ml.created)}
         if ml.partner is not None:
             out["in dialogue with"] = ml.partner.tag
+        # newer rtpengine says it as offer/answer subscriptions, both ways
+        peers = [{"tag": ml.partner.tag, "type": "offer/answer"}] if ml.partner else []
+        out["subscriptions"] = peers
+        out["subscribers"] = list(peers)
         if ml.label is not None:
             out["label"] = ml.label
         if ml.via_branch is not None:
