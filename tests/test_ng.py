@@ -167,6 +167,7 @@ def test_kamailio_offer_answer_query_delete() -> None:
     assert b"confirmed" in rtp[b"flags"] and b"RTP" in rtp[b"flags"]
     assert reply[b"SSRC"][str(0x1234).encode()][b"cumulative loss"] == 2
     assert media[b"ingress SSRCs"][0][b"SSRC"] == 0x1234
+    assert rtcp[b"last packet"] == int(T0)  # no packet yet: its creation, as rtpengine says
     b_streams = tags[b"tagB"][b"medias"][0][b"streams"]
     assert b_streams[0][b"endpoint"][b"address"] == b"127.0.1.1"
     # query by tag: that monologue and the one it talks to

@@ -460,7 +460,8 @@ class NgControl:
 
     Replies are cached by (source, cookie) for ``cache_ttl`` seconds (at most ``cache_size``
     of them): a command retransmitted with the same cookie gets the identical reply and is not
-    carried out twice.
+    carried out twice.  ``now`` is seconds since the epoch (``time.time()``, read once per
+    datagram by the shell): replies report it as rtpengine's UNIX timestamps.
     """
 
     def __init__(self, calls: CallRegistry, *, cache_ttl: float = CACHE_TTL,
@@ -692,10 +693,10 @@ class NgControl:
             out["via-branch"] = ml.via_branch
         if ml.aliases:
             out["tag-aliases"] = list(ml.aliases)
-        out["medias"] = [self._media_stats(m, totals, ssrcs) for m in ml.medias]
+        out["medias"] = [self._media_stats(m, ml.created, totals, ssrcs) for m in ml.medias]
         return out
 
-    def _media_stats(self, media: CallMedia, totals: dict[str, dict[str, int]],
+    def _media_stats(self, media: CallMedia, created: float, totals: dict[str, dict[str, int]],
                      ssrcs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         flags = ["initialized"] if media.pair is not None else []
         if media.asymmetric:
@@ -730,7 +731,8 @@ class NgControl:
                     "family": pair.family,
                     "endpoint": _endpoint(endpoint),
                     "advertised endpoint": _endpoint(advertised),
-                    "last packet": int(st.get("last_packet") or 0),
+                    # rtpengine counts a stream as last active when it was created
+                    "last packet": int(st.get("last_packet") or created),
                     "flags": stream_flags,
                     "stats": stats,
                 }
