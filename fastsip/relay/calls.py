@@ -227,13 +227,6 @@ def _attr(line: str) -> tuple[str, str | None] | None:
     return name, (value if sep else None)
 
 
-@dataclass
-class _Section:
-    """The line range of the session part or of one media section."""
-
-    lines: list[str]
-
-
 class CallRegistry:
     """All calls of the relay, keyed by Call-ID; signalling in, media plane calls out."""
 
