@@ -445,3 +445,19 @@ def test_late_offer_in_200_and_answer_in_ack() -> None:
     assert f"m=audio {b_pair.port} " in out
     assert plane.peers[a_pair.rtp] == ("127.0.0.1", 6000)
     assert plane.peers[b_pair.rtp] == ("127.0.1.1", 6002)
+
+
+def test_bounds_on_media_and_participants() -> None:
+    plane = FakePlane()
+    calls = CallRegistry(plane, max_media=2, max_monologues=3, max_calls=2)
+    three = SIPP_OFFER + "m=audio 6002 RTP/AVP 0\r\nm=audio 6004 RTP/AVP 0\r\n"
+    with pytest.raises(RelayError, match="Too many media sections"):
+        calls.offer("c1", "A", None, three, SignalOptions(), T0)
+    assert not plane.opened and len(calls) == 0
+    calls.offer("c1", "A", None, SIPP_OFFER, SignalOptions(), T0)  # A and the untagged side
+    calls.offer("c1", "X", "A", SIPP_OFFER, SignalOptions(), T0)  # a third participant
+    with pytest.raises(RelayError, match="Too many call participants"):
+        calls.offer("c1", "Y", "A", SIPP_OFFER, SignalOptions(), T0)
+    calls.offer("c2", "A", None, SIPP_OFFER, SignalOptions(), T0)
+    with pytest.raises(RelayError, match="Parallel session limit reached"):
+        calls.offer("c3", "A", None, SIPP_OFFER, SignalOptions(), T0)

@@ -70,7 +70,8 @@ class MediaPlane(Protocol):
         ...
 
     def bridge(self, leg_a: int, leg_b: int) -> None:
-        """Packets arriving on ``leg_a`` leave from ``leg_b``'s socket to its peer, and back."""
+        """Packets arriving on ``leg_a`` leave from ``leg_b``'s socket to its peer, and back.
+        Bridging a leg again replaces its previous bridge (a re-INVITE to a new party)."""
         ...
 
     def set_clock_rate(self, leg: int, rate: int) -> None:
@@ -226,19 +227,16 @@ def _attr(line: str) -> tuple[str, str | None] | None:
     return name, (value if sep else None)
 
 
-@dataclass
-class _Section:
-    """The line range of the session part or of one media section."""
-
-    lines: list[str]
-
-
 class CallRegistry:
     """All calls of the relay, keyed by Call-ID; signalling in, media plane calls out."""
 
     def __init__(self, plane: MediaPlane, *, sip_source: bool = False,
-                 instance_id: str | None = None, max_calls: int = 100_000) -> None:
+                 instance_id: str | None = None, max_calls: int = 100_000,
+                 max_monologues: int = 32, max_media: int = 32) -> None:
         self.plane = plane
+        #: Bounds on what one control agent can make us hold (each media costs 4 ports).
+        self.max_monologues = max_monologues
+        self.max_media = max_media
         #: rtpengine's ``--sip-source``: distrust SDP addresses unless "trust address" is given.
         self.sip_source = sip_source
         self.instance_id = instance_id or secrets.token_hex(6)
@@ -361,8 +359,9 @@ class CallRegistry:
         return expired
 
     # -- monologue bookkeeping -----------------------------------------------------------------
-    @staticmethod
-    def _new_monologue(call: Call, tag: str, now: float) -> Monologue:
+    def _new_monologue(self, call: Call, tag: str, now: float) -> Monologue:
+        if len(call.monologues) >= self.max_monologues:
+            raise RelayError(f"Too many call participants (more than {self.max_monologues})")
         ml = Monologue(tag, now)
         call.monologues.append(ml)
         if tag:
@@ -415,6 +414,8 @@ class CallRegistry:
         except SdpError as e:
             log.info("call %s: SDP refused: %s", call.call_id, e)
             raise RelayError("Failed to parse SDP") from None
+        if len(parsed.media) > self.max_media:
+            raise RelayError(f"Too many media sections (more than {self.max_media})")
         if options.loop_protect and any(
                 name == LOOP_ATTRIBUTE and value == self.instance_id
                 for name, value in parsed.attributes):

@@ -460,7 +460,8 @@ class NgControl:
 
     Replies are cached by (source, cookie) for ``cache_ttl`` seconds (at most ``cache_size``
     of them): a command retransmitted with the same cookie gets the identical reply and is not
-    carried out twice.
+    carried out twice.  ``now`` is seconds since the epoch (``time.time()``, read once per
+    datagram by the shell): replies report it as rtpengine's UNIX timestamps.
     """
 
     def __init__(self, calls: CallRegistry, *, cache_ttl: float = CACHE_TTL,
@@ -670,6 +671,7 @@ class NgControl:
             tags[key] = self._monologue_stats(ml, totals, ssrcs)
         return {
             "created": int(call.created),
+            "created_us": round((call.created % 1) * 1e6) % 1_000_000,
             "last signal": int(call.last_signal),
             "SSRC": ssrcs,
             "tags": tags,
@@ -681,16 +683,20 @@ class NgControl:
         out: dict[str, Any] = {"tag": ml.tag, "created": int(ml.created)}
         if ml.partner is not None:
             out["in dialogue with"] = ml.partner.tag
+        # newer rtpengine says it as offer/answer subscriptions, both ways
+        peers = [{"tag": ml.partner.tag, "type": "offer/answer"}] if ml.partner else []
+        out["subscriptions"] = peers
+        out["subscribers"] = list(peers)
         if ml.label is not None:
             out["label"] = ml.label
         if ml.via_branch is not None:
             out["via-branch"] = ml.via_branch
         if ml.aliases:
             out["tag-aliases"] = list(ml.aliases)
-        out["medias"] = [self._media_stats(m, totals, ssrcs) for m in ml.medias]
+        out["medias"] = [self._media_stats(m, ml.created, totals, ssrcs) for m in ml.medias]
         return out
 
-    def _media_stats(self, media: CallMedia, totals: dict[str, dict[str, int]],
+    def _media_stats(self, media: CallMedia, created: float, totals: dict[str, dict[str, int]],
                      ssrcs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         flags = ["initialized"] if media.pair is not None else []
         if media.asymmetric:
@@ -725,7 +731,8 @@ class NgControl:
                     "family": pair.family,
                     "endpoint": _endpoint(endpoint),
                     "advertised endpoint": _endpoint(advertised),
-                    "last packet": int(st.get("last_packet") or 0),
+                    # rtpengine counts a stream as last active when it was created
+                    "last packet": int(st.get("last_packet") or created),
                     "flags": stream_flags,
                     "stats": stats,
                 }
