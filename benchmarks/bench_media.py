@@ -107,6 +107,12 @@ SYSCALL_SECONDS = 3.0
 #: the generator's sockets come from.
 PORTS_PER_CALL = 4
 PORT_SPAN = 8000
+#: The generator's sockets per side (callers, callees); 0: two per call.  A few shared
+#: sockets let it batch (sendmmsg/recvmmsg) and keep up with 500 calls on a shared 2-core
+#: machine, where two Python sockets per call cost it ~9 us a packet; the relay's work is
+#: the same either way (it receives on its own ports per call and sends to an address).
+LOAD_SOCKETS = int(os.environ.get("FASTSIP_BENCH_MEDIA_LOAD_SOCKETS", "8"))
+SSRC_BASE = 0x10000
 
 # No GUARDS entry: another process's CPU, not a pytest-benchmark timing (see the docstring).
 GUARDS: list[tuple[str, str, float, str]] = []
@@ -194,20 +200,38 @@ def media_address(answer: dict[bytes, Any]) -> tuple[str, int]:
 FLAGS = ["trust-address"]
 
 
-def open_calls(ng: NgClient, n: int, tag: str) -> tuple[list[socket.socket], list[list[Any]]]:
-    """N calls through the relay: per call a caller and a callee socket, an offer and an
-    answer.  Returns the sockets and the generator's streams (fd, relay host, relay port,
-    ssrc, peer fd)."""
+def load_socket(rcvbuf: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.bind((HOST, 0))
+    return s
+
+
+def open_calls(ng: NgClient, n: int, tag: str, per_side: int = 0
+               ) -> tuple[list[socket.socket], list[list[Any]]]:
+    """N calls through the relay, an offer and an answer each.  The callers' RTP comes from
+    ``per_side`` sockets and the callees' from as many (call i on socket i mod per_side), or
+    with ``per_side`` 0 from two sockets per call.  Returns the sockets and the generator's
+    streams, the caller's and the callee's per call: (source fd, relay host, relay port,
+    fd it must come out on); stream i's SSRC is SSRC_BASE + i."""
     socks: list[socket.socket] = []
     streams: list[list[Any]] = []
+    # Shared sockets carry many streams: room for a second of them when the generator is late.
+    rcvbuf = 0 if per_side <= 0 else min(4 << 20, max(1 << 18, n // per_side * 50 * 1024))
     try:
+        callers = [load_socket(rcvbuf) for _ in range(per_side)]
+        socks += callers
+        callees = [load_socket(rcvbuf) for _ in range(per_side)]
+        socks += callees
         for i in range(n):
-            caller = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            socks.append(caller)
-            callee = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            socks.append(callee)
-            caller.bind((HOST, 0))
-            callee.bind((HOST, 0))
+            if per_side > 0:
+                caller, callee = callers[i % per_side], callees[i % per_side]
+            else:
+                caller = load_socket(0)
+                socks.append(caller)
+                callee = load_socket(0)
+                socks.append(callee)
             call_id = f"{tag}-{i}"
             offered = ng.ok({"command": "offer", "call-id": call_id, "from-tag": f"a{i}",
                              "sdp": sdp(caller.getsockname()[1], 1000 + i), "flags": FLAGS})
@@ -216,8 +240,8 @@ def open_calls(ng: NgClient, n: int, tag: str) -> tuple[list[socket.socket], lis
                               "flags": FLAGS})
             to_callee = media_address(offered)      # the callee sends here
             to_caller = media_address(answered)     # the caller sends here
-            streams.append([caller.fileno(), *to_caller, 0x10000 + 2 * i, callee.fileno()])
-            streams.append([callee.fileno(), *to_callee, 0x10001 + 2 * i, caller.fileno()])
+            streams.append([caller.fileno(), *to_caller, callee.fileno()])
+            streams.append([callee.fileno(), *to_callee, caller.fileno()])
     except BaseException:
         for s in socks:
             s.close()
@@ -371,7 +395,8 @@ def strace_counts(pid: int, seconds: float, workdir: Path) -> dict[str, int]:
 
 
 def measure(name: str, calls: int, warmup: float = WARMUP, seconds: float = SECONDS,
-            syscalls: bool = False, workdir: Path | None = None) -> dict[str, Any]:
+            syscalls: bool = False, load_sockets: int = LOAD_SOCKETS,
+            workdir: Path | None = None) -> dict[str, Any]:
     """One relay, ``calls`` calls: a fresh relay, the calls opened over ng, the load, the
     calls deleted, the relay stopped (in every case)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -382,12 +407,12 @@ def measure(name: str, calls: int, warmup: float = WARMUP, seconds: float = SECO
         load: subprocess.Popen[str] | None = None
         try:
             setup_started = time.monotonic()
-            socks, streams = open_calls(ng, calls, tag)
+            socks, streams = open_calls(ng, calls, tag, load_sockets)
             setup = time.monotonic() - setup_started
             extra = SYSCALL_SECONDS + 1.0 if syscalls and STRACE else 0.0
             plan = {"relay_pid": proc.pid, "warmup": warmup, "steady": seconds,
                     "extra": extra, "drain": 0.3, "ptime": PTIME, "slots": 20,
-                    "streams": streams}
+                    "ssrc_base": SSRC_BASE, "streams": streams}
             plan_file = work / f"plan-{name}-{calls}.json"
             plan_file.write_text(json.dumps(plan))
             load = subprocess.Popen([sys.executable, str(LOAD), str(plan_file)],
@@ -424,7 +449,7 @@ def measure(name: str, calls: int, warmup: float = WARMUP, seconds: float = SECO
             ng.close()
             stop(proc)
     return summarize(name, calls, result, setup, gen_drops, relay_drops, strace, strace_s,
-                     extra)
+                     extra, load_sockets)
 
 
 def _lines_until_event(proc: subprocess.Popen[str], deadline: float) -> list[str]:
@@ -447,7 +472,7 @@ def _lines_until_event(proc: subprocess.Popen[str], deadline: float) -> list[str
 
 def summarize(name: str, calls: int, r: dict[str, Any], setup: float, gen_drops: int,
               relay_drops: int, strace: dict[str, int], strace_s: float,
-              extra: float) -> dict[str, Any]:
+              extra: float, load_sockets: int) -> dict[str, Any]:
     w = r["window"]
     wall = max(w["wall"], 1e-9)
     sent = r["sent"]["1"]
@@ -470,6 +495,7 @@ def summarize(name: str, calls: int, r: dict[str, Any], setup: float, gen_drops:
         "max_lag_ms": r["max_lag"] * 1e3, "gave_up": r["gave_up"],
         "misrouted": r["misrouted"], "send_errors": r["send_errors"],
         "generator_drops": gen_drops, "relay_drops": relay_drops,
+        "load_sockets": load_sockets,
     }
     # The generator kept its pace: no give-up, at most 1 % of send instants late, no
     # datagrams dropped at its own sockets, and CPU to spare.
@@ -498,7 +524,7 @@ def raise_fd_limit(need: int) -> None:
 
 def compare(calls: Sequence[int] = CALLS, relays: Sequence[str] = RELAYS, rounds: int = 1,
             warmup: float = WARMUP, seconds: float = SECONDS,
-            syscalls: bool = False) -> list[dict[str, Any]]:
+            syscalls: bool = False, load_sockets: int = LOAD_SOCKETS) -> list[dict[str, Any]]:
     """Each N, each relay, interleaved (A B, B A ...) over ``rounds``; every row kept (the
     report shows each relay's best round per N)."""
     raise_fd_limit(2 * max(calls) + 256)
@@ -507,7 +533,7 @@ def compare(calls: Sequence[int] = CALLS, relays: Sequence[str] = RELAYS, rounds
         for k in range(rounds):
             order = list(relays) if k % 2 == 0 else list(reversed(relays))
             for name in order:
-                row = measure(name, n, warmup, seconds, syscalls)
+                row = measure(name, n, warmup, seconds, syscalls, load_sockets)
                 row["round"] = k + 1
                 rows.append(row)
     return rows
@@ -560,7 +586,7 @@ def report(rows: Sequence[dict[str, Any]]) -> str:
 
 def max_rate(relays: Sequence[str] = RELAYS, steps: Sequence[int] = MAX_RATE_CALLS,
              warmup: float = WARMUP, seconds: float = 5.0,
-             budget: float = 600.0) -> list[dict[str, Any]]:
+             budget: float = 600.0, load_sockets: int = LOAD_SOCKETS) -> list[dict[str, Any]]:
     """Per relay, the call count ramped (a fresh relay per step) until loss >= MAX_LOSS or
     the generator cannot keep pace; no step starts after ``budget`` seconds."""
     raise_fd_limit(2 * max(steps) + 256)
@@ -571,7 +597,7 @@ def max_rate(relays: Sequence[str] = RELAYS, steps: Sequence[int] = MAX_RATE_CAL
         for name in relays:
             if name in done or time.monotonic() - started > budget:
                 continue
-            row = measure(name, n, warmup, seconds)
+            row = measure(name, n, warmup, seconds, load_sockets=load_sockets)
             rows.append(row)
             if row["loss"] >= MAX_LOSS or not row["generator_ok"]:
                 done.add(name)
@@ -647,6 +673,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-rate-calls", default=",".join(map(str, MAX_RATE_CALLS)),
                     metavar="N,N", help="the ramp's steps (default %(default)s)")
     ap.add_argument("--max-rate-seconds", type=float, default=5.0, metavar="S")
+    ap.add_argument("--load-sockets", type=int, default=LOAD_SOCKETS, metavar="K",
+                    help="the generator's sockets per side, shared by the calls; 0: two "
+                         "per call (default %(default)s)")
     ap.add_argument("--json", metavar="FILE", help="save every row as JSON")
     a = ap.parse_args(argv)
     if RTPENGINE is None:
@@ -662,11 +691,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench_media: strace not found; --syscalls ignored")
     if a.max_rate:
         steps = sorted({int(n) for n in a.max_rate_calls.split(",") if n})
-        rows = max_rate(relays, steps, a.warmup, a.max_rate_seconds)
+        rows = max_rate(relays, steps, a.warmup, a.max_rate_seconds,
+                        load_sockets=a.load_sockets)
         print(max_rate_report(rows))
     else:
         calls = [int(n) for n in a.calls.split(",") if n]
-        rows = compare(calls, relays, a.rounds, a.warmup, a.seconds, a.syscalls)
+        rows = compare(calls, relays, a.rounds, a.warmup, a.seconds, a.syscalls,
+                       a.load_sockets)
         print(report(rows))
     if a.json:
         Path(a.json).write_text(json.dumps({"rows": rows}, indent=1))

@@ -5,23 +5,31 @@ the controller's.  It inherits the already bound UDP sockets (``pass_fds``: thei
 in the SDP the relay was given) and reads a JSON plan from the file its argument names::
 
     {"relay_pid": 1234, "warmup": 2.0, "steady": 10.0, "extra": 0.0, "drain": 0.3,
-     "ptime": 0.02, "slots": 20,
-     "streams": [[fd, dest_host, dest_port, ssrc, peer_fd], ...]}
+     "ptime": 0.02, "slots": 20, "ssrc_base": 65536,
+     "streams": [[src_fd, relay_host, relay_port, dst_fd], ...]}
 
-Every ``ptime`` each stream sends one RTP packet (12-byte header, 160 bytes of PCMU payload,
-sequence and timestamp advancing) from its socket to ``dest``: the relay port its peer's
-rewritten SDP names.  The streams are spread over ``slots`` send instants per ``ptime`` (as
-independent calls would be, not one burst per 20 ms).  The first payload byte carries the
-phase the packet was sent in (0 warm-up, 1 steady, 3 extra), so a packet is counted in the
-window it was *sent* in whenever it arrives; only the stream of ``peer_fd`` (the other end
-of the call) may arrive on a socket: anything else counts as misrouted.
+Stream ``i`` has SSRC ``ssrc_base + i``; every ``ptime`` it sends one RTP packet (12-byte
+header, 160 bytes of PCMU payload, sequence and timestamp advancing) from ``src_fd`` to the
+relay port its peer's rewritten SDP names, and must come back out of the relay on
+``dst_fd`` (anything else counts as misrouted).  The streams are spread over ``slots`` send
+instants per ``ptime``, as independent calls would be, not one burst per 20 ms.  The first
+payload byte carries the phase the packet was sent in (0 warm-up, 1 steady, 3 extra), so a
+packet counts in the window it was *sent* in whenever it arrives.
 
-The relay's CPU (``/proc``: schedstat nanoseconds of all its threads, and utime/stime
-ticks of /proc/PID/stat), this process's CPU and the machine's busy time are read when the
-first steady packet is due and when the steady window ends, so the relay's CPU is taken
-over exactly the window whose packets are counted.  When the steady window ends the line
-``{"event": "steady_end"}`` goes to stdout (``bench_media --syscalls`` attaches strace in the
-``extra`` phase that follows); the result is the last line, one JSON object.
+Cheap enough to leave the relay the CPU: sockets may carry many streams (the controller
+decides), packets leave with ``sendmmsg`` (one call per socket per send instant; the
+header's sequence and timestamp, shared by every stream of an instant, sit in one buffer
+that all the messages' first iovec points at, so no Python runs per packet) and come in
+with ``recvmmsg`` (batches of up to 256 per socket, epoll over the sockets), counted per
+stream by SSRC.  Python's socket module has neither call, so they are reached through
+ctypes (Linux, glibc).
+
+The relay's CPU (``/proc``: schedstat nanoseconds of all its threads, and utime/stime ticks
+of /proc/PID/stat), this process's CPU and the machine's busy time are read when the first
+steady packet is due and when the steady window ends, so the relay's CPU is taken over
+exactly the window whose packets are counted.  When the steady window ends the line
+``{"event": "steady_end"}`` goes to stdout (``bench_media --syscalls`` attaches strace in
+the ``extra`` phase that follows); the result is the last line, one JSON object.
 
 Pace: a send instant handled more than ``LATE`` seconds after it was due counts as late; if
 the generator falls more than ``GIVE_UP`` seconds behind it stops sending and says so
@@ -30,6 +38,8 @@ the generator falls more than ``GIVE_UP`` seconds behind it stops sending and sa
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import select
@@ -44,11 +54,41 @@ sys.path.insert(0, str(Path(__file__).parent))
 from benchproc import cpu_seconds
 
 PAYLOAD = 160                  # 20 ms of G.711 at 8 kHz
+PACKET = 12 + PAYLOAD
 #: A send instant later than this (s) counts as late: the generator missed its pace.
 LATE = 0.005
 #: More than this far behind (s), the generator stops sending: it cannot keep the pace.
 GIVE_UP = 1.0
 PHASES = 4                     # 0 warm-up, 1 steady, 2 unused, 3 extra
+#: recvmmsg batch and the room per datagram (larger ones are truncated: not ours).
+RX_BATCH = 256
+RX_ROOM = 256
+MSG_DONTWAIT = 0x40
+
+
+class IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+class MsgHdr(ctypes.Structure):
+    _fields_ = [("msg_name", ctypes.c_void_p), ("msg_namelen", ctypes.c_uint32),
+                ("msg_iov", ctypes.c_void_p), ("msg_iovlen", ctypes.c_size_t),
+                ("msg_control", ctypes.c_void_p), ("msg_controllen", ctypes.c_size_t),
+                ("msg_flags", ctypes.c_int)]
+
+
+class MMsgHdr(ctypes.Structure):
+    _fields_ = [("msg_hdr", MsgHdr), ("msg_len", ctypes.c_uint)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_sendmmsg = _libc.sendmmsg
+_sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+_sendmmsg.restype = ctypes.c_int
+_recvmmsg = _libc.recvmmsg
+_recvmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int,
+                      ctypes.c_void_p]
+_recvmmsg.restype = ctypes.c_int
 
 
 def stat_seconds(pid: int) -> tuple[float, float]:
@@ -75,42 +115,135 @@ def snapshot(relay_pid: int) -> dict[str, float]:
             "machine_busy": machine_busy_seconds()}
 
 
+def _sockaddr(host: str, port: int) -> bytes:
+    """A struct sockaddr_in (family in host order, port and address in network order)."""
+    return struct.pack("=H", socket.AF_INET) + struct.pack("!H", port) + \
+        socket.inet_aton(host) + bytes(8)
+
+
+def _address(buf: bytearray) -> int:
+    """Where a bytearray's bytes are (it must never be resized while in use)."""
+    return ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+
+
+class Sender:
+    """Every stream's packet, ready for sendmmsg: per (send instant, source socket) one
+    mmsghdr array whose messages are [shared 8-byte header, the stream's SSRC, the shared
+    payload]; only the two shared buffers change between instants."""
+
+    def __init__(self, streams: list[list[Any]], slots: int, ssrc_base: int) -> None:
+        # bytearrays (struct and item assignment work on them) under ctypes views (addresses)
+        self.head = bytearray(struct.pack("!BBHI", 0x80, 0, 0, 0))
+        self.payload = bytearray(b"\xff" * PAYLOAD)
+        n = len(streams)
+        self.ssrcs = ctypes.create_string_buffer(
+            b"".join(struct.pack("!I", ssrc_base + i) for i in range(n)), 4 * n)
+        self.names = ctypes.create_string_buffer(
+            b"".join(_sockaddr(str(s[1]), int(s[2])) for s in streams), 16 * n)
+        self.iovs = (IoVec * (3 * n))()
+        head, payload = _address(self.head), _address(self.payload)
+        ssrcs, names = ctypes.addressof(self.ssrcs), ctypes.addressof(self.names)
+        for i in range(n):
+            self.iovs[3 * i] = IoVec(head, 8)
+            self.iovs[3 * i + 1] = IoVec(ssrcs + 4 * i, 4)
+            self.iovs[3 * i + 2] = IoVec(payload, PAYLOAD)
+        iovs = ctypes.addressof(self.iovs)
+        groups: list[dict[int, list[int]]] = [{} for _ in range(slots)]
+        for i, s in enumerate(streams):
+            groups[i % slots].setdefault(int(s[0]), []).append(i)
+        #: per slot: [(fd, mmsghdr array, count)]
+        self.slots: list[list[tuple[int, Any, int]]] = []
+        self.keep: list[Any] = []
+        for group in groups:
+            batch = []
+            for fd, members in group.items():
+                msgs = (MMsgHdr * len(members))()
+                for j, i in enumerate(members):
+                    h = msgs[j].msg_hdr
+                    h.msg_name = names + 16 * i
+                    h.msg_namelen = 16
+                    h.msg_iov = iovs + 3 * i * ctypes.sizeof(IoVec)
+                    h.msg_iovlen = 3
+                batch.append((fd, msgs, len(members)))
+            self.slots.append(batch)
+
+    def send(self, slot: int, seq: int, timestamp: int, phase: int) -> int:
+        """The slot's packets with this sequence number, timestamp and phase byte; returns
+        how many could not be sent."""
+        struct.pack_into("!HI", self.head, 2, seq & 0xFFFF, timestamp & 0xFFFFFFFF)
+        self.payload[0] = phase
+        failed = 0
+        for fd, msgs, count in self.slots[slot]:
+            done = 0
+            size = ctypes.sizeof(MMsgHdr)
+            base = ctypes.addressof(msgs)
+            while done < count:
+                sent = _sendmmsg(fd, base + done * size, count - done, 0)
+                if sent <= 0:
+                    if ctypes.get_errno() in (errno.EINTR, errno.EAGAIN):
+                        continue
+                    failed += count - done
+                    break
+                done += sent
+        return failed
+
+
+class Receiver:
+    """recvmmsg batches into one buffer, counted per stream and phase by SSRC."""
+
+    def __init__(self, streams: list[list[Any]], ssrc_base: int) -> None:
+        self.base = ssrc_base
+        self.n = len(streams)
+        self.dst = [int(s[3]) for s in streams]
+        self.counts = [0] * (self.n * PHASES)
+        self.misrouted = 0
+        self.buf = bytearray(RX_BATCH * RX_ROOM)
+        self.iovs = (IoVec * RX_BATCH)()
+        self.msgs = (MMsgHdr * RX_BATCH)()
+        start = _address(self.buf)
+        for i in range(RX_BATCH):
+            self.iovs[i] = IoVec(start + i * RX_ROOM, RX_ROOM)
+            self.msgs[i].msg_hdr.msg_iov = ctypes.addressof(self.iovs) + i * ctypes.sizeof(IoVec)
+            self.msgs[i].msg_hdr.msg_iovlen = 1
+        self.view = self.buf
+        self.unpack = struct.Struct("!IB").unpack_from
+
+    def drain(self, fd: int) -> None:
+        """Everything queued on ``fd`` now."""
+        msgs, view, unpack, counts = self.msgs, self.view, self.unpack, self.counts
+        base, n, dst = self.base, self.n, self.dst
+        while True:
+            got = _recvmmsg(fd, ctypes.addressof(msgs), RX_BATCH, MSG_DONTWAIT, None)
+            if got <= 0:
+                return
+            for i in range(got):
+                ssrc, phase = unpack(view, i * RX_ROOM + 8)
+                idx = ssrc - base
+                if msgs[i].msg_len != PACKET or not 0 <= idx < n or dst[idx] != fd:
+                    self.misrouted += 1
+                    continue
+                counts[idx * PHASES + (phase & 3)] += 1
+            if got < RX_BATCH:
+                return
+
+
 def run(plan: dict[str, Any]) -> dict[str, Any]:
     """Send and count as ``plan`` says; returns the counts and the window's readings."""
     relay_pid = int(plan["relay_pid"])
     ptime = float(plan.get("ptime", 0.02))
     slots = max(1, int(plan.get("slots", 20)))
     slot_len = ptime / slots
+    ssrc_base = int(plan.get("ssrc_base", 0x10000))
     streams = plan["streams"]
-    fds = [int(s[0]) for s in streams]
-    top = max(fds) + 1
-
-    socks: dict[int, socket.socket] = {}
-    recv: dict[int, Any] = {}
-    want: list[bytes] = [b""] * top
+    fds = sorted({int(s[0]) for s in streams} | {int(s[3]) for s in streams})
+    sender = Sender(streams, slots, ssrc_base)
+    receiver = Receiver(streams, ssrc_base)
     ep = select.epoll()
-    # Per slot: (buffer, sendto, destination) of the streams sending at that instant.
-    by_slot: list[list[tuple[bytearray, Any, tuple[str, int]]]] = [[] for _ in range(slots)]
-    slot_of = [0] * top
-    payload = bytes([0]) + b"\xff" * (PAYLOAD - 1)      # PCMU silence after the phase byte
-    ssrc_of = {int(st[0]): int(st[3]) for st in streams}
-    peer_of = {int(st[0]): int(st[4]) for st in streams}
-    for i, (fd, host, port, ssrc, peer_fd) in enumerate(streams):
-        s = socket.socket(fileno=int(fd))
-        s.setblocking(False)
-        socks[fd] = s
-        recv[fd] = s.recv
-        want[fd] = struct.pack("!I", ssrc_of[peer_fd])
+    for fd in fds:
         ep.register(fd, select.EPOLLIN)
-        buf = bytearray(struct.pack("!BBHII", 0x80, 0, 0, 0, ssrc) + payload)
-        slot = i % slots
-        slot_of[fd] = slot
-        by_slot[slot].append((buf, s.sendto, (str(host), int(port))))
 
     # sent[phase][slot]: packets each stream of that slot sent in that phase
     sent = [[0] * slots for _ in range(PHASES)]
-    rx = [[0] * top for _ in range(PHASES)]
-    misrouted = 0
     send_errors = 0
     late = 0
     ticks_done = 0
@@ -131,20 +264,7 @@ def run(plan: dict[str, Any]) -> dict[str, Any]:
     tick = 0
     due = t0
     poll = ep.poll
-
-    def read(timeout: float) -> None:
-        nonlocal misrouted
-        for fd, _ in poll(timeout):
-            try:
-                data = recv[fd](2048)
-            except BlockingIOError:
-                continue
-            except OSError:              # ICMP port unreachable reported on the socket
-                continue
-            if len(data) <= 12 or data[8:12] != want[fd]:
-                misrouted += 1
-                continue
-            rx[data[12] & 3][fd] += 1
+    take = receiver.drain
 
     while True:
         now = mono()
@@ -166,49 +286,41 @@ def run(plan: dict[str, Any]) -> dict[str, Any]:
             elif phase == 3 and end is None:
                 end = snapshot(relay_pid)
                 print(json.dumps({"event": "steady_end"}), flush=True)
-            k = tick // slots
-            slot = tick % slots
-            head = struct.pack("!HI", (k + 1000) & 0xFFFF, (k * PAYLOAD) & 0xFFFFFFFF)
-            for buf, sendto, dest in by_slot[slot]:
-                buf[2:8] = head
-                buf[12] = phase
-                try:
-                    sendto(buf, dest)
-                except OSError:
-                    send_errors += 1
+            k, slot = divmod(tick, slots)
+            send_errors += sender.send(slot, k + 1000, k * PAYLOAD, phase)
             sent[phase][slot] += 1
             ticks_done += 1
             tick += 1
             due = t0 + tick * slot_len
         if gave_up or due >= stop_at:
             break
-        read(max(0.0, due - mono()))
-    if end is None:
+        for fd, _ in poll(max(0.0, due - mono())):
+            take(fd)
+    if end is None:                      # no extra phase, or the generator gave up
         end = snapshot(relay_pid)
-        if extra <= 0:
-            print(json.dumps({"event": "steady_end"}), flush=True)
+        print(json.dumps({"event": "steady_end"}), flush=True)
     if begin is None:
         begin = end
     finish = mono() + drain
     while (left := finish - mono()) > 0:
-        read(left)
+        for fd, _ in poll(left):
+            take(fd)
+    ep.close()
 
-    # Per receiving socket: (packets its peer sent in the steady window, packets that came).
-    per_stream = [[sent[1][slot_of[peer_of[fd]]], rx[1][fd]] for fd in fds]
-    result = {
-        "streams": len(streams),
+    counts = receiver.counts
+    n = len(streams)
+    slot_of = [i % slots for i in range(n)]
+    return {
+        "streams": n,
         "window": {k: end[k] - begin[k] for k in begin},
-        "sent": {str(p): sum(sent[p][slot_of[fd]] for fd in fds) for p in (0, 1, 3)},
-        "received": {str(p): sum(rx[p][fd] for fd in fds) for p in (0, 1, 3)},
-        "steady_per_stream": per_stream,
-        "misrouted": misrouted, "send_errors": send_errors,
+        "sent": {str(p): sum(sent[p][slot_of[i]] for i in range(n)) for p in (0, 1, 3)},
+        "received": {str(p): sum(counts[i * PHASES + p] for i in range(n)) for p in (0, 1, 3)},
+        # per stream: (packets sent in the steady window, packets of them that came out)
+        "steady_per_stream": [[sent[1][slot_of[i]], counts[i * PHASES + 1]] for i in range(n)],
+        "misrouted": receiver.misrouted, "send_errors": send_errors,
         "late_instants": late, "instants": ticks_done, "max_lag": max_lag,
         "gave_up": gave_up,
     }
-    ep.close()
-    for s in socks.values():
-        s.detach()                       # the controller owns and closes them
-    return result
 
 
 def main() -> int:
