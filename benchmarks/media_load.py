@@ -245,8 +245,7 @@ def run(plan: dict[str, Any]) -> dict[str, Any]:
     # sent[phase][slot]: packets each stream of that slot sent in that phase
     sent = [[0] * slots for _ in range(PHASES)]
     send_errors = 0
-    late = 0
-    ticks_done = 0
+    late = [0] * PHASES
     max_lag = 0.0
     gave_up = False
 
@@ -275,12 +274,12 @@ def run(plan: dict[str, Any]) -> dict[str, Any]:
                 break
             lag = now - due
             max_lag = max(max_lag, lag)
+            phase = 0 if due < steady_at else 1 if due < extra_at else 3
             if lag > LATE:
-                late += 1
+                late[phase] += 1
             if lag > GIVE_UP:
                 gave_up = True
                 break
-            phase = 0 if due < steady_at else 1 if due < extra_at else 3
             if phase == 1 and begin is None:
                 begin = snapshot(relay_pid)
             elif phase == 3 and end is None:
@@ -289,7 +288,6 @@ def run(plan: dict[str, Any]) -> dict[str, Any]:
             k, slot = divmod(tick, slots)
             send_errors += sender.send(slot, k + 1000, k * PAYLOAD, phase)
             sent[phase][slot] += 1
-            ticks_done += 1
             tick += 1
             due = t0 + tick * slot_len
         if gave_up or due >= stop_at:
@@ -318,7 +316,9 @@ def run(plan: dict[str, Any]) -> dict[str, Any]:
         # per stream: (packets sent in the steady window, packets of them that came out)
         "steady_per_stream": [[sent[1][slot_of[i]], counts[i * PHASES + 1]] for i in range(n)],
         "misrouted": receiver.misrouted, "send_errors": send_errors,
-        "late_instants": late, "instants": ticks_done, "max_lag": max_lag,
+        # per phase: send instants handled late, and all of them
+        "late_instants": {str(p): late[p] for p in (0, 1, 3)},
+        "instants": {str(p): sum(sent[p]) for p in (0, 1, 3)}, "max_lag": max_lag,
         "gave_up": gave_up,
     }
 
