@@ -101,7 +101,7 @@ MAX_RATIO = float(os.environ.get("FASTSIP_BENCH_MEDIA_MAX_RATIO", "1.0"))
 GOAL = 0.5
 #: Loss above this fraction is a failed step (and fails the pytest at 100 calls).
 MAX_LOSS = 0.001
-MAX_RATE_CALLS = (100, 200, 400, 800, 1200, 1600)
+MAX_RATE_CALLS = (100, 200, 400, 600, 800, 1200, 1600)
 SYSCALL_SECONDS = 3.0
 #: The relay's RTP ports: 4 per call (RTP and RTCP, two sides), below the ephemeral range
 #: the generator's sockets come from.
@@ -113,6 +113,9 @@ PORT_SPAN = 8000
 #: the same either way (it receives on its own ports per call and sends to an address).
 LOAD_SOCKETS = int(os.environ.get("FASTSIP_BENCH_MEDIA_LOAD_SOCKETS", "8"))
 SSRC_BASE = 0x10000
+#: More than this share of the steady window's send instants over 5 ms late shows as "late"
+#: (the generator caught up, but sent in bursts: the machine is busy).
+LATE_SHARE = 0.05
 
 # No GUARDS entry: another process's CPU, not a pytest-benchmark timing (see the docstring).
 GUARDS: list[tuple[str, str, float, str]] = []
@@ -481,6 +484,8 @@ def summarize(name: str, calls: int, r: dict[str, Any], setup: float, gen_drops:
     lossy = [(s, g) for s, g in r["steady_per_stream"] if g < s]
     row: dict[str, Any] = {
         "relay": name, "calls": calls, "seconds": wall, "setup_s": setup,
+        # the generator gave up before the steady window: CPU figures are the whole run's
+        "window_is_run": r["window_is_run"],
         "offered_pps": calls * 2 / PTIME, "sent_pps": sent / wall, "relayed_pps": got / wall,
         "sent": sent, "received": got, "loss": (sent - got) / sent if sent else 1.0,
         "warmup_loss": ((r["sent"]["0"] - r["received"]["0"]) / r["sent"]["0"]
@@ -498,9 +503,10 @@ def summarize(name: str, calls: int, r: dict[str, Any], setup: float, gen_drops:
         "generator_drops": gen_drops, "relay_drops": relay_drops,
         "load_sockets": load_sockets,
     }
-    # The generator kept its pace: no give-up, at most 1 % of send instants late, no
-    # datagrams dropped at its own sockets, and CPU to spare.
-    row["generator_ok"] = (not r["gave_up"] and row["late_fraction"] <= 0.01
+    # The generator kept its pace: it never gave up, sent the offered rate over the window
+    # (a late send instant is caught up, so lateness alone is jitter, not lost load), lost
+    # nothing at its own sockets and had CPU to spare.
+    row["generator_ok"] = (not r["gave_up"] and row["sent_pps"] >= 0.99 * row["offered_pps"]
                            and gen_drops == 0 and row["load_util"] < 0.9)
     if strace and extra:
         # strace stops the relay at every syscall: the packets it relayed while traced are
@@ -556,8 +562,8 @@ HEADER = (f"  {'relay':10} {'calls':>5} {'offered':>8} {'relayed':>8} {'loss %':
 
 
 def row_line(r: dict[str, Any]) -> str:
-    pace = "ok" if r["generator_ok"] else "BEHIND" if r["gave_up"] or r["late_fraction"] > 0.01 \
-        else "busy"
+    pace = "BEHIND" if not r["generator_ok"] else "late" if r["late_fraction"] > LATE_SHARE \
+        else "ok"
     line = (f"  {r['relay']:10} {r['calls']:>5} {r['offered_pps']:>8.0f} {r['relayed_pps']:>8.0f} "
             f"{r['loss'] * 100:>7.3f} {r['us_per_packet']:>7.2f} {r['user_us']:>6.2f} "
             f"{r['sys_us']:>6.2f} {r['relay_util']:>6.0%} {r['load_util']:>5.0%} {pace:>5} "
@@ -582,7 +588,9 @@ def report(rows: Sequence[dict[str, Any]]) -> str:
                  "(schedstat, all threads) per relayed packet, user/sys from /proc/PID/stat "
                  "ticks;")
     lines.append("  relay/load: CPU use of the relay and of the load generator (100% = one "
-                 "core); pace: the generator kept its send instants; drops r/g: datagrams")
+                 "core); pace: ok, late (over 5% of send instants >5 ms late, caught up),")
+    lines.append("  BEHIND (the generator did not send the offered rate, or dropped at its own "
+                 "sockets: then a loss is not the relay's); drops r/g: datagrams")
     lines.append("  dropped at full receive buffers on the relay's / the generator's sockets.")
     for n in sorted({r["calls"] for r in rows}):
         ref, ours = best(rows, "rtpengine", n), best(rows, "fastsip", n)
@@ -627,10 +635,12 @@ def max_rate_report(rows: Sequence[dict[str, Any]]) -> str:
         if last["loss"] < MAX_LOSS and last["generator_ok"]:
             why = "every step passed: not reached"
         elif not last["generator_ok"]:
-            why = (f"then the GENERATOR could not keep pace at {last['calls']} calls "
-                   f"(load CPU {last['load_util']:.0%}, late {last['late_fraction']:.1%}, "
-                   f"its drops {last['generator_drops']}): the limit found is the "
-                   "generator's, not the relay's")
+            when = " (it gave up in the warm-up)" if last["window_is_run"] else ""
+            why = (f"then the GENERATOR could not keep pace at {last['calls']} calls{when} "
+                   f"(load CPU {last['load_util']:.0%}, relay CPU {last['relay_util']:.0%}, "
+                   f"machine {last['machine_util']:.0%} busy, max lag "
+                   f"{last['max_lag_ms']:.0f} ms, its drops {last['generator_drops']}): the "
+                   "limit found is the generator's or the machine's, not the relay's alone")
         else:
             why = (f"then {last['loss']:.2%} loss at {last['calls']} calls "
                    f"({last['relayed_pps']:.0f} pkt/s, relay CPU {last['relay_util']:.0%})")

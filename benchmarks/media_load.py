@@ -255,6 +255,7 @@ def run(plan: dict[str, Any]) -> dict[str, Any]:
     drain = float(plan.get("drain", 0.3))
     mono = time.monotonic
     t0 = mono() + 0.05
+    started = snapshot(relay_pid)
     steady_at = t0 + warmup
     extra_at = steady_at + steady
     stop_at = extra_at + extra
@@ -297,8 +298,11 @@ def run(plan: dict[str, Any]) -> dict[str, Any]:
     if end is None:                      # no extra phase, or the generator gave up
         end = snapshot(relay_pid)
         print(json.dumps({"event": "steady_end"}), flush=True)
+    # Gave up before the steady window: the figures are the whole run's (the caller sees
+    # "window_is_run" and says so), better than none.
+    window_is_run = begin is None
     if begin is None:
-        begin = end
+        begin = started
     finish = mono() + drain
     while (left := finish - mono()) > 0:
         for fd, _ in poll(left):
@@ -310,7 +314,7 @@ def run(plan: dict[str, Any]) -> dict[str, Any]:
     slot_of = [i % slots for i in range(n)]
     return {
         "streams": n,
-        "window": {k: end[k] - begin[k] for k in begin},
+        "window": {k: end[k] - begin[k] for k in begin}, "window_is_run": window_is_run,
         "sent": {str(p): sum(sent[p][slot_of[i]] for i in range(n)) for p in (0, 1, 3)},
         "received": {str(p): sum(counts[i * PHASES + p] for i in range(n)) for p in (0, 1, 3)},
         # per stream: (packets sent in the steady window, packets of them that came out)
