@@ -49,8 +49,10 @@ per relay, a fresh relay per step, until loss >= 0.1 % or the generator cannot k
         [--relays rtpengine,fastsip] [--rounds 1] [--syscalls] [--json FILE]
     PYTHONPATH=. python benchmarks/bench_media.py --max-rate [--max-rate-calls 100,200,400,800]
 
-Under pytest (``guard.py`` runs it): 100 calls, both relays, about 30 s; asserts fastsip's
-CPU per packet at most ``MAX_RATIO`` x rtpengine's and loss under 0.1 % for both.  A plain
+Under pytest (``guard.py`` runs it): 100 calls, both relays, two interleaved rounds of 8 s
+windows, each relay's best round counting (about 50 s; ``FASTSIP_BENCH_MEDIA_ROUNDS``,
+``FASTSIP_BENCH_MEDIA_SECONDS``); asserts fastsip's CPU per packet at most ``MAX_RATIO`` x
+rtpengine's (``FASTSIP_BENCH_MEDIA_MAX_RATIO``) and loss under 0.1 % for both.  A plain
 pytest (another process's CPU, not pytest-benchmark's), so ``GUARDS`` is empty as in
 ``bench_proxy.py``.  Skipped without rtpengine (Debian: ``apt-get install rtpengine-daemon``;
 it is never run as a service here); without ``fastsip media`` in this build the rtpengine
@@ -93,11 +95,16 @@ STRACE = shutil.which("strace")
 RELAYS = ("rtpengine", "fastsip")
 CALLS = (100, 500)
 WARMUP = float(os.environ.get("FASTSIP_BENCH_MEDIA_WARMUP", "2"))
-SECONDS = float(os.environ.get("FASTSIP_BENCH_MEDIA_SECONDS", "10"))
+SECONDS = 10.0
 PTIME = 0.02
 #: The guard: fastsip's CPU per relayed packet at 100 calls at most this many times
 #: rtpengine's (the lead sets it from measured runs).  Issue 13's goal is ``GOAL``.
 MAX_RATIO = float(os.environ.get("FASTSIP_BENCH_MEDIA_MAX_RATIO", "1.0"))
+#: Under pytest: interleaved rounds (R F, F R) and their steady window, each relay's best
+#: round counting.  At 10,000 packets/s one relay's CPU per packet moved by up to 1.6x from
+#: run to run on the shared 2-core machine (rtpengine 13-21 us), so best of two.
+PYTEST_ROUNDS = int(os.environ.get("FASTSIP_BENCH_MEDIA_ROUNDS", "2"))
+PYTEST_SECONDS = float(os.environ.get("FASTSIP_BENCH_MEDIA_SECONDS", "8"))
 GOAL = 0.5
 #: Loss above this fraction is a failed step (and fails the pytest at 100 calls).
 MAX_LOSS = 0.001
@@ -661,7 +668,7 @@ def max_rate_report(rows: Sequence[dict[str, Any]]) -> str:
 def test_media_cpu_per_packet_vs_rtpengine() -> None:
     have_fastsip = fastsip_media_available()
     relays = RELAYS if have_fastsip else ("rtpengine",)
-    rows = compare((100,), relays)
+    rows = compare((100,), relays, PYTEST_ROUNDS, seconds=PYTEST_SECONDS)
     print("\n" + report(rows))
     for r in rows:
         assert r["misrouted"] == 0 and r["send_errors"] == 0, r
