@@ -25,9 +25,17 @@ end whatever happens):
    ``answer`` (callee's SDP), flag ``trust-address``; the rewritten SDPs give the relay
    ports each side must send to; at the end a ``delete`` per call;
 3. the load generator (``benchmarks/media_load.py``, a separate process that inherits the
-   bound sockets) sends from each of the 2N sockets one 172-byte RTP packet every 20 ms to
-   the relay port its peer's SDP names, spread over 20 send instants per 20 ms, reads
-   everything that arrives (epoll) and counts per stream; after a warm-up (default 2 s) it
+   bound sockets) sends for each of the 2N streams one 172-byte RTP packet every 20 ms
+   (its own SSRC, sequence and timestamp advancing) to the relay port its peer's SDP
+   names, spread over 20 send instants per 20 ms, reads everything that arrives and
+   counts per stream (by SSRC, checking it came out on the right socket).  The callers'
+   streams leave from ``--load-sockets`` sockets (default 8) and the callees' from as
+   many, with sendmmsg/recvmmsg: with two Python sockets per call (``--load-sockets 0``,
+   still there) the generator cost ~9 us a packet and could not keep 500 calls' pace on
+   the shared 2 cores, and its loss was counted against the relay.  The relay's work is
+   the same either way: it receives on its own ports, one pair per call and side, and
+   sends to an address (at 100 calls rtpengine measured 13.1 us/packet with 8 shared
+   sockets, 14.2 with two per call: within run-to-run noise).  After a warm-up (default 2 s) it
    reads the relay's CPU (``/proc/PID/task/*/schedstat``: ns of all threads; user and
    system from ``/proc/PID/stat`` ticks) at the start and end of the steady window
    (default 10 s), and packets sent in that window are counted wherever they arrive
@@ -39,15 +47,21 @@ end whatever happens):
    ports (the relay was too slow) or the generator's (the generator was).
 
 The generator shares the 2 cores with the relay: at high rates a loss may be the
-generator's (its drops, late instants, ``gave_up``), and the report says so rather than
-blaming the relay.  ``--syscalls`` (needs strace) attaches ``strace -c -f -p PID`` for a few
-seconds after the steady window (strace slows the relay, so never inside it) and reports
-syscalls per relayed packet.  ``--max-rate`` ramps the call count (100, 200, 400, 800 ...)
-per relay, a fresh relay per step, until loss >= 0.1 % or the generator cannot keep pace.
+generator's (its drops, an offered rate it did not send, ``gave_up``), and the report says
+so rather than blaming the relay.  ``--syscalls`` (needs strace) attaches
+``strace -c -f -p PID`` for a few seconds after the steady window (strace slows the relay,
+so never inside it) and reports syscalls per relayed packet, the packets estimated from the
+rate relayed in that phase.  Read it at a load the relay keeps up with under strace (100
+calls): past that the figure is flagged UNRELIABLE, and a batching relay (recvmmsg) batches
+more under strace than without, so its count is a lower bound.  ``--max-rate`` ramps the
+call count (100, 200, 400, 600, 800 ...) per relay, a fresh relay per step, until loss >=
+0.1 % or the generator cannot keep pace; on two shared cores the generator (and whoever
+else uses the machine) usually sets the limit first, which the report says.
 
     PYTHONPATH=. python benchmarks/bench_media.py [--calls 100,500] [--warmup 2] [--seconds 10]
         [--relays rtpengine,fastsip] [--rounds 1] [--syscalls] [--json FILE]
     PYTHONPATH=. python benchmarks/bench_media.py --max-rate [--max-rate-calls 100,200,400,800]
+        [--max-rate-seconds 5] [--load-sockets 8]
 
 Under pytest (``guard.py`` runs it): 100 calls, both relays, two interleaved rounds of 8 s
 windows, each relay's best round counting (about 50 s; ``FASTSIP_BENCH_MEDIA_ROUNDS``,
