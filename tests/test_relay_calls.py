@@ -35,6 +35,7 @@ class FakePlane:
         self.peers: dict[int, tuple[str, int]] = {}
         self.bridges: dict[int, int] = {}
         self.rates: dict[int, int] = {}
+        self.latching: dict[int, str] = {}
         self.closed: list[int] = []
         self.stats: dict[int, dict[str, Any]] = {}
 
@@ -64,6 +65,10 @@ class FakePlane:
 
     def set_clock_rate(self, leg: int, rate: int) -> None:
         self.rates[leg] = rate
+
+    def set_latching(self, leg: int, mode: str) -> None:
+        assert mode in ("first", "strict", "off")
+        self.latching[leg] = mode
 
     def leg_stats(self, leg: int) -> dict[str, Any]:
         base = {"packets": 0, "bytes": 0, "errors": 0, "last_packet": 0,

@@ -15,6 +15,7 @@ import asyncio
 import ipaddress
 import logging
 import sys
+import time
 from typing import Any
 
 from fastsip.app import logqueue
@@ -115,7 +116,8 @@ async def _media(args: argparse.Namespace, stop: asyncio.Event) -> int:
                 await asyncio.wait_for(stop.wait(), 1.0)
             except asyncio.TimeoutError:
                 pass
-            for expired in calls.expire(loop.time(), args.timeout):
+            # Wall-clock time, as everywhere in the relay: ng replies report Unix times.
+            for expired in calls.expire(time.time(), args.timeout):
                 log.info("call %s: no media for %gs: deleted", _show(expired), args.timeout)
     finally:
         transport.close()

@@ -17,6 +17,7 @@ import errno
 import ipaddress
 import logging
 import socket
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,11 +25,14 @@ from typing import Any
 
 from fastsip.errors import FastSIPError
 from fastsip.relay.calls import LegPair, MediaPlaneFull
-from fastsip.rtp._relay import Relay
+from fastsip.rtp._relay import LATCH_FIRST, LATCH_OFF, LATCH_STRICT, Relay
 
 __all__ = ["MediaInterface", "NgServer", "SocketMediaPlane", "parse_interface"]
 
 log = logging.getLogger("fastsip.asyncio.media")
+
+#: The ng core's latching modes as the packet path's.
+_LATCHING = {"first": LATCH_FIRST, "strict": LATCH_STRICT, "off": LATCH_OFF}
 
 
 @dataclass(frozen=True)
@@ -101,8 +105,7 @@ class SocketMediaPlane:
         self._pollset = self.relay.fileno()
         if self._pollset >= 0:
             poll = self.relay.poll
-            time = self.loop.time
-            self.loop.add_reader(self._pollset, lambda: poll(time()))
+            self.loop.add_reader(self._pollset, lambda: poll(time.time()))
 
     def interface(self, name: str | None, family: str | None = None) -> MediaInterface:
         """The interface called ``name`` (a name chooses the family too: rtpengine's
@@ -152,8 +155,8 @@ class SocketMediaPlane:
     def set_clock_rate(self, leg: int, rate: int) -> None:
         self.relay.set_clock_rate(leg, rate)
 
-    def set_latching(self, leg: int, mode: int) -> None:
-        self.relay.set_latching(leg, mode)
+    def set_latching(self, leg: int, mode: str) -> None:
+        self.relay.set_latching(leg, _LATCHING[mode])
 
     def leg_stats(self, leg: int) -> dict[str, Any]:
         return dict(self.relay.stats(leg))
@@ -206,9 +209,8 @@ class SocketMediaPlane:
         self.relay.add_leg(leg, sock.fileno(), rtcp=rtcp)
         if self._pollset < 0:
             drain = self.relay.drain
-            time = self.loop.time
             # One Python call per readable socket: drain() reads and forwards a batch in C.
-            self.loop.add_reader(sock.fileno(), lambda: drain(leg, time()))
+            self.loop.add_reader(sock.fileno(), lambda: drain(leg, time.time()))
         return leg
 
 
@@ -224,9 +226,8 @@ class NgServer(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            reply = self.receive(data, (addr[0], addr[1]), loop.time())
+            reply = self.receive(data, (addr[0], addr[1]), time.time())
         except Exception:
             # The core answers bad input with an error reply; an exception is our bug, and
             # one bad command must not stop the control socket.

@@ -78,6 +78,12 @@ class MediaPlane(Protocol):
         """The RTP clock rate of what arrives on ``leg``, for RFC 3550 interarrival jitter."""
         ...
 
+    def set_latching(self, leg: int, mode: str) -> None:
+        """How ``leg`` learns its remote end: ``"first"`` (symmetric RTP: the first source,
+        the default), ``"strict"`` (then drop every other source: rtpengine's strict-source)
+        or ``"off"`` (the SDP address only: rtpengine's asymmetric)."""
+        ...
+
     def leg_stats(self, leg: int) -> dict[str, Any]:
         """``packets``, ``bytes``, ``errors``, ``last_packet`` (0: none), ``peer`` ((host, port)
         or None), ``latched``, ``ssrc``, ``lost``, ``jitter`` (ms)."""
@@ -513,6 +519,10 @@ class CallRegistry:
             media.asymmetric = media.asymmetric or options.asymmetric
             media.strict_source = media.strict_source or options.strict_source
             media.media_handover = media.media_handover or options.media_handover
+            mode = "strict" if media.strict_source else "off" if media.asymmetric else "first"
+            assert media.pair is not None
+            self.plane.set_latching(media.pair.rtp, mode)
+            self.plane.set_latching(media.pair.rtcp, mode)
         address = options.media_address or theirs.pair.address
         return address, _family_of(address)
 
