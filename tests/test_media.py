@@ -241,3 +241,21 @@ def test_ipv4_caller_to_ipv6_callee(tmp_path: Path) -> None:
         finally:
             caller.close()
             callee.close()
+
+
+def test_strict_source_drops_a_third_party(relay: MediaRelay) -> None:
+    """With rtpengine's strict-source flag, once the caller's source is latched nothing from
+    another address reaches the callee (a media injection attempt); without it, it would."""
+    caller, callee, intruder = Peer(), Peer(), Peer()
+    try:
+        a_sends_to, _ = call(relay, caller, callee, "strict@test", flags=["strict-source"])
+        caller.send(rtp(1, 160, 0xA, b"a" * 160), a_sends_to)
+        callee.collect(2, until=1)
+        intruder.send(rtp(2, 320, 0xE, b"e" * 160), a_sends_to)
+        caller.send(rtp(3, 480, 0xA, b"a" * 160), a_sends_to)
+        callee.collect(2, until=2)
+        callee.collect(0.3)
+        assert [d[12:] for d, _ in callee.got] == [b"a" * 160, b"a" * 160]
+    finally:
+        for p in (caller, callee, intruder):
+            p.close()
