@@ -58,7 +58,7 @@ def test_help_leads_with_serve(tmp_path: Path) -> None:
     assert "registrar" in out.split("positional arguments")[0]  # the description says what
     # The command list: serve first, each with its one-line description.
     commands = re.findall(r"^    (\w+) +(\S.*)$", out, re.MULTILINE)
-    assert [name for name, _ in commands] == ["serve", "answer", "call"], out
+    assert [name for name, _ in commands] == ["serve", "media", "answer", "call"], out
     assert all(text for _, text in commands)
     assert "  fastsip serve --domain example.com\n" in out.split("examples:")[1]
     serve_help = fastsip(tmp_path, "serve", "--help").stdout
