@@ -96,7 +96,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchproc import fastsip_env, free_port
+from benchproc import fastsip_env, free_port, stop
 
 from fastsip.relay.bencode import decode, encode
 
@@ -359,17 +359,6 @@ def tail(path: Path, lines: int = 5) -> str:
         return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
-
-
-def stop(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout``: only the process we started."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def udp_drops(ports: set[int], low: int, high: int) -> tuple[int, int]:

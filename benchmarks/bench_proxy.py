@@ -63,7 +63,6 @@ import argparse
 import csv
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -77,7 +76,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from benchproc import cpu_seconds as _task_seconds
-from benchproc import fastsip_env, free_port
+from benchproc import fastsip_env, free_port, stop
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS = HERE.parent / "tests" / "data" / "sipp"
@@ -193,16 +192,6 @@ def successful(workdir: Path, name: str) -> int:
     return int(sipp_counts(workdir, name).get("SuccessfulCall(C)", 0))
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def _wait_udp_answers(port: int, timeout: float = 15.0) -> None:
     """Until something on HOST:port answers an OPTIONS (the proxy is up)."""
     deadline = time.monotonic() + timeout
@@ -266,8 +255,8 @@ def measure(argv: Sequence[str], env: dict[str, str] | None, calls: int, rate: i
         return spent, successful(workdir, name), warm
     finally:
         if uas is not None:
-            _stop(uas)
-        _stop(proc)
+            stop(uas)
+        stop(proc)
         log.close()
 
 

@@ -36,13 +36,12 @@ from bench_proxy import (
     ROUTES,
     SIPP,
     _sipp,
-    _stop,
     _wait_udp_answers,
     machine_busy_seconds,
     measure,
     successful,
 )
-from benchproc import fastsip_env, free_port
+from benchproc import fastsip_env, free_port, stop
 
 CALLS = int(os.environ.get("FASTSIP_BENCH_WORKERS_CALLS", "1500"))
 RATE = int(os.environ.get("FASTSIP_BENCH_WORKERS_RATE", "150"))
@@ -131,14 +130,14 @@ def throughput(rates: tuple[int, ...] = (300, 600, 900, 1200), seconds: float = 
                         try:
                             uac.wait(seconds + 40)
                         except subprocess.TimeoutExpired:  # calls stuck past the load's end
-                            _stop(uac)
+                            stop(uac)
                         ok = successful(workdir, f"t{workers}_{rate}")
                         print(f"--workers {workers} offered {rate:5d}/s for {seconds:g} s: "
                               f"{ok}/{n} calls completed ({ok / n:4.0%}); machine busy "
                               f"{busy:.2f} of 2 cores while offered", flush=True)
-                    _stop(uas)
+                    stop(uas)
                 finally:
-                    _stop(proc)
+                    stop(proc)
                     log.close()
         finally:
             redis.stop()

@@ -1,11 +1,15 @@
 """Helpers for the benchmarks that measure another process's CPU time (bench_answer,
-bench_proxy): free ports, /proc CPU accounting, and the environment for fastsip subprocesses."""
+bench_proxy, bench_media): free ports, /proc CPU accounting, the environment for fastsip
+subprocesses, and stopping what a benchmark started."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import fastsip
 
@@ -49,3 +53,14 @@ def fastsip_env() -> dict[str, str]:
     parent = str(Path(fastsip.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([parent, *filter(None, [env.get("PYTHONPATH")])])
     return env
+
+
+def stop(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``: only the process we started."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

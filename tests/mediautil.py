@@ -23,7 +23,7 @@ from procutil import fastsip_env, free_port
 from serveutil import stop
 
 from fastsip import parse
-from fastsip.relay.bencode import decode, encode
+from fastsip.relay.bencode import as_text, decode, encode
 from fastsip.sip import Request, Response
 
 HOST = "127.0.0.1"
@@ -124,20 +124,7 @@ def ng(address: tuple[str, int], command: dict[str, Any], cookie: str | None = N
     reply = ng_raw(address, cookie.encode() + b" " + encode(command))
     got_cookie, _, body = reply.partition(b" ")
     assert got_cookie == cookie.encode(), reply[:80]
-    return _text(decode(body))
-
-
-def _text(value: Any) -> Any:
-    if isinstance(value, bytes):
-        try:
-            return value.decode()
-        except UnicodeDecodeError:
-            return value
-    if isinstance(value, list):
-        return [_text(v) for v in value]
-    if isinstance(value, dict):
-        return {_text(k): _text(v) for k, v in value.items()}
-    return value
+    return dict(as_text(decode(body)))
 
 
 def sdp(port: int, host: str = HOST, *, rtcp: int | None = None, extra: str = "") -> str:

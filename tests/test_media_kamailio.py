@@ -12,7 +12,6 @@ byte for byte as sipp sent them; the relay's ``query`` counts both directions; t
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from mediautil import (
     KAMAILIO_RTPENGINE_MODULE,
     Kamailio,
     MediaRelay,
-    Peer,
+    Phone,
     ng,
     rtp,
     sdp,
@@ -38,7 +37,7 @@ from rtp_pcap import read_udp
 from serveutil import SIPP, finish
 
 from fastsip import parse
-from fastsip.sip import Request, Response
+from fastsip.sip import Request
 
 PCAP = Path("/usr/share/sip-tester/g711a.pcap")
 DATA = Path(__file__).parent / "data"
@@ -51,52 +50,21 @@ pytestmark = [
 ]
 
 
-class Callee:
-    """A phone registered as bob with Kamailio over UDP: answers one INVITE with 200 and an SDP
-    naming its own RTP socket, ACKs nothing (it is the UAS), answers the BYE."""
+class Callee(Phone):
+    """bob, registered with Kamailio over UDP: answers one INVITE with 200 and an SDP naming
+    its own RTP socket (PCMA), sends its own packets to the relay, answers the BYE."""
 
     def __init__(self, proxy: tuple[str, int]) -> None:
-        self.proxy = proxy
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((HOST, 0))
-        self.port = self.sock.getsockname()[1]
-        self.media = Peer()
+        super().__init__("bob", proxy)
         self.invite: Request | None = None
         self.acked = False
         self.bye: Request | None = None
-
-    def register(self) -> None:
-        msg = (f"REGISTER sip:example.com SIP/2.0\r\n"
-               f"Via: SIP/2.0/UDP {HOST}:{self.port};branch=z9hG4bK-reg1\r\n"
-               "Max-Forwards: 70\r\nFrom: <sip:bob@example.com>;tag=r1\r\n"
-               "To: <sip:bob@example.com>\r\nCall-ID: reg-bob@test\r\nCSeq: 1 REGISTER\r\n"
-               f"Contact: <sip:bob@{HOST}:{self.port}>\r\nExpires: 300\r\n"
-               "Content-Length: 0\r\n\r\n").encode()
-        self.sock.settimeout(1)
-        for _ in range(5):
-            self.sock.sendto(msg, self.proxy)
-            try:
-                reply = parse(self.sock.recv(65535))
-            except TimeoutError:
-                continue
-            assert isinstance(reply, Response) and reply.status_code == 200, bytes(reply)
-            return
-        raise AssertionError("kamailio did not answer the REGISTER")
-
-    def answer(self, invite: Request) -> bytes:
-        body = sdp(self.media.port).replace("0 8 101", "8 101")
-        response = invite.reply(200, to_tag="callee1")
-        for rr in invite.headers.getall("Record-Route"):
-            response.add_header("Record-Route", rr)
-        response.add_header("Contact", f"<sip:bob@{HOST}:{self.port}>")
-        response.set_body(body.encode(), "application/sdp")
-        return bytes(response)
+        self.sent = 0
 
     def serve(self, seconds: float, send_to_relay: int = 100) -> None:
         """Run the call: answer, then send ``send_to_relay`` packets (one per 20 ms) to the
         address the offer names, collect media, answer the BYE; until BYE or ``seconds``."""
         deadline = time.monotonic() + seconds
-        ok: bytes | None = None
         sent = 0
         next_send = 0.0
         self.sock.settimeout(0.01)
@@ -109,8 +77,7 @@ class Callee:
                 msg = parse(data)
                 if isinstance(msg, Request) and msg.method == "INVITE":
                     self.invite = msg
-                    ok = self.answer(msg)
-                    self.sock.sendto(ok, addr)
+                    self.answer(msg, addr, sdp(self.media.port).replace("0 8 101", "8 101"))
                 elif isinstance(msg, Request) and msg.method == "ACK":
                     self.acked = True
                 elif isinstance(msg, Request) and msg.method == "BYE":
@@ -126,29 +93,30 @@ class Callee:
             self.media.collect(0.005)
         self.sent = sent
 
-    def close(self) -> None:
-        self.sock.close()
-        self.media.close()
+
+def _start_caller(tmp_path: Path, kamailio: Kamailio, hold_ms: int) -> subprocess.Popen[str]:
+    """sipp calls bob through Kamailio, plays g711a.pcap once answered, hangs up after
+    ``hold_ms``."""
+    scenario = tmp_path / "uac_pcap.xml"
+    scenario.write_text((DATA / "sipp" / "uac_pcap.xml").read_text()
+                        .replace("@PCAP@", str(PCAP)).replace("@HOLD_MS@", str(hold_ms)))
+    return subprocess.Popen(
+        [str(SIPP), "-sf", str(scenario), "-s", "bob", "-key", "domain", "example.com",
+         "-key", "caller", "alice", "-m", "1", "-i", HOST, "-p", str(free_port()),
+         "-mi", HOST, "-mp", str(free_port()), "-timeout", "30", "-timeout_error",
+         "-nostdin", f"{HOST}:{kamailio.port}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdin=subprocess.DEVNULL)
 
 
 def test_sipp_call_through_kamailio_carries_media_through_fastsip_media(tmp_path: Path
                                                                           ) -> None:
     sent = [p.payload[12:] for p in read_udp(PCAP)]   # RTP payloads (sipp may renumber)
-    scenario = tmp_path / "uac_pcap.xml"
-    scenario.write_text((DATA / "sipp" / "uac_pcap.xml").read_text()
-                        .replace("@PCAP@", str(PCAP)).replace("@HOLD_MS@", "8000"))
     with MediaRelay(tmp_path) as relay, Kamailio(tmp_path, relay.ng) as kamailio:
         callee = Callee((HOST, kamailio.port))
         try:
             callee.register()
-            caller_media = free_port()
-            caller = subprocess.Popen(
-                [str(SIPP), "-sf", str(scenario), "-s", "bob", "-key", "domain", "example.com",
-                 "-key", "caller", "alice", "-m", "1", "-i", HOST, "-p", str(free_port()),
-                 "-mi", HOST, "-mp", str(caller_media), "-timeout", "30", "-timeout_error",
-                 "-nostdin", f"{HOST}:{kamailio.port}"],
-                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                stdin=subprocess.DEVNULL)
+            caller = _start_caller(tmp_path, kamailio, 8000)
             callee.serve(20.0)
             out = finish(caller, 20)
             assert caller.returncode == 0, out[-2000:]
@@ -182,20 +150,11 @@ def test_sipp_call_through_kamailio_carries_media_through_fastsip_media(tmp_path
 def test_query_counts_both_directions_during_the_call(tmp_path: Path) -> None:
     """Kamailio's offer and answer set the call up; while it runs, ``query`` reports the
     packets relayed each way (sipp's 236, the callee's 100)."""
-    scenario = tmp_path / "uac_pcap.xml"
-    scenario.write_text((DATA / "sipp" / "uac_pcap.xml").read_text()
-                        .replace("@PCAP@", str(PCAP)).replace("@HOLD_MS@", "9000"))
     with MediaRelay(tmp_path) as relay, Kamailio(tmp_path, relay.ng) as kamailio:
         callee = Callee((HOST, kamailio.port))
         try:
             callee.register()
-            caller = subprocess.Popen(
-                [str(SIPP), "-sf", str(scenario), "-s", "bob", "-key", "domain", "example.com",
-                 "-key", "caller", "alice", "-m", "1", "-i", HOST, "-p", str(free_port()),
-                 "-mi", HOST, "-mp", str(free_port()), "-timeout", "30", "-nostdin",
-                 f"{HOST}:{kamailio.port}"],
-                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                stdin=subprocess.DEVNULL)
+            caller = _start_caller(tmp_path, kamailio, 9000)
             callee.serve(8.0)        # sipp's 7 s of audio are in; it hangs up at 9 s
             sent = callee.sent
             invite = callee.invite

@@ -12,25 +12,18 @@ import struct
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from netutil import needs_ipv6
 
 from fastsip.rtp import Relay, RtpPacket
 from fastsip.rtp._relay import LATCH_FIRST, LATCH_OFF, LATCH_STRICT, batched
 
 TIMEOUT = 2.0       # seconds any single wait may take
 
-
-def _has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-needs_ipv6 = pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")
 
 Addr = tuple[str, int]
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 from fastsip.errors import FastSIPError
-from fastsip.relay.bencode import BencodeError, Encodable, decode, encode
+from fastsip.relay.bencode import BencodeError, Encodable, as_text, decode, encode
 
 __all__ = ["NgClient", "NgError"]
 
@@ -107,17 +107,5 @@ class NgClient:
         if not isinstance(reply, dict):
             fut.set_exception(NgError("the relay's reply is not a dictionary"))
             return
-        fut.set_result(_text(reply))
+        fut.set_result(as_text(reply))
 
-
-def _text(value: Any) -> Any:
-    if isinstance(value, bytes):
-        try:
-            return value.decode()
-        except UnicodeDecodeError:
-            return value
-    if isinstance(value, list):
-        return [_text(v) for v in value]
-    if isinstance(value, dict):
-        return {_text(k): _text(v) for k, v in value.items()}
-    return value

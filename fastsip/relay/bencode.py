@@ -12,7 +12,7 @@ emit dictionaries unsorted.  The encoder sorts keys, as the bencode specificatio
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from fastsip.errors import FastSIPError
 
@@ -192,6 +192,21 @@ def _encode(obj: object, out: list[bytes], depth: int) -> None:
         out.append(b"e")
     else:
         raise TypeError(f"cannot bencode {type(obj).__name__}")
+
+
+def as_text(value: Any) -> Any:
+    """A decoded value with its byte strings as ``str`` where they are UTF-8 (dictionary keys
+    included), the others left as ``bytes``: how a client reads an ng reply."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return value
+    if isinstance(value, list):
+        return [as_text(v) for v in value]
+    if isinstance(value, dict):
+        return {as_text(k): as_text(v) for k, v in value.items()}
+    return value
 
 
 def encode(obj: Encodable) -> bytes:
