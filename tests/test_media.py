@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -258,4 +259,57 @@ def test_strict_source_drops_a_third_party(relay: MediaRelay) -> None:
         assert [d[12:] for d, _ in callee.got] == [b"a" * 160, b"a" * 160]
     finally:
         for p in (caller, callee, intruder):
+            p.close()
+
+
+def test_a_flooded_stream_does_not_starve_the_others(relay: MediaRelay) -> None:
+    """Graceful overload: one call's caller floods its relay port as fast as a socket sends
+    (2 s, at most 400,000 datagrams) while another call sends at 50 packets/s.  The quiet
+    call keeps flowing, and once the flood stops the flooded stream is relayed again (each
+    leg's read budget per wake-up keeps one socket from taking the loop; rtpengine stops
+    reading a socket whose queue overflowed five times)."""
+    flood_a, flood_b, quiet_a, quiet_b = Peer(), Peer(), Peer(), Peer()
+    try:
+        flood_to, _ = call(relay, flood_a, flood_b, "flood@test")
+        quiet_to, _ = call(relay, quiet_a, quiet_b, "quiet-call@test")
+        packet = rtp(1, 160, 0xF, b"f" * 160)
+        stop = time.monotonic() + 2.0
+
+        def flood() -> None:
+            sock = flood_a.rtp_sock
+            for _ in range(400_000):
+                if time.monotonic() > stop:
+                    return
+                try:
+                    sock.sendto(packet, flood_to)
+                except OSError:
+                    pass
+
+        flooder = threading.Thread(target=flood)
+        flooder.start()
+        sent = 0
+        while time.monotonic() < stop:
+            quiet_a.send(rtp(sent, sent * 160, 0xA, b"q" * 160), quiet_to)
+            sent += 1
+            quiet_b.collect(0.02)
+        flooder.join(10)
+        quiet_b.collect(1.0)
+        arrived = sum(1 for d, _ in quiet_b.got if d[12:] == b"q" * 160)
+        assert sent >= 50 and arrived >= 0.9 * sent, (arrived, sent)
+        # After the flood, the flooded stream still works.
+        flood_b.rtp_sock.setblocking(False)
+        while True:
+            try:
+                flood_b.rtp_sock.recv(65535)
+            except BlockingIOError:
+                break
+        flood_b.got.clear()
+        time.sleep(0.2)
+        for i in range(5):
+            flood_a.send(rtp(100 + i, 0, 0xF, b"after" * 32), flood_to)
+        flood_b.rtp_sock.setblocking(True)
+        flood_b.collect(3, until=5)
+        assert sum(1 for d, _ in flood_b.got if d[12:] == b"after" * 32) == 5
+    finally:
+        for p in (flood_a, flood_b, quiet_a, quiet_b):
             p.close()
