@@ -179,4 +179,79 @@ def test_a_relay_that_does_not_answer_gets_the_call_a_503(tmp_path: Path) -> Non
         alice.close()
         bob.close()
         serve.close()
-    assert "media relay: offer for call norelay@test failed" in serve.log()
+    log = serve.log()
+    assert "media relay 1: offer for call norelay@test failed" in log, log
+    assert "media relay: no relay took call norelay@test: 503" in log, log
+
+
+def _crc_index(call_id: str, n: int) -> int:
+    import zlib
+
+    return zlib.crc32(call_id.encode()) % n
+
+
+def test_a_relay_set_fails_over_and_keeps_each_call_on_its_relay(tmp_path: Path) -> None:
+    """Two relays, the first of them dead: a call whose Call-ID picks the dead one is offered
+    to the live one after it, which then gets the answer and the BYE's delete too."""
+    nobody = free_port()
+    with MediaRelay(tmp_path) as relay:
+        port = free_port()
+        serve = Serve(tmp_path, port, "--media", f"ng:{HOST}:{nobody}",
+                      "--media", f"ng:{relay.ng[0]}:{relay.ng[1]}")
+        # A Call-ID that hashes to the dead relay (index 0 of 2).
+        call_id = next(f"set-{i}@test" for i in range(100) if _crc_index(f"set-{i}@test", 2) == 0)
+        try:
+            alice, bob, offer, answer = _call(port, relay, call_id)
+            try:
+                _media_flows(alice, bob, offer, answer, relay)
+                _bye(alice, bob, answer, call_id)
+            finally:
+                alice.close()
+                bob.close()
+            deadline = time.monotonic() + 3
+            while ng(relay.ng, {"command": "query", "call-id": call_id})["result"] == "ok":
+                assert time.monotonic() < deadline, "the live relay still has the call"
+                time.sleep(0.1)
+        finally:
+            serve.close()
+    log = serve.log()
+    assert f"media relay 1: offer for call {call_id} failed" in log, log
+    assert "media offer=1 answer=1 delete=1 failed=1" in log, log[-2000:]
+
+
+def test_a_restarted_serve_keeps_anchoring_a_call_its_relay_has(tmp_path: Path) -> None:
+    """serve restarts mid-call: the re-INVITE of a call it no longer remembers is anchored
+    all the same (its relay, named by the Call-ID, says it has the call)."""
+    with MediaRelay(tmp_path) as relay:
+        port = free_port()
+        args = ("--media", f"ng:{relay.ng[0]}:{relay.ng[1]}")
+        serve = Serve(tmp_path, port, *args)
+        call_id = f"restart-{port}@test"
+        try:
+            alice, bob, offer, _ = _call(port, relay, call_id)
+        finally:
+            serve.close()
+        serve = Serve(tmp_path, port, *args)
+        try:
+            alice.register()
+            bob.register()
+            # alice puts bob on hold: a re-INVITE with a new SDP, through serve.
+            body = sdp(alice.media.port).replace("a=sendrecv", "a=sendonly")
+            reinvite = (f"INVITE sip:bob@{HOST}:{bob.port} SIP/2.0\r\n"
+                        f"Via: SIP/2.0/UDP {HOST}:{alice.port};rport;branch=z9hG4bK-re\r\n"
+                        f"Route: <sip:{HOST}:{port};lr>\r\nMax-Forwards: 70\r\n"
+                        "From: <sip:alice@example.com>;tag=caller-tag\r\n"
+                        f"To: <sip:bob@example.com>;tag=bob-tag\r\nCall-ID: {call_id}\r\n"
+                        f"CSeq: 2 INVITE\r\nContact: <sip:alice@{HOST}:{alice.port}>\r\n"
+                        f"Content-Type: application/sdp\r\nContent-Length: {len(body)}\r\n"
+                        f"\r\n{body}").encode()
+            alice.sock.sendto(reinvite, alice.proxy)
+            request, _ = bob.next_request()
+            assert request.method == "INVITE", bytes(request)
+            # bob sees the relay's port (the same as before: a re-offer keeps its ports).
+            assert sdp_address(bytes(request.body).decode()) == sdp_address(offer.decode())
+            assert "a=sendonly" in bytes(request.body).decode()
+        finally:
+            alice.close()
+            bob.close()
+            serve.close()

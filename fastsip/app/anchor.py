@@ -9,20 +9,25 @@ Kamailio's ``rtpengine`` module does in a typical configuration:
 - a 1xx/2xx with SDP to such a request is held for the ``answer`` likewise;
 - a BYE, and a final failure (>= 300, a CANCEL's 487 included) of an anchored INVITE,
   ``delete`` the call's media (nothing waits for those);
+- a re-offer in a call this process does not know (anchored by another node, or before a
+  restart) is anchored if the call's relay has it (a ``query`` first);
 - a routing handler may keep a call out of the relay: ``req.media = False`` (or ``True`` to
   insist when the default is off).
 
-A relay that does not answer (``NgClient`` retries, then gives up) gets the request a 503
-"Media Relay Unavailable": a call the operator wants anchored is not put through without its
-media.  Only the ng client waits (on the loop, as a task through ``spawn``); the core calls
+Several relays make a set: a call's relay is picked by a hash of its Call-ID (so every
+worker and every node sends a call's commands to the same relay without sharing anything),
+and a new call whose relay does not answer, or refuses (out of ports), is offered to the
+next one, which then keeps it.  A call no relay takes gets a 503 "Media Relay Unavailable":
+a call the operator wants anchored is not put through without its media.  Only the ng client waits (on the loop, as a task through ``spawn``); the core calls
 these methods synchronously and resumes the held message when the task is done.
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol
 
 from fastsip.errors import FastSIPError
@@ -66,23 +71,33 @@ def _tags(msg: Message) -> tuple[str | None, str | None]:
 class MediaAnchor:
     """The :class:`~fastsip.proxy.core.MediaHook` of ``serve --media`` (module docstring).
 
-    - ``ng``: sends ng commands (an open :class:`~fastsip.asyncio.ngclient.NgClient`).
+    - ``relays``: one sender of ng commands per relay (open
+      :class:`~fastsip.asyncio.ngclient.NgClient` s): the relay set.
     - ``spawn``: runs a coroutine as a task (``loop.create_task``).
     - ``default``: anchor calls unless a handler says ``req.media = False`` (False: only
       those a handler marks ``req.media = True``).
     - ``flags``: extra ng flags for offers and answers (e.g. ``["trust-address"]``).
     """
 
-    def __init__(self, ng: NgCommander, spawn: _Spawn, *, default: bool = True,
+    def __init__(self, relays: Sequence[NgCommander], spawn: _Spawn, *, default: bool = True,
                  flags: list[str] | None = None) -> None:
-        self.ng = ng
+        if not relays:
+            raise ValueError("MediaAnchor needs at least one relay")
+        self.relays = list(relays)
         self.spawn = spawn
         self.default = default
         self.flags = list(flags or [])
-        self._calls: OrderedDict[str, bool] = OrderedDict()
+        #: Anchored calls -> the index of their relay in ``relays``.
+        self._calls: OrderedDict[str, int] = OrderedDict()
         self._tasks: set[object] = set()
         #: Counts, for logs and the summary: offers, answers, deletes, failures.
         self.counts = {"offer": 0, "answer": 0, "delete": 0, "failed": 0}
+
+    @property
+    def in_flight(self) -> list[object]:
+        """The commands still waiting for their relay (tasks): a stopping server lets them
+        finish, so a BYE's delete is not lost to the stop."""
+        return list(self._tasks)
 
     # -- which calls -------------------------------------------------------------------------
 
@@ -92,13 +107,21 @@ class MediaAnchor:
         choice = getattr(ctx.data, "media", None)
         if choice is None:
             if _tags(request)[1] is not None:            # in a dialog: as the call began
-                return self._calls.get(call_id, False)
+                return call_id in self._calls
             choice = self.default
         return bool(choice)
 
-    def _remember(self, call_id: str) -> None:
+    def _relay_of(self, call_id: str) -> int:
+        """The call's relay: the one that took it, else the one its Call-ID hashes to (the
+        same in every worker and on every node)."""
+        index = self._calls.get(call_id)
+        if index is None:
+            index = zlib.crc32(call_id.encode("utf-8", "surrogateescape")) % len(self.relays)
+        return index
+
+    def _remember(self, call_id: str, index: int) -> None:
         calls = self._calls
-        calls[call_id] = True
+        calls[call_id] = index
         calls.move_to_end(call_id)
         while len(calls) > _MAX_CALLS:
             calls.popitem(last=False)
@@ -108,14 +131,26 @@ class MediaAnchor:
     def on_forward(self, ctx: ResponseContext, resume: Callable[[], None]) -> bool:
         request = ctx.request
         method = request.method
+        call_id = request.call_id or ""
         if method == "BYE":
-            if self._calls.pop(request.call_id or "", False):
-                self._send_delete(request)
+            # Also for a call this process never saw (another node's, or ours before a
+            # restart): its relay is the one its Call-ID names, and a delete for a call a
+            # relay does not have is harmless.
+            index = self._calls.pop(call_id, None)
+            self._send_delete(request, self._relay_of(call_id) if index is None else index)
             return False
-        if method not in _OFFER_METHODS or not _is_sdp(request) or not self._wanted(ctx):
+        if method not in _OFFER_METHODS or not _is_sdp(request):
             ctx.media = False
             return False
-        self._remember(request.call_id or "")
+        if _tags(request)[1] is not None and call_id not in self._calls \
+                and getattr(ctx.data, "media", None) is None:
+            # A re-offer in a call we do not know: anchored by another node, or by us before
+            # a restart?  Its relay knows.
+            self._start(self._adopt(ctx, resume))
+            return True
+        if not self._wanted(ctx):
+            ctx.media = False
+            return False
         self._start(self._offer(ctx, resume))
         return True
 
@@ -134,8 +169,9 @@ class MediaAnchor:
         if request.method == "INVITE" and _tags(request)[1] is None:
             # The call failed (or was cancelled): its media goes.  (A failed re-INVITE leaves
             # the call, and its media, as they were: RFC 3261 §14.1.)
-            self._calls.pop(request.call_id or "", None)
-            self._send_delete(request)
+            index = self._calls.pop(request.call_id or "", None)
+            if index is not None:
+                self._send_delete(request, index)
 
     # -- ng ----------------------------------------------------------------------------------
 
@@ -161,27 +197,52 @@ class MediaAnchor:
 
     async def _offer(self, ctx: ResponseContext, resume: Callable[[], None]) -> None:
         request = ctx.request
+        call_id = request.call_id or ""
         command = self._media_options(self._base(request, "offer"), request, ctx.source.host)
-        try:
-            reply = await self.ng.command(command)
-            sdp = _sdp_of(reply)
-        except FastSIPError as exc:
-            self.counts["failed"] += 1
-            log.warning("media relay: offer for call %s failed: %s: 503", request.call_id, exc)
-            self._calls.pop(request.call_id or "", None)
-            ctx.media = False
-            if not ctx.final_sent:
-                ctx.respond(503, "Media Relay Unavailable")
+        first = self._relay_of(call_id)
+        # A call the relays know stays on its relay; a new one may go on to the next.
+        tries = 1 if call_id in self._calls else len(self.relays)
+        for step in range(tries):
+            index = (first + step) % len(self.relays)
+            try:
+                sdp = _sdp_of(await self.relays[index].command(command))
+            except FastSIPError as exc:
+                self.counts["failed"] += 1
+                log.warning("media relay %d: offer for call %s failed: %s", index + 1,
+                            call_id, exc)
+                continue
+            self.counts["offer"] += 1
+            self._remember(call_id, index)
+            request.set_body(sdp)
+            resume()
             return
-        self.counts["offer"] += 1
-        request.set_body(sdp)
-        resume()
+        log.warning("media relay: no relay took call %s: 503", call_id)
+        self._calls.pop(call_id, None)
+        ctx.media = False
+        if not ctx.final_sent:
+            ctx.respond(503, "Media Relay Unavailable")
+
+    async def _adopt(self, ctx: ResponseContext, resume: Callable[[], None]) -> None:
+        request = ctx.request
+        call_id = request.call_id or ""
+        index = self._relay_of(call_id)
+        try:
+            known = (await self.relays[index].command(
+                {"command": "query", "call-id": call_id})).get("result") == "ok"
+        except FastSIPError:
+            known = False
+        if not known:
+            ctx.media = False            # not an anchored call: its media goes end to end
+            resume()
+            return
+        self._remember(call_id, index)
+        await self._offer(ctx, resume)
 
     async def _answer(self, ctx: ResponseContext, response: Response,
                       resume: Callable[[], None]) -> None:
         command = self._media_options(self._base(response, "answer"), response, None)
         try:
-            reply = await self.ng.command(command)
+            reply = await self.relays[self._relay_of(response.call_id or "")].command(command)
             response.set_body(_sdp_of(reply))
             self.counts["answer"] += 1
         except FastSIPError as exc:
@@ -192,12 +253,12 @@ class MediaAnchor:
                         response.call_id, exc)
         resume()
 
-    def _send_delete(self, msg: Message) -> None:
-        self._start(self._delete(self._base(msg, "delete")))
+    def _send_delete(self, msg: Message, index: int) -> None:
+        self._start(self._delete(self._base(msg, "delete"), index))
 
-    async def _delete(self, command: dict[str, Any]) -> None:
+    async def _delete(self, command: dict[str, Any], index: int) -> None:
         try:
-            await self.ng.command(command)
+            await self.relays[index].command(command)
             self.counts["delete"] += 1
         except FastSIPError as exc:
             # The relay's own timeout frees it anyway.

@@ -422,16 +422,19 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
         transactions.max_server_transactions = args.max_transactions
         transactions.max_client_transactions = args.max_transactions
         proxy.attach(transactions)
-        ng_client = anchor = None
-        if args.media is not None:
+        ng_clients = []
+        anchor = None
+        if args.media:
             from fastsip.app.anchor import MediaAnchor
             from fastsip.asyncio.ngclient import NgClient
 
-            ng_client = NgClient(*_media_address(args.media))
-            await ng_client.open()
-            anchor = MediaAnchor(ng_client, loop.create_task)
+            for spec in args.media:
+                ng_clients.append(NgClient(*_media_address(spec)))
+                await ng_clients[-1].open()
+            anchor = MediaAnchor(ng_clients, loop.create_task)
             proxy.media = anchor
-            log.info("media anchored in the relay at %s", args.media)
+            log.info("media anchored in the relay%s at %s", "s" if len(ng_clients) > 1 else "",
+                     ", ".join(args.media))
         handoff = None
         if worker is not None:
             from fastsip.asyncio.workers import HandOff
@@ -509,7 +512,11 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
             if handoff is not None:
                 handoff.close()
             await endpoint.close()
-            if ng_client is not None:
+            if anchor is not None and anchor.in_flight:
+                # The last BYEs' deletes (and any offer in flight) finish, or give up (the
+                # ng client's retries end within ~3 s; the relay's timeout frees the rest).
+                await asyncio.wait(anchor.in_flight, timeout=3.5)  # type: ignore[type-var]
+            for ng_client in ng_clients:
                 ng_client.close()
         summary = " ".join(f"{k}={v}" for k, v in sorted(serve_router.outcomes.items()))
         if dropped_lines():  # (the writer's own WARNING at exit has the final count)
@@ -625,9 +632,9 @@ def _check_operator_options(args: argparse.Namespace) -> str:
             parse_listen(spec)
         except ValueError as exc:
             return f"--listen: {exc}"
-    if args.media is not None:
+    for spec in args.media or ():
         try:
-            _media_address(args.media)
+            _media_address(spec)
         except ValueError as exc:
             return f"--media: {exc}"
     if not args.min_expires <= args.default_expires <= args.max_expires:
@@ -805,12 +812,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     nat.add_argument("--nat-ping-method", choices=["options", "crlf"], default="options",
                      help="OPTIONS (answered: dead flows are noticed) or a CRLF keep-alive "
                           "(RFC 5626; nothing comes back) (default options)")
-    p.add_argument("--media", metavar="ng:HOST:PORT",
+    p.add_argument("--media", action="append", metavar="ng:HOST:PORT",
                    help="anchor every call's media in a relay driven over rtpengine's ng "
                         "protocol ('fastsip media', or rtpengine): SDP in INVITE/UPDATE and "
                         "their answers is rewritten by it, BYE and failures free it; a routes "
-                        "handler may set req.media = False for a call (default: media goes "
-                        "end to end)")
+                        "handler may set req.media = False for a call.  Repeat for a relay "
+                        "set: a call goes to the relay its Call-ID hashes to, and to the next "
+                        "if that one fails (default: media goes end to end)")
     edge = p.add_argument_group(
         "safety at the edge",
         "Defaults suit a public address; see docs/security.md for the policy.")
