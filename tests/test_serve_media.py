@@ -255,3 +255,53 @@ def test_a_restarted_serve_keeps_anchoring_a_call_its_relay_has(tmp_path: Path) 
             alice.close()
             bob.close()
             serve.close()
+
+
+def test_a_late_offer_is_anchored_through_the_200_and_the_ack(tmp_path: Path) -> None:
+    """An INVITE without SDP: bob's 200 carries the offer, alice's ACK the answer (RFC 3261
+    §13.2.1).  Both reach the other side rewritten by the relay, and media crosses it."""
+    from fastsip import parse
+
+    with MediaRelay(tmp_path) as relay:
+        port = free_port()
+        serve = Serve(tmp_path, port, "--media", f"ng:{relay.ng[0]}:{relay.ng[1]}")
+        alice = Phone("alice", (HOST, port))
+        bob = Phone("bob", (HOST, port))
+        call_id = f"late-{port}@test"
+        try:
+            alice.register()
+            bob.register()
+            invite = alice.invite("bob", call_id, "").replace(
+                b"Content-Type: application/sdp\r\n", b"")
+            alice.sock.sendto(invite, alice.proxy)
+            request, via = bob.next_request()
+            assert request.method == "INVITE" and request.content_length == 0
+            bob.answer(request, via, sdp(bob.media.port))
+            alice.sock.settimeout(5)
+            while True:
+                ok = parse(alice.sock.recv(65535))
+                if isinstance(ok, Response) and ok.status_code >= 200:
+                    break
+            offer = bytes(ok.body)
+            assert ok.status_code == 200 and sdp_address(offer.decode())[1] != bob.media.port
+            body = sdp(alice.media.port)
+            ack = (f"ACK sip:bob@{HOST}:{bob.port} SIP/2.0\r\n"
+                   f"Via: SIP/2.0/UDP {HOST}:{alice.port};rport;branch=z9hG4bK-ack-late\r\n"
+                   f"Route: <sip:{HOST}:{port};lr>\r\nMax-Forwards: 70\r\n"
+                   "From: <sip:alice@example.com>;tag=caller-tag\r\n"
+                   f"To: <sip:bob@example.com>;tag=bob-tag\r\nCall-ID: {call_id}\r\n"
+                   "CSeq: 1 ACK\r\nContent-Type: application/sdp\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n{body}").encode()
+            alice.sock.sendto(ack, alice.proxy)
+            got, _ = bob.next_request()
+            assert got.method == "ACK", bytes(got)
+            answer = bytes(got.body)
+            assert sdp_address(answer.decode())[1] != alice.media.port, answer
+            # answer: what bob got (where bob sends); offer: what alice got (where she sends).
+            _media_flows(alice, bob, answer, offer, relay)
+        finally:
+            alice.close()
+            bob.close()
+            serve.close()
+    log = serve.log()
+    assert "media offer=1 answer=1" in log, log[-1500:]

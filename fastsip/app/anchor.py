@@ -9,6 +9,8 @@ Kamailio's ``rtpengine`` module does in a typical configuration:
 - a 1xx/2xx with SDP to such a request is held for the ``answer`` likewise;
 - a BYE, and a final failure (>= 300, a CANCEL's 487 included) of an anchored INVITE,
   ``delete`` the call's media (nothing waits for those);
+- the late offer: an INVITE without SDP is anchored when its 1xx/2xx brings the offer (the
+  callee offers) and the ACK the answer;
 - a re-offer in a call this process does not know (anchored by another node, or before a
   restart) is anchored if the call's relay has it (a ``query`` first);
 - a routing handler may keep a call out of the relay: ``req.media = False`` (or ``True`` to
@@ -33,12 +35,15 @@ from typing import Any, Protocol
 from fastsip.errors import FastSIPError
 from fastsip.proxy.core import ResponseContext
 from fastsip.sip import Message, Response
+from fastsip.sip import Request as SipRequest
 
 __all__ = ["MediaAnchor", "NgCommander"]
 
 log = logging.getLogger("fastsip.app.media")
 
 _OFFER_METHODS = frozenset({"INVITE", "UPDATE"})
+#: ``ctx.media`` of an INVITE sent on without SDP: its answers will carry the offer.
+_LATE = "late"
 #: rtpengine's options for a proxy in front of phones: the SDP's o= and c= name the relay
 #: (replace-origin, replace-session-connection), as Kamailio's configurations ask.
 _REPLACE = ["origin", "session-connection"]
@@ -90,6 +95,8 @@ class MediaAnchor:
         #: Anchored calls -> the index of their relay in ``relays``.
         self._calls: OrderedDict[str, int] = OrderedDict()
         self._tasks: set[object] = set()
+        #: Calls whose offer came in a 1xx/2xx: the ACK brings the answer.
+        self._awaiting_ack: set[str] = set()
         #: Counts, for logs and the summary: offers, answers, deletes, failures.
         self.counts = {"offer": 0, "answer": 0, "delete": 0, "failed": 0}
 
@@ -139,6 +146,10 @@ class MediaAnchor:
             index = self._calls.pop(call_id, None)
             self._send_delete(request, self._relay_of(call_id) if index is None else index)
             return False
+        if method == "INVITE" and request.content_length == 0 and _tags(request)[1] is None \
+                and self._wanted(ctx):
+            ctx.media = _LATE             # the offer will come in an answer (late offer)
+            return False
         if method not in _OFFER_METHODS or not _is_sdp(request):
             ctx.media = False
             return False
@@ -156,14 +167,26 @@ class MediaAnchor:
 
     def on_response(self, ctx: ResponseContext, response: Response,
                     resume: Callable[[], None]) -> bool:
-        if ctx.media is not True or ctx.request.method not in _OFFER_METHODS \
-                or not _is_sdp(response):
+        if not _is_sdp(response) or ctx.request.method not in _OFFER_METHODS:
             return False
-        self._start(self._answer(ctx, response, resume))
+        if ctx.media is True:
+            self._start(self._answer(ctx, response, resume))
+            return True
+        if ctx.media == _LATE:
+            self._start(self._late_offer(ctx, response, resume))
+            return True
+        return False
+
+    def on_ack(self, request: SipRequest, resume: Callable[[], None]) -> bool:
+        call_id = request.call_id or ""
+        if call_id not in self._awaiting_ack or not _is_sdp(request):
+            return False
+        self._awaiting_ack.discard(call_id)
+        self._start(self._late_answer(request, resume))
         return True
 
     def on_final(self, ctx: ResponseContext, response: Response) -> None:
-        if ctx.media is not True or response.status_code < 300:
+        if ctx.media not in (True, _LATE) or response.status_code < 300:
             return
         request = ctx.request
         if request.method == "INVITE" and _tags(request)[1] is None:
@@ -221,6 +244,51 @@ class MediaAnchor:
         ctx.media = False
         if not ctx.final_sent:
             ctx.respond(503, "Media Relay Unavailable")
+
+    async def _late_offer(self, ctx: ResponseContext, response: Response,
+                          resume: Callable[[], None]) -> None:
+        # The callee offers: in ng terms the offer is *from* its tag (the response's To tag)
+        # to the caller's.  The relay is the call's (a new call may move on to the next).
+        call_id = response.call_id or ""
+        from_tag, to_tag = _tags(response)
+        command: dict[str, Any] = {"command": "offer", "call-id": call_id,
+                                   "from-tag": to_tag or "", "to-tag": from_tag or ""}
+        self._media_options(command, response, None)
+        first = self._relay_of(call_id)
+        tries = 1 if call_id in self._calls else len(self.relays)
+        for step in range(tries):
+            index = (first + step) % len(self.relays)
+            try:
+                sdp = _sdp_of(await self.relays[index].command(command))
+            except FastSIPError as exc:
+                self.counts["failed"] += 1
+                log.warning("media relay %d: late offer for call %s failed: %s", index + 1,
+                            call_id, exc)
+                continue
+            self.counts["offer"] += 1
+            self._remember(call_id, index)
+            if response.status_code >= 200:
+                self._awaiting_ack.add(call_id)
+            response.set_body(sdp)
+            break
+        # (No relay took it: the callee's offer goes on unchanged, the call unanchored; the
+        # 2xx cannot be refused any more.)
+        resume()
+
+    async def _late_answer(self, request: SipRequest, resume: Callable[[], None]) -> None:
+        call_id = request.call_id or ""
+        from_tag, to_tag = _tags(request)
+        command: dict[str, Any] = {"command": "answer", "call-id": call_id,
+                                   "from-tag": to_tag or "", "to-tag": from_tag or ""}
+        self._media_options(command, request, None)
+        try:
+            request.set_body(_sdp_of(await self.relays[self._relay_of(call_id)].command(command)))
+            self.counts["answer"] += 1
+        except FastSIPError as exc:
+            self.counts["failed"] += 1
+            log.warning("media relay: late answer for call %s failed: %s: passed on unchanged",
+                        call_id, exc)
+        resume()
 
     async def _adopt(self, ctx: ResponseContext, resume: Callable[[], None]) -> None:
         request = ctx.request

@@ -210,6 +210,10 @@ class MediaHook(Protocol):
         """The first final response went upstream for ``ctx`` (a failure ends the call's
         media; a 2xx does not)."""
 
+    def on_ack(self, request: Request, resume: Callable[[], None]) -> bool:
+        """An ACK for a 2xx is about to be forwarded (it may carry the answer of a late
+        offer).  True: held until ``resume()``."""
+
 
 def _stateless_branch(request: Request) -> str:
     """§16.11: the branch a stateless proxy puts in its Via is a function of the received
@@ -1195,6 +1199,10 @@ class Proxy:
     def _forward_ack(self, request: Request, source: Address) -> None:
         if not request.route and self.is_local(request.uri):
             return  # an ACK for us: we never send 2xx to INVITE, so nothing to do
+        media = self.media
+        if media is not None and media.on_ack(
+                request, lambda: self._forward_stateless(request, Target(), source)):
+            return
         self._forward_stateless(request, Target(), source)
 
     def on_stray_response(self, response: Response, source: Address) -> None:
