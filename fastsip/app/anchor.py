@@ -218,12 +218,10 @@ class MediaAnchor:
             out["received-from"] = ["IP6" if ":" in source_host else "IP4", source_host]
         return out
 
-    async def _offer(self, ctx: ResponseContext, resume: Callable[[], None]) -> None:
-        request = ctx.request
-        call_id = request.call_id or ""
-        command = self._media_options(self._base(request, "offer"), request, ctx.source.host)
+    async def _place_offer(self, call_id: str, command: dict[str, Any]) -> bytes | None:
+        """Send an offer to the call's relay (a new call may go on to the next, which then
+        keeps it); the relay's SDP, or None when no relay took it."""
         first = self._relay_of(call_id)
-        # A call the relays know stays on its relay; a new one may go on to the next.
         tries = 1 if call_id in self._calls else len(self.relays)
         for step in range(tries):
             index = (first + step) % len(self.relays)
@@ -236,6 +234,15 @@ class MediaAnchor:
                 continue
             self.counts["offer"] += 1
             self._remember(call_id, index)
+            return sdp
+        return None
+
+    async def _offer(self, ctx: ResponseContext, resume: Callable[[], None]) -> None:
+        request = ctx.request
+        call_id = request.call_id or ""
+        command = self._media_options(self._base(request, "offer"), request, ctx.source.host)
+        sdp = await self._place_offer(call_id, command)
+        if sdp is not None:
             request.set_body(sdp)
             resume()
             return
@@ -248,29 +255,16 @@ class MediaAnchor:
     async def _late_offer(self, ctx: ResponseContext, response: Response,
                           resume: Callable[[], None]) -> None:
         # The callee offers: in ng terms the offer is *from* its tag (the response's To tag)
-        # to the caller's.  The relay is the call's (a new call may move on to the next).
+        # to the caller's.
         call_id = response.call_id or ""
         from_tag, to_tag = _tags(response)
         command: dict[str, Any] = {"command": "offer", "call-id": call_id,
                                    "from-tag": to_tag or "", "to-tag": from_tag or ""}
-        self._media_options(command, response, None)
-        first = self._relay_of(call_id)
-        tries = 1 if call_id in self._calls else len(self.relays)
-        for step in range(tries):
-            index = (first + step) % len(self.relays)
-            try:
-                sdp = _sdp_of(await self.relays[index].command(command))
-            except FastSIPError as exc:
-                self.counts["failed"] += 1
-                log.warning("media relay %d: late offer for call %s failed: %s", index + 1,
-                            call_id, exc)
-                continue
-            self.counts["offer"] += 1
-            self._remember(call_id, index)
+        sdp = await self._place_offer(call_id, self._media_options(command, response, None))
+        if sdp is not None:
             if response.status_code >= 200:
                 self._awaiting_ack.add(call_id)
             response.set_body(sdp)
-            break
         # (No relay took it: the callee's offer goes on unchanged, the call unanchored; the
         # 2xx cannot be refused any more.)
         resume()
