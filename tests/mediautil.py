@@ -301,6 +301,14 @@ class Phone:
                 self.inbox.append(msg)
         raise AssertionError(f"no final response to {data[:60]!r}")
 
+    def final_response(self, timeout: float = 5.0) -> Response:
+        """The next final response that reaches this phone (provisionals skipped)."""
+        self.sock.settimeout(timeout)
+        while True:
+            msg = parse(self.sock.recv(65535))
+            if isinstance(msg, Response) and msg.status_code >= 200:
+                return msg
+
     def register(self) -> None:
         ok = self.transact((self._headers(
             "REGISTER", f"sip:{self.domain}", f"reg-{self.user}@test",
