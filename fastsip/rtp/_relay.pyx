@@ -187,7 +187,9 @@ cdef extern from *:
     #define FS_POLLSET 0
     #define FS_POLL_MAX 256
     static int fs_pollset_new(void) { return -1; }
-    static int fs_pollset_add(int ps, int fd, void *ptr) { (void)ps; (void)fd; (void)ptr; return -1; }
+    static int fs_pollset_add(int ps, int fd, void *ptr) {
+        (void)ps; (void)fd; (void)ptr; return -1;
+    }
     static int fs_pollset_del(int ps, int fd) { (void)ps; (void)fd; return -1; }
     static int fs_pollset_ready(int ps, void **ready) { (void)ps; (void)ready; return -1; }
     static void fs_pollset_close(int ps) { (void)ps; }
