@@ -115,3 +115,41 @@ def test_dockerfile_builds_in_two_stages_and_runs_unprivileged() -> None:
     assert user and user[-1] not in ("root", "0")
     runtime = text[text.rindex("FROM"):]
     assert "gcc" not in runtime          # no compiler in the runtime image
+
+
+WITHOUT_NUMPY = r"""
+import sys
+sys.modules["numpy"] = None          # `import numpy` now raises ImportError, as if not installed
+import fastsip.cli, fastsip.app.serve, fastsip.app.media, fastsip.app.anchor
+from fastsip.rtp import (JitterBuffer, Packetizer, Relay, RtpPacket, RtpStats, TelephoneEvent,
+                         parse_rtcp, ulaw_encode)
+packets = Packetizer(0, ptime=0.02).packetize(b"\xff" * 320)
+assert len(packets) == 2
+stats, jb = RtpStats(8000), JitterBuffer(8000, 0.02)
+for i, p in enumerate(packets):
+    again = RtpPacket.parse(bytes(p))
+    stats.update(again, i * 0.02)
+    jb.put(again, i * 0.02)
+try:
+    ulaw_encode(b"\0\0" * 160)
+except ImportError as exc:
+    assert "fastsip[numpy]" in str(exc), exc
+else:
+    raise AssertionError("G.711 arrays without NumPy")
+print("ok")
+"""
+
+
+def test_proxy_relay_and_rtp_packets_need_no_numpy() -> None:
+    # numpy is the `numpy` extra: a proxy-only install must import and run without it, and
+    # an array API used without it says what to install.
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_NUMPY], capture_output=True,
+                          text=True, timeout=60, cwd=Path(__file__).parent)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_serve_does_not_load_numpy() -> None:
+    proc = subprocess.run([sys.executable, "-c", "import sys, fastsip.cli, fastsip.app.serve, "
+                           "fastsip.app.media; print('numpy' in sys.modules)"],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent)
+    assert proc.stdout.strip() == "False", proc.stderr[-2000:]

@@ -7,7 +7,7 @@ a 256-entry table; the tables are computed at import from the ITU algorithm, so 
 transcribed by hand.  Linear samples are 16-bit signed (the codecs use the top 14 / 13 bits).
 """
 
-import numpy
+from fastsip.rtp._numpy import numpy_module
 
 cdef unsigned char _ULAW_ENC[65536]
 cdef unsigned char _ALAW_ENC[65536]
@@ -84,6 +84,7 @@ _build_tables()
 
 
 cdef object _as_int16(samples):
+    numpy = numpy_module()
     if isinstance(samples, (bytes, bytearray, memoryview)):
         return numpy.frombuffer(samples, dtype=numpy.int16)
     arr = numpy.ascontiguousarray(samples)
@@ -93,6 +94,7 @@ cdef object _as_int16(samples):
 
 
 cdef object _as_uint8(codes):
+    numpy = numpy_module()
     if isinstance(codes, (bytes, bytearray, memoryview)):
         return numpy.frombuffer(codes, dtype=numpy.uint8)
     arr = numpy.ascontiguousarray(codes)
@@ -102,6 +104,7 @@ cdef object _as_uint8(codes):
 
 
 cdef object _encode(const unsigned char* table, samples, out):
+    numpy = numpy_module()
     arr = _as_int16(samples)
     cdef const unsigned short[::1] src = arr.view(numpy.uint16)
     cdef Py_ssize_t i, n = src.shape[0]
@@ -117,6 +120,7 @@ cdef object _encode(const unsigned char* table, samples, out):
 
 
 cdef object _decode(const short* table, codes, out):
+    numpy = numpy_module()
     arr = _as_uint8(codes)
     cdef const unsigned char[::1] src = arr
     cdef Py_ssize_t i, n = src.shape[0]

@@ -19,7 +19,7 @@ from fastsip.rtp._packet cimport RtpPacket
 
 import enum
 
-import numpy
+from fastsip.rtp._numpy import numpy_module
 
 
 class FrameKind(enum.IntEnum):
@@ -494,6 +494,7 @@ cdef class JitterBuffer:
         ``index`` is the input row played in that slot (-1 for MISSING/EMPTY).  With ``drain``,
         slots continue after the last arrival until the buffer is empty.
         """
+        numpy = numpy_module()
         cdef const unsigned short[:] seq = numpy.ascontiguousarray(sequence_numbers,
                                                                    dtype=numpy.uint16)
         cdef const unsigned int[:] tss = numpy.ascontiguousarray(timestamps, dtype=numpy.uint32)

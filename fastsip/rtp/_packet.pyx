@@ -12,7 +12,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.string cimport memcpy, memset
 
-import numpy
+from fastsip.rtp._numpy import numpy_module
 
 from fastsip.rtp.errors import RtpError
 
@@ -407,6 +407,7 @@ class RtpBatch:
                  "ssrc", "csrc_count", "payload_offset", "payload_length")
 
     def __init__(self, Py_ssize_t n):
+        numpy = numpy_module()
         self.valid = numpy.empty(n, dtype=numpy.bool_)
         self.error = numpy.empty(n, dtype=numpy.uint8)
         self.payload_type = numpy.empty(n, dtype=numpy.uint8)
@@ -462,10 +463,10 @@ def parse_batch(datagrams):
     cdef Py_buffer view
     cdef const unsigned char* p
     batch = RtpBatch(n)
-    cdef unsigned char[:] valid = batch.valid.view(numpy.uint8)
+    cdef unsigned char[:] valid = batch.valid.view("u1")
     cdef unsigned char[:] error = batch.error
     cdef unsigned char[:] pt = batch.payload_type
-    cdef unsigned char[:] marker = batch.marker.view(numpy.uint8)
+    cdef unsigned char[:] marker = batch.marker.view("u1")
     cdef unsigned short[:] seq = batch.sequence_number
     cdef unsigned int[:] ts = batch.timestamp
     cdef unsigned int[:] ssrc = batch.ssrc
@@ -493,10 +494,10 @@ def parse_batch_buffer(const unsigned char[:] buffer, const long long[:] offsets
     if lengths.shape[0] != n:
         raise ValueError("offsets and lengths differ in length")
     batch = RtpBatch(n)
-    cdef unsigned char[:] valid = batch.valid.view(numpy.uint8)
+    cdef unsigned char[:] valid = batch.valid.view("u1")
     cdef unsigned char[:] error = batch.error
     cdef unsigned char[:] pt = batch.payload_type
-    cdef unsigned char[:] marker = batch.marker.view(numpy.uint8)
+    cdef unsigned char[:] marker = batch.marker.view("u1")
     cdef unsigned short[:] seq = batch.sequence_number
     cdef unsigned int[:] ts = batch.timestamp
     cdef unsigned int[:] ssrc = batch.ssrc

@@ -11,7 +11,7 @@ from libc.math cimport fabs
 
 from fastsip.rtp._packet cimport RtpPacket
 
-import numpy
+from fastsip.rtp._numpy import numpy_module
 
 DEF RTP_SEQ_MOD = 65536
 
@@ -142,6 +142,7 @@ cdef class RtpStats:
         """:meth:`update_fields` over NumPy columns (e.g. from ``parse_batch``), in C.
 
         Returns how many packets A.1 counted."""
+        numpy = numpy_module()
         cdef const unsigned short[:] seq = numpy.ascontiguousarray(sequence_numbers,
                                                                    dtype=numpy.uint16)
         cdef const unsigned int[:] ts = numpy.ascontiguousarray(timestamps, dtype=numpy.uint32)

@@ -9,10 +9,9 @@ turns jitter-buffer frames back into a continuous byte stream, concealing MISSIN
 from __future__ import annotations
 
 import secrets
+import sys
 from collections.abc import Iterable
 from typing import Any
-
-import numpy as np
 
 from fastsip.rtp._jitter import Frame, FrameKind
 from fastsip.rtp._packet import RtpPacket
@@ -20,7 +19,9 @@ from fastsip.rtp.events import TelephoneEvent
 
 
 def _as_bytes(audio: Any, sample_width: int) -> bytes:
-    if isinstance(audio, np.ndarray):
+    # An array can only be one if NumPy is loaded: no import for the bytes case.
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(audio, np.ndarray):
         if audio.dtype.itemsize != sample_width:
             raise TypeError(f"{audio.dtype} samples do not match sample_width={sample_width}")
         if sample_width > 1:
