@@ -27,7 +27,7 @@ def _as_bytes(audio: Any, sample_width: int) -> bytes:
         if sample_width > 1:
             # RTP audio payloads are in network byte order (RFC 3551 §4.5.11 for L16)
             audio = audio.astype(audio.dtype.newbyteorder(">"), copy=False)
-        return np.ascontiguousarray(audio).tobytes()
+        return bytes(np.ascontiguousarray(audio).tobytes())
     return bytes(audio)
 
 
