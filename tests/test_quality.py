@@ -242,8 +242,9 @@ def test_lossy_loopback_matches_tshark(tmp_path: Path) -> None:
             assert ts.packets == rec.packets == count - len(s.drops)
             # Jitter: RFC 3550 A.8 in both; tshark's mean is over the per-packet estimates.
             assert rec.jitter_ms_max > 0.5, "the relay's delays must show as jitter"
-            assert rec.jitter_ms_max == pytest.approx(ts.max_jitter, rel=0.01, abs=0.1)
-            assert rec.jitter_ms_mean == pytest.approx(ts.mean_jitter, rel=0.01, abs=0.1)
+            # Within 1 % (tshark prints 3 decimals: allow its rounding when the value is tiny).
+            assert rec.jitter_ms_max == pytest.approx(ts.max_jitter, rel=0.01, abs=0.0015)
+            assert rec.jitter_ms_mean == pytest.approx(ts.mean_jitter, rel=0.01, abs=0.0015)
             assert sum(sample.lost for sample in rec.series) == rec.lost
         # More loss, lower MOS (delay and codec are the same for the three).
         assert records[0].mos > records[1].mos > records[2].mos

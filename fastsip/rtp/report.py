@@ -123,8 +123,14 @@ def plot_report(records: Sequence[QualityRecord], path: str | os.PathLike[str]) 
             seconds = [s.second for s in rec.series]
             label = f"{rec.call_id} {rec.direction}"
             ax_jitter.plot(seconds, [s.jitter_ms for s in rec.series], label=label)
-            ax_loss.step(seconds, [s.lost for s in rec.series], where="post", label=label)
+            # Each second's loss is drawn across that second (a closing edge after the last).
+            lost = [s.lost for s in rec.series]
+            if seconds:
+                ax_loss.step([*seconds, seconds[-1] + 1], [*lost, lost[-1]], where="post",
+                             label=label)
         ax_jitter.set_ylabel("jitter (ms)")
+        ax_jitter.set_ylim(bottom=0)
+        ax_loss.set_ylim(bottom=0)
         ax_loss.set_ylabel("packets lost / s")
         ax_loss.set_xlabel("time since the first packet (s)")
         ax_jitter.set_title("call quality")
