@@ -382,6 +382,19 @@ def test_round_trip_and_remote_report() -> None:
         meter.record("c", "both")
 
 
+def test_remote_loss_without_our_count() -> None:
+    # No packets_sent: the loss between reports over the sequence numbers between them.
+    meter = QualityMeter()
+    meter.on_remote_report(0, 2, 8, 70_000)
+    meter.on_remote_report(10, 6, 8, 70_200)
+    assert meter.record("c", "tx").loss_pct == pytest.approx(100 * 4 / 200)
+    # Nor sequence numbers: the mean of the reports' fractions (1/256 units).
+    meter = QualityMeter()
+    meter.on_remote_report(64, 2, 8)
+    meter.on_remote_report(0, 2, 8)
+    assert meter.record("c", "tx").loss_pct == pytest.approx(12.5)
+
+
 def test_late_discards_lower_the_rating() -> None:
     meter = meter_of(list(range(1000)))
     clean = meter.record("c", "rx")

@@ -357,7 +357,9 @@ class QualityMeter:
         self._remote_reports = 0
         self._remote_fraction_sum = 0
         self._remote_cumulative = 0
-        self._remote_highest: int | None = None
+        # (extended highest sequence, cumulative lost) of the first and the latest report
+        self._remote_first: tuple[int, int] | None = None
+        self._remote_last: tuple[int, int] | None = None
         self._remote_jitter_sum = 0.0
         self._remote_jitter_max = 0.0
         self._remote_sent: int | None = None
@@ -520,12 +522,17 @@ class QualityMeter:
 
         ``fraction_lost`` is in 1/256 units, ``jitter_ts_units`` in timestamp units.  Give
         ``packets_sent`` (our sender's count when the report arrived) for an exact loss
-        percentage, and ``now`` (same clock as arrival times) to place it in the series."""
+        percentage -- without it, the extended highest sequence numbers of successive reports
+        give the loss between them -- and ``now`` (same clock as arrival times) to place the
+        report in the series."""
         self._remote_reports += 1
         self._remote_fraction_sum += fraction_lost
         self._remote_cumulative = cumulative_lost
         if extended_highest_sequence is not None:
-            self._remote_highest = extended_highest_sequence
+            point = (extended_highest_sequence, cumulative_lost)
+            if self._remote_first is None:
+                self._remote_first = point
+            self._remote_last = point
         if packets_sent is not None:
             self._remote_sent = packets_sent
         jitter_ms = jitter_ts_units * 1000.0 / self.clock_rate
@@ -600,11 +607,17 @@ class QualityMeter:
     def _record_tx(self, call_id: str, discarded: int) -> QualityRecord:
         lost = max(0, self._remote_cumulative)
         n = self._remote_reports
+        first, last = self._remote_first, self._remote_last
         if self._remote_sent:
             expected = max(self._remote_sent, lost)
             loss_pct = 100.0 * lost / expected
+        elif first is not None and last is not None and last[0] > first[0]:
+            # Without our own count: the loss between the first and the latest report, over the
+            # packets the far end expected in between (both fields are cumulative).
+            expected = 0
+            loss_pct = 100.0 * max(0, last[1] - first[1]) / (last[0] - first[0])
         else:
-            # Without our own count the reports' interval fractions are the best estimate.
+            # Failing that, the reports' interval fractions are the best estimate.
             expected = 0
             loss_pct = 100.0 * self._remote_fraction_sum / 256.0 / n if n else 0.0
         delay_ms, r, mos = self._rate(min(100.0, loss_pct), 1.0, n > 0)
