@@ -355,6 +355,15 @@ def test_series_per_second() -> None:
     assert [s.second for s in rec.series] == [0, 1, 2]
     assert [s.lost for s in rec.series] == [2, 1, 1]
     assert [s.packets for s in rec.series] == [48, 49, 49]
+    # 30 ms packets: 33 1/3 per second, binned by media time without drift.
+    meter = QualityMeter(ptime=0.03)
+    for seq in range(1000):
+        if seq % 10 != 3:
+            meter.on_packet(seq, 240 * seq, seq * 0.03)
+    rec = meter.record("c", "rx")
+    assert len(rec.series) == 30
+    assert sum(s.lost for s in rec.series) == rec.lost == 100
+    assert [s.lost for s in rec.series[:3]] == [4, 3, 3]     # seqs 3..33, 43..63, 73..93
 
 
 def test_round_trip_and_remote_report() -> None:
