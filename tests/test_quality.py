@@ -316,6 +316,8 @@ def test_stray_jump_is_ignored_and_restart_is_followed() -> None:
         t += 0.02
     rec = meter.record("c", "rx")
     assert (rec.expected, rec.lost) == (30, 1)
+    assert meter.ignored == 1               # only the stray packet
+    assert rec.packets == 29
 
 
 def test_jitter_follows_rfc3550_a8() -> None:

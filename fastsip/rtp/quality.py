@@ -393,6 +393,7 @@ class QualityMeter:
                 pending = self._pending_jump
                 if pending is not None and ((seq - pending[0]) & 0xFFFF) == 1:
                     self._open_segment(pending[0], second)
+                    self.ignored -= 1       # it was not stray after all
                     self._mark(self._anchor + _REORDER_MARGIN, pending[1])
                     self._count_arrival(pending[1], None)
                 else:
