@@ -114,7 +114,8 @@ def invites_received(message_file: Path) -> set[int]:
     """The call numbers (sipp's Call-ID is ``NUMBER-PID@HOST``) of the INVITEs in a sipp
     -trace_msg file that were received."""
     numbers = set()
-    for block in message_file.read_text().split("----------------------------------------------- ")[1:]:
+    separator = "----------------------------------------------- "
+    for block in message_file.read_text().split(separator)[1:]:
         _, _, rest = block.partition("\n")
         head, _, body = rest.partition("\n")
         body = body.lstrip()

@@ -156,12 +156,19 @@ def _hint(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _syntax_error(path: Path, exc: tomllib.TOMLDecodeError) -> ConfigError:
+def _syntax_error(path: Path, text: str, exc: tomllib.TOMLDecodeError) -> ConfigError:
+    """The parser's error as one line with the file and line (tomllib puts them at the end of
+    its message: "(at line 3, column 9)", "(at end of document)")."""
     message = str(exc)
     found = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
-    line = getattr(exc, "lineno", 0) or (int(found.group(1)) if found else 0)
     if found:
+        line = int(found.group(1))
         message = message[:found.start()] + f" (column {found.group(2)})"
+    elif message.endswith("(at end of document)"):
+        line = text.count("\n") + 1
+        message = message.removesuffix(" (at end of document)") + " (at the end of the file)"
+    else:
+        line = int(getattr(exc, "lineno", 0) or 0)
     return ConfigError(f"TOML syntax error: {message}", path, line)
 
 
@@ -177,7 +184,7 @@ def load(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise _syntax_error(path, exc) from None
+        raise _syntax_error(path, text, exc) from None
     for name in data:
         if name != SECTION:
             raise ConfigError(f"unknown table or key {name!r}: the options go in a "
