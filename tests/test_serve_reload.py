@@ -10,6 +10,7 @@
   error, a TOML syntax error, a missing credentials file.  A changed ``listen`` is logged as
   needing a restart and serving goes on; ``log_level`` changes at once.
 - A changed credentials file: the new password works, the old one no longer.
+- ``--workers 2``: SIGHUP to the supervisor reloads every worker.
 
 Skipped without sipp where sipp is used (Debian: ``apt-get install sip-tester``).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -318,3 +320,38 @@ def test_reload_credentials(workdir: Path) -> None:
         assert register_with("new-secret", "reg4") == 0, serve.log()[-2000:]
     finally:
         assert serve.close() == 0
+
+
+@pytest.mark.skipif(not shutil.which("redis-server"), reason="no redis-server (workers share "
+                    "a Redis location store)")
+def test_workers_reload_on_the_supervisors_sighup(workdir: Path) -> None:
+    from redisutil import RedisServer
+
+    from fastsip.asyncio.workers import reuse_port_supported
+    from fastsip.transport.rules import call_id_shard
+
+    if not reuse_port_supported():
+        pytest.skip("needs Linux SO_REUSEPORT")
+    redis = RedisServer(workdir / "redis")
+    port = free_port()
+    routes = workdir / "routes.py"
+    routes.write_text(reply_routes(480, "Old Routes"))
+    # Call-IDs owned by each worker (crc32(Call-ID) % 2), so both must have reloaded.
+    ids = [f"w{n}" for n in range(40)]
+    by_worker = {w: [i for i in ids if call_id_shard(f"{i}@{HOST}", 2) == w][:2] for w in (0, 1)}
+    assert all(len(v) == 2 for v in by_worker.values())
+    serve = Serve(workdir, port, "--workers", "2", "--db", redis.url, "--routes", str(routes))
+    try:
+        for call_ids in by_worker.values():
+            assert [invite(port, "bob", i + "a") for i in call_ids] == [480, 480]
+        write(routes, reply_routes(486, "New Routes"))
+        serve.proc.send_signal(signal.SIGHUP)     # to the supervisor only
+        deadline = time.monotonic() + 10
+        while serve.log().count("reloaded") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert serve.log().count("reloaded") == 2, serve.log()[-3000:]
+        for call_ids in by_worker.values():
+            assert [invite(port, "bob", i) for i in call_ids] == [486, 486]
+    finally:
+        assert serve.close() == 0
+        redis.stop()
