@@ -355,3 +355,48 @@ def test_workers_reload_on_the_supervisors_sighup(workdir: Path) -> None:
     finally:
         assert serve.close() == 0
         redis.stop()
+
+
+def test_sighup_while_starting_and_a_slow_reload(workdir: Path) -> None:
+    """A SIGHUP while serve starts does not kill it (SIGHUP's default action): it reloads
+    once serving.  The reload imports the routes module off the event loop: while a slow
+    module loads, requests are still answered."""
+    from procutil import fastsip_env
+
+    port = free_port()
+    marker = workdir / "importing"
+    routes = workdir / "routes.py"
+    routes.write_text(f"import pathlib, time\npathlib.Path({str(marker)!r}).touch()\n"
+                      "time.sleep(1.5)\n" + reply_routes(480, "Slow Routes"))
+    log_path = workdir / "serve.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fastsip.cli", "serve", "--listen", f"udp:{HOST}:{port}",
+             "--domain", DOMAIN, "--routes", str(routes), "--grace", "1"],
+            cwd=workdir, env=fastsip_env(), stdout=subprocess.PIPE, stderr=log_file,
+            stdin=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert marker.exists()
+        marker.unlink()
+        proc.send_signal(signal.SIGHUP)          # serve is importing the routes: starting
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("listening on")
+        # The reload runs now, importing the module again (1.5 s): serve answers meanwhile.
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert marker.exists(), log_path.read_text()
+        started = time.monotonic()
+        assert invite(port, "bob", "during") == 480
+        assert time.monotonic() - started < 1.0
+        while "reloaded" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "reloaded" in log_path.read_text()
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -442,8 +442,10 @@ class LiveReload:
         # (the proxy's own rule for "is this host us", as its constructor applies it)
         from fastsip.proxy.core import _canonical_host
 
+        # (the running domains: a change to them takes a restart, the registrar has them)
         self.proxy.aliases = {_canonical_host(a) for a in
-                              [*(values.get("domain") or ()), *(values.get("alias") or ())]}
+                              [*(settings.current.get("domain") or ()),
+                               *(values.get("alias") or ())]}
         level = values.get("log_level")
         if isinstance(level, str):
             logging.getLogger().setLevel(getattr(logging, level.upper()))

@@ -274,8 +274,32 @@ async def run(args: argparse.Namespace, settings: ServeSettings | None = None) -
     config file and command line, for reloads (default: the command line's ``args``)."""
     # The shell turns the stop signals into an event, from the start: a service manager's
     # SIGTERM while we start up is a clean stop too.
-    with StopSignals() as stop:
-        return await _serve(args, stop, settings)
+    # SIGHUP too: one during start-up must not kill us (its default action); it reloads as
+    # soon as we serve.
+    hook = _ReloadHook()
+    with StopSignals() as stop, ReloadSignals(hook):
+        return await _serve(args, stop, settings, hook)
+
+
+class _ReloadHook:
+    """What a reload signal does: nothing yet while serve starts (it is remembered and done
+    once serving), then ``handler`` (the reload, or the supervisor's forwarding)."""
+
+    def __init__(self) -> None:
+        self.handler: Callable[[int], None] | None = None
+        self.pending: int | None = None
+
+    def __call__(self, signum: int) -> None:
+        if self.handler is None:
+            self.pending = signum
+        else:
+            self.handler(signum)
+
+    def serve(self, handler: Callable[[int], None]) -> None:
+        self.handler = handler
+        if self.pending is not None:
+            signum, self.pending = self.pending, None
+            handler(signum)
 
 
 async def _exit(status: int) -> int:
@@ -306,7 +330,7 @@ def _starter(parser: argparse.ArgumentParser
     return start
 
 
-async def _supervise(args: argparse.Namespace, stop: asyncio.Event) -> int:
+async def _supervise(args: argparse.Namespace, stop: asyncio.Event, hook: _ReloadHook) -> int:
     """``--workers N``: start N serve processes on the same addresses and watch them
     (:mod:`fastsip.asyncio.workers` says how a call finds its worker)."""
     from fastsip.asyncio.workers import Supervisor, addresses_taken
@@ -333,8 +357,8 @@ async def _supervise(args: argparse.Namespace, stop: asyncio.Event) -> int:
                 with contextlib.suppress(ProcessLookupError):
                     w.proc.send_signal(signum)
 
-    with ReloadSignals(forward):
-        return await supervisor.run(stop)
+    hook.serve(forward)
+    return await supervisor.run(stop)
 
 
 def _workers_problem(args: argparse.Namespace) -> str:
@@ -361,7 +385,8 @@ def _workers_problem(args: argparse.Namespace) -> str:
 
 
 async def _serve(args: argparse.Namespace, stop: asyncio.Event,
-                 settings: ServeSettings | None = None) -> int:
+                 settings: ServeSettings | None = None, hook: _ReloadHook | None = None) -> int:
+    hook = hook if hook is not None else _ReloadHook()
     from fastsip.app import Router, load_routes
     from fastsip.asyncio import Endpoint, ListenError, open_store
     from fastsip.asyncio.stores import redact
@@ -389,7 +414,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event,
                         "processes (SO_REUSEPORT): running one", args.workers)
             args.workers = 1
         elif args.worker_index is None:
-            return await _supervise(args, stop)
+            return await _supervise(args, stop, hook)
     worker = args.worker_index if args.workers > 1 else None
     try:
         routes = load_routes(args.routes) if args.routes else None
@@ -558,15 +583,15 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event,
                  args.min_expires, args.max_expires, args.default_expires)
         log.info("nat keep_alive=%s", f"{args.nat_ping_method}/{args.nat_ping_interval:g}s,"
                  f"failures={args.nat_ping_failures}" if args.nat_ping_interval > 0 else "off")
-        reloads = _reloads(args, settings, proxy=proxy, router=router, guard=guard,
+        reload = _reloader(args, settings, proxy=proxy, router=router, guard=guard,
                            layer=transactions, make_router=make_router,
                            make_authenticator=make_authenticator, use_router=serve_router.use)
         logqueue.flush()  # the start-up lines are out before we say we are up
         for listener in endpoint.listeners:
             print(f"listening on {listener.address}", flush=True)
         try:
-            with reloads:
-                await stop.wait()
+            hook.serve(reload)
+            await stop.wait()
             # Drain: refuse new initial requests, let the ones in flight (and the dialogs'
             # BYEs and ACKs) finish, for --grace seconds at most.
             serve_router.draining = True
@@ -616,8 +641,8 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event,
         await store.close()
 
 
-def _reloads(args: argparse.Namespace, settings: ServeSettings | None,
-             **live: Any) -> ReloadSignals:
+def _reloader(args: argparse.Namespace, settings: ServeSettings | None,
+              **live: Any) -> Callable[[int], None]:
     """SIGHUP reads the config file (and the routes and credentials files) again and swaps in
     what changed (:class:`fastsip.app.config.LiveReload`).  The files are read off the loop;
     a reload that fails changes nothing and says why in one line; signals that arrive during
@@ -658,7 +683,7 @@ def _reloads(args: argparse.Namespace, settings: ServeSettings | None,
         tasks.add(task := loop.create_task(reload_once()))
         task.add_done_callback(tasks.discard)
 
-    return ReloadSignals(on_signal)
+    return on_signal
 
 
 def _tls_contexts(args: argparse.Namespace, listen: list[str]
