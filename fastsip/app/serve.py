@@ -13,6 +13,10 @@ or Ctrl-C.  Then it drains: new initial requests get ``503`` with ``Retry-After`
 transactions in flight finish (``--grace`` seconds at most), and the store is closed, so a
 SQLite store keeps every binding for the next start.
 
+``--config fastsip.toml`` takes the options from a TOML file (the command line wins), and
+SIGHUP reloads the routes module, the credentials, the trusted networks, the aliases and the
+log level without touching requests in flight (:mod:`fastsip.app.config`, ``docs/config.md``).
+
 Every initial request gets one log line on ``fastsip.app.serve`` at INFO when its final
 response has gone upstream, as ``key=value`` fields a log shipper can split::
 
