@@ -390,7 +390,6 @@ def _workers_problem(args: argparse.Namespace) -> str:
 
 async def _serve(args: argparse.Namespace, stop: asyncio.Event,
                  settings: ServeSettings | None = None, hook: _ReloadHook | None = None) -> int:
-    hook = hook if hook is not None else _ReloadHook()
     from fastsip.app import Router, load_routes
     from fastsip.asyncio import Endpoint, ListenError, open_store
     from fastsip.asyncio.stores import redact
@@ -400,6 +399,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event,
     from fastsip.proxy.nat import NatKeeper
     from fastsip.transaction import TimerConfig
 
+    hook = hook if hook is not None else _ReloadHook()
     listen = args.listen or list(DEFAULT_LISTEN)
     args.listen = listen
     problem = _check_operator_options(args)
