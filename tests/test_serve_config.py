@@ -181,3 +181,15 @@ def test_config_error_is_a_value_error() -> None:
     error = ConfigError("must be > 0: 0", "f.toml", 3, "workers")
     assert isinstance(error, ValueError)
     assert str(error) == "f.toml:3: workers: must be > 0: 0"
+
+
+def test_explicit_options_are_what_the_command_line_gave() -> None:
+    from fastsip.app.config import explicit_options
+
+    parser = serve_parser()
+    given = explicit_options(parser, ["--config", "f.toml", "--log-l", "debug",
+                                      "--listen", "udp:127.0.0.1:5060", "--grace=5",
+                                      "--tls-verify-client"])
+    assert given == {"config", "log_level", "listen", "grace", "tls_verify_client"}
+    # (the parser's defaults are back afterwards)
+    assert parser.parse_args([]).grace == 5.0 and parser.parse_args([]).listen is None

@@ -10,6 +10,7 @@
   error, a TOML syntax error, a missing credentials file.  A changed ``listen`` is logged as
   needing a restart and serving goes on; ``log_level`` changes at once.
 - A changed credentials file: the new password works, the old one no longer.
+- ``trusted`` and ``alias`` change at once (the relay policy, "is this host us").
 - ``--workers 2``: SIGHUP to the supervisor reloads every worker.
 
 Skipped without sipp where sipp is used (Debian: ``apt-get install sip-tester``).
@@ -21,6 +22,7 @@ import csv
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +32,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from netutil import needs_loopback_aliases
 from procutil import free_port
 from serveutil import (
     DOMAIN,
@@ -400,3 +403,41 @@ def test_sighup_while_starting_and_a_slow_reload(workdir: Path) -> None:
         assert proc.wait(15) == 0
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@needs_loopback_aliases
+def test_reload_trusted_and_alias(workdir: Path) -> None:
+    """``trusted`` and ``alias`` change at once: a foreign destination refused to an untrusted
+    source is relayed once the source is trusted; a host that was foreign is ours once it is
+    an alias."""
+    port = free_port()
+    config = workdir / "fastsip.toml"
+    base = f'[serve]\nlisten = ["udp:{HOST}:{port}"]\ndomain = ["{DOMAIN}"]\ngrace = 1\n'
+    config.write_text(base)
+    serve = Serve(workdir, port, command=[sys.executable, "-m", "fastsip.cli", "serve",
+                                          "--config", str(config)])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        peer.bind(("127.0.0.2", 0))
+        peer.settimeout(5)
+        foreign = f"sip:bob@127.0.0.2:{peer.getsockname()[1]}"
+        try:
+            # Not ours, from an untrusted source: no relay.
+            assert final_status(sip_exchange(port, request("INVITE", foreign,
+                                                           call_id="t1"))) == 403
+            # pbx.example.net is another domain: also refused.
+            alias_uri = "sip:bob@pbx.example.net"
+            assert final_status(sip_exchange(port, request("INVITE", alias_uri,
+                                                           call_id="a1"))) == 403
+            config.write_text(base + f'trusted = ["{HOST}/32"]\nalias = ["pbx.example.net"]\n')
+            line = reload(serve, "reloaded")
+            assert f"trusted={HOST}/32" in line and "aliases=pbx.example.net" in line, line
+            # Trusted now: relayed to the foreign destination.
+            sip_exchange(port, request("INVITE", foreign, call_id="t2"), want_final=False,
+                         timeout=1)
+            relayed = peer.recv(65535).decode()
+            assert relayed.startswith(f"INVITE {foreign} SIP/2.0"), relayed
+            # An alias now: ours, and nobody is registered there.
+            assert final_status(sip_exchange(port, request("INVITE", alias_uri,
+                                                           call_id="a2"))) == 404
+        finally:
+            assert serve.close() == 0
