@@ -171,6 +171,12 @@ class Request:
         #: server's default; a handler sets False to let a call's media go end to end.
         self.media: bool | None = None
 
+    @property
+    def router(self) -> Router:
+        """The Router that took this request (``fastsip serve`` sends its failure and response
+        hooks there: a reload does not change the routes of a request in flight)."""
+        return self._router
+
     # -- who is asking -----------------------------------------------------------------------
 
     @property

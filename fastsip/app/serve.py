@@ -13,6 +13,10 @@ or Ctrl-C.  Then it drains: new initial requests get ``503`` with ``Retry-After`
 transactions in flight finish (``--grace`` seconds at most), and the store is closed, so a
 SQLite store keeps every binding for the next start.
 
+``--config fastsip.toml`` takes the options from a TOML file (the command line wins), and
+SIGHUP reloads the routes module, the credentials, the trusted networks, the aliases and the
+log level without touching requests in flight (:mod:`fastsip.app.config`, ``docs/config.md``).
+
 Every initial request gets one log line on ``fastsip.app.serve`` at INFO when its final
 response has gone upstream, as ``key=value`` fields a log shipper can split::
 
@@ -46,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -53,17 +58,18 @@ import re
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastsip.app import logqueue
 from fastsip.app.logqueue import DEFAULT_MAX_QUEUED, direct_emitter, dropped_lines
-from fastsip.asyncio.runner import LOOPS, StopSignals, loop_name
+from fastsip.asyncio.runner import LOOPS, ReloadSignals, StopSignals, loop_name
 
 if TYPE_CHECKING:
     import ssl
 
+    from fastsip.app.config import ServeSettings
     from fastsip.proxy.core import Proxy, ProxyContext, ResponseContext
     from fastsip.sip import Response
 
@@ -184,10 +190,28 @@ class ServeRouter:
         self.inner.on_request(ctx)
 
     def on_failure(self, ctx: ResponseContext, best: Response) -> bool:
-        return bool(self.inner.on_failure(ctx, best))
+        return bool(self._owner(ctx).on_failure(ctx, best))
 
     def on_response(self, ctx: ResponseContext, response: Response) -> None:
-        self.inner.on_response(ctx, response)
+        self._owner(ctx).on_response(ctx, response)
+
+    def _owner(self, ctx: ResponseContext) -> Any:
+        """The Router that took the request: after a reload (SIGHUP) a request in flight keeps
+        the routes and authenticator it started with."""
+        owner = getattr(ctx.data, "router", None)
+        return owner if owner is not None else self.inner
+
+    def use(self, inner: Any) -> None:
+        """Route new requests with ``inner`` (a reload); the log level may have changed too.
+        (A response hook that appears or goes with the reload takes a restart: the proxy
+        asked ``wants_responses`` once.)"""
+        if bool(getattr(inner, "wants_responses", False)) != self.wants_responses:
+            log.warning("reload: the routes %s a response hook: that takes a restart",
+                        "add" if not self.wants_responses else "remove")
+        self.inner = inner
+        self.in_dialog = bool(getattr(inner, "in_dialog", False))
+        self._track = log.isEnabledFor(logging.INFO)
+        self._emit = direct_emitter(log, logging.INFO)
 
     def on_final(self, ctx: ResponseContext, response: Response) -> None:
         entry = self.pending.pop(id(ctx), None)
@@ -249,15 +273,68 @@ def _default_realm(args: argparse.Namespace) -> str:
     return parse_listen(args.listen[0])[1].strip("[]")
 
 
-async def run(args: argparse.Namespace) -> int:
-    """Run the server until SIGTERM/SIGINT; returns the exit status."""
+async def run(args: argparse.Namespace, settings: ServeSettings | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the exit status.  ``settings``: the
+    config file and command line, for reloads (default: the command line's ``args``)."""
     # The shell turns the stop signals into an event, from the start: a service manager's
     # SIGTERM while we start up is a clean stop too.
-    with StopSignals() as stop:
-        return await _serve(args, stop)
+    # SIGHUP too: one during start-up must not kill us (its default action); it reloads as
+    # soon as we serve.
+    hook = _ReloadHook()
+    with StopSignals() as stop, ReloadSignals(hook):
+        return await _serve(args, stop, settings, hook)
 
 
-async def _supervise(args: argparse.Namespace, stop: asyncio.Event) -> int:
+class _ReloadHook:
+    """What a reload signal does: nothing yet while serve starts (it is remembered and done
+    once serving), then ``handler`` (the reload, or the supervisor's forwarding)."""
+
+    def __init__(self) -> None:
+        self.handler: Callable[[int], None] | None = None
+        self.pending: int | None = None
+
+    def __call__(self, signum: int) -> None:
+        if self.handler is None:
+            self.pending = signum
+        else:
+            self.handler(signum)
+
+    def serve(self, handler: Callable[[int], None]) -> None:
+        self.handler = handler
+        if self.pending is not None:
+            signum, self.pending = self.pending, None
+            handler(signum)
+
+
+async def _exit(status: int) -> int:
+    return status
+
+
+def _starter(parser: argparse.ArgumentParser
+             ) -> Callable[[argparse.Namespace], Coroutine[Any, Any, int]]:
+    """serve's ``func``: applies ``--config`` to the arguments before the CLI reads the ones
+    it uses itself (``--loop``: it calls ``func`` first), then gives the coroutine to run."""
+
+    def start(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
+        from fastsip.app.config import ConfigError, ServeSettings
+
+        try:
+            settings = ServeSettings.from_args(args, parser, getattr(args, "argv", None))
+        except ConfigError as exc:
+            _fail(str(exc))
+            return _exit(EXIT_USAGE)
+        if args.config:
+            # The CLI set up logging from the command line before the file was read.
+            logging.getLogger().setLevel(getattr(logging, args.log_level.upper()))
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler, logqueue.QueueLogHandler):
+                    handler.max_queued = args.log_queue
+        return run(args, settings)
+
+    return start
+
+
+async def _supervise(args: argparse.Namespace, stop: asyncio.Event, hook: _ReloadHook) -> int:
     """``--workers N``: start N serve processes on the same addresses and watch them
     (:mod:`fastsip.asyncio.workers` says how a call finds its worker)."""
     from fastsip.asyncio.workers import Supervisor, addresses_taken
@@ -276,6 +353,15 @@ async def _supervise(args: argparse.Namespace, stop: asyncio.Event) -> int:
     logqueue.flush()
     supervisor = Supervisor(worker_argv, args.workers, len(args.listen),
                             stop_timeout=args.grace + 10.0)
+
+    def forward(signum: int) -> None:
+        """SIGHUP: every worker reads the configuration again (each logs its own result)."""
+        for w in supervisor.workers:
+            if w.proc is not None and w.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.send_signal(signum)
+
+    hook.serve(forward)
     return await supervisor.run(stop)
 
 
@@ -302,7 +388,8 @@ def _workers_problem(args: argparse.Namespace) -> str:
     return ""
 
 
-async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
+async def _serve(args: argparse.Namespace, stop: asyncio.Event,
+                 settings: ServeSettings | None = None, hook: _ReloadHook | None = None) -> int:
     from fastsip.app import Router, load_routes
     from fastsip.asyncio import Endpoint, ListenError, open_store
     from fastsip.asyncio.stores import redact
@@ -312,6 +399,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     from fastsip.proxy.nat import NatKeeper
     from fastsip.transaction import TimerConfig
 
+    hook = hook if hook is not None else _ReloadHook()
     listen = args.listen or list(DEFAULT_LISTEN)
     args.listen = listen
     problem = _check_operator_options(args)
@@ -330,7 +418,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
                         "processes (SO_REUSEPORT): running one", args.workers)
             args.workers = 1
         elif args.worker_index is None:
-            return await _supervise(args, stop)
+            return await _supervise(args, stop, hook)
     worker = args.worker_index if args.workers > 1 else None
     try:
         routes = load_routes(args.routes) if args.routes else None
@@ -353,19 +441,24 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
         trusted=trusted,
     )
     authenticator = None
-    if args.auth_users:
+
+    def make_authenticator(credentials: Any) -> Any:
         from fastsip.asyncio.workers import NONCE_SECRET_ENV
-        from fastsip.proxy.auth import Credentials, DigestAuthenticator
+        from fastsip.proxy.auth import DigestAuthenticator
+
+        # MD5 first: many deployed clients (sipp 3.6, baresip 1.0) answer only the first
+        # challenge and know only MD5; SHA-256 is offered too, for those that prefer it.
+        algorithms = args.auth_algorithm or ["MD5", "SHA-256"]
+        return DigestAuthenticator(
+            _default_realm(args), credentials, algorithms=algorithms,
+            # Workers share the supervisor's secret (a nonce from one is good at another).
+            secret=os.environ.get(NONCE_SECRET_ENV) if worker is not None else None)
+
+    if args.auth_users:
+        from fastsip.proxy.auth import Credentials
 
         try:
-            credentials = Credentials.from_file(args.auth_users)
-            # MD5 first: many deployed clients (sipp 3.6, baresip 1.0) answer only the first
-            # challenge and know only MD5; SHA-256 is offered too, for those that prefer it.
-            algorithms = args.auth_algorithm or ["MD5", "SHA-256"]
-            authenticator = DigestAuthenticator(
-                _default_realm(args), credentials, algorithms=algorithms,
-                # Workers share the supervisor's secret (a nonce from one is good at another).
-                secret=os.environ.get(NONCE_SECRET_ENV) if worker is not None else None)
+            authenticator = make_authenticator(Credentials.from_file(args.auth_users))
         except (OSError, ValueError) as exc:
             _fail(f"--auth-users {args.auth_users}: {exc}")
             return EXIT_USAGE
@@ -390,9 +483,13 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     try:
         registrar = Registrar(store, domains=args.domain or (), **_registrar_limits(args),
                               flow_timer=int(args.nat_ping_interval) or None)
-        router = Router(routes, registrar=registrar, authenticator=authenticator,
-                        spawn=loop.create_task, max_concurrency=args.max_concurrency,
-                        guard=guard, monotonic=loop.time)
+
+        def make_router(routes: Any, authenticator: Any) -> Router:
+            return Router(routes, registrar=registrar, authenticator=authenticator,
+                          spawn=loop.create_task, max_concurrency=args.max_concurrency,
+                          guard=guard, monotonic=loop.time)
+
+        router = make_router(routes, authenticator)
         serve_router = ServeRouter(router)
         proxy = Proxy(serve_router, aliases=[*(args.domain or ()), *(args.alias or ())],
                       trusted=trusted, max_pending=args.max_transactions,
@@ -490,10 +587,14 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
                  args.min_expires, args.max_expires, args.default_expires)
         log.info("nat keep_alive=%s", f"{args.nat_ping_method}/{args.nat_ping_interval:g}s,"
                  f"failures={args.nat_ping_failures}" if args.nat_ping_interval > 0 else "off")
+        reload = _reloader(args, settings, proxy=proxy, router=router, guard=guard,
+                           layer=transactions, make_router=make_router,
+                           make_authenticator=make_authenticator, use_router=serve_router.use)
         logqueue.flush()  # the start-up lines are out before we say we are up
         for listener in endpoint.listeners:
             print(f"listening on {listener.address}", flush=True)
         try:
+            hook.serve(reload)
             await stop.wait()
             # Drain: refuse new initial requests, let the ones in flight (and the dialogs'
             # BYEs and ACKs) finish, for --grace seconds at most.
@@ -542,6 +643,51 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     finally:
         # The writes in flight commit before the file closes: a REGISTER answered 200 stays.
         await store.close()
+
+
+def _reloader(args: argparse.Namespace, settings: ServeSettings | None,
+              **live: Any) -> Callable[[int], None]:
+    """SIGHUP reads the config file (and the routes and credentials files) again and swaps in
+    what changed (:class:`fastsip.app.config.LiveReload`).  The files are read off the loop;
+    a reload that fails changes nothing and says why in one line; signals that arrive during
+    a reload run one more reload after it."""
+    from fastsip.app.config import ConfigError, LiveReload, ServeSettings
+
+    if settings is None:  # run() without a command line: no file, the same paths again
+        parser = add_parser(argparse.ArgumentParser().add_subparsers())
+        settings = ServeSettings(parser, None, (), args)
+    reload = LiveReload(settings, routes_error=_routes_error, **live)
+    loop = asyncio.get_running_loop()
+    state = {"running": False, "again": False}
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def reload_once() -> None:
+        state["running"] = True
+        try:
+            while True:
+                state["again"] = False
+                try:
+                    prepared = await loop.run_in_executor(None, reload.prepare)
+                except ConfigError as exc:
+                    reload.failed += 1
+                    log.error("reload failed, keeping the running configuration: %s", exc)
+                else:
+                    reload.apply(prepared)
+                if not state["again"]:
+                    break
+        except Exception:  # a bug here must not stop the server: say it, keep serving
+            log.exception("reload failed, keeping the running configuration")
+        finally:
+            state["running"] = False
+
+    def on_signal(signum: int) -> None:
+        if state["running"]:
+            state["again"] = True
+            return
+        tasks.add(task := loop.create_task(reload_once()))
+        task.add_done_callback(tasks.discard)
+
+    return on_signal
 
 
 def _tls_contexts(args: argparse.Namespace, listen: list[str]
@@ -883,5 +1029,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "counted (a stalled stderr must not stall serving; default 100000)")
     p.add_argument("--loop", choices=LOOPS, default="auto",
                    help="event loop: uvloop when installed (auto), or plain asyncio")
-    p.set_defaults(func=run)
+    from fastsip.app.config import add_option
+
+    add_option(p)
+    p.set_defaults(func=_starter(p))
     return p
