@@ -85,6 +85,7 @@ def flood(port: int, method: str, source: str, workdir: Path) -> dict[str, objec
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc for RSS")
 def test_flood_is_banned_while_calls_from_elsewhere_complete(tmp_path: Path) -> None:
     workdir = tmp_path

@@ -61,6 +61,11 @@ NO_RATE_LIMIT = ("--serve-arg=--rate-limit", "--serve-arg=0", "--serve-arg=--ban
                  "--serve-arg=0")
 
 
+#: The 20,000-datagram run behind these tests takes ~40 s: a stress test (``-m "not slow"``, as
+#: the wheel builds run, leaves it out; the CI script runs it).
+slow_fuzz = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def fuzz(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     workdir = tmp_path_factory.mktemp("fuzz")
@@ -86,6 +91,7 @@ def _show(cases: list[dict[str, Any]], n: int = 5) -> str:
 # -- the fuzz run ----------------------------------------------------------------------------
 
 
+@slow_fuzz
 def test_fuzz_run_covers_what_it_claims(fuzz: dict[str, Any]) -> None:
     """The harness did what the numbers in this module say, and its templates mean what
     their names say (pristine cases get the answers default routing gives): otherwise every
@@ -117,6 +123,7 @@ def test_fuzz_run_covers_what_it_claims(fuzz: dict[str, Any]) -> None:
     assert fuzz["outcomes"].get("udp:forwarded-to-sink", 0) > 100
 
 
+@slow_fuzz
 def test_probe_from_another_socket_always_gets_200(fuzz: dict[str, Any]) -> None:
     probes = fuzz["probes"]
     assert len(probes) >= CI_DATAGRAMS // 400
@@ -125,17 +132,20 @@ def test_probe_from_another_socket_always_gets_200(fuzz: dict[str, Any]) -> None
     assert max(p["latency"] for p in probes) < 2.0
 
 
+@slow_fuzz
 def test_acks_and_responses_get_no_answer(fuzz: dict[str, Any]) -> None:
     """§17: an ACK is never answered; a response is never answered."""
     bad = fuzz["answered_but_must_not"]
     assert not bad, _show(bad)
 
 
+@slow_fuzz
 def test_no_error_or_traceback_in_serve_log(fuzz: dict[str, Any]) -> None:
     assert fuzz["exit_status"] == 0
     assert not fuzz["log"]["errors"], fuzz["log"]["groups"]
 
 
+@slow_fuzz
 def test_messages_serve_sends_over_tcp_stay_framed(fuzz: dict[str, Any]) -> None:
     """A request serve forwards to a user registered over one of the harness's TCP streams
     arrives framed: a body it relayed from a datagram without Content-Length must not be read
@@ -145,6 +155,7 @@ def test_messages_serve_sends_over_tcp_stay_framed(fuzz: dict[str, Any]) -> None
     assert not bad, bad
 
 
+@slow_fuzz
 def test_every_answerable_request_is_answered(fuzz: dict[str, Any]) -> None:
     """Every request with a Request-Line and usable Via/From/To/Call-ID/CSeq got a final
     response (after three retransmissions, so a datagram lost in a socket buffer does not
@@ -153,18 +164,21 @@ def test_every_answerable_request_is_answered(fuzz: dict[str, Any]) -> None:
     assert not missing, f"{len(missing)} unanswered:\n{_show(missing)}"
 
 
+@slow_fuzz
 def test_rss_stops_growing_once_traffic_stops(fuzz: dict[str, Any]) -> None:
     settle = [kb for _, kb, phase in fuzz["rss"] if phase == "settle"]
     assert len(settle) >= 10
     assert max(settle) - settle[0] <= RSS_SETTLE_SLACK_KB, settle
 
 
+@slow_fuzz
 def test_rss_growth_is_bounded(fuzz: dict[str, Any]) -> None:
     idle = [kb for _, kb, phase in fuzz["rss"] if phase == "idle"]
     final = fuzz["rss"][-1][1]
     assert final - idle[-1] <= RSS_GROWTH_BOUND_KB, (idle[-1], final)
 
 
+@slow_fuzz
 def test_what_reaches_the_sink_is_recorded(fuzz: dict[str, Any]) -> None:
     """Recorded, not asserted: how many forwarded requests carried a mutation that *may*
     make them refusable (the harness cannot tell a still-valid mutated URI from a broken

@@ -59,7 +59,7 @@ def uac_counts(tmp_path: Path, name: str) -> dict[str, int]:
     return {k: int(last[k]) for k in ("SuccessfulCall(C)", "FailedCall(C)")}
 
 
-@pytest.mark.parametrize("lost", [0, 5])
+@pytest.mark.parametrize("lost", [0, pytest.param(5, marks=pytest.mark.slow)])
 def test_calls_from_one_socket_spread_over_workers_and_all_complete(
         tmp_path: Path, redis: RedisServer, lost: int) -> None:
     calls = 600
@@ -89,6 +89,7 @@ def test_calls_from_one_socket_spread_over_workers_and_all_complete(
     assert "Traceback" not in log
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_only_its_calls_fail(tmp_path: Path,
                                                                redis: RedisServer) -> None:
     calls, rate = 1500, 100
