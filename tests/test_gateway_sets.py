@@ -237,7 +237,7 @@ def test_serve_gateway_set_shares_fails_and_recovers(tmp_path: Path) -> None:
         finish(gw1, 5)  # type: ignore[arg-type]
         killed = time.monotonic()
         wait_for(serve, rf"gateway sip:{HOST}:{p1} of set pstn is inactive", 10)
-        assert time.monotonic() - killed >= 1.0         # not before the threshold
+        assert time.monotonic() - killed >= 0.9         # 3 probes: two intervals at least
         run_uac(tmp_path, "uac2", serve.port, "+15551234567", CALLS, rate=20)
         assert successful(tmp_path, "uac2") == CALLS, serve.log()[-3000:]
         assert calls_by_gateway(tmp_path / "uac2.msg") == Counter({p2: CALLS})
@@ -251,6 +251,7 @@ def test_serve_gateway_set_shares_fails_and_recovers(tmp_path: Path) -> None:
         shared = calls_by_gateway(tmp_path / "uac3.msg")
         assert shared[p1] >= 5 and shared[p2] >= 5, shared
         assert re.search(r"WARNING.*inactive", serve.log())
+        assert "Traceback" not in serve.log()
     finally:
         serve.close()
         for gw in gateways:
