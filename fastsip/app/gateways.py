@@ -402,4 +402,25 @@ def start_gateway_sets(args: argparse.Namespace, router: Any, proxy: object,
     for gs in router.gateway_sets.values():
         log.info("gateway set %s: %s", gs.name, ", ".join(
             f"{g.uri} (weight {g.weight}, priority {g.priority})" for g in gs.gateways))
-    return shell
+    if router.gateway_sets:
+        log.info("gateway probes interval=%gs failures=%d recover=%d alive=%s",
+                 prober.interval, prober.threshold, prober.recover,
+                 ",".join(map(str, sorted(args.gateway_probe_codes)))
+                 if args.gateway_probe_codes else "any")
+    return _Running(shell, router)
+
+
+class _Running:
+    """The probing as ``serve`` holds it: ``stop()`` ends it and logs each gateway's state
+    and counters (the stop summary, like the other subsystems')."""
+
+    def __init__(self, shell: Any, router: Any) -> None:
+        self.shell = shell
+        self.router = router
+
+    def stop(self) -> None:
+        self.shell.stop()
+        for gs in self.router.gateway_sets.values():
+            log.info("gateway set %s unavailable=%d %s", gs.name, gs.unavailable, " ".join(
+                f"{g.uri}={g.state},probes={g.probes_sent},answered={g.probes_answered}"
+                for g in gs.gateways))
