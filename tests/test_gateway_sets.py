@@ -175,6 +175,27 @@ def test_relay_to_set_obeys_the_relay_policy(tmp_path: Path) -> None:
     assert ctx.responses == [403] and not ctx.forwarded
 
 
+def test_a_set_built_by_the_routes_is_remembered(tmp_path: Path) -> None:
+    (tmp_path / "routes.py").write_text('''
+from fastsip.app import route
+from fastsip.app.gateways import GatewaySet
+
+PSTN = GatewaySet("carrier", ["sip:gw9.example.net;weight=2"])
+
+
+@route
+def initial(req):
+    return req.relay_to_set(PSTN)
+''')
+    router = Router(load_routes(tmp_path / "routes.py"), trusted=TRUSTED)
+    assert router.gateway_sets == {}
+    ctx = decide(router, make_request("INVITE", "sip:+15551234567@example.com"))
+    assert ctx.uris() == ["sip:+15551234567@gw9.example.net"]
+    assert list(router.gateway_sets) == ["carrier"]       # probed from now on (serve)
+    ctx = decide(router, make_request("INVITE", "sip:+15551234567@example.com", n=2))
+    assert ctx.uris() == ["sip:+15551234567@gw9.example.net"]
+
+
 # -- fastsip serve with two sipp gateways ------------------------------------------------------
 
 needs_sipp = pytest.mark.skipif(SIPP is None, reason="sipp (sip-tester) is not installed")

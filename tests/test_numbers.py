@@ -79,6 +79,20 @@ def test_router_exports_the_helper() -> None:
     assert exported is normalize_e164
 
 
+def test_request_number_in_routes() -> None:
+    from fastsip.app.router import Request as RoutingRequest
+
+    router = Router(trusted=TRUSTED)
+    seen: list[str | None] = []
+    for n, uri in enumerate(("tel:+44-20-7946-0000", "sip:020-7946-0000@example.com;user=phone",
+                             f"sip:bob@{DOMAIN}"), start=1):
+        ctx = decide(router, sip("INVITE", uri, n=n))
+        req = ctx.data
+        assert isinstance(req, RoutingRequest)
+        seen.append(req.number(country_code="44", national_prefix="0"))
+    assert seen == ["+442079460000", "+442079460000", None]
+
+
 # -- RFC 3325 helpers ----------------------------------------------------------------------------
 
 PAI = "P-Asserted-Identity: <sip:+442079460000@example.com>"

@@ -249,6 +249,17 @@ class Request:
         frm = self.ctx.request.from_
         return frm is not None and frm.uri is not None and self._router.is_ours(frm.uri)
 
+    def number(self, country_code: str | None = None, national_prefix: str | None = None
+               ) -> str | None:
+        """The Request-URI as an E.164 number (``+`` and digits) -- a ``tel:`` URI, or a SIP
+        URI's user part (``user=phone`` or not) -- or None when it is not a telephone number
+        (a user name, a short code).  :func:`~fastsip.app.numbers.normalize_e164` says how;
+        ``country_code`` and ``national_prefix`` give the national rule."""
+        try:
+            return normalize_e164(self.ctx.request.uri, country_code, national_prefix)
+        except ValueError:
+            return None
+
     # -- decisions ---------------------------------------------------------------------------
 
     def relay(self, to: str | URI | None = None, *, route: Sequence[str] = (),
