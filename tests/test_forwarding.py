@@ -300,3 +300,70 @@ def test_serve_redirect_server(tmp_path: Path) -> None:
         assert lines[-1].startswith("SIP/2.0 404"), lines
     finally:
         serve.close()
+
+
+# -- the ring timeout, with exact times (the proxy core over a simulated network) -----------------
+
+
+def ring_timeout_net(ring_timeout: float, b2_policy: Any = None) -> tuple[Any, Any, Any]:
+    """Alice calls through the proxy; the routes relay to b1 with ``ring_timeout`` and, on
+    the first failure, to b2 (a Phone that answers, or follows ``b2_policy``)."""
+    from test_proxy import call_via_proxy, ring, setup
+    from test_proxy_net import Phone, Raw
+
+    from fastsip.app import Router, Routes
+
+    def initial(req: Any) -> Any:
+        req.trusted = True
+        return req.relay(to="sip:b1@127.0.0.1:5081", ring_timeout=ring_timeout)
+
+    def failure(req: Any, response: Response) -> Any:
+        req.data.setdefault("seen", []).append(response.status_code)
+        if len(req.data["seen"]) == 1:
+            return req.relay(to="sip:b2@127.0.0.1:5082")
+        return None
+
+    router = Router(Routes(initial, failure=failure))
+    net, _proxy, alice = setup(router, timer_c=181.0)
+    b2 = Phone(net, "b2", 5082, b2_policy)
+    return net, (alice, call_via_proxy, ring, Phone, Raw), b2
+
+
+def test_ring_timeout_cancels_the_ringing_branch_then_forwards() -> None:
+    net, (alice, call_via_proxy, ring, Phone, _), b2 = ring_timeout_net(5.0)
+    b1 = Phone(net, "b1", 5081, ring())
+    call = call_via_proxy(alice, "sip:bob@example.com")
+    net.run(4.9)
+    assert "CANCEL sip:b1@127.0.0.1:5081 SIP/2.0" not in net.lines("proxy", "b1")
+    assert not b2.calls
+    net.run(6.0)
+    assert "CANCEL sip:b1@127.0.0.1:5081 SIP/2.0" in net.lines("proxy", "b1")
+    assert b1.calls[0].status == 487
+    assert b2.calls and call.status == 200      # forwarded, answered there
+
+
+def test_ring_timeout_without_any_answer_is_408_and_forwards() -> None:
+    net, (alice, call_via_proxy, _, _, Raw), b2 = ring_timeout_net(3.0)
+    silent = Raw(net, "b1", 5081)              # not a word, not even 100 Trying
+    call = call_via_proxy(alice, "sip:bob@example.com")
+    net.run(2.9)
+    assert silent.requests("INVITE") and not b2.calls
+    net.run(3.5)
+    assert b2.calls and call.status == 200
+    assert not silent.requests("CANCEL")       # §9.1: no CANCEL before a provisional
+
+
+def test_ring_timeout_of_a_decision_does_not_cut_the_next_one() -> None:
+    # b1 is busy at once; the call goes to b2, which rings past b1's ring timeout and is
+    # answered: the first decision's timer must not cancel the second decision's branch.
+    from test_proxy import reject
+    from test_proxy import ring as ringing
+
+    net, (alice, call_via_proxy, _, Phone, _), b2 = ring_timeout_net(2.0, ringing())
+    Phone(net, "b1", 5081, reject(486))
+    call = call_via_proxy(alice, "sip:bob@example.com")
+    net.run(5.0)
+    assert "CANCEL" not in " ".join(net.lines("proxy", "b2"))
+    b2.calls[0].answer(b"v=0\r\n", content_type="application/sdp")
+    net.run(6.0)
+    assert call.status == 200
