@@ -316,3 +316,27 @@ def test_serve_rejects_a_bad_gateway_set(tmp_path: Path) -> None:
                          env=fastsip_env(), timeout=30)
     assert out.returncode == 2
     assert "--gateway-set" in out.stderr and "weight" in out.stderr
+
+
+@needs_sipp
+def test_serve_gateway_set_fails_over_from_a_dead_gateway_before_the_probes_notice(
+        tmp_path: Path) -> None:
+    """The preferred gateway is gone but still active (the next probe is a minute away): each
+    call's INVITE to it fails -- a transport error, or Timer B's 408 (a short T1 here) -- and
+    the call goes on to the other gateway."""
+    (tmp_path / "routes.py").write_text(ROUTES)
+    p_dead, p_good = free_port(), free_port()
+    good = start_gateway(tmp_path, "good", p_good)
+    serve = Serve(tmp_path, free_port(), "--routes", str(tmp_path / "routes.py"),
+                  "--trusted", HOST, "--t1", "0.05", "--gateway-probe-interval", "60",
+                  "--gateway-set", f"pstn=sip:{HOST}:{p_dead};priority=1,sip:{HOST}:{p_good}")
+    try:
+        run_uac(tmp_path, "uac", serve.port, "+15551234567", 3, rate=10)
+        assert successful(tmp_path, "uac") == 3, serve.log()[-3000:]
+        assert calls_by_gateway(tmp_path / "uac.msg") == Counter({p_good: 3})
+        assert len(re.findall(r"gateway set pstn: (503|408) for INVITE", serve.log())) == 3
+        assert "is inactive" not in serve.log()          # the calls found out, not the probes
+    finally:
+        serve.close()
+        stop(good)  # type: ignore[arg-type]
+        finish(good, 5)  # type: ignore[arg-type]

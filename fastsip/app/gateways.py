@@ -29,7 +29,7 @@ import argparse
 import hashlib
 import logging
 import math
-from collections.abc import Container, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from typing import Any
 
 from fastsip.errors import FastSIPError
@@ -331,6 +331,18 @@ def _gateway_set_arg(text: str) -> GatewaySet:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def convert(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be > 0: {text}")
+        return value
+    return convert
+
+
 def _codes_arg(text: str) -> frozenset[int]:
     try:
         codes = frozenset(int(c) for c in text.split(",") if c.strip())
@@ -354,13 +366,15 @@ def add_gateway_options(p: argparse.ArgumentParser) -> None:
                    help="a gateway set (repeatable), e.g. pstn=sip:gw1.example.net;weight=2,"
                         "sip:gw2.example.net; higher priority is tried first (default 0), "
                         "weight shares calls among equal priorities (default 1)")
-    g.add_argument("--gateway-probe-interval", type=float, default=DEFAULT_INTERVAL,
-                   metavar="S", help="seconds between OPTIONS probes of each gateway; one "
-                                     "unanswered this long has failed (default 10)")
-    g.add_argument("--gateway-probe-failures", type=int, default=DEFAULT_THRESHOLD,
-                   metavar="N", help="failed probes in a row that make a gateway inactive "
-                                     "(default 3)")
-    g.add_argument("--gateway-probe-recover", type=int, default=DEFAULT_RECOVER, metavar="M",
+    g.add_argument("--gateway-probe-interval", type=_positive(float),
+                   default=DEFAULT_INTERVAL, metavar="S",
+                   help="seconds between OPTIONS probes of each gateway; one unanswered this "
+                        "long has failed (default 10)")
+    g.add_argument("--gateway-probe-failures", type=_positive(int),
+                   default=DEFAULT_THRESHOLD, metavar="N",
+                   help="failed probes in a row that make a gateway inactive (default 3)")
+    g.add_argument("--gateway-probe-recover", type=_positive(int), default=DEFAULT_RECOVER,
+                   metavar="M",
                    help="answered probes in a row that make an inactive gateway active again "
                         "(default 1)")
     g.add_argument("--gateway-probe-codes", type=_codes_arg, default=None, metavar="CODES",
