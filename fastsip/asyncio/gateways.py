@@ -78,7 +78,7 @@ class GatewayProber:
     worker, workers) under ``serve --workers``, so the answers (routed by Call-ID) come back
     to the worker that probes."""
 
-    def __init__(self, prober: ProbeMachine, proxy: object,
+    def __init__(self, prober: ProbeMachine, proxy: Any,
                  sets: Callable[[], Iterable[Any]] | None = None, *,
                  loop: asyncio.AbstractEventLoop | None = None,
                  shard: tuple[int, int] = (0, 1)) -> None:
@@ -128,7 +128,7 @@ class GatewayProber:
         uri = probe.gateway.uri
         try:
             dest = next_hop(uri)
-            local = proxy.local_for(dest)  # type: ignore[attr-defined]
+            local = proxy.local_for(dest)
             host = f"[{local.host}]" if ":" in local.host else local.host
             index, count = self._shard
             while True:
@@ -146,7 +146,7 @@ class GatewayProber:
                 ("CSeq", "1 OPTIONS"),
                 ("Accept", "application/sdp"),
             ])
-            proxy.layer.request(request, dest, _Outcome(self, probe.id))  # type: ignore[attr-defined]
+            proxy.layer.request(request, dest, _Outcome(self, probe.id))
         except ValueError as exc:
             self.send_errors += 1
             log.debug("cannot probe %s: %s", uri, exc)
