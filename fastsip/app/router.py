@@ -768,7 +768,8 @@ class Router:
             if refusal is not None:
                 decision = refusal
         if decision.kind == "forward":
-            if self.identity_policy:
+            if self.identity_policy and (req.user is not None or
+                                         "P-Asserted-Identity" in ctx.request.headers):
                 self._identity_out(req, decision)
             if req._ring_timer is not None:     # a new decision: the last one's ring is over
                 req._ring_timer.cancel()
