@@ -340,3 +340,25 @@ def test_serve_gateway_set_fails_over_from_a_dead_gateway_before_the_probes_noti
         serve.close()
         stop(good)  # type: ignore[arg-type]
         finish(good, 5)  # type: ignore[arg-type]
+
+
+@needs_sipp
+def test_serve_answers_503_with_reason_when_no_gateway_is_left(tmp_path: Path) -> None:
+    from serveutil import header_values, request, sip_exchange
+
+    (tmp_path / "routes.py").write_text(ROUTES)
+    serve = Serve(tmp_path, free_port(), "--routes", str(tmp_path / "routes.py"),
+                  "--trusted", HOST, "--gateway-probe-interval", "0.2",
+                  "--gateway-probe-failures", "2",
+                  "--gateway-set", f"pstn=sip:{HOST}:{free_port()}")   # nobody there
+    try:
+        wait_for(serve, "of set pstn is inactive", 10)
+        *_, reply = sip_exchange(serve.port, request("INVITE", f"sip:+15551234567@{DOMAIN}",
+                                                     call_id="no-gw"), full=True)
+        assert reply.startswith("SIP/2.0 503"), reply
+        assert header_values(reply, "Reason") == [
+            'SIP;cause=503;text="no active gateway in set pstn"']
+        assert "gateway set pstn unavailable" not in serve.log()   # (the stop line comes later)
+    finally:
+        serve.close()
+    assert "gateway set pstn unavailable=1" in serve.log()

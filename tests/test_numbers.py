@@ -204,3 +204,39 @@ def test_serve_withholds_pai_under_privacy_id(tmp_path: Path) -> None:
     received = call_with(tmp_path, "private", [PAI, "Privacy: id"], "--trusted", f"{HOST}/32")
     assert "p-asserted-identity" not in received.lower()
     assert "Privacy: id" in received
+
+
+def test_authenticated_users_preferred_identity_becomes_asserted() -> None:
+    """RFC 3325 §6 through the proxy core: bob authenticates (407, then credentials) and
+    prefers an identity of his; the gateway receives it as P-Asserted-Identity, and no PPI.
+    Another user's identity preferred by bob is asserted for nobody."""
+    from test_app import app, authorization, default_router
+    from test_proxy_net import Raw, raw_request
+
+    from fastsip.proxy import Credentials, DigestAuthenticator
+
+    creds = Credentials()
+    creds.add("bob", password="secret")
+    auth = DigestAuthenticator(DOMAIN, creds, algorithms=("MD5",))
+    net, _proxy, up = app(default_router(authenticator=auth))
+    gw = Raw(net, "gw", 5090, auto=lambda r: r.reply(200, to_tag="g"))
+    uri = "sip:+15551234567@127.0.0.1:5090"
+
+    def invite(preferred: str, call_id: str, credentials: str = "", cseq: int = 1) -> None:
+        up.send_to(raw_request("INVITE", uri, call_id=call_id, cseq=cseq, extra=(
+            f"P-Preferred-Identity: {preferred}\n{credentials}")).replace(
+            "From: <sip:alice@127.0.0.1:5071>", f"From: <sip:bob@{DOMAIN}>"))
+
+    for n, preferred in enumerate(("<sip:bob@example.com>", "<sip:ceo@example.com>")):
+        invite(preferred, f"ppi{n}")
+        net.run(0.2 + n)
+        challenge = up.responses()[-1]
+        assert challenge.status_code == 407
+        value = authorization(challenge, "bob", "secret", "INVITE", uri, "Proxy-Authenticate")
+        invite(preferred, f"ppi{n}", f"Proxy-Authorization: {value}\n", cseq=2)
+        net.run(0.5 + n)
+    first, second = gw.requests("INVITE")
+    assert first.headers.getall("P-Asserted-Identity") == ["<sip:bob@example.com>"]
+    assert "P-Preferred-Identity" not in first.headers
+    assert "P-Asserted-Identity" not in second.headers
+    assert "P-Preferred-Identity" not in second.headers
