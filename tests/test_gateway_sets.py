@@ -71,6 +71,13 @@ def test_selection_by_priority_then_weight_by_call_id() -> None:
     assert gs.select("x") == []
 
 
+def test_long_uris_with_a_common_beginning_still_share() -> None:
+    base = "sip:gateway.a-rather-long-carrier-domain-name.example.net:5060;transport=tcp;x="
+    gs = GatewaySet("long", [base + "1", base + "2"])
+    firsts = Counter(str(gs.select(f"call-{n}")[0].uri)[-1] for n in range(1000))
+    assert 400 < firsts["1"] < 600, firsts
+
+
 # -- the probe state machine ---------------------------------------------------------------------
 
 

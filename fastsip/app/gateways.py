@@ -93,7 +93,9 @@ class Gateway:
         self.probes_sent = 0
         self.probes_answered = 0
         self.last_status = 0
-        self._key = str(self.uri).encode()
+        # The gateway's own hash key (blake2b keys are at most 64 bytes: a digest of the URI,
+        # so two long URIs with a common beginning still score independently).
+        self._key = hashlib.blake2b(str(self.uri).encode(), digest_size=32).digest()
 
     @property
     def active(self) -> bool:
@@ -104,7 +106,7 @@ class Gateway:
         score wins, each with probability weight / sum of weights."""
         if self.weight <= 0:
             return -math.inf
-        digest = hashlib.blake2b(call_id.encode(), key=self._key[:64], digest_size=8).digest()
+        digest = hashlib.blake2b(call_id.encode(), key=self._key, digest_size=8).digest()
         u = (int.from_bytes(digest, "big") + 1) / (2**64 + 1)   # in (0, 1)
         return -self.weight / math.log(u)
 
