@@ -44,6 +44,9 @@ import time
 from collections.abc import Callable, Container, Coroutine, Iterable, Sequence
 from typing import Any, Protocol
 
+from fastsip.app import numbers
+from fastsip.app.gateways import GatewaySet, gateway_failed
+from fastsip.app.numbers import normalize_e164
 from fastsip.app.routes import Routes
 from fastsip.errors import FastSIPError, ParseError
 from fastsip.proxy.core import Proxy, ProxyContext, ResponseContext, Target
@@ -56,7 +59,7 @@ from fastsip.sip import Request as SipRequest
 from fastsip.transaction import Refusals
 from fastsip.transport import Address
 
-__all__ = ["Decision", "Request", "Router"]
+__all__ = ["Decision", "Request", "Router", "normalize_e164"]
 
 log = logging.getLogger("fastsip.app")
 
@@ -110,14 +113,14 @@ class Decision:
     Request-URI's registered contacts, 404 when there are none; ``targets[0].route`` is pushed
     in front of each)."""
 
-    __slots__ = ("groups", "headers", "kind", "parallel", "reason", "response", "stateless",
-                 "status", "targets")
+    __slots__ = ("groups", "headers", "kind", "parallel", "reason", "response",
+                 "ring_timeout", "stateless", "status", "targets")
 
     def __init__(self, kind: str, *, targets: Sequence[Target] = (), parallel: bool = True,
                  status: int = 0, reason: str | None = None,
                  headers: Iterable[tuple[str, str]] = (), response: Response | None = None,
                  groups: Sequence[Sequence[Target]] = (),
-                 stateless: bool | None = None) -> None:
+                 stateless: bool | None = None, ring_timeout: float | None = None) -> None:
         self.kind = kind              # "forward", "reply", "response"; "register", "lookup"
         self.targets = list(targets)
         self.parallel = parallel
@@ -127,6 +130,8 @@ class Decision:
         self.headers = list(headers)
         self.response = response
         self.stateless = stateless    # None: the proxy core's rule (negative answers: yes)
+        #: Seconds the branches of this decision may ring unanswered (None: Timer C only).
+        self.ring_timeout = ring_timeout
 
     def all_targets(self) -> list[Target]:
         """Every target of a forward decision (the serial groups' too)."""
@@ -154,8 +159,8 @@ class Request:
     chooses whether this call's media goes through the relay (``serve --media``).
     """
 
-    __slots__ = ("_blocked", "_checked", "_router", "_stale", "_trusted", "ctx", "data",
-                 "failures", "media", "user")
+    __slots__ = ("_blocked", "_checked", "_gateways", "_ring_timer", "_router", "_stale",
+                 "_trusted", "ctx", "data", "failures", "media", "user")
 
     def __init__(self, router: Router, ctx: ProxyContext) -> None:
         self._router = router
@@ -165,6 +170,8 @@ class Request:
         self._checked = False         # the credentials were verified (once: nonce-counts)
         self._blocked = False         # this user failed too often from this source: 403
         self._trusted: bool | None = None
+        self._gateways: _SetFailover | None = None   # relay_to_set: the gateways left
+        self._ring_timer: Any = None
         self.data: dict[str, Any] = {}
         self.failures: list[Response] = []
         #: Anchor this call's media in the relay (``serve --media``): None follows the
@@ -248,15 +255,29 @@ class Request:
         frm = self.ctx.request.from_
         return frm is not None and frm.uri is not None and self._router.is_ours(frm.uri)
 
+    def number(self, country_code: str | None = None, national_prefix: str | None = None
+               ) -> str | None:
+        """The Request-URI as an E.164 number (``+`` and digits) -- a ``tel:`` URI, or a SIP
+        URI's user part (``user=phone`` or not) -- or None when it is not a telephone number
+        (a user name, a short code).  :func:`~fastsip.app.numbers.normalize_e164` says how;
+        ``country_code`` and ``national_prefix`` give the national rule."""
+        try:
+            return normalize_e164(self.ctx.request.uri, country_code, national_prefix)
+        except ValueError:
+            return None
+
     # -- decisions ---------------------------------------------------------------------------
 
-    def relay(self, to: str | URI | None = None, *, route: Sequence[str] = ()) -> Decision:
+    def relay(self, to: str | URI | None = None, *, route: Sequence[str] = (),
+              ring_timeout: float | None = None) -> Decision:
         """Forward the request.  Without ``to``: along its Route headers, else to the
         Request-URI -- for one of our domains, to the registered contacts (404 when none).
         With ``to``: to that URI, which becomes the Request-URI; a ``to`` without a user part
         keeps the Request-URI's user (``relay(to="sip:gw.example.net")`` sends
         ``sip:+4420...@gw.example.net``).  ``route``: Route values to push first (an
-        outbound proxy: ``["<sip:edge.example.net;lr>"]``).
+        outbound proxy: ``["<sip:edge.example.net;lr>"]``).  ``ring_timeout``: seconds the
+        INVITE may ring unanswered before its branches are CANCELled; the failure hook then
+        sees a 408 (call forwarding on no answer).  Without it, ``--ring-timeout`` (Timer C).
 
         For one of our users the contacts come from the location store, which may have to be
         waited for: the decision is then a ``"lookup"`` that the Router completes (and that
@@ -264,17 +285,41 @@ class Request:
         req = self.ctx.request
         if to is None:
             if req.route or not self.for_us:
-                return Decision("forward", targets=[Target(route=route)])
+                return Decision("forward", targets=[Target(route=route)],
+                                ring_timeout=ring_timeout)
             if self._router.registrar is None:
                 return self.reply(404)
-            return Decision("lookup", targets=[Target(route=route)])
-        return Decision("forward", targets=[Target(self._retarget(to), route=route)])
+            return Decision("lookup", targets=[Target(route=route)], ring_timeout=ring_timeout)
+        return Decision("forward", targets=[Target(self._retarget(to), route=route)],
+                        ring_timeout=ring_timeout)
 
-    def fork(self, targets: Iterable[TargetLike], *, parallel: bool = True) -> Decision:
+    def relay_to_set(self, gateway_set: str | GatewaySet, *, route: Sequence[str] = (),
+                     ring_timeout: float | None = None) -> Decision:
+        """Forward to a gateway set (``serve --gateway-set NAME=...``, or a
+        :class:`~fastsip.app.gateways.GatewaySet` the routes module built): to its first
+        active gateway by priority, then weight (a hash of the Call-ID: the same call always
+        picks the same), and on a 5xx, a 408 or a transport error to the next active one,
+        in that order, before the failure hook sees anything.  The dialled user part is kept
+        for a gateway URI without one.  No active gateway: 503 with a Reason header."""
+        gs = self._router.gateway_set(gateway_set)
+        order = gs.select(self.call_id or "")
+        if not order:
+            gs.unavailable += 1
+            log.warning("gateway set %s: no active gateway: 503 for %s %s", gs.name,
+                        self.method, self.uri)
+            return self.reply(503, "No Gateway Available", headers=[
+                ("Reason", f'SIP;cause=503;text="no active gateway in set {gs.name}"')])
+        self._gateways = _SetFailover(gs, [g.uri for g in order[1:]], route, ring_timeout)
+        return self.relay(to=order[0].uri, route=route, ring_timeout=ring_timeout)
+
+    def fork(self, targets: Iterable[TargetLike], *, parallel: bool = True,
+             ring_timeout: float | None = None) -> Decision:
         """Fork to ``targets`` (URIs, :class:`~fastsip.proxy.Target` or location bindings):
         all at once, or one after another (``parallel=False``: the next is tried when the
-        previous one failed).  The best response wins (§16.7); the first 2xx ends the search."""
-        return Decision("forward", targets=[self._target(t) for t in targets], parallel=parallel)
+        previous one failed).  The best response wins (§16.7); the first 2xx ends the search.
+        ``ring_timeout``: as for :meth:`relay`, counted from now for all the targets."""
+        return Decision("forward", targets=[self._target(t) for t in targets], parallel=parallel,
+                        ring_timeout=ring_timeout)
 
     def reply(self, status: int, reason: str | None = None, *,
               headers: Iterable[tuple[str, str]] = (), stateless: bool | None = None) -> Decision:
@@ -386,6 +431,20 @@ class Request:
 _Spawn = Callable[[Coroutine[Any, Any, None]], object]
 
 
+class _SetFailover:
+    """What :meth:`Request.relay_to_set` leaves for the failover: the gateways not tried yet,
+    in order, and how to relay to them."""
+
+    __slots__ = ("gateway_set", "rest", "ring_timeout", "route")
+
+    def __init__(self, gateway_set: GatewaySet, rest: list[URI], route: Sequence[str],
+                 ring_timeout: float | None) -> None:
+        self.gateway_set = gateway_set
+        self.rest = rest
+        self.route = tuple(route)
+        self.ring_timeout = ring_timeout
+
+
 class Router:
     """Runs :class:`Routes` (or the default routing) for a :class:`~fastsip.proxy.Proxy`.
 
@@ -451,6 +510,13 @@ class Router:
         r = self.routes
         self._request_async = r.request is not None and inspect.iscoroutinefunction(r.request)
         self._failure_async = r.failure is not None and inspect.iscoroutinefunction(r.failure)
+        #: Gateway sets by name (``serve --gateway-set``; a set a routes module passes to
+        #: ``relay_to_set`` is added on first use, and probed from then on).
+        self.gateway_sets: dict[str, GatewaySet] = {}
+        #: RFC 3325: P-Asserted-Identity believed only from trusted sources, an authenticated
+        #: user's P-Preferred-Identity asserted, and withheld from untrusted next hops under
+        #: ``Privacy: id``.  False leaves those headers to the routes.
+        self.identity_policy = True
 
     # -- RequestRouter (what the proxy core calls) -------------------------------------------
 
@@ -481,9 +547,26 @@ class Router:
         proxy = self.proxy
         return proxy.clock.time() if proxy is not None else time.monotonic()
 
+    def gateway_set(self, gateway_set: str | GatewaySet) -> GatewaySet:
+        """The set called ``gateway_set`` (FastSIPError when there is none), or the set
+        given, which is remembered (and so probed) from its first use."""
+        if isinstance(gateway_set, GatewaySet):
+            known = self.gateway_sets.setdefault(gateway_set.name, gateway_set)
+            if known is not gateway_set:
+                raise FastSIPError(f"two gateway sets are called {gateway_set.name!r}")
+            return gateway_set
+        found = self.gateway_sets.get(gateway_set)
+        if found is None:
+            raise FastSIPError(f"no gateway set {gateway_set!r} (serve --gateway-set "
+                               f"{gateway_set}=URI,...)")
+        return found
+
     def on_request(self, ctx: ProxyContext) -> None:
         req = Request(self, ctx)
         ctx.data = req
+        if self.identity_policy and "P-Asserted-Identity" in ctx.request.headers and \
+                numbers.strip_untrusted_identity(ctx.request, req.trusted):
+            log.debug("P-Asserted-Identity removed: %s is not trusted", ctx.source)
         fn = self.routes.request
         if fn is None:
             self._finish(req, self.default_decision(req), failure=False)
@@ -493,12 +576,32 @@ class Router:
     def on_failure(self, ctx: ResponseContext, best: Response) -> bool:
         fn = self.routes.failure
         req = ctx.data
+        if isinstance(req, Request) and req._gateways is not None and \
+                self._next_gateway(req, best):
+            return True
         if fn is None or not isinstance(req, Request):
             return False
         req.failures.append(best)
         if self._failure_async and not self._admit(req.source):
             return False  # overloaded: the best response goes back as it is
         self._call(req, fn, (req, best), self._failure_async, failure=True)
+        return True
+
+    def _next_gateway(self, req: Request, best: Response) -> bool:
+        """relay_to_set's failover: the next gateway of the set after a gateway failure
+        (5xx, 408, transport error); False when the response is the callee's answer or
+        no gateway is left (the failure hook, if any, sees it then)."""
+        failover = req._gateways
+        assert failover is not None
+        status = best.status_code
+        if not failover.rest or not gateway_failed(status) or req.ctx.done:
+            req._gateways = None
+            return False
+        uri = failover.rest.pop(0)
+        log.info("gateway set %s: %d for %s %s: trying %s", failover.gateway_set.name,
+                 status, req.method, req.uri, uri)
+        self._apply(req, req.relay(to=uri, route=failover.route,
+                                   ring_timeout=failover.ring_timeout), failure=True)
         return True
 
     def on_response(self, ctx: ResponseContext, response: Response) -> None:
@@ -629,7 +732,8 @@ class Router:
             work = self._register(req, registrar)
         else:
             immediate = registrar.store.immediate_reads
-            work = self._lookup(req, registrar, decision.targets[0].route)
+            work = self._lookup(req, registrar, decision.targets[0].route,
+                                decision.ring_timeout)
         if immediate:
             self._apply(req, run_immediately(work), failure)
             return
@@ -646,12 +750,14 @@ class Router:
             addressed_to_us=self.proxy_is_local_host(request.uri))
         return Decision("response", response=response)
 
-    async def _lookup(self, req: Request, registrar: Registrar, route: Sequence[str]
-                      ) -> Decision:
+    async def _lookup(self, req: Request, registrar: Registrar, route: Sequence[str],
+                      ring_timeout: float | None = None) -> Decision:
         bindings = await registrar.lookup(req.ctx.request.uri, self.wallclock())
         if not bindings:
             return req.reply(404)
-        return self.fork_bindings(bindings, route)
+        decision = self.fork_bindings(bindings, route)
+        decision.ring_timeout = ring_timeout
+        return decision
 
     def _apply(self, req: Request, decision: Any, failure: bool = False) -> None:
         ctx = req.ctx
@@ -668,17 +774,77 @@ class Router:
             if refusal is not None:
                 decision = refusal
         if decision.kind == "forward":
+            if self.identity_policy and (req.user is not None or
+                                         "P-Asserted-Identity" in ctx.request.headers):
+                self._identity_out(req, decision)
+            if req._ring_timer is not None:     # a new decision: the last one's ring is over
+                req._ring_timer.cancel()
+                req._ring_timer = None
+            started = len(ctx.branches) if isinstance(ctx, ResponseContext) else 0
             if decision.groups and isinstance(ctx, ResponseContext):
                 ctx.forward_groups(decision.groups)
             elif decision.groups:
                 ctx.forward(decision.groups[0])
             else:
                 ctx.forward(decision.targets, parallel=decision.parallel)
+            if decision.ring_timeout is not None and isinstance(ctx, ResponseContext) \
+                    and self.proxy is not None and not ctx.done:
+                req._ring_timer = self.proxy.clock.call_later(
+                    decision.ring_timeout, self._ring_timed_out, req, started)
         elif decision.kind == "response" and decision.response is not None:
             ctx.respond(decision.response, stateless=decision.stateless)
         else:
             ctx.respond(decision.status, decision.reason, headers=decision.headers,
                         stateless=decision.stateless)
+
+    @staticmethod
+    def _ring_timed_out(req: Request, started: int) -> None:
+        """A decision's ring timeout: each of its branches still without a final response is
+        treated as Timer C would (§16.8) -- CANCELled once it rang (its 487 counts as 408),
+        a 408 at once if it never answered at all -- so the failure hook can forward."""
+        req._ring_timer = None
+        ctx = req.ctx
+        if ctx.done or not isinstance(ctx, ResponseContext):
+            return
+        for branch in ctx.branches[started:]:
+            if branch.final is None:
+                if branch._timer_c is not None:
+                    branch._timer_c.cancel()
+                ctx._timer_c(branch)   # Timer C's own expiry, early, for this branch
+
+    def _identity_out(self, req: Request, decision: Decision) -> None:
+        """RFC 3325 on the way out: an authenticated user's P-Preferred-Identity becomes the
+        P-Asserted-Identity; under ``Privacy: id`` the PAI does not go to a next hop outside
+        the trust domain (every branch copies the request: one untrusted hop removes it)."""
+        request = req.ctx.request
+        if req.authenticated:
+            numbers.assert_preferred_identity(request, req.user)
+        if "P-Asserted-Identity" not in request.headers or not numbers.privacy_id(request):
+            return
+        for target in decision.all_targets():
+            if not self._next_hop_trusted(request, target):
+                numbers.withhold_identity(request, False)
+                return
+
+    def _next_hop_trusted(self, request: SipRequest, target: Target) -> bool:
+        host: str | None = None
+        if target.dest is not None:
+            host = target.dest.host
+        else:
+            try:
+                if target.route:
+                    first = target.route[0]
+                    inner = first[first.find("<") + 1:first.rfind(">")] if "<" in first \
+                        else first
+                    host = URI(inner).host_address
+                elif request.route and request.route[0].uri is not None:
+                    host = request.route[0].uri.host_address
+                else:
+                    uri = target.uri if target.uri is not None else request.uri
+                    host = (uri if isinstance(uri, URI) else URI(uri)).host_address
+            except (ParseError, ValueError):
+                return False
+        return host is not None and self.is_trusted(host.strip("[]"))
 
     # -- the relay policy --------------------------------------------------------------------
 

@@ -546,6 +546,15 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event,
         # Every worker reads the same shared store: one of them pings the flows.
         if args.nat_ping_interval > 0 and not worker:
             keeper.attach(proxy)
+        from fastsip.app.gateways import start_gateway_sets
+
+        try:
+            gateway_prober = start_gateway_sets(
+                args, router, proxy, (worker, args.workers) if worker is not None else (0, 1))
+        except ValueError as exc:
+            _fail(str(exc))
+            await endpoint.close()
+            return EXIT_USAGE
         # Live transactions linger 32 s (Timers J/L/M), so the young generation fills with
         # objects that are not garbage; CPython's default thresholds then run collections that
         # scan them on most calls.  The proxy holds no reference cycles per call, so collecting
@@ -609,6 +618,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event,
         finally:
             purger[0].cancel()
             keeper.stop()
+            gateway_prober.stop()
             serve_router.flush()
             if handoff is not None:
                 handoff.close()
@@ -1021,6 +1031,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                      help="do not verify the next hop's certificate on TLS connections we "
                           "open: INSECURE, for labs with self-signed certificates")
     _add_operator_options(p)
+    from fastsip.app.gateways import add_gateway_options
+
+    add_gateway_options(p)
     p.add_argument("--t1", type=float, default=0.5, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log detail on stderr (default info: one line per initial request)")
