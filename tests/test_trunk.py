@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import random
 from pathlib import Path
@@ -236,7 +237,7 @@ def test_wrong_password_backs_off_exponentially_capped() -> None:
         out = reg.handle_timer(now)
     # Two REGISTERs per attempt (one challenge answered, never a second time).
     assert len(provider.seen) == 24
-    assert all(d1 >= d0 * 1.4 or d1 >= 3600 * 0.75 for d0, d1 in zip(delays, delays[1:]))
+    assert all(d1 >= d0 * 1.4 or d1 >= 3600 * 0.75 for d0, d1 in itertools.pairwise(delays))
     assert 22.5 <= delays[0] <= 30.0
     assert max(delays) <= 3600.0 and delays[-1] >= 2700.0
 

@@ -393,6 +393,12 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
         router = Router(routes, registrar=registrar, authenticator=authenticator,
                         spawn=loop.create_task, max_concurrency=args.max_concurrency,
                         guard=guard, monotonic=loop.time)
+        try:
+            trunks = _trunks(args)
+        except ValueError as exc:
+            _fail(str(exc))
+            return EXIT_USAGE
+        router.trunks = trunks
         serve_router = ServeRouter(router)
         proxy = Proxy(serve_router, aliases=[*(args.domain or ()), *(args.alias or ())],
                       trusted=trusted, max_pending=args.max_transactions,
@@ -422,6 +428,8 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
         transactions.max_server_transactions = args.max_transactions
         transactions.max_client_transactions = args.max_transactions
         proxy.attach(transactions)
+        if trunks is not None:
+            trunks.attach(proxy)
         ng_clients = []
         anchor = None
         if args.media:
@@ -508,6 +516,8 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
         finally:
             purger[0].cancel()
             keeper.stop()
+            if trunks is not None:
+                trunks.stop()
             serve_router.flush()
             if handoff is not None:
                 handoff.close()
@@ -542,6 +552,13 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     finally:
         # The writes in flight commit before the file closes: a REGISTER answered 200 stays.
         await store.close()
+
+
+def _trunks(args: argparse.Namespace) -> Any:
+    """``--trunk``/``--trunk-credentials`` (fastsip.app.trunks); None without trunks."""
+    from fastsip.app.trunks import trunks_from_args
+
+    return trunks_from_args(args)
 
 
 def _tls_contexts(args: argparse.Namespace, listen: list[str]
@@ -875,6 +892,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                      help="do not verify the next hop's certificate on TLS connections we "
                           "open: INSECURE, for labs with self-signed certificates")
     _add_operator_options(p)
+    from fastsip.app.trunks import add_trunk_options
+
+    add_trunk_options(p)
     p.add_argument("--t1", type=float, default=0.5, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log detail on stderr (default info: one line per initial request)")

@@ -117,10 +117,11 @@ class Target:
     ``dest``: the transport address to send to, bypassing §8.1.2/RFC 3263 (a TCP binding's
     connection, a NAT'd contact's source).  ``binding``: the location-service binding this
     target came from, when it is a registered contact of one of our users (the relay policy
-    lets anyone reach those).
+    lets anyone reach those).  ``trunk``: the name of the trunk this branch goes to (its
+    provider's 401/407 are answered with that trunk's credentials, :attr:`Proxy.trunks`).
     """
 
-    __slots__ = ("binding", "dest", "route", "uri")
+    __slots__ = ("binding", "dest", "route", "trunk", "uri")
 
     def __init__(
         self,
@@ -129,11 +130,13 @@ class Target:
         route: Sequence[str] = (),
         dest: Address | None = None,
         binding: Any = None,
+        trunk: str | None = None,
     ) -> None:
         self.uri = uri
         self.route = tuple(route)
         self.dest = dest
         self.binding = binding
+        self.trunk = trunk
 
     def __repr__(self) -> str:
         return f"Target({str(self.uri) if self.uri is not None else None!r})"
@@ -297,6 +300,7 @@ class Branch:
         "request",
         "target",
         "timer_c_fired",
+        "trunk",
     )
 
     def __init__(
@@ -314,6 +318,9 @@ class Branch:
         self.timer_c_fired = False
         self._timer_c: Any = None
         self._cancel_guard: Any = None
+        #: A branch to a trunk (:class:`~fastsip.proxy.trunk.TrunkBranch`: its challenges
+        #: answered, its CSeq shift); None for every other branch.
+        self.trunk: Any = None
 
     @property
     def pending(self) -> bool:
@@ -632,6 +639,13 @@ class ResponseContext:
 
     def _on_branch_response(self, branch: Branch, response: Response) -> None:
         response.pop_via()  # §16.7 step 3: our Via
+        if branch.trunk is not None:
+            # A branch to a trunk: its challenge is answered here (None: re-sent), and its
+            # responses carry the caller's CSeq again.
+            answered = self._trunk_response(branch, response)
+            if answered is None:
+                return
+            response = answered
         status = response.status_code
         if 100 < status < 300 and branch.target.binding is not None and self.proxy.nat \
                 and self.request.method in _TARGET_METHODS \
@@ -644,6 +658,68 @@ class ResponseContext:
                 media.on_response(self, response, lambda: self._branch_response(branch, response)):
             return
         self._branch_response(branch, response)
+
+    def _trunk_response(self, branch: Branch, response: Response) -> Response | None:
+        """A response on a branch to a trunk (Kamailio's ``uac_auth`` + dialog
+        ``track_cseq_updates``): a 401/407 is answered with the trunk's credentials -- the
+        request re-sent on this branch with CSeq + 1, once per realm -- and never reaches the
+        caller (None); a second challenge for a realm becomes a 403 of ours.  Other responses
+        get the caller's CSeq back; a 2xx to an INVITE that was re-sent records the dialog's
+        CSeq shift, so the caller's later requests are shifted toward the provider."""
+        tb = branch.trunk
+        trunks = self.proxy.trunks
+        status = response.status_code
+        if tb.shift:
+            cseq = response.cseq
+            if cseq is not None:
+                response.set_header("CSeq", f"{cseq.seq - tb.shift} {cseq.method}")
+        if status in (401, 407) and branch.final is None and trunks is not None:
+            if self.cancelled or self.final_sent or branch.cancel_sent or branch.timer_c_fired:
+                return response   # the branch is ending anyway: the failure goes on
+            answer = trunks.answer(tb, response, branch.request)
+            if answer is None:
+                return response   # no credentials for this trunk: nothing of ours to add
+            if answer is False:
+                log.warning("trunk %s refused our credentials for %s %s (%d): 403 upstream",
+                            tb.name, self.request.method, self.request.uri, status)
+                return self.request.reply(403, "Forbidden (trunk authentication failed)",
+                                          to_tag=_new_tag())
+            self._resend(branch, answer)
+            return None
+        if 100 < status < 300 and tb.shift and trunks is not None \
+                and self.request.method == "INVITE":
+            trunks.dialog_answered(tb, self.request, response, self.proxy.clock.time())
+        return response
+
+    def _resend(self, branch: Branch, credentials: tuple[str, str]) -> None:
+        """The branch's request again, as its UAC would after a challenge (RFC 3261 §22.2,
+        §8.1.3.5): a new client transaction (new Via branch), CSeq + 1, the credentials.  The
+        branch keeps its place in the context: its CANCEL, Timer C and final response now
+        follow the new transaction."""
+        proxy = self.proxy
+        old = branch.request
+        request = old.copy()
+        request.pop_via()
+        request.add_via(proxy._via(branch.dest,
+                                   f"{MAGIC_COOKIE}-{self.loop}.{proxy._prefix}"
+                                   f"{next(proxy._counter):x}"))
+        cseq = old.cseq
+        assert cseq is not None  # validated on arrival
+        request.set_header("CSeq", f"{cseq.seq + 1} {cseq.method}")
+        name, value = credentials
+        request.add_header(name, value)
+        branch.trunk.shift += 1
+        branch.trunk.resent()
+        branch.request = request
+        branch.provisional = False
+        if branch._timer_c is not None:  # §16.8: a new request, a new wait for an answer
+            branch._timer_c.cancel()
+            branch._timer_c = proxy.clock.call_later(proxy.timer_c, self._timer_c, branch)
+        try:
+            proxy.layer.request(request, branch.dest, branch)
+        except ValueError as exc:
+            log.info("cannot re-send to %s with credentials: %s", branch.dest, exc)
+            self._branch_failed(branch, 503)
 
     def _branch_response(self, branch: Branch, response: Response) -> None:
         status = response.status_code
@@ -1009,6 +1085,9 @@ class Proxy:
         self.media: MediaHook | None = None
         #: Requests refused with 503 because max_pending was reached (logs, metrics).
         self.refusals = Refusals()
+        #: Trunk credentials and dialog CSeq shifts (:class:`~fastsip.proxy.trunk.TrunkAuth`);
+        #: None (no trunk configured) costs the forwarding path nothing but this test.
+        self.trunks: Any = None
         self._layer: TransactionLayer | None = None
         self._transport_local_for: Callable[[Address], Address] | None = None
         self._live = 0
@@ -1192,6 +1271,10 @@ class Proxy:
                 if request.route or not self.is_local(request.uri):
                     log.debug("dropping ACK from %s: not routed through us", source)
                 return
+            if self.trunks is not None:
+                # §13.2.2.4: the ACK for a 2xx carries the CSeq of the INVITE it answers --
+                # the one the provider saw, when we re-sent it with credentials.
+                self.trunks.shift_ack(request)
             self._forward_ack(request, source)
         except ValueError as exc:
             log.debug("dropping ACK from %s: %s", source, exc)
@@ -1459,11 +1542,22 @@ class Proxy:
             and original.method in RECORD_ROUTE_METHODS
             and (original.to is None or original.to.tag is None)
         )
+        trunks = self.trunks
+        tb = None
+        if trunks is not None:
+            # To a trunk, or in a dialog whose CSeq we shift: stay in the path (a forced
+            # Record-Route) and number the request as the provider expects.
+            tb = trunks.branch(original, copy, target, self.clock.time())
+            if tb is not None and target.trunk is not None \
+                    and original.method in RECORD_ROUTE_METHODS:
+                rr = rr or original.to is None or original.to.tag is None
         dest = self._prepare(copy, target, ctx.source, rr)
         loop = ctx.loop
         branch = f"{MAGIC_COOKIE}-{loop}.{self._prefix}{next(self._counter):x}"
         copy.add_via(self._via(dest, branch))
-        return Branch(ctx, target, copy, dest)
+        made = Branch(ctx, target, copy, dest)
+        made.trunk = tb
+        return made
 
     def _forward_stateless(self, request: Request, target: Target, source: Address) -> None:
         try:

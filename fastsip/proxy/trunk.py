@@ -26,9 +26,11 @@ import logging
 import os
 import random
 import stat
-from collections.abc import Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 from fastsip.errors import FastSIPError, ParseError
 from fastsip.proxy.auth import DigestClient
@@ -42,6 +44,8 @@ __all__ = [
     "STATES",
     "UNREGISTERED",
     "Registration",
+    "TrunkAuth",
+    "TrunkBranch",
     "TrunkError",
     "TrunkSpec",
     "load_trunk_credentials",
@@ -158,19 +162,6 @@ def load_trunk_credentials(path: str | Path) -> dict[str, DigestClient]:
     return clients
 
 
-def check_trunks(specs: Iterable[TrunkSpec], credentials: Mapping[str, DigestClient]) -> str:
-    """What is wrong with the trunks and their credentials together ("" when nothing)."""
-    seen: set[str] = set()
-    for spec in specs:
-        if spec.name in seen:
-            raise TrunkError(f"--trunk {spec.name}: defined twice")
-        seen.add(spec.name)
-        if spec.register and spec.name not in credentials:
-            log.warning("trunk %s: no credentials (--trunk-credentials): REGISTER without "
-                        "them; a challenge will fail", spec.name)
-    return ""
-
-
 class Registration:
     """One outbound registration's state machine (see the module docstring).
 
@@ -263,6 +254,12 @@ class Registration:
             self.last_status = None
             self._fail(now, reason, BACKING_OFF)
         return []
+
+    def contact_matches(self, uri: URI) -> bool:
+        """Does ``uri`` (a request's Request-URI) name our registered Contact?"""
+        want = _contact_key(self.contact)
+        got = ((uri.user or ""), uri.host.lower(), uri.port)
+        return got[:2] == want[:2] and (got[2] is None or got[2] == want[2])
 
     def stop(self) -> None:
         """No more REGISTERs (the server stops); the binding expires at the provider."""
@@ -377,3 +374,166 @@ def _int(text: str | None) -> int | None:
         return None
     text = text.strip()
     return int(text) if text.isdigit() and len(text) < 10 else None
+
+
+# -- upstream authentication and CSeq shifts (the proxy core's side) ----------------------------
+
+
+class _Shift:
+    """One dialog whose caller-side CSeq numbers are shifted toward a provider."""
+
+    __slots__ = ("offset", "seen", "trunk")
+
+    def __init__(self, offset: int, trunk: str, seen: float) -> None:
+        self.offset = offset
+        self.trunk = trunk
+        self.seen = seen
+
+
+class TrunkBranch:
+    """What a proxy branch to a trunk carries: the trunk's name, how far its CSeq is ahead of
+    the caller's (``shift``), the realms it answered (once each) and, in a shifted dialog,
+    the dialog's entry (a re-sent in-dialog request moves the dialog's shift too)."""
+
+    __slots__ = ("dialog", "name", "realms", "shift")
+
+    def __init__(self, name: str, shift: int = 0, dialog: _Shift | None = None) -> None:
+        self.name = name
+        self.shift = shift
+        self.realms: set[str] = set()
+        self.dialog = dialog
+
+    def resent(self) -> None:
+        """The branch's request went again with CSeq + 1 (``shift`` already raised)."""
+        if self.dialog is not None:
+            self.dialog.offset = self.shift
+
+
+#: Key of a shifted dialog: (Call-ID, the caller's From tag, the provider's To tag) -- as
+#: the caller's requests carry them; the provider's requests carry the tags the other way
+#: round, so they never match (and are never shifted).
+_DialogKey = tuple[str, str, str]
+
+
+class TrunkAuth:
+    """The proxy core's trunk state (:attr:`fastsip.proxy.Proxy.trunks`): each trunk's
+    :class:`~fastsip.proxy.auth.DigestClient`, and the CSeq shift of each dialog whose
+    INVITE we re-sent with credentials (Kamailio's dialog ``track_cseq_updates``).
+
+    A shift is one small entry per dialog: its offset and trunk.  It goes when a BYE passes
+    (either way), when it has not been used for ``max_age`` seconds, or -- the oldest first --
+    beyond ``max_dialogs``.  Sans-IO: times come from the caller."""
+
+    def __init__(self, clients: Mapping[str, DigestClient], *, max_dialogs: int = 100_000,
+                 max_age: float = 86400.0) -> None:
+        self.clients = dict(clients)
+        self.max_dialogs = max_dialogs
+        self.max_age = max_age
+        self.dialogs: OrderedDict[_DialogKey, _Shift] = OrderedDict()
+        #: Requests re-sent with credentials, and challenges refused a second time.
+        self.answered = 0
+        self.refused = 0
+
+    # -- branches ------------------------------------------------------------------------------
+
+    def branch(self, original: Request, copy: Request, target: Any,
+               now: float) -> TrunkBranch | None:
+        """For a branch about to be made from ``original`` (``copy`` is the branch's request):
+        its :class:`TrunkBranch` when it goes to a trunk or belongs to a shifted dialog (whose
+        CSeq is then shifted in ``copy``), else None."""
+        entry = None
+        if self.dialogs:
+            entry = self._dialog(original, now)
+            if entry is not None:
+                _shift_cseq(copy, entry.offset)
+        name = getattr(target, "trunk", None)
+        if name is None and entry is not None:
+            name = entry.trunk
+        if name is None:
+            return None
+        return TrunkBranch(name, entry.offset if entry is not None else 0, entry)
+
+    def _dialog(self, request: Request, now: float) -> _Shift | None:
+        frm, to = request.from_, request.to
+        call_id = request.call_id
+        if frm is None or to is None or not to.tag or not frm.tag or not call_id:
+            return None
+        key = (call_id, frm.tag, to.tag)
+        entry = self.dialogs.get(key)
+        if request.method == "BYE":
+            # The dialog ends (whichever side hangs up): the BYE itself is still shifted.
+            self.dialogs.pop(key, None)
+            self.dialogs.pop((call_id, to.tag, frm.tag), None)
+            return entry
+        if entry is None:
+            return None
+        if now - entry.seen > self.max_age:
+            del self.dialogs[key]
+            return None
+        entry.seen = now
+        self.dialogs.move_to_end(key)
+        return entry
+
+    def answer(self, tb: TrunkBranch, response: Response,
+               request: Request) -> tuple[str, str] | None | Literal[False]:
+        """Credentials for re-sending ``request`` after the challenge ``response`` on a branch
+        to ``tb``'s trunk: (header, value); None when the trunk has no credentials (the
+        challenge goes on as it is); False when this realm was answered once already on this
+        branch (the credentials are wrong: never a loop)."""
+        client = self.clients.get(tb.name)
+        if client is None:
+            return None
+        answer = client.answer(response, request)
+        if answer is None:
+            return None
+        name, value, realm = answer
+        if realm in tb.realms:
+            self.refused += 1
+            return False
+        tb.realms.add(realm)
+        self.answered += 1
+        return name, value
+
+    def dialog_answered(self, tb: TrunkBranch, request: Request, response: Response,
+                        now: float) -> None:
+        """A 2xx (or a reliable 1xx with a To tag) to an INVITE re-sent with CSeq + shift:
+        the caller's later requests in that dialog are shifted by as much."""
+        frm, to = request.from_, response.to
+        call_id = request.call_id
+        if frm is None or to is None or not frm.tag or not to.tag or not call_id:
+            return
+        key = (call_id, frm.tag, to.tag)
+        entry = self.dialogs.get(key)
+        if entry is None:
+            entry = self.dialogs[key] = _Shift(tb.shift, tb.name, now)
+            while len(self.dialogs) > self.max_dialogs:
+                self.dialogs.popitem(last=False)
+        entry.offset = tb.shift
+        entry.seen = now
+        tb.dialog = entry
+
+    def shift_ack(self, ack: Request) -> None:
+        """An ACK for a 2xx from the caller of a shifted dialog: the CSeq of the INVITE the
+        provider saw (RFC 3261 §13.2.2.4)."""
+        if not self.dialogs:
+            return
+        frm, to = ack.from_, ack.to
+        call_id = ack.call_id
+        if frm is None or to is None or not frm.tag or not to.tag or not call_id:
+            return
+        entry = self.dialogs.get((call_id, frm.tag, to.tag))
+        if entry is not None:
+            _shift_cseq(ack, entry.offset)
+
+
+def _shift_cseq(request: Request, offset: int) -> None:
+    """CSeq (and a PRACK's RAck, RFC 3262, which names the INVITE's CSeq) ``offset`` higher."""
+    cseq = request.cseq
+    if cseq is None or not offset:
+        return
+    request.set_header("CSeq", f"{cseq.seq + offset} {cseq.method}")
+    rack = request.headers.get("RAck")
+    if rack is not None:
+        parts = rack.split()
+        if len(parts) == 3 and parts[1].isdigit():
+            request.set_header("RAck", f"{parts[0]} {int(parts[1]) + offset} {parts[2]}")
