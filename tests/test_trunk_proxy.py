@@ -1,0 +1,178 @@
+"""The proxy core's side of trunks, sans-IO on the test network: a branch to a trunk answers the
+provider's 407 with the trunk's credentials (CSeq + 1, a new transaction), the caller never sees
+the challenge, the dialog's later requests from the caller (ACK, BYE, re-INVITE) are shifted
+toward the provider and their responses back, the provider's own requests are not, a CANCEL
+follows the re-sent INVITE, and a second challenge ends as a 403."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_proxy_net import Net, Phone, ProxyNode
+
+from fastsip.proxy.auth import Credentials, DigestAuthenticator, DigestClient
+from fastsip.proxy.core import ProxyContext, ResponseContext, Target
+from fastsip.proxy.trunk import TrunkAuth
+from fastsip.sip import Message, Request, Response
+from fastsip.transport import Address
+from fastsip.ua import Call
+
+PROXY = "sip:127.0.0.1:5060;lr"
+PROVIDER = "sip:+15550100@127.0.0.1:5090"
+
+
+class TrunkRouter:
+    in_dialog = False
+    wants_responses = False
+
+    def on_request(self, ctx: ProxyContext) -> None:
+        ctx.forward([Target(PROVIDER, trunk="prov")])
+
+    def on_failure(self, ctx: ResponseContext, best: Response) -> bool:
+        return False
+
+    def on_response(self, ctx: ResponseContext, response: Response) -> None:
+        pass
+
+
+class Provider(Phone):
+    """A UA that challenges every INVITE without good Proxy-Authorization (407), records what
+    it receives, and then does ``then(call)`` (answer by default)."""
+
+    def __init__(self, net: Net, password: str = "pw", then: Any = None) -> None:
+        creds = Credentials()
+        creds.add("trunkuser", password=password)
+        self.auth = DigestAuthenticator("provider.test", creds, algorithms=("SHA-256", "MD5"),
+                                        check_uri=True)
+        self.received: list[Message] = []
+
+        def policy(call: Call) -> None:
+            if self.auth.authenticate(call.invite, net.wheel.time(), proxy=True).ok:
+                (then or (lambda c: c.answer(b"v=0\r\n", content_type="application/sdp")))(call)
+                return
+            challenge = self.auth.challenge(call.invite, net.wheel.time(), proxy=True)
+            call.reject(407, headers=[("Proxy-Authenticate", v) for v in
+                                      challenge.headers.getall("Proxy-Authenticate")])
+
+        super().__init__(net, "provider", 5090, policy=policy)
+
+    def deliver(self, msg: Message, source: Address) -> None:
+        self.received.append(msg)
+        super().deliver(msg, source)
+
+    def got(self, method: str) -> list[Request]:
+        return [m for m in self.received if isinstance(m, Request) and m.method == method]
+
+
+class Caller(Phone):
+    """A UA that records what it receives."""
+
+    def __init__(self, net: Net) -> None:
+        self.received: list[Message] = []
+        super().__init__(net, "alice", 5070)
+
+    def deliver(self, msg: Message, source: Address) -> None:
+        self.received.append(msg)
+        super().deliver(msg, source)
+
+
+def setup(password: str = "pw", then: Any = None) -> tuple[Net, ProxyNode, Caller, Provider]:
+    net = Net()
+    node = ProxyNode(net, TrunkRouter())
+    node.proxy.trunks = TrunkAuth({"prov": DigestClient("trunkuser", "pw")})
+    alice = Caller(net)
+    provider = Provider(net, password, then)
+    return net, node, alice, provider
+
+
+def cseqs(requests: list[Request]) -> list[int]:
+    return [r.cseq.seq for r in requests if r.cseq is not None]
+
+
+def test_challenge_answered_and_dialog_shifted() -> None:
+    net, node, alice, provider = setup()
+    call = alice.ua.invite("sip:+15550100@example.com", body=b"v=0\r\n", proxy=PROXY)
+    net.run(1.0)
+    assert call.status == 200 and call.state == "confirmed"
+    assert not any(" 407 " in line for line in net.lines("proxy", "alice"))
+    invites = provider.got("INVITE")
+    assert cseqs(invites) == [1, 2]
+    assert "Proxy-Authorization" in invites[1].headers
+    assert "Proxy-Authorization" not in invites[0].headers
+    assert invites[0].top_via.branch != invites[1].top_via.branch  # type: ignore[union-attr]
+    assert invites[1].record_route            # the proxy stays in the path
+    # ACK for the 407 (hop by hop, CSeq 1) and the ACK for the 2xx (CSeq 2, §13.2.2.4).
+    assert cseqs(provider.got("ACK")) == [1, 2]
+    assert len(node.proxy.trunks.dialogs) == 1
+    # A re-INVITE and the BYE from the caller: shifted by one, and back for the caller.
+    alice.ua.reinvite(call, b"v=0\r\n")
+    net.run(2.0)
+    assert cseqs(provider.got("INVITE"))[-1] == 3   # the caller's 2, shifted
+    assert cseqs(provider.got("ACK"))[-1] == 3
+    call.bye()
+    net.run(3.0)
+    assert call.bye_status == 200                    # the response carried the caller's CSeq
+    assert cseqs(provider.got("BYE")) == [4]
+    assert node.proxy.trunks.dialogs == {}           # the BYE ended the shift
+    assert node.proxy.pending == 0
+
+
+def test_provider_side_requests_are_not_shifted() -> None:
+    net, node, alice, provider = setup()
+    call = alice.ua.invite("sip:+15550100@example.com", body=b"v=0\r\n", proxy=PROXY)
+    net.run(1.0)
+    assert call.status == 200
+    theirs = provider.calls[-1]
+    theirs.bye()
+    net.run(2.0)
+    assert theirs.bye_status == 200
+    # The provider's BYE reaches the caller with the provider's own CSeq, and the 200 goes
+    # back to the provider unchanged (its transaction matched it: bye_status 200 above).
+    byes = [m for m in alice.received if isinstance(m, Request) and m.method == "BYE"]
+    assert len(byes) == 1 and byes[0].cseq is not None
+    assert theirs.dialog is not None and byes[0].cseq.seq == theirs.dialog.local_cseq == 1
+    assert call.state == "terminated"
+    assert node.proxy.trunks.dialogs == {}
+
+
+def test_wrong_credentials_end_as_403_after_one_retry() -> None:
+    net, node, alice, provider = setup(password="other")
+    call = alice.ua.invite("sip:+15550100@example.com", body=b"v=0\r\n", proxy=PROXY)
+    net.run(2.0)
+    assert call.status == 403
+    assert cseqs(provider.got("INVITE")) == [1, 2]    # one retry, never a loop
+    assert not any(" 407 " in line for line in net.lines("proxy", "alice"))
+    assert node.proxy.trunks.refused == 1 and node.proxy.trunks.dialogs == {}
+
+
+def test_cancel_follows_the_resent_invite() -> None:
+    net, _node, alice, provider = setup(then=lambda c: c.ring(180))
+    call = alice.ua.invite("sip:+15550100@example.com", body=b"v=0\r\n", proxy=PROXY)
+    net.run(1.0)
+    assert any(" 180 " in line for line in
+                 net.lines("proxy", "alice"))
+    call.cancel()
+    net.run(2.0)
+    cancels = provider.got("CANCEL")
+    invites = provider.got("INVITE")
+    assert len(cancels) == 1
+    # §9.1: the CANCEL matches the INVITE it cancels: the re-sent one's branch and CSeq.
+    assert cancels[0].cseq is not None and cancels[0].cseq.seq == 2
+    assert cancels[0].top_via.branch == invites[1].top_via.branch  # type: ignore[union-attr]
+    assert call.status == 487
+
+
+def test_no_trunk_state_without_trunks() -> None:
+    net = Net()
+    node = ProxyNode(net, TrunkRouter())
+    alice = Phone(net, "alice", 5070)
+    Provider(net)
+    call = alice.ua.invite("sip:+15550100@example.com", body=b"v=0\r\n", proxy=PROXY)
+    net.run(2.0)
+    # Without trunk credentials the challenge goes to the caller as it is.
+    assert call.status == 407
+    assert node.proxy.trunks is None
