@@ -149,6 +149,19 @@ def test_wrong_credentials_end_as_403_after_one_retry() -> None:
     assert node.proxy.trunks.refused == 1 and node.proxy.trunks.dialogs == {}
 
 
+def test_early_dialog_that_fails_leaves_no_shift() -> None:
+    def ring_then_busy(call: Call) -> None:
+        call.ring(180)       # an early dialog (To tag): its shift is recorded ...
+        call.reject(486)     # ... and forgotten when the INVITE fails
+
+    net, node, alice, provider = setup(then=ring_then_busy)
+    call = alice.ua.invite("sip:+15550100@example.com", body=b"v=0\r\n", proxy=PROXY)
+    net.run(2.0)
+    assert call.status == 486
+    assert cseqs(provider.got("INVITE")) == [1, 2]
+    assert node.proxy.trunks.dialogs == {}
+
+
 def test_cancel_follows_the_resent_invite() -> None:
     net, _node, alice, provider = setup(then=lambda c: c.ring(180))
     call = alice.ua.invite("sip:+15550100@example.com", body=b"v=0\r\n", proxy=PROXY)

@@ -686,9 +686,12 @@ class ResponseContext:
                                           to_tag=_new_tag())
             self._resend(branch, answer)
             return None
-        if 100 < status < 300 and tb.shift and trunks is not None \
-                and self.request.method == "INVITE":
-            trunks.dialog_answered(tb, self.request, response, self.proxy.clock.time())
+        if tb.shift and trunks is not None and self.request.method == "INVITE":
+            if 100 < status < 300:
+                trunks.dialog_answered(tb, self.request, response, self.proxy.clock.time())
+            elif status >= 300 and tb.dialog is not None \
+                    and (self.request.to is None or self.request.to.tag is None):
+                trunks.dialog_failed(tb)     # an early dialog that never became one
         return response
 
     def _resend(self, branch: Branch, credentials: tuple[str, str]) -> None:
@@ -1556,7 +1559,8 @@ class Proxy:
         branch = f"{MAGIC_COOKIE}-{loop}.{self._prefix}{next(self._counter):x}"
         copy.add_via(self._via(dest, branch))
         made = Branch(ctx, target, copy, dest)
-        made.trunk = tb
+        if tb is not None:
+            made.trunk = tb
         return made
 
     def _forward_stateless(self, request: Request, target: Target, source: Address) -> None:

@@ -119,9 +119,10 @@ def parse_trunk(spec: str) -> TrunkSpec:
         raise TrunkError(f"{spec!r}: not a SIP URI ({exc})") from None
     if not uri.is_sip:
         raise TrunkError(f"{spec!r}: needs a sip: or sips: URI")
-    if "@" in text and "@" not in str(uri):
-        raise TrunkError(f"{spec!r}: a password in the URI is not allowed "
-                         "(use --trunk-credentials)")
+    if getattr(uri, "password", None):
+        # (Not echoed: the spec holds a secret.)
+        raise TrunkError(f"--trunk {name}: a password in the URI is not allowed (it would "
+                         "show in process lists and logs): use --trunk-credentials")
     register = True
     params = uri.params or {}
     value = params.get("register")
@@ -382,9 +383,11 @@ def _int(text: str | None) -> int | None:
 class _Shift:
     """One dialog whose caller-side CSeq numbers are shifted toward a provider."""
 
-    __slots__ = ("offset", "seen", "trunk")
+    __slots__ = ("key", "offset", "seen", "trunk")
 
-    def __init__(self, offset: int, trunk: str, seen: float) -> None:
+    def __init__(self, key: tuple[str, str, str], offset: int, trunk: str,
+                 seen: float) -> None:
+        self.key = key
         self.offset = offset
         self.trunk = trunk
         self.seen = seen
@@ -505,12 +508,19 @@ class TrunkAuth:
         key = (call_id, frm.tag, to.tag)
         entry = self.dialogs.get(key)
         if entry is None:
-            entry = self.dialogs[key] = _Shift(tb.shift, tb.name, now)
+            entry = self.dialogs[key] = _Shift(key, tb.shift, tb.name, now)
             while len(self.dialogs) > self.max_dialogs:
                 self.dialogs.popitem(last=False)
         entry.offset = tb.shift
         entry.seen = now
         tb.dialog = entry
+
+    def dialog_failed(self, tb: TrunkBranch) -> None:
+        """The INVITE whose early dialog (a reliable 1xx) was recorded failed: forget it."""
+        entry = tb.dialog
+        if entry is not None and self.dialogs.get(entry.key) is entry:
+            del self.dialogs[entry.key]
+        tb.dialog = None
 
     def shift_ack(self, ack: Request) -> None:
         """An ACK for a 2xx from the caller of a shifted dialog: the CSeq of the INVITE the
