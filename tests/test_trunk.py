@@ -24,6 +24,8 @@ from fastsip.proxy.trunk import (
     REGISTERED,
     REGISTERING,
     Registration,
+    TrunkAuth,
+    TrunkBranch,
     TrunkError,
     load_trunk_credentials,
     parse_trunk,
@@ -281,3 +283,50 @@ def test_no_credentials_fails_on_challenge() -> None:
     reg = _registration(client=None)
     _exchange(reg, provider, reg.start(0.0), 0.0)
     assert reg.state == FAILED and len(provider.seen) == 1
+
+
+# -- the core's dialog CSeq shifts --------------------------------------------------------------
+
+
+def _in_dialog(method: str, frm: str, to: str, seq: int, call_id: str = "c1") -> Request:
+    return Request.create(method, "sip:x@127.0.0.1", [
+        ("Via", "SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-x"), ("Max-Forwards", "70"),
+        ("From", f"<sip:a@h>;tag={frm}"), ("To", f"<sip:b@h>;tag={to}"),
+        ("Call-ID", call_id), ("CSeq", f"{seq} {method}")])
+
+
+def _answered(auth: TrunkAuth, call_id: str, now: float, shift: int = 1) -> None:
+    invite = Request.create("INVITE", "sip:x@127.0.0.1", [
+        ("Via", "SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-y"), ("Max-Forwards", "70"),
+        ("From", "<sip:a@h>;tag=caller"), ("To", "<sip:b@h>"), ("Call-ID", call_id),
+        ("CSeq", "1 INVITE")])
+    tb = TrunkBranch("prov", shift)
+    auth.dialog_answered(tb, invite, invite.reply(200, to_tag="prov"), now)
+
+
+def test_shift_direction_and_bounds() -> None:
+    auth = TrunkAuth({}, max_dialogs=3, max_age=100.0)
+    _answered(auth, "c1", 0.0, shift=2)
+    ours = _in_dialog("INFO", "caller", "prov", 5)
+    copy = ours.copy()
+    tb = auth.branch(ours, copy, None, 1.0)
+    assert tb is not None and tb.name == "prov" and tb.shift == 2
+    assert copy.cseq is not None and copy.cseq.seq == 7
+    theirs = _in_dialog("INFO", "prov", "caller", 5)
+    copy = theirs.copy()
+    assert auth.branch(theirs, copy, None, 1.0) is None       # the provider's: untouched
+    assert copy.cseq is not None and copy.cseq.seq == 5
+    ack = _in_dialog("ACK", "caller", "prov", 1)
+    auth.shift_ack(ack)
+    assert ack.cseq is not None and ack.cseq.seq == 3
+    # Capped: the least recently used go first.
+    for n in range(2, 6):
+        _answered(auth, f"c{n}", 2.0 + n)
+    assert len(auth.dialogs) == 3 and ("c1", "caller", "prov") not in auth.dialogs
+    # Unused for max_age: gone when the next dialog is recorded.
+    _answered(auth, "c9", 500.0)
+    assert list(auth.dialogs) == [("c9", "caller", "prov")]
+    # A BYE from either side ends it (and is itself still shifted when it is the caller's).
+    bye = _in_dialog("BYE", "prov", "caller", 9, call_id="c9")
+    auth.branch(bye, bye.copy(), None, 501.0)
+    assert auth.dialogs == {}

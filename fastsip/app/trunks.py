@@ -74,6 +74,9 @@ def trunks_from_args(args: argparse.Namespace) -> Trunks | None:
         raise TrunkError("--trunk-retry: expected MIN:MAX seconds") from None
     if not 0 < retry_min <= retry_max:
         raise TrunkError("--trunk-retry: need 0 < MIN <= MAX")
+    if int(getattr(args, "workers", 1) or 1) > 1:
+        log.warning("--trunk with --workers %s: every worker registers on its own; run "
+                    "trunks with one worker", args.workers)
     expires = int(getattr(args, "trunk_expires", 3600))
     if expires <= 0:
         raise TrunkError("--trunk-expires must be > 0")

@@ -509,8 +509,12 @@ class TrunkAuth:
         entry = self.dialogs.get(key)
         if entry is None:
             entry = self.dialogs[key] = _Shift(key, tb.shift, tb.name, now)
-            while len(self.dialogs) > self.max_dialogs:
-                self.dialogs.popitem(last=False)
+            # Least recently used first (a use moves an entry to the end): the ones unused
+            # for max_age go, and past max_dialogs the oldest.
+            dialogs = self.dialogs
+            while len(dialogs) > self.max_dialogs or \
+                    now - next(iter(dialogs.values())).seen > self.max_age:
+                dialogs.popitem(last=False)
         entry.offset = tb.shift
         entry.seen = now
         tb.dialog = entry
