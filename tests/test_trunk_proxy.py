@@ -29,8 +29,14 @@ class TrunkRouter:
     in_dialog = False
     wants_responses = False
 
+    def __init__(self, also: str | None = None) -> None:
+        self.also = also
+
     def on_request(self, ctx: ProxyContext) -> None:
-        ctx.forward([Target(PROVIDER, trunk="prov")])
+        targets = [Target(PROVIDER, trunk="prov")]
+        if self.also:
+            targets.append(Target(self.also))     # forked: a plain branch beside the trunk
+        ctx.forward(targets)
 
     def on_failure(self, ctx: ResponseContext, best: Response) -> bool:
         return False
@@ -80,9 +86,10 @@ class Caller(Phone):
         super().deliver(msg, source)
 
 
-def setup(password: str = "pw", then: Any = None) -> tuple[Net, ProxyNode, Caller, Provider]:
+def setup(password: str = "pw", then: Any = None, also: str | None = None,
+          **kw: Any) -> tuple[Net, ProxyNode, Caller, Provider]:
     net = Net()
-    node = ProxyNode(net, TrunkRouter())
+    node = ProxyNode(net, TrunkRouter(also), **kw)
     node.proxy.trunks = TrunkAuth({"prov": DigestClient("trunkuser", "pw")})
     alice = Caller(net)
     provider = Provider(net, password, then)
@@ -177,6 +184,31 @@ def test_cancel_follows_the_resent_invite() -> None:
     assert cancels[0].cseq is not None and cancels[0].cseq.seq == 2
     assert cancels[0].top_via.branch == invites[1].top_via.branch  # type: ignore[union-attr]
     assert call.status == 487
+
+
+def test_forked_beside_a_plain_branch() -> None:
+    net, _node, alice, provider = setup(also="sip:carol@127.0.0.1:5095")
+    carol = Phone(net, "carol", 5095, policy=lambda c: c.ring(180))
+    call = alice.ua.invite("sip:+15550100@example.com", body=b"v=0\r\n", proxy=PROXY)
+    net.run(1.0)
+    assert call.status == 200 and call.state == "confirmed"
+    assert cseqs(provider.got("INVITE")) == [1, 2]
+    # The plain branch was cancelled after the trunk's 2xx (§16.7 step 10), unshifted.
+    assert carol.calls and carol.calls[0].state == "terminated"
+    assert "CANCEL sip:carol@127.0.0.1:5095 SIP/2.0" in net.lines("proxy", "carol")
+    call.bye()
+    net.run(2.0)
+    assert call.bye_status == 200 and cseqs(provider.got("BYE")) == [3]
+
+
+def test_timer_c_cancels_the_resent_invite() -> None:
+    net, node, alice, provider = setup(then=lambda c: c.ring(180), timer_c=5.0)
+    call = alice.ua.invite("sip:+15550100@example.com", body=b"v=0\r\n", proxy=PROXY)
+    net.run(10.0)
+    cancels = provider.got("CANCEL")
+    assert len(cancels) == 1 and cancels[0].cseq is not None and cancels[0].cseq.seq == 2
+    assert call.status == 408                   # §16.8: nobody answered
+    assert node.proxy.pending == 0
 
 
 def test_no_trunk_state_without_trunks() -> None:
