@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from procutil import free_port
+from procutil import fastsip_env, free_port
 from serveutil import HOST, SIPP, Serve, finish, sipp, successful
 
 pytestmark = pytest.mark.skipif(SIPP is None, reason="sipp is not installed")
@@ -211,3 +212,22 @@ def test_call_from_the_trunk_reaches_the_user_routes_name(tmp_path: Path) -> Non
                 proc.kill()
                 finish(proc, 5)
         serve.close()
+
+
+def test_bad_trunk_options_refuse_to_start(tmp_path: Path) -> None:
+    creds = _credentials(tmp_path)
+    cases = [
+        (["--trunk", f"prov=sip:trunkuser:{PASSWORD}@{HOST}:5999"], "password in the URI"),
+        (["--trunk", "prov"], "expected NAME=sip:USER@HOST"),
+        (["--trunk-credentials", str(creds)], "without --trunk"),
+        (["--trunk", f"prov=sip:u@{HOST}", "--trunk-credentials", str(tmp_path / "nope")],
+         "cannot read trunk credentials"),
+    ]
+    for extra, message in cases:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fastsip.cli", "serve", "--listen", f"udp:{HOST}:0", *extra],
+            check=False, capture_output=True, text=True, timeout=30, env=fastsip_env(),
+            cwd=tmp_path)
+        assert proc.returncode == 2, (extra, proc.stderr)
+        assert message in proc.stderr, proc.stderr
+        assert PASSWORD not in proc.stderr + proc.stdout
