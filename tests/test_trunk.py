@@ -330,3 +330,19 @@ def test_shift_direction_and_bounds() -> None:
     bye = _in_dialog("BYE", "prov", "caller", 9, call_id="c9")
     auth.branch(bye, bye.copy(), None, 501.0)
     assert auth.dialogs == {}
+
+
+def test_stale_challenge_is_answered_once_more() -> None:
+    creds = Credentials()
+    creds.add("alice", password="pw")
+    server = DigestAuthenticator("prov.example", creds)
+    reg = _registration()
+    first = reg.start(0.0)[0]
+    (second,) = reg.receive_response(server.challenge(first, 0.0), 0.0)
+    assert "Authorization" in second.headers
+    # The nonce went stale meanwhile (RFC 7616 §3.3): the credentials were right; once more.
+    (third,) = reg.receive_response(server.challenge(second, 0.1, stale=True), 0.1)
+    assert third.cseq is not None and third.cseq.seq == 3
+    # A plain challenge again: refused, no loop.
+    assert reg.receive_response(server.challenge(third, 0.2), 0.2) == []
+    assert reg.state == FAILED

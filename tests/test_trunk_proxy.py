@@ -211,6 +211,23 @@ def test_timer_c_cancels_the_resent_invite() -> None:
     assert node.proxy.pending == 0
 
 
+def test_unchallenged_trunk_call_keeps_an_unshifted_entry() -> None:
+    net = Net()
+    node = ProxyNode(net, TrunkRouter())
+    node.proxy.trunks = TrunkAuth({"prov": DigestClient("trunkuser", "pw")})
+    alice = Caller(net)
+    Phone(net, "provider", 5090)               # answers without a challenge
+    call = alice.ua.invite("sip:+15550100@example.com", body=b"v=0\r\n", proxy=PROXY)
+    net.run(1.0)
+    assert call.status == 200
+    # One entry, offset 0: it names the trunk, so a challenged BYE would be answered too.
+    (entry,) = node.proxy.trunks.dialogs.values()
+    assert entry.offset == 0 and entry.trunk == "prov"
+    call.bye()
+    net.run(2.0)
+    assert call.bye_status == 200 and node.proxy.trunks.dialogs == {}
+
+
 def test_no_trunk_state_without_trunks() -> None:
     net = Net()
     node = ProxyNode(net, TrunkRouter())

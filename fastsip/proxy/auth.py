@@ -531,8 +531,11 @@ class DigestClient:
         return f"<DigestClient {self.username!r}>"
 
     def answer(self, response: Response, request: Request) -> tuple[str, str, str] | None:
-        """(header name, header value, realm) for re-sending ``request`` after the challenge
-        ``response``; None when it offers nothing we can answer."""
+        """(header name, header value, realm key) for re-sending ``request`` after the
+        challenge ``response``; None when it offers nothing we can answer.  The realm key is
+        the realm, marked when the challenge says ``stale=true`` (RFC 7616 §3.3: the last
+        credentials were right, only the nonce was old), so a caller answering "once per
+        realm" answers a stale challenge once more -- and still never loops."""
         picked = _pick_challenge(response)
         if picked is None:
             return None
@@ -544,7 +547,8 @@ class DigestClient:
         value = digest_authorization(challenge, request.method, str(request.uri),
                                      self.username, self._password, nc=self._nc,
                                      cnonce=secrets.token_hex(8))
-        return name, value, challenge["realm"]
+        stale = challenge.get("stale", "").lower() == "true"
+        return name, value, challenge["realm"] + ("\x00stale" if stale else "")
 
 
 def _quote(text: str) -> str:

@@ -686,7 +686,7 @@ class ResponseContext:
                                           to_tag=_new_tag())
             self._resend(branch, answer)
             return None
-        if tb.shift and trunks is not None and self.request.method == "INVITE":
+        if trunks is not None and self.request.method == "INVITE":
             if 100 < status < 300:
                 trunks.dialog_answered(tb, self.request, response, self.proxy.clock.time())
             elif status >= 300 and tb.dialog is not None \

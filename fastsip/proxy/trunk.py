@@ -499,8 +499,10 @@ class TrunkAuth:
 
     def dialog_answered(self, tb: TrunkBranch, request: Request, response: Response,
                         now: float) -> None:
-        """A 2xx (or a reliable 1xx with a To tag) to an INVITE re-sent with CSeq + shift:
-        the caller's later requests in that dialog are shifted by as much."""
+        """A 2xx (or a 1xx with a To tag: an early dialog) to an INVITE on a branch to a
+        trunk: the caller's later requests in that dialog are shifted by the branch's shift
+        (0 when it was not challenged: the entry then only names the trunk, so challenges of
+        in-dialog requests are answered too)."""
         frm, to = request.from_, response.to
         call_id = request.call_id
         if frm is None or to is None or not frm.tag or not to.tag or not call_id:
