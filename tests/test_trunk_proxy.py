@@ -238,3 +238,19 @@ def test_no_trunk_state_without_trunks() -> None:
     # Without trunk credentials the challenge goes to the caller as it is.
     assert call.status == 407
     assert node.proxy.trunks is None
+
+
+def test_challenge_after_cancel_is_not_answered_nor_relayed() -> None:
+    # The provider sends nothing provisional before its 407, so the caller's CANCEL has to
+    # wait (§9.1); the 407 then ends the branch, and the caller hears 487, never the 407.
+    net, node, alice, provider = setup()
+    net.drop = lambda data, dest: dest.port == 5090 and data.startswith(b"INVITE") \
+        and net.wheel.time() < 0.2          # the first INVITE is "slow" to arrive
+    call = alice.ua.invite("sip:+15550100@example.com", body=b"v=0\r\n", proxy=PROXY)
+    net.run(0.1)
+    call.cancel()
+    net.run(5.0)
+    assert call.status == 487
+    assert not any(" 407 " in line for line in net.lines("proxy", "alice"))
+    assert cseqs(provider.got("INVITE")) == [1]     # no re-send after the CANCEL
+    assert node.proxy.pending == 0

@@ -45,6 +45,7 @@ from collections.abc import Callable, Container, Iterable, Sequence
 from functools import lru_cache
 from typing import Any, Protocol
 
+from fastsip.proxy.auth import parse_auth_params
 from fastsip.proxy.nat import add_alias, contact_behind_nat, pop_alias, request_behind_nat
 from fastsip.sip import URI, Message, Request, Response
 from fastsip.transaction import (
@@ -674,11 +675,16 @@ class ResponseContext:
             if cseq is not None:
                 response.set_header("CSeq", f"{cseq.seq - tb.shift} {cseq.method}")
         if status in (401, 407) and branch.final is None and trunks is not None:
-            if self.cancelled or self.final_sent or branch.cancel_sent or branch.timer_c_fired:
-                return response   # the branch is ending anyway: the failure goes on
+            if tb.name not in trunks.clients:
+                return response   # no credentials for this trunk: nothing of ours to add
+            if self.cancelled or branch.cancel_sent or branch.timer_c_fired or self.final_sent:
+                # The branch is ending anyway: no new request; the challenge (which was for
+                # us) becomes what the caller's CANCEL or Timer C would have brought.
+                return self.request.reply(408 if branch.timer_c_fired else 487,
+                                          to_tag=_new_tag())
             answer = trunks.answer(tb, response, branch.request)
             if answer is None:
-                return response   # no credentials for this trunk: nothing of ours to add
+                return response   # nothing we can answer (an unknown algorithm)
             if answer is False:
                 log.warning("trunk %s refused our credentials for %s %s (%d): 403 upstream",
                             tb.name, self.request.method, self.request.uri, status)
@@ -710,6 +716,14 @@ class ResponseContext:
         assert cseq is not None  # validated on arrival
         request.set_header("CSeq", f"{cseq.seq + 1} {cseq.method}")
         name, value = credentials
+        # Credentials for other realms stay (§22.3: one per challenging realm); an earlier
+        # answer for this realm (a stale nonce) is replaced.
+        realm = _auth_realm(value)
+        kept = [v for v in request.headers.getlines(name) if _auth_realm(v) != realm]
+        if len(kept) != request.headers.count(name):
+            request.remove_header(name)
+            for v in kept:
+                request.add_header(name, v)
         request.add_header(name, value)
         branch.trunk.shift += 1
         branch.trunk.resent()
@@ -889,6 +903,14 @@ class ResponseContext:
             f"<ResponseContext {self.request.method} {self.request.uri} "
             f"branches={len(self.branches)} active={self.active}>"
         )
+
+
+def _auth_realm(value: str) -> str | None:
+    """The realm of a credentials header value (None when it has none or does not parse)."""
+    try:
+        return parse_auth_params(value)[1].get("realm")
+    except ValueError:
+        return None
 
 
 def _is_sips(uri: URI | None) -> bool:
