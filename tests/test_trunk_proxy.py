@@ -254,3 +254,54 @@ def test_challenge_after_cancel_is_not_answered_nor_relayed() -> None:
     assert not any(" 407 " in line for line in net.lines("proxy", "alice"))
     assert cseqs(provider.got("INVITE")) == [1]     # no re-send after the CANCEL
     assert node.proxy.pending == 0
+
+
+def test_trunks_driver_registers_and_refreshes_on_the_proxy_clock() -> None:
+    from test_proxy_net import Raw
+
+    from fastsip.app.trunks import Trunks
+    from fastsip.proxy.trunk import REGISTERED, parse_trunk
+
+    net = Net()
+    node = ProxyNode(net, TrunkRouter())
+    creds = Credentials()
+    creds.add("trunkuser", password="pw")
+    auth = DigestAuthenticator("provider.test", creds)
+
+    def registrar(request: Request) -> Response:
+        now = net.wheel.time()
+        if not auth.authenticate(request, now).ok:
+            return auth.challenge(request, now)
+        contact = (request.headers.get("Contact") or "").split(";")[0]
+        return request.reply(200, to_tag="r1",
+                             headers=[("Contact", f"{contact};expires=10")])
+
+    raw = Raw(net, "registrar", 5099, auto=registrar)
+    trunks = Trunks([parse_trunk("prov=sip:trunkuser@127.0.0.1:5099")],
+                    {"prov": DigestClient("trunkuser", "pw")})
+    trunks.attach(node.proxy)
+    assert node.proxy.trunks is trunks.auth
+    net.run(1.0)
+    status = trunks.status()["prov"]
+    assert status["state"] == REGISTERED and status["failures"] == 0
+    assert status["expires_at"] is not None and status["next_attempt"] is not None
+    # Granted 10 s: refreshed every 5 s, each a challenged REGISTER and its answer.
+    net.run(31.0)
+    reg = trunks.registrations["prov"]
+    assert reg.registered_count == 7
+    registers = raw.requests("REGISTER")
+    assert len(registers) == 14
+    assert registers[0].headers.get("Contact") == "<sip:trunkuser@127.0.0.1:5060>;expires=3600"
+    # Which trunk a request came from: its source, else our registered Contact.
+    invite = Request.create("INVITE", "sip:trunkuser@127.0.0.1:5060", [
+        ("Via", "SIP/2.0/UDP 127.0.0.9:5070;branch=z9hG4bK-i"), ("From", "<sip:x@y>;tag=1"),
+        ("To", "<sip:trunkuser@127.0.0.1>"), ("Call-ID", "i1"), ("CSeq", "1 INVITE")])
+    assert trunks.match(Address("UDP", "127.0.0.1", 5099), invite) == "prov"
+    assert trunks.match(Address("UDP", "127.0.0.9", 5070), invite) == "prov"
+    other = Request.create("INVITE", "sip:bob@127.0.0.1:5060", [
+        ("Via", "SIP/2.0/UDP 127.0.0.9:5070;branch=z9hG4bK-j"), ("From", "<sip:x@y>;tag=1"),
+        ("To", "<sip:bob@127.0.0.1>"), ("Call-ID", "i2"), ("CSeq", "1 INVITE")])
+    assert trunks.match(Address("UDP", "127.0.0.9", 5070), other) is None
+    trunks.stop()
+    net.run(60.0)
+    assert len(raw.requests("REGISTER")) == 14    # stopped: no more refreshes
