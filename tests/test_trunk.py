@@ -346,3 +346,23 @@ def test_stale_challenge_is_answered_once_more() -> None:
     # A plain challenge again: refused, no loop.
     assert reg.receive_response(server.challenge(third, 0.2), 0.2) == []
     assert reg.state == FAILED
+
+
+def test_granted_interval_sources() -> None:
+    reg = _registration(expires=3600)
+    first = reg.start(0.0)[0]
+    # Our Contact rewritten by a NATing provider, alone in the 200: its expires counts.
+    reg.receive_response(first.reply(200, to_tag="x", headers=[
+        ("Contact", "<sip:alice@203.0.113.7:40000>;expires=120")]), 0.0)
+    assert reg.state == REGISTERED and reg.expires_at == 120.0
+    # Several bindings, ours among them: ours counts, not the others'.
+    assert reg.get_timer() == 90.0           # max(60, 120 - 30)
+    second = reg.handle_timer(90.0)[0]
+    reg.receive_response(second.reply(200, to_tag="x", headers=[
+        ("Contact", "<sip:other@192.0.2.1>;expires=30"),
+        ("Contact", "<sip:alice@127.0.0.1:5060>;expires=600")]), 90.0)
+    assert reg.expires_at == 690.0
+    # No Contact at all: the Expires header.
+    third = reg.handle_timer(reg.get_timer() or 0.0)[0]
+    reg.receive_response(third.reply(200, to_tag="x", headers=[("Expires", "50")]), 700.0)
+    assert reg.expires_at == 750.0

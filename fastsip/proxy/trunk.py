@@ -313,7 +313,7 @@ class Registration:
     def _registered(self, response: Response, now: float) -> None:
         granted = self._granted(response)
         if granted <= 0:
-            self._fail(now, "200 OK without our Contact", FAILED)
+            self._fail(now, "200 OK granting no time (expires=0)", FAILED)
             return
         was = self.state
         self.state = REGISTERED
@@ -330,19 +330,18 @@ class Registration:
 
     def _granted(self, response: Response) -> int:
         """The interval the provider granted our Contact (§10.2.4): its ``expires``
-        parameter in the 200's Contact list, else the Expires header, else what we asked."""
+        parameter in the 200's Contact list, else the Expires header, else what we asked.
+        A provider behind which we are NATed may list our Contact rewritten to the address
+        it sees: with one Contact in the 200, that one is ours."""
         ours = _contact_key(self.contact)
-        found = False
-        for contact in response.contact:
-            uri = contact.uri
-            if uri is None or _contact_key(str(uri)) != ours:
-                continue
-            found = True
+        contacts = response.contact
+        mine = [c for c in contacts if c.uri is not None and _contact_key(str(c.uri)) == ours]
+        if not mine and len(contacts) == 1:
+            mine = contacts
+        for contact in mine:
             value = _int(contact.params.get("expires") if contact.params else None)
             if value is not None:
                 return value
-        if response.contact and not found:
-            return 0
         value = _int(response.headers.get("Expires"))
         return value if value is not None else self._asking
 
