@@ -245,6 +245,22 @@ class Request:
         return to is not None and to.tag is not None
 
     @property
+    def trunk(self) -> str | None:
+        """The name of the trunk (``serve --trunk``) this request came from: its source is the
+        trunk's address, or its Request-URI is the Contact we registered there.  None: not
+        from a trunk (or no trunks).  Routes use it to send a provider's calls to a user::
+
+            if req.trunk == "provider":
+                req.trusted = True                   # our provider: let it reach anyone
+                return req.relay(to="sip:alice@example.com")
+        """
+        trunks = self._router.trunks
+        if trunks is None:
+            return None
+        name: str | None = trunks.match(self.ctx.source, self.ctx.request)
+        return name
+
+    @property
     def for_us(self) -> bool:
         """Is the Request-URI in one of our domains (or naming this proxy)?"""
         return self._router.is_ours(self.ctx.request.uri)
@@ -269,7 +285,7 @@ class Request:
     # -- decisions ---------------------------------------------------------------------------
 
     def relay(self, to: str | URI | None = None, *, route: Sequence[str] = (),
-              ring_timeout: float | None = None) -> Decision:
+              ring_timeout: float | None = None, trunk: str | None = None) -> Decision:
         """Forward the request.  Without ``to``: along its Route headers, else to the
         Request-URI -- for one of our domains, to the registered contacts (404 when none).
         With ``to``: to that URI, which becomes the Request-URI; a ``to`` without a user part
@@ -281,8 +297,20 @@ class Request:
 
         For one of our users the contacts come from the location store, which may have to be
         waited for: the decision is then a ``"lookup"`` that the Router completes (and that
-        becomes a 404 when the user has no binding)."""
+        becomes a 404 when the user has no binding).
+
+        ``trunk``: the request goes to that trunk (``serve --trunk NAME=...``), to ``to`` or,
+        without it, to the trunk's host with the Request-URI's user; the provider's 401/407
+        are answered with the trunk's credentials and never reach the caller (the proxy
+        stays in the dialog's path: docs/trunking.md).  The relay policy still applies."""
         req = self.ctx.request
+        if trunk is not None:
+            trunks = self._router.trunks
+            if trunks is None or trunk not in trunks.specs:
+                raise FastSIPError(f"relay(trunk={trunk!r}): no such trunk (serve --trunk)")
+            uri = self._retarget(to if to is not None else trunks.uri(trunk))
+            return Decision("forward", targets=[Target(uri, route=route, trunk=trunk)],
+                            ring_timeout=ring_timeout)
         if to is None:
             if req.route or not self.for_us:
                 return Decision("forward", targets=[Target(route=route)],
@@ -503,6 +531,9 @@ class Router:
         self._monotonic = monotonic
         #: Requests refused with 503 because too many handlers were running (logs, metrics).
         self.refusals = Refusals()
+        #: The server's trunks (:class:`fastsip.app.trunks.Trunks`: ``relay(trunk=...)``,
+        #: ``req.trunk``); None without any.
+        self.trunks: Any = None
         self.proxy: Proxy | None = None
         self.running = 0
         self._per_source: dict[str, int] = {}

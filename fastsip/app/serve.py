@@ -483,11 +483,23 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event,
     try:
         registrar = Registrar(store, domains=args.domain or (), **_registrar_limits(args),
                               flow_timer=int(args.nat_ping_interval) or None)
+        try:
+            trunks = _trunks(args)
+        except ValueError as exc:
+            _fail(str(exc))
+            return EXIT_USAGE
+
+        # What outlives a reload (SIGHUP makes a new Router): the trunks' registrations and
+        # the gateway sets with their probe state, one of each for every Router.
+        gateway_sets: dict[str, Any] = {}
 
         def make_router(routes: Any, authenticator: Any) -> Router:
-            return Router(routes, registrar=registrar, authenticator=authenticator,
+            made = Router(routes, registrar=registrar, authenticator=authenticator,
                           spawn=loop.create_task, max_concurrency=args.max_concurrency,
                           guard=guard, monotonic=loop.time)
+            made.trunks = trunks
+            made.gateway_sets = gateway_sets
+            return made
 
         router = make_router(routes, authenticator)
         serve_router = ServeRouter(router)
@@ -519,6 +531,8 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event,
         transactions.max_server_transactions = args.max_transactions
         transactions.max_client_transactions = args.max_transactions
         proxy.attach(transactions)
+        if trunks is not None:
+            trunks.attach(proxy)
         ng_clients = []
         anchor = None
         if args.media:
@@ -619,6 +633,8 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event,
             purger[0].cancel()
             keeper.stop()
             gateway_prober.stop()
+            if trunks is not None:
+                trunks.stop()
             serve_router.flush()
             if handoff is not None:
                 handoff.close()
@@ -698,6 +714,13 @@ def _reloader(args: argparse.Namespace, settings: ServeSettings | None,
         task.add_done_callback(tasks.discard)
 
     return on_signal
+
+
+def _trunks(args: argparse.Namespace) -> Any:
+    """``--trunk``/``--trunk-credentials`` (fastsip.app.trunks); None without trunks."""
+    from fastsip.app.trunks import trunks_from_args
+
+    return trunks_from_args(args)
 
 
 def _tls_contexts(args: argparse.Namespace, listen: list[str]
@@ -1032,8 +1055,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                           "open: INSECURE, for labs with self-signed certificates")
     _add_operator_options(p)
     from fastsip.app.gateways import add_gateway_options
+    from fastsip.app.trunks import add_trunk_options
 
     add_gateway_options(p)
+    add_trunk_options(p)
     p.add_argument("--t1", type=float, default=0.5, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log detail on stderr (default info: one line per initial request)")

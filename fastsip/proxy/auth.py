@@ -41,6 +41,8 @@ __all__ = [
     "Credentials",
     "CredentialsError",
     "DigestAuthenticator",
+    "DigestClient",
+    "digest_authorization",
     "digest_response",
     "parse_auth_params",
 ]
@@ -48,7 +50,9 @@ __all__ = [
 logger = logging.getLogger("fastsip.proxy")
 
 #: Digest algorithms we implement (RFC 8760 §2.1 for SIP), by their name in the challenge.
-ALGORITHMS = {"MD5": "md5", "SHA-256": "sha256"}
+ALGORITHMS = {"MD5": "md5", "SHA-256": "sha256", "SHA-512-256": "sha512_256"}
+#: A client's preference when a server offers several (RFC 8760 §2.4: the strongest it knows).
+CLIENT_PREFERENCE = ("SHA-512-256", "SHA-256", "MD5")
 
 # HA1 tags accepted in a credentials file, mapped to the algorithm name of the challenge.
 _HA1_TAGS = {"md5": "MD5", "sha256": "SHA-256", "sha-256": "SHA-256"}
@@ -446,6 +450,105 @@ class DigestAuthenticator:
         ):
             logger.info("%s from %s: %s", request.method, result.user or "?", result.reason)
         return self.challenge(request, now, proxy=proxy, stale=result.stale)
+
+
+# -- the client side (a UAC answering 401/407: outbound registrations, trunk relays) -----------
+
+
+def _pick_challenge(response: Response) -> tuple[str, dict[str, str]] | None:
+    """The challenge to answer in a 401/407: the Digest one whose algorithm we like best
+    (RFC 8760 §2.4: a server lists one per algorithm, a client takes the strongest it
+    supports).  Returns (credentials header name, challenge params) or None."""
+    if response.status_code == 407:
+        challenge, answer = "Proxy-Authenticate", "Proxy-Authorization"
+    else:
+        challenge, answer = "WWW-Authenticate", "Authorization"
+    best: tuple[int, dict[str, str]] | None = None
+    for line in response.headers.getlines(challenge):
+        try:
+            scheme, params = parse_auth_params(line)
+        except ParseError:
+            continue
+        if scheme.lower() != "digest" or "nonce" not in params or "realm" not in params:
+            continue
+        algorithm = params.get("algorithm", "MD5").upper()
+        rank = next((i for i, a in enumerate(CLIENT_PREFERENCE) if a == algorithm), None)
+        if rank is None:
+            continue  # -sess variants and unknown algorithms: not offered to us in SIP
+        params["algorithm"] = CLIENT_PREFERENCE[rank]
+        if best is None or rank < best[0]:
+            best = (rank, params)
+    return (answer, best[1]) if best is not None else None
+
+
+def digest_authorization(
+    challenge: dict[str, str],
+    method: str,
+    digest_uri: str,
+    username: str,
+    password: str,
+    *,
+    nc: int = 1,
+    cnonce: str = "",
+) -> str:
+    """The value of an Authorization / Proxy-Authorization answering ``challenge`` (the
+    params of a Digest challenge, :func:`parse_auth_params`): RFC 7616 §3.4 with ``qop=auth``
+    when offered (``nc`` and ``cnonce`` then count), the RFC 2069 form otherwise."""
+    algorithm = challenge.get("algorithm", "MD5")
+    realm = challenge.get("realm", "")
+    nonce = challenge.get("nonce", "")
+    ha1 = _hash(algorithm, f"{username}:{realm}:{password}")
+    offered = [q.strip().lower() for q in challenge.get("qop", "").split(",")]
+    qop = "auth" if "auth" in offered else None
+    nc_text = f"{nc:08x}"
+    response = digest_response(algorithm, ha1, nonce, method, digest_uri, qop=qop,
+                               nc=nc_text, cnonce=cnonce)
+    parts = [f'Digest username="{_quote(username)}"', f'realm="{_quote(realm)}"',
+             f'nonce="{_quote(nonce)}"', f'uri="{_quote(digest_uri)}"',
+             f'response="{response}"', f"algorithm={algorithm}"]
+    if qop is not None:
+        parts += [f"qop={qop}", f"nc={nc_text}", f'cnonce="{_quote(cnonce)}"']
+    if "opaque" in challenge:
+        parts.append(f'opaque="{_quote(challenge["opaque"])}"')
+    return ", ".join(parts)
+
+
+class DigestClient:
+    """One account's answers to challenges (a UAC's side of RFC 3261 §22.2-22.3): given a
+    401/407 and the request it answers, the header to add to the re-sent request.  Keeps the
+    nonce-count of the last nonce only (each challenge brings a fresh one).  The password is
+    kept here and nowhere else, and never appears in its repr."""
+
+    __slots__ = ("_nc", "_nonce", "_password", "username")
+
+    def __init__(self, username: str, password: str) -> None:
+        self.username = username
+        self._password = password
+        self._nonce = ""
+        self._nc = 0
+
+    def __repr__(self) -> str:
+        return f"<DigestClient {self.username!r}>"
+
+    def answer(self, response: Response, request: Request) -> tuple[str, str, str] | None:
+        """(header name, header value, realm key) for re-sending ``request`` after the
+        challenge ``response``; None when it offers nothing we can answer.  The realm key is
+        the realm, marked when the challenge says ``stale=true`` (RFC 7616 §3.3: the last
+        credentials were right, only the nonce was old), so a caller answering "once per
+        realm" answers a stale challenge once more -- and still never loops."""
+        picked = _pick_challenge(response)
+        if picked is None:
+            return None
+        name, challenge = picked
+        nonce = challenge["nonce"]
+        if nonce != self._nonce:
+            self._nonce, self._nc = nonce, 0
+        self._nc += 1
+        value = digest_authorization(challenge, request.method, str(request.uri),
+                                     self.username, self._password, nc=self._nc,
+                                     cnonce=secrets.token_hex(8))
+        stale = challenge.get("stale", "").lower() == "true"
+        return name, value, challenge["realm"] + ("\x00stale" if stale else "")
 
 
 def _quote(text: str) -> str:

@@ -45,6 +45,7 @@ from collections.abc import Callable, Container, Iterable, Sequence
 from functools import lru_cache
 from typing import Any, Protocol
 
+from fastsip.proxy.auth import parse_auth_params
 from fastsip.proxy.nat import add_alias, contact_behind_nat, pop_alias, request_behind_nat
 from fastsip.sip import URI, Message, Request, Response
 from fastsip.transaction import (
@@ -117,10 +118,11 @@ class Target:
     ``dest``: the transport address to send to, bypassing §8.1.2/RFC 3263 (a TCP binding's
     connection, a NAT'd contact's source).  ``binding``: the location-service binding this
     target came from, when it is a registered contact of one of our users (the relay policy
-    lets anyone reach those).
+    lets anyone reach those).  ``trunk``: the name of the trunk this branch goes to (its
+    provider's 401/407 are answered with that trunk's credentials, :attr:`Proxy.trunks`).
     """
 
-    __slots__ = ("binding", "dest", "route", "uri")
+    __slots__ = ("binding", "dest", "route", "trunk", "uri")
 
     def __init__(
         self,
@@ -129,11 +131,13 @@ class Target:
         route: Sequence[str] = (),
         dest: Address | None = None,
         binding: Any = None,
+        trunk: str | None = None,
     ) -> None:
         self.uri = uri
         self.route = tuple(route)
         self.dest = dest
         self.binding = binding
+        self.trunk = trunk
 
     def __repr__(self) -> str:
         return f"Target({str(self.uri) if self.uri is not None else None!r})"
@@ -297,6 +301,7 @@ class Branch:
         "request",
         "target",
         "timer_c_fired",
+        "trunk",
     )
 
     def __init__(
@@ -314,6 +319,9 @@ class Branch:
         self.timer_c_fired = False
         self._timer_c: Any = None
         self._cancel_guard: Any = None
+        #: A branch to a trunk (:class:`~fastsip.proxy.trunk.TrunkBranch`: its challenges
+        #: answered, its CSeq shift); None for every other branch.
+        self.trunk: Any = None
 
     @property
     def pending(self) -> bool:
@@ -632,6 +640,13 @@ class ResponseContext:
 
     def _on_branch_response(self, branch: Branch, response: Response) -> None:
         response.pop_via()  # §16.7 step 3: our Via
+        if branch.trunk is not None:
+            # A branch to a trunk: its challenge is answered here (None: re-sent), and its
+            # responses carry the caller's CSeq again.
+            answered = self._trunk_response(branch, response)
+            if answered is None:
+                return
+            response = answered
         status = response.status_code
         if 100 < status < 300 and branch.target.binding is not None and self.proxy.nat \
                 and self.request.method in _TARGET_METHODS \
@@ -644,6 +659,84 @@ class ResponseContext:
                 media.on_response(self, response, lambda: self._branch_response(branch, response)):
             return
         self._branch_response(branch, response)
+
+    def _trunk_response(self, branch: Branch, response: Response) -> Response | None:
+        """A response on a branch to a trunk (Kamailio's ``uac_auth`` + dialog
+        ``track_cseq_updates``): a 401/407 is answered with the trunk's credentials -- the
+        request re-sent on this branch with CSeq + 1, once per realm -- and never reaches the
+        caller (None); a second challenge for a realm becomes a 403 of ours.  Other responses
+        get the caller's CSeq back; a 2xx to an INVITE that was re-sent records the dialog's
+        CSeq shift, so the caller's later requests are shifted toward the provider."""
+        tb = branch.trunk
+        trunks = self.proxy.trunks
+        status = response.status_code
+        if tb.shift:
+            cseq = response.cseq
+            if cseq is not None:
+                response.set_header("CSeq", f"{cseq.seq - tb.shift} {cseq.method}")
+        if status in (401, 407) and branch.final is None and trunks is not None:
+            if tb.name not in trunks.clients:
+                return response   # no credentials for this trunk: nothing of ours to add
+            if self.cancelled or branch.cancel_sent or branch.timer_c_fired or self.final_sent:
+                # The branch is ending anyway: no new request; the challenge (which was for
+                # us) becomes what the caller's CANCEL or Timer C would have brought.
+                return self.request.reply(408 if branch.timer_c_fired else 487,
+                                          to_tag=_new_tag())
+            answer = trunks.answer(tb, response, branch.request)
+            if answer is None:
+                return response   # nothing we can answer (an unknown algorithm)
+            if answer is False:
+                log.warning("trunk %s refused our credentials for %s %s (%d): 403 upstream",
+                            tb.name, self.request.method, self.request.uri, status)
+                return self.request.reply(403, "Forbidden (trunk authentication failed)",
+                                          to_tag=_new_tag())
+            self._resend(branch, answer)
+            return None
+        if trunks is not None and self.request.method == "INVITE":
+            if 100 < status < 300:
+                trunks.dialog_answered(tb, self.request, response, self.proxy.clock.time())
+            elif status >= 300 and tb.dialog is not None \
+                    and (self.request.to is None or self.request.to.tag is None):
+                trunks.dialog_failed(tb)     # an early dialog that never became one
+        return response
+
+    def _resend(self, branch: Branch, credentials: tuple[str, str]) -> None:
+        """The branch's request again, as its UAC would after a challenge (RFC 3261 §22.2,
+        §8.1.3.5): a new client transaction (new Via branch), CSeq + 1, the credentials.  The
+        branch keeps its place in the context: its CANCEL, Timer C and final response now
+        follow the new transaction."""
+        proxy = self.proxy
+        old = branch.request
+        request = old.copy()
+        request.pop_via()
+        request.add_via(proxy._via(branch.dest,
+                                   f"{MAGIC_COOKIE}-{self.loop}.{proxy._prefix}"
+                                   f"{next(proxy._counter):x}"))
+        cseq = old.cseq
+        assert cseq is not None  # validated on arrival
+        request.set_header("CSeq", f"{cseq.seq + 1} {cseq.method}")
+        name, value = credentials
+        # Credentials for other realms stay (§22.3: one per challenging realm); an earlier
+        # answer for this realm (a stale nonce) is replaced.
+        realm = _auth_realm(value)
+        kept = [v for v in request.headers.getlines(name) if _auth_realm(v) != realm]
+        if len(kept) != request.headers.count(name):
+            request.remove_header(name)
+            for v in kept:
+                request.add_header(name, v)
+        request.add_header(name, value)
+        branch.trunk.shift += 1
+        branch.trunk.resent()
+        branch.request = request
+        branch.provisional = False
+        if branch._timer_c is not None:  # §16.8: a new request, a new wait for an answer
+            branch._timer_c.cancel()
+            branch._timer_c = proxy.clock.call_later(proxy.timer_c, self._timer_c, branch)
+        try:
+            proxy.layer.request(request, branch.dest, branch)
+        except ValueError as exc:
+            log.info("cannot re-send to %s with credentials: %s", branch.dest, exc)
+            self._branch_failed(branch, 503)
 
     def _branch_response(self, branch: Branch, response: Response) -> None:
         status = response.status_code
@@ -810,6 +903,14 @@ class ResponseContext:
             f"<ResponseContext {self.request.method} {self.request.uri} "
             f"branches={len(self.branches)} active={self.active}>"
         )
+
+
+def _auth_realm(value: str) -> str | None:
+    """The realm of a credentials header value (None when it has none or does not parse)."""
+    try:
+        return parse_auth_params(value)[1].get("realm")
+    except ValueError:
+        return None
 
 
 def _is_sips(uri: URI | None) -> bool:
@@ -1009,6 +1110,9 @@ class Proxy:
         self.media: MediaHook | None = None
         #: Requests refused with 503 because max_pending was reached (logs, metrics).
         self.refusals = Refusals()
+        #: Trunk credentials and dialog CSeq shifts (:class:`~fastsip.proxy.trunk.TrunkAuth`);
+        #: None (no trunk configured) costs the forwarding path nothing but this test.
+        self.trunks: Any = None
         self._layer: TransactionLayer | None = None
         self._transport_local_for: Callable[[Address], Address] | None = None
         self._live = 0
@@ -1192,6 +1296,10 @@ class Proxy:
                 if request.route or not self.is_local(request.uri):
                     log.debug("dropping ACK from %s: not routed through us", source)
                 return
+            if self.trunks is not None:
+                # §13.2.2.4: the ACK for a 2xx carries the CSeq of the INVITE it answers --
+                # the one the provider saw, when we re-sent it with credentials.
+                self.trunks.shift_ack(request)
             self._forward_ack(request, source)
         except ValueError as exc:
             log.debug("dropping ACK from %s: %s", source, exc)
@@ -1459,11 +1567,23 @@ class Proxy:
             and original.method in RECORD_ROUTE_METHODS
             and (original.to is None or original.to.tag is None)
         )
+        trunks = self.trunks
+        tb = None
+        if trunks is not None:
+            # To a trunk, or in a dialog whose CSeq we shift: stay in the path (a forced
+            # Record-Route) and number the request as the provider expects.
+            tb = trunks.branch(original, copy, target, self.clock.time())
+            if tb is not None and target.trunk is not None \
+                    and original.method in RECORD_ROUTE_METHODS:
+                rr = rr or original.to is None or original.to.tag is None
         dest = self._prepare(copy, target, ctx.source, rr)
         loop = ctx.loop
         branch = f"{MAGIC_COOKIE}-{loop}.{self._prefix}{next(self._counter):x}"
         copy.add_via(self._via(dest, branch))
-        return Branch(ctx, target, copy, dest)
+        made = Branch(ctx, target, copy, dest)
+        if tb is not None:
+            made.trunk = tb
+        return made
 
     def _forward_stateless(self, request: Request, target: Target, source: Address) -> None:
         try:
