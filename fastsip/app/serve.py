@@ -422,6 +422,12 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
         transactions.max_server_transactions = args.max_transactions
         transactions.max_client_transactions = args.max_transactions
         proxy.attach(transactions)
+        # RFC 3263: next hops named by a host name (NAPTR, SRV, A/AAAA, failover).
+        from fastsip.asyncio import dns as next_hop_dns
+
+        resolver = next_hop_dns.from_args(
+            args, lambda: {(x.address.transport, x.family) for x in endpoint.listeners})
+        proxy.resolver = endpoint.transport.dns = resolver
         ng_clients = []
         anchor = None
         if args.media:
@@ -512,6 +518,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
             if handoff is not None:
                 handoff.close()
             await endpoint.close()
+            await resolver.close()
             if anchor is not None and anchor.in_flight:
                 # The last BYEs' deletes (and any offer in flight) finish, or give up (the
                 # ng client's retries end within ~3 s; the relay's timeout frees the rest).
@@ -883,5 +890,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "counted (a stalled stderr must not stall serving; default 100000)")
     p.add_argument("--loop", choices=LOOPS, default="auto",
                    help="event loop: uvloop when installed (auto), or plain asyncio")
+    from fastsip.asyncio.dns import add_options as add_dns_options
+
+    add_dns_options(p)
     p.set_defaults(func=run)
     return p
