@@ -242,11 +242,13 @@ class Rfc3263Resolver:
 
     async def _addresses_for(self, transport: str, host: str, port: int | None,
                              families: dict[str, set[int]]) -> list[Address]:
-        usable = families.get(transport, set())
+        # A transport we have no listener for is only here because the URI named it
+        # (NAPTR and SRV skip such transports): an outgoing connection may still serve.
+        usable = families.get(transport) or _ALL_FAMILIES
         if transport == "TLS":
             # The TLS connection resolves the name itself and verifies the certificate
             # against it; an IP here would lose the name (SNI, the identity check).
-            return [address_for(transport, host, port)] if usable else []
+            return [address_for(transport, host, port)]
         result = []
         for ip in await self.addresses(host):
             family = socket.AF_INET6 if ":" in ip else socket.AF_INET

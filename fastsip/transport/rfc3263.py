@@ -164,12 +164,14 @@ def srv_name(transport: str, domain: str) -> str:
 
 def srv_plan(hop: NextHop, supported: Collection[str]) -> list[tuple[str, str]]:
     """§4.1 without (usable) NAPTR records: the SRV names to ask, as ``(transport, name)``, in
-    our order of preference: the URI's transport alone when it names one, else each transport
-    we have a listener for (only TLS for a sips URI)."""
+    our order of preference: the URI's transport alone when it names one (listener or not:
+    the URI asks for it), else each transport we have a listener for (only TLS for a sips
+    URI)."""
     if hop.transport is not None:
-        wanted: Sequence[str] = (hop.transport,)
-    elif hop.secure:
-        wanted = ("TLS",)
+        t = hop.transport
+        return [(t, srv_name(t, hop.host))] if t in SRV_PREFIXES else []
+    if hop.secure:
+        wanted: Sequence[str] = ("TLS",)
     else:
         wanted = _SRV_ORDER
     return [(t, srv_name(t, hop.host)) for t in wanted
