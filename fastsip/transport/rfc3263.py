@@ -26,6 +26,7 @@ import random
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Generic, Protocol, TypeVar
 
 from fastsip.sip import URI, Response
@@ -65,8 +66,10 @@ _URI_TRANSPORTS = {"udp": "UDP", "tcp": "TCP", "tls": "TLS"}
 FAILOVER_STATUSES = frozenset({503, 408})
 
 
+@lru_cache(maxsize=4096)
 def is_ip_literal(host: str) -> bool:
-    """Is ``host`` an IPv4 or IPv6 address (brackets and a zone allowed), so no DNS at all?"""
+    """Is ``host`` an IPv4 or IPv6 address (brackets and a zone allowed), so no DNS at all?
+    (Asked for every branch the proxy forwards: cached, as the transport's family test is.)"""
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
         ipaddress.ip_address(host.partition("%")[0])
