@@ -191,6 +191,11 @@ ZONE = [
     "--srv-host=_sip._udp.tcp.test,uas2.example.test,5074,10,0",
     # plain.test: an address only.
     "--host-record=plain.test,127.0.0.4",
+    # secure.test: TLS by NAPTR (and a UDP NAPTR a sips URI must not take).
+    "--naptr-record=secure.test,10,10,S,SIP+D2U,,_sip._udp.secure.test",
+    "--naptr-record=secure.test,20,10,S,SIPS+D2T,,_sips._tcp.secure.test",
+    "--srv-host=_sips._tcp.secure.test,edge.secure.test,5061,10,0",
+    "--srv-host=_sip._udp.secure.test,uas2.example.test,5075,10,0",
 ]
 
 
@@ -232,6 +237,19 @@ def test_naptr_chooses_tcp_when_we_listen_on_tcp(dnsmasq: Dnsmasq) -> None:
     assert _run(main(both)) == [Address("TCP", "127.0.0.2", 5073),
                                 _udp("127.0.0.3", 5074)]
     assert _run(main({("UDP", socket.AF_INET)})) == [_udp("127.0.0.3", 5074)]
+
+
+@needs_dnsmasq
+def test_sips_takes_tls_only_and_keeps_the_name_for_the_certificate(dnsmasq: Dnsmasq) -> None:
+    async def main() -> tuple[list[Address], list[Address]]:
+        resolver = Rfc3263Resolver([("127.0.0.1", dnsmasq.port)], timeout=2)
+        return (await resolver.targets(NextHop("secure.test", secure=True)),
+                await resolver.targets(NextHop("secure.test")))
+    secure, plain = _run(main())  # type: ignore[misc]
+    # The TLS target stays a name: the connection resolves it and checks the certificate.
+    assert secure == [Address("TLS", "edge.secure.test", 5061)]
+    # A sip: URI follows the NAPTR order: UDP (order 10) first, then TLS.
+    assert plain == [_udp("127.0.0.3", 5075), Address("TLS", "edge.secure.test", 5061)]
 
 
 @needs_dnsmasq
