@@ -10,6 +10,8 @@ point at sipp UASes on 127.0.0.1 (different ports):
   with ``--t1``) and the call completes at the priority 20 one;
 - the priority 10 target answers 503 with Retry-After: the call completes at the next one, and
   the next call skips the first (blacklisted for Retry-After seconds);
+- ``transport=tcp`` and the first SRV target refuses the connection: the call goes to the next
+  at once (a transport error needs no timer);
 - NAPTR prefers TCP: serve sends the INVITE over TCP to a sipp UAS on TCP;
 - a DNS server that never answers: the caller gets 503 naming the DNS failure after
   ``--dns-timeout``, and meanwhile serve answers other requests at once.
@@ -158,6 +160,34 @@ def test_503_with_retry_after_fails_over_and_blacklists(tmp_path: Path) -> None:
         _stop(busy, uas2)
         assert serve.close() == 0
         dns.close()
+
+
+def test_transport_error_fails_over_at_once(tmp_path: Path) -> None:
+    """``transport=tcp`` in the URI: SRV for TCP only (no NAPTR).  The first target refuses the
+    connection: the next one gets the call without waiting for any timer."""
+    p1, p2 = free_port(), free_port()           # nothing will listen on p1
+    dns = Dnsmasq(tmp_path, [
+        f"--srv-host=_sip._tcp.down.test,uas.down.test,{p1},10,0",
+        f"--srv-host=_sip._tcp.down.test,uas.down.test,{p2},20,0",
+        "--host-record=uas.down.test,127.0.0.1"])
+    serve = _serve(tmp_path, dns, "down.test;transport=tcp", tcp=True)
+    uas = None
+    try:
+        uas = start_uas(tmp_path, "uas", p2, 1, "-t", "t1")
+        started = time.monotonic()
+        uac = run_uac(tmp_path, "uac", serve.port, "bob", 1)
+        took = time.monotonic() - started
+        finish(uas, 30)
+        assert uac.returncode == 0 and successful(tmp_path, "uac") == 1, serve.log()
+        assert successful(tmp_path, "uas") == 1
+        assert took < 3.0, took
+        assert f"127.0.0.1:{p1} failed (503): trying tcp:127.0.0.1:{p2}" in serve.log()
+    finally:
+        _stop(uas)
+        assert serve.close() == 0
+        dns.close()
+    assert dns.queries("NAPTR", "down.test") == 0
+    assert dns.queries("SRV", "_sip._tcp.down.test") == 1
 
 
 def test_naptr_for_tcp_makes_serve_use_tcp(tmp_path: Path) -> None:
