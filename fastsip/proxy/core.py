@@ -1487,7 +1487,8 @@ class Proxy:
         elif flow is not None:
             dest = flow
         else:
-            hop_uri = request.uri if strict or not request.route else request.route[0].uri
+            # (``routes`` is the Route set as pushed above, before any strict-router swap.)
+            hop_uri = routes[0].uri if routes and not strict else request.uri
             if resolved is not None:
                 dest = resolved
             elif tls_target is not None and not strict and not routes:
