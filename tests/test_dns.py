@@ -21,6 +21,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -210,6 +211,13 @@ def dnsmasq(tmp_path: Path) -> object:
     server.close()
 
 
+def _resolver(server: Dnsmasq, **kwargs: Any) -> Rfc3263Resolver:
+    """A resolver asking ``server`` only: a name it has no address for stays without one (no
+    getaddrinfo fallback, whose system DNS is not on loopback)."""
+    return Rfc3263Resolver([("127.0.0.1", server.port)], timeout=2, system_fallback=False,
+                           **kwargs)
+
+
 def _udp(host: str, port: int) -> Address:
     return Address("UDP", host, port)
 
@@ -217,8 +225,7 @@ def _udp(host: str, port: int) -> Address:
 @needs_dnsmasq
 def test_srv_without_naptr_in_priority_order(dnsmasq: Dnsmasq) -> None:
     async def main() -> list[Address]:
-        resolver = Rfc3263Resolver([("127.0.0.1", dnsmasq.port)], timeout=2,
-                                   listening=lambda: {("UDP", socket.AF_INET)})
+        resolver = _resolver(dnsmasq, listening=lambda: {("UDP", socket.AF_INET)})
         return await resolver.targets(NextHop("example.test"))
     assert _run(main()) == [_udp("127.0.0.2", 5071), _udp("127.0.0.3", 5072)]
     assert dnsmasq.queries("NAPTR", "example.test") == 1
@@ -230,8 +237,7 @@ def test_srv_without_naptr_in_priority_order(dnsmasq: Dnsmasq) -> None:
 @needs_dnsmasq
 def test_naptr_chooses_tcp_when_we_listen_on_tcp(dnsmasq: Dnsmasq) -> None:
     async def main(listening: set[tuple[str, int]]) -> list[Address]:
-        resolver = Rfc3263Resolver([("127.0.0.1", dnsmasq.port)], timeout=2,
-                                   listening=lambda: listening)
+        resolver = _resolver(dnsmasq, listening=lambda: listening)
         return await resolver.targets(NextHop("tcp.test"))
     both = {("UDP", socket.AF_INET), ("TCP", socket.AF_INET)}
     assert _run(main(both)) == [Address("TCP", "127.0.0.2", 5073),
@@ -242,7 +248,7 @@ def test_naptr_chooses_tcp_when_we_listen_on_tcp(dnsmasq: Dnsmasq) -> None:
 @needs_dnsmasq
 def test_sips_takes_tls_only_and_keeps_the_name_for_the_certificate(dnsmasq: Dnsmasq) -> None:
     async def main() -> tuple[list[Address], list[Address]]:
-        resolver = Rfc3263Resolver([("127.0.0.1", dnsmasq.port)], timeout=2)
+        resolver = _resolver(dnsmasq)
         return (await resolver.targets(NextHop("secure.test", secure=True)),
                 await resolver.targets(NextHop("secure.test")))
     secure, plain = _run(main())  # type: ignore[misc]
@@ -255,7 +261,7 @@ def test_sips_takes_tls_only_and_keeps_the_name_for_the_certificate(dnsmasq: Dns
 @needs_dnsmasq
 def test_explicit_port_or_transport_skips_naptr(dnsmasq: Dnsmasq) -> None:
     async def main() -> tuple[list[Address], list[Address], list[Address]]:
-        resolver = Rfc3263Resolver([("127.0.0.1", dnsmasq.port)], timeout=2)
+        resolver = _resolver(dnsmasq)
         port = await resolver.targets(NextHop("tcp.test", 5080))
         transport = await resolver.targets(NextHop("tcp.test", None, "UDP"))
         plain = await resolver.targets(NextHop("plain.test"))
@@ -276,9 +282,8 @@ def test_answers_are_cached_for_their_ttl(dnsmasq: Dnsmasq) -> None:
     clock = [1000.0]
 
     async def main() -> None:
-        resolver = Rfc3263Resolver([("127.0.0.1", dnsmasq.port)], timeout=2,
-                                   listening=lambda: {("UDP", socket.AF_INET)},
-                                   now=lambda: clock[0])
+        resolver = _resolver(dnsmasq, listening=lambda: {("UDP", socket.AF_INET)},
+                             now=lambda: clock[0])
         first = await resolver.targets(NextHop("example.test"))
         # Several calls at once while the cache is warm, then later but within the TTL.
         again = await asyncio.gather(*(resolver.targets(NextHop("example.test"))
@@ -291,14 +296,14 @@ def test_answers_are_cached_for_their_ttl(dnsmasq: Dnsmasq) -> None:
     _run(main())
     assert dnsmasq.queries("SRV", "_sip._udp.example.test") == 2
     assert dnsmasq.queries("A", "uas1.example.test") == 2
-    # The NAPTR answer was negative (30 s): asked at 1000 and at 1061 only.
+    # The NAPTR answer was negative (30 s): asked at 1000, again at 1059 (expired), not at 1061.
     assert dnsmasq.queries("NAPTR", "example.test") == 2
 
 
 @needs_dnsmasq
 def test_concurrent_questions_share_one_query(dnsmasq: Dnsmasq) -> None:
     async def main() -> None:
-        resolver = Rfc3263Resolver([("127.0.0.1", dnsmasq.port)], timeout=2)
+        resolver = _resolver(dnsmasq)
         results = await asyncio.gather(*(resolver.addresses("plain.test") for _ in range(10)))
         assert all(r == ["127.0.0.4"] for r in results)
     _run(main())
@@ -344,3 +349,39 @@ def test_a_dns_server_that_never_answers_fails_in_its_timeout() -> None:
             with pytest.raises(DnsFailure):
                 await resolver.addresses("uas1.example.test")
         _run(main())
+
+
+@needs_dnsmasq
+def test_the_transport_resolves_a_name_through_the_resolver(dnsmasq: Dnsmasq) -> None:
+    """A datagram sent to a name outside the proxy's RFC 3263 path (an ACK for a 2xx, a
+    stateless forward) goes to the name's A record, asked of our DNS server (the system's
+    resolver does not know ``*.test``); a name nobody knows fails through ``on_error``."""
+    from fastsip.asyncio import TransportLayer
+
+    async def main() -> None:
+        resolver = _resolver(dnsmasq)
+        sender = TransportLayer()
+        sender.dns = resolver
+        failed: list[Address] = []
+        sender.on_error = failed.append
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+            peer.bind(("127.0.0.4", 0))             # plain.test's address
+            peer.setblocking(False)
+            port = peer.getsockname()[1]
+            try:
+                await sender.listen("udp:127.0.0.1:0")
+                sender.send(b"OPTIONS sip:x@plain.test SIP/2.0\r\n\r\n",
+                            Address("UDP", "plain.test", port))
+                loop = asyncio.get_running_loop()
+                data = await asyncio.wait_for(loop.sock_recv(peer, 2048), 5)
+                assert data.startswith(b"OPTIONS sip:x@plain.test")
+                sender.send(b"x", Address("UDP", "nowhere.test", port))
+                for _ in range(250):
+                    if failed:
+                        break
+                    await asyncio.sleep(0.02)
+                assert failed == [Address("UDP", "nowhere.test", port)]
+            finally:
+                await sender.close()
+    _run(main())
+    assert dnsmasq.queries("A", "plain.test") == 1

@@ -97,6 +97,8 @@ class Rfc3263Resolver:
       /etc/resolv.conf.  ``timeout``: seconds for one question, all servers included.
     - ``listening()``: the (transport, family) pairs we have listeners for (NAPTR services and
       SRV transports we cannot use are skipped, and addresses of a family we cannot send from).
+    - ``system_fallback``: a name DNS has no address for is given to getaddrinfo (False: it
+      has none).
     - ``rng``, ``now``: the random source of RFC 2782's weighted choice, and the clock of the
       cache (default: the loop's); injectable for tests.
     """
@@ -111,6 +113,7 @@ class Rfc3263Resolver:
         rng: Callable[[], float] = random.random,
         now: Callable[[], float] | None = None,
         hosts_file: str = "/etc/hosts",
+        system_fallback: bool = True,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         if nameservers:
@@ -139,6 +142,7 @@ class Rfc3263Resolver:
         self.cache: TtlCache[Records] = TtlCache(cache_size)
         self.blacklist = Blacklist()
         self._hosts = _read_hosts(hosts_file)
+        self.system_fallback = system_fallback
         self._inflight: dict[tuple[str, str], asyncio.Future[Records]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         #: DNS questions actually sent (cache misses), for logs and tests.
@@ -276,7 +280,7 @@ class Rfc3263Resolver:
         for result in (a, aaaa):
             if isinstance(result, BaseException) and not isinstance(result, DnsFailure):
                 raise result
-        return await self._system_addresses(host)
+        return await self._system_addresses(host) if self.system_fallback else []
 
     async def _system_addresses(self, host: str) -> list[str]:
         try:
