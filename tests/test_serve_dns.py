@@ -4,6 +4,7 @@
 A routes module relays every call to ``sip:USER@<zone name>``; the zone's SRV/NAPTR records
 point at sipp UASes on 127.0.0.1 (different ports):
 
+- a Route to a name (the routes module pushes one): SRV locates the Route's host;
 - SRV priority 10 then 20: every call reaches the priority 10 UAS; the answers are cached (one
   SRV query for all the calls, counted in dnsmasq's query log);
 - the priority 10 target is down (nothing listens there): the branch times out (Timer B, short
@@ -23,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -56,15 +58,15 @@ from fastsip.app import route
 @route
 def initial(req):
     if req.method in ("INVITE", "OPTIONS") and req.uri.user != "local":
-        return req.relay(to=f"sip:{{req.uri.user}}@{zone}")
+        return req.relay(to=f"sip:{{req.uri.user}}@{zone}", route={route!r})
     return None
 '''
 
 
 def _serve(workdir: Path, dns: Dnsmasq | str, zone: str, *extra: str,
-           tcp: bool = False) -> Serve:
+           tcp: bool = False, route: Sequence[str] = ()) -> Serve:
     routes = workdir / "dns_routes.py"
-    routes.write_text(ROUTES.format(zone=zone))
+    routes.write_text(ROUTES.format(zone=zone, route=list(route)))
     server = dns.server if isinstance(dns, Dnsmasq) else dns
     # --trusted: the sipp caller may relay to a foreign domain (the relay policy).
     return Serve(workdir, free_port(), "--routes", str(routes), "--trusted", "127.0.0.0/8",
@@ -107,6 +109,30 @@ def test_calls_reach_the_srv_targets_in_priority_order(tmp_path: Path) -> None:
     assert dns.queries("SRV", "_sip._udp.example.test") == 1
     assert dns.queries("NAPTR", "example.test") == 1
     assert dns.queries("A", "uas1.example.test") == 1
+
+
+def test_a_route_to_a_name_is_located_by_srv(tmp_path: Path) -> None:
+    """The next hop is the first Route (loose routing), not the Request-URI: its name is
+    what SRV locates."""
+    p_uas, p_elsewhere = free_port(), free_port()
+    dns = Dnsmasq(tmp_path, _srv_zone(p_uas, free_port()))
+    serve = _serve(tmp_path, dns, f"127.0.0.1:{p_elsewhere}",
+                   route=["<sip:example.test;lr>"])
+    uas = None
+    try:
+        uas = start_uas(tmp_path, "uas", p_uas, 1)
+        uac = run_uac(tmp_path, "uac", serve.port, "bob", 1)
+        finish(uas, 30)
+        assert uac.returncode == 0 and successful(tmp_path, "uac") == 1, serve.log()
+        assert successful(tmp_path, "uas") == 1
+        invite = (tmp_path / "uas.msg").read_text()
+        assert f"INVITE sip:bob@127.0.0.1:{p_elsewhere} SIP/2.0" in invite
+        assert "Route: <sip:example.test;lr>" in invite
+    finally:
+        _stop(uas)
+        assert serve.close() == 0
+        dns.close()
+    assert dns.queries("SRV", "_sip._udp.example.test") == 1
 
 
 def test_first_target_down_fails_over_to_the_second(tmp_path: Path) -> None:
