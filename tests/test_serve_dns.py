@@ -206,7 +206,7 @@ def test_transport_error_fails_over_at_once(tmp_path: Path) -> None:
         finish(uas, 30)
         assert uac.returncode == 0 and successful(tmp_path, "uac") == 1, serve.log()
         assert successful(tmp_path, "uas") == 1
-        assert took < 3.0, took
+        assert took < 10.0, took     # no Timer B (32 s) was waited for
         assert f"127.0.0.1:{p1} failed (503): trying tcp:127.0.0.1:{p2}" in serve.log()
     finally:
         _stop(uas)
