@@ -385,3 +385,20 @@ def test_the_transport_resolves_a_name_through_the_resolver(dnsmasq: Dnsmasq) ->
                 await sender.close()
     _run(main())
     assert dnsmasq.queries("A", "plain.test") == 1
+
+
+@needs_dnsmasq
+def test_a_dead_first_server_leaves_time_for_the_next(dnsmasq: Dnsmasq) -> None:
+    """Two --dns-server: the first never answers; the timeout is shared between them, so the
+    second one's answer comes within it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as hole:
+        hole.bind(("127.0.0.1", 0))
+
+        async def main() -> None:
+            resolver = Rfc3263Resolver([hole.getsockname(), ("127.0.0.1", dnsmasq.port)],
+                                       timeout=2, system_fallback=False)
+            assert await resolver.addresses("plain.test") == ["127.0.0.4"]
+        started = time.monotonic()
+        _run(main())
+        assert time.monotonic() - started < 2.5
+    assert dnsmasq.queries("A", "plain.test") == 1

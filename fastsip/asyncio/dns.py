@@ -128,9 +128,10 @@ class Rfc3263Resolver:
                             exc)
                 resolver = dns.asyncresolver.Resolver(configure=False)
                 resolver.nameservers = []
-        # One question, every server included, is bounded by the timeout; our cache (below)
-        # is the only cache (dnspython's would hide the TTL logic we test).
-        resolver.timeout = timeout
+        # One question, every server included, is bounded by the timeout, shared between the
+        # servers so that a dead first one leaves time to ask the next.  Our cache (below) is
+        # the only cache (dnspython's would hide the TTL logic we test).
+        resolver.timeout = max(0.2, timeout / max(1, len(resolver.nameservers)))
         resolver.lifetime = timeout
         resolver.cache = None
         self._resolver = resolver
