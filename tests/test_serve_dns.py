@@ -14,6 +14,7 @@ point at sipp UASes on 127.0.0.1 (different ports):
 - ``transport=tcp`` and the first SRV target refuses the connection: the call goes to the next
   at once (a transport error needs no timer);
 - NAPTR prefers TCP: serve sends the INVITE over TCP to a sipp UAS on TCP;
+- a CANCEL while the look-up is pending gets its 487 at once (nothing was sent downstream);
 - a DNS server that never answers: the caller gets 503 naming the DNS failure after
   ``--dns-timeout``, and meanwhile serve answers other requests at once.
 """
@@ -269,5 +270,47 @@ def test_dns_server_that_never_answers_gives_a_clear_503_without_stalling(
             assert status_line.startswith("SIP/2.0 503 Service Unavailable (DNS failure for "
                                           "example.test: no answer from the DNS server"), reply
             assert 1.5 < took < 6, took
+        finally:
+            assert serve.close() == 0
+
+
+def test_cancel_while_dns_is_pending_gets_487_at_once(tmp_path: Path) -> None:
+    """A CANCEL for an INVITE whose next hop is still being looked up (the DNS server never
+    answers): nothing was sent downstream, so the 487 comes at once, not after the DNS
+    timeout."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as hole, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as phone:
+        hole.bind((HOST, 0))
+        phone.bind((HOST, 0))
+        phone.settimeout(0.2)
+        me = phone.getsockname()[1]
+        serve = _serve(tmp_path, f"{HOST}:{hole.getsockname()[1]}", "example.test",
+                       "--dns-timeout", "8")
+        try:
+            uri = f"sip:far@{DOMAIN}"
+            invite = request("INVITE", uri, call_id="cancel-dns").replace("{me}", str(me))
+            cancel = request("CANCEL", uri, call_id="cancel-dns").replace("{me}", str(me))
+            phone.sendto(invite.encode(), (HOST, serve.port))
+            got: list[str] = []
+            deadline = time.monotonic() + 5
+
+            def until(status: str) -> bool:
+                while time.monotonic() < deadline:
+                    try:
+                        data = phone.recv(65535).decode(errors="replace")
+                    except OSError:
+                        continue
+                    got.append(data.split("\r\n", 1)[0] + " / " +
+                               next((h for h in data.split("\r\n") if h.startswith("CSeq")), ""))
+                    if data.startswith(status):
+                        return True
+                return False
+            assert until("SIP/2.0 100"), got
+            time.sleep(0.5)                         # the DNS query is on its way, unanswered
+            started = time.monotonic()
+            phone.sendto(cancel.encode(), (HOST, serve.port))
+            assert until("SIP/2.0 487"), got
+            assert time.monotonic() - started < 2.0, got
+            assert any(g.startswith("SIP/2.0 200") and "CANCEL" in g for g in got), got
         finally:
             assert serve.close() == 0

@@ -313,6 +313,7 @@ class Branch:
         "hop",
         "provisional",
         "request",
+        "resolving",
         "target",
         "timer_c_fired",
     )
@@ -336,6 +337,8 @@ class Branch:
         #: resolver), else None; once resolved, the addresses still to try after ``dest``.
         self.hop: NextHop | None = None
         self.alternates: list[Address] = []
+        #: Waiting for the resolver: nothing sent yet, so a CANCEL ends the branch at once.
+        self.resolving = False
 
     @property
     def pending(self) -> bool:
@@ -365,6 +368,11 @@ class Branch:
         """§9.1 for a branch: a CANCEL once a provisional response has come (before that the
         CANCEL must wait for one), only for INVITE."""
         if self.final is not None or self.cancel_sent or self.request.method != "INVITE":
+            return
+        if self.resolving:
+            # Nothing was sent (RFC 3263 look-up in progress): no CANCEL to send, no DNS
+            # answer to wait for; the branch ends now with a 487 (_resolved ignores it).
+            self.ctx._branch_failed(self, 487)
             return
         if not self.provisional:
             self.cancel_wanted = True
@@ -624,6 +632,7 @@ class ResponseContext:
             if branch.hop is not None and proxy.resolver is not None:
                 # RFC 3263: the next hop is a host name: the branch starts once the resolver
                 # has ordered its addresses (_resolved; never called back from in here).
+                branch.resolving = True
                 proxy.resolver.resolve(branch.hop, functools.partial(self._resolved, branch))
                 continue
             try:
@@ -658,6 +667,7 @@ class ResponseContext:
     # the outcome of the last attempt.
 
     def _resolved(self, branch: Branch, addresses: list[Address], reason: str | None) -> None:
+        branch.resolving = False
         if branch.final is not None:
             return                       # Timer C, or the context ended while resolving
         if self.cancelled or branch.cancel_wanted:
