@@ -224,12 +224,18 @@ class Rfc3263Resolver:
             if not plan:
                 plan = srv_plan(hop, supported)
             found_srv = False
+            failure: DnsFailure | None = None
             for transport, name in plan:
                 srvs = await self.lookup(name, "SRV")
                 for rec in order_srv(srvs, self.rng):
                     found_srv = True
-                    targets += await self._addresses_for(transport, rec.target, rec.port,
-                                                         families)
+                    try:
+                        targets += await self._addresses_for(transport, rec.target, rec.port,
+                                                             families)
+                    except DnsFailure as exc:
+                        failure = exc   # this target is unknown for now; the others may do
+            if failure is not None and not targets:
+                raise failure
             if not found_srv:
                 # §4.2: no SRV records: the host's A/AAAA with the default port.
                 targets = await self._addresses_for(hop.default_transport, hop.host, None,
