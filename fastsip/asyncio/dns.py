@@ -276,8 +276,14 @@ class Rfc3263Resolver:
         known = self._hosts_entry(host)
         if known is not None:
             return sorted(known, key=lambda ip: ":" in ip)
-        a, aaaa = await asyncio.gather(self.lookup(host, "A"), self.lookup(host, "AAAA"),
-                                       return_exceptions=True)
+        key = host.lower().rstrip(".")
+        now = self.now()
+        a: Records | BaseException | None = self.cache.get((key, "A"), now)
+        aaaa: Records | BaseException | None = self.cache.get((key, "AAAA"), now)
+        if a is None or aaaa is None:
+            # (Both cached is the common case: no tasks for it, gather makes two.)
+            a, aaaa = await asyncio.gather(self.lookup(host, "A"), self.lookup(host, "AAAA"),
+                                           return_exceptions=True)
         if isinstance(a, DnsFailure) and isinstance(aaaa, DnsFailure):
             raise a
         ips = [str(x) for x in (a if isinstance(a, tuple) else ())]
