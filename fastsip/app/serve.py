@@ -533,6 +533,12 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event,
         proxy.attach(transactions)
         if trunks is not None:
             trunks.attach(proxy)
+        # RFC 3263: next hops named by a host name (NAPTR, SRV, A/AAAA, failover).
+        from fastsip.asyncio import dns as next_hop_dns
+
+        resolver = next_hop_dns.from_args(
+            args, lambda: {(x.address.transport, x.family) for x in endpoint.listeners})
+        proxy.resolver = endpoint.transport.dns = resolver
         ng_clients = []
         anchor = None
         if args.media:
@@ -639,6 +645,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event,
             if handoff is not None:
                 handoff.close()
             await endpoint.close()
+            await resolver.close()
             if anchor is not None and anchor.in_flight:
                 # The last BYEs' deletes (and any offer in flight) finish, or give up (the
                 # ng client's retries end within ~3 s; the relay's timeout frees the rest).
@@ -1068,7 +1075,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--loop", choices=LOOPS, default="auto",
                    help="event loop: uvloop when installed (auto), or plain asyncio")
     from fastsip.app.config import add_option
+    from fastsip.asyncio.dns import add_options as add_dns_options
 
+    add_dns_options(p)
     add_option(p)
     p.set_defaults(func=_starter(p))
     return p

@@ -51,6 +51,7 @@ from functools import lru_cache
 from typing import Any, cast
 
 from fastsip.asyncio import kernelban
+from fastsip.asyncio.dns import DnsFailure, Rfc3263Resolver
 from fastsip.asyncio.netif import interface_addresses, routed_address
 from fastsip.asyncio.runner import loop_name
 from fastsip.errors import FastSIPError, ParseError
@@ -596,6 +597,10 @@ class TransportLayer:
         self._sweeper: asyncio.TimerHandle | None = None
         self._local: list[tuple[str, int]] = []
         self._closed = False
+        #: Resolves host names of datagram destinations (``await dns.addresses(host)``: its
+        #: cache, the hosts file, DNS A/AAAA, then getaddrinfo); None: getaddrinfo alone.
+        #: (Requests a proxy forwards arrive resolved already, by RFC 3263.)
+        self.dns: Rfc3263Resolver | None = None
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -892,15 +897,20 @@ class TransportLayer:
 
     async def _resolve_then_send(self, data: bytes, dest: Address) -> None:
         try:
-            infos = await self.loop.getaddrinfo(dest.host, dest.port, type=socket.SOCK_DGRAM)
-        except (OSError, ValueError) as exc:   # ValueError: UnicodeError from IDNA, a bad name
+            if self.dns is not None:
+                ips = await self.dns.addresses(dest.host)
+            else:
+                infos = await self.loop.getaddrinfo(dest.host, dest.port,
+                                                    type=socket.SOCK_DGRAM)
+                ips = [str(sockaddr[0]) for *_, sockaddr in infos]
+        # ValueError: UnicodeError from IDNA, a bad name; DnsFailure: the DNS server failed
+        except (OSError, ValueError, DnsFailure) as exc:
             log.debug("cannot resolve %s: %s", dest.host, exc)
             self._fail(dest)
             return
-        for family, *_, sockaddr in infos:
-            if self._udp_socket(family, str(sockaddr[0])) is not None:
-                self._send_udp(data, Address(dest.transport, str(sockaddr[0]), dest.port,
-                                             dest.connection))
+        for ip in ips:
+            if self._udp_socket(_family(ip), ip) is not None:
+                self._send_udp(data, Address(dest.transport, ip, dest.port, dest.connection))
                 return
         self._fail(dest)
 

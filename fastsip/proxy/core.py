@@ -36,6 +36,7 @@ same path), responses are routed back by their Via; nothing is kept.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import itertools
@@ -55,6 +56,13 @@ from fastsip.transaction import (
     TransactionLayer,
 )
 from fastsip.transport import DEFAULT_PORTS, Address, Transport
+from fastsip.transport.rfc3263 import (
+    NextHop,
+    NextHopResolver,
+    fail_over,
+    is_ip_literal,
+    retry_after,
+)
 from fastsip.transport.rules import (
     is_local_tag,
     local_tag,
@@ -100,6 +108,14 @@ FORBIDDEN_NOT_ROUTED = "Forbidden (not routed through this proxy)"
 #: A sips request whose target has a sip: URI or can only be reached by a hop that is not TLS
 #: (RFC 5630 §5.3: 480 with Warning 380 "SIPS Not Allowed").
 NO_SECURE_HOP = "Temporarily Unavailable (no TLS path to the sips target)"
+
+
+def _phrase(status_text: str, detail: str | None) -> str:
+    """A reason phrase with a detail in parentheses (printable ASCII, bounded)."""
+    if not detail:
+        return status_text
+    text = "".join(c if " " <= c <= "~" else "?" for c in detail)[:120]
+    return f"{status_text} ({text})"
 
 
 def _bad_request(exc: Exception) -> str:
@@ -292,13 +308,16 @@ class Branch:
     __slots__ = (
         "_cancel_guard",
         "_timer_c",
+        "alternates",
         "cancel_sent",
         "cancel_wanted",
         "ctx",
         "dest",
         "final",
+        "hop",
         "provisional",
         "request",
+        "resolving",
         "target",
         "timer_c_fired",
         "trunk",
@@ -322,6 +341,12 @@ class Branch:
         #: A branch to a trunk (:class:`~fastsip.proxy.trunk.TrunkBranch`: its challenges
         #: answered, its CSeq shift); None for every other branch.
         self.trunk: Any = None
+        #: RFC 3263: the next hop to resolve (its URI named a host, and the proxy has a
+        #: resolver), else None; once resolved, the addresses still to try after ``dest``.
+        self.hop: NextHop | None = None
+        self.alternates: list[Address] = []
+        #: Waiting for the resolver: nothing sent yet, so a CANCEL ends the branch at once.
+        self.resolving = False
 
     @property
     def pending(self) -> bool:
@@ -351,6 +376,11 @@ class Branch:
         """§9.1 for a branch: a CANCEL once a provisional response has come (before that the
         CANCEL must wait for one), only for INVITE."""
         if self.final is not None or self.cancel_sent or self.request.method != "INVITE":
+            return
+        if self.resolving:
+            # Nothing was sent (RFC 3263 look-up in progress): no CANCEL to send, no DNS
+            # answer to wait for; the branch ends now with a 487 (_resolved ignores it).
+            self.ctx._branch_failed(self, 487)
             return
         if not self.provisional:
             self.cancel_wanted = True
@@ -607,6 +637,12 @@ class ResponseContext:
             self.active += 1
             if branch.request.method == "INVITE" and proxy.timer_c > 0:
                 branch._timer_c = proxy.clock.call_later(proxy.timer_c, self._timer_c, branch)
+            if branch.hop is not None and proxy.resolver is not None:
+                # RFC 3263: the next hop is a host name: the branch starts once the resolver
+                # has ordered its addresses (_resolved; never called back from in here).
+                branch.resolving = True
+                proxy.resolver.resolve(branch.hop, functools.partial(self._resolved, branch))
+                continue
             try:
                 # (The client transaction is not kept on the branch: it holds the branch as
                 # its handler, and a cycle would leave the pair to the cyclic GC.)
@@ -632,8 +668,59 @@ class ResponseContext:
         else:
             self._branch_failed(branch, 408)
 
+    # -- RFC 3263 next-hop failover ------------------------------------------------------
+    # A branch whose next hop is a host name holds the resolver's ordered addresses; a 503,
+    # a timeout or a transport error on one moves the same branch on to the next (§4.3),
+    # with a fresh copy of the request and a new client transaction.  Upstream sees only
+    # the outcome of the last attempt.
+
+    def _resolved(self, branch: Branch, addresses: list[Address], reason: str | None) -> None:
+        branch.resolving = False
+        if branch.final is not None:
+            return                       # Timer C, or the context ended while resolving
+        if self.cancelled or branch.cancel_wanted:
+            self._branch_failed(branch, 487)
+            return
+        if not addresses:
+            self._branch_failed(branch, 503, _phrase("Service Unavailable", reason))
+            return
+        branch.alternates = list(addresses)
+        if not self._try_next(branch):
+            self._branch_failed(branch, 503, UNREACHABLE)
+
+    def _try_next(self, branch: Branch) -> bool:
+        """Send the branch's request to its next address; False when none is left."""
+        proxy = self.proxy
+        while branch.alternates:
+            dest = branch.alternates.pop(0)
+            try:
+                attempt = proxy._make_branch(self, branch.target, dest)
+                branch.request, branch.dest = attempt.request, attempt.dest
+                branch.provisional = False
+                proxy.layer.request(branch.request, branch.dest, branch)
+            except ValueError as exc:
+                log.info("cannot forward %s to %s: %s", self.request.method, dest, exc)
+                continue
+            if branch._timer_c is None and branch.request.method == "INVITE" \
+                    and proxy.timer_c > 0:
+                branch._timer_c = proxy.clock.call_later(proxy.timer_c, self._timer_c, branch)
+            return True
+        return False
+
+    def _fail_over(self, branch: Branch, status: int, *, local: bool) -> bool:
+        """§4.3: try the branch's next address after ``status``; True when one was sent."""
+        if not branch.alternates or self.cancelled or self.final_sent \
+                or branch.cancel_wanted or branch.cancel_sent \
+                or not fail_over(status, provisional=branch.provisional, local=local):
+            return False
+        log.info("%s to %s failed (%d): trying %s", self.request.method, branch.dest, status,
+                 branch.alternates[0])
+        return self._try_next(branch)
+
     def _branch_failed(self, branch: Branch, status: int, reason: str | None = None) -> None:
         if branch.final is not None:
+            return
+        if self._fail_over(branch, status, local=True):
             return
         response = self.request.reply(status, reason, to_tag=_new_tag())
         self._branch_final(branch, response)
@@ -777,6 +864,14 @@ class ResponseContext:
             return
         if branch.final is not None:
             return
+        if status == 503 and branch.hop is not None:
+            # RFC 3263 §4.3: a 503 from a resolved next hop; with Retry-After it is skipped
+            # for that long, and the next address (if any) gets the request.
+            seconds = retry_after(response)
+            if seconds and self.proxy.resolver is not None:
+                self.proxy.resolver.unavailable(branch.dest, seconds)
+            if self._fail_over(branch, status, local=False):
+                return
         self._hook(response)
         if branch.timer_c_fired and response.status_code == 487:
             # Our Timer C CANCEL brought this 487; the caller did not cancel, nobody answered:
@@ -1108,6 +1203,9 @@ class Proxy:
         #: The :class:`MediaHook` anchoring calls' media in a relay (None: media goes end to
         #: end); set by whoever assembles the server (``fastsip serve --media``).
         self.media: MediaHook | None = None
+        #: RFC 3263: locates next hops named by a host name (NAPTR, SRV, A/AAAA) and lets a
+        #: branch fail over to the next address; None: the transport resolves names (A/AAAA).
+        self.resolver: NextHopResolver | None = None
         #: Requests refused with 503 because max_pending was reached (logs, metrics).
         self.refusals = Refusals()
         #: Trunk credentials and dialog CSeq shifts (:class:`~fastsip.proxy.trunk.TrunkAuth`);
@@ -1463,10 +1561,13 @@ class Proxy:
     # -- §16.6 forwarding --------------------------------------------------------------------
 
     def _prepare(
-        self, request: Request, target: Target, source: Address, record_route: bool
-    ) -> Address:
+        self, request: Request, target: Target, source: Address, record_route: bool,
+        resolved: Address | None = None,
+    ) -> tuple[Address, URI | None]:
         """§16.6 steps 2-7 on ``request`` (a copy, or the original when stateless): returns the
-        destination; the caller adds the Via (step 8) and sends."""
+        destination and the URI it was derived from (None: the target named an address); the
+        caller adds the Via (step 8) and sends.  ``resolved``: the address RFC 3263 chose for
+        that URI, used instead of it."""
         # A sips Request-URI asks for TLS on every hop to the end (RFC 5630 deprecates the
         # last-hop exception), and retargeting never changes the scheme.
         secure = _is_sips(request.uri)
@@ -1498,18 +1599,24 @@ class Proxy:
         if target.dest is None and self.nat and not strict and not request.route:
             # An in-dialog request to a client behind NAT: its target's alias names the flow.
             flow = pop_alias(request)
+        hop_uri: URI | None = None
         if target.dest is not None:
             dest = target.dest
         elif flow is not None:
             dest = flow
-        elif tls_target is not None and not strict and not routes:
-            dest = tls_target
         else:
-            try:
-                # Step 7: to the first Route, or (a strict router) the new Request-URI.
-                dest = next_hop(request.uri) if strict else request_next_hop(request)
-            except ValueError as exc:
-                raise _BadTarget(str(exc)) from None
+            # (``routes`` is the Route set as pushed above, before any strict-router swap.)
+            hop_uri = routes[0].uri if routes and not strict else request.uri
+            if resolved is not None:
+                dest = resolved
+            elif tls_target is not None and not strict and not routes:
+                dest = tls_target
+            else:
+                try:
+                    # Step 7: to the first Route, or (a strict router) the new Request-URI.
+                    dest = next_hop(request.uri) if strict else request_next_hop(request)
+                except ValueError as exc:
+                    raise _BadTarget(str(exc)) from None
         if self.nat and request.method in _TARGET_METHODS and request_behind_nat(request, source):
             add_alias(request, source)
         # §16.6 steps 4 and 7: a sips top Route (or strict router) secures this hop too.
@@ -1528,7 +1635,7 @@ class Proxy:
                 request.add_record_route(
                     self._rr_uri(inbound, secure and inbound.transport == "TLS"))
             request.add_record_route(self._rr_uri(out, secure))
-        return dest
+        return dest, hop_uri
 
     def local_for(self, peer: Address) -> Address:
         """Our end of a message to ``peer`` (or from it, when ``peer`` is a source naming the
@@ -1559,7 +1666,8 @@ class Proxy:
             host = f"[{host}]"
         return f"SIP/2.0/{dest.transport} {host}:{local.port};branch={branch}"
 
-    def _make_branch(self, ctx: ResponseContext, target: Target) -> Branch:
+    def _make_branch(self, ctx: ResponseContext, target: Target,
+                     resolved: Address | None = None) -> Branch:
         original = ctx.request
         copy = original.copy()  # §16.6 step 1: a copy per branch, nothing parsed again
         rr = (
@@ -1576,13 +1684,17 @@ class Proxy:
             if tb is not None and target.trunk is not None \
                     and original.method in RECORD_ROUTE_METHODS:
                 rr = rr or original.to is None or original.to.tag is None
-        dest = self._prepare(copy, target, ctx.source, rr)
+        dest, hop_uri = self._prepare(copy, target, ctx.source, rr, resolved)
         loop = ctx.loop
         branch = f"{MAGIC_COOKIE}-{loop}.{self._prefix}{next(self._counter):x}"
         copy.add_via(self._via(dest, branch))
         made = Branch(ctx, target, copy, dest)
         if tb is not None:
             made.trunk = tb
+        if resolved is None and hop_uri is not None and self.resolver is not None \
+                and not is_ip_literal(dest.host):
+            # A host name: RFC 3263 orders its addresses before this branch is sent.
+            made.hop = NextHop.from_uri(hop_uri)
         return made
 
     def _forward_stateless(self, request: Request, target: Target, source: Address) -> None:
@@ -1592,7 +1704,7 @@ class Proxy:
                 and request.method in RECORD_ROUTE_METHODS
                 and (request.to is None or request.to.tag is None)
             )
-            dest = self._prepare(request, target, source, rr)
+            dest, _ = self._prepare(request, target, source, rr)
         except ValueError as exc:  # Max-Forwards ran out, or no route to the target
             log.debug("not forwarding %s: %s", request.method, exc)
             return
