@@ -281,7 +281,8 @@ class LoopLag:
 
 
 class StoreCount:
-    """The live bindings in the location store, counted at most every :data:`CONTACTS_TTL`
+    """The live bindings in the location store: counted at every scrape in a store that
+    answers from memory (``immediate_reads``), else at most every :data:`CONTACTS_TTL`
     seconds (an AOR list and a lookup per AOR: a shared store is not read per scrape)."""
 
     def __init__(self, store: Any, wallclock: Callable[[], float] = time.time,
@@ -293,7 +294,8 @@ class StoreCount:
         self._when = float("-inf")
 
     async def refresh(self) -> None:
-        if self.monotonic() - self._when < CONTACTS_TTL:
+        if self.monotonic() - self._when < CONTACTS_TTL \
+                and not getattr(self.store, "immediate_reads", False):
             return
         now = self.wallclock()
         try:
