@@ -213,6 +213,8 @@ class HandlerTimer:
         return routes
 
     def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        from fastsip.app.router import Decision
+
         clock, observe = self.clock, self.observe
         if inspect.iscoroutinefunction(fn):
             @functools.wraps(fn)
@@ -228,7 +230,9 @@ class HandlerTimer:
         def timed(*args: Any) -> Any:
             started = clock()
             result = fn(*args)
-            if result is not None and inspect.isawaitable(result):
+            # (isawaitable's ABC check only for what is not a plain Decision: as the Router)
+            if result is not None and result.__class__ is not Decision \
+                    and inspect.isawaitable(result):
                 async def until_done() -> Any:   # a plain def that returns a coroutine
                     try:
                         return await result
