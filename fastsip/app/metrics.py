@@ -137,12 +137,13 @@ class MessageCounts:
         """``deliver(msg, source)`` that counts each request first (and ends its call at a
         BYE)."""
         requests = self.requests
+        get = requests.get
         calls = self.calls
 
         def counted(msg: Any, source: Any) -> object:
             if type(msg) is Request:
                 method = msg.method
-                requests[method] = requests.get(method, 0) + 1
+                requests[method] = get(method, 0) + 1
                 if method == "BYE" and calls:
                     calls.pop(msg.call_id or "", None)
             return deliver(msg, source)
@@ -152,13 +153,14 @@ class MessageCounts:
         """``send(data, dest)`` that counts each response by its status code (read from the
         status line: ``SIP/2.0 200 OK``)."""
         responses = self.responses
+        get = responses.get
 
         def counted(data: bytes, dest: Any) -> None:
             if data[:8] == b"SIP/2.0 ":
                 # The code's three bytes are the key: int() of them waits for the scrape
                 # (it costs more than the rest of this function).
                 code = data[8:11]
-                responses[code] = responses.get(code, 0) + 1
+                responses[code] = get(code, 0) + 1
             send(data, dest)
         return counted
 
