@@ -121,6 +121,8 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         self._second = -1
         self._stamp = ""
+        # One encoder for every line (json.dumps with an option builds one per call).
+        self._encode = json.JSONEncoder(default=str).encode
 
     def _ts(self, created: float) -> str:
         second = int(created)
@@ -142,8 +144,8 @@ class JsonFormatter(logging.Formatter):
     def line(self, created: float, levelname: str, name: str, msg: str,
              args: tuple[Any, ...], extra: dict[str, Any] | None = None) -> str:
         """The line of a tuple queued by :func:`direct_emitter`."""
-        return json.dumps(self.document(created, levelname, name,
-                                        msg % args if args else msg, extra), default=str)
+        return self._encode(self.document(created, levelname, name,
+                                          msg % args if args else msg, extra))
 
     def format(self, record: logging.LogRecord) -> str:
         record.message = record.getMessage()
@@ -156,7 +158,7 @@ class JsonFormatter(logging.Formatter):
             doc["exc"] = record.exc_text
         if record.stack_info:
             doc["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(doc, default=str)
+        return self._encode(doc)
 
 
 class _Flush:

@@ -22,8 +22,11 @@ response has gone upstream, as ``key=value`` fields a log shipper can split::
 ``outcome`` is one of ``registered``, ``answered``, ``accepted`` (2xx), ``redirected`` (3xx),
 ``challenged`` (401/407), ``cancelled`` (the caller's CANCEL ended it), ``unanswered`` (408/480:
 nobody answered, ``--ring-timeout`` ran out), ``unavailable`` (503), ``rejected`` (any other
-failure) and, at stop, ``abandoned`` (no final response yet).  The stop summary counts them.
-Below INFO nothing is tracked per request, so a quiet server pays nothing for it.  At INFO
+failure) and, at stop, ``abandoned`` (no final response yet).  The stop summary counts them,
+and so does ``--metrics HOST:PORT`` (Prometheus, :mod:`fastsip.app.metrics`; the same dict).
+Below INFO and without ``--metrics`` nothing is tracked per request, so a quiet server pays
+nothing for it.  ``--log-format json`` writes every line as a JSON object instead, the request
+line's fields as keys (``docs/operations.md``).  At INFO
 the line costs the event loop a tuple put on a queue (~0.7 µs): a writer thread
 (:mod:`fastsip.app.logqueue`) formats and writes, in batches while lines come fast.  Every
 queued line is written before the process exits after SIGTERM; if stderr stalls, lines past
