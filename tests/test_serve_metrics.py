@@ -228,3 +228,57 @@ def test_workers_are_scraped_from_one_endpoint_with_a_worker_label(tmp_path: Pat
     # One series per worker, never merged into one without the label.
     assert ("fastsip_calls_active", frozenset()) not in after
     assert ("fastsip_calls_active", frozenset({("worker", "0")})) in after
+
+
+# -- in-process: the pieces the end-to-end runs do not reach -----------------------------------
+
+
+def test_handler_timer_times_async_handlers_until_they_end() -> None:
+    import asyncio
+
+    from fastsip.app.metrics import HandlerTimer
+
+    now = [0.0]
+    timer = HandlerTimer(buckets=(0.001, 0.1, 1.0), clock=lambda: now[0])
+
+    async def slow(req: object) -> str:
+        await asyncio.sleep(0)
+        now[0] += 0.05                       # 50 ms pass while it awaits
+        return "done"
+
+    def quick(req: object) -> str:
+        now[0] += 0.0005
+        return "ok"
+
+    timed_slow, timed_quick = timer.wrap(slow), timer.wrap(quick)
+    assert asyncio.iscoroutinefunction(timed_slow)     # the Router still sees an async hook
+    assert asyncio.run(timed_slow(None)) == "done"
+    assert timed_quick(None) == "ok"
+    assert timer.counts == [1, 1, 0, 0]                # <=1 ms, <=100 ms, <=1 s, +Inf
+    assert abs(timer.sum - 0.0505) < 1e-9
+    family = timer.family("h", "doc")
+    buckets = {s.labels["le"]: s.value for s in family.samples if s.name == "h_bucket"}
+    assert buckets == {"0.001": 1, "0.1": 2, "1.0": 2, "+Inf": 2}
+
+
+def test_calls_end_at_their_bye_or_after_the_maximum_age() -> None:
+    from fastsip.app.metrics import CALL_MAX_AGE, MessageCounts
+    from fastsip.sip import parse
+
+    counts = MessageCounts()
+    counts.answered("old", 0.0)
+    counts.answered("a", 100.0)
+    counts.answered("b", 200.0)
+    bye = parse(b"BYE sip:b@example.com SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n"
+                b"From: <sip:a@example.com>;tag=1\r\nTo: <sip:b@example.com>;tag=2\r\n"
+                b"Call-ID: a\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n")
+    delivered = []
+    counts.receiving(lambda m, s: delivered.append(m))(bye, None)
+    assert delivered == [bye] and counts.requests == {"BYE": 1}
+    assert counts.active_calls(150.0) == 2                       # "a" ended
+    assert counts.active_calls(CALL_MAX_AGE + 50.0) == 1         # "old" aged out
+    sent = []
+    send = counts.sending(lambda d, dest: sent.append(d))
+    send(b"SIP/2.0 486 Busy Here\r\n\r\n", None)
+    send(b"INVITE sip:x SIP/2.0\r\n\r\n", None)
+    assert len(sent) == 2 and counts.responses_by_code() == {486: 1}
