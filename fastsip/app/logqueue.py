@@ -15,21 +15,25 @@ bound: past ``max_queued`` lines waiting, new ones are dropped and counted, and 
 reported in a WARNING line (at most every :data:`DROP_REPORT_INTERVAL` seconds, and at stop).
 
 The line format is fixed, :data:`FORMAT` (the CLI's): the writer renders it with the date and
-time computed once per second.
+time computed once per second.  Or, after :func:`set_format` ``("json")``, one JSON object a
+line (:class:`JsonFormatter`): ``ts``, ``level``, ``logger``, ``msg`` and the fields a caller
+passed with ``extra=`` (the direct path queues them as a dict beside the tuple's arguments), for
+log shippers that should not parse text.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
-__all__ = ["DEFAULT_MAX_QUEUED", "FORMAT", "LineFormatter", "QueueLogHandler",
-           "direct_emitter", "dropped_lines", "flush", "install", "stop"]
+__all__ = ["DEFAULT_MAX_QUEUED", "FORMAT", "JsonFormatter", "LineFormatter",
+           "QueueLogHandler", "direct_emitter", "dropped_lines", "flush", "install",
+           "set_format", "stop", "structured"]
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Lines waiting for the writer at most (about 30 MB of queued requests' lines): a minute and
@@ -55,6 +59,13 @@ _IMMUTABLE = (str, int, float, bool, bytes, type(None))
 _log = logging.getLogger(__name__)
 
 
+class DirectEmit(Protocol):
+    """What :func:`direct_emitter` gives: ``emit(template, args, extra=None)``."""
+
+    def __call__(self, msg: str, args: tuple[Any, ...],
+                 extra: dict[str, Any] | None = None) -> None: ...
+
+
 class LineFormatter(logging.Formatter):
     """:data:`FORMAT`, the same text as ``logging.Formatter(FORMAT)`` writes, at a fraction of
     its cost: ``time.strftime`` runs once per second, not once per line."""
@@ -72,12 +83,17 @@ class LineFormatter(logging.Formatter):
         return f"{self._stamp},{int((created - second) * 1000):03d}"
 
     def line(self, created: float, levelname: str, name: str, msg: str,
-             args: tuple[Any, ...]) -> str:
-        """The line of a tuple queued by :func:`direct_emitter`."""
+             args: tuple[Any, ...], extra: dict[str, Any] | None = None) -> str:
+        """The line of a tuple queued by :func:`direct_emitter` (``extra`` is not part of the
+        text: the message says it all)."""
         return f"{self._asctime(created)} {levelname} {name}: {msg % args if args else msg}"
 
     def format(self, record: logging.LogRecord) -> str:
         record.message = record.getMessage()
+        if getattr(record, "bare", False):
+            # A line whose text form scripts match (``fastsip serve: cannot listen on ...``):
+            # the message alone, no time, level or logger.
+            return record.message
         text = f"{self._asctime(record.created)} {record.levelname} {record.name}: " \
                f"{record.message}"
         if record.exc_info and not record.exc_text:
@@ -87,6 +103,62 @@ class LineFormatter(logging.Formatter):
         if record.stack_info:
             text = f"{text}\n{self.formatStack(record.stack_info)}"
         return text
+
+
+#: The attributes every LogRecord has: whatever else a record carries came with ``extra=``.
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "bare"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: ``ts`` (UTC, ISO 8601 with milliseconds), ``level``, ``logger``,
+    ``msg`` (the formatted message), then every field the record got through ``extra=`` (the
+    per-request line's ``method``, ``status``, ``outcome``, ...), and ``exc`` with a traceback.
+    :mod:`json` does the escaping (ASCII only, so a stream of any encoding takes the line and
+    ``json.loads`` gives back the very strings logged)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._stamp = ""
+        # One encoder for every line (json.dumps with an option builds one per call).
+        self._encode = json.JSONEncoder(default=str).encode
+
+    def _ts(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:       # (the writer thread is the only caller)
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._stamp}.{int((created - second) * 1000):03d}Z"
+
+    def document(self, created: float, levelname: str, name: str, message: str,
+                 extra: dict[str, Any] | None) -> dict[str, Any]:
+        """The object of one line (its fixed keys first; ``extra`` cannot replace them)."""
+        doc: dict[str, Any] = {"ts": self._ts(created), "level": levelname, "logger": name,
+                               "msg": message}
+        if extra:
+            for key, value in extra.items():
+                doc.setdefault(key, value)
+        return doc
+
+    def line(self, created: float, levelname: str, name: str, msg: str,
+             args: tuple[Any, ...], extra: dict[str, Any] | None = None) -> str:
+        """The line of a tuple queued by :func:`direct_emitter`."""
+        return self._encode(self.document(created, levelname, name,
+                                          msg % args if args else msg, extra))
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = record.getMessage()
+        extra = {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRS}
+        doc = self.document(record.created, record.levelname, record.name, record.message,
+                            extra)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            doc["exc"] = record.exc_text
+        if record.stack_info:
+            doc["stack"] = self.formatStack(record.stack_info)
+        return self._encode(doc)
 
 
 class _Flush:
@@ -153,20 +225,22 @@ class QueueLogHandler(logging.Handler):
         else:
             self.dropped += 1
 
-    def direct(self, name: str, level: int) -> Callable[[str, tuple[Any, ...]], None]:
-        """A function ``emit(template, args)`` that queues one line of logger ``name`` at
-        ``level`` with no :class:`~logging.LogRecord` (see :func:`direct_emitter`); ``args``
-        must hold only immutable values (str, int, float)."""
+    def direct(self, name: str, level: int) -> DirectEmit:
+        """A function ``emit(template, args, extra=None)`` that queues one line of logger
+        ``name`` at ``level`` with no :class:`~logging.LogRecord` (see
+        :func:`direct_emitter`); ``args`` must hold only immutable values (str, int, float),
+        and ``extra`` (the fields a JSON line carries) must not change once passed."""
         levelname = logging.getLevelName(level)
         put, qsize, now = self._queue.put, self._queue.qsize, time.time
         bound = self.max_queued
 
-        def emit(msg: str, args: tuple[Any, ...]) -> None:
+        def emit(msg: str, args: tuple[Any, ...], extra: dict[str, Any] | None = None) -> None:
             if qsize() < bound and not self._closed:
-                put((now(), levelname, name, msg, args))
+                put((now(), levelname, name, msg, args, extra))
             elif self._closed:
-                assert isinstance(self.formatter, LineFormatter)
-                self._write(self.formatter.line(now(), levelname, name, msg, args) + "\n")
+                fmt = self.formatter
+                assert isinstance(fmt, LineFormatter | JsonFormatter)
+                self._write(fmt.line(now(), levelname, name, msg, args, extra) + "\n")
             else:
                 self.dropped += 1
         return emit
@@ -193,8 +267,6 @@ class QueueLogHandler(logging.Handler):
 
     def _write_loop(self) -> None:
         get, get_nowait = self._queue.get, self._queue.get_nowait
-        fmt = self.formatter
-        assert isinstance(fmt, LineFormatter)
         last = 0.0
         while True:
             batch = [get()]                  # block until something comes
@@ -207,6 +279,8 @@ class QueueLogHandler(logging.Handler):
                     batch.append(get_nowait())
             except queue.Empty:
                 pass
+            fmt = self.formatter             # (read per batch: set_format may change it)
+            assert isinstance(fmt, LineFormatter | JsonFormatter)
             lines: list[str] = []
             markers: list[_Flush] = []
             stopping = False
@@ -241,8 +315,9 @@ class QueueLogHandler(logging.Handler):
         now = time.time()
         if not stopping and now - self._last_report < DROP_REPORT_INTERVAL:
             return
-        assert isinstance(self.formatter, LineFormatter)
-        lines.append(self.formatter.line(
+        fmt = self.formatter
+        assert isinstance(fmt, LineFormatter | JsonFormatter)
+        lines.append(fmt.line(
             now, "WARNING", _log.name,
             "log writer behind: %d line(s) dropped (%d in all), at most %d wait to be written",
             (dropped - self._reported, dropped, self.max_queued)))
@@ -292,18 +367,42 @@ def flush() -> None:
         handler.flush()
 
 
+def set_format(name: str) -> None:
+    """Lines as ``"text"`` (:data:`FORMAT`, the default) or ``"json"`` (one object a line, see
+    :class:`JsonFormatter`) from now on, for the writers :func:`install` started.  Callers of
+    :func:`direct_emitter` ask it again afterwards (and :func:`structured`, whether to pass the
+    fields of a JSON line)."""
+    if name not in ("text", "json"):
+        raise ValueError(f"log format {name!r}: expected text or json")
+    for handler in _installed:
+        handler.setFormatter(JsonFormatter() if name == "json" else LineFormatter())
+
+
+def structured(logger: logging.Logger) -> bool:
+    """Do ``logger``'s records end in a :class:`JsonFormatter` (so the fields passed with
+    ``extra=`` are what a reader gets, not the text of the message)?"""
+    current: logging.Logger | None = logger
+    while current is not None:
+        if any(isinstance(h.formatter, JsonFormatter) for h in current.handlers):
+            return True
+        if not current.propagate:
+            break
+        current = current.parent
+    return False
+
+
 def dropped_lines() -> int:
     """Lines dropped so far by the writers :func:`install` started (for a stop summary)."""
     return sum(h.dropped for h in _installed)
 
 
-def direct_emitter(logger: logging.Logger, level: int
-                   ) -> Callable[[str, tuple[Any, ...]], None] | None:
-    """For a hot path: a function ``emit(template, args)`` that queues ``template % args`` as
-    a line of ``logger`` at ``level`` without a :class:`~logging.LogRecord` -- or None when
-    that would change what is logged: the level is off, or a record would meet a filter or
-    any handler other than one :class:`QueueLogHandler` (which formats with
-    :class:`LineFormatter`).  Decided now: a caller asks again after reconfiguring logging."""
+def direct_emitter(logger: logging.Logger, level: int) -> DirectEmit | None:
+    """For a hot path: a function ``emit(template, args, extra=None)`` that queues ``template
+    % args`` (with the fields ``extra`` for a JSON line) as a line of ``logger`` at ``level``
+    without a :class:`~logging.LogRecord` -- or None when that would change what is logged:
+    the level is off, or a record would meet a filter or any handler other than one
+    :class:`QueueLogHandler` (which formats with :class:`LineFormatter` or
+    :class:`JsonFormatter`).  Decided now: a caller asks again after reconfiguring logging."""
     if not logger.isEnabledFor(level):
         return None
     handlers: list[logging.Handler] = []
@@ -319,6 +418,6 @@ def direct_emitter(logger: logging.Logger, level: int
         return None
     handler = handlers[0]
     if not isinstance(handler, QueueLogHandler) or handler.filters or level < handler.level \
-            or type(handler.formatter) is not LineFormatter:
+            or type(handler.formatter) not in (LineFormatter, JsonFormatter):
         return None
     return handler.direct(logger.name, level)

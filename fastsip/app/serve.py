@@ -26,8 +26,11 @@ response has gone upstream, as ``key=value`` fields a log shipper can split::
 ``outcome`` is one of ``registered``, ``answered``, ``accepted`` (2xx), ``redirected`` (3xx),
 ``challenged`` (401/407), ``cancelled`` (the caller's CANCEL ended it), ``unanswered`` (408/480:
 nobody answered, ``--ring-timeout`` ran out), ``unavailable`` (503), ``rejected`` (any other
-failure) and, at stop, ``abandoned`` (no final response yet).  The stop summary counts them.
-Below INFO nothing is tracked per request, so a quiet server pays nothing for it.  At INFO
+failure) and, at stop, ``abandoned`` (no final response yet).  The stop summary counts them,
+and so does ``--metrics HOST:PORT`` (Prometheus, :mod:`fastsip.app.metrics`; the same dict).
+Below INFO and without ``--metrics`` nothing is tracked per request, so a quiet server pays
+nothing for it.  ``--log-format json`` writes every line as a JSON object instead, the request
+line's fields as keys (``docs/operations.md``).  At INFO
 the line costs the event loop a tuple put on a queue (~0.7 µs): a writer thread
 (:mod:`fastsip.app.logqueue`) formats and writes, in batches while lines come fast.  Every
 queued line is written before the process exits after SIGTERM; if stderr stalls, lines past
@@ -133,14 +136,22 @@ _REQUEST_LINE = "request method=%s status=%d outcome=%s duration_ms=%.1f %s"
 
 
 class _Pending:
-    """An initial request whose final response has not gone upstream yet."""
+    """An initial request whose final response has not gone upstream yet; ``fields``: its
+    Call-ID, From and To URIs and source, as logged (None when no line is logged)."""
 
-    __slots__ = ("fields", "method", "started")
+    __slots__ = ("call_id", "fields", "method", "started")
 
-    def __init__(self, method: str, fields: str, started: float) -> None:
+    def __init__(self, method: str, fields: tuple[str, str, str, str] | None,
+                 started: float, call_id: str = "") -> None:
         self.method = method
         self.fields = fields
         self.started = started
+        self.call_id = call_id
+
+
+def _text_fields(fields: tuple[str, str, str, str]) -> str:
+    call_id, frm, to, source = fields
+    return f"call_id={_quote(call_id)} from={_quote(frm)} to={_quote(to)} source={source}"
 
 
 class ServeRouter:
@@ -149,7 +160,7 @@ class ServeRouter:
     ``on_final`` hook: the first final response that went upstream, local or forwarded)."""
 
     def __init__(self, inner: Any, *, clock: Callable[[], float] = time.monotonic,
-                 retry_after: int = 5) -> None:
+                 retry_after: int = 5, track: bool = False) -> None:
         self.inner = inner
         self.clock = clock
         self.retry_after = retry_after
@@ -159,11 +170,17 @@ class ServeRouter:
         #: Only what the routes ask for: the outcome comes from on_final, not from here.
         self.wants_responses = bool(getattr(inner, "wants_responses", False))
         self.pending: dict[int, _Pending] = {}
-        self._track = log.isEnabledFor(logging.INFO)
+        #: A line per request at INFO; outcomes counted then, or when metrics ask (``track``).
+        self._lines = log.isEnabledFor(logging.INFO)
+        self._track = self._lines or track
+        #: JSON lines: the fields go as ``extra=`` (the text line is not built at all).
+        self._json = logqueue.structured(log)
         #: Under ``fastsip serve`` the line is queued as a tuple for the log writer thread.
         self._emit = direct_emitter(log, logging.INFO)
-        #: Counts by outcome word, for the summary at stop.
+        #: Counts by outcome word, for the summary at stop and the metrics (one source).
         self.outcomes: dict[str, int] = {}
+        #: Called with the Call-ID of each initial INVITE answered (the metrics' calls).
+        self.on_answered: Callable[[str, float], None] | None = None
 
     # RequestRouter -------------------------------------------------------------------------
 
@@ -181,12 +198,14 @@ class ServeRouter:
                 ctx.respond(503, "Shutting Down",
                             headers=[("Retry-After", str(self.retry_after))])
                 if self._track:
-                    self._log(request.method, self._fields(ctx), started, 503)
+                    self._log(request.method, self._fields(ctx) if self._lines else None,
+                              started, 503)
                 return
         if self._track and not ctx.stateless:
             # Before the router runs: a local answer (registrar, 404) reaches on_final at once.
-            self.pending[id(ctx)] = _Pending(request.method, self._fields(ctx),
-                                             self.clock())
+            self.pending[id(ctx)] = _Pending(
+                request.method, self._fields(ctx) if self._lines else None, self.clock(),
+                request.call_id or "")
         self.inner.on_request(ctx)
 
     def on_failure(self, ctx: ResponseContext, best: Response) -> bool:
@@ -216,51 +235,81 @@ class ServeRouter:
     def on_final(self, ctx: ResponseContext, response: Response) -> None:
         entry = self.pending.pop(id(ctx), None)
         if entry is not None:
-            self._log(entry.method, entry.fields, entry.started, response.status_code,
-                      cancelled=ctx.cancelled)
+            outcome = self._log(entry.method, entry.fields, entry.started,
+                                response.status_code, cancelled=ctx.cancelled)
+            if outcome == "answered" and self.on_answered is not None:
+                self.on_answered(entry.call_id, self.clock())
 
     # outcome tracking ----------------------------------------------------------------------
 
     @staticmethod
-    def _fields(ctx: ProxyContext) -> str:
+    def _fields(ctx: ProxyContext) -> tuple[str, str, str, str]:
         request = ctx.request
         frm, to = request.from_, request.to
-        return (f"call_id={_quote(request.call_id or '')} "
-                f"from={_quote(str(frm.uri) if frm is not None else '')} "
-                f"to={_quote(str(to.uri) if to is not None else '')} "
-                f"source={ctx.source}")
+        return (request.call_id or "", str(frm.uri) if frm is not None else "",
+                str(to.uri) if to is not None else "", str(ctx.source))
 
     def _count(self, method: str, status: int, cancelled: bool = False) -> str:
         outcome = _outcome(method, status, cancelled)
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         return outcome
 
-    def _log(self, method: str, fields: str, started: float, status: int,
-             cancelled: bool = False) -> None:
+    def _log(self, method: str, fields: tuple[str, str, str, str] | None, started: float,
+             status: int, cancelled: bool = False) -> str:
         outcome = self._count(method, status, cancelled)
-        args = (method, status, outcome, (self.clock() - started) * 1000.0, fields)
+        if fields is None:           # counted for the metrics; no line at this log level
+            return outcome
+        duration = (self.clock() - started) * 1000.0
+        if self._json:
+            # The fields as they are: the JSON formatter (the writer thread) escapes them.
+            extra = _request_extra(method, status, outcome, duration, fields)
+            if self._emit is not None:
+                self._emit("request", (), extra)
+            else:
+                log.info("request", extra=extra)
+            return outcome
+        args = (method, status, outcome, duration, _text_fields(fields))
         if self._emit is not None:   # straight onto the writer's queue: no LogRecord
             self._emit(_REQUEST_LINE, args)
         else:
-            log.info(_REQUEST_LINE, *args)
+            log.info(_REQUEST_LINE, *args,
+                     extra=_request_extra(method, status, outcome, duration, fields))
+        return outcome
 
     def flush(self) -> None:
         """At stop: log what never got a final response."""
         for entry in self.pending.values():
             self.outcomes["abandoned"] = self.outcomes.get("abandoned", 0) + 1
-            log.info("request method=%s status=- outcome=abandoned duration_ms=%.1f %s",
-                     entry.method, (self.clock() - entry.started) * 1000.0, entry.fields)
+            if entry.fields is None:
+                continue
+            duration = (self.clock() - entry.started) * 1000.0
+            extra = _request_extra(entry.method, None, "abandoned", duration, entry.fields)
+            if self._json:
+                log.info("request", extra=extra)
+            else:
+                log.info("request method=%s status=- outcome=abandoned duration_ms=%.1f %s",
+                         entry.method, duration, _text_fields(entry.fields), extra=extra)
         self.pending.clear()
+
+
+def _request_extra(method: str, status: int | None, outcome: str, duration_ms: float,
+                   fields: tuple[str, str, str, str]) -> dict[str, Any]:
+    """The request line's fields, for ``extra=`` (a JSON line's keys)."""
+    call_id, frm, to, source = fields
+    return {"method": method, "status": status, "outcome": outcome,
+            "duration_ms": round(duration_ms, 1), "call_id": call_id, "from": frm, "to": to,
+            "source": source}
 
 
 # -- the server --------------------------------------------------------------------------------
 
 
 def _fail(message: str) -> None:
-    """The one line saying why we cannot start, on stderr after the log lines before it (the
-    log writer thread writes to the same stream: one print must not land inside its line)."""
+    """The one line saying why we cannot start, through logging like every other line (in
+    order with them; a JSON object under ``--log-format json``).  Its text form stays
+    ``fastsip serve: MESSAGE`` alone (scripts match it): the record is ``bare``."""
+    log.error("fastsip serve: %s", message, extra={"bare": True})
     logqueue.flush()
-    print(f"fastsip serve: {message}", file=sys.stderr, flush=True)
 
 
 def _default_realm(args: argparse.Namespace) -> str:
@@ -276,6 +325,9 @@ def _default_realm(args: argparse.Namespace) -> str:
 async def run(args: argparse.Namespace, settings: ServeSettings | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; returns the exit status.  ``settings``: the
     config file and command line, for reloads (default: the command line's ``args``)."""
+    # Every line from here on in the format asked for (the supervisor's and workers' too).
+    if getattr(args, "log_format", "text") == "json":
+        logqueue.set_format("json")
     # The shell turns the stop signals into an event, from the start: a service manager's
     # SIGTERM while we start up is a clean stop too.
     # SIGHUP too: one during start-up must not kill us (its default action); it reloads as
@@ -362,7 +414,20 @@ async def _supervise(args: argparse.Namespace, stop: asyncio.Event, hook: _Reloa
                     w.proc.send_signal(signum)
 
     hook.serve(forward)
-    return await supervisor.run(stop)
+    scrapes = None
+    if getattr(args, "metrics", None):
+        from fastsip.app.metrics import aggregate
+
+        try:   # every worker's metrics, labelled worker="I", from this one endpoint
+            scrapes = await aggregate(args.metrics, args.workers, lambda: supervisor.directory)
+        except OSError as exc:
+            _fail(f"--metrics {args.metrics}: cannot listen: {exc}")
+            return EXIT_FAILED
+    try:
+        return await supervisor.run(stop)
+    finally:
+        if scrapes is not None:
+            scrapes.close()
 
 
 def _workers_problem(args: argparse.Namespace) -> str:
@@ -425,6 +490,12 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event,
     except Exception as exc:  # noqa: BLE001 - any error in the user's module: refuse to start
         _fail(_routes_error(args.routes, exc))
         return EXIT_USAGE
+    metrics_spec: str = getattr(args, "metrics", None) or ""
+    handler_timer = None
+    if metrics_spec:
+        from fastsip.app.metrics import HandlerTimer
+
+        handler_timer = HandlerTimer()
     from fastsip.proxy.edge import SourceGuard, TrustedNetworks
 
     try:
@@ -494,6 +565,10 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event,
         gateway_sets: dict[str, Any] = {}
 
         def make_router(routes: Any, authenticator: Any) -> Router:
+            if handler_timer is not None and routes is not None:
+                # --metrics: the handler timed (before the Router looks at it), after a
+                # reload too
+                routes = handler_timer.wrap_routes(routes)
             made = Router(routes, registrar=registrar, authenticator=authenticator,
                           spawn=loop.create_task, max_concurrency=args.max_concurrency,
                           guard=guard, monotonic=loop.time)
@@ -502,7 +577,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event,
             return made
 
         router = make_router(routes, authenticator)
-        serve_router = ServeRouter(router)
+        serve_router = ServeRouter(router, track=handler_timer is not None)
         proxy = Proxy(serve_router, aliases=[*(args.domain or ()), *(args.alias or ())],
                       trusted=trusted, max_pending=args.max_transactions,
                       timer_c=args.ring_timeout,
@@ -539,6 +614,20 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event,
         resolver = next_hop_dns.from_args(
             args, lambda: {(x.address.transport, x.family) for x in endpoint.listeners})
         proxy.resolver = endpoint.transport.dns = resolver
+        exporter = None
+        if handler_timer is not None:
+            from fastsip.app.metrics import start_exporter
+
+            try:
+                exporter = await start_exporter(
+                    metrics_spec, handler_timer, serve_router=serve_router,
+                    proxy=proxy, transactions=transactions, transport=endpoint.transport,
+                    guard=guard, store=store, loop=loop, worker=worker,
+                    worker_dir=args.worker_dir)
+            except OSError as exc:
+                _fail(f"--metrics {metrics_spec}: cannot listen: {exc}")
+                await endpoint.close()
+                return EXIT_FAILED
         ng_clients = []
         anchor = None
         if args.media:
@@ -641,6 +730,8 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event,
             gateway_prober.stop()
             if trunks is not None:
                 trunks.stop()
+            if exporter is not None:
+                await exporter.close()
             serve_router.flush()
             if handoff is not None:
                 handoff.close()
@@ -1075,9 +1166,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--loop", choices=LOOPS, default="auto",
                    help="event loop: uvloop when installed (auto), or plain asyncio")
     from fastsip.app.config import add_option
+    from fastsip.app.metrics import add_arguments as add_observability_options
     from fastsip.asyncio.dns import add_options as add_dns_options
 
     add_dns_options(p)
+    add_observability_options(p)
     add_option(p)
     p.set_defaults(func=_starter(p))
     return p

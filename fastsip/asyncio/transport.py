@@ -145,6 +145,8 @@ class TransportStats:
     sends_dropped: int = 0
     #: Banned sources the kernel currently drops for us (drop_sources).
     kernel_filtered: int = 0
+    #: Messages (datagrams, or messages framed on a stream) that did not parse.
+    malformed: int = 0
 
 
 class Listener:
@@ -1118,9 +1120,10 @@ class TransportLayer:
         False: a datagram another worker handed us, ours by definition."""
         receive_datagram(data, host, port, lid, self.limits, self, self.on_message,
                          self._local if self.check_via else None,
-                         self.steer if steer else None)
+                         self.steer if steer else None, self._answer_malformed)
 
     def _answer_malformed(self, data: bytes, exc: ParseError, source: Address) -> None:
+        self.stats.malformed += 1
         answer_malformed(data, exc, source, self)
 
     def _deliver(self, msg: Request | Response, source: Address) -> None:

@@ -39,7 +39,7 @@ from fastsip.transport import Address, Transport
 from fastsip.transport.rules import check_sent_by, error_response, stamp_received
 from fastsip.transport.stun import binding_response, is_stun
 
-__all__ = ["Deliver", "Steer", "answer_malformed", "deliver_message", "receive_datagram"]
+__all__ = ["Deliver", "Malformed", "Steer", "answer_malformed", "deliver_message", "receive_datagram"]
 
 log = logging.getLogger("fastsip.transport")
 
@@ -48,12 +48,15 @@ Deliver = Callable[[Request | Response, Address], object]
 #: ``steer(msg, data, source)``: a shell running several workers takes a parsed datagram that
 #: another worker owns (and hands ``data`` to it); True: taken, not ours to deliver.
 Steer = Callable[[Request | Response, bytes, Address], bool]
+#: ``malformed(data, error, source)``: what becomes of a datagram that did not parse.
+Malformed = Callable[[bytes, ParseError, Address], object]
 
 
 def receive_datagram(data: bytes, host: str, port: int, connection: int, limits: Limits,
                      transport: Transport, deliver: Deliver | None,
                      local: Iterable[tuple[str, int]] | None = None,
-                     steer: Steer | None = None) -> bool:
+                     steer: Steer | None = None,
+                     malformed: Malformed | None = None) -> bool:
     """One UDP datagram from ``host``:``port`` that arrived on socket ``connection`` (0: the
     only one): answered here when it is STUN or a malformed request (through ``transport``),
     ignored when it is a keep-alive or fails the §18 checks, else handed to ``deliver(msg,
@@ -61,7 +64,9 @@ def receive_datagram(data: bytes, host: str, port: int, connection: int, limits:
     response whose top Via names none of them is dropped (None: no such check).  ``steer``:
     asked first for every message that parsed, when several workers share the socket (it
     takes the ones another worker owns; keep-alives, STUN and malformed requests are answered
-    by whoever received them).  True when a message was delivered.  (Positional arguments:
+    by whoever received them).  ``malformed(data, error, source)``: called for a datagram
+    that does not parse, instead of :func:`answer_malformed` (a shell that counts them, then
+    answers).  True when a message was delivered.  (Positional arguments:
     this is the per-datagram path.)"""
     if len(data) <= 4 and not data.strip():
         return False
@@ -77,7 +82,10 @@ def receive_datagram(data: bytes, host: str, port: int, connection: int, limits:
         msg = parse(data, limits)
     except ParseError as exc:
         log.debug("malformed datagram from %s: %s", source, exc)
-        answer_malformed(data, exc, source, transport)
+        if malformed is not None:
+            malformed(data, exc, source)
+        else:
+            answer_malformed(data, exc, source, transport)
         return False
     if steer is not None and steer(msg, data, source):
         return False
