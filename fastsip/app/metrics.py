@@ -468,7 +468,8 @@ def worker_port_file(directory: str, index: int) -> Path:
 
 async def start_exporter(spec: str, timer: HandlerTimer, *, serve_router: Any, proxy: Any,
                          transactions: Any, transport: Any, guard: Any, store: Any,
-                         loop: asyncio.AbstractEventLoop, worker: int | None = None, worker_dir: str | None = None) -> Exporter:
+                         loop: asyncio.AbstractEventLoop, worker: int | None = None,
+                         worker_dir: str | None = None) -> Exporter:
     """Count what only the metrics need (wrappers on the transport's delivery and sends),
     start the lag timer and serve ``/metrics`` on ``spec`` (HOST:PORT).  A worker of
     ``--workers N`` serves on a loopback port of its own instead, written to its
