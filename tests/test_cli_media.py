@@ -1,0 +1,341 @@
+"""``fastsip answer`` and ``fastsip call`` carrying sound, against sipp on loopback:
+
+(a) call --play to a sipp UAS echoing RTP (-rtp_echo): the recorded echo is the played file
+    after the G.711 round trip, sample for sample;
+(b) sipp playing a recorded A-law call (play_pcap_audio) to answer --record: the WAV is the
+    pcap's payload decoded independently;
+(c) sipp playing its RFC 4733 key-press pcaps to answer: the digits logged and summarized;
+(d) call --dtmf to a sipp UAS whose SDP names a socket of the test: tshark decodes the
+    captured events to the digits sent;
+plus the many-sessions pacing measurement of the asyncio shell (one timer for all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pcapfile import read_packets
+from procutil import fastsip_env, free_port
+from serveutil import SCENARIOS, SIPP, finish, stop
+
+from fastsip.rtp import RtpPacket, alaw_decode, ulaw_decode, ulaw_encode
+from fastsip.rtp.wav import read_wav, write_wav
+
+HOST = "127.0.0.1"
+SIPP_PCAPS = Path("/usr/share/sip-tester")
+TSHARK = shutil.which("tshark")
+
+needs_sipp = pytest.mark.skipif(SIPP is None, reason="sipp (sip-tester) is not installed")
+needs_pcaps = pytest.mark.skipif(not (SIPP_PCAPS / "g711a.pcap").exists(),
+                                 reason="sip-tester's pcaps are not installed")
+
+
+def cli(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fastsip.cli", *args], cwd=cwd,
+                          env=fastsip_env(), capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+class Answer:
+    """A ``fastsip answer`` process on HOST:port; ``stop()`` returns (stdout, stderr)."""
+
+    def __init__(self, workdir: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.err_path = workdir / "answer.err"
+        self._err = open(self.err_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fastsip.cli", "answer", "--listen",
+             f"udp:{HOST}:{self.port}", "--media-port", "0", "--log-level", "info", *extra],
+            cwd=workdir, env=fastsip_env(), stdout=subprocess.PIPE, stderr=self._err,
+            stdin=subprocess.DEVNULL, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("listening on"):
+            out, err = self.stop()
+            raise AssertionError(f"answer did not start: {line!r} {out} {err}")
+
+    def stop(self) -> tuple[str, str]:
+        stop(self.proc)
+        assert self.proc.stdout is not None
+        out = self.proc.stdout.read()
+        self.proc.stdout.close()
+        self._err.close()
+        return out, self.err_path.read_text()
+
+
+def sipp_run(scenario: Path, workdir: Path, name: str, *extra: str,
+             timeout: float = 40) -> subprocess.Popen[str]:
+    assert SIPP is not None
+    return subprocess.Popen(
+        [SIPP, "-sf", str(scenario), "-i", HOST, "-nostdin", "-m", "1",
+         "-timeout", str(int(timeout)), "-trace_msg", "-message_file",
+         str(workdir / f"{name}.msg"), "-trace_err", "-error_file",
+         str(workdir / f"{name}.err"), *extra],
+        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, text=True)
+
+
+def scenario(workdir: Path, name: str, **subst: str) -> Path:
+    text = (SCENARIOS / name).read_text()
+    for key, value in subst.items():
+        text = text.replace(f"@{key}@", value)
+    path = workdir / name
+    path.write_text(text)
+    return path
+
+
+def sound(seconds: float = 2.0) -> np.ndarray:
+    """A tone sweeping in loudness plus noise: no two 20 ms frames alike."""
+    rng = np.random.default_rng(14)
+    t = np.arange(int(8000 * seconds)) / 8000
+    x = 9000 * np.sin(2 * np.pi * 440 * t) * np.sin(2 * np.pi * 0.7 * t + 0.3)
+    return (x + rng.normal(0, 700, len(t))).astype(np.int16)
+
+
+def find(haystack: np.ndarray, needle: np.ndarray) -> int | None:
+    """Where ``needle`` occurs in ``haystack`` sample for sample (None: nowhere)."""
+    for offset in range(len(haystack) - len(needle) + 1):
+        if haystack[offset] == needle[0] and \
+                np.array_equal(haystack[offset:offset + len(needle)], needle):
+            return offset
+    return None
+
+
+# -- (a) the echo ----------------------------------------------------------------------------
+
+
+@needs_sipp
+def test_call_play_to_sipp_rtp_echo_records_the_file_back_sample_exact(tmp_path: Path) -> None:
+    pcm = sound(2.0)
+    write_wav(tmp_path / "in.wav", pcm)
+    sip_port, media_port = free_port(), free_port()
+    uas = sipp_run(scenario(tmp_path, "uas_media.xml", MEDIA_PORT="[media_port]"), tmp_path,
+                   "uas", "-p", str(sip_port), "-mp", str(media_port), "-rtp_echo")
+    try:
+        time.sleep(0.3)
+        result = cli("call", f"sip:echo@{HOST}:{sip_port}", "--play", "in.wav", "--record",
+                     "rec", "--duration", "2.8", "--media-port", "0", "--log-level", "info",
+                     cwd=tmp_path)
+    finally:
+        out = finish(uas, 20)
+    assert result.returncode == 0, result.stdout + result.stderr + out
+    (wav,) = (tmp_path / "rec").glob("*.wav")
+    assert f"recorded {Path('rec') / wav.name}" in result.stdout
+    recorded = read_wav(wav)
+    expected = ulaw_decode(ulaw_encode(pcm))
+    offset = find(recorded, expected)
+    assert offset is not None, (len(recorded), len(expected))
+    assert offset < 8000                            # the echo starts within a second
+
+
+# -- (b) recording a played pcap -------------------------------------------------------------
+
+
+def pcap_audio(path: Path) -> tuple[bytes, int]:
+    """The RTP payload of a one-stream pcap in sequence order, and its payload type."""
+    packets = [RtpPacket.parse(p.payload) for p in read_packets(path) if p.proto == "udp"]
+    packets.sort(key=lambda p: p.sequence_number)
+    return b"".join(bytes(p.payload) for p in packets), packets[0].payload_type
+
+
+@needs_sipp
+@needs_pcaps
+def test_answer_records_a_played_alaw_pcap_as_its_decoded_payload(tmp_path: Path) -> None:
+    payload, pt = pcap_audio(SIPP_PCAPS / "g711a.pcap")
+    assert pt == 8
+    expected = alaw_decode(payload)
+    answer = Answer(tmp_path, "--record", "rec")
+    try:
+        uac = sipp_run(scenario(tmp_path, "uac_pcap.xml", PCAP=str(SIPP_PCAPS / "g711a.pcap"),
+                                HOLD_MS="8000"),
+                       tmp_path, "uac", "-s", "alice", "-key", "domain", HOST, "-key",
+                       "caller", "bob", "-mp", str(free_port()), f"{HOST}:{answer.port}")
+        sipp_out = finish(uac, 40)
+        assert uac.returncode == 0, sipp_out
+    finally:
+        out, err = answer.stop()
+    assert "1 answered" in out, out + err
+    (wav,) = (tmp_path / "rec").glob("*.wav")
+    recorded = read_wav(wav)
+    assert len(recorded) == len(expected), (len(recorded), len(expected))
+    assert np.array_equal(recorded, expected)
+
+
+# -- (c) DTMF in -----------------------------------------------------------------------------
+
+
+@needs_sipp
+@needs_pcaps
+def test_answer_logs_the_keys_sipp_presses_from_its_rfc4733_pcaps(tmp_path: Path) -> None:
+    keys = [("1", "1"), ("2", "2"), ("pound", "#"), ("9", "9")]
+    play = "\n".join(
+        f'<nop><action><exec play_pcap_audio="{SIPP_PCAPS}/dtmf_2833_{name}.pcap"/></action>'
+        '</nop>\n<pause milliseconds="500"/>' for name, _ in keys)
+    answer = Answer(tmp_path, "--rtp")
+    try:
+        uac = sipp_run(scenario(tmp_path, "uac_dtmf_pcap.xml", PLAY=play), tmp_path, "uac",
+                       "-s", "alice", "-key", "domain", HOST, "-key", "caller", "bob",
+                       "-mp", str(free_port()), f"{HOST}:{answer.port}")
+        sipp_out = finish(uac, 40)
+        assert uac.returncode == 0, sipp_out
+    finally:
+        out, err = answer.stop()
+    logged = re.findall(r"DTMF (\S) \((\d+) ms\)", err)
+    # each pcap is one 280 ms press (2240 ticks), its end packet captured three times
+    assert logged == [(d, "280") for _, d in keys], err
+    summary = re.search(r"DTMF \S+: (.*)", out)
+    assert summary is not None, out
+    assert summary.group(1) == " ".join(f"{d}(280 ms)" for _, d in keys)
+
+
+# -- (d) DTMF out, decoded by tshark ---------------------------------------------------------
+
+
+def write_pcap(path: Path, datagrams: list[tuple[float, tuple[str, int], int, bytes]]) -> None:
+    """A classic pcap (LINKTYPE_RAW: IPv4) of UDP datagrams (time, source, dest port, data)."""
+    with open(path, "wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 101))
+        for when, (src, sport), dport, data in datagrams:
+            udp = struct.pack("!HHHH", sport, dport, 8 + len(data), 0) + data
+            ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                             socket.inet_aton(src), socket.inet_aton(HOST)) + udp
+            sec = int(when)
+            f.write(struct.pack("<IIII", sec, int((when - sec) * 1e6), len(ip), len(ip)) + ip)
+
+
+@needs_sipp
+@pytest.mark.skipif(TSHARK is None, reason="tshark is not installed")
+def test_call_dtmf_reaches_the_peer_as_rfc4733_events_tshark_decodes(tmp_path: Path) -> None:
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind((HOST, 0))
+    sink.settimeout(0.2)
+    sink_port = sink.getsockname()[1]
+    got: list[tuple[float, tuple[str, int], int, bytes]] = []
+    done = threading.Event()
+
+    def collect() -> None:
+        deadline = time.monotonic() + 30
+        while not done.is_set() and time.monotonic() < deadline:
+            try:
+                data, addr = sink.recvfrom(2048)
+            except TimeoutError:
+                continue
+            got.append((time.time(), addr, sink_port, data))
+
+    reader = threading.Thread(target=collect, daemon=True)
+    reader.start()
+    sip_port = free_port()
+    uas = sipp_run(scenario(tmp_path, "uas_media.xml", MEDIA_PORT=str(sink_port)), tmp_path,
+                   "uas", "-p", str(sip_port), "-mp", str(free_port()))
+    try:
+        time.sleep(0.3)
+        result = cli("call", f"sip:keys@{HOST}:{sip_port}", "--dtmf", "1234#", "--dtmf-after",
+                     "0.2", "--duration", "1.8", "--media-port", "0", cwd=tmp_path)
+    finally:
+        sipp_out = finish(uas, 20)
+        done.set()
+        reader.join(5)
+        sink.close()
+    assert result.returncode == 0, result.stdout + result.stderr + sipp_out
+    pcap = tmp_path / "dtmf.pcap"
+    write_pcap(pcap, got)
+    assert TSHARK is not None
+    fields = subprocess.run(
+        [TSHARK, "-r", str(pcap), "-d", f"udp.port=={sink_port},rtp",
+         # (Wireshark 4.0 has no rtp_event_payload_type_value preference: a Decode As of
+         # the payload type says the same)
+         "-d", "rtp.pt==101,rtpevent", "-Y", "rtpevent", "-T", "fields",
+         "-e", "rtp.timestamp", "-e", "rtp.marker", "-e", "rtpevent.event_id",
+         "-e", "rtpevent.end_of_event", "-e", "rtpevent.duration"],
+        capture_output=True, text=True, timeout=60, check=True).stdout
+    rows = [line.split("\t") for line in fields.splitlines() if line.strip()]
+    assert rows, fields
+    events: dict[str, list[list[str]]] = {}
+    for row in rows:
+        events.setdefault(row[0], []).append(row)
+    digits = "".join("0123456789*#ABCD"[int(group[0][2])] for group in events.values())
+    assert digits == "1234#"
+    for group in events.values():
+        assert [r[1] for r in group][0] in ("1", "True")           # marker on the first
+        assert sum(r[3] in ("1", "True") for r in group) == 3      # the end sent 3 times
+        assert group[-1][4] == "800"                                # 100 ms at 8 kHz
+
+
+# -- (5) many sessions on one timer ----------------------------------------------------------
+
+
+def test_two_hundred_sessions_on_one_timer_keep_20ms_pacing(tmp_path: Path) -> None:
+    """200 sessions (plus 200 peer sockets counting what arrives) in one process: every frame
+    is sent within ``BOUND`` of its due time, and the receivers see 20 ms spacing."""
+    from fastsip.asyncio.rtp import MediaEngine
+    from fastsip.rtp.session import MediaSession
+
+    n, seconds, bound = 200, 3.0, 0.015
+    pcm = sound(1.0)
+
+    async def run() -> tuple[list[float], int, int, int]:
+        engine = MediaEngine(HOST, 0)
+        peers = []
+        streams = []
+        for _ in range(n):
+            peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            peer.bind((HOST, 0))
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            peer.setblocking(False)
+            peers.append(peer)
+            stream = engine.open()
+            session = MediaSession(remote=peer.getsockname(), source=pcm, loop=True)
+            session.tx.lateness = []
+            stream.start(session)
+            streams.append(stream)
+        received = 0
+
+        def drain(sock: socket.socket) -> None:
+            nonlocal received
+            while True:
+                try:
+                    sock.recv(2048)
+                except BlockingIOError:
+                    return
+                received += 1
+
+        loop = asyncio.get_running_loop()
+        for peer in peers:
+            loop.add_reader(peer.fileno(), drain, peer)
+        await asyncio.sleep(seconds)
+        lateness = [x for s in streams if s.session and s.session.tx.lateness
+                    for x in s.session.tx.lateness]
+        sent = sum(s.session.tx.packets for s in streams if s.session)
+        skipped = sum(s.session.tx.skipped_frames for s in streams if s.session)
+        wakeups = engine.wakeups
+        for peer in peers:
+            loop.remove_reader(peer.fileno())
+        engine.close()
+        for peer in peers:
+            peer.close()
+        return lateness, sent, received + 0 * skipped, wakeups
+
+    lateness, sent, received, wakeups = asyncio.run(run())
+    lat = np.array(lateness)
+    p50, p99, worst = np.percentile(lat, 50), np.percentile(lat, 99), lat.max()
+    print(f"\n{n} sessions, {seconds} s: {sent} packets sent, {received} received, "
+          f"{wakeups} timer wake-ups; send lateness p50 {p50 * 1e3:.2f} ms, "
+          f"p99 {p99 * 1e3:.2f} ms, max {worst * 1e3:.2f} ms")
+    frames = int(seconds / 0.02)
+    assert sent >= n * (frames - 2)                 # every session kept its 50 frames/s
+    assert received >= 0.99 * sent
+    assert wakeups <= seconds / 0.01 + 5            # one timer for all: ~100 wake-ups/s
+    assert p99 < bound, f"p99 send lateness {p99 * 1e3:.1f} ms"
