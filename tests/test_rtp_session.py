@@ -96,6 +96,7 @@ def test_ten_minutes_of_late_irregular_ticks_keep_the_frame_grid() -> None:
 def test_a_stalled_loop_sends_a_bounded_burst_and_skips_the_rest() -> None:
     s = session(source=tone(5.0), max_burst=4)
     s.start(0.0)
+    assert s.tick(-0.015) == []                    # nothing before the epoch
     first = parsed(s.tick(0.0))
     assert len(first) == 1 and first[0].marker
     burst = parsed(s.tick(1.0))                     # 50 frames due, the loop slept a second

@@ -307,7 +307,7 @@ class MediaSession:
         if epoch is None or self._closed:
             return []
         # frame k is due at epoch + k * ptime; the epsilon absorbs float error at exact ticks
-        due = int((now - epoch) / self.ptime + 1e-6) + 1
+        due = math.floor((now - epoch) / self.ptime + 1e-6) + 1
         if due <= self._next_frame:
             return []
         if not self.sending or self.remote is None:
@@ -501,7 +501,7 @@ class MediaSession:
         jb, play_epoch = self._jb, self._play_epoch
         if jb is None or play_epoch is None:
             return
-        due = int((now - play_epoch) / self._play_ptime + 1e-6) + 1
+        due = math.floor((now - play_epoch) / self._play_ptime + 1e-6) + 1
         for slot in range(self._next_slot, due):
             self._play_frame(jb.get(play_epoch + slot * self._play_ptime))
         self._next_slot = max(due, self._next_slot)
