@@ -145,6 +145,18 @@ def test_a_reinvite_to_sendonly_stops_sending_and_resume_starts_a_talkspurt() ->
     assert len(out) == 1 and out[0].marker
     s.set_direction("inactive")
     assert s.tick(2.0) == []
+    # a latched stream stays latched through a re-INVITE that keeps the address...
+    s.set_direction("sendrecv")
+    s.receive(rtp(1, 0, b"\xff" * 160), ("127.0.0.1", 9999), 2.0)
+    s.update(back)
+    assert {a for _, a in s.tick(2.1)} == {("127.0.0.1", 9999)}
+    # ...and follows one that moves it (then latches again)
+    moved = create_offer("127.0.0.1", 42000)
+    agreed2 = negotiate(ours, moved)[0]
+    assert agreed2 is not None
+    s.update(agreed2)
+    assert {a for _, a in s.tick(2.2)} == {("127.0.0.1", 42000)}
+    assert s.remote_rtcp == ("127.0.0.1", 42001)
 
 
 # -- receiving: latching, echo, meter ----------------------------------------------------------

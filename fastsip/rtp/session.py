@@ -148,6 +148,7 @@ class MediaSession:
         self.ptime = ptime
         self.samples_per_frame = round(clock_rate * ptime)
         self.remote = remote
+        self._sdp_remote = remote
         self.remote_rtcp = remote_rtcp if remote_rtcp is not None else \
             ((remote[0], remote[1] + 1) if remote is not None else None)
         self.direction = direction
@@ -235,15 +236,19 @@ class MediaSession:
                    direction=media.direction, **kwargs)
 
     def update(self, media: NegotiatedMedia) -> None:
-        """A new offer/answer (re-INVITE): direction, and the peer's address unless latched."""
+        """A new offer/answer (re-INVITE): the direction, and the peer's address when the SDP
+        moved it (then we latch again to where its packets come from)."""
         self.set_direction(media.direction)
         if media.telephone_event is not None:
             self.telephone_event = media.telephone_event
         remote = (media.remote_address, media.remote_port)
-        if remote != self.remote and not self.latched and media.remote_port:
+        if media.remote_address in ("0.0.0.0", "::", "") or not media.remote_port:
+            return                               # RFC 2543 hold: the direction says it all
+        if remote != self._sdp_remote:
+            self._sdp_remote = remote
             self.remote = remote
-            if not self.rtcp_latched:
-                self.remote_rtcp = (remote[0], remote[1] + 1)
+            self.remote_rtcp = (remote[0], remote[1] + 1)
+            self.latched = self.rtcp_latched = False
 
     def set_direction(self, direction: str) -> None:
         """Our direction (``sendrecv``, ``sendonly``, ``recvonly``, ``inactive``): without
