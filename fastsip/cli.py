@@ -110,7 +110,7 @@ async def _answer(args: argparse.Namespace, stop: asyncio.Event) -> int:
                         media_for=media.media_for if media is not None else None)
     if media is not None:
         media.policy = policy
-    ua = UserAgent(on_incoming=stats.on_incoming(policy), user=args.user)
+    ua = UserAgent(on_incoming=stats.on_incoming(policy), user=args.user, answerer=policy)
     endpoint = Endpoint(ua, listen=args.listen, advertise=args.advertise, timers=_timers(args))
     try:
         await endpoint.start()
@@ -196,8 +196,10 @@ async def _call(args: argparse.Namespace, stop: asyncio.Event) -> int:
         return EXIT_USAGE
     transport = args.transport.upper()
     listen = args.listen or [f"{transport.lower()}:{_default_host(target)}:0"]
-    # Incoming INVITEs are not what this tool is for: refuse them politely.
-    ua = UserAgent(on_incoming=lambda c: c.reject(603), user=args.user)
+    # Incoming INVITEs are not what this tool is for: refuse them politely.  Re-INVITEs in our
+    # calls (hold) are answered on each call's own media address (see CallMedia.adopt).
+    answerer = AutoAnswer("127.0.0.1", args.media_port)
+    ua = UserAgent(on_incoming=lambda c: c.reject(603), user=args.user, answerer=answerer)
     endpoint = Endpoint(ua, listen=listen, advertise=args.advertise, timers=_timers(args))
     try:
         await endpoint.start()
@@ -210,6 +212,9 @@ async def _call(args: argparse.Namespace, stop: asyncio.Event) -> int:
     host, _ = endpoint.transport.sent_by(transport)
     try:
         media = CallMedia.from_args(args, host, "call")
+        answerer.media_address = host
+        if media is not None:
+            media.policy = answerer
     except ValueError as exc:
         await endpoint.close()
         print(f"fastsip call: {exc}", file=sys.stderr)
@@ -356,8 +361,9 @@ class CallMedia:
     answered, hold from re-INVITEs, and at the end the recording and the DTMF received."""
 
     def __init__(self, engine: Any, *, source: Any = None, loop_source: bool = False,
-                 record: Path | None = None, echo: bool = False) -> None:
+                 record: Path | None = None, echo: bool = False, sdp_host: str = "") -> None:
         self.engine = engine
+        self.sdp_host = sdp_host
         self.source = source
         self.loop_source = loop_source
         self.record = record
@@ -385,13 +391,16 @@ class CallMedia:
         bind = host.strip("[]")
         engine = MediaEngine(bind, args.media_port)
         return cls(engine, source=source, loop_source=args.play_loop, record=record,
-                   echo=getattr(args, "echo", False))
+                   echo=getattr(args, "echo", False), sdp_host=host)
 
     def open(self) -> Any:
         return self.engine.open()
 
     def adopt(self, call: Call, stream: Any) -> None:
         self.streams[call.call_id] = stream
+        if self.policy is not None:
+            # our answers to this call's re-INVITEs name its own socket
+            self.policy.media_of[call.call_id] = (self.sdp_host, stream.port)
 
     def media_for(self, call: Call) -> tuple[str, int] | None:
         """AutoAnswer's hook: this call's RTP address, for its SDP answer."""
@@ -402,7 +411,7 @@ class CallMedia:
             self.errors["no media port"] += 1
             return None
         self.adopt(call, stream)
-        return stream.address, stream.port
+        return self.sdp_host, stream.port
 
     def answered(self, call: Call) -> None:
         """The 2xx went out (UAS) or came in (UAC): start the session."""

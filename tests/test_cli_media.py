@@ -13,6 +13,7 @@ plus the many-sessions pacing measurement of the asyncio shell (one timer for al
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import shutil
 import socket
@@ -272,6 +273,66 @@ def test_call_dtmf_reaches_the_peer_as_rfc4733_events_tshark_decodes(tmp_path: P
         assert group[0][1] in ("1", "True")                        # marker on the first
         assert sum(r[3] in ("1", "True") for r in group) == 3      # the end sent 3 times
         assert group[-1][4] == "800"                                # 100 ms at 8 kHz
+
+
+# -- hold by re-INVITE -------------------------------------------------------------------------
+
+
+class Sink:
+    """A UDP socket of the test that keeps (arrival time, source, data) of what reaches it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((HOST, 0))
+        self.sock.settimeout(0.1)
+        self.port: int = self.sock.getsockname()[1]
+        self.got: list[tuple[float, tuple[str, int], int, bytes]] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._collect, daemon=True)
+        self._thread.start()
+
+    def _collect(self) -> None:
+        deadline = time.monotonic() + 60
+        while not self._done.is_set() and time.monotonic() < deadline:
+            try:
+                data, addr = self.sock.recvfrom(2048)
+            except TimeoutError:
+                continue
+            self.got.append((time.time(), addr, self.port, data))
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@needs_sipp
+def test_answer_stops_sending_while_the_caller_holds_and_resumes_after(tmp_path: Path) -> None:
+    write_wav(tmp_path / "moh.wav", sound(1.0))
+    sink = Sink()
+    answer = Answer(tmp_path, "--play", "moh.wav", "--play-loop")
+    try:
+        uac = sipp_run(scenario(tmp_path, "uac_hold.xml", MEDIA_PORT=str(sink.port),
+                                HOLD_MS="1500"),
+                       tmp_path, "uac", "-s", "alice", "-key", "domain", HOST, "-key",
+                       "caller", "bob", "-mp", str(free_port()), f"{HOST}:{answer.port}")
+        sipp_out = finish(uac, 40)
+        assert uac.returncode == 0, sipp_out
+    finally:
+        out, err = answer.stop()
+        sink.close()
+    assert "1 answered" in out, out + err
+    # the answer to the hold offer says recvonly (RFC 3264 §6.1)
+    assert "a=recvonly" in (tmp_path / "uac.msg").read_text()
+    rtp = [(t, RtpPacket.parse(d)) for t, _, _, d in sink.got if d[1] < 200]
+    assert len(rtp) > 100
+    gaps = [(b[0] - a[0], b[1]) for a, b in itertools.pairwise(rtp)]
+    long_gaps = [(g, p) for g, p in gaps if g > 0.5]
+    assert len(long_gaps) == 1, [round(g, 3) for g, _ in long_gaps]
+    gap, resumed = long_gaps[0]
+    assert 1.2 < gap < 1.8                          # the hold lasted 1.5 s
+    assert resumed.marker                           # sending again starts a talkspurt
+    assert "media now recvonly" in err and "media now sendrecv" in err
 
 
 # -- (5) many sessions on one timer ----------------------------------------------------------

@@ -487,12 +487,15 @@ class UserAgent:
     retransmissions and ACKs for 2xx itself, straight to the transport).  Give it a layer with
     :meth:`attach` (or let it make one: :meth:`create_layer`).  ``on_incoming(call)`` decides
     what to do with a new INVITE (ring, answer, reject); the default is :class:`AutoAnswer`.
-    ``on_call_end`` (optional) sees every call that ends, either role.
+    ``on_call_end`` (optional) sees every call that ends, either role.  ``answerer`` answers
+    the SDP offers of re-INVITEs in any call (default: ``on_incoming`` when it is an
+    :class:`AutoAnswer`; without one, the 2xx repeats our last SDP).
     """
 
     def __init__(self, transport: Transport | None = None, clock: Any = None, *,
                  on_incoming: Callable[[Call], object] | None = None,
                  on_call_end: Callable[[Call], object] | None = None,
+                 answerer: AutoAnswer | None = None,
                  config: TimerConfig | None = None, user: str = "fastsip",
                  user_agent: str | None = "fastsip", from_host: str | None = None) -> None:
         self.transport: Transport = transport if transport is not None else _Unattached()
@@ -500,6 +503,7 @@ class UserAgent:
         self.config = config or TimerConfig()
         self.on_incoming: Callable[[Call], object] = on_incoming or AutoAnswer()
         self.on_call_end = on_call_end
+        self.answerer = answerer
         self.user = user
         self.user_agent = user_agent
         self.from_host = from_host
@@ -822,8 +826,10 @@ class UserAgent:
         body = call._local_body
         ctype = call._content_type
         offer = bytes(request.body)
-        if offer and isinstance(self.on_incoming, AutoAnswer):
-            body, ctype = self.on_incoming.answer_sdp(call, offer), SDP
+        answerer = self.answerer if self.answerer is not None else \
+            self.on_incoming if isinstance(self.on_incoming, AutoAnswer) else None
+        if offer and answerer is not None:
+            body, ctype = answerer.answer_sdp(call, offer), SDP
             call._local_body = body
         resp = request.reply(200, headers=[("Contact", self.contact(call.transport)),
                                            ("Allow", ALLOW)],
