@@ -73,13 +73,16 @@ def test_ten_minutes_of_late_irregular_ticks_keep_the_frame_grid() -> None:
     epoch = 1000.0
     s.start(epoch)
     packets: list[RtpPacket] = []
-    now = epoch
+    now = t = epoch
     while now < epoch + 600.0:
         late = 0.06 if rng.random() < 0.01 else rng.uniform(0, 0.015)
         now += 0.01
-        packets += parsed(s.tick(now + late))
-    now = epoch + 600.0
-    packets += parsed(s.tick(now))
+        t = max(t, now + late)                      # (the clock never goes back)
+        packets += parsed(s.tick(t))
+        # at every tick exactly the frames due so far are out: a sender that re-armed from
+        # its own (late) wake-up time would fall behind here, a little more each time
+        assert len(packets) == int((t - epoch) / 0.02 + 1e-6) + 1
+    packets += parsed(s.tick(max(t, epoch + 600.0)))
     assert len(packets) == 30001                    # frames 0..30000, due at epoch + k*20 ms
     ts0 = packets[0].timestamp
     for k, p in enumerate(packets):
