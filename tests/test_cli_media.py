@@ -115,6 +115,55 @@ def find(haystack: np.ndarray, needle: np.ndarray) -> int | None:
     return None
 
 
+# -- options and sockets -----------------------------------------------------------------------
+
+
+def test_a_wav_that_is_not_16_bit_is_refused_naming_the_file(tmp_path: Path) -> None:
+    import wave
+
+    with wave.open(str(tmp_path / "eight.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(1)
+        w.setframerate(8000)
+        w.writeframes(b"\x80" * 800)
+    for command in (["answer", "--listen", f"udp:{HOST}:0"], ["call", f"sip:x@{HOST}:9"]):
+        result = cli(*command, "--play", "eight.wav", cwd=tmp_path, timeout=30)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "eight.wav: 8-bit samples" in result.stderr
+
+
+def test_media_ports_come_in_even_odd_pairs_from_the_base_skipping_busy_ones() -> None:
+    from fastsip.asyncio.rtp import MediaEngine, PortsExhausted
+
+    async def run() -> None:
+        base = free_port() & ~1
+        busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            busy.bind((HOST, base + 1))            # the first pair's RTCP port is taken
+        except OSError:
+            busy.close()
+            pytest.skip("port range in use")
+        engine = MediaEngine(HOST, base, port_count=6)
+        try:
+            first = engine.open()
+            assert first.port % 2 == 0 and first.port != base
+            assert first.rtcp_port == first.port + 1
+            second = engine.open()
+            assert {second.port, first.port} == {base + 2, base + 4}
+            with pytest.raises(PortsExhausted):
+                engine.open()
+            first.close()
+            assert engine.open().port == first.port   # a closed pair is free again
+            anywhere = MediaEngine(HOST, 0).open()
+            assert anywhere.rtcp_port == anywhere.port + 1
+            anywhere.engine.close()
+        finally:
+            engine.close()
+            busy.close()
+
+    asyncio.run(run())
+
+
 # -- (a) the echo ----------------------------------------------------------------------------
 
 
@@ -338,7 +387,8 @@ def test_answer_stops_sending_while_the_caller_holds_and_resumes_after(tmp_path:
 # -- (5) many sessions on one timer ----------------------------------------------------------
 
 
-def test_two_hundred_sessions_on_one_timer_keep_20ms_pacing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_two_hundred_sessions_on_one_timer_keep_20ms_pacing(loop_name: str) -> None:
     """200 sessions in one process, each sending to a socket of its own peer: every RTP packet
     is timed when ``sendto`` returns and compared with its frame's due time (epoch + k * 20 ms,
     k from the packet's timestamp).  One loop timer serves them all (~100 wake-ups/s), the
@@ -416,10 +466,18 @@ def test_two_hundred_sessions_on_one_timer_keep_20ms_pacing(tmp_path: Path) -> N
 
     for _attempt in range(3):
         deviations.clear()
-        sent, received, wakeups = asyncio.run(run())
+        if loop_name == "uvloop":
+            uvloop = pytest.importorskip("uvloop")
+            loop = uvloop.new_event_loop()
+        else:
+            loop = asyncio.new_event_loop()
+        try:
+            sent, received, wakeups = loop.run_until_complete(run())
+        finally:
+            loop.close()
         lat = np.array(deviations)
         p50, p99, worst = (np.percentile(lat, 50), np.percentile(lat, 99), lat.max())
-        print(f"\n{n} sessions, {seconds} s: {sent} RTP packets sent, {received} received, "
+        print(f"\n{loop_name}: {n} sessions, {seconds} s: {sent} RTP packets sent, {received} received, "
               f"{wakeups} timer wake-ups; send time - due time: p50 {p50 * 1e3:.2f} ms, "
               f"p99 {p99 * 1e3:.2f} ms, max {worst * 1e3:.2f} ms, min {lat.min() * 1e3:.2f} ms")
         frames = int(seconds / 0.02)
