@@ -495,8 +495,11 @@ class MediaSession:
             # Packetize the recording by what the peer sends (a=ptime is only a wish).
             samples = max(1, packet.payload_length)
             self._play_ptime = samples / self.clock_rate
+            # A recorder wants every frame more than low latency: excess delay is trimmed only
+            # after a second of it (a burst of slots after the process stalled is not excess).
             self._jb = JitterBuffer(self.clock_rate, self._play_ptime, delay=self.jitter_delay,
-                                    max_delay=max(0.5, 2 * self.jitter_delay))
+                                    max_delay=max(0.5, 2 * self.jitter_delay),
+                                    shrink_after=max(10, round(1.0 / self._play_ptime)))
             self._depacketizer = Depacketizer(samples, silence=bytes((self._zero_code,)))
             self._play_epoch = now
             self._next_slot = 0
