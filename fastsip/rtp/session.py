@@ -491,9 +491,16 @@ class MediaSession:
     # -- recording -------------------------------------------------------------------------
 
     def _record_packet(self, packet: RtpPacket, now: float) -> None:
+        if packet.ssrc != self.rx.ssrc and self.rx.ssrc is not None:
+            return                               # another source (RtpStats follows one)
         if self._jb is None:
-            # Packetize the recording by what the peer sends (a=ptime is only a wish).
-            samples = max(1, packet.payload_length)
+            # Packetize the recording by what the peer sends (a=ptime is only a wish), when
+            # that is a sane packet (10-60 ms of G.711); else by our ptime.  (A 1-sample
+            # "frame" would also make a 1 ms jitter buffer, which random timestamps crash:
+            # see test_jitter_buffer_delay_histogram_overflow.)
+            samples = packet.payload_length
+            if not self.clock_rate // 100 <= samples <= self.clock_rate * 3 // 50:
+                samples = self.samples_per_frame
             self._play_ptime = samples / self.clock_rate
             # A recorder wants every frame more than low latency: excess delay is trimmed only
             # after a second of it (a burst of slots after the process stalled is not excess).
