@@ -206,6 +206,31 @@ def test_symmetric_rtp_sends_to_where_the_peer_sends_from() -> None:
     assert {a for _, a in s.tick(0.04)} == {("127.0.0.9", 5555)}
 
 
+def test_a_new_peer_ssrc_gets_fresh_statistics_recording_and_echo_timestamps() -> None:
+    s = session(record=True, echo=True)
+    s.start(0.0)
+    out = []
+    a = bytes(range(160))
+    b = bytes(range(50, 210))
+    for i in range(10):
+        out += s.receive(rtp(100 + i, 1000 + 160 * i, a, ssrc=0xA), PEER, 0.02 * i)
+        s.tick(0.02 * i)
+    for i in range(10):                             # unrelated numbering, as a new source has
+        now = 0.2 + 0.02 * i
+        out += s.receive(rtp(40000 + i, 9_000_000 + 160 * i, b, ssrc=0xB), PEER, now)
+        s.tick(now)
+    s.close(1.0)
+    assert s.rx.ssrc == 0xB and s.rx.received == 10
+    assert [r.ssrc for r in s.rx_history] == [0xA] and s.rx_history[0].received == 10
+    rec = s.recorded()
+    assert len(rec) == 20 * 160
+    assert np.array_equal(rec[:160], ulaw_decode(a)) and np.array_equal(rec[-160:], ulaw_decode(b))
+    echoed = parsed(out)
+    steps = [(y.timestamp - x.timestamp) & 0xFFFFFFFF for x, y in itertools.pairwise(echoed)]
+    assert steps == [160] * 19                      # our echo keeps one timeline
+    assert echoed[10].marker
+
+
 @pytest.mark.parametrize("data", [
     b"", b"\x80", b"\x00" * 12, b"\x80\x00\x00\x01" + b"\x00" * 7,   # short / version 0
     b"\x8f" + b"\x00" * 20,                                       # CSRC count past the end

@@ -190,7 +190,11 @@ class MediaSession:
         self.foreign_payload = 0        # RTP of a payload type we did not agree
         self.event_packets = 0
         self.remote_ssrc: int | None = None
-        self._remote_ts0: int | None = None   # echo: the peer's first timestamp
+        self._remote_ts0: int | None = None   # echo: the source's first timestamp...
+        self._echo_ts = self._ts0                  # ...and ours for it
+        self._echo_next = self._ts0
+        #: statistics of the peer's earlier sources (its SSRC changed)
+        self.rx_history: list[RtpStats] = []
         self.dtmf_received: list[tuple[str, int]] = []
         self.on_dtmf: Callable[[str, int], object] | None = None
         self._ev_ts: int | None = None
@@ -207,7 +211,7 @@ class MediaSession:
         self._next_slot = 0
         self._pending_empty = 0
         self._recorded: list[bytes] = []
-        self._recorded_any = False
+        self._filling = True              # a new jitter buffer's first EMPTY frames: not silence
 
         # RTCP
         self.round_trip: float | None = None
@@ -436,7 +440,10 @@ class MediaSession:
         if pt != self.payload_type:
             self.foreign_payload += 1
             return []
-        self.remote_ssrc = packet.ssrc
+        if packet.ssrc != self.remote_ssrc:
+            if self.remote_ssrc is not None:
+                self._new_source(now)
+            self.remote_ssrc = packet.ssrc
         self.rx.update(packet, now)
         meter = self.meter
         if meter is not None:
@@ -447,12 +454,33 @@ class MediaSession:
             return [(self._echo(packet), self.remote)]
         return []
 
+    def _new_source(self, now: float) -> None:
+        # The peer's SSRC changed (another media source behind the same address, RFC 3550
+        # §8.2): its numbering starts afresh, so do its statistics, the recording's jitter
+        # buffer (the old one is played out first) and the echo's timestamp mapping.
+        log.debug("RTP source %08x replaced by a new one", self.remote_ssrc or 0)
+        self.rx_history.append(self.rx)
+        self.rx = RtpStats(self.clock_rate)
+        if self._jb is not None:
+            self._playout(now)
+            for frame in self._jb.flush():
+                self._play_frame(frame)
+            self._jb = None
+            self._play_epoch = None
+            self._pending_empty = 0
+        if self._remote_ts0 is not None:
+            self._echo_ts = self._echo_next
+            self._remote_ts0 = None
+
     def _echo(self, packet: RtpPacket) -> bytes:
+        marker = packet.marker
         if self._remote_ts0 is None:
             self._remote_ts0 = packet.timestamp
-        ts = self._ts0 + ((packet.timestamp - self._remote_ts0) & 0xFFFFFFFF)
+            marker = True
+        ts = self._echo_ts + ((packet.timestamp - self._remote_ts0) & 0xFFFFFFFF)
+        self._echo_next = ts + packet.payload_length
         self.tx.echo_packets += 1
-        return self._packet(self.payload_type, packet.marker, ts, bytes(packet.payload))
+        return self._packet(self.payload_type, marker, ts, bytes(packet.payload))
 
     def _on_event(self, packet: RtpPacket) -> None:
         try:
@@ -491,8 +519,6 @@ class MediaSession:
     # -- recording -------------------------------------------------------------------------
 
     def _record_packet(self, packet: RtpPacket, now: float) -> None:
-        if packet.ssrc != self.rx.ssrc and self.rx.ssrc is not None:
-            return                               # another source (RtpStats follows one)
         if self._jb is None:
             # Packetize the recording by what the peer sends (a=ptime is only a wish), when
             # that is a sane packet (10-60 ms of G.711); else by our ptime.  (A 1-sample
@@ -510,6 +536,7 @@ class MediaSession:
             self._depacketizer = Depacketizer(samples, silence=bytes((self._zero_code,)))
             self._play_epoch = now
             self._next_slot = 0
+            self._filling = True
         self._jb.put(packet, now)
 
     def _playout(self, now: float) -> None:
@@ -523,9 +550,9 @@ class MediaSession:
 
     def _play_frame(self, frame: Any) -> None:
         if frame.kind == FrameKind.EMPTY:
-            # Filling, or nothing came: silence only between sounds (not before the first,
-            # nor after the last), so the recording keeps real time without a padded tail.
-            if self._recorded_any:
+            # Filling, or nothing came: silence only between sounds (not while a new buffer
+            # fills, nor after the last), so the recording keeps real time without padding.
+            if not self._filling:
                 self._pending_empty += 1
             return
         assert self._depacketizer is not None
@@ -534,7 +561,7 @@ class MediaSession:
                                   * (self._pending_empty * self._depacketizer.frame_bytes))
             self._pending_empty = 0
         self._recorded.append(self._depacketizer.frame(frame))
-        self._recorded_any = True
+        self._filling = False
 
     def recorded(self) -> Samples:
         """The received audio so far as 16-bit PCM (all of it after :meth:`close`)."""
