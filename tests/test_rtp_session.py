@@ -482,6 +482,7 @@ def test_recording_plays_through_the_jitter_buffer_and_conceals_a_lost_frame() -
     # MISSING: the previous frame repeated once
     assert np.array_equal(rec[160 * lost:160 * (lost + 1)], expected[160 * (lost - 1):160 * lost])
     assert np.array_equal(rec[160 * (lost + 1):], expected[160 * (lost + 1):])
+    assert s.discarded == 0 and s.stats()["received"]["discarded"] == 0
 
 
 def test_recording_follows_the_peers_packet_size_and_skips_the_fill_and_the_tail() -> None:

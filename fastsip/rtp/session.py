@@ -205,6 +205,7 @@ class MediaSession:
 
         # recording
         self._jb: JitterBuffer | None = None
+        self._discarded_before = 0        # frames the jitter buffers of earlier sources dropped
         self._depacketizer: Depacketizer | None = None
         self._play_epoch: float | None = None
         self._play_ptime = ptime
@@ -465,6 +466,7 @@ class MediaSession:
             self._playout(now)
             for frame in self._jb.flush():
                 self._play_frame(frame)
+            self._discarded_before += self._jb.discarded
             self._jb = None
             self._play_epoch = None
             self._pending_empty = 0
@@ -671,10 +673,15 @@ class MediaSession:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def discarded(self) -> int:
+        """Frames the recording's jitter buffers dropped (too late, or excess delay): what a
+        quality report counts as discarded (0 when not recording)."""
+        return self._discarded_before + (self._jb.discarded if self._jb is not None else 0)
+
     def stats(self) -> dict[str, Any]:
         """Per-direction figures for a quality report (plain numbers)."""
         rx = self.rx
-        jb = self._jb
         return {
             "sent": {"packets": self.tx.packets, "octets": self.tx.octets,
                      "audio": self.tx.audio_packets, "events": self.tx.event_packets,
@@ -684,7 +691,7 @@ class MediaSession:
                          "lost": rx.cumulative_lost, "jitter": rx.jitter_seconds,
                          "ssrc": rx.ssrc, "events": self.event_packets,
                          "malformed": self.malformed, "foreign_payload": self.foreign_payload,
-                         "discarded": jb.discarded if jb is not None else 0},
+                         "discarded": self.discarded},
             "round_trip": self.round_trip,
             "dtmf": list(self.dtmf_received),
         }
