@@ -244,6 +244,26 @@ def test_call_play_to_sipp_rtp_echo_records_the_file_back_sample_exact(tmp_path:
     assert offset < 8000                            # the echo starts within a second
 
 
+def test_call_play_and_dtmf_to_answer_echo_fastsip_both_ends(tmp_path: Path) -> None:
+    """fastsip on both ends: answer --echo returns the played file (recorded by the caller
+    sample for sample) and logs the caller's keys; both print them in their summaries."""
+    pcm = sound(1.5)
+    write_wav(tmp_path / "in.wav", pcm)
+    answer = Answer(tmp_path, "--echo")
+    try:
+        result = cli("call", f"sip:echo@{HOST}:{answer.port}", "--play", "in.wav", "--record",
+                     "rec", "--dtmf", "7*", "--dtmf-after", "1.7", "--duration", "2.4",
+                     "--media-port", "0", cwd=tmp_path)
+    finally:
+        out, err = answer.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.findall(r"DTMF (\S) \((\d+) ms\)", err) == [("7", "100"), ("*", "100")], err
+    assert re.search(r"DTMF \S+: 7\(100 ms\) \*\(100 ms\)", out), out
+    (wav,) = (tmp_path / "rec").glob("*.wav")
+    offset = find(read_wav(wav), ulaw_decode(ulaw_encode(pcm)))
+    assert offset is not None and offset < 8000
+
+
 # -- (b) recording a played pcap -------------------------------------------------------------
 
 
