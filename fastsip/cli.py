@@ -478,6 +478,11 @@ class CallMedia:
             stream.close()
 
     def _closed(self, call_id: str, session: Any) -> None:
+        rx, rtt = session.rx, session.round_trip
+        log.info("call %s: RTP sent %d packets (%d octets), received %d (lost %d, jitter "
+                 "%.1f ms)%s", call_id, session.tx.packets, session.tx.octets, rx.received,
+                 rx.cumulative_lost, rx.jitter_seconds * 1000,
+                 f", RTT {rtt * 1000:.1f} ms" if rtt is not None else "")
         if session.dtmf_received:
             self.dtmf[call_id] = list(session.dtmf_received)
         if self.record is not None:

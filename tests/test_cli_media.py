@@ -259,6 +259,10 @@ def test_call_play_and_dtmf_to_answer_echo_fastsip_both_ends(tmp_path: Path) -> 
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.findall(r"DTMF (\S) \((\d+) ms\)", err) == [("7", "100"), ("*", "100")], err
     assert re.search(r"DTMF \S+: 7\(100 ms\) \*\(100 ms\)", out), out
+    stats = re.search(r"RTP sent (\d+) packets \((\d+) octets\), received (\d+) \(lost 0", err)
+    assert stats is not None, err
+    sent, octets, received = map(int, stats.groups())
+    assert received >= 75 * 0.95 and sent == received and octets == 160 * sent  # the echo
     (wav,) = (tmp_path / "rec").glob("*.wav")
     offset = find(read_wav(wav), ulaw_decode(ulaw_encode(pcm)))
     assert offset is not None and offset < 8000
