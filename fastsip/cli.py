@@ -22,6 +22,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from fastsip.asyncio.runner import LOOPS, LoopUnavailableError, StopSignals, run
@@ -55,6 +56,7 @@ class AnswerStats:
         self.answered = 0
         self.confirmed = 0
         self.ended: Counter[str] = Counter()
+        self.media: CallMedia | None = None
 
     def on_incoming(self, policy: AutoAnswer) -> Any:
         def incoming(call: Call) -> None:
@@ -62,16 +64,22 @@ class AnswerStats:
             call.on_answer = self._answered
             call.on_confirm = self._confirmed
             call.on_end = self._ended
+            if self.media is not None:
+                call.on_reinvite = self.media.reinvite
             policy(call)
         return incoming
 
     def _answered(self, call: Call) -> None:
         self.answered += 1
+        if self.media is not None:
+            self.media.answered(call)
 
     def _confirmed(self, call: Call) -> None:
         self.confirmed += 1
 
     def _ended(self, call: Call) -> None:
+        if self.media is not None:
+            self.media.ended(call)
         if call.error:
             self.ended[call.error] += 1
         elif call.ended_by == "cancel":
@@ -92,8 +100,17 @@ async def _answer(args: argparse.Namespace, stop: asyncio.Event) -> int:
     from fastsip.asyncio import Endpoint
 
     stats = AnswerStats()
-    policy = AutoAnswer(args.media_address, args.media_port, answer_after=args.ring_time)
-    ua = UserAgent(on_incoming=stats.on_incoming(policy), user=args.user)
+    try:
+        media = CallMedia.from_args(args, args.media_address, "answer")
+    except ValueError as exc:
+        print(f"fastsip answer: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    stats.media = media
+    policy = AutoAnswer(args.media_address, args.media_port, answer_after=args.ring_time,
+                        media_for=media.media_for if media is not None else None)
+    if media is not None:
+        media.policy = policy
+    ua = UserAgent(on_incoming=stats.on_incoming(policy), user=args.user, answerer=policy)
     endpoint = Endpoint(ua, listen=args.listen, advertise=args.advertise, timers=_timers(args))
     try:
         await endpoint.start()
@@ -108,12 +125,17 @@ async def _answer(args: argparse.Namespace, stop: asyncio.Event) -> int:
     try:
         await stop.wait()
     finally:
+        if media is not None:
+            media.close()
         await endpoint.close()
     elapsed = time.monotonic() - started
     print(f"\nfastsip answer: {elapsed:.1f} s, {stats.incoming} INVITEs, "
           f"{stats.answered} answered, {stats.confirmed} ACKed", flush=True)
     for what, n in sorted(stats.ended.items()):
         print(f"  {what}: {n}")
+    if media is not None:
+        media.print_summary()
+    sys.stdout.flush()
     return EXIT_OK
 
 
@@ -174,8 +196,10 @@ async def _call(args: argparse.Namespace, stop: asyncio.Event) -> int:
         return EXIT_USAGE
     transport = args.transport.upper()
     listen = args.listen or [f"{transport.lower()}:{_default_host(target)}:0"]
-    # Incoming INVITEs are not what this tool is for: refuse them politely.
-    ua = UserAgent(on_incoming=lambda c: c.reject(603), user=args.user)
+    # Incoming INVITEs are not what this tool is for: refuse them politely.  Re-INVITEs in our
+    # calls (hold) are answered on each call's own media address (see CallMedia.adopt).
+    answerer = AutoAnswer("127.0.0.1", args.media_port)
+    ua = UserAgent(on_incoming=lambda c: c.reject(603), user=args.user, answerer=answerer)
     endpoint = Endpoint(ua, listen=listen, advertise=args.advertise, timers=_timers(args))
     try:
         await endpoint.start()
@@ -186,6 +210,15 @@ async def _call(args: argparse.Namespace, stop: asyncio.Event) -> int:
     ua.attach(endpoint.transactions)
     loop = asyncio.get_running_loop()
     host, _ = endpoint.transport.sent_by(transport)
+    try:
+        media = CallMedia.from_args(args, host, "call")
+        answerer.media_address = host
+        if media is not None:
+            media.policy = answerer
+    except ValueError as exc:
+        await endpoint.close()
+        print(f"fastsip call: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     sdp = bytes(create_offer(host, args.media_port))
     stats = CallStats()
     all_done = asyncio.Event()
@@ -199,6 +232,10 @@ async def _call(args: argparse.Namespace, stop: asyncio.Event) -> int:
 
     def on_answer(call: Call) -> None:
         stats.answered += 1
+        if media is not None:
+            media.answered(call)
+            if args.dtmf and not state["stopping"]:
+                clock.call_later(args.dtmf_after, media.send_dtmf, call, args.dtmf)
         if state["stopping"]:
             call.bye()
         else:
@@ -209,18 +246,30 @@ async def _call(args: argparse.Namespace, stop: asyncio.Event) -> int:
             call.bye()
 
     def on_end(call: Call) -> None:
+        if media is not None:
+            media.ended(call)
         live.discard(call)
         stats.record(call, state["stopping"])
         check_done()
 
     def place() -> None:
+        body = sdp
+        stream = None
         try:
-            call = ua.invite(target, body=sdp, transport=transport, proxy=args.proxy)
+            if media is not None:
+                stream = media.open()
+                body = bytes(create_offer(host, stream.port))
+            call = ua.invite(target, body=body, transport=transport, proxy=args.proxy)
         except Exception as exc:  # noqa: BLE001 - a bad URI/proxy or no route: count, go on
             log.error("cannot place a call: %s", exc)
+            if stream is not None:
+                stream.close()
             stats.attempted += 1
             stats.failed[f"not sent ({exc})"] += 1
             return
+        if media is not None and stream is not None:
+            media.adopt(call, stream)
+            call.on_reinvite = media.reinvite
         stats.attempted += 1
         stats.active += 1
         live.add(call)
@@ -271,8 +320,13 @@ async def _call(args: argparse.Namespace, stop: asyncio.Event) -> int:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), linger)
     finally:
+        if media is not None:
+            media.close()
         await endpoint.close()
     _print_call_summary(stats, elapsed, args)
+    if media is not None:
+        media.print_summary()
+        sys.stdout.flush()
     if stats.failures:
         return EXIT_FAILED
     return EXIT_INTERRUPTED if interrupted else EXIT_OK
@@ -296,6 +350,184 @@ def _print_call_summary(stats: CallStats, elapsed: float, args: argparse.Namespa
     for what, n in stats.failed.most_common():
         print(f"    {what}: {n}")
     sys.stdout.flush()
+
+
+# -- media of answer and call (--play, --record, --echo, --dtmf) ------------------------------
+
+
+class CallMedia:
+    """The RTP side of ``answer``/``call``: a socket pair per call from a :class:`MediaEngine`
+    (its port in our SDP), a :class:`MediaSession` from the offer/answer once the call is
+    answered, hold from re-INVITEs, and at the end the recording and the DTMF received."""
+
+    def __init__(self, engine: Any, *, source: Any = None, loop_source: bool = False,
+                 record: Path | None = None, echo: bool = False, sdp_host: str = "") -> None:
+        self.engine = engine
+        self.sdp_host = sdp_host
+        self.source = source
+        self.loop_source = loop_source
+        self.record = record
+        self.echo = echo
+        self.policy: AutoAnswer | None = None
+        self.streams: dict[str, Any] = {}          # Call-ID -> MediaStream
+        self.dtmf: dict[str, list[tuple[str, int]]] = {}
+        self.recordings: list[Path] = []
+        self.errors: Counter[str] = Counter()
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, host: str, role: str) -> CallMedia | None:
+        """None unless an option asks for media; ValueError for a bad --play file."""
+        if not (args.play or args.record or getattr(args, "echo", False)
+                or getattr(args, "dtmf", None) or args.rtp):
+            return None
+        from fastsip.asyncio.rtp import MediaEngine
+        from fastsip.rtp.wav import read_wav
+
+        source = read_wav(args.play) if args.play else None
+        record = None
+        if args.record:
+            record = Path(args.record)
+            record.mkdir(parents=True, exist_ok=True)
+        bind = host.strip("[]")
+        engine = MediaEngine(bind, args.media_port)
+        return cls(engine, source=source, loop_source=args.play_loop, record=record,
+                   echo=getattr(args, "echo", False), sdp_host=host)
+
+    def open(self) -> Any:
+        return self.engine.open()
+
+    def adopt(self, call: Call, stream: Any) -> None:
+        self.streams[call.call_id] = stream
+        if self.policy is not None:
+            # our answers to this call's re-INVITEs name its own socket
+            self.policy.media_of[call.call_id] = (self.sdp_host, stream.port)
+
+    def media_for(self, call: Call) -> tuple[str, int] | None:
+        """AutoAnswer's hook: this call's RTP address, for its SDP answer."""
+        try:
+            stream = self.open()
+        except OSError as exc:
+            log.error("call %s: no media ports: %s", call.call_id, exc)
+            self.errors["no media port"] += 1
+            return None
+        self.adopt(call, stream)
+        return self.sdp_host, stream.port
+
+    def answered(self, call: Call) -> None:
+        """The 2xx went out (UAS) or came in (UAC): start the session."""
+        from fastsip.rtp.session import MediaSession
+        from fastsip.sdp import SdpError, SessionDescription, negotiate
+
+        stream = self.streams.get(call.call_id)
+        if stream is None or stream.session is not None:
+            return
+        local, remote = call.local_body, call.remote_body
+        try:
+            agreed = next((m for m in negotiate(SessionDescription.parse(local),
+                                                SessionDescription.parse(remote)) if m), None)
+            if agreed is None:
+                raise ValueError("no audio stream agreed")
+            session = MediaSession.from_negotiated(
+                agreed, source=self.source, loop=self.loop_source, echo=self.echo,
+                record=self.record is not None, cname=f"{call.call_id}@fastsip")
+        except (SdpError, ValueError) as exc:
+            log.warning("call %s: no media: %s", call.call_id, exc)
+            self.errors[f"no media ({exc})"] += 1
+            return
+        call_id = call.call_id
+
+        def on_dtmf(digit: str, ms: int) -> None:
+            log.info("call %s: DTMF %s (%d ms)", call_id, digit, ms)
+
+        session.on_dtmf = on_dtmf
+        stream.on_close = lambda s: self._closed(call_id, s)
+        stream.start(session)
+
+    def reinvite(self, call: Call, offer: bytes) -> None:
+        """A re-INVITE we answered: hold/resume and a new peer address apply to the session."""
+        from fastsip.sdp import SdpError, SessionDescription, negotiate
+
+        stream = self.streams.get(call.call_id)
+        if stream is None or stream.session is None or not offer.strip():
+            return
+        try:
+            agreed = next((m for m in negotiate(SessionDescription.parse(call.local_body),
+                                                SessionDescription.parse(offer)) if m), None)
+        except SdpError as exc:
+            log.info("call %s: re-INVITE SDP not usable: %s", call.call_id, exc)
+            return
+        if agreed is not None:
+            stream.session.update(agreed)
+            log.info("call %s: media now %s", call.call_id, agreed.direction)
+
+    def send_dtmf(self, call: Call, digits: str) -> None:
+        stream = self.streams.get(call.call_id)
+        if stream is None or stream.session is None or stream.closed:
+            return
+        try:
+            stream.session.send_dtmf(digits, self.engine.time())
+        except ValueError as exc:
+            log.warning("call %s: cannot send DTMF: %s", call.call_id, exc)
+            self.errors[f"DTMF not sent ({exc})"] += 1
+
+    def ended(self, call: Call) -> None:
+        stream = self.streams.pop(call.call_id, None)
+        if self.policy is not None:
+            self.policy.forget(call)
+        if stream is not None:
+            stream.close()
+
+    def _closed(self, call_id: str, session: Any) -> None:
+        rx, rtt = session.rx, session.round_trip
+        log.info("call %s: RTP sent %d packets (%d octets), received %d (lost %d, jitter "
+                 "%.1f ms)%s", call_id, session.tx.packets, session.tx.octets, rx.received,
+                 rx.cumulative_lost, rx.jitter_seconds * 1000,
+                 f", RTT {rtt * 1000:.1f} ms" if rtt is not None else "")
+        if session.dtmf_received:
+            self.dtmf[call_id] = list(session.dtmf_received)
+        if self.record is not None:
+            from fastsip.rtp.wav import recording_path, write_wav
+
+            path = recording_path(self.record, call_id)
+            write_wav(path, session.recorded())
+            self.recordings.append(path)
+            log.info("call %s: recorded %s", call_id, path)
+
+    def close(self) -> None:
+        for stream in list(self.streams.values()):
+            stream.close()
+        self.streams.clear()
+        self.engine.close()
+
+    def print_summary(self) -> None:
+        for call_id, digits in self.dtmf.items():
+            text = " ".join(f"{d}({ms} ms)" for d, ms in digits)
+            print(f"  DTMF {call_id}: {text}")
+        for path in self.recordings:
+            print(f"  recorded {path}")
+        for what, n in self.errors.most_common():
+            print(f"  media: {what}: {n}")
+
+
+def _add_media_options(parser: argparse.ArgumentParser, role: str) -> None:
+    g = parser.add_argument_group("media (RTP on a socket pair per call, from --media-port up)")
+    g.add_argument("--play", metavar="FILE.wav",
+                   help="send this WAV (16-bit PCM; resampled to 8 kHz mono) once per call, "
+                        "then nothing")
+    g.add_argument("--play-loop", action="store_true", help="loop the --play file instead")
+    g.add_argument("--record", metavar="DIR",
+                   help="record what each call receives to DIR/<Call-ID>.wav")
+    g.add_argument("--rtp", action="store_true",
+                   help="open RTP per call even without --play/--record (DTMF detection, "
+                        "RTCP); implied by the other media options")
+    if role == "answer":
+        g.add_argument("--echo", action="store_true",
+                       help="send each call's received audio back to it")
+    else:
+        g.add_argument("--dtmf", metavar="DIGITS",
+                       help="send these RFC 4733 digits (0-9 * # A-D) in each call")
+        g.add_argument("--dtmf-after", type=float, default=1.0, metavar="S",
+                       help="seconds after the answer to start --dtmf (default 1)")
 
 
 # -- argument parsing --------------------------------------------------------------------------
@@ -367,7 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(behind NAT, or when listening on 0.0.0.0)")
     common.add_argument("--user", default="fastsip", help="user part of our Contact URI")
     common.add_argument("--media-port", type=int, default=6000,
-                        help="RTP port written in our SDP (no media is sent; default 6000)")
+                        help="RTP port written in our SDP (no media is sent; default 6000); "
+                             "with --play/--record/--echo/--dtmf/--rtp the first port of the "
+                             "per-call RTP/RTCP pairs (0: any free ports)")
     common.add_argument("--t1", type=_positive(float), default=0.5,
                         help="SIP timer T1 in seconds, the RTT estimate (default 0.5)")
     common.add_argument("--t2", type=_positive(float), default=4.0,
@@ -388,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between 180 Ringing and 200 OK (default 0)")
     a.add_argument("--media-address", default=None,
                    help="address written in the SDP answer (default: the first listener's)")
+    _add_media_options(a, "answer")
     a.set_defaults(func=answer_main)
 
     c = sub.add_parser(
@@ -419,6 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to stay up after the last call ends, answering late "
                         "retransmissions and keeping TCP/TLS connections open while the peer "
                         "finishes (default: 5 for tcp/tls, 0 for udp)")
+    _add_media_options(c, "call")
     c.set_defaults(func=call_main)
     return ap
 

@@ -121,6 +121,7 @@ class Call:
         "on_confirm",
         "on_end",
         "on_progress",
+        "on_reinvite",
         "role",
         "state",
         "status",
@@ -149,6 +150,9 @@ class Call:
         self.on_answer: Callable[[Call], object] | None = None
         self.on_confirm: Callable[[Call], object] | None = None
         self.on_end: Callable[[Call], object] | None = None
+        #: a re-INVITE we answered 2xx: called with the call and the request's body (the new
+        #: offer, e.g. hold), after the answer (``local_body``) went out
+        self.on_reinvite: Callable[[Call, bytes], object] | None = None
         self._cancel_wanted = False
         self._answer: Response | None = None  # UAS: the 2xx being retransmitted until ACK
         self._answer_at = 0.0
@@ -166,6 +170,12 @@ class Call:
     @property
     def ended(self) -> bool:
         return self.state == TERMINATED
+
+    @property
+    def local_body(self) -> bytes:
+        """Our SDP (or other body): the INVITE's (UAC), the 2xx's (UAS), or our answer to the
+        last re-INVITE."""
+        return self._local_body
 
     @property
     def remote_body(self) -> bytes:
@@ -402,17 +412,30 @@ class AutoAnswer:
     """The default UAS policy: ring (180), then answer with SDP after ``answer_after`` seconds
     (at once by default).  The answer is RFC 3264 offer/answer over the INVITE's offer (our
     media on ``media_address:media_port``; no RTP is sent), cached per distinct offer so a load
-    of identical offers costs one negotiation."""
+    of identical offers costs one negotiation.
+
+    With ``media_for``, each call gets its own media address: ``media_for(call)`` (called once,
+    when the INVITE arrives) returns the (address, port) of the call's RTP socket, kept by
+    Call-ID in :attr:`media_of` until :meth:`forget`; such answers are not cached (each
+    names its own port).  ``media_for`` may return None to use the shared address."""
 
     def __init__(self, media_address: str = "127.0.0.1", media_port: int = 6000, *,
-                 answer_after: float = 0.0, cache_size: int = 256) -> None:
+                 answer_after: float = 0.0, cache_size: int = 256,
+                 media_for: Callable[[Call], tuple[str, int] | None] | None = None) -> None:
         self.media_address = media_address
         self.media_port = media_port
         self.answer_after = answer_after
+        self.media_for = media_for
+        #: per-call media addresses given by ``media_for`` (by Call-ID)
+        self.media_of: dict[str, tuple[str, int]] = {}
         self._cache: dict[bytes, bytes] = {}
         self._cache_size = cache_size
 
     def __call__(self, call: Call) -> None:
+        if self.media_for is not None:
+            media = self.media_for(call)
+            if media is not None:
+                self.media_of[call.call_id] = media
         call.ring()
         if self.answer_after > 0:
             call.ua.clock.call_later(self.answer_after, self._answer, call)
@@ -422,28 +445,39 @@ class AutoAnswer:
     def _answer(self, call: Call) -> None:
         if call.state not in (CALLING, PROCEEDING):
             return                                   # cancelled while ringing
-        call.answer(self.sdp_for(bytes(call.invite.body)))
+        call.answer(self.answer_sdp(call, bytes(call.invite.body)))
+
+    def forget(self, call: Call) -> None:
+        """Drop a call's media address (at its end)."""
+        self.media_of.pop(call.call_id, None)
+
+    def answer_sdp(self, call: Call, offer: bytes) -> bytes:
+        """Our answer to ``offer`` in ``call``, on the call's own media address if it has one."""
+        media = self.media_of.get(call.call_id)
+        if media is None:
+            return self.sdp_for(offer)
+        return self._negotiate(offer, *media)
 
     def sdp_for(self, offer: bytes) -> bytes:
         """Our answer to ``offer`` (an offer of our own when the INVITE had none, §13.2.1)."""
         sdp = self._cache.get(offer)
         if sdp is None:
-            sdp = self._negotiate(offer)
+            sdp = self._negotiate(offer, self.media_address, self.media_port)
             if len(self._cache) >= self._cache_size:
                 self._cache.clear()
             self._cache[offer] = sdp
         return sdp
 
-    def _negotiate(self, offer: bytes) -> bytes:
+    def _negotiate(self, offer: bytes, address: str, port: int) -> bytes:
         from fastsip.sdp import SdpError, SessionDescription, create_answer, create_offer
 
         if offer.strip():
             try:
                 parsed = SessionDescription.parse(offer)
-                return bytes(create_answer(parsed, self.media_address, self.media_port))
+                return bytes(create_answer(parsed, address, port))
             except SdpError as exc:
                 log.info("unusable SDP offer (%s): answering with an offer of our own", exc)
-        return bytes(create_offer(self.media_address, self.media_port))
+        return bytes(create_offer(address, port))
 
 
 class UserAgent:
@@ -453,12 +487,15 @@ class UserAgent:
     retransmissions and ACKs for 2xx itself, straight to the transport).  Give it a layer with
     :meth:`attach` (or let it make one: :meth:`create_layer`).  ``on_incoming(call)`` decides
     what to do with a new INVITE (ring, answer, reject); the default is :class:`AutoAnswer`.
-    ``on_call_end`` (optional) sees every call that ends, either role.
+    ``on_call_end`` (optional) sees every call that ends, either role.  ``answerer`` answers
+    the SDP offers of re-INVITEs in any call (default: ``on_incoming`` when it is an
+    :class:`AutoAnswer`; without one, the 2xx repeats our last SDP).
     """
 
     def __init__(self, transport: Transport | None = None, clock: Any = None, *,
                  on_incoming: Callable[[Call], object] | None = None,
                  on_call_end: Callable[[Call], object] | None = None,
+                 answerer: AutoAnswer | None = None,
                  config: TimerConfig | None = None, user: str = "fastsip",
                  user_agent: str | None = "fastsip", from_host: str | None = None) -> None:
         self.transport: Transport = transport if transport is not None else _Unattached()
@@ -466,6 +503,7 @@ class UserAgent:
         self.config = config or TimerConfig()
         self.on_incoming: Callable[[Call], object] = on_incoming or AutoAnswer()
         self.on_call_end = on_call_end
+        self.answerer = answerer
         self.user = user
         self.user_agent = user_agent
         self.from_host = from_host
@@ -788,12 +826,17 @@ class UserAgent:
         body = call._local_body
         ctype = call._content_type
         offer = bytes(request.body)
-        if offer and isinstance(self.on_incoming, AutoAnswer):
-            body, ctype = self.on_incoming.sdp_for(offer), SDP
+        answerer = self.answerer if self.answerer is not None else \
+            self.on_incoming if isinstance(self.on_incoming, AutoAnswer) else None
+        if offer and answerer is not None:
+            body, ctype = answerer.answer_sdp(call, offer), SDP
+            call._local_body = body
         resp = request.reply(200, headers=[("Contact", self.contact(call.transport)),
                                            ("Allow", ALLOW)],
                              body=body, content_type=ctype if body else None)
         txn.respond(resp)
+        if call.on_reinvite is not None:
+            call.on_reinvite(call, offer)
         call._answer = resp
         call.txn = txn
         call._answer_at = self.clock.time()

@@ -1,0 +1,564 @@
+"""``fastsip answer`` and ``fastsip call`` carrying sound, against sipp on loopback:
+
+(a) call --play to a sipp UAS echoing RTP (-rtp_echo): the recorded echo is the played file
+    after the G.711 round trip, sample for sample;
+(b) sipp playing a recorded A-law call (play_pcap_audio) to answer --record: the WAV is the
+    pcap's payload decoded independently;
+(c) sipp playing its RFC 4733 key-press pcaps to answer: the digits logged and summarized;
+(d) call --dtmf to a sipp UAS whose SDP names a socket of the test: tshark decodes the
+    captured events to the digits sent;
+plus the many-sessions pacing measurement of the asyncio shell (one timer for all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pcapfile import read_packets
+from procutil import fastsip_env, free_port
+from serveutil import SCENARIOS, SIPP, finish, stop
+
+from fastsip.rtp import RtpPacket, alaw_decode, ulaw_decode, ulaw_encode
+from fastsip.rtp.wav import read_wav, write_wav
+
+HOST = "127.0.0.1"
+SIPP_PCAPS = Path("/usr/share/sip-tester")
+TSHARK = shutil.which("tshark")
+
+needs_sipp = pytest.mark.skipif(SIPP is None, reason="sipp (sip-tester) is not installed")
+needs_pcaps = pytest.mark.skipif(not (SIPP_PCAPS / "g711a.pcap").exists(),
+                                 reason="sip-tester's pcaps are not installed")
+
+
+def cli(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fastsip.cli", *args], check=False, cwd=cwd,
+                          env=fastsip_env(), capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+class Answer:
+    """A ``fastsip answer`` process on HOST:port; ``stop()`` returns (stdout, stderr)."""
+
+    def __init__(self, workdir: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.err_path = workdir / "answer.err"
+        self._err = open(self.err_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fastsip.cli", "answer", "--listen",
+             f"udp:{HOST}:{self.port}", "--media-port", "0", "--log-level", "info", *extra],
+            cwd=workdir, env=fastsip_env(), stdout=subprocess.PIPE, stderr=self._err,
+            stdin=subprocess.DEVNULL, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("listening on"):
+            out, err = self.stop()
+            raise AssertionError(f"answer did not start: {line!r} {out} {err}")
+
+    def stop(self) -> tuple[str, str]:
+        stop(self.proc)
+        assert self.proc.stdout is not None
+        out = self.proc.stdout.read()
+        self.proc.stdout.close()
+        self._err.close()
+        return out, self.err_path.read_text()
+
+
+def sipp_run(scenario: Path, workdir: Path, name: str, *extra: str,
+             timeout: float = 40) -> subprocess.Popen[str]:
+    assert SIPP is not None
+    return subprocess.Popen(
+        [SIPP, "-sf", str(scenario), "-i", HOST, "-nostdin", "-m", "1",
+         "-timeout", str(int(timeout)), "-trace_msg", "-message_file",
+         str(workdir / f"{name}.msg"), "-trace_err", "-error_file",
+         str(workdir / f"{name}.err"), *extra],
+        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, text=True)
+
+
+def scenario(workdir: Path, name: str, **subst: str) -> Path:
+    text = (SCENARIOS / name).read_text()
+    for key, value in subst.items():
+        text = text.replace(f"@{key}@", value)
+    path = workdir / name
+    path.write_text(text)
+    return path
+
+
+def sound(seconds: float = 2.0) -> np.ndarray:
+    """A tone sweeping in loudness plus noise: no two 20 ms frames alike."""
+    rng = np.random.default_rng(14)
+    t = np.arange(int(8000 * seconds)) / 8000
+    x = 9000 * np.sin(2 * np.pi * 440 * t) * np.sin(2 * np.pi * 0.7 * t + 0.3)
+    return (x + rng.normal(0, 700, len(t))).astype(np.int16)
+
+
+def find(haystack: np.ndarray, needle: np.ndarray) -> int | None:
+    """Where ``needle`` occurs in ``haystack`` sample for sample (None: nowhere)."""
+    for offset in range(len(haystack) - len(needle) + 1):
+        if haystack[offset] == needle[0] and \
+                np.array_equal(haystack[offset:offset + len(needle)], needle):
+            return offset
+    return None
+
+
+# -- options and sockets -----------------------------------------------------------------------
+
+
+def test_a_wav_that_is_not_16_bit_is_refused_naming_the_file(tmp_path: Path) -> None:
+    import wave
+
+    with wave.open(str(tmp_path / "eight.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(1)
+        w.setframerate(8000)
+        w.writeframes(b"\x80" * 800)
+    for command in (["answer", "--listen", f"udp:{HOST}:0"], ["call", f"sip:x@{HOST}:9"]):
+        result = cli(*command, "--play", "eight.wav", cwd=tmp_path, timeout=30)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "eight.wav: 8-bit samples" in result.stderr
+
+
+def test_media_ports_come_in_even_odd_pairs_from_the_base_skipping_busy_ones() -> None:
+    from fastsip.asyncio.rtp import MediaEngine, PortsExhausted
+
+    async def run() -> None:
+        base = free_port() & ~1
+        busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            busy.bind((HOST, base + 1))            # the first pair's RTCP port is taken
+        except OSError:
+            busy.close()
+            pytest.skip("port range in use")
+        engine = MediaEngine(HOST, base, port_count=6)
+        try:
+            first = engine.open()
+            assert first.port % 2 == 0 and first.port != base
+            assert first.rtcp_port == first.port + 1
+            second = engine.open()
+            assert {second.port, first.port} == {base + 2, base + 4}
+            with pytest.raises(PortsExhausted):
+                engine.open()
+            first.close()
+            assert engine.open().port == first.port   # a closed pair is free again
+            anywhere = MediaEngine(HOST, 0).open()
+            assert anywhere.rtcp_port == anywhere.port + 1
+            anywhere.engine.close()
+        finally:
+            engine.close()
+            busy.close()
+
+    asyncio.run(run())
+
+
+def new_loop(name: str) -> asyncio.AbstractEventLoop:
+    if name == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        return loop
+    return asyncio.new_event_loop()
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_a_stalled_process_records_the_packets_that_queued_meanwhile(loop_name: str) -> None:
+    """The loop is blocked for 250 ms (4 jitter-buffer delays) while a peer thread keeps
+    sending: the queued packets reach the jitter buffer in one burst and the missed playout
+    slots are played in another; neither loses a frame, so the recording is still exactly
+    what was sent."""
+    from fastsip.asyncio.rtp import MediaEngine
+    from fastsip.rtp.session import MediaSession
+
+    pcm = sound(2.0)
+    codes = ulaw_encode(pcm).tobytes()
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind((HOST, 0))
+
+    def send(to: tuple[str, int]) -> None:
+        start = time.monotonic()
+        for i in range(len(codes) // 160):
+            time.sleep(max(0.0, start + 0.02 * i - time.monotonic()))
+            peer.sendto(bytes(RtpPacket(payload_type=0, sequence_number=i, timestamp=160 * i,
+                                        ssrc=99, payload=codes[160 * i:160 * (i + 1)])), to)
+
+    async def run() -> np.ndarray:
+        engine = MediaEngine(HOST, 0)
+        stream = engine.open()
+        session = MediaSession(remote=peer.getsockname(), record=True)
+        stream.start(session)
+        sender = threading.Thread(target=send, args=((HOST, stream.port),), daemon=True)
+        sender.start()
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.7, time.sleep, 0.25)      # the stall
+        await asyncio.sleep(2.5)
+        sender.join(5)
+        stream.close()
+        engine.close()
+        return session.recorded()
+
+    loop = new_loop(loop_name)
+    try:
+        recorded = loop.run_until_complete(run())
+    finally:
+        loop.close()
+        peer.close()
+    assert np.array_equal(recorded, ulaw_decode(ulaw_encode(pcm)))
+
+
+# -- (a) the echo ----------------------------------------------------------------------------
+
+
+@needs_sipp
+def test_call_play_to_sipp_rtp_echo_records_the_file_back_sample_exact(tmp_path: Path) -> None:
+    pcm = sound(2.0)
+    write_wav(tmp_path / "in.wav", pcm)
+    sip_port, media_port = free_port(), free_port()
+    uas = sipp_run(scenario(tmp_path, "uas_media.xml", MEDIA_PORT="[media_port]"), tmp_path,
+                   "uas", "-p", str(sip_port), "-mp", str(media_port), "-rtp_echo")
+    try:
+        time.sleep(0.3)
+        result = cli("call", f"sip:echo@{HOST}:{sip_port}", "--play", "in.wav", "--record",
+                     "rec", "--duration", "2.8", "--media-port", "0", "--log-level", "info",
+                     cwd=tmp_path)
+    finally:
+        out = finish(uas, 20)
+    assert result.returncode == 0, result.stdout + result.stderr + out
+    (wav,) = (tmp_path / "rec").glob("*.wav")
+    assert f"recorded {Path('rec') / wav.name}" in result.stdout
+    recorded = read_wav(wav)
+    expected = ulaw_decode(ulaw_encode(pcm))
+    offset = find(recorded, expected)
+    assert offset is not None, (len(recorded), len(expected))
+    assert offset < 8000                            # the echo starts within a second
+
+
+def test_call_play_and_dtmf_to_answer_echo_fastsip_both_ends(tmp_path: Path) -> None:
+    """fastsip on both ends: answer --echo returns the played file (recorded by the caller
+    sample for sample) and logs the caller's keys; both print them in their summaries."""
+    pcm = sound(1.5)
+    write_wav(tmp_path / "in.wav", pcm)
+    answer = Answer(tmp_path, "--echo")
+    try:
+        result = cli("call", f"sip:echo@{HOST}:{answer.port}", "--play", "in.wav", "--record",
+                     "rec", "--dtmf", "7*", "--dtmf-after", "1.7", "--duration", "2.4",
+                     "--media-port", "0", cwd=tmp_path)
+    finally:
+        out, err = answer.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.findall(r"DTMF (\S) \((\d+) ms\)", err) == [("7", "100"), ("*", "100")], err
+    assert re.search(r"DTMF \S+: 7\(100 ms\) \*\(100 ms\)", out), out
+    stats = re.search(r"RTP sent (\d+) packets \((\d+) octets\), received (\d+) \(lost 0", err)
+    assert stats is not None, err
+    sent, octets, received = map(int, stats.groups())
+    assert received >= 75 * 0.95 and sent == received and octets == 160 * sent  # the echo
+    (wav,) = (tmp_path / "rec").glob("*.wav")
+    offset = find(read_wav(wav), ulaw_decode(ulaw_encode(pcm)))
+    assert offset is not None and offset < 8000
+
+
+# -- (b) recording a played pcap -------------------------------------------------------------
+
+
+def pcap_audio(path: Path) -> tuple[bytes, int]:
+    """The RTP payload of a one-stream pcap in sequence order, and its payload type."""
+    packets = [RtpPacket.parse(p.payload) for p in read_packets(path) if p.proto == "udp"]
+    packets.sort(key=lambda p: p.sequence_number)
+    return b"".join(bytes(p.payload) for p in packets), packets[0].payload_type
+
+
+@needs_sipp
+@needs_pcaps
+def test_answer_records_a_played_alaw_pcap_as_its_decoded_payload(tmp_path: Path) -> None:
+    payload, pt = pcap_audio(SIPP_PCAPS / "g711a.pcap")
+    assert pt == 8
+    expected = alaw_decode(payload)
+    answer = Answer(tmp_path, "--record", "rec")
+    try:
+        uac = sipp_run(scenario(tmp_path, "uac_pcap.xml", PCAP=str(SIPP_PCAPS / "g711a.pcap"),
+                                HOLD_MS="8000"),
+                       tmp_path, "uac", "-s", "alice", "-key", "domain", HOST, "-key",
+                       "caller", "bob", "-mp", str(free_port()), f"{HOST}:{answer.port}")
+        sipp_out = finish(uac, 40)
+        assert uac.returncode == 0, sipp_out
+    finally:
+        out, err = answer.stop()
+    assert "1 answered" in out, out + err
+    (wav,) = (tmp_path / "rec").glob("*.wav")
+    recorded = read_wav(wav)
+    assert len(recorded) == len(expected), (len(recorded), len(expected))
+    assert np.array_equal(recorded, expected)
+
+
+# -- (c) DTMF in -----------------------------------------------------------------------------
+
+
+@needs_sipp
+@needs_pcaps
+def test_answer_logs_the_keys_sipp_presses_from_its_rfc4733_pcaps(tmp_path: Path) -> None:
+    keys = [("1", "1"), ("2", "2"), ("pound", "#"), ("9", "9")]
+    play = "\n".join(
+        f'<nop><action><exec play_pcap_audio="{SIPP_PCAPS}/dtmf_2833_{name}.pcap"/></action>'
+        '</nop>\n<pause milliseconds="500"/>' for name, _ in keys)
+    answer = Answer(tmp_path, "--rtp")
+    try:
+        uac = sipp_run(scenario(tmp_path, "uac_dtmf_pcap.xml", PLAY=play), tmp_path, "uac",
+                       "-s", "alice", "-key", "domain", HOST, "-key", "caller", "bob",
+                       "-mp", str(free_port()), f"{HOST}:{answer.port}")
+        sipp_out = finish(uac, 40)
+        assert uac.returncode == 0, sipp_out
+    finally:
+        out, err = answer.stop()
+    logged = re.findall(r"DTMF (\S) \((\d+) ms\)", err)
+    # each pcap is one 280 ms press (2240 ticks), its end packet captured three times
+    assert logged == [(d, "280") for _, d in keys], err
+    summary = re.search(r"DTMF \S+: (.*)", out)
+    assert summary is not None, out
+    assert summary.group(1) == " ".join(f"{d}(280 ms)" for _, d in keys)
+
+
+# -- (d) DTMF out, decoded by tshark ---------------------------------------------------------
+
+
+def write_pcap(path: Path, datagrams: list[tuple[float, tuple[str, int], int, bytes]]) -> None:
+    """A classic pcap (LINKTYPE_RAW: IPv4) of UDP datagrams (time, source, dest port, data)."""
+    with open(path, "wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 101))
+        for when, (src, sport), dport, data in datagrams:
+            udp = struct.pack("!HHHH", sport, dport, 8 + len(data), 0) + data
+            ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                             socket.inet_aton(src), socket.inet_aton(HOST)) + udp
+            sec = int(when)
+            f.write(struct.pack("<IIII", sec, int((when - sec) * 1e6), len(ip), len(ip)) + ip)
+
+
+@needs_sipp
+@pytest.mark.skipif(TSHARK is None, reason="tshark is not installed")
+def test_call_dtmf_reaches_the_peer_as_rfc4733_events_tshark_decodes(tmp_path: Path) -> None:
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind((HOST, 0))
+    sink.settimeout(0.2)
+    sink_port = sink.getsockname()[1]
+    got: list[tuple[float, tuple[str, int], int, bytes]] = []
+    done = threading.Event()
+
+    def collect() -> None:
+        deadline = time.monotonic() + 30
+        while not done.is_set() and time.monotonic() < deadline:
+            try:
+                data, addr = sink.recvfrom(2048)
+            except TimeoutError:
+                continue
+            got.append((time.time(), addr, sink_port, data))
+
+    reader = threading.Thread(target=collect, daemon=True)
+    reader.start()
+    sip_port = free_port()
+    uas = sipp_run(scenario(tmp_path, "uas_media.xml", MEDIA_PORT=str(sink_port)), tmp_path,
+                   "uas", "-p", str(sip_port), "-mp", str(free_port()))
+    try:
+        time.sleep(0.3)
+        result = cli("call", f"sip:keys@{HOST}:{sip_port}", "--dtmf", "1234#", "--dtmf-after",
+                     "0.2", "--duration", "1.8", "--media-port", "0", cwd=tmp_path)
+    finally:
+        sipp_out = finish(uas, 20)
+        done.set()
+        reader.join(5)
+        sink.close()
+    assert result.returncode == 0, result.stdout + result.stderr + sipp_out
+    pcap = tmp_path / "dtmf.pcap"
+    write_pcap(pcap, got)
+    assert TSHARK is not None
+    fields = subprocess.run(
+        [TSHARK, "-r", str(pcap), "-d", f"udp.port=={sink_port},rtp",
+         # (Wireshark 4.0 has no rtp_event_payload_type_value preference: a Decode As of
+         # the payload type says the same)
+         "-d", "rtp.pt==101,rtpevent", "-Y", "rtpevent", "-T", "fields",
+         "-e", "rtp.timestamp", "-e", "rtp.marker", "-e", "rtpevent.event_id",
+         "-e", "rtpevent.end_of_event", "-e", "rtpevent.duration"],
+        capture_output=True, text=True, timeout=60, check=True).stdout
+    rows = [line.split("\t") for line in fields.splitlines() if line.strip()]
+    assert rows, fields
+    events: dict[str, list[list[str]]] = {}
+    for row in rows:
+        events.setdefault(row[0], []).append(row)
+    digits = "".join("0123456789*#ABCD"[int(group[0][2])] for group in events.values())
+    assert digits == "1234#"
+    for group in events.values():
+        assert group[0][1] in ("1", "True")                        # marker on the first
+        assert sum(r[3] in ("1", "True") for r in group) == 3      # the end sent 3 times
+        assert group[-1][4] == "800"                                # 100 ms at 8 kHz
+
+
+# -- hold by re-INVITE -------------------------------------------------------------------------
+
+
+class Sink:
+    """A UDP socket of the test that keeps (arrival time, source, data) of what reaches it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((HOST, 0))
+        self.sock.settimeout(0.1)
+        self.port: int = self.sock.getsockname()[1]
+        self.got: list[tuple[float, tuple[str, int], int, bytes]] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._collect, daemon=True)
+        self._thread.start()
+
+    def _collect(self) -> None:
+        deadline = time.monotonic() + 60
+        while not self._done.is_set() and time.monotonic() < deadline:
+            try:
+                data, addr = self.sock.recvfrom(2048)
+            except TimeoutError:
+                continue
+            self.got.append((time.time(), addr, self.port, data))
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@needs_sipp
+def test_answer_stops_sending_while_the_caller_holds_and_resumes_after(tmp_path: Path) -> None:
+    write_wav(tmp_path / "moh.wav", sound(1.0))
+    sink = Sink()
+    answer = Answer(tmp_path, "--play", "moh.wav", "--play-loop")
+    try:
+        uac = sipp_run(scenario(tmp_path, "uac_hold.xml", MEDIA_PORT=str(sink.port),
+                                HOLD_MS="1500"),
+                       tmp_path, "uac", "-s", "alice", "-key", "domain", HOST, "-key",
+                       "caller", "bob", "-mp", str(free_port()), f"{HOST}:{answer.port}")
+        sipp_out = finish(uac, 40)
+        assert uac.returncode == 0, sipp_out
+    finally:
+        out, err = answer.stop()
+        sink.close()
+    assert "1 answered" in out, out + err
+    # the answer to the hold offer says recvonly (RFC 3264 §6.1)
+    assert "a=recvonly" in (tmp_path / "uac.msg").read_text()
+    rtp = [(t, RtpPacket.parse(d)) for t, _, _, d in sink.got if d[1] < 200]
+    assert len(rtp) > 100
+    gaps = [(b[0] - a[0], b[1]) for a, b in itertools.pairwise(rtp)]
+    long_gaps = [(g, p) for g, p in gaps if g > 0.5]
+    assert len(long_gaps) == 1, [round(g, 3) for g, _ in long_gaps]
+    gap, resumed = long_gaps[0]
+    assert 1.2 < gap < 1.8                          # the hold lasted 1.5 s
+    assert resumed.marker                           # sending again starts a talkspurt
+    assert "media now recvonly" in err and "media now sendrecv" in err
+
+
+# -- (5) many sessions on one timer ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_two_hundred_sessions_on_one_timer_keep_20ms_pacing(loop_name: str) -> None:
+    """200 sessions in one process, each sending to a socket of its own peer: every RTP packet
+    is timed when ``sendto`` returns and compared with its frame's due time (epoch + k * 20 ms,
+    k from the packet's timestamp).  One loop timer serves them all (~100 wake-ups/s), the
+    peers receive every packet, and the send-time deviation stays under ``bound`` at p99.
+
+    The machine is shared (2 cores, other test runs): a run the scheduler stalls says nothing
+    about the engine, so the best of three runs is judged (a slow engine fails all three)."""
+    from fastsip.asyncio.rtp import MediaEngine
+    from fastsip.rtp.session import MediaSession
+
+    n, seconds, bound = 200, 4.0, 0.015
+    pcm = sound(1.0)
+    deviations: list[float] = []
+    results = []
+
+    class TimedEngine(MediaEngine):
+        """Times each datagram as it leaves (the measurement, not a stand-in)."""
+
+        def __init__(self, host: str, port_base: int) -> None:
+            super().__init__(host, port_base)
+            self.by_socket: dict[int, MediaSession] = {}
+
+        def _send(self, sock: socket.socket, datagrams: list[tuple[bytes, tuple[str, int]]]
+                  ) -> None:
+            super()._send(sock, datagrams)
+            sent_at = time.monotonic()
+            session = self.by_socket.get(sock.fileno())
+            if session is None:
+                return
+            for data, _ in datagrams:
+                if data[1] >= 200:                  # RTCP
+                    continue
+                (ts,) = struct.unpack_from("!I", data, 4)
+                k = ((ts - session._ts0) & 0xFFFFFFFF) // session.samples_per_frame
+                deviations.append(sent_at - session.frame_time(k))
+
+    async def run() -> tuple[int, int, int]:
+        engine = TimedEngine(HOST, 0)
+        assert asyncio.get_running_loop().time() == pytest.approx(time.monotonic(), abs=0.01)
+        peers = []
+        streams = []
+        for _ in range(n):
+            peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            peer.bind((HOST, 0))
+            peer.setblocking(False)
+            peers.append(peer)
+            stream = engine.open()
+            session = MediaSession(remote=peer.getsockname(), source=pcm, loop=True)
+            engine.by_socket[stream.rtp.fileno()] = session
+            stream.start(session)
+            streams.append(stream)
+        received = 0
+
+        def drain(sock: socket.socket) -> None:
+            nonlocal received
+            while True:
+                try:
+                    data = sock.recv(2048)
+                except BlockingIOError:
+                    return
+                received += data[1] < 200          # RTP only (RTCP may land on a neighbour)
+
+        loop = asyncio.get_running_loop()
+        for peer in peers:
+            loop.add_reader(peer.fileno(), drain, peer)
+        await asyncio.sleep(seconds)
+        sent = sum(s.session.tx.packets for s in streams if s.session)
+        wakeups = engine.wakeups
+        engine.close()
+        await asyncio.sleep(0.05)                   # the last packets reach their peers
+        for peer in peers:
+            loop.remove_reader(peer.fileno())
+            peer.close()
+        return sent, received, wakeups
+
+    for _attempt in range(3):
+        deviations.clear()
+        loop = new_loop(loop_name)
+        try:
+            sent, received, wakeups = loop.run_until_complete(run())
+        finally:
+            loop.close()
+        lat = np.array(deviations)
+        p50, p99, worst = (np.percentile(lat, 50), np.percentile(lat, 99), lat.max())
+        print(f"\n{loop_name}: {n} sessions, {seconds} s: {sent} RTP packets sent, {received} received, "
+              f"{wakeups} timer wake-ups; send time - due time: p50 {p50 * 1e3:.2f} ms, "
+              f"p99 {p99 * 1e3:.2f} ms, max {worst * 1e3:.2f} ms, min {lat.min() * 1e3:.2f} ms")
+        frames = int(seconds / 0.02)
+        assert sent >= n * (frames - 2) * 0.98      # every session kept its 50 frames/s
+        assert received >= 0.99 * sent
+        assert wakeups <= seconds / 0.01 + 5        # one timer for all: ~100 wake-ups/s
+        assert lat.min() >= 0                       # never early
+        results.append(p99)
+        if p99 < bound:
+            break
+    assert min(results) < bound, f"p99 send deviation {[f'{r * 1e3:.1f}' for r in results]} ms"
