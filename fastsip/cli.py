@@ -380,6 +380,13 @@ class CallMedia:
         if not (args.play or args.record or getattr(args, "echo", False)
                 or getattr(args, "dtmf", None) or args.rtp):
             return None
+        import importlib.util
+
+        if importlib.util.find_spec("numpy") is None:
+            # The audio is NumPy arrays (G.711, the jitter buffer's playout, WAV resampling);
+            # a proxy-only install does not carry it.
+            raise ValueError("media (--play, --record, --echo, --dtmf, --rtp) needs NumPy: "
+                             "pip install 'fastsip[numpy]'")
         from fastsip.asyncio.rtp import MediaEngine
         from fastsip.rtp.wav import read_wav
 

@@ -155,3 +155,14 @@ def test_serve_does_not_load_numpy() -> None:
     proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
                           text=True, timeout=60, cwd=Path(__file__).parent)
     assert proc.stdout.strip() == "False", proc.stderr[-2000:]
+
+
+def test_cli_media_without_numpy_says_what_to_install(tmp_path: Path) -> None:
+    code = ("import sys; sys.modules['numpy'] = None\n"
+            "from fastsip.cli import main\n"
+            "sys.exit(main(['answer', '--rtp', '--listen', 'udp:127.0.0.1:0']))")
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "pip install 'fastsip[numpy]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
