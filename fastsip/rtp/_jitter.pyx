@@ -230,10 +230,16 @@ cdef class JitterBuffer:
             self._have_base = True
         else:
             self._base_transit += self._drift
-        rel = transit - self._base_transit
-        b = <int>(rel / self._bucket_width)
-        if b >= self._nbuckets:
+        rel = (transit - self._base_transit) / self._bucket_width
+        # The bucket is chosen in doubles: a timestamp jump (a hostile or broken stream) makes
+        # rel far beyond an int, and casting first would index _hist out of bounds.  NaN and
+        # anything below 0 go to the first bucket.
+        if rel >= self._nbuckets:
             b = self._nbuckets - 1
+        elif rel > 0.0:
+            b = <int>rel
+        else:
+            b = 0
         # Geometric forgetting without touching every bucket: grow the weight of new samples.
         self._weight /= self._forget
         self._hist[b] += self._weight
