@@ -171,6 +171,7 @@ class ServeRouter:
         self.wants_responses = bool(getattr(inner, "wants_responses", False))
         self.pending: dict[int, _Pending] = {}
         #: A line per request at INFO; outcomes counted then, or when metrics ask (``track``).
+        self._metrics = track
         self._lines = log.isEnabledFor(logging.INFO)
         self._track = self._lines or track
         #: JSON lines: the fields go as ``extra=`` (the text line is not built at all).
@@ -229,7 +230,8 @@ class ServeRouter:
                         "add" if not self.wants_responses else "remove")
         self.inner = inner
         self.in_dialog = bool(getattr(inner, "in_dialog", False))
-        self._track = log.isEnabledFor(logging.INFO)
+        self._lines = log.isEnabledFor(logging.INFO)
+        self._track = self._lines or self._metrics
         self._emit = direct_emitter(log, logging.INFO)
 
     def on_final(self, ctx: ResponseContext, response: Response) -> None:
