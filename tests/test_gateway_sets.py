@@ -353,12 +353,15 @@ def test_serve_gateway_set_fails_over_from_a_dead_gateway_before_the_probes_noti
 @needs_sipp
 def test_serve_answers_503_with_reason_when_no_gateway_is_left(tmp_path: Path) -> None:
     from serveutil import header_values, request, sip_exchange
+    from test_serve_metrics import scrape, value
 
     (tmp_path / "routes.py").write_text(ROUTES)
+    nobody, metrics_port = free_port(), free_port()
     serve = Serve(tmp_path, free_port(), "--routes", str(tmp_path / "routes.py"),
                   "--trusted", HOST, "--gateway-probe-interval", "0.2",
                   "--gateway-probe-failures", "2",
-                  "--gateway-set", f"pstn=sip:{HOST}:{free_port()}")   # nobody there
+                  "--gateway-set", f"pstn=sip:{HOST}:{nobody}",   # nobody there
+                  "--metrics", f"{HOST}:{metrics_port}")
     try:
         wait_for(serve, "of set pstn is inactive", 10)
         *_, reply = sip_exchange(serve.port, request("INVITE", f"sip:+15551234567@{DOMAIN}",
@@ -366,6 +369,11 @@ def test_serve_answers_503_with_reason_when_no_gateway_is_left(tmp_path: Path) -
         assert reply.startswith("SIP/2.0 503"), reply
         assert header_values(reply, "Reason") == [
             'SIP;cause=503;text="no active gateway in set pstn"']
+        # What an operator's dashboard shows: the gateway out of its set, the call refused.
+        samples = scrape(metrics_port)
+        assert value(samples, "fastsip_gateway_active", set="pstn",
+                     gateway=f"sip:{HOST}:{nobody}") == 0
+        assert value(samples, "fastsip_gateway_set_unavailable_total", set="pstn") == 1
     finally:
         serve.close()
     assert "gateway set pstn unavailable=1" in serve.log()

@@ -28,6 +28,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from procutil import fastsip_env, free_port
 from serveutil import HOST, SIPP, Serve, finish, sipp, successful
+from test_serve_metrics import scrape, value
 
 pytestmark = pytest.mark.skipif(SIPP is None, reason="sipp is not installed")
 
@@ -157,13 +158,20 @@ def test_wrong_password_backs_off(tmp_path: Path) -> None:
     registrar_port = free_port()
     registrar = sipp("provider_register.xml", tmp_path, "registrar", "-p", str(registrar_port),
                      "-m", "1", "-key", "expires", "4", background=True, timeout=20)
+    metrics_port = free_port()
     serve = Serve(tmp_path, serve_port,
                   "--trunk", f"prov=sip:trunkuser@{HOST}:{registrar_port}",
                   "--trunk-credentials", str(_credentials(tmp_path, "wrong-pass")),
-                  "--trunk-retry", "2:4", "--log-level", "debug")
+                  "--trunk-retry", "2:4", "--log-level", "debug",
+                  "--metrics", f"{HOST}:{metrics_port}")
     window = 9.0
     try:
         time.sleep(window)
+        # The state an operator's dashboard shows: not registered, failing again and again.
+        samples = scrape(metrics_port)
+        assert value(samples, "fastsip_trunk_registration", trunk="prov",
+                     state="registered") == 0
+        assert value(samples, "fastsip_trunk_registration_failures", trunk="prov") >= 2
     finally:
         serve.close()
         registrar.terminate()      # sipp writes its trace and stops
@@ -187,15 +195,22 @@ def test_call_from_the_trunk_reaches_the_user_routes_name(tmp_path: Path) -> Non
                      "-m", "1", "-key", "expires", "60", background=True, timeout=20)
     pbx = sipp("uas_rr.xml", tmp_path, "pbx", "-p", str(pbx_port), "-m", "1",
                background=True, timeout=30, host=PBX_HOST)
+    metrics_port = free_port()
     serve = Serve(tmp_path, serve_port,
                   "--trunk", f"prov=sip:trunkuser@{HOST}:{registrar_port}",
                   "--trunk-credentials", str(_credentials(tmp_path)),
-                  "--routes", str(_routes(tmp_path, 0, pbx_port)), "--log-level", "debug")
+                  "--routes", str(_routes(tmp_path, 0, pbx_port)), "--log-level", "debug",
+                  "--metrics", f"{HOST}:{metrics_port}")
     try:
         deadline = time.monotonic() + 10
         while "trunk prov registered" not in serve.log() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert "trunk prov registered" in serve.log(), serve.log()
+        samples = scrape(metrics_port)
+        assert value(samples, "fastsip_trunk_registration", trunk="prov",
+                     state="registered") == 1
+        assert value(samples, "fastsip_trunk_registration", trunk="prov",
+                     state="backing-off") == 0
         # The provider calls the number it registered for us, from its own address.
         caller = sipp("uac_rr.xml", tmp_path, "incoming", f"{HOST}:{serve_port}",
                       "-p", str(free_port()), "-m", "1", "-s", "trunkuser",

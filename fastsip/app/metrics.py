@@ -400,6 +400,7 @@ class ServeCollector:
                            + self.transactions.refusals.count
                            + self.router.inner.refusals.count)
         yield dropped
+        yield from self._trunks_and_gateways()
         yield self.timer.family("fastsip_handler_duration_seconds",
                                 "run time of the routes module's request handler")
         yield GaugeMetricFamily("fastsip_event_loop_lag_seconds", "how late the event loop "
@@ -408,6 +409,45 @@ class ServeCollector:
         yield CounterMetricFamily("fastsip_log_lines_dropped", "log lines dropped because "
                                   "the log writer could not keep up",
                                   value=self.dropped_lines())
+
+
+    def _trunks_and_gateways(self) -> Iterator[Metric]:
+        """The trunks' registrations and the gateway sets' health (the Router of the moment
+        holds both; they outlive a reload)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from fastsip.proxy.trunk import STATES
+
+        inner = self.router.inner
+        trunks = getattr(inner, "trunks", None)
+        if trunks is not None:
+            state = GaugeMetricFamily("fastsip_trunk_registration", "outbound registration "
+                                      "of each trunk: 1 for the state it is in",
+                                      labels=["trunk", "state"])
+            failures = GaugeMetricFamily("fastsip_trunk_registration_failures", "failed "
+                                         "registration attempts in a row", labels=["trunk"])
+            for name, entry in sorted(trunks.status().items()):
+                if "state" not in entry:        # ;register=no: relayed through only
+                    continue
+                for st in STATES:
+                    state.add_metric([name, st], 1 if entry["state"] == st else 0)
+                failures.add_metric([name], entry["failures"])
+            yield state
+            yield failures
+        sets = getattr(inner, "gateway_sets", None) or {}
+        if sets:
+            active = GaugeMetricFamily("fastsip_gateway_active", "1 while the gateway answers "
+                                       "its OPTIONS probes (it is in its set)",
+                                       labels=["set", "gateway"])
+            unavailable = CounterMetricFamily("fastsip_gateway_set_unavailable", "calls "
+                                              "answered 503: no gateway of the set active",
+                                              labels=["set"])
+            for name, gs in sorted(sets.items()):
+                for g in gs.gateways:
+                    active.add_metric([name, str(g.uri)], 1 if g.active else 0)
+                unavailable.add_metric([name], gs.unavailable)
+            yield active
+            yield unavailable
 
 
 def registry_of(collector: Any) -> CollectorRegistry:
