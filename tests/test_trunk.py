@@ -356,12 +356,13 @@ def test_granted_interval_sources() -> None:
         ("Contact", "<sip:alice@203.0.113.7:40000>;expires=120")]), 0.0)
     assert reg.state == REGISTERED and reg.expires_at == 120.0
     # Several bindings, ours among them: ours counts, not the others'.
-    assert reg.get_timer() == 90.0           # max(60, 120 - 30)
-    second = reg.handle_timer(90.0)[0]
+    assert reg.get_timer() == 60.0           # max(120 / 2, 120 - 90)
+    second = reg.handle_timer(60.0)[0]
     reg.receive_response(second.reply(200, to_tag="x", headers=[
         ("Contact", "<sip:other@192.0.2.1>;expires=30"),
-        ("Contact", "<sip:alice@127.0.0.1:5060>;expires=600")]), 90.0)
-    assert reg.expires_at == 690.0
+        ("Contact", "<sip:alice@127.0.0.1:5060>;expires=600")]), 60.0)
+    assert reg.expires_at == 660.0
+    assert reg.get_timer() == 570.0          # max(60 + 300, 660 - 90)
     # No Contact at all: the Expires header.
     third = reg.handle_timer(reg.get_timer() or 0.0)[0]
     reg.receive_response(third.reply(200, to_tag="x", headers=[("Expires", "50")]), 700.0)

@@ -177,7 +177,10 @@ class Registration:
         credentials: DigestClient | None = None,
         *,
         expires: int = 3600,
-        margin: float = 30.0,
+        # A refresh that times out (Timer F: 32 s) and its retry after retry_min (30 s) both
+        # fit before the binding lapses; the provider never sees us unregistered for a lost
+        # datagram.
+        margin: float = 90.0,
         retry_min: float = 30.0,
         retry_max: float = 3600.0,
         rng: random.Random | None = None,
