@@ -1,0 +1,191 @@
+"""``fastsip serve --workers 2`` with TCP listeners, with sipp: a phone registered over its own
+TCP connection is called over it by a caller on another TCP connection, and every call
+completes whichever worker owns it (Call-ID) and whichever holds each connection (the kernel
+chose): messages on a connection are handed to the owner, and the owner's bytes go back to
+the connection's holder.  A worker SIGKILLed mid-load loses only its own calls and its own
+connections; a phone whose connection it held is a closed flow (its calls fail at once, as
+RFC 3261 §18.4 wants, instead of waiting out Timer B).  (Redis, started here, is the shared
+location store.)"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import re
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from procutil import HOST, free_port
+from redisutil import RedisServer
+from serveutil import DOMAIN, SCENARIOS, SIPP, Serve, run_uac, sipp, successful
+
+from fastsip.asyncio.workers import reuse_port_supported
+
+pytestmark = [
+    pytest.mark.skipif(SIPP is None, reason="sipp is not installed"),
+    pytest.mark.skipif(not reuse_port_supported(), reason="needs Linux SO_REUSEPORT"),
+]
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
+def tcp_workers_serve(tmp_path: Path, port: int, redis: RedisServer, *extra: str) -> Serve:
+    # --rate-limit 0: sipp's load comes from one address at hundreds of messages a second.
+    return Serve(tmp_path, port, "--workers", "2", "--db", redis.url, "--rate-limit", "0",
+                 *extra, listen=[f"tcp:{HOST}:{port}"])
+
+
+def worker_pids(log: str) -> dict[int, int]:
+    """The live pid of each worker (the last one logged: a restarted worker logs again)."""
+    return {int(i): int(pid) for i, pid in re.findall(r"worker (\d+) of 2 \(pid (\d+)\)", log)}
+
+
+def wait_for(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(predicate) and predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def counters(log: str, name: str) -> list[int]:
+    """One hand-off counter from each worker's last line (in stop order)."""
+    return [int(n) for n in re.findall(rf"\b{name}=(\d+)", log)]
+
+
+def holder(serve_port: int, client_port: int, pids: Sequence[int]) -> int | None:
+    """Which of ``pids`` holds our end of the TCP connection from ``client_port`` (the
+    kernel's choice among the workers' SO_REUSEPORT listeners): its inode in /proc/net/tcp,
+    then the process with that socket open."""
+    inode = None
+    want_local, want_remote = f"{serve_port:04X}", f"{client_port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if (fields[1].endswith(":" + want_local) and fields[2].endswith(":" + want_remote)
+                and fields[3] == "01"):                     # ESTABLISHED
+            inode = fields[9]
+    if inode is None:
+        return None
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                        return pid
+    return None
+
+
+def established_from(port: int) -> int:
+    """How many established TCP connections have local port ``port``."""
+    want = f":{port:04X}"
+    return sum(1 for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+               if line.split()[1].endswith(want) and line.split()[3] == "01")
+
+
+def port_held_by(serve_port: int, pid: int, pids: Sequence[int]) -> int:
+    """A local port from which a connection to ``serve_port`` lands in worker ``pid``: the
+    kernel picks a SO_REUSEPORT listener by a hash of the addresses, so the same port lands
+    there again.  (Probes end with a RST: no TIME_WAIT keeps the port from sipp.)"""
+    for _ in range(40):
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            probe.bind((HOST, port))
+            probe.connect((HOST, serve_port))
+            found = None
+            deadline = time.monotonic() + 2
+            while found is None and time.monotonic() < deadline:
+                found = holder(serve_port, port, pids)
+                if found is None:
+                    time.sleep(0.02)
+        if found == pid:
+            time.sleep(0.1)
+            return port
+    raise AssertionError(f"no port lands in worker pid {pid}")
+
+
+def start_phone(tmp_path: Path, name: str, serve_port: int, user: str, port: int,
+                hold_ms: int) -> subprocess.Popen[str]:
+    """sipp as a phone that registers ``user`` over its own TCP connection (from ``port``)
+    and answers, on that connection, the calls that come for it for ``hold_ms``."""
+    return sipp("register_tcp_phone.xml", tmp_path, name, f"{HOST}:{serve_port}",
+                "-p", str(port), "-t", "t1", "-m", "1", "-d", str(hold_ms), "-s", user,
+                "-key", "domain", DOMAIN, "-key", "expires", "3600",
+                "-oocsf", str(SCENARIOS / "uas_rr.xml"),
+                background=True, timeout=hold_ms / 1000 + 30)
+
+
+def registered(serve: Serve, user: str) -> bool:
+    return "status=200 outcome=registered" in serve.log() and \
+        f"from=sip:{user}@{DOMAIN}" in serve.log()
+
+
+def uac_counts(tmp_path: Path, name: str) -> dict[str, int]:
+    rows = list(csv.reader((tmp_path / f"{name}.csv").read_text().splitlines(), delimiter=";"))
+    last = dict(zip(rows[0], rows[-1]))
+    return {k: int(last[k]) for k in ("SuccessfulCall(C)", "FailedCall(C)")}
+
+
+def stop_quietly(proc: subprocess.Popen[str] | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+def test_tcp_calls_through_two_workers_all_complete(tmp_path: Path,
+                                                    redis: RedisServer) -> None:
+    calls = 200
+    port = free_port()
+    serve = tcp_workers_serve(tmp_path, port, redis)
+    phone = None
+    try:
+        phone = start_phone(tmp_path, "phone", port, "service", free_port(), 60_000)
+        wait_for(lambda: registered(serve, "service"), 10, "the phone's REGISTER")
+        pids = list(worker_pids(serve.log()).values())
+        uac = run_uac(tmp_path, "uac", port, "service", calls, "-t", "t1",
+                      "-recv_timeout", "10000", rate=50, timeout=60)
+        assert uac.returncode == 0, (uac_counts(tmp_path, "uac"), serve.log()[-3000:])
+        assert successful(tmp_path, "uac") == calls
+        # The phone answered every call on the one connection it registered over.
+        phone_msgs = (tmp_path / "phone.msg").read_text()
+        assert len(re.findall(r"^INVITE sip:", phone_msgs, re.MULTILINE)) >= calls
+        # One connection: the owners of its calls reached it through the worker holding it
+        # (none opened another to the phone's address; sipp t1 would have accepted it).
+        match = re.search(r"REGISTER .*source=tcp:127\.0\.0\.1:(\d+)", serve.log())
+        assert match is not None
+        phone_port = int(match[1])
+        assert holder(port, phone_port, pids) in pids
+        assert established_from(phone_port) == 1
+    finally:
+        stop_quietly(phone)
+        assert serve.close() == 0
+    log = serve.log()
+    assert "Traceback" not in log
+    # Both workers owned calls (distinct Call-IDs spread by CRC-32)...
+    answered = [int(n) for n in re.findall(r"stopped .*?answered=(\d+)", log)]
+    assert len(answered) == 2 and sum(answered) == calls and min(answered) > calls * 0.3, \
+        answered
+    # ...and messages went to their owner with the connection named, and the owner's bytes
+    # back to the connection's holder: both directions of the hand-off, nothing lost.
+    assert sum(counters(log, "stream_handed")) > 0, log[-2000:]
+    assert sum(counters(log, "stream_taken")) == sum(counters(log, "stream_handed"))
+    assert sum(counters(log, "sends_handed")) > 0
+    assert sum(counters(log, "sends_written")) == sum(counters(log, "sends_handed"))
+    assert sum(counters(log, "stream_lost")) == 0 and sum(counters(log, "gone_reported")) == 0
