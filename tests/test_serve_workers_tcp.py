@@ -13,6 +13,7 @@ import contextlib
 import csv
 import os
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -27,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from procutil import HOST, free_port
 from redisutil import RedisServer
-from serveutil import DOMAIN, SCENARIOS, SIPP, Serve, run_uac, sipp, successful
+from serveutil import DOMAIN, SCENARIOS, SIPP, Serve, finish, run_uac, sipp, successful
 
 from fastsip.asyncio.workers import reuse_port_supported
+from fastsip.transport.rules import call_id_shard
 
 pytestmark = [
     pytest.mark.skipif(SIPP is None, reason="sipp is not installed"),
@@ -189,3 +191,117 @@ def test_tcp_calls_through_two_workers_all_complete(tmp_path: Path,
     assert sum(counters(log, "sends_handed")) > 0
     assert sum(counters(log, "sends_written")) == sum(counters(log, "sends_handed"))
     assert sum(counters(log, "stream_lost")) == 0 and sum(counters(log, "gone_reported")) == 0
+
+
+class TcpClient:
+    """A raw SIP client on its own TCP connection from ``port`` (requests built by
+    :func:`serveutil.request`), reading final responses with a bounded wait."""
+
+    def __init__(self, serve_port: int, port: int) -> None:
+        self.port = port
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((HOST, port))
+        self.sock.connect((HOST, serve_port))
+        self.buffer = b""
+
+    def send(self, text: str) -> None:
+        self.sock.sendall(text.replace("SIP/2.0/UDP", "SIP/2.0/TCP")
+                          .replace("{me}", str(self.port)).encode())
+
+    def final(self, timeout: float) -> int | None:
+        """The status of the next final response (None: none within ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for status in re.findall(rb"^SIP/2\.0 (\d{3}) ", self.buffer, re.MULTILINE):
+                self.buffer = self.buffer.split(b"SIP/2.0 " + status, 1)[1]
+                if int(status) >= 200:
+                    return int(status)
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                return None
+            if not data:
+                return None
+            self.buffer += data
+        return None
+
+    def dropped(self, timeout: float) -> bool:
+        """Whether the server's end closed (EOF or reset) within ``timeout``."""
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(65536) == b""
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_killed_workers_connections_drop_and_the_other_workers_calls_complete(
+        tmp_path: Path, redis: RedisServer) -> None:
+    from serveutil import register_request, request
+
+    calls, rate = 400, 40
+    port = free_port()
+    serve = tcp_workers_serve(tmp_path, port, redis)
+    phone = uac = None
+    stranded: TcpClient | None = None
+    try:
+        pids = worker_pids(serve.log())
+        survivor, victim = pids[0], pids[1]
+        # The phone and the caller on connections worker 0 holds; another phone ("stranded")
+        # registered over a connection worker 1 holds.
+        phone = start_phone(tmp_path, "phone", port, "service",
+                            port_held_by(port, survivor, list(pids.values())), 60_000)
+        wait_for(lambda: registered(serve, "service"), 10, "the phone's REGISTER")
+        stranded = TcpClient(port, port_held_by(port, victim, list(pids.values())))
+        stranded.send(register_request(
+            "stranded", "reg-stranded",
+            f"Contact: <sip:stranded@{HOST}:{stranded.port};transport=tcp>", "Expires: 3600"))
+        assert stranded.final(5) == 200
+        errors = tmp_path / "uac_errors.log"
+        uac = run_uac(tmp_path, "uac", port, "service", calls, "-t", "t1",
+                      "-p", str(port_held_by(port, survivor, list(pids.values()))),
+                      "-recv_timeout", "6000", "-trace_err", "-error_file", str(errors),
+                      rate=rate, timeout=90, background=True)
+        time.sleep(3)
+        os.kill(victim, signal.SIGKILL)
+        # Its connections went with it.
+        assert stranded.dropped(5)
+        wait_for(lambda: "worker 1 running again" in serve.log(), 20, "worker 1's restart")
+        # A call to the phone whose connection worker 1 held: a closed flow -- an error answer
+        # at once (RFC 3261 §18.4), from whichever worker owns the call, not Timer B's 408.
+        caller = TcpClient(port, port_held_by(port, survivor, list(worker_pids(
+            serve.log()).values())))
+        started = time.monotonic()
+        for n in range(4):                           # Call-IDs owned by each worker
+            caller.send(request("INVITE", f"sip:stranded@{DOMAIN}", call_id=f"lost-{n}"))
+            status = caller.final(10)
+            assert status is not None and status >= 400, status
+        assert time.monotonic() - started < 8
+        assert {call_id_shard(f"lost-{n}@{HOST}", 2) for n in range(4)} == {0, 1}
+        caller.close()
+        finish(uac, 120)
+    finally:
+        stop_quietly(uac)
+        stop_quietly(phone)
+        if stranded is not None:
+            stranded.close()
+        assert serve.close() == 0
+    counts = uac_counts(tmp_path, "uac")
+    failed_ids = set(re.findall(r"Call-I[Dd]:? '?([^'\s,]+)",
+                                errors.read_text() if errors.exists() else ""))
+    # Only worker 1's calls failed: those it held when it died, and those that came while it
+    # was down (nobody else may take them: the owner is the Call-ID's).  Every call of worker
+    # 0 completed: its connections never moved.
+    assert not {cid for cid in failed_ids if call_id_shard(cid, 2) == 0}, failed_ids
+    lost = calls - counts["SuccessfulCall(C)"]
+    assert 0 < lost <= calls // 2, counts
+    log = serve.log()
+    answered = [int(n) for n in re.findall(r"stopped .*?answered=(\d+)", log)]
+    assert len(answered) == 2 and min(answered) > 0, answered     # worker 1 works again
+    assert sum(counters(log, "gone_reported")) > 0 or sum(counters(log, "stream_lost")) > 0
