@@ -305,3 +305,78 @@ def test_a_killed_workers_connections_drop_and_the_other_workers_calls_complete(
     answered = [int(n) for n in re.findall(r"stopped .*?answered=(\d+)", log)]
     assert len(answered) == 2 and min(answered) > 0, answered     # worker 1 works again
     assert sum(counters(log, "gone_reported")) > 0 or sum(counters(log, "stream_lost")) > 0
+
+
+def test_a_worker_connection_id_names_its_worker_and_flows_keep_it() -> None:
+    """Sans-IO: the id layout, and the stored flow / alias that carry it (one process's own
+    small ids stay out of both, as before)."""
+    from fastsip.proxy.location import Binding
+    from fastsip.proxy.nat import add_alias, binding_flow, pop_alias
+    from fastsip.sip import Request, parse
+    from fastsip.transport import Address
+    from fastsip.transport.rules import connection_holder, held_connection_id
+
+    for worker in (0, 1, 7, 254):
+        for counter in (1, 2, (1 << 22) - 1, 1 << 22):
+            cid = held_connection_id(counter, worker)
+            assert 0 < cid < 1 << 31 and connection_holder(cid) == worker
+    assert held_connection_id(1 << 22, 0) == held_connection_id(0, 0)     # the count wraps
+    assert {connection_holder(n) for n in (0, 1, 3, 255, 256, 1 << 29)} == {None}
+
+    cid = held_connection_id(12345, 1)
+    flow = Binding("sip:a@example.com", "sip:a@192.0.2.9:5060;transport=tcp", 1e12,
+                   source="tcp:198.51.100.7:40001", socket=cid)
+    assert binding_flow(flow) == Address("TCP", "198.51.100.7", 40001, cid)
+    flow.socket = 4                                  # one process: found by the peer address
+    assert binding_flow(flow) == Address("TCP", "198.51.100.7", 40001)
+
+    def invite(uri: str) -> Request:
+        msg = parse((f"INVITE {uri} SIP/2.0\r\nVia: SIP/2.0/TCP 192.0.2.9;branch=z9hG4bK1\r\n"
+                      "From: <sip:b@example.com>;tag=1\r\nTo: <sip:a@example.com>\r\n"
+                      "Call-ID: c1\r\nCSeq: 1 INVITE\r\nContact: <sip:a@192.168.1.9:5060>\r\n"
+                      "Content-Length: 0\r\n\r\n").encode())
+        assert isinstance(msg, Request)
+        return msg
+
+    request = invite("sip:a@example.com")
+    assert add_alias(request, Address("TLS", "198.51.100.7", 40001, cid))
+    contact = str(request.contact[0].uri)
+    assert f"alias=198.51.100.7~40001~3~{cid}" in contact
+    assert pop_alias(invite(contact)) == Address("TLS", "198.51.100.7", 40001, cid)
+    request = invite("sip:a@example.com")
+    assert add_alias(request, Address("TCP", "198.51.100.7", 40001, 9))
+    contact = str(request.contact[0].uri)
+    assert contact.endswith("alias=198.51.100.7~40001~2")                   # Kamailio's form
+    # A fourth field that is no worker's id is ignored, not trusted.
+    assert pop_alias(invite("sip:a@192.168.1.9;alias=198.51.100.7~40001~2~77")) == \
+        Address("TCP", "198.51.100.7", 40001)
+
+
+def test_messages_as_large_as_tcp_framing_allows_cross_between_workers(
+        tmp_path: Path, redis: RedisServer) -> None:
+    """A message on a connection is handed over whole, up to the message size limit (64 KiB
+    here): 60 KB OPTIONS from one connection, half of them owned by the other worker, all
+    answered over that connection."""
+    from serveutil import request
+
+    port = free_port()
+    serve = tcp_workers_serve(tmp_path, port, redis)
+    client = None
+    try:
+        client = TcpClient(port, free_port())
+        body = "x" * 60_000
+        for n in range(10):
+            text = request("OPTIONS", f"sip:nobody@{DOMAIN}", call_id=f"big-{n}",
+                           headers=["Content-Type: text/plain"])
+            client.send(text.replace("Content-Length: 0\r\n\r\n",
+                                     f"Content-Length: {len(body)}\r\n\r\n{body}"))
+            status = client.final(10)
+            assert status is not None and status >= 400, (n, status, serve.log()[-2000:])
+        assert {call_id_shard(f"big-{n}@{HOST}", 2) for n in range(10)} == {0, 1}
+    finally:
+        if client is not None:
+            client.close()
+        assert serve.close() == 0
+    log = serve.log()
+    assert sum(counters(log, "stream_handed")) >= 3 and sum(counters(log, "stream_lost")) == 0
+    assert sum(counters(log, "sends_written")) == sum(counters(log, "stream_handed"))

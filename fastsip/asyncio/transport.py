@@ -17,7 +17,10 @@ feeds what arrives, parsed, to one receive callback (the transaction layer's ``r
   (transport, host, port), and is reused for anything sent to that peer (RFC 5923 style).
   Streams are framed with :func:`fastsip.message_length`; CRLFCRLF keep-alives get a CRLF pong
   (RFC 5626 §3.5.1); a stream that cannot be resynchronized is closed.  Buffers are bounded by
-  the message size limit.
+  the message size limit.  Under ``serve --workers`` a connection stays in the worker that
+  accepted it: ``stream_steer`` hands a message whose call another worker owns to it, and
+  ``hand_send`` gives the bytes for a connection another worker holds back to that one
+  (:mod:`fastsip.asyncio.workers`).
 - Limits at the edge (Kamailio's ``tcp_max_connections``, ``tcp_connection_lifetime`` as the
   model): ``max_connections`` in all and ``max_connections_per_source`` accepted from one IP
   (over either, an accepted connection is closed at once); ``idle_timeout``; ``read_timeout``

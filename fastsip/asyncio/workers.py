@@ -12,7 +12,7 @@ call -- requests, their retransmissions, CANCEL, the ACK for a non-2xx, every re
 -- carries the same Call-ID, so they all meet the transactions and dialogs of one worker, and
 calls from a single peer spread evenly over the workers.
 
-**The hand-off.**  A worker parses what it receives and asks :meth:`HandOff.steer`; a message
+**The hand-off (UDP).**  A worker parses what it receives and asks :meth:`HandOff.steer`; a message
 another worker owns goes to that worker, as received (source address and listener too), over a
 Unix datagram socket in a directory only this user can open.  The owner treats it as its own
 arrival: its answers leave from its own socket on the same address, so peers see one server.
@@ -24,9 +24,24 @@ whoever received them.
 ``listening on`` lines once all are up, restarts a worker that dies (its calls in progress are
 lost; the others' are not), and on SIGTERM/SIGINT stops them all, each draining its calls.
 
-UDP only: a TCP or TLS connection lives in the worker that accepted it, and a call for a phone
-registered over it could be owned by another (Kamailio passes connections between its
-processes; fastsip does not yet).
+**TCP and TLS.**  Every worker binds the stream listeners with ``SO_REUSEPORT`` too, and the
+kernel spreads the connections; a connection lives in the worker that accepted it (its TLS
+state cannot move).  Its id names that worker
+(:func:`~fastsip.transport.rules.held_connection_id`), and so does every flow stored from it
+(a binding's ``socket``, an ``alias``): any worker knows where it lives.  The holder frames
+and parses what arrives on it; a message whose call another worker owns goes there as a
+``_MESSAGE`` naming the connection, and the owner handles it as its own arrival.  What the
+owner sends on a connection it does not hold -- the response to a request that came on it,
+a request to a phone registered over it -- goes to the holder as a ``_SEND``; the holder
+writes it, or answers ``_GONE`` with the bytes, and the owner falls back as for a closed
+connection of its own (a new connection; a failure is the transaction's transport error,
+RFC 3261 §18.4; §18.2.2 for a response).  A binding whose worker died is a closed flow: the
+restarted worker numbers its connections afresh, so the old ids find nothing.  These go over
+``SOCK_SEQPACKET`` links, one from each worker to each other: a lost message on a
+connection is not retransmitted by the peer, and a datagram socket's queue holds only
+``net.unix.max_dgram_qlen`` (10) messages; a link is flow-controlled by its socket buffer,
+with a bounded queue behind it (:data:`_LINK_QUEUE_BYTES`), and a record holds a whole
+message up to the transport's size limit.
 """
 
 from __future__ import annotations
@@ -132,7 +147,9 @@ def stream_path(directory: str | Path, index: int) -> str:
 class HandOff:
     """Worker ``index`` of ``count``: takes, through ``steer`` (the intake's hook), every
     datagram whose Call-ID another worker owns and sends it there; hands what the others send
-    it to ``layer`` as if it had arrived on its own listener.  ``directory``: where the
+    it to ``layer`` as if it had arrived on its own listener.  The same for the messages on
+    its connections (``steer_stream``), and the bytes for connections it holds
+    (``hand_send``: see the module's docstring).  ``directory``: where the
     workers' sockets are (made by the supervisor, mode 0700)."""
 
     def __init__(self, layer: TransportLayer, index: int, count: int,
