@@ -380,3 +380,57 @@ def test_messages_as_large_as_tcp_framing_allows_cross_between_workers(
     log = serve.log()
     assert sum(counters(log, "stream_handed")) >= 3 and sum(counters(log, "stream_lost")) == 0
     assert sum(counters(log, "sends_written")) == sum(counters(log, "stream_handed"))
+
+
+def test_tls_calls_through_two_workers_reach_the_phone_over_its_connection(
+        tmp_path: Path, redis: RedisServer) -> None:
+    """The same over TLS, with fastsip's own UAs as phones (sipp here has no TLS): a callee
+    registered over its TLS connection, 30 calls from a caller on another, each answered and
+    hung up; every INVITE reached the callee over the connection it registered on (its TLS
+    state is in one worker; the owners of the calls sent through it)."""
+    import asyncio
+
+    from test_serve_tls import Phone, until
+    from tlsutil import TestCA
+
+    from fastsip.sip import Request
+    from fastsip.transport import Address
+
+    ca = TestCA(tmp_path)
+    cert = ca.issue("serve")
+    port = free_port()
+    serve = Serve(tmp_path, port, "--workers", "2", "--db", redis.url, "--rate-limit", "0",
+                  "--tls-cert", str(cert.cert), "--tls-key", str(cert.key),
+                  "--tls-ca", str(ca.ca), listen=[f"tls:{HOST}:{port}"])
+    target = Address("TLS", HOST, port)
+    calls = 30
+
+    async def main() -> set[int]:
+        # (The callee listens too, with a certificate: in-dialog requests go to its Contact,
+        # over a connection the owner of the call opens.)
+        async with Phone("bob", "TLS", ca, ca.issue("bob", client=True)) as callee, \
+                Phone("alice", "TLS", ca) as caller:
+            assert await callee.register(target) == 200
+            [registered_on] = [source.connection for _, source in callee.received]
+            for n in range(calls):
+                call = caller.call(f"sip:bob@{DOMAIN}", target)
+                await until(lambda c=call: c.state == "confirmed", f"call {n} answered")
+                call.bye()
+                await until(lambda c=call: c.ended and c.bye_status is not None, f"BYE {n}")
+                assert call.bye_status == 200, n
+            invites = [s for m, s in callee.received
+                       if isinstance(m, Request) and m.method == "INVITE"]
+            assert len(invites) == calls
+            return {s.connection for s in invites} | {registered_on}
+
+    try:
+        connections = asyncio.run(main())
+    finally:
+        assert serve.close() == 0
+    assert len(connections) == 1, connections        # all over the REGISTER's connection
+    log = serve.log()
+    assert "Traceback" not in log
+    answered = [int(n) for n in re.findall(r"stopped .*?answered=(\d+)", log)]
+    assert sum(answered) == calls and min(answered) > 0, answered
+    assert sum(counters(log, "stream_handed")) > 0 and sum(counters(log, "sends_handed")) > 0
+    assert sum(counters(log, "stream_lost")) == 0
