@@ -406,6 +406,9 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
             max_connections_per_source=args.max_connections_per_source,
             idle_timeout=args.tcp_idle_timeout, read_timeout=args.tcp_read_timeout,
             tls_handshake_timeout=args.tls_handshake_timeout, reuse_port=worker is not None)
+        if worker is not None:
+            # Connection ids name this worker from the first connection accepted.
+            endpoint.transport.be_worker(worker)
         try:
             await endpoint.start()
         except ListenError as exc:  # "cannot listen on udp:127.0.0.1:5060: Address in use"

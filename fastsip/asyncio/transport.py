@@ -134,6 +134,12 @@ def _host_key(host: str) -> str:
         return host.lower()
 
 
+def _same_host(a: str, b: str) -> bool:
+    """Do two hosts (a connection's peer, where a Via or stored flow says it is) name the
+    same IP?  (A Via may write an IPv6 address in another form.)"""
+    return a == b or _host_key(a) == _host_key(b)
+
+
 @dataclass(slots=True)
 class TransportStats:
     """What the transport took in and turned away, counted since it was made (plain ints:
@@ -944,7 +950,8 @@ class TransportLayer:
                 hand = self.hand_send
                 if hand is not None and hand(data, dest):
                     return          # another worker holds it, and writes it
-            elif conn.peer is not None and conn.peer.host != dest.host:
+            elif (self.worker is not None and conn.peer is not None
+                  and not _same_host(conn.peer.host, dest.host)):
                 conn = None         # an id from a stored flow of another process: not this one
         if conn is None or conn.closed:
             conn = self._by_peer.get(dest.peer)
@@ -1073,6 +1080,8 @@ class TransportLayer:
         """Number connections as worker ``index`` of several (before any is open).  The
         count starts at a random point: a restarted worker does not hand out the ids its
         predecessor wrote into stored bindings (a stale flow would reach another phone)."""
+        if self.worker == index:
+            return
         self.worker = index
         self._next_id = random.randrange(1, 1 << 22)
 
@@ -1092,7 +1101,8 @@ class TransportLayer:
         that owns the call (it handed the bytes here); False when that connection is gone
         (closed, never ours, or to another host) or cannot take them."""
         conn = self._connections.get(dest.connection)
-        if conn is None or conn.closed or conn.peer is None or conn.peer.host != dest.host:
+        if conn is None or conn.closed or conn.peer is None or \
+                not _same_host(conn.peer.host, dest.host):
             return False
         return conn.write(data)
 
