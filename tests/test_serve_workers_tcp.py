@@ -268,15 +268,21 @@ def test_a_killed_workers_connections_drop_and_the_other_workers_calls_complete(
                       "-p", str(port_held_by(port, survivor, list(pids.values()))),
                       "-recv_timeout", "6000", "-trace_err", "-error_file", str(errors),
                       rate=rate, timeout=90, background=True)
+        caller = TcpClient(port, port_held_by(port, survivor, list(pids.values())))
         time.sleep(3)
         os.kill(victim, signal.SIGKILL)
         # Its connections went with it.
         assert stranded.dropped(5)
+        # While it is down (the supervisor waits 0.5 s before starting it again), a request
+        # for one of its calls gets 503 at once from the worker holding the connection (over
+        # TCP nobody retransmits it: it would wait out Timer B).
+        owned_by_victim = next(f"down-{n}" for n in range(100)
+                               if call_id_shard(f"down-{n}@{HOST}", 2) == 1)
+        caller.send(request("INVITE", f"sip:nobody@{DOMAIN}", call_id=owned_by_victim))
+        assert caller.final(2) == 503                # (404 once it is back)
         wait_for(lambda: "worker 1 running again" in serve.log(), 20, "worker 1's restart")
         # A call to the phone whose connection worker 1 held: a closed flow -- an error answer
         # at once (RFC 3261 §18.4), from whichever worker owns the call, not Timer B's 408.
-        caller = TcpClient(port, port_held_by(port, survivor, list(worker_pids(
-            serve.log()).values())))
         started = time.monotonic()
         for n in range(4):                           # Call-IDs owned by each worker
             caller.send(request("INVITE", f"sip:stranded@{DOMAIN}", call_id=f"lost-{n}"))
@@ -304,7 +310,9 @@ def test_a_killed_workers_connections_drop_and_the_other_workers_calls_complete(
     log = serve.log()
     answered = [int(n) for n in re.findall(r"stopped .*?answered=(\d+)", log)]
     assert len(answered) == 2 and min(answered) > 0, answered     # worker 1 works again
-    assert sum(counters(log, "gone_reported")) > 0 or sum(counters(log, "stream_lost")) > 0
+    # The restarted worker 1 told worker 0 its predecessor's connection was gone.
+    assert sum(counters(log, "gone_reported")) > 0 and sum(counters(log, "gone_heard")) > 0
+    assert sum(counters(log, "stream_lost")) > 0
 
 
 def test_a_worker_connection_id_names_its_worker_and_flows_keep_it() -> None:

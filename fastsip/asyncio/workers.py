@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING
 
 from fastsip.sip import Request, Response
 from fastsip.transport import Address
-from fastsip.transport.rules import call_id_shard, connection_holder
+from fastsip.transport.rules import call_id_shard, connection_holder, local_tag
 
 if TYPE_CHECKING:
     from fastsip.asyncio.transport import TransportLayer
@@ -98,6 +98,9 @@ _SEND = 2
 #: back, so the owner can fall back to a new connection, or fail the transaction).
 _GONE = 3
 _TRANSPORTS = ("TCP", "TLS")
+# Retry-After (seconds) of the 503 for a request on a connection whose owner is down: about
+# what a worker takes to start again.
+_RETRY_AFTER = 2
 # Envelopes queued for one link while the other worker's socket buffer is full: past this,
 # what is handed is refused (a message lost as a lost datagram would be; bytes to send fail
 # the transaction): a stalled worker costs bounded memory, never an unbounded queue.
@@ -236,11 +239,17 @@ class HandOff:
             return False
         if self._hand(owner, _MESSAGE, data, source):
             self.stream_handed += 1
-        else:
-            # The owner is down (its calls are lost with it) or far behind: lost, as a request
-            # the owner dropped would be; the peer's transaction times out.
-            self.stream_lost += 1
-            log.debug("message from %s for worker %d lost: not handed", source, owner)
+            return True
+        # The owner is down (restarting: its calls are lost with it) or far behind.  A peer
+        # does not retransmit over TCP, so a request would wait out its Timer B: answer it
+        # 503 at once, statelessly (RFC 3261 §21.5.4; our To tag makes its ACK ours).
+        self.stream_lost += 1
+        log.debug("message from %s for worker %d lost: not handed", source, owner)
+        if isinstance(msg, Request) and msg.method != "ACK":
+            with contextlib.suppress(ValueError):
+                answer = msg.reply(503, to_tag=local_tag(),
+                                   headers=[("Retry-After", str(_RETRY_AFTER))])
+                self.layer.send(bytes(answer), source)
         return True
 
     def hand_send(self, data: bytes, dest: Address) -> bool:
