@@ -269,13 +269,19 @@ def test_a_killed_workers_connections_drop_and_the_other_workers_calls_complete(
                       "-recv_timeout", "6000", "-trace_err", "-error_file", str(errors),
                       rate=rate, timeout=90, background=True)
         caller = TcpClient(port, port_held_by(port, survivor, list(pids.values())))
+        wait_for(lambda: holder(port, caller.port, list(pids.values())) is not None, 5,
+                 "the caller's connection")
+        assert holder(port, caller.port, list(pids.values())) == survivor
         time.sleep(3)
         os.kill(victim, signal.SIGKILL)
         # Its connections went with it.
         assert stranded.dropped(5)
         # While it is down (the supervisor waits 0.5 s before starting it again), a request
         # for one of its calls gets 503 at once from the worker holding the connection (over
-        # TCP nobody retransmits it: it would wait out Timer B).
+        # TCP nobody retransmits it: it would wait out Timer B).  (Once the supervisor has
+        # seen it exit: until the dying process has closed every socket, what is handed to
+        # it is lost in its queue, as a datagram would be.)
+        wait_for(lambda: f"(pid {victim}) exited" in serve.log(), 5, "worker 1's exit")
         owned_by_victim = next(f"down-{n}" for n in range(100)
                                if call_id_shard(f"down-{n}@{HOST}", 2) == 1)
         caller.send(request("INVITE", f"sip:nobody@{DOMAIN}", call_id=owned_by_victim))

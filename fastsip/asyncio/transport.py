@@ -1119,19 +1119,31 @@ class TransportLayer:
     def receive_handed(self, data: bytes, source: Address) -> None:
         """A message another worker framed on its connection ``source`` and handed here (this
         worker owns its call): the §18 checks and up, as if it had arrived here."""
-        remote = self._remote_peers
-        key = source.peer
-        if remote.get(key) != source.connection:
-            remote.pop(key, None)
-            if len(remote) >= _MAX_REMOTE_PEERS:
-                del remote[next(iter(remote))]
-            remote[key] = source.connection
+        self._remember_remote(source.peer, source.connection)
         try:
             msg = parse(data, self.limits)
         except ParseError as exc:           # it parsed there: a bug, not the peer's
             log.debug("handed-over message from %s does not parse: %s", source, exc)
             return
+        if isinstance(msg, Request):
+            via = msg.top_via
+            if via is not None and "alias" in via.params:
+                # RFC 5923: requests to its sent-by reuse that connection (as _deliver does
+                # for one of ours).
+                port = via.port or DEFAULT_PORTS.get(source.transport, 5060)
+                self._remember_remote((source.transport, strip_brackets(via.host), port),
+                                      source.connection)
         deliver_message(msg, source, self.on_message, self._local if self.check_via else None)
+
+    def _remember_remote(self, key: tuple[str, str, int], cid: int) -> None:
+        """Requests to peer ``key`` go over connection ``cid`` of another worker (bounded:
+        the oldest entry goes first)."""
+        remote = self._remote_peers
+        if remote.get(key) != cid:
+            remote.pop(key, None)
+            if len(remote) >= _MAX_REMOTE_PEERS:
+                del remote[next(iter(remote))]
+            remote[key] = cid
 
     def _register(self, conn: _Connection) -> None:
         assert conn.peer is not None
