@@ -448,3 +448,54 @@ def test_tls_calls_through_two_workers_reach_the_phone_over_its_connection(
     assert sum(answered) == calls and min(answered) > 0, answered
     assert sum(counters(log, "stream_handed")) > 0 and sum(counters(log, "sends_handed")) > 0
     assert sum(counters(log, "stream_lost")) == 0
+
+
+def test_keep_alives_reach_a_tcp_flow_another_worker_holds(tmp_path: Path,
+                                                           redis: RedisServer) -> None:
+    """Worker 0 pings every flow binding (NatKeeper); a phone registered over a connection
+    worker 1 holds gets its OPTIONS over that connection (through worker 1), and its answers
+    come back to worker 0 (the pings' Call-IDs are worker 0's): none is counted unanswered."""
+    from serveutil import register_request
+
+    port = free_port()
+    serve = tcp_workers_serve(tmp_path, port, redis, "--nat-ping-interval", "1")
+    phone = None
+    pings: list[str] = []
+    try:
+        pids = worker_pids(serve.log())
+        phone = TcpClient(port, port_held_by(port, pids[1], list(pids.values())))
+        phone.send(register_request(
+            "kept", "reg-kept", f"Contact: <sip:kept@{HOST}:{phone.port};transport=tcp>",
+            "Expires: 3600"))
+        assert phone.final(5) == 200
+        deadline = time.monotonic() + 15
+        while len(pings) < 3 and time.monotonic() < deadline:
+            phone.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = phone.sock.recv(65536)
+            except TimeoutError:
+                break
+            assert data, "the connection closed"
+            for text in data.decode().split("\r\n\r\n"):
+                if not text.startswith("OPTIONS "):
+                    continue
+                pings.append(text)
+                head = [line for line in text.split("\r\n")[1:]
+                        if line.split(":", 1)[0].lower() in ("via", "from", "to", "call-id",
+                                                              "cseq")]
+                answer = "SIP/2.0 200 OK\r\n" + "\r\n".join(
+                    line + ";tag=kept" if line.lower().startswith("to:") else line
+                    for line in head) + "\r\nContent-Length: 0\r\n\r\n"
+                phone.sock.sendall(answer.encode())
+    finally:
+        if phone is not None:
+            phone.close()
+        assert serve.close() == 0
+    assert len(pings) >= 3, serve.log()[-2000:]
+    assert all(call_id_shard(re.search(r"Call-ID: (\S+)", p)[1], 2) == 0  # type: ignore[index]
+               for p in pings)
+    log = serve.log()
+    sent, answered = (int(n) for n in re.search(
+        r"nat keep_alives=(\d+) answered=(\d+)", log).groups())  # type: ignore[union-attr]
+    assert answered >= 3 and answered >= sent - 1, (sent, answered)     # (one in flight)
+    assert sum(counters(log, "sends_handed")) >= 3 and sum(counters(log, "stream_handed")) >= 3
