@@ -436,13 +436,9 @@ def _workers_problem(args: argparse.Namespace) -> str:
     """Why ``--workers N`` (N > 1) cannot run as asked ("" when it can)."""
     from fastsip.asyncio import parse_listen
 
+    # TCP/TLS listeners too: a connection stays in the worker that accepted it, and the
+    # workers hand each other its messages and the bytes to send on it (workers.HandOff).
     specs = [(spec, *parse_listen(spec.partition("/")[0])) for spec in args.listen]
-    streams = [spec for spec, transport, _, _ in specs if transport != "UDP"]
-    if streams:
-        return (f"--workers {args.workers} serves UDP listeners only ({', '.join(streams)} is "
-                "not): a TCP/TLS connection stays in the worker that accepted it, and calls "
-                "for a phone registered over it may belong to another worker.  Give --listen "
-                "udp:... only, or run one worker")
     anywhere = [spec for spec, _, _, port in specs if port == 0]
     if anywhere:
         return (f"--workers {args.workers} needs a fixed port ({', '.join(anywhere)} asks for "
@@ -596,6 +592,9 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event,
             max_connections_per_source=args.max_connections_per_source,
             idle_timeout=args.tcp_idle_timeout, read_timeout=args.tcp_read_timeout,
             tls_handshake_timeout=args.tls_handshake_timeout, reuse_port=worker is not None)
+        if worker is not None:
+            # Connection ids name this worker from the first connection accepted.
+            endpoint.transport.be_worker(worker)
         try:
             await endpoint.start()
         except ListenError as exc:  # "cannot listen on udp:127.0.0.1:5060: Address in use"
@@ -763,8 +762,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event,
             log.info("nat keep_alives=%d answered=%d flows_removed=%d",
                      keeper.sent, keeper.answered, keeper.removed)
         if handoff is not None:
-            log.info("worker %d handed_off=%d taken_over=%d lost=%d", worker, handoff.handed,
-                     handoff.received, handoff.lost)
+            log.info("worker %d %s", worker, handoff.summary())
         return EXIT_OK
     finally:
         # The writes in flight commit before the file closes: a REGISTER answered 200 stays.
@@ -1070,10 +1068,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--grace", type=_non_negative, default=5.0, metavar="S",
                    help="on stop, seconds to let transactions in flight finish (default 5)")
     p.add_argument("--workers", type=_workers, default=1, metavar="N|auto",
-                   help="worker processes sharing the UDP listeners (Linux SO_REUSEPORT); each "
+                   help="worker processes sharing the listeners (Linux SO_REUSEPORT); each "
                         "call is handled by one, chosen by its Call-ID, however the load "
-                        "arrives; auto: one per CPU (default 1).  Needs a shared --db (redis:// "
-                        "or postgresql://) and UDP listeners only")
+                        "arrives (a TCP/TLS connection stays in the worker that accepted it); "
+                        "auto: one per CPU (default 1).  Needs a shared --db (redis:// "
+                        "or postgresql://)")
     # Set by the supervisor for the workers it starts (not for operators).
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-dir", default=None, help=argparse.SUPPRESS)

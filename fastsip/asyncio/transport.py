@@ -17,7 +17,10 @@ feeds what arrives, parsed, to one receive callback (the transaction layer's ``r
   (transport, host, port), and is reused for anything sent to that peer (RFC 5923 style).
   Streams are framed with :func:`fastsip.message_length`; CRLFCRLF keep-alives get a CRLF pong
   (RFC 5626 §3.5.1); a stream that cannot be resynchronized is closed.  Buffers are bounded by
-  the message size limit.
+  the message size limit.  Under ``serve --workers`` a connection stays in the worker that
+  accepted it: ``stream_steer`` hands a message whose call another worker owns to it, and
+  ``hand_send`` gives the bytes for a connection another worker holds back to that one
+  (:mod:`fastsip.asyncio.workers`).
 - Limits at the edge (Kamailio's ``tcp_max_connections``, ``tcp_connection_lifetime`` as the
   model): ``max_connections`` in all and ``max_connections_per_source`` accepted from one IP
   (over either, an accepted connection is closed at once); ``idle_timeout``; ``read_timeout``
@@ -42,6 +45,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import random
 import socket
 import ssl
 import sys
@@ -58,7 +62,12 @@ from fastsip.errors import FastSIPError, ParseError
 from fastsip.sip import Limits, Message, Request, Response, message_length, parse
 from fastsip.transport import DEFAULT_PORTS, Address
 from fastsip.transport.intake import Steer, answer_malformed, deliver_message, receive_datagram
-from fastsip.transport.rules import parse_hostport, parse_listen, strip_brackets
+from fastsip.transport.rules import (
+    held_connection_id,
+    parse_hostport,
+    parse_listen,
+    strip_brackets,
+)
 
 __all__ = ["AdmitCallback", "Listener", "TransportLayer", "TransportStats", "parse_listen"]
 
@@ -66,6 +75,9 @@ log = logging.getLogger("fastsip.asyncio.transport")
 
 MessageCallback = Callable[[Message, Address], None]
 ErrorCallback = Callable[[Address], None]
+#: ``hand_send(data, dest)``: bytes for a connection another worker holds (``dest.connection``
+#: names it); True when they were handed to that worker (False: send as if it were closed).
+HandSend = Callable[[bytes, Address], bool]
 #: ``admit(host, now)``: may this source IP (no brackets) be heard at loop time ``now``?
 AdmitCallback = Callable[[str, float], bool]
 
@@ -89,6 +101,10 @@ _ACCEPT_RETRY = 1.0                   # out of descriptors: pause accepting this
 _ACCEPT_PAUSE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _SEND_DROP = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
 _MAX_SWEEP_PERIOD = 30.0
+# Peers whose connection another worker holds, remembered from the messages it handed us (so
+# what we send to such a peer reuses that connection, as _by_peer does for our own): at most
+# this many, the oldest forgotten first.
+_MAX_REMOTE_PEERS = 4096
 
 
 @lru_cache(maxsize=4096)
@@ -117,6 +133,12 @@ def _host_key(host: str) -> str:
         return ipaddress.ip_address(host).compressed
     except ValueError:
         return host.lower()
+
+
+def _same_host(a: str, b: str) -> bool:
+    """Do two hosts (a connection's peer, where a Via or stored flow says it is) name the
+    same IP?  (A Via may write an IPv6 address in another form.)"""
+    return a == b or _host_key(a) == _host_key(b)
 
 
 @dataclass(slots=True)
@@ -474,7 +496,7 @@ class _Connection(asyncio.Protocol):
             log.debug("malformed message from %s: %s", self.peer, exc)
             layer._answer_malformed(chunk, exc, self.peer)
             return
-        layer._deliver(msg, self.peer)
+        layer._deliver(msg, self.peer, chunk)
 
     def write(self, data: bytes) -> bool:
         """Write now, or queue until connected; False when the connection cannot take it."""
@@ -538,8 +560,10 @@ class TransportLayer:
       every datagram of a flood: keep it cheap, never block.  May be set after construction.
     - ``udp_receive_buffer``: SO_RCVBUF asked for each UDP socket (bursts wait there instead of
       being dropped by the kernel; it may grant less, see ``Listener.receive_buffer``).
-    - ``reuse_port``: bind UDP listeners with SO_REUSEPORT (Linux), so several worker
-      processes share each address; :attr:`steer` then hands each datagram to its owner.
+    - ``reuse_port``: bind every listener with SO_REUSEPORT (Linux), so several worker
+      processes share each address; :attr:`steer` then hands each datagram to its owner,
+      :attr:`stream_steer` each message framed on a connection, and :attr:`hand_send` the
+      bytes for a connection another worker holds (:mod:`fastsip.asyncio.workers`).
     """
 
     # Own the listening sockets and read them with loop.add_reader where the loop can; False
@@ -587,6 +611,16 @@ class TransportLayer:
         #: ``steer(msg, data, source)`` of the intake (several workers on one socket): takes
         #: the datagrams another worker owns.  None: every datagram is ours.
         self.steer: Steer | None = None
+        #: The same for a message framed on a connection this worker holds (``source`` names
+        #: the connection): another worker may own its call.
+        self.stream_steer: Steer | None = None
+        #: Bytes for a connection another worker holds (see :data:`HandSend`).
+        self.hand_send: HandSend | None = None
+        #: Which worker this is (``serve --workers``; set before listening): every connection
+        #: id then names it (:func:`~fastsip.transport.rules.held_connection_id`), so any
+        #: worker -- reading a flow from the shared location store, or a response's
+        #: destination -- knows where the connection lives.  None: ids 1, 2, 3, ...
+        self.worker: int | None = None
         #: Counters of what came in and what the limits and ``admit`` turned away.
         self.stats = TransportStats()
         self._loop = loop
@@ -594,6 +628,8 @@ class TransportLayer:
         self._connections: dict[int, _Connection] = {}
         self._by_peer: dict[tuple[str, str, int], _Connection] = {}
         self._per_source: dict[str, int] = {}      # accepted connections open per source IP
+        # (transport, host, port) -> id of a connection to that peer another worker holds.
+        self._remote_peers: dict[tuple[str, str, int], int] = {}
         self._next_id = 1
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
@@ -645,7 +681,7 @@ class TransportLayer:
                 sock.close()
                 raise
         else:
-            sock = _bind_stream(host, port, family)
+            sock = _bind_stream(host, port, family, self.reuse_port)
             try:
                 bound = sock.getsockname()
                 acceptor = self._acceptor(sock, transport, lid)
@@ -922,8 +958,22 @@ class TransportLayer:
         conn = None
         if dest.connection:
             conn = self._connections.get(dest.connection)
+            if conn is None:
+                hand = self.hand_send
+                if hand is not None and hand(data, dest):
+                    return          # another worker holds it, and writes it
+            elif (self.worker is not None and conn.peer is not None
+                  and not _same_host(conn.peer.host, dest.host)):
+                conn = None         # an id from a stored flow of another process: not this one
         if conn is None or conn.closed:
             conn = self._by_peer.get(dest.peer)
+            if (conn is None or conn.closed) and self._remote_peers:
+                # The peer's connection is in another worker (RFC 5923 reuse across them).
+                cid = self._remote_peers.get(dest.peer)
+                hand = self.hand_send
+                if cid is not None and hand is not None and hand(
+                        data, Address(dest.transport, dest.host, dest.port, cid)):
+                    return
         if conn is not None and not conn.closed and conn.write(data):
             return
         if conn is not None and not conn.closed:
@@ -1038,10 +1088,74 @@ class TransportLayer:
             conn.closed = True
             self._unregister(conn)
 
+    def be_worker(self, index: int) -> None:
+        """Number connections as worker ``index`` of several (before any is open).  The
+        count starts at a random point: a restarted worker does not hand out the ids its
+        predecessor wrote into stored bindings (a stale flow would reach another phone)."""
+        if self.worker == index:
+            return
+        self.worker = index
+        self._next_id = random.randrange(1, 1 << 22)
+
     def _new_id(self) -> int:
         cid = self._next_id
         self._next_id += 1
-        return cid
+        worker = self.worker
+        if worker is None:
+            return cid
+        while (held := held_connection_id(cid, worker)) in self._connections:
+            cid += 1                        # (after 4 million, the count wraps)
+        self._next_id = cid + 1
+        return held
+
+    def send_on_connection(self, data: bytes, dest: Address) -> bool:
+        """Write ``data`` on connection ``dest.connection`` of this worker, for the worker
+        that owns the call (it handed the bytes here); False when that connection is gone
+        (closed, never ours, or to another host) or cannot take them."""
+        conn = self._connections.get(dest.connection)
+        if conn is None or conn.closed or conn.peer is None or \
+                not _same_host(conn.peer.host, dest.host):
+            return False
+        return conn.write(data)
+
+    def send_without_connection(self, data: bytes, dest: Address) -> None:
+        """Send as to a connection that has closed (the worker holding ``dest.connection``
+        says it is gone): an open connection to the peer, else a new one (§18.2.2, §18.4: a
+        failure reaches ``on_error`` as any transport error)."""
+        remote = self._remote_peers
+        for key in (dest.peer, *(k for k, v in remote.items() if v == dest.connection)):
+            if remote.get(key) == dest.connection:
+                del remote[key]
+        self._send_stream(data, Address(dest.transport, dest.host, dest.port))
+
+    def receive_handed(self, data: bytes, source: Address) -> None:
+        """A message another worker framed on its connection ``source`` and handed here (this
+        worker owns its call): the §18 checks and up, as if it had arrived here."""
+        self._remember_remote(source.peer, source.connection)
+        try:
+            msg = parse(data, self.limits)
+        except ParseError as exc:           # it parsed there: a bug, not the peer's
+            log.debug("handed-over message from %s does not parse: %s", source, exc)
+            return
+        if isinstance(msg, Request):
+            via = msg.top_via
+            if via is not None and "alias" in via.params:
+                # RFC 5923: requests to its sent-by reuse that connection (as _deliver does
+                # for one of ours).
+                port = via.port or DEFAULT_PORTS.get(source.transport, 5060)
+                self._remember_remote((source.transport, strip_brackets(via.host), port),
+                                      source.connection)
+        deliver_message(msg, source, self.on_message, self._local if self.check_via else None)
+
+    def _remember_remote(self, key: tuple[str, str, int], cid: int) -> None:
+        """Requests to peer ``key`` go over connection ``cid`` of another worker (bounded:
+        the oldest entry goes first)."""
+        remote = self._remote_peers
+        if remote.get(key) != cid:
+            remote.pop(key, None)
+            if len(remote) >= _MAX_REMOTE_PEERS:
+                del remote[next(iter(remote))]
+            remote[key] = cid
 
     def _register(self, conn: _Connection) -> None:
         assert conn.peer is not None
@@ -1126,9 +1240,10 @@ class TransportLayer:
         self.stats.malformed += 1
         answer_malformed(data, exc, source, self)
 
-    def _deliver(self, msg: Request | Response, source: Address) -> None:
-        """A message framed on a connection: RFC 5923 aliases, then the intake's §18 checks
-        and up."""
+    def _deliver(self, msg: Request | Response, source: Address, data: bytes = b"") -> None:
+        """A message framed on a connection (``data``: its bytes): RFC 5923 aliases, then --
+        when another worker owns its call, ``stream_steer`` hands it there -- the intake's
+        §18 checks and up."""
         if isinstance(msg, Request) and source.reliable and source.connection:
             # Requests to the sent-by of a Via with ``alias`` reuse this connection (a
             # stream's only: a datagram's ``connection`` is a socket id, not a connection).
@@ -1138,6 +1253,9 @@ class TransportLayer:
                 if conn is not None:
                     port = via.port or DEFAULT_PORTS.get(source.transport, 5060)
                     self._alias(conn, (source.transport, strip_brackets(via.host), port))
+        steer = self.stream_steer
+        if steer is not None and data and steer(msg, data, source):
+            return
         deliver_message(msg, source, self.on_message, self._local if self.check_via else None)
 
     # -- errors, tasks, shutdown -----------------------------------------------------------
@@ -1196,13 +1314,17 @@ class TransportLayer:
         self._local.clear()
 
 
-def _bind_stream(host: str, port: int, family: int) -> socket.socket:
+def _bind_stream(host: str, port: int, family: int, reuse_port: bool = False) -> socket.socket:
     """A listening TCP socket on (host, port), set up as asyncio's create_server would: address
-    reuse on POSIX (a restart need not wait out TIME_WAIT), IPv6 only on an IPv6 address."""
+    reuse on POSIX (a restart need not wait out TIME_WAIT), IPv6 only on an IPv6 address.
+    ``reuse_port``: SO_REUSEPORT, so several workers listen on it (the kernel spreads the
+    connections over them)."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         if sys.platform != "win32":     # on Windows it would let another socket steal the port
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((host, port))

@@ -12,7 +12,7 @@ call -- requests, their retransmissions, CANCEL, the ACK for a non-2xx, every re
 -- carries the same Call-ID, so they all meet the transactions and dialogs of one worker, and
 calls from a single peer spread evenly over the workers.
 
-**The hand-off.**  A worker parses what it receives and asks :meth:`HandOff.steer`; a message
+**The hand-off (UDP).**  A worker parses what it receives and asks :meth:`HandOff.steer`; a message
 another worker owns goes to that worker, as received (source address and listener too), over a
 Unix datagram socket in a directory only this user can open.  The owner treats it as its own
 arrival: its answers leave from its own socket on the same address, so peers see one server.
@@ -24,9 +24,24 @@ whoever received them.
 ``listening on`` lines once all are up, restarts a worker that dies (its calls in progress are
 lost; the others' are not), and on SIGTERM/SIGINT stops them all, each draining its calls.
 
-UDP only: a TCP or TLS connection lives in the worker that accepted it, and a call for a phone
-registered over it could be owned by another (Kamailio passes connections between its
-processes; fastsip does not yet).
+**TCP and TLS.**  Every worker binds the stream listeners with ``SO_REUSEPORT`` too, and the
+kernel spreads the connections; a connection lives in the worker that accepted it (its TLS
+state cannot move).  Its id names that worker
+(:func:`~fastsip.transport.rules.held_connection_id`), and so does every flow stored from it
+(a binding's ``socket``, an ``alias``): any worker knows where it lives.  The holder frames
+and parses what arrives on it; a message whose call another worker owns goes there as a
+``_MESSAGE`` naming the connection, and the owner handles it as its own arrival.  What the
+owner sends on a connection it does not hold -- the response to a request that came on it,
+a request to a phone registered over it -- goes to the holder as a ``_SEND``; the holder
+writes it, or answers ``_GONE`` with the bytes, and the owner falls back as for a closed
+connection of its own (a new connection; a failure is the transaction's transport error,
+RFC 3261 §18.4; §18.2.2 for a response).  A binding whose worker died is a closed flow: the
+restarted worker numbers its connections afresh, so the old ids find nothing.  These go over
+``SOCK_SEQPACKET`` links, one from each worker to each other: a lost message on a
+connection is not retransmitted by the peer, and a datagram socket's queue holds only
+``net.unix.max_dgram_qlen`` (10) messages; a link is flow-controlled by its socket buffer,
+with a bounded queue behind it (:data:`_LINK_QUEUE_BYTES`), and a record holds a whole
+message up to the transport's size limit.
 """
 
 from __future__ import annotations
@@ -43,13 +58,14 @@ import socket
 import struct
 import sys
 import tempfile
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastsip.sip import Request, Response
 from fastsip.transport import Address
-from fastsip.transport.rules import call_id_shard
+from fastsip.transport.rules import call_id_shard, connection_holder, local_tag
 
 if TYPE_CHECKING:
     from fastsip.asyncio.transport import TransportLayer
@@ -70,6 +86,29 @@ _HEADER = struct.Struct("!BHB")
 _BATCH = 256
 _MAX_DATAGRAM = 65536 + _HEADER.size + 255
 
+# What goes between workers about connections, over SOCK_SEQPACKET links (one record per
+# envelope): the kind, the sending worker, the transport (0 TCP, 1 TLS), the peer's port, the
+# connection id, the peer host's length; then the host (ASCII) and the message.
+_STREAM_HEADER = struct.Struct("!BBBHIB")
+#: A message received on connection C, handed to the worker that owns its call.
+_MESSAGE = 1
+#: Bytes the owner hands back to the holder of connection C: "send them on it".
+_SEND = 2
+#: The holder's answer to a _SEND it could not write: the connection is gone (the bytes come
+#: back, so the owner can fall back to a new connection, or fail the transaction).
+_GONE = 3
+_TRANSPORTS = ("TCP", "TLS")
+# Retry-After (seconds) of the 503 for a request on a connection whose owner is down: about
+# what a worker takes to start again.
+_RETRY_AFTER = 2
+# Envelopes queued for one link while the other worker's socket buffer is full: past this,
+# what is handed is refused (a message lost as a lost datagram would be; bytes to send fail
+# the transaction): a stalled worker costs bounded memory, never an unbounded queue.
+_LINK_QUEUE_BYTES = 8 * 1024 * 1024
+# The socket buffers of a link: a record must fit (the kernel refuses one bigger than the
+# send buffer with EMSGSIZE), and a burst should wait there rather than in our queue.
+_LINK_BUFFER = 4 * 1024 * 1024
+
 
 def reuse_port_supported() -> bool:
     """Whether this platform lets several processes bind one UDP address and spreads the
@@ -79,15 +118,19 @@ def reuse_port_supported() -> bool:
 
 
 def addresses_taken(listen: Sequence[str]) -> str:
-    """Whether another process holds one of the UDP addresses of ``listen`` specs ("" when
-    none does).  Workers bind with SO_REUSEPORT, which would quietly share an address with
-    another server of this user that did too; a plain bind first fails if anyone holds it."""
+    """Whether another process holds one of the addresses of ``listen`` specs ("" when none
+    does).  Workers bind with SO_REUSEPORT, which would quietly share an address with another
+    server of this user that did too; a plain bind first fails if anyone holds it."""
     from fastsip.transport.rules import parse_listen
 
     for spec in listen:
-        _, host, port = parse_listen(spec.partition("/")[0])
+        transport, host, port = parse_listen(spec.partition("/")[0])
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        kind = socket.SOCK_DGRAM if transport == "UDP" else socket.SOCK_STREAM
+        with socket.socket(family, kind) as probe:
+            if kind == socket.SOCK_STREAM:
+                # (TIME_WAIT left by a previous run is no one holding it; a listener is.)
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((host, port))
             except OSError as exc:
@@ -99,10 +142,17 @@ def socket_path(directory: str | Path, index: int) -> str:
     return str(Path(directory) / f"worker-{index}.sock")
 
 
+def stream_path(directory: str | Path, index: int) -> str:
+    """Where worker ``index`` listens for the links that carry connection hand-offs."""
+    return str(Path(directory) / f"worker-{index}.links")
+
+
 class HandOff:
     """Worker ``index`` of ``count``: takes, through ``steer`` (the intake's hook), every
     datagram whose Call-ID another worker owns and sends it there; hands what the others send
-    it to ``layer`` as if it had arrived on its own listener.  ``directory``: where the
+    it to ``layer`` as if it had arrived on its own listener.  The same for the messages on
+    its connections (``steer_stream``), and the bytes for connections it holds
+    (``hand_send``: see the module's docstring).  ``directory``: where the
     workers' sockets are (made by the supervisor, mode 0700)."""
 
     def __init__(self, layer: TransportLayer, index: int, count: int,
@@ -116,9 +166,26 @@ class HandOff:
         self.handed = 0
         self.received = 0
         self.lost = 0
+        #: Connections: messages received on one handed to their owner / taken over from a
+        #: holder; bytes handed to a connection's holder / written here for their owner; sends
+        #: the holder found the connection gone for (reported back / heard of); envelopes
+        #: that could not be handed (the other worker down, or a link's queue full).
+        self.stream_handed = 0
+        self.stream_received = 0
+        self.sends_handed = 0
+        self.sends_written = 0
+        self.gone_reported = 0
+        self.gone_heard = 0
+        self.stream_lost = 0
         self._peers = [socket_path(self.directory, i) for i in range(count)]
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The stream side: our SOCK_SEQPACKET listener, the links accepted on it (read), and
+        # the links we opened to each other worker (written).
+        self._listener: socket.socket | None = None
+        self._inbound: dict[int, socket.socket] = {}
+        self._links: dict[int, _Link] = {}
+        self._max_record = layer.limits.max_message_size + _STREAM_HEADER.size + 255
 
     def start(self) -> None:
         path = self._peers[self.index]
@@ -138,6 +205,187 @@ class HandOff:
             raise
         self._sock, self._loop = sock, loop
         self.layer.steer = self.steer
+        self._start_streams(loop)
+
+    def _start_streams(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Listen for the other workers' links, and take over the transport's connection
+        hooks: every connection id names this worker, messages on a connection go to their
+        call's owner, bytes for another worker's connection go to it."""
+        path = stream_path(self.directory, self.index)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.bind(path)
+            sock.listen(max(8, self.count))
+            sock.setblocking(False)
+            loop.add_reader(sock.fileno(), self._accept_link)
+        except BaseException:
+            sock.close()
+            raise
+        self._listener = sock
+        layer = self.layer
+        layer.be_worker(self.index)
+        layer.stream_steer = self.steer_stream
+        layer.hand_send = self.hand_send
+
+    # -- messages on connections, and bytes for them ------------------------------------------
+
+    def steer_stream(self, msg: Request | Response, data: bytes, source: Address) -> bool:
+        """The transport's hook for a message framed on a connection we hold: True when
+        another worker owns its call (and it was handed there, with the connection named)."""
+        owner = call_id_shard(msg.call_id, self.count)
+        if owner == self.index:
+            return False
+        if self._hand(owner, _MESSAGE, data, source):
+            self.stream_handed += 1
+            return True
+        # The owner is down (restarting: its calls are lost with it) or far behind.  A peer
+        # does not retransmit over TCP, so a request would wait out its Timer B: answer it
+        # 503 at once, statelessly (RFC 3261 §21.5.4; our To tag makes its ACK ours).
+        self.stream_lost += 1
+        log.debug("message from %s for worker %d lost: not handed", source, owner)
+        if isinstance(msg, Request) and msg.method != "ACK":
+            with contextlib.suppress(ValueError):
+                answer = msg.reply(503, to_tag=local_tag(),
+                                   headers=[("Retry-After", str(_RETRY_AFTER))])
+                self.layer.send(bytes(answer), source)
+        return True
+
+    def hand_send(self, data: bytes, dest: Address) -> bool:
+        """The transport's hook for bytes to a connection it does not hold: True when the
+        holder named by the id's low byte is another worker and has them (its answer, should
+        the connection be gone, comes back as a _GONE); False: send as to a closed one."""
+        holder = connection_holder(dest.connection)
+        if holder is None or holder >= self.count or holder == self.index:
+            return False
+        if not self._hand(holder, _SEND, data, dest):
+            self.stream_lost += 1
+            return False            # the holder died: its connections with it (§18.4)
+        self.sends_handed += 1
+        return True
+
+    def _hand(self, worker: int, kind: int, data: bytes, peer: Address) -> bool:
+        host = peer.host.encode("ascii", "replace")[:255]
+        record = (_STREAM_HEADER.pack(kind, self.index, _TRANSPORTS.index(peer.transport)
+                                      if peer.transport in _TRANSPORTS else 0, peer.port,
+                                      peer.connection & 0xFFFFFFFF, len(host))
+                  + host + data)
+        if len(record) > self._max_record:
+            log.warning("%d bytes for worker %d exceed the message size limit", len(data),
+                        worker)
+            return False
+        link = self._links.get(worker)
+        if link is not None and link.send(record):
+            return True
+        if link is not None and not link.closed:
+            return False            # open, but its queue is full
+        # Not linked yet, or the other end restarted: (re)connect once.
+        link = self._connect(worker)
+        return link is not None and link.send(record)
+
+    def _connect(self, worker: int) -> _Link | None:
+        old = self._links.pop(worker, None)
+        if old is not None:
+            old.close()
+        assert self._loop is not None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _LINK_BUFFER)
+            sock.setblocking(False)
+            sock.connect(stream_path(self.directory, worker))
+        except OSError as exc:
+            # ENOENT/ECONNREFUSED: that worker is down or restarting; EAGAIN: its backlog
+            # is full.  The next hand-off tries again.
+            sock.close()
+            log.debug("no link to worker %d: %s", worker, exc)
+            return None
+        link = self._links[worker] = _Link(sock, self._loop, worker)
+        return link
+
+    def _accept_link(self) -> None:
+        listener = self._listener
+        if listener is None or self._loop is None:
+            return
+        for _ in range(self.count + 1):
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("link accept failed: %s", exc)
+                return
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _LINK_BUFFER)
+            fd = sock.fileno()
+            self._inbound[fd] = sock
+            self._loop.add_reader(fd, self._read_link, fd)
+
+    def _read_link(self, fd: int) -> None:
+        sock = self._inbound.get(fd)
+        if sock is None:
+            return
+        for _ in range(_BATCH):
+            try:
+                record = sock.recv(self._max_record)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("link receive error: %s", exc)
+                record = b""
+            if not record:                  # the other worker closed it (or died)
+                self._drop_inbound(fd)
+                return
+            try:
+                self._handle_record(record)
+            except Exception:
+                log.exception("error handling what another worker handed over")
+
+    def _drop_inbound(self, fd: int) -> None:
+        sock = self._inbound.pop(fd, None)
+        if sock is None:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(fd)
+        sock.close()
+
+    def _handle_record(self, record: bytes) -> None:
+        if len(record) < _STREAM_HEADER.size:
+            return
+        kind, sender, transport, port, cid, size = _STREAM_HEADER.unpack_from(record)
+        start = _STREAM_HEADER.size + size
+        if transport >= len(_TRANSPORTS) or len(record) < start:
+            return
+        host = record[_STREAM_HEADER.size:start].decode("ascii", "replace")
+        peer = Address(_TRANSPORTS[transport], host, port, cid)
+        data = record[start:]
+        layer = self.layer
+        if kind == _MESSAGE:
+            self.stream_received += 1
+            layer.receive_handed(data, peer)
+        elif kind == _SEND:
+            if layer.send_on_connection(data, peer):
+                self.sends_written += 1
+                return
+            self.gone_reported += 1
+            if sender < self.count and not self._hand(sender, _GONE, data, peer):
+                self.stream_lost += 1
+        elif kind == _GONE:
+            # Our own bytes back: the holder has no such connection now.  As when a
+            # connection of our own has closed: another to the peer, else a new one, whose
+            # failure reaches the transaction (RFC 3261 §18.4, §18.2.2).
+            self.gone_heard += 1
+            layer.send_without_connection(data, peer)
+
+    def summary(self) -> str:
+        """The counters, for the worker's last log line."""
+        return (f"handed_off={self.handed} taken_over={self.received} lost={self.lost} "
+                f"stream_handed={self.stream_handed} stream_taken={self.stream_received} "
+                f"sends_handed={self.sends_handed} sends_written={self.sends_written} "
+                f"gone_reported={self.gone_reported} gone_heard={self.gone_heard} "
+                f"stream_lost={self.stream_lost}")
 
     def steer(self, msg: Request | Response, data: bytes, source: Address) -> bool:
         """The intake's hook: True when ``msg`` is another worker's (and was sent there)."""
@@ -191,11 +439,97 @@ class HandOff:
         sock, self._sock = self._sock, None
         if sock is None:
             return
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(sock.fileno())
+        loop = self._loop if self._loop is not None and not self._loop.is_closed() else None
+        if loop is not None:
+            loop.remove_reader(sock.fileno())
         sock.close()
         with contextlib.suppress(OSError):
             os.unlink(self._peers[self.index])
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            if loop is not None:
+                loop.remove_reader(listener.fileno())
+            listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(stream_path(self.directory, self.index))
+        for fd in list(self._inbound):
+            self._drop_inbound(fd)
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
+
+
+class _Link:
+    """Our SOCK_SEQPACKET connection to another worker's hand-off listener: one record per
+    envelope, written now or -- while the other worker's buffer is full -- queued (bounded by
+    :data:`_LINK_QUEUE_BYTES`) and written when the socket says it can take more."""
+
+    __slots__ = ("closed", "loop", "queue", "queued", "sock", "worker", "writing")
+
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop,
+                 worker: int) -> None:
+        self.sock = sock
+        self.loop = loop
+        self.worker = worker
+        self.queue: deque[bytes] = deque()
+        self.queued = 0
+        self.writing = False
+        self.closed = False
+
+    def send(self, record: bytes) -> bool:
+        """False: closed (the other end went away: reconnect) or the queue is full."""
+        if self.closed:
+            return False
+        if self.queue:
+            return self._enqueue(record)
+        try:
+            self.sock.send(record)
+        except (BlockingIOError, InterruptedError):
+            return self._enqueue(record)
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN,
+                                 errno.ECONNREFUSED):
+                log.warning("hand-off to worker %d failed: %s", self.worker, exc)
+            self.close()
+            return False
+        return True
+
+    def _enqueue(self, record: bytes) -> bool:
+        if self.queued + len(record) > _LINK_QUEUE_BYTES:
+            return False
+        self.queue.append(record)
+        self.queued += len(record)
+        if not self.writing:
+            self.writing = True
+            self.loop.add_writer(self.sock.fileno(), self._write_ready)
+        return True
+
+    def _write_ready(self) -> None:
+        queue = self.queue
+        while queue:
+            try:
+                self.sock.send(queue[0])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("link to worker %d lost with %d envelope(s) queued: %s",
+                          self.worker, len(queue), exc)
+                self.close()
+                return
+            self.queued -= len(queue.popleft())
+        self.writing = False
+        self.loop.remove_writer(self.sock.fileno())
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.writing and not self.loop.is_closed():
+            self.loop.remove_writer(self.sock.fileno())
+        self.writing = False
+        self.queue.clear()
+        self.queued = 0
+        self.sock.close()
 
 
 class _Worker:

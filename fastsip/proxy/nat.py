@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastsip.sip import URI, Message, Request, Response
 from fastsip.transport import DEFAULT_PORTS, Address
-from fastsip.transport.rules import call_id_shard
+from fastsip.transport.rules import call_id_shard, connection_holder
 
 if TYPE_CHECKING:
     from fastsip.proxy.location import Binding, LocationStore
@@ -158,6 +158,10 @@ def add_alias(message: Message, flow: Address) -> bool:
     contact = message.contact[0]
     host = f"[{flow.host}]" if ":" in flow.host else flow.host
     alias = f"{host}~{flow.port}~{_PROTO_NUMBER.get(flow.transport, '1')}"
+    if flow.reliable and connection_holder(flow.connection) is not None:
+        # A connection held by one of several workers (``serve --workers``): its id, so the
+        # worker that relays an in-dialog request reaches the phone through that worker.
+        alias += f"~{flow.connection}"
     display = contact.display_name
     text = f"<{uri};{ALIAS}={alias}>"
     if display:
@@ -186,25 +190,33 @@ def pop_alias(request: Request) -> Address | None:
     if not value:
         return None
     parts = value.split("~")
+    connection = 0
+    if len(parts) == 4 and parts[3].isdigit() and int(parts[3]) < 1 << 31:
+        connection = int(parts.pop())
     if len(parts) != 3:
         return None
     host, port_text, proto = parts
     transport = _PROTO_NAME.get(proto)
     if transport is None or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         return None
+    if transport not in ("TCP", "TLS") or connection_holder(connection) is None:
+        connection = 0
     host = host.strip("[]")
     try:
         ipaddress.ip_address(host)
     except ValueError:
         return None
-    return Address(transport, host, int(port_text))
+    return Address(transport, host, int(port_text), connection)
 
 
 def binding_flow(binding: Binding) -> Address | None:
     """Where a binding is reached when not at its Contact: the flow its REGISTER came over
     (address, and for UDP the id of our socket it arrived on) for a client behind NAT, an
     RFC 5626 outbound client, or any TCP/TLS client (it cannot accept connections: its
-    Contact port is not listening).  None: reach it at its Contact (or its Path)."""
+    Contact port is not listening) -- over the connection the REGISTER came on, whose id
+    names the worker holding it (``serve --workers``: any worker can reach it through that
+    one; a connection gone, or its worker dead, is a closed flow).  None: reach it at its
+    Contact (or its Path)."""
     source = binding.source
     if not source or binding.path:
         return None
@@ -212,7 +224,10 @@ def binding_flow(binding: Binding) -> Address | None:
     if addr is None:
         return None
     if addr.reliable:
-        return addr
+        # (A server of one process finds the connection by the peer's address, as ever.)
+        if connection_holder(binding.socket) is None:
+            return addr
+        return Address(addr.transport, addr.host, addr.port, binding.socket)
     if not binding.flow:
         return None
     return Address(addr.transport, addr.host, addr.port, binding.socket)

@@ -227,7 +227,9 @@ class Registrar:
         outbound = "outbound" in supported and any(
             u.reg_id is not None and u.instance for u in updates)
         flow = outbound or request_behind_nat(request, source)
-        sock = source.connection if source.transport == "UDP" else 0
+        # The socket (UDP) or connection (TCP/TLS: its id names the worker holding it) the
+        # REGISTER came on: the binding's flow is reached through it.
+        sock = source.connection
         # Step 7: apply the updates, ordered by Call-ID/CSeq against the current bindings.
         current = {b.key: b for b in await self._store(aor, self.store.lookup(aor, now))}
 

@@ -21,7 +21,9 @@ __all__ = [
     "UDP_SIZE_LIMIT",
     "call_id_shard",
     "check_sent_by",
+    "connection_holder",
     "error_response",
+    "held_connection_id",
     "is_local_tag",
     "local_tag",
     "next_hop",
@@ -301,3 +303,25 @@ def call_id_shard(call_id: str | None, shards: int) -> int:
     if shards <= 1 or not call_id:
         return 0
     return zlib.crc32(call_id.encode("utf-8", "surrogateescape")) % shards
+
+
+# A connection id under ``serve --workers`` (what a flow stored in the shared location store,
+# or an alias, names): a marker bit, a counter, and a byte for the worker holding it (its
+# index + 1).  31 bits in all (a PostgreSQL INTEGER column stores it).  A server of one
+# process numbers its connections 1, 2, 3, ... and never reaches the marker.
+_HELD = 1 << 30
+_COUNTER_BITS = 22
+
+
+def held_connection_id(counter: int, worker: int) -> int:
+    """The id of connection number ``counter`` (taken modulo 2**22) held by ``worker``."""
+    return _HELD | (counter & ((1 << _COUNTER_BITS) - 1)) << 8 | (worker + 1) & 0xFF
+
+
+def connection_holder(connection: int) -> int | None:
+    """The worker holding connection ``connection`` (an id from
+    :func:`held_connection_id`); None for any other id (one process's own numbering, a UDP
+    socket's id)."""
+    if connection & _HELD and connection & 0xFF and connection < _HELD << 1:
+        return (connection & 0xFF) - 1
+    return None
