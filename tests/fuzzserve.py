@@ -51,7 +51,6 @@ import base64
 import contextlib
 import ctypes
 import ctypes.util
-import fcntl
 import hashlib
 import json
 import os
@@ -129,6 +128,8 @@ def netns_unavailable() -> str | None:
 def _loopback_up() -> None:
     # A new network namespace has lo down; SIOCSIFFLAGS as the namespace's root brings it up
     # (no dependency on iproute2).
+    import fcntl  # here, not at the top: the module is imported (and skips) on Windows too
+
     siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         req = struct.pack("16sH14x", b"lo", 0)

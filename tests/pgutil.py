@@ -25,7 +25,6 @@ from __future__ import annotations
 import glob
 import itertools
 import os
-import pwd
 import shutil
 import subprocess
 import sys
@@ -37,7 +36,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from procutil import free_port
+from procutil import WINDOWS, free_port
+
+if not WINDOWS:
+    import pwd  # (not on Windows, where the tests skip: see postgres_cluster)
 
 HOST = "127.0.0.1"
 USER = "fastsip"
@@ -192,6 +194,11 @@ def postgres_cluster(workdir: Path, *, skip: bool = True) -> Iterator[PgServer]:
             pytest.skip(reason)
         return PgUnavailable(reason)
 
+    if WINDOWS:
+        # The helper runs the server POSIX-style: its Unix socket in the cluster directory
+        # (-k), runuser/setpriv to a 'postgres' user under root, tools without '.exe'.
+        raise unavailable("POSIX only: the throwaway PostgreSQL cluster helper needs a Unix "
+                          "socket directory and POSIX users")
     bindir = find_bin()
     if bindir is None:
         raise unavailable(INSTALL_HINT)

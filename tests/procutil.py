@@ -4,11 +4,37 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import fastsip
 
+if TYPE_CHECKING:
+    import pytest
+
 HOST = "127.0.0.1"
+
+#: The test workflow runs the suite on windows-latest too; what cannot work there skips with
+#: :func:`posix_only` and one of the reasons below (tests/test_portability.py checks that
+#: every use of a POSIX-only API in a test has such a skip).
+WINDOWS = sys.platform == "win32"
+
+#: Popen.send_signal(SIGTERM) on Windows is TerminateProcess: the process dies at once, so
+#: there is no clean stop (drain, summary, exit status 0) to see.
+SIGTERM_KILLS = ("Windows has no SIGTERM between processes: send_signal(SIGTERM) is "
+                 "TerminateProcess, an abrupt kill, so the clean stop cannot be checked")
+#: Popen.send_signal(SIGINT) raises ValueError on Windows (only CTRL_C/CTRL_BREAK events).
+NO_SIGINT = ("Popen.send_signal(SIGINT) is unsupported on Windows (only CTRL_C_EVENT and "
+             "CTRL_BREAK_EVENT, which reach a whole console process group)")
+
+
+def posix_only(reason: str) -> pytest.MarkDecorator:
+    """Skip on Windows (only there) because of ``reason``: what the test needs that Windows
+    lacks.  pytest is imported here, not at the top: benchmarks import this module too."""
+    import pytest
+
+    return pytest.mark.skipif(WINDOWS, reason=f"POSIX only: {reason}")
 
 
 def free_port(host: str = HOST) -> int:

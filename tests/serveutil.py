@@ -15,8 +15,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
-from procutil import fastsip_env, free_port
+from procutil import SIGTERM_KILLS, WINDOWS, fastsip_env, free_port
 
 SIPP = shutil.which("sipp")
 
@@ -39,7 +41,11 @@ def stop(proc: subprocess.Popen[str], timeout: float = 15.0) -> int:
 
 
 class Serve:
-    """A ``fastsip serve`` process on one UDP port; its log goes to ``serve-N.log``."""
+    """A ``fastsip serve`` process on one UDP port; its log goes to ``serve-N.log``.
+
+    On Windows the test using it skips (before starting anything): :meth:`close` is serve's
+    clean stop, SIGTERM, and tests assert what that stop does (exit status 0, the drain, the
+    lines logged at the end); Windows can only kill the process."""
 
     count = 0
 
@@ -48,6 +54,8 @@ class Serve:
         """``listen``: the --listen specs, instead of UDP (and with ``tcp``, TCP) on HOST:port.
         ``command``: another server to run instead (its whole argv), one that prints
         ``listening on ...`` first on stdout and stops on SIGTERM, as serve does."""
+        if WINDOWS:
+            pytest.skip(f"fastsip serve's clean stop: {SIGTERM_KILLS}")
         Serve.count += 1
         self.port = port
         self.log_path = workdir / f"serve-{Serve.count}.log"
