@@ -26,6 +26,7 @@ import logging
 import os
 import random
 import stat
+import sys
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -145,7 +146,9 @@ def load_trunk_credentials(path: str | Path) -> dict[str, DigestClient]:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise TrunkError(f"{path}: cannot read trunk credentials: {exc}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+    # Not on Windows: there st_mode only mirrors the read-only flag (every file reads as
+    # 0o666 or 0o444) and ACLs decide who reads it, so the warning would fire on every file.
+    if sys.platform != "win32" and mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("%s: trunk credentials are readable by others (mode %o): chmod 600 it",
                     path, stat.S_IMODE(mode))
     clients: dict[str, DigestClient] = {}
