@@ -19,7 +19,7 @@ from fastsip.asyncio import LOOPS, LoopUnavailableError, loop_name, run
 from fastsip.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))
-from procutil import fastsip_env
+from procutil import NO_SIGINT, SIGTERM_KILLS, fastsip_env, posix_only
 
 try:
     import uvloop  # noqa: F401
@@ -80,6 +80,7 @@ def _line(proc: subprocess.Popen[str]) -> str:
     return proc.stdout.readline().strip()
 
 
+@posix_only(f"sends SIGINT and SIGTERM to a child: {NO_SIGINT}; {SIGTERM_KILLS}")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize(("kind", "expected_loop"), KINDS)
 def test_stop_signals(tmp_path: Path, kind: str, expected_loop: str,

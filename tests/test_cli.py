@@ -17,6 +17,7 @@ import fastsip
 from fastsip.cli import build_parser, main
 
 sys.path.insert(0, str(Path(__file__).parent))
+from procutil import NO_SIGINT, posix_only
 from procutil import free_port as _free_port
 
 HOST = "127.0.0.1"
@@ -62,6 +63,7 @@ def answer(tmp_path: Path) -> Iterator[int]:
         assert "fastsip answer:" in out
 
 
+@posix_only(f"fastsip answer is stopped with SIGINT and its summary checked: {NO_SIGINT}")
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 def test_call_against_answer(answer: int, tmp_path: Path, transport: str) -> None:
     done = subprocess.run(
@@ -74,6 +76,7 @@ def test_call_against_answer(answer: int, tmp_path: Path, transport: str) -> Non
     assert "failed     0" in done.stdout
 
 
+@posix_only(f"fastsip call and answer are stopped with SIGINT: {NO_SIGINT}")
 def test_call_stops_cleanly_on_sigint(answer: int, tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "fastsip.cli", "call", f"sip:test@{HOST}:{answer}",

@@ -108,7 +108,7 @@ def register(router: Router, user: str, contact: str) -> None:
 def test_example_loads(example: str) -> None:
     routes = load_routes(EXAMPLES / example)
     assert routes.request is not None
-    assert (EXAMPLES / example).read_text().count("fastsip serve") >= 1  # says how to run it
+    assert (EXAMPLES / example).read_text(encoding="utf-8").count("fastsip serve") >= 1  # says how to run it
 
 
 # -- lcr.py -----------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def test_examples_load_and_say_how_to_run(example: str) -> None:
     from fastsip.app import load_routes
 
     assert load_routes(EXAMPLES / example).request is not None
-    assert "fastsip serve" in (EXAMPLES / example).read_text()
+    assert "fastsip serve" in (EXAMPLES / example).read_text(encoding="utf-8")
 
 
 # -- decisions ---------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def _write(tmp_path: Path, example: str, text: str) -> Path:
 
 
 def pointed(tmp_path: Path, example: str, pairs: list[tuple[str, str]]) -> Path:
-    text = (EXAMPLES / example).read_text()
+    text = (EXAMPLES / example).read_text(encoding="utf-8")
     for old, new in pairs:
         assert old in text, (example, old)
         text = text.replace(old, new)

@@ -319,7 +319,7 @@ def test_serve_rejects_a_bad_gateway_set(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "fastsip.cli", "serve", "--listen",
                           f"udp:{HOST}:{free_port()}", "--domain", DOMAIN, "--gateway-set",
                           "pstn=sip:gw;weight=heavy"], check=False, capture_output=True,
-                         text=True,
+                         text=True, cwd=tmp_path,   # not the checkout: see fastsip_env
                          env=fastsip_env(), timeout=30)
     assert out.returncode == 2
     assert "--gateway-set" in out.stderr and "weight" in out.stderr

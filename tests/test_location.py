@@ -20,6 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from pgutil import PgServer, postgres_cluster
+from procutil import posix_only
 from redisutil import RedisServer
 
 import fastsip
@@ -317,6 +318,7 @@ def test_sqlite_close_commits_what_is_queued(tmp_path: Path) -> None:
     assert len(_reopen(path)) == 20
 
 
+@posix_only("SIGKILL does not exist on Windows (the child kills itself with it)")
 def test_sqlite_binding_survives_sigkill(tmp_path: Path) -> None:
     """A write whose update() returned is on disk even when the process dies at once."""
     db = tmp_path / "loc.db"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from procutil import fastsip_env, free_port
+from procutil import SIGTERM_KILLS, fastsip_env, free_port, posix_only
 from serveutil import DOMAIN, HOST, Serve, request, stop
 
 from fastsip.app import logqueue
@@ -189,6 +189,7 @@ def test_serve_burst_is_all_logged_by_the_clean_stop(tmp_path: Path) -> None:
     assert "log_lines_dropped" not in log and "log writer behind" not in log
 
 
+@posix_only(f"serve's clean stop writes the dropped-lines count: {SIGTERM_KILLS}")
 def test_serve_with_stderr_nobody_reads_keeps_answering(tmp_path: Path) -> None:
     """stderr is a pipe nobody reads (a stalled log shipper): once the pipe and the queue
     (--log-queue 50) are full, serve still answers every request; the lines it could not keep

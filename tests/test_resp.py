@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from procutil import posix_only
 from redisutil import RedisServer
 
 from fastsip.asyncio.resp import (
@@ -131,6 +132,7 @@ def test_pipelined_calls_errors_auth_and_select(server: RedisServer) -> None:
     asyncio.run(main())
 
 
+@posix_only("freezes redis-server with SIGSTOP/SIGCONT, which Windows does not have")
 def test_a_server_that_stops_answering_times_out_then_recovers(server: RedisServer) -> None:
     async def main() -> None:
         client = RedisClient(f"redis://:pw-1@127.0.0.1:{server.port}/0", timeout=0.5)

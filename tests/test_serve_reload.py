@@ -33,7 +33,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from netutil import needs_loopback_aliases
-from procutil import free_port
+from procutil import free_port, posix_only
 from serveutil import (
     DOMAIN,
     HOST,
@@ -360,6 +360,7 @@ def test_workers_reload_on_the_supervisors_sighup(workdir: Path) -> None:
         redis.stop()
 
 
+@posix_only("SIGHUP (the reload signal) does not exist on Windows")
 def test_sighup_while_starting_and_a_slow_reload(workdir: Path) -> None:
     """A SIGHUP while serve starts does not kill it (SIGHUP's default action): it reloads
     once serving.  The reload imports the routes module off the event loop: while a slow

@@ -25,10 +25,14 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from procutil import fastsip_env, free_port
+from procutil import SIGTERM_KILLS, fastsip_env, free_port, posix_only
 
 SIPP = shutil.which("sipp")
-pytestmark = pytest.mark.skipif(SIPP is None, reason="sipp is not installed (sip-tester)")
+pytestmark = [
+    pytest.mark.skipif(SIPP is None, reason="sipp is not installed (sip-tester)"),
+    # The answer fixture checks fastsip answer's clean-stop summary after SIGTERM.
+    posix_only(f"fastsip answer's clean stop: {SIGTERM_KILLS}"),
+]
 
 HOST = "127.0.0.1"
 
