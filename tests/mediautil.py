@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
-from procutil import fastsip_env, free_port
+from procutil import WINDOWS, fastsip_env, free_port
 from serveutil import stop
 
 from fastsip import parse
@@ -78,12 +80,18 @@ _D = TypeVar("_D", bound=_Daemon)
 
 class MediaRelay(_Daemon):
     """A ``fastsip media`` process with its ng socket on a free loopback port and media ports
-    in ``[port_min, port_min + ports)``; its log goes to ``media-N.log``."""
+    in ``[port_min, port_min + ports)``; its log goes to ``media-N.log``.
+
+    On Windows the test using it skips: fastsip media watches each leg's socket with
+    ``loop.add_reader``, which Windows' default event loop (proactor) does not have."""
 
     count = 0
 
     def __init__(self, workdir: Path, *extra: str, interfaces: Sequence[str] = (HOST,),
                  ports: int = 200) -> None:
+        if WINDOWS:
+            pytest.skip("POSIX only (for now): fastsip media reads its RTP legs with "
+                        "loop.add_reader, which Windows' proactor event loop lacks")
         MediaRelay.count += 1
         self.port_min = 20000 + (os.getpid() * 997 + MediaRelay.count * 401) % 20000 // 2 * 2
         self.port_max = self.port_min + ports - 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,17 @@ try:
 
     LOOPS.append(pytest.param(uvloop.new_event_loop, id="uvloop"))
 except ImportError:     # pragma: no cover - uvloop is a bench extra, not a test dependency
-    LOOPS.append(pytest.param(None, id="uvloop", marks=pytest.mark.skip("uvloop not installed")))
+    LOOPS.append(pytest.param(None, id="uvloop", marks=pytest.mark.skip(
+        "uvloop is not installed" + (" (it has no Windows build)" if sys.platform == "win32"
+                                     else ""))))
+
+
+def has_add_reader(loop: asyncio.AbstractEventLoop) -> bool:
+    """Can ``loop`` watch a socket with ``add_reader``?  Not Windows' proactor loop (asyncio's
+    default there): fastsip's own socket readers fall back to the loop's datagram endpoints
+    and servers on it."""
+    proactor = getattr(asyncio, "ProactorEventLoop", None)    # (Windows only)
+    return proactor is None or not isinstance(loop, proactor)
 
 
 def _has_ipv6() -> bool:
