@@ -55,7 +55,7 @@ class Serve:
         ``command``: another server to run instead (its whole argv), one that prints
         ``listening on ...`` first on stdout and stops on SIGTERM, as serve does."""
         if WINDOWS:
-            pytest.skip(f"fastsip serve's clean stop: {SIGTERM_KILLS}")
+            pytest.skip(f"POSIX only: fastsip serve's clean stop: {SIGTERM_KILLS}")
         Serve.count += 1
         self.port = port
         self.log_path = workdir / f"serve-{Serve.count}.log"
