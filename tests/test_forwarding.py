@@ -163,7 +163,7 @@ needs_sipp = pytest.mark.skipif(SIPP is None, reason="sipp (sip-tester) is not i
 
 def _write(tmp_path: Path, example: str, text: str) -> Path:
     path = tmp_path / example
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")     # Python source (Windows' default is cp1252)
     return path
 
 
