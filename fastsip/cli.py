@@ -623,11 +623,11 @@ def _check_report_options(args: argparse.Namespace) -> str | None:
         if suffix not in (".json", ".csv"):
             return f"--report {args.report}: use a .json or .csv path"
     if args.plot:
-        import importlib.util
-
         if Path(args.plot).suffix.lower() != ".png":
             return f"--plot {args.plot}: the plot is a PNG, use a .png path"
-        if importlib.util.find_spec("matplotlib") is None:
+        try:
+            import matplotlib  # noqa: F401  (imported now: a broken install fails here too)
+        except ImportError:
             return "--plot needs matplotlib: pip install 'fastsip[plot]'"
     for option, path in (("--report", args.report), ("--plot", args.plot)):
         if path and not Path(path).resolve().parent.is_dir():

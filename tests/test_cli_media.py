@@ -758,3 +758,69 @@ def test_call_quality_through_a_lossy_relay_matches_tshark(tmp_path: Path) -> No
         assert f"quality: rx {ts.packets} packets, lost {ts.lost} " in err
         rated[loss] = rx["mos"]
     assert rated[0.08] < rated[0.02] < 4.5, rated
+
+
+def test_report_and_plot_options_are_refused_before_any_call(tmp_path: Path) -> None:
+    """A wrong --report extension, a --plot without matplotlib: exit 2 at once, naming the fix
+    (no call placed: the target is a port nobody answers)."""
+    target = f"sip:nobody@{HOST}:{free_port()}"
+    started = time.monotonic()
+    bad = cli("call", target, "--rtp", "--report", "r.txt", "--media-port", "0", cwd=tmp_path)
+    assert bad.returncode == 2, bad.stderr
+    assert "--report r.txt: use a .json or .csv path" in bad.stderr
+    # A matplotlib that cannot be imported, first on the path.
+    shim = tmp_path / "shim" / "matplotlib"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('not here')\n")
+    env = fastsip_env()
+    env["PYTHONPATH"] = f"{shim.parent}:{env['PYTHONPATH']}"
+    no_plot = subprocess.run(
+        [sys.executable, "-m", "fastsip.cli", "call", target, "--plot", "q.png",
+         "--media-port", "0"], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=60, stdin=subprocess.DEVNULL, check=False)
+    assert no_plot.returncode == 2, no_plot.stderr
+    assert "pip install 'fastsip[plot]'" in no_plot.stderr
+    answer = subprocess.run(
+        [sys.executable, "-m", "fastsip.cli", "answer", "--listen", f"udp:{HOST}:0",
+         "--report", "a.xml"], cwd=tmp_path, env=fastsip_env(), capture_output=True, text=True,
+        timeout=60, stdin=subprocess.DEVNULL, check=False)
+    assert answer.returncode == 2 and "use a .json or .csv path" in answer.stderr
+    assert time.monotonic() - started < 30
+    assert not list(tmp_path.glob("r.*")) and not list(tmp_path.glob("q.*"))
+
+
+def test_session_meters_a_new_source_apart_and_hands_over_report_blocks() -> None:
+    """The hooks the CLI's quality wiring uses: a new meter when the peer's SSRC changes; each
+    RTCP report block about our SSRC (with or without LSR) to on_report_block, others not."""
+    from fastsip.rtp.quality import QualityMeter
+    from fastsip.rtp.rtcp import ReceiverReport, ReceptionReport, build_compound
+    from fastsip.rtp.session import MediaSession
+
+    session = MediaSession(remote=(HOST, 9), ssrc=0x1111)
+    session.start(0.0)
+    meters: list[QualityMeter] = []
+
+    def new_meter() -> QualityMeter:
+        meters.append(QualityMeter())
+        return meters[-1]
+
+    session.meter = new_meter()
+    session.new_meter = new_meter
+    blocks: list[tuple[ReceptionReport, float]] = []
+    session.on_report_block = lambda block, now: blocks.append((block, now))
+    payload = b"\xff" * 160
+    for k in range(10):                    # source A, one lost (seq 104)
+        if k != 4:
+            session.receive(struct.pack("!BBHII", 0x80, 0, 100 + k, 160 * k, 0xA) + payload,
+                            (HOST, 9), 0.02 * k)
+    for k in range(5):                     # source B, nothing lost
+        session.receive(struct.pack("!BBHII", 0x80, 0, 7000 + k, 999 + 160 * k, 0xB) + payload,
+                        (HOST, 9), 0.2 + 0.02 * k)
+    assert len(meters) == 2
+    a, b = meters[0].record("c", "rx"), meters[1].record("c", "rx")
+    assert (a.packets, a.lost, b.packets, b.lost) == (9, 1, 5, 0)
+    ours = ReceptionReport(0x1111, fraction_lost=12, cumulative_lost=3, highest_sequence=500,
+                           jitter=40)
+    other = ReceptionReport(0x2222, cumulative_lost=99)
+    session.receive_rtcp(build_compound([ReceiverReport(0xB, [other, ours])]), (HOST, 10), 1.5)
+    assert [(blk.ssrc, blk.cumulative_lost, t) for blk, t in blocks] == [(0x1111, 3, 1.5)]
