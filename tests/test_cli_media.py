@@ -267,14 +267,27 @@ def test_call_play_and_dtmf_to_answer_echo_fastsip_both_ends(tmp_path: Path) -> 
     sample for sample) and logs the caller's keys; both print them in their summaries."""
     pcm = sound(1.5)
     write_wav(tmp_path / "in.wav", pcm)
-    answer = Answer(tmp_path, "--echo")
+    answer = Answer(tmp_path, "--echo", "--report", "answer.csv")
     try:
         result = cli("call", f"sip:echo@{HOST}:{answer.port}", "--play", "in.wav", "--record",
                      "rec", "--dtmf", "7*", "--dtmf-after", "1.7", "--duration", "2.4",
-                     "--media-port", "0", cwd=tmp_path)
+                     "--media-port", "0", "--plot", "quality.png", cwd=tmp_path)
     finally:
         out, err = answer.stop()
     assert result.returncode == 0, result.stdout + result.stderr
+    # Quality: the plot is a PNG; the answer's report (written when it stopped) has the call
+    # in both directions (tx from the caller's RTCP receiver reports: none may have come in
+    # a call this short -- the final ones cross the BYE -- and then it is unrated).
+    assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "quality plot quality.png (2 records)" in result.stdout
+    rows = list(csv.DictReader((tmp_path / "answer.csv").read_text().splitlines()))
+    assert sorted(r["direction"] for r in rows) == ["rx", "tx"], rows
+    assert len({r["call_id"] for r in rows}) == 1
+    for row in rows:
+        assert row["lost"] == "0", row
+        assert row["mos"] == "" if row["direction"] == "tx" and row["packets"] == "0" \
+            else float(row["mos"]) >= 4.2, row
+    assert "quality report answer.csv (2 records)" in out
     assert re.findall(r"DTMF (\S) \((\d+) ms\)", err) == [("7", "100"), ("*", "100")], err
     assert re.search(r"DTMF \S+: 7\(100 ms\) \*\(100 ms\)", out), out
     stats = re.search(r"RTP sent (\d+) packets \((\d+) octets\), received (\d+) \(lost 0", err)
