@@ -37,6 +37,10 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
+#: After a call ends its RTP sockets stay open this long (sending nothing) so the peer's final
+#: RTCP report, which crosses the BYE, still reaches it (see CallMedia.ended).
+MEDIA_LINGER = 0.3
+
 
 # -- shared ------------------------------------------------------------------------------------
 
@@ -329,6 +333,10 @@ async def _call(args: argparse.Namespace, stop: asyncio.Event) -> int:
             # connections under them would count as a failure there.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), linger)
+        if media is not None and media.lingering and not stop.is_set():
+            # the last calls' media takes in the peer's final RTCP reports
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), media.linger + 0.05)
     finally:
         if media is not None:
             media.close()
@@ -394,6 +402,9 @@ class CallMedia:
         #: quality records of the calls that ended: rx (and tx) per call, in order of ending
         self.quality: list[Any] = []
         self._meters: dict[str, tuple[list[Any], Any]] = {}   # Call-ID -> (rx meters, tx)
+        #: seconds a call's media stays open after its end, silent, for the peer's last RTCP
+        self.linger = MEDIA_LINGER
+        self.lingering: set[Any] = set()
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, host: str, role: str) -> CallMedia | None:
@@ -553,8 +564,29 @@ class CallMedia:
         stream = self.streams.pop(call.call_id, None)
         if self.policy is not None:
             self.policy.forget(call)
-        if stream is not None:
+        if stream is None:
+            return
+        session = stream.session
+        if session is None or stream.closed or self.linger <= 0:
             stream.close()
+            return
+        # Both ends stop at the BYE, so their last scheduled RTCP reports predate it by
+        # seconds: stop sending, report what we received up to now, and stay open a moment
+        # for the peer's final report, so each side's "tx" record covers the whole call.
+        from fastsip.rtp.rtcp import build_compound
+
+        session.set_direction("inactive")
+        if session.remote_rtcp is not None and session.epoch is not None:
+            with contextlib.suppress(OSError):
+                stream.rtcp.sendto(build_compound(session.rtcp_report(self.engine.time())),
+                                   session.remote_rtcp)
+                session.tx.rtcp_packets += 1
+        self.lingering.add(stream)
+        self.engine.loop.call_later(self.linger, self._end_linger, stream)
+
+    def _end_linger(self, stream: Any) -> None:
+        self.lingering.discard(stream)
+        stream.close()
 
     def _closed(self, call_id: str, session: Any) -> None:
         rx, rtt = session.rx, session.round_trip
@@ -574,9 +606,10 @@ class CallMedia:
             log.info("call %s: recorded %s", call_id, path)
 
     def close(self) -> None:
-        for stream in list(self.streams.values()):
+        for stream in [*self.streams.values(), *self.lingering]:
             stream.close()
         self.streams.clear()
+        self.lingering.clear()
         self.engine.close()
 
     def print_summary(self) -> None:
