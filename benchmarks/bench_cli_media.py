@@ -23,10 +23,10 @@ the ratio is fastsip / sipp (how many times sipp's CPU fastsip needs).
 Linux only (procfs); skipped without sipp.  ``benchmarks/guard.py`` runs it as a plain pytest
 (no pytest-benchmark timing, so no ``GUARDS`` entry): a ratio over ``CEILING`` fails.
 
-Measured on the shared 2-core machine (Dec 2026, 100 calls x 10 s, three rounds): fastsip
-4.0-4.4 ms CPU per call-second (caller 2.2-2.4, answer 1.8-2.0), sipp 1.26-1.34; ratios 3.03,
-3.49, 3.10.  The ceiling is 6: far enough above the spread not to fail on noise, low enough
-to catch a per-packet cost doubling.
+Measured on the shared 2-core machine (Dec 2026, 100 calls x 10 s, two runs of three rounds):
+fastsip 4.0-4.4 ms CPU per call-second (caller 2.2-2.4, answer 1.8-2.0), sipp 1.23-1.46;
+ratios 3.03, 3.49, 3.10 and 2.89, 3.41, 3.49.  The ceiling is 6: far enough above the spread
+not to fail on noise, low enough to catch a per-packet cost doubling.
 """
 
 from __future__ import annotations
