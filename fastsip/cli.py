@@ -37,6 +37,10 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
+#: After a call ends its RTP sockets stay open this long (sending nothing) so the peer's final
+#: RTCP report, which crosses the BYE, still reaches it (see CallMedia.ended).
+MEDIA_LINGER = 0.3
+
 
 # -- shared ------------------------------------------------------------------------------------
 
@@ -100,6 +104,10 @@ async def _answer(args: argparse.Namespace, stop: asyncio.Event) -> int:
     from fastsip.asyncio import Endpoint
 
     stats = AnswerStats()
+    problem = _check_report_options(args)
+    if problem is not None:
+        print(f"fastsip answer: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         media = CallMedia.from_args(args, args.media_address, "answer")
     except ValueError as exc:
@@ -136,6 +144,8 @@ async def _answer(args: argparse.Namespace, stop: asyncio.Event) -> int:
     if media is not None:
         media.print_summary()
     sys.stdout.flush()
+    if media is not None and not media.write_reports(args, "answer"):
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -193,6 +203,10 @@ async def _call(args: argparse.Namespace, stop: asyncio.Event) -> int:
             raise ValueError("not a sip: or sips: URI")
     except ValueError as exc:
         print(f"fastsip call: bad SIP URI {args.uri!r}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    problem = _check_report_options(args)
+    if problem is not None:
+        print(f"fastsip call: {problem}", file=sys.stderr)
         return EXIT_USAGE
     transport = args.transport.upper()
     listen = args.listen or [f"{transport.lower()}:{_default_host(target)}:0"]
@@ -319,15 +333,27 @@ async def _call(args: argparse.Namespace, stop: asyncio.Event) -> int:
             # connections under them would count as a failure there.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), linger)
+        if media is not None and media.lingering and not stop.is_set():
+            # the last calls' media takes in the peer's final RTCP reports
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), media.linger + 0.05)
     finally:
         if media is not None:
             media.close()
         await endpoint.close()
     _print_call_summary(stats, elapsed, args)
+    reports_ok = True
     if media is not None:
         media.print_summary()
+        if media.quality:
+            from fastsip.rtp.report import summary_table
+
+            print("\ncall quality (rx: what we received, measured here; tx: what we sent, as "
+                  "the peer's RTCP reports it)")
+            print(summary_table(media.quality), end="")
         sys.stdout.flush()
-    if stats.failures:
+        reports_ok = media.write_reports(args, "call")
+    if stats.failures or not reports_ok:
         return EXIT_FAILED
     return EXIT_INTERRUPTED if interrupted else EXIT_OK
 
@@ -373,19 +399,26 @@ class CallMedia:
         self.dtmf: dict[str, list[tuple[str, int]]] = {}
         self.recordings: list[Path] = []
         self.errors: Counter[str] = Counter()
+        #: quality records of the calls that ended: rx (and tx) per call, in order of ending
+        self.quality: list[Any] = []
+        self._meters: dict[str, tuple[list[Any], Any]] = {}   # Call-ID -> (rx meters, tx)
+        #: seconds a call's media stays open after its end, silent, for the peer's last RTCP
+        self.linger = MEDIA_LINGER
+        self.lingering: set[Any] = set()
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, host: str, role: str) -> CallMedia | None:
         """None unless an option asks for media; ValueError for a bad --play file."""
         if not (args.play or args.record or getattr(args, "echo", False)
-                or getattr(args, "dtmf", None) or args.rtp):
+                or getattr(args, "dtmf", None) or args.rtp or args.report or args.plot):
             return None
         import importlib.util
 
         if importlib.util.find_spec("numpy") is None:
             # The audio is NumPy arrays (G.711, the jitter buffer's playout, WAV resampling);
             # a proxy-only install does not carry it.
-            raise ValueError("media (--play, --record, --echo, --dtmf, --rtp) needs NumPy: "
+            raise ValueError("media (--play, --record, --echo, --dtmf, --rtp, --report, "
+                             "--plot) needs NumPy: "
                              "pip install 'fastsip[numpy]'")
         from fastsip.asyncio.rtp import MediaEngine
         from fastsip.rtp.wav import read_wav
@@ -447,8 +480,58 @@ class CallMedia:
             log.info("call %s: DTMF %s (%d ms)", call_id, digit, ms)
 
         session.on_dtmf = on_dtmf
+        self._meter(call_id, session)
         stream.on_close = lambda s: self._closed(call_id, s)
         stream.start(session)
+
+    def _meter(self, call_id: str, session: Any) -> None:
+        """Quality meters for a session: "rx" measures what arrives (a new meter when the
+        peer's SSRC changes: a new source restarts its numbering and timing), "tx" is fed the
+        peer's RTCP report blocks about our stream."""
+        from fastsip.rtp.quality import QualityMeter
+
+        # The recording's jitter buffer delays playout; without one, G.107 planning's two
+        # packets (QualityMeter's default) stand for the peer's.
+        depth = session.jitter_delay if self.record is not None else None
+        rx: list[QualityMeter] = []
+
+        def new_meter() -> QualityMeter:
+            meter = QualityMeter(session.clock_rate, session.ptime, session.codec,
+                                 jitter_buffer_delay=depth)
+            rx.append(meter)
+            return meter
+
+        tx = QualityMeter(session.clock_rate, session.ptime, session.codec,
+                          jitter_buffer_delay=depth)
+
+        def on_report_block(block: Any, now: float) -> None:
+            # packets_sent: our count when the report arrives (RTP with our SSRC: audio, echo,
+            # events -- the sequence space the peer's "expected" counts).
+            tx.on_remote_report(block.fraction_lost, block.cumulative_lost, block.jitter,
+                                block.highest_sequence, packets_sent=session.tx.packets,
+                                now=now)
+
+        session.meter = new_meter()
+        session.new_meter = new_meter
+        session.on_report_block = on_report_block
+        self._meters[call_id] = (rx, tx)
+
+    def _quality(self, call_id: str, session: Any) -> None:
+        meters = self._meters.pop(call_id, None)
+        if meters is None:
+            return
+        rx_meters, tx_meter = meters
+        if session.round_trip is not None:
+            for meter in (*rx_meters, tx_meter):
+                meter.set_round_trip(session.round_trip)
+        # One rx record per source (one unless the peer changed SSRC); the jitter buffer's
+        # discards (all sources) go with the last.
+        records = [meter.record(call_id, "rx") for meter in rx_meters[:-1]]
+        records.append(rx_meters[-1].record(call_id, "rx", session.discarded))
+        records.append(tx_meter.record(call_id, "tx"))
+        self.quality.extend(records)
+        log.info("call %s quality: %s", call_id,
+                 "; ".join(_quality_text(r) for r in records))
 
     def reinvite(self, call: Call, offer: bytes) -> None:
         """A re-INVITE we answered: hold/resume and a new peer address apply to the session."""
@@ -481,8 +564,29 @@ class CallMedia:
         stream = self.streams.pop(call.call_id, None)
         if self.policy is not None:
             self.policy.forget(call)
-        if stream is not None:
+        if stream is None:
+            return
+        session = stream.session
+        if session is None or stream.closed or self.linger <= 0:
             stream.close()
+            return
+        # Both ends stop at the BYE, so their last scheduled RTCP reports predate it by
+        # seconds: stop sending, report what we received up to now, and stay open a moment
+        # for the peer's final report, so each side's "tx" record covers the whole call.
+        from fastsip.rtp.rtcp import build_compound
+
+        session.set_direction("inactive")
+        if session.remote_rtcp is not None and session.epoch is not None:
+            with contextlib.suppress(OSError):
+                stream.rtcp.sendto(build_compound(session.rtcp_report(self.engine.time())),
+                                   session.remote_rtcp)
+                session.tx.rtcp_packets += 1
+        self.lingering.add(stream)
+        self.engine.loop.call_later(self.linger, self._end_linger, stream)
+
+    def _end_linger(self, stream: Any) -> None:
+        self.lingering.discard(stream)
+        stream.close()
 
     def _closed(self, call_id: str, session: Any) -> None:
         rx, rtt = session.rx, session.round_trip
@@ -490,6 +594,7 @@ class CallMedia:
                  "%.1f ms)%s", call_id, session.tx.packets, session.tx.octets, rx.received,
                  rx.cumulative_lost, rx.jitter_seconds * 1000,
                  f", RTT {rtt * 1000:.1f} ms" if rtt is not None else "")
+        self._quality(call_id, session)
         if session.dtmf_received:
             self.dtmf[call_id] = list(session.dtmf_received)
         if self.record is not None:
@@ -501,9 +606,10 @@ class CallMedia:
             log.info("call %s: recorded %s", call_id, path)
 
     def close(self) -> None:
-        for stream in list(self.streams.values()):
+        for stream in [*self.streams.values(), *self.lingering]:
             stream.close()
         self.streams.clear()
+        self.lingering.clear()
         self.engine.close()
 
     def print_summary(self) -> None:
@@ -514,6 +620,52 @@ class CallMedia:
             print(f"  recorded {path}")
         for what, n in self.errors.most_common():
             print(f"  media: {what}: {n}")
+
+    def write_reports(self, args: argparse.Namespace, prog: str) -> bool:
+        """--report and --plot, after the calls: False (and a message) if one failed."""
+        from fastsip.rtp.report import plot_report, write_report
+
+        ok = True
+        for option, path, write in (("--report", args.report, write_report),
+                                    ("--plot", args.plot, plot_report)):
+            if not path:
+                continue
+            try:
+                write(self.quality, path)
+            except (OSError, ValueError, ImportError) as exc:
+                print(f"fastsip {prog}: {option} {path}: {exc}", file=sys.stderr)
+                ok = False
+            else:
+                print(f"  quality {'plot' if option == '--plot' else 'report'} {path} "
+                      f"({len(self.quality)} records)")
+        sys.stdout.flush()
+        return ok
+
+
+def _quality_text(rec: Any) -> str:
+    mos = "-" if rec.mos is None else f"{rec.mos:.2f}"
+    return (f"{rec.direction} {rec.packets} packets, lost {rec.lost} ({rec.loss_pct:.2f} %), "
+            f"jitter {rec.jitter_ms_mean:.2f}/{rec.jitter_ms_max:.2f} ms mean/max, MOS {mos}")
+
+
+def _check_report_options(args: argparse.Namespace) -> str | None:
+    """--report and --plot are checked before any call: a wrong extension or a missing
+    matplotlib found after an hour of calls would lose the hour's figures."""
+    if args.report:
+        suffix = Path(args.report).suffix.lower()
+        if suffix not in (".json", ".csv"):
+            return f"--report {args.report}: use a .json or .csv path"
+    if args.plot:
+        if Path(args.plot).suffix.lower() != ".png":
+            return f"--plot {args.plot}: the plot is a PNG, use a .png path"
+        try:
+            import matplotlib  # noqa: F401  (imported now: a broken install fails here too)
+        except ImportError:
+            return "--plot needs matplotlib: pip install 'fastsip[plot]'"
+    for option, path in (("--report", args.report), ("--plot", args.plot)):
+        if path and not Path(path).resolve().parent.is_dir():
+            return f"{option} {path}: no such directory"
+    return None
 
 
 def _add_media_options(parser: argparse.ArgumentParser, role: str) -> None:
@@ -527,6 +679,13 @@ def _add_media_options(parser: argparse.ArgumentParser, role: str) -> None:
     g.add_argument("--rtp", action="store_true",
                    help="open RTP per call even without --play/--record (DTMF detection, "
                         "RTCP); implied by the other media options")
+    g.add_argument("--report", metavar="FILE.json|FILE.csv",
+                   help="write each call's quality (rx: received here; tx: our stream as the "
+                        "peer's RTCP reports it) to this file" + (
+                            " when stopped" if role == "answer" else ""))
+    g.add_argument("--plot", metavar="FILE.png",
+                   help="plot jitter and loss per second of every call and direction "
+                        "(needs matplotlib: pip install 'fastsip[plot]')")
     if role == "answer":
         g.add_argument("--echo", action="store_true",
                        help="send each call's received audio back to it")

@@ -186,6 +186,12 @@ class MediaSession:
         self.rtcp_latched = False
         self.rx = RtpStats(clock_rate)
         self.meter: Meter | None = None
+        #: called when the peer's SSRC changes (a new source, RFC 3550 §8.2): its return value
+        #: becomes :attr:`meter`, so each source is measured on its own (None: keep the meter)
+        self.new_meter: Callable[[], Meter | None] | None = None
+        #: called with each RTCP reception report block the peer sends about our stream (our
+        #: SSRC) and its arrival time: what a quality report's "tx" direction is made of
+        self.on_report_block: Callable[[ReceptionReport, float], object] | None = None
         self.malformed = 0              # datagrams that were not RTP / RTCP: dropped
         self.foreign_payload = 0        # RTP of a payload type we did not agree
         self.event_packets = 0
@@ -473,6 +479,8 @@ class MediaSession:
         if self._remote_ts0 is not None:
             self._echo_ts = self._echo_next
             self._remote_ts0 = None
+        if self.new_meter is not None:
+            self.meter = self.new_meter()
 
     def _echo(self, packet: RtpPacket) -> bytes:
         marker = packet.marker
@@ -642,8 +650,12 @@ class MediaSession:
 
     def _report_blocks(self, blocks: Sequence[ReceptionReport], now: float) -> None:
         for block in blocks:
-            if block.ssrc != self.ssrc or block.lsr == 0:
+            if block.ssrc != self.ssrc:
                 continue
+            if self.on_report_block is not None:
+                self.on_report_block(block, now)
+            if block.lsr == 0:
+                continue                         # no SR of ours reached the peer yet
             # RFC 3550 §6.4.1: RTT = A - LSR - DLSR, in 1/65536 s, A our arrival time.
             arrival = (ntp_timestamp(now + self.wallclock_offset) >> 16) & 0xFFFFFFFF
             rtt = ((arrival - block.lsr - block.dlsr) & 0xFFFFFFFF) / 65536
