@@ -37,7 +37,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from pcapfile import read_packets
-from procutil import fastsip_env, free_port
+from procutil import fastsip_env, free_port, posix_only
 from rtpanalysis import tshark_rtp_streams
 from rtpanalysis import write_pcap as write_rtp_pcap
 from serveutil import SCENARIOS, SIPP, finish, stop
@@ -48,6 +48,11 @@ from fastsip.rtp.wav import read_wav, write_wav
 HOST = "127.0.0.1"
 SIPP_PCAPS = Path("/usr/share/sip-tester")
 TSHARK = shutil.which("tshark")
+
+# The CLI's media sockets are watched with loop.add_reader, which Windows' default (proactor)
+# event loop lacks: a product gap on Windows, not a test's assumption.
+pytestmark = posix_only("fastsip call/answer media uses loop.add_reader, which Windows' "
+                        "proactor event loop lacks")
 
 needs_sipp = pytest.mark.skipif(SIPP is None, reason="sipp (sip-tester) is not installed")
 needs_pcaps = pytest.mark.skipif(not (SIPP_PCAPS / "g711a.pcap").exists(),
