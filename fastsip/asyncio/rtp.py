@@ -8,6 +8,11 @@ with ``sock.sendto``.  **One** loop timer ticks every session: it fires on a fix
 (``tick`` seconds, 10 ms by default) while any session is live, and each session starts on a
 grid point, so 20 ms frames of every call fall on the grid and no call owns a Task or a loop
 handle per packet.
+
+On Linux each RTP packet's arrival time is the kernel's receive timestamp (``SO_TIMESTAMPNS``),
+not the time the loop got round to reading it: the jitter a call-quality report gives is then
+the network's, as a capture (tshark) sees it, and not how busy this machine was.  Elsewhere,
+and when the kernel gives no stamp, it is the loop's time at the read.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import errno
 import logging
 import math
 import socket
+import struct
+import sys
 import time
 from collections.abc import Callable
 
@@ -28,6 +35,13 @@ __all__ = ["MediaEngine", "MediaStream", "PortsExhausted"]
 log = logging.getLogger("fastsip.asyncio.rtp")
 
 _READ_BATCH = 64          # datagrams read per wake-up of one socket before yielding
+
+# Linux's receive timestamps (socket(7)): SO_TIMESTAMPNS turns them on, and each datagram then
+# carries an SCM_TIMESTAMPNS control message (same number) with a struct timespec of
+# CLOCK_REALTIME.  Python does not name the constant.
+_SO_TIMESTAMPNS = 35 if sys.platform.startswith("linux") else None
+_TIMESPEC = struct.Struct("@ll")
+_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0
 
 
 class PortsExhausted(OSError):
@@ -84,6 +98,10 @@ class MediaEngine:
         self.send_errors = 0
         # RTCP's NTP timestamps want wall-clock time; the sessions see the loop's clock.
         self.wallclock_offset = time.time() - self._loop.time()
+        # Kernel receive stamps are wall-clock: this maps them onto the monotonic clock the
+        # loop's time runs on (re-read every tick, so a stepped or slewed wall clock is
+        # followed within 10 ms).
+        self._realtime_offset = time.time() - time.monotonic()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -107,6 +125,17 @@ class MediaEngine:
             sock.close()
             raise
         return sock
+
+    @staticmethod
+    def _stamp(sock: socket.socket) -> bool:
+        """Ask the kernel for receive timestamps on ``sock``; False where there are none."""
+        if _SO_TIMESTAMPNS is None or not _ANCILLARY:
+            return False
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        except OSError:
+            return False
+        return True
 
     def _pair(self) -> tuple[socket.socket, socket.socket]:
         if self.port_base == 0:
@@ -138,7 +167,8 @@ class MediaEngine:
         rtp, rtcp = self._pair()
         stream = MediaStream(self, rtp, rtcp)
         self._streams.add(stream)
-        self._loop.add_reader(rtp.fileno(), self._read_rtp, stream)
+        read = self._read_rtp_stamped if self._stamp(rtp) else self._read_rtp
+        self._loop.add_reader(rtp.fileno(), read, stream)
         self._loop.add_reader(rtcp.fileno(), self._read_rtcp, stream)
         return stream
 
@@ -201,6 +231,32 @@ class MediaEngine:
                 if replies:
                     self._send(sock, replies)
 
+    def _read_rtp_stamped(self, stream: MediaStream) -> None:
+        """:meth:`_read_rtp` with each datagram's kernel receive time as its arrival."""
+        sock = stream.rtp
+        session = stream.session
+        offset = self._realtime_offset
+        level, kind, size = socket.SOL_SOCKET, _SO_TIMESTAMPNS, _TIMESPEC.size
+        for _ in range(_READ_BATCH):
+            try:
+                data, ancillary, _flags, addr = sock.recvmsg(2048, _ANCILLARY)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue                         # an ICMP error reported on this socket
+            if session is None:
+                continue
+            now = None
+            for cmsg_level, cmsg_type, cmsg_data in ancillary:
+                if cmsg_level == level and cmsg_type == kind and len(cmsg_data) >= size:
+                    sec, nsec = _TIMESPEC.unpack_from(cmsg_data)
+                    now = sec + nsec * 1e-9 - offset
+            if now is None:
+                now = self._loop.time()
+            replies = session.receive(data, (addr[0], addr[1]), now)
+            if replies:
+                self._send(sock, replies)
+
     def _read_rtcp(self, stream: MediaStream) -> None:
         sock = stream.rtcp
         now = self._loop.time()
@@ -236,6 +292,7 @@ class MediaEngine:
         self._handle = None
         self.wakeups += 1
         now = self._loop.time()
+        self._realtime_offset = time.time() - time.monotonic()
         send = self._send
         for stream in self._active:
             session = stream.session
