@@ -167,8 +167,7 @@ class MediaEngine:
         rtp, rtcp = self._pair()
         stream = MediaStream(self, rtp, rtcp)
         self._streams.add(stream)
-        read = self._read_rtp_stamped if self._stamp(rtp) else self._read_rtp
-        self._loop.add_reader(rtp.fileno(), read, stream)
+        self._loop.add_reader(rtp.fileno(), self._read_rtp, stream, self._stamp(rtp))
         self._loop.add_reader(rtcp.fileno(), self._read_rtcp, stream)
         return stream
 
@@ -215,44 +214,33 @@ class MediaEngine:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def _read_rtp(self, stream: MediaStream) -> None:
-        sock = stream.rtp
-        now = self._loop.time()
-        session = stream.session
-        for _ in range(_READ_BATCH):
-            try:
-                data, addr = sock.recvfrom(2048)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                continue                         # an ICMP error reported on this socket
-            if session is not None:
-                replies = session.receive(data, (addr[0], addr[1]), now)
-                if replies:
-                    self._send(sock, replies)
-
-    def _read_rtp_stamped(self, stream: MediaStream) -> None:
-        """:meth:`_read_rtp` with each datagram's kernel receive time as its arrival."""
+    def _read_rtp(self, stream: MediaStream, stamped: bool) -> None:
+        """Feed what arrived on the stream's RTP socket to its session.  ``stamped``: the
+        socket gives kernel receive stamps (each datagram's arrival); else the loop's time at
+        this read stands for every datagram in the batch."""
         sock = stream.rtp
         session = stream.session
+        now = loop_now = self._loop.time()
         offset = self._realtime_offset
-        level, kind, size = socket.SOL_SOCKET, _SO_TIMESTAMPNS, _TIMESPEC.size
         for _ in range(_READ_BATCH):
             try:
-                data, ancillary, _flags, addr = sock.recvmsg(2048, _ANCILLARY)
+                if stamped:
+                    data, ancillary, _flags, addr = sock.recvmsg(2048, _ANCILLARY)
+                else:
+                    data, addr = sock.recvfrom(2048)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 continue                         # an ICMP error reported on this socket
             if session is None:
                 continue
-            now = None
-            for cmsg_level, cmsg_type, cmsg_data in ancillary:
-                if cmsg_level == level and cmsg_type == kind and len(cmsg_data) >= size:
-                    sec, nsec = _TIMESPEC.unpack_from(cmsg_data)
-                    now = sec + nsec * 1e-9 - offset
-            if now is None:
-                now = self._loop.time()
+            if stamped:
+                now = loop_now
+                for level, kind, stamp in ancillary:
+                    if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS \
+                            and len(stamp) >= _TIMESPEC.size:
+                        sec, nsec = _TIMESPEC.unpack_from(stamp)
+                        now = sec + nsec * 1e-9 - offset
             replies = session.receive(data, (addr[0], addr[1]), now)
             if replies:
                 self._send(sock, replies)
