@@ -1,6 +1,7 @@
 """Type stub for the compiled jitter buffer (fastsip/rtp/_jitter.pyx)."""
 
 import enum
+from typing import final
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +29,7 @@ class Frame:
     @property
     def payload(self) -> memoryview | None: ...
 
+@final
 class JitterBuffer:
     clock_rate: float
     ptime: float

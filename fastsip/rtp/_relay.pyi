@@ -1,6 +1,6 @@
 """Type stub for the compiled relay packet path (fastsip/rtp/_relay.pyx)."""
 
-from typing import Final, TypedDict
+from typing import Final, TypedDict, type_check_only
 
 LATCH_OFF: Final[int]
 LATCH_FIRST: Final[int]
@@ -8,6 +8,7 @@ LATCH_STRICT: Final[int]
 batched: Final[bool]
 """True where recvmmsg/sendmmsg move a batch per system call (Linux); elsewhere per datagram."""
 
+@type_check_only
 class LegStats(TypedDict, total=False):
     # every leg
     packets: int          # datagrams received (a too-long one is only an error)

@@ -1,9 +1,12 @@
 """Type stub for the compiled RFC 3550 statistics (fastsip/rtp/_stats.pyx)."""
 
+from typing import final
+
 import numpy.typing as npt
 
 from fastsip.rtp._packet import RtpPacket
 
+@final
 class RtpStats:
     clock_rate: float
     min_sequential: int
