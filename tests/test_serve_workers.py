@@ -12,7 +12,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -32,19 +32,16 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    yield server
-    server.stop()
-
-
-def workers_serve(tmp_path: Path, port: int, redis: RedisServer) -> Serve:
+def workers_serve(tmp_path: Path, port: int, redis: RedisServer, *extra: str,
+                  listen: Sequence[str] = ()) -> Serve:
+    """``serve --workers 2`` on a shared Redis store (UDP on ``port`` unless ``listen``)."""
     # --rate-limit 0: sipp's load comes from one address at hundreds of messages a second.
-    return Serve(tmp_path, port, "--workers", "2", "--db", redis.url, "--rate-limit", "0")
+    return Serve(tmp_path, port, "--workers", "2", "--db", redis.url, "--rate-limit", "0",
+                 *extra, listen=listen)
 
 
 def worker_pids(log: str) -> dict[int, int]:
+    """The live pid of each worker (the last one logged: a restarted worker logs again)."""
     return {int(i): int(pid) for i, pid in re.findall(r"worker (\d+) of 2 \(pid (\d+)\)", log)}
 
 

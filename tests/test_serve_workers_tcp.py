@@ -19,7 +19,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from procutil import HOST, free_port
 from redisutil import RedisServer
 from serveutil import DOMAIN, SCENARIOS, SIPP, Serve, finish, run_uac, sipp, successful
+from test_serve_workers import worker_pids, workers_serve
 
 from fastsip.asyncio.workers import reuse_port_supported
 from fastsip.transport.rules import call_id_shard
@@ -39,22 +40,8 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    yield server
-    server.stop()
-
-
 def tcp_workers_serve(tmp_path: Path, port: int, redis: RedisServer, *extra: str) -> Serve:
-    # --rate-limit 0: sipp's load comes from one address at hundreds of messages a second.
-    return Serve(tmp_path, port, "--workers", "2", "--db", redis.url, "--rate-limit", "0",
-                 *extra, listen=[f"tcp:{HOST}:{port}"])
-
-
-def worker_pids(log: str) -> dict[int, int]:
-    """The live pid of each worker (the last one logged: a restarted worker logs again)."""
-    return {int(i): int(pid) for i, pid in re.findall(r"worker (\d+) of 2 \(pid (\d+)\)", log)}
+    return workers_serve(tmp_path, port, redis, *extra, listen=[f"tcp:{HOST}:{port}"])
 
 
 def wait_for(predicate: object, timeout: float, what: str) -> None:
