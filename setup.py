@@ -1,4 +1,4 @@
-"""Build the Cython cores: every ``fastsip/**/*.pyx`` becomes one extension module.
+"""Build the Cython cores: every ``src/fastsip/**/*.pyx`` becomes one extension module.
 
 Metadata lives in pyproject.toml; this file only declares the compiled modules, so a new core
 needs no edit here.  Set ``FASTSIP_CYTHON_TRACE=1`` to build with line tracing (coverage, profiling).
@@ -12,6 +12,8 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 ROOT = Path(__file__).parent
+# The src/ layout: a checkout never shadows the installed, compiled package.
+SRC = ROOT / "src"
 trace = os.environ.get("FASTSIP_CYTHON_TRACE") == "1"
 
 if sys.platform == "win32":
@@ -24,12 +26,12 @@ macros = [("CYTHON_TRACE_NOGIL", "1")] if trace else []
 
 extensions = [
     Extension(
-        ".".join(pyx.relative_to(ROOT).with_suffix("").parts),
+        ".".join(pyx.relative_to(SRC).with_suffix("").parts),
         [str(pyx.relative_to(ROOT))],
         extra_compile_args=extra_compile_args,
         define_macros=macros,
     )
-    for pyx in sorted((ROOT / "fastsip").rglob("*.pyx"))
+    for pyx in sorted((SRC / "fastsip").rglob("*.pyx"))
 ]
 
 setup(

@@ -56,9 +56,8 @@ def free_port(host: str = HOST) -> int:
 
 def fastsip_env() -> dict[str, str]:
     """The test's environment, with the directory of the fastsip the tests imported first on
-    PYTHONPATH: subprocesses run that same fastsip (installed, or built in place), never another
-    one picked up from their working directory (run them with cwd outside the checkout too:
-    ``python -m`` puts the cwd first on sys.path)."""
+    PYTHONPATH: subprocesses run that same fastsip whatever PYTHONPATH the run was given (the
+    src/ layout already keeps a checkout's sources from shadowing the installed package)."""
     env = dict(os.environ)
     pkg_parent = str(Path(fastsip.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([pkg_parent, *filter(None, [env.get("PYTHONPATH")])])

@@ -3,7 +3,6 @@ as real processes on 127.0.0.1 (no sipp needed), including a clean stop on SIGIN
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,21 +12,15 @@ from pathlib import Path
 
 import pytest
 
-import fastsip
 from fastsip.cli import build_parser, main
 
 sys.path.insert(0, str(Path(__file__).parent))
-from procutil import NO_SIGINT, posix_only
+from procutil import NO_SIGINT, fastsip_env, posix_only
 from procutil import free_port as _free_port
 
 HOST = "127.0.0.1"
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    parent = str(Path(fastsip.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([parent, *filter(None, [env.get("PYTHONPATH")])])
-    return env
 
 
 def test_help_and_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
@@ -49,7 +42,7 @@ def answer(tmp_path: Path) -> Iterator[int]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "fastsip", "answer", "--listen", f"udp:{HOST}:{port}",
          "--listen", f"tcp:{HOST}:{port}"],
-        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=tmp_path, env=fastsip_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None
         lines = [proc.stdout.readline(), proc.stdout.readline()]
@@ -70,7 +63,7 @@ def test_call_against_answer(answer: int, tmp_path: Path, transport: str) -> Non
         [sys.executable, "-m", "fastsip.cli", "call", f"sip:test@{HOST}:{answer}",
          "--calls", "20", "--rate", "40", "--duration", "0.1", "--transport", transport,
          "--linger", "0"],
-        check=False, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60)
+        check=False, cwd=tmp_path, env=fastsip_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "attempted  20" in done.stdout and "completed  20" in done.stdout
     assert "failed     0" in done.stdout
@@ -81,7 +74,7 @@ def test_call_stops_cleanly_on_sigint(answer: int, tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "fastsip.cli", "call", f"sip:test@{HOST}:{answer}",
          "--calls", "100", "--rate", "5", "--duration", "60"],
-        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=tmp_path, env=fastsip_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(2.0)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=20)

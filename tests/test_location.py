@@ -5,7 +5,6 @@ commit.  (test_store_redis.py and test_store_postgres.py test the networked stor
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sqlite3
 import subprocess
@@ -20,10 +19,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from pgutil import PgServer, postgres_cluster
-from procutil import posix_only
+from procutil import fastsip_env, posix_only
 from redisutil import RedisServer
 
-import fastsip
 from fastsip.asyncio.stores import SqliteLocationStore, open_store, redact
 from fastsip.asyncio.stores.postgres import PostgresLocationStore
 from fastsip.asyncio.stores.redis import RedisLocationStore
@@ -333,10 +331,8 @@ def test_sqlite_binding_survives_sigkill(tmp_path: Path) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
         """
     )
-    # cwd=tmp_path: `python -c` puts the cwd on sys.path, and the checkout's uncompiled
-    # fastsip/ must not shadow the installed package.
-    # The child imports the same fastsip this test run does (installed or built in place).
-    env = dict(os.environ, PYTHONPATH=str(Path(fastsip.__file__).parent.parent))
+    # The child imports the same fastsip this test run does.
+    env = fastsip_env()
     proc = subprocess.run(
         [sys.executable, "-c", script], cwd=tmp_path, env=env, timeout=60, check=False
     )

@@ -64,7 +64,8 @@ def test_sdist_carries_the_tests_their_data_and_the_license(tmp_path: Path) -> N
     with tarfile.open(sdist) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     wanted = {"LICENSE", "pyproject.toml", "setup.py", "README.md"}
-    wanted |= set(_tracked("fastsip/*.pyx", "fastsip/*.pxd", "fastsip/*.pyi", "fastsip/*.py"))
+    wanted |= set(_tracked("src/fastsip/*.pyx", "src/fastsip/*.pxd", "src/fastsip/*.pyi",
+                           "src/fastsip/*.py"))
     # the tests with their helpers and data, the examples they run, the scripts that install
     # the system packages they use
     wanted |= set(_tracked("tests", "examples", ".ci", "benchmarks", "contrib"))

@@ -1,4 +1,4 @@
-"""fastsip's RESP client (fastsip/asyncio/resp.py): the reply parser against every split of
+"""fastsip's RESP client (src/fastsip/asyncio/resp.py): the reply parser against every split of
 valid replies and against arbitrary bytes (it parses network input: every length checked, only
 RedisError ever raised), and the client against a real redis-server started here: pipelining,
 error replies, AUTH and SELECT, a server that stops answering (timeout, then a reconnect) and

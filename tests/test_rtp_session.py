@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from procutil import fastsip_env
 
 from fastsip.rtp import (
     Bye,
@@ -315,19 +316,12 @@ def test_jitter_buffer_delay_histogram_overflow(tmp_path: Path) -> None:
     """Random timestamps into a 1 ms jitter buffer crashed the process within 25 packets
     (_jitter.pyx cast a huge delay to int before bounding it); in a subprocess, so a
     regression is a failure, not a crashed test run."""
-    import os
     import subprocess
     import sys
 
-    import fastsip
-
-    # cwd away from the checkout, the tests' fastsip on PYTHONPATH: `python -c` puts the cwd
-    # first on sys.path, where the source tree's fastsip/ (no compiled modules after a plain
-    # `pip install .`, as the test workflow does) would shadow the installed one.
     result = subprocess.run([sys.executable, "-c", JITTER_OVERFLOW], capture_output=True,
                             text=True, timeout=60, check=False, cwd=tmp_path,
-                            env=dict(os.environ, PYTHONPATH=str(
-                                Path(fastsip.__file__).resolve().parent.parent)))
+                            env=fastsip_env())
     assert result.returncode == 0 and "survived" in result.stdout, result.returncode
 
 

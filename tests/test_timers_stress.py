@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from procutil import fastsip_env
 
-import fastsip
 from fastsip.timers import TimerWheel
 
 TICK = 0.001
@@ -139,12 +138,7 @@ print(json.dumps((after - before) / N))
 def bytes_per_timer(mode: str) -> float:
     """RSS growth per pending timer at a million, in a fresh interpreter: the real footprint,
     allocator rounding included (tracemalloc would count requested sizes, not this)."""
-    root = str(Path(fastsip.__file__).resolve().parent.parent)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    # cwd away from the checkout: `python -c` puts the cwd first on sys.path, and the source
-    # tree's fastsip/ (no compiled modules after a plain `pip install .`) would shadow the
-    # installed one.
-    out = subprocess.run([sys.executable, "-c", MEASURE, mode], env=env, check=True,
+    out = subprocess.run([sys.executable, "-c", MEASURE, mode], env=fastsip_env(), check=True,
                          capture_output=True, text=True, cwd=tempfile.gettempdir()).stdout
     return float(json.loads(out))
 
