@@ -173,6 +173,36 @@ def test_header_names_follow_the_grammar(name: bytes, flips: list[bool],
     assert fastsip.canonical_name(name) == (canonical or name)
 
 
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.text("abXY-", min_size=1, max_size=24),
+                          st.binary(max_size=40).map(
+                              lambda v: v.replace(b"\n", b"").replace(b"\r", b"").strip())),
+                min_size=1, max_size=12),
+       st.booleans())
+def test_header_lines_split_where_the_grammar_says(lines: list[tuple[str, bytes]],
+                                                   bare_lf: bool) -> None:
+    """Lines of every length around the 16-octet steps of the line scanner, values with ':'
+    and non-ASCII octets in them: each header line is read whole, its name up to the first
+    ':' and its value after it, decoded as UTF-8 with surrogate escapes."""
+    eol = b"\n" if bare_lf else b"\r\n"
+    head = b"".join(f"X-{name}".encode() + b": " + value + eol for name, value in lines)
+    m = parse(b"OPTIONS sip:a@b SIP/2.0" + eol + head + eol)
+    assert m.headers.items() == [(f"X-{name}", value.decode("utf-8", "surrogateescape"))
+                                 for name, value in lines]
+    # and without the empty line the header section does not end
+    with pytest.raises(ParseError, match="not terminated"):
+        parse(b"OPTIONS sip:a@b SIP/2.0" + eol + head.rstrip(b"\r\n"))
+
+
+def test_text_is_decoded_whatever_the_position_of_a_non_ascii_octet() -> None:
+    for n in range(1, 20):
+        for pos in range(n):
+            for odd in (b"\xc3\xa9", b"\xff"):
+                call_id = b"a" * pos + odd + b"b" * (n - pos)
+                m = parse(b"OPTIONS sip:a@b SIP/2.0\r\nCall-ID: " + call_id + b"\r\n\r\n")
+                assert m.call_id == call_id.decode("utf-8", "surrogateescape")
+
+
 def _cost(make: object, n: int) -> float:
     data = make(n)  # type: ignore[operator]
     best = float("inf")
