@@ -92,6 +92,117 @@ def test_stream_framing_of_truncated_messages(seed: bytes, cut: int) -> None:
     assert n <= cut
 
 
+# --- header names: parse() against the RFC 3261 grammar, written out plainly -----------------
+
+TOKEN = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
+# (canonical name, compact letter or None, list grammar?), the parser's own table of names
+KNOWN = {}
+for _name, _compact, _ in fastsip.sip._message._HEADER_TABLE:
+    KNOWN[_name.lower().encode()] = _name
+    if _compact:
+        KNOWN[_compact.encode()] = _name
+# A value each field that parse() validates accepts; anything else gets "1".
+VALID = {"Via": b"SIP/2.0/UDP h;branch=z9hG4bK-1", "From": b"<sip:a@b>;tag=1",
+         "To": b"<sip:b@b>", "CSeq": b"1 OPTIONS", "Content-Length": b"0"}
+START = b"OPTIONS sip:a@b SIP/2.0\r\n"
+
+
+def reference_header_name(line: bytes) -> tuple[int, bytes | str]:
+    """header-name = token, then *(SP / HTAB) ":" (RFC 3261 7.3.1, 25.1): (end of the name,
+    the name) when the line is well formed, else (offset, reason) of the error."""
+    if line[:1] == b"\r":
+        return 0, "bare CR in header section"   # a CR that does not end the header section
+    j = 0
+    while j < len(line) and line[j] in TOKEN:
+        j += 1
+    if j == 0:
+        return 0, "invalid header name"
+    k = j
+    while k < len(line) and line[k] in b" \t":
+        k += 1
+    if k >= len(line) or line[k] != ord(":"):
+        return k, "header line without ':'"
+    return j, line[:j]
+
+
+def _flip_case(name: bytes, flips: list[bool]) -> bytes:
+    return bytes(c ^ 0x20 if chr(c).isalpha() and f else c
+                 for c, f in zip(name, flips + [False] * len(name)))
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.one_of(st.sampled_from(sorted(KNOWN)),
+              st.lists(st.sampled_from(sorted(TOKEN)), max_size=20).map(bytes),
+              # '-' | 0x20 == CR | 0x20: a comparison folding every octet would take these
+              st.sampled_from(sorted(k.replace(b"-", b"\r") for k in KNOWN if b"-" in k))),
+    st.lists(st.booleans(), max_size=20),
+    st.lists(st.tuples(st.integers(0, 40), st.integers(0, 1),
+                       st.sampled_from([b"\r", b"\x00", b"\xff", b"\xc3", b" ", b"\t", b"-",
+                                        b"_", b"@", b"\x0d", b"\x2d", b"\x7f", b"M", b"m"])),
+             max_size=2),
+    st.sampled_from([b"", b" ", b"\t", b" \t "]),
+)
+def test_header_names_follow_the_grammar(name: bytes, flips: list[bool],
+                                         edits: list[tuple[int, int, bytes]],
+                                         before_colon: bytes) -> None:
+    """parse() recognises a well-known name by one comparison of several octets at a time and
+    checks other names octet by octet: either way it must accept exactly the lines the grammar
+    allows, read the same name, and report the same error at the same offset otherwise."""
+    raw = bytearray(_flip_case(name, flips))
+    for pos, cut, ins in edits:
+        pos %= len(raw) + 1
+        raw[pos:pos + cut] = ins
+    head = bytes(raw) + before_colon + b":"
+    if head[:1] in (b" ", b"\t"):
+        head = b"X" + head          # a leading SP/HT is a continuation line: tested elsewhere
+    where, expected = reference_header_name(head)
+    canonical = KNOWN.get(expected.lower()) if isinstance(expected, bytes) else None
+    value = VALID.get(canonical or "", b"1")
+    data = START + head + b" " + value + b"\r\n\r\n"
+    if isinstance(expected, str):
+        with pytest.raises(ParseError) as err:
+            parse(data)
+        assert (err.value.reason, err.value.offset) == (expected, len(START) + where)
+        return
+    m = parse(data)
+    name = expected.decode()
+    assert m.headers.items() == [(name, value.decode())]
+    if canonical is not None:
+        assert m.headers.getlines(canonical) == [value.decode()]
+    assert fastsip.canonical_name(name) == (canonical or name)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.text("abXY-", min_size=1, max_size=24),
+                          st.binary(max_size=40).map(
+                              lambda v: v.replace(b"\n", b"").replace(b"\r", b"").strip())),
+                min_size=1, max_size=12),
+       st.booleans())
+def test_header_lines_split_where_the_grammar_says(lines: list[tuple[str, bytes]],
+                                                   bare_lf: bool) -> None:
+    """Lines of every length around the 16-octet steps of the line scanner, values with ':'
+    and non-ASCII octets in them: each header line is read whole, its name up to the first
+    ':' and its value after it, decoded as UTF-8 with surrogate escapes."""
+    eol = b"\n" if bare_lf else b"\r\n"
+    head = b"".join(f"X-{name}".encode() + b": " + value + eol for name, value in lines)
+    m = parse(b"OPTIONS sip:a@b SIP/2.0" + eol + head + eol)
+    assert m.headers.items() == [(f"X-{name}", value.decode("utf-8", "surrogateescape"))
+                                 for name, value in lines]
+    # and without the empty line the header section does not end
+    with pytest.raises(ParseError, match="not terminated"):
+        parse(b"OPTIONS sip:a@b SIP/2.0" + eol + head.rstrip(b"\r\n"))
+
+
+def test_text_is_decoded_whatever_the_position_of_a_non_ascii_octet() -> None:
+    for n in range(1, 20):
+        for pos in range(n):
+            for odd in (b"\xc3\xa9", b"\xff"):
+                call_id = b"a" * pos + odd + b"b" * (n - pos)
+                m = parse(b"OPTIONS sip:a@b SIP/2.0\r\nCall-ID: " + call_id + b"\r\n\r\n")
+                assert m.call_id == call_id.decode("utf-8", "surrogateescape")
+
+
 def _cost(make: object, n: int) -> float:
     data = make(n)  # type: ignore[operator]
     best = float("inf")

@@ -18,9 +18,9 @@ untouched lines from the original buffer.  An unedited message serializes to its
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_ITEM
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from cpython.unicode cimport PyUnicode_DecodeUTF8
-from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint64_t
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset
 
 import ipaddress
@@ -43,6 +43,67 @@ cdef extern from *:
     /* SP HT CR LF: CR and LF only occur inside a value where a line was folded. */
     static unsigned char fastsip_lws[256];
     static inline uint64_t fastsip_load8(const char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+    static inline uint32_t fastsip_load4(const char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+    static inline uint16_t fastsip_load2(const char *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+    /* One header line from p[i]: returns the index of the '\\n' that ends it (-1 when there is
+       none before n) and leaves in *colon the index of its first ':' (the '\\n' when it has
+       none).  With SSE2 (every x86-64) sixteen octets a step, both at once: a line is one or
+       two steps where memchr's call alone costs more; elsewhere memchr and a loop. */
+    #if defined(__SSE2__) && (defined(__GNUC__) || defined(__clang__))
+    #include <emmintrin.h>
+    static inline Py_ssize_t fastsip_line(const char *p, Py_ssize_t i, Py_ssize_t n,
+                                          Py_ssize_t *colon) {
+        const __m128i nl = _mm_set1_epi8('\\n'), co = _mm_set1_epi8(':');
+        Py_ssize_t c = -1;
+        unsigned mn, mc;
+        for (; i + 16 <= n; i += 16) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(p + i));
+            mn = (unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(v, nl));
+            if (c < 0) {
+                mc = (unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(v, co));
+                if (mn) mc &= (mn & (0u - mn)) - 1;     /* only colons before the '\\n' */
+                if (mc) c = i + __builtin_ctz(mc);
+            }
+            if (mn) {
+                i += __builtin_ctz(mn);
+                *colon = c < 0 ? i : c;
+                return i;
+            }
+        }
+        for (; i < n; i++) {
+            if (p[i] == '\\n') {
+                *colon = c < 0 ? i : c;
+                return i;
+            }
+            if (c < 0 && p[i] == ':') c = i;
+        }
+        return -1;
+    }
+    #else
+    static inline Py_ssize_t fastsip_line(const char *p, Py_ssize_t i, Py_ssize_t n,
+                                          Py_ssize_t *colon) {
+        const char *q = (const char *)memchr(p + i, '\\n', (size_t)(n - i));
+        const char *c;
+        if (q == NULL) return -1;
+        c = (const char *)memchr(p + i, ':', (size_t)(q - (p + i)));
+        *colon = (c == NULL ? q : c) - p;
+        return q - p;
+    }
+    #endif
+    /* p[0:n] as a str.  ASCII, what SIP text nearly always is, is copied straight into a new
+       one-octet str (what PyUnicode_DecodeUTF8 ends up doing, minus its dispatch); anything
+       else is decoded as UTF-8, undecodable octets kept as surrogate escapes. */
+    static PyObject *fastsip_text(const char *p, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+        uint64_t acc = 0;
+        PyObject *s;
+        for (; i + 8 <= n; i += 8) acc |= fastsip_load8(p + i);
+        for (; i < n; i++) acc |= (unsigned char)p[i];
+        if (acc & 0x8080808080808080ULL) return PyUnicode_DecodeUTF8(p, n, "surrogateescape");
+        s = PyUnicode_New(n, 127);
+        if (s != NULL && n) memcpy(PyUnicode_1BYTE_DATA(s), p, n);
+        return s;
+    }
     /* A 2-item instance of a tuple subclass (the CSeq namedtuple): what tuple.__new__ does,
        minus the argument tuple and the temporary copy. */
     static PyObject *fastsip_tuple2(PyObject *type, PyObject *a, PyObject *b) {
@@ -76,9 +137,13 @@ cdef extern from *:
     unsigned char fastsip_hostchar[256]
     unsigned char fastsip_lws[256]
     uint64_t fastsip_load8(const char* p) noexcept
+    uint32_t fastsip_load4(const char* p) noexcept
+    uint16_t fastsip_load2(const char* p) noexcept
+    Py_ssize_t fastsip_line(const char* p, Py_ssize_t i, Py_ssize_t n, Py_ssize_t* colon) noexcept
     void fastsip_init_tables()
     Py_buffer* PyMemoryView_GET_BUFFER(object mv)
     object fastsip_tuple2(object tuple_type, object a, object b)
+    str fastsip_text(const char* p, Py_ssize_t n)
 
 fastsip_init_tables()
 
@@ -138,26 +203,38 @@ _HEADER_TABLE = [
 cdef int16_t _compact_id[128]          # compact letter (lowercased) -> id
 cdef bint _is_list[N_HEADER_IDS]
 cdef list _canonical = [None] * N_HEADER_IDS
-cdef bytes _names_blob                 # every lowercase long name, back to back
+# Every lowercase long name, back to back, and beside it its case fold: 0x20 under each letter,
+# 0 under anything else ('-'), which must then match exactly.
+DEF NAMES_BLOB = 2048
+cdef char _names_blob[NAMES_BLOB]
+cdef char _names_fold[NAMES_BLOB]
 cdef int32_t _name_off[N_HEADER_IDS]
 cdef int32_t _name_len[N_HEADER_IDS]
-# ids bucketed by (name length, first letter): _by_key[_key_start[k] : _key_start[k + 1]] are the
-# ids whose key is k = length * 27 + letter (0..25, 26 for anything else).
+# Well-known names by a perfect hash of (length, first, middle and last letter): _hash_id[h] is
+# the only id whose name can be p[:n], so one exact comparison decides.  The multiplier is
+# searched at import for one under which the names do not collide.
 DEF MAX_NAME = 33
-cdef int16_t _by_key[N_HEADER_IDS]
-cdef int32_t _key_start[MAX_NAME * 27 + 1]
+DEF NAME_HASH_BITS = 10
+cdef int8_t _hash_id[1 << NAME_HASH_BITS]
+cdef uint32_t _hash_mult = 0
 cdef int _n_ids = len(_HEADER_TABLE) + 1
-assert _n_ids <= N_HEADER_IDS
+assert _n_ids <= N_HEADER_IDS <= 127
 
 
-cdef inline int _letter(unsigned char c) noexcept:
-    c |= 0x20
-    return c - 97 if 97 <= c <= 122 else 26
+cdef inline uint32_t _name_hash(const char* p, Py_ssize_t n, uint32_t mult) noexcept:
+    """For 1 <= n < MAX_NAME.  |0x20 folds letters to lower case and keeps '-'."""
+    cdef uint32_t x = (<uint32_t>n
+                       | (<uint32_t>((<unsigned char>p[0]) | 0x20) << 8)
+                       | (<uint32_t>((<unsigned char>p[n >> 1]) | 0x20) << 16)
+                       | (<uint32_t>((<unsigned char>p[n - 1]) | 0x20) << 24))
+    return (x * mult) >> (32 - NAME_HASH_BITS)
 
 
 cdef void _init_names() except *:
-    global _names_blob
-    cdef int i, k, n
+    global _hash_mult
+    cdef int i, h
+    cdef uint32_t k, mult
+    cdef bint ok
     memset(_compact_id, 0, sizeof(_compact_id))
     memset(_is_list, 0, sizeof(_is_list))
     blob = bytearray()
@@ -170,58 +247,68 @@ cdef void _init_names() except *:
         blob += name.lower().encode()
         if compact is not None:
             _compact_id[ord(compact)] = i
-    _names_blob = bytes(blob)
-    # Counting sort of the ids by key (one pass to count, one to place).
-    cdef int32_t key_of[N_HEADER_IDS]
-    memset(_key_start, 0, sizeof(_key_start))
-    for i in range(1, _n_ids):
-        key_of[i] = _name_len[i] * 27 + _letter(ord(_canonical[i][0]))
-        _key_start[key_of[i] + 1] += 1
-    for k in range(MAX_NAME * 27):
-        _key_start[k + 1] += _key_start[k]
-    n = 0
-    for k in range(MAX_NAME * 27):
+    assert len(blob) <= NAMES_BLOB
+    for i in range(len(blob)):
+        _names_blob[i] = blob[i]
+        _names_fold[i] = 0x20 if 97 <= blob[i] <= 122 else 0
+    for k in range(1, 1000000):
+        mult = (k * <uint32_t>0x9E3779B1) | 1
+        memset(_hash_id, 0, sizeof(_hash_id))
+        ok = True
         for i in range(1, _n_ids):
-            if key_of[i] == k:
-                _by_key[n] = i
-                n += 1
+            h = _name_hash(_names_blob + _name_off[i], _name_len[i], mult)
+            if _hash_id[h]:
+                ok = False
+                break
+            _hash_id[h] = i
+        if ok:
+            _hash_mult = mult
+            return
+    raise AssertionError("no perfect hash for the header names")
 
 _init_names()
 
 
-cdef inline int _header_id(const char* p, Py_ssize_t n) noexcept:
-    """The id of a header name (token characters, already validated), 0 when not well known.
+cdef inline bint _name_eq(const char* p, Py_ssize_t off, Py_ssize_t n) noexcept:
+    """p[:n] is the well-known name at _names_blob[off:off + n], letters in either case (n >= 2).
 
-    Token characters OR 0x20 only equal a lowercase letter when they are that letter in upper
-    case, and only equal '-' when they are '-', so OR-ing 0x20 into 8 bytes at a time compares
-    exactly and case-insensitively; the tail under 8 bytes goes byte by byte, so nothing past
-    either name is read."""
-    cdef int c, k, hid, key
-    cdef Py_ssize_t i
-    cdef const char* cand
-    cdef const char* blob
+    OR-ing 0x20 into a byte gives a lowercase letter only when the byte is that letter in
+    either case, so OR-ing the name's fold (0x20 under letters, 0 under '-') compares exactly
+    and case-insensitively, several bytes at a time, whatever p holds: a match also proves
+    p[:n] is token characters.  Loads overlap instead of finishing byte by byte (the last
+    one ends at n), so nothing past either name is read."""
+    cdef const char* cand = _names_blob + off
+    cdef const char* fold = _names_fold + off
+    cdef Py_ssize_t i = 0
+    if n >= 8:
+        while i + 8 < n:
+            if (fastsip_load8(p + i) | fastsip_load8(fold + i)) != fastsip_load8(cand + i):
+                return False
+            i += 8
+        i = n - 8
+        return (fastsip_load8(p + i) | fastsip_load8(fold + i)) == fastsip_load8(cand + i)
+    if n >= 4:
+        i = n - 4
+        return ((fastsip_load4(p) | fastsip_load4(fold)) == fastsip_load4(cand)
+                and (fastsip_load4(p + i) | fastsip_load4(fold + i)) == fastsip_load4(cand + i))
+    i = n - 1
+    return ((fastsip_load2(p) | fastsip_load2(fold)) == fastsip_load2(cand)
+            and (p[i] | fold[i]) == cand[i])
+
+
+cdef inline int _header_id(const char* p, Py_ssize_t n) noexcept:
+    """The id of the header name p[:n], 0 when it is not a well-known one.  p need not be
+    validated: a nonzero id means p[:n] is that name (or its compact letter), so token
+    characters."""
+    cdef int c, hid
     if n == 1:
         c = (<unsigned char>p[0]) | 0x20
         return _compact_id[c] if c < 128 else 0
-    if n >= MAX_NAME:
+    if n >= MAX_NAME or n < 1:
         return 0
-    key = n * 27 + _letter(<unsigned char>p[0])
-    blob = PyBytes_AS_STRING(_names_blob)
-    for k in range(_key_start[key], _key_start[key + 1]):
-        hid = _by_key[k]
-        cand = blob + _name_off[hid]
-        i = 1
-        while i + 8 <= n:
-            if (fastsip_load8(p + i) | <uint64_t>0x2020202020202020) != fastsip_load8(cand + i):
-                break
-            i += 8
-        else:
-            while i < n:
-                if ((<unsigned char>p[i]) | 0x20) != <unsigned char>cand[i]:
-                    break
-                i += 1
-            else:
-                return hid
+    hid = _hash_id[_name_hash(p, n, _hash_mult)]
+    if _name_len[hid] == n and _name_eq(p, _name_off[hid], n):
+        return hid
     return 0
 
 
@@ -287,11 +374,22 @@ cdef inline Py_ssize_t _digits_end(const char* p, Py_ssize_t i, Py_ssize_t e) no
     return i
 
 
-cdef inline Py_ssize_t _token_end(const char* p, Py_ssize_t i, Py_ssize_t e) noexcept:
-    """The end of the run of token characters that starts at i (i itself when there is none)."""
-    while i < e and fastsip_token[<unsigned char>p[i]]:
+cdef inline Py_ssize_t _span(const unsigned char* table, const char* p, Py_ssize_t i,
+                             Py_ssize_t e) noexcept:
+    """The end of the run of octets of a character class (table) that starts at i.  Four
+    octets a step while they all belong: these runs (tokens, hosts, parameter values, URIs)
+    are most of what the parser reads octet by octet."""
+    while i + 4 <= e and (table[<unsigned char>p[i]] & table[<unsigned char>p[i + 1]]
+                          & table[<unsigned char>p[i + 2]] & table[<unsigned char>p[i + 3]]):
+        i += 4
+    while i < e and table[<unsigned char>p[i]]:
         i += 1
     return i
+
+
+cdef inline Py_ssize_t _token_end(const char* p, Py_ssize_t i, Py_ssize_t e) noexcept:
+    """The end of the run of token characters that starts at i (i itself when there is none)."""
+    return _span(fastsip_token, p, i, e)
 
 
 cdef inline bint _ieq(const char* p, Py_ssize_t n, const char* lower, Py_ssize_t m) noexcept:
@@ -310,7 +408,7 @@ cdef inline bint _ieq(const char* p, Py_ssize_t n, const char* lower, Py_ssize_t
 
 
 cdef inline str _text(const char* p, Py_ssize_t s, Py_ssize_t e):
-    return PyUnicode_DecodeUTF8(p + s, e - s, "surrogateescape")
+    return fastsip_text(p + s, e - s)
 
 
 cdef inline object _opt_text(const char* p, Py_ssize_t s, Py_ssize_t e):
@@ -383,6 +481,10 @@ cdef Py_ssize_t _split_comma(const char* p, Py_ssize_t i, Py_ssize_t e) noexcept
     fails: an unterminated quote or '<' runs to the end (the typed views report such errors;
     splitting a header for getall() must not)."""
     cdef bint angle = False
+    # Most values hold one element: without any ',' the answer is e whatever the quotes and
+    # < > say, and memchr finds that out without walking the value byte by byte.
+    if i >= e or memchr(p + i, b',', e - i) == NULL:
+        return e
     while i < e:
         if p[i] == b'"':
             i += 1
@@ -469,8 +571,7 @@ cdef int _scan_hostport(const char* p, Py_ssize_t i, Py_ssize_t e,
             _fail("unterminated IPv6 reference", s)
         i += 1
     else:
-        while i < e and fastsip_hostchar[<unsigned char>p[i]]:
-            i += 1
+        i = _span(fastsip_hostchar, p, i, e)
     if i == s:
         _fail("missing host", s)
     host_s[0] = s
@@ -508,9 +609,9 @@ cdef Py_ssize_t _scan_uri(const char* p, Py_ssize_t s, Py_ssize_t e, UriParts* u
         i += 1
     if i >= e:
         _fail("URI has no scheme", s)
-    for j in range(i + 1, e):
-        if not fastsip_urichar[<unsigned char>p[j]]:
-            _fail("invalid character in URI", j)
+    j = _span(fastsip_urichar, p, i + 1, e)
+    if j < e:
+        _fail("invalid character in URI", j)
     u.scheme_e = i
     if _ieq(p + s, i - s, b"sip", 3):
         kind = URI_SIP
@@ -598,8 +699,7 @@ cdef Py_ssize_t _next_param(const char* p, Py_ssize_t i, Py_ssize_t e, ParamSpan
             out.quoted = True
         else:
             out.value_s = i
-            while i < e and fastsip_pvalue[<unsigned char>p[i]]:
-                i += 1
+            i = _span(fastsip_pvalue, p, i, e)
             if i == out.value_s:
                 _fail("empty parameter value", i)
             out.value_e = i
@@ -678,6 +778,7 @@ cdef Py_ssize_t _scan_name_addr(const char* p, Py_ssize_t i, Py_ssize_t e, bint 
     the first read of ``.uri`` (parse() uses that: routing needs From/To tags, not their URIs)."""
     cdef ParamSpan prm
     cdef Py_ssize_t j, n
+    cdef const char* q
     cdef UriParts u
     i = _skip_lws(p, i, e)
     na.s = i
@@ -720,11 +821,10 @@ cdef Py_ssize_t _scan_name_addr(const char* p, Py_ssize_t i, Py_ssize_t e, bint 
             i = j
     if i < e and p[i] == b'<':
         na.angle = True
-        j = i + 1
-        while j < e and p[j] != b'>':
-            j += 1
-        if j >= e:
+        q = <const char*>memchr(p + i + 1, b'>', e - i - 1)
+        if q == NULL:
             _fail("unterminated '<'", i)
+        j = q - p
         # Spaces just inside < > are not allowed by the grammar (RFC 4475 3.1.2.14); being liberal
         # here costs nothing and the value is forwarded as written.
         na.uri_s = _skip_lws(p, i + 1, j)
@@ -1385,10 +1485,11 @@ cdef class Message:
 
     # -- internal access -------------------------------------------------------------------
 
-    cdef inline const char* _base(self, HEntry* h):
+    cdef inline const char* _base(self, HEntry* h) noexcept:
+        # h.src >= 0 only names an entry of _extra (a list of bytes), so nothing can fail.
         if h.src < 0:
             return self._buf
-        return PyBytes_AS_STRING(self._extra[h.src])
+        return PyBytes_AS_STRING(<object>PyList_GET_ITEM(self._extra, h.src))
 
     cdef inline object _owner_of(self, HEntry* h):
         # What a view must keep alive: the bytes of an edited line, the message's bytes, or the
@@ -2500,6 +2601,7 @@ cdef Message _parse(object data, Limits limits):
     cdef Request req
     cdef Response resp
     cdef const char* p
+    cdef const char* q
     cdef Py_ssize_t n, i, j, k, le, ce, sp1, cl_i
     cdef Py_buffer* view
     cdef HEntry* h
@@ -2556,9 +2658,7 @@ cdef Message _parse(object data, Limits limits):
             # extra SP, trailing SP and LWS inside the URI are rejected, not repaired).
             req = Request.__new__(Request)
             m = req
-            j = i
-            while j < ce and fastsip_token[<unsigned char>p[j]]:
-                j += 1
+            j = _token_end(p, i, ce)
             if j == i:
                 _fail("invalid method", i)
             if j >= ce or p[j] != b' ':
@@ -2566,9 +2666,8 @@ cdef Message _parse(object data, Limits limits):
             req._m_s = i
             req._m_e = j
             j += 1
-            k = j
-            while k < ce and p[k] != b' ':
-                k += 1
+            q = <const char*>memchr(p + j, b' ', ce - j)
+            k = ce if q == NULL else q - p
             if k >= ce:
                 _fail("request line has no SIP version", ce)
             if k == j:
@@ -2603,7 +2702,7 @@ cdef Message _parse(object data, Limits limits):
                     i += 2
                     break
                 _fail("bare CR in header section", i)
-            le = _line_end(p, i, n)
+            le = fastsip_line(p, i, n, &k)
             if le < 0:
                 _fail("header line not terminated", n)
             ce = le - 1 if le > i and p[le - 1] == b'\r' else le
@@ -2625,17 +2724,16 @@ cdef Message _parse(object data, Limits limits):
                 continue
             if m._nh >= limits.max_headers:
                 _fail("too many header lines", i)
-            j = i
-            # No bound check needed: p[ce] is CR or LF, which is not a token character.
-            while fastsip_token[<unsigned char>p[j]]:
-                j += 1
-            if j == i:
-                _fail("invalid header name", i)
-            k = j
-            while k < ce and (p[k] == b' ' or p[k] == b'\t'):
-                k += 1
-            if k >= ce or p[k] != b':':
-                _fail("header line without ':'", k)
+            # The name runs to the line's first ':' (k, found with the line's end), LWS before
+            # it dropped.  A well-known name is recognised and validated by one exact comparison
+            # (_header_id), any other is checked octet by octet; a line that is neither takes
+            # _bad_header_line, which says what is wrong and where.
+            j = k
+            while j > i and (p[j - 1] == b' ' or p[j - 1] == b'\t'):
+                j -= 1
+            hid = _header_id(p + i, j - i)
+            if k >= ce or (hid == 0 and (j == i or _token_end(p, i, j) != j)):
+                _bad_header_line(p, i, ce)
             k = _skip_lws(p, k + 1, ce)
             if m._nh < m._cap:
                 nh = m._nh
@@ -2649,7 +2747,6 @@ cdef Message _parse(object data, Limits limits):
             h.name_e = j
             h.value_s = k
             h.value_e = _rtrim(p, k, ce)
-            hid = _header_id(p + i, j - i)
             h.id = hid
             h.src = -1
             h.folded = False
@@ -2676,6 +2773,20 @@ cdef Message _parse(object data, Limits limits):
         m._buf = p
         m._validate()
         return m
+
+
+cdef int _bad_header_line(const char* p, Py_ssize_t i, Py_ssize_t ce) except -1:
+    """Raise the ParseError for the header line p[i:ce] that parse()'s fast path refused: its
+    name is not token characters, or no ':' follows it."""
+    cdef Py_ssize_t j = _token_end(p, i, ce), k
+    if j == i:
+        _fail("invalid header name", i)
+    k = j
+    while k < ce and (p[k] == b' ' or p[k] == b'\t'):
+        k += 1
+    if k >= ce or p[k] != b':':
+        _fail("header line without ':'", k)
+    _fail("invalid header name", i)     # not reached: the fast path accepts such a line
 
 
 cdef int _scan_uri_check(const char* p, Py_ssize_t s, Py_ssize_t e) except -1:
