@@ -3,13 +3,24 @@
 """The media relay's packet path: RTP/RTCP datagrams move socket to socket in C.
 
 The shell (fastsip.asyncio) owns the sockets and the loop; it registers each leg's fd here.  On
-Linux the Relay keeps every leg's fd in an epoll set of its own: the loop watches that one
-descriptor (:meth:`Relay.fileno`) and calls :meth:`Relay.poll`, which drains every ready leg in
-C -- one Python call per wake-up, however many streams are busy.  Elsewhere the shell watches
-each fd and calls :meth:`Relay.drain` for it.  A drain reads datagrams in batches into
-buffers allocated once per Relay, latches the source address (rtpengine-style), updates the
-leg's counters and RFC 3550 receive statistics in C, and sends the batch from the bridged
-leg's fd to that leg's remote end.  No Python object is made per packet.
+Linux the loop watches one descriptor (:meth:`Relay.fileno`) and calls :meth:`Relay.poll`,
+which relays what every ready leg received in C -- one Python call per wake-up, however many
+streams are busy.  Two backends stand behind it (:attr:`Relay.backend`):
+
+- ``io_uring`` (Linux >= 6.0, the default where it can be set up): each leg has a multishot
+  recvmsg armed in the Relay's ring; the kernel puts datagrams in buffers of a provided-buffer
+  ring and posts a completion each, with no system call of ours; poll() reaps them and submits
+  every send of the wake-up in one io_uring_enter.  The ring must be driven from the thread
+  that made the Relay (IORING_SETUP_SINGLE_ISSUER), as asyncio objects are anyway.
+- ``mmsg``: every leg's fd in an epoll set of the Relay's own; poll() drains each ready leg
+  with recvmmsg and forwards with sendmmsg.  Elsewhere than Linux the shell watches each fd
+  and calls :meth:`Relay.drain` for it, which emulates the batch per datagram.
+
+Either way the datagram's source is latched (rtpengine-style), the leg's counters and RFC 3550
+receive statistics are updated in C, and the datagram goes out of the bridged leg's fd to that
+leg's remote end.  No Python object is made per packet.  ``drain()`` (per leg, recvmmsg) works
+with either backend until the first fileno()/poll(): from then on an io_uring Relay receives
+in the ring only.
 
 This module does no signalling: which legs exist, their SDP addresses and bridges come from
 the ng control layer through the shell.
@@ -566,6 +577,7 @@ cdef enum:
     URING_NAME = 128        # sizeof(sockaddr_storage): the name space in each buffer
     URING_HDR = 16          # sizeof(struct io_uring_recvmsg_out)
     URING_ROUNDS = 8        # reap/submit rounds per poll(): a busy ring cannot hold the loop
+    MAX_FAILED_ARMS = 16    # a leg's receive failing this often in a row is given up
     # A completion's user_data: a leg's receive is (serial << 24 | slot); a failed send is
     # SEND_TAG | receiving slot << 24 | sending slot; a cancel's completion is ignored.
     SLOT_BITS = 24
@@ -661,6 +673,7 @@ cdef class _Leg:
     cdef unsigned int slot
     cdef unsigned long long serial
     cdef bint armed
+    cdef unsigned int failed_arms    # receives ended by an error since the last datagram
 
     cdef inline const sockaddr_storage *remote(self) noexcept:
         """Where datagrams for this leg's remote end go now, or NULL."""
@@ -1244,16 +1257,20 @@ cdef class Relay:
                     bid = flags >> FS_CQE_BUFFER_SHIFT
                     if leg is not None and res >= 0:
                         total += 1
+                        leg.failed_arms = 0
                         self._uring_packet(leg, fs_uring_buf(&self._ring, bid), now)
                     # given back after the next submit (a queued send reads it until then)
                     self._bids[self._nbids] = <unsigned short>bid
                     self._nbids += 1
                 elif leg is not None and res < 0 and res != -ENOBUFS and res != -ECANCELED:
                     leg.errors += 1
+                    leg.failed_arms += 1
                 if leg is not None and not (flags & FS_CQE_F_MORE):
-                    # the receive ended (out of buffers, an error): arm it again
+                    # The receive ended (out of buffers, an error): arm it again -- unless it
+                    # keeps failing at once, which would spin the loop (counted as errors).
                     leg.armed = False
-                    self._arm(leg)
+                    if leg.failed_arms < MAX_FAILED_ARMS:
+                        self._arm(leg)
             if reaped == 0 and fs_uring_pending(&self._ring) == 0 and self._nbids == 0:
                 break
             self._flush()
