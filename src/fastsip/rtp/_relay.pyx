@@ -9,9 +9,11 @@ streams are busy.  Two backends stand behind it (:attr:`Relay.backend`):
 
 - ``io_uring`` (Linux >= 6.0, the default where it can be set up): each leg has a multishot
   recvmsg armed in the Relay's ring; the kernel puts datagrams in buffers of a provided-buffer
-  ring and posts a completion each, with no system call of ours; poll() reaps them and submits
-  every send of the wake-up in one io_uring_enter.  The ring must be driven from the thread
-  that made the Relay (IORING_SETUP_SINGLE_ISSUER), as asyncio objects are anyway.
+  ring and posts a completion each; poll() reaps them and submits every send of the wake-up in
+  one io_uring_enter.  From Linux 6.1 the receives themselves run in a batch inside that
+  io_uring_enter (DEFER_TASKRUN) and the loop watches an eventfd the ring signals; on 6.0 they
+  run at the task's next kernel exit and the loop watches the ring.  The ring must be driven
+  from the thread that made the Relay (IORING_SETUP_SINGLE_ISSUER), as asyncio objects are.
 - ``mmsg``: every leg's fd in an epoll set of the Relay's own; poll() drains each ready leg
   with recvmmsg and forwards with sendmmsg.  Elsewhere than Linux the shell watches each fd
   and calls :meth:`Relay.drain` for it, which emulates the batch per datagram.
@@ -221,6 +223,7 @@ cdef extern from *:
     #define FS_DONTWAIT MSG_DONTWAIT
     #include <stdint.h>
     #include <stdlib.h>
+    #include <sys/eventfd.h>
     #include <sys/mman.h>
     #include <sys/syscall.h>
     #ifndef __NR_io_uring_setup
@@ -265,6 +268,9 @@ cdef extern from *:
     #define FS_SETUP_SUBMIT_ALL (1U << 7)
     #define FS_SETUP_SINGLE_ISSUER (1U << 12)
     #define FS_SETUP_COOP_TASKRUN (1U << 8)
+    #define FS_SETUP_TASKRUN_FLAG (1U << 9)
+    #define FS_SQ_TASKRUN (1U << 2)
+    #define FS_REGISTER_EVENTFD 4
     #define FS_SETUP_DEFER_TASKRUN (1U << 13)
     #define FS_ENTER_GETEVENTS (1U << 0)
     #define FS_FEAT_SINGLE_MMAP (1U << 0)
@@ -277,6 +283,9 @@ cdef extern from *:
 
     typedef struct {
         int fd;
+        int evfd;         /* DEFER_TASKRUN: the eventfd the loop watches; else -1 */
+        int defer;        /* receives run in our io_uring_enter (DEFER_TASKRUN) */
+        unsigned *sq_flags;
         unsigned *sq_head, *sq_tail, *sq_array, sq_mask, sq_entries, sq_local;
         fs_sqe *sqes;
         unsigned *cq_head, *cq_tail, cq_mask;
@@ -294,6 +303,7 @@ cdef extern from *:
         if (r->sq_ptr) munmap(r->sq_ptr, r->sq_sz);
         r->sq_ptr = r->cq_ptr = NULL;
         if (r->fd >= 0) { close(r->fd); r->fd = -1; }
+        if (r->evfd >= 0) { close(r->evfd); r->evfd = -1; }
     }
 
     /* 0, or -errno (the caller then falls back to recvmmsg/sendmmsg). */
@@ -306,11 +316,33 @@ cdef extern from *:
         memset(r, 0, sizeof(*r));
         memset(&p, 0, sizeof(p));
         r->fd = -1;
+        r->evfd = -1;
+        /* DEFER_TASKRUN (6.1): a receive's work waits for our next io_uring_enter and runs
+         * there in a batch, instead of interrupting whatever the task does (a signal-like
+         * notification per wake-up).  Measured here: 0.4 us less per packet.  The ring's own
+         * descriptor does not poll readable for such work, so an eventfd tells the loop.
+         * Without it (6.0), COOP_TASKRUN: the work runs at the task's next kernel exit, and
+         * the ring descriptor polls readable once completions are posted. */
         p.flags = FS_SETUP_CQSIZE | FS_SETUP_SUBMIT_ALL | FS_SETUP_SINGLE_ISSUER
-                  | FS_SETUP_COOP_TASKRUN;
+                  | FS_SETUP_DEFER_TASKRUN | FS_SETUP_TASKRUN_FLAG;
         p.cq_entries = cq_entries;
         r->fd = (int)syscall(__NR_io_uring_setup, entries, &p);
+        r->defer = r->fd >= 0;
+        if (r->fd < 0 && errno == EINVAL) {
+            memset(&p, 0, sizeof(p));
+            p.flags = FS_SETUP_CQSIZE | FS_SETUP_SUBMIT_ALL | FS_SETUP_SINGLE_ISSUER
+                      | FS_SETUP_COOP_TASKRUN;
+            p.cq_entries = cq_entries;
+            r->fd = (int)syscall(__NR_io_uring_setup, entries, &p);
+        }
         if (r->fd < 0) return -errno;
+        if (r->defer) {
+            r->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+            if (r->evfd < 0 || syscall(__NR_io_uring_register, r->fd, FS_REGISTER_EVENTFD,
+                                       &r->evfd, 1) < 0) {
+                e = -errno; fs_uring_close(r); return e;
+            }
+        }
         if (!(p.features & FS_FEAT_SINGLE_MMAP) || !(p.features & FS_FEAT_NODROP)) {
             fs_uring_close(r); return -ENOSYS;
         }
@@ -333,6 +365,7 @@ cdef extern from *:
             r->sq_mask = *(unsigned *)(sq + p.sq_off.ring_mask);
             r->sq_entries = p.sq_entries;
             r->sq_array = (unsigned *)(sq + p.sq_off.array);
+            r->sq_flags = (unsigned *)(sq + p.sq_off.flags);
             r->cq_head = (unsigned *)(sq + p.cq_off.head);
             r->cq_tail = (unsigned *)(sq + p.cq_off.tail);
             r->cq_mask = *(unsigned *)(sq + p.cq_off.ring_mask);
@@ -414,6 +447,21 @@ cdef extern from *:
         if (head == __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE)) return NULL;
         return &r->cqes[head & r->cq_mask];
     }
+    /* The descriptor the loop watches: readable when poll() has work. */
+    static inline int fs_uring_poll_fd(fs_uring *r) { return r->defer ? r->evfd : r->fd; }
+    /* DEFER_TASKRUN: reset the eventfd; then, if work came in since the last enter or
+     * completions wait, set it again (it may have been signalled just before the reset). */
+    static void fs_uring_rearm_wakeup(fs_uring *r) {
+        uint64_t v;
+        if (!r->defer) return;
+        while (read(r->evfd, &v, sizeof(v)) < 0 && errno == EINTR) {}
+        if ((__atomic_load_n(r->sq_flags, __ATOMIC_ACQUIRE) & FS_SQ_TASKRUN)
+                || *r->cq_head != __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE)) {
+            v = 1;
+            while (write(r->evfd, &v, sizeof(v)) < 0 && errno == EINTR) {}
+        }
+    }
+    static inline int fs_uring_deferred(fs_uring *r) { return r->defer; }
     static inline void fs_uring_cq_advance(fs_uring *r) {
         __atomic_store_n(r->cq_head, *r->cq_head + 1, __ATOMIC_RELEASE);
     }
@@ -452,6 +500,9 @@ cdef extern from *:
     static int fs_uring_enter(fs_uring *r, int g) { (void)r; (void)g; return -1; }
     static fs_cqe *fs_uring_cqe(fs_uring *r) { (void)r; return NULL; }
     static void fs_uring_cq_advance(fs_uring *r) { (void)r; }
+    static int fs_uring_poll_fd(fs_uring *r) { (void)r; return -1; }
+    static void fs_uring_rearm_wakeup(fs_uring *r) { (void)r; }
+    static int fs_uring_deferred(fs_uring *r) { (void)r; return 0; }
     #endif
 
     /* The address family of a bound socket, or -1. */
@@ -534,6 +585,9 @@ cdef extern from *:
     int fs_uring_enter(fs_uring *r, int getevents) noexcept nogil
     fs_cqe *fs_uring_cqe(fs_uring *r) noexcept nogil
     void fs_uring_cq_advance(fs_uring *r) noexcept nogil
+    int fs_uring_poll_fd(fs_uring *r) noexcept nogil
+    void fs_uring_rearm_wakeup(fs_uring *r) noexcept nogil
+    int fs_uring_deferred(fs_uring *r) noexcept nogil
 
     # Only the fields this module reads or writes; the C headers above bring the full types.
     int AF_INET, AF_INET6
@@ -973,7 +1027,7 @@ cdef class Relay:
         set of every leg's fd (Linux)."""
         if self._uring:
             self._arm_all()
-            return self._ring.fd
+            return fs_uring_poll_fd(&self._ring)
         return self._pollset
 
     def poll(self, double now):
@@ -1192,17 +1246,19 @@ cdef class Relay:
         sqe.opcode = FS_OP_ASYNC_CANCEL
         sqe.fd = -1
         sqe.addr = (leg.serial << SLOT_BITS) | leg.slot
+        sqe.flags = FS_SQE_CQE_SKIP_SUCCESS
         sqe.user_data = CANCEL_TAG
         leg.armed = False
 
-    cdef void _flush(self) noexcept:
-        """Submit what is queued (sends, receives to arm, cancels): one io_uring_enter.  The
-        sends are non-blocking and run inside the call, so afterwards the buffers they read
-        go back to the kernel."""
+    cdef void _flush(self, bint getevents=False) noexcept:
+        """Submit what is queued (sends, receives to arm, cancels): one io_uring_enter, which
+        with ``getevents`` (DEFER_TASKRUN) also runs the receives that came in.  The sends are
+        non-blocking and run inside the call, so afterwards the buffers they read go back to
+        the kernel."""
         cdef unsigned int i
         cdef int rc, tries = 0
-        while fs_uring_pending(&self._ring) and tries < 4:
-            rc = fs_uring_enter(&self._ring, 0)
+        while (getevents or fs_uring_pending(&self._ring)) and tries < 4:
+            rc = fs_uring_enter(&self._ring, getevents)
             if rc >= 0 or (rc != -EINTR and rc != -EAGAIN and rc != -EBUSY):
                 break
             tries += 1
@@ -1227,7 +1283,11 @@ cdef class Relay:
         cdef int res, _round
         cdef unsigned int flags, bid, reaped
         cdef _Leg leg, other
+        cdef bint defer = fs_uring_deferred(&self._ring)
         for _round in range(URING_ROUNDS):
+            if defer:
+                # submit the last round's sends; run the receives that came in
+                self._flush(True)
             reaped = 0
             while True:
                 cqe = fs_uring_cqe(&self._ring)
@@ -1271,11 +1331,12 @@ cdef class Relay:
                     leg.armed = False
                     if leg.failed_arms < MAX_FAILED_ARMS:
                         self._arm(leg)
-            if reaped == 0 and fs_uring_pending(&self._ring) == 0 and self._nbids == 0:
-                break
-            self._flush()
             if reaped == 0:
                 break
+            if not defer:
+                self._flush()
+        self._flush()
+        fs_uring_rearm_wakeup(&self._ring)
         return total
 
     cdef void _uring_packet(self, _Leg leg, unsigned char *buf, double now) noexcept:
