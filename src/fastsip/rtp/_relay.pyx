@@ -308,7 +308,7 @@ cdef extern from *:
 
     /* 0, or -errno (the caller then falls back to recvmmsg/sendmmsg). */
     static int fs_uring_init(fs_uring *r, unsigned entries, unsigned cq_entries, unsigned nbufs,
-                             unsigned buf_size) {
+                             unsigned buf_size, int try_defer) {
         fs_uring_params p;
         fs_ubuf_reg reg;
         unsigned i;
@@ -326,9 +326,9 @@ cdef extern from *:
         p.flags = FS_SETUP_CQSIZE | FS_SETUP_SUBMIT_ALL | FS_SETUP_SINGLE_ISSUER
                   | FS_SETUP_DEFER_TASKRUN | FS_SETUP_TASKRUN_FLAG;
         p.cq_entries = cq_entries;
-        r->fd = (int)syscall(__NR_io_uring_setup, entries, &p);
+        r->fd = try_defer ? (int)syscall(__NR_io_uring_setup, entries, &p) : -1;
         r->defer = r->fd >= 0;
-        if (r->fd < 0 && errno == EINVAL) {
+        if (r->fd < 0 && (!try_defer || errno == EINVAL)) {
             memset(&p, 0, sizeof(p));
             p.flags = FS_SETUP_CQSIZE | FS_SETUP_SUBMIT_ALL | FS_SETUP_SINGLE_ISSUER
                       | FS_SETUP_COOP_TASKRUN;
@@ -485,8 +485,9 @@ cdef extern from *:
     #define FS_CQE_F_MORE 0
     #define FS_CQE_BUFFER_SHIFT 16
     #define FS_BGID 0
-    static int fs_uring_init(fs_uring *r, unsigned e, unsigned c, unsigned n, unsigned b) {
-        (void)e; (void)c; (void)n; (void)b; r->fd = -1; return -1;
+    static int fs_uring_init(fs_uring *r, unsigned e, unsigned c, unsigned n, unsigned b,
+                             int d) {
+        (void)e; (void)c; (void)n; (void)b; (void)d; r->fd = -1; return -1;
     }
     static void fs_uring_close(fs_uring *r) { (void)r; }
     static void fs_uring_buf_return(fs_uring *r, unsigned bid) { (void)r; (void)bid; }
@@ -575,7 +576,7 @@ cdef extern from *:
     int FS_DONTWAIT, ECANCELED
     unsigned int fs_uring_sq_entries(fs_uring *r) noexcept nogil
     int fs_uring_init(fs_uring *r, unsigned entries, unsigned cq_entries, unsigned nbufs,
-                      unsigned buf_size) noexcept nogil
+                      unsigned buf_size, int try_defer) noexcept nogil
     void fs_uring_close(fs_uring *r) noexcept nogil
     void fs_uring_buf_return(fs_uring *r, unsigned bid) noexcept nogil
     void fs_uring_buf_publish(fs_uring *r) noexcept nogil
@@ -791,7 +792,7 @@ cdef class Relay:
             raise ValueError("batch must be 1..1024")
         if max_batches < 1:
             raise ValueError("max_batches must be positive")
-        if backend not in ("auto", "io_uring", "mmsg"):
+        if backend not in ("auto", "io_uring", "io_uring_coop", "mmsg"):
             raise ValueError(f"unknown backend {backend!r}")
         if backend == "auto" and os.environ.get(BACKEND_ENV, "") == "mmsg":
             backend = "mmsg"
@@ -821,7 +822,8 @@ cdef class Relay:
         self._free_slots = []
         if backend != "mmsg":
             rc = fs_uring_init(&self._ring, URING_ENTRIES, URING_CQ_ENTRIES, URING_BUFS,
-                               URING_HDR + URING_NAME + SLOT_SIZE) if FS_URING else -38
+                               URING_HDR + URING_NAME + SLOT_SIZE,
+                               backend != "io_uring_coop") if FS_URING else -38
             if rc == 0:
                 self._uring = True
                 self._usend_max = fs_uring_sq_entries(&self._ring)
@@ -841,7 +843,7 @@ cdef class Relay:
                 memset(&self._urecv, 0, sizeof(self._urecv))
                 self._urecv.msg_namelen = URING_NAME
                 return
-            if backend == "io_uring":
+            if backend != "auto":
                 raise OSError(-rc, f"io_uring unavailable: {os.strerror(-rc)}")
         if FS_POLLSET:
             self._pollset = fs_pollset_new()
@@ -1019,6 +1021,12 @@ cdef class Relay:
     def backend(self):
         """``io_uring`` or ``mmsg`` (recvmmsg/sendmmsg, or their per-datagram emulation)."""
         return "io_uring" if self._uring else "mmsg"
+
+    @property
+    def deferred(self):
+        """io_uring: whether receives run batched in our io_uring_enter (DEFER_TASKRUN, Linux
+        6.1; else COOP_TASKRUN, as ``backend="io_uring_coop"`` asks, or Linux 6.0 gets)."""
+        return bool(self._uring and fs_uring_deferred(&self._ring))
 
     def fileno(self):
         """The descriptor to watch for :meth:`poll`, or -1: then watch each leg's fd and call
