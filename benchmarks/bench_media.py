@@ -116,8 +116,9 @@ SECONDS = 10.0
 PTIME = 0.02
 #: The guard: fastsip's CPU per relayed packet at 100 calls at most this many times
 #: rtpengine's.  Measured 0.63-0.65x here with the relay's epoll set (0.77-0.83x before it,
-#: one loop callback per socket); 0.9 leaves room for this machine's run-to-run noise and
-#: still fails if the packet path lost its batching.  Issue 13's goal is ``GOAL``.
+#: one loop callback per socket), 0.50-0.58x (best of a run) with the io_uring path; 0.9
+#: leaves room for this machine's run-to-run noise and still fails if the packet path lost
+#: its batching.  Issue 13's goal is ``GOAL``.
 MAX_RATIO = float(os.environ.get("FASTSIP_BENCH_MEDIA_MAX_RATIO", "0.9"))
 #: Under pytest: interleaved rounds (R F, F R) and their steady window, each relay's best
 #: round counting.  At 10,000 packets/s one relay's CPU per packet moved by up to 1.6x from
