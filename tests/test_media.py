@@ -35,13 +35,20 @@ from mediautil import (
 from netutil import needs_ipv6
 
 from fastsip.relay.bencode import decode
+from fastsip.rtp._relay import BACKEND_ENV
 
 DATA = Path(__file__).parent / "data" / "ng"
 
 
-@pytest.fixture
-def relay(tmp_path: Path) -> MediaRelay:
+@pytest.fixture(params=["auto", "mmsg"])
+def relay(tmp_path: Path, request: pytest.FixtureRequest,
+          monkeypatch: pytest.MonkeyPatch) -> MediaRelay:
+    """The relay on its default packet path (io_uring where the kernel allows it) and on the
+    recvmmsg fallback, forced by the environment variable."""
+    monkeypatch.setenv(BACKEND_ENV, request.param)
     r = MediaRelay(tmp_path)
+    if request.param == "mmsg" and sys.platform == "linux":
+        assert "batched (recvmmsg/sendmmsg) packet path" in r.log(), r.log()
     yield r
     r.close()
     assert "Traceback" not in r.log(), r.log()

@@ -1,7 +1,9 @@
 """The relay's compiled packet path (fastsip.rtp.Relay) over real UDP sockets on loopback.
 
 A "caller" and a "callee" socket stand for the two user agents; the relay has one socket per
-leg.  The tests drive ``drain()`` directly, waiting for readability with a bounded ``select``.
+leg.  Every test runs on both packet paths (the ``backend`` fixture): recvmmsg/sendmmsg, driven
+by ``drain()`` per leg, and io_uring (where the kernel allows it), driven by ``poll()`` once
+the ring is watched -- both waiting for readability with a bounded ``select``.
 """
 
 from __future__ import annotations
@@ -19,13 +21,41 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from netutil import needs_ipv6
 
-from fastsip.rtp import Relay, RtpPacket
-from fastsip.rtp._relay import LATCH_FIRST, LATCH_OFF, LATCH_STRICT, batched
+from fastsip.rtp import Relay as _Relay
+from fastsip.rtp import RtpPacket
+from fastsip.rtp._relay import BACKEND_ENV, LATCH_FIRST, LATCH_OFF, LATCH_STRICT, batched
 
 TIMEOUT = 2.0       # seconds any single wait may take
 
 
 Addr = tuple[str, int]
+
+BACKEND = "mmsg"    # the backend fixture's choice: what Relay() below makes
+
+
+def _uring_works() -> bool:
+    try:
+        return _Relay(backend="io_uring").backend == "io_uring"
+    except OSError:
+        return False
+
+
+Uring = pytest.mark.skipif(not _uring_works(), reason="io_uring unavailable here")
+
+
+# io_uring_coop: the ring Linux 6.0 gets (no DEFER_TASKRUN), forced where 6.1 would defer.
+@pytest.fixture(autouse=True, params=["mmsg", pytest.param("io_uring", marks=Uring),
+                                      pytest.param("io_uring_coop", marks=Uring)])
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    global BACKEND
+    BACKEND = request.param
+    yield BACKEND
+    BACKEND = "mmsg"
+
+
+def Relay(batch: int = 64, *, max_batches: int = 8) -> _Relay:
+    """The backend fixture's Relay: a stand-in for the class in every test below."""
+    return _Relay(batch, max_batches=max_batches, backend=BACKEND)
 
 
 def rtp(seq: int, ts: int = 0, ssrc: int = 0x1234, payload: bytes = b"") -> bytes:
@@ -72,9 +102,16 @@ def wait_readable(s: socket.socket, timeout: float = TIMEOUT) -> bool:
 
 
 def pump(relay: Relay, leg: int, sock: socket.socket, now: float, expect: int) -> int:
-    """Drain ``leg`` until ``expect`` datagrams were read (bounded in time)."""
+    """Drain ``leg`` until ``expect`` datagrams were read (bounded in time).  With io_uring:
+    poll the ring (every leg) until as many were read."""
     got = 0
     deadline = time.monotonic() + TIMEOUT
+    if relay.backend == "io_uring":
+        ring = relay.fileno()
+        while got < expect and time.monotonic() < deadline:
+            if select.select([ring], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                got += relay.poll(now)
+        return got
     while got < expect and time.monotonic() < deadline:
         if wait_readable(sock, max(0.0, deadline - time.monotonic())):
             got += relay.drain(leg, now)
@@ -357,7 +394,9 @@ def test_garbage_and_short_datagrams_are_relayed_and_counted(net):
     assert stats["ssrc"] is None and stats["expected"] == 0
 
 
-def test_a_burst_over_many_batches_honours_the_budget(net):
+def test_a_burst_over_many_batches_honours_the_budget(net, backend):
+    if backend != "mmsg":
+        pytest.skip("the drain budget is the recvmmsg path's (see the io_uring burst test)")
     relay = Relay(batch=64, max_batches=8)
     call = Call(net, relay, rcvbuf=4 << 20)
     granted = call.leg_a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
@@ -379,7 +418,9 @@ def test_a_burst_over_many_batches_honours_the_budget(net):
     assert relay.stats(1)["lost"] == 0 and relay.stats(1)["expected"] == 1000
 
 
-def test_removing_a_leg_mid_stream(net):
+def test_removing_a_leg_mid_stream(net, backend):
+    if backend != "mmsg":
+        pytest.skip("drain() per leg is the recvmmsg path's (poll() removal is tested below)")
     relay = Relay(batch=16, max_batches=1)
     call = Call(net, relay)
     for i in range(100):
@@ -409,6 +450,51 @@ def test_bridging_again_leaves_the_old_partner_alone(net):
     assert relay.stats(1)["errors"] == 1
     call.send_b([rtp(1)])
     assert relay.stats(2)["errors"] == 1         # leg 2 lost its partner
+
+
+def test_a_burst_longer_than_the_buffer_ring_is_relayed_whole(net, backend):
+    """io_uring: more datagrams than the ring has buffers (4096) end the multishot receive
+    (ENOBUFS); the relay arms it again and nothing is lost or reordered."""
+    if backend == "mmsg":
+        pytest.skip("io_uring's provided buffers")
+    relay = Relay()
+    call = Call(net, relay, rcvbuf=4 << 20)
+    granted = call.leg_a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    if granted < 6 << 20:
+        pytest.skip(f"SO_RCVBUF capped at {granted}: 6000 queued datagrams may not fit")
+    ring = relay.fileno()
+    packets = [rtp(i, payload=i.to_bytes(4, "big")) for i in range(6000)]
+    for p in packets:
+        call.caller.sendto(p, addr(call.leg_a))
+    got: list[tuple[bytes, Addr]] = []
+    relayed = 0
+    deadline = time.monotonic() + 3 * TIMEOUT
+    while len(got) < 6000 and time.monotonic() < deadline:
+        if select.select([ring], [], [], 0.05)[0]:
+            relayed += relay.poll(1.0)
+        while len(got) < 6000:        # the callee reads as it goes: its buffer is smaller
+            try:
+                data, source = call.callee.recvfrom(65536)
+            except BlockingIOError:
+                break
+            got.append((data, (source[0], source[1])))
+    assert relayed == 6000
+    assert [d for d, _ in got] == packets
+    stats = relay.stats(1)
+    assert stats["errors"] == 0 and stats["lost"] == 0 and relay.stats(2)["sent"] == 6000
+
+
+def test_backend_choice(monkeypatch):
+    with pytest.raises(ValueError):
+        _Relay(backend="epoll")
+    assert _Relay(backend="mmsg").backend == "mmsg"
+    monkeypatch.setenv(BACKEND_ENV, "mmsg")
+    assert _Relay().backend == "mmsg"                # the fallback, forced
+    monkeypatch.delenv(BACKEND_ENV)
+    assert _Relay().backend == ("io_uring" if _uring_works() else "mmsg")
+    if _uring_works():
+        assert not _Relay(backend="io_uring_coop").deferred
+        assert not _Relay(backend="mmsg").deferred
 
 
 def test_api_errors(net):

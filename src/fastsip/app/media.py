@@ -106,7 +106,8 @@ async def _media(args: argparse.Namespace, stop: asyncio.Event) -> int:
                                 + (f"!{i.advertised}" if i.advertised != i.address else "")
                                 for i in interfaces),
              args.port_min, args.port_max,
-             "batched (recvmmsg/sendmmsg)" if _relay.batched else "per-datagram")
+             "io_uring" if plane.relay.backend == "io_uring"
+             else "batched (recvmmsg/sendmmsg)" if _relay.batched else "per-datagram")
     logqueue.flush()  # the start-up lines are out before we say we are up
     host = f"[{ng_host}]" if ":" in ng_host else ng_host
     print(f"listening on udp:{host}:{transport.get_extra_info('sockname')[1]} (ng)", flush=True)

@@ -3,11 +3,12 @@ control socket.
 
 :class:`SocketMediaPlane` is the :class:`~fastsip.relay.calls.MediaPlane` the ng core drives:
 it binds RTP/RTCP port pairs on the relay's interfaces and hands their descriptors to the
-compiled :class:`~fastsip.rtp._relay.Relay`.  On Linux the loop watches the Relay's own epoll
-set of every leg and calls :meth:`Relay.poll <fastsip.rtp._relay.Relay.poll>` once per
-wake-up; elsewhere it watches each socket and calls ``drain`` for it.  Datagrams go socket to
-socket in C, batched (``recvmmsg``/``sendmmsg``); Python runs once per wake-up, never per
-packet.  :class:`NgServer` answers the ng control protocol on UDP.
+compiled :class:`~fastsip.rtp._relay.Relay`.  On Linux the loop watches the Relay's one
+descriptor (its io_uring, or an epoll set of every leg where io_uring is unavailable) and
+calls :meth:`Relay.poll <fastsip.rtp._relay.Relay.poll>` once per wake-up; elsewhere it
+watches each socket and calls ``drain`` for it.  Datagrams go socket to socket in C (one
+``io_uring_enter`` per wake-up, or ``recvmmsg``/``sendmmsg``); Python runs once per wake-up,
+never per packet.  :class:`NgServer` answers the ng control protocol on UDP.
 """
 
 from __future__ import annotations
@@ -100,8 +101,9 @@ class SocketMediaPlane:
         self._sockets: dict[int, socket.socket] = {}
         self._port: dict[int, tuple[str, int]] = {}    # leg -> (interface name, port)
         self._next_leg = 1
-        # Linux: the Relay's own epoll set holds every leg; the loop watches it alone and one
-        # poll() drains whatever is ready.  Elsewhere each socket is watched (drain per fd).
+        # Linux: the Relay's io_uring (or its own epoll set) holds every leg; the loop watches
+        # that one descriptor and one poll() relays whatever is ready.  Elsewhere each socket
+        # is watched (drain per fd).
         self._pollset = self.relay.fileno()
         if self._pollset >= 0:
             poll = self.relay.poll

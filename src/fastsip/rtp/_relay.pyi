@@ -1,12 +1,16 @@
 """Type stub for the compiled relay packet path (fastsip/rtp/_relay.pyx)."""
 
-from typing import Final, TypedDict, type_check_only
+from typing import Final, Literal, TypedDict, type_check_only
 
 LATCH_OFF: Final[int]
 LATCH_FIRST: Final[int]
 LATCH_STRICT: Final[int]
 batched: Final[bool]
 """True where recvmmsg/sendmmsg move a batch per system call (Linux); elsewhere per datagram."""
+uring_compiled: Final[bool]
+"""True where the io_uring packet path is built in (Linux); whether it runs is Relay.backend."""
+BACKEND_ENV: Final[str]
+"""The environment variable that, set to ``mmsg``, makes backend="auto" skip io_uring."""
 
 @type_check_only
 class LegStats(TypedDict, total=False):
@@ -28,7 +32,13 @@ class LegStats(TypedDict, total=False):
     received: int
 
 class Relay:
-    def __init__(self, batch: int = 64, *, max_batches: int = 8) -> None: ...
+    def __init__(self, batch: int = 64, *, max_batches: int = 8,
+                 backend: Literal["auto", "io_uring", "io_uring_coop", "mmsg"] = "auto"
+                 ) -> None: ...
+    @property
+    def backend(self) -> Literal["io_uring", "mmsg"]: ...
+    @property
+    def deferred(self) -> bool: ...
     def add_leg(self, leg: int, fd: int, *, rtcp: bool = False) -> None: ...
     def set_peer(self, leg: int, host: str, port: int) -> None: ...
     def set_latching(self, leg: int, mode: int) -> None: ...
