@@ -7,7 +7,10 @@ it is free), feeds what arrives to the stream's sans-IO
 with ``sock.sendto``.  **One** loop timer ticks every session: it fires on a fixed grid
 (``tick`` seconds, 10 ms by default) while any session is live, and each session starts on a
 grid point, so 20 ms frames of every call fall on the grid and no call owns a Task or a loop
-handle per packet.
+handle per packet.  Each tick every session decides what is due; the plain audio frames it
+grants go out in one call to the compiled :class:`~fastsip.rtp._sender.Sender` (built in C
+buffers, ``sendmmsg``/``sendto`` from C: no Python object per packet), the rest (RFC 4733
+events, echo, RTCP) as the datagrams the session returns.
 
 On Linux each RTP packet's arrival time is the kernel's receive timestamp (``SO_TIMESTAMPNS``),
 not the time the loop got round to reading it: the jitter a call-quality report gives is then
@@ -28,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from fastsip.rtp._sender import Sender
 from fastsip.rtp.session import Datagram, MediaSession
 
 __all__ = ["MediaEngine", "MediaStream", "PortsExhausted"]
@@ -95,7 +99,8 @@ class MediaEngine:
         self._handle: asyncio.TimerHandle | None = None
         self._next_port = self.port_base
         self.wakeups = 0
-        self.send_errors = 0
+        self._send_errors = 0
+        self._sender = Sender()
         # RTCP's NTP timestamps want wall-clock time; the sessions see the loop's clock.
         self.wallclock_offset = time.time() - self._loop.time()
         # Kernel receive stamps are wall-clock: this maps them onto the monotonic clock the
@@ -109,6 +114,11 @@ class MediaEngine:
 
     def time(self) -> float:
         return self._loop.time()
+
+    @property
+    def send_errors(self) -> int:
+        """Datagrams the kernel refused (full buffer, unreachable): RTP is lossy."""
+        return self._send_errors + int(self._sender.errors)
 
     @property
     def streams(self) -> int:
@@ -179,6 +189,7 @@ class MediaEngine:
         # Start on the tick grid: every stream's frames then fall on the same wake-ups.
         now = self._loop.time()
         session.start(math.ceil(now / self.tick) * self.tick)
+        self._sender.attach(session.send_state, stream.rtp.fileno())
         self._active.append(stream)
         self._arm()
 
@@ -189,6 +200,8 @@ class MediaEngine:
         session = stream.session
         if session is not None:
             now = self._loop.time()
+            # the last frames by the Python path: the socket closes before the next flush
+            self._sender.detach(session.send_state)
             self._send(stream.rtp, session.tick(now))
             self._send(stream.rtcp, session.close(now))
             with contextlib.suppress(ValueError):
@@ -265,7 +278,7 @@ class MediaEngine:
             try:
                 sendto(data, addr)
             except OSError:
-                self.send_errors += 1           # full buffer, unreachable: RTP is lossy
+                self._send_errors += 1          # full buffer, unreachable: RTP is lossy
 
     def _arm(self) -> None:
         if self._handle is not None or not self._active:
@@ -292,5 +305,7 @@ class MediaEngine:
             rtcp = session.poll_rtcp(now)
             if rtcp:
                 send(stream.rtcp, rtcp)
+        # every frame the sessions granted, of every stream, in one call
+        self._sender.flush(now)
         self._arm()
 

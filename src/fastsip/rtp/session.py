@@ -44,6 +44,7 @@ import numpy.typing as npt
 from fastsip.rtp._g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
 from fastsip.rtp._jitter import FrameKind, JitterBuffer
 from fastsip.rtp._packet import RtpPacket
+from fastsip.rtp._sender import SendState, max_payload
 from fastsip.rtp._stats import RtpStats
 from fastsip.rtp.events import TelephoneEvent
 from fastsip.rtp.packetizer import Depacketizer
@@ -166,13 +167,19 @@ class MediaSession:
             session_bandwidth = (self.samples_per_frame + 40) / ptime
         self.rtcp_bandwidth = 0.05 * session_bandwidth
 
-        # sending
-        self.tx = SendStats()
+        # sending: the sequence number, marker and frame grid live in a compiled SendState,
+        # shared with the shell's compiled send path (fastsip.rtp._sender.Sender), which sends
+        # the frames tick() grants it.  Both paths number packets from the same fields, so
+        # switching between them (an RFC 4733 event, echo, hold) hands nothing over.
+        self._tx = SendStats()
         self.epoch: float | None = None
-        self._next_frame = 0
-        self._sequence = secrets.randbits(16)
         self._ts0 = secrets.randbits(32)
-        self._marker = True
+        self._st = SendState(ssrc=self.ssrc, payload_type=self.payload_type,
+                             samples_per_frame=self.samples_per_frame, ptime=ptime)
+        self._st.ts0 = self._ts0
+        self._st.sequence = secrets.randbits(16)
+        self._st.marker = True
+        self._st_remote: Addr | None = None      # the remote last given to the SendState
         self._source: bytes = b""
         self._source_loop = loop
         self._source_frame0 = 0
@@ -231,6 +238,56 @@ class MediaSession:
         self._last_sr_arrival: float | None = None
         self._closed = False
 
+    # The sending fields the compiled send path shares (see __init__).
+    @property
+    def _sequence(self) -> int:
+        return int(self._st.sequence)
+
+    @_sequence.setter
+    def _sequence(self, value: int) -> None:
+        self._st.sequence = value
+
+    @property
+    def _next_frame(self) -> int:
+        return int(self._st.next_frame)
+
+    @_next_frame.setter
+    def _next_frame(self, value: int) -> None:
+        self._st.next_frame = value
+
+    @property
+    def _marker(self) -> bool:
+        return bool(self._st.marker)
+
+    @_marker.setter
+    def _marker(self, value: bool) -> None:
+        self._st.marker = value
+
+    @property
+    def send_state(self) -> SendState:
+        """The sending state a shell attaches to its compiled :class:`~fastsip.rtp._sender.
+        Sender` (with the RTP socket's fd) so that :meth:`tick` may grant it plain audio
+        frames instead of returning them."""
+        return self._st
+
+    @property
+    def tx(self) -> SendStats:
+        """What this session sent, the compiled path's packets included."""
+        self._settle()
+        return self._tx
+
+    def _settle(self) -> None:
+        # Fold what the compiled path sent since the last look into the statistics.
+        st = self._st
+        if st.packets:
+            tx = self._tx
+            tx.packets += st.packets
+            tx.octets += st.octets
+            tx.audio_packets += st.audio_packets
+            st.packets = st.octets = st.audio_packets = 0
+            self._sent_since_report = True
+        self._tx.max_lateness = max(self._tx.max_lateness, st.max_lateness)
+
     # -- set-up ----------------------------------------------------------------------------
 
     @classmethod
@@ -285,6 +342,10 @@ class MediaSession:
         self._source_loop = loop
         self._source_frame0 = self._next_frame
         self._marker = True
+        st = self._st
+        st.source = self._source
+        st.loop = loop
+        st.source_frame0 = self._source_frame0
 
     def start(self, now: float) -> None:
         """Frame 0 is due at ``now``; the first RTCP report after the initial interval."""
@@ -292,6 +353,7 @@ class MediaSession:
             return
         self.epoch = now
         self._next_frame = 0
+        self._st.epoch = now
         self._schedule_rtcp(now)
 
     def frame_time(self, index: int) -> float:
@@ -334,12 +396,17 @@ class MediaSession:
         if due - first > self.max_burst:
             # The loop was late by more than max_burst frames: drop the oldest rather than
             # send a long burst; timestamps stay on the frame grid, so the peer sees a gap.
-            self.tx.skipped_frames += due - self.max_burst - first
+            self._tx.skipped_frames += due - self.max_burst - first
             first = due - self.max_burst
+            self._next_frame = first
             self._marker = True
+        st = self._st
+        if st.attached and self._grantable(due):
+            st.grant = due                       # the shell's Sender builds and sends them
+            return []
         out: list[Datagram] = []
         dest = self.remote
-        tx = self.tx
+        tx = self._tx
         for k in range(first, due):
             data = self._frame(k)
             if data is not None:
@@ -351,6 +418,22 @@ class MediaSession:
         self._next_frame = due
         return out
 
+    def _grantable(self, due: int) -> bool:
+        """Whether frames ``_next_frame .. due - 1`` are all plain audio from the source that
+        the compiled path can send: no RFC 4733 event among them, no echo mode, no per-frame
+        lateness log, an IP-literal destination."""
+        if self.echo or self._tx.lateness is not None or self.samples_per_frame > max_payload:
+            return False
+        if self._dtmf and self._dtmf[0].start_frame < due:
+            return False
+        remote = self.remote
+        if remote is not self._st_remote:
+            self._st_remote = remote
+            if remote is None or not self._st.set_remote(remote[0], remote[1]):
+                self._st_remote = None
+                return False
+        return bool(self._st.has_remote)
+
     def _frame(self, k: int) -> bytes | None:
         while self._dtmf:
             ev = self._dtmf[0]
@@ -359,7 +442,7 @@ class MediaSession:
             i = k - ev.start_frame
             if i < len(ev.events) and self.telephone_event is not None:
                 event = ev.events[i]
-                self.tx.event_packets += 1
+                self._tx.event_packets += 1
                 if i == len(ev.events) - 1:
                     self._dtmf.popleft()
                     self._marker = True          # the audio after an event starts a talkspurt
@@ -382,14 +465,14 @@ class MediaSession:
             offset %= len(source)
         marker = self._marker
         self._marker = False
-        self.tx.audio_packets += 1
+        self._tx.audio_packets += 1
         return self._packet(self.payload_type, marker, self._ts0 + k * spf,
                             source[offset:offset + spf])
 
     def _packet(self, payload_type: int, marker: bool, timestamp: int, payload: bytes) -> bytes:
         seq = self._sequence
         self._sequence = (seq + 1) & 0xFFFF
-        tx = self.tx
+        tx = self._tx
         tx.packets += 1
         tx.octets += len(payload)
         self._sent_since_report = True
@@ -489,7 +572,7 @@ class MediaSession:
             marker = True
         ts = self._echo_ts + ((packet.timestamp - self._remote_ts0) & 0xFFFFFFFF)
         self._echo_next = ts + packet.payload_length
-        self.tx.echo_packets += 1
+        self._tx.echo_packets += 1
         return self._packet(self.payload_type, marker, ts, bytes(packet.payload))
 
     def _on_event(self, packet: RtpPacket) -> None:
@@ -598,6 +681,7 @@ class MediaSession:
 
     def rtcp_report(self, now: float) -> list[RtcpPacket]:
         """The report (SR if we sent since the last one, else RR) and SDES we would send now."""
+        self._settle()
         blocks: list[ReceptionReport] = []
         if self.rx.ssrc is not None and self.rx.received > 0:
             blocks.append(report_block(self.rx, last_sr_ntp=self._last_sr_ntp,
@@ -621,7 +705,7 @@ class MediaSession:
         self._avg_rtcp_size = len(data) / 16 + self._avg_rtcp_size * 15 / 16   # §6.3.3
         if self.remote_rtcp is None:
             return []
-        self.tx.rtcp_packets += 1
+        self._tx.rtcp_packets += 1
         return [(data, self.remote_rtcp)]
 
     def receive_rtcp(self, data: bytes, source_addr: Addr, now: float) -> None:
