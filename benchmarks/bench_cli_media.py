@@ -20,6 +20,16 @@ the ratio is fastsip / sipp (how many times sipp's CPU fastsip needs).
 
     PYTHONPATH=. python benchmarks/bench_cli_media.py [--calls 100] [--seconds 10] [--rounds 3]
 
+``--pacing N`` measures instead the media clock of one process under load: N streams of 20 ms
+PCMU on one MediaEngine (one loop timer), sending to N sockets of this process that time each
+arrival by the kernel's receive stamp (SO_TIMESTAMPNS; on loopback, when it left) against its
+frame's due time (epoch + k * 20 ms).  The engine's process reports its own CPU (user and
+system apart, start-up excluded).  The reference in the same run is the session's Python send
+path (each packet a ``bytes`` and a ``sendto`` from Python), interleaved round by round with
+the compiled one (``fastsip.rtp._sender``: granted frames built and sent from C):
+
+    PYTHONPATH=. python benchmarks/bench_cli_media.py --pacing 200 [--seconds 10] [--rounds 3]
+
 Linux only (procfs); skipped without sipp.  ``benchmarks/guard.py`` runs it as a plain pytest
 (no pytest-benchmark timing, so no ``GUARDS`` entry): a ratio over ``CEILING`` fails.
 
@@ -36,6 +46,7 @@ import csv
 import os
 import resource
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -361,13 +372,187 @@ def test_cli_media_cpu_per_call_second_vs_sipp() -> None:
         assert ratio_of(sides) <= CEILING, text
 
 
+# -- the media clock under load (--pacing) -----------------------------------------------------
+
+_PACING_CHILD = r"""
+import asyncio, json, resource, sys, time
+import numpy as np
+from fastsip.asyncio.rtp import MediaEngine
+from fastsip.rtp.session import MediaSession
+
+ports, seconds, path, loop_name = json.loads(sys.argv[1])
+
+class PythonPath:
+    # the reference: no state attached, so every session builds and sends its own packets
+    sent = errors = 0
+    def attach(self, state, fd): pass
+    def detach(self, state): pass
+    def flush(self, now): return 0
+
+async def run():
+    engine = MediaEngine("127.0.0.1", 0)
+    if path == "python":
+        engine._sender = PythonPath()
+    t = np.arange(8000) / 8000
+    pcm = (8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+    sessions = []
+    for port in ports:
+        stream = engine.open()
+        session = MediaSession(remote=("127.0.0.1", port), source=pcm, loop=True)
+        stream.start(session)
+        sessions.append(session)
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    await asyncio.sleep(seconds)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    out = {"user": r1.ru_utime - r0.ru_utime, "sys": r1.ru_stime - r0.ru_stime,
+           "wakeups": engine.wakeups, "batched": engine._sender.sent,
+           "errors": engine.send_errors,
+           "sessions": [[port, s._ts0, s.epoch, s.samples_per_frame, s.ptime, s.tx.packets]
+                        for port, s in zip(ports, sessions)]}
+    engine.close()
+    return out
+
+if loop_name == "uvloop":
+    import uvloop
+    loop = uvloop.new_event_loop()
+else:
+    loop = asyncio.new_event_loop()
+print(json.dumps(loop.run_until_complete(run())))
+"""
+
+
+class Pacing:
+    """One run of ``--pacing``: the engine process's CPU and the arrivals' lateness."""
+
+    def __init__(self, path: str, streams: int, seconds: float, user: float, system: float,
+                 sent: int, received: int, batched: int, wakeups: int,
+                 lateness: list[float]) -> None:
+        self.path, self.streams, self.seconds = path, streams, seconds
+        self.user, self.system = user, system
+        self.sent, self.received, self.batched, self.wakeups = sent, received, batched, wakeups
+        self.lateness = sorted(lateness)
+
+    def percentile(self, q: float) -> float:
+        if not self.lateness:
+            return float("nan")
+        return self.lateness[min(len(self.lateness) - 1, int(q / 100 * len(self.lateness)))]
+
+    def line(self) -> str:
+        per = self.streams * self.seconds
+        return (f"  {self.path:8} {self.user / per * 1e6:9.1f} {self.system / per * 1e6:9.1f} "
+                f"{(self.user + self.system) / per * 1e6:9.1f}   "
+                f"{self.percentile(50) * 1e3:6.2f} {self.percentile(99) * 1e3:6.2f} "
+                f"{self.percentile(99.9) * 1e3:6.2f} {self.lateness[-1] * 1e3:6.2f}  "
+                f"{self.sent:8} {self.received:8} {self.batched:8} {self.wakeups:6}")
+
+
+def pacing(path: str, streams: int, seconds: float, loop_name: str = "asyncio") -> Pacing:
+    """``streams`` sessions in a child process sending to sockets of this one, timed here."""
+    import json
+    import select
+    import threading
+
+    so_timestampns = 35
+    socks = []
+    try:
+        for _ in range(streams):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks.append(sock)
+            sock.bind((HOST, 0))
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, so_timestampns, 1)
+        arrivals: dict[int, list[tuple[float, int]]] = {s.fileno(): [] for s in socks}
+        done = threading.Event()
+        ancillary = socket.CMSG_SPACE(16)
+
+        def receive() -> None:
+            poller = select.epoll()
+            for sock in socks:
+                poller.register(sock.fileno(), select.EPOLLIN)
+            by_fd = {sock.fileno(): sock for sock in socks}
+            while not done.is_set():
+                for fd, _ in poller.poll(0.05):
+                    sock, got = by_fd[fd], arrivals[fd]
+                    while True:
+                        try:
+                            data, anc, _f, _a = sock.recvmsg(2048, ancillary)
+                        except BlockingIOError:
+                            break
+                        if len(data) < 12 or data[1] >= 200:
+                            continue
+                        for level, kind, stamp in anc:
+                            if level == socket.SOL_SOCKET and kind == so_timestampns:
+                                sec, nsec = struct.unpack_from("@ll", stamp)
+                                got.append((sec + nsec * 1e-9,
+                                            struct.unpack_from("!I", data, 4)[0]))
+            poller.close()
+
+        reader = threading.Thread(target=receive, daemon=True)
+        reader.start()
+        ports = [s.getsockname()[1] for s in socks]
+        realtime_offset = time.time() - time.monotonic()
+        child = subprocess.run(
+            [sys.executable, "-c", _PACING_CHILD, json.dumps([ports, seconds, path, loop_name])],
+            env=fastsip_env(), capture_output=True, text=True, timeout=seconds + 120,
+            check=False)
+        time.sleep(0.2)
+        done.set()
+        reader.join()
+        if child.returncode:
+            raise AssertionError(f"pacing child failed:\n{child.stderr}")
+        result = json.loads(child.stdout)
+        lateness = []
+        received = 0
+        for sock, (port, ts0, epoch, spf, ptime, _sent) in zip(socks, result["sessions"]):
+            assert sock.getsockname()[1] == port
+            for stamp, ts in arrivals[sock.fileno()]:
+                received += 1
+                k = ((ts - ts0) & 0xFFFFFFFF) // spf
+                lateness.append(stamp - realtime_offset - (epoch + k * ptime))
+        return Pacing(path, streams, seconds, result["user"], result["sys"],
+                      sum(s[5] for s in result["sessions"]), received, result["batched"],
+                      result["wakeups"], lateness)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def pacing_report(runs: list[Pacing]) -> str:
+    first = runs[0]
+    title = (f"media clock: {first.streams} streams x 20 ms PCMU on one engine, "
+             f"{first.seconds:g} s per run (CPU in us per stream-second; arrival - due, ms):")
+    header = (f"  {'path':8} {'user':>9} {'sys':>9} {'total':>9}   {'p50':>6} {'p99':>6} "
+              f"{'p99.9':>6} {'max':>6}  {'sent':>8} {'received':>8} {'from C':>8} {'wakes':>6}")
+    lines = [title, header]
+    lines += [r.line() for r in runs]
+    for path in ("python", "compiled"):
+        mine = [r for r in runs if r.path == path]
+        if mine:
+            totals = [(r.user + r.system) / (r.streams * r.seconds) * 1e6 for r in mine]
+            lines.append(f"  {path}: best {min(totals):.1f} us CPU per stream-second "
+                         f"(spread {max(totals) / min(totals):.2f}x); worst p99 "
+                         f"{max(r.percentile(99) for r in mine) * 1e3:.2f} ms")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="CPU per call-second of media: fastsip call/answer "
                                              "vs sipp play_pcap_audio/-rtp_echo")
     ap.add_argument("--calls", type=int, default=CALLS)
     ap.add_argument("--seconds", type=float, default=SECONDS)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--pacing", type=int, default=0, metavar="N",
+                    help="measure the media clock of N streams in one process instead")
+    ap.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     a = ap.parse_args(argv)
+    if a.pacing:
+        runs = []
+        for _ in range(a.rounds):
+            for path in ("python", "compiled"):
+                runs.append(pacing(path, a.pacing, a.seconds, a.loop))
+                print(runs[-1].line(), flush=True)
+        print(pacing_report(runs))
+        return 0
     if SIPP is None:
         print("sipp is not installed", file=sys.stderr)
         return 2

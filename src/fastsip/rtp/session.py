@@ -386,21 +386,21 @@ class MediaSession:
             return []
         # frame k is due at epoch + k * ptime; the epsilon absorbs float error at exact ticks
         due = math.floor((now - epoch) / self.ptime + 1e-6) + 1
-        if due <= self._next_frame:
+        st = self._st
+        first = st.next_frame
+        if due <= first:
             return []
         if not self.sending or self.remote is None:
-            self._next_frame = due
+            st.next_frame = due
             self._dtmf_expire(due)
             return []
-        first = self._next_frame
         if due - first > self.max_burst:
             # The loop was late by more than max_burst frames: drop the oldest rather than
             # send a long burst; timestamps stay on the frame grid, so the peer sees a gap.
             self._tx.skipped_frames += due - self.max_burst - first
             first = due - self.max_burst
-            self._next_frame = first
-            self._marker = True
-        st = self._st
+            st.next_frame = first
+            st.marker = True
         if st.attached and self._grantable(due):
             st.grant = due                       # the shell's Sender builds and sends them
             return []
