@@ -383,10 +383,13 @@ from fastsip.rtp.session import MediaSession
 ports, seconds, path, loop_name = json.loads(sys.argv[1])
 
 class PythonPath:
-    # the reference: no state attached, so every session builds and sends its own packets
+    # the reference: no state attached, so every session gets a tick each time and builds and
+    # sends its own packets
     sent = errors = 0
-    def attach(self, state, fd): pass
-    def detach(self, state): pass
+    def __init__(self): self.owners = {}
+    def attach(self, state, fd, owner=None): self.owners[id(state)] = owner
+    def detach(self, state): self.owners.pop(id(state), None)
+    def due(self, now): return list(self.owners.values())
     def flush(self, now): return 0
 
 async def run():

@@ -58,14 +58,20 @@ def twins(remote_a: tuple[str, int], remote_b: tuple[str, int], source: np.ndarr
     return a, b
 
 
-def test_compiled_and_python_paths_put_the_same_bytes_on_the_wire() -> None:
+@pytest.mark.parametrize("ticks", ["every", "when_due"])
+def test_compiled_and_python_paths_put_the_same_bytes_on_the_wire(ticks: str) -> None:
+    """``every``: the compiled twin's session is ticked as often as the Python one (it grants
+    and returns nothing); ``when_due``: only when its send state asks (``wake``), as the
+    engine does -- between, the Sender paces the frames alone, a late loop's burst included."""
     rx_a, rx_b, tx_a, tx_b = udp(), udp(), udp(), udp()
     sender = Sender()
     first, second = tone(0.5, 440), tone(0.3, 1000)
     a, b = twins(rx_a.getsockname(), rx_b.getsockname(), first, loop=True)
     got_a: list[bytes] = []
     got_b: list[bytes] = []
-    granted = 0
+    granted = a_ticks = 0
+    polled: list[MediaSession] = []
+    rtcp: dict[bool, list[tuple[bytes, tuple[str, int]]]] = {True: [], False: []}
     second_from = -1
 
     def new_source(s: MediaSession) -> None:
@@ -92,9 +98,18 @@ def test_compiled_and_python_paths_put_the_same_bytes_on_the_wire() -> None:
                 action(a)
                 action(b)
             for s, sock in ((a, tx_a), (b, tx_b)):
+                if s is a and ticks == "when_due" and a.send_state.wake > now:
+                    continue
+                if s is a:
+                    a_ticks += 1
                 for data, addr in s.tick(now):
                     sock.sendto(data, addr)
+                polled.append(s)
             granted += sender.flush(now)
+            # RTCP after the flush, as the engine does: an SR counts this tick's frames
+            for s in polled:
+                rtcp[s is a] += s.poll_rtcp(now)
+            polled.clear()
             drain(rx_a, got_a)
             drain(rx_b, got_b)
         for _ in range(20):
@@ -108,8 +123,11 @@ def test_compiled_and_python_paths_put_the_same_bytes_on_the_wire() -> None:
             sock.close()
 
     assert sender.errors == 0
+    if ticks == "when_due":                    # the session's own ticks: events, hold, edges
+        assert a_ticks < len(times) / 4, a_ticks
     assert len(got_b) == b.tx.packets > 120
     assert got_a == got_b                        # the same datagrams, byte for byte
+    assert [d for d, _ in rtcp[True]] == [d for d, _ in rtcp[False]] != []
     # the compiled path really sent the audio, and the session counted it
     assert granted == sender.sent == a.tx.audio_packets == b.tx.audio_packets
     ta, tb = a.tx, b.tx
@@ -184,7 +202,8 @@ def test_detach_withdraws_a_grant_so_the_python_path_sends_it() -> None:
         sender.attach(s.send_state, sock.fileno())
         with pytest.raises(ValueError):
             sender.attach(s.send_state, sock.fileno())
-        assert s.tick(0.02) == [] and s.send_state.grant == 2
+        assert s.tick(0.02) == [] and s.send_state.grant > 2      # no end: no event queued
+        assert s.send_state.wake > 0.5                # the first RTCP report: a second or so away
         sender.detach(s.send_state)
         assert len(sender) == 0 and not s.send_state.attached
         out = [RtpPacket.parse(d) for d, _ in s.tick(0.02)]

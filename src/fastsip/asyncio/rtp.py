@@ -7,10 +7,11 @@ it is free), feeds what arrives to the stream's sans-IO
 with ``sock.sendto``.  **One** loop timer ticks every session: it fires on a fixed grid
 (``tick`` seconds, 10 ms by default) while any session is live, and each session starts on a
 grid point, so 20 ms frames of every call fall on the grid and no call owns a Task or a loop
-handle per packet.  Each tick every session decides what is due; the plain audio frames it
-grants go out in one call to the compiled :class:`~fastsip.rtp._sender.Sender` (built in C
-buffers, ``sendmmsg``/``sendto`` from C: no Python object per packet), the rest (RFC 4733
-events, echo, RTCP) as the datagrams the session returns.
+handle per packet.  The plain audio frames a session grants (see
+:meth:`~fastsip.rtp.session.MediaSession.tick`) go out in one call per tick to the compiled
+:class:`~fastsip.rtp._sender.Sender` for every stream (built in C buffers, ``sendmmsg``/``sendto``
+from C: no Python object per packet); only the sessions that need a tick of their own (an RFC
+4733 event, hold, a playout slot of a recording, RTCP) get one, and send what it returns.
 
 On Linux each RTP packet's arrival time is the kernel's receive timestamp (``SO_TIMESTAMPNS``),
 not the time the loop got round to reading it: the jitter a call-quality report gives is then
@@ -189,7 +190,7 @@ class MediaEngine:
         # Start on the tick grid: every stream's frames then fall on the same wake-ups.
         now = self._loop.time()
         session.start(math.ceil(now / self.tick) * self.tick)
-        self._sender.attach(session.send_state, stream.rtp.fileno())
+        self._sender.attach(session.send_state, stream.rtp.fileno(), stream)
         self._active.append(stream)
         self._arm()
 
@@ -295,17 +296,25 @@ class MediaEngine:
         now = self._loop.time()
         self._realtime_offset = time.time() - time.monotonic()
         send = self._send
-        for stream in self._active:
+        # Only the sessions that need a tick of their own (an ungranted frame, a playout slot,
+        # an RTCP report): a stream sending granted audio costs no Python here.
+        due: list[MediaStream] = self._sender.due(now)
+        for stream in due:
             session = stream.session
-            if session is None:
+            if session is None or stream.closed:
                 continue
             out = session.tick(now)
             if out:
                 send(stream.rtp, out)
+        # every frame the sessions granted, of every stream, in one call
+        self._sender.flush(now)
+        # RTCP last: a sender report counts the packets of this tick
+        for stream in due:
+            session = stream.session
+            if session is None or stream.closed:
+                continue
             rtcp = session.poll_rtcp(now)
             if rtcp:
                 send(stream.rtcp, rtcp)
-        # every frame the sessions granted, of every stream, in one call
-        self._sender.flush(now)
         self._arm()
 

@@ -1,6 +1,6 @@
 """Type stub for the compiled media send path (fastsip/rtp/_sender.pyx)."""
 
-from typing import Final, final
+from typing import Any, Final, final
 
 max_payload: Final[int]
 """The longest payload (octets) a Sender builds; a session sends longer frames itself."""
@@ -16,12 +16,15 @@ class SendState:
     ptime: float
     next_frame: int
     grant: int
+    max_burst: int
+    wake: float
     marker: bool
     source_frame0: int
     loop: bool
     packets: int
     octets: int
     audio_packets: int
+    skipped_frames: int
     max_lateness: float
     source: bytes
     @property
@@ -37,7 +40,8 @@ class Sender:
     sent: int
     errors: int
     def __init__(self) -> None: ...
-    def attach(self, state: SendState, fd: int) -> None: ...
+    def attach(self, state: SendState, fd: int, owner: object = None) -> None: ...
     def detach(self, state: SendState) -> None: ...
     def __len__(self) -> int: ...
+    def due(self, now: float) -> list[Any]: ...
     def flush(self, now: float) -> int: ...

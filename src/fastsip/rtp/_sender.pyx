@@ -9,16 +9,23 @@ kept in C fields.  :class:`~fastsip.rtp.session.MediaSession` owns one and reads
 as its own state (its Python path numbers packets from the same fields), so there is nothing to
 hand back when it switches between paths: the session stays the authority on what is sent.
 
-Each tick the session decides which frames are due.  When all of them are plain audio from its
-source (no RFC 4733 event, no echo, sending, an IP destination) it *grants* them
-(``grant = due``) instead of building them; :meth:`Sender.flush`, called once per tick by the
-shell with the loop's ``now``, then builds every granted frame of every stream into buffers
-allocated once and sends them from the stream's socket (``sendmmsg`` on Linux when a stream
-has several, else ``sendto``).  Counters go to the state as deltas the session folds into its
-statistics when it reads them.  This module reads no clock; the fds belong to the shell.
+The session decides what may go out: while its frames are plain audio from its source (no
+RFC 4733 event, no echo, sending, an IP destination) it *grants* them -- every frame below
+``grant`` (the next event's first frame, or no end) -- and says when it next needs a tick of
+its own (``wake``: an ungranted frame, a playout slot, an RTCP report); any change of what the
+grant rests on (hold, a new destination, DTMF queued, echo) takes it back.  Once per tick the
+shell calls :meth:`Sender.due` (the streams whose session needs its tick, which may take
+frames back for its Python path) and then :meth:`Sender.flush` with the loop's ``now``: that
+puts every due granted frame of every stream on the frame grid the session uses (frame k due
+at ``epoch + k * ptime``; a loop later than ``max_burst`` frames skips the oldest, as the
+session does), builds them into buffers allocated once and sends them from the stream's socket
+(``sendmmsg`` on Linux when a stream has several, else ``sendto``).  Counters go to the state
+as deltas the session folds into its statistics when it reads them.  This module reads no
+clock; the fds belong to the shell.
 """
 
 cimport cython
+from libc.math cimport floor
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
@@ -172,12 +179,15 @@ cdef class SendState:
     cdef public double ptime
     cdef public long long next_frame
     cdef public long long grant
+    cdef public int max_burst
+    cdef public double wake
     cdef public bint marker
     cdef public long long source_frame0
     cdef public bint loop
     cdef public unsigned long long packets
     cdef public unsigned long long octets
     cdef public unsigned long long audio_packets
+    cdef public unsigned long long skipped_frames
     cdef public double max_lateness
     cdef readonly bint attached        # to a Sender (which then has its fd)
     cdef readonly bint has_remote
@@ -185,6 +195,7 @@ cdef class SendState:
     cdef const unsigned char *_src
     cdef long long _src_len
     cdef int _fd
+    cdef object _owner
     cdef sockaddr_storage _remote
     cdef unsigned int _remote_len
 
@@ -194,6 +205,7 @@ cdef class SendState:
         self.payload_type = payload_type
         self.samples_per_frame = samples_per_frame
         self.ptime = ptime
+        self.max_burst = 5
         self.source = b""
         self._fd = -1
 
@@ -260,11 +272,13 @@ cdef class Sender:
     def __dealloc__(self):
         free(self._buf)
 
-    def attach(self, SendState state not None, int fd):
-        """Send ``state``'s granted frames from ``fd`` (the shell's socket, non-blocking)."""
+    def attach(self, SendState state not None, int fd, owner=None):
+        """Send ``state``'s granted frames from ``fd`` (the shell's socket, non-blocking);
+        :meth:`due` names it by ``owner``."""
         if state.attached:
             raise ValueError("the state is attached to a Sender already")
         state._fd = fd
+        state._owner = owner
         state.attached = True
         self._states.append(state)
 
@@ -276,10 +290,17 @@ cdef class Sender:
         self._states.remove(state)
         state.attached = False
         state._fd = -1
+        state._owner = None
         state.grant = state.next_frame
 
     def __len__(self):
         return len(self._states)
+
+    def due(self, double now):
+        """The owners of the streams whose session needs a tick at ``now`` (``wake <= now``),
+        in the order they were attached."""
+        cdef SendState st
+        return [st._owner for st in self._states if st.wake <= now]
 
     def flush(self, double now):
         """Build and send every stream's granted frames; returns how many datagrams were built
@@ -288,18 +309,29 @@ cdef class Sender:
         cdef SendState st
         cdef Py_ssize_t total = 0
         for st in self._states:
-            if st.grant > st.next_frame:
+            if st.grant > st.next_frame and st.epoch <= now:
                 total += self._flush_one(st, now)
         self.sent += total
         return total
 
     cdef Py_ssize_t _flush_one(self, SendState st, double now) noexcept:
-        cdef long long k, offset
+        cdef long long k, offset, due, first
         cdef long long spf = st.samples_per_frame
         cdef unsigned int n = 0, total = 0, ts
         cdef unsigned char *p
         cdef double late
-        for k in range(st.next_frame, st.grant):
+        # MediaSession.tick's arithmetic, to the float: frame k is due at epoch + k * ptime
+        due = <long long>floor((now - st.epoch) / st.ptime + 1e-6) + 1
+        if due > st.grant:
+            due = st.grant
+        first = st.next_frame
+        if due <= first:
+            return 0
+        if due - first > st.max_burst > 0:
+            st.skipped_frames += <unsigned long long>(due - st.max_burst - first)
+            first = due - st.max_burst
+            st.marker = True
+        for k in range(first, due):
             # Frame k's payload, exactly as MediaSession._frame chooses it.
             if st._src_len == 0:
                 continue
@@ -344,7 +376,7 @@ cdef class Sender:
         if n:
             self._send(st, n)
             total += n
-        st.next_frame = st.grant
+        st.next_frame = due
         return total
 
     cdef void _send(self, SendState st, unsigned int n) noexcept:

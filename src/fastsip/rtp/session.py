@@ -86,6 +86,7 @@ CODECS: dict[str, tuple[int, _Encoder, _Decoder, int]] = {
 
 _HEADER = struct.Struct("!BBHII")
 _SENDING = ("sendrecv", "sendonly")
+_FOREVER = 1 << 62        # a grant without end: frame numbers never get there
 _RECEIVING = ("sendrecv", "recvonly")
 
 
@@ -148,12 +149,12 @@ class MediaSession:
             raise ValueError("ptime must be 5..200 ms")
         self.ptime = ptime
         self.samples_per_frame = round(clock_rate * ptime)
-        self.remote = remote
+        self._remote = remote
         self._sdp_remote = remote
         self.remote_rtcp = remote_rtcp if remote_rtcp is not None else \
             ((remote[0], remote[1] + 1) if remote is not None else None)
-        self.direction = direction
-        self.echo = echo
+        self._direction = direction
+        self._echo_mode = echo
         self.record = record
         self.ssrc = secrets.randbits(32) if ssrc is None else ssrc
         self.cname = cname or f"fastsip-{self.ssrc:08x}"
@@ -179,6 +180,7 @@ class MediaSession:
         self._st.ts0 = self._ts0
         self._st.sequence = secrets.randbits(16)
         self._st.marker = True
+        self._st.max_burst = self.max_burst
         self._st_remote: Addr | None = None      # the remote last given to the SendState
         self._source: bytes = b""
         self._source_loop = loop
@@ -263,6 +265,42 @@ class MediaSession:
     def _marker(self, value: bool) -> None:
         self._st.marker = value
 
+    # What the compiled path's grant depends on: a change takes it back (and asks the shell
+    # for a tick), so the next tick decides afresh.
+    @property
+    def remote(self) -> Addr | None:
+        """Where RTP goes (the SDP's address until the peer's packets latch it)."""
+        return self._remote
+
+    @remote.setter
+    def remote(self, value: Addr | None) -> None:
+        self._remote = value
+        self._revoke()
+
+    @property
+    def direction(self) -> str:
+        return self._direction
+
+    @direction.setter
+    def direction(self, value: str) -> None:
+        self._direction = value
+        self._revoke()
+
+    @property
+    def echo(self) -> bool:
+        """Echo mode: send what arrives, nothing else."""
+        return self._echo_mode
+
+    @echo.setter
+    def echo(self, value: bool) -> None:
+        self._echo_mode = value
+        self._revoke()
+
+    def _revoke(self) -> None:
+        st = self._st
+        st.grant = 0
+        st.wake = -1.0
+
     @property
     def send_state(self) -> SendState:
         """The sending state a shell attaches to its compiled :class:`~fastsip.rtp._sender.
@@ -286,6 +324,9 @@ class MediaSession:
             tx.audio_packets += st.audio_packets
             st.packets = st.octets = st.audio_packets = 0
             self._sent_since_report = True
+        if st.skipped_frames:
+            self._tx.skipped_frames += st.skipped_frames
+            st.skipped_frames = 0
         self._tx.max_lateness = max(self._tx.max_lateness, st.max_lateness)
 
     # -- set-up ----------------------------------------------------------------------------
@@ -354,6 +395,7 @@ class MediaSession:
         self.epoch = now
         self._next_frame = 0
         self._st.epoch = now
+        self._revoke()
         self._schedule_rtcp(now)
 
     def frame_time(self, index: int) -> float:
@@ -378,7 +420,32 @@ class MediaSession:
         return due
 
     def tick(self, now: float) -> list[Datagram]:
-        """RTP datagrams due at ``now`` (in order), and the recording's playout slots."""
+        """RTP datagrams due at ``now`` (in order), and the recording's playout slots.
+
+        With the send state attached to a shell's Sender, plain audio frames are *granted*
+        instead: the Sender sends frames below ``send_state.grant`` as they fall due, and
+        ``send_state.wake`` says when this session next needs a tick of its own (a frame the
+        grant does not cover, a playout slot, an RTCP report)."""
+        out = self._tick(now)
+        self._st.wake = self._wake()
+        return out
+
+    def _wake(self) -> float:
+        epoch = self.epoch
+        if epoch is None or self._closed:
+            return math.inf
+        st = self._st
+        frame = st.next_frame
+        if st.attached and st.grant > frame:
+            frame = st.grant
+        wake = epoch + frame * self.ptime
+        if self._next_rtcp is not None and self._next_rtcp < wake:
+            wake = self._next_rtcp
+        if self._play_epoch is not None:
+            wake = min(wake, self._play_epoch + self._next_slot * self._play_ptime)
+        return wake
+
+    def _tick(self, now: float) -> list[Datagram]:
         if self._play_epoch is not None:
             self._playout(now)
         epoch = self.epoch
@@ -390,6 +457,8 @@ class MediaSession:
         first = st.next_frame
         if due <= first:
             return []
+        if due <= st.grant and st.attached:
+            return []                            # the Sender's (it skips a late loop's too)
         if not self.sending or self.remote is None:
             st.next_frame = due
             self._dtmf_expire(due)
@@ -401,9 +470,11 @@ class MediaSession:
             first = due - self.max_burst
             st.next_frame = first
             st.marker = True
-        if st.attached and self._grantable(due):
-            st.grant = due                       # the shell's Sender builds and sends them
-            return []
+        if st.attached:
+            limit = self._grant_limit()
+            if due <= limit:
+                st.grant = limit                 # the shell's Sender builds and sends them
+                return []
         out: list[Datagram] = []
         dest = self.remote
         tx = self._tx
@@ -418,21 +489,21 @@ class MediaSession:
         self._next_frame = due
         return out
 
-    def _grantable(self, due: int) -> bool:
-        """Whether frames ``_next_frame .. due - 1`` are all plain audio from the source that
-        the compiled path can send: no RFC 4733 event among them, no echo mode, no per-frame
-        lateness log, an IP-literal destination."""
-        if self.echo or self._tx.lateness is not None or self.samples_per_frame > max_payload:
-            return False
-        if self._dtmf and self._dtmf[0].start_frame < due:
-            return False
-        remote = self.remote
+    def _grant_limit(self) -> int:
+        """The first frame the compiled path may not send: the next RFC 4733 event's (or
+        never, as far as the source goes); 0 in echo mode, with a per-frame lateness log, or
+        without an IP-literal destination."""
+        if self._echo_mode or self._tx.lateness is not None or self.samples_per_frame > max_payload:
+            return 0
+        remote = self._remote
         if remote is not self._st_remote:
             self._st_remote = remote
             if remote is None or not self._st.set_remote(remote[0], remote[1]):
                 self._st_remote = None
-                return False
-        return bool(self._st.has_remote)
+                return 0
+        if not self._st.has_remote:
+            return 0
+        return self._dtmf[0].start_frame if self._dtmf else _FOREVER
 
     def _frame(self, k: int) -> bytes | None:
         while self._dtmf:
@@ -501,6 +572,7 @@ class MediaSession:
             self._dtmf.append(_Dtmf(digit.upper(), start, events))
             start += max(len(events) + 1, spacing)
         self._dtmf_end_frame = start
+        self._revoke()
         return self.epoch + start * self.ptime
 
     # -- receiving -------------------------------------------------------------------------
@@ -629,6 +701,7 @@ class MediaSession:
             self._depacketizer = Depacketizer(samples, silence=bytes((self._zero_code,)))
             self._play_epoch = now
             self._next_slot = 0
+            self._st.wake = -1.0                 # playout slots from now on
             self._filling = True
         self._jb.put(packet, now)
 
@@ -677,6 +750,7 @@ class MediaSession:
         out = self._rtcp(now, bye=False)
         self._schedule_rtcp(now)
         self._sent_since_report = False
+        self._st.wake = self._wake()
         return out
 
     def rtcp_report(self, now: float) -> list[RtcpPacket]:
@@ -757,6 +831,7 @@ class MediaSession:
             return []
         out = self._rtcp(now, bye=True) if self.epoch is not None else []
         self._closed = True
+        self._revoke()
         self._finish_event()
         if self._jb is not None:
             if self._play_epoch is not None:
