@@ -12,6 +12,8 @@ from __future__ import annotations
 import itertools
 import socket
 import struct
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -243,3 +245,42 @@ def test_send_state_refuses_what_it_cannot_address() -> None:
     assert not st.set_remote(HOST, 0) and not st.set_remote(HOST, 70000)
     assert st.set_remote(HOST, 5000) and st.has_remote
     assert not st.set_remote("fe80::1%eth0", 5000) and not st.has_remote
+
+
+# -- the receive batch (fastsip.rtp._receiver) ---------------------------------------------------
+
+
+def test_receiver_reads_a_batch_with_sources_and_kernel_stamps() -> None:
+    from fastsip.rtp._receiver import Receiver
+
+    rx, a, b = udp(), udp(), udp()
+    stamped = sys.platform.startswith("linux")
+    if stamped:
+        rx.setsockopt(socket.SOL_SOCKET, 35, 1)          # SO_TIMESTAMPNS
+    reader = Receiver()
+    addr_a, addr_b = a.getsockname(), b.getsockname()
+    try:
+        assert reader.read(rx.fileno()) == []             # nothing queued: no error, no wait
+        before = time.time()
+        for i in range(70):
+            (a if i != 5 else b).sendto(bytes([i]) * (i + 1), rx.getsockname())
+        a.sendto(b"x" * 3000, rx.getsockname())           # longer than a slot
+        select_wait(rx)
+        got = reader.read(rx.fileno(), 100, 1000.0, 7.0)
+        rest = reader.read(rx.fileno(), 100, 1000.0, 7.0)
+        after = time.time()
+    finally:
+        for sock in (rx, a, b):
+            sock.close()
+    assert len(got) == 64 and len(rest) == 7                     # at most 64 per read
+    everything = got + rest
+    assert [d for d, _, _ in everything[:70]] == [bytes([i]) * (i + 1) for i in range(70)]
+    assert everything[70][0] in (b"", b"x" * 2048)               # never more than a slot
+    sources = [s for _, s, _ in everything[:70]]
+    assert sources[5] == addr_b and sources[0] == addr_a
+    assert sources[0] is sources[4] and sources[6] is sources[7]  # shared while unchanged
+    for _, _, t in everything:
+        if stamped:
+            assert before - 1000.0 - 0.01 <= t <= after - 1000.0 + 0.01
+        else:
+            assert t == 7.0

@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from fastsip.rtp._receiver import Receiver
 from fastsip.rtp._sender import Sender
 from fastsip.rtp.session import Datagram, MediaSession
 
@@ -102,6 +103,7 @@ class MediaEngine:
         self.wakeups = 0
         self._send_errors = 0
         self._sender = Sender()
+        self._receiver = Receiver()
         # RTCP's NTP timestamps want wall-clock time; the sessions see the loop's clock.
         self.wallclock_offset = time.time() - self._loop.time()
         # Kernel receive stamps are wall-clock: this maps them onto the monotonic clock the
@@ -229,35 +231,20 @@ class MediaEngine:
     # -- the loop ----------------------------------------------------------------------------
 
     def _read_rtp(self, stream: MediaStream, stamped: bool) -> None:
-        """Feed what arrived on the stream's RTP socket to its session.  ``stamped``: the
-        socket gives kernel receive stamps (each datagram's arrival); else the loop's time at
-        this read stands for every datagram in the batch."""
-        sock = stream.rtp
+        """Feed what arrived on the stream's RTP socket to its session: a batch read in C
+        (:class:`~fastsip.rtp._receiver.Receiver`: one system call, the kernel's receive
+        stamps read there).  ``stamped``: the socket gives kernel receive stamps (each
+        datagram's arrival); else, and for a datagram without one, the loop's time at this
+        read stands for every datagram in the batch."""
         session = stream.session
-        now = loop_now = self._loop.time()
-        offset = self._realtime_offset
-        for _ in range(_READ_BATCH):
-            try:
-                if stamped:
-                    data, ancillary, _flags, addr = sock.recvmsg(2048, _ANCILLARY)
-                else:
-                    data, addr = sock.recvfrom(2048)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                continue                         # an ICMP error reported on this socket
-            if session is None:
-                continue
-            if stamped:
-                now = loop_now
-                for level, kind, stamp in ancillary:
-                    if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS \
-                            and len(stamp) >= _TIMESPEC.size:
-                        sec, nsec = _TIMESPEC.unpack_from(stamp)
-                        now = sec + nsec * 1e-9 - offset
-            replies = session.receive(data, (addr[0], addr[1]), now)
+        batch = self._receiver.read(stream.rtp.fileno(), _READ_BATCH, self._realtime_offset,
+                                    self._loop.time())
+        if session is None:
+            return                               # before the session starts: dropped
+        for data, addr, now in batch:
+            replies = session.receive(data, addr, now)
             if replies:
-                self._send(sock, replies)
+                self._send(stream.rtp, replies)
 
     def _read_rtcp(self, stream: MediaStream) -> None:
         sock = stream.rtcp
