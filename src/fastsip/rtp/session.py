@@ -24,6 +24,12 @@ session of a process with one loop timer).  What it does:
 RTP and RTCP go out of different sockets, so they come out of different calls:
 :meth:`MediaSession.tick` returns RTP datagrams, :meth:`MediaSession.poll_rtcp` and
 :meth:`MediaSession.close` RTCP ones.
+
+A shell may attach :attr:`MediaSession.send_state` to a compiled
+:class:`~fastsip.rtp._sender.Sender`: the session then grants it the plain audio frames (up to
+its next RFC 4733 event) instead of returning them, and wants a tick only at
+``send_state.wake``.  The sequence number, marker and frame grid live in that state for both
+paths, so the session stays the authority on what is sent.
 """
 
 from __future__ import annotations
