@@ -213,6 +213,30 @@ def test_detach_withdraws_a_grant_so_the_python_path_sends_it() -> None:
     assert out[0].marker and s.tx.packets == 2
 
 
+def test_an_echo_session_needs_no_tick_per_frame_and_the_sender_sends_no_source() -> None:
+    """Echo mode sends what arrives (from receive()), never its source: the grant keeps the
+    frame grid, nothing goes out of the Sender, and an RFC 4733 event still does (Python)."""
+    s = MediaSession(remote=(HOST, 9), source=tone(0.2, 440), loop=True, echo=True,
+                     rng=lambda: 0.5)
+    sender = Sender()
+    s.start(0.0)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sender.attach(s.send_state, sock.fileno())
+        assert s.tick(0.0) == [] and s.send_state.grant > 1 and s.send_state.wake > 0.5
+        assert sender.flush(0.5) == 0 and s.send_state.next_frame == 26
+        echoed = s.receive(struct.pack("!BBHII", 0x80, 0, 1, 1000, 5) + b"\x01" * 160,
+                           (HOST, 9), 0.5)
+        assert len(echoed) == 1 and echoed[0][0][12:] == b"\x01" * 160
+        s.send_dtmf("7", 0.5)
+        assert s.send_state.wake < 0                       # taken back: a tick decides
+        events = [RtpPacket.parse(d) for t in (0.6, 0.7) for d, _ in s.tick(t)]
+        assert [p.payload_type for p in events] == [101] * 7 and events[0].marker
+        assert sender.flush(0.7) == 0
+        s.echo = False                                     # the source again, from C
+        s.tick(0.8)
+        assert sender.flush(0.8) == 5 and s.tx.audio_packets == 5
+
+
 @pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
 def test_the_compiled_path_sends_to_ipv6() -> None:
     try:

@@ -300,6 +300,9 @@ class MediaSession:
     @echo.setter
     def echo(self, value: bool) -> None:
         self._echo_mode = value
+        # echo mode sends no source: the compiled path gets none, so its grant only keeps
+        # the frame grid (and this session needs no tick per frame)
+        self._st.source = b"" if value else self._source
         self._revoke()
 
     def _revoke(self) -> None:
@@ -390,7 +393,7 @@ class MediaSession:
         self._source_frame0 = self._next_frame
         self._marker = True
         st = self._st
-        st.source = self._source
+        st.source = b"" if self._echo_mode else self._source
         st.loop = loop
         st.source_frame0 = self._source_frame0
 
@@ -497,9 +500,9 @@ class MediaSession:
 
     def _grant_limit(self) -> int:
         """The first frame the compiled path may not send: the next RFC 4733 event's (or
-        never, as far as the source goes); 0 in echo mode, with a per-frame lateness log, or
-        without an IP-literal destination."""
-        if self._echo_mode or self._tx.lateness is not None or self.samples_per_frame > max_payload:
+        never, as far as the source goes; in echo mode its source is empty, so it sends
+        nothing); 0 with a per-frame lateness log or without an IP-literal destination."""
+        if self._tx.lateness is not None or self.samples_per_frame > max_payload:
             return 0
         remote = self._remote
         if remote is not self._st_remote:
