@@ -44,7 +44,10 @@ under other load; totals in ms per call-second): before 5.88, 4.67, 4.48, 6.92 (
 2.40-3.51, answer 2.08-3.41; ratios 3.56, 3.04, 3.55, 4.76), after 4.52, 4.44, 4.35, 5.52
 (caller 2.20-2.82, answer 2.16-2.70; ratios 2.79, 3.04, 2.77, 3.62).  The caller gains (its
 audio is sent from C, its RTP read in batches: fewer system calls); the answer's ``--echo``
-still answers each received packet from Python.  The media clock alone (``--pacing 200``,
+still answers each received packet from Python.  Again, three rounds with echo sessions
+granted too (no Python tick per frame): before 7.47, 5.06, 5.06 (ratios 4.19, 3.56, 3.54),
+after 5.73, 4.09, 4.76 (ratios 3.11, 2.94, 3.15; answer user 1.48-1.88 against 1.86-2.72).
+After was below before in each of the seven interleaved pairs.  The media clock alone (``--pacing 200``,
 5 s, three rounds): Python path 1000-1014 us CPU per stream-second (user 606-678), compiled
 372-394 (user 80-105); arrival - due p99 26.7-28.1 ms before, 9.1-14.7 ms after.
 """
