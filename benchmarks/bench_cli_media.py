@@ -20,6 +20,16 @@ the ratio is fastsip / sipp (how many times sipp's CPU fastsip needs).
 
     PYTHONPATH=. python benchmarks/bench_cli_media.py [--calls 100] [--seconds 10] [--rounds 3]
 
+``--pacing N`` measures instead the media clock of one process under load: N streams of 20 ms
+PCMU on one MediaEngine (one loop timer), sending to N sockets of this process that time each
+arrival by the kernel's receive stamp (SO_TIMESTAMPNS; on loopback, when it left) against its
+frame's due time (epoch + k * 20 ms).  The engine's process reports its own CPU (user and
+system apart, start-up excluded).  The reference in the same run is the session's Python send
+path (each packet a ``bytes`` and a ``sendto`` from Python), interleaved round by round with
+the compiled one (``fastsip.rtp._sender``: granted frames built and sent from C):
+
+    PYTHONPATH=. python benchmarks/bench_cli_media.py --pacing 200 [--seconds 10] [--rounds 3]
+
 Linux only (procfs); skipped without sipp.  ``benchmarks/guard.py`` runs it as a plain pytest
 (no pytest-benchmark timing, so no ``GUARDS`` entry): a ratio over ``CEILING`` fails.
 
@@ -27,6 +37,19 @@ Measured on the shared 2-core machine (Dec 2026, 100 calls x 10 s, two runs of t
 fastsip 4.0-4.4 ms CPU per call-second (caller 2.2-2.4, answer 1.8-2.0), sipp 1.23-1.46;
 ratios 3.03, 3.49, 3.10 and 2.89, 3.41, 3.49.  The ceiling is 6: far enough above the spread
 not to fail on noise, low enough to catch a per-packet cost doubling.
+
+With the compiled send path and the batched receive (fastsip.rtp._sender, ._receiver),
+interleaved round by round with the Python paths before them (four rounds each, the machine
+under other load; totals in ms per call-second): before 5.88, 4.67, 4.48, 6.92 (caller
+2.40-3.51, answer 2.08-3.41; ratios 3.56, 3.04, 3.55, 4.76), after 4.52, 4.44, 4.35, 5.52
+(caller 2.20-2.82, answer 2.16-2.70; ratios 2.79, 3.04, 2.77, 3.62).  The caller gains (its
+audio is sent from C, its RTP read in batches: fewer system calls); the answer's ``--echo``
+still answers each received packet from Python.  Again, three rounds with echo sessions
+granted too (no Python tick per frame): before 7.47, 5.06, 5.06 (ratios 4.19, 3.56, 3.54),
+after 5.73, 4.09, 4.76 (ratios 3.11, 2.94, 3.15; answer user 1.48-1.88 against 1.86-2.72).
+After was below before in each of the seven interleaved pairs.  The media clock alone (``--pacing 200``,
+5 s, three rounds): Python path 1000-1014 us CPU per stream-second (user 606-678), compiled
+372-394 (user 80-105); arrival - due p99 26.7-28.1 ms before, 9.1-14.7 ms after.
 """
 
 from __future__ import annotations
@@ -36,6 +59,7 @@ import csv
 import os
 import resource
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -361,13 +385,190 @@ def test_cli_media_cpu_per_call_second_vs_sipp() -> None:
         assert ratio_of(sides) <= CEILING, text
 
 
+# -- the media clock under load (--pacing) -----------------------------------------------------
+
+_PACING_CHILD = r"""
+import asyncio, json, resource, sys, time
+import numpy as np
+from fastsip.asyncio.rtp import MediaEngine
+from fastsip.rtp.session import MediaSession
+
+ports, seconds, path, loop_name = json.loads(sys.argv[1])
+
+class PythonPath:
+    # the reference: no state attached, so every session gets a tick each time and builds and
+    # sends its own packets
+    sent = errors = 0
+    def __init__(self): self.owners = {}
+    def attach(self, state, fd, owner=None): self.owners[id(state)] = owner
+    def detach(self, state): self.owners.pop(id(state), None)
+    def due(self, now): return list(self.owners.values())
+    def flush(self, now): return 0
+
+async def run():
+    engine = MediaEngine("127.0.0.1", 0)
+    if path == "python":
+        engine._sender = PythonPath()
+    t = np.arange(8000) / 8000
+    pcm = (8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+    sessions = []
+    for port in ports:
+        stream = engine.open()
+        session = MediaSession(remote=("127.0.0.1", port), source=pcm, loop=True)
+        stream.start(session)
+        sessions.append(session)
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    await asyncio.sleep(seconds)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    out = {"user": r1.ru_utime - r0.ru_utime, "sys": r1.ru_stime - r0.ru_stime,
+           "wakeups": engine.wakeups, "batched": engine._sender.sent,
+           "errors": engine.send_errors,
+           "sessions": [[port, s._ts0, s.epoch, s.samples_per_frame, s.ptime, s.tx.packets]
+                        for port, s in zip(ports, sessions)]}
+    engine.close()
+    return out
+
+if loop_name == "uvloop":
+    import uvloop
+    loop = uvloop.new_event_loop()
+else:
+    loop = asyncio.new_event_loop()
+print(json.dumps(loop.run_until_complete(run())))
+"""
+
+
+class Pacing:
+    """One run of ``--pacing``: the engine process's CPU and the arrivals' lateness."""
+
+    def __init__(self, path: str, streams: int, seconds: float, user: float, system: float,
+                 sent: int, received: int, batched: int, wakeups: int,
+                 lateness: list[float]) -> None:
+        self.path, self.streams, self.seconds = path, streams, seconds
+        self.user, self.system = user, system
+        self.sent, self.received, self.batched, self.wakeups = sent, received, batched, wakeups
+        self.lateness = sorted(lateness)
+
+    def percentile(self, q: float) -> float:
+        if not self.lateness:
+            return float("nan")
+        return self.lateness[min(len(self.lateness) - 1, int(q / 100 * len(self.lateness)))]
+
+    def line(self) -> str:
+        per = self.streams * self.seconds
+        return (f"  {self.path:8} {self.user / per * 1e6:9.1f} {self.system / per * 1e6:9.1f} "
+                f"{(self.user + self.system) / per * 1e6:9.1f}   "
+                f"{self.percentile(50) * 1e3:6.2f} {self.percentile(99) * 1e3:6.2f} "
+                f"{self.percentile(99.9) * 1e3:6.2f} {self.lateness[-1] * 1e3:6.2f}  "
+                f"{self.sent:8} {self.received:8} {self.batched:8} {self.wakeups:6}")
+
+
+def pacing(path: str, streams: int, seconds: float, loop_name: str = "asyncio") -> Pacing:
+    """``streams`` sessions in a child process sending to sockets of this one, timed here."""
+    import json
+    import select
+    import threading
+
+    so_timestampns = 35
+    socks = []
+    try:
+        for _ in range(streams):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks.append(sock)
+            sock.bind((HOST, 0))
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, so_timestampns, 1)
+        arrivals: dict[int, list[tuple[float, int]]] = {s.fileno(): [] for s in socks}
+        done = threading.Event()
+        ancillary = socket.CMSG_SPACE(16)
+
+        def receive() -> None:
+            poller = select.epoll()
+            for sock in socks:
+                poller.register(sock.fileno(), select.EPOLLIN)
+            by_fd = {sock.fileno(): sock for sock in socks}
+            while not done.is_set():
+                for fd, _ in poller.poll(0.05):
+                    sock, got = by_fd[fd], arrivals[fd]
+                    while True:
+                        try:
+                            data, anc, _f, _a = sock.recvmsg(2048, ancillary)
+                        except BlockingIOError:
+                            break
+                        if len(data) < 12 or data[1] >= 200:
+                            continue
+                        for level, kind, stamp in anc:
+                            if level == socket.SOL_SOCKET and kind == so_timestampns:
+                                sec, nsec = struct.unpack_from("@ll", stamp)
+                                got.append((sec + nsec * 1e-9,
+                                            struct.unpack_from("!I", data, 4)[0]))
+            poller.close()
+
+        reader = threading.Thread(target=receive, daemon=True)
+        reader.start()
+        ports = [s.getsockname()[1] for s in socks]
+        realtime_offset = time.time() - time.monotonic()
+        child = subprocess.run(
+            [sys.executable, "-c", _PACING_CHILD, json.dumps([ports, seconds, path, loop_name])],
+            env=fastsip_env(), capture_output=True, text=True, timeout=seconds + 120,
+            check=False)
+        time.sleep(0.2)
+        done.set()
+        reader.join()
+        if child.returncode:
+            raise AssertionError(f"pacing child failed:\n{child.stderr}")
+        result = json.loads(child.stdout)
+        lateness = []
+        received = 0
+        for sock, (port, ts0, epoch, spf, ptime, _sent) in zip(socks, result["sessions"]):
+            assert sock.getsockname()[1] == port
+            for stamp, ts in arrivals[sock.fileno()]:
+                received += 1
+                k = ((ts - ts0) & 0xFFFFFFFF) // spf
+                lateness.append(stamp - realtime_offset - (epoch + k * ptime))
+        return Pacing(path, streams, seconds, result["user"], result["sys"],
+                      sum(s[5] for s in result["sessions"]), received, result["batched"],
+                      result["wakeups"], lateness)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def pacing_report(runs: list[Pacing]) -> str:
+    first = runs[0]
+    title = (f"media clock: {first.streams} streams x 20 ms PCMU on one engine, "
+             f"{first.seconds:g} s per run (CPU in us per stream-second; arrival - due, ms):")
+    header = (f"  {'path':8} {'user':>9} {'sys':>9} {'total':>9}   {'p50':>6} {'p99':>6} "
+              f"{'p99.9':>6} {'max':>6}  {'sent':>8} {'received':>8} {'from C':>8} {'wakes':>6}")
+    lines = [title, header]
+    lines += [r.line() for r in runs]
+    for path in ("python", "compiled"):
+        mine = [r for r in runs if r.path == path]
+        if mine:
+            totals = [(r.user + r.system) / (r.streams * r.seconds) * 1e6 for r in mine]
+            lines.append(f"  {path}: best {min(totals):.1f} us CPU per stream-second "
+                         f"(spread {max(totals) / min(totals):.2f}x); worst p99 "
+                         f"{max(r.percentile(99) for r in mine) * 1e3:.2f} ms")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="CPU per call-second of media: fastsip call/answer "
                                              "vs sipp play_pcap_audio/-rtp_echo")
     ap.add_argument("--calls", type=int, default=CALLS)
     ap.add_argument("--seconds", type=float, default=SECONDS)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--pacing", type=int, default=0, metavar="N",
+                    help="measure the media clock of N streams in one process instead")
+    ap.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     a = ap.parse_args(argv)
+    if a.pacing:
+        runs = []
+        for _ in range(a.rounds):
+            for path in ("python", "compiled"):
+                runs.append(pacing(path, a.pacing, a.seconds, a.loop))
+                print(runs[-1].line(), flush=True)
+        print(pacing_report(runs))
+        return 0
     if SIPP is None:
         print("sipp is not installed", file=sys.stderr)
         return 2

@@ -7,7 +7,11 @@ it is free), feeds what arrives to the stream's sans-IO
 with ``sock.sendto``.  **One** loop timer ticks every session: it fires on a fixed grid
 (``tick`` seconds, 10 ms by default) while any session is live, and each session starts on a
 grid point, so 20 ms frames of every call fall on the grid and no call owns a Task or a loop
-handle per packet.
+handle per packet.  The plain audio frames a session grants (see
+:meth:`~fastsip.rtp.session.MediaSession.tick`) go out in one call per tick to the compiled
+:class:`~fastsip.rtp._sender.Sender` for every stream (built in C buffers, ``sendmmsg``/``sendto``
+from C: no Python object per packet); only the sessions that need a tick of their own (an RFC
+4733 event, hold, a playout slot of a recording, RTCP) get one, and send what it returns.
 
 On Linux each RTP packet's arrival time is the kernel's receive timestamp (``SO_TIMESTAMPNS``),
 not the time the loop got round to reading it: the jitter a call-quality report gives is then
@@ -28,6 +32,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from fastsip.rtp._receiver import Receiver
+from fastsip.rtp._sender import Sender
 from fastsip.rtp.session import Datagram, MediaSession
 
 __all__ = ["MediaEngine", "MediaStream", "PortsExhausted"]
@@ -95,7 +101,9 @@ class MediaEngine:
         self._handle: asyncio.TimerHandle | None = None
         self._next_port = self.port_base
         self.wakeups = 0
-        self.send_errors = 0
+        self._send_errors = 0
+        self._sender = Sender()
+        self._receiver = Receiver()
         # RTCP's NTP timestamps want wall-clock time; the sessions see the loop's clock.
         self.wallclock_offset = time.time() - self._loop.time()
         # Kernel receive stamps are wall-clock: this maps them onto the monotonic clock the
@@ -109,6 +117,11 @@ class MediaEngine:
 
     def time(self) -> float:
         return self._loop.time()
+
+    @property
+    def send_errors(self) -> int:
+        """Datagrams the kernel refused (full buffer, unreachable): RTP is lossy."""
+        return self._send_errors + int(self._sender.errors)
 
     @property
     def streams(self) -> int:
@@ -179,6 +192,7 @@ class MediaEngine:
         # Start on the tick grid: every stream's frames then fall on the same wake-ups.
         now = self._loop.time()
         session.start(math.ceil(now / self.tick) * self.tick)
+        self._sender.attach(session.send_state, stream.rtp.fileno(), stream)
         self._active.append(stream)
         self._arm()
 
@@ -189,6 +203,8 @@ class MediaEngine:
         session = stream.session
         if session is not None:
             now = self._loop.time()
+            # the last frames by the Python path: the socket closes before the next flush
+            self._sender.detach(session.send_state)
             self._send(stream.rtp, session.tick(now))
             self._send(stream.rtcp, session.close(now))
             with contextlib.suppress(ValueError):
@@ -215,35 +231,20 @@ class MediaEngine:
     # -- the loop ----------------------------------------------------------------------------
 
     def _read_rtp(self, stream: MediaStream, stamped: bool) -> None:
-        """Feed what arrived on the stream's RTP socket to its session.  ``stamped``: the
-        socket gives kernel receive stamps (each datagram's arrival); else the loop's time at
-        this read stands for every datagram in the batch."""
-        sock = stream.rtp
+        """Feed what arrived on the stream's RTP socket to its session: a batch read in C
+        (:class:`~fastsip.rtp._receiver.Receiver`: one system call, the kernel's receive
+        stamps read there).  ``stamped``: the socket gives kernel receive stamps (each
+        datagram's arrival); else, and for a datagram without one, the loop's time at this
+        read stands for every datagram in the batch."""
         session = stream.session
-        now = loop_now = self._loop.time()
-        offset = self._realtime_offset
-        for _ in range(_READ_BATCH):
-            try:
-                if stamped:
-                    data, ancillary, _flags, addr = sock.recvmsg(2048, _ANCILLARY)
-                else:
-                    data, addr = sock.recvfrom(2048)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                continue                         # an ICMP error reported on this socket
-            if session is None:
-                continue
-            if stamped:
-                now = loop_now
-                for level, kind, stamp in ancillary:
-                    if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS \
-                            and len(stamp) >= _TIMESPEC.size:
-                        sec, nsec = _TIMESPEC.unpack_from(stamp)
-                        now = sec + nsec * 1e-9 - offset
-            replies = session.receive(data, (addr[0], addr[1]), now)
+        batch = self._receiver.read(stream.rtp.fileno(), _READ_BATCH, self._realtime_offset,
+                                    self._loop.time())
+        if session is None:
+            return                               # before the session starts: dropped
+        for data, addr, now in batch:
+            replies = session.receive(data, addr, now)
             if replies:
-                self._send(sock, replies)
+                self._send(stream.rtp, replies)
 
     def _read_rtcp(self, stream: MediaStream) -> None:
         sock = stream.rtcp
@@ -265,7 +266,7 @@ class MediaEngine:
             try:
                 sendto(data, addr)
             except OSError:
-                self.send_errors += 1           # full buffer, unreachable: RTP is lossy
+                self._send_errors += 1          # full buffer, unreachable: RTP is lossy
 
     def _arm(self) -> None:
         if self._handle is not None or not self._active:
@@ -282,13 +283,23 @@ class MediaEngine:
         now = self._loop.time()
         self._realtime_offset = time.time() - time.monotonic()
         send = self._send
-        for stream in self._active:
+        # Only the sessions that need a tick of their own (an ungranted frame, a playout slot,
+        # an RTCP report): a stream sending granted audio costs no Python here.
+        due: list[MediaStream] = self._sender.due(now)
+        for stream in due:
             session = stream.session
-            if session is None:
+            if session is None or stream.closed:
                 continue
             out = session.tick(now)
             if out:
                 send(stream.rtp, out)
+        # every frame the sessions granted, of every stream, in one call
+        self._sender.flush(now)
+        # RTCP last: a sender report counts the packets of this tick
+        for stream in due:
+            session = stream.session
+            if session is None or stream.closed:
+                continue
             rtcp = session.poll_rtcp(now)
             if rtcp:
                 send(stream.rtcp, rtcp)

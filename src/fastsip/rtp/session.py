@@ -24,6 +24,12 @@ session of a process with one loop timer).  What it does:
 RTP and RTCP go out of different sockets, so they come out of different calls:
 :meth:`MediaSession.tick` returns RTP datagrams, :meth:`MediaSession.poll_rtcp` and
 :meth:`MediaSession.close` RTCP ones.
+
+A shell may attach :attr:`MediaSession.send_state` to a compiled
+:class:`~fastsip.rtp._sender.Sender`: the session then grants it the plain audio frames (up to
+its next RFC 4733 event) instead of returning them, and wants a tick only at
+``send_state.wake``.  The sequence number, marker and frame grid live in that state for both
+paths, so the session stays the authority on what is sent.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import numpy.typing as npt
 from fastsip.rtp._g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
 from fastsip.rtp._jitter import FrameKind, JitterBuffer
 from fastsip.rtp._packet import RtpPacket
+from fastsip.rtp._sender import SendState, max_payload
 from fastsip.rtp._stats import RtpStats
 from fastsip.rtp.events import TelephoneEvent
 from fastsip.rtp.packetizer import Depacketizer
@@ -85,6 +92,7 @@ CODECS: dict[str, tuple[int, _Encoder, _Decoder, int]] = {
 
 _HEADER = struct.Struct("!BBHII")
 _SENDING = ("sendrecv", "sendonly")
+_FOREVER = 1 << 62        # a grant without end: frame numbers never get there
 _RECEIVING = ("sendrecv", "recvonly")
 
 
@@ -147,12 +155,12 @@ class MediaSession:
             raise ValueError("ptime must be 5..200 ms")
         self.ptime = ptime
         self.samples_per_frame = round(clock_rate * ptime)
-        self.remote = remote
+        self._remote = remote
         self._sdp_remote = remote
         self.remote_rtcp = remote_rtcp if remote_rtcp is not None else \
             ((remote[0], remote[1] + 1) if remote is not None else None)
-        self.direction = direction
-        self.echo = echo
+        self._direction = direction
+        self._echo_mode = echo
         self.record = record
         self.ssrc = secrets.randbits(32) if ssrc is None else ssrc
         self.cname = cname or f"fastsip-{self.ssrc:08x}"
@@ -166,13 +174,20 @@ class MediaSession:
             session_bandwidth = (self.samples_per_frame + 40) / ptime
         self.rtcp_bandwidth = 0.05 * session_bandwidth
 
-        # sending
-        self.tx = SendStats()
+        # sending: the sequence number, marker and frame grid live in a compiled SendState,
+        # shared with the shell's compiled send path (fastsip.rtp._sender.Sender), which sends
+        # the frames tick() grants it.  Both paths number packets from the same fields, so
+        # switching between them (an RFC 4733 event, echo, hold) hands nothing over.
+        self._tx = SendStats()
         self.epoch: float | None = None
-        self._next_frame = 0
-        self._sequence = secrets.randbits(16)
         self._ts0 = secrets.randbits(32)
-        self._marker = True
+        self._st = SendState(ssrc=self.ssrc, payload_type=self.payload_type,
+                             samples_per_frame=self.samples_per_frame, ptime=ptime)
+        self._st.ts0 = self._ts0
+        self._st.sequence = secrets.randbits(16)
+        self._st.marker = True
+        self._st.max_burst = self.max_burst
+        self._st_remote: Addr | None = None      # the remote last given to the SendState
         self._source: bytes = b""
         self._source_loop = loop
         self._source_frame0 = 0
@@ -231,6 +246,98 @@ class MediaSession:
         self._last_sr_arrival: float | None = None
         self._closed = False
 
+    # The sending fields the compiled send path shares (see __init__).
+    @property
+    def _sequence(self) -> int:
+        return int(self._st.sequence)
+
+    @_sequence.setter
+    def _sequence(self, value: int) -> None:
+        self._st.sequence = value
+
+    @property
+    def _next_frame(self) -> int:
+        return int(self._st.next_frame)
+
+    @_next_frame.setter
+    def _next_frame(self, value: int) -> None:
+        self._st.next_frame = value
+
+    @property
+    def _marker(self) -> bool:
+        return bool(self._st.marker)
+
+    @_marker.setter
+    def _marker(self, value: bool) -> None:
+        self._st.marker = value
+
+    # What the compiled path's grant depends on: a change takes it back (and asks the shell
+    # for a tick), so the next tick decides afresh.
+    @property
+    def remote(self) -> Addr | None:
+        """Where RTP goes (the SDP's address until the peer's packets latch it)."""
+        return self._remote
+
+    @remote.setter
+    def remote(self, value: Addr | None) -> None:
+        self._remote = value
+        self._revoke()
+
+    @property
+    def direction(self) -> str:
+        return self._direction
+
+    @direction.setter
+    def direction(self, value: str) -> None:
+        self._direction = value
+        self._revoke()
+
+    @property
+    def echo(self) -> bool:
+        """Echo mode: send what arrives, nothing else."""
+        return self._echo_mode
+
+    @echo.setter
+    def echo(self, value: bool) -> None:
+        self._echo_mode = value
+        # echo mode sends no source: the compiled path gets none, so its grant only keeps
+        # the frame grid (and this session needs no tick per frame)
+        self._st.source = b"" if value else self._source
+        self._revoke()
+
+    def _revoke(self) -> None:
+        st = self._st
+        st.grant = 0
+        st.wake = -1.0
+
+    @property
+    def send_state(self) -> SendState:
+        """The sending state a shell attaches to its compiled :class:`~fastsip.rtp._sender.
+        Sender` (with the RTP socket's fd) so that :meth:`tick` may grant it plain audio
+        frames instead of returning them."""
+        return self._st
+
+    @property
+    def tx(self) -> SendStats:
+        """What this session sent, the compiled path's packets included."""
+        self._settle()
+        return self._tx
+
+    def _settle(self) -> None:
+        # Fold what the compiled path sent since the last look into the statistics.
+        st = self._st
+        if st.packets:
+            tx = self._tx
+            tx.packets += st.packets
+            tx.octets += st.octets
+            tx.audio_packets += st.audio_packets
+            st.packets = st.octets = st.audio_packets = 0
+            self._sent_since_report = True
+        if st.skipped_frames:
+            self._tx.skipped_frames += st.skipped_frames
+            st.skipped_frames = 0
+        self._tx.max_lateness = max(self._tx.max_lateness, st.max_lateness)
+
     # -- set-up ----------------------------------------------------------------------------
 
     @classmethod
@@ -285,6 +392,10 @@ class MediaSession:
         self._source_loop = loop
         self._source_frame0 = self._next_frame
         self._marker = True
+        st = self._st
+        st.source = b"" if self._echo_mode else self._source
+        st.loop = loop
+        st.source_frame0 = self._source_frame0
 
     def start(self, now: float) -> None:
         """Frame 0 is due at ``now``; the first RTCP report after the initial interval."""
@@ -292,6 +403,8 @@ class MediaSession:
             return
         self.epoch = now
         self._next_frame = 0
+        self._st.epoch = now
+        self._revoke()
         self._schedule_rtcp(now)
 
     def frame_time(self, index: int) -> float:
@@ -316,7 +429,32 @@ class MediaSession:
         return due
 
     def tick(self, now: float) -> list[Datagram]:
-        """RTP datagrams due at ``now`` (in order), and the recording's playout slots."""
+        """RTP datagrams due at ``now`` (in order), and the recording's playout slots.
+
+        With the send state attached to a shell's Sender, plain audio frames are *granted*
+        instead: the Sender sends frames below ``send_state.grant`` as they fall due, and
+        ``send_state.wake`` says when this session next needs a tick of its own (a frame the
+        grant does not cover, a playout slot, an RTCP report)."""
+        out = self._tick(now)
+        self._st.wake = self._wake()
+        return out
+
+    def _wake(self) -> float:
+        epoch = self.epoch
+        if epoch is None or self._closed:
+            return math.inf
+        st = self._st
+        frame = st.next_frame
+        if st.attached and st.grant > frame:
+            frame = st.grant
+        wake = epoch + frame * self.ptime
+        if self._next_rtcp is not None and self._next_rtcp < wake:
+            wake = self._next_rtcp
+        if self._play_epoch is not None:
+            wake = min(wake, self._play_epoch + self._next_slot * self._play_ptime)
+        return wake
+
+    def _tick(self, now: float) -> list[Datagram]:
         if self._play_epoch is not None:
             self._playout(now)
         epoch = self.epoch
@@ -324,22 +462,31 @@ class MediaSession:
             return []
         # frame k is due at epoch + k * ptime; the epsilon absorbs float error at exact ticks
         due = math.floor((now - epoch) / self.ptime + 1e-6) + 1
-        if due <= self._next_frame:
+        st = self._st
+        first = st.next_frame
+        if due <= first:
             return []
+        if due <= st.grant and st.attached:
+            return []                            # the Sender's (it skips a late loop's too)
         if not self.sending or self.remote is None:
-            self._next_frame = due
+            st.next_frame = due
             self._dtmf_expire(due)
             return []
-        first = self._next_frame
         if due - first > self.max_burst:
             # The loop was late by more than max_burst frames: drop the oldest rather than
             # send a long burst; timestamps stay on the frame grid, so the peer sees a gap.
-            self.tx.skipped_frames += due - self.max_burst - first
+            self._tx.skipped_frames += due - self.max_burst - first
             first = due - self.max_burst
-            self._marker = True
+            st.next_frame = first
+            st.marker = True
+        if st.attached:
+            limit = self._grant_limit()
+            if due <= limit:
+                st.grant = limit                 # the shell's Sender builds and sends them
+                return []
         out: list[Datagram] = []
         dest = self.remote
-        tx = self.tx
+        tx = self._tx
         for k in range(first, due):
             data = self._frame(k)
             if data is not None:
@@ -351,6 +498,22 @@ class MediaSession:
         self._next_frame = due
         return out
 
+    def _grant_limit(self) -> int:
+        """The first frame the compiled path may not send: the next RFC 4733 event's (or
+        never, as far as the source goes; in echo mode its source is empty, so it sends
+        nothing); 0 with a per-frame lateness log or without an IP-literal destination."""
+        if self._tx.lateness is not None or self.samples_per_frame > max_payload:
+            return 0
+        remote = self._remote
+        if remote is not self._st_remote:
+            self._st_remote = remote
+            if remote is None or not self._st.set_remote(remote[0], remote[1]):
+                self._st_remote = None
+                return 0
+        if not self._st.has_remote:
+            return 0
+        return self._dtmf[0].start_frame if self._dtmf else _FOREVER
+
     def _frame(self, k: int) -> bytes | None:
         while self._dtmf:
             ev = self._dtmf[0]
@@ -359,7 +522,7 @@ class MediaSession:
             i = k - ev.start_frame
             if i < len(ev.events) and self.telephone_event is not None:
                 event = ev.events[i]
-                self.tx.event_packets += 1
+                self._tx.event_packets += 1
                 if i == len(ev.events) - 1:
                     self._dtmf.popleft()
                     self._marker = True          # the audio after an event starts a talkspurt
@@ -382,14 +545,14 @@ class MediaSession:
             offset %= len(source)
         marker = self._marker
         self._marker = False
-        self.tx.audio_packets += 1
+        self._tx.audio_packets += 1
         return self._packet(self.payload_type, marker, self._ts0 + k * spf,
                             source[offset:offset + spf])
 
     def _packet(self, payload_type: int, marker: bool, timestamp: int, payload: bytes) -> bytes:
         seq = self._sequence
         self._sequence = (seq + 1) & 0xFFFF
-        tx = self.tx
+        tx = self._tx
         tx.packets += 1
         tx.octets += len(payload)
         self._sent_since_report = True
@@ -418,6 +581,7 @@ class MediaSession:
             self._dtmf.append(_Dtmf(digit.upper(), start, events))
             start += max(len(events) + 1, spacing)
         self._dtmf_end_frame = start
+        self._revoke()
         return self.epoch + start * self.ptime
 
     # -- receiving -------------------------------------------------------------------------
@@ -489,7 +653,7 @@ class MediaSession:
             marker = True
         ts = self._echo_ts + ((packet.timestamp - self._remote_ts0) & 0xFFFFFFFF)
         self._echo_next = ts + packet.payload_length
-        self.tx.echo_packets += 1
+        self._tx.echo_packets += 1
         return self._packet(self.payload_type, marker, ts, bytes(packet.payload))
 
     def _on_event(self, packet: RtpPacket) -> None:
@@ -546,6 +710,7 @@ class MediaSession:
             self._depacketizer = Depacketizer(samples, silence=bytes((self._zero_code,)))
             self._play_epoch = now
             self._next_slot = 0
+            self._st.wake = -1.0                 # playout slots from now on
             self._filling = True
         self._jb.put(packet, now)
 
@@ -594,10 +759,12 @@ class MediaSession:
         out = self._rtcp(now, bye=False)
         self._schedule_rtcp(now)
         self._sent_since_report = False
+        self._st.wake = self._wake()
         return out
 
     def rtcp_report(self, now: float) -> list[RtcpPacket]:
         """The report (SR if we sent since the last one, else RR) and SDES we would send now."""
+        self._settle()
         blocks: list[ReceptionReport] = []
         if self.rx.ssrc is not None and self.rx.received > 0:
             blocks.append(report_block(self.rx, last_sr_ntp=self._last_sr_ntp,
@@ -621,7 +788,7 @@ class MediaSession:
         self._avg_rtcp_size = len(data) / 16 + self._avg_rtcp_size * 15 / 16   # §6.3.3
         if self.remote_rtcp is None:
             return []
-        self.tx.rtcp_packets += 1
+        self._tx.rtcp_packets += 1
         return [(data, self.remote_rtcp)]
 
     def receive_rtcp(self, data: bytes, source_addr: Addr, now: float) -> None:
@@ -673,6 +840,7 @@ class MediaSession:
             return []
         out = self._rtcp(now, bye=True) if self.epoch is not None else []
         self._closed = True
+        self._revoke()
         self._finish_event()
         if self._jb is not None:
             if self._play_epoch is not None:
