@@ -1634,11 +1634,12 @@ class Proxy:
     def _prepare(
         self, request: Request, target: Target, source: Address, record_route: bool,
         resolved: Address | None = None,
-    ) -> tuple[Address, URI | None]:
+    ) -> tuple[Address, URI | None, Address | None]:
         """§16.6 steps 2-7 on ``request`` (a copy, or the original when stateless): returns the
-        destination and the URI it was derived from (None: the target named an address); the
-        caller adds the Via (step 8) and sends.  ``resolved``: the address RFC 3263 chose for
-        that URI, used instead of it."""
+        destination, the URI it was derived from (None: the target named an address) and our
+        end towards it when the Record-Route needed it (None: not looked up; the Via needs it
+        too, so it is asked once); the caller adds the Via (step 8) and sends.  ``resolved``:
+        the address RFC 3263 chose for that URI, used instead of it."""
         # A sips Request-URI asks for TLS on every hop to the end (RFC 5630 deprecates the
         # last-hop exception), and retargeting never changes the scheme.
         secure = _is_sips(request.uri)
@@ -1694,6 +1695,7 @@ class Proxy:
         secure = secure or bool(routes and _is_sips(routes[0].uri))
         if secure and dest.transport != "TLS":
             raise _NoSecureHop(f"sips request to {dest}: not a TLS hop")
+        out: Address | None = None
         if record_route:
             # §16.6 step 4: a sips Record-Route for a sips request (on a TLS hop: one that
             # came in otherwise gets a sip: URI for its side, the truth about that hop).
@@ -1706,7 +1708,7 @@ class Proxy:
                 request.add_record_route(
                     self._rr_uri(inbound, secure and inbound.transport == "TLS"))
             request.add_record_route(self._rr_uri(out, secure))
-        return dest, hop_uri
+        return dest, hop_uri, out
 
     def local_for(self, peer: Address) -> Address:
         """Our end of a message to ``peer`` (or from it, when ``peer`` is a source naming the
@@ -1730,8 +1732,10 @@ class Proxy:
         t = "" if transport == "UDP" else f";transport={transport.lower()}"
         return f"<sip:{host}:{local.port}{t};lr>"
 
-    def _via(self, dest: Address, branch: str) -> str:
-        local = self.local_for(dest)
+    def _via(self, dest: Address, branch: str, local: Address | None = None) -> str:
+        """Our Via towards ``dest`` (``local``: our end of it, when already known)."""
+        if local is None:
+            local = self.local_for(dest)
         host = local.host
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
@@ -1755,10 +1759,10 @@ class Proxy:
             if tb is not None and target.trunk is not None \
                     and original.method in RECORD_ROUTE_METHODS:
                 rr = rr or original.to is None or original.to.tag is None
-        dest, hop_uri = self._prepare(copy, target, ctx.source, rr, resolved)
+        dest, hop_uri, local = self._prepare(copy, target, ctx.source, rr, resolved)
         loop = ctx.loop
         branch = f"{MAGIC_COOKIE}-{loop}.{self._prefix}{next(self._counter):x}"
-        copy.add_via(self._via(dest, branch))
+        copy.add_via(self._via(dest, branch, local))
         made = Branch(ctx, target, copy, dest)
         if tb is not None:
             made.trunk = tb
@@ -1775,11 +1779,11 @@ class Proxy:
                 and request.method in RECORD_ROUTE_METHODS
                 and (request.to is None or request.to.tag is None)
             )
-            dest, _ = self._prepare(request, target, source, rr)
+            dest, _, local = self._prepare(request, target, source, rr)
         except ValueError as exc:  # Max-Forwards ran out, or no route to the target
             log.debug("not forwarding %s: %s", request.method, exc)
             return
-        request.add_via(self._via(dest, _stateless_branch(request)))
+        request.add_via(self._via(dest, _stateless_branch(request), local))
         self.transport.send(bytes(request), dest)
 
     def _send_response(self, response: Response, source: Address) -> None:
