@@ -100,10 +100,13 @@ def response_destination(via: Via, source: Address | None = None) -> Address:
     port = given if given is not None else DEFAULT_PORTS.get(transport, 5060)
     # A datagram's source names the socket it arrived on: the response leaves from it, so
     # the client (and its NAT) sees it come from the address it sent to (§18.2.2).
-    sock = source.connection if source is not None and source.transport == transport else 0
     if host[:1] == "[" and host[-1:] == "]":      # (strip_brackets, inline: every response)
         host = host[1:-1]
-    return Address(transport, host, port, sock)
+    if source is not None and source.transport == transport:
+        if source.port == port and source.host == host:
+            return source      # the usual case (rport, or no NAT): the source itself
+        return Address(transport, host, port, source.connection)
+    return Address(transport, host, port, 0)
 
 
 def next_hop(target: URI | NameAddr | str) -> Address:
