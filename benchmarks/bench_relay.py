@@ -20,6 +20,8 @@ sent) costs a few microseconds per call, the same for both.
     PYTHONPATH=. python benchmarks/bench_relay.py [--calls 3000] [--rounds 5] [--cold]
 
 prints microseconds per call (thread CPU) for both; under pytest it is a guard (``GUARDS``).
+``--retained --calls 1000`` prints instead the bytes a call leaves allocated while its
+transactions linger (tracemalloc); ``--untimed`` runs calls for an instruction count.
 
 ``--cold`` evicts the CPU caches before every message (it writes 16 MiB between them, outside
 the timed part): the state a proxy's code and data are in when each datagram arrives alone,
@@ -343,16 +345,71 @@ def measure(calls: int, rounds: int, cold: bool = False) -> dict[str, float]:
     return best
 
 
+def retained(calls: int) -> float:
+    """Bytes per call still allocated (tracemalloc) after ``calls`` calls through fastsip's
+    stack: what a finished call leaves behind while its transactions linger (Timers D, J, K,
+    L, M; the wheel moves 4 ms per call, so Timer K's 5 s frees BYE transactions from the
+    1,250th call on, the 32 s ones never within 8,000).  Twenty calls first, so that caches
+    and lazily built state are not counted."""
+    import gc
+    import tracemalloc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench_routes.py"
+        path.write_text(ROUTES)
+        receive, wire, wheel = fastsip_relay(str(path))
+        for n in range(20):
+            wheel.advance(n * 0.004)
+            one_call(n, receive, wire)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for n in range(20, 20 + calls):
+                wheel.advance(n * 0.004)
+                one_call(n, receive, wire)
+            gc.collect()
+            return (tracemalloc.get_traced_memory()[0] - before) / calls
+        finally:
+            tracemalloc.stop()
+
+
+def untimed(calls: int) -> None:
+    """Twenty calls, then ``calls`` calls through fastsip's stack, nothing timed: for an
+    instruction count, ``valgrind --tool=callgrind`` of ``--untimed --calls 151`` minus that
+    of ``--calls 1``, divided by 150 (``PYTHONHASHSEED=0`` makes runs repeatable)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench_routes.py"
+        path.write_text(ROUTES)
+        receive, wire, wheel = fastsip_relay(str(path))
+        for n in range(20 + calls):
+            wheel.advance(n * 0.004)
+            one_call(n, receive, wire)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--cold", action="store_true",
                     help="evict the CPU caches before every message (as a lone datagram finds them)")
+    ap.add_argument("--retained", action="store_true",
+                    help="print the bytes a call leaves allocated while its transactions "
+                         "linger (tracemalloc over --calls calls) instead of timing")
+    ap.add_argument("--untimed", action="store_true",
+                    help="run --calls calls (after 20) through fastsip's stack untimed, for "
+                         "an instruction count under valgrind")
     args = ap.parse_args()
     with open(os.devnull, "w") as devnull:
         logqueue.install(logging.INFO, devnull)
         try:
+            if args.untimed:
+                untimed(args.calls)
+                sys.exit(0)
+            if args.retained:
+                print(f"retained per call after {args.calls} calls: "
+                      f"{retained(args.calls):.0f} bytes")
+                sys.exit(0)
             r = measure(args.calls, args.rounds, args.cold)
         finally:
             logqueue.stop()

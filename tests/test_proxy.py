@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from test_proxy_net import Net, Phone, ProxyNode, Raw, raw_request
 
-from fastsip.proxy.core import ProxyContext, ResponseContext, Target
+from fastsip.proxy.core import Branch, ProxyContext, ResponseContext, Target
 from fastsip.sip import Response
 from fastsip.ua import Call
 
@@ -558,6 +558,39 @@ def test_settled_contexts_leave_no_cyclic_garbage() -> None:
         gc.enable()
     assert not kinds & {"ResponseContext", "Branch", "ServerTransaction", "ClientTransaction"}
     assert 486 in up.statuses() and 200 in up.statuses()
+
+
+def test_answered_call_keeps_no_context_while_its_transactions_linger() -> None:
+    # Timers L and M keep an answered INVITE's transactions for 32 s: they must not keep the
+    # call's context, request copies and responses with them -- yet a retransmitted 2xx
+    # still goes upstream (RFC 6026), our Via removed.
+    import gc
+
+    class Forget(FixedRouter):
+        def on_request(self, ctx: ProxyContext) -> None:
+            ctx.forward([Target(t) for t in self.targets])
+
+    def alive() -> int:
+        gc.collect()
+        return sum(isinstance(o, (ResponseContext, Branch)) for o in gc.get_objects())
+
+    net, proxy, _ = setup(Forget(["sip:bob@127.0.0.1:5090"]))
+    up = Raw(net, "up", 5071)
+    down = Raw(net, "down", 5090)
+    before = alive()
+    up.send_to(raw_request("INVITE", "sip:bob@example.com"))
+    net.run(0.1)
+    (invite,) = down.requests("INVITE")
+    assert alive() == before + 2
+    ok = invite.reply(200, to_tag="d")
+    down.reply(ok)
+    net.run(1.0)
+    assert proxy.layer.server_transactions == 1 and proxy.layer.client_transactions == 1
+    assert alive() == before
+    down.reply(ok)                       # the UAS retransmits its 2xx (no ACK yet)
+    net.run(2.0)
+    oks = [r for r in up.responses() if r.status_code == 200]
+    assert len(oks) == 2 and all(len(r.via) == 1 and r.via[0].port == 5071 for r in oks)
 
 
 def test_stateless_ack_for_non_2xx_follows_invite_route() -> None:

@@ -309,3 +309,19 @@ def test_contacts_the_proxy_could_never_reach_are_refused(contact: str, why: str
     assert response.status_code == 400 and why in response.reason, response.reason
     assert len(response.reason) <= 120
     assert lookup(registrar, "sip:bob@example.com", 1000.0) == []
+
+
+def test_lookup_now_reads_the_memory_store_in_place_and_defers_to_any_other_lookup(
+        registrar: Registrar) -> None:
+    handle(registrar, register("<sip:bob@192.168.1.2:5060>", expires=600), SOURCE, T0)
+    now = registrar.lookup_now("sip:bob@EXAMPLE.com", T0)
+    assert now is not None and now == lookup(registrar, AOR, T0)
+    assert registrar.lookup_now(AOR, T0 + 600) == []
+
+    class OwnLookup(MemoryLocationStore):
+        """A store built over the memory one, with its own lookup: never bypassed."""
+
+        async def lookup(self, aor: str, now: float) -> list[Binding]:
+            return []
+
+    assert Registrar(OwnLookup()).lookup_now(AOR, T0) is None

@@ -513,3 +513,63 @@ def test_a_parse_error_in_the_tu_gets_400_and_no_transaction_is_left() -> None:
     [answer] = wire.take()
     assert answer.status_code == 400 and answer.reason.startswith("Bad Request (")
     assert layer.server_transactions == 0
+
+
+class Shedding(Recorder):
+    """A TU that never reads a finished transaction's messages (as the proxy core)."""
+
+    sheds_messages = True
+
+
+def test_lingering_transactions_of_a_shedding_tu_keep_only_what_they_resend() -> None:
+    # Server side: a non-INVITE in Completed still answers a retransmission with its final
+    # response (kept as bytes), but its request and response objects are gone.
+    layer, wire, wheel, rec = make(Shedding(answer=200))
+    req = request("OPTIONS")
+    layer.receive(req, UDP)
+    txn = next(iter(layer._server.values()))
+    assert txn.state == COMPLETED and txn.last_response is None and txn.method == "OPTIONS"
+    with pytest.raises(ValueError, match="shed"):
+        txn.request  # noqa: B018
+    layer.receive(req, UDP)
+    assert [m.status_code for m in wire.take()] == [200, 200]
+    # An INVITE answered 486: Timer G still resends it, and the ACK still confirms.
+    layer, wire, wheel, rec = make(Shedding(answer=486))
+    invite = request()
+    layer.receive(invite, UDP)
+    itxn = layer._server[layer.server_key(invite)]
+    assert itxn.state == COMPLETED and itxn.last_response is None
+    [final] = wire.take()
+    assert times_of(wheel, wire, 0.6) == [0.5]                  # Timer G
+    ack = fastsip.Request.create("ACK", "sip:bob@example.com", [
+        ("Via", str(invite.via[0])), ("From", "<sip:alice@example.com>;tag=a1"),
+        ("To", f"<sip:bob@example.com>;tag={final.to.tag}"), ("Call-ID", "call-1@example.com"),
+        ("CSeq", "1 ACK")])
+    layer.receive(ack, UDP)
+    assert itxn.state == CONFIRMED
+    # Client side: an INVITE's 2xx in Accepted still reaches the TU every time; a non-2xx
+    # is ACKed again from the kept bytes.
+    ctxn = layer.request(request(), UDP, rec)
+    sent = wire.take()[0]
+    assert isinstance(sent, fastsip.Request)
+    ok = response(sent, 200)
+    layer.receive(ok, UDP)
+    layer.receive(ok, UDP)
+    assert ctxn.state == ACCEPTED and ctxn.last_response is None
+    assert rec.events[-2:] == [("response", 200), ("response", 200)]
+    ntxn = layer.request(request(), UDP, rec)
+    busy = response(wire.take()[0], 486)  # type: ignore[arg-type]
+    layer.receive(busy, UDP)
+    layer.receive(busy, UDP)
+    assert [m.method for m in wire.take()] == ["ACK", "ACK"]  # type: ignore[union-attr]
+    assert ntxn.state == COMPLETED
+    with pytest.raises(ValueError, match="shed"):
+        ntxn.request  # noqa: B018
+
+
+def test_a_tu_that_keeps_messages_reads_them_after_the_final_response() -> None:
+    layer, _wire, _wheel, _rec = make(Recorder(answer=200))
+    req = request("OPTIONS")
+    layer.receive(req, UDP)
+    txn = next(iter(layer._server.values()))
+    assert txn.request is req and txn.last_response is not None

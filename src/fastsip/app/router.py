@@ -762,6 +762,14 @@ class Router:
             immediate = registrar.immediate
             work = self._register(req, registrar)
         else:
+            # The in-memory store reads in place: no coroutine at all on every INVITE.
+            lookup_now = getattr(registrar, "lookup_now", None)
+            if lookup_now is not None:
+                bindings = lookup_now(req.ctx.request.uri, self.wallclock())
+                if bindings is not None:
+                    self._apply(req, self._found(req, bindings, decision.targets[0].route,
+                                                 decision.ring_timeout), failure)
+                    return
             immediate = registrar.store.immediate_reads
             work = self._lookup(req, registrar, decision.targets[0].route,
                                 decision.ring_timeout)
@@ -784,6 +792,11 @@ class Router:
     async def _lookup(self, req: Request, registrar: Registrar, route: Sequence[str],
                       ring_timeout: float | None = None) -> Decision:
         bindings = await registrar.lookup(req.ctx.request.uri, self.wallclock())
+        return self._found(req, bindings, route, ring_timeout)
+
+    def _found(self, req: Request, bindings: Sequence[Any], route: Sequence[str],
+               ring_timeout: float | None) -> Decision:
+        """A lookup's decision: the bindings' targets, or 404 when there are none."""
         if not bindings:
             return req.reply(404)
         decision = self.fork_bindings(bindings, route)

@@ -302,6 +302,53 @@ class _Ignore:
 _IGNORE = _Ignore()
 
 
+class _Settled:
+    """The handler of a settled context's INVITE branch that got a 2xx, while its client
+    transaction lingers in Accepted (RFC 6026 Timer M, 32 s): each retransmitted 2xx goes
+    upstream, as the branch would have sent it, and nothing else is kept -- the context, its
+    request, the branch's copy and the responses are freed once the call is answered instead
+    of 32 s later.  Used only when nothing can look at the context any more (no response
+    hook, no media hook, not a trunk branch); see :meth:`ResponseContext._check_done`."""
+
+    __slots__ = ("alias", "dest", "proxy", "upstream")
+
+    def __init__(self, proxy: Proxy, upstream: ServerTransaction, dest: Address,
+                 alias: bool) -> None:
+        self.proxy = proxy
+        self.upstream = upstream
+        self.dest = dest
+        #: The branch went to a registered contact: its Contact may need an alias (NAT).
+        self.alias = alias
+
+    def on_response(self, txn: ClientTransaction, response: Response) -> None:
+        if not 200 <= response.status_code < 300:
+            return  # the branch has its final response: nothing else goes upstream
+        response.pop_via()  # §16.7 step 3: our Via
+        if self.alias and contact_behind_nat(response, self.dest):
+            add_alias(response, self.dest)
+        _send_upstream(self.proxy, self.upstream, response)
+
+    def on_timeout(self, txn: ClientTransaction) -> None:
+        pass
+
+    def on_transport_error(self, txn: ClientTransaction) -> None:
+        pass
+
+
+def _send_upstream(proxy: Proxy, txn: ServerTransaction, response: Response) -> None:
+    """A response goes upstream through the server transaction ``txn``."""
+    if txn.state in _TERMINATED_STATES:
+        # A 2xx after the server transaction is gone (RFC 6026 Timer L ran out): forward
+        # it statelessly, as §16.7 step 9 asks.
+        if 200 <= response.status_code < 300:
+            proxy.transport.send(bytes(response), txn.dest)
+        return
+    try:
+        txn.respond(response)
+    except ValueError as exc:  # the transaction already has a final response
+        log.debug("not forwarding %d: %s", response.status_code, exc)
+
+
 class Branch:
     """One client transaction of a response context (a ClientHandler)."""
 
@@ -315,6 +362,7 @@ class Branch:
         "dest",
         "final",
         "hop",
+        "key",
         "provisional",
         "request",
         "resolving",
@@ -347,6 +395,9 @@ class Branch:
         self.alternates: list[Address] = []
         #: Waiting for the resolver: nothing sent yet, so a CANCEL ends the branch at once.
         self.resolving = False
+        #: The key of its client transaction, once sent (the transaction itself is not kept:
+        #: it holds the branch as its handler, and the pair would be a cycle).
+        self.key: tuple[str, str] | None = None
 
     @property
     def pending(self) -> bool:
@@ -646,7 +697,7 @@ class ResponseContext:
             try:
                 # (The client transaction is not kept on the branch: it holds the branch as
                 # its handler, and a cycle would leave the pair to the cyclic GC.)
-                proxy.layer.request(branch.request, branch.dest, branch)
+                branch.key = proxy.layer.request(branch.request, branch.dest, branch).key
             except ValueError as exc:
                 log.info("cannot start a branch to %s: %s", branch.dest, exc)
                 self._branch_failed(branch, 503)
@@ -697,7 +748,7 @@ class ResponseContext:
                 attempt = proxy._make_branch(self, branch.target, dest)
                 branch.request, branch.dest = attempt.request, attempt.dest
                 branch.provisional = False
-                proxy.layer.request(branch.request, branch.dest, branch)
+                branch.key = proxy.layer.request(branch.request, branch.dest, branch).key
             except ValueError as exc:
                 log.info("cannot forward %s to %s: %s", self.request.method, dest, exc)
                 continue
@@ -820,7 +871,7 @@ class ResponseContext:
             branch._timer_c.cancel()
             branch._timer_c = proxy.clock.call_later(proxy.timer_c, self._timer_c, branch)
         try:
-            proxy.layer.request(request, branch.dest, branch)
+            branch.key = proxy.layer.request(request, branch.dest, branch).key
         except ValueError as exc:
             log.info("cannot re-send to %s with credentials: %s", branch.dest, exc)
             self._branch_failed(branch, 503)
@@ -949,17 +1000,7 @@ class ResponseContext:
         self.respond(status, reason)
 
     def _send_upstream(self, response: Response) -> None:
-        txn = self.txn
-        if txn.state in _TERMINATED_STATES:
-            # A 2xx after the server transaction is gone (RFC 6026 Timer L ran out): forward
-            # it statelessly, as §16.7 step 9 asks.
-            if 200 <= response.status_code < 300:
-                self.proxy.transport.send(bytes(response), txn.dest)
-            return
-        try:
-            txn.respond(response)
-        except ValueError as exc:  # the transaction already has a final response
-            log.debug("not forwarding %d: %s", response.status_code, exc)
+        _send_upstream(self.proxy, self.txn, response)
 
     def _check_done(self) -> None:
         # Settled (final response sent, no branch pending): break the reference cycles
@@ -967,9 +1008,35 @@ class ResponseContext:
         # frees all of it.  Left to the cyclic GC, ~10 objects per call cost more CPU than the
         # whole proxy path (full collections walk every live transaction).
         if self.final_sent and self.active == 0 and self.txn.data is self:
+            self._settle()
             self.branches = []
             self.txn.data = FINISHED
             self.data = None
+
+    def _settle(self) -> None:
+        # The branches' client transactions linger (Timers K, D, M: up to 32 s) holding
+        # their branch, and through it this context with every message of the call.  When
+        # nothing can look at the context any more (no response or media hook, no trunk
+        # branch), each gets a handler that keeps only what a retransmitted 2xx needs.
+        proxy = self.proxy
+        if proxy.media is not None or proxy._wants_responses:
+            return
+        layer = proxy.layer
+        alias = proxy.nat and self.request.method in _TARGET_METHODS
+        for b in self.branches:
+            if b.key is None or b.trunk is not None:
+                continue
+            txn = layer.client_transaction(b.key)
+            if txn is None or txn.handler is not b:
+                continue
+            final = b.final
+            if txn.state == "accepted" and final is not None and final.status_code < 300:
+                txn.handler = _Settled(proxy, self.txn, b.dest,
+                                       alias and b.target.binding is not None)
+            else:
+                # Completed or done: it calls its handler no more (a transport error on a
+                # finished branch changes nothing).
+                txn.handler = _IGNORE
 
     def _release(self, final: Response) -> None:
         # The first final response went upstream: the context no longer counts against
@@ -1160,6 +1227,10 @@ class Proxy:
     Local answers (``ctx.respond``) that are negative and come before anything else went
     upstream are sent statelessly: see :meth:`ResponseContext.respond`.
     """
+
+    #: The proxy never reads a transaction's messages once it has its final response: the
+    #: transaction layer drops them when the transaction starts to linger.
+    sheds_messages = True
 
     def __init__(
         self,
@@ -1563,11 +1634,12 @@ class Proxy:
     def _prepare(
         self, request: Request, target: Target, source: Address, record_route: bool,
         resolved: Address | None = None,
-    ) -> tuple[Address, URI | None]:
+    ) -> tuple[Address, URI | None, Address | None]:
         """§16.6 steps 2-7 on ``request`` (a copy, or the original when stateless): returns the
-        destination and the URI it was derived from (None: the target named an address); the
-        caller adds the Via (step 8) and sends.  ``resolved``: the address RFC 3263 chose for
-        that URI, used instead of it."""
+        destination, the URI it was derived from (None: the target named an address) and our
+        end towards it when the Record-Route needed it (None: not looked up; the Via needs it
+        too, so it is asked once); the caller adds the Via (step 8) and sends.  ``resolved``:
+        the address RFC 3263 chose for that URI, used instead of it."""
         # A sips Request-URI asks for TLS on every hop to the end (RFC 5630 deprecates the
         # last-hop exception), and retargeting never changes the scheme.
         secure = _is_sips(request.uri)
@@ -1623,6 +1695,7 @@ class Proxy:
         secure = secure or bool(routes and _is_sips(routes[0].uri))
         if secure and dest.transport != "TLS":
             raise _NoSecureHop(f"sips request to {dest}: not a TLS hop")
+        out: Address | None = None
         if record_route:
             # §16.6 step 4: a sips Record-Route for a sips request (on a TLS hop: one that
             # came in otherwise gets a sip: URI for its side, the truth about that hop).
@@ -1635,7 +1708,7 @@ class Proxy:
                 request.add_record_route(
                     self._rr_uri(inbound, secure and inbound.transport == "TLS"))
             request.add_record_route(self._rr_uri(out, secure))
-        return dest, hop_uri
+        return dest, hop_uri, out
 
     def local_for(self, peer: Address) -> Address:
         """Our end of a message to ``peer`` (or from it, when ``peer`` is a source naming the
@@ -1659,8 +1732,10 @@ class Proxy:
         t = "" if transport == "UDP" else f";transport={transport.lower()}"
         return f"<sip:{host}:{local.port}{t};lr>"
 
-    def _via(self, dest: Address, branch: str) -> str:
-        local = self.local_for(dest)
+    def _via(self, dest: Address, branch: str, local: Address | None = None) -> str:
+        """Our Via towards ``dest`` (``local``: our end of it, when already known)."""
+        if local is None:
+            local = self.local_for(dest)
         host = local.host
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
@@ -1684,10 +1759,10 @@ class Proxy:
             if tb is not None and target.trunk is not None \
                     and original.method in RECORD_ROUTE_METHODS:
                 rr = rr or original.to is None or original.to.tag is None
-        dest, hop_uri = self._prepare(copy, target, ctx.source, rr, resolved)
+        dest, hop_uri, local = self._prepare(copy, target, ctx.source, rr, resolved)
         loop = ctx.loop
         branch = f"{MAGIC_COOKIE}-{loop}.{self._prefix}{next(self._counter):x}"
-        copy.add_via(self._via(dest, branch))
+        copy.add_via(self._via(dest, branch, local))
         made = Branch(ctx, target, copy, dest)
         if tb is not None:
             made.trunk = tb
@@ -1704,11 +1779,11 @@ class Proxy:
                 and request.method in RECORD_ROUTE_METHODS
                 and (request.to is None or request.to.tag is None)
             )
-            dest, _ = self._prepare(request, target, source, rr)
+            dest, _, local = self._prepare(request, target, source, rr)
         except ValueError as exc:  # Max-Forwards ran out, or no route to the target
             log.debug("not forwarding %s: %s", request.method, exc)
             return
-        request.add_via(self._via(dest, _stateless_branch(request)))
+        request.add_via(self._via(dest, _stateless_branch(request), local))
         self.transport.send(bytes(request), dest)
 
     def _send_response(self, response: Response, source: Address) -> None:

@@ -24,7 +24,14 @@ from email.utils import formatdate
 from typing import TypeVar
 
 from fastsip.errors import ParseError
-from fastsip.proxy.location import Binding, LocationStore, aor_of, contact_key, lookup_order
+from fastsip.proxy.location import (
+    Binding,
+    LocationStore,
+    MemoryLocationStore,
+    aor_of,
+    contact_key,
+    lookup_order,
+)
 from fastsip.proxy.nat import request_behind_nat
 from fastsip.sip import URI, Request, Response
 from fastsip.transport import DEFAULT_PORTS, Address
@@ -152,6 +159,16 @@ class Registrar:
     async def lookup(self, uri: URI | str, now: float) -> list[Binding]:
         """The current bindings of the AOR ``uri`` names (q descending, newest first)."""
         return await self.store.lookup(aor_of(uri), now)
+
+    def lookup_now(self, uri: URI | str, now: float) -> list[Binding] | None:
+        """:meth:`lookup` in place, when the store is the in-memory one (its lookup is a dict
+        read: no coroutine, for the lookup on every INVITE); None for any other store (one
+        whose ``lookup`` is its own), which is awaited instead."""
+        store = self.store
+        if not isinstance(store, MemoryLocationStore) \
+                or type(store).lookup is not MemoryLocationStore.lookup:
+            return None
+        return store.lookup_now(aor_of(uri), now)
 
     async def handle(
         self, request: Request, source: Address, now: float, *, user: str | None = None,

@@ -95,6 +95,12 @@ class TransactionUser(Protocol):
     def on_server_timeout(self, txn: ServerTransaction) -> None:
         """Timer H: the ACK for a non-2xx final response never came (§17.2.1)."""
 
+    # Optional: ``sheds_messages = True`` says the TU never reads a transaction's ``request``
+    # or ``last_response`` once it has its final response (the proxy core).  The layer then
+    # drops both when the transaction starts to linger (Timers D, J, K, L, M: up to 32 s, and
+    # at carrier rates every byte a lingering transaction keeps is multiplied by tens of
+    # thousands); ``request`` then raises, ``last_response`` is None.
+
 
 # States (RFC 3261 figures 5-8, RFC 6026 figures 5 and 7).
 CALLING = "calling"
@@ -106,6 +112,12 @@ CONFIRMED = "confirmed"
 TERMINATED = "terminated"
 
 
+def _kept(request: Request | None, txn: object) -> Request:
+    if request is None:
+        raise ValueError(f"{txn!r} has shed its request (its TU sheds_messages)")
+    return request
+
+
 class ClientTransaction:
     """A client transaction (§17.1): INVITE (figure 5 + RFC 6026) or non-INVITE (figure 6)."""
 
@@ -113,6 +125,7 @@ class ClientTransaction:
         "_ack",
         "_data",
         "_interval",
+        "_request",
         "_timeout",
         "_timer",
         "dest",
@@ -121,18 +134,19 @@ class ClientTransaction:
         "key",
         "last_response",
         "layer",
-        "request",
+        "method",
         "state",
     )
 
     def __init__(self, layer: TransactionLayer, request: Request, dest: Address,
                  handler: ClientHandler, key: tuple[str, str]) -> None:
         self.layer = layer
-        self.request = request
+        self._request: Request | None = request
         self.dest = dest
         self.handler = handler
         self.key = key
-        self.is_invite = request.method == "INVITE"
+        self.method = request.method
+        self.is_invite = self.method == "INVITE"
         self.state = CALLING if self.is_invite else TRYING
         self.last_response: Response | None = None
         self._data = bytes(request)
@@ -144,6 +158,19 @@ class ClientTransaction:
     @property
     def branch(self) -> str:
         return self.key[0]
+
+    @property
+    def request(self) -> Request:
+        """The request this transaction sent (gone once it lingers, for a TU that
+        ``sheds_messages``)."""
+        return _kept(self._request, self)
+
+    def _shed(self) -> None:
+        # Entering Completed or Accepted: the request (and the response) are never read
+        # again by us; what a retransmission needs is kept as bytes (the ACK).
+        if self.layer.shed:
+            self._request = None
+            self.last_response = None
 
     def _start(self) -> None:
         cfg = self.layer.config
@@ -206,8 +233,10 @@ class ClientTransaction:
                     self._stop_retransmitting()
                     self._cancel_timeout()
                     self._timeout = self.layer.clock.call_later(cfg.timeout, self._on_timeout)
+                    self._shed()
                 if self.state == ACCEPTED:
-                    self.last_response = response
+                    if not self.layer.shed:
+                        self.last_response = response
                     self.handler.on_response(self, response)
                 return
             if state in (CALLING, PROCEEDING):
@@ -218,6 +247,7 @@ class ClientTransaction:
                 self._ack = bytes(self._build_ack(response))
                 self.layer.transport.send(self._ack, self.dest)
                 self.handler.on_response(self, response)
+                self._shed()
                 self._linger(0 if self.dest.reliable else 32.0)
             elif state == COMPLETED and self._ack is not None:
                 self.layer.transport.send(self._ack, self.dest)  # final retransmitted: ACK again
@@ -228,6 +258,7 @@ class ClientTransaction:
             self._cancel_timeout()
             self.last_response = response
             self.handler.on_response(self, response)
+            self._shed()
             self._linger(0 if self.dest.reliable else cfg.t4)
 
     def _build_ack(self, response: Response) -> Request:
@@ -274,7 +305,7 @@ class ClientTransaction:
         self.layer._client.pop(self.key, None)
 
     def __repr__(self) -> str:
-        return f"<ClientTransaction {self.request.method} {self.branch} {self.state}>"
+        return f"<ClientTransaction {self.method} {self.branch} {self.state}>"
 
 
 class ServerTransaction:
@@ -283,6 +314,7 @@ class ServerTransaction:
     __slots__ = (
         "_data",
         "_interval",
+        "_request",
         "_timeout",
         "_timer",
         "data",
@@ -291,7 +323,7 @@ class ServerTransaction:
         "key",
         "last_response",
         "layer",
-        "request",
+        "method",
         "source",
         "state",
     )
@@ -299,10 +331,11 @@ class ServerTransaction:
     def __init__(self, layer: TransactionLayer, request: Request, source: Address,
                  key: tuple[Any, ...]) -> None:
         self.layer = layer
-        self.request = request
+        self._request: Request | None = request
         self.source = source
         self.key = key
-        self.is_invite = request.method == "INVITE"
+        self.method = request.method
+        self.is_invite = self.method == "INVITE"
         self.state = PROCEEDING if self.is_invite else TRYING
         self.last_response: Response | None = None
         top = request.top_via
@@ -314,8 +347,17 @@ class ServerTransaction:
         self.data: Any = None  # for the transaction user
 
     @property
-    def method(self) -> str:
-        return self.request.method
+    def request(self) -> Request:
+        """The request this transaction received (gone once it lingers, for a TU that
+        ``sheds_messages``)."""
+        return _kept(self._request, self)
+
+    def _shed(self) -> None:
+        # A final response went out: what a retransmitted request or Timer G needs is its
+        # bytes (``_data``); the parsed messages are never read again by us.
+        if self.layer.shed:
+            self._request = None
+            self.last_response = None
 
     def respond(self, response: Response) -> None:
         """Send a response through the transaction (§17.2.1, §17.2.2)."""
@@ -339,6 +381,7 @@ class ServerTransaction:
         if self._timeout is not None:                    # the abandon guard, if armed
             self._timeout.cancel()
             self._timeout = None
+        self._shed()
         if self.is_invite and status < 300:
             self.state = ACCEPTED                        # RFC 6026: Timer L
             self._data = None          # never resent by us: the TU retransmits its 2xx
@@ -430,7 +473,7 @@ class ServerTransaction:
         self.layer._server.pop(self.key, None)
 
     def __repr__(self) -> str:
-        return f"<ServerTransaction {self.request.method} {self.key[0]} {self.state}>"
+        return f"<ServerTransaction {self.method} {self.key[0]} {self.state}>"
 
 
 class Refusals:
@@ -471,6 +514,8 @@ class TransactionLayer:
         self.transport = transport
         self.clock = clock
         self.tu = tu
+        #: Drop a transaction's messages when it starts to linger (the TU's ``sheds_messages``).
+        self.shed = bool(getattr(tu, "sheds_messages", False))
         self.config = config or TimerConfig()
         self.max_server_transactions = max_server_transactions
         self.max_client_transactions = max_client_transactions
@@ -501,6 +546,10 @@ class TransactionLayer:
         self._client[key] = txn
         txn._start()
         return txn
+
+    def client_transaction(self, key: tuple[str, str]) -> ClientTransaction | None:
+        """The client transaction of ``key`` (its top Via branch and method), if it exists."""
+        return self._client.get(key)
 
     def transport_error(self, dest: Address) -> None:
         """Sending to ``dest`` failed: its client transactions end with on_transport_error."""
