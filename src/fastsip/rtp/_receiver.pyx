@@ -16,6 +16,8 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy
 
+from fastsip.rtp._net cimport address_tuple, sockaddr_storage
+
 cdef extern from *:
     """
     #if defined(_WIN32)
@@ -117,29 +119,11 @@ cdef extern from *:
     #endif
     }
 
-    /* The printable address and port of a source, or port -1. */
-    static int fsr_name(const struct sockaddr_storage *a, char *out, unsigned int outlen) {
-        if (a->ss_family == AF_INET) {
-            const struct sockaddr_in *v4 = (const struct sockaddr_in *)a;
-            if (inet_ntop(AF_INET, (void *)&v4->sin_addr, out, outlen) == NULL) return -1;
-            return ntohs(v4->sin_port);
-        }
-        if (a->ss_family == AF_INET6) {
-            const struct sockaddr_in6 *v6 = (const struct sockaddr_in6 *)a;
-            if (inet_ntop(AF_INET6, (void *)&v6->sin6_addr, out, outlen) == NULL) return -1;
-            return ntohs(v6->sin6_port);
-        }
-        return -1;
-    }
     """
     int FSR_MAX_BATCH, FSR_SLOT, FSR_CTRL
-    ctypedef unsigned short sa_family_t
-    struct sockaddr_storage:
-        sa_family_t ss_family
     int fsr_recv(int fd, unsigned char *buf, unsigned char *ctrl, unsigned int n,
                  unsigned int *lens, sockaddr_storage *addrs, unsigned int *addrlens,
                  double *stamps) noexcept nogil
-    int fsr_name(const sockaddr_storage *a, char *out, unsigned int outlen) noexcept nogil
 
 
 cdef enum:
@@ -178,8 +162,7 @@ cdef class Receiver:
         """Up to ``limit`` (at most 64) datagrams queued on ``fd``: ``(data, (host, port),
         time)``, where time is the kernel's receive stamp less ``offset`` (its clock on the
         caller's), or ``now`` where there is no stamp.  An empty list when nothing is queued."""
-        cdef int got, i, port
-        cdef char name[64]
+        cdef int got, i
         cdef list out = []
         cdef double t
         if limit <= 0:
@@ -191,10 +174,10 @@ cdef class Receiver:
         for i in range(got):
             if self._addrlens[i] != self._last_len or self._last_tuple is None or \
                     memcmp(&self._addrs[i], &self._last, self._addrlens[i]) != 0:
-                port = fsr_name(&self._addrs[i], name, sizeof(name))
-                if port < 0:
+                source = address_tuple(&self._addrs[i])
+                if source is None:
                     continue                         # not IPv4/IPv6: not ours to answer
-                self._last_tuple = (name.decode("ascii"), port)
+                self._last_tuple = source
                 memcpy(&self._last, &self._addrs[i], self._addrlens[i])
                 self._last_len = self._addrlens[i]
             t = self._stamps[i] - offset if self._stamps[i] >= 0 else now

@@ -30,8 +30,12 @@ the ng control layer through the shell.
 
 from libc.errno cimport EAGAIN, EBUSY, EINTR, ENOBUFS, errno
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcpy, memset
 
+from fastsip.rtp._net cimport (
+    AF_INET, AF_INET6, FS_ERR_AGAIN, FS_ERR_INTR, address_tuple, fs_last_error, same_address,
+    sockaddr_from_ip, sockaddr_len, sockaddr_storage,
+)
 from fastsip.rtp._stats cimport RtpStats
 
 import ipaddress
@@ -84,24 +88,6 @@ cdef extern from *:
     #endif
     #define FS_TRUNC MSG_TRUNC
     #endif
-
-    /* What a failed call means to the relay. */
-    #define FS_ERR_AGAIN 1   /* nothing (more) to read, or no room to send: stop this batch */
-    #define FS_ERR_INTR 2    /* a signal: try again */
-    #define FS_ERR_OTHER 3
-
-    static int fs_last_error(void) {
-    #if defined(_WIN32)
-        int e = WSAGetLastError();
-        if (e == WSAEWOULDBLOCK || e == WSAENOBUFS) return FS_ERR_AGAIN;
-        if (e == WSAEINTR) return FS_ERR_INTR;
-    #else
-        int e = errno;
-        if (e == EAGAIN || e == EWOULDBLOCK || e == ENOBUFS) return FS_ERR_AGAIN;
-        if (e == EINTR) return FS_ERR_INTR;
-    #endif
-        return FS_ERR_OTHER;
-    }
 
     /* Read up to n datagrams without blocking.  Returns how many (msg_len and msg_hdr.msg_flags
      * set for each), or -1 when the first read failed (see fs_last_error). */
@@ -534,8 +520,6 @@ cdef extern from *:
         unsigned int msg_len
 
     int FS_TRUNC, FS_BATCHED
-    int FS_ERR_AGAIN, FS_ERR_INTR
-    int fs_last_error() noexcept nogil
     int fs_recv_batch(int fd, fs_mmsg *v, unsigned int n) noexcept nogil
     int fs_send_batch(int fd, fs_mmsg *v, unsigned int n) noexcept nogil
     int fs_sock_family(int fd) noexcept nogil
@@ -590,28 +574,6 @@ cdef extern from *:
     void fs_uring_rearm_wakeup(fs_uring *r) noexcept nogil
     int fs_uring_deferred(fs_uring *r) noexcept nogil
 
-    # Only the fields this module reads or writes; the C headers above bring the full types.
-    int AF_INET, AF_INET6
-    ctypedef unsigned short sa_family_t
-    struct sockaddr_storage:
-        sa_family_t ss_family
-    struct in_addr:
-        pass
-    struct in6_addr:
-        pass
-    struct sockaddr_in:
-        sa_family_t sin_family
-        unsigned short sin_port
-        in_addr sin_addr
-    struct sockaddr_in6:
-        sa_family_t sin6_family
-        unsigned short sin6_port
-        unsigned int sin6_flowinfo
-        in6_addr sin6_addr
-        unsigned int sin6_scope_id
-    unsigned short htons(unsigned short) noexcept nogil
-    unsigned short ntohs(unsigned short) noexcept nogil
-
 
 cdef enum:
     # Latching modes (C constants: the drain loop must not look up module globals).
@@ -658,41 +620,6 @@ uring_compiled = bool(FS_URING)
 #: Set to ``mmsg`` to make ``Relay(backend="auto")`` use recvmmsg/sendmmsg even where io_uring
 #: works (a comparison, or a kernel whose io_uring misbehaves).
 BACKEND_ENV = "FASTSIP_RELAY_BACKEND"
-
-
-cdef inline bint _same_address(const sockaddr_storage *a, const sockaddr_storage *b) noexcept:
-    """Same family, port and address: the fields that identify a UDP source (sin_zero,
-    flowinfo and padding may differ between two sockaddrs of the same source)."""
-    if a.ss_family != b.ss_family:
-        return False
-    if a.ss_family == AF_INET:
-        return ((<const sockaddr_in *>a).sin_port == (<const sockaddr_in *>b).sin_port
-                and memcmp(&(<const sockaddr_in *>a).sin_addr,
-                           &(<const sockaddr_in *>b).sin_addr, 4) == 0)
-    if a.ss_family == AF_INET6:
-        return ((<const sockaddr_in6 *>a).sin6_port == (<const sockaddr_in6 *>b).sin6_port
-                and memcmp(&(<const sockaddr_in6 *>a).sin6_addr,
-                           &(<const sockaddr_in6 *>b).sin6_addr, 16) == 0
-                and (<const sockaddr_in6 *>a).sin6_scope_id
-                == (<const sockaddr_in6 *>b).sin6_scope_id)
-    return False
-
-
-cdef inline unsigned int _sockaddr_len(const sockaddr_storage *a) noexcept:
-    if a.ss_family == AF_INET:
-        return sizeof(sockaddr_in)
-    return sizeof(sockaddr_in6)
-
-
-cdef object _address_tuple(const sockaddr_storage *a):
-    """(host, port) of a sockaddr, for stats() (not on the packet path)."""
-    cdef const unsigned char *raw
-    if a.ss_family == AF_INET:
-        raw = <const unsigned char *>&(<const sockaddr_in *>a).sin_addr
-        return (str(ipaddress.IPv4Address(raw[:4])),
-                ntohs((<const sockaddr_in *>a).sin_port))
-    raw = <const unsigned char *>&(<const sockaddr_in6 *>a).sin6_addr
-    return (str(ipaddress.IPv6Address(raw[:16])), ntohs((<const sockaddr_in6 *>a).sin6_port))
 
 
 cdef inline bint _looks_like_rtcp(const unsigned char *data, unsigned int length) noexcept:
@@ -916,22 +843,9 @@ cdef class Relay:
         latched source: the remote is learned again, as rtpengine does after each signal."""
         cdef _Leg target = self._get(leg)
         cdef sockaddr_storage addr
-        cdef bytes packed
         if not 0 < port < 65536:
             raise ValueError(f"port {port} out of range")
-        ip = ipaddress.ip_address(host)
-        packed = ip.packed
-        memset(&addr, 0, sizeof(addr))
-        if ip.version == 4:
-            (<sockaddr_in *>&addr).sin_family = AF_INET
-            (<sockaddr_in *>&addr).sin_port = htons(port)
-            memcpy(&(<sockaddr_in *>&addr).sin_addr, <const char *>packed, 4)
-        else:
-            (<sockaddr_in6 *>&addr).sin6_family = AF_INET6
-            (<sockaddr_in6 *>&addr).sin6_port = htons(port)
-            memcpy(&(<sockaddr_in6 *>&addr).sin6_addr, <const char *>packed, 16)
-            if ip.scope_id is not None and ip.scope_id.isdigit():
-                (<sockaddr_in6 *>&addr).sin6_scope_id = int(ip.scope_id)
+        sockaddr_from_ip(&addr, ipaddress.ip_address(host), port)
         target.sdp_peer = addr
         target.has_sdp_peer = True
         target.latched = False
@@ -1005,8 +919,8 @@ cdef class Relay:
             "errors": target.errors,
             "sent": target.sent,
             "last_packet": target.last_packet,
-            "peer": _address_tuple(remote) if remote != NULL else None,
-            "sdp_peer": _address_tuple(&target.sdp_peer) if target.has_sdp_peer else None,
+            "peer": address_tuple(remote) if remote != NULL else None,
+            "sdp_peer": address_tuple(&target.sdp_peer) if target.has_sdp_peer else None,
             "latched": bool(target.latched),
         }
         if not target.rtcp:
@@ -1104,7 +1018,7 @@ cdef class Relay:
             out = leg.partner
             dst = out.remote() if out is not None else NULL
             can_send = dst != NULL and dst.ss_family == out.family
-            dstlen = _sockaddr_len(dst) if can_send else 0
+            dstlen = sockaddr_len(dst) if can_send else 0
             nsend = 0
             for i in range(n):
                 msg = &self._rmsg[i]
@@ -1172,7 +1086,7 @@ cdef class Relay:
             leg.latched = True
             leg.latched_last = now
             return True
-        if _same_address(src, &leg.latched_addr):
+        if same_address(src, &leg.latched_addr):
             leg.latched_last = now
             return True
         if leg.latching == _LATCH_STRICT:
@@ -1375,7 +1289,7 @@ cdef class Relay:
             leg.errors += 1
             return
         # The address is copied: a later datagram of this round may re-latch the partner.
-        dstlen = _sockaddr_len(dst)
+        dstlen = sockaddr_len(dst)
         i = self._nusend
         self._nusend += 1
         memcpy(&self._udst[i], dst, dstlen)

@@ -27,7 +27,9 @@ clock; the fds belong to the shell.
 cimport cython
 from libc.math cimport floor
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy
+
+from fastsip.rtp._net cimport sockaddr_from_ip, sockaddr_storage
 
 import ipaddress
 
@@ -49,21 +51,6 @@ cdef extern from *:
     #endif
 
     #define FSS_MAX_BATCH 64
-
-    /* 1: the send failed for want of room (stop this stream's batch), 2: interrupted, 0: this
-     * datagram alone was refused (unreachable, EPERM...). */
-    static int fss_error_kind(void) {
-    #if defined(_WIN32)
-        int e = WSAGetLastError();
-        if (e == WSAEWOULDBLOCK || e == WSAENOBUFS) return 1;
-        if (e == WSAEINTR) return 2;
-    #else
-        int e = errno;
-        if (e == EAGAIN || e == EWOULDBLOCK || e == ENOBUFS) return 1;
-        if (e == EINTR) return 2;
-    #endif
-        return 0;
-    }
 
     static int fss_sendto(int fd, const unsigned char *data, unsigned int len,
                           const void *to, unsigned int tolen) {
@@ -101,9 +88,9 @@ cdef extern from *:
             while (off < n) {
                 int r = sendmmsg(fd, msgs + off, n - off, MSG_DONTWAIT);
                 if (r > 0) { off += (unsigned int)r; continue; }
-                kind = fss_error_kind();
-                if (kind == 2 && tries++ < 3) continue;
-                if (kind == 1) return failed + (n - off);
+                kind = fs_last_error();
+                if (kind == FS_ERR_INTR && tries++ < 3) continue;
+                if (kind == FS_ERR_AGAIN) return failed + (n - off);
                 failed++;
                 off++;
             }
@@ -115,9 +102,9 @@ cdef extern from *:
                 off++;
                 continue;
             }
-            kind = fss_error_kind();
-            if (kind == 2 && tries++ < 3) continue;
-            if (kind == 1) return failed + (n - off);
+            kind = fs_last_error();
+            if (kind == FS_ERR_INTR && tries++ < 3) continue;
+            if (kind == FS_ERR_AGAIN) return failed + (n - off);
             failed++;
             off++;
         }
@@ -128,27 +115,6 @@ cdef extern from *:
     unsigned int fss_send(int fd, const void *to, unsigned int tolen,
                           const unsigned char *buf, unsigned int stride,
                           const unsigned int *lens, unsigned int n) noexcept nogil
-
-    # Only the fields this module writes; the C headers above bring the full types.
-    int AF_INET, AF_INET6
-    ctypedef unsigned short sa_family_t
-    struct sockaddr_storage:
-        sa_family_t ss_family
-    struct in_addr:
-        pass
-    struct in6_addr:
-        pass
-    struct sockaddr_in:
-        sa_family_t sin_family
-        unsigned short sin_port
-        in_addr sin_addr
-    struct sockaddr_in6:
-        sa_family_t sin6_family
-        unsigned short sin6_port
-        unsigned int sin6_flowinfo
-        in6_addr sin6_addr
-        unsigned int sin6_scope_id
-    unsigned short htons(unsigned short) noexcept nogil
 
 
 cdef enum:
@@ -224,7 +190,6 @@ cdef class SendState:
         """Where granted frames go: an IP literal (no DNS) and port.  False (and no remote) for
         anything else -- the session's Python path then sends, as it can resolve names."""
         cdef sockaddr_storage addr
-        cdef bytes packed
         self.has_remote = False
         if not 0 < port < 65536:
             return False
@@ -232,22 +197,9 @@ cdef class SendState:
             ip = ipaddress.ip_address(host)
         except (ValueError, TypeError):
             return False
-        packed = ip.packed
-        memset(&addr, 0, sizeof(addr))
-        if ip.version == 4:
-            (<sockaddr_in *>&addr).sin_family = AF_INET
-            (<sockaddr_in *>&addr).sin_port = htons(port)
-            memcpy(&(<sockaddr_in *>&addr).sin_addr, <const char *>packed, 4)
-            self._remote_len = sizeof(sockaddr_in)
-        else:
-            if ip.scope_id is not None and not ip.scope_id.isdigit():
-                return False                 # a named zone: the Python path resolves it
-            (<sockaddr_in6 *>&addr).sin6_family = AF_INET6
-            (<sockaddr_in6 *>&addr).sin6_port = htons(port)
-            memcpy(&(<sockaddr_in6 *>&addr).sin6_addr, <const char *>packed, 16)
-            if ip.scope_id is not None:
-                (<sockaddr_in6 *>&addr).sin6_scope_id = int(ip.scope_id)
-            self._remote_len = sizeof(sockaddr_in6)
+        if ip.version == 6 and ip.scope_id is not None and not ip.scope_id.isdigit():
+            return False                     # a named zone: the Python path resolves it
+        self._remote_len = sockaddr_from_ip(&addr, ip, port)
         self._remote = addr
         self.has_remote = True
         return True

@@ -112,27 +112,43 @@ CONFIRMED = "confirmed"
 TERMINATED = "terminated"
 
 
-def _kept(request: Request | None, txn: object) -> Request:
-    if request is None:
-        raise ValueError(f"{txn!r} has shed its request (its TU sheds_messages)")
-    return request
+class _Lingering:
+    """What either kind of transaction does with its messages once it lingers (Completed or
+    Accepted): for a TU that ``sheds_messages`` the parsed request and response go, and only
+    the bytes a retransmission needs stay (a client's ACK, a server's final response)."""
+
+    __slots__ = ("_request", "last_response")
+    _request: Request | None
+    last_response: Response | None
+    layer: TransactionLayer
+
+    @property
+    def request(self) -> Request:
+        """The request this transaction sent or received (gone once it lingers, for a TU that
+        ``sheds_messages``)."""
+        if self._request is None:
+            raise ValueError(f"{self!r} has shed its request (its TU sheds_messages)")
+        return self._request
+
+    def _shed(self) -> None:
+        if self.layer.shed:
+            self._request = None
+            self.last_response = None
 
 
-class ClientTransaction:
+class ClientTransaction(_Lingering):
     """A client transaction (§17.1): INVITE (figure 5 + RFC 6026) or non-INVITE (figure 6)."""
 
     __slots__ = (
         "_ack",
         "_data",
         "_interval",
-        "_request",
         "_timeout",
         "_timer",
         "dest",
         "handler",
         "is_invite",
         "key",
-        "last_response",
         "layer",
         "method",
         "state",
@@ -158,19 +174,6 @@ class ClientTransaction:
     @property
     def branch(self) -> str:
         return self.key[0]
-
-    @property
-    def request(self) -> Request:
-        """The request this transaction sent (gone once it lingers, for a TU that
-        ``sheds_messages``)."""
-        return _kept(self._request, self)
-
-    def _shed(self) -> None:
-        # Entering Completed or Accepted: the request (and the response) are never read
-        # again by us; what a retransmission needs is kept as bytes (the ACK).
-        if self.layer.shed:
-            self._request = None
-            self.last_response = None
 
     def _start(self) -> None:
         cfg = self.layer.config
@@ -308,20 +311,18 @@ class ClientTransaction:
         return f"<ClientTransaction {self.method} {self.branch} {self.state}>"
 
 
-class ServerTransaction:
+class ServerTransaction(_Lingering):
     """A server transaction (§17.2): INVITE (figure 7 + RFC 6026) or non-INVITE (figure 8)."""
 
     __slots__ = (
         "_data",
         "_interval",
-        "_request",
         "_timeout",
         "_timer",
         "data",
         "dest",
         "is_invite",
         "key",
-        "last_response",
         "layer",
         "method",
         "source",
@@ -345,19 +346,6 @@ class ServerTransaction:
         self._timeout: Any = None
         self._interval = layer.config.t1
         self.data: Any = None  # for the transaction user
-
-    @property
-    def request(self) -> Request:
-        """The request this transaction received (gone once it lingers, for a TU that
-        ``sheds_messages``)."""
-        return _kept(self._request, self)
-
-    def _shed(self) -> None:
-        # A final response went out: what a retransmitted request or Timer G needs is its
-        # bytes (``_data``); the parsed messages are never read again by us.
-        if self.layer.shed:
-            self._request = None
-            self.last_response = None
 
     def respond(self, response: Response) -> None:
         """Send a response through the transaction (§17.2.1, §17.2.2)."""
