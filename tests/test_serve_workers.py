@@ -12,6 +12,7 @@ import re
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -68,8 +69,12 @@ def test_calls_from_one_socket_spread_over_workers_and_all_complete(
         assert register(tmp_path, "register", port, "service", uas_port).returncode == 0
         uac = run_uac(tmp_path, "uac", port, "service", calls, "-lost", str(lost), rate=150,
                       timeout=90)
-        finish(uas, 30)
-        assert uac.returncode == 0, (uac_counts(tmp_path, "uac"), serve.log()[-3000:])
+        uas_out = finish(uas, 30)
+        # On failure: how serve judged the calls (outcome=...), what the callee said, and
+        # the log's end -- the three places a failed run's cause has been found.
+        assert uac.returncode == 0, (uac_counts(tmp_path, "uac"),
+                                     Counter(re.findall(r"outcome=(\w+)", serve.log())),
+                                     uas.returncode, uas_out[-1500:], serve.log()[-2000:])
         assert successful(tmp_path, "uac") == calls
     finally:
         if uas is not None and uas.poll() is None:
