@@ -27,7 +27,6 @@ import errno
 import logging
 import math
 import socket
-import struct
 import sys
 import time
 from collections.abc import Callable
@@ -46,8 +45,6 @@ _READ_BATCH = 64          # datagrams read per wake-up of one socket before yiel
 # carries an SCM_TIMESTAMPNS control message (same number) with a struct timespec of
 # CLOCK_REALTIME.  Python does not name the constant.
 _SO_TIMESTAMPNS = 35 if sys.platform.startswith("linux") else None
-_TIMESPEC = struct.Struct("@ll")
-_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0
 
 
 class PortsExhausted(OSError):
@@ -140,15 +137,14 @@ class MediaEngine:
         return sock
 
     @staticmethod
-    def _stamp(sock: socket.socket) -> bool:
-        """Ask the kernel for receive timestamps on ``sock``; False where there are none."""
-        if _SO_TIMESTAMPNS is None or not _ANCILLARY:
-            return False
-        try:
+    def _stamp(sock: socket.socket) -> None:
+        """Ask the kernel for receive timestamps on ``sock`` where it gives them (Linux); the
+        :class:`~fastsip.rtp._receiver.Receiver` reads them, and a datagram without one gets
+        the loop's time."""
+        if _SO_TIMESTAMPNS is None:
+            return
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
-        except OSError:
-            return False
-        return True
 
     def _pair(self) -> tuple[socket.socket, socket.socket]:
         if self.port_base == 0:
@@ -180,7 +176,8 @@ class MediaEngine:
         rtp, rtcp = self._pair()
         stream = MediaStream(self, rtp, rtcp)
         self._streams.add(stream)
-        self._loop.add_reader(rtp.fileno(), self._read_rtp, stream, self._stamp(rtp))
+        self._stamp(rtp)
+        self._loop.add_reader(rtp.fileno(), self._read_rtp, stream)
         self._loop.add_reader(rtcp.fileno(), self._read_rtcp, stream)
         return stream
 
@@ -230,12 +227,11 @@ class MediaEngine:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def _read_rtp(self, stream: MediaStream, stamped: bool) -> None:
+    def _read_rtp(self, stream: MediaStream) -> None:
         """Feed what arrived on the stream's RTP socket to its session: a batch read in C
         (:class:`~fastsip.rtp._receiver.Receiver`: one system call, the kernel's receive
-        stamps read there).  ``stamped``: the socket gives kernel receive stamps (each
-        datagram's arrival); else, and for a datagram without one, the loop's time at this
-        read stands for every datagram in the batch."""
+        stamps read there).  A datagram without a stamp (no ``SO_TIMESTAMPNS``, not Linux)
+        gets the loop's time at this read."""
         session = stream.session
         batch = self._receiver.read(stream.rtp.fileno(), _READ_BATCH, self._realtime_offset,
                                     self._loop.time())

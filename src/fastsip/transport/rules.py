@@ -91,17 +91,14 @@ def response_destination(via: Via, source: Address | None = None) -> Address:
         # should it close first, the address here is where §18.2.2 says to open a new one:
         # the received IP with the sent-by port (not the peer's ephemeral port).
         sent_by_port = via.port if via.port else DEFAULT_PORTS.get(source.transport, 5060)
-        host = via.received or via.host
-        if host[:1] == "[" and host[-1:] == "]":
-            host = host[1:-1]
-        return Address(source.transport, host, sent_by_port, source.connection)
+        return Address(source.transport, strip_brackets(via.received or via.host),
+                       sent_by_port, source.connection)
     host = via.maddr or via.received or via.host
     given = via.port if via.maddr else (via.rport if via.rport else via.port)
     port = given if given is not None else DEFAULT_PORTS.get(transport, 5060)
     # A datagram's source names the socket it arrived on: the response leaves from it, so
     # the client (and its NAT) sees it come from the address it sent to (§18.2.2).
-    if host[:1] == "[" and host[-1:] == "]":      # (strip_brackets, inline: every response)
-        host = host[1:-1]
+    host = strip_brackets(host)
     if source is not None and source.transport == transport:
         if source.port == port and source.host == host:
             return source      # the usual case (rport, or no NAT): the source itself
@@ -139,9 +136,7 @@ def next_hop(target: URI | NameAddr | str) -> Address:
                 raise ValueError(f"sips URI with transport=udp: {uri!s}")
     else:
         transport = "TLS" if secure else "UDP"
-    host = uri.maddr or uri.host
-    if host[:1] == "[" and host[-1:] == "]":      # (strip_brackets, inline: every request)
-        host = host[1:-1]
+    host = strip_brackets(uri.maddr or uri.host)
     port = uri.port if uri.port else DEFAULT_PORTS.get(transport, 5060)
     return Address(transport, host, port)
 
@@ -179,16 +174,12 @@ def check_sent_by(response: Response, local: Iterable[tuple[str, int]]) -> bool:
     via = response.top_via
     if via is None:
         return False
-    host = via.host.lower()
-    if host[:1] == "[" and host[-1:] == "]":      # (strip_brackets, inline: every response)
-        host = host[1:-1]
+    host = strip_brackets(via.host).lower()
     port = via.port if via.port is not None else DEFAULT_PORTS.get(via.transport, 5060)
     for local_host, local_port in local:
         if local_port != port:
             continue
-        h = local_host.lower()
-        if h[:1] == "[":
-            h = strip_brackets(h)
+        h = strip_brackets(local_host).lower()
         if h == host or h in ("0.0.0.0", "::"):
             return True
     return False
