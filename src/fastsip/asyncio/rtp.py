@@ -96,6 +96,7 @@ class MediaEngine:
         self._streams: set[MediaStream] = set()
         self._active: list[MediaStream] = []
         self._handle: asyncio.TimerHandle | None = None
+        self._tick_at = 0.0                      # the grid point the armed tick is for
         self._next_port = self.port_base
         self.wakeups = 0
         self._send_errors = 0
@@ -271,6 +272,7 @@ class MediaEngine:
         # the next grid point strictly ahead (plus half a millisecond: uvloop's clock is
         # whole milliseconds and would fire a hair early)
         at = (math.floor(now / self.tick + 1e-9) + 1) * self.tick
+        self._tick_at = at
         self._handle = self._loop.call_at(at + 0.0005, self._on_tick)
 
     def _on_tick(self) -> None:
@@ -282,10 +284,17 @@ class MediaEngine:
         # Only the sessions that need a tick of their own (an ungranted frame, a playout slot,
         # an RTCP report): a stream sending granted audio costs no Python here.
         due: list[MediaStream] = self._sender.due(now)
+        # A wake-up more than a tick late (the loop was stalled): what queued in the kernel
+        # meanwhile is read before the missed playout slots are played, or those slots would
+        # be concealed and the packets behind them played as well.  (Which of the reader and
+        # this timer runs first after a stall is the loop's choice.)
+        late = now - self._tick_at > self.tick
         for stream in due:
             session = stream.session
             if session is None or stream.closed:
                 continue
+            if late:
+                self._read_rtp(stream)
             out = session.tick(now)
             if out:
                 send(stream.rtp, out)
