@@ -240,7 +240,8 @@ def in_process(calls: int = 3000, rounds: int = 7, scrape_every: int = 150
                ) -> dict[str, float]:
     """{variant: best round's thread CPU per call in us, "VARIANT median": the median}, for
     metrics "off", "on" (no scrape) and "scraped" (on, a scrape rendered every
-    ``scrape_every`` calls in the timed part); rounds interleaved.  The garbage collector is
+    ``scrape_every`` calls in the timed part); the variants take turns every ``scrape_every``
+    calls (each turn of "scraped" holds one scrape).  The garbage collector is
     set as serve sets it (startup objects frozen, thresholds 10000/50/100): with CPython's
     defaults, the scrape's few thousand objects would trigger full collections over every
     lingering transaction that serve never runs."""
@@ -249,6 +250,9 @@ def in_process(calls: int = 3000, rounds: int = 7, scrape_every: int = 150
 
     variants = ("off", "on", "scraped")
     runs: dict[str, list[float]] = {v: [] for v in variants}
+    #: Per block of calls, a variant's CPU over "off"'s in the same turn: their median is
+    #: what the test asserts (a pause or a slow second inside one block moves one ratio).
+    block_ratios: dict[str, list[float]] = {v: [] for v in variants[1:]}
     clock = time.thread_time
     thresholds = gc.get_threshold()
     gc.set_threshold(10_000, 50, 100)
@@ -257,33 +261,53 @@ def in_process(calls: int = 3000, rounds: int = 7, scrape_every: int = 150
             path = Path(tmp) / "bench_routes.py"
             path.write_text(ROUTES)
             for i in range(rounds):
-                for variant in (variants if i % 2 == 0 else variants[::-1]):
-                    gc.collect()
+                # The three stacks run side by side, taking turns every ``scrape_every`` calls in
+                # a rotating order: a VM's speed drifts by 10-40% between seconds (the medians
+                # of whole-round runs moved that much), and a drift now hits every variant
+                # alike instead of whichever ran its whole round then.
+                gc.collect()
+                stacks = {}
+                for variant in variants:
                     receive, wire, wheel, render = relay_stack(str(path), variant != "off")
-                    gc.freeze()
-                    if variant != "scraped":
-                        render = None
-                    spent = [0.0]
-
-                    def timed(data: bytes, source: tuple[str, int], receive: Any = receive,
-                              spent: list[float] = spent) -> None:
+                    stacks[variant] = (receive, wire, wheel,
+                                       render if variant == "scraped" else None)
+                gc.freeze()
+                spent = {v: [0.0] for v in variants}
+                timed_receive = {}
+                for variant in variants:
+                    def timed(data: bytes, source: tuple[str, int],
+                              receive: Any = stacks[variant][0],
+                              spent: list[float] = spent[variant]) -> None:
                         started = clock()
                         receive(data, source)
                         spent[0] += clock() - started
-
-                    for n in range(calls):
-                        wheel.advance(n * 0.004)
-                        one_call(n, timed, wire)
-                        if render is not None and n % scrape_every == 0:
-                            started = clock()
-                            render()
-                            spent[0] += clock() - started
-                    gc.unfreeze()
-                    runs[variant].append(spent[0] / calls * 1e6)
+                    timed_receive[variant] = timed
+                block = scrape_every
+                for first in range(0, calls, block):
+                    turn = (first // block + i) % len(variants)
+                    before = {v: spent[v][0] for v in variants}
+                    for variant in variants[turn:] + variants[:turn]:
+                        _receive, wire, wheel, render = stacks[variant]
+                        timed = timed_receive[variant]
+                        for n in range(first, min(first + block, calls)):
+                            wheel.advance(n * 0.004)
+                            one_call(n, timed, wire)
+                            if render is not None and n % scrape_every == 0:
+                                started = clock()
+                                render()
+                                spent[variant][0] += clock() - started
+                    base = spent["off"][0] - before["off"]
+                    for variant in variants[1:]:
+                        block_ratios[variant].append((spent[variant][0] - before[variant]) / base)
+                gc.unfreeze()
+                del stacks, timed_receive
+                for variant in variants:
+                    runs[variant].append(spent[variant][0] / calls * 1e6)
     finally:
         gc.set_threshold(*thresholds)
     out = {v: min(r) for v, r in runs.items()}
     out.update({f"{v} median": statistics.median(r) for v, r in runs.items()})
+    out.update({f"{v} ratio": statistics.median(r) for v, r in block_ratios.items()})
     return out
 
 
@@ -292,24 +316,27 @@ def report_in_process(r: dict[str, float], calls: int, rounds: int) -> str:
     for v, name in (("off", "metrics off"), ("on", "metrics on"),
                     ("scraped", "on + scrapes")):
         delta = "" if v == "off" else \
-            f"  {r[v] - r['off']:+5.1f} us, {(r[v] / r['off'] - 1) * 100:+.1f}%"
+            f"  {r[v] - r['off']:+5.1f} us, {(r[v] / r['off'] - 1) * 100:+.1f}%; " \
+            f"median of per-block ratios {r[v + ' ratio']:.3f}"
         rows.append(f"  {name:13} {r[v]:6.1f} us/call (median {r[v + ' median']:6.1f}){delta}")
     return (f"serve's sans-IO stack in one process (bench_relay's path), thread CPU per call, "
-            f"best of {rounds} interleaved rounds of {calls} calls (scrapes: one rendered "
-            "every 150 calls, i.e. every second at 150 cps):\n" + "\n".join(rows))
+            f"best of {rounds} rounds of {calls} calls, the variants taking turns every 150 "
+            "(scrapes: one rendered every 150 calls, i.e. every second at 150 cps):\n" + "\n".join(rows))
 
 
 def test_in_process_metrics_cost_a_few_percent_at_most() -> None:
     logging_setup = _quiet_logging()
     try:
-        r = in_process(calls=1000, rounds=5)
+        r = in_process(calls=1500, rounds=5)
     finally:
         logging_setup()
-    print("\n" + report_in_process(r, 1000, 5))
-    # Measured +2-5% (the two wrappers, ~13 messages a call); a shared machine moves the
-    # best of 5 rounds by a few percent more.
-    assert r["on"] <= r["off"] * 1.08, report_in_process(r, 1000, 5)
-    assert r["scraped"] <= r["off"] * 1.10, report_in_process(r, 1000, 5)
+    print("\n" + report_in_process(r, 1500, 5))
+    # Measured +3.5-6% on (the wrappers, ~13 messages a call, the handler timer) and +5.5-7%
+    # with a scrape a second, of a call that costs ~250 us. The median of per-block ratios
+    # is asserted: best-of-rounds sums moved by +-5% between runs on this VM (once to +10.7%
+    # for "on", when the variants still ran whole rounds in turn).
+    assert r["on ratio"] <= 1.08, report_in_process(r, 1500, 5)
+    assert r["scraped ratio"] <= 1.11, report_in_process(r, 1500, 5)
 
 
 def _quiet_logging() -> Any:
