@@ -11,7 +11,8 @@ workers share; Redis's own CPU is not counted in either.
 - ``--throughput`` (standalone only): calls completed per second at rising offered rates for
   both, with the machine's busy time, so what sipp itself takes of the two cores shows.
 
-    PYTHONPATH=tests python benchmarks/bench_workers.py [--calls 1500] [--rate 150] [--throughput]
+    PYTHONPATH=tests python benchmarks/bench_workers.py [--calls 1500] [--rate 150] [--rounds 2]
+                                                     [--ports] [--throughput]
 """
 
 from __future__ import annotations
@@ -56,39 +57,52 @@ BAR = float(os.environ.get("FASTSIP_BENCH_WORKERS_BAR", "2.2"))
 GUARDS: list[tuple[str, str, float, str]] = []   # a plain test: see the docstring
 
 
-def serve_argv(workdir: Path, workers: int, db: str) -> list[str]:
+def serve_argv(workdir: Path, workers: int, db: str, *extra: str) -> list[str]:
     routes = workdir / "bench_routes.py"
     routes.write_text(ROUTES)
     return [sys.executable, "-m", "fastsip.cli", "serve", "--listen", f"udp:{HOST}:{{port}}",
             "--routes", str(routes), "--domain", DOMAIN, "--db", db, "--trusted", HOST,
-            "--workers", str(workers)]
+            "--workers", str(workers), *extra]
 
 
-def compare(calls: int = CALLS, rate: int = RATE, rounds: int = ROUNDS) -> dict[str, Any]:
+#: The variants measured: name -> (workers, extra serve options).  "2 shared" (only with
+#: --ports) is the hand-off of every response too, as before workers had sockets of their own.
+VARIANTS: dict[str, tuple[int, tuple[str, ...]]] = {
+    "1": (1, ()), "2": (2, ()), "2 shared": (2, ("--worker-ports", "shared"))}
+
+
+def compare(calls: int = CALLS, rate: int = RATE, rounds: int = ROUNDS,
+            names: tuple[str, ...] = ("1", "2")) -> dict[str, Any]:
+    """Rounds of every variant of ``names`` in turn (the order reversed every other round);
+    each variant's best round counts."""
     from redisutil import RedisServer
 
-    best: dict[int, tuple[float, float, float]] = {}
+    best: dict[str, tuple[float, float, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         redis = RedisServer(workdir / "redis")
         try:
             for i in range(rounds):
-                for workers in ((1, 2) if i % 2 == 0 else (2, 1)):
-                    cpu, ok, _ = measure(serve_argv(workdir, workers, redis.url), fastsip_env(),
-                                         calls, rate, workdir, f"w{workers}-{i}")
-                    assert ok == calls, f"--workers {workers}: {ok} of {calls} calls completed"
+                for name in (names if i % 2 == 0 else names[::-1]):
+                    workers, extra = VARIANTS[name]
+                    tag = name.replace(" ", "-")
+                    cpu, ok, _ = measure(serve_argv(workdir, workers, redis.url, *extra),
+                                         fastsip_env(), calls, rate, workdir, f"w{tag}-{i}")
+                    assert ok == calls, f"--workers {name}: {ok} of {calls} calls completed"
                     per_call = (cpu[0] / ok * 1e6, cpu[1] / ok * 1e6, cpu[2] / ok * 1e6)
-                    print(f"--workers {workers} round {i}: {per_call[0]:7.1f} us/call "
+                    print(f"--workers {name:8} round {i}: {per_call[0]:7.1f} us/call "
                           f"(user {per_call[1]:.0f}, sys {per_call[2]:.0f})", flush=True)
-                    if workers not in best or per_call[0] < best[workers][0]:
-                        best[workers] = per_call
+                    if name not in best or per_call[0] < best[name][0]:
+                        best[name] = per_call
         finally:
             redis.stop()
-    ratio = best[2][0] / best[1][0]
+    ratio = best["2"][0] / best["1"][0]
+    rows = ", ".join(f"{name} {b[0]:.0f} us (user {b[1]:.0f}, sys {b[2]:.0f})"
+                     for name, b in best.items())
     print(f"CPU per call, --workers 2 / --workers 1: {ratio:.2f}x (target {TARGET:g}x, "
-          f"guard {BAR:g}x); best rounds: "
-          f"1 worker {best[1][0]:.0f} us (user {best[1][1]:.0f}, sys {best[1][2]:.0f}), "
-          f"2 workers {best[2][0]:.0f} us (user {best[2][1]:.0f}, sys {best[2][2]:.0f})")
+          f"guard {BAR:g}x); best rounds: {rows}")
+    if "2 shared" in best:
+        print(f"  --worker-ports shared / own: {best['2 shared'][0] / best['2'][0]:.2f}x")
     return {"ratio": ratio, "best": best}
 
 
@@ -160,8 +174,11 @@ if __name__ == "__main__":
     ap.add_argument("--rate", type=int, default=RATE)
     ap.add_argument("--rounds", type=int, default=ROUNDS)
     ap.add_argument("--throughput", action="store_true")
+    ap.add_argument("--ports", action="store_true",
+                    help="also --workers 2 --worker-ports shared (every response handed off)")
     args = ap.parse_args()
     if args.throughput:
         throughput()
     else:
-        compare(args.calls, args.rate, args.rounds)
+        compare(args.calls, args.rate, args.rounds,
+                ("1", "2", "2 shared") if args.ports else ("1", "2"))

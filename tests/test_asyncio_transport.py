@@ -115,6 +115,101 @@ def test_udp_round_trip(factory: Any, host: str) -> None:
     run(factory, main())
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers: Linux SO_REUSEPORT")
+@pytest.mark.parametrize("factory", LOOPS)
+def test_a_workers_requests_leave_from_its_own_socket_and_their_answers_reach_it(
+        factory: Any) -> None:
+    """Two workers on one shared UDP address: each has a socket of its own beside it, which
+    requests to a peer leave from and their Via names (so the peer's responses reach that
+    worker, not whichever one the kernel picks for the shared address); Record-Route's
+    local_for, answers to a source and sends on a flow stay on the shared socket."""
+    async def main() -> None:
+        port = free_port()
+        workers = [TransportLayer(reuse_port=True), TransportLayer(reuse_port=True),
+                   TransportLayer(reuse_port=True, own_sockets=False)]
+        inboxes = [Inbox(), Inbox(), Inbox()]
+        for index, (w, inbox) in enumerate(zip(workers, inboxes)):
+            w.be_worker(index)
+            w.on_message = inbox
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.bind(("127.0.0.1", 0))
+        peer.settimeout(5)
+        peer_address = Address("UDP", "127.0.0.1", peer.getsockname()[1])
+        try:
+            shared = [await w.listen(f"udp:127.0.0.1:{port}") for w in workers]
+            assert shared[0].own is not None and shared[1].own is not None
+            assert shared[2].own is None                 # own_sockets=False: the shared one
+            own_ports = [shared[0].own.address.port, shared[1].own.address.port]
+            assert len({port, *own_ports}) == 3
+            for index, w in enumerate(workers[:2]):
+                own = own_ports[index]
+                # Via names the own socket; Record-Route (local_for) the shared address.
+                via = w.via_for(peer_address)
+                assert (via.host, via.port) == ("127.0.0.1", own)
+                assert w.local_for(peer_address).port == port
+                assert own in w.local_addresses()[1] and port in w.local_addresses()[1]
+                # A request leaves from the own socket ...
+                req = options(f"sip:bob@{peer_address.host}:{peer_address.port}",
+                              f"127.0.0.1:{own}", branch=f"z9hG4bKown{index}",
+                              call_id=f"own-{index}@test")
+                w.send(bytes(req), peer_address)
+                data, source = peer.recvfrom(65536)
+                assert source == ("127.0.0.1", own)
+                # ... and its response, sent back there, reaches this worker alone (its top
+                # Via, naming the own port, is accepted as ours: §18.1.2).
+                peer.sendto(bytes(parse(data).reply(200)), source)
+                [(resp, rsource)] = await inboxes[index].wait()
+                assert isinstance(resp, Response) and resp.status_code == 200
+                assert rsource.port == peer_address.port
+                # An answer to what came from a named socket (the shared one) leaves from it.
+                w.send(b"\r\n\r\n", Address("UDP", peer_address.host, peer_address.port,
+                                             shared[index].id))
+                assert peer.recvfrom(100)[1] == ("127.0.0.1", port)
+                # A request whose Via names the shared address (a trunk's REGISTER, built
+                # with local_for) leaves from there.
+                req = options(f"sip:bob@{peer_address.host}:{peer_address.port}",
+                              f"127.0.0.1:{port}", branch=f"z9hG4bKshared{index}")
+                w.send(bytes(req), peer_address)
+                assert peer.recvfrom(65536)[1] == ("127.0.0.1", port)
+                # A flow (a source naming the shared socket) gets the shared Via too.
+                flow = Address("UDP", peer_address.host, peer_address.port, shared[index].id)
+                assert w.via_for(flow).port == port
+            assert [len(i.items) for i in inboxes] == [1, 1, 0]
+            # own_sockets off: the shared port throughout.
+            assert workers[2].via_for(peer_address).port == port
+            workers[2].send(bytes(options(f"sip:bob@127.0.0.1:{peer_address.port}",
+                                          f"127.0.0.1:{port}")), peer_address)
+            assert peer.recvfrom(65536)[1] == ("127.0.0.1", port)
+        finally:
+            peer.close()
+            for w in workers:
+                await w.close()
+        assert all(not w._own for w in workers)
+
+    run(factory, main())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers: Linux SO_REUSEPORT")
+def test_no_own_socket_beside_an_advertised_address_or_for_a_single_process() -> None:
+    async def main() -> None:
+        advertised, single = TransportLayer(reuse_port=True), TransportLayer()
+        advertised.be_worker(0)
+        try:
+            s = await advertised.listen("udp:127.0.0.1:0", advertise="203.0.113.5")
+            # Behind NAT the mapping of an ephemeral port is unknown: the shared port.
+            assert s.own is None
+            assert advertised.via_for(Address("UDP", "127.0.0.1", 5060)) == \
+                Address("UDP", "203.0.113.5", s.address.port, s.id)
+            t = await single.listen("udp:127.0.0.1:0")
+            assert t.own is None
+            assert single.via_for(Address("UDP", "127.0.0.1", 5060)).port == t.address.port
+        finally:
+            await advertised.close()
+            await single.close()
+
+    run(asyncio.new_event_loop, main())
+
+
 @pytest.mark.parametrize("factory", LOOPS)
 def test_udp_stamps_received_when_via_lies(factory: Any) -> None:
     async def main() -> None:

@@ -595,6 +595,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event,
         if worker is not None:
             # Connection ids name this worker from the first connection accepted.
             endpoint.transport.be_worker(worker)
+            endpoint.transport.own_sockets = args.worker_ports == "own"
         try:
             await endpoint.start()
         except ListenError as exc:  # "cannot listen on udp:127.0.0.1:5060: Address in use"
@@ -1073,6 +1074,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "arrives (a TCP/TLS connection stays in the worker that accepted it); "
                         "auto: one per CPU (default 1).  Needs a shared --db (redis:// "
                         "or postgresql://)")
+    p.add_argument("--worker-ports", choices=("own", "shared"), default="own",
+                   help="with --workers: where the requests a worker forwards leave from.  "
+                        "own (default): a UDP port of that worker's (ephemeral, on the "
+                        "listener's host; named in the Via), so their responses reach it "
+                        "straight instead of through a hand-off from whichever worker the "
+                        "kernel picks.  shared: the listener's port, as one process would, "
+                        "for peers that accept no other source port (their responses then "
+                        "cross between workers half the time).  Listeners with an advertised "
+                        "address (NAT) always use the shared port")
     # Set by the supervisor for the workers it starts (not for operators).
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-dir", default=None, help=argparse.SUPPRESS)

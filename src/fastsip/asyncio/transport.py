@@ -105,6 +105,13 @@ _MAX_SWEEP_PERIOD = 30.0
 # what we send to such a peer reuses that connection, as _by_peer does for our own): at most
 # this many, the oldest forgotten first.
 _MAX_REMOTE_PEERS = 4096
+# A worker's own UDP socket beside listener L (see TransportLayer.own_sockets) has id
+# _OWN_ID + L: UDP ids travel in one byte between workers (workers._HEADER), so up to 127
+# listeners have one.
+_OWN_ID = 128
+# Where a request's top Via is looked for (see _send_udp): the request line and the first
+# header, ours, fit in it.
+_VIA_WINDOW = 512
 
 
 @lru_cache(maxsize=4096)
@@ -177,7 +184,7 @@ class Listener:
     ``receive_buffer`` is the SO_RCVBUF a UDP socket got (the kernel may cap what was asked)."""
 
     __slots__ = ("_acceptor", "_server", "_udp", "_udp_sock", "address", "family", "id",
-                 "receive_buffer", "sent_by")
+                 "own", "receive_buffer", "sent_by", "via_mark")
 
     def __init__(self, address: Address, family: int, sent_by: tuple[str, int],
                  lid: int = 0) -> None:
@@ -192,6 +199,13 @@ class Listener:
         self._acceptor: _Acceptor | None = None
         self._udp: _UdpSocket | _Datagram | None = None
         self._udp_sock: socket.socket | None = None   # for its kernel filter (banned sources)
+        #: A worker's own UDP socket beside this shared one (TransportLayer.own_sockets): the
+        #: requests it starts leave from there, so their responses come back to it.
+        self.own: Listener | None = None
+        #: How a Via naming this socket's sent-by reads (" HOST:PORT;"), for telling which
+        #: socket a request names (an own socket's; see TransportLayer._send_udp).
+        host = f"[{sent_by[0]}]" if ":" in sent_by[0] else sent_by[0]
+        self.via_mark = f" {host}:{sent_by[1]};".encode("ascii", "replace")
 
     def __repr__(self) -> str:
         return f"<Listener {self.address} sent-by {self.sent_by[0]}:{self.sent_by[1]}>"
@@ -564,6 +578,16 @@ class TransportLayer:
       processes share each address; :attr:`steer` then hands each datagram to its owner,
       :attr:`stream_steer` each message framed on a connection, and :attr:`hand_send` the
       bytes for a connection another worker holds (:mod:`fastsip.asyncio.workers`).
+    - ``own_sockets`` (with ``reuse_port``, as a worker): beside each shared UDP listener
+      without an advertised address, a socket of this worker's alone on the same host (an
+      ephemeral port).  :meth:`via_for` gives it for the Via of a request towards a peer
+      that did not name a socket (the proxy's branches), and a request whose top Via names
+      it leaves from it: the responses then reach this worker, which owns their call,
+      instead of whichever worker the kernel picks for the shared address (and a hand-off
+      from there).  Record-Route and Contact still name the shared address, and so do the
+      requests built with :meth:`local_for` (a trunk's REGISTER), which leave from there.
+      An advertised address (NAT) has no such socket: the mapping of an ephemeral port is
+      unknown.
     """
 
     # Own the listening sockets and read them with loop.add_reader where the loop can; False
@@ -591,6 +615,7 @@ class TransportLayer:
         udp_receive_buffer: int = 4 * 1024 * 1024,
         check_via: bool = True,
         reuse_port: bool = False,
+        own_sockets: bool = True,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.on_message = on_message
@@ -608,6 +633,9 @@ class TransportLayer:
         self.udp_receive_buffer = udp_receive_buffer
         self.check_via = check_via
         self.reuse_port = reuse_port
+        self.own_sockets = own_sockets
+        #: The worker's own UDP sockets by id (_OWN_ID + the shared listener's id).
+        self._own: dict[int, Listener] = {}
         #: ``steer(msg, data, source)`` of the intake (several workers on one socket): takes
         #: the datagrams another worker owns.  None: every datagram is ours.
         self.steer: Steer | None = None
@@ -702,6 +730,9 @@ class TransportLayer:
         self._local.append(sent_by)
         if sent_by[0] != address.host or sent_by[1] != address.port:
             self._local.append((address.host, address.port))
+        if udp is not None and self.reuse_port and self.own_sockets and \
+                self.worker is not None and not advertise and lid < _OWN_ID:
+            await self._open_own(listener)
         if udp is not None:
             log.info("listening on %s (sent-by %s:%d; receive buffer %d bytes%s)", address,
                      *sent_by, receive_buffer,
@@ -711,6 +742,34 @@ class TransportLayer:
         else:
             log.info("listening on %s (sent-by %s:%d)", address, *sent_by)
         return listener
+
+    async def _open_own(self, shared: Listener) -> None:
+        """The worker's own socket beside UDP listener ``shared`` (see ``own_sockets``), read
+        as the shared one is; a failure to bind one leaves the shared socket to send from, as
+        with one worker."""
+        sock = socket.socket(shared.family, socket.SOCK_DGRAM)
+        lid = _OWN_ID + shared.id
+        try:
+            receive_buffer = self._set_receive_buffer(sock)
+            sock.bind((shared.address.host, 0))
+            sock.setblocking(False)
+            udp: _UdpSocket | _Datagram | None = self._udp_reader(sock, lid)
+            if udp is None:
+                _, udp = await self.loop.create_datagram_endpoint(
+                    lambda: _Datagram(self, lid), sock=sock)
+        except OSError as exc:
+            sock.close()
+            log.warning("worker %s: no own socket beside %s (%s): its requests leave from the "
+                        "shared one", self.worker, shared.address, exc)
+            return
+        port = sock.getsockname()[1]
+        own = Listener(Address("UDP", shared.address.host, port), shared.family,
+                       (shared.sent_by[0], port), lid)
+        own._udp, own._udp_sock, own.receive_buffer = udp, sock, receive_buffer
+        shared.own = self._own[lid] = own
+        self._local.append(own.sent_by)
+        log.info("worker %s sends its requests from %s (beside %s)", self.worker, own.address,
+                 shared.address)
 
     def _set_receive_buffer(self, sock: socket.socket) -> int:
         """Ask for ``udp_receive_buffer`` bytes of SO_RCVBUF; returns what the kernel granted
@@ -774,7 +833,7 @@ class TransportLayer:
         hosts = list(hosts)
         code = kernelban.program(hosts)
         filtered = 0
-        for listener in self.listeners:
+        for listener in [*self.listeners, *self._own.values()]:
             sock = listener._udp_sock
             if sock is None or listener.family != socket.AF_INET or sock.fileno() < 0:
                 continue
@@ -811,6 +870,8 @@ class TransportLayer:
             hosts.add(_host_key(listener.sent_by[0]))
             ports.add(listener.address.port)
             ports.add(listener.sent_by[1])
+            if listener.own is not None:
+                ports.add(listener.own.address.port)
         return hosts, ports
 
     # -- the Transport protocol ------------------------------------------------------------
@@ -843,7 +904,21 @@ class TransportLayer:
         host, port = listener.sent_by
         return Address(listener.address.transport, host, port, listener.id)
 
+    def via_for(self, dest: Address, local: Address | None = None) -> Address:
+        """Our end of a request we start towards ``dest``, for its Via: :meth:`local_for`'s
+        (``local``, when the caller has it already), but a worker's own socket
+        (``own_sockets``) where the request will leave from it -- the port its responses
+        must come back to."""
+        if self._own and not dest.connection and dest.transport == "UDP":
+            listener = self._listener_for(dest)
+            if listener is not None and listener.own is not None:
+                own = listener.own
+                return Address("UDP", own.sent_by[0], own.sent_by[1], own.id)
+        return local if local is not None else self.local_for(dest)
+
     def _listener(self, lid: int) -> Listener | None:
+        if lid > _OWN_ID:
+            return self._own.get(lid)
         if 0 < lid <= len(self.listeners):
             listener = self.listeners[lid - 1]
             if listener.id == lid:
@@ -893,20 +968,20 @@ class TransportLayer:
 
     # -- UDP -------------------------------------------------------------------------------
 
-    def _udp_socket(self, family: int, host: str = "") -> _UdpSocket | _Datagram | None:
-        """The listening socket to send from: one of ``family``, preferring one on the same
-        side of loopback as ``host`` (a socket bound to 127.0.0.1 cannot reach the world, one
+    def _udp_listener(self, family: int, host: str = "") -> Listener | None:
+        """The UDP listener to send from: one of ``family``, preferring one on the same side
+        of loopback as ``host`` (a socket bound to 127.0.0.1 cannot reach the world, one
         bound to a public address should not talk to 127.0.0.1), else the first."""
-        fallback: _UdpSocket | _Datagram | None = None
+        fallback: Listener | None = None
         loopback = _is_loopback(host)
         for listener in self.listeners:
             if listener._udp is None or listener.family != family:
                 continue
             bound = listener.address.host
             if bound in _WILDCARDS or _is_loopback(bound) == loopback:
-                return listener._udp
+                return listener
             if fallback is None:
-                fallback = listener._udp
+                fallback = listener
         return fallback
 
     def _send_udp(self, data: bytes, dest: Address) -> None:
@@ -926,7 +1001,18 @@ class TransportLayer:
             if listener is not None and listener.family == family:
                 sock = listener._udp
         if sock is None or sock.closed:
-            sock = self._udp_socket(family, dest.host)
+            listener = self._udp_listener(family, dest.host)
+            if listener is not None:
+                sock = listener._udp
+                own = listener.own
+                # A request leaves from the socket its top Via names (the peer answers
+                # there, §18.2.2, and by rport the source): a worker's own one when the
+                # proxy put it in (via_for), the shared one for what names that (a trunk's
+                # REGISTER, whose Contact is the shared address too: a provider that takes
+                # the source for the Contact behind "NAT" must get the shared port).
+                if own is not None and own._udp is not None and \
+                        data.find(own.via_mark, 0, _VIA_WINDOW) >= 0:
+                    sock = own._udp
         if sock is None or sock.closed:
             log.debug("no UDP listener for the address family of %s", dest)
             self._fail_soon(dest)
@@ -947,7 +1033,7 @@ class TransportLayer:
             self._fail(dest)
             return
         for ip in ips:
-            if self._udp_socket(_family(ip), ip) is not None:
+            if self._udp_listener(_family(ip), ip) is not None:
                 self._send_udp(data, Address(dest.transport, ip, dest.port, dest.connection))
                 return
         self._fail(dest)
@@ -1298,7 +1384,7 @@ class TransportLayer:
         for conn in list(self._connections.values()):
             conn.close()
         servers = []
-        for listener in self.listeners:
+        for listener in [*self.listeners, *self._own.values()]:
             if listener._udp is not None:
                 listener._udp.close()
             if listener._acceptor is not None:
@@ -1311,6 +1397,7 @@ class TransportLayer:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self.listeners.clear()
+        self._own.clear()
         self._local.clear()
 
 

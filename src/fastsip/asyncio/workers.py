@@ -16,9 +16,17 @@ calls from a single peer spread evenly over the workers.
 another worker owns goes to that worker, as received (source address and listener too), over a
 Unix datagram socket in a directory only this user can open.  The owner treats it as its own
 arrival: its answers leave from its own socket on the same address, so peers see one server.
-A hand-off costs one local datagram each way of the kernel (~10-20 us); with N workers,
-(N - 1)/N of the datagrams make it.  Keep-alives, STUN and malformed requests are answered by
-whoever received them.
+A hand-off costs one local datagram each way of the kernel (~10-20 us) and a wake-up of the
+owner; with N workers, (N - 1)/N of the datagrams that reach the shared address make it.
+Keep-alives, STUN and malformed requests are answered by whoever received them.
+
+**Responses come straight back** (``serve --worker-ports own``, the default): each worker has
+a UDP socket of its own beside each shared listener (an ephemeral port on the same host), and
+the requests it forwards leave from it with its port in their Via -- so their responses, half
+of a call's datagrams, reach the owner without a hand-off.  Record-Route and Contact keep the
+shared address (a dialog outlives a worker's restart, which changes its port); a listener with
+an advertised address (NAT) has no own socket; ``--worker-ports shared`` sends everything
+from the shared port, for peers that accept no other source port.
 
 **The supervisor** (:class:`Supervisor`) runs the workers as child processes, prints their
 ``listening on`` lines once all are up, restarts a worker that dies (its calls in progress are

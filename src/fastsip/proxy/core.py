@@ -1284,6 +1284,7 @@ class Proxy:
         self.trunks: Any = None
         self._layer: TransactionLayer | None = None
         self._transport_local_for: Callable[[Address], Address] | None = None
+        self._transport_via_for: Callable[[Address, Address | None], Address] | None = None
         self._live = 0
         self._wants_responses = bool(getattr(router, "wants_responses", False))
         self._wants_final = callable(getattr(router, "on_final", None))
@@ -1305,6 +1306,9 @@ class Proxy:
         self._hosts = None
         # Looked up once: our end of every branch and Record-Route comes from it.
         self._transport_local_for = getattr(layer.transport, "local_for", None)
+        # Our Via may name another port than our Record-Route: a worker's own socket, which
+        # the requests it forwards leave from (fastsip.asyncio.transport's own_sockets).
+        self._transport_via_for = getattr(layer.transport, "via_for", None)
         attach = getattr(self.router, "attach", None)
         if attach is not None:
             attach(self)
@@ -1733,8 +1737,13 @@ class Proxy:
         return f"<sip:{host}:{local.port}{t};lr>"
 
     def _via(self, dest: Address, branch: str, local: Address | None = None) -> str:
-        """Our Via towards ``dest`` (``local``: our end of it, when already known)."""
-        if local is None:
+        """Our Via towards ``dest`` (``local``: our end of it, when already known; a transport
+        with ``via_for`` names it, as the socket the request leaves from may not be the one
+        our Record-Route names)."""
+        via_for = self._transport_via_for
+        if via_for is not None:
+            local = via_for(dest, local)
+        elif local is None:
             local = self.local_for(dest)
         host = local.host
         if ":" in host and not host.startswith("["):
