@@ -109,7 +109,9 @@ STRACE = shutil.which("strace")
 RELAYS = ("rtpengine", "fastsip")
 #: Also measurable (``--relays``): fastsip with its packet path forced onto recvmmsg/sendmmsg
 #: (``FASTSIP_RELAY_BACKEND=mmsg``), where the default is io_uring when the kernel allows it.
-VARIANTS = {"fastsip-mmsg": {"FASTSIP_RELAY_BACKEND": "mmsg"}}
+VARIANTS = {"fastsip-mmsg": {"FASTSIP_RELAY_BACKEND": "mmsg"},
+            # io_uring on the asyncio loop (poll() per wake-up) instead of the relay's thread
+            "fastsip-loop": {"FASTSIP_RELAY_THREAD": "0"}}
 CALLS = (100, 500)
 WARMUP = float(os.environ.get("FASTSIP_BENCH_MEDIA_WARMUP", "2"))
 SECONDS = 10.0
