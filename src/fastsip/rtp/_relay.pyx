@@ -265,6 +265,8 @@ cdef extern from *:
     #define FS_ENTER_GETEVENTS (1U << 0)
     #define FS_FEAT_SINGLE_MMAP (1U << 0)
     #define FS_FEAT_NODROP (1U << 1)
+    #define FS_FEAT_REG_REG_RING (1U << 13)
+    #define FS_OP_SEND 26
     #define FS_REGISTER_PBUF_RING 22
     #define FS_OFF_SQ_RING 0ULL
     #define FS_OFF_CQ_RING 0x8000000ULL
@@ -275,6 +277,7 @@ cdef extern from *:
         int fd;
         int evfd;         /* DEFER_TASKRUN: the eventfd the loop watches; else -1 */
         int defer;        /* receives run in our io_uring_enter (DEFER_TASKRUN) */
+        int send_addr;    /* IORING_OP_SEND takes a destination (addr2): no msghdr to copy */
         unsigned *sq_flags;
         unsigned *sq_head, *sq_tail, *sq_array, sq_mask, sq_entries, sq_local;
         fs_sqe *sqes;
@@ -340,6 +343,9 @@ cdef extern from *:
         if (!(p.features & FS_FEAT_SINGLE_MMAP) || !(p.features & FS_FEAT_NODROP)) {
             fs_uring_close(r); return -ENOSYS;
         }
+        /* send with a destination (6.1): skips the msghdr and iovec copies of a sendmsg.
+         * No feature bit names it; REG_REG_RING (6.3) says the kernel is newer. */
+        r->send_addr = (p.features & FS_FEAT_REG_REG_RING) != 0;
         r->sq_sz = p.sq_off.array + p.sq_entries * sizeof(unsigned);
         r->cq_sz = p.cq_off.cqes + p.cq_entries * sizeof(fs_cqe);
         if (r->cq_sz > r->sq_sz) r->sq_sz = r->cq_sz;
@@ -456,6 +462,7 @@ cdef extern from *:
         }
     }
     static inline int fs_uring_deferred(fs_uring *r) { return r->defer; }
+    static inline int fs_uring_send_addr(fs_uring *r) { return r->send_addr; }
     /* Threaded: make the calling thread the ring's single issuer (0 or -errno). */
     static int fs_uring_enable(fs_uring *r) {
         return syscall(__NR_io_uring_register, r->fd, FS_REGISTER_ENABLE_RINGS, NULL, 0) < 0
@@ -485,6 +492,7 @@ cdef extern from *:
     typedef struct {
         uint8_t opcode; uint8_t flags; uint16_t ioprio; int32_t fd; uint64_t off; uint64_t addr;
         uint32_t len; uint32_t op_flags; uint64_t user_data; uint16_t buf_group;
+        uint32_t file_index;
     } fs_sqe;
     typedef struct { uint32_t namelen, controllen, payloadlen, flags; } fs_recvmsg_out;
     #define FS_OP_SENDMSG 9
@@ -522,6 +530,8 @@ cdef extern from *:
     static int fs_uring_poll_fd(fs_uring *r) { (void)r; return -1; }
     static void fs_uring_rearm_wakeup(fs_uring *r) { (void)r; }
     static int fs_uring_deferred(fs_uring *r) { (void)r; return 0; }
+    static int fs_uring_send_addr(fs_uring *r) { (void)r; return 0; }
+    #define FS_OP_SEND 26
     #endif
 
     /* The address family of a bound socket, or -1. */
@@ -575,17 +585,19 @@ cdef extern from *:
         unsigned char flags
         unsigned short ioprio
         int fd
+        uint64_t off                # addr2: IORING_OP_SEND's destination
         uint64_t addr
         unsigned int len
         unsigned int op_flags
         uint64_t user_data
         unsigned short buf_group
+        unsigned int file_index     # its low 16 bits: addr_len
     ctypedef struct fs_recvmsg_out:
         unsigned int namelen
         unsigned int controllen
         unsigned int payloadlen
         unsigned int flags
-    int FS_OP_SENDMSG, FS_OP_RECVMSG, FS_OP_ASYNC_CANCEL, FS_OP_READ
+    int FS_OP_SENDMSG, FS_OP_RECVMSG, FS_OP_ASYNC_CANCEL, FS_OP_READ, FS_OP_SEND
     int FS_SQE_BUFFER_SELECT, FS_SQE_CQE_SKIP_SUCCESS, FS_RECV_MULTISHOT
     unsigned int FS_CQE_F_BUFFER, FS_CQE_F_MORE, FS_CQE_BUFFER_SHIFT
     int FS_BGID
@@ -610,6 +622,7 @@ cdef extern from *:
     int fs_uring_poll_fd(fs_uring *r) noexcept nogil
     void fs_uring_rearm_wakeup(fs_uring *r) noexcept nogil
     int fs_uring_deferred(fs_uring *r) noexcept nogil
+    int fs_uring_send_addr(fs_uring *r) noexcept nogil
 
 
 cdef enum:
@@ -1508,13 +1521,20 @@ cdef class Relay:
         i = self._nusend
         self._nusend += 1
         memcpy(&self._udst[i], dst, dstlen)
-        self._usend[i].msg_hdr.msg_namelen = dstlen
-        self._usiov[i].iov_base = <void *>data
-        self._usiov[i].iov_len = length
-        sqe.opcode = FS_OP_SENDMSG
         sqe.fd = out.fd
-        sqe.addr = <uint64_t>&self._usend[i].msg_hdr
-        sqe.len = 1
+        if fs_uring_send_addr(&self._ring):
+            sqe.opcode = FS_OP_SEND
+            sqe.addr = <uint64_t>data
+            sqe.len = length
+            sqe.off = <uint64_t>&self._udst[i]
+            sqe.file_index = dstlen
+        else:
+            self._usend[i].msg_hdr.msg_namelen = dstlen
+            self._usiov[i].iov_base = <void *>data
+            self._usiov[i].iov_len = length
+            sqe.opcode = FS_OP_SENDMSG
+            sqe.addr = <uint64_t>&self._usend[i].msg_hdr
+            sqe.len = 1
         # MSG_DONTWAIT: a full send buffer fails the send (counted), as sendmmsg's does,
         # instead of io_uring parking it until the socket is writable.
         sqe.op_flags = FS_DONTWAIT
