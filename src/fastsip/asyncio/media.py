@@ -87,16 +87,18 @@ class SocketMediaPlane:
 
     def __init__(self, interfaces: list[MediaInterface], port_min: int = 30000,
                  port_max: int = 40000, *, loop: asyncio.AbstractEventLoop | None = None,
-                 relay: Relay | None = None) -> None:
+                 relay: Relay | None = None, threaded: bool = False) -> None:
         if not interfaces:
             raise ValueError("the media plane needs at least one interface")
         if port_min < 1 or port_max > 65535 or port_max - port_min < 1:
             raise ValueError(f"bad port range {port_min}-{port_max}")
         self.interfaces = interfaces
         self.loop = loop or asyncio.get_running_loop()
-        # The packet loop in a thread of its own where io_uring allows it: no asyncio
-        # wake-up per packet batch (FASTSIP_RELAY_THREAD=0 keeps it on this loop).
-        self.relay = relay if relay is not None else Relay(threaded=True)
+        # threaded: the packet loop in a thread of its own where io_uring allows it, no
+        # asyncio wake-up per packet batch (FASTSIP_RELAY_THREAD=0 keeps it on this loop).
+        # It takes the GIL per batch: for a process whose loop is otherwise idle (fastsip
+        # media), not one whose loop keeps the GIL busy (it would wait for it).
+        self.relay = relay if relay is not None else Relay(threaded=threaded)
         first = port_min + (port_min & 1)
         self._free: dict[str, deque[int]] = {
             i.name: deque(range(first, port_max, 2)) for i in interfaces}

@@ -14,6 +14,10 @@ streams are busy.  Two backends stand behind it (:attr:`Relay.backend`):
   io_uring_enter (DEFER_TASKRUN) and the loop watches an eventfd the ring signals; on 6.0 they
   run at the task's next kernel exit and the loop watches the ring.  The ring must be driven
   from the thread that made the Relay (IORING_SETUP_SINGLE_ISSUER), as asyncio objects are.
+  With ``threaded=True`` (``fastsip media``) the ring is driven by a thread of the Relay's own
+  instead (:meth:`Relay.start`): it blocks in io_uring_enter without the GIL and relays each
+  batch with it held, so no event loop wakes per batch; control (add_leg, remove_leg,
+  stats ...) runs in the caller's thread under the GIL as before and never touches the ring.
 - ``mmsg``: every leg's fd in an epoll set of the Relay's own; poll() drains each ready leg
   with recvmmsg and forwards with sendmmsg.  Elsewhere than Linux the shell watches each fd
   and calls :meth:`Relay.drain` for it, which emulates the batch per datagram.
