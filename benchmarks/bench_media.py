@@ -109,7 +109,9 @@ STRACE = shutil.which("strace")
 RELAYS = ("rtpengine", "fastsip")
 #: Also measurable (``--relays``): fastsip with its packet path forced onto recvmmsg/sendmmsg
 #: (``FASTSIP_RELAY_BACKEND=mmsg``), where the default is io_uring when the kernel allows it.
-VARIANTS = {"fastsip-mmsg": {"FASTSIP_RELAY_BACKEND": "mmsg"}}
+VARIANTS = {"fastsip-mmsg": {"FASTSIP_RELAY_BACKEND": "mmsg"},
+            # io_uring on the asyncio loop (poll() per wake-up) instead of the relay's thread
+            "fastsip-loop": {"FASTSIP_RELAY_THREAD": "0"}}
 CALLS = (100, 500)
 WARMUP = float(os.environ.get("FASTSIP_BENCH_MEDIA_WARMUP", "2"))
 SECONDS = 10.0
@@ -118,7 +120,10 @@ PTIME = 0.02
 #: rtpengine's.  Measured 0.63-0.65x here with the relay's epoll set (0.77-0.83x before it,
 #: one loop callback per socket), 0.50-0.58x (best of a run) with the io_uring path; 0.9
 #: leaves room for this machine's run-to-run noise and still fails if the packet path lost
-#: its batching.  Issue 13's goal is ``GOAL``.
+#: its batching.  Issue 13's goal is ``GOAL``.  With the packet loop in the relay's own thread
+#: (no asyncio wake-up per batch): per-round ratios 0.45-0.64, median 0.50-0.51 over three
+#: runs of 3-6 rounds, against 0.51-0.67 (median 0.54-0.56) for the same ring driven by the
+#: loop (``--relays rtpengine,fastsip,fastsip-loop``, interleaved in one run).
 MAX_RATIO = float(os.environ.get("FASTSIP_BENCH_MEDIA_MAX_RATIO", "0.9"))
 #: Under pytest: interleaved rounds (R F, F R) and their steady window, each relay's best
 #: round counting.  At 10,000 packets/s one relay's CPU per packet moved by up to 1.6x from

@@ -35,20 +35,33 @@ from mediautil import (
 from netutil import needs_ipv6
 
 from fastsip.relay.bencode import decode
-from fastsip.rtp._relay import BACKEND_ENV
+from fastsip.rtp._relay import BACKEND_ENV, THREAD_ENV, Relay
+
+
+def _relay_threads() -> bool:
+    try:
+        return Relay(threaded=True).threaded
+    except OSError:
+        return False
 
 DATA = Path(__file__).parent / "data" / "ng"
 
 
-@pytest.fixture(params=["auto", "mmsg"])
+@pytest.fixture(params=["auto", "loop", "mmsg"])
 def relay(tmp_path: Path, request: pytest.FixtureRequest,
           monkeypatch: pytest.MonkeyPatch) -> MediaRelay:
-    """The relay on its default packet path (io_uring where the kernel allows it) and on the
-    recvmmsg fallback, forced by the environment variable."""
-    monkeypatch.setenv(BACKEND_ENV, request.param)
+    """The relay on its default packet path (io_uring in a thread of its own where the kernel
+    allows it), on io_uring driven by the asyncio loop, and on the recvmmsg fallback, forced
+    by the environment variables."""
+    monkeypatch.setenv(BACKEND_ENV, "mmsg" if request.param == "mmsg" else "auto")
+    monkeypatch.setenv(THREAD_ENV, "0" if request.param == "loop" else "1")
     r = MediaRelay(tmp_path)
     if request.param == "mmsg" and sys.platform == "linux":
         assert "batched (recvmmsg/sendmmsg) packet path" in r.log(), r.log()
+    if request.param == "auto" and _relay_threads():
+        assert "io_uring, own thread packet path" in r.log(), r.log()
+    if request.param == "loop":
+        assert "own thread" not in r.log(), r.log()
     yield r
     r.close()
     assert "Traceback" not in r.log(), r.log()

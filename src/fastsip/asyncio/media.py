@@ -87,14 +87,18 @@ class SocketMediaPlane:
 
     def __init__(self, interfaces: list[MediaInterface], port_min: int = 30000,
                  port_max: int = 40000, *, loop: asyncio.AbstractEventLoop | None = None,
-                 relay: Relay | None = None) -> None:
+                 relay: Relay | None = None, threaded: bool = False) -> None:
         if not interfaces:
             raise ValueError("the media plane needs at least one interface")
         if port_min < 1 or port_max > 65535 or port_max - port_min < 1:
             raise ValueError(f"bad port range {port_min}-{port_max}")
         self.interfaces = interfaces
         self.loop = loop or asyncio.get_running_loop()
-        self.relay = relay if relay is not None else Relay()
+        # threaded: the packet loop in a thread of its own where io_uring allows it, no
+        # asyncio wake-up per packet batch (FASTSIP_RELAY_THREAD=0 keeps it on this loop).
+        # It takes the GIL per batch: for a process whose loop is otherwise idle (fastsip
+        # media), not one whose loop keeps the GIL busy (it would wait for it).
+        self.relay = relay if relay is not None else Relay(threaded=threaded)
         first = port_min + (port_min & 1)
         self._free: dict[str, deque[int]] = {
             i.name: deque(range(first, port_max, 2)) for i in interfaces}
@@ -104,7 +108,10 @@ class SocketMediaPlane:
         # Linux: the Relay's io_uring (or its own epoll set) holds every leg; the loop watches
         # that one descriptor and one poll() relays whatever is ready.  Elsewhere each socket
         # is watched (drain per fd).
-        self._pollset = self.relay.fileno()
+        self._threaded = self.relay.threaded
+        if self._threaded:
+            self.relay.start()
+        self._pollset = -2 if self._threaded else self.relay.fileno()
         if self._pollset >= 0:
             poll = self.relay.poll
             self.loop.add_reader(self._pollset, lambda: poll(time.time()))
@@ -170,7 +177,7 @@ class SocketMediaPlane:
         sock = self._sockets.pop(leg, None)
         if sock is None:
             return
-        if self._pollset < 0:
+        if self._pollset == -1:
             self.loop.remove_reader(sock.fileno())
         self.relay.remove_leg(leg)
         sock.close()
@@ -181,7 +188,9 @@ class SocketMediaPlane:
     def close_all(self) -> None:
         for leg in list(self._sockets):
             self.close(leg)
-        if self._pollset >= 0:
+        if self._threaded:
+            self.relay.stop()
+        elif self._pollset >= 0:
             self.loop.remove_reader(self._pollset)
             self._pollset = -1
 
@@ -209,7 +218,7 @@ class SocketMediaPlane:
         self._sockets[leg] = sock
         self._port[leg] = (iface.name, port)
         self.relay.add_leg(leg, sock.fileno(), rtcp=rtcp)
-        if self._pollset < 0:
+        if self._pollset == -1:
             drain = self.relay.drain
             # One Python call per readable socket: drain() reads and forwards a batch in C.
             self.loop.add_reader(sock.fileno(), lambda: drain(leg, time.time()))

@@ -14,6 +14,10 @@ streams are busy.  Two backends stand behind it (:attr:`Relay.backend`):
   io_uring_enter (DEFER_TASKRUN) and the loop watches an eventfd the ring signals; on 6.0 they
   run at the task's next kernel exit and the loop watches the ring.  The ring must be driven
   from the thread that made the Relay (IORING_SETUP_SINGLE_ISSUER), as asyncio objects are.
+  With ``threaded=True`` (``fastsip media``) the ring is driven by a thread of the Relay's own
+  instead (:meth:`Relay.start`): it blocks in io_uring_enter without the GIL and relays each
+  batch with it held, so no event loop wakes per batch; control (add_leg, remove_leg,
+  stats ...) runs in the caller's thread under the GIL as before and never touches the ring.
 - ``mmsg``: every leg's fd in an epoll set of the Relay's own; poll() drains each ready leg
   with recvmmsg and forwards with sendmmsg.  Elsewhere than Linux the shell watches each fd
   and calls :meth:`Relay.drain` for it, which emulates the batch per datagram.
@@ -31,6 +35,7 @@ the ng control layer through the shell.
 from libc.errno cimport EAGAIN, EBUSY, EINTR, ENOBUFS, errno
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
+from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 from fastsip.rtp._net cimport (
     AF_INET, AF_INET6, FS_ERR_AGAIN, FS_ERR_INTR, address_tuple, fs_last_error, same_address,
@@ -258,9 +263,14 @@ cdef extern from *:
     #define FS_SQ_TASKRUN (1U << 2)
     #define FS_REGISTER_EVENTFD 4
     #define FS_SETUP_DEFER_TASKRUN (1U << 13)
+    #define FS_SETUP_R_DISABLED (1U << 6)
+    #define FS_REGISTER_ENABLE_RINGS 12
+    #define FS_OP_READ 22
     #define FS_ENTER_GETEVENTS (1U << 0)
     #define FS_FEAT_SINGLE_MMAP (1U << 0)
     #define FS_FEAT_NODROP (1U << 1)
+    #define FS_FEAT_REG_REG_RING (1U << 13)
+    #define FS_OP_SEND 26
     #define FS_REGISTER_PBUF_RING 22
     #define FS_OFF_SQ_RING 0ULL
     #define FS_OFF_CQ_RING 0x8000000ULL
@@ -271,6 +281,7 @@ cdef extern from *:
         int fd;
         int evfd;         /* DEFER_TASKRUN: the eventfd the loop watches; else -1 */
         int defer;        /* receives run in our io_uring_enter (DEFER_TASKRUN) */
+        int send_addr;    /* IORING_OP_SEND takes a destination (addr2): no msghdr to copy */
         unsigned *sq_flags;
         unsigned *sq_head, *sq_tail, *sq_array, sq_mask, sq_entries, sq_local;
         fs_sqe *sqes;
@@ -294,7 +305,7 @@ cdef extern from *:
 
     /* 0, or -errno (the caller then falls back to recvmmsg/sendmmsg). */
     static int fs_uring_init(fs_uring *r, unsigned entries, unsigned cq_entries, unsigned nbufs,
-                             unsigned buf_size, int try_defer) {
+                             unsigned buf_size, int try_defer, int threaded) {
         fs_uring_params p;
         fs_ubuf_reg reg;
         unsigned i;
@@ -309,20 +320,24 @@ cdef extern from *:
          * descriptor does not poll readable for such work, so an eventfd tells the loop.
          * Without it (6.0), COOP_TASKRUN: the work runs at the task's next kernel exit, and
          * the ring descriptor polls readable once completions are posted. */
+        /* threaded: the ring starts disabled and the relay's own thread enables it, which
+         * makes that thread its single issuer (the one task that may submit and, with
+         * DEFER_TASKRUN, run the receives); it waits in io_uring_enter, so no eventfd. */
+        unsigned disabled = threaded ? FS_SETUP_R_DISABLED : 0;
         p.flags = FS_SETUP_CQSIZE | FS_SETUP_SUBMIT_ALL | FS_SETUP_SINGLE_ISSUER
-                  | FS_SETUP_DEFER_TASKRUN | FS_SETUP_TASKRUN_FLAG;
+                  | FS_SETUP_DEFER_TASKRUN | FS_SETUP_TASKRUN_FLAG | disabled;
         p.cq_entries = cq_entries;
         r->fd = try_defer ? (int)syscall(__NR_io_uring_setup, entries, &p) : -1;
         r->defer = r->fd >= 0;
         if (r->fd < 0 && (!try_defer || errno == EINVAL)) {
             memset(&p, 0, sizeof(p));
             p.flags = FS_SETUP_CQSIZE | FS_SETUP_SUBMIT_ALL | FS_SETUP_SINGLE_ISSUER
-                      | FS_SETUP_COOP_TASKRUN;
+                      | FS_SETUP_COOP_TASKRUN | disabled;
             p.cq_entries = cq_entries;
             r->fd = (int)syscall(__NR_io_uring_setup, entries, &p);
         }
         if (r->fd < 0) return -errno;
-        if (r->defer) {
+        if (r->defer && !threaded) {
             r->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
             if (r->evfd < 0 || syscall(__NR_io_uring_register, r->fd, FS_REGISTER_EVENTFD,
                                        &r->evfd, 1) < 0) {
@@ -332,6 +347,9 @@ cdef extern from *:
         if (!(p.features & FS_FEAT_SINGLE_MMAP) || !(p.features & FS_FEAT_NODROP)) {
             fs_uring_close(r); return -ENOSYS;
         }
+        /* send with a destination (6.1): skips the msghdr and iovec copies of a sendmsg.
+         * No feature bit names it; REG_REG_RING (6.3) says the kernel is newer. */
+        r->send_addr = (p.features & FS_FEAT_REG_REG_RING) != 0;
         r->sq_sz = p.sq_off.array + p.sq_entries * sizeof(unsigned);
         r->cq_sz = p.cq_off.cqes + p.cq_entries * sizeof(fs_cqe);
         if (r->cq_sz > r->sq_sz) r->sq_sz = r->cq_sz;
@@ -439,7 +457,7 @@ cdef extern from *:
      * completions wait, set it again (it may have been signalled just before the reset). */
     static void fs_uring_rearm_wakeup(fs_uring *r) {
         uint64_t v;
-        if (!r->defer) return;
+        if (!r->defer || r->evfd < 0) return;
         while (read(r->evfd, &v, sizeof(v)) < 0 && errno == EINTR) {}
         if ((__atomic_load_n(r->sq_flags, __ATOMIC_ACQUIRE) & FS_SQ_TASKRUN)
                 || *r->cq_head != __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE)) {
@@ -448,6 +466,25 @@ cdef extern from *:
         }
     }
     static inline int fs_uring_deferred(fs_uring *r) { return r->defer; }
+    static inline int fs_uring_send_addr(fs_uring *r) { return r->send_addr; }
+    /* Threaded: make the calling thread the ring's single issuer (0 or -errno). */
+    static int fs_uring_enable(fs_uring *r) {
+        return syscall(__NR_io_uring_register, r->fd, FS_REGISTER_ENABLE_RINGS, NULL, 0) < 0
+               ? -errno : 0;
+    }
+    /* Threaded: block until a completion is posted (with DEFER_TASKRUN: until receives are
+     * pending, which this call then runs).  Submits nothing: the SQ is only published by
+     * fs_uring_enter, under the GIL, so the control thread may queue entries meanwhile. */
+    static int fs_uring_wait(fs_uring *r) {
+        int ret = (int)syscall(__NR_io_uring_enter, r->fd, 0, 1, FS_ENTER_GETEVENTS, NULL, 0);
+        return ret < 0 ? -errno : ret;
+    }
+    static int fs_eventfd_new(void) { return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC); }
+    static void fs_eventfd_signal(int fd) {
+        uint64_t v = 1;
+        while (write(fd, &v, sizeof(v)) < 0 && errno == EINTR) {}
+    }
+    static void fs_fd_close(int fd) { if (fd >= 0) close(fd); }
     static inline void fs_uring_cq_advance(fs_uring *r) {
         __atomic_store_n(r->cq_head, *r->cq_head + 1, __ATOMIC_RELEASE);
     }
@@ -459,11 +496,13 @@ cdef extern from *:
     typedef struct {
         uint8_t opcode; uint8_t flags; uint16_t ioprio; int32_t fd; uint64_t off; uint64_t addr;
         uint32_t len; uint32_t op_flags; uint64_t user_data; uint16_t buf_group;
+        uint32_t file_index;
     } fs_sqe;
     typedef struct { uint32_t namelen, controllen, payloadlen, flags; } fs_recvmsg_out;
     #define FS_OP_SENDMSG 9
     #define FS_OP_RECVMSG 10
     #define FS_OP_ASYNC_CANCEL 14
+    #define FS_OP_READ 22
     #define FS_SQE_BUFFER_SELECT 0
     #define FS_SQE_CQE_SKIP_SUCCESS 0
     #define FS_RECV_MULTISHOT 0
@@ -472,9 +511,14 @@ cdef extern from *:
     #define FS_CQE_BUFFER_SHIFT 16
     #define FS_BGID 0
     static int fs_uring_init(fs_uring *r, unsigned e, unsigned c, unsigned n, unsigned b,
-                             int d) {
-        (void)e; (void)c; (void)n; (void)b; (void)d; r->fd = -1; return -1;
+                             int d, int t) {
+        (void)e; (void)c; (void)n; (void)b; (void)d; (void)t; r->fd = -1; return -1;
     }
+    static int fs_uring_enable(fs_uring *r) { (void)r; return -1; }
+    static int fs_uring_wait(fs_uring *r) { (void)r; return -1; }
+    static int fs_eventfd_new(void) { return -1; }
+    static void fs_eventfd_signal(int fd) { (void)fd; }
+    static void fs_fd_close(int fd) { (void)fd; }
     static void fs_uring_close(fs_uring *r) { (void)r; }
     static void fs_uring_buf_return(fs_uring *r, unsigned bid) { (void)r; (void)bid; }
     static void fs_uring_buf_publish(fs_uring *r) { (void)r; }
@@ -490,6 +534,8 @@ cdef extern from *:
     static int fs_uring_poll_fd(fs_uring *r) { (void)r; return -1; }
     static void fs_uring_rearm_wakeup(fs_uring *r) { (void)r; }
     static int fs_uring_deferred(fs_uring *r) { (void)r; return 0; }
+    static int fs_uring_send_addr(fs_uring *r) { (void)r; return 0; }
+    #define FS_OP_SEND 26
     #endif
 
     /* The address family of a bound socket, or -1. */
@@ -543,24 +589,31 @@ cdef extern from *:
         unsigned char flags
         unsigned short ioprio
         int fd
+        uint64_t off                # addr2: IORING_OP_SEND's destination
         uint64_t addr
         unsigned int len
         unsigned int op_flags
         uint64_t user_data
         unsigned short buf_group
+        unsigned int file_index     # its low 16 bits: addr_len
     ctypedef struct fs_recvmsg_out:
         unsigned int namelen
         unsigned int controllen
         unsigned int payloadlen
         unsigned int flags
-    int FS_OP_SENDMSG, FS_OP_RECVMSG, FS_OP_ASYNC_CANCEL
+    int FS_OP_SENDMSG, FS_OP_RECVMSG, FS_OP_ASYNC_CANCEL, FS_OP_READ, FS_OP_SEND
     int FS_SQE_BUFFER_SELECT, FS_SQE_CQE_SKIP_SUCCESS, FS_RECV_MULTISHOT
     unsigned int FS_CQE_F_BUFFER, FS_CQE_F_MORE, FS_CQE_BUFFER_SHIFT
     int FS_BGID
     int FS_DONTWAIT, ECANCELED
     unsigned int fs_uring_sq_entries(fs_uring *r) noexcept nogil
     int fs_uring_init(fs_uring *r, unsigned entries, unsigned cq_entries, unsigned nbufs,
-                      unsigned buf_size, int try_defer) noexcept nogil
+                      unsigned buf_size, int try_defer, int threaded) noexcept nogil
+    int fs_uring_enable(fs_uring *r) noexcept nogil
+    int fs_uring_wait(fs_uring *r) noexcept nogil
+    int fs_eventfd_new() noexcept nogil
+    void fs_eventfd_signal(int fd) noexcept nogil
+    void fs_fd_close(int fd) noexcept nogil
     void fs_uring_close(fs_uring *r) noexcept nogil
     void fs_uring_buf_return(fs_uring *r, unsigned bid) noexcept nogil
     void fs_uring_buf_publish(fs_uring *r) noexcept nogil
@@ -573,6 +626,7 @@ cdef extern from *:
     int fs_uring_poll_fd(fs_uring *r) noexcept nogil
     void fs_uring_rearm_wakeup(fs_uring *r) noexcept nogil
     int fs_uring_deferred(fs_uring *r) noexcept nogil
+    int fs_uring_send_addr(fs_uring *r) noexcept nogil
 
 
 cdef enum:
@@ -609,6 +663,8 @@ cdef double RELATCH_AFTER = 3.0
 
 cdef unsigned long long SEND_TAG = 1ULL << 63
 cdef unsigned long long CANCEL_TAG = 1ULL << 62
+# Threaded: the completion of the read armed on the relay's wake-up eventfd (control work).
+cdef unsigned long long WAKE_TAG = 1ULL << 61
 
 LATCH_OFF = _LATCH_OFF
 LATCH_FIRST = _LATCH_FIRST
@@ -620,6 +676,16 @@ uring_compiled = bool(FS_URING)
 #: Set to ``mmsg`` to make ``Relay(backend="auto")`` use recvmmsg/sendmmsg even where io_uring
 #: works (a comparison, or a kernel whose io_uring misbehaves).
 BACKEND_ENV = "FASTSIP_RELAY_BACKEND"
+#: Set to ``0`` to make ``Relay(threaded=True)`` run on the caller's loop (fileno/poll)
+#: instead of a thread of its own (a comparison).
+THREAD_ENV = "FASTSIP_RELAY_THREAD"
+
+
+cdef inline double _wall_clock() noexcept nogil:
+    """time.time() without a Python call: the `now` the packet thread stamps legs with."""
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
 cdef inline bint _looks_like_rtcp(const unsigned char *data, unsigned int length) noexcept:
@@ -699,8 +765,24 @@ cdef class Relay:
     cdef unsigned int _usend_max
     cdef unsigned short *_bids
     cdef unsigned int _nbids
+    # Threaded (io_uring only): the packet loop runs in a thread of the Relay's own, which is
+    # the ring's single issuer.  The GIL is the lock between it and control: the thread
+    # waits for completions without it and reaps/relays/submits with it, so add_leg,
+    # remove_leg, stats ... (Python, holding the GIL) never see a half-done batch.  Control
+    # never touches the ring then: legs to arm and receives to cancel wait in these lists and
+    # the eventfd wakes the thread (a read armed in the ring), which queues them.
+    cdef bint _threaded
+    cdef bint _stopping
+    cdef bint _wake_armed
+    cdef int _wakefd
+    cdef unsigned long long _wakeval
+    cdef list _to_arm
+    cdef list _to_cancel
+    cdef object _thread
+    cdef object _thread_error
 
     def __cinit__(self):
+        self._wakefd = -1
         self._pollset = -1
         self._uring = False
         self._usend = NULL
@@ -712,7 +794,8 @@ cdef class Relay:
         self._src = NULL
         self._rmsg = self._smsg = NULL
 
-    def __init__(self, int batch=64, *, int max_batches=8, str backend="auto"):
+    def __init__(self, int batch=64, *, int max_batches=8, str backend="auto",
+                 bint threaded=False):
         cdef unsigned int i
         cdef int rc
         if batch < 1 or batch > 1024:
@@ -747,12 +830,21 @@ cdef class Relay:
             self._smsg[i].msg_hdr.msg_iovlen = 1
         self._slots = []
         self._free_slots = []
+        self._to_arm = []
+        self._to_cancel = []
+        if threaded and os.environ.get(THREAD_ENV, "") == "0":
+            threaded = False
         if backend != "mmsg":
             rc = fs_uring_init(&self._ring, URING_ENTRIES, URING_CQ_ENTRIES, URING_BUFS,
                                URING_HDR + URING_NAME + SLOT_SIZE,
-                               backend != "io_uring_coop") if FS_URING else -38
+                               backend != "io_uring_coop", threaded) if FS_URING else -38
             if rc == 0:
                 self._uring = True
+                if threaded:
+                    self._wakefd = fs_eventfd_new()
+                    if self._wakefd < 0:
+                        raise OSError(errno, os.strerror(errno))
+                    self._threaded = True
                 self._usend_max = fs_uring_sq_entries(&self._ring)
                 self._usend = <fs_mmsg *>calloc(self._usend_max, sizeof(fs_mmsg))
                 self._usiov = <fs_iovec *>calloc(self._usend_max, sizeof(fs_iovec))
@@ -778,6 +870,8 @@ cdef class Relay:
                 raise OSError(errno, os.strerror(errno))
 
     def __dealloc__(self):
+        # A running thread holds a reference: a Relay being freed has none (or it ended).
+        fs_fd_close(self._wakefd)
         if self._pollset >= 0:
             fs_pollset_close(self._pollset)
         if self._uring:
@@ -834,8 +928,12 @@ cdef class Relay:
                 new.slot = len(self._slots)
                 self._slots.append(new)
             if self._armed:
-                self._arm(new)
-                self._flush()
+                if self._threaded:
+                    self._to_arm.append(new)
+                    fs_eventfd_signal(self._wakefd)
+                else:
+                    self._arm(new)
+                    self._flush()
 
     def set_peer(self, leg, str host, int port):
         """The remote end of ``leg`` as SDP gives it (an IP literal, no DNS).  Until a source
@@ -896,7 +994,15 @@ cdef class Relay:
         if self._uring:
             self._slots[gone.slot] = None
             self._free_slots.append(gone.slot)
-            if gone.armed:
+            if self._threaded:
+                # The thread cancels it (its own ring) at once; until then the ring's
+                # reference keeps the socket, not its fd number, and the closed-over fd is
+                # never armed again (a leg to arm is checked against its slot first).
+                if gone.armed:
+                    self._to_cancel.append((gone.serial << SLOT_BITS) | gone.slot)
+                    gone.armed = False
+                    fs_eventfd_signal(self._wakefd)
+            elif gone.armed:
                 # Cancel the multishot receive now: the shell closes the fd next, and the
                 # ring's reference would keep the socket (and its port) alive.
                 self._cancel(gone)
@@ -912,29 +1018,145 @@ cdef class Relay:
     def stats(self, leg):
         """Counters of what ``leg`` received; see the stub for the keys."""
         cdef _Leg target = self._get(leg)
+        # One snapshot, read in C before any Python call (which could let the packet thread
+        # run between two fields): the counters agree with each other.
+        cdef unsigned long long packets = target.packets, nbytes = target.bytes
+        cdef unsigned long long errors = target.errors, sent = target.sent
+        cdef double last_packet = target.last_packet
+        cdef sockaddr_storage remote_copy, sdp_copy
         cdef const sockaddr_storage *remote = target.remote()
-        result = {
-            "packets": target.packets,
-            "bytes": target.bytes,
-            "errors": target.errors,
-            "sent": target.sent,
-            "last_packet": target.last_packet,
-            "peer": address_tuple(remote) if remote != NULL else None,
-            "sdp_peer": address_tuple(&target.sdp_peer) if target.has_sdp_peer else None,
-            "latched": bool(target.latched),
-        }
+        cdef bint has_remote = remote != NULL, has_sdp = target.has_sdp_peer
+        cdef bint latched = target.latched, has_ssrc = target.has_ssrc
+        cdef unsigned int ssrc = target.ssrc
+        rtp = target.rtp
+        if has_remote:
+            memcpy(&remote_copy, remote, sizeof(sockaddr_storage))
+        if has_sdp:
+            memcpy(&sdp_copy, &target.sdp_peer, sizeof(sockaddr_storage))
+        rtp_figures = None
         if not target.rtcp:
-            result["ssrc"] = target.ssrc if target.has_ssrc else None
-            result["lost"] = target.rtp.cumulative_lost
-            result["jitter"] = target.rtp.jitter_seconds * 1000.0
-            result["expected"] = target.rtp.expected
-            result["received"] = target.rtp.received
+            rtp_figures = (rtp.cumulative_lost, rtp.jitter_seconds, rtp.expected, rtp.received)
+        result = {
+            "packets": packets,
+            "bytes": nbytes,
+            "errors": errors,
+            "sent": sent,
+            "last_packet": last_packet,
+            "peer": address_tuple(&remote_copy) if has_remote else None,
+            "sdp_peer": address_tuple(&sdp_copy) if has_sdp else None,
+            "latched": bool(latched),
+        }
+        if rtp_figures is not None:
+            result["ssrc"] = ssrc if has_ssrc else None
+            result["lost"] = rtp_figures[0]
+            result["jitter"] = rtp_figures[1] * 1000.0
+            result["expected"] = rtp_figures[2]
+            result["received"] = rtp_figures[3]
         return result
 
     @property
     def backend(self):
         """``io_uring`` or ``mmsg`` (recvmmsg/sendmmsg, or their per-datagram emulation)."""
         return "io_uring" if self._uring else "mmsg"
+
+    @property
+    def threaded(self):
+        """Whether the packet loop runs in a thread of its own (:meth:`start`): io_uring and
+        ``threaded=True`` asked (and FASTSIP_RELAY_THREAD not ``0``).  Then fileno() is -1
+        and poll()/drain() are not used: nothing to watch on the caller's loop."""
+        return bool(self._threaded)
+
+    def start(self):
+        """Threaded: start the packet thread (once); returns when its ring is enabled and
+        every leg's receive armed.  OSError if the ring cannot be enabled."""
+        import threading
+
+        if not self._threaded:
+            raise RuntimeError("start() is for a threaded Relay")
+        if self._thread is not None:
+            return
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,),
+                                        name="fastsip-relay", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if self._thread_error is not None:
+            self._thread.join()
+            raise self._thread_error
+
+    def stop(self):
+        """Threaded: end the packet thread and wait for it (receives already cancelled by
+        remove_leg are submitted first).  The Relay relays nothing afterwards."""
+        thread = self._thread
+        if thread is None or self._stopping:
+            return
+        self._stopping = True
+        fs_eventfd_signal(self._wakefd)
+        thread.join()
+
+    def _run(self, ready):
+        """The packet thread's body: wait for completions without the GIL, then relay what
+        came in with it held (see _threaded)."""
+        cdef int rc, failures = 0
+        with nogil:
+            rc = fs_uring_enable(&self._ring)
+        if rc < 0:
+            self._thread_error = OSError(-rc, f"io_uring: {os.strerror(-rc)}")
+            ready.set()
+            return
+        self._arm_all()
+        self._arm_wake()
+        self._flush()
+        ready.set()
+        while not self._stopping:
+            with nogil:
+                rc = fs_uring_wait(&self._ring)
+            if rc < 0 and rc != -EINTR and rc != -EAGAIN and rc != -EBUSY:
+                # not a signal or a full CQ: a ring that fails every wait would spin a core
+                failures += 1
+                if failures > 1000:
+                    self._thread_error = OSError(-rc, f"io_uring: {os.strerror(-rc)}")
+                    break
+            else:
+                failures = 0
+            self._control()
+            self._uring_poll(_wall_clock(), True)
+        self._control()
+        self._flush()
+
+    cdef void _control(self) noexcept:
+        """Threaded: queue the receives control asked to arm or cancel since the last call."""
+        cdef _Leg leg
+        cdef fs_sqe *sqe
+        cdef unsigned long long ud
+        while self._to_cancel:
+            ud = self._to_cancel.pop()
+            sqe = self._sqe()
+            if sqe == NULL:
+                break
+            sqe.opcode = FS_OP_ASYNC_CANCEL
+            sqe.fd = -1
+            sqe.addr = ud
+            sqe.flags = FS_SQE_CQE_SKIP_SUCCESS
+            sqe.user_data = CANCEL_TAG
+        while self._to_arm:
+            leg = <_Leg>self._to_arm.pop()
+            # removed meanwhile (its fd may be closed, its number someone else's): skip
+            if not leg.armed and self._slot_leg(leg.slot) is leg:
+                self._arm(leg)
+        if not self._wake_armed:
+            self._arm_wake()
+
+    cdef void _arm_wake(self) noexcept:
+        cdef fs_sqe *sqe = self._sqe()
+        if sqe == NULL:
+            return
+        sqe.opcode = FS_OP_READ
+        sqe.fd = self._wakefd
+        sqe.addr = <uint64_t>&self._wakeval
+        sqe.len = sizeof(unsigned long long)
+        sqe.user_data = WAKE_TAG
+        self._wake_armed = True
 
     @property
     def deferred(self):
@@ -947,6 +1169,8 @@ cdef class Relay:
         :meth:`drain`.  With io_uring it is the ring, and from this call on every leg's
         receive lives in the ring (drain() then finds nothing); with recvmmsg it is an epoll
         set of every leg's fd (Linux)."""
+        if self._threaded:
+            return -1
         if self._uring:
             self._arm_all()
             return fs_uring_poll_fd(&self._ring)
@@ -958,6 +1182,8 @@ cdef class Relay:
         cdef void *ready[FS_POLL_MAX_C]
         cdef Py_ssize_t total = 0
         cdef int n, i, _round
+        if self._threaded:
+            return 0
         if self._uring:
             self._arm_all()
             return self._uring_poll(now)
@@ -1196,7 +1422,7 @@ cdef class Relay:
             return None
         return <_Leg>self._slots[slot]
 
-    cdef Py_ssize_t _uring_poll(self, double now) noexcept:
+    cdef Py_ssize_t _uring_poll(self, double now, bint waited=False) noexcept:
         """Reap the ring's completions: relay each received datagram (its send queued),
         re-arm receives that ended; submit; again while completions come (bounded)."""
         cdef Py_ssize_t total = 0
@@ -1207,8 +1433,9 @@ cdef class Relay:
         cdef _Leg leg, other
         cdef bint defer = fs_uring_deferred(&self._ring)
         for _round in range(URING_ROUNDS):
-            if defer:
-                # submit the last round's sends; run the receives that came in
+            if defer and not (waited and _round == 0):
+                # submit the last round's sends; run the receives that came in (a thread
+                # that waited in io_uring_enter ran them there already)
                 self._flush(True)
             reaped = 0
             while True:
@@ -1231,6 +1458,11 @@ cdef class Relay:
                         other.sent -= 1
                     continue
                 if ud & CANCEL_TAG:
+                    continue
+                if ud & WAKE_TAG:
+                    self._wake_armed = False
+                    if not self._stopping:
+                        self._arm_wake()
                     continue
                 leg = self._slot_leg(ud & SLOT_MASK)
                 if leg is not None and leg.serial != ud >> SLOT_BITS:
@@ -1293,13 +1525,20 @@ cdef class Relay:
         i = self._nusend
         self._nusend += 1
         memcpy(&self._udst[i], dst, dstlen)
-        self._usend[i].msg_hdr.msg_namelen = dstlen
-        self._usiov[i].iov_base = <void *>data
-        self._usiov[i].iov_len = length
-        sqe.opcode = FS_OP_SENDMSG
         sqe.fd = out.fd
-        sqe.addr = <uint64_t>&self._usend[i].msg_hdr
-        sqe.len = 1
+        if fs_uring_send_addr(&self._ring):
+            sqe.opcode = FS_OP_SEND
+            sqe.addr = <uint64_t>data
+            sqe.len = length
+            sqe.off = <uint64_t>&self._udst[i]
+            sqe.file_index = dstlen
+        else:
+            self._usend[i].msg_hdr.msg_namelen = dstlen
+            self._usiov[i].iov_base = <void *>data
+            self._usiov[i].iov_len = length
+            sqe.opcode = FS_OP_SENDMSG
+            sqe.addr = <uint64_t>&self._usend[i].msg_hdr
+            sqe.len = 1
         # MSG_DONTWAIT: a full send buffer fails the send (counted), as sendmmsg's does,
         # instead of io_uring parking it until the socket is writable.
         sqe.op_flags = FS_DONTWAIT
