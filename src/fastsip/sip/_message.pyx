@@ -564,8 +564,8 @@ ctypedef struct NameAddrParts:
 
 
 cdef inline int _scan_hostport(const char* p, Py_ssize_t i, Py_ssize_t e,
-                        int32_t* host_s, int32_t* host_e, int* port,
-                        bint stop_lws) except -2:
+                               int32_t* host_s, int32_t* host_e, int* port,
+                               bint stop_lws) except -2:
     """host [":" port] at p[i:e]; returns the index after it.  An IPv6 reference needs [ ]
     (RFC 5118 4.2: a bare IPv6 address in a SIP URI is invalid)."""
     cdef Py_ssize_t s = i
@@ -687,7 +687,8 @@ cdef Py_ssize_t _scan_uri(const char* p, Py_ssize_t s, Py_ssize_t e, UriParts* u
     return e
 
 
-cdef inline Py_ssize_t _next_param(const char* p, Py_ssize_t i, Py_ssize_t e, ParamSpan* out) except -2:
+cdef inline Py_ssize_t _next_param(const char* p, Py_ssize_t i, Py_ssize_t e,
+                                   ParamSpan* out) except -2:
     """At i (LWS allowed) expect ';' name [= value].  Returns the index after the param, or -1
     when p[i:] (after LWS) does not start with ';'."""
     i = _skip_lws(p, i, e)
@@ -784,7 +785,7 @@ cdef inline Py_ssize_t _scan_via(const char* p, Py_ssize_t i, Py_ssize_t e, ViaP
 
 
 cdef inline Py_ssize_t _scan_name_addr(const char* p, Py_ssize_t i, Py_ssize_t e, bint in_list,
-                                NameAddrParts* na, bint check_uri=True) except -2:
+                                       NameAddrParts* na, bint check_uri=True) except -2:
     """One (name-addr / addr-spec) *(;param) element from i; returns the index of the ',' that
     ends it (only when in_list), or e.  With check_uri False the URI's own syntax is left for
     the first read of ``.uri`` (parse() uses that: routing needs From/To tags, not their URIs)."""
