@@ -728,21 +728,30 @@ cdef inline Py_ssize_t _scan_via(const char* p, Py_ssize_t i, Py_ssize_t e, ViaP
     i = _skip_lws(p, i, e)
     v.s = i
     v.proto_s = i
-    i = v.proto_e = _token_end(p, i, e)
-    if i == v.proto_s:
-        _fail("Via: missing protocol name", i)
-    i = _skip_lws(p, i, e)
-    if i >= e or p[i] != b'/':
-        _fail("Via: expected '/' after protocol name", i)
-    i = _skip_lws(p, i + 1, e)
-    v.ver_s = i
-    i = v.ver_e = _token_end(p, i, e)
-    if i == v.ver_s:
-        _fail("Via: missing protocol version", i)
-    i = _skip_lws(p, i, e)
-    if i >= e or p[i] != b'/':
-        _fail("Via: expected '/' before transport", i)
-    i = _skip_lws(p, i + 1, e)
+    if (i + 8 <= e and (fastsip_load8(p + i) | fastsip_load8(b"\x20\x20\x20\0\0\0\0\0"))
+            == fastsip_load8(b"sip/2.0/")):
+        # What every Via starts with, "SIP/2.0/" (any case) without LWS, in one comparison:
+        # the same spans the token-by-token walk below finds.
+        v.proto_e = i + 3
+        v.ver_s = i + 4
+        v.ver_e = i + 7
+        i = _skip_lws(p, i + 8, e)
+    else:
+        i = v.proto_e = _token_end(p, i, e)
+        if i == v.proto_s:
+            _fail("Via: missing protocol name", i)
+        i = _skip_lws(p, i, e)
+        if i >= e or p[i] != b'/':
+            _fail("Via: expected '/' after protocol name", i)
+        i = _skip_lws(p, i + 1, e)
+        v.ver_s = i
+        i = v.ver_e = _token_end(p, i, e)
+        if i == v.ver_s:
+            _fail("Via: missing protocol version", i)
+        i = _skip_lws(p, i, e)
+        if i >= e or p[i] != b'/':
+            _fail("Via: expected '/' before transport", i)
+        i = _skip_lws(p, i + 1, e)
     v.tr_s = i
     i = v.tr_e = _token_end(p, i, e)
     if i == v.tr_s:
