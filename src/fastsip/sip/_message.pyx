@@ -611,28 +611,36 @@ cdef Py_ssize_t _scan_uri(const char* p, Py_ssize_t s, Py_ssize_t e, UriParts* u
     cdef int kind
     if s >= e:
         _fail("empty URI", s)
-    # scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )
-    if not ((p[i] | 0x20) >= b'a' and (p[i] | 0x20) <= b'z'):
-        _fail("URI scheme must start with a letter", i)
-    while i < e and p[i] != b':':
-        if not (((p[i] | 0x20) >= b'a' and (p[i] | 0x20) <= b'z') or (p[i] >= b'0' and p[i] <= b'9')
-                or p[i] == b'+' or p[i] == b'-' or p[i] == b'.'):
-            _fail("invalid character in URI scheme", i)
-        i += 1
-    if i >= e:
-        _fail("URI has no scheme", s)
+    if (e - s >= 4 and (fastsip_load4(p + s) | fastsip_load4(b"\x20\x20\x20\0"))
+            == fastsip_load4(b"sip:")):
+        # "sip:" in any case, what nearly every URI starts with: the scheme checks below would
+        # accept it and call it URI_SIP.
+        i = s + 3
+        kind = URI_SIP
+    else:
+        # scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )
+        if not ((p[i] | 0x20) >= b'a' and (p[i] | 0x20) <= b'z'):
+            _fail("URI scheme must start with a letter", i)
+        while i < e and p[i] != b':':
+            if not (((p[i] | 0x20) >= b'a' and (p[i] | 0x20) <= b'z')
+                    or (p[i] >= b'0' and p[i] <= b'9')
+                    or p[i] == b'+' or p[i] == b'-' or p[i] == b'.'):
+                _fail("invalid character in URI scheme", i)
+            i += 1
+        if i >= e:
+            _fail("URI has no scheme", s)
+        if _ieq(p + s, i - s, b"sip", 3):
+            kind = URI_SIP
+        elif _ieq(p + s, i - s, b"sips", 4):
+            kind = URI_SIPS
+        elif _ieq(p + s, i - s, b"tel", 3):
+            kind = URI_TEL
+        else:
+            kind = URI_OPAQUE
     j = _span(fastsip_urichar, p, i + 1, e)
     if j < e:
         _fail("invalid character in URI", j)
     u.scheme_e = i
-    if _ieq(p + s, i - s, b"sip", 3):
-        kind = URI_SIP
-    elif _ieq(p + s, i - s, b"sips", 4):
-        kind = URI_SIPS
-    elif _ieq(p + s, i - s, b"tel", 3):
-        kind = URI_TEL
-    else:
-        kind = URI_OPAQUE
     u.kind = kind
     u.user_s = u.user_e = u.pw_s = u.pw_e = -1
     u.headers_s = u.headers_e = -1
