@@ -90,6 +90,22 @@ cdef extern from *:
         return q - p;
     }
     #endif
+    /* The end of the run of octets of a character class (table) that starts at i.  Four
+       octets a step while they all belong: these runs (tokens, hosts, parameter values, URIs)
+       are most of what the parser reads octet by octet.  Always inlined: the runs are short
+       and gcc otherwise calls it from the larger scanners. */
+    #if defined(__GNUC__) || defined(__clang__)
+    __attribute__((always_inline))
+    #endif
+    static inline Py_ssize_t fastsip_span(const unsigned char *table, const char *p,
+                                          Py_ssize_t i, Py_ssize_t e) {
+        while (i + 4 <= e && (table[(unsigned char)p[i]] & table[(unsigned char)p[i + 1]]
+                              & table[(unsigned char)p[i + 2]] & table[(unsigned char)p[i + 3]]))
+            i += 4;
+        while (i < e && table[(unsigned char)p[i]])
+            i++;
+        return i;
+    }
     /* p[0:n] as a str.  ASCII, what SIP text nearly always is, is copied straight into a new
        one-octet str (what PyUnicode_DecodeUTF8 ends up doing, minus its dispatch); anything
        else is decoded as UTF-8, undecodable octets kept as surrogate escapes. */
@@ -140,6 +156,8 @@ cdef extern from *:
     uint32_t fastsip_load4(const char* p) noexcept
     uint16_t fastsip_load2(const char* p) noexcept
     Py_ssize_t fastsip_line(const char* p, Py_ssize_t i, Py_ssize_t n, Py_ssize_t* colon) noexcept
+    Py_ssize_t fastsip_span(const unsigned char* table, const char* p, Py_ssize_t i,
+                            Py_ssize_t e) noexcept
     void fastsip_init_tables()
     Py_buffer* PyMemoryView_GET_BUFFER(object mv)
     object fastsip_tuple2(object tuple_type, object a, object b)
@@ -376,15 +394,9 @@ cdef inline Py_ssize_t _digits_end(const char* p, Py_ssize_t i, Py_ssize_t e) no
 
 cdef inline Py_ssize_t _span(const unsigned char* table, const char* p, Py_ssize_t i,
                              Py_ssize_t e) noexcept:
-    """The end of the run of octets of a character class (table) that starts at i.  Four
-    octets a step while they all belong: these runs (tokens, hosts, parameter values, URIs)
-    are most of what the parser reads octet by octet."""
-    while i + 4 <= e and (table[<unsigned char>p[i]] & table[<unsigned char>p[i + 1]]
-                          & table[<unsigned char>p[i + 2]] & table[<unsigned char>p[i + 3]]):
-        i += 4
-    while i < e and table[<unsigned char>p[i]]:
-        i += 1
-    return i
+    """The end of the run of octets of a character class (table) that starts at i (see
+    fastsip_span: always inlined, a call would cost as much as a short run)."""
+    return fastsip_span(table, p, i, e)
 
 
 cdef inline Py_ssize_t _token_end(const char* p, Py_ssize_t i, Py_ssize_t e) noexcept:
@@ -462,7 +474,7 @@ cdef int _fail(str reason, Py_ssize_t offset, int status=400) except -1:
     raise ParseError(reason, offset, status)
 
 
-cdef Py_ssize_t _scan_quoted(const char* p, Py_ssize_t i, Py_ssize_t e) except -2:
+cdef inline Py_ssize_t _scan_quoted(const char* p, Py_ssize_t i, Py_ssize_t e) except -2:
     """p[i] is '"'; return the index just past the closing quote (quoted-pair aware)."""
     cdef Py_ssize_t start = i
     i += 1
@@ -551,9 +563,9 @@ ctypedef struct NameAddrParts:
     uint8_t wildcard
 
 
-cdef int _scan_hostport(const char* p, Py_ssize_t i, Py_ssize_t e,
-                        int32_t* host_s, int32_t* host_e, int* port,
-                        bint stop_lws) except -2:
+cdef inline int _scan_hostport(const char* p, Py_ssize_t i, Py_ssize_t e,
+                               int32_t* host_s, int32_t* host_e, int* port,
+                               bint stop_lws) except -2:
     """host [":" port] at p[i:e]; returns the index after it.  An IPv6 reference needs [ ]
     (RFC 5118 4.2: a bare IPv6 address in a SIP URI is invalid)."""
     cdef Py_ssize_t s = i
@@ -599,28 +611,36 @@ cdef Py_ssize_t _scan_uri(const char* p, Py_ssize_t s, Py_ssize_t e, UriParts* u
     cdef int kind
     if s >= e:
         _fail("empty URI", s)
-    # scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )
-    if not ((p[i] | 0x20) >= b'a' and (p[i] | 0x20) <= b'z'):
-        _fail("URI scheme must start with a letter", i)
-    while i < e and p[i] != b':':
-        if not (((p[i] | 0x20) >= b'a' and (p[i] | 0x20) <= b'z') or (p[i] >= b'0' and p[i] <= b'9')
-                or p[i] == b'+' or p[i] == b'-' or p[i] == b'.'):
-            _fail("invalid character in URI scheme", i)
-        i += 1
-    if i >= e:
-        _fail("URI has no scheme", s)
+    if (e - s >= 4 and (fastsip_load4(p + s) | fastsip_load4(b"\x20\x20\x20\0"))
+            == fastsip_load4(b"sip:")):
+        # "sip:" in any case, what nearly every URI starts with: the scheme checks below would
+        # accept it and call it URI_SIP.
+        i = s + 3
+        kind = URI_SIP
+    else:
+        # scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )
+        if not ((p[i] | 0x20) >= b'a' and (p[i] | 0x20) <= b'z'):
+            _fail("URI scheme must start with a letter", i)
+        while i < e and p[i] != b':':
+            if not (((p[i] | 0x20) >= b'a' and (p[i] | 0x20) <= b'z')
+                    or (p[i] >= b'0' and p[i] <= b'9')
+                    or p[i] == b'+' or p[i] == b'-' or p[i] == b'.'):
+                _fail("invalid character in URI scheme", i)
+            i += 1
+        if i >= e:
+            _fail("URI has no scheme", s)
+        if _ieq(p + s, i - s, b"sip", 3):
+            kind = URI_SIP
+        elif _ieq(p + s, i - s, b"sips", 4):
+            kind = URI_SIPS
+        elif _ieq(p + s, i - s, b"tel", 3):
+            kind = URI_TEL
+        else:
+            kind = URI_OPAQUE
     j = _span(fastsip_urichar, p, i + 1, e)
     if j < e:
         _fail("invalid character in URI", j)
     u.scheme_e = i
-    if _ieq(p + s, i - s, b"sip", 3):
-        kind = URI_SIP
-    elif _ieq(p + s, i - s, b"sips", 4):
-        kind = URI_SIPS
-    elif _ieq(p + s, i - s, b"tel", 3):
-        kind = URI_TEL
-    else:
-        kind = URI_OPAQUE
     u.kind = kind
     u.user_s = u.user_e = u.pw_s = u.pw_e = -1
     u.headers_s = u.headers_e = -1
@@ -675,7 +695,8 @@ cdef Py_ssize_t _scan_uri(const char* p, Py_ssize_t s, Py_ssize_t e, UriParts* u
     return e
 
 
-cdef Py_ssize_t _next_param(const char* p, Py_ssize_t i, Py_ssize_t e, ParamSpan* out) except -2:
+cdef inline Py_ssize_t _next_param(const char* p, Py_ssize_t i, Py_ssize_t e,
+                                   ParamSpan* out) except -2:
     """At i (LWS allowed) expect ';' name [= value].  Returns the index after the param, or -1
     when p[i:] (after LWS) does not start with ';'."""
     i = _skip_lws(p, i, e)
@@ -708,28 +729,37 @@ cdef Py_ssize_t _next_param(const char* p, Py_ssize_t i, Py_ssize_t e, ParamSpan
     return i
 
 
-cdef Py_ssize_t _scan_via(const char* p, Py_ssize_t i, Py_ssize_t e, ViaParts* v) except -2:
+cdef inline Py_ssize_t _scan_via(const char* p, Py_ssize_t i, Py_ssize_t e, ViaParts* v) except -2:
     """One via-parm from i; returns the index of the ',' that ends it, or e."""
     cdef ParamSpan prm
     cdef Py_ssize_t n
     i = _skip_lws(p, i, e)
     v.s = i
     v.proto_s = i
-    i = v.proto_e = _token_end(p, i, e)
-    if i == v.proto_s:
-        _fail("Via: missing protocol name", i)
-    i = _skip_lws(p, i, e)
-    if i >= e or p[i] != b'/':
-        _fail("Via: expected '/' after protocol name", i)
-    i = _skip_lws(p, i + 1, e)
-    v.ver_s = i
-    i = v.ver_e = _token_end(p, i, e)
-    if i == v.ver_s:
-        _fail("Via: missing protocol version", i)
-    i = _skip_lws(p, i, e)
-    if i >= e or p[i] != b'/':
-        _fail("Via: expected '/' before transport", i)
-    i = _skip_lws(p, i + 1, e)
+    if (i + 8 <= e and (fastsip_load8(p + i) | fastsip_load8(b"\x20\x20\x20\0\0\0\0\0"))
+            == fastsip_load8(b"sip/2.0/")):
+        # What every Via starts with, "SIP/2.0/" (any case) without LWS, in one comparison:
+        # the same spans the token-by-token walk below finds.
+        v.proto_e = i + 3
+        v.ver_s = i + 4
+        v.ver_e = i + 7
+        i = _skip_lws(p, i + 8, e)
+    else:
+        i = v.proto_e = _token_end(p, i, e)
+        if i == v.proto_s:
+            _fail("Via: missing protocol name", i)
+        i = _skip_lws(p, i, e)
+        if i >= e or p[i] != b'/':
+            _fail("Via: expected '/' after protocol name", i)
+        i = _skip_lws(p, i + 1, e)
+        v.ver_s = i
+        i = v.ver_e = _token_end(p, i, e)
+        if i == v.ver_s:
+            _fail("Via: missing protocol version", i)
+        i = _skip_lws(p, i, e)
+        if i >= e or p[i] != b'/':
+            _fail("Via: expected '/' before transport", i)
+        i = _skip_lws(p, i + 1, e)
     v.tr_s = i
     i = v.tr_e = _token_end(p, i, e)
     if i == v.tr_s:
@@ -771,8 +801,8 @@ cdef Py_ssize_t _scan_via(const char* p, Py_ssize_t i, Py_ssize_t e, ViaParts* v
     return i
 
 
-cdef Py_ssize_t _scan_name_addr(const char* p, Py_ssize_t i, Py_ssize_t e, bint in_list,
-                                NameAddrParts* na, bint check_uri=True) except -2:
+cdef inline Py_ssize_t _scan_name_addr(const char* p, Py_ssize_t i, Py_ssize_t e, bint in_list,
+                                       NameAddrParts* na, bint check_uri=True) except -2:
     """One (name-addr / addr-spec) *(;param) element from i; returns the index of the ',' that
     ends it (only when in_list), or e.  With check_uri False the URI's own syntax is left for
     the first read of ``.uri`` (parse() uses that: routing needs From/To tags, not their URIs)."""
@@ -1595,11 +1625,8 @@ cdef class Message:
                 j = _skip_lws(p, k, h.value_e)
                 if j == k or j >= h.value_e:
                     _fail("CSeq: missing method", j)
-                k = j
-                while k < h.value_e and fastsip_token[<unsigned char>p[k]]:
-                    k += 1
-                if k != h.value_e:
-                    _fail("CSeq: invalid method", k)
+                if _token_end(p, j, h.value_e) != h.value_e:
+                    _fail("CSeq: invalid method", _token_end(p, j, h.value_e))
             elif h.id == H_MAX_FORWARDS:
                 if _digits(p, h.value_s, h.value_e, 255) < 0:
                     _fail("Max-Forwards: not a number in 0..255", h.value_s)
@@ -2605,8 +2632,10 @@ cdef Message _parse(object data, Limits limits):
     cdef Py_ssize_t n, i, j, k, le, ce, sp1, cl_i
     cdef Py_buffer* view
     cdef HEntry* h
-    cdef int hid, nh
+    cdef HEntry* hs
+    cdef int hid, nh, cap
     cdef int64_t cl, code
+    cdef Py_ssize_t max_line, max_headers
 
     if type(data) is bytes:
         p = PyBytes_AS_STRING(data)
@@ -2683,14 +2712,21 @@ cdef Message _parse(object data, Limits limits):
         m._sl_e = ce
         i = le + 1
         m._hdr_s = i
-        m._h = _take_headers()
-        m._cap = POOLED_HEADERS
-        m._nh = 0
+        # The index is filled through locals (hs, nh, cap) and stored back once: the module is
+        # built with -fno-strict-aliasing, so every store into an entry would otherwise make the
+        # compiler reload the message's and the limits' fields.
+        hs = _take_headers()
+        m._h = hs
+        m._cap = cap = POOLED_HEADERS
+        nh = 0
+        max_line = limits.max_line_length
+        max_headers = limits.max_headers
         memset(m._first, 0xFF, sizeof(m._first))
 
         # Header lines, up to the empty line.
         while True:
             if i >= n:
+                m._nh = nh
                 _fail("header section not terminated by an empty line", i)
             if p[i] == b'\n':
                 m._blank_s = i
@@ -2701,18 +2737,21 @@ cdef Message _parse(object data, Limits limits):
                     m._blank_s = i
                     i += 2
                     break
+                m._nh = nh
                 _fail("bare CR in header section", i)
             le = fastsip_line(p, i, n, &k)
             if le < 0:
+                m._nh = nh
                 _fail("header line not terminated", n)
             ce = le - 1 if le > i and p[le - 1] == b'\r' else le
-            if ce - i > limits.max_line_length:
+            if ce - i > max_line:
+                m._nh = nh
                 _fail("header line too long", i)
             if p[i] == b' ' or p[i] == b'\t':
                 # A folded continuation of the previous header line (RFC 3261 7.3.1).
-                if m._nh == 0:
+                if nh == 0:
                     _fail("continuation line before any header", i)
-                h = &m._h[m._nh - 1]
+                h = &hs[nh - 1]
                 k = _rtrim(p, i, ce)
                 if k > i:
                     if h.value_e <= h.value_s:
@@ -2722,7 +2761,8 @@ cdef Message _parse(object data, Limits limits):
                 h.line_e = le + 1
                 i = le + 1
                 continue
-            if m._nh >= limits.max_headers:
+            if nh >= max_headers:
+                m._nh = nh
                 _fail("too many header lines", i)
             # The name runs to the line's first ':' (k, found with the line's end), LWS before
             # it dropped.  A well-known name is recognised and validated by one exact comparison
@@ -2733,27 +2773,30 @@ cdef Message _parse(object data, Limits limits):
                 j -= 1
             hid = _header_id(p + i, j - i)
             if k >= ce or (hid == 0 and (j == i or _token_end(p, i, j) != j)):
+                m._nh = nh
                 _bad_header_line(p, i, ce)
             k = _skip_lws(p, k + 1, ce)
-            if m._nh < m._cap:
-                nh = m._nh
-                m._nh += 1
-            else:
-                nh = m._add_entry()
-            h = &m._h[nh]
-            h.line_s = i
-            h.line_e = le + 1
-            h.name_s = i
-            h.name_e = j
-            h.value_s = k
-            h.value_e = _rtrim(p, k, ce)
-            h.id = hid
+            if nh == cap:
+                m._nh = nh
+                m._add_entry()
+                hs = m._h
+                cap = m._cap
+            h = &hs[nh]
+            h.line_s = <int32_t>i
+            h.line_e = <int32_t>(le + 1)
+            h.name_s = <int32_t>i
+            h.name_e = <int32_t>j
+            h.value_s = <int32_t>k
+            h.value_e = <int32_t>_rtrim(p, k, ce)
+            h.id = <int16_t>hid
             h.src = -1
             h.folded = False
             h.deleted = False
             if m._first[hid] < 0:
-                m._first[hid] = nh
+                m._first[hid] = <int16_t>nh
+            nh += 1
             i = le + 1
+        m._nh = nh
 
         # Body: exactly Content-Length octets; without one (datagrams, RFC 3261 18.3) the rest.
         m._body_s = i
