@@ -276,7 +276,7 @@ def test_timer_b_wins_over_a_retransmission_due_at_the_same_instant() -> None:
 def test_a_final_response_leaves_one_timer_node_cancelled_per_client_transaction() -> None:
     # A 2xx to an INVITE, or a final response to a non-INVITE, costs one cancel (the A/E
     # chain, which carries B/F) and arms one linger timer (M, K).
-    layer, wire, wheel, rec = make()
+    layer, _wire, wheel, rec = make()
     for method in ("INVITE", "BYE"):
         req = request(method)
         before = (wheel.scheduled, wheel.cancelled)
