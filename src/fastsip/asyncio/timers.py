@@ -39,6 +39,9 @@ class WheelDriver:
         now = self._loop.time()
         self.wheel = wheel if wheel is not None else TimerWheel(tick, start=now)
         self._offset = now - self.wheel.time()
+        # Bound once: a proxied call schedules about nine timers, each through call_later.
+        self._loop_time = self._loop.time
+        self._wheel_call_at = self.wheel.call_at
         self._handle: asyncio.TimerHandle | None = None
         self._armed = math.inf
         self.wakeups = 0  # how often the loop woke the wheel (idle costs none)
@@ -52,11 +55,11 @@ class WheelDriver:
 
     def time(self) -> float:
         """The current time in wheel seconds, read from the loop's clock."""
-        return self._loop.time() - self._offset
+        return self._loop_time() - self._offset
 
     def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> TimerHandle:
         """``callback(*args)`` in ``delay`` seconds of loop time, on the wheel."""
-        return self.wheel.call_at(self._loop.time() - self._offset + delay, callback, *args)
+        return self._wheel_call_at(self._loop_time() - self._offset + delay, callback, *args)
 
     def call_at(self, when: float, callback: Callable[..., object], *args: Any) -> TimerHandle:
         """``callback(*args)`` at loop time ``when``, on the wheel."""
