@@ -33,6 +33,7 @@ serve's CPU per call in bench_proxy is about three times this benchmark's warm f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import itertools
 import logging
@@ -40,7 +41,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -211,16 +212,23 @@ def fastsip_relay(routes_path: str) -> tuple[Receive, Wire, TimerWheel]:
     receive(REGISTER, UAS)
     assert wire and wire[-1][0].startswith(b"SIP/2.0 200"), wire
     wire.clear()
-    serve_gc()
     return receive, wire, wheel
 
 
-def serve_gc() -> None:
+@contextlib.contextmanager
+def serve_gc() -> Iterator[None]:
     """The collector as ``fastsip serve`` sets it once started (see serve.py: what start-up
     built is frozen out of every collection, and young collections run every 10,000
-    allocations, not 700), so that this benchmark's figure is serve's."""
+    allocations, not 700), so that this benchmark's figure is serve's; both relays run under
+    it.  Restored on exit: other benchmarks in the same pytest process keep the defaults."""
+    threshold = gc.get_threshold()
     gc.freeze()
     gc.set_threshold(10_000, 50, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
 
 
 # -- the naive floor -----------------------------------------------------------------------------
@@ -305,13 +313,15 @@ def test_relay_fastsip(benchmark: Any, routes_path: str) -> None:
         wheel.advance(n * 0.004)     # 250 calls/s of wheel time: timers are set and cancelled
         one_call(n, receive, wire)
 
-    benchmark(call)
+    with serve_gc():
+        benchmark(call)
 
 
 def test_relay_naive_floor(benchmark: Any) -> None:
     receive, wire = naive_relay()
     calls = itertools.count()
-    benchmark(lambda: one_call(next(calls), receive, wire))
+    with serve_gc():
+        benchmark(lambda: one_call(next(calls), receive, wire))
 
 
 _EVICT = bytearray(16 << 20)
@@ -347,10 +357,11 @@ def measure(calls: int, rounds: int, cold: bool = False) -> dict[str, float]:
                     wheel = None
                 spent = [0.0]
                 timed = _timed(receive, spent, cold)
-                for n in range(calls):
-                    if wheel is not None:
-                        wheel.advance(n * 0.004)
-                    one_call(n, timed, wire)
+                with serve_gc():
+                    for n in range(calls):
+                        if wheel is not None:
+                            wheel.advance(n * 0.004)
+                        one_call(n, timed, wire)
                 best[name] = min(best[name], spent[0] / calls * 1e6)
     return best
 
@@ -391,9 +402,10 @@ def untimed(calls: int) -> None:
         path = Path(tmp) / "bench_routes.py"
         path.write_text(ROUTES)
         receive, wire, wheel = fastsip_relay(str(path))
-        for n in range(20 + calls):
-            wheel.advance(n * 0.004)
-            one_call(n, receive, wire)
+        with serve_gc():
+            for n in range(20 + calls):
+                wheel.advance(n * 0.004)
+                one_call(n, receive, wire)
 
 
 if __name__ == "__main__":
