@@ -216,19 +216,23 @@ def fastsip_relay(routes_path: str) -> tuple[Receive, Wire, TimerWheel]:
 
 
 @contextlib.contextmanager
-def serve_gc() -> Iterator[None]:
+def serve_gc(restore: bool = True) -> Iterator[None]:
     """The collector as ``fastsip serve`` sets it once started (see serve.py: what start-up
     built is frozen out of every collection, and young collections run every 10,000
     allocations, not 700), so that this benchmark's figure is serve's; both relays run under
-    it.  Restored on exit: other benchmarks in the same pytest process keep the defaults."""
+    it.  Restored on exit, so that other benchmarks in the same pytest process keep the
+    defaults; ``restore=False`` for a process that ends next (an instruction count: unfrozen,
+    start-up's objects would be scanned by the collection at exit, per call the more calls
+    left transactions lingering)."""
     threshold = gc.get_threshold()
     gc.freeze()
     gc.set_threshold(10_000, 50, 100)
     try:
         yield
     finally:
-        gc.set_threshold(*threshold)
-        gc.unfreeze()
+        if restore:
+            gc.set_threshold(*threshold)
+            gc.unfreeze()
 
 
 # -- the naive floor -----------------------------------------------------------------------------
@@ -402,7 +406,7 @@ def untimed(calls: int) -> None:
         path = Path(tmp) / "bench_routes.py"
         path.write_text(ROUTES)
         receive, wire, wheel = fastsip_relay(str(path))
-        with serve_gc():
+        with serve_gc(restore=False):
             for n in range(20 + calls):
                 wheel.advance(n * 0.004)
                 one_call(n, receive, wire)
