@@ -388,6 +388,22 @@ def test_timer_c_restarted_by_provisional() -> None:
     assert "CANCEL sip:b1@127.0.0.1:5081 SIP/2.0" in net.lines("proxy", "b1")
 
 
+def test_timer_c_restarts_from_the_last_provisional() -> None:
+    # Timer C is restarted lazily (its node fires at the old deadline and waits out the rest):
+    # each provisional still moves the deadline to its arrival + Timer C, to the second.
+    net, _proxy, alice = setup(FixedRouter(["sip:b1@127.0.0.1:5081"]), timer_c=181.0)
+    b1 = Phone(net, "b1", 5081, ring())
+    call_via_proxy(alice, "sip:bob@example.com")
+    net.run(100.0)
+    b1.calls[0].ring(183)
+    net.run(250.0)
+    b1.calls[0].ring(183)
+    net.run(250.0 + 180.5)
+    assert "CANCEL sip:b1@127.0.0.1:5081 SIP/2.0" not in net.lines("proxy", "b1")
+    net.run(250.0 + 181.5)
+    assert "CANCEL sip:b1@127.0.0.1:5081 SIP/2.0" in net.lines("proxy", "b1")
+
+
 def test_cancel_propagates_to_all_branches() -> None:
     net, proxy, alice = setup(FixedRouter(["sip:b1@127.0.0.1:5081", "sip:b2@127.0.0.1:5082"]))
     b1 = Phone(net, "b1", 5081, ring())

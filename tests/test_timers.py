@@ -685,3 +685,22 @@ def test_large_batches_come_out_in_deadline_then_scheduling_order(whens: list[fl
         for k, when in enumerate(whens):
             w.schedule_key_at(when, k)
         assert list(w.advance_keys(20.0)) == expected
+
+
+def test_call_later_now_counts_from_the_owners_clock() -> None:
+    # A driver's call_later: the wheel's own clock only moves on advance(), so a timer set
+    # between advances counts from the owner's clock (clock() - offset), read in C.
+    wheel = TimerWheel(0.001)
+    fired: list[str] = []
+    owner = [10.0]
+    wheel.set_clock(lambda: owner[0], 4.0)             # wheel time = owner's - 4 = 6
+    handle = wheel.call_later_now(1.5, fired.append, "a")
+    assert handle.when == 7.5
+    wheel.advance(7.499)
+    assert fired == []
+    wheel.advance(7.5)
+    assert fired == ["a"]
+    owner[0] = 20.0
+    assert wheel.call_later_now(1.0, fired.append, "b").when == 17.0
+    wheel.set_clock(None)                               # back to the wheel's clock
+    assert wheel.call_later_now(1.0, fired.append, "c").when == wheel.time() + 1.0

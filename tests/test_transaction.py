@@ -228,6 +228,63 @@ def test_client_non_invite_provisional_then_final_then_timer_k() -> None:
     assert txn.state == TERMINATED
 
 
+@pytest.mark.parametrize("method", ["INVITE", "OPTIONS"])
+@pytest.mark.parametrize("start", [0.0, 7.3])
+def test_timer_b_and_f_expire_at_64_t1_from_the_send_over_udp(method: str, start: float) -> None:
+    # Over UDP Timers B/F ride on the end of the A/E retransmission chain (one wheel node per
+    # transaction): they must still expire at 64*T1 after the request was first sent, not
+    # 64*T1 after some retransmission, and not before.
+    layer, wire, wheel, rec = make()
+    wheel.advance(start)
+    layer.request(request(method), UDP, rec)
+    wire.take()
+    assert len(wheel) == 1                               # A/E and B/F share one node
+    wheel.advance(start + 31.999)
+    assert rec.events == []
+    wheel.advance(start + 32.0)
+    assert rec.events == [("timeout", method)]
+    assert layer.client_transactions == 0 and len(wheel) == 0
+
+
+def test_timer_f_still_expires_in_proceeding_while_e_runs_at_t2() -> None:
+    layer, wire, wheel, rec = make()
+    req = request("OPTIONS")
+    layer.request(req, UDP, rec)
+    wire.take()
+    wheel.advance(0.2)
+    layer.receive(response(req, 180), UDP)
+    sends = times_of(wheel, wire, 31.999, step=0.0005)
+    assert sends == pytest.approx([0.5, 4.5, 8.5, 12.5, 16.5, 20.5, 24.5, 28.5], abs=0.002)
+    assert rec.events == [("response", 180)]
+    wheel.advance(32.0)
+    assert rec.events == [("response", 180), ("timeout", "OPTIONS")]
+
+
+def test_timer_b_wins_over_a_retransmission_due_at_the_same_instant() -> None:
+    # T1 = 1, T2 = 4: E fires at 1, 3, 7, 11, ... 59, 63; F at 64 = 63 + 1 < 63 + 4.  And an
+    # INVITE with T1 = 0.5 whose A would fire at 31.5 + 32 = 63.5 > B (32): B comes alone.
+    wire, wheel, rec = Wire(), TimerWheel(tick=0.001), Recorder()
+    layer = TransactionLayer(wire, wheel, rec, TimerConfig(t1=1.0, t2=4.0))
+    layer.request(request("OPTIONS"), UDP, rec)
+    wire.take()
+    sends = times_of(wheel, wire, 65.0, step=0.0005)
+    assert sends == pytest.approx([1, 3, 7, 11, 15, 19, 23, 27, 31, 35, 39, 43, 47, 51, 55,
+                                   59, 63], abs=0.002)
+    assert rec.events == [("timeout", "OPTIONS")]
+
+
+def test_a_final_response_leaves_one_timer_node_cancelled_per_client_transaction() -> None:
+    # A 2xx to an INVITE, or a final response to a non-INVITE, costs one cancel (the A/E
+    # chain, which carries B/F) and arms one linger timer (M, K).
+    layer, _wire, wheel, rec = make()
+    for method in ("INVITE", "BYE"):
+        req = request(method)
+        before = (wheel.scheduled, wheel.cancelled)
+        layer.request(req, UDP, rec)
+        layer.receive(response(req, 200), UDP)
+        assert (wheel.scheduled - before[0], wheel.cancelled - before[1]) == (2, 1), method
+
+
 def test_transport_error_ends_client_transactions_to_that_peer() -> None:
     layer, _wire, _wheel, rec = make()
     layer.request(request("OPTIONS"), TCP, rec)

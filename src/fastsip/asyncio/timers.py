@@ -39,6 +39,11 @@ class WheelDriver:
         now = self._loop.time()
         self.wheel = wheel if wheel is not None else TimerWheel(tick, start=now)
         self._offset = now - self.wheel.time()
+        # Bound once: a proxied call schedules about eight timers, each through call_later.
+        self._loop_time = self._loop.time
+        # call_later is the wheel's, reading the loop's clock in C: no Python frame per timer.
+        self.wheel.set_clock(self._loop_time, self._offset)
+        self.call_later = self.wheel.call_later_now  # type: ignore[method-assign]
         self._handle: asyncio.TimerHandle | None = None
         self._armed = math.inf
         self.wakeups = 0  # how often the loop woke the wheel (idle costs none)
@@ -52,11 +57,12 @@ class WheelDriver:
 
     def time(self) -> float:
         """The current time in wheel seconds, read from the loop's clock."""
-        return self._loop.time() - self._offset
+        return self._loop_time() - self._offset
 
     def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> TimerHandle:
-        """``callback(*args)`` in ``delay`` seconds of loop time, on the wheel."""
-        return self.wheel.call_at(self._loop.time() - self._offset + delay, callback, *args)
+        """``callback(*args)`` in ``delay`` seconds of loop time, on the wheel (each instance
+        replaces this with the wheel's ``call_later_now``, which does the same in C)."""
+        return self.wheel.call_at(self._loop_time() - self._offset + delay, callback, *args)
 
     def call_at(self, when: float, callback: Callable[..., object], *args: Any) -> TimerHandle:
         """``callback(*args)`` at loop time ``when``, on the wheel."""

@@ -355,6 +355,7 @@ class Branch:
     __slots__ = (
         "_cancel_guard",
         "_timer_c",
+        "_timer_c_due",
         "alternates",
         "cancel_sent",
         "cancel_wanted",
@@ -385,6 +386,8 @@ class Branch:
         #: Timer C cancelled this branch (§16.8): its 487 means "no answer" (408 upstream).
         self.timer_c_fired = False
         self._timer_c: Any = None
+        #: Timer C's deadline once a provisional response restarted it (0: not restarted).
+        self._timer_c_due = 0.0
         self._cancel_guard: Any = None
         #: A branch to a trunk (:class:`~fastsip.proxy.trunk.TrunkBranch`: its challenges
         #: answered, its CSeq shift); None for every other branch.
@@ -713,6 +716,15 @@ class ResponseContext:
         branch._timer_c = None
         if branch.final is not None:
             return
+        if branch._timer_c_due:
+            # A provisional response restarted Timer C after this node was armed: wait out
+            # the rest (restarting lazily, here, spares every ringing call a cancel and a
+            # schedule on the wheel; almost all are answered or gone long before).
+            clock = self.proxy.clock
+            left = branch._timer_c_due - clock.time()
+            if left > 0:
+                branch._timer_c = clock.call_later(left, self._timer_c, branch)
+                return
         if branch.provisional:
             branch.timer_c_fired = True
             branch.cancel()
@@ -868,6 +880,7 @@ class ResponseContext:
         branch.request = request
         branch.provisional = False
         if branch._timer_c is not None:  # §16.8: a new request, a new wait for an answer
+            branch._timer_c_due = 0.0
             branch._timer_c.cancel()
             branch._timer_c = proxy.clock.call_later(proxy.timer_c, self._timer_c, branch)
         try:
@@ -886,10 +899,9 @@ class ResponseContext:
                 branch.cancel()
             if status == 100:
                 return  # §16.7 step 5: 100 is hop by hop
-            if branch._timer_c is not None:  # §16.8: a 101-199 restarts Timer C
-                branch._timer_c.cancel()
+            if branch._timer_c is not None:  # §16.8: a 101-199 restarts Timer C (see _timer_c)
                 proxy = self.proxy
-                branch._timer_c = proxy.clock.call_later(proxy.timer_c, self._timer_c, branch)
+                branch._timer_c_due = proxy.clock.time() + proxy.timer_c
             self._hook(response)
             if not self.final_sent:
                 self._send_upstream(response)

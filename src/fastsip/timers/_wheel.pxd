@@ -86,6 +86,8 @@ cdef class TimerWheel:
     cdef object _on_error
     cdef object _key_handler
     cdef object _wakeup_hook
+    cdef object _clock              # the owner's clock, for call_later_now (None: the wheel's)
+    cdef double _clock_offset
 
     cdef int64_t schedule_key_c(self, double when, int64_t key) except -1
     cdef bint cancel_key_c(self, int64_t token) noexcept

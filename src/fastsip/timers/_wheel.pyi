@@ -42,6 +42,12 @@ class TimerWheel:
     def call_at(
         self, when: float, callback: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]
     ) -> TimerHandle: ...
+    def set_clock(self, clock: Callable[[], float] | None, offset: float = 0.0) -> None:
+        """Count ``call_later_now`` from ``clock() - offset`` (None: the wheel's clock)."""
+    def call_later_now(
+        self, delay: float, callback: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]
+    ) -> TimerHandle:
+        """``call_later`` counted from the owner's clock (``set_clock``)."""
     # key mode: integers in, one array('q') of integers out
     def schedule_key(self, delay: float, key: int) -> int:
         """Schedule int64 ``key``; return a cancel token (an int)."""

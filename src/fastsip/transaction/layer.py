@@ -142,6 +142,7 @@ class ClientTransaction(_Lingering):
     __slots__ = (
         "_ack",
         "_data",
+        "_deadline",
         "_interval",
         "_timeout",
         "_timer",
@@ -166,9 +167,10 @@ class ClientTransaction(_Lingering):
         self.state = CALLING if self.is_invite else TRYING
         self.last_response: Response | None = None
         self._data = bytes(request)
-        self._timer: Any = None       # A or E (retransmit), then D or K (linger)
-        self._timeout: Any = None     # B or F, then M (Accepted)
+        self._timer: Any = None       # A or E (retransmit) and then B or F, or D or K (linger)
+        self._timeout: Any = None     # B or F over a reliable transport, then M (Accepted)
         self._interval = layer.config.t1
+        self._deadline = 0.0          # Timer B or F, when the retransmissions carry it
         self._ack: bytes | None = None
 
     @property
@@ -177,9 +179,16 @@ class ClientTransaction(_Lingering):
 
     def _start(self) -> None:
         cfg = self.layer.config
-        if not self.dest.reliable:
-            self._timer = self.layer.clock.call_later(cfg.t1, self._retransmit)
-        self._timeout = self.layer.clock.call_later(cfg.timeout, self._on_timeout)
+        clock = self.layer.clock
+        if self.dest.reliable:
+            self._timeout = clock.call_later(cfg.timeout, self._on_timeout)
+        else:
+            # Over UDP Timer B (or F) is not a wheel node of its own: Timer A (or E) keeps
+            # firing until B is due, so its chain carries B's deadline and its last link is
+            # armed for B itself.  A final response (almost every transaction gets one) then
+            # cancels one node, and the start schedules one, instead of two each.
+            self._deadline = clock.time() + cfg.timeout
+            self._timer = clock.call_later(cfg.t1, self._retransmit)
         self.layer.transport.send(self._data, self.dest)
 
     def _retransmit(self) -> None:
@@ -194,8 +203,20 @@ class ClientTransaction(_Lingering):
             self._interval = cfg.t2
         else:
             self._interval = min(self._interval * 2, cfg.t2)
-        self._timer = self.layer.clock.call_later(self._interval, self._retransmit)
+        clock = self.layer.clock
+        left = self._deadline - clock.time()
+        if left <= self._interval:
+            # Timer B / F comes before the next retransmission (or with it: it wins, as a
+            # separate B armed at the start would have fired first).
+            self._timer = clock.call_later(max(left, 0.0), self._on_deadline)
+        else:
+            self._timer = clock.call_later(self._interval, self._retransmit)
         self.layer.transport.send(self._data, self.dest)
+
+    def _on_deadline(self) -> None:
+        # Timer B / F at the end of the retransmission chain (over UDP).
+        self._timer = None
+        self._on_timeout()
 
     def _on_timeout(self) -> None:
         self._timeout = None
