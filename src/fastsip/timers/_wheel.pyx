@@ -775,6 +775,20 @@ cdef inline TimerHandle _new_handle(TimerWheel w, double when, int64_t idx):
     return h
 
 
+cdef inline TimerHandle _call_at(TimerWheel w, double when, object callback, tuple args):
+    """The callback-mode schedule behind call_later, call_later_now and call_at: the packed
+    callback's reference is dropped again when scheduling fails."""
+    cdef uint32_t kind = 0
+    cdef int64_t data = _pack_callback(callback, args, &kind)
+    cdef int64_t idx
+    try:
+        idx = _schedule(w, when, data, kind)
+    except BaseException:
+        Py_DECREF(<object><PyObject*><Py_ssize_t>data)
+        raise
+    return _new_handle(w, when, idx)
+
+
 cdef inline int64_t _pack_callback(object callback, tuple args, uint32_t* kind) except? -1:
     """The owned PyObject* a callback node stores: the callable, or (callable, *args)."""
     cdef object packed
@@ -851,16 +865,7 @@ cdef class TimerWheel:
 
     def call_later(self, double delay, callback, *args) -> TimerHandle:
         """Run ``callback(*args)`` ``delay`` seconds after the wheel's current time."""
-        cdef uint32_t kind = 0
-        cdef double when = self._now + delay
-        cdef int64_t data = _pack_callback(callback, args, &kind)
-        cdef int64_t idx
-        try:
-            idx = _schedule(self, when, data, kind)
-        except BaseException:
-            Py_DECREF(<object><PyObject*><Py_ssize_t>data)
-            raise
-        return _new_handle(self, when, idx)
+        return _call_at(self, self._now + delay, callback, args)
 
     def set_clock(self, clock, double offset=0.0) -> None:
         """Count :meth:`call_later_now` from ``clock() - offset``: the owner's clock (a
@@ -873,29 +878,12 @@ cdef class TimerWheel:
         """``call_later`` counted from the owner's clock (see :meth:`set_clock`) instead of
         the latest advance: what a driver's ``call_later`` is, without a Python frame and an
         attribute walk per timer (a proxied call schedules about eight)."""
-        cdef uint32_t kind = 0
         cdef double now = self._now if self._clock is None else self._clock() - self._clock_offset
-        cdef double when = now + delay
-        cdef int64_t data = _pack_callback(callback, args, &kind)
-        cdef int64_t idx
-        try:
-            idx = _schedule(self, when, data, kind)
-        except BaseException:
-            Py_DECREF(<object><PyObject*><Py_ssize_t>data)
-            raise
-        return _new_handle(self, when, idx)
+        return _call_at(self, now + delay, callback, args)
 
     def call_at(self, double when, callback, *args) -> TimerHandle:
         """Run ``callback(*args)`` when the wheel's clock reaches ``when`` (seconds)."""
-        cdef uint32_t kind = 0
-        cdef int64_t data = _pack_callback(callback, args, &kind)
-        cdef int64_t idx
-        try:
-            idx = _schedule(self, when, data, kind)
-        except BaseException:
-            Py_DECREF(<object><PyObject*><Py_ssize_t>data)
-            raise
-        return _new_handle(self, when, idx)
+        return _call_at(self, when, callback, args)
 
     # -- key mode -----------------------------------------------------------------------------
 
