@@ -77,6 +77,13 @@ def parse_interface(spec: str) -> MediaInterface:
     return MediaInterface(name, address, advertised)
 
 
+# What SocketMediaPlane._pollset holds besides the one descriptor the loop watches for the
+# whole relay: each socket watched on its own (drain per fd), or nothing to watch (the packet
+# loop runs in the Relay's own thread).
+_PER_SOCKET = -1
+_OWN_THREAD = -2
+
+
 class SocketMediaPlane:
     """RTP/RTCP port pairs on real sockets, relayed by the compiled :class:`Relay`.
 
@@ -111,7 +118,7 @@ class SocketMediaPlane:
         self._threaded = self.relay.threaded
         if self._threaded:
             self.relay.start()
-        self._pollset = -2 if self._threaded else self.relay.fileno()
+        self._pollset = _OWN_THREAD if self._threaded else self.relay.fileno()
         if self._pollset >= 0:
             poll = self.relay.poll
             self.loop.add_reader(self._pollset, lambda: poll(time.time()))
@@ -177,7 +184,7 @@ class SocketMediaPlane:
         sock = self._sockets.pop(leg, None)
         if sock is None:
             return
-        if self._pollset == -1:
+        if self._pollset == _PER_SOCKET:
             self.loop.remove_reader(sock.fileno())
         self.relay.remove_leg(leg)
         sock.close()
@@ -192,7 +199,7 @@ class SocketMediaPlane:
             self.relay.stop()
         elif self._pollset >= 0:
             self.loop.remove_reader(self._pollset)
-            self._pollset = -1
+            self._pollset = _PER_SOCKET
 
     @property
     def legs(self) -> int:
@@ -218,7 +225,7 @@ class SocketMediaPlane:
         self._sockets[leg] = sock
         self._port[leg] = (iface.name, port)
         self.relay.add_leg(leg, sock.fileno(), rtcp=rtcp)
-        if self._pollset == -1:
+        if self._pollset == _PER_SOCKET:
             drain = self.relay.drain
             # One Python call per readable socket: drain() reads and forwards a batch in C.
             self.loop.add_reader(sock.fileno(), lambda: drain(leg, time.time()))
