@@ -852,9 +852,7 @@ class Router:
             return
         for branch in ctx.branches[started:]:
             if branch.final is None:
-                if branch._timer_c is not None:
-                    branch._timer_c.cancel()
-                ctx._timer_c(branch)   # Timer C's own expiry, early, for this branch
+                ctx.expire_timer_c(branch)   # Timer C's own expiry, early, for this branch
 
     def _identity_out(self, req: Request, decision: Decision) -> None:
         """RFC 3325 on the way out: an authenticated user's P-Preferred-Identity becomes the

@@ -731,6 +731,14 @@ class ResponseContext:
         else:
             self._branch_failed(branch, 408)
 
+    def expire_timer_c(self, branch: Branch) -> None:
+        """Timer C's expiry for ``branch`` now, whatever its deadline (a routing decision's
+        ring timeout, shorter than Timer C): CANCELled if it rang, else failed as by a 408."""
+        if branch._timer_c is not None:
+            branch._timer_c.cancel()
+        branch._timer_c_due = 0.0      # (a restart by a 1xx would otherwise re-arm it)
+        self._timer_c(branch)
+
     # -- RFC 3263 next-hop failover ------------------------------------------------------
     # A branch whose next hop is a host name holds the resolver's ordered addresses; a 503,
     # a timeout or a transport error on one moves the same branch on to the next (§4.3),
