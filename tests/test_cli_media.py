@@ -564,10 +564,11 @@ def test_two_hundred_sessions_on_one_timer_keep_20ms_pacing(loop_name: str) -> N
         for peer in peers:
             loop.add_reader(peer.fileno(), drain, peer)
         await asyncio.sleep(seconds)
-        sent = sum(s.session.tx.packets for s in streams if s.session)
+        sessions = [s.session for s in streams if s.session]
+        engine.close()                              # may send a last frame: counted after it
+        sent = sum(session.tx.packets for session in sessions)
         batched = engine._sender.sent
         wakeups = engine.wakeups
-        engine.close()
         await asyncio.sleep(0.05)                   # the last packets reach their peers
         for peer in peers:
             drain(peer)
@@ -590,7 +591,10 @@ def test_two_hundred_sessions_on_one_timer_keep_20ms_pacing(loop_name: str) -> N
               f"p99 {p99 * 1e3:.2f} ms, max {worst * 1e3:.2f} ms, min {lat.min() * 1e3:.2f} ms")
         frames = int(seconds / 0.02)
         assert sent >= n * (frames - 2) * 0.98      # every session kept its 50 frames/s
-        assert received >= 0.99 * sent
+        # Loopback loses nothing at this rate: every packet reaches the peer it was sent to.
+        # (A stray RTCP report landing on a stream's RTP port once latched a session onto it,
+        # and ~1 % of the audio went there.)
+        assert received >= 0.999 * sent
         assert batched >= 0.99 * sent               # plain audio: all by the compiled path
         assert len(lat) >= 0.99 * received          # every arrival timed
         assert wakeups <= seconds / 0.01 + 5        # one timer for all: ~100 wake-ups/s

@@ -207,6 +207,22 @@ def test_symmetric_rtp_sends_to_where_the_peer_sends_from() -> None:
     assert {a for _, a in s.tick(0.04)} == {("127.0.0.9", 5555)}
 
 
+def test_only_a_negotiated_payload_type_latches_the_stream() -> None:
+    """A stray datagram that parses as RTP must not steer the call's audio: an RTCP report
+    sent to the RTP port (a neighbour's, or the peer's own without rtcp-mux) reads as payload
+    type 72-76, and an unknown payload type is no proof of the peer either."""
+    s = session(source=tone(1.0))
+    s.start(0.0)
+    rtcp_rr = struct.pack("!BBHI", 0x80, 201, 1, 0xDEAD)      # an empty receiver report
+    s.receive(rtcp_rr, ("127.0.0.7", 7001), 0.005)
+    s.receive(rtp(1, 0, b"\xff" * 160, pt=99), ("127.0.0.8", 8000), 0.006)
+    assert not s.latched
+    assert {a for _, a in s.tick(0.0)} == {PEER}
+    s.receive(rtp(1, 0, b"\xff" * 160), ("127.0.0.9", 5555), 0.01)
+    assert s.latched
+    assert {a for _, a in s.tick(0.02)} == {("127.0.0.9", 5555)}
+
+
 def test_a_new_peer_ssrc_gets_fresh_statistics_recording_and_echo_timestamps() -> None:
     s = session(record=True, echo=True)
     s.start(0.0)

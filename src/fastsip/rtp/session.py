@@ -595,15 +595,18 @@ class MediaSession:
         except ValueError:                       # RtpError: not RTP, dropped and counted
             self.malformed += 1
             return []
-        if not self.latched:
-            # Symmetric RTP: the peer sends from where it receives (NAT or not).
+        pt = packet.payload_type
+        if not self.latched and (pt == self.payload_type or pt == self.telephone_event):
+            # Symmetric RTP: the peer sends from where it receives (NAT or not).  Only a
+            # payload type the SDP agreed latches: a stray datagram that merely parses as RTP
+            # (an RTCP report sent to the wrong port reads as payload type 72-76, RFC 5761
+            # §4) would otherwise send the whole call's audio to wherever it came from.
             self.latched = True
             if source_addr != self.remote:
                 log.debug("RTP latched to %s (SDP said %s)", source_addr, self.remote)
                 self.remote = source_addr
                 if not self.rtcp_latched:
                     self.remote_rtcp = (source_addr[0], source_addr[1] + 1)
-        pt = packet.payload_type
         if pt == self.telephone_event and pt != self.payload_type:
             self.event_packets += 1
             self._on_event(packet)
