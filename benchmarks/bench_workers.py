@@ -343,7 +343,7 @@ if __name__ == "__main__":
     if args.throughput:
         throughput()
     else:
-        variants = ("1", "2", "2 shared") if args.ports else ("1", "2")
+        variants: tuple[str, ...] = ("1", "2", "2 shared") if args.ports else ("1", "2")
         if args.kamailio:
             if KAMAILIO is None:
                 sys.exit("--kamailio: kamailio is not installed")
