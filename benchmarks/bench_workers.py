@@ -60,6 +60,7 @@ from bench_proxy import (
     kamailio_argv,
     machine_busy_seconds,
     measure,
+    sipp_counts,
     successful,
 )
 from benchproc import fastsip_env, free_port, stop
@@ -144,7 +145,10 @@ class Strace:
     def __call__(self, root: int) -> tuple[float, ...]:
         if self.proc is None:
             if self.tool == "perf":
-                cmd = ["perf", "stat", "-x", ";", "-e", ",".join(PERF_EVENTS), "-p",
+                # Per thread: summed over several processes, perf stat -p was seen counting
+                # one worker twice in some runs.
+                cmd = ["perf", "stat", "--per-thread", "-x", ";", "-e", ",".join(PERF_EVENTS),
+                       "-p",
                        ",".join(str(pid) for pid in _descendants(root)), "-o", str(self.path)]
             else:
                 cmd = ["strace", "-c", "-f", "-o", str(self.path),
@@ -161,17 +165,32 @@ class Strace:
         """Calls per syscall name (and event), and "total"."""
         out: dict[str, int] = {}
         if self.tool == "perf":
+            seen: dict[tuple[str, str], int] = {}   # (thread, event): each counted once
             for line in self.path.read_text().splitlines():
                 fields = line.split(";")
-                if len(fields) > 2 and fields[0].strip().isdigit():
-                    name = fields[2].rsplit(":", 1)[-1].replace("sys_enter_", "")
-                    out["total" if name == "sys_enter" else name] = int(fields[0])
+                if len(fields) > 3 and fields[1].strip().isdigit():
+                    name = fields[3].rsplit(":", 1)[-1].replace("sys_enter_", "")
+                    seen[(fields[0], "total" if name == "sys_enter" else name)] = \
+                        int(fields[1])
+            for (_, name), n in seen.items():
+                out[name] = out.get(name, 0) + n
             return out
         for line in self.path.read_text().splitlines():
             m = re.match(r"\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)$", line)
             if m:
                 out[m.group(2)] = int(m.group(1))
         return out
+
+
+def retransmissions(workdir: Path, name: str) -> str:
+    """sipp's retransmissions in run ``name``, caller's and callee's (a late ACK makes the
+    callee resend its 200, which the proxy forwards: CPU that is not the call's own)."""
+    uac = sipp_counts(workdir, name).get("Retransmissions(C)", "?")
+    try:
+        uas = sipp_counts(workdir, f"{name}_uas").get("Retransmissions(C)", "?")
+    except FileNotFoundError:
+        uas = "?"
+    return f"{uac}/{uas}"
 
 
 def handed_off(log: Path) -> int:
@@ -198,7 +217,8 @@ def strace_round(calls: int, rate: int, names: tuple[str, ...], tool: str = "str
                 top = sorted(((n, c) for n, c in found.items() if n != "total"),
                              key=lambda item: -item[1])[:8]
                 print(f"{name:8} under {tool}: {found.get('total', 0) / max(ok, 1):6.1f} "
-                      f"syscalls/call ({ok} calls): " + ", ".join(
+                      f"syscalls/call ({ok} calls, retransmissions caller/callee "
+                      f"{retransmissions(workdir, f's{tag}')}): " + ", ".join(
                           f"{n} {c / max(ok, 1):.1f}" for n, c in top), flush=True)
         finally:
             redis.stop()
@@ -230,7 +250,8 @@ def compare(calls: int = CALLS, rate: int = RATE, rounds: int = ROUNDS,
                     rounds_of[name].append(per_call)
                     print(f"{label:19} round {i}: {per_call[0]:7.1f} us/call "
                           f"(user {per_call[1]:.0f}, sys {per_call[2]:.0f}); "
-                          f"{cpu[3] / ok:.1f} context switches, {handed:.2f} hand-offs a call",
+                          f"{cpu[3] / ok:.1f} context switches, {handed:.2f} hand-offs a call; "
+                          f"retransmissions {retransmissions(workdir, f'w{tag}-{i}')}",
                           flush=True)
                     if name not in best or per_call[0] < best[name][0]:
                         best[name] = per_call
