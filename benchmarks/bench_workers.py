@@ -69,9 +69,9 @@ CALLS = int(os.environ.get("FASTSIP_BENCH_WORKERS_CALLS", "1500"))
 RATE = int(os.environ.get("FASTSIP_BENCH_WORKERS_RATE", "150"))
 ROUNDS = int(os.environ.get("FASTSIP_BENCH_WORKERS_ROUNDS", "2"))
 #: The issue's target: --workers 2 at most 1.15x --workers 1's CPU per call.  Measured here
-#: 1.3-1.7x: ~3 hand-offs per call, each waking the other process (kernel time per call goes
-#: from ~400 to ~1,000 us on this VM, where a cross-CPU wake-up is dear), and two processes
-#: each running colder at half the rate.  The guard's bar only catches a regression past that.
+#: 1.25-1.85x with 1.5 hand-offs a call; Kamailio's children=2 against 1 in the same rounds
+#: (--kamailio) 1.13-1.34x: most of it is two processes waking on two cores shared with sipp
+#: (docs/scaling.md).  The guard's bar only catches a regression past that.
 TARGET = 1.15
 BAR = float(os.environ.get("FASTSIP_BENCH_WORKERS_BAR", "2.2"))
 
@@ -245,13 +245,17 @@ def compare(calls: int = CALLS, rate: int = RATE, rounds: int = ROUNDS,
                     handed = handed_off(workdir / f"w{tag}-{i}.log") / max(ok + warm, 1)
                     label = (f"kamailio -n {KAMAILIO_VARIANTS[name]}"
                              if name in KAMAILIO_VARIANTS else f"--workers {name}")
-                    assert ok == calls, f"{label}: {ok} of {calls} calls completed"
+                    # Kamailio with two children loses a call in a thousand or two here (the
+                    # reference is per completed call all the same); fastsip must lose none.
+                    assert ok == calls or (name in KAMAILIO_VARIANTS and ok >= calls * 0.995), \
+                        f"{label}: {ok} of {calls} calls completed"
                     per_call = (cpu[0] / ok * 1e6, cpu[1] / ok * 1e6, cpu[2] / ok * 1e6)
                     rounds_of[name].append(per_call)
                     print(f"{label:19} round {i}: {per_call[0]:7.1f} us/call "
                           f"(user {per_call[1]:.0f}, sys {per_call[2]:.0f}); "
                           f"{cpu[3] / ok:.1f} context switches, {handed:.2f} hand-offs a call; "
-                          f"retransmissions {retransmissions(workdir, f'w{tag}-{i}')}",
+                          f"retransmissions {retransmissions(workdir, f'w{tag}-{i}')}"
+                          + (f"; {calls - ok} calls failed" if ok < calls else ""),
                           flush=True)
                     if name not in best or per_call[0] < best[name][0]:
                         best[name] = per_call
