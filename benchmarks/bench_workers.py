@@ -132,7 +132,7 @@ PERF_EVENTS = ("raw_syscalls:sys_enter", "syscalls:sys_enter_epoll_pwait",
                "cpu-migrations")
 
 
-class Strace:
+class SyscallCounter:
     """A ``cpu`` reader for :func:`~bench_proxy.measure` that also counts the syscalls of
     every process of the proxy between its two readings (the measured load): ``strace -c -f``,
     or ``perf stat`` on the syscall tracepoints (``tool`` "perf")."""
@@ -200,8 +200,8 @@ def handed_off(log: Path) -> int:
         sum(int(n) for n in re.findall(r"\bstream_handed=(\d+)", text))
 
 
-def strace_round(calls: int, rate: int, names: tuple[str, ...], tool: str = "strace") -> None:
-    """One round of each variant under ``tool`` (see :class:`Strace`): syscalls per call."""
+def syscall_round(calls: int, rate: int, names: tuple[str, ...], tool: str = "strace") -> None:
+    """One round of each variant under ``tool`` (see :class:`SyscallCounter`): syscalls per call."""
     from redisutil import RedisServer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,7 +210,7 @@ def strace_round(calls: int, rate: int, names: tuple[str, ...], tool: str = "str
         try:
             for name in names:
                 tag = name.replace(" ", "-")
-                reader = Strace(workdir / f"{tool}-{tag}.txt", tool)
+                reader = SyscallCounter(workdir / f"{tool}-{tag}.txt", tool)
                 argv, env = variant_argv(name, workdir, redis.url)
                 _, ok, _ = measure(argv, env, calls, rate, workdir, f"s{tag}", cpu=reader)
                 found = reader.syscalls()
@@ -376,4 +376,4 @@ if __name__ == "__main__":
         if args.rounds > 0:
             compare(args.calls, args.rate, args.rounds, variants)
         if args.syscalls:
-            strace_round(args.calls, args.rate, variants, args.syscalls)
+            syscall_round(args.calls, args.rate, variants, args.syscalls)
