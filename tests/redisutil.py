@@ -66,6 +66,17 @@ class RedisServer:
         # Loading its append-only file it answers -LOADING; with a password, -NOAUTH: up.
         return reply.startswith((b"+PONG", b"-NOAUTH"))
 
+    def flush(self) -> None:
+        """Empty every database (FLUSHALL): a benchmark's next run starts without the last
+        run's bindings, which a lookup would otherwise fork to as well."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            if self.password:
+                s.sendall(f"AUTH {self.password}\r\n".encode())
+                assert s.recv(64).startswith(b"+OK"), "redis AUTH refused"
+            s.sendall(b"FLUSHALL\r\n")
+            reply = s.recv(64)
+        assert reply.startswith(b"+OK"), f"redis FLUSHALL: {reply!r}"
+
     def log(self) -> str:
         path = self.workdir / "redis.log"
         return path.read_text()[-2000:] if path.exists() else ""
