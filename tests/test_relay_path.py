@@ -439,6 +439,90 @@ def test_removing_a_leg_mid_stream(net, backend):
         relay.stats(1)
 
 
+def _connected_udp(local: Addr, remote: Addr) -> bool:
+    """Whether the kernel's table (/proc/net/udp) has an IPv4 socket on ``local`` connected
+    to ``remote``: ports only, both ends are 127.0.0.1 here."""
+    rows = Path("/proc/net/udp").read_text().splitlines()[1:]
+    ends = {(int(r.split()[1].split(":")[1], 16), int(r.split()[2].split(":")[1], 16))
+            for r in rows}
+    return (local[1], remote[1]) in ends
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the kernel's UDP table (Linux procfs)")
+def test_sends_to_a_latched_source_leave_a_socket_connected_to_it(net, backend):
+    """io_uring: the relay sends to a latched source from a twin of the leg's socket -- the
+    same port, connected to the source, so the kernel keeps the route instead of looking
+    it up per datagram.  Nothing else about the leg changes: the source sees one port,
+    its datagrams (now taken by the twin) are relayed in order, strays still reach the leg
+    and a silent source is still replaced.  recvmmsg/sendmmsg send with the address."""
+    relay = Relay()
+    call = Call(net, relay)
+    call.a_to_b([rtp(0)])
+    got = call.b_to_a([rtp(i, ssrc=7) for i in range(3)])
+    assert [source for _, source in got] == [addr(call.leg_a)] * 3
+    uring = backend != "mmsg"
+    assert relay.stats(1)["connected"] is uring
+    assert _connected_udp(addr(call.leg_a), addr(call.caller)) is uring
+    # A burst on the twin arrives whole and in order.
+    got = call.a_to_b([rtp(i) for i in range(1, 60)])
+    assert [d for d, _ in got] == [rtp(i) for i in range(1, 60)]
+    # Another source still reaches the leg's own socket: relayed, the return path kept.
+    other = net.udp()
+    call.send_a([rtp(99)], now=2.0, source=other)
+    assert receive(call.callee, 1)[0][0] == rtp(99)
+    assert relay.stats(1)["peer"] == addr(call.caller)
+    # The caller falls silent for 3 s: the other source takes over, and the twin follows it.
+    call.send_a([rtp(100)], now=5.0, source=other)
+    assert relay.stats(1)["peer"] == addr(other)
+    got = call.b_to_a([rtp(i, ssrc=7) for i in range(3, 6)])
+    assert got == [] and quiet(call.caller)
+    assert [d for d, _ in receive(other, 3)] == [rtp(i, ssrc=7) for i in range(3, 6)]
+    assert relay.stats(1)["connected"] is uring
+    assert _connected_udp(addr(call.leg_a), addr(other)) is uring
+    assert relay.stats(1)["errors"] == 0 and relay.stats(2)["errors"] == 0
+
+
+def test_a_source_that_went_away_and_came_back_gets_media_again(net, backend):
+    """A latched source closes its socket: every datagram the relay sends it draws an ICMP
+    port unreachable, which a connected socket reports (as errors, counted).  The relay
+    neither spins nor stops reading that leg, and when a socket comes back on the same
+    address it gets the media again."""
+    relay = Relay()
+    call = Call(net, relay)
+    caller = addr(call.caller)
+    call.a_to_b([rtp(0)])
+    assert len(call.b_to_a([rtp(0, ssrc=7)])) == 1
+    call.caller.close()
+    for i in range(1, 41):
+        call.send_b([rtp(i, ssrc=7)])
+    back = net.udp()
+    back.close()
+    back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    net.socks.append(back)
+    back.bind(caller)
+    back.setblocking(False)
+    call.caller = back
+    call.send_a([rtp(1)], now=1.5)
+    got = call.b_to_a([rtp(i, ssrc=7) for i in range(50, 55)])
+    assert [d for d, _ in got] == [rtp(i, ssrc=7) for i in range(50, 55)]
+    assert {source for _, source in got} == {addr(call.leg_a)}
+
+
+def test_removing_a_leg_frees_its_port_at_once(net, backend):
+    """Once remove_leg returns and the shell closes its socket, the port can be bound again
+    (a new call's allocation): neither the ring nor a twin still holds it."""
+    relay = Relay()
+    call = Call(net, relay)
+    call.a_to_b([rtp(0)])
+    call.b_to_a([rtp(0, ssrc=7)])
+    port = addr(call.leg_a)
+    relay.remove_leg(1)
+    call.leg_a.close()
+    again = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    net.socks.append(again)
+    again.bind(port)
+
+
 def test_bridging_again_leaves_the_old_partner_alone(net):
     relay = Relay()
     call = Call(net, relay)

@@ -185,6 +185,56 @@ def test_a_removed_legs_port_is_freed(sockets):
         relay.stop()
 
 
+def test_a_removed_legs_port_is_freed_with_its_connected_twin(sockets):
+    """A leg that sent to its latched source has a connected twin on the same port (the
+    packet thread opened it); removing the leg closes the twin too, so once the shell has
+    closed its socket the port can be bound again -- and a burst on the twin was relayed
+    whole and in order before."""
+    relay = Relay(threaded=True)
+    caller, callee, leg_a, leg_b = (udp(sockets) for _ in range(4))
+    relay.add_leg(1, leg_a.fileno())
+    relay.add_leg(2, leg_b.fileno())
+    relay.bridge(1, 2)
+    relay.set_peer(1, "127.0.0.1", caller.getsockname()[1])
+    relay.set_peer(2, "127.0.0.1", callee.getsockname()[1])
+    relay.start()
+    try:
+        caller.sendto(rtp(0), leg_a.getsockname())
+        assert receive(callee, 1) == [rtp(0)]
+        callee.sendto(rtp(0, ssrc=7), leg_b.getsockname())
+        assert receive(caller, 1) == [rtp(0, ssrc=7)]
+        assert relay.stats(1)["connected"]        # the caller's datagrams: now on the twin
+        for i in range(1, 200):
+            caller.sendto(rtp(i), leg_a.getsockname())
+        assert receive(callee, 199) == [rtp(i) for i in range(1, 200)]
+        assert relay.stats(2)["connected"]        # the callee's latched: sent to from a twin
+        ports = [leg_a.getsockname()[1], leg_b.getsockname()[1]]
+        relay.remove_leg(1)
+        relay.remove_leg(2)
+        sockets.remove(leg_a)
+        sockets.remove(leg_b)
+        leg_a.close()
+        leg_b.close()
+
+        def rebinds() -> bool:
+            made = []
+            try:
+                for port in ports:
+                    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    made.append(s)
+                    s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+            finally:
+                for s in made:
+                    s.close()
+            return True
+
+        assert wait_for(rebinds)
+    finally:
+        relay.stop()
+
+
 def test_the_environment_keeps_the_relay_on_the_loop(monkeypatch):
     monkeypatch.setenv(THREAD_ENV, "0")
     relay = Relay(threaded=True)

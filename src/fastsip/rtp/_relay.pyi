@@ -13,6 +13,9 @@ BACKEND_ENV: Final[str]
 """The environment variable that, set to ``mmsg``, makes backend="auto" skip io_uring."""
 THREAD_ENV: Final[str]
 """The environment variable that, set to ``0``, makes ``Relay(threaded=True)`` loop-driven."""
+TWIN_ENV: Final[str]
+"""The environment variable that, set to ``0``, makes io_uring send with the address from each
+leg's own socket instead of a connected twin."""
 
 @type_check_only
 class LegStats(TypedDict, total=False):
@@ -21,11 +24,13 @@ class LegStats(TypedDict, total=False):
     bytes: int
     errors: int           # received but not relayed (too long, strict-dropped, nowhere to
     #                       send, family mismatch, send failed) and receive errors
+    #                       (a connected socket's include its peer's ICMP unreachables)
     sent: int             # datagrams sent out of this leg's fd (its partner's traffic)
     last_packet: float    # `now` of the last drain that read a datagram; 0.0 if none
     peer: tuple[str, int] | None      # where this leg's remote end is sent to now
     sdp_peer: tuple[str, int] | None  # what set_peer gave
     latched: bool
+    connected: bool       # sends leave a socket connected to the latched peer (io_uring)
     # RTP legs: RFC 3550 receive figures of the current SSRC
     ssrc: int | None
     lost: int             # cumulative (expected - received)

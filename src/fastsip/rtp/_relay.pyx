@@ -24,9 +24,10 @@ streams are busy.  Two backends stand behind it (:attr:`Relay.backend`):
 
 Either way the datagram's source is latched (rtpengine-style), the leg's counters and RFC 3550
 receive statistics are updated in C, and the datagram goes out of the bridged leg's fd to that
-leg's remote end.  No Python object is made per packet.  ``drain()`` (per leg, recvmmsg) works
-with either backend until the first fileno()/poll(): from then on an io_uring Relay receives
-in the ring only.
+leg's remote end -- with io_uring, once that end is a latched source, out of the leg's connected
+twin instead (same port, connect()ed to the source: the kernel keeps the route; fs_twin_open).
+No Python object is made per packet.  ``drain()`` (per leg, recvmmsg) works with either backend
+until the first fileno()/poll(): from then on an io_uring Relay receives in the ring only.
 
 This module does no signalling: which legs exist, their SDP addresses and bridges come from
 the ng control layer through the shell.
@@ -550,6 +551,61 @@ cdef extern from *:
     #endif
         return ss.ss_family;
     }
+
+    /* A leg's connected twin (Linux, the io_uring backend): a second socket bound to the
+     * leg's own address and port and connected to its latched remote end.  Sending on a
+     * connected UDP socket reuses the route the kernel cached at connect(), where every
+     * datagram sent with an address looks its route up again: about a fifth of the kernel's
+     * cost per relayed packet on loopback.  The leg's own socket stays unconnected, so
+     * datagrams from any other source still reach it (latching, a NAT rebinding, strays);
+     * the kernel gives the twin only what comes from its peer (a connected socket is the
+     * closer match).  SO_REUSEPORT is what lets the two share the port, set now and not at
+     * bind time: the port allocator still sees every port it binds as taken, and the kernel
+     * lets only sockets of the same user join the pair.  Returns the fd, or -1 (errno). */
+    #if defined(__linux__)
+    #include <sys/ioctl.h>
+    static int fs_twin_open(int fd, const struct sockaddr_storage *peer, unsigned peerlen) {
+        struct sockaddr_storage local;
+        socklen_t len = (socklen_t)sizeof(local);
+        int one = 1, v6only = 0, t, e;
+        socklen_t vlen = (socklen_t)sizeof(v6only);
+        memset(&local, 0, sizeof(local));
+        if (getsockname(fd, (struct sockaddr *)&local, &len) != 0) return -1;
+        if (setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0) return -1;
+        t = socket(local.ss_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (t < 0) return -1;
+        if (local.ss_family == AF_INET6
+                && getsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, &vlen) == 0)
+            (void)setsockopt(t, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof(v6only));
+        if (setsockopt(t, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0
+                || bind(t, (struct sockaddr *)&local, len) != 0
+                || connect(t, (const struct sockaddr *)peer, (socklen_t)peerlen) != 0) {
+            e = errno;
+            close(t);
+            errno = e;
+            return -1;
+        }
+        return t;
+    }
+    /* Point a twin at a new peer (a re-latched source). */
+    static int fs_twin_connect(int t, const struct sockaddr_storage *peer, unsigned peerlen) {
+        return connect(t, (const struct sockaddr *)peer, (socklen_t)peerlen);
+    }
+    /* Whether a datagram waits in fd's receive queue (-1: cannot tell). */
+    static int fs_queued(int fd) {
+        int n = 0;
+        if (ioctl(fd, FIONREAD, &n) != 0) return -1;
+        return n > 0;
+    }
+    #else
+    static int fs_queued(int fd) { (void)fd; return -1; }
+    static int fs_twin_open(int fd, const struct sockaddr_storage *peer, unsigned peerlen) {
+        (void)fd; (void)peer; (void)peerlen; return -1;
+    }
+    static int fs_twin_connect(int t, const struct sockaddr_storage *peer, unsigned peerlen) {
+        (void)t; (void)peer; (void)peerlen; return -1;
+    }
+    #endif
     """
     ctypedef unsigned int fs_socklen_t
     ctypedef struct fs_iovec:
@@ -569,6 +625,9 @@ cdef extern from *:
     int fs_recv_batch(int fd, fs_mmsg *v, unsigned int n) noexcept nogil
     int fs_send_batch(int fd, fs_mmsg *v, unsigned int n) noexcept nogil
     int fs_sock_family(int fd) noexcept nogil
+    int fs_twin_open(int fd, const sockaddr_storage *peer, unsigned int peerlen) noexcept nogil
+    int fs_twin_connect(int t, const sockaddr_storage *peer, unsigned int peerlen) noexcept nogil
+    int fs_queued(int fd) noexcept nogil
     int FS_POLLSET, FS_POLL_MAX
     int fs_pollset_new() noexcept nogil
     int fs_pollset_add(int ps, int fd, void *ptr) noexcept nogil
@@ -665,6 +724,8 @@ cdef unsigned long long SEND_TAG = 1ULL << 63
 cdef unsigned long long CANCEL_TAG = 1ULL << 62
 # Threaded: the completion of the read armed on the relay's wake-up eventfd (control work).
 cdef unsigned long long WAKE_TAG = 1ULL << 61
+# A receive on a leg's connected twin (see fs_twin_open): TWIN_TAG | serial << 24 | slot.
+cdef unsigned long long TWIN_TAG = 1ULL << 60
 
 LATCH_OFF = _LATCH_OFF
 LATCH_FIRST = _LATCH_FIRST
@@ -679,6 +740,9 @@ BACKEND_ENV = "FASTSIP_RELAY_BACKEND"
 #: Set to ``0`` to make ``Relay(threaded=True)`` run on the caller's loop (fileno/poll)
 #: instead of a thread of its own (a comparison).
 THREAD_ENV = "FASTSIP_RELAY_THREAD"
+#: Set to ``0`` to make an io_uring Relay send to latched sources from each leg's own socket
+#: with the address, not from a connected twin (a comparison).
+TWIN_ENV = "FASTSIP_RELAY_TWINS"
 
 
 cdef inline double _wall_clock() noexcept nogil:
@@ -722,6 +786,21 @@ cdef class _Leg:
     cdef unsigned long long serial
     cdef bint armed
     cdef unsigned int failed_arms    # receives ended by an error since the last datagram
+    # The connected twin (io_uring only; see fs_twin_open), or -1.  latch_version counts
+    # the latched source's changes; the twin is connected to the source of twin_version, and
+    # twin_refused names the version the twin failed for (none is tried again until the
+    # source changes).  Its receive is armed in the ring like the leg's own.
+    cdef int twin_fd
+    cdef unsigned long long latch_version, twin_version, twin_refused
+    cdef bint twin_armed
+    cdef bint twin_waiting           # in Relay._twins_waiting: its receive is not armed yet
+    cdef unsigned int twin_failed_arms
+
+    def __cinit__(self):
+        self.twin_fd = -1
+
+    def __dealloc__(self):
+        fs_fd_close(self.twin_fd)
 
     cdef inline const sockaddr_storage *remote(self) noexcept:
         """Where datagrams for this leg's remote end go now, or NULL."""
@@ -778,6 +857,9 @@ cdef class Relay:
     cdef unsigned long long _wakeval
     cdef list _to_arm
     cdef list _to_cancel
+    # Twins whose receive waits for the leg's own socket to be drained (see _twin).
+    cdef list _twins_waiting
+    cdef bint _twins                 # connected twins in use (TWIN_ENV)
     cdef object _thread
     cdef object _thread_error
 
@@ -832,6 +914,8 @@ cdef class Relay:
         self._free_slots = []
         self._to_arm = []
         self._to_cancel = []
+        self._twins_waiting = []
+        self._twins = os.environ.get(TWIN_ENV, "") != "0"
         if threaded and os.environ.get(THREAD_ENV, "") == "0":
             threaded = False
         if backend != "mmsg":
@@ -997,16 +1081,28 @@ cdef class Relay:
             if self._threaded:
                 # The thread cancels it (its own ring) at once; until then the ring's
                 # reference keeps the socket, not its fd number, and the closed-over fd is
-                # never armed again (a leg to arm is checked against its slot first).
+                # never armed again (a leg to arm is checked against its slot first).  The
+                # twin's fd is closed here the same way: the thread submits every send it
+                # queues before it lets go of the GIL, so none names it afterwards.
                 if gone.armed:
                     self._to_cancel.append((gone.serial << SLOT_BITS) | gone.slot)
                     gone.armed = False
+                if gone.twin_armed:
+                    self._to_cancel.append(TWIN_TAG | (gone.serial << SLOT_BITS) | gone.slot)
+                    gone.twin_armed = False
+                if self._to_cancel:
                     fs_eventfd_signal(self._wakefd)
-            elif gone.armed:
-                # Cancel the multishot receive now: the shell closes the fd next, and the
-                # ring's reference would keep the socket (and its port) alive.
+            elif gone.armed or gone.twin_armed:
+                # Cancel the multishot receives now: the shell closes the fd next, and the
+                # ring's reference would keep the socket (and its port) alive.  With a twin,
+                # the cancels must also complete (getevents runs deferred completions) before
+                # it is closed: until its last reference goes it still takes its peer's
+                # datagrams from the leg's own socket.
                 self._cancel(gone)
-                self._flush()
+                self._flush(gone.twin_fd >= 0)
+                fs_uring_rearm_wakeup(&self._ring)   # for what that enter received
+        fs_fd_close(gone.twin_fd)
+        gone.twin_fd = -1
         if gone.partner is not None:
             gone.partner.partner = None
             gone.partner = None
@@ -1027,6 +1123,9 @@ cdef class Relay:
         cdef const sockaddr_storage *remote = target.remote()
         cdef bint has_remote = remote != NULL, has_sdp = target.has_sdp_peer
         cdef bint latched = target.latched, has_ssrc = target.has_ssrc
+        # sends go out of the twin, connected to the latched source (io_uring)
+        cdef bint connected = (latched and target.twin_fd >= 0
+                               and target.twin_version == target.latch_version)
         cdef unsigned int ssrc = target.ssrc
         rtp = target.rtp
         if has_remote:
@@ -1045,6 +1144,7 @@ cdef class Relay:
             "peer": address_tuple(&remote_copy) if has_remote else None,
             "sdp_peer": address_tuple(&sdp_copy) if has_sdp else None,
             "latched": bool(latched),
+            "connected": bool(connected),
         }
         if rtp_figures is not None:
             result["ssrc"] = ssrc if has_ssrc else None
@@ -1127,18 +1227,8 @@ cdef class Relay:
     cdef void _control(self) noexcept:
         """Threaded: queue the receives control asked to arm or cancel since the last call."""
         cdef _Leg leg
-        cdef fs_sqe *sqe
-        cdef unsigned long long ud
         while self._to_cancel:
-            ud = self._to_cancel.pop()
-            sqe = self._sqe()
-            if sqe == NULL:
-                break
-            sqe.opcode = FS_OP_ASYNC_CANCEL
-            sqe.fd = -1
-            sqe.addr = ud
-            sqe.flags = FS_SQE_CQE_SKIP_SUCCESS
-            sqe.user_data = CANCEL_TAG
+            self._cancel_ud(self._to_cancel.pop())
         while self._to_arm:
             leg = <_Leg>self._to_arm.pop()
             # removed meanwhile (its fd may be closed, its number someone else's): skip
@@ -1311,6 +1401,7 @@ cdef class Relay:
             memcpy(&leg.latched_addr, src, sizeof(sockaddr_storage))
             leg.latched = True
             leg.latched_last = now
+            leg.latch_version += 1
             return True
         if same_address(src, &leg.latched_addr):
             leg.latched_last = now
@@ -1321,6 +1412,7 @@ cdef class Relay:
             # the latched source fell silent: follow the new one (NAT rebinding, handover)
             memcpy(&leg.latched_addr, src, sizeof(sockaddr_storage))
             leg.latched_last = now
+            leg.latch_version += 1
         # LATCH_FIRST relays another source's datagrams but keeps the return path, as
         # rtpengine does without strict-source.
         return True
@@ -1388,15 +1480,104 @@ cdef class Relay:
         leg.armed = True
 
     cdef void _cancel(self, _Leg leg) noexcept:
+        """Queue the cancel of ``leg``'s receives (its own socket's and its twin's)."""
+        if leg.armed:
+            self._cancel_ud((leg.serial << SLOT_BITS) | leg.slot)
+            leg.armed = False
+        if leg.twin_armed:
+            self._cancel_ud(TWIN_TAG | (leg.serial << SLOT_BITS) | leg.slot)
+            leg.twin_armed = False
+
+    cdef void _arm_twin(self, _Leg leg) noexcept:
+        """Queue the multishot receive of ``leg``'s twin (see _arm)."""
+        cdef fs_sqe *sqe = self._sqe()
+        if sqe == NULL:
+            return
+        sqe.opcode = FS_OP_RECVMSG
+        sqe.fd = leg.twin_fd
+        sqe.addr = <uint64_t>&self._urecv
+        sqe.len = 1
+        sqe.ioprio = FS_RECV_MULTISHOT
+        sqe.flags = FS_SQE_BUFFER_SELECT
+        sqe.buf_group = FS_BGID
+        sqe.user_data = TWIN_TAG | (leg.serial << SLOT_BITS) | leg.slot
+        leg.twin_armed = True
+
+    cdef int _twin(self, _Leg leg) noexcept:
+        """The fd to send ``leg``'s datagrams from, connected to its latched remote end: the
+        twin, opened or re-connected here when the source changed; -1 when there is none
+        (not latched, latching off, or the twin failed for this source): then leg.fd sends
+        with the address.  Only a latched source gets one: it has sent us datagrams, so it
+        is there (an SDP address may have nothing listening, and a connected socket would
+        collect the ICMP errors of every send)."""
+        cdef int fd
+        cdef unsigned int peerlen
+        if not leg.latched or leg.latching == _LATCH_OFF or not self._twins:
+            return -1
+        if leg.twin_fd >= 0 and leg.twin_version == leg.latch_version:
+            return leg.twin_fd
+        if leg.twin_refused == leg.latch_version:
+            return -1
+        peerlen = sockaddr_len(&leg.latched_addr)
+        if leg.twin_fd < 0:
+            fd = fs_twin_open(leg.fd, &leg.latched_addr, peerlen)
+            if fd < 0:
+                leg.twin_refused = leg.latch_version
+                return -1
+            leg.twin_fd = fd
+            leg.twin_failed_arms = 0
+        elif fs_twin_connect(leg.twin_fd, &leg.latched_addr, peerlen) != 0:
+            self._close_twin(leg)
+            return -1
+        leg.twin_version = leg.latch_version
+        if not leg.twin_armed and not leg.twin_waiting:
+            # From connect() on, the peer's datagrams come in on the twin, and the ones that
+            # came before may still wait on the leg's own socket.  Reading both at once would
+            # relay some out of order (a burst at the switch, seen in tests), so the twin's
+            # receive is armed only once the leg's socket is drained (_arm_waiting_twins).
+            leg.twin_failed_arms = 0
+            leg.twin_waiting = True
+            self._twins_waiting.append(leg)
+        return leg.twin_fd
+
+    cdef void _arm_waiting_twins(self) noexcept:
+        """Arm the receive of each waiting twin whose leg's own socket has nothing left to
+        read (or is not read at all any more); the others wait for the next poll."""
+        cdef list still = []
+        cdef _Leg leg
+        for obj in self._twins_waiting:
+            leg = <_Leg>obj
+            if leg.twin_fd < 0 or leg.twin_armed or self._slot_leg(leg.slot) is not leg:
+                leg.twin_waiting = False              # closed, or the leg removed
+            elif leg.armed and fs_queued(leg.fd) > 0:
+                still.append(leg)
+            else:
+                leg.twin_waiting = False
+                self._arm_twin(leg)
+        self._twins_waiting = still
+
+    cdef void _close_twin(self, _Leg leg) noexcept:
+        """Give ``leg``'s twin up for its current source: cancel its receive, submit what
+        is queued (sends may name its fd), close it."""
+        if leg.twin_fd < 0:
+            return
+        if leg.twin_armed:
+            self._cancel_ud(TWIN_TAG | (leg.serial << SLOT_BITS) | leg.slot)
+            leg.twin_armed = False
+        self._flush()
+        fs_fd_close(leg.twin_fd)
+        leg.twin_fd = -1
+        leg.twin_refused = leg.latch_version
+
+    cdef void _cancel_ud(self, unsigned long long ud) noexcept:
         cdef fs_sqe *sqe = self._sqe()
         if sqe == NULL:
             return
         sqe.opcode = FS_OP_ASYNC_CANCEL
         sqe.fd = -1
-        sqe.addr = (leg.serial << SLOT_BITS) | leg.slot
+        sqe.addr = ud
         sqe.flags = FS_SQE_CQE_SKIP_SUCCESS
         sqe.user_data = CANCEL_TAG
-        leg.armed = False
 
     cdef void _flush(self, bint getevents=False) noexcept:
         """Submit what is queued (sends, receives to arm, cancels): one io_uring_enter, which
@@ -1430,6 +1611,7 @@ cdef class Relay:
         cdef unsigned long long ud
         cdef int res, _round
         cdef unsigned int flags, bid, reaped
+        cdef bint twin
         cdef _Leg leg, other
         cdef bint defer = fs_uring_deferred(&self._ring)
         for _round in range(URING_ROUNDS):
@@ -1464,6 +1646,9 @@ cdef class Relay:
                     if not self._stopping:
                         self._arm_wake()
                     continue
+                # the leg's own socket, or its twin: either way the datagram is the leg's
+                twin = (ud & TWIN_TAG) != 0
+                ud &= ~TWIN_TAG
                 leg = self._slot_leg(ud & SLOT_MASK)
                 if leg is not None and leg.serial != ud >> SLOT_BITS:
                     leg = None            # a removed leg's last completion
@@ -1471,24 +1656,44 @@ cdef class Relay:
                     bid = flags >> FS_CQE_BUFFER_SHIFT
                     if leg is not None and res >= 0:
                         total += 1
-                        leg.failed_arms = 0
+                        if twin:
+                            leg.twin_failed_arms = 0
+                        else:
+                            leg.failed_arms = 0
                         self._uring_packet(leg, fs_uring_buf(&self._ring, bid), now)
                     # given back after the next submit (a queued send reads it until then)
                     self._bids[self._nbids] = <unsigned short>bid
                     self._nbids += 1
                 elif leg is not None and res < 0 and res != -ENOBUFS and res != -ECANCELED:
+                    # (on a twin, typically ECONNREFUSED: an ICMP port unreachable for a
+                    # datagram sent to its peer)
                     leg.errors += 1
-                    leg.failed_arms += 1
+                    if twin:
+                        leg.twin_failed_arms += 1
+                    else:
+                        leg.failed_arms += 1
                 if leg is not None and not (flags & FS_CQE_F_MORE):
                     # The receive ended (out of buffers, an error): arm it again -- unless it
                     # keeps failing at once, which would spin the loop (counted as errors).
-                    leg.armed = False
-                    if leg.failed_arms < MAX_FAILED_ARMS:
-                        self._arm(leg)
+                    # A twin failing so is closed instead: its peer's datagrams go back to
+                    # the leg's own socket, and sends to it carry the address again.
+                    if twin:
+                        leg.twin_armed = False
+                        if leg.twin_fd >= 0:
+                            if leg.twin_failed_arms < MAX_FAILED_ARMS:
+                                self._arm_twin(leg)
+                            else:
+                                self._close_twin(leg)
+                    else:
+                        leg.armed = False
+                        if leg.failed_arms < MAX_FAILED_ARMS:
+                            self._arm(leg)
             if reaped == 0:
                 break
             if not defer:
                 self._flush()
+        if self._twins_waiting:
+            self._arm_waiting_twins()
         self._flush()
         fs_uring_rearm_wakeup(&self._ring)
         return total
@@ -1502,6 +1707,7 @@ cdef class Relay:
         cdef _Leg out
         cdef const sockaddr_storage *dst
         cdef unsigned int i, dstlen
+        cdef int twin_fd
         cdef fs_sqe *sqe
         leg.last_packet = now
         if hdr.flags & FS_TRUNC or length > SLOT_SIZE:
@@ -1514,11 +1720,25 @@ cdef class Relay:
         if dst == NULL or dst.ss_family != out.family:
             leg.errors += 1               # no bridge, no remote yet, or a family mismatch
             return
+        twin_fd = self._twin(out)         # before taking an entry: it may submit the queue
         if self._nusend >= self._usend_max:
             self._flush()
         sqe = self._sqe()
         if sqe == NULL:
             leg.errors += 1
+            return
+        if twin_fd >= 0:
+            # connected to exactly this remote end: no address, the cached route
+            sqe.fd = twin_fd
+            sqe.opcode = FS_OP_SEND
+            sqe.addr = <uint64_t>data
+            sqe.len = length
+            sqe.off = 0
+            sqe.file_index = 0
+            sqe.op_flags = FS_DONTWAIT
+            sqe.flags = FS_SQE_CQE_SKIP_SUCCESS
+            sqe.user_data = SEND_TAG | (<unsigned long long>leg.slot << SLOT_BITS) | out.slot
+            out.sent += 1
             return
         # The address is copied: a later datagram of this round may re-latch the partner.
         dstlen = sockaddr_len(dst)
