@@ -111,7 +111,10 @@ RELAYS = ("rtpengine", "fastsip")
 #: (``FASTSIP_RELAY_BACKEND=mmsg``), where the default is io_uring when the kernel allows it.
 VARIANTS = {"fastsip-mmsg": {"FASTSIP_RELAY_BACKEND": "mmsg"},
             # io_uring on the asyncio loop (poll() per wake-up) instead of the relay's thread
-            "fastsip-loop": {"FASTSIP_RELAY_THREAD": "0"}}
+            "fastsip-loop": {"FASTSIP_RELAY_THREAD": "0"},
+            # sends to a latched source from the leg's own socket with the address, not from
+            # its connected twin
+            "fastsip-untwinned": {"FASTSIP_RELAY_TWINS": "0"}}
 CALLS = (100, 500)
 WARMUP = float(os.environ.get("FASTSIP_BENCH_MEDIA_WARMUP", "2"))
 SECONDS = 10.0
@@ -703,8 +706,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--calls", default=",".join(map(str, CALLS)), metavar="N,N",
                     help="concurrent calls per measurement (default %(default)s)")
     ap.add_argument("--relays", default=",".join(RELAYS), metavar="R,R",
-                    help="rtpengine, fastsip, fastsip-mmsg (the recvmmsg path forced; "
-                         "default rtpengine,fastsip)")
+                    help="rtpengine, fastsip, " + ", ".join(VARIANTS)
+                         + " (default rtpengine,fastsip)")
     ap.add_argument("--warmup", type=float, default=WARMUP, metavar="S")
     ap.add_argument("--seconds", type=float, default=SECONDS, metavar="S",
                     help="steady window (default %(default)s)")
