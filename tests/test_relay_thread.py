@@ -73,14 +73,20 @@ def wait_for(check, timeout: float = TIMEOUT) -> bool:  # type: ignore[no-untype
     return bool(check())
 
 
-def test_a_threaded_relay_forwards_without_the_loop(sockets):
-    relay = Relay(threaded=True)
+def bridged_pair(relay: Relay, sockets: list[socket.socket]) -> tuple[socket.socket, ...]:
+    """caller <-> leg 1 | relay | leg 2 <-> callee, the SDP addresses set."""
     caller, callee, leg_a, leg_b = (udp(sockets) for _ in range(4))
     relay.add_leg(1, leg_a.fileno())
     relay.add_leg(2, leg_b.fileno())
     relay.bridge(1, 2)
     relay.set_peer(1, "127.0.0.1", caller.getsockname()[1])
     relay.set_peer(2, "127.0.0.1", callee.getsockname()[1])
+    return caller, callee, leg_a, leg_b
+
+
+def test_a_threaded_relay_forwards_without_the_loop(sockets):
+    relay = Relay(threaded=True)
+    caller, callee, leg_a, leg_b = bridged_pair(relay, sockets)
     relay.start()
     try:
         assert relay.fileno() == -1 and relay.poll(0.0) == 0    # nothing for a loop to do
@@ -191,12 +197,7 @@ def test_a_removed_legs_port_is_freed_with_its_connected_twin(sockets):
     closed its socket the port can be bound again -- and a burst on the twin was relayed
     whole and in order before."""
     relay = Relay(threaded=True)
-    caller, callee, leg_a, leg_b = (udp(sockets) for _ in range(4))
-    relay.add_leg(1, leg_a.fileno())
-    relay.add_leg(2, leg_b.fileno())
-    relay.bridge(1, 2)
-    relay.set_peer(1, "127.0.0.1", caller.getsockname()[1])
-    relay.set_peer(2, "127.0.0.1", callee.getsockname()[1])
+    caller, callee, leg_a, leg_b = bridged_pair(relay, sockets)
     relay.start()
     try:
         caller.sendto(rtp(0), leg_a.getsockname())

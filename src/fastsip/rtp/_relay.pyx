@@ -1463,21 +1463,27 @@ cdef class Relay:
             sqe = fs_uring_sqe(&self._ring)
         return sqe
 
-    cdef void _arm(self, _Leg leg) noexcept:
-        """Queue ``leg``'s multishot receive: every datagram its socket gets becomes a
-        completion in a provided buffer, until it ends (no buffer left, an error, a cancel)."""
+    cdef bint _arm_receive(self, int fd, unsigned long long user_data) noexcept:
+        """Queue a multishot receive on ``fd``: every datagram its socket gets becomes a
+        completion in a provided buffer, until it ends (no buffer left, an error, a cancel).
+        False: no submission entry."""
         cdef fs_sqe *sqe = self._sqe()
         if sqe == NULL:
-            return
+            return False
         sqe.opcode = FS_OP_RECVMSG
-        sqe.fd = leg.fd
+        sqe.fd = fd
         sqe.addr = <uint64_t>&self._urecv
         sqe.len = 1
         sqe.ioprio = FS_RECV_MULTISHOT
         sqe.flags = FS_SQE_BUFFER_SELECT
         sqe.buf_group = FS_BGID
-        sqe.user_data = (leg.serial << SLOT_BITS) | leg.slot
-        leg.armed = True
+        sqe.user_data = user_data
+        return True
+
+    cdef void _arm(self, _Leg leg) noexcept:
+        """Queue ``leg``'s receive (on its own socket)."""
+        if self._arm_receive(leg.fd, (leg.serial << SLOT_BITS) | leg.slot):
+            leg.armed = True
 
     cdef void _cancel(self, _Leg leg) noexcept:
         """Queue the cancel of ``leg``'s receives (its own socket's and its twin's)."""
@@ -1489,19 +1495,9 @@ cdef class Relay:
             leg.twin_armed = False
 
     cdef void _arm_twin(self, _Leg leg) noexcept:
-        """Queue the multishot receive of ``leg``'s twin (see _arm)."""
-        cdef fs_sqe *sqe = self._sqe()
-        if sqe == NULL:
-            return
-        sqe.opcode = FS_OP_RECVMSG
-        sqe.fd = leg.twin_fd
-        sqe.addr = <uint64_t>&self._urecv
-        sqe.len = 1
-        sqe.ioprio = FS_RECV_MULTISHOT
-        sqe.flags = FS_SQE_BUFFER_SELECT
-        sqe.buf_group = FS_BGID
-        sqe.user_data = TWIN_TAG | (leg.serial << SLOT_BITS) | leg.slot
-        leg.twin_armed = True
+        """Queue the receive of ``leg``'s twin."""
+        if self._arm_receive(leg.twin_fd, TWIN_TAG | (leg.serial << SLOT_BITS) | leg.slot):
+            leg.twin_armed = True
 
     cdef int _twin(self, _Leg leg) noexcept:
         """The fd to send ``leg``'s datagrams from, connected to its latched remote end: the
