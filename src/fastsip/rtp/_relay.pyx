@@ -802,6 +802,10 @@ cdef class _Leg:
     def __dealloc__(self):
         fs_fd_close(self.twin_fd)
 
+    cdef inline bint twin_current(self) noexcept:
+        """Whether the twin is open and connected to the latched source as it is now."""
+        return self.twin_fd >= 0 and self.twin_version == self.latch_version
+
     cdef inline const sockaddr_storage *remote(self) noexcept:
         """Where datagrams for this leg's remote end go now, or NULL."""
         if self.latched and self.latching != _LATCH_OFF:
@@ -809,6 +813,12 @@ cdef class _Leg:
         if self.has_sdp_peer:
             return &self.sdp_peer
         return NULL
+
+
+cdef inline unsigned long long _receive_ud(_Leg leg, bint twin) noexcept:
+    """The user_data of ``leg``'s receive in the ring (on its twin's socket with ``twin``),
+    which its completions and its cancel name."""
+    return (TWIN_TAG if twin else 0) | (leg.serial << SLOT_BITS) | leg.slot
 
 
 cdef class Relay:
@@ -1085,10 +1095,10 @@ cdef class Relay:
                 # twin's fd is closed here the same way: the thread submits every send it
                 # queues before it lets go of the GIL, so none names it afterwards.
                 if gone.armed:
-                    self._to_cancel.append((gone.serial << SLOT_BITS) | gone.slot)
+                    self._to_cancel.append(_receive_ud(gone, False))
                     gone.armed = False
                 if gone.twin_armed:
-                    self._to_cancel.append(TWIN_TAG | (gone.serial << SLOT_BITS) | gone.slot)
+                    self._to_cancel.append(_receive_ud(gone, True))
                     gone.twin_armed = False
                 if self._to_cancel:
                     fs_eventfd_signal(self._wakefd)
@@ -1124,8 +1134,7 @@ cdef class Relay:
         cdef bint has_remote = remote != NULL, has_sdp = target.has_sdp_peer
         cdef bint latched = target.latched, has_ssrc = target.has_ssrc
         # sends go out of the twin, connected to the latched source (io_uring)
-        cdef bint connected = (latched and target.twin_fd >= 0
-                               and target.twin_version == target.latch_version)
+        cdef bint connected = latched and target.twin_current()
         cdef unsigned int ssrc = target.ssrc
         rtp = target.rtp
         if has_remote:
@@ -1482,21 +1491,21 @@ cdef class Relay:
 
     cdef void _arm(self, _Leg leg) noexcept:
         """Queue ``leg``'s receive (on its own socket)."""
-        if self._arm_receive(leg.fd, (leg.serial << SLOT_BITS) | leg.slot):
+        if self._arm_receive(leg.fd, _receive_ud(leg, False)):
             leg.armed = True
 
     cdef void _cancel(self, _Leg leg) noexcept:
         """Queue the cancel of ``leg``'s receives (its own socket's and its twin's)."""
         if leg.armed:
-            self._cancel_ud((leg.serial << SLOT_BITS) | leg.slot)
+            self._cancel_ud(_receive_ud(leg, False))
             leg.armed = False
         if leg.twin_armed:
-            self._cancel_ud(TWIN_TAG | (leg.serial << SLOT_BITS) | leg.slot)
+            self._cancel_ud(_receive_ud(leg, True))
             leg.twin_armed = False
 
     cdef void _arm_twin(self, _Leg leg) noexcept:
         """Queue the receive of ``leg``'s twin."""
-        if self._arm_receive(leg.twin_fd, TWIN_TAG | (leg.serial << SLOT_BITS) | leg.slot):
+        if self._arm_receive(leg.twin_fd, _receive_ud(leg, True)):
             leg.twin_armed = True
 
     cdef int _twin(self, _Leg leg) noexcept:
@@ -1510,7 +1519,7 @@ cdef class Relay:
         cdef unsigned int peerlen
         if not leg.latched or leg.latching == _LATCH_OFF or not self._twins:
             return -1
-        if leg.twin_fd >= 0 and leg.twin_version == leg.latch_version:
+        if leg.twin_current():
             return leg.twin_fd
         if leg.twin_refused == leg.latch_version:
             return -1
@@ -1558,7 +1567,7 @@ cdef class Relay:
         if leg.twin_fd < 0:
             return
         if leg.twin_armed:
-            self._cancel_ud(TWIN_TAG | (leg.serial << SLOT_BITS) | leg.slot)
+            self._cancel_ud(_receive_ud(leg, True))
             leg.twin_armed = False
         self._flush()
         fs_fd_close(leg.twin_fd)
@@ -1702,7 +1711,6 @@ cdef class Relay:
         cdef unsigned int length = hdr.payloadlen
         cdef _Leg out
         cdef const sockaddr_storage *dst
-        cdef unsigned int i, dstlen
         cdef int twin_fd
         cdef fs_sqe *sqe
         leg.last_packet = now
@@ -1717,8 +1725,8 @@ cdef class Relay:
             leg.errors += 1               # no bridge, no remote yet, or a family mismatch
             return
         twin_fd = self._twin(out)         # before taking an entry: it may submit the queue
-        if self._nusend >= self._usend_max:
-            self._flush()
+        if twin_fd < 0 and self._nusend >= self._usend_max:
+            self._flush()                 # the address copies are all in use
         sqe = self._sqe()
         if sqe == NULL:
             leg.errors += 1
@@ -1731,11 +1739,21 @@ cdef class Relay:
             sqe.len = length
             sqe.off = 0
             sqe.file_index = 0
-            sqe.op_flags = FS_DONTWAIT
-            sqe.flags = FS_SQE_CQE_SKIP_SUCCESS
-            sqe.user_data = SEND_TAG | (<unsigned long long>leg.slot << SLOT_BITS) | out.slot
-            out.sent += 1
-            return
+        else:
+            self._queue_addressed_send(sqe, out, dst, data, length)
+        # MSG_DONTWAIT: a full send buffer fails the send (counted), as sendmmsg's does,
+        # instead of io_uring parking it until the socket is writable.
+        sqe.op_flags = FS_DONTWAIT
+        sqe.flags = FS_SQE_CQE_SKIP_SUCCESS
+        sqe.user_data = SEND_TAG | (<unsigned long long>leg.slot << SLOT_BITS) | out.slot
+        out.sent += 1
+
+    cdef inline void _queue_addressed_send(self, fs_sqe *sqe, _Leg out,
+                                           const sockaddr_storage *dst,
+                                           const unsigned char *data,
+                                           unsigned int length) noexcept:
+        """Fill ``sqe`` to send ``data`` from ``out``'s own socket to ``dst``."""
+        cdef unsigned int i, dstlen
         # The address is copied: a later datagram of this round may re-latch the partner.
         dstlen = sockaddr_len(dst)
         i = self._nusend
@@ -1755,9 +1773,3 @@ cdef class Relay:
             sqe.opcode = FS_OP_SENDMSG
             sqe.addr = <uint64_t>&self._usend[i].msg_hdr
             sqe.len = 1
-        # MSG_DONTWAIT: a full send buffer fails the send (counted), as sendmmsg's does,
-        # instead of io_uring parking it until the socket is writable.
-        sqe.op_flags = FS_DONTWAIT
-        sqe.flags = FS_SQE_CQE_SKIP_SUCCESS
-        sqe.user_data = SEND_TAG | (<unsigned long long>leg.slot << SLOT_BITS) | out.slot
-        out.sent += 1
