@@ -704,3 +704,78 @@ def test_call_later_now_counts_from_the_owners_clock() -> None:
     assert wheel.call_later_now(1.0, fired.append, "b").when == 17.0
     wheel.set_clock(None)                               # back to the wheel's clock
     assert wheel.call_later_now(1.0, fired.append, "c").when == wheel.time() + 1.0
+
+
+# -- lax timers: state that lingers, long timeouts ---------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(start=st.floats(min_value=0.0, max_value=1e7),
+       delays=st.lists(st.floats(min_value=0.0, max_value=200.0), min_size=1, max_size=60))
+@example(start=1234567.891, delays=[32.0, 32.0005, 5.0, 0.015, 0.016, 0.0])
+def test_lax_timers_are_never_early_and_late_by_at_most_their_slack(
+        start: float, delays: list[float]) -> None:
+    # The promise that makes a lax timer safe for Timers B, D, F, H, I, J, K, L and M: it
+    # fires at or after its deadline, at most min(128 ticks, delay/8) later (and the tick and a
+    # half an exact timer may take here) --
+    # whatever the float error of a wheel that started at a large clock value.
+    w = TimerWheel(TICK, start=start)
+    late: list[tuple[float, float]] = []
+    for d in delays:
+        deadline = start + d
+        slack = 0.0 if d < 16 * TICK else min(128 * TICK, d / 8)
+        w.call_later_lax(d, lambda deadline=deadline, slack=slack: late.append(
+            (w.time() - deadline, slack)))
+    now = start
+    while (wake := w.next_wakeup()) is not None:
+        # As the loop driver does: half a tick past the wakeup (a deadline a float ulp past
+        # its tick's time waits for a clock that has passed it).
+        now = max(now, wake + TICK / 2)
+        w.advance(now)
+        assert all(-1e-6 <= x <= slack + 1.5 * TICK + 1e-6 for x, slack in late), late
+    assert len(late) == len(delays)
+
+
+def test_lax_timers_spread_over_a_grid_share_one_wakeup() -> None:
+    # 150 calls a second, each leaving a 5 s and a 32 s timer: exact, every one is a wakeup of
+    # its own; lax, the wheel wakes a few times a second whatever the call rate.
+    def wakeups(schedule: str) -> tuple[int, int]:
+        w = TimerWheel(TICK)
+        fired: list[int] = []
+        for i in range(1500):                       # 10 s of calls, 6.7 ms apart
+            w.advance(i / 150)
+            getattr(w, schedule)(5.0, fired.append, i)
+            getattr(w, schedule)(32.0, fired.append, i)
+        count = 0
+        while (wake := w.next_wakeup()) is not None:
+            w.advance(max(wake + TICK / 2, w.time()))
+            count += 1
+        return count, len(fired)
+    exact, fired_exact = wakeups("call_later_now")
+    lax, fired_lax = wakeups("call_later_lax")
+    assert fired_exact == fired_lax == 3000
+    # Counted after the 10 s of calls: 750 of the 5 s timers and all 1,500 of the 32 s ones,
+    # each its own wakeup when exact; lax, at most one per grid point over 32 s (and the
+    # level-1 cascades of the 32 s ones, on the same ticks).
+    assert exact >= 2250
+    assert lax <= 32 / 0.128 + 1
+
+
+def test_a_short_lax_timer_is_exact() -> None:
+    # Under 16 ticks there is no slack to give (an eighth would be under 2 ticks).
+    w = TimerWheel(TICK, start=3.0)
+    h = w.call_later_lax(0.0155, print)
+    assert h.when == 3.0155
+    # Longer: moved onto the grid, later, never earlier.
+    h = w.call_later_lax(32.0003, print)
+    assert 35.0003 < h.when <= 35.0003 + 0.128
+    assert round((h.when - 3.0) / TICK) % 128 == 0          # on a grid tick
+    # Timers moved to one grid tick share it, so a clock advanced to their deadline fires all.
+    w = TimerWheel(TICK, start=3.0)
+    fired: list[int] = []
+    for i in range(3):
+        w.call_later_lax(5.0 + i * 0.03, fired.append, i)
+    due = w.next_deadline()
+    assert due is not None and due >= 8.06
+    w.advance(due)
+    assert fired == [0, 1, 2]

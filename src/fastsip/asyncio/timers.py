@@ -44,6 +44,7 @@ class WheelDriver:
         # call_later is the wheel's, reading the loop's clock in C: no Python frame per timer.
         self.wheel.set_clock(self._loop_time, self._offset)
         self.call_later = self.wheel.call_later_now  # type: ignore[method-assign]
+        self.call_later_lax = self.wheel.call_later_lax  # type: ignore[method-assign]
         self._handle: asyncio.TimerHandle | None = None
         self._armed = math.inf
         self.wakeups = 0  # how often the loop woke the wheel (idle costs none)
@@ -63,6 +64,13 @@ class WheelDriver:
         """``callback(*args)`` in ``delay`` seconds of loop time, on the wheel (each instance
         replaces this with the wheel's ``call_later_now``, which does the same in C)."""
         return self.wheel.call_at(self._loop_time() - self._offset + delay, callback, *args)
+
+    def call_later_lax(self, delay: float, callback: Callable[..., object],
+                       *args: Any) -> TimerHandle:
+        """:meth:`call_later` for a timer whose exact moment does not matter (a transaction's
+        linger): its deadline is rounded up so that many share one wakeup of the loop (see
+        ``TimerWheel.call_later_lax``; each instance replaces this with the wheel's)."""
+        return self.wheel.call_later_lax(delay, callback, *args)
 
     def call_at(self, when: float, callback: Callable[..., object], *args: Any) -> TimerHandle:
         """``callback(*args)`` at loop time ``when``, on the wheel."""

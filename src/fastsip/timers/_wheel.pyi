@@ -48,6 +48,11 @@ class TimerWheel:
         self, delay: float, callback: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]
     ) -> TimerHandle:
         """``call_later`` counted from the owner's clock (``set_clock``)."""
+    def call_later_lax(
+        self, delay: float, callback: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]
+    ) -> TimerHandle:
+        """``call_later_now`` with the deadline rounded up onto a coarse grid of ticks (at most
+        128 ticks, at most delay/8), so that many timers share one wakeup; never early."""
     # key mode: integers in, one array('q') of integers out
     def schedule_key(self, delay: float, key: int) -> int:
         """Schedule int64 ``key``; return a cancel token (an int)."""
