@@ -770,6 +770,8 @@ def test_a_short_lax_timer_is_exact() -> None:
     h = w.call_later_lax(32.0003, print)
     assert 35.0003 < h.when <= 35.0003 + 0.128
     assert round((h.when - 3.0) / TICK) % 128 == 0          # on a grid tick
+    # "Never" stays never, as with call_later.
+    assert w.call_later_lax(math.inf, print).when == math.inf
     # Timers moved to one grid tick share it, so a clock advanced to their deadline fires all.
     w = TimerWheel(TICK, start=3.0)
     fired: list[int] = []

@@ -785,15 +785,18 @@ cdef int64_t LAX_SHARE = 8
 cdef inline double _lax_when(TimerWheel w, double when, double delay) noexcept:
     """``when`` moved later, onto a coarse grid of ticks, so that the timers of many
     transactions share one wakeup; unchanged when ``delay`` is too short to allow slack."""
-    if not (delay * w._inv_tick >= 2 * LAX_SHARE):     # also NaN: _schedule rejects it
+    cdef double ticks = delay * w._inv_tick
+    if not (ticks >= 2 * LAX_SHARE):                   # also NaN: _schedule rejects it
         return when
-    cdef int64_t slack = <int64_t>(delay * w._inv_tick) // LAX_SHARE
+    cdef int64_t d = _ceil_tick(w, when)
+    if d < 0 or d >= MAX_TICK - LAX_MAX_TICKS:  # before the start, or "never": leave it
+        return when
     cdef int64_t grid = 1
+    cdef int64_t slack = LAX_MAX_TICKS
+    if ticks < <double>(LAX_MAX_TICKS * LAX_SHARE):
+        slack = <int64_t>ticks // LAX_SHARE
     while grid * 2 <= slack and grid < LAX_MAX_TICKS:
         grid *= 2
-    cdef int64_t d = _ceil_tick(w, when)
-    if d < 0:                                # before the wheel's start: due at once anyway
-        return when
     cdef int64_t rounded = ((d + grid - 1) // grid) * grid
     if rounded == d:
         return when
@@ -912,7 +915,7 @@ cdef class TimerWheel:
     def call_later_lax(self, double delay, callback, *args) -> TimerHandle:
         """:meth:`call_later_now` for a timer whose exact moment does not matter: one that
         frees lingering state (RFC 3261's Timers D, I, J, K, L, M) or gives up after tens of
-        seconds (B, F, H, C).  Its deadline is rounded *up* onto a grid of ticks -- a power of
+        seconds (B, F, H).  Its deadline is rounded *up* onto a grid of ticks -- a power of
         two, at most 128 ticks (0.128 s at 1 ms) and at most an eighth of ``delay`` -- so the
         timers of every call in progress share a few wakeups a second instead of one each (a
         proxy at 150 calls/s otherwise wakes ~240 times a second for them alone).  Never
