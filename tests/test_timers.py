@@ -761,7 +761,7 @@ def test_lax_timers_spread_over_a_grid_share_one_wakeup() -> None:
     assert lax <= 32 / 0.128 + 1
 
 
-def test_a_short_lax_timer_is_exact() -> None:
+def test_lax_deadlines_short_exact_long_on_the_grid_never_kept() -> None:
     # Under 16 ticks there is no slack to give (an eighth would be under 2 ticks).
     w = TimerWheel(TICK, start=3.0)
     h = w.call_later_lax(0.0155, print)
