@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import pickle
 import tracemalloc
+from pathlib import Path
 
 import pytest
 
@@ -522,6 +523,61 @@ def _invite(**changes: str) -> bytes:
             f"From: Alice <sip:alice@example.com>;tag={fields['from_tag']}\r\nTo: {to}\r\n"
             f"Call-ID: {fields['call_id']}\r\nCSeq: {fields['cseq']} INVITE\r\n{fields['extra']}"
             "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+def _key_from_via(msg: Request) -> tuple[object, ...] | None:
+    """The §17.2.3 key the long way, through the Via object (what the layer did before)."""
+    top = msg.top_via
+    if top is None or not (top.branch or "").startswith("z9hG4bK") or len(top.branch) <= 7:
+        return None
+    return (top.branch, top.host.lower(), top.port,
+            "INVITE" if msg.method == "ACK" else msg.method)
+
+
+def test_transaction_key_is_rfc3261_17_2_3_read_from_the_index() -> None:
+    assert parse(_invite()).transaction_key() == ("z9hG4bK-a", "192.0.2.1", 5060, "INVITE")
+    # the host compares case-insensitively, a missing port stays None, IPv6 keeps brackets
+    assert parse(_invite(via="SIP/2.0/UDP PC33.Atlanta.COM;branch=z9hG4bK-b")).transaction_key() \
+        == ("z9hG4bK-b", "pc33.atlanta.com", None, "INVITE")
+    assert parse(_invite(via="SIP/2.0/TCP [2001:DB8::9]:5070;branch=z9hG4bK-c")) \
+        .transaction_key() == ("z9hG4bK-c", "[2001:db8::9]", 5070, "INVITE")
+    # an ACK finds its INVITE's transaction; other methods keep their own
+    ack = _invite().replace(b"INVITE sip:", b"ACK sip:").replace(b"1 INVITE", b"1 ACK")
+    assert parse(ack).transaction_key() == parse(_invite()).transaction_key()
+    bye = _invite().replace(b"INVITE sip:", b"BYE sip:").replace(b"1 INVITE", b"1 BYE")
+    assert parse(bye).transaction_key()[3] == "BYE"
+    # RFC 2543 peers (no magic cookie, or nothing after it) get None: the caller's fallback
+    for via in ("SIP/2.0/UDP 192.0.2.1;branch=1234", "SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK",
+                "SIP/2.0/UDP 192.0.2.1;branch=Z9HG4BK-a", "SIP/2.0/UDP 192.0.2.1"):
+        assert parse(_invite(via=via)).transaction_key() is None, via
+    # an edit re-reads the top Via: stamping keeps the key, a new Via on top makes its own
+    msg = parse(_invite())
+    msg.stamp_received("203.0.113.5", 4000)
+    assert msg.transaction_key() == ("z9hG4bK-a", "192.0.2.1", 5060, "INVITE")
+    msg.add_via("SIP/2.0/UDP Proxy.Example.com:5062;branch=z9hG4bK-p")
+    assert msg.transaction_key() == ("z9hG4bK-p", "proxy.example.com", 5062, "INVITE")
+
+
+def test_transaction_key_agrees_with_the_via_object_on_the_torture_tests() -> None:
+    seen = 0
+    for path in sorted((Path(__file__).parent / "data" / "rfc4475").glob("*.dat")):
+        try:
+            msg = parse(path.read_bytes())
+        except ParseError:
+            continue
+        if isinstance(msg, Request):
+            assert msg.transaction_key() == _key_from_via(msg), path.name
+            seen += msg.transaction_key() is not None
+    assert seen >= 20
+
+
+def test_response_transaction_key_is_branch_and_cseq_method() -> None:
+    ok = parse(b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK-a\r\n"
+               b"CSeq: 7 BYE\r\nContent-Length: 0\r\n\r\n")
+    assert isinstance(ok, Response) and ok.transaction_key() == ("z9hG4bK-a", "BYE")
+    no_branch = parse(b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 192.0.2.1\r\n"
+                      b"CSeq: 7 BYE\r\nContent-Length: 0\r\n\r\n")
+    assert no_branch.transaction_key() is None
 
 
 def test_loop_hash_covers_the_fields_of_rfc3261_16_6_step_8() -> None:

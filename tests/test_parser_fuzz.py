@@ -32,6 +32,9 @@ def exercise(data: bytes) -> None:
         return
     for attr in ("call_id", "cseq", "max_forwards", "content_length", "start_line"):
         _ = getattr(m, attr)
+    # the transaction layer's first read of every datagram: never more than None or a key
+    key = m.transaction_key()
+    assert key is None or (isinstance(key, tuple) and len(key) in (2, 4))
     for view in ("via", "from_", "to", "contact", "route", "record_route"):
         try:
             v = getattr(m, view)

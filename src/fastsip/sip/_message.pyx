@@ -1776,6 +1776,21 @@ cdef class Message:
         _scan_via(self._base(h), h.value_s, h.value_e, &v)
         return _make_via(self._owner_of(h), self._base(h), &v)
 
+    cdef bint _top_via_parts(self, ViaParts* v, const char** p) except -1:
+        """Fill ``v`` and ``p`` with the top Via's parts; False when there is no Via.  The
+        parts parse() found are reused; after an edit the top value is scanned again."""
+        cdef int i = self._first[H_VIA]
+        cdef HEntry* h
+        if i < 0:
+            return False
+        h = &self._h[i]
+        p[0] = self._base(h)
+        if self._parts_ok:
+            v[0] = self._top_via
+        else:
+            _scan_via(p[0], h.value_s, h.value_e, v)
+        return True
+
     cdef object _single_name_addr(self, int hid):
         cdef int i = self._first[hid]
         cdef HEntry* h
@@ -2267,6 +2282,35 @@ cdef class Request(Message):
             self._c_uri = _make_uri(self._buf, self._u_s, self._u_e)
         return self._c_uri
 
+    def transaction_key(self):
+        """RFC 3261 §17.2.3: the server transaction this request belongs to, read from the
+        parser's index as (top Via branch, sent-by host in lower case, sent-by port or None,
+        method), ACK folded to INVITE so it finds the INVITE's transaction.  None when the top
+        Via's branch lacks the magic cookie (an RFC 2543 peer, matched by §17.2.3's fallback)
+        or there is no Via.  No Via object is built: two strs and the tuple."""
+        cdef ViaParts v
+        cdef const char* p
+        cdef Py_ssize_t j
+        cdef bint fold = False
+        if not self._top_via_parts(&v, &p):
+            return None
+        if v.branch_s < 0 or v.branch_e - v.branch_s <= 7 \
+                or memcmp(p + v.branch_s, b"z9hG4bK", 7) != 0:
+            return None
+        method = self.method
+        if method == "ACK":
+            method = "INVITE"
+        # Hosts compare case-insensitively (§19.1.4); most arrive in lower case already, so
+        # the lower() copy is made only when a byte could change.
+        for j in range(v.host_s, v.host_e):
+            if (p[j] >= 65 and p[j] <= 90) or <unsigned char>p[j] >= 0x80:
+                fold = True
+                break
+        host = _text(p, v.host_s, v.host_e)
+        if fold:
+            host = host.lower()
+        return (_text(p, v.branch_s, v.branch_e), host, v.port if v.port >= 0 else None, method)
+
     def copy(self):
         """An independent copy of this request, edits so far included: what a proxy forwards
         on each branch (§16.6 step 1).  Nothing is scanned again -- the cost of
@@ -2418,6 +2462,18 @@ cdef class Response(Message):
         """The method of the request this answers (from CSeq)."""
         c = self.cseq
         return c.method if c is not None else None
+
+    def transaction_key(self):
+        """RFC 3261 §17.1.3: the client transaction this response answers, as (top Via
+        branch, CSeq method); None without a branch or a CSeq (no transaction can match)."""
+        cdef ViaParts v
+        cdef const char* p
+        if not self._top_via_parts(&v, &p) or v.branch_s < 0:
+            return None
+        c = self.cseq
+        if c is None:
+            return None
+        return (_text(p, v.branch_s, v.branch_e), c.method)
 
     @staticmethod
     def create(int status, reason=None, headers=None, body=b"", *, content_type=None):
