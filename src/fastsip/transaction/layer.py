@@ -587,11 +587,10 @@ class TransactionLayer:
             self._receive_request(msg, source)  # type: ignore[arg-type]
 
     def _receive_response(self, response: Response, source: Address) -> None:
-        top = response.top_via
-        cseq = response.cseq
-        if top is None or cseq is None or top.branch is None:
+        key = response.transaction_key()    # (branch, CSeq method), read from the index
+        if key is None:
             return
-        txn = self._client.get((top.branch, cseq.method))
+        txn = self._client.get(key)
         try:
             if txn is None:
                 self.tu.on_stray_response(response, source)
@@ -604,13 +603,13 @@ class TransactionLayer:
     def server_key(self, request: Request) -> tuple[Any, ...]:
         """§17.2.3: branch + sent-by + method (ACK matches INVITE), or for a request without
         the magic cookie (RFC 2543) Request-URI, From tag, Call-ID, CSeq number, top Via."""
+        key = request.transaction_key()     # the §17.2.3 key, read from the parser's index
+        if key is not None:
+            return key
         top = request.top_via
         method = request.method
         if method == "ACK":
             method = "INVITE"
-        if top is not None and top.branch and top.branch.startswith(MAGIC_COOKIE) \
-                and len(top.branch) > len(MAGIC_COOKIE):
-            return (top.branch, top.host.lower(), top.port, method)
         cseq = request.cseq
         frm = request.from_
         return ("2543", str(request.uri), frm.tag if frm is not None else None, request.call_id,
