@@ -271,7 +271,7 @@ def compare(calls: int = CALLS, rate: int = RATE, rounds: int = ROUNDS,
                                             f"w{tag}-{i}", cpu=counts)
                     handed = handed_off(workdir / f"w{tag}-{i}.log") / max(ok + warm, 1)
                     label = (f"kamailio -n {KAMAILIO_VARIANTS[name]}"
-                             if name in KAMAILIO_VARIANTS else f"--workers {name[0]}")
+                             if name in KAMAILIO_VARIANTS else f"--workers {name.split(' at ')[0]}")
                     label += f" {round(rate * factor)}/s"
                     # Kamailio with two children loses a call in a thousand or two here (the
                     # reference is per completed call all the same); fastsip must lose none.
@@ -305,7 +305,7 @@ def compare(calls: int = CALLS, rate: int = RATE, rounds: int = ROUNDS,
         _spread("fastsip, same load per worker,", rounds_of["1"], rounds_of["2 at 2x"])
     if "1 at half" in best:
         result["rate_ratio"] = slow = best["1 at half"][0] / best["1"][0]
-        print(f"The load per process alone, --workers 1 at {rate // 2}/s / at {rate}/s: "
+        print(f"The load per process alone, --workers 1 at {round(rate * 0.5)}/s / at {rate}/s: "
               f"{slow:.2f}x")
         _spread("fastsip, one worker at half the rate,", rounds_of["1"], rounds_of["1 at half"])
     if "kam 1" in best and "kam 2 at 2x" in best:
