@@ -29,7 +29,7 @@ workers share; Redis's own CPU is not counted in either.
     PYTHONPATH=tests python benchmarks/bench_workers.py [--calls 1500] [--rate 150] [--rounds 2]
                                                      [--ports] [--kamailio] [--per-worker]
                                                      [--syscalls strace|perf]
-                                                     [--throughput]
+                                                     [--throughput [--throughput-rates R,R]]
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ from bench_proxy import (
     _wait_udp_answers,
     cpu_seconds,
     kamailio_argv,
+    load_generator_seconds,
     machine_busy_seconds,
     measure,
     sipp_counts,
@@ -336,7 +337,8 @@ def _spread(who: str, one: list[tuple[float, float, float]],
           f"median {median:.2f}x")
 
 
-def throughput(rates: tuple[int, ...] = (300, 600, 900, 1200), seconds: float = 4.0) -> None:
+def throughput(rates: tuple[int, ...] = (300, 600, 1200, 1800, 2400),
+               seconds: float = 4.0) -> None:
     """Completed calls per second at each offered rate, for 1 and 2 workers."""
     from redisutil import RedisServer
 
@@ -365,21 +367,29 @@ def throughput(rates: tuple[int, ...] = (300, 600, 900, 1200), seconds: float = 
                     for rate in rates:
                         n = int(rate * seconds)
                         busy0, t0 = machine_busy_seconds(), time.monotonic()
+                        serve0 = cpu_seconds(proc.pid)[0]
+                        sipp0 = load_generator_seconds(proc.pid)
                         uac = _sipp("uac_rr.xml", f"{HOST}:{port}", "-p", str(free_port()),
                                     "-m", str(n), "-r", str(rate), "-s", "service", "-key",
                                     "domain", DOMAIN, "-key", "caller", "caller",
                                     workdir=workdir, name=f"t{workers}_{rate}",
                                     timeout=seconds + 40, background=True)
-                        time.sleep(seconds)         # the offered load's span: busy over it
-                        busy = (machine_busy_seconds() - busy0) / (time.monotonic() - t0)
                         try:
                             uac.wait(seconds + 40)
                         except subprocess.TimeoutExpired:  # calls stuck past the load's end
                             stop(uac)
+                        # Over the step's wall time (the UAC reaped, so its CPU is counted):
+                        # serve's processes, sipp's (UAC and UAS), and the whole machine's.
+                        wall = time.monotonic() - t0
+                        serve = cpu_seconds(proc.pid)[0] - serve0
+                        sipp = load_generator_seconds(proc.pid) - sipp0
+                        busy = (machine_busy_seconds() - busy0) / wall
                         ok = successful(workdir, f"t{workers}_{rate}")
                         print(f"--workers {workers} offered {rate:5d}/s for {seconds:g} s: "
-                              f"{ok}/{n} calls completed ({ok / n:4.0%}); machine busy "
-                              f"{busy:.2f} of 2 cores while offered", flush=True)
+                              f"{ok}/{n} calls completed ({ok / n:4.0%}) in {wall:.1f} s; "
+                              f"serve {serve / wall:.2f} cores ({serve / max(ok, 1) * 1e6:.0f} "
+                              f"us a call), sipp {sipp / wall:.2f} cores; machine busy "
+                              f"{busy:.2f} of 2 cores", flush=True)
                     stop(uas)
                 finally:
                     stop(proc)
@@ -407,6 +417,8 @@ if __name__ == "__main__":
     ap.add_argument("--rate", type=int, default=RATE)
     ap.add_argument("--rounds", type=int, default=ROUNDS)
     ap.add_argument("--throughput", action="store_true")
+    ap.add_argument("--throughput-rates", metavar="R,R,...", default="300,600,1200,1800,2400",
+                    help="offered calls/s of --throughput's steps (default %(default)s)")
     ap.add_argument("--ports", action="store_true",
                     help="also --workers 2 --worker-ports shared (every response handed off)")
     ap.add_argument("--kamailio", action="store_true",
@@ -418,7 +430,7 @@ if __name__ == "__main__":
                     help="then one round of each counting syscalls per call")
     args = ap.parse_args()
     if args.throughput:
-        throughput()
+        throughput(tuple(int(r) for r in args.throughput_rates.split(",") if r.strip()))
     else:
         variants: tuple[str, ...] = ("1", "2", "2 shared") if args.ports else ("1", "2")
         if args.per_worker:
