@@ -81,7 +81,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from benchproc import cpu_seconds as _task_seconds
-from benchproc import fastsip_env, free_port, stop
+from benchproc import fastsip_env, free_port, machine_busy_seconds, stop
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS = HERE.parent / "tests" / "data" / "sipp"
@@ -373,15 +373,6 @@ SATURATE_RECV_TIMEOUT_MS = 5000
 #: wait timer ends, and with 64 MB (the default run's) it answers "out of mem" from about
 #: 1000 calls/s -- a configuration limit, not the CPU saturation this mode looks for.
 SATURATE_KAMAILIO_SHM_MB = 1024
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds every CPU of the machine has spent not idle so far (/proc/stat), whoever
-    spent them: the proxy, sipp, other users of the machine."""
-    with open("/proc/stat") as f:
-        ticks = [int(v) for v in f.readline().split()[1:]]
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)   # idle, iowait
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # (guest time is in user)
 
 
 def load_generator_seconds(proxy: int) -> float:

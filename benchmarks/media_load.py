@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchproc import cpu_seconds
+from benchproc import cpu_seconds, machine_busy_seconds
 
 PAYLOAD = 160                  # 20 ms of G.711 at 8 kHz
 PACKET = 12 + PAYLOAD
@@ -98,14 +98,6 @@ def stat_seconds(pid: int) -> tuple[float, float]:
         fields = f.read().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all CPUs of the machine have spent not idle so far (/proc/stat)."""
-    with open("/proc/stat") as f:
-        ticks = [int(v) for v in f.readline().split()[1:]]
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def snapshot(relay_pid: int) -> dict[str, float]:
