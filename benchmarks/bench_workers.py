@@ -293,23 +293,26 @@ def compare(calls: int = CALLS, rate: int = RATE, rounds: int = ROUNDS,
                      for name, b in best.items())
     print(f"best rounds: {rows}")
     result: dict[str, Any] = {"best": best, "rounds": rounds_of}
-    if "2" in best:
-        result["ratio"] = ratio = best["2"][0] / best["1"][0]
-        print(f"CPU per call, --workers 2 / --workers 1: {ratio:.2f}x (target {TARGET:g}x, "
-              f"guard {BAR:g}x)")
-        _spread("fastsip", rounds_of["1"], rounds_of["2"])
+
+    def against_one(name: str, key: str, text: str, guard: str, who: str) -> None:
+        """Variant ``name``'s best round over --workers 1's, as ``result[key]``, and the
+        ratio of each round's pair."""
+        if name in best:
+            result[key] = ratio = best[name][0] / best["1"][0]
+            print(f"{text}: {ratio:.2f}x{guard}")
+            _spread(who, rounds_of["1"], rounds_of[name])
+
+    against_one("2", "ratio", "CPU per call, --workers 2 / --workers 1",
+                f" (target {TARGET:g}x, guard {BAR:g}x)", "fastsip")
     if "2 shared" in best:
         print(f"  --worker-ports shared / own: {best['2 shared'][0] / best['2'][0]:.2f}x")
-    if "2 at 2x" in best:
-        result["per_worker_ratio"] = even = best["2 at 2x"][0] / best["1"][0]
-        print(f"The same load per worker, --workers 2 at {2 * rate}/s / --workers 1 at "
-              f"{rate}/s: {even:.2f}x (target {TARGET:g}x, guard {PER_WORKER_BAR:g}x)")
-        _spread("fastsip, same load per worker,", rounds_of["1"], rounds_of["2 at 2x"])
-    if "1 at half" in best:
-        result["rate_ratio"] = slow = best["1 at half"][0] / best["1"][0]
-        print(f"The load per process alone, --workers 1 at {round(rate * 0.5)}/s / at {rate}/s: "
-              f"{slow:.2f}x")
-        _spread("fastsip, one worker at half the rate,", rounds_of["1"], rounds_of["1 at half"])
+    against_one("2 at 2x", "per_worker_ratio", f"The same load per worker, --workers 2 at "
+                f"{2 * rate}/s / --workers 1 at {rate}/s",
+                f" (target {TARGET:g}x, guard {PER_WORKER_BAR:g}x)",
+                "fastsip, same load per worker,")
+    against_one("1 at half", "rate_ratio", f"The load per process alone, --workers 1 at "
+                f"{round(rate * 0.5)}/s / at {rate}/s", "",
+                "fastsip, one worker at half the rate,")
     if "kam 1" in best and "kam 2 at 2x" in best:
         result["kamailio_per_worker_ratio"] = k2 = best["kam 2 at 2x"][0] / best["kam 1"][0]
         print(f"Kamailio children=2 at {2 * rate}/s / children=1 at {rate}/s: {k2:.2f}x")
