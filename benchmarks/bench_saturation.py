@@ -3,7 +3,9 @@ Kamailio's one UDP child, in the same run (issue 11: within 2x of Kamailio).
 
 Both run as bench_proxy.py starts them (serve as installed, with its defaults -- INFO logging,
 one line a request, to a file -- and the bench's routes module; Kamailio with
-``benchmarks/kamailio/kamailio.cfg`` and ``-n 1``).  The load is distinct OPTIONS requests for
+``benchmarks/kamailio/kamailio.cfg`` and ``-n 1``).  serve lists the sender in ``--trusted``,
+as a carrier lists the SBC in front of it: untrusted, one source at this rate is the flood the
+default ``--rate-limit`` bans (the edge checks still run on every request).  The load is distinct OPTIONS requests for
 a user nobody registered, so both answer each with 404 Not Found: Kamailio's config through
 ``t_check_trans`` and ``sl_send_reply``, serve through its edge checks, a server transaction
 and the routes module.  The sender (bench_udp_intake's, one Python process on the other core)

@@ -75,8 +75,9 @@ ROUNDS = int(os.environ.get("FASTSIP_BENCH_WORKERS_ROUNDS", "2"))
 #: rate it measured 1.23-1.69x a round with 1.5 hand-offs a call: each worker gets half the
 #: load, so it idles twice as long between datagrams and pays for cold caches on each (one
 #: worker at half the rate costs 1.31-1.47x as much per call itself; Kamailio's children=2
-#: against 1, --kamailio, 0.93-1.42x).  At the same load per worker it is within the target
-#: (``PER_WORKER_BAR``; docs/scaling.md).  This bar only catches a regression.
+#: against 1, --kamailio, 0.93-1.42x).  So the target, read this way, is missed.  At the same
+#: load per worker (``PER_WORKER_BAR``) the ratio reads 1.03-1.33x, a second figure beside this
+#: one, not a replacement (docs/scaling.md).  This bar only catches a regression.
 TARGET = 1.15
 BAR = float(os.environ.get("FASTSIP_BENCH_WORKERS_BAR", "2.2"))
 #: The same load per worker (``--per-worker``'s "2 at 2x" against "1"): what the second
@@ -308,7 +309,7 @@ def compare(calls: int = CALLS, rate: int = RATE, rounds: int = ROUNDS,
         print(f"  --worker-ports shared / own: {best['2 shared'][0] / best['2'][0]:.2f}x")
     against_one("2 at 2x", "per_worker_ratio", f"The same load per worker, --workers 2 at "
                 f"{2 * rate}/s / --workers 1 at {rate}/s",
-                f" (target {TARGET:g}x, guard {PER_WORKER_BAR:g}x)",
+                f" (guard {PER_WORKER_BAR:g}x; the {TARGET:g}x target is the ratio above)",
                 "fastsip, same load per worker,")
     against_one("1 at half", "rate_ratio", f"The load per process alone, --workers 1 at "
                 f"{round(rate * 0.5)}/s / at {rate}/s", "",
