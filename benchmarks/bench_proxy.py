@@ -26,6 +26,7 @@ it with the others (about 50 s).  Standalone:
 
     PYTHONPATH=. python benchmarks/bench_proxy.py [--calls 1500] [--rate 150] [--rounds 2]
                                                   [--quiet] [--kamailio-mem fm] [--steady]
+                                                  [--floor]
 
 ``--steady`` warms each proxy up for ``STEADY_SECONDS`` (34 s) of calls first, so that the
 measured calls also pay for the transactions of earlier calls ending, 64*T1 after they
@@ -40,6 +41,13 @@ system CPU are reported apart (from /proc/PID/stat: clock ticks, so +-10 ms per 
 Kamailio runs with its packaged memory manager (qm) unless ``--kamailio-mem`` (or
 ``FASTSIP_BENCH_KAMAILIO_MEM``) picks ``fm`` or ``tlsf``, which cost it less per call.
 Linux only (procfs); skipped without sipp or kamailio (Debian: ``apt-get install kamailio``).
+
+``--floor`` gives each round a third proxy: ``naive_proxy.py``, a stateless relay in plain
+Python (split the lines, push a Via, pop a Route; no transactions, timers, validation, routing
+or logging) on the loop serve runs.  Its CPU per call is what the asyncio shell, the kernel
+and Python's per-datagram callbacks cost before any of fastsip's work, so the report can say
+how much of its CPU per call fastsip spends above that floor, and how much a ratio to
+Kamailio (issue 11's 0.7x) leaves for it.
 
 Saturation, opt-in (never run by pytest or ``guard.py``; about 1-3 minutes):
 
@@ -282,6 +290,12 @@ def kamailio_argv(workdir: Path, mem: str = "", shm_mb: int = 64) -> list[str]:
             "-l", f"udp:{HOST}:{{port}}", "-m", str(shm_mb), "-M", "8", *extra]
 
 
+def floor_argv() -> list[str]:
+    """The naive stateless relay (``naive_proxy.py``) on serve's loop: the CPU the shell and
+    the kernel take per call before any of fastsip's work (``--floor``)."""
+    return [sys.executable, str(HERE / "naive_proxy.py"), "{port}", HOST]
+
+
 def fastsip_argv(workdir: Path, log_level: str | None = None) -> list[str]:
     """serve as installed, with its defaults but for ``log_level`` when given."""
     routes = workdir / "bench_routes.py"
@@ -296,18 +310,23 @@ def fastsip_argv(workdir: Path, log_level: str | None = None) -> list[str]:
 
 def compare(calls: int = CALLS, rate: int = RATE, quiet: bool = False,
             rounds: int = ROUNDS, kamailio_mem: str = KAMAILIO_MEM,
-            warmup: int = WARMUP_CALLS) -> dict[str, Any]:
+            warmup: int = WARMUP_CALLS, floor: bool = False) -> dict[str, Any]:
     """Interleaved rounds (K F, F K, K F ...); each proxy's best round counts: the CPU cost
-    least disturbed by whatever else the machine runs (CI hosts and dev boxes are shared)."""
-    runs: dict[str, list[tuple[float, int, float, float]]] = {"kamailio": [], "fastsip": []}
+    least disturbed by whatever else the machine runs (CI hosts and dev boxes are shared).
+    ``floor``: the naive relay (``naive_proxy.py``) takes a turn in each round too."""
+    names = ["kamailio", "fastsip", *(["floor"] if floor else [])]
+    runs: dict[str, list[tuple[float, int, float, float]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         for i in range(rounds):
-            order = ["kamailio", "fastsip"] if i % 2 == 0 else ["fastsip", "kamailio"]
+            order = names if i % 2 == 0 else names[::-1]
             for name in order:
                 if name == "kamailio":
                     cpu, ok, _ = measure(kamailio_argv(workdir, kamailio_mem), None, calls,
                                          rate, workdir, f"kamailio{i}", warmup=warmup)
+                elif name == "floor":
+                    cpu, ok, _ = measure(floor_argv(), fastsip_env(), calls, rate, workdir,
+                                         f"floor{i}", warmup=warmup)
                 else:
                     cpu, ok, _ = measure(fastsip_argv(workdir, "warning" if quiet else None),
                                          fastsip_env(), calls, rate, workdir, f"fastsip{i}",
@@ -332,7 +351,17 @@ def compare(calls: int = CALLS, rate: int = RATE, quiet: bool = False,
             "fastsip_cpu_s": ours_cpu, "kamailio_cpu_s": kam_cpu,
             "fastsip_us_per_call": ours * 1e6, "kamailio_us_per_call": ref * 1e6,
             "fastsip_rounds": per_call["fastsip"], "kamailio_rounds": per_call["kamailio"],
-            "ratio": ours / ref if ref > 0 else float("inf")}
+            "ratio": ours / ref if ref > 0 else float("inf"),
+            **({} if not floor else _floor_figures(runs["floor"], ref))}
+
+
+def _floor_figures(runs: list[tuple[float, int, float, float]], ref: float) -> dict[str, Any]:
+    cpu, ok, user, sys_ = min(runs, key=lambda x: x[0] / max(x[1], 1))
+    return {"floor_us_per_call": cpu / max(ok, 1) * 1e6,
+            "floor_user_us": user / max(ok, 1) * 1e6, "floor_sys_us": sys_ / max(ok, 1) * 1e6,
+            "floor_ok": min(ok for _, ok, _, _ in runs),
+            "floor_rounds": [round(c / max(ok, 1) * 1e6, 1) for c, ok, _, _ in runs],
+            "floor_ratio": cpu / max(ok, 1) / ref if ref > 0 else float("inf")}
 
 
 def report(r: dict[str, Any]) -> str:
@@ -351,7 +380,20 @@ def report(r: dict[str, Any]) -> str:
             f"  ratio fastsip/kamailio {r['ratio']:.2f}x  ({verdict} the {TARGET}x target; "
             f"issue 11's goal {GOAL}x; asserted <= {BAR}x); best of "
             f"{r['rounds']} interleaved rounds, us/call per round: kamailio "
-            f"{r['kamailio_rounds']}, fastsip {r['fastsip_rounds']}")
+            f"{r['kamailio_rounds']}, fastsip {r['fastsip_rounds']}"
+            + ("" if "floor_ratio" not in r else _floor_report(r)))
+
+
+def _floor_report(r: dict[str, Any]) -> str:
+    """The floor's line, and what the goal leaves fastsip above it."""
+    kam, floor, ours = (r["kamailio_us_per_call"], r["floor_us_per_call"],
+                        r["fastsip_us_per_call"])
+    return (f"\n  naive stateless relay (floor) {floor:8.1f} us/call  "
+            f"(user {r['floor_user_us']:.0f}, sys {r['floor_sys_us']:.0f}) "
+            f"({r['floor_ok']:.0f} calls ok), {r['floor_ratio']:.2f}x kamailio; per round "
+            f"{r['floor_rounds']}\n"
+            f"  above the floor: fastsip {ours - floor:.1f} us/call; issue 11's {GOAL}x goal "
+            f"leaves {GOAL * kam - floor:.1f} us/call above it")
 
 
 # -- saturation (--saturate; not run by pytest) ------------------------------------------------
@@ -568,6 +610,9 @@ if __name__ == "__main__":
     ap.add_argument("--steady", action="store_true",
                     help=f"warm up for {STEADY_SECONDS:.0f} s of calls (past 64*T1) so the "
                     "measured load also pays for earlier calls' transactions ending")
+    ap.add_argument("--floor", action="store_true",
+                    help="a third proxy in each round: naive_proxy.py, a stateless relay in "
+                    "plain Python on serve's loop (what the shell and kernel cost per call)")
     sat = ap.add_argument_group("saturation", "step the offered rate instead (see the module "
                                 "docstring); --calls, --rate and --rounds do not apply")
     sat.add_argument("--saturate", action="store_true",
@@ -596,4 +641,5 @@ if __name__ == "__main__":
         print(saturation_report(rows, a.saturate_seconds, a.quiet, a.kamailio_mem))
     else:
         warm = round(STEADY_SECONDS * a.rate) if a.steady else WARMUP_CALLS
-        print(report(compare(a.calls, a.rate, a.quiet, a.rounds, a.kamailio_mem, warm)))
+        print(report(compare(a.calls, a.rate, a.quiet, a.rounds, a.kamailio_mem, warm,
+                             a.floor)))

@@ -49,6 +49,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_proxy import ROUTES
+from naive_proxy import NaiveRelay
 
 from fastsip import TimerWheel
 from fastsip.app import Router, load_routes, logqueue
@@ -239,56 +240,13 @@ def serve_gc(restore: bool = True) -> Iterator[None]:
 
 
 def naive_relay() -> tuple[Receive, Wire]:
-    """A stateless relay in plain Python: the least per message (no transactions, no timers,
-    no validation), for scale."""
+    """A stateless relay in plain Python (``naive_proxy.py``): the least per message (no
+    transactions, no timers, no validation), for scale."""
     wire: Wire = []
-    location: dict[bytes, tuple[str, int]] = {}
-    counter = itertools.count()
-    via = f"Via: SIP/2.0/UDP {PROXY[0]}:{PROXY[1]};branch=z9hG4bK-naive".encode()
-    rr = f"Record-Route: <sip:{PROXY[0]}:{PROXY[1]};lr>".encode()
-
-    def hostport(text: bytes) -> tuple[str, int]:
-        host, _, port = text.partition(b":")
-        return host.decode(), int(port.split(b";", 1)[0] or b"5060")
-
-    def receive(data: bytes, source: tuple[str, int]) -> None:
-        head, _, body = data.partition(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        start = lines[0]
-        headers = [(line.split(b":", 1)[0].strip().lower(), line) for line in lines[1:]]
-        if start.startswith(b"SIP/2.0 "):
-            vias = [i for i, (name, _) in enumerate(headers) if name == b"via"]
-            del lines[vias[0] + 1]
-            dest = hostport(headers[vias[1]][1].split(b" ")[-1])
-            wire.append((b"\r\n".join(lines) + b"\r\n\r\n" + body, dest[1]))
-            return
-        method, uri, _ = start.split(b" ")
-        user = uri.split(b":", 1)[1].split(b"@", 1)[0]
-        if method == b"REGISTER":           # the AOR is the To URI's
-            to = next(line for name, line in headers if name == b"to")
-            contact = next(line for name, line in headers if name == b"contact")
-            aor_user = to.split(b"sip:", 1)[1].split(b"@", 1)[0]
-            location[aor_user] = hostport(contact.split(b"@", 1)[1].rstrip(b">"))
-            wire.append((b"SIP/2.0 200 OK\r\n\r\n", source[1]))
-            return
-        routes = [i for i, (name, _) in enumerate(headers) if name == b"route"]
-        if routes:
-            del lines[routes[0] + 1]
-            dest = hostport(uri.split(b"@", 1)[1])
-        else:
-            dest = location[user]
-            lines.insert(1, rr)
-            if method == b"INVITE":
-                keep = [line for name, line in headers
-                        if name in (b"via", b"from", b"to", b"call-id", b"cseq")]
-                wire.append((b"\r\n".join([b"SIP/2.0 100 Trying", *keep, b"", b""]),
-                             source[1]))
-        lines.insert(1, via + str(next(counter)).encode())
-        wire.append((b"\r\n".join(lines) + b"\r\n\r\n" + body, dest[1]))
-
-    receive(REGISTER, UAS)
+    relay = NaiveRelay(PROXY, lambda data, dest: wire.append((data, dest[1])))
+    relay.receive(REGISTER, UAS)
     wire.clear()
-    return receive, wire
+    return relay.receive, wire
 
 
 # -- measuring ------------------------------------------------------------------------------------
