@@ -580,6 +580,41 @@ def test_response_transaction_key_is_branch_and_cseq_method() -> None:
     assert no_branch.transaction_key() is None
 
 
+def test_repeated_single_field_names_the_first_one_on_two_lines(msg: fastsip.Request) -> None:
+    # INVITE above: Via, Route, Allow and Contact on several lines, and compact From and
+    # Call-ID -- lists and single fields once each: nothing repeated.
+    assert msg.repeated_single_field() is None
+    for line, name in ((b"Call-ID: other@x\r\n", "Call-ID"),
+                       (b"From: <sip:e@x>;tag=e\r\n", "From"), (b"t: <sip:e@x>\r\n", "To"),
+                       (b"CSeq: 2 INVITE\r\n", "CSeq"), (b"Max-Forwards: 5\r\n", "Max-Forwards"),
+                       (b"Content-Length: 0\r\n", "Content-Length")):
+        # A compact form counts as its field ("t", and the INVITE's own "i", "f", "l").
+        twice = parse(INVITE.replace(b"Allow: BYE\r\n", b"Allow: BYE\r\n" + line))
+        assert twice.repeated_single_field() == name, line
+    # The first repeated in line order, edits included: an added line counts, a removed one not.
+    both = parse(INVITE.replace(b"Allow: BYE\r\n",
+                                b"Allow: BYE\r\nTo: <sip:e@x>\r\nMax-Forwards: 3\r\n"))
+    assert both.repeated_single_field() == "To"
+    both.remove_header("To")
+    assert both.repeated_single_field() == "Max-Forwards"
+    msg.add_header("CSeq", "9 INVITE")
+    assert msg.repeated_single_field() == "CSeq"
+
+
+def test_repeated_single_field_agrees_with_header_counts_on_the_torture_tests() -> None:
+    names = ("From", "To", "Call-ID", "CSeq", "Max-Forwards", "Content-Length")
+    repeated = 0
+    for path in sorted((Path(__file__).parent / "data" / "rfc4475").glob("*.dat")):
+        try:
+            m = parse(path.read_bytes())
+        except ParseError:
+            continue
+        counted = [n for n in names if m.headers.count(n) > 1]
+        assert (m.repeated_single_field() is None) == (not counted), path.name
+        repeated += bool(counted)
+    assert repeated >= 1          # multi01 at least
+
+
 def test_loop_hash_covers_the_fields_of_rfc3261_16_6_step_8() -> None:
     base = parse(_invite()).loop_hash()
     assert len(base) == 16 and int(base, 16) >= 0

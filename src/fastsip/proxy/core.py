@@ -98,8 +98,6 @@ _TERMINATED_STATES = frozenset({"completed", "confirmed", "terminated"})
 _OPEN_STATES = frozenset({"trying", "proceeding"})
 #: ``ServerTransaction.data`` once its response context is settled (a late CANCEL gets 200).
 FINISHED = "finished"
-#: Headers a request carries at most once (RFC 3261 §20; RFC 4475 3.3.8 ``multi01``).
-_SINGLE_INSTANCE = ("Call-ID", "From", "To", "CSeq", "Max-Forwards", "Content-Length")
 #: The reason phrase of the 503 for a branch whose next hop could not be reached or resolved.
 UNREACHABLE = "Service Unavailable (next hop unreachable)"
 #: The reason phrase for an in-dialog request that did not come through us.
@@ -1573,10 +1571,9 @@ class Proxy:
         malformed one is answered 400 with the problem named, before routing and
         authentication, and can never raise later from deep inside a layer.  May raise
         ParseError itself (the caller answers 400)."""
-        headers = request.headers
-        for name in _SINGLE_INSTANCE:
-            if headers.count(name) > 1:
-                return (400, f"Bad Request (more than one {name})", [])
+        repeated = request.repeated_single_field()
+        if repeated is not None:
+            return (400, f"Bad Request (more than one {repeated})", [])
         cseq = request.cseq
         frm = request.from_
         to = request.to
@@ -1603,7 +1600,7 @@ class Proxy:
                      and self.is_local(request.uri))
         ):
             return (483, None, [])
-        required = headers.getall("Proxy-Require")
+        required = request.headers.getall("Proxy-Require")
         if required:
             unsupported = [t.strip() for t in required if t.strip() not in self.proxy_require]
             if unsupported:

@@ -2149,6 +2149,27 @@ cdef class Message:
         b = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else bytes(name)
         return _ieq_bytes(self._base(h) + h.name_s, h.name_e - h.name_s, b)
 
+    def repeated_single_field(self):
+        """The name of the first field that may appear once but stands on more than one
+        header line -- From, To, Call-ID, CSeq, Max-Forwards or Content-Length (RFC 3261
+        §20; a compact form counts as its field) -- or None.  A proxy answers such a request
+        400 (§16.3 step 1; RFC 4475 §3.3.8, ``multi01``): the parser accepts it, so that it can be
+        answered.  One pass over the header index, edits included; no string is made unless
+        one is found."""
+        cdef int i, hid
+        cdef uint32_t seen = 0, bit
+        for i in range(self._nh):
+            if self._h[i].deleted:
+                continue
+            hid = self._h[i].id
+            if hid == H_FROM or hid == H_TO or hid == H_CALL_ID or hid == H_CSEQ or \
+                    hid == H_MAX_FORWARDS or hid == H_CONTENT_LENGTH:
+                bit = (<uint32_t>1) << hid
+                if seen & bit:
+                    return _canonical[hid]
+                seen |= bit
+        return None
+
     def ensure_content_length(self):
         """Add ``Content-Length`` when the message has none; True when added.
 
