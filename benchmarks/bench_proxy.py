@@ -335,36 +335,27 @@ def compare(calls: int = CALLS, rate: int = RATE, quiet: bool = False,
                                          fastsip_env(), calls, rate, workdir, f"fastsip{i}",
                                          warmup=warmup)
                 runs[name].append((cpu[0], ok, cpu[1], cpu[2]))
-    best = {name: min(r, key=lambda x: x[0] / max(x[1], 1)) for name, r in runs.items()}
-    per_call = {name: [round(c / max(ok, 1) * 1e6, 1) for c, ok, _, _ in r]
-                for name, r in runs.items()}
-    (kam_cpu, kam_ok, kam_user, kam_sys) = best["kamailio"]
-    (ours_cpu, ours_ok, ours_user, ours_sys) = best["fastsip"]
-    ours = ours_cpu / max(ours_ok, 1)
-    ref = kam_cpu / max(kam_ok, 1)
+    figures: dict[str, Any] = {}
+    for name, r in runs.items():
+        figures.update(_figures(name, r))
+    ref = figures["kamailio_us_per_call"]
+    if floor:
+        figures["floor_ratio"] = figures["floor_us_per_call"] / ref if ref > 0 else float("inf")
     return {"calls": calls, "rate": rate, "quiet": float(quiet), "rounds": rounds,
-            "warmup": warmup,
-            "fastsip_user_us": ours_user / max(ours_ok, 1) * 1e6,
-            "fastsip_sys_us": ours_sys / max(ours_ok, 1) * 1e6,
-            "kamailio_user_us": kam_user / max(kam_ok, 1) * 1e6,
-            "kamailio_sys_us": kam_sys / max(kam_ok, 1) * 1e6,
-            "kamailio_mem": kamailio_mem or "qm (default)",
-            "fastsip_ok": min(ok for _, ok, _, _ in runs["fastsip"]),
-            "kamailio_ok": min(ok for _, ok, _, _ in runs["kamailio"]),
-            "fastsip_cpu_s": ours_cpu, "kamailio_cpu_s": kam_cpu,
-            "fastsip_us_per_call": ours * 1e6, "kamailio_us_per_call": ref * 1e6,
-            "fastsip_rounds": per_call["fastsip"], "kamailio_rounds": per_call["kamailio"],
-            "ratio": ours / ref if ref > 0 else float("inf"),
-            **({} if not floor else _floor_figures(runs["floor"], ref))}
+            "warmup": warmup, "kamailio_mem": kamailio_mem or "qm (default)", **figures,
+            "ratio": figures["fastsip_us_per_call"] / ref if ref > 0 else float("inf")}
 
 
-def _floor_figures(runs: list[tuple[float, int, float, float]], ref: float) -> dict[str, Any]:
+def _figures(name: str, runs: list[tuple[float, int, float, float]]) -> dict[str, Any]:
+    """One proxy's rounds (CPU, calls ok, user, system seconds) as ``NAME_...`` figures: its
+    best round's CPU per call (user and system apart), the fewest calls any round completed,
+    and every round's CPU per call."""
     cpu, ok, user, sys_ = min(runs, key=lambda x: x[0] / max(x[1], 1))
-    return {"floor_us_per_call": cpu / max(ok, 1) * 1e6,
-            "floor_user_us": user / max(ok, 1) * 1e6, "floor_sys_us": sys_ / max(ok, 1) * 1e6,
-            "floor_ok": min(ok for _, ok, _, _ in runs),
-            "floor_rounds": [round(c / max(ok, 1) * 1e6, 1) for c, ok, _, _ in runs],
-            "floor_ratio": cpu / max(ok, 1) / ref if ref > 0 else float("inf")}
+    ok = max(ok, 1)
+    return {f"{name}_us_per_call": cpu / ok * 1e6, f"{name}_cpu_s": cpu,
+            f"{name}_user_us": user / ok * 1e6, f"{name}_sys_us": sys_ / ok * 1e6,
+            f"{name}_ok": min(n for _, n, _, _ in runs),
+            f"{name}_rounds": [round(c / max(n, 1) * 1e6, 1) for c, n, _, _ in runs]}
 
 
 def report(r: dict[str, Any]) -> str:
