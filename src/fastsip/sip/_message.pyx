@@ -18,9 +18,8 @@ untouched lines from the original buffer.  An unedited message serializes to its
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.list cimport PyList_GET_ITEM
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset
 
 import ipaddress
@@ -171,24 +170,8 @@ fastsip_init_tables()
 # RFC 3265, 3515, 3841, 3892, 4028, 4474 for the later letters).
 # ---------------------------------------------------------------------------------------------
 
-cdef enum:
-    H_OTHER = 0
-    H_VIA = 1
-    H_FROM = 2
-    H_TO = 3
-    H_CALL_ID = 4
-    H_CSEQ = 5
-    H_CONTACT = 6
-    H_CONTENT_LENGTH = 7
-    H_CONTENT_TYPE = 8
-    H_MAX_FORWARDS = 9
-    H_ROUTE = 10
-    H_RECORD_ROUTE = 11
-    H_TIMESTAMP = 12
-    N_HEADER_IDS = 72
-
-# (canonical name, compact form, comma-separated list grammar?).  The first eleven keep the ids of
-# the enum above; the rest are numbered in order.
+# (canonical name, compact form, comma-separated list grammar?).  The first twelve keep the ids of
+# the H_* enum in _message.pxd (shared with compiled layers); the rest are numbered in order.
 _HEADER_TABLE = [
     ("Via", "v", True), ("From", "f", False), ("To", "t", False), ("Call-ID", "i", False),
     ("CSeq", None, False), ("Contact", "m", True), ("Content-Length", "l", False),
@@ -513,55 +496,9 @@ cdef Py_ssize_t _split_comma(const char* p, Py_ssize_t i, Py_ssize_t e) noexcept
 
 
 # ---------------------------------------------------------------------------------------------
-# Offset-only parsers of URIs, generic params, Via and name-addr values.
+# Offset-only parsers of URIs, generic params, Via and name-addr values (the parts structs they
+# fill are declared in _message.pxd).
 # ---------------------------------------------------------------------------------------------
-
-cdef enum:
-    URI_OPAQUE = 0
-    URI_SIP = 1
-    URI_SIPS = 2
-    URI_TEL = 3
-    RPORT_ABSENT = -2
-    RPORT_EMPTY = -1
-
-ctypedef struct UriParts:
-    int kind
-    int32_t scheme_e           # scheme is p[s:scheme_e]
-    int32_t user_s, user_e     # -1 when there is no userinfo
-    int32_t pw_s, pw_e         # -1 when there is no password
-    int32_t host_s, host_e     # tel: the number; opaque: everything after "scheme:"
-    int port                      # -1 when absent
-    int32_t params_s, params_e  # ";a=b;c" (leading ';' included); params_s == params_e: none
-    int32_t headers_s, headers_e  # after '?'; -1 when none
-
-ctypedef struct ParamSpan:
-    int32_t name_s, name_e
-    int32_t value_s, value_e   # -1 when the param has no value
-    bint quoted
-
-ctypedef struct ViaParts:
-    int32_t s, e
-    int32_t proto_s, proto_e   # "SIP/2.0" as written may hold LWS; these are the name and
-    int32_t ver_s, ver_e       # version tokens
-    int32_t tr_s, tr_e
-    int32_t host_s, host_e
-    int port
-    int32_t params_s           # the first ';' after sent-by, == e without params
-    int32_t branch_s, branch_e
-    int32_t received_s, received_e
-    int32_t maddr_s, maddr_e
-    int rport
-
-ctypedef struct NameAddrParts:
-    int32_t s, e
-    int32_t dn_s, dn_e         # -1 when no display name
-    uint8_t quoted
-    int32_t uri_s, uri_e
-    uint8_t angle
-    int32_t params_s, params_e
-    int32_t tag_s, tag_e       # -1 when absent
-    uint8_t wildcard
-
 
 cdef inline int _scan_hostport(const char* p, Py_ssize_t i, Py_ssize_t e,
                                int32_t* host_s, int32_t* host_e, int* port,
@@ -1431,17 +1368,9 @@ cdef Limits _default_limits = Limits()
 
 
 # ---------------------------------------------------------------------------------------------
-# The message
+# The message (its fields, the HEntry of its header index and its C methods are declared in
+# _message.pxd, for compiled layers to cimport)
 # ---------------------------------------------------------------------------------------------
-
-ctypedef struct HEntry:
-    int32_t line_s, line_e     # the whole line(s): terminator and folded continuations included
-    int32_t name_s, name_e
-    int32_t value_s, value_e   # trimmed; may span folded lines
-    int16_t id
-    int16_t src                   # -1: the message buffer; >= 0: index into Message._extra
-    uint8_t folded
-    uint8_t deleted
 
 DEF POOLED_HEADERS = 32
 DEF POOL_SIZE = 256
@@ -1476,35 +1405,6 @@ cdef void _give_headers(HEntry* a, int cap) noexcept:
 @cython.no_gc
 cdef class Message:
     """A parsed SIP message (base of Request and Response).  Build one with ``parse()``."""
-    cdef object _data               # bytes, or a memoryview (cast to 'B') of other buffers
-    cdef const char* _buf
-    # Offsets are int32: Limits caps a message below 2**31 octets.
-    cdef int32_t _len
-    cdef int32_t _start             # start line begins here (leading CRLFs skipped)
-    cdef int32_t _sl_e              # end of the start line's text
-    cdef int32_t _hdr_s             # first header line
-    cdef int32_t _blank_s           # the empty line that ends the header section
-    cdef int32_t _body_s, _body_e
-    cdef HEntry* _h                 # a pooled array of POOLED_HEADERS, or a bigger heap one
-
-    cdef int _nh, _cap
-    cdef int16_t _first[N_HEADER_IDS]
-    # Parts of the top Via, From and To found while validating, reused by the accessors (they
-    # describe the original buffer, so any edit clears _parts_ok).
-    cdef bint _parts_ok
-    cdef ViaParts _top_via
-    cdef NameAddrParts _from_p, _to_p
-    cdef list _extra
-    cdef object _new_body
-    cdef object _new_start_line     # bytes, CRLF included
-    cdef bint _edited
-    # caches of typed views
-    cdef object _c_via, _c_from, _c_to, _c_cseq
-    # No GC participation, on purpose: a message and its views reference only immutable
-    # buffers (never each other), so they cannot form cycles.  The object stays under
-    # pymalloc's 512-byte limit and its header index comes from a pool, so creating and
-    # freeing a message costs no malloc.
-
     def __dealloc__(self):
         if self._h != NULL:
             _give_headers(self._h, self._cap)
@@ -1514,19 +1414,6 @@ cdef class Message:
         raise TypeError("use fastsip.parse(data), Request.create() or Response.create()")
 
     # -- internal access -------------------------------------------------------------------
-
-    cdef inline const char* _base(self, HEntry* h) noexcept:
-        # h.src >= 0 only names an entry of _extra (a list of bytes), so nothing can fail.
-        if h.src < 0:
-            return self._buf
-        return PyBytes_AS_STRING(<object>PyList_GET_ITEM(self._extra, h.src))
-
-    cdef inline object _owner_of(self, HEntry* h):
-        # What a view must keep alive: the bytes of an edited line, the message's bytes, or the
-        # message itself when it holds a buffer export of a bytearray/memoryview.
-        if h.src >= 0:
-            return self._extra[h.src]
-        return self._data
 
     cdef int _find(self, int hid, int after) noexcept:
         cdef int i
@@ -2287,9 +2174,6 @@ cdef bint _ieq_bytes(const char* p, Py_ssize_t n, bytes name):
 @cython.no_gc
 cdef class Request(Message):
     """A SIP request."""
-    cdef int32_t _m_s, _m_e, _u_s, _u_e
-    cdef object _c_uri, _c_method
-
     @property
     def method(self):
         if self._c_method is None:
@@ -2303,7 +2187,7 @@ cdef class Request(Message):
             self._c_uri = _make_uri(self._buf, self._u_s, self._u_e)
         return self._c_uri
 
-    def transaction_key(self):
+    cpdef object transaction_key(self):
         """RFC 3261 §17.2.3: the server transaction this request belongs to, read from the
         parser's index as (top Via branch, sent-by host in lower case, sent-by port or None,
         method), ACK folded to INVITE so it finds the INVITE's transaction.  None when the top
@@ -2458,9 +2342,6 @@ cdef class Request(Message):
 @cython.no_gc
 cdef class Response(Message):
     """A SIP response."""
-    cdef int _status
-    cdef int32_t _r_s, _r_e
-
     def copy(self):
         """An independent copy of this response, edits so far included."""
         cdef Response m = Response.__new__(Response)
@@ -2484,7 +2365,7 @@ cdef class Response(Message):
         c = self.cseq
         return c.method if c is not None else None
 
-    def transaction_key(self):
+    cpdef object transaction_key(self):
         """RFC 3261 §17.1.3: the client transaction this response answers, as (top Via
         branch, CSeq method); None without a branch or a CSeq (no transaction can match)."""
         cdef ViaParts v
