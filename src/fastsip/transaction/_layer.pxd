@@ -1,0 +1,89 @@
+# cython: language_level=3
+"""C-level view of the transaction machines (RFC 3261 §17), for compiled layers above them
+(the proxy's relay path, once it is compiled) to ``cimport``: typed fields and direct calls
+instead of Python attribute look-ups and calls.  What Python sees is documented in
+:mod:`fastsip.transaction.layer`."""
+
+cimport cython
+
+from fastsip.sip._message cimport Request, Response
+
+
+cdef enum:
+    # A transaction's state as a C int; ``state`` reads the name (fastsip.transaction.base).
+    S_CALLING = 0
+    S_TRYING = 1
+    S_PROCEEDING = 2
+    S_COMPLETED = 3
+    S_ACCEPTED = 4
+    S_CONFIRMED = 5
+    S_TERMINATED = 6
+
+
+@cython.final
+cdef class TransactionLayer:
+    cdef readonly object transport
+    cdef readonly object clock
+    cdef public object call_later_lax
+    cdef readonly object tu
+    cdef readonly bint shed
+    cdef readonly object config
+    # The config's values, read once: a frozen TimerConfig never changes.
+    cdef double _t1, _t2, _t4, _timeout
+    cdef public object max_server_transactions
+    cdef public object max_client_transactions
+    cdef public object retry_after
+    cdef readonly object refusals
+    cdef readonly dict _client
+    cdef readonly dict _server
+
+    cpdef tuple server_key(self, Request request)
+    cdef int _receive_response(self, Response response, object source) except -1
+    cdef int _receive_request(self, Request request, object source) except -1
+    cdef int _answer_statelessly(self, object request, object source, int status,
+                                 object reason, object headers=*) except -1
+    cdef int _overload(self, str side, object cap) except -1
+
+
+cdef class _Lingering:
+    cdef object _request
+    cdef public object last_response
+    cdef readonly TransactionLayer layer
+    cdef readonly object key
+    cdef readonly str method
+    cdef readonly bint is_invite
+    cdef readonly object dest
+    cdef bint _reliable             # dest.reliable, read once
+    cdef int _state
+    cdef object _timer
+    cdef object _timeout
+    cdef double _interval
+
+    cdef void _shed(self) noexcept
+
+
+@cython.final
+cdef class ClientTransaction(_Lingering):
+    cdef public object handler
+    cdef bytes _data
+    cdef double _deadline
+    cdef object _ack
+
+    cdef int _start(self) except -1
+    cdef int _receive(self, Response response) except -1
+    cdef int _linger(self, double delay) except -1
+    cdef int _stop_retransmitting(self) except -1
+    cdef int _cancel_timeout(self) except -1
+    cdef int _end(self) except -1
+
+
+@cython.final
+cdef class ServerTransaction(_Lingering):
+    cdef readonly object source
+    cdef public object data
+    cdef object _data
+
+    cpdef respond(self, Response response)
+    cpdef respond_statelessly(self, Response response)
+    cdef int _receive_retransmission(self, object request, object source) except -1
+    cdef int _end(self) except -1
