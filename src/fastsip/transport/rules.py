@@ -1,7 +1,10 @@
 """RFC 3261 §18 (with RFC 3581 rport) as plain functions over messages and addresses.
 
 Sans-IO: these decide *where* a message goes and what the receiving side records in the top Via;
-:mod:`fastsip.asyncio` does the sending.
+:mod:`fastsip.asyncio` does the sending.  The ones every message meets (:func:`next_hop`,
+:func:`request_next_hop`, :func:`response_destination`, :func:`check_sent_by`,
+:func:`strip_brackets`) are compiled in :mod:`fastsip.transport._rules`, where their
+docstrings give each one's contract; they are imported from here.
 """
 
 from __future__ import annotations
@@ -10,11 +13,17 @@ import ipaddress
 import os
 import re
 import zlib
-from collections.abc import Iterable
 
 from fastsip.errors import ParseError
-from fastsip.sip import REASON_PHRASES, URI, Message, NameAddr, Request, Response, Via, parse_uri
+from fastsip.sip import REASON_PHRASES, Message
 from fastsip.transport import DEFAULT_PORTS, Address
+from fastsip.transport._rules import (
+    check_sent_by,
+    next_hop,
+    request_next_hop,
+    response_destination,
+    strip_brackets,
+)
 
 __all__ = [
     "LOCAL_TAG_PREFIX",
@@ -38,11 +47,6 @@ __all__ = [
 #: transport (TCP) instead of UDP.
 UDP_SIZE_LIMIT = 1300
 
-#: URI ``transport=`` values (RFC 3261 §19.1.1, RFC 7118 for ws/wss) to Via transport names.
-_URI_TRANSPORTS = {"udp": "UDP", "tcp": "TCP", "tls": "TLS", "sctp": "SCTP", "ws": "WS",
-                   "wss": "WSS"}
-
-
 #: Every To tag this process puts on a response it makes itself starts with this, so an ACK
 #: for one of our local answers -- most go out statelessly, with no transaction to absorb
 #: their ACK -- is known as ours and dropped instead of forwarded (Kamailio's ``sl`` does
@@ -61,11 +65,6 @@ def is_local_tag(tag: str | None) -> bool:
     return tag is not None and tag.startswith(LOCAL_TAG_PREFIX)
 
 
-def strip_brackets(host: str) -> str:
-    """An IPv6 reference ("[2001:db8::1]") as the bare address a socket wants."""
-    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
-
-
 def stamp_received(request: Message, source: Address) -> bool:
     """§18.2.1 and RFC 3581 §4: a server records in the top Via where the request really came
     from: ``received`` when the sent-by host differs from the source IP, and the source port in
@@ -77,82 +76,6 @@ def stamp_received(request: Message, source: Address) -> bool:
     return request.stamp_received(source.host, source.port)
 
 
-def response_destination(via: Via, source: Address | None = None) -> Address:
-    """Where a response to a request whose top Via is ``via`` goes (§18.2.2, RFC 3581 §4).
-
-    Reliable transport with the connection still known: back over it (``source.connection``),
-    with ``received`` and the sent-by port as the address to connect to if it has closed.
-    Otherwise ``received`` (or the sent-by host) with the ``rport`` value, else the sent-by port,
-    else the transport's default port.  (maddr, for multicast, is honoured as the host.)
-    """
-    transport = via.transport
-    if source is not None and source.reliable and source.connection:
-        # Over the connection the request came on while it is open (whatever the Via says);
-        # should it close first, the address here is where §18.2.2 says to open a new one:
-        # the received IP with the sent-by port (not the peer's ephemeral port).
-        sent_by_port = via.port if via.port else DEFAULT_PORTS.get(source.transport, 5060)
-        return Address(source.transport, strip_brackets(via.received or via.host),
-                       sent_by_port, source.connection)
-    host = via.maddr or via.received or via.host
-    given = via.port if via.maddr else (via.rport if via.rport else via.port)
-    port = given if given is not None else DEFAULT_PORTS.get(transport, 5060)
-    # A datagram's source names the socket it arrived on: the response leaves from it, so
-    # the client (and its NAT) sees it come from the address it sent to (§18.2.2).
-    host = strip_brackets(host)
-    if source is not None and source.transport == transport:
-        if source.port == port and source.host == host:
-            return source      # the usual case (rport, or no NAT): the source itself
-        return Address(transport, host, port, source.connection)
-    return Address(transport, host, port, 0)
-
-
-def next_hop(target: URI | NameAddr | str) -> Address:
-    """Where a request for ``target`` (a Request-URI or the first Route) is sent: RFC 3263 §4
-    without NAPTR/SRV lookups.
-
-    Transport: the URI's ``transport`` parameter, else TLS for ``sips``, else UDP.  ``sips``
-    with ``transport=tcp`` means TLS (§26.2.2); with ``transport=udp`` it is an error.  Host: the
-    ``maddr`` parameter when present (§19.1.1), else the URI host (a name is returned as is;
-    resolving it is the caller's business).  Port: the URI's, else the transport's default.
-    Raises ValueError for a URI that is not sip/sips.
-    """
-    uri: URI | None
-    if isinstance(target, NameAddr):
-        uri = target.uri
-    elif isinstance(target, str):
-        uri = parse_uri(target)
-    else:
-        uri = target
-    if uri is None or not uri.is_sip:
-        raise ValueError(f"no SIP next hop for {target!s}")
-    secure = uri.scheme == "sips"
-    param = uri.transport
-    if param is not None:
-        transport = _URI_TRANSPORTS.get(param.lower(), param.upper())
-        if secure:
-            if transport == "TCP":
-                transport = "TLS"
-            elif transport == "UDP":
-                raise ValueError(f"sips URI with transport=udp: {uri!s}")
-    else:
-        transport = "TLS" if secure else "UDP"
-    host = strip_brackets(uri.maddr or uri.host)
-    port = uri.port if uri.port else DEFAULT_PORTS.get(transport, 5060)
-    return Address(transport, host, port)
-
-
-def request_next_hop(request: Request, outbound_proxy: URI | str | None = None) -> Address:
-    """The next hop of an outgoing request (§8.1.2): the outbound proxy when configured, else
-    the first Route (loose routing; a strict router has already been swapped into the
-    Request-URI by §12.2.1.1), else the Request-URI."""
-    if outbound_proxy is not None:
-        return next_hop(outbound_proxy)
-    routes = request.route
-    if routes:
-        return next_hop(routes[0])
-    return next_hop(request.uri)
-
-
 def select_transport(transport: str, size: int, *, tcp: bool = True,
                      udp_size_limit: int = UDP_SIZE_LIMIT) -> str:
     """§18.1.1: a request over ``udp_size_limit`` bytes that would go over UDP goes over TCP
@@ -161,28 +84,6 @@ def select_transport(transport: str, size: int, *, tcp: bool = True,
     if transport == "UDP" and tcp and size > udp_size_limit:
         return "TCP"
     return transport
-
-
-def check_sent_by(response: Response, local: Iterable[tuple[str, int]]) -> bool:
-    """§18.1.2: does the top Via's sent-by name one of our ``local`` (host, port) pairs?  A
-    client transport silently discards a response for which it does not.
-
-    Hosts compare case-insensitively without IPv6 brackets; a Via without a port means the
-    transport's default port.  A ``local`` host of ``0.0.0.0`` or ``::`` (a wildcard listener
-    with no advertised address) matches any host on that port.
-    """
-    via = response.top_via
-    if via is None:
-        return False
-    host = strip_brackets(via.host).lower()
-    port = via.port if via.port is not None else DEFAULT_PORTS.get(via.transport, 5060)
-    for local_host, local_port in local:
-        if local_port != port:
-            continue
-        h = strip_brackets(local_host).lower()
-        if h == host or h in ("0.0.0.0", "::"):
-            return True
-    return False
 
 
 # Header lines a stateless error response copies (§8.2.6.2), compact forms included.

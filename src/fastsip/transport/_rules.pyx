@@ -1,0 +1,136 @@
+# cython: language_level=3
+"""The routing rules of :mod:`fastsip.transport.rules` that run on every message (where a
+request or a response goes, whether a response's Via is ours), compiled: that module
+documents them, keeps the rest, and is where users import them from.
+
+A proxied call asks these about twenty times; as Python functions their frames cost more than
+their work.  They read the message core's views (Via, URI) through their Python attributes,
+as before.
+"""
+
+from fastsip.sip import NameAddr, parse_uri
+from fastsip.transport import DEFAULT_PORTS, Address
+
+# URI ``transport=`` values (RFC 3261 §19.1.1, RFC 7118 for ws/wss) to Via transport names.
+cdef dict _URI_TRANSPORTS = {"udp": "UDP", "tcp": "TCP", "tls": "TLS", "sctp": "SCTP",
+                             "ws": "WS", "wss": "WSS"}
+cdef dict _DEFAULT_PORTS = DEFAULT_PORTS
+
+
+cpdef str strip_brackets(str host):
+    """An IPv6 reference ("[2001:db8::1]") as the bare address a socket wants."""
+    cdef Py_ssize_t n = len(host)
+    if n >= 2 and host[0] == u"[" and host[n - 1] == u"]":
+        return host[1:n - 1]
+    return host
+
+
+def response_destination(via, source=None):
+    """Where a response to a request whose top Via is ``via`` goes (§18.2.2, RFC 3581 §4).
+
+    Reliable transport with the connection still known: back over it (``source.connection``),
+    with ``received`` and the sent-by port as the address to connect to if it has closed.
+    Otherwise ``received`` (or the sent-by host) with the ``rport`` value, else the sent-by port,
+    else the transport's default port.  (maddr, for multicast, is honoured as the host.)
+    """
+    transport = via.transport
+    if source is not None and source.reliable and source.connection:
+        # Over the connection the request came on while it is open (whatever the Via says);
+        # should it close first, the address here is where §18.2.2 says to open a new one:
+        # the received IP with the sent-by port (not the peer's ephemeral port).
+        sent_by_port = via.port
+        if not sent_by_port:
+            sent_by_port = _DEFAULT_PORTS.get(source.transport, 5060)
+        return Address(source.transport, strip_brackets(via.received or via.host),
+                       sent_by_port, source.connection)
+    maddr = via.maddr
+    host = maddr or via.received or via.host
+    if maddr:
+        given = via.port
+    else:
+        given = via.rport
+        if not given:
+            given = via.port
+    port = given if given is not None else _DEFAULT_PORTS.get(transport, 5060)
+    # A datagram's source names the socket it arrived on: the response leaves from it, so
+    # the client (and its NAT) sees it come from the address it sent to (§18.2.2).
+    host = strip_brackets(host)
+    if source is not None and source.transport == transport:
+        if source.port == port and source.host == host:
+            return source      # the usual case (rport, or no NAT): the source itself
+        return Address(transport, host, port, source.connection)
+    return Address(transport, host, port, 0)
+
+
+def next_hop(target):
+    """Where a request for ``target`` (a Request-URI or the first Route) is sent: RFC 3263 §4
+    without NAPTR/SRV lookups.
+
+    Transport: the URI's ``transport`` parameter, else TLS for ``sips``, else UDP.  ``sips``
+    with ``transport=tcp`` means TLS (§26.2.2); with ``transport=udp`` it is an error.  Host: the
+    ``maddr`` parameter when present (§19.1.1), else the URI host (a name is returned as is;
+    resolving it is the caller's business).  Port: the URI's, else the transport's default.
+    Raises ValueError for a URI that is not sip/sips.
+    """
+    if isinstance(target, NameAddr):
+        uri = target.uri
+    elif isinstance(target, str):
+        uri = parse_uri(target)
+    else:
+        uri = target
+    if uri is None or not uri.is_sip:
+        raise ValueError(f"no SIP next hop for {target!s}")
+    cdef bint secure = uri.scheme == "sips"
+    param = uri.transport
+    if param is not None:
+        transport = _URI_TRANSPORTS.get(param.lower())
+        if transport is None:
+            transport = param.upper()
+        if secure:
+            if transport == "TCP":
+                transport = "TLS"
+            elif transport == "UDP":
+                raise ValueError(f"sips URI with transport=udp: {uri!s}")
+    else:
+        transport = "TLS" if secure else "UDP"
+    host = strip_brackets(uri.maddr or uri.host)
+    port = uri.port
+    if not port:
+        port = _DEFAULT_PORTS.get(transport, 5060)
+    return Address(transport, host, port)
+
+
+def request_next_hop(request, outbound_proxy=None):
+    """The next hop of an outgoing request (§8.1.2): the outbound proxy when configured, else
+    the first Route (loose routing; a strict router has already been swapped into the
+    Request-URI by §12.2.1.1), else the Request-URI."""
+    if outbound_proxy is not None:
+        return next_hop(outbound_proxy)
+    routes = request.route
+    if routes:
+        return next_hop(routes[0])
+    return next_hop(request.uri)
+
+
+def check_sent_by(response, local):
+    """§18.1.2: does the top Via's sent-by name one of our ``local`` (host, port) pairs?  A
+    client transport silently discards a response for which it does not.
+
+    Hosts compare case-insensitively without IPv6 brackets; a Via without a port means the
+    transport's default port.  A ``local`` host of ``0.0.0.0`` or ``::`` (a wildcard listener
+    with no advertised address) matches any host on that port.
+    """
+    via = response.top_via
+    if via is None:
+        return False
+    host = strip_brackets(via.host).lower()
+    port = via.port
+    if port is None:
+        port = _DEFAULT_PORTS.get(via.transport, 5060)
+    for local_host, local_port in local:
+        if local_port != port:
+            continue
+        h = strip_brackets(local_host).lower()
+        if h == host or h == "0.0.0.0" or h == "::":
+            return True
+    return False
