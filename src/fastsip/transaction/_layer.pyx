@@ -14,24 +14,15 @@ import logging
 from fastsip.sip._message cimport Request, Response
 
 from fastsip.errors import ParseError
-from fastsip.transaction.base import (
-    ACCEPTED,
-    CALLING,
-    COMPLETED,
-    CONFIRMED,
-    PROCEEDING,
-    TERMINATED,
-    TRYING,
-    Refusals,
-    TimerConfig,
-)
+from fastsip.transaction import base as _base
+from fastsip.transaction.base import Refusals, TimerConfig
 from fastsip.transport.rules import local_tag, response_destination
 
 log = logging.getLogger("fastsip.transaction")
 
 # The names ``state`` reads, by S_* value.
-cdef tuple _STATE_NAMES = (CALLING, TRYING, PROCEEDING, COMPLETED, ACCEPTED, CONFIRMED,
-                           TERMINATED)
+cdef tuple _STATE_NAMES = (_base.CALLING, _base.TRYING, _base.PROCEEDING, _base.COMPLETED,
+                           _base.ACCEPTED, _base.CONFIRMED, _base.TERMINATED)
 
 
 cdef class _Lingering:
