@@ -9,12 +9,13 @@ as before.
 """
 
 from fastsip.sip import NameAddr, parse_uri
-from fastsip.transport import DEFAULT_PORTS, Address
+from fastsip.transport import DEFAULT_PORTS as _PORTS
+from fastsip.transport import Address
 
 # URI ``transport=`` values (RFC 3261 §19.1.1, RFC 7118 for ws/wss) to Via transport names.
 cdef dict _URI_TRANSPORTS = {"udp": "UDP", "tcp": "TCP", "tls": "TLS", "sctp": "SCTP",
                              "ws": "WS", "wss": "WSS"}
-cdef dict _DEFAULT_PORTS = DEFAULT_PORTS
+cdef dict _DEFAULT_PORTS = _PORTS
 
 
 cpdef str strip_brackets(str host):
