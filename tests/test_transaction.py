@@ -24,6 +24,7 @@ from fastsip.transaction import (
     ServerTransaction,
     TimerConfig,
     TransactionLayer,
+    hop_by_hop_request,
     new_branch,
 )
 from fastsip.transport import Address
@@ -447,6 +448,36 @@ def test_cancel_is_its_own_transaction_and_finds_the_invite() -> None:
     invite_txn = layer.find_invite(cancel)
     assert invite_txn is not None and invite_txn.method == "INVITE"
     assert layer.find_invite(request("CANCEL", branch=new_branch())) is None
+
+
+def test_hop_by_hop_requests_copy_what_matches_the_invite_and_nothing_else() -> None:
+    # §9.1 and §17.1.1.3: Request-URI, Call-ID, From, CSeq number, the single top Via and the
+    # Route set come from the INVITE; the ACK's To is the response's (with its tag).
+    invite = fastsip.Request.create("INVITE", "sip:bob@192.0.2.9:5070;transport=udp", [
+        ("Via", "SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK-ours"),
+        ("Via", "SIP/2.0/UDP 10.0.0.1:5062;branch=z9hG4bK-theirs"),
+        ("Route", "<sip:p1.example.com;lr>"), ("Route", "<sip:p2.example.com;lr>"),
+        ("Max-Forwards", "12"), ("From", "<sip:a@example.com>;tag=f1"),
+        ("To", "<sip:bob@example.com>"), ("Call-ID", "hop@example.com"), ("CSeq", "314 INVITE"),
+        ("Contact", "<sip:a@10.0.0.1:5062>"), ("Subject", "not copied")], b"v=0\r\n",
+        content_type="application/sdp")
+    cancel = hop_by_hop_request(invite, "CANCEL", headers=[("Reason", "SIP;cause=200")])
+    ack = hop_by_hop_request(invite, "ACK", to="<sip:bob@example.com>;tag=t9")
+    for req, method in ((cancel, "CANCEL"), (ack, "ACK")):
+        assert req.method == method and str(req.uri) == str(invite.uri)
+        assert [v.branch for v in req.via] == ["z9hG4bK-ours"]
+        assert [str(r) for r in req.route] == [str(r) for r in invite.route]
+        assert req.call_id == invite.call_id and req.from_ is not None and req.from_.tag == "f1"
+        assert req.cseq is not None and (req.cseq.seq, req.cseq.method) == (314, method)
+        assert req.max_forwards == 70 and req.body == b""
+        assert req.headers.get("Contact") is None and req.headers.get("Subject") is None
+    assert cancel.to is not None and cancel.to.tag is None
+    assert cancel.headers.get("Reason") == "SIP;cause=200"
+    assert ack.to is not None and ack.to.tag == "t9" and ack.headers.get("Reason") is None
+    # Each matches the INVITE's transaction at the next hop (§9.2, §17.2.3).
+    layer, _wire, _wheel, _rec = make()
+    assert layer.server_key(cancel)[:-1] == layer.server_key(invite)[:-1]
+    assert layer.server_key(ack) == layer.server_key(invite)
 
 
 def test_rfc2543_requests_match_without_magic_cookie() -> None:

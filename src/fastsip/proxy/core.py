@@ -54,6 +54,7 @@ from fastsip.transaction import (
     Refusals,
     ServerTransaction,
     TransactionLayer,
+    hop_by_hop_request,
 )
 from fastsip.transport import DEFAULT_PORTS, Address, Transport
 from fastsip.transport.rfc3263 import (
@@ -438,19 +439,8 @@ class Branch:
             self.cancel_wanted = True
             return
         self.cancel_sent = True
-        req = self.request
         proxy = self.ctx.proxy
-        headers: list[tuple[str, str]] = [("Via", str(req.via[0]))]
-        headers += [("Route", str(r)) for r in req.route]
-        cseq = req.cseq
-        headers += [
-            ("Max-Forwards", "70"),
-            ("From", req.headers.get("From") or ""),
-            ("To", req.headers.get("To") or ""),
-            ("Call-ID", req.call_id or ""),
-            ("CSeq", f"{cseq.seq if cseq is not None else 0} CANCEL"),
-        ]
-        cancel = Request.create("CANCEL", str(req.uri), headers)
+        cancel = hop_by_hop_request(self.request, "CANCEL")
         try:
             proxy.layer.request(cancel, self.dest, _IGNORE)
         except ValueError as exc:  # a CANCEL for this branch exists already

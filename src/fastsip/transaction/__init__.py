@@ -15,6 +15,7 @@ from fastsip.transaction.layer import (
     TimerConfig,
     TransactionLayer,
     TransactionUser,
+    hop_by_hop_request,
     new_branch,
 )
 
@@ -33,5 +34,6 @@ __all__ = [
     "TimerConfig",
     "TransactionLayer",
     "TransactionUser",
+    "hop_by_hop_request",
     "new_branch",
 ]

@@ -15,7 +15,7 @@ from fastsip.sip._message cimport Request, Response
 
 from fastsip.errors import ParseError
 from fastsip.transaction import base as _base
-from fastsip.transaction.base import Refusals, TimerConfig
+from fastsip.transaction.base import Refusals, TimerConfig, hop_by_hop_request
 from fastsip.transport.rules import local_tag, response_destination
 
 log = logging.getLogger("fastsip.transaction")
@@ -192,19 +192,9 @@ cdef class ClientTransaction(_Lingering):
         return 0
 
     def _build_ack(self, response):
-        """The ACK for a non-2xx final response (§17.1.1.3): same Request-URI, Call-ID, From,
-        CSeq number and top Via as the INVITE, To from the response, the INVITE's Route set."""
-        req = self.request
-        headers = [("Via", str(req.via[0]))]
-        headers += [("Route", str(r)) for r in req.route]
-        headers += [
-            ("Max-Forwards", "70"),
-            ("From", req.headers.get("From") or ""),
-            ("To", response.headers.get("To") or ""),
-            ("Call-ID", req.call_id or ""),
-            ("CSeq", f"{req.cseq.seq if req.cseq else 0} ACK"),
-        ]
-        return Request.create("ACK", str(req.uri), headers)
+        """The ACK for a non-2xx final response (§17.1.1.3): To from the response, the rest
+        from the INVITE."""
+        return hop_by_hop_request(self.request, "ACK", to=response.headers.get("To") or "")
 
     def transport_error(self):
         if self._state == S_TERMINATED:
@@ -567,7 +557,8 @@ cdef class TransactionLayer:
     def find_invite(self, cancel):
         """The INVITE server transaction a CANCEL refers to (§9.2): same key but the method."""
         key = self.server_key(cancel)
-        return self._server.get(key[:-1] + ("INVITE",))
+        # (No negative index: this module is compiled with wraparound off.)
+        return self._server.get(key[:len(key) - 1] + ("INVITE",))
 
     # -- introspection ---------------------------------------------------------------------
 

@@ -2,13 +2,18 @@
 the state names, the branch cookie and the overload counter.
 
 The machines themselves are compiled (:mod:`fastsip.transaction._layer`); these stay Python
-because nothing on the per-message path calls them, and users build and read them.
+because nothing on the per-message path calls them, and users build and read them.  So does
+the one builder of the two requests made from an INVITE hop by hop (CANCEL, and the ACK of a
+non-2xx final response), which the transaction layer, the UA and the proxy all need.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from fastsip.sip import Request
 
 __all__ = [
     "ACCEPTED",
@@ -21,6 +26,7 @@ __all__ = [
     "TRYING",
     "Refusals",
     "TimerConfig",
+    "hop_by_hop_request",
     "new_branch",
 ]
 
@@ -30,6 +36,26 @@ MAGIC_COOKIE = "z9hG4bK"
 def new_branch() -> str:
     """A fresh RFC 3261 branch: the magic cookie and 64 random bits (§8.1.1.7)."""
     return MAGIC_COOKIE + os.urandom(8).hex()
+
+
+def hop_by_hop_request(invite: Request, method: str, *, to: str | None = None,
+                       headers: Iterable[tuple[str, str]] = ()) -> Request:
+    """A CANCEL (§9.1) or the ACK of a non-2xx final response (§17.1.1.3) for ``invite``: its
+    Request-URI, Call-ID, From, CSeq number, single top Via (same branch: the request goes
+    where the INVITE went, and matches its transaction there) and Route set; To as in the
+    INVITE, or ``to`` (the ACK takes the response's, with its tag); ``headers`` added last."""
+    cseq = invite.cseq
+    hdrs = [("Via", str(invite.via[0]))]
+    hdrs += [("Route", str(r)) for r in invite.route]
+    hdrs += [
+        ("Max-Forwards", "70"),
+        ("From", invite.headers.get("From") or ""),
+        ("To", to if to is not None else invite.headers.get("To") or ""),
+        ("Call-ID", invite.call_id or ""),
+        ("CSeq", f"{cseq.seq if cseq is not None else 0} {method}"),
+        *headers,
+    ]
+    return Request.create(method, str(invite.uri), hdrs)
 
 
 @dataclass(frozen=True, slots=True)

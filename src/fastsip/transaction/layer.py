@@ -34,6 +34,7 @@ from fastsip.transaction.base import (
     TRYING,
     Refusals,
     TimerConfig,
+    hop_by_hop_request,
     new_branch,
 )
 from fastsip.transport import Address
@@ -55,6 +56,7 @@ __all__ = [
     "TimerConfig",
     "TransactionLayer",
     "TransactionUser",
+    "hop_by_hop_request",
     "new_branch",
 ]
 

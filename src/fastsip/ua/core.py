@@ -24,6 +24,7 @@ from fastsip.transaction import (
     ServerTransaction,
     TimerConfig,
     TransactionLayer,
+    hop_by_hop_request,
     new_branch,
 )
 from fastsip.transport import DEFAULT_PORTS, Address, Transport
@@ -674,19 +675,7 @@ class UserAgent:
     def _send_cancel(self, call: Call) -> None:
         # §9.1: Request-URI, Call-ID, To, From, CSeq number and the single top Via (same
         # branch) as the INVITE; its Route too.  It goes where the INVITE went.
-        invite = call.invite
-        cseq = invite.cseq
-        hdrs: list[tuple[str, str]] = [("Via", str(invite.via[0]))]
-        hdrs += [("Route", str(r)) for r in invite.route]
-        hdrs += [
-            ("Max-Forwards", "70"),
-            ("From", invite.headers.get("From") or ""),
-            ("To", invite.headers.get("To") or ""),
-            ("Call-ID", invite.call_id or ""),
-            ("CSeq", f"{cseq.seq if cseq is not None else 1} CANCEL"),
-            *self._extra,
-        ]
-        cancel = Request.create("CANCEL", str(invite.uri), hdrs)
+        cancel = hop_by_hop_request(call.invite, "CANCEL", headers=self._extra)
         assert call.dest is not None
         self._layer().request(cancel, call.dest, _OneShot(None))
 
