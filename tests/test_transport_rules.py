@@ -214,3 +214,24 @@ def test_error_response_unfolds_continuation_lines() -> None:
     # A corrupted status line that reads as a request line is a request: answered.
     assert error_response(b"SIP.2.0 200 OK\r\n" + BAD_MF.split(b"\r\n", 1)[1],
                           fastsip.ParseError("malformed SIP version", 0)) is not None
+
+
+def test_address_is_an_immutable_value_outside_the_cyclic_gc() -> None:
+    import gc
+    import pickle
+
+    a = Address("UDP", "192.0.2.1", 5060)
+    assert a == Address("UDP", "192.0.2.1", 5060, 0) and hash(a) == hash(Address("UDP", "192.0.2.1", 5060))
+    # connection names the socket or connection: another value, the same peer
+    b = Address("UDP", "192.0.2.1", 5060, 3)
+    assert a != b and a.peer == b.peer == ("UDP", "192.0.2.1", 5060)
+    assert a != ("UDP", "192.0.2.1", 5060) and a != "udp:192.0.2.1:5060"
+    assert len({a, Address("UDP", "192.0.2.1", 5060), b}) == 2
+    assert pickle.loads(pickle.dumps(b)) == b            # the workers' hand-off carries it
+    assert str(Address("TCP", "2001:db8::1", 5061)) == "tcp:[2001:db8::1]:5061"
+    assert repr(b) == "Address(transport='UDP', host='192.0.2.1', port=5060, connection=3)"
+    assert not a.reliable and Address("TLS", "h", 5061).reliable
+    with pytest.raises(AttributeError):
+        a.host = "198.51.100.1"  # type: ignore[misc]
+    # Several are made per message and some linger in transactions: none is GC-tracked.
+    assert not gc.is_tracked(a)
