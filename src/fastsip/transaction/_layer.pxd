@@ -60,6 +60,7 @@ cdef class _Lingering:
     cdef double _interval
 
     cdef void _shed(self) noexcept
+    cdef int _cancel_timers(self) except -1
 
 
 @cython.final

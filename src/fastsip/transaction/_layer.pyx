@@ -49,6 +49,16 @@ cdef class _Lingering:
             self._request = None
             self.last_response = None
 
+    cdef int _cancel_timers(self) except -1:
+        # Both of a transaction's wheel nodes: the retransmit or linger timer and the timeout.
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._timeout is not None:
+            self._timeout.cancel()
+            self._timeout = None
+        return 0
+
 
 cdef class ClientTransaction(_Lingering):
     """A client transaction (§17.1): INVITE (figure 5 + RFC 6026) or non-INVITE (figure 6)."""
@@ -346,12 +356,7 @@ cdef class ServerTransaction(_Lingering):
         if request.method == "ACK":
             if self.is_invite and state == S_COMPLETED:
                 self._state = S_CONFIRMED                # Timer I
-                if self._timer is not None:
-                    self._timer.cancel()
-                    self._timer = None
-                if self._timeout is not None:
-                    self._timeout.cancel()
-                    self._timeout = None
+                self._cancel_timers()
                 if self._reliable:
                     self._end()
                 else:
@@ -370,11 +375,7 @@ cdef class ServerTransaction(_Lingering):
         if self._state == S_TERMINATED:
             return 0
         self._state = S_TERMINATED
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._timeout is not None:
-            self._timeout.cancel()
-        self._timer = self._timeout = None
+        self._cancel_timers()
         self.layer._server.pop(self.key, None)
         return 0
 
