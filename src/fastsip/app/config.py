@@ -440,10 +440,10 @@ class LiveReload:
         self.proxy.trusted = prepared.trusted
         self.guard.trusted = prepared.trusted
         # (the proxy's own rule for "is this host us", as its constructor applies it)
-        from fastsip.proxy.core import _canonical_host
+        from fastsip.proxy.base import canonical_host
 
         # (the running domains: a change to them takes a restart, the registrar has them)
-        self.proxy.aliases = {_canonical_host(a) for a in
+        self.proxy.aliases = {canonical_host(a) for a in
                               [*(settings.current.get("domain") or ()),
                                *(values.get("alias") or ())]}
         level = values.get("log_level")
