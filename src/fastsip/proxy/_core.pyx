@@ -12,6 +12,12 @@ request preparation and hooks), the router, the media hook and the trunks.
 
 cimport cython
 
+from fastsip.proxy._nat cimport (
+    add_alias as _add_alias,
+    contact_behind_nat as _contact_behind_nat,
+    pop_alias as _pop_alias,
+    request_behind_nat as _request_behind_nat,
+)
 from fastsip.sip._message cimport Request, Response
 from fastsip.transaction._layer cimport (
     S_ACCEPTED,
@@ -41,7 +47,6 @@ from fastsip.proxy.base import auth_realm as _auth_realm
 from fastsip.proxy.base import bad_request as _bad_request
 from fastsip.proxy.base import canonical_host as _canonical_host
 from fastsip.proxy.base import is_ours as _is_ours
-from fastsip.proxy.base import is_sips as _is_sips
 from fastsip.proxy.base import keep_scheme as _keep_scheme
 from fastsip.proxy.base import new_tag as _new_tag
 from fastsip.proxy.base import phrase as _phrase
@@ -49,10 +54,6 @@ from fastsip.proxy.base import rank as _rank
 from fastsip.proxy.base import stateless_branch as _stateless_branch
 from fastsip.proxy.base import stateless_tag as _stateless_tag
 from fastsip.proxy.base import with_to_tag as _with_to_tag
-from fastsip.proxy.nat import add_alias as _add_alias
-from fastsip.proxy.nat import contact_behind_nat as _contact_behind_nat
-from fastsip.proxy.nat import pop_alias as _pop_alias
-from fastsip.proxy.nat import request_behind_nat as _request_behind_nat
 from fastsip.transaction.base import Refusals as _Refusals
 from fastsip.transaction.base import hop_by_hop_request as _hop_by_hop_request
 from fastsip.transport import DEFAULT_PORTS as _DEFAULT_PORTS
@@ -67,6 +68,11 @@ from fastsip.transport.rules import request_next_hop as _request_next_hop
 from fastsip.transport.rules import response_destination as _response_destination
 
 _log = logging.getLogger("fastsip.proxy")
+
+
+cdef inline bint _is_sips(uri) except -1:
+    # A sips: URI asks for TLS on every hop to the end (RFC 5630).
+    return uri is not None and uri.scheme.lower() == "sips"
 
 
 cdef inline bint _terminated(ServerTransaction txn) noexcept:

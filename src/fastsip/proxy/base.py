@@ -22,7 +22,6 @@ from fastsip.transport.rules import is_local_tag, local_tag, next_hop, strip_bra
 
 if TYPE_CHECKING:
     from fastsip.proxy.core import Proxy
-    from fastsip.sip import URI
     from fastsip.transport import Address
 
 __all__ = [
@@ -39,7 +38,6 @@ __all__ = [
     "bad_request",
     "canonical_host",
     "is_ours",
-    "is_sips",
     "keep_scheme",
     "new_tag",
     "phrase",
@@ -92,11 +90,6 @@ def canonical_host(host: str) -> str:
         return str(ipaddress.ip_address(text))
     except ValueError:
         return text.lower()
-
-
-def is_sips(uri: URI | None) -> bool:
-    """Is ``uri`` a sips: URI (TLS on every hop to the end, RFC 5630)?"""
-    return uri is not None and uri.scheme.lower() == "sips"
 
 
 def stateless_branch(request: Request) -> str:

@@ -1,0 +1,162 @@
+# cython: language_level=3
+"""The NAT rules of :mod:`fastsip.proxy.nat` that run for forwarded messages, compiled: that
+module documents them and is where users import them from.
+
+The proxy core asks them for every dialog-creating request, its 1xx/2xx and every request it
+routes (is it from behind a NAT, does its Contact need an alias, does its Request-URI carry
+one), so they are C functions the compiled core calls directly, and they read a message's
+Contact and top Via through the parser's views as before.
+"""
+
+from fastsip.sip._message cimport Message, Request
+
+import ipaddress
+from functools import lru_cache
+
+from fastsip.transport import DEFAULT_PORTS as _DEFAULT_PORTS
+from fastsip.transport import Address as _Address
+from fastsip.transport.rules import connection_holder as _connection_holder
+
+#: The Contact / Request-URI parameter that carries a flow through a dialog.
+ALIAS = "alias"
+
+# Kamailio's protocol numbers in an alias (ip~port~proto).
+cdef dict _PROTO_NUMBER = {"UDP": "1", "TCP": "2", "TLS": "3", "SCTP": "4", "WS": "5",
+                           "WSS": "6"}
+cdef dict _PROTO_NAME = {v: k for k, v in _PROTO_NUMBER.items()}
+
+cdef tuple _PRIVATE = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",   # RFC 1918
+    "100.64.0.0/10",                                    # RFC 6598 carrier-grade NAT
+    "169.254.0.0/16",                                   # link-local
+    "192.0.0.0/29",                                     # RFC 6333 DS-Lite
+    "fc00::/7", "fe80::/10",                            # ULA, link-local
+))
+
+
+@lru_cache(maxsize=4096)
+def is_private(str host):
+    """Is ``host`` an address that cannot be reached from the public Internet (RFC 1918,
+    RFC 6598, DS-Lite, ULA, link-local)?  Names and loopback are not."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]").partition("%")[0])
+    except ValueError:
+        return False
+    return any(ip in net for net in _PRIVATE if net.version == ip.version)
+
+
+cdef inline str _host(str host):
+    return host.strip("[]").lower()
+
+
+cpdef bint request_behind_nat(Request request, source) except -1:
+    """Did ``request`` come from behind a NAT?  Its top Via's sent-by is not the source
+    address (host, or port over UDP -- rport says where the answer really goes), or its Contact
+    is private while the source is not."""
+    via = request.top_via
+    if via is not None:
+        if _host(via.host) != _host(source.host):
+            return True
+        if source.transport == "UDP":
+            port = via.port or _DEFAULT_PORTS.get(via.transport, 5060)
+            if port != source.port:
+                return True
+    return _private_contact(request, source)
+
+
+cpdef bint contact_behind_nat(Message message, peer) except -1:
+    """Is the Contact of ``message`` (a response from ``peer``, or a request) not where the
+    message came from -- another host, or over UDP another port -- or private while the peer
+    is not?"""
+    uri = _contact_uri(message)
+    if uri is None or not uri.is_sip:
+        return False
+    if uri.maddr:
+        return False
+    if _host(uri.host) != _host(peer.host):
+        return True
+    if peer.transport == "UDP":
+        port = uri.port or _DEFAULT_PORTS.get("UDP", 5060)
+        return port != peer.port
+    return False
+
+
+cdef bint _private_contact(Message message, source) except -1:
+    uri = _contact_uri(message)
+    return (uri is not None and uri.is_sip and is_private(uri.host)
+            and not is_private(source.host) and _host(uri.host) != _host(source.host))
+
+
+cdef _contact_uri(Message message):
+    try:
+        contacts = message.contact
+    except ValueError:
+        return None
+    if len(contacts) != 1 or contacts[0].wildcard:
+        return None
+    try:
+        return contacts[0].uri
+    except ValueError:
+        return None
+
+
+cpdef bint add_alias(Message message, flow) except -1:
+    """Add ``;alias=HOST~PORT~PROTO`` for ``flow`` to the one Contact of ``message`` (a copy
+    being forwarded, or a response on its way upstream).  Returns False when there is no single
+    SIP Contact to mark or it already carries an alias."""
+    uri = _contact_uri(message)
+    if uri is None or not uri.is_sip or ALIAS in {k.lower() for k in uri.params}:
+        return False
+    contact = message.contact[0]
+    host = f"[{flow.host}]" if ":" in flow.host else flow.host
+    alias = f"{host}~{flow.port}~{_PROTO_NUMBER.get(flow.transport, '1')}"
+    if flow.reliable and _connection_holder(flow.connection) is not None:
+        # A connection held by one of several workers (``serve --workers``): its id, so the
+        # worker that relays an in-dialog request reaches the phone through that worker.
+        alias += f"~{flow.connection}"
+    display = contact.display_name
+    text = f"<{uri};{ALIAS}={alias}>"
+    if display:
+        text = f"{display} {text}"
+    params = "".join([f";{k}" if v is None else f";{k}={v}"
+                      for k, v in contact.params.items()])
+    message.set_header("Contact", text + params)
+    return True
+
+
+cpdef pop_alias(Request request):
+    """If the Request-URI carries our ``alias``, remove it and return the flow it names (the
+    address to send the request to); else None.  A malformed alias is removed and ignored."""
+    uri = request.uri
+    value = None
+    for name, v in uri.params.items():
+        if name.lower() == ALIAS:
+            value = v
+            break
+    else:
+        return None
+    text = str(uri)
+    # Rebuild the URI without the parameter (URI params are ;name=value up to '?' or the end).
+    head, sep, headers = text.partition("?")
+    kept = [p for p in head.split(";")[1:] if p.split("=", 1)[0].lower() != ALIAS]
+    request.uri = ";".join([head.split(";", 1)[0], *kept]) + (sep + headers if sep else "")
+    if not value:
+        return None
+    parts = value.split("~")
+    connection = 0
+    if len(parts) == 4 and parts[3].isdigit() and int(parts[3]) < 1 << 31:
+        connection = int(parts.pop())
+    if len(parts) != 3:
+        return None
+    host, port_text, proto = parts
+    transport = _PROTO_NAME.get(proto)
+    if transport is None or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        return None
+    if transport not in ("TCP", "TLS") or _connection_holder(connection) is None:
+        connection = 0
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return _Address(transport, host, int(port_text), connection)
