@@ -240,19 +240,23 @@ def in_process(calls: int = 3000, rounds: int = 7, scrape_every: int = 150
                ) -> dict[str, float]:
     """{variant: best round's thread CPU per call in us, "VARIANT median": the median}, for
     metrics "off", "on" (no scrape) and "scraped" (on, a scrape rendered every
-    ``scrape_every`` calls in the timed part); the variants take turns every ``scrape_every``
-    calls (each turn of "scraped" holds one scrape).  The garbage collector is
-    set as serve sets it (startup objects frozen, thresholds 10000/50/100): with CPython's
-    defaults, the scrape's few thousand objects would trigger full collections over every
-    lingering transaction that serve never runs."""
+    ``scrape_every`` calls in the timed part), and "naive": bench_relay's naive stateless
+    relay through the same driver, the reference the added cost is held against (it does not
+    get cheaper as serve's stack does, so the bar keeps its meaning).  The variants take turns
+    every ``scrape_every`` calls (each turn of "scraped" holds one scrape).  The garbage
+    collector is set as serve sets it (startup objects frozen, thresholds 10000/50/100): with
+    CPython's defaults, the scrape's few thousand objects would trigger full collections over
+    every lingering transaction that serve never runs."""
     from bench_proxy import ROUTES
-    from bench_relay import one_call
+    from bench_relay import naive_relay, one_call
 
-    variants = ("off", "on", "scraped")
+    variants = ("off", "on", "scraped", "naive")
     runs: dict[str, list[float]] = {v: [] for v in variants}
-    #: Per block of calls, a variant's CPU over "off"'s in the same turn: their median is
-    #: what the test asserts (a pause or a slow second inside one block moves one ratio).
-    block_ratios: dict[str, list[float]] = {v: [] for v in variants[1:]}
+    #: Per block of calls, a variant's CPU over "off"'s in the same turn, and its CPU above
+    #: "off"'s as a share of the naive relay's: their medians are what the test asserts (a
+    #: pause or a slow second inside one block moves one ratio).
+    block_ratios: dict[str, list[float]] = {v: [] for v in ("on", "scraped")}
+    block_added: dict[str, list[float]] = {v: [] for v in ("on", "scraped")}
     clock = time.thread_time
     thresholds = gc.get_threshold()
     gc.set_threshold(10_000, 50, 100)
@@ -266,8 +270,12 @@ def in_process(calls: int = 3000, rounds: int = 7, scrape_every: int = 150
                 # of whole-round runs moved that much), and a drift now hits every variant
                 # alike instead of whichever ran its whole round then.
                 gc.collect()
-                stacks = {}
+                stacks: dict[str, tuple[Any, Any, Any, Any]] = {}
                 for variant in variants:
+                    if variant == "naive":
+                        receive, wire = naive_relay()
+                        stacks[variant] = (receive, wire, None, None)
+                        continue
                     receive, wire, wheel, render = relay_stack(str(path), variant != "off")
                     stacks[variant] = (receive, wire, wheel,
                                        render if variant == "scraped" else None)
@@ -290,15 +298,19 @@ def in_process(calls: int = 3000, rounds: int = 7, scrape_every: int = 150
                         _receive, wire, wheel, render = stacks[variant]
                         timed = timed_receive[variant]
                         for n in range(first, min(first + block, calls)):
-                            wheel.advance(n * 0.004)
+                            if wheel is not None:
+                                wheel.advance(n * 0.004)
                             one_call(n, timed, wire)
                             if render is not None and n % scrape_every == 0:
                                 started = clock()
                                 render()
                                 spent[variant][0] += clock() - started
                     base = spent["off"][0] - before["off"]
-                    for variant in variants[1:]:
-                        block_ratios[variant].append((spent[variant][0] - before[variant]) / base)
+                    naive = spent["naive"][0] - before["naive"]
+                    for variant in ("on", "scraped"):
+                        used = spent[variant][0] - before[variant]
+                        block_ratios[variant].append(used / base)
+                        block_added[variant].append((used - base) / naive)
                 gc.unfreeze()
                 del stacks, timed_receive
                 for variant in variants:
@@ -308,16 +320,18 @@ def in_process(calls: int = 3000, rounds: int = 7, scrape_every: int = 150
     out = {v: min(r) for v, r in runs.items()}
     out.update({f"{v} median": statistics.median(r) for v, r in runs.items()})
     out.update({f"{v} ratio": statistics.median(r) for v, r in block_ratios.items()})
+    out.update({f"{v} added": statistics.median(r) for v, r in block_added.items()})
     return out
 
 
 def report_in_process(r: dict[str, float], calls: int, rounds: int) -> str:
     rows = []
     for v, name in (("off", "metrics off"), ("on", "metrics on"),
-                    ("scraped", "on + scrapes")):
-        delta = "" if v == "off" else \
+                    ("scraped", "on + scrapes"), ("naive", "naive relay")):
+        delta = "" if v in ("off", "naive") else \
             f"  {r[v] - r['off']:+5.1f} us, {(r[v] / r['off'] - 1) * 100:+.1f}%; " \
-            f"median of per-block ratios {r[v + ' ratio']:.3f}"
+            f"per-block medians: ratio {r[v + ' ratio']:.3f}, added " \
+            f"{r[v + ' added']:.2f}x the naive relay's call"
         rows.append(f"  {name:13} {r[v]:6.1f} us/call (median {r[v + ' median']:6.1f}){delta}")
     return (f"serve's sans-IO stack in one process (bench_relay's path), thread CPU per call, "
             f"best of {rounds} rounds of {calls} calls, the variants taking turns every 150 "
@@ -331,12 +345,18 @@ def test_in_process_metrics_cost_a_few_percent_at_most() -> None:
     finally:
         logging_setup()
     print("\n" + report_in_process(r, 1500, 5))
-    # Measured +3.5-6% on (the wrappers, ~13 messages a call, the handler timer) and +5.5-7%
-    # with a scrape a second, of a call that costs ~250 us. The median of per-block ratios
-    # is asserted: best-of-rounds sums moved by +-5% between runs on this VM (once to +10.7%
-    # for "on", when the variants still ran whole rounds in turn).
-    assert r["on ratio"] <= 1.08, report_in_process(r, 1500, 5)
-    assert r["scraped ratio"] <= 1.11, report_in_process(r, 1500, 5)
+    # What metrics add per call is held against the naive relay's whole call, measured in the
+    # same blocks: a reference that stays put.  Against serve's own call (the earlier bars,
+    # on <= 1.08x and scraped <= 1.11x of off) the same added microseconds became a bigger
+    # share each time the relay path was compiled further (~80 -> ~55 us a call), and the
+    # bar failed with nothing in metrics changed.  Those bars were +6.4 and +8.8 us on an
+    # ~80 us call, i.e. ~0.25x and ~0.35x of the naive relay's ~25 us: the same bars here,
+    # re-based, not loosened.  Measured when re-based: on 0.16-0.20x (+4-5 us: the wrappers,
+    # ~13 messages a call, the handler timer), scraped 0.29-0.32x (+7-8 us: a scrape of
+    # ~1 ms every 150 calls, 15 times Prometheus' default rate).  The medians of per-block
+    # shares are asserted (best-of-rounds sums move by +-5% between runs on this VM).
+    assert r["on added"] <= 0.25, report_in_process(r, 1500, 5)
+    assert r["scraped added"] <= 0.35, report_in_process(r, 1500, 5)
 
 
 def _quiet_logging() -> Any:
