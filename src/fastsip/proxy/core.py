@@ -38,6 +38,9 @@ Every message of a call runs through the classes above, so they are compiled
 transaction machines and the message core in C); this module is their public home, with the
 protocols a router and a media hook implement.  The plain pieces both share (method sets, To
 tags of local answers, the ranking of final responses) are in :mod:`fastsip.proxy.base`.
+Being final ``cdef`` classes, they cannot be subclassed and take no attributes beyond their
+own: a router keeps its per-request state in ``ctx.data``, and a proxy with other behaviour is
+composed (a router, a media hook), not derived.
 """
 
 from __future__ import annotations
