@@ -451,10 +451,7 @@ cdef class ResponseContext:
                 continue
             self.branches.append(branch)
             self.active += 1
-            if branch.request.method == "INVITE":
-                timer_c = proxy.timer_c
-                if timer_c > 0:
-                    self._arm_timer_c(branch, timer_c)
+            self._start_timer_c(branch)
             if branch.hop is not None:
                 resolver = proxy.resolver
                 if resolver is not None:
@@ -477,6 +474,12 @@ cdef class ResponseContext:
                                                   headers=headers or None))
         if self.active == 0 and not self.final_sent:
             self._branches_done()
+
+    cdef _start_timer_c(self, Branch branch):
+        # §16.8: every INVITE branch has its Timer C (unless the proxy turned it off).
+        cdef double timer_c = self.proxy.timer_c
+        if timer_c > 0 and branch.request.method == "INVITE":
+            self._arm_timer_c(branch, timer_c)
 
     cdef _arm_timer_c(self, Branch branch, double delay):
         # §16.8: Timer C for ``branch``, ``delay`` seconds from now.
@@ -545,9 +548,8 @@ cdef class ResponseContext:
             except ValueError as exc:
                 _log.info("cannot forward %s to %s: %s", self.request.method, dest, exc)
                 continue
-            if branch._timer_c is None and branch.request.method == "INVITE" \
-                    and proxy.timer_c > 0:
-                self._arm_timer_c(branch, proxy.timer_c)
+            if branch._timer_c is None:
+                self._start_timer_c(branch)
             return True
         return False
 
@@ -1093,17 +1095,15 @@ cdef class Proxy:
 
     @property
     def layer(self):
-        if self._layer is None:
-            raise ValueError("the Proxy has no transaction layer yet (attach one)")
-        return self._layer
+        return self._attached()
 
     @property
     def transport(self):
-        return self.layer.transport
+        return self._attached().transport
 
     @property
     def clock(self):
-        return self.layer.clock
+        return self._attached().clock
 
     @property
     def pending(self):
