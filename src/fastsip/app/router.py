@@ -124,7 +124,9 @@ class Decision:
         self.kind = kind              # "forward", "reply", "response"; "register", "lookup"
         self.targets = list(targets)
         self.parallel = parallel
-        self.groups = [list(g) for g in groups]  # serial groups, each forked in parallel
+        # Serial groups, each forked in parallel.  (Most decisions have none: no list
+        # comprehension's frame for them.)
+        self.groups = [list(g) for g in groups] if groups else []
         self.status = status
         self.reason = reason
         self.headers = list(headers)
@@ -975,7 +977,9 @@ class Router:
 
     def fork_bindings(self, bindings: Sequence[Any], route: Sequence[str] = ()) -> Decision:
         """Targets for registered contacts: in parallel, or by q groups (``serial_by_q``)."""
-        targets = [self.binding_target(b, route) for b in bindings]
+        targets = []
+        for b in bindings:                       # (a loop: no comprehension frame per INVITE)
+            targets.append(self.binding_target(b, route))
         if not self.serial_by_q or len(bindings) < 2:
             return Decision("forward", targets=targets)
         # Equal q in parallel, decreasing q in series (bindings come highest q first).

@@ -45,6 +45,7 @@ class WheelDriver:
         self.wheel.set_clock(self._loop_time, self._offset)
         self.call_later = self.wheel.call_later_now  # type: ignore[method-assign]
         self.call_later_lax = self.wheel.call_later_lax  # type: ignore[method-assign]
+        self.time = self.wheel.clock_time  # type: ignore[method-assign]
         self._handle: asyncio.TimerHandle | None = None
         self._armed = math.inf
         self.wakeups = 0  # how often the loop woke the wheel (idle costs none)
@@ -57,7 +58,8 @@ class WheelDriver:
         return self._loop
 
     def time(self) -> float:
-        """The current time in wheel seconds, read from the loop's clock."""
+        """The current time in wheel seconds, read from the loop's clock (each instance
+        replaces this with the wheel's ``clock_time``, which does the same in C)."""
         return self._loop_time() - self._offset
 
     def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> TimerHandle:

@@ -298,13 +298,20 @@ class _Datagram(asyncio.DatagramProtocol):
         self.layer = layer
         self.lid = lid
         self.transport: asyncio.DatagramTransport | None = None
-
-    @property
-    def closed(self) -> bool:
-        return self.transport is None or self.transport.is_closing()
+        #: No transport yet, or closing: a plain attribute (a property was a Python call per
+        #: datagram sent), set with the transport's life: connection_made, close() and
+        #: connection_lost (which follows every close, ours or the loop's on an error).
+        self.closed = True
+        # The loop's clock, bound once: admit's ``now`` for every datagram (made inside
+        # listen(), on the running loop).
+        self._time = layer.loop.time
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.closed = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         layer = self.layer
@@ -312,7 +319,7 @@ class _Datagram(asyncio.DatagramProtocol):
         stats.datagrams += 1
         try:
             admit = layer.admit
-            if admit is not None and not admit(addr[0], layer._now()):
+            if admit is not None and not admit(addr[0], self._time()):
                 stats.datagrams_denied += 1
                 return
             layer._receive_datagram(data, addr[0], addr[1], self.lid)
@@ -328,7 +335,9 @@ class _Datagram(asyncio.DatagramProtocol):
         if transport is None:
             self.layer._fail_soon(dest)
             return
-        if cast(asyncio.WriteTransport, transport).get_write_buffer_size() > _MAX_WRITE_BUFFER:
+        # (A datagram transport has the write transports' buffer size; no typing.cast here:
+        # it is a Python call, and this runs for every datagram sent.)
+        if transport.get_write_buffer_size() > _MAX_WRITE_BUFFER:  # type: ignore[attr-defined]
             # The transport queues what the socket cannot take now; past this, drop (as
             # _UdpSocket does at once) rather than grow memory under overload.
             self.layer.stats.sends_dropped += 1
@@ -341,6 +350,7 @@ class _Datagram(asyncio.DatagramProtocol):
             self.layer._fail_soon(dest)
 
     def close(self) -> None:
+        self.closed = True
         if self.transport is not None:
             self.transport.close()
 
@@ -1000,7 +1010,9 @@ class TransportLayer:
             listener = self._listener(dest.connection)
             if listener is not None and listener.family == family:
                 sock = listener._udp
-        if sock is None or sock.closed:
+                if sock is not None and sock.closed:
+                    sock = None
+        if sock is None:
             listener = self._udp_listener(family, dest.host)
             if listener is not None:
                 sock = listener._udp
@@ -1013,7 +1025,9 @@ class TransportLayer:
                 if own is not None and own._udp is not None and \
                         data.find(own.via_mark, 0, _VIA_WINDOW) >= 0:
                     sock = own._udp
-        if sock is None or sock.closed:
+                if sock is not None and sock.closed:
+                    sock = None
+        if sock is None:
             log.debug("no UDP listener for the address family of %s", dest)
             self._fail_soon(dest)
             return

@@ -44,6 +44,8 @@ class TimerWheel:
     ) -> TimerHandle: ...
     def set_clock(self, clock: Callable[[], float] | None, offset: float = 0.0) -> None:
         """Count ``call_later_now`` from ``clock() - offset`` (None: the wheel's clock)."""
+    def clock_time(self) -> float:
+        """The owner's clock as ``call_later_now`` counts it (the wheel's time without one)."""
     def call_later_now(
         self, delay: float, callback: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]
     ) -> TimerHandle:

@@ -905,6 +905,11 @@ cdef class TimerWheel:
         self._clock = clock
         self._clock_offset = offset
 
+    def clock_time(self) -> float:
+        """The owner's clock as :meth:`call_later_now` counts it (``clock() - offset``; the
+        wheel's own time without one): a driver's ``time()``, read without a Python frame."""
+        return self._now if self._clock is None else self._clock() - self._clock_offset
+
     def call_later_now(self, double delay, callback, *args) -> TimerHandle:
         """``call_later`` counted from the owner's clock (see :meth:`set_clock`) instead of
         the latest advance: what a driver's ``call_later`` is, without a Python frame and an
