@@ -51,17 +51,20 @@ import ssl
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, cast
 
-from fastsip.asyncio import kernelban
+from fastsip.asyncio import _udp, kernelban
+from fastsip.asyncio._udp import MAX_WRITE_BUFFER as _MAX_WRITE_BUFFER
+from fastsip.asyncio._udp import OWN_ID as _OWN_ID
+from fastsip.asyncio._udp import WILDCARDS as _WILDCARDS
+from fastsip.asyncio._udp import family_of as _family
 from fastsip.asyncio.dns import DnsFailure, Rfc3263Resolver
 from fastsip.asyncio.netif import interface_addresses, routed_address
 from fastsip.asyncio.runner import loop_name
 from fastsip.errors import FastSIPError, ParseError
 from fastsip.sip import Limits, Message, Request, Response, message_length, parse
 from fastsip.transport import DEFAULT_PORTS, Address
-from fastsip.transport.intake import Steer, answer_malformed, deliver_message, receive_datagram
+from fastsip.transport.intake import Steer, answer_malformed, deliver_message
 from fastsip.transport.rules import (
     held_connection_id,
     parse_hostport,
@@ -81,13 +84,7 @@ HandSend = Callable[[bytes, Address], bool]
 #: ``admit(host, now)``: may this source IP (no brackets) be heard at loop time ``now``?
 AdmitCallback = Callable[[str, float], bool]
 
-_STREAM = ("TCP", "TLS")
-_WILDCARDS = ("0.0.0.0", "::", "")
 _PONG = b"\r\n"
-# A peer that stops reading cannot make us hold more than this per connection.
-_MAX_WRITE_BUFFER = 4 * 1024 * 1024
-# The largest UDP payload over IPv4 (65535 - 8 - 20); bigger sends fail at once.
-_MAX_DATAGRAM = 65507
 # One receive buffer per UDP socket, big enough for any datagram (a longer one is truncated,
 # and then fails to parse).
 _RECV_SIZE = 65536
@@ -105,31 +102,6 @@ _MAX_SWEEP_PERIOD = 30.0
 # what we send to such a peer reuses that connection, as _by_peer does for our own): at most
 # this many, the oldest forgotten first.
 _MAX_REMOTE_PEERS = 4096
-# A worker's own UDP socket beside listener L (see TransportLayer.own_sockets) has id
-# _OWN_ID + L: UDP ids travel in one byte between workers (workers._HEADER), so up to 127
-# listeners have one.
-_OWN_ID = 128
-# Where a request's top Via is looked for (see _send_udp): the request line and the first
-# header, ours, fit in it.
-_VIA_WINDOW = 512
-
-
-@lru_cache(maxsize=4096)
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.partition("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
-@lru_cache(maxsize=4096)
-def _family(host: str) -> int:
-    """AF_INET/AF_INET6 for an IP literal, 0 for a name (needs resolving)."""
-    try:
-        ip = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        return 0
-    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
 
 
 def _host_key(host: str) -> str:
@@ -313,41 +285,13 @@ class _Datagram(asyncio.DatagramProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
 
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        layer = self.layer
-        stats = layer.stats
-        stats.datagrams += 1
-        try:
-            admit = layer.admit
-            if admit is not None and not admit(addr[0], self._time()):
-                stats.datagrams_denied += 1
-                return
-            layer._receive_datagram(data, addr[0], addr[1], self.lid)
-        except Exception:
-            log.exception("error receiving a UDP datagram")
+    # Every datagram in and out: compiled (fastsip.asyncio._udp).
+    datagram_received = _udp.datagram_received
+    send = _udp.datagram_send
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors on an unconnected socket cannot be tied to one destination reliably.
         log.debug("UDP socket error: %s", exc)
-
-    def send(self, data: bytes, dest: Address) -> None:
-        transport = self.transport
-        if transport is None:
-            self.layer._fail_soon(dest)
-            return
-        # (A datagram transport has the write transports' buffer size; no typing.cast here:
-        # it is a Python call, and this runs for every datagram sent.)
-        if transport.get_write_buffer_size() > _MAX_WRITE_BUFFER:  # type: ignore[attr-defined]
-            # The transport queues what the socket cannot take now; past this, drop (as
-            # _UdpSocket does at once) rather than grow memory under overload.
-            self.layer.stats.sends_dropped += 1
-            log.debug("UDP send to %s dropped: send queue full", dest)
-            return
-        try:
-            transport.sendto(data, (dest.host, dest.port))
-        except OSError as exc:      # e.g. an unreachable network, reported synchronously
-            log.debug("UDP send to %s failed: %s", dest, exc)
-            self.layer._fail_soon(dest)
 
     def close(self) -> None:
         self.closed = True
@@ -897,141 +841,19 @@ class TransportLayer:
             raise FastSIPError("no listeners: call listen() first")
         return self.listeners[0].sent_by
 
-    def local_for(self, dest: Address) -> Address:
-        """Our end of a message to (or one that came from) ``dest``: the transport, the
-        advertised host and port of the listener it leaves from (or arrived on), and that
-        listener's id as ``connection`` -- what our Via and Record-Route must name so the
-        peer's answers come back to the same socket.
-
-        A ``dest`` that names a socket or connection (``connection``, as a source Address
-        does) gives the listener it is on; otherwise the one :meth:`send` would pick: same
-        transport and address family, on the same side of loopback.  With no listener of that
-        transport, the first listener's address stands in (as :meth:`sent_by`), id 0."""
-        listener = self._listener_for(dest)
-        if listener is None:
-            host, port = self.sent_by(dest.transport)
-            return Address(dest.transport, host, port)
-        host, port = listener.sent_by
-        return Address(listener.address.transport, host, port, listener.id)
-
-    def via_for(self, dest: Address, local: Address | None = None) -> Address:
-        """Our end of a request we start towards ``dest``, for its Via: :meth:`local_for`'s
-        (``local``, when the caller has it already), but a worker's own socket
-        (``own_sockets``) where the request will leave from it -- the port its responses
-        must come back to."""
-        if self._own and not dest.connection and dest.transport == "UDP":
-            listener = self._listener_for(dest)
-            if listener is not None and listener.own is not None:
-                own = listener.own
-                return Address("UDP", own.sent_by[0], own.sent_by[1], own.id)
-        return local if local is not None else self.local_for(dest)
-
-    def _listener(self, lid: int) -> Listener | None:
-        if lid > _OWN_ID:
-            return self._own.get(lid)
-        if 0 < lid <= len(self.listeners):
-            listener = self.listeners[lid - 1]
-            if listener.id == lid:
-                return listener
-        return None
-
-    def _listener_for(self, dest: Address) -> Listener | None:
-        transport = dest.transport
-        if dest.connection:
-            if transport == "UDP":
-                listener = self._listener(dest.connection)
-                if listener is not None and listener.address.transport == "UDP":
-                    return listener
-            else:
-                conn = self._connections.get(dest.connection)
-                if conn is not None and conn.lid:
-                    return self._listener(conn.lid)
-        family = _family(dest.host)
-        loopback = _is_loopback(dest.host)
-        fallback = None
-        for listener in self.listeners:
-            if listener.address.transport != transport:
-                continue
-            if family and listener.family != family:
-                continue
-            bound = listener.address.host
-            if bound in _WILDCARDS or _is_loopback(bound) == loopback:
-                return listener
-            if fallback is None:
-                fallback = listener
-        return fallback
-
-    def send(self, data: bytes, dest: Address) -> None:
-        """Send one message to ``dest``; never blocks or raises for network trouble (failures
-        go to ``on_error(dest)``).  Stream transports: ``dest.connection`` while open, else
-        an open connection to ``dest.peer``, else a new one (data queued until it is up).
-        A host name (not an IP literal) is resolved first (A/AAAA, RFC 3263 §4.2)."""
-        if self._closed:
-            return
-        if dest.transport == "UDP":
-            self._send_udp(data, dest)
-        elif dest.transport in _STREAM:
-            self._send_stream(data, dest)
-        else:
-            log.debug("no %s transport for %s", dest.transport, dest)
-            self._fail_soon(dest)
+    # The per-message path -- our end of a message, the listener it uses, the send, the
+    # receive -- is compiled (fastsip.asyncio._udp, where each is documented): it runs for
+    # every datagram.
+    local_for = _udp.local_for
+    via_for = _udp.via_for
+    _listener = _udp.listener
+    _listener_for = _udp.listener_for
+    send = _udp.send
+    _udp_listener = _udp.udp_listener
+    _send_udp = _udp.send_udp
+    _receive_datagram = _udp.receive
 
     # -- UDP -------------------------------------------------------------------------------
-
-    def _udp_listener(self, family: int, host: str = "") -> Listener | None:
-        """The UDP listener to send from: one of ``family``, preferring one on the same side
-        of loopback as ``host`` (a socket bound to 127.0.0.1 cannot reach the world, one
-        bound to a public address should not talk to 127.0.0.1), else the first."""
-        fallback: Listener | None = None
-        loopback = _is_loopback(host)
-        for listener in self.listeners:
-            if listener._udp is None or listener.family != family:
-                continue
-            bound = listener.address.host
-            if bound in _WILDCARDS or _is_loopback(bound) == loopback:
-                return listener
-            if fallback is None:
-                fallback = listener
-        return fallback
-
-    def _send_udp(self, data: bytes, dest: Address) -> None:
-        family = _family(dest.host)
-        if family == 0:
-            self._spawn(self._resolve_then_send(data, dest))
-            return
-        if len(data) > _MAX_DATAGRAM:
-            log.debug("%d bytes do not fit in a UDP datagram to %s", len(data), dest)
-            self._fail_soon(dest)
-            return
-        sock = None
-        if dest.connection:
-            # The socket the peer's datagram arrived on (a response, a NAT flow): leave from
-            # it, so the peer (and its NAT) sees the address it sent to.
-            listener = self._listener(dest.connection)
-            if listener is not None and listener.family == family:
-                sock = listener._udp
-                if sock is not None and sock.closed:
-                    sock = None
-        if sock is None:
-            listener = self._udp_listener(family, dest.host)
-            if listener is not None:
-                sock = listener._udp
-                own = listener.own
-                # A request leaves from the socket its top Via names (the peer answers
-                # there, §18.2.2, and by rport the source): a worker's own one when the
-                # proxy put it in (via_for), the shared one for what names that (a trunk's
-                # REGISTER, whose Contact is the shared address too: a provider that takes
-                # the source for the Contact behind "NAT" must get the shared port).
-                if own is not None and own._udp is not None and \
-                        data.find(own.via_mark, 0, _VIA_WINDOW) >= 0:
-                    sock = own._udp
-                if sock is not None and sock.closed:
-                    sock = None
-        if sock is None:
-            log.debug("no UDP listener for the address family of %s", dest)
-            self._fail_soon(dest)
-            return
-        sock.send(data, dest)
 
     async def _resolve_then_send(self, data: bytes, dest: Address) -> None:
         try:
@@ -1324,17 +1146,6 @@ class TransportLayer:
             self._arm_sweeper()
 
     # -- receiving -------------------------------------------------------------------------
-
-    def _receive_datagram(self, data: bytes, host: str, port: int, lid: int = 0,
-                          steer: bool = True) -> None:
-        """One datagram ``admit`` let through on listener ``lid``, to the sans-IO intake
-        (:func:`~fastsip.transport.intake.receive_datagram`: keep-alives, STUN, malformed
-        requests, the §18 checks).  The source Address it hands up names the socket as
-        ``connection``, so whatever answers it leaves from the same socket.  ``steer``
-        False: a datagram another worker handed us, ours by definition."""
-        receive_datagram(data, host, port, lid, self.limits, self, self.on_message,
-                         self._local if self.check_via else None,
-                         self.steer if steer else None, self._answer_malformed)
 
     def _answer_malformed(self, data: bytes, exc: ParseError, source: Address) -> None:
         self.stats.malformed += 1
