@@ -29,6 +29,8 @@ import logging
 from collections.abc import Callable, Iterable
 from functools import lru_cache
 
+from fastsip.proxy import _edge
+
 __all__ = ["SourceGuard", "TrustedNetworks"]
 
 log = logging.getLogger("fastsip.proxy.edge")
@@ -152,36 +154,10 @@ class SourceGuard:
 
     # -- every message ---------------------------------------------------------------------
 
-    def admit(self, host: str, now: float) -> bool:
-        """Called for every message (or new connection) from ``host`` before any work is done
-        on it: False means drop it silently (banned, or it just went over its rate)."""
-        bans = self.bans
-        if bans:
-            until = bans.get(host)
-            if until is not None:
-                if now < until:
-                    self.dropped += 1
-                    return False
-                del bans[host]
-                log.info("ban on %s expired", host)
-                self._changed()
-        if not self.rate or self.trusted.host_trusted(host):
-            return True
-        src = self._sources.get(host)
-        if src is None:
-            src = self._track(host, now)
-            if src is None:
-                return True         # table full of live sources: fail open, other caps hold
-        tokens = src.tokens + (now - src.seen) * self.rate
-        tokens = min(tokens, self.burst)
-        src.seen = now
-        if tokens < 1.0:
-            src.tokens = tokens
-            self._ban(host, now, f"over the rate limit ({self.rate:g}/s, burst {self.burst:g})")
-            self.dropped += 1
-            return False
-        src.tokens = tokens - 1.0
-        return True
+    #: ``admit(host, now)``, called for every message (or new connection) from ``host``
+    #: before any work is done on it: False means drop it silently (banned, or it just went
+    #: over its rate).  Compiled (fastsip.proxy._edge): it runs for every packet of a flood.
+    admit = _edge.admit
 
     def banned(self, host: str, now: float) -> bool:
         """Is ``host`` banned at ``now``?  (Does not count anything.)"""
