@@ -13,12 +13,13 @@ the same, and the sockets are still the shell's alone (the loop's datagram trans
 ``_UdpSocket``'s).
 """
 
+from fastsip.transport._address cimport Address
+
 import ipaddress
 import logging
 import socket
 from functools import lru_cache
 
-from fastsip.transport import Address as _Address
 from fastsip.transport.intake import receive_datagram as _receive_datagram
 
 log = logging.getLogger("fastsip.asyncio.transport")
@@ -79,7 +80,7 @@ def listener(self, Py_ssize_t lid):
     return _listener(self, lid)
 
 
-cdef object _listener_for(layer, dest):
+cdef object _listener_for(layer, Address dest):
     transport = dest.transport
     cdef Py_ssize_t connection = dest.connection
     if connection:
@@ -115,13 +116,13 @@ def listener_for(self, dest):
     return _listener_for(self, dest)
 
 
-cdef object _local_for(layer, dest):
+cdef object _local_for(layer, Address dest):
     found = _listener_for(layer, dest)
     if found is None:
         host, port = layer.sent_by(dest.transport)
-        return _Address(dest.transport, host, port)
+        return Address(dest.transport, host, port)
     host, port = found.sent_by
-    return _Address(found.address.transport, host, port, found.id)
+    return Address(found.address.transport, host, port, found.id)
 
 
 def local_for(self, dest):
@@ -137,7 +138,7 @@ def local_for(self, dest):
     return _local_for(self, dest)
 
 
-def via_for(self, dest, local=None):
+def via_for(self, Address dest, local=None):
     """Our end of a request we start towards ``dest``, for its Via: :meth:`local_for`'s
     (``local``, when the caller has it already), but a worker's own socket
     (``own_sockets``) where the request will leave from it -- the port its responses
@@ -146,7 +147,7 @@ def via_for(self, dest, local=None):
         found = _listener_for(self, dest)
         if found is not None and found.own is not None:
             own = found.own
-            return _Address("UDP", own.sent_by[0], own.sent_by[1], own.id)
+            return Address("UDP", own.sent_by[0], own.sent_by[1], own.id)
     return local if local is not None else _local_for(self, dest)
 
 
@@ -173,7 +174,7 @@ def udp_listener(self, int family, str host=""):
 
 # -- sending ------------------------------------------------------------------------------------
 
-def send(self, data, dest):
+def send(self, data, Address dest):
     """Send one message to ``dest``; never blocks or raises for network trouble (failures
     go to ``on_error(dest)``).  Stream transports: ``dest.connection`` while open, else
     an open connection to ``dest.peer``, else a new one (data queued until it is up).
@@ -190,7 +191,7 @@ def send(self, data, dest):
         self._fail_soon(dest)
 
 
-cdef _send_udp(layer, data, dest):
+cdef _send_udp(layer, data, Address dest):
     host = dest.host
     cdef int family = family_of(host)
     if family == 0:
@@ -239,7 +240,7 @@ def send_udp(self, data, dest):
     _send_udp(self, data, dest)
 
 
-def datagram_send(self, data, dest):
+def datagram_send(self, data, Address dest):
     """The datagram protocol's send: through the loop's transport, dropped (and counted)
     past MAX_WRITE_BUFFER queued, a synchronous error reported to the layer."""
     transport = self.transport

@@ -30,10 +30,7 @@ cdef class Address:
     cyclic GC.
     """
 
-    cdef readonly str transport
-    cdef readonly str host
-    cdef readonly object port
-    cdef readonly object connection
+    # (Its fields are declared in _address.pxd, for the modules that cimport it.)
 
     def __init__(self, str transport, str host, port, connection=0):
         self.transport = transport
