@@ -112,8 +112,8 @@ cdef class Message:
     cdef object _new_body
     cdef object _new_start_line     # bytes, CRLF included
     cdef bint _edited
-    # caches of typed views
-    cdef object _c_via, _c_from, _c_to, _c_cseq
+    # caches of typed views (every edit clears them: _invalidate)
+    cdef object _c_via, _c_from, _c_to, _c_cseq, _c_route
     # No GC participation, on purpose: a message and its views reference only immutable
     # buffers (never each other), so they cannot form cycles.  The object stays under
     # pymalloc's 512-byte limit and its header index comes from a pool, so creating and

@@ -1447,7 +1447,7 @@ cdef class Message:
     cdef void _invalidate(self) noexcept:
         self._edited = True
         self._parts_ok = False
-        self._c_via = self._c_from = self._c_to = self._c_cseq = None
+        self._c_via = self._c_from = self._c_to = self._c_cseq = self._c_route = None
 
     cdef int _copy_into(self, Message m) except -1:
         # The copy shares the (immutable) buffer and the bytes of edited lines, and gets its
@@ -1732,8 +1732,12 @@ cdef class Message:
 
     @property
     def route(self):
-        """Every Route value, first to last."""
-        return self._name_addr_list(H_ROUTE)
+        """Every Route value, first to last.  The same list (and views, whose URIs are parsed
+        once) until the message is edited, as ``via``: a proxy reads the route set several
+        times per request (validation, loose-routing pops, the next hop)."""
+        if self._c_route is None:
+            self._c_route = self._name_addr_list(H_ROUTE)
+        return self._c_route
 
     @property
     def record_route(self):
