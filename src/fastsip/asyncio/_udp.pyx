@@ -80,6 +80,19 @@ def listener(self, Py_ssize_t lid):
     return _listener(self, lid)
 
 
+cdef object _nearest(list candidates, str host):
+    """Of the listeners that can carry a message to ``host``, the one to use: the first bound
+    to a wildcard or on the same side of loopback as ``host`` (a socket bound to 127.0.0.1
+    cannot reach the world, one bound to a public address should not talk to 127.0.0.1),
+    else the first; None without any."""
+    loopback = is_loopback(host)
+    for candidate in candidates:
+        bound = candidate.address.host
+        if bound in WILDCARDS or is_loopback(bound) == loopback:
+            return candidate
+    return candidates[0] if candidates else None
+
+
 cdef object _listener_for(layer, Address dest):
     transport = dest.transport
     cdef Py_ssize_t connection = dest.connection
@@ -94,19 +107,8 @@ cdef object _listener_for(layer, Address dest):
                 return _listener(layer, conn.lid)
     host = dest.host
     family = family_of(host)
-    loopback = is_loopback(host)
-    fallback = None
-    for candidate in layer.listeners:
-        if candidate.address.transport != transport:
-            continue
-        if family and candidate.family != family:
-            continue
-        bound = candidate.address.host
-        if bound in WILDCARDS or is_loopback(bound) == loopback:
-            return candidate
-        if fallback is None:
-            fallback = candidate
-    return fallback
+    return _nearest([c for c in layer.listeners if c.address.transport == transport
+                     and (not family or c.family == family)], host)
 
 
 def listener_for(self, dest):
@@ -152,17 +154,8 @@ def via_for(self, Address dest, local=None):
 
 
 cdef object _udp_listener(layer, int family, str host):
-    fallback = None
-    loopback = is_loopback(host)
-    for candidate in layer.listeners:
-        if candidate._udp is None or candidate.family != family:
-            continue
-        bound = candidate.address.host
-        if bound in WILDCARDS or is_loopback(bound) == loopback:
-            return candidate
-        if fallback is None:
-            fallback = candidate
-    return fallback
+    return _nearest([c for c in layer.listeners if c._udp is not None and c.family == family],
+                    host)
 
 
 def udp_listener(self, int family, str host=""):
