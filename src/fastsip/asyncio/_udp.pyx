@@ -26,9 +26,10 @@ log = logging.getLogger("fastsip.asyncio.transport")
 
 STREAM = ("TCP", "TLS")
 WILDCARDS = ("0.0.0.0", "::", "")
-#: The largest UDP payload (65535 - 8 - 20).
+#: The largest UDP payload over IPv4 (65535 - 8 - 20); bigger sends fail at once.
 MAX_DATAGRAM = 65507
-#: A send queue this deep (a socket that cannot keep up) drops instead of growing.
+#: What a transport may hold unsent: past it a datagram is dropped (the socket cannot keep
+#: up), and a connection whose peer stops reading is closed (transport.py's streams).
 MAX_WRITE_BUFFER = 4 * 1024 * 1024
 #: A worker's own UDP socket beside listener L (see TransportLayer.own_sockets) has id
 #: OWN_ID + L: UDP ids travel in one byte between workers (workers._HEADER), so up to 127
