@@ -76,11 +76,6 @@ cdef object _listener(layer, Py_ssize_t lid):
     return None
 
 
-def listener(self, Py_ssize_t lid):
-    """The listener (or worker's own socket) with id ``lid``, or None."""
-    return _listener(self, lid)
-
-
 cdef object _nearest(list candidates, str host):
     """Of the listeners that can carry a message to ``host``, the one to use: the first bound
     to a wildcard or on the same side of loopback as ``host`` (a socket bound to 127.0.0.1
@@ -95,6 +90,8 @@ cdef object _nearest(list candidates, str host):
 
 
 cdef object _listener_for(layer, Address dest):
+    # The listener a message to (or from) ``dest`` uses: the one ``dest.connection`` names (a
+    # socket, or a connection's listener), else the nearest of its transport and family.
     transport = dest.transport
     cdef Py_ssize_t connection = dest.connection
     if connection:
@@ -110,13 +107,6 @@ cdef object _listener_for(layer, Address dest):
     family = family_of(host)
     return _nearest([c for c in layer.listeners if c.address.transport == transport
                      and (not family or c.family == family)], host)
-
-
-def listener_for(self, dest):
-    """The listener a message to (or from) ``dest`` uses: the one ``dest.connection`` names
-    (a socket, or a connection's listener), else one of its transport and address family on
-    the same side of loopback, else the first of its transport; None without one."""
-    return _listener_for(self, dest)
 
 
 cdef object _local_for(layer, Address dest):

@@ -846,8 +846,6 @@ class TransportLayer:
     # every datagram.
     local_for = _udp.local_for
     via_for = _udp.via_for
-    _listener = _udp.listener
-    _listener_for = _udp.listener_for
     send = _udp.send
     _udp_listener = _udp.udp_listener
     _send_udp = _udp.send_udp

@@ -16,7 +16,7 @@ from fastsip.errors import ParseError
 from fastsip.sip import parse
 from fastsip.transport import Address
 from fastsip.transport.rules import check_sent_by, error_response
-from fastsip.transport.stun import binding_response
+from fastsip.transport.stun import binding_response, is_stun
 
 log = logging.getLogger("fastsip.transport")
 
@@ -37,10 +37,9 @@ def receive_datagram(data, str host, int port, int connection, limits, transport
     cdef Py_ssize_t n = len(data)
     if n <= 4 and not data.strip():
         return False
-    if data[0] < 2:
-        # STUN (stun.is_stun's test, inline: every datagram meets it; an empty one left
-        # above).  Never SIP (no SIP message starts with byte 0 or 1); only a well-formed
-        # Binding request gets an answer.
+    if is_stun(data):
+        # Never SIP (no SIP message starts with byte 0 or 1); only a well-formed Binding
+        # request gets an answer.
         answer = binding_response(data, host, port)
         if answer is not None:
             transport.send(answer, Address("UDP", host, port, connection))
