@@ -192,12 +192,13 @@ def test_malformed_and_flood_are_counted_as_drops(flood_serve: tuple[Serve, int,
 
 @pytest.mark.skipif(not reuse_port_supported(), reason="--workers needs Linux SO_REUSEPORT")
 def test_workers_are_scraped_from_one_endpoint_with_a_worker_label(tmp_path: Path) -> None:
-    """Each worker counts what it handled (a call belongs to one worker, by Call-ID); the
-    supervisor's endpoint serves all of them, labelled: their sum is the calls made."""
+    """Each worker counts what it handled (a call belongs to one worker: by Call-ID here,
+    ``--spread-above 0``, so both get some); the supervisor's endpoint serves all of them,
+    labelled: their sum is the calls made."""
     redis = RedisServer(tmp_path / "redis")
     port, uas_port, metrics = free_port(), free_port(), free_port()
     serve = Serve(tmp_path, port, "--workers", "2", "--db", redis.url, "--rate-limit", "0",
-                  "--metrics", f"{HOST}:{metrics}")
+                  "--spread-above", "0", "--metrics", f"{HOST}:{metrics}")
     uas = None
     calls = 2 * CALLS
     try:

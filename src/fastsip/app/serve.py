@@ -68,6 +68,7 @@ from typing import TYPE_CHECKING, Any
 from fastsip.app import logqueue
 from fastsip.app.logqueue import DEFAULT_MAX_QUEUED, direct_emitter, dropped_lines
 from fastsip.asyncio.runner import LOOPS, ReloadSignals, StopSignals, loop_name
+from fastsip.asyncio.workers import DEFAULT_SPREAD_ABOVE
 
 if TYPE_CHECKING:
     import ssl
@@ -403,7 +404,9 @@ async def _supervise(args: argparse.Namespace, stop: asyncio.Event, hook: _Reloa
         return [sys.executable, "-m", "fastsip.cli", *argv, "--worker-index", str(index),
                 "--worker-dir", directory]
 
-    log.info("starting %d workers (calls shared by Call-ID)", args.workers)
+    log.info("starting %d workers (%s)", args.workers,
+             f"calls kept by the worker receiving them below {args.spread_above:g} of a core"
+             if args.spread_above > 0 else "calls shared by Call-ID")
     logqueue.flush()
     supervisor = Supervisor(worker_argv, args.workers, len(args.listen),
                             stop_timeout=args.grace + 10.0)
@@ -645,9 +648,10 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event,
                      ", ".join(args.media))
         handoff = None
         if worker is not None:
-            from fastsip.asyncio.workers import HandOff
+            from fastsip.asyncio.workers import HandOff, map_call_table
 
-            handoff = HandOff(endpoint.transport, worker, args.workers, args.worker_dir)
+            handoff = HandOff(endpoint.transport, worker, args.workers, args.worker_dir,
+                              map_call_table(worker, args.workers, args.spread_above))
             handoff.start()
             log.info("worker %d of %d (pid %d)", worker, args.workers, os.getpid())
         keeper = NatKeeper(store, time.time, interval=args.nat_ping_interval,
@@ -1015,6 +1019,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _load_fraction(text: str) -> float:
+    """A CPU load as a fraction of one core, 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:                  # (NaN too)
+        raise argparse.ArgumentTypeError(f"{text}: a load from 0 to 1 (of one core)")
+    return value
+
+
 def _workers(text: str) -> int:
     if text == "auto":
         return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
@@ -1070,8 +1085,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="on stop, seconds to let transactions in flight finish (default 5)")
     p.add_argument("--workers", type=_workers, default=1, metavar="N|auto",
                    help="worker processes sharing the listeners (Linux SO_REUSEPORT); each "
-                        "call is handled by one, chosen by its Call-ID, however the load "
-                        "arrives (a TCP/TLS connection stays in the worker that accepted it); "
+                        "call is handled by one, however the load arrives (see "
+                        "--spread-above; a TCP/TLS connection stays in the worker that "
+                        "accepted it); "
                         "auto: one per CPU (default 1).  Needs a shared --db (redis:// "
                         "or postgresql://)")
     p.add_argument("--worker-ports", choices=("own", "shared"), default="own",
@@ -1083,6 +1099,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "for peers that accept no other source port (their responses then "
                         "cross between workers half the time).  Listeners with an advertised "
                         "address (NAT) always use the shared port")
+    p.add_argument("--spread-above", type=_load_fraction, default=DEFAULT_SPREAD_ABOVE,
+                   metavar="LOAD",
+                   help="with --workers: a worker keeps the new calls it receives while its "
+                        "CPU load is below LOAD (a fraction of one core), and past it passes "
+                        "them to the busiest worker still under LOAD, else the least busy: "
+                        "a light load stays in one warm process, a heavy one (from a single "
+                        "peer too) spreads over every core.  0: every call goes to the "
+                        "worker its Call-ID hashes to, at any load (default "
+                        f"{DEFAULT_SPREAD_ABOVE:g})")
     # Set by the supervisor for the workers it starts (not for operators).
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-dir", default=None, help=argparse.SUPPRESS)

@@ -6,11 +6,21 @@ each datagram to the worker that owns it.
 spreads datagrams over them by a hash of (source, destination) addresses -- so one busy peer
 (an SBC, an upstream proxy: most of a carrier's traffic) would land entirely on one worker, and
 an INVITE's CANCEL or response could reach a worker that never saw the INVITE.  So ownership is
-decided by the message, not by the kernel: a call belongs to worker
-``crc32(Call-ID) % N`` (:func:`~fastsip.transport.rules.call_id_shard`).  Every message of a
-call -- requests, their retransmissions, CANCEL, the ACK for a non-2xx, every response, the BYE
--- carries the same Call-ID, so they all meet the transactions and dialogs of one worker, and
-calls from a single peer spread evenly over the workers.
+decided by the message, not by the kernel, and every message of a call -- requests, their
+retransmissions, CANCEL, the ACK for a non-2xx, every response, the BYE -- meets the
+transactions and dialogs of one worker.  Two ways to choose it (``serve --spread-above``):
+
+- **Packed** (the default, ``--spread-above 0.5``): the worker that receives a new call keeps
+  it while it is busy less than half a core, and past that passes it to the busiest worker
+  still under that (else the least busy).  The choice goes into a table in shared memory,
+  keyed by the Call-ID's hash (:mod:`fastsip.transport._placement`), that every worker reads
+  for every other message.  A load one core carries then stays in one warm process -- a
+  worker given half the load costs far more than half (docs/scaling.md) -- while a heavier
+  one, from a single peer too, spreads over every core.
+- **Hashed** (``--spread-above 0``): a call belongs to worker ``crc32(Call-ID) % N``
+  (:func:`~fastsip.transport.rules.call_id_shard`), so calls from a single peer spread evenly
+  over the workers at any load.  Packed placement falls back to this for a message the table
+  does not know (our own probes choose their Call-IDs by it).
 
 **The hand-off (UDP).**  A worker parses what it receives and asks :meth:`HandOff.steer`; a message
 another worker owns goes to that worker, as received (source address and listener too), over a
@@ -58,6 +68,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import mmap
 import os
 import secrets
 import shutil
@@ -73,17 +84,27 @@ from typing import TYPE_CHECKING
 
 from fastsip.sip import Request, Response
 from fastsip.transport import Address
+from fastsip.transport._placement import CallPlacement, format_table, table_bytes
 from fastsip.transport.rules import call_id_shard, connection_holder, local_tag
 
 if TYPE_CHECKING:
     from fastsip.asyncio.transport import TransportLayer
 
-__all__ = ["NONCE_SECRET_ENV", "HandOff", "Supervisor", "addresses_taken",
-           "reuse_port_supported"]
+__all__ = ["CALL_TABLE_ENV", "DEFAULT_SPREAD_ABOVE", "NONCE_SECRET_ENV", "HandOff",
+           "Supervisor", "addresses_taken", "map_call_table", "reuse_port_supported"]
 
 #: The environment variable through which the supervisor gives every worker the same digest
 #: nonce secret (a challenge one worker sent is answered to another).
 NONCE_SECRET_ENV = "FASTSIP_NONCE_SECRET"
+#: The environment variable naming the file descriptor (inherited) of the call table every
+#: worker maps: shared memory the supervisor makes (:mod:`fastsip.transport._placement`).
+CALL_TABLE_ENV = "FASTSIP_CALL_TABLE_FD"
+#: ``serve --spread-above``'s default: a worker keeps the new calls it receives while it is
+#: busy less than half a core.  Low enough that the worker receiving a single peer's load
+#: passes calls on well before it saturates (it still parses and hands over the peer's
+#: messages of the calls it passed), high enough that a load one core carries stays warm in
+#: one process.
+DEFAULT_SPREAD_ABOVE = 0.5
 
 log = logging.getLogger("fastsip.asyncio.workers")
 
@@ -146,6 +167,42 @@ def addresses_taken(listen: Sequence[str]) -> str:
     return ""
 
 
+def map_call_table(index: int, count: int, spread_above: float) -> CallPlacement | None:
+    """Worker ``index``'s view of the call table its supervisor shares (through
+    :data:`CALL_TABLE_ENV`), packing calls past ``spread_above``; None when there is none
+    (not started by a supervisor that made one) or ``spread_above`` is 0 (hash placement)."""
+    text = os.environ.get(CALL_TABLE_ENV, "")
+    if spread_above <= 0 or not text.isdigit():
+        return None
+    fd = int(text)
+    try:
+        table = mmap.mmap(fd, os.fstat(fd).st_size)
+    except (OSError, ValueError) as exc:
+        log.warning("no call table (%s): calls placed by their Call-ID's hash", exc)
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return CallPlacement(table, index, count, spread_above)
+
+
+def _make_call_table(count: int) -> int:
+    """Shared memory for the workers' call table, made empty: its file descriptor, for them
+    to inherit (-1 where there is no memfd: the workers then place calls by hash)."""
+    if not hasattr(os, "memfd_create"):
+        return -1
+    fd = os.memfd_create("fastsip-calls", os.MFD_CLOEXEC)
+    try:
+        size = table_bytes(count)
+        os.ftruncate(fd, size)       # (pages are made as they are first written)
+        with mmap.mmap(fd, size) as table:
+            format_table(table, count)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def socket_path(directory: str | Path, index: int) -> str:
     return str(Path(directory) / f"worker-{index}.sock")
 
@@ -164,16 +221,21 @@ class HandOff:
     workers' sockets are (made by the supervisor, mode 0700)."""
 
     def __init__(self, layer: TransportLayer, index: int, count: int,
-                 directory: str | Path) -> None:
+                 directory: str | Path, placement: CallPlacement | None = None) -> None:
         self.layer = layer
         self.index = index
         self.count = count
         self.directory = str(directory)
+        #: The shared call table when calls are packed (``serve --spread-above``, the
+        #: default); None: every call is the worker's its Call-ID hashes to.
+        self.placement = placement
         #: Datagrams handed to other workers / received from them / lost on the way (the owner
         #: restarting, its queue full: the peer's retransmission will come back).
         self.handed = 0
         self.received = 0
         self.lost = 0
+        #: New calls whose chosen owner could not take them, claimed here instead.
+        self.claimed = 0
         #: Connections: messages received on one handed to their owner / taken over from a
         #: holder; bytes handed to a connection's holder / written here for their owner; sends
         #: the holder found the connection gone for (reported back / heard of); envelopes
@@ -242,12 +304,14 @@ class HandOff:
     def steer_stream(self, msg: Request | Response, data: bytes, source: Address) -> bool:
         """The transport's hook for a message framed on a connection we hold: True when
         another worker owns its call (and it was handed there, with the connection named)."""
-        owner = call_id_shard(msg.call_id, self.count)
+        owner = self.owner_of(msg)
         if owner == self.index:
             return False
         if self._hand(owner, _MESSAGE, data, source):
             self.stream_handed += 1
             return True
+        if self._take_over(msg):
+            return False
         # The owner is down (restarting: its calls are lost with it) or far behind.  A peer
         # does not retransmit over TCP, so a request would wait out its Timer B: answer it
         # 503 at once, statelessly (RFC 3261 §21.5.4; our To tag makes its ACK ours).
@@ -335,6 +399,8 @@ class HandOff:
         sock = self._inbound.get(fd)
         if sock is None:
             return
+        if self.placement is not None:
+            self.placement.measure()
         for _ in range(_BATCH):
             try:
                 record = sock.recv(self._max_record)
@@ -387,9 +453,41 @@ class HandOff:
             self.gone_heard += 1
             layer.send_without_connection(data, peer)
 
+    def owner_of(self, msg: Request | Response) -> int:
+        """The worker that holds ``msg``'s call.  Packed (:attr:`placement`): the one the
+        shared table names; a new call (a request without a To tag, not ACK or CANCEL) not in
+        it is placed -- here, unless this worker is busy -- and recorded; any other message
+        it does not know goes where its Call-ID hashes.  Else: where the Call-ID hashes."""
+        call_id = msg.call_id
+        placement = self.placement
+        if placement is None or not call_id:
+            return call_id_shard(call_id, self.count)
+        initial = False
+        if type(msg) is Request and msg.method not in ("ACK", "CANCEL"):
+            to = msg.to
+            initial = to is not None and to.tag is None
+        owner = placement.owner(call_id, initial)
+        return owner if owner >= 0 else call_id_shard(call_id, self.count)
+
+    def _take_over(self, msg: Request | Response) -> bool:
+        """The worker just chosen for a new call (``msg`` opened it: :meth:`owner_of` placed
+        it) could not be handed it -- down, restarting, its queue full: True when this worker
+        claims the call instead and handles it.  Not for any other message: its owner holds
+        the call's state, or held it and is gone."""
+        placement = self.placement
+        if placement is None or not placement.fresh or not msg.call_id:
+            return False
+        placement.claim(msg.call_id)
+        self.claimed += 1
+        return True
+
     def summary(self) -> str:
         """The counters, for the worker's last log line."""
-        return (f"handed_off={self.handed} taken_over={self.received} lost={self.lost} "
+        placed = ""
+        if self.placement is not None:
+            placed = (f" calls_kept={self.placement.kept} calls_passed={self.placement.passed}"
+                      f" calls_claimed={self.claimed}")
+        return (f"handed_off={self.handed} taken_over={self.received} lost={self.lost}{placed} "
                 f"stream_handed={self.stream_handed} stream_taken={self.stream_received} "
                 f"sends_handed={self.sends_handed} sends_written={self.sends_written} "
                 f"gone_reported={self.gone_reported} gone_heard={self.gone_heard} "
@@ -397,7 +495,7 @@ class HandOff:
 
     def steer(self, msg: Request | Response, data: bytes, source: Address) -> bool:
         """The intake's hook: True when ``msg`` is another worker's (and was sent there)."""
-        owner = call_id_shard(msg.call_id, self.count)
+        owner = self.owner_of(msg)
         if owner == self.index:
             return False
         host = source.host.encode("ascii", "replace")[:255]
@@ -406,8 +504,11 @@ class HandOff:
             self._sock.sendto(_HEADER.pack(source.connection & 0xFF, source.port, len(host))
                               + host + data, self._peers[owner])
         except OSError as exc:
-            # ECONNREFUSED/ENOENT: the owner is restarting; EAGAIN: its queue is full.  The
-            # datagram is lost, as UDP may lose it: the sender retransmits.
+            # ECONNREFUSED/ENOENT: the owner is restarting; EAGAIN: its queue is full.  A
+            # new call we placed there is taken here instead; anything else is lost, as UDP
+            # may lose it: the sender retransmits.
+            if self._take_over(msg):
+                return False
             self.lost += 1
             if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN):
                 log.warning("hand-off to worker %d failed: %s", owner, exc)
@@ -420,6 +521,8 @@ class HandOff:
         if sock is None:
             return
         receive = self.layer._receive_datagram
+        if self.placement is not None:     # fed by hand-offs alone, a worker is busy too
+            self.placement.measure()
         for _ in range(_BATCH):
             try:
                 packet = sock.recv(_MAX_DATAGRAM)
@@ -556,7 +659,8 @@ class Supervisor:
     its ``listening on ...`` lines on stdout, ``listeners`` of them, once it listens and stops
     cleanly on SIGTERM).  ``directory`` is where the workers' hand-off sockets go: made for
     the run (mode 0700, this user's alone) and removed after it.  The workers' environment
-    carries one fresh nonce secret (:data:`NONCE_SECRET_ENV`).
+    carries one fresh nonce secret (:data:`NONCE_SECRET_ENV`), and the file descriptor they
+    inherit of the call table they share (:data:`CALL_TABLE_ENV`, made for the run).
 
     - :meth:`run` starts them all and prints the listening lines once every worker is up; a
       worker that cannot start stops the whole start (its stderr has said why).
@@ -579,6 +683,7 @@ class Supervisor:
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.workers = [_Worker(i) for i in range(count)]
+        self._call_table = -1
         #: Workers started again after dying (logs, tests).
         self.restarted = 0
         self._stopping = False
@@ -586,9 +691,11 @@ class Supervisor:
 
     async def _spawn(self, worker: _Worker) -> None:
         loop = asyncio.get_running_loop()
+        table = self._call_table
         worker.proc = await asyncio.create_subprocess_exec(
             *self.argv(worker.index, self.directory), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, env=self.env)
+            stdout=asyncio.subprocess.PIPE, env=self.env,
+            pass_fds=(table,) if table >= 0 else ())
         worker.started = loop.time()
         worker.ready = loop.create_future()
         self._readers.add(task := loop.create_task(
@@ -622,10 +729,17 @@ class Supervisor:
     async def run(self, stop: asyncio.Event) -> int:
         """Start, watch and stop the workers; returns the exit status (0: a clean stop)."""
         self.directory = tempfile.mkdtemp(prefix="fastsip-workers-")  # mode 0700
+        # One call table for the run: a restarted worker maps the same one.
+        self._call_table = _make_call_table(self.count)
+        if self._call_table >= 0:
+            self.env[CALL_TABLE_ENV] = str(self._call_table)
         try:
             return await self._run(stop)
         finally:
             shutil.rmtree(self.directory, ignore_errors=True)
+            if self._call_table >= 0:
+                os.close(self._call_table)
+                self._call_table = -1
 
     async def _run(self, stop: asyncio.Event) -> int:
         for worker in self.workers:
