@@ -589,6 +589,51 @@ def test_client_table_cap_refuses_new_requests() -> None:
         layer.request(request("OPTIONS"), UDP, rec)
 
 
+def test_a_full_server_table_ends_its_oldest_lingering_transaction_before_refusing() -> None:
+    """A finished transaction lingers (Timer J: 32 s over UDP) only to absorb retransmissions:
+    at the cap, the oldest of those goes early; only a table all at work answers 503."""
+    layer, wire, wheel, rec = make(Recorder(answer=200))
+    layer.max_server_transactions = 2
+    first = request("OPTIONS")
+    layer.receive(first, UDP)                            # answered: lingers (Completed)
+    rec.answer = None
+    busy = request("OPTIONS")
+    layer.receive(busy, UDP)                             # unanswered: at work (Trying)
+    assert [m.status_code for m in wire.take()] == [200]
+    # The table is full; a third request ends the lingering one and is taken.
+    third = request("OPTIONS")
+    layer.receive(third, UDP)
+    assert wire.take() == [] and rec.events[-1] == ("request", "OPTIONS")
+    assert layer.server_transactions == 2 and layer.reclaimed == 1
+    assert layer.refusals.count == 0
+    # Both left are at work: now the cap refuses, statelessly.
+    layer.receive(request("OPTIONS"), UDP)
+    assert [m.status_code for m in wire.take()] == [503]
+    assert layer.refusals.count == 1 and layer.reclaimed == 1
+    # The ended one is gone: its retransmission is a new request to the TU (no 200 resent).
+    events = len(rec.events)
+    busy_txn = layer._server[layer.server_key(busy)]
+    busy_txn.reply(200)                                  # (frees a slot: lingers now)
+    wire.take()
+    layer.receive(first, UDP)
+    assert len(rec.events) == events + 1 and wire.take() == []
+    wheel.advance(wheel.time() + 40)
+
+
+def test_a_full_client_table_ends_its_oldest_lingering_transaction_before_refusing() -> None:
+    layer, _wire, _wheel, rec = make()
+    layer.max_client_transactions = 2
+    done = layer.request(request("OPTIONS"), UDP, rec)
+    layer.receive(response(done.request, 200), UDP)      # Completed: lingers (Timer K)
+    assert done.state == COMPLETED
+    busy = layer.request(request("OPTIONS"), UDP, rec)   # Trying: at work
+    third = layer.request(request("OPTIONS"), UDP, rec)  # the table was full: done ends
+    assert done.state == TERMINATED and busy.state == TRYING and third.state == TRYING
+    assert layer.client_transactions == 2 and layer.reclaimed == 1
+    with pytest.raises(ValueError, match="cap"):
+        layer.request(request("OPTIONS"), UDP, rec)
+
+
 def test_a_parse_error_in_the_tu_gets_400_and_no_transaction_is_left() -> None:
     class Lazy(Recorder):
         def on_request(self, txn: ServerTransaction, request: fastsip.Request) -> None:

@@ -755,10 +755,12 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event,
         log.info("stopped %s", summary.strip() or "(no requests)")
         stats = endpoint.transport.stats
         log.info("edge banned=%d dropped=%d failed_logins=%d overload_503=%d "
-                 "connections_refused=%d closed_idle=%d closed_slow=%d",
+                 "lingering_ended_early=%d connections_refused=%d closed_idle=%d "
+                 "closed_slow=%d",
                  guard.banned_total, guard.dropped,
                  guard.failed_logins,
                  proxy.refusals.count + transactions.refusals.count + router.refusals.count,
+                 transactions.reclaimed,
                  stats.connections_refused + stats.connections_refused_per_source
                  + stats.connections_denied, stats.closed_idle, stats.closed_read_timeout)
         if anchor is not None:

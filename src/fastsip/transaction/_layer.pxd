@@ -36,6 +36,11 @@ cdef class TransactionLayer:
     cdef readonly object refusals
     cdef readonly dict _client
     cdef readonly dict _server
+    # The transactions of each table that are finished and only linger (to absorb
+    # retransmissions), oldest first: the first to go when a table is full.
+    cdef dict _client_lingering
+    cdef dict _server_lingering
+    cdef readonly Py_ssize_t reclaimed
 
     cpdef tuple server_key(self, Request request)
     cdef int _receive_response(self, Response response, object source) except -1
@@ -43,6 +48,7 @@ cdef class TransactionLayer:
     cdef int _answer_statelessly(self, object request, object source, int status,
                                  object reason, object headers=*) except -1
     cdef int _overload(self, str side, object cap) except -1
+    cdef bint _reclaim(self, dict lingering) except -1
 
 
 cdef class _Lingering:

@@ -147,6 +147,7 @@ cdef class ClientTransaction(_Lingering):
             self._end()
         else:
             self._timer = self.layer.call_later_lax(delay, self._terminate)
+            self.layer._client_lingering[self.key] = self
         return 0
 
     cdef int _receive(self, Response response) except -1:
@@ -172,6 +173,7 @@ cdef class ClientTransaction(_Lingering):
                     self._stop_retransmitting()
                     self._cancel_timeout()
                     self._timeout = layer.call_later_lax(layer._timeout, self._on_timeout)
+                    layer._client_lingering[self.key] = self
                     self._shed()
                 if self._state == S_ACCEPTED:
                     if not layer.shed:
@@ -238,6 +240,7 @@ cdef class ClientTransaction(_Lingering):
         self._stop_retransmitting()
         self._cancel_timeout()
         self.layer._client.pop(self.key, None)
+        self.layer._client_lingering.pop(self.key, None)
         return 0
 
     def __repr__(self):
@@ -292,6 +295,7 @@ cdef class ServerTransaction(_Lingering):
             self._state = S_ACCEPTED                     # RFC 6026: Timer L
             self._data = None          # never resent by us: the TU retransmits its 2xx
             self._timeout = layer.call_later_lax(layer._timeout, self._terminate)
+            layer._server_lingering[self.key] = self
             return
         self._state = S_COMPLETED
         if self.is_invite:
@@ -302,6 +306,7 @@ cdef class ServerTransaction(_Lingering):
             self._end()                                  # Timer J = 0
         else:
             self._timeout = layer.call_later_lax(layer._timeout, self._terminate)
+            layer._server_lingering[self.key] = self
 
     cpdef respond_statelessly(self, Response response):
         """Send a final response outside the state machine and forget the transaction, as a
@@ -361,6 +366,7 @@ cdef class ServerTransaction(_Lingering):
                     self._end()
                 else:
                     self._timeout = layer.call_later_lax(layer._t4, self._terminate)
+                    layer._server_lingering[self.key] = self
             elif state == S_ACCEPTED:
                 layer.tu.on_ack(request, source)         # RFC 6026: the 2xx's ACK goes up
             return 0
@@ -377,6 +383,7 @@ cdef class ServerTransaction(_Lingering):
         self._state = S_TERMINATED
         self._cancel_timers()
         self.layer._server.pop(self.key, None)
+        self.layer._server_lingering.pop(self.key, None)
         return 0
 
     def __repr__(self):
@@ -387,9 +394,11 @@ cdef class TransactionLayer:
     """The transaction table and the matching rules of §17.1.3 and §17.2.3.
 
     ``max_server_transactions`` / ``max_client_transactions`` bound the tables (memory under
-    any load): a new request beyond the server cap is answered ``503`` with ``Retry-After:
-    retry_after`` statelessly (an ACK is dropped), and :meth:`request` beyond the client cap
-    raises ValueError (a proxy's branch then fails as with a 503).  ``None``: no cap.
+    any load).  A full table first ends its oldest *lingering* transaction (finished, kept only
+    to absorb retransmissions: counted in ``reclaimed``); only when every one is at work is a
+    new request beyond the server cap answered ``503`` with ``Retry-After: retry_after``
+    statelessly (an ACK is dropped), and :meth:`request` beyond the client cap raises
+    ValueError (a proxy's branch then fails as with a 503).  ``None``: no cap.
     """
 
     def __init__(self, transport, clock, tu, config=None, *,
@@ -419,6 +428,9 @@ cdef class TransactionLayer:
         self.refusals = Refusals()
         self._client = {}
         self._server = {}
+        self._client_lingering = {}
+        self._server_lingering = {}
+        self.reclaimed = 0
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -434,7 +446,8 @@ cdef class TransactionLayer:
         if key in self._client:
             raise ValueError(f"a client transaction for branch {top.branch} exists")
         cap = self.max_client_transactions
-        if cap is not None and len(self._client) >= cap:
+        if cap is not None and len(self._client) >= cap \
+                and not self._reclaim(self._client_lingering):
             self._overload("client", cap)
             raise ValueError(f"{cap} client transactions in progress (the cap)")
         cdef ClientTransaction txn = ClientTransaction(self, request, dest, handler, key)
@@ -509,7 +522,8 @@ cdef class TransactionLayer:
                 log.debug("dropping ACK from %s: %s", source, exc)
             return 0
         cap = self.max_server_transactions
-        if cap is not None and len(self._server) >= cap:
+        if cap is not None and len(self._server) >= cap \
+                and not self._reclaim(self._server_lingering):
             self._overload("server", cap)
             self._answer_statelessly(request, source, 503, None,
                                      [("Retry-After", str(self.retry_after))])
@@ -548,6 +562,22 @@ cdef class TransactionLayer:
         response = request.reply(status, reason, to_tag=local_tag(), headers=headers)
         self.transport.send(bytes(response), response_destination(top, source))
         return 0
+
+    cdef bint _reclaim(self, dict lingering) except -1:
+        """A table is full: end its oldest lingering transaction early, if it has one (True).
+        A finished transaction lingers up to 32 s only to absorb retransmissions (Timers D, I,
+        J, K, L, M), so at a steady 1,000 calls/s a proxy holds some 64,000 that do no work;
+        they must not make it refuse new calls.  The oldest is the least likely to meet a
+        retransmission still.  Refused (False): every transaction in the table is at work."""
+        if not lingering:
+            return False
+        oldest = lingering[next(iter(lingering))]
+        if type(oldest) is ServerTransaction:
+            (<ServerTransaction>oldest)._end()
+        else:
+            (<ClientTransaction>oldest)._end()
+        self.reclaimed += 1
+        return True
 
     cdef int _overload(self, str side, object cap) except -1:
         if self.refusals.refused(self.clock.time()):
