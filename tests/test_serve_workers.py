@@ -65,8 +65,8 @@ def worker_pids(log: str) -> dict[int, int]:
 
 def stopped_counts(log: str) -> list[int]:
     """Calls answered by each worker, from their "stopped" lines (in stop order)."""
-    return [int(n or 0) for n in re.findall(r"stopped (?:.*?answered=(\d+)|\(no requests\))",
-                                            log)]
+    lines = re.findall(r"fastsip\.app\.serve: stopped (.*)", log)
+    return [int(m[1]) if (m := re.search(r"\banswered=(\d+)", line)) else 0 for line in lines]
 
 
 def placed(log: str, what: str) -> list[int]:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from procutil import HOST, free_port
 from redisutil import RedisServer
 from serveutil import DOMAIN, SCENARIOS, SIPP, Serve, finish, run_uac, sipp, successful
-from test_serve_workers import worker_pids, workers_serve
+from test_serve_workers import stopped_counts, worker_pids, workers_serve
 
 from fastsip.asyncio.workers import reuse_port_supported
 from fastsip.transport.rules import call_id_shard
@@ -178,8 +178,7 @@ def test_tcp_calls_through_two_workers_all_complete(tmp_path: Path, redis: Redis
         # 50 calls/s: the worker holding the caller's connection keeps every call; when
         # the kernel gave the phone's connection to the other, the phone's responses and
         # the INVITEs to it crossed through the table and the links, and none was lost.
-        answered = [int(n or 0) for n in re.findall(
-            r"stopped (?:.*?answered=(\d+)|\(no requests\))", log)]
+        answered = stopped_counts(log)
         assert sorted(answered) == [0, calls], answered
         assert sum(counters(log, "stream_taken")) == sum(counters(log, "stream_handed"))
         assert sum(counters(log, "sends_written")) == sum(counters(log, "sends_handed"))

@@ -23,12 +23,16 @@ transactions and dialogs of one worker.  Two ways to choose it (``serve --spread
   does not know (our own probes choose their Call-IDs by it).
 
 **The hand-off (UDP).**  A worker parses what it receives and asks :meth:`HandOff.steer`; a message
-another worker owns goes to that worker, as received (source address and listener too), over a
-Unix datagram socket in a directory only this user can open.  The owner treats it as its own
-arrival: its answers leave from its own socket on the same address, so peers see one server.
-A hand-off costs one local datagram each way of the kernel (~10-20 us) and a wake-up of the
-owner; with N workers, (N - 1)/N of the datagrams that reach the shared address make it.
-Keep-alives, STUN and malformed requests are answered by whoever received them.
+another worker owns goes to that worker, as received (source address and listener too), as a
+record on the worker's ``SOCK_SEQPACKET`` link to it (below; a Unix socket in a directory only
+this user can open).  The owner treats it as its own arrival: its answers leave from its own
+socket on the same address, so peers see one server.  A hand-off costs one local send of the
+kernel (~10-20 us) and a wake-up of the owner.  Hashed, (N - 1)/N of the datagrams that reach
+the shared address make it; packed, only those of the calls a busy worker passed on.
+(Datagrams went over a Unix *datagram* socket once: its queue holds
+``net.unix.max_dgram_qlen`` -- 10 -- datagrams, and at 3,000 calls/s one in six hand-offs
+found it full and was lost.)  Keep-alives, STUN and malformed requests are answered by
+whoever received them.
 
 **Responses come straight back** (``serve --worker-ports own``, the default): each worker has
 a UDP socket of its own beside each shared listener (an ephemeral port on the same host), and
@@ -55,11 +59,10 @@ writes it, or answers ``_GONE`` with the bytes, and the owner falls back as for 
 connection of its own (a new connection; a failure is the transaction's transport error,
 RFC 3261 §18.4; §18.2.2 for a response).  A binding whose worker died is a closed flow: the
 restarted worker numbers its connections afresh, so the old ids find nothing.  These go over
-``SOCK_SEQPACKET`` links, one from each worker to each other: a lost message on a
-connection is not retransmitted by the peer, and a datagram socket's queue holds only
-``net.unix.max_dgram_qlen`` (10) messages; a link is flow-controlled by its socket buffer,
-with a bounded queue behind it (:data:`_LINK_QUEUE_BYTES`), and a record holds a whole
-message up to the transport's size limit.
+the ``SOCK_SEQPACKET`` links, one from each worker to each other, as the datagrams do: a lost
+message on a connection is not retransmitted by the peer; a link is flow-controlled by its
+socket buffer, with a bounded queue behind it (:data:`_LINK_QUEUE_BYTES`), and a record
+holds a whole message up to the transport's size limit.
 """
 
 from __future__ import annotations
@@ -108,12 +111,8 @@ DEFAULT_SPREAD_ABOVE = 0.5
 
 log = logging.getLogger("fastsip.asyncio.workers")
 
-# A handed-off datagram: the listener id, the source port, the source host's length, the
-# host (ASCII), then the datagram as received.
-_HEADER = struct.Struct("!BHB")
 # Hand-offs read per wake-up (bounded, as the UDP listeners' own reads are).
 _BATCH = 256
-_MAX_DATAGRAM = 65536 + _HEADER.size + 255
 
 # What goes between workers about connections, over SOCK_SEQPACKET links (one record per
 # envelope): the kind, the sending worker, the transport (0 TCP, 1 TLS), the peer's port, the
@@ -126,6 +125,9 @@ _SEND = 2
 #: The holder's answer to a _SEND it could not write: the connection is gone (the bytes come
 #: back, so the owner can fall back to a new connection, or fail the transaction).
 _GONE = 3
+#: A UDP datagram, as received, for the worker that owns its call; the connection id field
+#: carries the listener it arrived on (the owner answers from its own socket on it).
+_DATAGRAM = 4
 _TRANSPORTS = ("TCP", "TLS")
 # Retry-After (seconds) of the 503 for a request on a connection whose owner is down: about
 # what a worker takes to start again.
@@ -203,10 +205,6 @@ def _make_call_table(count: int) -> int:
     return fd
 
 
-def socket_path(directory: str | Path, index: int) -> str:
-    return str(Path(directory) / f"worker-{index}.sock")
-
-
 def stream_path(directory: str | Path, index: int) -> str:
     """Where worker ``index`` listens for the links that carry connection hand-offs."""
     return str(Path(directory) / f"worker-{index}.links")
@@ -247,43 +245,22 @@ class HandOff:
         self.gone_reported = 0
         self.gone_heard = 0
         self.stream_lost = 0
-        self._peers = [socket_path(self.directory, i) for i in range(count)]
-        self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # The stream side: our SOCK_SEQPACKET listener, the links accepted on it (read), and
-        # the links we opened to each other worker (written).
+        # Our SOCK_SEQPACKET listener, the links accepted on it (read), and the links we
+        # opened to each other worker (written): datagrams and connections' messages alike.
         self._listener: socket.socket | None = None
         self._inbound: dict[int, socket.socket] = {}
         self._links: dict[int, _Link] = {}
         self._max_record = layer.limits.max_message_size + _STREAM_HEADER.size + 255
 
     def start(self) -> None:
-        path = self._peers[self.index]
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)                     # a previous run of this worker, killed
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            sock.bind(path)
-            sock.setblocking(False)
-            # Room for a burst of hand-offs while this worker is busy.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-            loop = asyncio.get_running_loop()
-            loop.add_reader(sock.fileno(), self._read_ready)
-        except BaseException:
-            sock.close()
-            raise
-        self._sock, self._loop = sock, loop
-        self.layer.steer = self.steer
-        self._start_streams(loop)
-
-    def _start_streams(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Listen for the other workers' links, and take over the transport's connection
-        hooks: every connection id names this worker, messages on a connection go to their
-        call's owner, bytes for another worker's connection go to it."""
+        """Listen for the other workers' links, and take over the transport's hooks: each
+        datagram and each message on a connection goes to its call's owner, every
+        connection id names this worker, bytes for another worker's connection go to it."""
+        loop = self._loop = asyncio.get_running_loop()
         path = stream_path(self.directory, self.index)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+            os.unlink(path)                     # a previous run of this worker, killed
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             sock.bind(path)
@@ -295,6 +272,7 @@ class HandOff:
             raise
         self._listener = sock
         layer = self.layer
+        layer.steer = self.steer
         layer.be_worker(self.index)
         layer.stream_steer = self.steer_stream
         layer.hand_send = self.hand_send
@@ -433,9 +411,13 @@ class HandOff:
         if transport >= len(_TRANSPORTS) or len(record) < start:
             return
         host = record[_STREAM_HEADER.size:start].decode("ascii", "replace")
-        peer = Address(_TRANSPORTS[transport], host, port, cid)
         data = record[start:]
         layer = self.layer
+        if kind == _DATAGRAM:
+            self.received += 1
+            layer._receive_datagram(data, host, port, cid & 0xFF, steer=False)
+            return
+        peer = Address(_TRANSPORTS[transport], host, port, cid)
         if kind == _MESSAGE:
             self.stream_received += 1
             layer.receive_handed(data, peer)
@@ -498,64 +480,19 @@ class HandOff:
         owner = self.owner_of(msg)
         if owner == self.index:
             return False
-        host = source.host.encode("ascii", "replace")[:255]
-        try:
-            assert self._sock is not None
-            self._sock.sendto(_HEADER.pack(source.connection & 0xFF, source.port, len(host))
-                              + host + data, self._peers[owner])
-        except OSError as exc:
-            # ECONNREFUSED/ENOENT: the owner is restarting; EAGAIN: its queue is full.  A
-            # new call we placed there is taken here instead; anything else is lost, as UDP
-            # may lose it: the sender retransmits.
-            if self._take_over(msg):
-                return False
-            self.lost += 1
-            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN):
-                log.warning("hand-off to worker %d failed: %s", owner, exc)
+        if self._hand(owner, _DATAGRAM, data, source):
+            self.handed += 1
             return True
-        self.handed += 1
+        # The owner is down (restarting) or far behind (its link's queue full).  A new call
+        # we placed there is taken here instead; anything else is lost, as UDP may lose it:
+        # the sender retransmits.
+        if self._take_over(msg):
+            return False
+        self.lost += 1
         return True
 
-    def _read_ready(self) -> None:
-        sock = self._sock
-        if sock is None:
-            return
-        receive = self.layer._receive_datagram
-        if self.placement is not None:     # fed by hand-offs alone, a worker is busy too
-            self.placement.measure()
-        for _ in range(_BATCH):
-            try:
-                packet = sock.recv(_MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.debug("hand-off receive error: %s", exc)
-                return
-            # Only our own workers can write here (the directory is ours alone), but a length
-            # is still checked before it is trusted.
-            if len(packet) < _HEADER.size:
-                continue
-            lid, port, size = _HEADER.unpack_from(packet)
-            start = _HEADER.size + size
-            if len(packet) <= start:
-                continue
-            host = packet[_HEADER.size:start].decode("ascii", "replace")
-            self.received += 1
-            try:
-                receive(packet[start:], host, port, lid, steer=False)
-            except Exception:
-                log.exception("error handling a datagram handed over by another worker")
-
     def close(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is None:
-            return
         loop = self._loop if self._loop is not None and not self._loop.is_closed() else None
-        if loop is not None:
-            loop.remove_reader(sock.fileno())
-        sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self._peers[self.index])
         listener, self._listener = self._listener, None
         if listener is not None:
             if loop is not None:
