@@ -309,3 +309,15 @@ def test_combinations_workers_cannot_serve_are_refused(tmp_path: Path, args: lis
                           text=True, timeout=30, check=False)
     assert proc.returncode == 2, proc.stderr
     assert why in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_more_workers_than_a_byte_names_are_refused(tmp_path: Path) -> None:
+    """A worker's index + 1 is one byte of a connection id and of a call table entry."""
+    import subprocess
+
+    from procutil import fastsip_env
+
+    proc = subprocess.run([sys.executable, "-m", "fastsip.cli", "serve", "--workers", "256"],
+                          cwd=tmp_path, env=fastsip_env(), capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert proc.returncode == 2 and "at most 255 workers" in proc.stderr, proc.stderr

@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING, Any
 from fastsip.app import logqueue
 from fastsip.app.logqueue import DEFAULT_MAX_QUEUED, direct_emitter, dropped_lines
 from fastsip.asyncio.runner import LOOPS, ReloadSignals, StopSignals, loop_name
-from fastsip.asyncio.workers import DEFAULT_SPREAD_ABOVE
+from fastsip.asyncio.workers import DEFAULT_SPREAD_ABOVE, MAX_WORKERS
 
 if TYPE_CHECKING:
     import ssl
@@ -1034,9 +1034,13 @@ def _load_fraction(text: str) -> float:
 
 def _workers(text: str) -> int:
     if text == "auto":
-        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                   else os.cpu_count() or 1)
-    return _positive_int(text)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
+        return max(1, min(cores, MAX_WORKERS))
+    count = _positive_int(text)
+    if count > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{text}: at most {MAX_WORKERS} workers")
+    return count
 
 
 def _non_negative(text: str) -> float:

@@ -93,7 +93,7 @@ from fastsip.transport.rules import call_id_shard, connection_holder, local_tag
 if TYPE_CHECKING:
     from fastsip.asyncio.transport import TransportLayer
 
-__all__ = ["CALL_TABLE_ENV", "DEFAULT_SPREAD_ABOVE", "NONCE_SECRET_ENV", "HandOff",
+__all__ = ["CALL_TABLE_ENV", "DEFAULT_SPREAD_ABOVE", "MAX_WORKERS", "NONCE_SECRET_ENV", "HandOff",
            "Supervisor", "addresses_taken", "map_call_table", "reuse_port_supported"]
 
 #: The environment variable through which the supervisor gives every worker the same digest
@@ -102,6 +102,9 @@ NONCE_SECRET_ENV = "FASTSIP_NONCE_SECRET"
 #: The environment variable naming the file descriptor (inherited) of the call table every
 #: worker maps: shared memory the supervisor makes (:mod:`fastsip.transport._placement`).
 CALL_TABLE_ENV = "FASTSIP_CALL_TABLE_FD"
+#: The most workers a supervisor runs: a worker's index + 1 is one byte of a connection id
+#: and of a call table entry.
+MAX_WORKERS = 255
 #: ``serve --spread-above``'s default: a worker keeps the new calls it receives while it is
 #: busy less than half a core.  Low enough that the worker receiving a single peer's load
 #: passes calls on well before it saturates (it still parses and hands over the peer's

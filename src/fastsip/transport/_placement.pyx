@@ -95,7 +95,7 @@ cdef Py_ssize_t _LOAD_ENTRY = 16
 
 def table_bytes(int count, Py_ssize_t slots=DEFAULT_SLOTS) -> int:
     """The size of the shared memory a table for ``count`` workers and ``slots`` calls takes."""
-    if count < 1 or slots < _BUCKET or slots % _BUCKET:
+    if not 1 <= count <= 255 or slots < _BUCKET or slots % _BUCKET:     # (owner + 1: a byte)
         raise ValueError(f"a table for {count} workers and {slots} slots")
     return _HEADER + count * _LOAD_ENTRY + slots * 8 + slots * 4
 
