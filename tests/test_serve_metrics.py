@@ -231,6 +231,41 @@ def test_workers_are_scraped_from_one_endpoint_with_a_worker_label(tmp_path: Pat
     assert ("fastsip_calls_active", frozenset({("worker", "0")})) in after
 
 
+@pytest.mark.skipif(not reuse_port_supported(), reason="--workers needs Linux SO_REUSEPORT")
+def test_packed_workers_say_where_their_calls_went(tmp_path: Path) -> None:
+    """Packed (the default), a light load stays in one worker: the workers' placement
+    counters add up to the calls made, none was passed or lost, and each publishes a load."""
+    redis = RedisServer(tmp_path / "redis")
+    port, uas_port, metrics = free_port(), free_port(), free_port()
+    serve = Serve(tmp_path, port, "--workers", "2", "--db", redis.url, "--rate-limit", "0",
+                  "--metrics", f"{HOST}:{metrics}")
+    uas = None
+    calls = 2 * CALLS
+    try:
+        uas = start_uas(tmp_path, "uas", uas_port, calls)
+        assert register(tmp_path, "register", port, "service", uas_port).returncode == 0
+        uac = run_uac(tmp_path, "uac", port, "service", calls)
+        finish(uas, 30)
+        assert uac.returncode == 0 and successful(tmp_path, "uac") == calls, serve.log()
+        after = scrape(metrics)
+    finally:
+        if uas is not None and uas.poll() is None:
+            uas.kill()
+            uas.communicate()
+        try:
+            assert serve.close() == 0
+        finally:
+            redis.stop()
+    # Every INVITE and the REGISTER: a new call each, kept where it arrived.
+    assert total(after, "fastsip_worker_calls_total", placement="kept") == calls + 1
+    assert total(after, "fastsip_worker_calls_total", placement="passed") == 0
+    assert total(after, "fastsip_worker_calls_total", placement="claimed") == 0
+    assert total(after, "fastsip_worker_handoffs_total", direction="lost") == 0
+    loads = [v for (n, labels), v in after.items() if n == "fastsip_worker_load"]
+    assert len(loads) == 2 and all(0.0 <= v <= 1.0 for v in loads), loads
+    assert total(after, "fastsip_transactions_ended_early_total") == 0
+
+
 # -- in-process: the pieces the end-to-end runs do not reach -----------------------------------
 
 

@@ -23,6 +23,10 @@ The metrics (their meaning is in ``docs/operations.md``)::
     fastsip_handler_duration_seconds         the routes module's request handler (histogram)
     fastsip_event_loop_lag_seconds           how late a periodic loop timer fired
     fastsip_log_lines_dropped_total          log lines the writer could not keep up with
+    fastsip_transactions_ended_early_total   lingering transactions ended for a full table
+    fastsip_worker_calls_total{placement}    new calls kept, passed or claimed (--workers)
+    fastsip_worker_handoffs_total{direction} messages handed to / taken from other workers
+    fastsip_worker_load                      this worker's CPU load as the others read it
 """
 
 from __future__ import annotations
@@ -352,6 +356,8 @@ class ServeCollector:
         self.contacts = contacts
         self.dropped_lines = dropped_lines
         self.monotonic = monotonic
+        #: The worker's :class:`~fastsip.asyncio.workers.HandOff` (``--workers``), once made.
+        self.handoff: Any = None
 
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -409,6 +415,38 @@ class ServeCollector:
         yield CounterMetricFamily("fastsip_log_lines_dropped", "log lines dropped because "
                                   "the log writer could not keep up",
                                   value=self.dropped_lines())
+        yield CounterMetricFamily("fastsip_transactions_ended_early", "lingering "
+                                  "transactions ended early because their table was full",
+                                  value=self.transactions.reclaimed)
+        yield from self._worker()
+
+    def _worker(self) -> Iterator[Metric]:
+        """What a worker of ``--workers N`` did with its calls (nothing for one process)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        handoff = self.handoff
+        if handoff is None:
+            return
+        moved = CounterMetricFamily("fastsip_worker_handoffs", "messages handed to the "
+                                    "worker holding their call, taken from another worker, "
+                                    "or lost on the way", labels=["direction"])
+        moved.add_metric(["out"], handoff.handed + handoff.stream_handed)
+        moved.add_metric(["in"], handoff.received + handoff.stream_received)
+        moved.add_metric(["lost"], handoff.lost + handoff.stream_lost)
+        yield moved
+        placement = handoff.placement
+        if placement is None:
+            return
+        calls = CounterMetricFamily("fastsip_worker_calls", "new calls this worker kept, "
+                                    "passed to another (it was busy), or claimed (the one "
+                                    "chosen could not take it)", labels=["placement"])
+        calls.add_metric(["kept"], placement.kept)
+        calls.add_metric(["passed"], placement.passed)
+        calls.add_metric(["claimed"], handoff.claimed)
+        yield calls
+        yield GaugeMetricFamily("fastsip_worker_load", "this worker's CPU load (a fraction "
+                                "of one core) as last published to the others",
+                                value=placement.load)
 
 
     def _trunks_and_gateways(self) -> Iterator[Metric]:

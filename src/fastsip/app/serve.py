@@ -653,6 +653,8 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event,
             handoff = HandOff(endpoint.transport, worker, args.workers, args.worker_dir,
                               map_call_table(worker, args.workers, args.spread_above))
             handoff.start()
+            if exporter is not None:
+                exporter.collector.handoff = handoff
             log.info("worker %d of %d (pid %d)", worker, args.workers, os.getpid())
         keeper = NatKeeper(store, time.time, interval=args.nat_ping_interval,
                            max_failures=args.nat_ping_failures, method=args.nat_ping_method,
