@@ -215,11 +215,12 @@ def stream_path(directory: str | Path, index: int) -> str:
 
 class HandOff:
     """Worker ``index`` of ``count``: takes, through ``steer`` (the intake's hook), every
-    datagram whose Call-ID another worker owns and sends it there; hands what the others send
-    it to ``layer`` as if it had arrived on its own listener.  The same for the messages on
-    its connections (``steer_stream``), and the bytes for connections it holds
-    (``hand_send``: see the module's docstring).  ``directory``: where the
-    workers' sockets are (made by the supervisor, mode 0700)."""
+    datagram whose call another worker holds (:meth:`owner_of`: the shared call table of
+    ``placement``, or the Call-ID's hash) and sends it there; hands what the others send it to
+    ``layer`` as if it had arrived on its own listener.  The same for the messages on its
+    connections (``steer_stream``), and the bytes for connections it holds (``hand_send``: see
+    the module's docstring).  ``directory``: where the workers' sockets are (made by the
+    supervisor, mode 0700)."""
 
     def __init__(self, layer: TransportLayer, index: int, count: int,
                  directory: str | Path, placement: CallPlacement | None = None) -> None:
