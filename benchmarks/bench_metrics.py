@@ -133,7 +133,7 @@ def _scrape_cost(rounds: int = 50) -> float:
                                            inner=SimpleNamespace(refusals=refusals)),
             proxy=SimpleNamespace(refusals=refusals),
             transactions=SimpleNamespace(server_transactions=10, client_transactions=12,
-                                         refusals=refusals),
+                                         refusals=refusals, reclaimed=5),
             transport=SimpleNamespace(stats=stats),
             guard=SimpleNamespace(failed_logins=1, banned_total=2, bans={"192.0.2.9": 1.0}),
             timer=timer, lag=LoopLag(loop), contacts=StoreCount(None),
