@@ -190,24 +190,21 @@ def test_malformed_and_flood_are_counted_as_drops(flood_serve: tuple[Serve, int,
     assert "is not a loopback address" in serve.log()
 
 
-@pytest.mark.skipif(not reuse_port_supported(), reason="--workers needs Linux SO_REUSEPORT")
-def test_workers_are_scraped_from_one_endpoint_with_a_worker_label(tmp_path: Path) -> None:
-    """Each worker counts what it handled (a call belongs to one worker: by Call-ID here,
-    ``--spread-above 0``, so both get some); the supervisor's endpoint serves all of them,
-    labelled: their sum is the calls made."""
+def workers_load_scraped(tmp_path: Path, calls: int, *serve_args: str) -> Samples:
+    """``serve --workers 2`` (Redis started here) with metrics: a registered sipp callee, then
+    ``calls`` sipp calls that all complete; the supervisor's endpoint scraped at the end."""
     redis = RedisServer(tmp_path / "redis")
     port, uas_port, metrics = free_port(), free_port(), free_port()
     serve = Serve(tmp_path, port, "--workers", "2", "--db", redis.url, "--rate-limit", "0",
-                  "--spread-above", "0", "--metrics", f"{HOST}:{metrics}")
+                  *serve_args, "--metrics", f"{HOST}:{metrics}")
     uas = None
-    calls = 2 * CALLS
     try:
         uas = start_uas(tmp_path, "uas", uas_port, calls)
         assert register(tmp_path, "register", port, "service", uas_port).returncode == 0
         uac = run_uac(tmp_path, "uac", port, "service", calls)
         finish(uas, 30)
         assert uac.returncode == 0 and successful(tmp_path, "uac") == calls, serve.log()
-        after = scrape(metrics)
+        return scrape(metrics)
     finally:
         if uas is not None and uas.poll() is None:
             uas.kill()
@@ -216,6 +213,15 @@ def test_workers_are_scraped_from_one_endpoint_with_a_worker_label(tmp_path: Pat
             assert serve.close() == 0
         finally:
             redis.stop()
+
+
+@pytest.mark.skipif(not reuse_port_supported(), reason="--workers needs Linux SO_REUSEPORT")
+def test_workers_are_scraped_from_one_endpoint_with_a_worker_label(tmp_path: Path) -> None:
+    """Each worker counts what it handled (a call belongs to one worker: by Call-ID here,
+    ``--spread-above 0``, so both get some); the supervisor's endpoint serves all of them,
+    labelled: their sum is the calls made."""
+    calls = 2 * CALLS
+    after = workers_load_scraped(tmp_path, calls, "--spread-above", "0")
     workers = {dict(labels).get("worker") for (_, labels) in after}
     assert workers == {"0", "1"}, workers
     assert total(after, "fastsip_requests_total", method="INVITE") == calls
@@ -235,27 +241,8 @@ def test_workers_are_scraped_from_one_endpoint_with_a_worker_label(tmp_path: Pat
 def test_packed_workers_say_where_their_calls_went(tmp_path: Path) -> None:
     """Packed (the default), a light load stays in one worker: the workers' placement
     counters add up to the calls made, none was passed or lost, and each publishes a load."""
-    redis = RedisServer(tmp_path / "redis")
-    port, uas_port, metrics = free_port(), free_port(), free_port()
-    serve = Serve(tmp_path, port, "--workers", "2", "--db", redis.url, "--rate-limit", "0",
-                  "--metrics", f"{HOST}:{metrics}")
-    uas = None
     calls = 2 * CALLS
-    try:
-        uas = start_uas(tmp_path, "uas", uas_port, calls)
-        assert register(tmp_path, "register", port, "service", uas_port).returncode == 0
-        uac = run_uac(tmp_path, "uac", port, "service", calls)
-        finish(uas, 30)
-        assert uac.returncode == 0 and successful(tmp_path, "uac") == calls, serve.log()
-        after = scrape(metrics)
-    finally:
-        if uas is not None and uas.poll() is None:
-            uas.kill()
-            uas.communicate()
-        try:
-            assert serve.close() == 0
-        finally:
-            redis.stop()
+    after = workers_load_scraped(tmp_path, calls)
     # Every INVITE and the REGISTER: a new call each, kept where it arrived.
     assert total(after, "fastsip_worker_calls_total", placement="kept") == calls + 1
     assert total(after, "fastsip_worker_calls_total", placement="passed") == 0
