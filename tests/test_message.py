@@ -455,6 +455,37 @@ def test_copy_is_independent_and_carries_edits_so_far() -> None:
         assert [str(v) for v in again.via] == [str(v) for v in msg.via]
 
 
+def test_views_are_parsed_once_shared_by_copies_and_dropped_by_edits() -> None:
+    # A proxy reads Contact, Record-Route and the Request-URI several times per message and
+    # once more on each branch's copy: the views (and the URIs inside them) are parsed once,
+    # the copy starts with them, and an edit of either message rebuilds only its own.
+    req = parse(
+        b"INVITE sip:bob@example.com SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK-a\r\n"
+        b"Record-Route: <sip:p0.example.com;lr>\r\n"
+        b"From: <sip:alice@example.com>;tag=1\r\nTo: <sip:bob@example.com>\r\n"
+        b"Contact: <sip:alice@192.0.2.1:5060>\r\n"
+        b"Call-ID: c1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+    )
+    assert isinstance(req, Request)
+    contacts, record_routes, uri, to = req.contact, req.record_route, req.uri, req.to
+    assert req.contact is contacts and req.record_route is record_routes and req.uri is uri
+    assert contacts[0].uri is contacts[0].uri
+    copy = req.copy()
+    assert copy.uri is uri and copy.contact is contacts and copy.to is to
+    copy.set_header("Contact", "<sip:alice@198.51.100.7:40000;alias=x>")
+    copy.add_record_route("<sip:p1.example.com;lr>")
+    assert [str(c.uri) for c in copy.contact] == ["sip:alice@198.51.100.7:40000;alias=x"]
+    assert [str(r.uri) for r in copy.record_route] == ["sip:p1.example.com;lr",
+                                                        "sip:p0.example.com;lr"]
+    # The original keeps its views, unchanged.
+    assert req.contact is contacts and [str(c.uri) for c in contacts] == [
+        "sip:alice@192.0.2.1:5060"]
+    assert req.record_route is record_routes and len(record_routes) == 1
+    req.remove_header("Contact")
+    assert req.contact == [] and copy.contact[0].uri.params == {"alias": "x"}
+
+
 def test_copy_of_a_response() -> None:
     resp = parse(b"SIP/2.0 180 Ringing\r\nVia: SIP/2.0/UDP p;branch=z9hG4bK-1\r\n"
                  b"Via: SIP/2.0/UDP a;branch=z9hG4bK-2\r\nFrom: <sip:a@x>;tag=1\r\n"

@@ -18,7 +18,8 @@ from fastsip.proxy._nat cimport (
     pop_alias as _pop_alias,
     request_behind_nat as _request_behind_nat,
 )
-from fastsip.sip._message cimport Request, Response
+from fastsip.sip._message cimport H_PROXY_REQUIRE, URI, NameAddr, Request, Response, Via
+from fastsip.transport._address cimport Address
 from fastsip.transaction._layer cimport (
     S_ACCEPTED,
     S_COMPLETED,
@@ -70,9 +71,10 @@ from fastsip.transport.rules import response_destination as _response_destinatio
 _log = logging.getLogger("fastsip.proxy")
 
 
-cdef inline bint _is_sips(uri) except -1:
-    # A sips: URI asks for TLS on every hop to the end (RFC 5630).
-    return uri is not None and uri.scheme.lower() == "sips"
+cdef inline bint _is_sips(URI uri) noexcept:
+    # A sips: URI asks for TLS on every hop to the end (RFC 5630).  (The parser lowercases
+    # the scheme.)
+    return uri is not None and uri.scheme == "sips"
 
 
 cdef inline bint _terminated(ServerTransaction txn) noexcept:
@@ -960,7 +962,7 @@ cdef class StatelessContext:
         self.proxy._send_response(response, self.source)
 
 
-cdef str _rr_uri(local, bint secure=False):
+cdef str _rr_uri(Address local, bint secure=False):
     """Our Record-Route URI for the listener ``local``; ``secure``: a sips: URI (a TLS hop of a
     sips request; sips means TLS, so no ``transport=tls``, RFC 5630 §3.1.3)."""
     cdef str host = local.host
@@ -972,6 +974,11 @@ cdef str _rr_uri(local, bint secure=False):
         return f"<sips:{host}:{port};lr>"
     t = "" if transport == "UDP" else f";transport={transport.lower()}"
     return f"<sip:{host}:{port}{t};lr>"
+
+
+cdef inline bint _same_peer(Address a, Address b) except -1:
+    # Address.peer without its tuples: the same transport, host and port.
+    return a.transport == b.transport and a.host == b.host and a.port == b.port
 
 
 @cython.final
@@ -1152,12 +1159,15 @@ cdef class Proxy:
         alias or a served domain, and its port, when it has one, is one of ours.  A URI with no
         port names us on whatever port we listen (``sip:127.0.0.1`` for a proxy on 5080): the
         one definition of "us" for Route popping, the relay policy and the default routing."""
-        if uri is None or not uri.is_sip:
+        if uri is None:
+            return False
+        cdef URI u = uri
+        if u.scheme != "sip" and u.scheme != "sips":
             return False
         hosts = self._local()
-        if _canonical_host(uri.maddr or uri.host) not in hosts:
+        if _canonical_host(u.params.get("maddr") or u.host) not in hosts:
             return False
-        port = uri.port
+        port = u.port
         return port is None or port in self._ports
 
     cdef bint _via_is_ours(self, str host, port, str transport) except -1:
@@ -1170,7 +1180,7 @@ cdef class Proxy:
     # -- TransactionUser ---------------------------------------------------------------------
 
     def on_request(self, ServerTransaction txn not None, Request request not None):
-        cdef str method = request.method
+        cdef str method = request._method()
         if method == "CANCEL":
             self._on_cancel(txn, request)
             return
@@ -1220,7 +1230,7 @@ cdef class Proxy:
                 or (not request.route and self.is_local(request.uri)))
 
     cdef _dispatch(self, ctx, bint in_dialog, bint routed=True):
-        request = ctx.request
+        cdef Request request = ctx.request
         router = self.router
         ctx.routed = routed
         if router is None or (in_dialog and not router.in_dialog):
@@ -1231,8 +1241,8 @@ cdef class Proxy:
                            request.method, request.uri, ctx.source)
                 ctx.respond(403, _FORBIDDEN_NOT_ROUTED)
                 return
-            if not request.route and self.is_local(request.uri):
-                ctx.respond(404 if request.method != "OPTIONS" or in_dialog else 200)
+            if not request._routes() and self.is_local(request._uri()):
+                ctx.respond(404 if request._method() != "OPTIONS" or in_dialog else 200)
             else:
                 ctx.forward([Target()])
             return
@@ -1247,13 +1257,14 @@ cdef class Proxy:
         along its Route set / Request-URI (§16.11 for the ACK, §13.2.2.4 end to end).  An ACK
         for one of our own stateless answers (our To tag) ends here, and so does one that did
         not come through our Record-Route (see ``require_own_route``)."""
+        cdef NameAddr to
         try:
-            to = request.to
-            if to is not None and _is_local_tag(to.tag):
+            to = request._to()
+            if to is not None and _is_local_tag(to._tag()):
                 return
             _, routed = self._preprocess(request)
             if not routed and self.require_own_route and source.host not in self.trusted:
-                if request.route or not self.is_local(request.uri):
+                if request._routes() or not self.is_local(request._uri()):
                     _log.debug("dropping ACK from %s: not routed through us", source)
                 return
             if self.trunks is not None:
@@ -1265,7 +1276,7 @@ cdef class Proxy:
             _log.debug("dropping ACK from %s: %s", source, exc)
 
     cdef _forward_ack(self, Request request, source):
-        if not request.route and self.is_local(request.uri):
+        if not request._routes() and self.is_local(request._uri()):
             return  # an ACK for us: we never send 2xx to INVITE, so nothing to do
         media = self.media
         if media is not None and media.on_ack(
@@ -1343,25 +1354,25 @@ cdef class Proxy:
         repeated = request.repeated_single_field()
         if repeated is not None:
             return (400, f"Bad Request (more than one {repeated})", [])
-        cseq = request.cseq
-        frm = request.from_
-        to = request.to
-        if frm is None or to is None or not request.call_id or cseq is None:
+        cseq = request._cseq()
+        cdef NameAddr frm = request._from()
+        cdef NameAddr to = request._to()
+        if frm is None or to is None or not request._call_id() or cseq is None:
             return (400, "Bad Request (missing From, To, Call-ID or CSeq)", [])
-        if frm.uri is None or to.uri is None:  # parsing them raises ParseError: 400 too
+        if frm._uri() is None or to._uri() is None:  # parsing them raises ParseError: 400 too
             return (400, "Bad Request (From or To)", [])
-        method = request.method
-        if cseq.method != method:
+        cdef str method = request._method()
+        if (<tuple>cseq)[1] != method:     # the CSeq namedtuple's method
             return (400, "Bad Request (CSeq method does not match)", [])
         # The lazily parsed lists: every Via (loop detection reads them all), the route set,
         # and Contact, which the registrar, logs and routes read.
-        request.via
-        request.route
-        request.contact
-        uri = request.uri
-        if uri.scheme.lower() not in self.schemes:
+        request._vias()
+        request._routes()
+        request._contacts()
+        cdef URI uri = request._uri()
+        if uri.scheme not in self.schemes:
             return (416, None, [])
-        mf = request.max_forwards
+        mf = request._max_forwards()
         if (
             mf is not None
             and mf <= 0
@@ -1370,7 +1381,7 @@ cdef class Proxy:
             and not (method == "OPTIONS" and uri.user is None and self.is_local(uri))
         ):
             return (483, None, [])
-        required = request.headers.getall("Proxy-Require")
+        required = request._values(H_PROXY_REQUIRE, True)
         if required:
             unsupported = [t.strip() for t in required if t.strip() not in self.proxy_require]
             if unsupported:
@@ -1378,15 +1389,16 @@ cdef class Proxy:
         return None
 
     cdef bint _looped(self, Request request, str mine) except -1:
-        vias = request.via
+        cdef list vias = request._vias()
         if len(vias) < 2:
             return False
         cdef str branch
+        cdef Via via
         for via in vias:
-            branch = via.branch
+            branch = via._branch()
             if not branch or not branch.startswith(_MAGIC_COOKIE + "-"):
                 continue
-            if not self._via_is_ours(via.host, via.port, via.transport):
+            if not self._via_is_ours(via._host(), via._port(), via._transport()):
                 continue
             # Our branches: "z9hG4bK-" + loop hash + "." + unique part.
             if branch[len(_MAGIC_COOKIE) + 1:].split(".", 1)[0] == mine:
@@ -1399,9 +1411,9 @@ cdef class Proxy:
         Returns (in a dialog: it has a To tag, routed here: it named us in a Route or, via a
         strict router, in the Request-URI)."""
         cdef bint routed = False
-        uri = request.uri
-        if uri.lr and self.is_local(uri):
-            routes = [str(r) for r in request.route]
+        cdef URI uri = request._uri()
+        if uri._lr() and self.is_local(uri):
+            routes = [str(r) for r in request._routes()]
             if routes:
                 request.remove_header("Route")
                 for value in reversed(routes[:len(routes) - 1]):
@@ -1412,14 +1424,15 @@ cdef class Proxy:
                 request.uri = target
                 routed = True
         # Ours may be there twice (RFC 5658 double Record-Route across transports).
+        cdef list routes_view
         for _ in range(2):
-            routes_view = request.route
-            if not routes_view or not self.is_local(routes_view[0].uri):
+            routes_view = request._routes()
+            if not routes_view or not self.is_local((<NameAddr>routes_view[0])._uri()):
                 break
             request.pop_route()
             routed = True
-        to = request.to
-        return to is not None and to.tag is not None, routed
+        cdef NameAddr to = request._to()
+        return to is not None and to._tag() is not None, routed
 
     # -- §16.6 forwarding --------------------------------------------------------------------
 
@@ -1432,13 +1445,13 @@ cdef class Proxy:
         the address RFC 3263 chose for that URI, used instead of it."""
         # A sips Request-URI asks for TLS on every hop to the end (RFC 5630 deprecates the
         # last-hop exception), and retargeting never changes the scheme.
-        cdef bint secure = _is_sips(request.uri)
+        cdef bint secure = _is_sips(request._uri())
         tls_target = None
         if target.uri is not None:
             request.uri = target.uri
-            if _is_sips(request.uri) != secure:
+            if _is_sips(request._uri()) != secure:
                 tls_target = _keep_scheme(request, secure)
-        if request.max_forwards is None:
+        if request._max_forwards() is None:
             request.set_header("Max-Forwards", "70")
         else:
             request.decrement_max_forwards()
@@ -1446,19 +1459,20 @@ cdef class Proxy:
             request.add_route(value)
         # Step 6: a strict router next: it gets the Request-URI, which goes last in Route.
         cdef bint strict = False
-        routes = request.route
+        cdef list routes = request._routes()
+        cdef URI first
         if routes:
-            first = routes[0].uri
-            if first is not None and not first.lr:
+            first = (<NameAddr>routes[0])._uri()
+            if first is not None and not first._lr():
                 values = [str(r) for r in routes]
                 request.remove_header("Route")
-                values = values[1:] + [f"<{request.uri}>"]
+                values = values[1:] + [f"<{request._uri()}>"]
                 for value in reversed(values):
                     request.add_route(value)
                 request.uri = first
                 strict = True
         flow = None
-        if target.dest is None and self.nat and not strict and not request.route:
+        if target.dest is None and self.nat and not strict and not request._routes():
             # An in-dialog request to a client behind NAT: its target's alias names the flow.
             flow = _pop_alias(request)
         hop_uri = None
@@ -1468,7 +1482,7 @@ cdef class Proxy:
             dest = flow
         else:
             # (``routes`` is the Route set as pushed above, before any strict-router swap.)
-            hop_uri = routes[0].uri if routes and not strict else request.uri
+            hop_uri = (<NameAddr>routes[0])._uri() if routes and not strict else request._uri()
             if resolved is not None:
                 dest = resolved
             elif tls_target is not None and not strict and not routes:
@@ -1476,15 +1490,15 @@ cdef class Proxy:
             else:
                 try:
                     # Step 7: to the first Route, or (a strict router) the new Request-URI.
-                    dest = _next_hop(request.uri) if strict else _request_next_hop(request)
+                    dest = _next_hop(request._uri()) if strict else _request_next_hop(request)
                 except ValueError as exc:
                     raise _BadTarget(str(exc)) from None
-        if self.nat and request.method in _TARGET_METHODS \
+        if self.nat and request._method() in _TARGET_METHODS \
                 and _request_behind_nat(request, source):
             _add_alias(request, source)
         # §16.6 steps 4 and 7: a sips top Route (or strict router) secures this hop too.
-        secure = secure or bool(routes and _is_sips(routes[0].uri))
-        if secure and dest.transport != "TLS":
+        secure = secure or bool(routes and _is_sips((<NameAddr>routes[0])._uri()))
+        if secure and (<Address>dest).transport != "TLS":
             raise _NoSecureHop(f"sips request to {dest}: not a TLS hop")
         out = None
         if record_route:
@@ -1492,7 +1506,7 @@ cdef class Proxy:
             # came in otherwise gets a sip: URI for its side, the truth about that hop).
             out = self.local_for(dest)
             inbound = self.local_for(source)
-            if inbound.peer != out.peer:
+            if not _same_peer(inbound, out):
                 # RFC 5658: the request changes transport, address family or interface here,
                 # so each side gets a Record-Route it can reach (the caller's route set starts
                 # at the inbound one, the callee's at the outbound one).
@@ -1520,10 +1534,11 @@ cdef class Proxy:
             local = via_for(dest, local)
         elif local is None:
             local = self.local_for(dest)
-        cdef str host = local.host
+        cdef Address ours = local
+        cdef str host = ours.host
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
-        return f"SIP/2.0/{dest.transport} {host}:{local.port};branch={branch}"
+        return f"SIP/2.0/{(<Address>dest).transport} {host}:{ours.port};branch={branch}"
 
     cdef str _new_branch(self, str loop):
         # "z9hG4bK-" + §16.6 step 8's loop hash + "." + this process's prefix and a counter:
@@ -1534,11 +1549,12 @@ cdef class Proxy:
     cpdef Branch _make_branch(self, ResponseContext ctx, Target target, resolved=None):
         cdef Request original = ctx.request
         cdef Request copy = original.copy()  # §16.6 step 1: a copy per branch, nothing parsed
-        cdef str method = original.method
+        cdef str method = original._method()
+        cdef NameAddr to = original._to()
         cdef bint rr = (
             self.record_route
             and method in _RECORD_ROUTE_METHODS
-            and (original.to is None or original.to.tag is None)
+            and (to is None or to._tag() is None)
         )
         trunks = self.trunks
         tb = None
@@ -1548,25 +1564,27 @@ cdef class Proxy:
             tb = trunks.branch(original, copy, target, self._attached().clock.time())
             if tb is not None and target.trunk is not None \
                     and method in _RECORD_ROUTE_METHODS:
-                rr = rr or original.to is None or original.to.tag is None
+                rr = rr or to is None or to._tag() is None
         dest, hop_uri, local = self._prepare(copy, target, ctx.source, rr, resolved)
         copy.add_via(self._via(dest, self._new_branch(ctx.loop), local))
         cdef Branch made = Branch(ctx, target, copy, dest)
         if tb is not None:
             made.trunk = tb
         if resolved is None and hop_uri is not None and self.resolver is not None \
-                and not _is_ip_literal(dest.host):
+                and not _is_ip_literal((<Address>dest).host):
             # A host name: RFC 3263 orders its addresses before this branch is sent.
             made.hop = _NextHop.from_uri(hop_uri)
         return made
 
     def _forward_stateless(self, Request request not None, Target target not None, source):
         cdef bint rr
+        cdef NameAddr to
         try:
+            to = request._to()
             rr = (
                 self.record_route
-                and request.method in _RECORD_ROUTE_METHODS
-                and (request.to is None or request.to.tag is None)
+                and request._method() in _RECORD_ROUTE_METHODS
+                and (to is None or to._tag() is None)
             )
             dest, _, local = self._prepare(request, target, source, rr)
         except ValueError as exc:  # Max-Forwards ran out, or no route to the target

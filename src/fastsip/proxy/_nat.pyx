@@ -5,10 +5,10 @@ module documents them and is where users import them from.
 The proxy core asks them for every dialog-creating request, its 1xx/2xx and every request it
 routes (is it from behind a NAT, does its Contact need an alias, does its Request-URI carry
 one), so they are C functions the compiled core calls directly, and they read a message's
-Contact and top Via through the parser's views as before.
+Contact and top Via through the parser's views, typed (no attribute look-ups).
 """
 
-from fastsip.sip._message cimport Message, Request
+from fastsip.sip._message cimport URI, Message, NameAddr, Request, Via
 
 import ipaddress
 from functools import lru_cache
@@ -53,12 +53,12 @@ cpdef bint request_behind_nat(Request request, source) except -1:
     """Did ``request`` come from behind a NAT?  Its top Via's sent-by is not the source
     address (host, or port over UDP -- rport says where the answer really goes), or its Contact
     is private while the source is not."""
-    via = request.top_via
+    cdef Via via = request.top_via
     if via is not None:
-        if _host(via.host) != _host(source.host):
+        if _host(via._host()) != _host(source.host):
             return True
         if source.transport == "UDP":
-            port = via.port or _DEFAULT_PORTS.get(via.transport, 5060)
+            port = via._port() or _DEFAULT_PORTS.get(via._transport(), 5060)
             if port != source.port:
                 return True
     return _private_contact(request, source)
@@ -68,10 +68,10 @@ cpdef bint contact_behind_nat(Message message, peer) except -1:
     """Is the Contact of ``message`` (a response from ``peer``, or a request) not where the
     message came from -- another host, or over UDP another port -- or private while the peer
     is not?"""
-    uri = _contact_uri(message)
-    if uri is None or not uri.is_sip:
+    cdef URI uri = _contact_uri(message)
+    if uri is None or not _is_sip(uri):
         return False
-    if uri.maddr:
+    if uri.params.get("maddr"):
         return False
     if _host(uri.host) != _host(peer.host):
         return True
@@ -81,21 +81,29 @@ cpdef bint contact_behind_nat(Message message, peer) except -1:
     return False
 
 
+cdef inline bint _is_sip(URI uri) noexcept:
+    return uri.scheme == "sip" or uri.scheme == "sips"
+
+
 cdef bint _private_contact(Message message, source) except -1:
-    uri = _contact_uri(message)
-    return (uri is not None and uri.is_sip and is_private(uri.host)
+    cdef URI uri = _contact_uri(message)
+    return (uri is not None and _is_sip(uri) and is_private(uri.host)
             and not is_private(source.host) and _host(uri.host) != _host(source.host))
 
 
-cdef _contact_uri(Message message):
+cdef URI _contact_uri(Message message):
+    cdef list contacts
     try:
-        contacts = message.contact
+        contacts = message._contacts()
     except ValueError:
         return None
-    if len(contacts) != 1 or contacts[0].wildcard:
+    if len(contacts) != 1:
+        return None
+    cdef NameAddr contact = contacts[0]
+    if contact._n.wildcard:
         return None
     try:
-        return contacts[0].uri
+        return contact._uri()
     except ValueError:
         return None
 
@@ -104,8 +112,8 @@ cpdef bint add_alias(Message message, flow) except -1:
     """Add ``;alias=HOST~PORT~PROTO`` for ``flow`` to the one Contact of ``message`` (a copy
     being forwarded, or a response on its way upstream).  Returns False when there is no single
     SIP Contact to mark or it already carries an alias."""
-    uri = _contact_uri(message)
-    if uri is None or not uri.is_sip or ALIAS in {k.lower() for k in uri.params}:
+    cdef URI uri = _contact_uri(message)
+    if uri is None or not _is_sip(uri) or ALIAS in {k.lower() for k in uri.params}:
         return False
     contact = message.contact[0]
     host = f"[{flow.host}]" if ":" in flow.host else flow.host
@@ -127,7 +135,7 @@ cpdef bint add_alias(Message message, flow) except -1:
 cpdef pop_alias(Request request):
     """If the Request-URI carries our ``alias``, remove it and return the flow it names (the
     address to send the request to); else None.  A malformed alias is removed and ignored."""
-    uri = request.uri
+    cdef URI uri = request._uri()
     value = None
     for name, v in uri.params.items():
         if name.lower() == ALIAS:

@@ -29,6 +29,7 @@ cdef enum:
     H_ROUTE = 10
     H_RECORD_ROUTE = 11
     H_TIMESTAMP = 12
+    H_PROXY_REQUIRE = 44       # (its place in _message.pyx's table; asserted there)
     N_HEADER_IDS = 72
 
 cdef enum:
@@ -87,6 +88,54 @@ ctypedef struct HEntry:
     uint8_t deleted
 
 
+# The typed views.  Compiled layers that ``cimport`` them read a URI's fields as struct members
+# and call the views' C accessors instead of the Python properties: a property read from
+# another module is a generic attribute look-up (a type look-up, a descriptor call), a few
+# hundred of them a call before these declarations (docs/performance.md).  The accessors
+# return what the property of the same name does; on None they are undefined (check first).
+cdef class URI:
+    cdef readonly str scheme
+    cdef readonly object user
+    cdef readonly object password
+    cdef readonly str host
+    cdef readonly object port
+    cdef readonly dict params
+    cdef readonly dict headers
+    cdef str _text
+
+    cdef bint _lr(self) except -1
+    cdef object _transport(self)
+
+
+cdef class Via:
+    cdef object _owner            # keeps the buffer alive
+    cdef const char* _p
+    cdef ViaParts _v
+    cdef dict _params
+    cdef bint _lazy
+    cdef int32_t _ls, _le
+
+    cdef int _need(self) except -1
+    cdef str _host(self)
+    cdef object _port(self)
+    cdef str _transport(self)
+    cdef object _branch(self)
+    cdef object _received(self)
+    cdef object _maddr(self)
+    cdef object _rport(self)
+
+
+cdef class NameAddr:
+    cdef object _owner
+    cdef const char* _p
+    cdef NameAddrParts _n
+    cdef URI _c_uri
+    cdef dict _params
+
+    cdef URI _uri(self)
+    cdef object _tag(self)
+
+
 # Message, Request and Response take no part in the cyclic GC (see Message's fields below);
 # their @cython.no_gc is in _message.pyx, where Cython applies it.
 cdef class Message:
@@ -113,7 +162,7 @@ cdef class Message:
     cdef object _new_start_line     # bytes, CRLF included
     cdef bint _edited
     # caches of typed views (every edit clears them: _invalidate)
-    cdef object _c_via, _c_from, _c_to, _c_cseq, _c_route
+    cdef object _c_via, _c_from, _c_to, _c_cseq, _c_route, _c_contact, _c_record_route
     # No GC participation, on purpose: a message and its views reference only immutable
     # buffers (never each other), so they cannot form cycles.  The object stays under
     # pymalloc's 512-byte limit and its header index comes from a pool, so creating and
@@ -153,12 +202,26 @@ cdef class Message:
     cdef int _delete(self, int i) except -1
     cdef object _pop_first_value(self, int hid)
     cdef bint _entry_named(self, int i, int hid, object name) except -1
+    # The C side of the properties of the same name (the lists are the cached ones: read,
+    # never edit them).
+    cdef str _call_id(self)
+    cdef object _cseq(self)
+    cdef object _max_forwards(self)
+    cdef list _vias(self)
+    cdef NameAddr _from(self)
+    cdef NameAddr _to(self)
+    cdef list _contacts(self)
+    cdef list _routes(self)
+    cdef list _record_routes(self)
 
 
 cdef class Request(Message):
     cdef int32_t _m_s, _m_e, _u_s, _u_e
-    cdef object _c_uri, _c_method
+    cdef URI _c_uri
+    cdef str _c_method
 
+    cdef str _method(self)
+    cdef URI _uri(self)
     cpdef object transaction_key(self)
 
 

@@ -324,6 +324,7 @@ cdef int _name_id_of(object name) except -1:
 
 
 cdef int _H_PROXY_REQUIRE = _name_id_of("Proxy-Require")
+assert _H_PROXY_REQUIRE == H_PROXY_REQUIRE
 cdef int _H_PROXY_AUTHORIZATION = _name_id_of("Proxy-Authorization")
 
 # FNV-1a, 64 bits: a hash of raw header bytes that is the same in every process (a loop
@@ -949,14 +950,7 @@ cdef class URI:
     ``str(uri)`` gives the text as written.  ``user``, ``password`` and parameter values are
     %-unescaped.  ``==`` follows RFC 3261 19.1.4 for sip/sips (and RFC 3966 for tel).
     """
-    cdef readonly str scheme
-    cdef readonly object user
-    cdef readonly object password
-    cdef readonly str host
-    cdef readonly object port
-    cdef readonly dict params
-    cdef readonly dict headers
-    cdef str _text
+    # Fields: _message.pxd.
 
     def __init__(self, text):
         cdef bytes b = _as_bytes(text)
@@ -970,12 +964,18 @@ cdef class URI:
     @property
     def transport(self):
         """The transport parameter, lowercased, or None."""
+        return self._transport()
+
+    cdef object _transport(self):
         t = self.params.get("transport")
         return t.lower() if t else None
 
     @property
     def lr(self):
         """True when the URI carries the lr parameter (a loose router, RFC 3261 16.4)."""
+        return "lr" in self.params
+
+    cdef bint _lr(self) except -1:
         return "lr" in self.params
 
     @property
@@ -1120,16 +1120,11 @@ def parse_uri(text):
 @cython.no_gc
 cdef class Via:
     """One Via header field value (RFC 3261 20.42), read lazily from the message buffer."""
-    cdef object _owner            # keeps the buffer alive
-    cdef const char* _p
-    cdef ViaParts _v
-    cdef dict _params
-    # A lower Via is only split out of its header line; its syntax is parsed on first read, so
-    # listing msg.via costs no parsing (the top one is parsed, and checked, by parse()).
-    cdef bint _lazy
-    cdef int32_t _ls, _le
+    # Fields: _message.pxd.  A lower Via is only split out of its header line (_lazy, _ls,
+    # _le); its syntax is parsed on first read, so listing msg.via costs no parsing (the top
+    # one is parsed, and checked, by parse()).
 
-    cdef inline int _need(self) except -1:
+    cdef int _need(self) except -1:
         cdef Py_ssize_t end
         if self._lazy:
             end = _scan_via(self._p, self._ls, self._le, &self._v)
@@ -1148,6 +1143,9 @@ cdef class Via:
     @property
     def transport(self):
         """Transport in upper case: "UDP", "TCP", "TLS", "SCTP", "WS", "WSS" or as sent."""
+        return self._transport()
+
+    cdef str _transport(self):
         self._need()
         cdef object b = PyBytes_FromStringAndSize(self._p + self._v.tr_s,
                                                   self._v.tr_e - self._v.tr_s)
@@ -1157,39 +1155,56 @@ cdef class Via:
     @property
     def host(self):
         """The sent-by host as written (IPv6 references keep their brackets)."""
+        return self._host()
+
+    cdef str _host(self):
         self._need()
         return _text(self._p, self._v.host_s, self._v.host_e)
 
     @property
     def port(self):
         """The sent-by port, or None when absent."""
+        return self._port()
+
+    cdef object _port(self):
         self._need()
         return self._v.port if self._v.port >= 0 else None
 
     @property
     def sent_by(self):
         """(host, port) with port None when absent."""
-        self._need()
-        return (self.host, self.port)
+        return (self._host(), self._port())
 
     @property
     def branch(self):
+        return self._branch()
+
+    cdef object _branch(self):
         self._need()
         return _opt_text(self._p, self._v.branch_s, self._v.branch_e)
 
     @property
     def received(self):
+        return self._received()
+
+    cdef object _received(self):
         self._need()
         return _opt_text(self._p, self._v.received_s, self._v.received_e)
 
     @property
     def maddr(self):
+        return self._maddr()
+
+    cdef object _maddr(self):
         self._need()
         return _opt_text(self._p, self._v.maddr_s, self._v.maddr_e)
 
     @property
     def rport(self):
         """The rport value (RFC 3581): None when absent, 0 when present without a value."""
+        return self._rport()
+
+    cdef object _rport(self):
         self._need()
         if self._v.rport == RPORT_ABSENT:
             return None
@@ -1257,11 +1272,7 @@ cdef Via _lazy_via(object owner, const char* p, Py_ssize_t s, Py_ssize_t e):
 cdef class NameAddr:
     """A name-addr or addr-spec with its header parameters: From, To, Contact, Route,
     Record-Route (RFC 3261 20.10, 20.20, 20.39)."""
-    cdef object _owner
-    cdef const char* _p
-    cdef NameAddrParts _n
-    cdef object _uri
-    cdef dict _params
+    # Fields: _message.pxd.
 
     @property
     def display_name(self):
@@ -1275,14 +1286,20 @@ cdef class NameAddr:
     @property
     def uri(self):
         """The URI (None for the Contact wildcard '*')."""
+        return self._uri()
+
+    cdef URI _uri(self):
         if self._n.wildcard:
             return None
-        if self._uri is None:
-            self._uri = _make_uri(self._p, self._n.uri_s, self._n.uri_e)
-        return self._uri
+        if self._c_uri is None:
+            self._c_uri = _make_uri(self._p, self._n.uri_s, self._n.uri_e)
+        return self._c_uri
 
     @property
     def tag(self):
+        return self._tag()
+
+    cdef object _tag(self):
         return _opt_text(self._p, self._n.tag_s, self._n.tag_e)
 
     @property
@@ -1448,6 +1465,7 @@ cdef class Message:
         self._edited = True
         self._parts_ok = False
         self._c_via = self._c_from = self._c_to = self._c_cseq = self._c_route = None
+        self._c_contact = self._c_record_route = None
 
     cdef int _copy_into(self, Message m) except -1:
         # The copy shares the (immutable) buffer and the bytes of edited lines, and gets its
@@ -1479,6 +1497,15 @@ cdef class Message:
         m._new_body = self._new_body
         m._new_start_line = self._new_start_line
         m._edited = self._edited
+        # The views read the shared buffers at offsets the copy has too, and an edit of either
+        # message clears only its own caches: the copy starts with the views parsed so far.
+        m._c_via = self._c_via
+        m._c_from = self._c_from
+        m._c_to = self._c_to
+        m._c_cseq = self._c_cseq
+        m._c_route = self._c_route
+        m._c_contact = self._c_contact
+        m._c_record_route = self._c_record_route
         return 0
 
     # -- validation done by parse() ----------------------------------------------------------
@@ -1562,12 +1589,18 @@ cdef class Message:
     @property
     def call_id(self):
         """The Call-ID (str), or None when the message has none."""
+        return self._call_id()
+
+    cdef str _call_id(self):
         cdef int i = self._first[H_CALL_ID]
         return self._value_str(i) if i >= 0 else None
 
     @property
     def cseq(self):
         """CSeq(seq, method), or None when the message has none."""
+        return self._cseq()
+
+    cdef object _cseq(self):
         cdef int i
         cdef HEntry* h
         cdef const char* p
@@ -1587,6 +1620,9 @@ cdef class Message:
     @property
     def max_forwards(self):
         """Max-Forwards as an int, or None when absent."""
+        return self._max_forwards()
+
+    cdef object _max_forwards(self):
         cdef int i = self._first[H_MAX_FORWARDS]
         cdef HEntry* h
         if i < 0:
@@ -1621,6 +1657,9 @@ cdef class Message:
     @property
     def via(self):
         """Every Via value, top first."""
+        return self._vias()
+
+    cdef list _vias(self):
         cdef list out
         cdef int i
         cdef HEntry* h
@@ -1714,6 +1753,9 @@ cdef class Message:
     @property
     def from_(self):
         """The From header field (NameAddr), or None."""
+        return self._from()
+
+    cdef NameAddr _from(self):
         if self._c_from is None:
             self._c_from = self._single_name_addr(H_FROM)
         return self._c_from
@@ -1721,20 +1763,33 @@ cdef class Message:
     @property
     def to(self):
         """The To header field (NameAddr), or None."""
+        return self._to()
+
+    cdef NameAddr _to(self):
         if self._c_to is None:
             self._c_to = self._single_name_addr(H_TO)
         return self._c_to
 
+    # The lists of name-addrs below are the same list (and views, whose URIs are parsed once)
+    # until the message is edited, as ``via``: a proxy reads them several times per message
+    # (validation, loose-routing pops, the next hop, NAT detection, the registrar, the log).
+
     @property
     def contact(self):
         """Every Contact value (NameAddr; a wildcard '*' has ``.wildcard`` set)."""
-        return self._name_addr_list(H_CONTACT)
+        return self._contacts()
+
+    cdef list _contacts(self):
+        if self._c_contact is None:
+            self._c_contact = self._name_addr_list(H_CONTACT)
+        return self._c_contact
 
     @property
     def route(self):
-        """Every Route value, first to last.  The same list (and views, whose URIs are parsed
-        once) until the message is edited, as ``via``: a proxy reads the route set several
-        times per request (validation, loose-routing pops, the next hop)."""
+        """Every Route value, first to last."""
+        return self._routes()
+
+    cdef list _routes(self):
         if self._c_route is None:
             self._c_route = self._name_addr_list(H_ROUTE)
         return self._c_route
@@ -1742,7 +1797,12 @@ cdef class Message:
     @property
     def record_route(self):
         """Every Record-Route value, first to last."""
-        return self._name_addr_list(H_RECORD_ROUTE)
+        return self._record_routes()
+
+    cdef list _record_routes(self):
+        if self._c_record_route is None:
+            self._c_record_route = self._name_addr_list(H_RECORD_ROUTE)
+        return self._c_record_route
 
     @property
     def is_request(self):
@@ -2180,6 +2240,9 @@ cdef class Request(Message):
     """A SIP request."""
     @property
     def method(self):
+        return self._method()
+
+    cdef str _method(self):
         if self._c_method is None:
             self._c_method = _method_text(self._buf, self._m_s, self._m_e)
         return self._c_method
@@ -2187,6 +2250,9 @@ cdef class Request(Message):
     @property
     def uri(self):
         """The Request-URI (``str(msg.uri)`` gives its text)."""
+        return self._uri()
+
+    cdef URI _uri(self):
         if self._c_uri is None:
             self._c_uri = _make_uri(self._buf, self._u_s, self._u_e)
         return self._c_uri
@@ -2206,7 +2272,7 @@ cdef class Request(Message):
         if v.branch_s < 0 or v.branch_e - v.branch_s <= 7 \
                 or memcmp(p + v.branch_s, b"z9hG4bK", 7) != 0:
             return None
-        method = self.method
+        method = self._method()
         if method == "ACK":
             method = "INVITE"
         # Hosts compare case-insensitively (§19.1.4); most arrive in lower case already, so
@@ -2232,14 +2298,16 @@ cdef class Request(Message):
         m._u_e = self._u_e
         m._c_method = self._c_method
         # After ``uri = ...`` the new URI lives only in the cache (the offsets still name the
-        # old one); URIs are immutable, so the copy may share it.
-        m._c_uri = self._c_uri if self._new_start_line is not None else None
+        # old one).  URIs are immutable, so the copy shares it in any case: a branch's copy
+        # does not parse the Request-URI again.
+        m._c_uri = self._c_uri
         return m
 
     @uri.setter
     def uri(self, value):
         cdef URI u = value if isinstance(value, URI) else URI(value)
-        self._new_start_line = (f"{self.method} {u} SIP/2.0\r\n").encode("utf-8", "surrogateescape")
+        self._new_start_line = (f"{self._method()} {u} SIP/2.0\r\n").encode(
+            "utf-8", "surrogateescape")
         self._c_uri = u
         self._edited = True
 
@@ -2298,6 +2366,7 @@ cdef class Request(Message):
         random one); Timestamp copied into a 100 (8.2.6.1).  ``record_route=True`` also copies
         Record-Route (a UAS answering a dialog-creating request, 12.1.1)."""
         cdef int i
+        cdef NameAddr to
         if status < 100 or status > 699:
             raise ValueError("status must be in 100..699")
         if reason is None:
@@ -2316,8 +2385,8 @@ cdef class Request(Message):
                 line = PyBytes_FromStringAndSize(self._base(&self._h[i]) + h.line_s,
                                                  h.line_e - h.line_s)
                 try:
-                    to = self.to
-                    tagged = to is not None and to.tag is not None
+                    to = self._to()
+                    tagged = to is not None and to._tag() is not None
                 except ParseError:
                     # A To whose URI does not parse still gets its answer (a 400 saying so):
                     # whether it has a tag is read from the text.
@@ -2366,8 +2435,8 @@ cdef class Response(Message):
     @property
     def method(self):
         """The method of the request this answers (from CSeq)."""
-        c = self.cseq
-        return c.method if c is not None else None
+        c = self._cseq()
+        return (<tuple>c)[1] if c is not None else None     # CSeq.method
 
     cpdef object transaction_key(self):
         """RFC 3261 §17.1.3: the client transaction this response answers, as (top Via
@@ -2376,10 +2445,10 @@ cdef class Response(Message):
         cdef const char* p
         if not self._top_via_parts(&v, &p) or v.branch_s < 0:
             return None
-        c = self.cseq
+        c = self._cseq()
         if c is None:
             return None
-        return (_text(p, v.branch_s, v.branch_e), c.method)
+        return (_text(p, v.branch_s, v.branch_e), (<tuple>c)[1])     # CSeq.method
 
     @staticmethod
     def create(int status, reason=None, headers=None, body=b"", *, content_type=None):

@@ -11,7 +11,7 @@ and the transport stay Python objects, called as before.
 
 import logging
 
-from fastsip.sip._message cimport Request, Response
+from fastsip.sip._message cimport Request, Response, Via
 
 from fastsip.errors import ParseError
 from fastsip.transaction import base as _base
@@ -70,7 +70,7 @@ cdef class ClientTransaction(_Lingering):
         self._reliable = dest.reliable
         self.handler = handler
         self.key = key
-        self.method = request.method
+        self.method = (<Request?>request)._method()
         self.is_invite = self.method == "INVITE"
         self._state = S_CALLING if self.is_invite else S_TRYING
         self.last_response = None
@@ -255,7 +255,7 @@ cdef class ServerTransaction(_Lingering):
         self._request = request
         self.source = source
         self.key = key
-        self.method = request.method
+        self.method = (<Request?>request)._method()
         self.is_invite = self.method == "INVITE"
         self._state = S_PROCEEDING if self.is_invite else S_TRYING
         self.last_response = None
@@ -437,14 +437,16 @@ cdef class TransactionLayer:
     def request(self, request, dest, handler):
         """Start a client transaction for ``request`` (whose top Via, with a fresh branch, the
         caller has added: see :func:`new_branch`) towards ``dest``.  Not for ACK (§17.1)."""
-        if request.method == "ACK":
+        cdef str method = (<Request?>request)._method()
+        if method == "ACK":
             raise ValueError("ACK is not sent in a client transaction")
-        top = request.top_via
-        if top is None or not top.branch:
+        cdef Via top = request.top_via
+        branch = top._branch() if top is not None else None
+        if not branch:
             raise ValueError("the request needs a top Via with a branch")
-        key = (top.branch, request.method)
+        key = (branch, method)
         if key in self._client:
-            raise ValueError(f"a client transaction for branch {top.branch} exists")
+            raise ValueError(f"a client transaction for branch {branch} exists")
         cap = self.max_client_transactions
         if cap is not None and len(self._client) >= cap \
                 and not self._reclaim(self._client_lingering):
@@ -515,7 +517,7 @@ cdef class TransactionLayer:
         if found is not None:
             (<ServerTransaction>found)._receive_retransmission(request, source)
             return 0
-        if request.method == "ACK":
+        if request._method() == "ACK":
             try:
                 self.tu.on_ack(request, source)
             except ParseError as exc:

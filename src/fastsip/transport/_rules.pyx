@@ -4,18 +4,22 @@ request or a response goes, whether a response's Via is ours), compiled: that mo
 documents them, keeps the rest, and is where users import them from.
 
 A proxied call asks these about twenty times; as Python functions their frames cost more than
-their work.  They read the message core's views (Via, URI) through their Python attributes,
-as before.
+their work.  They read the message core's views (Via, URI, NameAddr) and the addresses through
+their ``.pxd``: struct members and C accessors, no attribute look-ups.
 """
 
-from fastsip.sip import NameAddr, parse_uri
+from fastsip.sip._message cimport URI, Message, NameAddr, Request, Via
+from fastsip.transport._address cimport Address
+
+from fastsip.sip import parse_uri
 from fastsip.transport import DEFAULT_PORTS as _PORTS
-from fastsip.transport import Address
+from fastsip.transport._address import RELIABLE as _RELIABLE_TRANSPORTS
 
 # URI ``transport=`` values (RFC 3261 §19.1.1, RFC 7118 for ws/wss) to Via transport names.
 cdef dict _URI_TRANSPORTS = {"udp": "UDP", "tcp": "TCP", "tls": "TLS", "sctp": "SCTP",
                              "ws": "WS", "wss": "WSS"}
 cdef dict _DEFAULT_PORTS = _PORTS
+cdef frozenset _RELIABLE = _RELIABLE_TRANSPORTS
 
 
 cpdef str strip_brackets(str host):
@@ -34,32 +38,34 @@ def response_destination(via, source=None):
     Otherwise ``received`` (or the sent-by host) with the ``rport`` value, else the sent-by port,
     else the transport's default port.  (maddr, for multicast, is honoured as the host.)
     """
-    transport = via.transport
-    if source is not None and source.reliable and source.connection:
+    cdef Via v = via
+    cdef Address src = source
+    cdef str transport = v._transport()
+    if src is not None and src.connection and src.transport in _RELIABLE:
         # Over the connection the request came on while it is open (whatever the Via says);
         # should it close first, the address here is where §18.2.2 says to open a new one:
         # the received IP with the sent-by port (not the peer's ephemeral port).
-        sent_by_port = via.port
+        sent_by_port = v._port()
         if not sent_by_port:
-            sent_by_port = _DEFAULT_PORTS.get(source.transport, 5060)
-        return Address(source.transport, strip_brackets(via.received or via.host),
-                       sent_by_port, source.connection)
-    maddr = via.maddr
-    host = maddr or via.received or via.host
+            sent_by_port = _DEFAULT_PORTS.get(src.transport, 5060)
+        return Address(src.transport, strip_brackets(v._received() or v._host()),
+                       sent_by_port, src.connection)
+    maddr = v._maddr()
+    host = maddr or v._received() or v._host()
     if maddr:
-        given = via.port
+        given = v._port()
     else:
-        given = via.rport
+        given = v._rport()
         if not given:
-            given = via.port
+            given = v._port()
     port = given if given is not None else _DEFAULT_PORTS.get(transport, 5060)
     # A datagram's source names the socket it arrived on: the response leaves from it, so
     # the client (and its NAT) sees it come from the address it sent to (§18.2.2).
     host = strip_brackets(host)
-    if source is not None and source.transport == transport:
-        if source.port == port and source.host == host:
-            return source      # the usual case (rport, or no NAT): the source itself
-        return Address(transport, host, port, source.connection)
+    if src is not None and src.transport == transport:
+        if src.port == port and src.host == host:
+            return src      # the usual case (rport, or no NAT): the source itself
+        return Address(transport, host, port, src.connection)
     return Address(transport, host, port, 0)
 
 
@@ -73,16 +79,17 @@ def next_hop(target):
     resolving it is the caller's business).  Port: the URI's, else the transport's default.
     Raises ValueError for a URI that is not sip/sips.
     """
+    cdef URI uri
     if isinstance(target, NameAddr):
-        uri = target.uri
+        uri = (<NameAddr>target)._uri()
     elif isinstance(target, str):
         uri = parse_uri(target)
     else:
         uri = target
-    if uri is None or not uri.is_sip:
+    if uri is None or (uri.scheme != "sip" and uri.scheme != "sips"):
         raise ValueError(f"no SIP next hop for {target!s}")
     cdef bint secure = uri.scheme == "sips"
-    param = uri.transport
+    param = uri._transport()
     if param is not None:
         transport = _URI_TRANSPORTS.get(param.lower())
         if transport is None:
@@ -94,7 +101,7 @@ def next_hop(target):
                 raise ValueError(f"sips URI with transport=udp: {uri!s}")
     else:
         transport = "TLS" if secure else "UDP"
-    host = strip_brackets(uri.maddr or uri.host)
+    host = strip_brackets(uri.params.get("maddr") or uri.host)
     port = uri.port
     if not port:
         port = _DEFAULT_PORTS.get(transport, 5060)
@@ -107,10 +114,11 @@ def request_next_hop(request, outbound_proxy=None):
     Request-URI by §12.2.1.1), else the Request-URI."""
     if outbound_proxy is not None:
         return next_hop(outbound_proxy)
-    routes = request.route
+    cdef Request r = request
+    cdef list routes = r._routes()
     if routes:
         return next_hop(routes[0])
-    return next_hop(request.uri)
+    return next_hop(r._uri())
 
 
 def check_sent_by(response, local):
@@ -121,13 +129,13 @@ def check_sent_by(response, local):
     transport's default port.  A ``local`` host of ``0.0.0.0`` or ``::`` (a wildcard listener
     with no advertised address) matches any host on that port.
     """
-    via = response.top_via
+    cdef Via via = (<Message?>response).top_via
     if via is None:
         return False
-    host = strip_brackets(via.host).lower()
-    port = via.port
+    host = strip_brackets(via._host()).lower()
+    port = via._port()
     if port is None:
-        port = _DEFAULT_PORTS.get(via.transport, 5060)
+        port = _DEFAULT_PORTS.get(via._transport(), 5060)
     for local_host, local_port in local:
         if local_port != port:
             continue
