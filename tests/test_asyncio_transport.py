@@ -79,6 +79,28 @@ def test_sent_by_advertised_and_wildcard(factory: Any) -> None:
     run(factory, main())
 
 
+def test_the_socket_choice_follows_listeners_added_after_it_was_made() -> None:
+    # The listener a destination's messages use is chosen once per kind of destination
+    # (transport, family, side of loopback) and kept: a listener added later must still be
+    # found, for sending and for our end in Via and Record-Route.
+    async def main() -> None:
+        t = TransportLayer()
+        try:
+            tcp = await t.listen("tcp:127.0.0.1:0")
+            peer = Address("UDP", "127.0.0.1", 5999)
+            assert t.local_for(peer) == Address("UDP", *tcp.sent_by)   # no UDP: a stand-in
+            assert t._udp_listener(socket.AF_INET, "127.0.0.1") is None
+            udp = await t.listen("udp:127.0.0.1:0")
+            assert t.local_for(peer) == Address("UDP", *udp.sent_by, udp.id)
+            assert t._udp_listener(socket.AF_INET, "127.0.0.1") is udp
+            assert t.local_for(Address("TCP", "127.0.0.1", 5999)).connection == tcp.id
+        finally:
+            await t.close()
+        assert t._udp_listener(socket.AF_INET, "127.0.0.1") is None
+
+    asyncio.run(main())
+
+
 # -- UDP ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("host", HOSTS)

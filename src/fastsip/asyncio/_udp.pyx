@@ -89,6 +89,28 @@ cdef object _nearest(list candidates, str host):
     return candidates[0] if candidates else None
 
 
+cdef object _nearest_of(layer, str transport, int family, str host, bint udp):
+    """:func:`_nearest` of the listeners of ``transport`` and ``family`` (any family for 0, a
+    name), or with ``udp`` of the UDP sockets of ``family``.  The choice depends on the host
+    only through which side of loopback it is on, and on the listeners, which change only
+    when the layer listens or closes (both clear the cache): so it is made once per kind of
+    destination, not per message (a call asks ~8 times)."""
+    cdef dict cache = layer._nearest_cache
+    cdef bint loopback = is_loopback(host)
+    key = (transport, family, loopback, udp)
+    found = cache.get(key, cache)
+    if found is not cache:
+        return found
+    if udp:
+        found = _nearest([c for c in layer.listeners if c._udp is not None
+                          and c.family == family], host)
+    else:
+        found = _nearest([c for c in layer.listeners if c.address.transport == transport
+                          and (not family or c.family == family)], host)
+    cache[key] = found
+    return found
+
+
 cdef object _listener_for(layer, Address dest):
     # The listener a message to (or from) ``dest`` uses: the one ``dest.connection`` names (a
     # socket, or a connection's listener), else the nearest of its transport and family.
@@ -104,9 +126,7 @@ cdef object _listener_for(layer, Address dest):
             if conn is not None and conn.lid:
                 return _listener(layer, conn.lid)
     host = dest.host
-    family = family_of(host)
-    return _nearest([c for c in layer.listeners if c.address.transport == transport
-                     and (not family or c.family == family)], host)
+    return _nearest_of(layer, transport, family_of(host), host, False)
 
 
 cdef object _local_for(layer, Address dest):
@@ -145,8 +165,7 @@ def via_for(self, Address dest, local=None):
 
 
 cdef object _udp_listener(layer, int family, str host):
-    return _nearest([c for c in layer.listeners if c._udp is not None and c.family == family],
-                    host)
+    return _nearest_of(layer, "UDP", family, host, True)
 
 
 def udp_listener(self, int family, str host=""):

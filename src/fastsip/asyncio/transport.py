@@ -607,6 +607,9 @@ class TransportLayer:
         self.stats = TransportStats()
         self._loop = loop
         self.listeners: list[Listener] = []
+        # The listener each kind of destination leaves from (_udp.pyx's _nearest_of); cleared
+        # whenever the listeners change.
+        self._nearest_cache: dict[tuple[str, int, bool, bool], Listener | None] = {}
         self._connections: dict[int, _Connection] = {}
         self._by_peer: dict[tuple[str, str, int], _Connection] = {}
         self._per_source: dict[str, int] = {}      # accepted connections open per source IP
@@ -681,6 +684,7 @@ class TransportLayer:
         listener._udp_sock = sock if transport == "UDP" else None
         listener.receive_buffer = receive_buffer
         self.listeners.append(listener)
+        self._nearest_cache.clear()
         self._local.append(sent_by)
         if sent_by[0] != address.host or sent_by[1] != address.port:
             self._local.append((address.host, address.port))
@@ -1220,6 +1224,7 @@ class TransportLayer:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self.listeners.clear()
+        self._nearest_cache.clear()
         self._own.clear()
         self._local.clear()
 
