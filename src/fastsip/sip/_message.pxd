@@ -213,6 +213,9 @@ cdef class Message:
     cdef list _contacts(self)
     cdef list _routes(self)
     cdef list _record_routes(self)
+    # What the intake does to every message it delivers, callable from C.
+    cpdef bint stamp_received(self, str host, int port) except -1
+    cpdef bint ensure_content_length(self) except -1
 
 
 cdef class Request(Message):

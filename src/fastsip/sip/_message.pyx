@@ -1936,7 +1936,7 @@ cdef class Message:
         cdef int at = self._first[H_VIA]
         self._insert(at if at >= 0 else 0, H_VIA, b"Via", 3, b, len(b))
 
-    def stamp_received(self, str host, int port):
+    cpdef bint stamp_received(self, str host, int port) except -1:
         """§18.2.1 and RFC 3581 §4 on the top Via of a request that came from ``host``:``port``
         (``host`` without brackets): ``received=HOST`` when the sent-by host is another, and
         ``rport=PORT`` filled in when the client sent an empty ``rport`` (``received`` is then
@@ -2121,7 +2121,7 @@ cdef class Message:
                 seen |= bit
         return None
 
-    def ensure_content_length(self):
+    cpdef bint ensure_content_length(self) except -1:
         """Add ``Content-Length`` when the message has none; True when added.
 
         A datagram's body is the rest of it (RFC 3261 §18.3), so one may come without the
