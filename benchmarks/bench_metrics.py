@@ -355,8 +355,12 @@ def test_in_process_metrics_cost_a_few_percent_at_most() -> None:
     # ~13 messages a call, the handler timer), scraped 0.29-0.32x (+7-8 us: a scrape of
     # ~1 ms every 150 calls, 15 times Prometheus' default rate).  The medians of per-block
     # shares are asserted (best-of-rounds sums move by +-5% between runs on this VM).
-    assert r["on added"] <= 0.25, report_in_process(r, 1500, 5)
-    assert r["scraped added"] <= 0.35, report_in_process(r, 1500, 5)
+    # On a day the VM ran twice as slow (the naive relay ~50 us a call), the same metrics code
+    # (36f40c9) measured on 0.23-0.31x and scraped 0.33-0.43x in seven runs, and CI failed
+    # three attempts in a row: the shares grow on a slow, crowded machine.  The bars allow
+    # that day; doubling what metrics cost still fails them on a quiet one.
+    assert r["on added"] <= 0.35, report_in_process(r, 1500, 5)
+    assert r["scraped added"] <= 0.5, report_in_process(r, 1500, 5)
 
 
 def _quiet_logging() -> Any:
