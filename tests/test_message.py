@@ -289,6 +289,25 @@ def test_uri_parts() -> None:
             URI(bad)
 
 
+@pytest.mark.parametrize("text,scheme,host,params", [
+    ("sip:bob@example.com;lr", "sip", "example.com", {"lr": None}),
+    ("SIP:Bob@EXAMPLE.com;Transport=TCP;LR", "sip", "example.com",
+     {"transport": "TCP", "lr": None}),
+    ("sips:[2001:DB8::1]:5061;MAddr=h", "sips", "[2001:DB8::1]", {"maddr": "h"}),   # as written
+    ("sip:b@h;%4Cr;x%41=1", "sip", "h", {"lr": None, "xa": "1"}),    # escapes, then the case
+    ("sip:b@h;%C3%89x=1", "sip", "h", {"\u00e9x": "1"}),           # str.lower(), not ASCII's
+    ("tel:+1-201-555-0123;Phone-Context=Example.COM", "tel", "+1-201-555-0123",
+     {"phone-context": "Example.COM"}),
+])
+def test_uri_scheme_host_and_parameter_names_in_lower_case(
+        text: str, scheme: str, host: str, params: dict[str, str | None]) -> None:
+    # RFC 3261 19.1.4: scheme, host and parameter names compare case-insensitively, so they
+    # are kept in lower case (an IPv6 reference and a tel: number as written; values as sent).
+    u = URI(text)
+    assert (u.scheme, u.host, u.params) == (scheme, host, params)
+    assert str(u) == text
+
+
 def test_response_parsing() -> None:
     r = parse(b"SIP/2.0 180 Ringing\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n"
               b"To: <sip:a@b>;tag=t\r\nFrom: <sip:c@d>;tag=f\r\nCall-ID: x\r\n"

@@ -407,6 +407,26 @@ cdef inline str _text(const char* p, Py_ssize_t s, Py_ssize_t e):
     return fastsip_text(p + s, e - s)
 
 
+cdef inline bint _lower_already(const char* p, Py_ssize_t s, Py_ssize_t e) noexcept:
+    """p[s:e] has no upper-case ASCII letter, no octet past ASCII (whose case str.lower()
+    would decide) and no '%' (an escape may hide a capital): its text is its lower case."""
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    for i in range(s, e):
+        c = <unsigned char>p[i]
+        if (c >= 65 and c <= 90) or c >= 0x80 or c == 37:
+            return False
+    return True
+
+
+cdef inline str _text_lower(const char* p, Py_ssize_t s, Py_ssize_t e):
+    """The text of p[s:e] in lower case: scheme names, hosts and parameter names, which are
+    nearly always written so; only the rest pays for str.lower()."""
+    if _lower_already(p, s, e):
+        return _text(p, s, e)
+    return _text(p, s, e).lower()
+
+
 cdef inline object _opt_text(const char* p, Py_ssize_t s, Py_ssize_t e):
     """The text of p[s:e], or None when the part is absent (s < 0)."""
     return _text(p, s, e) if s >= 0 else None
@@ -901,7 +921,7 @@ cdef dict _params_dict(const char* p, Py_ssize_t i, Py_ssize_t e):
         if n < 0:
             return d
         i = n
-        name = _text(p, prm.name_s, prm.name_e).lower()
+        name = _text_lower(p, prm.name_s, prm.name_e)
         if name in d:
             continue
         if prm.value_s < 0:
@@ -1065,12 +1085,14 @@ cdef int _fill_uri_p(URI self, const char* p, Py_ssize_t s, Py_ssize_t e) except
     cdef Py_ssize_t i, j, k
     _scan_uri(p, s, e, &u)
     self._text = _text(p, s, e)
-    self.scheme = _text(p, s, u.scheme_e).lower()
+    self.scheme = _text_lower(p, s, u.scheme_e)
     self.user = _unescape(p, u.user_s, u.user_e) if u.user_s >= 0 else None
     self.password = _unescape(p, u.pw_s, u.pw_e) if u.pw_s >= 0 else None
-    self.host = _text(p, u.host_s, u.host_e)
-    if u.kind == URI_SIP or u.kind == URI_SIPS:
-        self.host = self.host.lower() if self.host[:1] != "[" else self.host
+    if (u.kind == URI_SIP or u.kind == URI_SIPS) and not (
+            u.host_e > u.host_s and p[u.host_s] == b'['):
+        self.host = _text_lower(p, u.host_s, u.host_e)      # (an IPv6 reference as written)
+    else:
+        self.host = _text(p, u.host_s, u.host_e)
     self.port = u.port if u.port >= 0 else None
     self.params = {}
     if u.params_e > u.params_s:
@@ -1086,7 +1108,7 @@ cdef int _fill_uri_p(URI self, const char* p, Py_ssize_t s, Py_ssize_t e) except
             k = i
             while k < j and p[k] != b'=':
                 k += 1
-            name = _unescape(p, i, k).lower()
+            name = _text(p, i, k) if _lower_already(p, i, k) else _unescape(p, i, k).lower()
             self.params[name] = _unescape(p, k + 1, j) if k < j else None
             i = j
     self.headers = {}
