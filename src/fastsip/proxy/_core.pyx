@@ -1498,7 +1498,7 @@ cdef class Proxy:
             _add_alias(request, source)
         # §16.6 steps 4 and 7: a sips top Route (or strict router) secures this hop too.
         secure = secure or bool(routes and _is_sips((<NameAddr>routes[0])._uri()))
-        if secure and (<Address>dest).transport != "TLS":
+        if secure and (<Address?>dest).transport != "TLS":
             raise _NoSecureHop(f"sips request to {dest}: not a TLS hop")
         out = None
         if record_route:
@@ -1538,7 +1538,7 @@ cdef class Proxy:
         cdef str host = ours.host
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
-        return f"SIP/2.0/{(<Address>dest).transport} {host}:{ours.port};branch={branch}"
+        return f"SIP/2.0/{(<Address?>dest).transport} {host}:{ours.port};branch={branch}"
 
     cdef str _new_branch(self, str loop):
         # "z9hG4bK-" + §16.6 step 8's loop hash + "." + this process's prefix and a counter:
@@ -1571,7 +1571,7 @@ cdef class Proxy:
         if tb is not None:
             made.trunk = tb
         if resolved is None and hop_uri is not None and self.resolver is not None \
-                and not _is_ip_literal((<Address>dest).host):
+                and not _is_ip_literal((<Address?>dest).host):
             # A host name: RFC 3263 orders its addresses before this branch is sent.
             made.hop = _NextHop.from_uri(hop_uri)
         return made
