@@ -1162,10 +1162,10 @@ cdef class Proxy:
         if uri is None:
             return False
         cdef URI u = uri
-        if u.scheme != "sip" and u.scheme != "sips":
+        if not u._is_sip():
             return False
         hosts = self._local()
-        if _canonical_host(u.params.get("maddr") or u.host) not in hosts:
+        if _canonical_host(u._maddr() or u.host) not in hosts:
             return False
         port = u.port
         return port is None or port in self._ports

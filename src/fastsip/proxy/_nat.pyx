@@ -69,9 +69,9 @@ cpdef bint contact_behind_nat(Message message, peer) except -1:
     message came from -- another host, or over UDP another port -- or private while the peer
     is not?"""
     cdef URI uri = _contact_uri(message)
-    if uri is None or not _is_sip(uri):
+    if uri is None or not uri._is_sip():
         return False
-    if uri.params.get("maddr"):
+    if uri._maddr():
         return False
     if _host(uri.host) != _host(peer.host):
         return True
@@ -81,13 +81,9 @@ cpdef bint contact_behind_nat(Message message, peer) except -1:
     return False
 
 
-cdef inline bint _is_sip(URI uri) noexcept:
-    return uri.scheme == "sip" or uri.scheme == "sips"
-
-
 cdef bint _private_contact(Message message, source) except -1:
     cdef URI uri = _contact_uri(message)
-    return (uri is not None and _is_sip(uri) and is_private(uri.host)
+    return (uri is not None and uri._is_sip() and is_private(uri.host)
             and not is_private(source.host) and _host(uri.host) != _host(source.host))
 
 
@@ -113,7 +109,7 @@ cpdef bint add_alias(Message message, flow) except -1:
     being forwarded, or a response on its way upstream).  Returns False when there is no single
     SIP Contact to mark or it already carries an alias."""
     cdef URI uri = _contact_uri(message)
-    if uri is None or not _is_sip(uri) or ALIAS in {k.lower() for k in uri.params}:
+    if uri is None or not uri._is_sip() or ALIAS in {k.lower() for k in uri.params}:
         return False
     contact = message.contact[0]
     host = f"[{flow.host}]" if ":" in flow.host else flow.host

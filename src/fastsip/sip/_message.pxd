@@ -103,6 +103,8 @@ cdef class URI:
     cdef readonly dict headers
     cdef str _text
 
+    cdef bint _is_sip(self) noexcept
+    cdef object _maddr(self)
     cdef bint _lr(self) except -1
     cdef object _transport(self)
 

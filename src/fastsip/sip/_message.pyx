@@ -979,6 +979,9 @@ cdef class URI:
     @property
     def is_sip(self):
         """True for sip: and sips: URIs."""
+        return self._is_sip()
+
+    cdef bint _is_sip(self) noexcept:
         return self.scheme == "sip" or self.scheme == "sips"
 
     @property
@@ -1000,6 +1003,9 @@ cdef class URI:
 
     @property
     def maddr(self):
+        return self._maddr()
+
+    cdef object _maddr(self):
         return self.params.get("maddr")
 
     @property

@@ -86,7 +86,7 @@ def next_hop(target):
         uri = parse_uri(target)
     else:
         uri = target
-    if uri is None or (uri.scheme != "sip" and uri.scheme != "sips"):
+    if uri is None or not uri._is_sip():
         raise ValueError(f"no SIP next hop for {target!s}")
     cdef bint secure = uri.scheme == "sips"
     param = uri._transport()
@@ -101,7 +101,7 @@ def next_hop(target):
                 raise ValueError(f"sips URI with transport=udp: {uri!s}")
     else:
         transport = "TLS" if secure else "UDP"
-    host = strip_brackets(uri.params.get("maddr") or uri.host)
+    host = strip_brackets(uri._maddr() or uri.host)
     port = uri.port
     if not port:
         port = _DEFAULT_PORTS.get(transport, 5060)
