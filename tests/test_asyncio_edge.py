@@ -5,6 +5,7 @@ connection a request came in on (§18.2.2), the lean UDP path, and our own addre
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import sys
 from collections.abc import Callable
@@ -15,6 +16,7 @@ import pytest
 
 from fastsip import Request, Response, parse
 from fastsip.asyncio import Endpoint, TransportLayer, interface_addresses, netif
+from fastsip.asyncio.transport import _UdpSocket
 from fastsip.transaction import ServerTransaction
 from fastsip.transport import Address
 
@@ -462,16 +464,15 @@ def test_response_goes_back_over_the_connection_whatever_the_via_says(factory: A
 
 @pytest.mark.parametrize("factory", LOOPS)
 def test_udp_path_by_loop(factory: Any) -> None:
-    """add_reader on asyncio; uvloop's own datagram transport, which measured cheaper."""
+    """The compiled socket on add_reader, on asyncio and on uvloop alike."""
     async def main() -> None:
         layer = make_layer()
         try:
             s = await layer.listen("udp:127.0.0.1:0")
             loop = asyncio.get_running_loop()
-            uvloop = type(loop).__module__.startswith("uvloop")
-            # (Windows' proactor loop has no add_reader: the datagram endpoint there too.)
-            lean = not uvloop and has_add_reader(loop)
-            assert type(s._udp).__name__ == ("_UdpSocket" if lean else "_Datagram")
+            # (Windows' proactor loop has no add_reader: the datagram endpoint there.)
+            lean = has_add_reader(loop)
+            assert type(s._udp).__name__ == ("UdpSocket" if lean else "_Datagram")
             assert s.receive_buffer > 0
         finally:
             await layer.close()
@@ -491,7 +492,7 @@ def test_udp_burst_is_drained(factory: Any, lean: bool) -> None:
             s = await server.listen("udp:127.0.0.1:0")
             # (Windows' proactor loop has no add_reader: the datagram endpoint stands in.)
             own = lean and has_add_reader(asyncio.get_running_loop())
-            assert type(s._udp).__name__ == ("_UdpSocket" if own else "_Datagram")
+            assert type(s._udp).__name__ == ("UdpSocket" if own else "_Datagram")
             for n in range(600):                           # more than one batch
                 raw.sendto(bytes(options("sip:a@x", "127.0.0.1:1", call_id=f"b{n}")),
                            ("127.0.0.1", s.address.port))
@@ -505,21 +506,51 @@ def test_udp_burst_is_drained(factory: Any, lean: bool) -> None:
     run(factory, main())
 
 
-class _StubSocket:
-    """Stands in for a UDP socket whose sendto fails with ``error``."""
+@needs_loopback_aliases
+@pytest.mark.parametrize("factory", LOOPS)
+def test_udp_sources_are_named_right_past_the_name_cache(factory: Any) -> None:
+    """The compiled socket names a datagram's source from a cache of recent ones: twelve
+    sources (more than it keeps), interleaved, each named and numbered as the kernel gave it
+    (host and port), IPv6 too."""
+    async def main() -> None:
+        server = make_layer()
+        inbox = Inbox()
+        server.on_message = inbox
+        senders: list[socket.socket] = []
+        try:
+            s = await server.listen("udp:127.0.0.1:0")
+            for n in range(12):
+                raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                raw.bind((f"127.0.0.{n + 2}", 0))
+                senders.append(raw)
+            expected = []
+            for round_ in range(3):
+                for n, raw in enumerate(senders):
+                    call_id = f"s{round_}-{n}"
+                    raw.sendto(bytes(options("sip:a@x", "127.0.0.1:1", call_id=call_id)),
+                               ("127.0.0.1", s.address.port))
+                    expected.append((call_id, raw.getsockname()))
+                    await asyncio.sleep(0)
+            items = await inbox.wait(len(expected))
+            got = {m.call_id: (source.host, source.port) for m, source in items}
+            assert got == dict(expected)
+            assert all(source.connection == s.id for _, source in items)
+            if HAS_IPV6:
+                s6 = await server.listen("udp:[::1]:0")
+                raw6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+                senders.append(raw6)
+                raw6.bind(("::1", 0))
+                raw6.sendto(bytes(options("sip:a@x", "[::1]:1", call_id="v6")),
+                            ("::1", s6.address.port))
+                m, source = (await inbox.wait(len(expected) + 1))[-1]
+                assert (m.call_id, source.host, source.port) == ("v6", "::1",
+                                                                 raw6.getsockname()[1])
+        finally:
+            for raw in senders:
+                raw.close()
+            await server.close()
 
-    def __init__(self, real: socket.socket, error: OSError) -> None:
-        self.real = real
-        self.error = error
-
-    def sendto(self, data: bytes, addr: Any) -> int:
-        raise self.error
-
-    def fileno(self) -> int:
-        return self.real.fileno()
-
-    def close(self) -> None:
-        self.real.close()
+    run(factory, main())
 
 
 @posix_only("drives fastsip's own UDP socket (read with loop.add_reader, which Windows' "
@@ -532,19 +563,23 @@ def test_udp_send_full_buffer_drops_other_errors_report(factory: Any) -> None:
         try:
             listener = await layer.listen("udp:127.0.0.1:0")
             udp = listener._udp
-            assert udp is not None
-            real = udp.sock  # type: ignore[union-attr]
+            assert isinstance(udp, _UdpSocket)
+            # A real refusal by the kernel: Linux takes no datagram to port 0 (EINVAL).
+            # Nothing leaves; the failure reaches on_error, and is not counted as dropped.
+            nowhere = Address("UDP", "127.0.0.1", 0)
+            layer.send(b"x", nowhere)
+            assert errors == []                       # never inside send()
+            await until(lambda: errors == [nowhere])
+            assert layer.stats.sends_dropped == 0
+            # A full buffer cannot be provoked on loopback: the same path, given the number.
             dest = Address("UDP", "127.0.0.1", 9)
-            udp.sock = _StubSocket(real, BlockingIOError(11, "EAGAIN"))  # type: ignore[union-attr]
-            layer.send(b"x", dest)
-            udp.sock = _StubSocket(real, OSError(105, "ENOBUFS"))  # type: ignore[union-attr]
-            layer.send(b"x", dest)
+            udp.send_failed(dest, errno.EAGAIN)
+            udp.send_failed(dest, errno.ENOBUFS)
             await asyncio.sleep(0.02)
-            assert errors == [] and layer.stats.sends_dropped == 2
-            udp.sock = _StubSocket(real, OSError(101, "ENETUNREACH"))  # type: ignore[union-attr]
-            layer.send(b"x", dest)
-            await until(lambda: errors == [dest])
-            udp.sock = real  # type: ignore[union-attr]
+            assert errors == [nowhere] and layer.stats.sends_dropped == 2
+            udp.send_failed(dest, errno.ENETUNREACH)
+            await until(lambda: errors == [nowhere, dest])
+            assert layer.stats.sends_dropped == 2
         finally:
             await layer.close()
 

@@ -2,7 +2,9 @@
 per-datagram methods TransportLayer and its datagram protocol bind; their documentation is in
 the .pyx and in fastsip.asyncio.transport."""
 
-from typing import Any
+import asyncio
+import socket
+from typing import Any, final
 
 from fastsip.asyncio.transport import Listener, TransportLayer, _Datagram
 from fastsip.transport import Address
@@ -25,3 +27,17 @@ def datagram_send(self: _Datagram, data: bytes, dest: Address) -> None: ...
 def receive(self: TransportLayer, data: bytes, host: str, port: int, lid: int = 0,
             steer: bool = True) -> None: ...
 def datagram_received(self: _Datagram, data: bytes, addr: tuple[Any, ...]) -> None: ...
+
+@final
+class UdpSocket:
+    layer: TransportLayer
+    sock: socket.socket
+    loop: asyncio.AbstractEventLoop
+    lid: int
+    closed: bool
+    def __init__(self, layer: TransportLayer, sock: socket.socket,
+                 loop: asyncio.AbstractEventLoop, lid: int) -> None: ...
+    def _read_ready(self) -> None: ...
+    def send(self, data: bytes, dest: Address) -> None: ...
+    def send_failed(self, dest: Address, code: int) -> None: ...
+    def close(self) -> None: ...

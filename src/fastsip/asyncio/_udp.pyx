@@ -9,14 +9,42 @@ Why compiled: the shell is plain Python around a compiled core, and a proxied ca
 datagrams) ran ~60 Python frames of it -- receiving, choosing the socket a message leaves
 from, naming our end for Via and Record-Route -- about as many as the routes layer and its
 log line.  Here they are C calls that read the layer's attributes; the policy they apply is
-the same, and the sockets are still the shell's alone (the loop's datagram transport, or
-``_UdpSocket``'s).
+the same, and the sockets are still the shell's alone.
+
+:class:`UdpSocket` is a listening socket read and written here, in C: a wakeup drains the
+ready datagrams with ``recvfrom`` into one buffer, names each source from a small cache (no
+``inet_ntop`` and new string per datagram), and a send is one ``sendto`` to an address
+``inet_pton`` made -- where the loop's datagram transport (uvloop's included) converts
+addresses through Python tuples and caches both ways, and calls back into Python per
+datagram.  The loop's datagram transport (:func:`datagram_received`, :func:`datagram_send`)
+stands in where the loop cannot watch a socket (Windows' proactor).
 """
 
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeASCII
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcmp, memcpy, memset
+
+from fastsip.rtp._net cimport (
+    AF_INET,
+    AF_INET6,
+    FS_ERR_AGAIN,
+    FS_ERR_INTR,
+    fs_errno,
+    fs_error_class,
+    in6_addr,
+    in_addr,
+    ntohs,
+    sockaddr_in,
+    sockaddr_in6,
+    sockaddr_storage,
+)
 from fastsip.transport._address cimport Address
 
 import ipaddress
 import logging
+import os
 import socket
 from functools import lru_cache
 
@@ -233,7 +261,10 @@ cdef _send_udp(layer, data, Address dest):
         log.debug("no UDP listener for the address family of %s", dest)
         layer._fail_soon(dest)
         return
-    sock.send(data, dest)
+    if type(sock) is UdpSocket:
+        (<UdpSocket>sock)._send(data, dest)
+    else:
+        sock.send(data, dest)
 
 
 def send_udp(self, data, dest):
@@ -295,3 +326,278 @@ def datagram_received(self, data, addr):
         _receive(layer, data, host, addr[1], self.lid, True)
     except Exception:
         log.exception("error receiving a UDP datagram")
+
+
+# -- the socket ---------------------------------------------------------------------------------
+
+cdef extern from *:
+    """
+    #if !defined(_WIN32)
+    #include <stdio.h>
+    #include <net/if.h>
+    #endif
+
+    /* One datagram from the non-blocking socket fd: its length, or -1 (fs_errno() says why). */
+    static Py_ssize_t fsu_recvfrom(Py_ssize_t fd, char *buf, size_t len,
+                                   struct sockaddr_storage *addr, unsigned int *alen) {
+    #if defined(_WIN32)
+        int n = (int)sizeof(struct sockaddr_storage);
+        int r = recvfrom((SOCKET)fd, buf, (int)len, 0, (struct sockaddr *)addr, &n);
+        *alen = (unsigned int)n;
+        return r == SOCKET_ERROR ? -1 : (Py_ssize_t)r;
+    #else
+        socklen_t n = sizeof(struct sockaddr_storage);
+        ssize_t r = recvfrom((int)fd, buf, len, MSG_DONTWAIT, (struct sockaddr *)addr, &n);
+        *alen = (unsigned int)n;
+        return (Py_ssize_t)r;
+    #endif
+    }
+
+    /* One datagram to addr: 0, or -1 (fs_errno() says why). */
+    static int fsu_sendto(Py_ssize_t fd, const char *buf, size_t len,
+                          const struct sockaddr_storage *addr, unsigned int alen) {
+    #if defined(_WIN32)
+        int r = sendto((SOCKET)fd, buf, (int)len, 0, (const struct sockaddr *)addr, (int)alen);
+        return r == SOCKET_ERROR ? -1 : 0;
+    #else
+        ssize_t r = sendto((int)fd, buf, len, MSG_DONTWAIT, (const struct sockaddr *)addr,
+                           (socklen_t)alen);
+        return r < 0 ? -1 : 0;
+    #endif
+    }
+
+    /* addr for an IP literal of family (no brackets, no zone) and a port: its length, or 0
+       when host is not such a literal. */
+    static unsigned int fsu_sockaddr(struct sockaddr_storage *addr, int family,
+                                     const char *host, int port) {
+        memset(addr, 0, sizeof(struct sockaddr_storage));
+        if (family == AF_INET) {
+            struct sockaddr_in *v4 = (struct sockaddr_in *)addr;
+            if (inet_pton(AF_INET, host, &v4->sin_addr) != 1) return 0;
+            v4->sin_family = AF_INET;
+            v4->sin_port = htons((unsigned short)port);
+            return (unsigned int)sizeof(struct sockaddr_in);
+        }
+        if (family == AF_INET6) {
+            struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)addr;
+            if (inet_pton(AF_INET6, host, &v6->sin6_addr) != 1) return 0;
+            v6->sin6_family = AF_INET6;
+            v6->sin6_port = htons((unsigned short)port);
+            return (unsigned int)sizeof(struct sockaddr_in6);
+        }
+        return 0;
+    }
+
+    /* The printable source address (as Python's socket module gives it: an IPv6 scope as
+       "%" and the interface's name, or its number) into out; its length, or -1. */
+    static int fsu_source_name(const struct sockaddr_storage *a, char *out, unsigned int outlen) {
+        size_t n;
+        if (fs_sockaddr_name(a, out, outlen) < 0) return -1;
+        n = strlen(out);
+        if (a->ss_family == AF_INET6) {
+            unsigned int scope = ((const struct sockaddr_in6 *)a)->sin6_scope_id;
+            if (scope != 0 && n + 1 + 16 < outlen) {
+                out[n++] = '%';
+    #if defined(_WIN32)
+                n += (size_t)sprintf(out + n, "%u", scope);
+    #else
+                if (if_indextoname(scope, out + n) != NULL) n = strlen(out);
+                else n += (size_t)snprintf(out + n, outlen - n, "%u", scope);
+    #endif
+            }
+        }
+        return (int)n;
+    }
+    """
+    Py_ssize_t fsu_recvfrom(Py_ssize_t fd, char *buf, size_t len, sockaddr_storage *addr,
+                            unsigned int *alen) noexcept nogil
+    int fsu_sendto(Py_ssize_t fd, const char *buf, size_t len, const sockaddr_storage *addr,
+                   unsigned int alen) noexcept nogil
+    unsigned int fsu_sockaddr(sockaddr_storage *addr, int family, const char *host,
+                              int port) noexcept nogil
+    int fsu_source_name(const sockaddr_storage *a, char *out, unsigned int outlen) noexcept nogil
+
+cdef enum:
+    # Any UDP datagram (a longer one is truncated, then fails to parse).
+    RECV_SIZE = 65536
+    # Datagrams per wakeup: amortizes it, bounded so that one flood cannot starve the loop.
+    UDP_BATCH = 256
+    # Source names remembered (a proxy's call comes from two or three addresses).
+    SOURCES = 8
+    NAME_SIZE = 128
+
+
+@cython.final
+cdef class UdpSocket:
+    """A UDP listening socket read and written in C (see the module's documentation), watched
+    with ``loop.add_reader``: one wakeup drains up to ``UDP_BATCH`` datagrams into one buffer
+    and reads the clock once; a send the socket cannot take now (EAGAIN, ENOBUFS) is dropped
+    and counted, as UDP may lose it (retransmission covers it), another failure reported
+    through the layer's ``_fail_soon``.  Raises NotImplementedError where the loop cannot
+    watch a socket (Windows' proactor): the loop's datagram transport stands in."""
+
+    cdef readonly object layer
+    cdef readonly object sock
+    cdef readonly object loop
+    cdef readonly int lid
+    cdef public bint closed
+    cdef Py_ssize_t _fd
+    cdef object _time
+    cdef char *_buf
+    # The names of recent sources: a datagram from one of them reuses its str.
+    cdef sockaddr_storage _sources[SOURCES]
+    cdef list _names
+    cdef int _next_source
+
+    def __cinit__(self):
+        self._names = [None] * SOURCES
+        memset(self._sources, 0, sizeof(self._sources))
+        self._buf = <char *>malloc(RECV_SIZE)
+        if self._buf == NULL:
+            raise MemoryError()
+
+    def __init__(self, layer, sock, loop, int lid):
+        self.layer = layer
+        self.sock = sock
+        self.loop = loop
+        self.lid = lid
+        self._fd = sock.fileno()
+        self._time = loop.time
+        self.closed = False
+        loop.add_reader(self._fd, self._read_ready)   # NotImplementedError: proactor
+
+    def __dealloc__(self):
+        free(self._buf)
+
+    def _read_ready(self):
+        """Drain the socket: each datagram to ``admit`` (with this wakeup's time), then to the
+        layer's intake."""
+        cdef Py_ssize_t n
+        cdef int count = 0, denied = 0, interrupted = 0, code, port
+        cdef sockaddr_storage addr
+        cdef unsigned int alen
+        layer = self.layer
+        admit = layer.admit
+        now = self._time()
+        try:
+            while count < UDP_BATCH:
+                n = fsu_recvfrom(self._fd, self._buf, RECV_SIZE, &addr, &alen)
+                if n < 0:
+                    code = fs_errno()
+                    if fs_error_class(code) == FS_ERR_INTR and interrupted < 8:
+                        interrupted += 1
+                        continue
+                    if fs_error_class(code) != FS_ERR_AGAIN:
+                        # An error queued on the socket (or the socket closed under us): the
+                        # next wakeup goes on.
+                        log.debug("UDP receive error: %s", os.strerror(code))
+                    break
+                count += 1
+                host = self._source(&addr, alen, &port)
+                if host is None:
+                    continue                         # not IPv4/IPv6: not ours to answer
+                if admit is not None and not admit(host, now):
+                    denied += 1
+                    continue
+                _receive(layer, PyBytes_FromStringAndSize(self._buf, n), host, port,
+                         self.lid, True)
+        except Exception:
+            # A bug in the admit hook (or below): log it, keep the reader; the datagrams not
+            # read yet wait for the next wakeup.
+            log.exception("error receiving a UDP datagram")
+        finally:
+            stats = layer.stats
+            stats.datagrams += count
+            stats.datagrams_denied += denied
+
+    cdef object _source(self, sockaddr_storage *addr, unsigned int alen, int *port):
+        # The host of addr as a str (from the cache while it is a recent source), its port
+        # into port; None for a family that is not IPv4/IPv6.
+        cdef int i, length
+        cdef char name[NAME_SIZE]
+        if addr.ss_family == AF_INET:
+            port[0] = ntohs((<sockaddr_in *>addr).sin_port)
+            for i in range(SOURCES):
+                if self._sources[i].ss_family == AF_INET and memcmp(
+                        &(<sockaddr_in *>addr).sin_addr,
+                        &(<sockaddr_in *>&self._sources[i]).sin_addr,
+                        sizeof(in_addr)) == 0:
+                    return self._names[i]
+        elif addr.ss_family == AF_INET6:
+            port[0] = ntohs((<sockaddr_in6 *>addr).sin6_port)
+            for i in range(SOURCES):
+                if self._sources[i].ss_family == AF_INET6 and memcmp(
+                        &(<sockaddr_in6 *>addr).sin6_addr,
+                        &(<sockaddr_in6 *>&self._sources[i]).sin6_addr,
+                        sizeof(in6_addr)) == 0 and \
+                        (<sockaddr_in6 *>addr).sin6_scope_id == \
+                        (<sockaddr_in6 *>&self._sources[i]).sin6_scope_id:
+                    return self._names[i]
+        else:
+            return None
+        length = fsu_source_name(addr, name, NAME_SIZE)
+        if length < 0:
+            return None
+        host = PyUnicode_DecodeASCII(name, length, NULL)
+        i = self._next_source
+        self._next_source = (i + 1) % SOURCES
+        memcpy(&self._sources[i], addr, alen if alen <= sizeof(sockaddr_storage)
+               else sizeof(sockaddr_storage))
+        self._names[i] = host
+        return host
+
+    def send(self, data, Address dest):
+        """One datagram to ``dest`` (an IP literal of this socket's family), now or never."""
+        self._send(data, dest)
+
+    cdef int _send(self, data, Address dest) except -1:
+        cdef sockaddr_storage addr
+        cdef unsigned int alen
+        cdef int code, family
+        cdef bytes payload = data if type(data) is bytes else bytes(data)
+        host = dest.host
+        family = AF_INET6 if ":" in host else AF_INET
+        alen = 0 if "%" in host else fsu_sockaddr(&addr, family, host.encode("ascii"),
+                                                  dest.port)
+        if alen == 0:
+            # Not a literal inet_pton takes (an IPv6 zone): the socket module resolves it.
+            try:
+                self.sock.sendto(payload, (host, dest.port))
+            except OSError as exc:
+                self._failed(dest, exc.errno or 0)
+            return 0
+        if fsu_sendto(self._fd, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload), &addr,
+                      alen) < 0:
+            code = fs_errno()
+            self._failed(dest, code)
+        return 0
+
+    def send_failed(self, Address dest, int code):
+        """What a send to ``dest`` that failed with error number ``code`` does: a full buffer
+        (EAGAIN, ENOBUFS) drops the datagram and counts it in the layer's
+        ``stats.sends_dropped``; any other error goes to the layer's ``on_error`` (soon, never
+        inside the send).  The send path calls it in C; it is public because a full buffer
+        cannot be provoked on purpose on loopback (the kernel hands a datagram to the
+        receiving socket at once), so tests give the number."""
+        self._failed(dest, code)
+
+    cdef int _failed(self, Address dest, int code) except -1:
+        if fs_error_class(code) == FS_ERR_AGAIN:
+            # The socket's buffer is full: lost, as a datagram may be (retransmission covers
+            # it); queueing here would only grow memory under overload.
+            self.layer.stats.sends_dropped += 1
+            log.debug("UDP send to %s dropped: %s", dest, os.strerror(code))
+            return 0
+        log.debug("UDP send to %s failed: %s", dest, os.strerror(code))
+        self.layer._fail_soon(dest)
+        return 0
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.loop.remove_reader(self._fd)
+        except RuntimeError:        # the loop is closed already
+            pass
+        self.sock.close()

@@ -3,11 +3,12 @@
 It implements :class:`fastsip.transport.Transport` (what the sans-IO layers send through) and
 feeds what arrives, parsed, to one receive callback (the transaction layer's ``receive``).
 
-- UDP: one socket per listener.  On asyncio it is read with ``loop.add_reader``: a wakeup
-  drains up to 256 ready datagrams with ``recvfrom_into`` into one preallocated buffer and reads
-  the clock once (asyncio's datagram transport costs a wakeup and a fresh 256 KiB buffer per
-  datagram).  On uvloop, whose datagram transport already drains the socket in C into one
-  buffer, that transport is cheaper and is used.  Responses and requests leave from a
+- UDP: one socket per listener, read and written in C (``_udp.UdpSocket``) on the loop's
+  ``add_reader``, asyncio's or uvloop's: a wakeup drains up to 256 ready datagrams with
+  ``recvfrom`` into one preallocated buffer and reads the clock once, and a send is one
+  ``sendto`` (asyncio's datagram transport costs a wakeup and a fresh 256 KiB buffer per
+  datagram; uvloop's converts every address through Python objects).  The loop's datagram
+  transport stands in where the loop cannot watch a socket.  Responses and requests leave from a
   listening socket, so a NAT sees the same port both ways; a datagram the socket cannot take
   now (EAGAIN, ENOBUFS, a full send queue) is dropped, as UDP may.  A datagram that does not
   parse is answered statelessly when it can be (400/505/513), else dropped.
@@ -60,7 +61,6 @@ from fastsip.asyncio._udp import WILDCARDS as _WILDCARDS
 from fastsip.asyncio._udp import family_of as _family
 from fastsip.asyncio.dns import DnsFailure, Rfc3263Resolver
 from fastsip.asyncio.netif import interface_addresses, routed_address
-from fastsip.asyncio.runner import loop_name
 from fastsip.errors import FastSIPError, ParseError
 from fastsip.sip import Limits, Message, Request, Response, message_length, parse
 from fastsip.transport import DEFAULT_PORTS, Address
@@ -85,18 +85,11 @@ HandSend = Callable[[bytes, Address], bool]
 AdmitCallback = Callable[[str, float], bool]
 
 _PONG = b"\r\n"
-# One receive buffer per UDP socket, big enough for any datagram (a longer one is truncated,
-# and then fails to parse).
-_RECV_SIZE = 65536
-# Datagrams drained per wakeup: enough to amortize the wakeup under load, bounded so that one
-# flooded socket cannot starve the rest of the loop.
-_UDP_BATCH = 256
 # Connections accepted per wakeup (asyncio's servers take up to their backlog).
 _ACCEPT_BATCH = 64
 _BACKLOG = 1024                       # Kamailio's tcp_listen_backlog; the kernel may cap it
 _ACCEPT_RETRY = 1.0                   # out of descriptors: pause accepting this long
 _ACCEPT_PAUSE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_SEND_DROP = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
 _MAX_SWEEP_PERIOD = 30.0
 # Peers whose connection another worker holds, remembered from the messages it handed us (so
 # what we send to such a peer reuses that connection, as _by_peer does for our own): at most
@@ -185,86 +178,13 @@ class Listener:
 
 # -- UDP -----------------------------------------------------------------------------------------
 
-class _UdpSocket:
-    """A UDP listening socket we own, read with ``loop.add_reader``: one wakeup drains up to
-    ``_UDP_BATCH`` datagrams into one preallocated buffer, reading the clock once."""
-
-    __slots__ = ("_buffer", "_view", "closed", "layer", "lid", "loop", "sock")
-
-    def __init__(self, layer: TransportLayer, sock: socket.socket,
-                 loop: asyncio.AbstractEventLoop, lid: int) -> None:
-        self.layer = layer
-        self.sock = sock
-        self.lid = lid
-        self.loop = loop
-        self._buffer = bytearray(_RECV_SIZE)
-        self._view = memoryview(self._buffer)
-        self.closed = False
-        loop.add_reader(sock.fileno(), self._read_ready)   # NotImplementedError: proactor
-
-    def _read_ready(self) -> None:
-        layer = self.layer
-        recvfrom_into = self.sock.recvfrom_into
-        buffer, view = self._buffer, self._view
-        admit = layer.admit
-        receive = layer._receive_datagram
-        lid = self.lid
-        now = self.loop.time()
-        count = denied = 0
-        try:
-            while count < _UDP_BATCH:
-                try:
-                    n, addr = recvfrom_into(buffer)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as exc:
-                    # An error queued on the socket (or the socket closed under us): the
-                    # next wakeup goes on.
-                    log.debug("UDP receive error: %s", exc)
-                    break
-                count += 1
-                host = addr[0]
-                if admit is not None and not admit(host, now):
-                    denied += 1
-                    continue
-                receive(bytes(view[:n]), host, addr[1], lid)
-        except Exception:
-            # A bug in the admit hook (or below): log it, keep the reader; the datagrams not
-            # read yet wait for the next wakeup.
-            log.exception("error receiving a UDP datagram")
-        finally:
-            stats = layer.stats
-            stats.datagrams += count
-            stats.datagrams_denied += denied
-
-    def send(self, data: bytes, dest: Address) -> None:
-        try:
-            self.sock.sendto(data, (dest.host, dest.port))
-        except OSError as exc:
-            if exc.errno in _SEND_DROP:
-                # The socket's buffer is full: lost, as a datagram may be (retransmission
-                # covers it); queueing here would only grow memory under overload.
-                self.layer.stats.sends_dropped += 1
-                log.debug("UDP send to %s dropped: %s", dest, exc)
-                return
-            log.debug("UDP send to %s failed: %s", dest, exc)
-            self.layer._fail_soon(dest)
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            self.loop.remove_reader(self.sock.fileno())
-        except RuntimeError:        # the loop is closed already
-            pass
-        self.sock.close()
+#: A UDP listening socket read and written in C (``_udp.pyx``), on the loop's ``add_reader``.
+_UdpSocket = _udp.UdpSocket
 
 
 class _Datagram(asyncio.DatagramProtocol):
-    """A UDP listening socket on the loop's datagram transport: uvloop's (its receive loop in C
-    costs less than ``_UdpSocket``'s in Python), or the stand-in where the loop has no
-    ``add_reader`` (Windows' proactor loop)."""
+    """A UDP listening socket on the loop's datagram transport: the stand-in where the loop has
+    no ``add_reader`` (Windows' proactor loop), or where a test asks for it (``_lean_udp``)."""
 
     def __init__(self, layer: TransportLayer, lid: int) -> None:
         self.layer = layer
@@ -547,8 +467,9 @@ class TransportLayer:
     # Own the listening sockets and read them with loop.add_reader where the loop can; False
     # uses the loop's datagram endpoints and servers everywhere (tests compare the two).
     _lean_io = True
-    # UDP through _UdpSocket (True) or the loop's datagram transport (False); None: by loop,
-    # the transport on uvloop, where it measured cheaper (benchmarks/bench_udp_intake.py).
+    # UDP through _UdpSocket (True) or the loop's datagram transport (False); None: as
+    # _lean_io says (the compiled socket costs less than the transport, uvloop's included:
+    # benchmarks/bench_udp_intake.py).
     _lean_udp: bool | None = None
 
     def __init__(
@@ -742,7 +663,7 @@ class TransportLayer:
     def _udp_reader(self, sock: socket.socket, lid: int) -> _UdpSocket | None:
         lean = self._lean_udp
         if lean is None:
-            lean = self._lean_io and loop_name(self.loop) != "uvloop"
+            lean = self._lean_io
         if not lean:
             return None
         try:

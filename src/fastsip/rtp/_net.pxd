@@ -1,8 +1,9 @@
 # cython: language_level=3
-"""The socket glue of the compiled packet paths (``_relay``, ``_sender``, ``_receiver``): the
-platform's headers, what a failed call means, the sockaddr types they touch, and the
-conversions between an IP address and a ``sockaddr_storage`` -- one home, compiled into each
-module that cimports it (a declarations-only .pxd: there is no ``_net`` extension module)."""
+"""The socket glue of the compiled packet paths (``_relay``, ``_sender``, ``_receiver``, and the
+SIP shell's UDP socket in ``fastsip.asyncio._udp``): the platform's headers, what a failed call
+means, the sockaddr types they touch, and the conversions between an IP address and a
+``sockaddr_storage`` -- one home, compiled into each module that cimports it (a
+declarations-only .pxd: there is no ``_net`` extension module)."""
 
 from libc.string cimport memcmp, memcpy, memset
 
@@ -27,17 +28,28 @@ cdef extern from *:
     #define FS_ERR_INTR 2    /* a signal: try again */
     #define FS_ERR_OTHER 3   /* this datagram alone was refused (unreachable, EPERM...) */
 
-    static int fs_last_error(void) {
+    /* The error number of the last failed socket call (read it before anything else runs). */
+    static int fs_errno(void) {
     #if defined(_WIN32)
-        int e = WSAGetLastError();
+        return WSAGetLastError();
+    #else
+        return errno;
+    #endif
+    }
+
+    static int fs_error_class(int e) {
+    #if defined(_WIN32)
         if (e == WSAEWOULDBLOCK || e == WSAENOBUFS) return FS_ERR_AGAIN;
         if (e == WSAEINTR) return FS_ERR_INTR;
     #else
-        int e = errno;
         if (e == EAGAIN || e == EWOULDBLOCK || e == ENOBUFS) return FS_ERR_AGAIN;
         if (e == EINTR) return FS_ERR_INTR;
     #endif
         return FS_ERR_OTHER;
+    }
+
+    static int fs_last_error(void) {
+        return fs_error_class(fs_errno());
     }
 
     /* The printable address of an IPv4/IPv6 sockaddr into out, and its port; -1 for any
@@ -59,6 +71,8 @@ cdef extern from *:
     """
     int FS_ERR_AGAIN, FS_ERR_INTR, FS_ERR_OTHER
     int fs_last_error() noexcept nogil
+    int fs_errno() noexcept nogil
+    int fs_error_class(int e) noexcept nogil
     # Only the fields the packet paths read or write; the C headers above bring the full types.
     int AF_INET, AF_INET6
     ctypedef unsigned short sa_family_t
