@@ -553,6 +553,42 @@ def test_udp_sources_are_named_right_past_the_name_cache(factory: Any) -> None:
     run(factory, main())
 
 
+@pytest.mark.parametrize("lean", IO)
+@pytest.mark.parametrize("factory", LOOPS)
+def test_udp_path_follows_hooks_set_while_listening(factory: Any, lean: bool) -> None:
+    """The UDP path reads the layer's hooks from a snapshot in C fields: setting one while a
+    socket listens (a new receiver, an admit hook, none again) takes effect at once."""
+    async def main() -> None:
+        server = make_layer(lean)
+        first, second = Inbox(), Inbox()
+        server.on_message = first
+        raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s = await server.listen("udp:127.0.0.1:0")
+
+            def send(call_id: str) -> None:
+                raw.sendto(bytes(options("sip:a@x", "127.0.0.1:1", call_id=call_id)),
+                           ("127.0.0.1", s.address.port))
+
+            send("one")
+            await first.wait(1)
+            server.on_message = second
+            server.admit = lambda host, now: False
+            send("denied")
+            await until(lambda: server.stats.datagrams_denied == 1)
+            server.admit = None
+            send("two")
+            items = await second.wait(1)
+            assert [m.call_id for m, _ in items] == ["two"]
+            assert [m.call_id for m, _ in first.items] == ["one"]
+            assert server.stats.datagrams == 3
+        finally:
+            raw.close()
+            await server.close()
+
+    run(factory, main())
+
+
 @posix_only("drives fastsip's own UDP socket (read with loop.add_reader, which Windows' "
             "proactor loop lacks) and Linux errno numbers")
 @pytest.mark.parametrize("factory", LOOPS)

@@ -6,7 +6,7 @@ import asyncio
 import socket
 from typing import Any, final
 
-from fastsip.asyncio.transport import Listener, TransportLayer, _Datagram
+from fastsip.asyncio.transport import TransportLayer, _Datagram
 from fastsip.transport import Address
 
 STREAM: tuple[str, str]
@@ -15,6 +15,40 @@ MAX_DATAGRAM: int
 MAX_WRITE_BUFFER: int
 OWN_ID: int
 VIA_WINDOW: int
+
+INTAKE_ATTRIBUTES: frozenset[str]
+
+@final
+class Listener:
+    address: Address
+    family: int
+    sent_by: tuple[str, int]
+    id: int
+    local: Address
+    via_mark: bytes
+    receive_buffer: int
+    _server: Any
+    _acceptor: Any
+    _udp: UdpSocket | _Datagram | None
+    _udp_sock: socket.socket | None
+    own: Listener | None
+    def __init__(self, address: Address, family: int, sent_by: tuple[str, int],
+                 lid: int = 0) -> None: ...
+
+@final
+class IntakeState:
+    limits: Any
+    on_message: Any
+    local: list[tuple[str, int]] | None
+    steer: Any
+    answer_malformed: Any
+    admit: Any
+    stats: Any
+    listeners: list[Listener]
+    own: dict[int, Listener]
+    nearest: dict[str, dict[int, Listener | None]]
+    closed: bool
+    def __init__(self, layer: TransportLayer) -> None: ...
 
 def is_loopback(host: str) -> bool: ...
 def family_of(host: str) -> int: ...

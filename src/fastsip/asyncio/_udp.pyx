@@ -46,7 +46,6 @@ import ipaddress
 import logging
 import os
 import socket
-from functools import lru_cache
 
 from fastsip.transport.intake import receive_datagram as _receive_datagram
 
@@ -73,97 +72,213 @@ cdef Py_ssize_t _MAX_WRITE_BUFFER = MAX_WRITE_BUFFER
 cdef Py_ssize_t _VIA_WINDOW = VIA_WINDOW
 
 
-@lru_cache(maxsize=4096)
+# Host -> answer caches of the two tests below, bounded (a flood of distinct hosts clears them).
+cdef dict _LOOPBACK = {}
+cdef dict _FAMILY = {}
+cdef Py_ssize_t _HOSTS_CACHED = 4096
+
+
+cdef bint _is_loopback(str host) except -1:
+    found = _LOOPBACK.get(host)
+    if found is None:
+        try:
+            found = ipaddress.ip_address(host.partition("%")[0]).is_loopback
+        except ValueError:
+            found = False
+        if len(_LOOPBACK) >= _HOSTS_CACHED:
+            _LOOPBACK.clear()
+        _LOOPBACK[host] = found
+    return found is True
+
+
+cdef int _family_of(str host) except -1:
+    found = _FAMILY.get(host)
+    if found is None:
+        try:
+            ip = ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:
+            found = 0
+        else:
+            found = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        if len(_FAMILY) >= _HOSTS_CACHED:
+            _FAMILY.clear()
+        _FAMILY[host] = found
+    return found
+
+
 def is_loopback(str host) -> bool:
-    try:
-        return ipaddress.ip_address(host.partition("%")[0]).is_loopback
-    except ValueError:
-        return False
+    """Is ``host`` a loopback IP literal (a zone after ``%`` ignored)?"""
+    return _is_loopback(host)
 
 
-@lru_cache(maxsize=4096)
 def family_of(str host) -> int:
     """AF_INET/AF_INET6 for an IP literal, 0 for a name (needs resolving)."""
-    try:
-        ip = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        return 0
-    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    return _family_of(host)
+
+
+# -- the layer's state, as C fields --------------------------------------------------------------
+
+@cython.final
+cdef class Listener:
+    """A bound listening socket: ``address`` has the real port (after port 0), ``sent_by`` what
+    we advertise in Via for it (the ``advertise`` address, else the bound one);
+    ``receive_buffer`` is the SO_RCVBUF a UDP socket got (the kernel may cap what was asked).
+    (Compiled: the UDP path reads its fields for every message it sends.)"""
+
+    cdef readonly Address address
+    cdef readonly int family
+    cdef readonly tuple sent_by
+    #: The socket's id: the ``connection`` of every Address a datagram arrived on it from
+    #: (1, 2, ... in the order of listen(), so the same --listen list gives the same ids).
+    cdef readonly int id
+    #: Our end as a message names it (local_for): the transport, sent-by host and port, id.
+    cdef readonly Address local
+    #: How a Via naming this socket's sent-by reads (" HOST:PORT;"), for telling which socket
+    #: a request names (an own socket's; see send_udp).
+    cdef readonly bytes via_mark
+    cdef public int receive_buffer
+    cdef public object _server
+    cdef public object _acceptor
+    cdef public object _udp
+    cdef public object _udp_sock        # for its kernel filter (banned sources)
+    #: A worker's own UDP socket beside this shared one (TransportLayer.own_sockets): the
+    #: requests it starts leave from there, so their responses come back to it.
+    cdef public object own
+
+    def __init__(self, Address address, int family, tuple sent_by, int lid=0):
+        self.address = address
+        self.family = family
+        self.sent_by = sent_by
+        self.id = lid
+        self.local = Address(address.transport, sent_by[0], sent_by[1], lid)
+        self.receive_buffer = 0
+        host = f"[{sent_by[0]}]" if ":" in sent_by[0] else sent_by[0]
+        self.via_mark = f" {host}:{sent_by[1]};".encode("ascii", "replace")
+
+    def __repr__(self):
+        return f"<Listener {self.address} sent-by {self.sent_by[0]}:{self.sent_by[1]}>"
+
+
+#: The TransportLayer attributes the UDP path reads for every datagram: setting one of them
+#: refreshes the layer's IntakeState (TransportLayer.__setattr__).
+INTAKE_ATTRIBUTES = frozenset({"limits", "on_message", "check_via", "_local", "steer",
+                               "_answer_malformed", "admit", "stats", "listeners", "_own",
+                               "_nearest_cache", "_closed"})
+
+
+@cython.final
+cdef class IntakeState:
+    """What the UDP path reads of its layer for every datagram, as C fields: a snapshot that
+    the layer makes again whenever one of :data:`INTAKE_ATTRIBUTES` is set (its lists and
+    dicts are the layer's own, so appending a listener needs no new snapshot)."""
+
+    cdef readonly object limits
+    cdef readonly object on_message
+    cdef readonly object local          # our sent-bys for the Via check; None: no check
+    cdef readonly object steer
+    cdef readonly object answer_malformed
+    cdef readonly object admit
+    cdef readonly object stats
+    cdef readonly list listeners
+    cdef readonly dict own
+    cdef readonly dict nearest
+    cdef readonly bint closed
+
+    def __init__(self, layer):
+        self.limits = layer.limits
+        self.on_message = layer.on_message
+        self.local = layer._local if layer.check_via else None
+        self.steer = layer.steer
+        self.answer_malformed = layer._answer_malformed
+        self.admit = layer.admit
+        self.stats = layer.stats
+        self.listeners = layer.listeners
+        self.own = layer._own
+        self.nearest = layer._nearest_cache
+        self.closed = layer._closed
 
 
 # -- choosing the socket ------------------------------------------------------------------------
 
-cdef object _listener(layer, Py_ssize_t lid):
+cdef inline IntakeState _state(layer):
+    return <IntakeState?>layer._intake
+
+
+cdef Listener _listener(IntakeState st, Py_ssize_t lid):
+    cdef Listener listener
     if lid > _OWN_ID:
-        return layer._own.get(lid)
-    listeners = layer.listeners
-    if 0 < lid <= len(listeners):
-        listener = listeners[lid - 1]
+        return st.own.get(lid)
+    if 0 < lid <= len(st.listeners):
+        listener = st.listeners[lid - 1]
         if listener.id == lid:
             return listener
     return None
 
 
-cdef object _nearest(list candidates, str host):
+cdef Listener _nearest(list candidates, str host):
     """Of the listeners that can carry a message to ``host``, the one to use: the first bound
     to a wildcard or on the same side of loopback as ``host`` (a socket bound to 127.0.0.1
     cannot reach the world, one bound to a public address should not talk to 127.0.0.1),
     else the first; None without any."""
-    loopback = is_loopback(host)
+    cdef Listener candidate
+    cdef bint loopback = _is_loopback(host)
     for candidate in candidates:
         bound = candidate.address.host
-        if bound in WILDCARDS or is_loopback(bound) == loopback:
+        if bound in WILDCARDS or _is_loopback(bound) == loopback:
             return candidate
     return candidates[0] if candidates else None
 
 
-cdef object _nearest_of(layer, str transport, int family, str host, bint udp):
+cdef Listener _nearest_of(IntakeState st, str transport, int family, str host, bint udp):
     """:func:`_nearest` of the listeners of ``transport`` and ``family`` (any family for 0, a
     name), or with ``udp`` of the UDP sockets of ``family``.  The choice depends on the host
     only through which side of loopback it is on, and on the listeners, which change only
     when the layer listens or closes (both clear the cache): so it is made once per kind of
-    destination, not per message (a call asks ~8 times)."""
-    cdef dict cache = layer._nearest_cache
-    cdef bint loopback = is_loopback(host)
-    key = (transport, family, loopback, udp)
-    found = cache.get(key, cache)
-    if found is not cache:
+    destination, not per message (a call asks ~8 times).  The cache is keyed by transport,
+    then by a small number for the rest (no tuple made per message)."""
+    cdef Listener c
+    cdef dict by_kind = st.nearest.get(transport)
+    cdef int kind = (family * 2 + _is_loopback(host)) * 2 + udp
+    if by_kind is None:
+        by_kind = st.nearest[transport] = {}
+    found = by_kind.get(kind, by_kind)
+    if found is not by_kind:
         return found
     if udp:
-        found = _nearest([c for c in layer.listeners if c._udp is not None
+        found = _nearest([c for c in st.listeners if c._udp is not None
                           and c.family == family], host)
     else:
-        found = _nearest([c for c in layer.listeners if c.address.transport == transport
+        found = _nearest([c for c in st.listeners if c.address.transport == transport
                           and (not family or c.family == family)], host)
-    cache[key] = found
+    by_kind[kind] = found
     return found
 
 
-cdef object _listener_for(layer, Address dest):
+cdef Listener _listener_for(layer, IntakeState st, Address dest):
     # The listener a message to (or from) ``dest`` uses: the one ``dest.connection`` names (a
     # socket, or a connection's listener), else the nearest of its transport and family.
+    cdef Listener found
     transport = dest.transport
     cdef Py_ssize_t connection = dest.connection
     if connection:
         if transport == "UDP":
-            found = _listener(layer, connection)
+            found = _listener(st, connection)
             if found is not None and found.address.transport == "UDP":
                 return found
         else:
             conn = layer._connections.get(connection)
             if conn is not None and conn.lid:
-                return _listener(layer, conn.lid)
+                return _listener(st, conn.lid)
     host = dest.host
-    return _nearest_of(layer, transport, family_of(host), host, False)
+    return _nearest_of(st, transport, _family_of(host), host, False)
 
 
-cdef object _local_for(layer, Address dest):
-    found = _listener_for(layer, dest)
+cdef Address _local_for(layer, IntakeState st, Address dest):
+    cdef Listener found = _listener_for(layer, st, dest)
     if found is None:
         host, port = layer.sent_by(dest.transport)
         return Address(dest.transport, host, port)
-    host, port = found.sent_by
-    return Address(found.address.transport, host, port, found.id)
+    return found.local
 
 
 def local_for(self, dest):
@@ -176,7 +291,7 @@ def local_for(self, dest):
     does) gives the listener it is on; otherwise the one :meth:`send` would pick: same
     transport and address family, on the same side of loopback.  With no listener of that
     transport, the first listener's address stands in (as :meth:`sent_by`), id 0."""
-    return _local_for(self, dest)
+    return _local_for(self, _state(self), dest)
 
 
 def via_for(self, Address dest, local=None):
@@ -184,23 +299,21 @@ def via_for(self, Address dest, local=None):
     (``local``, when the caller has it already), but a worker's own socket
     (``own_sockets``) where the request will leave from it -- the port its responses
     must come back to."""
-    if self._own and not dest.connection and dest.transport == "UDP":
-        found = _listener_for(self, dest)
+    cdef IntakeState st = _state(self)
+    cdef Listener found, own
+    if st.own and not dest.connection and dest.transport == "UDP":
+        found = _listener_for(self, st, dest)
         if found is not None and found.own is not None:
             own = found.own
-            return Address("UDP", own.sent_by[0], own.sent_by[1], own.id)
-    return local if local is not None else _local_for(self, dest)
-
-
-cdef object _udp_listener(layer, int family, str host):
-    return _nearest_of(layer, "UDP", family, host, True)
+            return own.local
+    return local if local is not None else _local_for(self, st, dest)
 
 
 def udp_listener(self, int family, str host=""):
     """The UDP listener to send from: one of ``family``, preferring one on the same side
     of loopback as ``host`` (a socket bound to 127.0.0.1 cannot reach the world, one
     bound to a public address should not talk to 127.0.0.1), else the first."""
-    return _udp_listener(self, family, host)
+    return _nearest_of(_state(self), "UDP", family, host, True)
 
 
 # -- sending ------------------------------------------------------------------------------------
@@ -210,11 +323,12 @@ def send(self, data, Address dest):
     go to ``on_error(dest)``).  Stream transports: ``dest.connection`` while open, else
     an open connection to ``dest.peer``, else a new one (data queued until it is up).
     A host name (not an IP literal) is resolved first (A/AAAA, RFC 3263 §4.2)."""
-    if self._closed:
+    cdef IntakeState st = _state(self)
+    if st.closed:
         return
     transport = dest.transport
     if transport == "UDP":
-        _send_udp(self, data, dest)
+        _send_udp(self, st, data, dest)
     elif transport in STREAM:
         self._send_stream(data, dest)
     else:
@@ -222,9 +336,19 @@ def send(self, data, Address dest):
         self._fail_soon(dest)
 
 
-cdef _send_udp(layer, data, Address dest):
+cdef object _open(sock):
+    # sock, unless it is None or closed.
+    if sock is None:
+        return None
+    if type(sock) is UdpSocket:
+        return None if (<UdpSocket>sock).closed else sock
+    return None if sock.closed else sock
+
+
+cdef _send_udp(layer, IntakeState st, data, Address dest):
+    cdef Listener found, own
     host = dest.host
-    cdef int family = family_of(host)
+    cdef int family = _family_of(host)
     if family == 0:
         layer._spawn(layer._resolve_then_send(data, dest))
         return
@@ -237,13 +361,11 @@ cdef _send_udp(layer, data, Address dest):
     if connection:
         # The socket the peer's datagram arrived on (a response, a NAT flow): leave from
         # it, so the peer (and its NAT) sees the address it sent to.
-        found = _listener(layer, connection)
+        found = _listener(st, connection)
         if found is not None and found.family == family:
-            sock = found._udp
-            if sock is not None and sock.closed:
-                sock = None
+            sock = _open(found._udp)
     if sock is None:
-        found = _udp_listener(layer, family, host)
+        found = _nearest_of(st, "UDP", family, host, True)
         if found is not None:
             sock = found._udp
             own = found.own
@@ -255,8 +377,7 @@ cdef _send_udp(layer, data, Address dest):
             if own is not None and own._udp is not None and \
                     data.find(own.via_mark, 0, _VIA_WINDOW) >= 0:
                 sock = own._udp
-            if sock is not None and sock.closed:
-                sock = None
+            sock = _open(sock)
     if sock is None:
         log.debug("no UDP listener for the address family of %s", dest)
         layer._fail_soon(dest)
@@ -271,7 +392,7 @@ def send_udp(self, data, dest):
     """One datagram to ``dest`` (an IP literal, or a name resolved first), from the socket
     it must leave from: the one ``dest.connection`` names, else a listener of its family
     on its side of loopback (a worker's own socket when the request's Via names it)."""
-    _send_udp(self, data, dest)
+    _send_udp(self, _state(self), data, dest)
 
 
 def datagram_send(self, data, Address dest):
@@ -296,10 +417,9 @@ def datagram_send(self, data, Address dest):
 
 # -- receiving ----------------------------------------------------------------------------------
 
-cdef _receive(layer, data, str host, int port, int lid, bint steer):
-    _receive_datagram(data, host, port, lid, layer.limits, layer, layer.on_message,
-                      layer._local if layer.check_via else None,
-                      layer.steer if steer else None, layer._answer_malformed)
+cdef _receive(layer, IntakeState st, data, str host, int port, int lid, bint steer):
+    _receive_datagram(data, host, port, lid, st.limits, layer, st.on_message, st.local,
+                      st.steer if steer else None, st.answer_malformed)
 
 
 def receive(self, data, str host, int port, int lid=0, bint steer=True):
@@ -308,22 +428,23 @@ def receive(self, data, str host, int port, int lid=0, bint steer=True):
     requests, the §18 checks).  The source Address it hands up names the socket as
     ``connection``, so whatever answers it leaves from the same socket.  ``steer``
     False: a datagram another worker handed us, ours by definition."""
-    _receive(self, data, host, port, lid, steer)
+    _receive(self, _state(self), data, host, port, lid, steer)
 
 
 def datagram_received(self, data, addr):
     """The datagram protocol's receive: counted, asked to ``admit`` (with the loop's time),
     then to the intake; an error below is logged, never raised into the loop."""
     layer = self.layer
-    stats = layer.stats
+    cdef IntakeState st = _state(layer)
+    stats = st.stats
     stats.datagrams += 1
     try:
         host = addr[0]
-        admit = layer.admit
+        admit = st.admit
         if admit is not None and not admit(host, self._time()):
             stats.datagrams_denied += 1
             return
-        _receive(layer, data, host, addr[1], self.lid, True)
+        _receive(layer, st, data, host, addr[1], self.lid, True)
     except Exception:
         log.exception("error receiving a UDP datagram")
 
@@ -477,7 +598,8 @@ cdef class UdpSocket:
         cdef sockaddr_storage addr
         cdef unsigned int alen
         layer = self.layer
-        admit = layer.admit
+        cdef IntakeState st = _state(layer)
+        admit = st.admit
         now = self._time()
         try:
             while count < UDP_BATCH:
@@ -499,14 +621,14 @@ cdef class UdpSocket:
                 if admit is not None and not admit(host, now):
                     denied += 1
                     continue
-                _receive(layer, PyBytes_FromStringAndSize(self._buf, n), host, port,
+                _receive(layer, st, PyBytes_FromStringAndSize(self._buf, n), host, port,
                          self.lid, True)
         except Exception:
             # A bug in the admit hook (or below): log it, keep the reader; the datagrams not
             # read yet wait for the next wakeup.
             log.exception("error receiving a UDP datagram")
         finally:
-            stats = layer.stats
+            stats = st.stats
             stats.datagrams += count
             stats.datagrams_denied += denied
 

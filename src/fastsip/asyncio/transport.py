@@ -143,43 +143,15 @@ class TransportStats:
     malformed: int = 0
 
 
-class Listener:
-    """A bound listening socket: ``address`` has the real port (after port 0), ``sent_by`` what
-    we advertise in Via for it (the ``advertise`` address, else the bound one);
-    ``receive_buffer`` is the SO_RCVBUF a UDP socket got (the kernel may cap what was asked)."""
-
-    __slots__ = ("_acceptor", "_server", "_udp", "_udp_sock", "address", "family", "id",
-                 "own", "receive_buffer", "sent_by", "via_mark")
-
-    def __init__(self, address: Address, family: int, sent_by: tuple[str, int],
-                 lid: int = 0) -> None:
-        self.address = address
-        self.family = family
-        self.sent_by = sent_by
-        #: The socket's id: the ``connection`` of every Address a datagram arrived on it from
-        #: (1, 2, ... in the order of listen(), so the same --listen list gives the same ids).
-        self.id = lid
-        self.receive_buffer = 0
-        self._server: asyncio.AbstractServer | None = None
-        self._acceptor: _Acceptor | None = None
-        self._udp: _UdpSocket | _Datagram | None = None
-        self._udp_sock: socket.socket | None = None   # for its kernel filter (banned sources)
-        #: A worker's own UDP socket beside this shared one (TransportLayer.own_sockets): the
-        #: requests it starts leave from there, so their responses come back to it.
-        self.own: Listener | None = None
-        #: How a Via naming this socket's sent-by reads (" HOST:PORT;"), for telling which
-        #: socket a request names (an own socket's; see TransportLayer._send_udp).
-        host = f"[{sent_by[0]}]" if ":" in sent_by[0] else sent_by[0]
-        self.via_mark = f" {host}:{sent_by[1]};".encode("ascii", "replace")
-
-    def __repr__(self) -> str:
-        return f"<Listener {self.address} sent-by {self.sent_by[0]}:{self.sent_by[1]}>"
+#: A bound listening socket (compiled: the UDP path reads its fields per message).
+Listener = _udp.Listener
 
 
 # -- UDP -----------------------------------------------------------------------------------------
 
 #: A UDP listening socket read and written in C (``_udp.pyx``), on the loop's ``add_reader``.
 _UdpSocket = _udp.UdpSocket
+_INTAKE_ATTRIBUTES = _udp.INTAKE_ATTRIBUTES
 
 
 class _Datagram(asyncio.DatagramProtocol):
@@ -471,6 +443,14 @@ class TransportLayer:
     # _lean_io says (the compiled socket costs less than the transport, uvloop's included:
     # benchmarks/bench_udp_intake.py).
     _lean_udp: bool | None = None
+    # Set at the end of __init__: from then on, setting one of _udp.INTAKE_ATTRIBUTES makes
+    # the UDP path's snapshot of them again (__setattr__).
+    _intake: _udp.IntakeState | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name in _INTAKE_ATTRIBUTES and self._intake is not None:
+            object.__setattr__(self, "_intake", _udp.IntakeState(self))
 
     def __init__(
         self,
@@ -530,7 +510,7 @@ class TransportLayer:
         self.listeners: list[Listener] = []
         # The listener each kind of destination leaves from (_udp.pyx's _nearest_of); cleared
         # whenever the listeners change.
-        self._nearest_cache: dict[tuple[str, int, bool, bool], Listener | None] = {}
+        self._nearest_cache: dict[str, dict[int, Listener | None]] = {}
         self._connections: dict[int, _Connection] = {}
         self._by_peer: dict[tuple[str, str, int], _Connection] = {}
         self._per_source: dict[str, int] = {}      # accepted connections open per source IP
@@ -545,6 +525,8 @@ class TransportLayer:
         #: cache, the hosts file, DNS A/AAAA, then getaddrinfo); None: getaddrinfo alone.
         #: (Requests a proxy forwards arrive resolved already, by RFC 3263.)
         self.dns: Rfc3263Resolver | None = None
+        #: What the UDP path reads for every datagram, as C fields (see __setattr__).
+        self._intake = _udp.IntakeState(self)
 
     # -- set-up ----------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from fastsip.sip import Limits, Request, Response
 from fastsip.transport import Address, Transport
 from fastsip.transport.intake import Deliver, Malformed, Steer
 
+def is_stun(data: bytes | bytearray | memoryview) -> bool: ...
 def receive_datagram(data: bytes, host: str, port: int, connection: int, limits: Limits,
                      transport: Transport, deliver: Deliver | None,
                      local: Iterable[tuple[str, int]] | None = None,

@@ -4,9 +4,12 @@ and is where users import them from.
 
 They run once per datagram, before the transaction layer, so they are C: a request's Via is
 found in the parser's index (no Via view is built for the test), and the rules that have a
-home elsewhere (STUN, the sent-by check, the received/rport stamp, the error response) are
-called there as before.
+home elsewhere (the STUN answer, the sent-by check, the received/rport stamp, the error
+response) are called there as before.  The STUN test itself lives here (``stun`` re-exports
+it): it runs for every datagram, and a Python call cost more than the test.
 """
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 from fastsip.sip._message cimport H_VIA, Message, Request
 
@@ -16,9 +19,16 @@ from fastsip.errors import ParseError
 from fastsip.sip import parse
 from fastsip.transport import Address
 from fastsip.transport.rules import check_sent_by, error_response
-from fastsip.transport.stun import binding_response, is_stun
 
 log = logging.getLogger("fastsip.transport")
+
+
+cpdef bint is_stun(data) except -1:
+    """Could ``data`` be a STUN request or response rather than SIP?  Their first byte is 0
+    or 1 (the class and method bits of Binding), a byte no SIP message starts with."""
+    if type(data) is bytes:
+        return PyBytes_GET_SIZE(data) > 0 and <unsigned char>PyBytes_AS_STRING(data)[0] < 2
+    return len(data) > 0 and data[0] < 2
 
 
 def receive_datagram(data, str host, int port, int connection, limits, transport, deliver,
@@ -39,7 +49,8 @@ def receive_datagram(data, str host, int port, int connection, limits, transport
         return False
     if is_stun(data):
         # Never SIP (no SIP message starts with byte 0 or 1); only a well-formed Binding
-        # request gets an answer.
+        # request gets an answer.  (Imported here: stun imports is_stun from this module.)
+        from fastsip.transport.stun import binding_response
         answer = binding_response(data, host, port)
         if answer is not None:
             transport.send(answer, Address("UDP", host, port, connection))

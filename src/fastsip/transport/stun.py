@@ -12,6 +12,9 @@ from __future__ import annotations
 import ipaddress
 import struct
 
+# The test runs for every datagram the transport reads: it is compiled, with the intake.
+from fastsip.transport._intake import is_stun
+
 __all__ = ["MAGIC_COOKIE", "binding_response", "is_stun"]
 
 MAGIC_COOKIE = 0x2112A442
@@ -20,12 +23,6 @@ _BINDING_REQUEST = 0x0001
 _BINDING_SUCCESS = 0x0101
 _XOR_MAPPED_ADDRESS = 0x0020
 _MAX_REQUEST = 548            # RFC 5389 §7.1: without path MTU knowledge, requests stay this small
-
-
-def is_stun(data: bytes) -> bool:
-    """Could ``data`` be a STUN request or response rather than SIP?  Their first byte is 0
-    or 1 (the class and method bits of Binding), a byte no SIP message starts with."""
-    return bool(data) and data[0] < 2
 
 
 def binding_response(data: bytes, host: str, port: int) -> bytes | None:
