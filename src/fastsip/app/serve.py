@@ -152,6 +152,9 @@ class _Pending:
 
 def _text_fields(fields: tuple[str, str, str, str]) -> str:
     call_id, frm, to, source = fields
+    if call_id and frm and to and _NEEDS_QUOTES.search(f"{call_id}{frm}{to}") is None:
+        # The usual line: no value needs quotes (one search, no call per field).
+        return f"call_id={call_id} from={frm} to={to} source={source}"
     return f"call_id={_quote(call_id)} from={_quote(frm)} to={_quote(to)} source={source}"
 
 
@@ -252,14 +255,11 @@ class ServeRouter:
         return (request.call_id or "", str(frm.uri) if frm is not None else "",
                 str(to.uri) if to is not None else "", str(ctx.source))
 
-    def _count(self, method: str, status: int, cancelled: bool = False) -> str:
-        outcome = _outcome(method, status, cancelled)
-        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
-        return outcome
-
     def _log(self, method: str, fields: tuple[str, str, str, str] | None, started: float,
              status: int, cancelled: bool = False) -> str:
-        outcome = self._count(method, status, cancelled)
+        """Count the request's outcome, and log its line when ``fields`` are given."""
+        outcome = _outcome(method, status, cancelled)
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         if fields is None:           # counted for the metrics; no line at this log level
             return outcome
         duration = (self.clock() - started) * 1000.0
