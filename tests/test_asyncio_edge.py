@@ -589,6 +589,51 @@ def test_udp_path_follows_hooks_set_while_listening(factory: Any, lean: bool) ->
     run(factory, main())
 
 
+@posix_only("needs POSIX descriptor reuse (the lowest free number) and loop.add_reader")
+@pytest.mark.parametrize("factory", LOOPS)
+def test_udp_socket_closed_by_a_hook_reads_no_further(factory: Any) -> None:
+    """A receive hook that closes the socket mid-wakeup: the reader stops at once, even when
+    the descriptor's number already names another socket (POSIX hands out the lowest free
+    one) that has a datagram waiting -- that datagram is not ours to read."""
+    async def main() -> None:
+        server = make_layer(True)
+        got: list[str] = []
+        other: list[socket.socket] = []
+        raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s = await server.listen("udp:127.0.0.1:0")
+            udp = s._udp
+            assert isinstance(udp, _UdpSocket)
+
+            def on_message(msg: Any, source: Address) -> None:
+                got.append(msg.call_id)
+                if len(got) == 1:
+                    udp.close()
+                    # Most likely the same descriptor number, with a datagram queued on it.
+                    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    stranger.bind(("127.0.0.1", 0))
+                    other.append(stranger)
+                    raw.sendto(bytes(options("sip:a@x", "127.0.0.1:1", call_id="stranger")),
+                               stranger.getsockname())
+
+            server.on_message = on_message
+            for n in range(3):
+                raw.sendto(bytes(options("sip:a@x", "127.0.0.1:1", call_id=f"q{n}")),
+                           ("127.0.0.1", s.address.port))
+            await until(lambda: bool(got))
+            await asyncio.sleep(0.05)
+            assert got == ["q0"]
+            other[0].setblocking(False)
+            assert b"stranger" in other[0].recv(65536)    # still there for its owner
+        finally:
+            raw.close()
+            for sock in other:
+                sock.close()
+            await server.close()
+
+    run(factory, main())
+
+
 @posix_only("drives fastsip's own UDP socket (read with loop.add_reader, which Windows' "
             "proactor loop lacks) and Linux errno numbers")
 @pytest.mark.parametrize("factory", LOOPS)
