@@ -33,6 +33,8 @@ from fastsip.rtp._net cimport (
     FS_ERR_INTR,
     fs_errno,
     fs_error_class,
+    fs_sockaddr_from_text,
+    fs_source_name,
     in6_addr,
     in_addr,
     ntohs,
@@ -453,11 +455,6 @@ def datagram_received(self, data, addr):
 
 cdef extern from *:
     """
-    #if !defined(_WIN32)
-    #include <stdio.h>
-    #include <net/if.h>
-    #endif
-
     /* One datagram from the non-blocking socket fd: its length, or -1 (fs_errno() says why). */
     static Py_ssize_t fsu_recvfrom(Py_ssize_t fd, char *buf, size_t len,
                                    struct sockaddr_storage *addr, unsigned int *alen) {
@@ -487,56 +484,11 @@ cdef extern from *:
     #endif
     }
 
-    /* addr for an IP literal of family (no brackets, no zone) and a port: its length, or 0
-       when host is not such a literal. */
-    static unsigned int fsu_sockaddr(struct sockaddr_storage *addr, int family,
-                                     const char *host, int port) {
-        memset(addr, 0, sizeof(struct sockaddr_storage));
-        if (family == AF_INET) {
-            struct sockaddr_in *v4 = (struct sockaddr_in *)addr;
-            if (inet_pton(AF_INET, host, &v4->sin_addr) != 1) return 0;
-            v4->sin_family = AF_INET;
-            v4->sin_port = htons((unsigned short)port);
-            return (unsigned int)sizeof(struct sockaddr_in);
-        }
-        if (family == AF_INET6) {
-            struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)addr;
-            if (inet_pton(AF_INET6, host, &v6->sin6_addr) != 1) return 0;
-            v6->sin6_family = AF_INET6;
-            v6->sin6_port = htons((unsigned short)port);
-            return (unsigned int)sizeof(struct sockaddr_in6);
-        }
-        return 0;
-    }
-
-    /* The printable source address (as Python's socket module gives it: an IPv6 scope as
-       "%" and the interface's name, or its number) into out; its length, or -1. */
-    static int fsu_source_name(const struct sockaddr_storage *a, char *out, unsigned int outlen) {
-        size_t n;
-        if (fs_sockaddr_name(a, out, outlen) < 0) return -1;
-        n = strlen(out);
-        if (a->ss_family == AF_INET6) {
-            unsigned int scope = ((const struct sockaddr_in6 *)a)->sin6_scope_id;
-            if (scope != 0 && n + 1 + 16 < outlen) {
-                out[n++] = '%';
-    #if defined(_WIN32)
-                n += (size_t)sprintf(out + n, "%u", scope);
-    #else
-                if (if_indextoname(scope, out + n) != NULL) n = strlen(out);
-                else n += (size_t)snprintf(out + n, outlen - n, "%u", scope);
-    #endif
-            }
-        }
-        return (int)n;
-    }
     """
     Py_ssize_t fsu_recvfrom(Py_ssize_t fd, char *buf, size_t len, sockaddr_storage *addr,
                             unsigned int *alen) noexcept nogil
     int fsu_sendto(Py_ssize_t fd, const char *buf, size_t len, const sockaddr_storage *addr,
                    unsigned int alen) noexcept nogil
-    unsigned int fsu_sockaddr(sockaddr_storage *addr, int family, const char *host,
-                              int port) noexcept nogil
-    int fsu_source_name(const sockaddr_storage *a, char *out, unsigned int outlen) noexcept nogil
 
 cdef enum:
     # Any UDP datagram (a longer one is truncated, then fails to parse).
@@ -662,7 +614,7 @@ cdef class UdpSocket:
                     return self._names[i]
         else:
             return None
-        length = fsu_source_name(addr, name, NAME_SIZE)
+        length = fs_source_name(addr, name, NAME_SIZE)
         if length < 0:
             return None
         host = PyUnicode_DecodeASCII(name, length, NULL)
@@ -684,8 +636,8 @@ cdef class UdpSocket:
         cdef bytes payload = data if type(data) is bytes else bytes(data)
         host = dest.host
         family = AF_INET6 if ":" in host else AF_INET
-        alen = 0 if "%" in host else fsu_sockaddr(&addr, family, host.encode("ascii"),
-                                                  dest.port)
+        alen = 0 if "%" in host else fs_sockaddr_from_text(
+            &addr, family, host.encode("ascii"), dest.port)
         if alen == 0:
             # Not a literal inet_pton takes (an IPv6 zone): the socket module resolves it.
             try:

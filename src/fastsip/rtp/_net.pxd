@@ -17,10 +17,12 @@ cdef extern from *:
     #endif
     #else
     #include <errno.h>
+    #include <stdio.h>
     #include <sys/types.h>
     #include <sys/socket.h>
     #include <netinet/in.h>
     #include <arpa/inet.h>
+    #include <net/if.h>
     #endif
 
     /* What a failed socket call means to a packet path. */
@@ -68,6 +70,49 @@ cdef extern from *:
         }
         return -1;
     }
+
+    /* addr for an IP literal of family (no brackets, no zone) and a port: its length, or 0
+       when host is not such a literal. */
+    static unsigned int fs_sockaddr_from_text(struct sockaddr_storage *addr, int family,
+                                              const char *host, int port) {
+        memset(addr, 0, sizeof(struct sockaddr_storage));
+        if (family == AF_INET) {
+            struct sockaddr_in *v4 = (struct sockaddr_in *)addr;
+            if (inet_pton(AF_INET, host, &v4->sin_addr) != 1) return 0;
+            v4->sin_family = AF_INET;
+            v4->sin_port = htons((unsigned short)port);
+            return (unsigned int)sizeof(struct sockaddr_in);
+        }
+        if (family == AF_INET6) {
+            struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)addr;
+            if (inet_pton(AF_INET6, host, &v6->sin6_addr) != 1) return 0;
+            v6->sin6_family = AF_INET6;
+            v6->sin6_port = htons((unsigned short)port);
+            return (unsigned int)sizeof(struct sockaddr_in6);
+        }
+        return 0;
+    }
+
+    /* The printable source address (as Python's socket module gives it: an IPv6 scope as
+       "%" and the interface's name, or its number) into out; its length, or -1. */
+    static int fs_source_name(const struct sockaddr_storage *a, char *out, unsigned int outlen) {
+        size_t n;
+        if (fs_sockaddr_name(a, out, outlen) < 0) return -1;
+        n = strlen(out);
+        if (a->ss_family == AF_INET6) {
+            unsigned int scope = ((const struct sockaddr_in6 *)a)->sin6_scope_id;
+            if (scope != 0 && n + 1 + 16 < outlen) {
+                out[n++] = '%';
+    #if defined(_WIN32)
+                n += (size_t)sprintf(out + n, "%u", scope);
+    #else
+                if (if_indextoname(scope, out + n) != NULL) n = strlen(out);
+                else n += (size_t)snprintf(out + n, outlen - n, "%u", scope);
+    #endif
+            }
+        }
+        return (int)n;
+    }
     """
     int FS_ERR_AGAIN, FS_ERR_INTR, FS_ERR_OTHER
     int fs_last_error() noexcept nogil
@@ -95,6 +140,9 @@ cdef extern from *:
     unsigned short htons(unsigned short) noexcept nogil
     unsigned short ntohs(unsigned short) noexcept nogil
     int fs_sockaddr_name(const sockaddr_storage *a, char *out, unsigned int outlen) noexcept nogil
+    unsigned int fs_sockaddr_from_text(sockaddr_storage *addr, int family, const char *host,
+                                       int port) noexcept nogil
+    int fs_source_name(const sockaddr_storage *a, char *out, unsigned int outlen) noexcept nogil
 
 
 cdef inline unsigned int sockaddr_from_ip(sockaddr_storage *addr, object ip, int port) except 0:
