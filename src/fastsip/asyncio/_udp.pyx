@@ -24,7 +24,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcpy, memset
 
 from fastsip.rtp._net cimport (
     AF_INET,
@@ -35,9 +35,8 @@ from fastsip.rtp._net cimport (
     fs_error_class,
     fs_sockaddr_from_text,
     fs_source_name,
-    in6_addr,
-    in_addr,
     ntohs,
+    same_host,
     sockaddr_in,
     sockaddr_in6,
     sockaddr_storage,
@@ -596,24 +595,13 @@ cdef class UdpSocket:
         cdef char name[NAME_SIZE]
         if addr.ss_family == AF_INET:
             port[0] = ntohs((<sockaddr_in *>addr).sin_port)
-            for i in range(SOURCES):
-                if self._sources[i].ss_family == AF_INET and memcmp(
-                        &(<sockaddr_in *>addr).sin_addr,
-                        &(<sockaddr_in *>&self._sources[i]).sin_addr,
-                        sizeof(in_addr)) == 0:
-                    return self._names[i]
         elif addr.ss_family == AF_INET6:
             port[0] = ntohs((<sockaddr_in6 *>addr).sin6_port)
-            for i in range(SOURCES):
-                if self._sources[i].ss_family == AF_INET6 and memcmp(
-                        &(<sockaddr_in6 *>addr).sin6_addr,
-                        &(<sockaddr_in6 *>&self._sources[i]).sin6_addr,
-                        sizeof(in6_addr)) == 0 and \
-                        (<sockaddr_in6 *>addr).sin6_scope_id == \
-                        (<sockaddr_in6 *>&self._sources[i]).sin6_scope_id:
-                    return self._names[i]
         else:
             return None
+        for i in range(SOURCES):
+            if same_host(addr, &self._sources[i]):
+                return self._names[i]
         length = fs_source_name(addr, name, NAME_SIZE)
         if length < 0:
             return None

@@ -164,22 +164,30 @@ cdef inline unsigned int sockaddr_from_ip(sockaddr_storage *addr, object ip, int
     return sizeof(sockaddr_in6)
 
 
-cdef inline bint same_address(const sockaddr_storage *a, const sockaddr_storage *b) noexcept:
-    """Same family, port and address: the fields that identify a UDP source (sin_zero,
-    flowinfo and padding may differ between two sockaddrs of the same source)."""
+cdef inline bint same_host(const sockaddr_storage *a, const sockaddr_storage *b) noexcept:
+    """Same family and address (and IPv6 scope), whatever the ports: one host, as a source's
+    printable name (fs_source_name) tells it."""
     if a.ss_family != b.ss_family:
         return False
     if a.ss_family == AF_INET:
-        return ((<const sockaddr_in *>a).sin_port == (<const sockaddr_in *>b).sin_port
-                and memcmp(&(<const sockaddr_in *>a).sin_addr,
-                           &(<const sockaddr_in *>b).sin_addr, 4) == 0)
+        return memcmp(&(<const sockaddr_in *>a).sin_addr,
+                      &(<const sockaddr_in *>b).sin_addr, 4) == 0
     if a.ss_family == AF_INET6:
-        return ((<const sockaddr_in6 *>a).sin6_port == (<const sockaddr_in6 *>b).sin6_port
-                and memcmp(&(<const sockaddr_in6 *>a).sin6_addr,
-                           &(<const sockaddr_in6 *>b).sin6_addr, 16) == 0
+        return (memcmp(&(<const sockaddr_in6 *>a).sin6_addr,
+                       &(<const sockaddr_in6 *>b).sin6_addr, 16) == 0
                 and (<const sockaddr_in6 *>a).sin6_scope_id
                 == (<const sockaddr_in6 *>b).sin6_scope_id)
     return False
+
+
+cdef inline bint same_address(const sockaddr_storage *a, const sockaddr_storage *b) noexcept:
+    """Same family, port and address: the fields that identify a UDP source (sin_zero,
+    flowinfo and padding may differ between two sockaddrs of the same source)."""
+    if not same_host(a, b):
+        return False
+    if a.ss_family == AF_INET:
+        return (<const sockaddr_in *>a).sin_port == (<const sockaddr_in *>b).sin_port
+    return (<const sockaddr_in6 *>a).sin6_port == (<const sockaddr_in6 *>b).sin6_port
 
 
 cdef inline unsigned int sockaddr_len(const sockaddr_storage *a) noexcept:
