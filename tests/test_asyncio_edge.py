@@ -420,6 +420,39 @@ def test_admit_that_raises_denies_and_the_listener_survives(factory: Any) -> Non
     run(factory, main())
 
 
+@pytest.mark.parametrize("factory", LOOPS)
+def test_admit_that_raises_loses_no_other_datagram_of_the_wakeup(factory: Any) -> None:
+    """Three datagrams read in one wakeup (one recvmmsg on Linux), the admit hook raising for
+    the second: that one is denied and logged, the two others are handled."""
+    async def main() -> None:
+        asked: list[str] = []
+
+        def admit(host: str, now: float) -> bool:
+            asked.append(host)
+            if len(asked) == 2:
+                raise RuntimeError("a bug in the policy")
+            return True
+
+        server = make_layer(admit=admit)
+        inbox = Inbox()
+        server.on_message = inbox
+        raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s = await server.listen("udp:127.0.0.1:0")
+            for n in range(3):
+                raw.sendto(bytes(options("sip:a@x", "127.0.0.1:1", call_id=f"q{n}")),
+                           ("127.0.0.1", s.address.port))
+            await inbox.wait(2)
+            await asyncio.sleep(0.05)
+            assert [m.call_id for m, _ in inbox.items] == ["q0", "q2"]
+            assert len(asked) == 3
+        finally:
+            raw.close()
+            await server.close()
+
+    run(factory, main())
+
+
 # -- §18.2.2: a request that came over a connection is answered over it --------------------------
 
 class Answerer:
@@ -663,6 +696,104 @@ def test_udp_send_full_buffer_drops_other_errors_report(factory: Any) -> None:
             assert layer.stats.sends_dropped == 2
         finally:
             await layer.close()
+
+    run(factory, main())
+
+
+@posix_only("drives fastsip's own UDP socket (read with loop.add_reader, which Windows' "
+            "proactor loop lacks) and Linux's refusal of port 0")
+@pytest.mark.parametrize("factory", LOOPS)
+def test_udp_sends_held_by_a_wakeup_all_leave_after_it_in_order(factory: Any) -> None:
+    """What the handlers send while a wakeup drains the socket waits for the drain to end,
+    then leaves in order, in batches of at most 64 (sendmmsg): here two datagrams read in
+    one wakeup make 66 sends each (past one batch), with a send the kernel refuses among
+    them -- it reaches on_error, and every other datagram still arrives, once, in order."""
+    async def main() -> None:
+        errors: list[Address] = []
+        server = make_layer(True, on_error=errors.append)
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        peer.bind(("127.0.0.1", 0))
+        peer.setblocking(False)
+        held_while_handling: list[bool] = []
+        try:
+            s = await server.listen("udp:127.0.0.1:0")
+            assert isinstance(s._udp, _UdpSocket)
+            dest = Address("UDP", "127.0.0.1", peer.getsockname()[1])
+            nowhere = Address("UDP", "127.0.0.1", 0)
+
+            def on_message(msg: Any, source: Address) -> None:
+                for n in range(66):
+                    if n == 33:
+                        server.send(b"refused", nowhere)
+                    server.send(f"{msg.call_id}-{n}".encode(), dest)
+                    if n == 0 and msg.call_id == "a":   # (b's: a's first batch has gone)
+                        try:
+                            peer.recv(65536)
+                            held_while_handling.append(False)
+                        except BlockingIOError:
+                            held_while_handling.append(True)
+
+            server.on_message = on_message
+            for call_id in ("a", "b"):             # queued before the loop reads: one wakeup
+                raw.sendto(bytes(options("sip:a@x", "127.0.0.1:1", call_id=call_id)),
+                           ("127.0.0.1", s.address.port))
+            await until(lambda: server.stats.datagrams == 2)
+            await until(lambda: len(errors) == 2)
+            assert errors == [nowhere, nowhere]
+            assert held_while_handling == [True]
+            got = []
+            while True:
+                try:
+                    got.append(peer.recv(65536).decode())
+                except BlockingIOError:
+                    break
+            assert got == [f"{c}-{n}" for c in ("a", "b") for n in range(66)]
+            assert server.stats.sends_dropped == 0
+        finally:
+            raw.close()
+            peer.close()
+            await server.close()
+
+    run(factory, main())
+
+
+@posix_only("needs loop.add_reader (fastsip's own UDP socket)")
+@pytest.mark.parametrize("factory", LOOPS)
+def test_udp_sends_held_by_a_wakeup_go_nowhere_once_a_hook_closed_the_socket(
+        factory: Any) -> None:
+    """A hook that closes the socket mid-wakeup: what the wakeup held is not sent (its
+    descriptor may already be another socket's), and nothing raises into the loop."""
+    async def main() -> None:
+        server = make_layer(True)
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.bind(("127.0.0.1", 0))
+        peer.setblocking(False)
+        try:
+            s = await server.listen("udp:127.0.0.1:0")
+            udp = s._udp
+            assert isinstance(udp, _UdpSocket)
+            dest = Address("UDP", "127.0.0.1", peer.getsockname()[1])
+            handled: list[str] = []
+
+            def on_message(msg: Any, source: Address) -> None:
+                handled.append(msg.call_id)
+                udp.send(b"held", dest)
+                udp.close()
+
+            server.on_message = on_message
+            raw.sendto(bytes(options("sip:a@x", "127.0.0.1:1", call_id="c")),
+                       ("127.0.0.1", s.address.port))
+            await until(lambda: handled == ["c"])
+            await asyncio.sleep(0.05)
+            with pytest.raises(BlockingIOError):
+                peer.recv(65536)
+        finally:
+            raw.close()
+            peer.close()
+            await server.close()
 
     run(factory, main())
 

@@ -12,12 +12,14 @@ log line.  Here they are C calls that read the layer's attributes; the policy th
 the same, and the sockets are still the shell's alone.
 
 :class:`UdpSocket` is a listening socket read and written here, in C: a wakeup drains the
-ready datagrams with ``recvfrom`` into one buffer, names each source from a small cache (no
-``inet_ntop`` and new string per datagram), and a send is one ``sendto`` to an address
-``inet_pton`` made -- where the loop's datagram transport (uvloop's included) converts
-addresses through Python tuples and caches both ways, and calls back into Python per
-datagram.  The loop's datagram transport (:func:`datagram_received`, :func:`datagram_send`)
-stands in where the loop cannot watch a socket (Windows' proactor).
+ready datagrams (``recvmmsg`` on Linux, else ``recvfrom``) into one buffer, names each source
+from a small cache (no ``inet_ntop`` and new string per datagram), and holds what the handlers
+send until the drain ends, then sends it together (``sendmmsg`` on Linux, else ``sendto``) to
+addresses ``inet_pton`` made -- where the loop's datagram transport (uvloop's included)
+converts addresses through Python tuples and caches both ways, calls back into Python per
+datagram, and makes a system call per datagram each way.  The loop's datagram transport
+(:func:`datagram_received`, :func:`datagram_send`) stands in where the loop cannot watch a
+socket (Windows' proactor).
 """
 
 cimport cython
@@ -454,6 +456,9 @@ def datagram_received(self, data, addr):
 
 cdef extern from *:
     """
+    #define FSU_SEND_BATCH 64
+    #define FSU_RECV_SLOTS 16
+    #define FSU_RECV_SLOT 65536
     /* One datagram from the non-blocking socket fd: its length, or -1 (fs_errno() says why). */
     static Py_ssize_t fsu_recvfrom(Py_ssize_t fd, char *buf, size_t len,
                                    struct sockaddr_storage *addr, unsigned int *alen) {
@@ -483,29 +488,114 @@ cdef extern from *:
     #endif
     }
 
+    /* Up to n (<= FSU_RECV_SLOTS) datagrams from the non-blocking socket fd, the i-th into
+     * buf + i * FSU_RECV_SLOT, its length into lens[i], its source into addrs[i] (alens[i]
+     * long): how many (>= 1), or -1 (fs_errno() says why; EAGAIN: none waiting).  Linux takes
+     * them in one system call (recvmmsg), and fewer than n means none was left waiting;
+     * elsewhere one at a time (FSU_RECV_BATCHED 0: only EAGAIN says the queue is empty). */
+    #if defined(__linux__)
+    #define FSU_RECV_BATCHED 1
+    #else
+    #define FSU_RECV_BATCHED 0
+    #endif
+    static int fsu_recv_batch(Py_ssize_t fd, char *buf, size_t *lens,
+                              struct sockaddr_storage *addrs, unsigned int *alens,
+                              unsigned int n) {
+    #if defined(__linux__)
+        struct mmsghdr msgs[FSU_RECV_SLOTS];
+        struct iovec iov[FSU_RECV_SLOTS];
+        unsigned int i;
+        int r;
+        if (n > FSU_RECV_SLOTS) n = FSU_RECV_SLOTS;
+        memset(msgs, 0, sizeof(struct mmsghdr) * n);
+        for (i = 0; i < n; i++) {
+            iov[i].iov_base = buf + (size_t)i * FSU_RECV_SLOT;
+            iov[i].iov_len = FSU_RECV_SLOT;
+            msgs[i].msg_hdr.msg_name = &addrs[i];
+            msgs[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_storage);
+            msgs[i].msg_hdr.msg_iov = &iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        r = recvmmsg((int)fd, msgs, n, MSG_DONTWAIT, NULL);
+        for (i = 0; r > 0 && i < (unsigned int)r; i++) {
+            lens[i] = msgs[i].msg_len;
+            alens[i] = (unsigned int)msgs[i].msg_hdr.msg_namelen;
+        }
+        return r;
+    #else
+        Py_ssize_t r = fsu_recvfrom(fd, buf, FSU_RECV_SLOT, &addrs[0], &alens[0]);
+        if (r < 0) return -1;
+        lens[0] = (size_t)r;
+        return 1;
+    #endif
+    }
+
+    /* Datagrams bufs[i] (lens[i] long) to addrs[i] (alens[i] long), in order, from fd: how many
+     * went before the first that failed (0..n), or -1 when the first failed (fs_errno() says
+     * why).  Linux moves the batch in one system call (sendmmsg); elsewhere, sendto each. */
+    static int fsu_send_batch(Py_ssize_t fd, char **bufs, const size_t *lens,
+                              const struct sockaddr_storage *addrs, const unsigned int *alens,
+                              unsigned int n) {
+    #if defined(__linux__)
+        struct mmsghdr msgs[FSU_SEND_BATCH];
+        struct iovec iov[FSU_SEND_BATCH];
+        unsigned int i;
+        if (n > FSU_SEND_BATCH) n = FSU_SEND_BATCH;
+        memset(msgs, 0, sizeof(struct mmsghdr) * n);
+        for (i = 0; i < n; i++) {
+            iov[i].iov_base = bufs[i];
+            iov[i].iov_len = lens[i];
+            msgs[i].msg_hdr.msg_name = (void *)&addrs[i];
+            msgs[i].msg_hdr.msg_namelen = (socklen_t)alens[i];
+            msgs[i].msg_hdr.msg_iov = &iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        return sendmmsg((int)fd, msgs, n, MSG_DONTWAIT);
+    #else
+        unsigned int i;
+        for (i = 0; i < n; i++) {
+            if (fsu_sendto(fd, bufs[i], lens[i], &addrs[i], alens[i]) < 0)
+                return i == 0 ? -1 : (int)i;
+        }
+        return (int)n;
+    #endif
+    }
+
     """
     Py_ssize_t fsu_recvfrom(Py_ssize_t fd, char *buf, size_t len, sockaddr_storage *addr,
                             unsigned int *alen) noexcept nogil
     int fsu_sendto(Py_ssize_t fd, const char *buf, size_t len, const sockaddr_storage *addr,
                    unsigned int alen) noexcept nogil
+    int FSU_RECV_BATCHED
+    int fsu_recv_batch(Py_ssize_t fd, char *buf, size_t *lens, sockaddr_storage *addrs,
+                       unsigned int *alens, unsigned int n) noexcept nogil
+    int fsu_send_batch(Py_ssize_t fd, char **bufs, const size_t *lens,
+                       const sockaddr_storage *addrs, const unsigned int *alens,
+                       unsigned int n) noexcept nogil
 
 cdef enum:
-    # Any UDP datagram (a longer one is truncated, then fails to parse).
-    RECV_SIZE = 65536
+    # Datagrams one system call takes (the C block's FSU_RECV_SLOTS), each into a slot that
+    # holds any UDP datagram (FSU_RECV_SLOT; a longer one is truncated, then fails to parse).
+    # The buffer is 1 MiB of address space, but only the pages datagrams land in are touched.
+    RECV_SLOTS = 16
+    RECV_SLOT = 65536
     # Datagrams per wakeup: amortizes it, bounded so that one flood cannot starve the loop.
     UDP_BATCH = 256
     # Source names remembered (a proxy's call comes from two or three addresses).
     SOURCES = 8
     NAME_SIZE = 128
+    # Sends held during a wakeup, then sent together (the C block's FSU_SEND_BATCH).
+    SEND_BATCH = 64
 
 
 @cython.final
 cdef class UdpSocket:
     """A UDP listening socket read and written in C (see the module's documentation), watched
     with ``loop.add_reader``: one wakeup drains up to ``UDP_BATCH`` datagrams into one buffer
-    and reads the clock once; a send the socket cannot take now (EAGAIN, ENOBUFS) is dropped
-    and counted, as UDP may lose it (retransmission covers it), another failure reported
-    through the layer's ``_fail_soon``.  Raises NotImplementedError where the loop cannot
+    and reads the clock once; what is sent meanwhile leaves when the drain ends, in order, in
+    batches of up to ``SEND_BATCH``; a send the socket cannot take now (EAGAIN, ENOBUFS) is
+    dropped and counted, as UDP may lose it (retransmission covers it), another failure
+    reported through the layer's ``_fail_soon``.  Raises NotImplementedError where the loop cannot
     watch a socket (Windows' proactor): the loop's datagram transport stands in."""
 
     cdef readonly object layer
@@ -520,11 +610,18 @@ cdef class UdpSocket:
     cdef sockaddr_storage _sources[SOURCES]
     cdef list _names
     cdef int _next_source
+    # While a wakeup drains the socket, what it sends waits here (see _read_ready): the
+    # payloads and their Addresses (kept alive, and named if a send fails), and the sockaddrs.
+    cdef bint _corked
+    cdef list _held
+    cdef sockaddr_storage _held_addrs[SEND_BATCH]
+    cdef unsigned int _held_alens[SEND_BATCH]
 
     def __cinit__(self):
         self._names = [None] * SOURCES
+        self._held = []
         memset(self._sources, 0, sizeof(self._sources))
-        self._buf = <char *>malloc(RECV_SIZE)
+        self._buf = <char *>malloc(RECV_SLOTS * RECV_SLOT)
         if self._buf == NULL:
             raise MemoryError()
 
@@ -543,24 +640,28 @@ cdef class UdpSocket:
 
     def _read_ready(self):
         """Drain the socket: each datagram to ``admit`` (with this wakeup's time), then to the
-        layer's intake."""
-        cdef Py_ssize_t n
-        cdef int count = 0, denied = 0, interrupted = 0, code, port
-        cdef sockaddr_storage addr
-        cdef unsigned int alen
+        layer's intake; what the handlers send meanwhile leaves when the drain ends."""
+        cdef int got, i, count = 0, denied = 0, interrupted = 0, code, port
+        cdef size_t lens[RECV_SLOTS]
+        cdef sockaddr_storage addrs[RECV_SLOTS]
+        cdef unsigned int alens[RECV_SLOTS]
         layer = self.layer
         cdef IntakeState st = _state(layer)
         admit = st.admit
         now = self._time()
+        # Sends wait until the queue is drained, then go together (sendmmsg): one system
+        # call and one wakeup of the peers for the lot, where a send per message let the
+        # woken peer preempt this process after each (~7 switches a proxied call, against
+        # ~5 with the sends held), and at saturation a whole batch of answers goes at once.
+        # As nothing we send is answered during the drain, a short recvmmsg batch means the
+        # queue is empty: no read that finds it so.
+        self._corked = True
         try:
-            # Until the queue is empty: what arrives while a datagram is handled (the answer
-            # to what it sent) is read in the same wakeup -- ~2.3 datagrams a wakeup under
-            # the bench_proxy load, where stopping at the first short read (a recvmmsg batch)
-            # doubled the wakeups.  (A hook below may close the socket: its descriptor is
-            # not ours then.)
+            # (A hook below may close the socket: its descriptor is not ours then, nor are
+            # the datagrams already read.)
             while count < UDP_BATCH and not self.closed:
-                n = fsu_recvfrom(self._fd, self._buf, RECV_SIZE, &addr, &alen)
-                if n < 0:
+                got = fsu_recv_batch(self._fd, self._buf, lens, addrs, alens, RECV_SLOTS)
+                if got < 0:
                     code = fs_errno()
                     if fs_error_class(code) == FS_ERR_INTR and interrupted < 8:
                         interrupted += 1
@@ -570,23 +671,36 @@ cdef class UdpSocket:
                         # next wakeup goes on.
                         log.debug("UDP receive error: %s", os.strerror(code))
                     break
-                count += 1
-                host = self._source(&addr, alen, &port)
-                if host is None:
-                    continue                         # not IPv4/IPv6: not ours to answer
-                if admit is not None and not admit(host, now):
-                    denied += 1
-                    continue
-                _receive(layer, st, PyBytes_FromStringAndSize(self._buf, n), host, port,
-                         self.lid, True)
-        except Exception:
-            # A bug in the admit hook (or below): log it, keep the reader; the datagrams not
-            # read yet wait for the next wakeup.
-            log.exception("error receiving a UDP datagram")
+                for i in range(got):
+                    if self.closed:
+                        break
+                    count += 1
+                    host = self._source(&addrs[i], alens[i], &port)
+                    if host is None:
+                        continue                     # not IPv4/IPv6: not ours to answer
+                    try:
+                        if admit is not None and not admit(host, now):
+                            denied += 1
+                            continue
+                        _receive(layer, st, PyBytes_FromStringAndSize(
+                            self._buf + <size_t>i * RECV_SLOT, <Py_ssize_t>lens[i]), host,
+                            port, self.lid, True)
+                    except Exception:
+                        # A bug in the admit hook (or below): logged; the reader and the
+                        # batch's other datagrams go on.
+                        log.exception("error receiving a UDP datagram")
+                if FSU_RECV_BATCHED and got < RECV_SLOTS:
+                    break                            # none was left waiting
         finally:
+            self._corked = False
             stats = st.stats
             stats.datagrams += count
             stats.datagrams_denied += denied
+            if self._held:
+                try:
+                    self._flush()
+                except Exception:
+                    log.exception("error sending UDP datagrams")
 
     cdef object _source(self, sockaddr_storage *addr, unsigned int alen, int *port):
         # The host of addr as a str (from the cache while it is a recent source), its port
@@ -627,16 +741,61 @@ cdef class UdpSocket:
         alen = 0 if "%" in host else fs_sockaddr_from_text(
             &addr, family, host.encode("ascii"), dest.port)
         if alen == 0:
-            # Not a literal inet_pton takes (an IPv6 zone): the socket module resolves it.
+            # Not a literal inet_pton takes (an IPv6 zone): the socket module resolves it
+            # (after what is held, to keep the order).
+            if self._held:
+                self._flush()
             try:
                 self.sock.sendto(payload, (host, dest.port))
             except OSError as exc:
                 self._failed(dest, exc.errno or 0)
             return 0
+        if self._corked:
+            # Held until the wakeup ends (see _read_ready).
+            held = self._held
+            n = len(held) // 2
+            if n == SEND_BATCH:
+                self._flush()
+                held = self._held
+                n = 0
+            memcpy(&self._held_addrs[n], &addr, alen)
+            self._held_alens[n] = alen
+            held.append(payload)
+            held.append(dest)
+            return 0
         if fsu_sendto(self._fd, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload), &addr,
                       alen) < 0:
             code = fs_errno()
             self._failed(dest, code)
+        return 0
+
+    cdef int _flush(self) except -1:
+        # Send what the wakeup held, in order, in as few system calls as the kernel allows;
+        # a datagram that fails is dropped or reported (_failed), and the rest still go.
+        cdef list held = self._held
+        cdef Py_ssize_t n = len(held) // 2, off = 0, i
+        cdef int r, code, interrupted = 0
+        cdef char *bufs[SEND_BATCH]
+        cdef size_t lens[SEND_BATCH]
+        self._held = []
+        if self.closed:
+            return 0             # (a hook closed the socket: its descriptor is not ours now)
+        for i in range(n):
+            payload = held[2 * i]
+            bufs[i] = PyBytes_AS_STRING(payload)
+            lens[i] = <size_t>PyBytes_GET_SIZE(payload)
+        while off < n:
+            r = fsu_send_batch(self._fd, &bufs[off], &lens[off], &self._held_addrs[off],
+                               &self._held_alens[off], <unsigned int>(n - off))
+            if r > 0:
+                off += r
+                continue
+            code = fs_errno()
+            if fs_error_class(code) == FS_ERR_INTR and interrupted < 8:
+                interrupted += 1
+                continue
+            self._failed(<Address>held[2 * off + 1], code)
+            off += 1
         return 0
 
     def send_failed(self, Address dest, int code):
