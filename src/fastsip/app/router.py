@@ -136,7 +136,9 @@ class Decision:
         self.ring_timeout = ring_timeout
 
     def all_targets(self) -> list[Target]:
-        """Every target of a forward decision (the serial groups' too)."""
+        """Every target of a forward decision (the serial groups' too), in a new list."""
+        if not self.groups:      # (most decisions: no comprehension's frame)
+            return list(self.targets)
         return self.targets + [t for g in self.groups for t in g]
 
     def __repr__(self) -> str:
@@ -897,13 +899,19 @@ class Router:
         it?  Anything goes for a trusted or authenticated request; otherwise an initial request
         may only reach our users' registered contacts (or come back to us), and an in-dialog
         one must have come through our Record-Route."""
-        if self.open_relay or req.trusted or req.authenticated:
+        if self.open_relay or req.authenticated:
             return True
         ctx = req.ctx
-        proxy = self.proxy
         if req.in_dialog:
-            return proxy is None or proxy.dialog_allowed(ctx)
-        request = ctx.request
+            proxy = self.proxy
+            return req.trusted or proxy is None or proxy.dialog_allowed(ctx)
+        # Where it goes is asked before who sent it: the usual INVITE, to a user's registered
+        # contacts, then needs no look-up of the source in the trusted networks.
+        return self._reaches_only_us(ctx.request, decision) or req.trusted
+
+    def _reaches_only_us(self, request: SipRequest, decision: Decision) -> bool:
+        """Does an initial request go only where anyone may send it: our users' registered
+        contacts, or (its Request-URI, or a target's) one of our domains or this proxy?"""
         if request.route:
             return False                         # a preloaded Route that is not ours
         for target in decision.all_targets():
