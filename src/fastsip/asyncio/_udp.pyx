@@ -695,7 +695,8 @@ cdef class UdpSocket:
             self._corked = False
             stats = st.stats
             stats.datagrams += count
-            stats.datagrams_denied += denied
+            if denied:
+                stats.datagrams_denied += denied
             if self._held:
                 try:
                     self._flush()

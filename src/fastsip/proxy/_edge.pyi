@@ -1,6 +1,13 @@
-"""Type stub for the compiled per-message admission (fastsip/proxy/_edge.pyx), bound as
-fastsip.proxy.edge.SourceGuard.admit, which documents it."""
+"""Type stub for the compiled per-message admission (fastsip/proxy/_edge.pyx): the state
+fastsip.proxy.edge.SourceGuard derives from, which documents it."""
 
-from fastsip.proxy.edge import SourceGuard
+from typing import Any
 
-def admit(self: SourceGuard, host: str, now: float) -> bool: ...
+class GuardState:
+    bans: dict[str, float]
+    rate: float
+    burst: float
+    trusted: Any
+    _sources: dict[str, Any]
+    dropped: int
+    def admit(self, host: str, now: float) -> bool: ...

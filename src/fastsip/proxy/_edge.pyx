@@ -1,11 +1,12 @@
 # cython: language_level=3
 """The source guard's per-message admission, compiled: :class:`fastsip.proxy.edge.SourceGuard`
-binds :func:`admit` as its method (a Cython function binds like a Python one) and documents the
-policy; ``edge.py`` keeps everything else (bans, failed logins, the sweep).
+derives from :class:`GuardState` and documents the policy; ``edge.py`` keeps everything else
+(bans, failed logins, the sweep).
 
 It runs for every datagram and every message on a connection, before the message is parsed --
-under a flood, for every packet of it -- so the token bucket is C arithmetic and the call is
-no Python frame.  It reads and writes the guard's attributes as before.
+under a flood, for every packet of it -- so the token bucket is C arithmetic, and the state it
+reads (the bans, the rate and burst, the trusted networks, the sources) are C fields of the
+guard: no Python frame, and no attribute looked up by name, per packet.
 """
 
 import logging
@@ -13,36 +14,53 @@ import logging
 log = logging.getLogger("fastsip.proxy.edge")
 
 
-def admit(self, host, double now):
-    """Called for every message (or new connection) from ``host`` before any work is done
-    on it: False means drop it silently (banned, or it just went over its rate)."""
-    bans = self.bans
-    if bans:
-        until = bans.get(host)
-        if until is not None:
-            if now < until:
-                self.dropped += 1
-                return False
-            del bans[host]
-            log.info("ban on %s expired", host)
-            self._changed()
-    cdef double rate = self.rate
-    if not rate or self.trusted.host_trusted(host):
-        return True
-    src = self._sources.get(host)
-    if src is None:
-        src = self._track(host, now)
+cdef class GuardState:
+    """What :meth:`admit` reads and writes, as C fields; :class:`~fastsip.proxy.edge.SourceGuard`
+    (a Python class deriving from this one) sets them and keeps the rest of its state."""
+
+    #: host -> the time its ban ends
+    cdef public dict bans
+    cdef public double rate
+    cdef public double burst
+    cdef public object trusted
+    cdef public dict _sources
+    #: Messages dropped: from a banned source, or over the rate.
+    cdef public long long dropped
+
+    def __cinit__(self, *args, **kwargs):
+        self.bans = {}
+        self._sources = {}
+
+    def admit(self, host, double now):
+        """Called for every message (or new connection) from ``host`` before any work is done
+        on it: False means drop it silently (banned, or it just went over its rate)."""
+        cdef dict bans = self.bans
+        if bans:
+            until = bans.get(host)
+            if until is not None:
+                if now < <double>until:
+                    self.dropped += 1
+                    return False
+                del bans[host]
+                log.info("ban on %s expired", host)
+                self._changed()
+        cdef double rate = self.rate
+        if not rate or self.trusted.host_trusted(host):
+            return True
+        src = self._sources.get(host)
         if src is None:
-            return True         # table full of live sources: fail open, other caps hold
-    cdef double burst = self.burst
-    cdef double tokens = <double>src.tokens + (now - <double>src.seen) * rate
-    if tokens > burst:
-        tokens = burst
-    src.seen = now
-    if tokens < 1.0:
-        src.tokens = tokens
-        self._ban(host, now, f"over the rate limit ({rate:g}/s, burst {burst:g})")
-        self.dropped += 1
-        return False
-    src.tokens = tokens - 1.0
-    return True
+            src = self._track(host, now)
+            if src is None:
+                return True         # table full of live sources: fail open, other caps hold
+        cdef double burst = self.burst
+        cdef double tokens = <double>src.tokens + (now - <double>src.seen) * rate
+        if tokens > burst:
+            tokens = burst
+        src.seen = now
+        if tokens < 1.0:
+            src.tokens = tokens
+            self._ban(host, now, f"over the rate limit ({rate:g}/s, burst {burst:g})")
+            self.dropped += 1
+            return False
+        src.tokens = tokens - 1.0
+        return True

@@ -106,7 +106,7 @@ class _Source:
         self.first_failure = 0.0
 
 
-class SourceGuard:
+class SourceGuard(_edge.GuardState):
     """Per-source rate limiting, bans and failed-login accounting (see the module docstring).
 
     ``rate`` 0 turns rate limiting off (bans for failed logins still apply).  All times are in
@@ -154,10 +154,9 @@ class SourceGuard:
 
     # -- every message ---------------------------------------------------------------------
 
-    #: ``admit(host, now)``, called for every message (or new connection) from ``host``
-    #: before any work is done on it: False means drop it silently (banned, or it just went
-    #: over its rate).  Compiled (fastsip.proxy._edge): it runs for every packet of a flood.
-    admit = _edge.admit
+    # ``admit(host, now)``, called for every message (or new connection) from ``host`` before
+    # any work is done on it (False: drop it silently, banned or just over its rate), is
+    # GuardState's, compiled (fastsip.proxy._edge): it runs for every packet of a flood.
 
     def banned(self, host: str, now: float) -> bool:
         """Is ``host`` banned at ``now``?  (Does not count anything.)"""
