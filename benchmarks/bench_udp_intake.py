@@ -1,11 +1,12 @@
 """UDP intake of the asyncio shell: the lean receive path (own socket, ``loop.add_reader``, a
-batch of ``recvfrom_into`` per wakeup into one preallocated buffer) against the loop's own
+batch of datagrams per wakeup into one preallocated buffer) against the loop's own
 datagram transport (``create_datagram_endpoint``), in one run, on asyncio and on uvloop.
 
 asyncio's transport costs a wakeup and a fresh 256 KiB buffer (mmap, then mremap) per datagram;
 uvloop's drains the socket in C into one buffer, but converts every address through Python
 objects and calls a Python protocol method per datagram.  fastsip's lean path is compiled
-(``fastsip.asyncio._udp.UdpSocket``: ``recvfrom`` and ``sendto`` from C) and is the default on
+(``fastsip.asyncio._udp.UdpSocket``: ``recvmmsg``, and ``sendmmsg`` for what a wakeup's
+handlers sent, from C; ``recvfrom`` and ``sendto`` off Linux) and is the default on
 both loops; the loop's transport stands in where the loop has no ``add_reader``.
 
 Two loads, each from a sender process on 127.0.0.1 while this process is the server:

@@ -653,8 +653,8 @@ cdef class UdpSocket:
         # call and one wakeup of the peers for the lot, where a send per message let the
         # woken peer preempt this process after each (~7 switches a proxied call, against
         # ~5 with the sends held), and at saturation a whole batch of answers goes at once.
-        # As nothing we send is answered during the drain, a short recvmmsg batch means the
-        # queue is empty: no read that finds it so.
+        # As nothing we send is answered during the drain, a short recvmmsg batch that left
+        # sends held means the queue is empty: no read that finds it so.
         self._corked = True
         try:
             # (A hook below may close the socket: its descriptor is not ours then, nor are
@@ -689,8 +689,12 @@ cdef class UdpSocket:
                         # A bug in the admit hook (or below): logged; the reader and the
                         # batch's other datagrams go on.
                         log.exception("error receiving a UDP datagram")
-                if FSU_RECV_BATCHED and got < RECV_SLOTS:
-                    break                            # none was left waiting
+                if FSU_RECV_BATCHED and got < RECV_SLOTS and self._held:
+                    # None was left waiting, and what they sent is waiting to go: it goes
+                    # now.  (With nothing held -- a flood denied, requests absorbed -- the
+                    # drain reads on until EAGAIN: a sender faster than one batch would
+                    # otherwise cost a wakeup per short batch.)
+                    break
         finally:
             self._corked = False
             stats = st.stats
