@@ -59,10 +59,13 @@ WARMUP = 2000
 #: Issue 11's goal: fastsip answers at least half as many requests a second as Kamailio's one
 #: child.  Measured here against Debian's Kamailio (qm): 0.64x, 0.65x and 0.77x (22.0k against
 #: 34.2k, 19.3k against 29.5k, 24.0k against 31.3k a second).  Kamailio with ``tlsf`` answered
-#: 128k a second (7.1 us of CPU each, against qm's 31 us): fastsip 0.21x of that.
+#: 128k a second (7.1 us of CPU each, against qm's 31 us): fastsip 0.21x of that.  Since the
+#: UDP socket holds a wakeup's answers and sends them with one sendmmsg (553bb11): 1.20x,
+#: 1.21x and 1.26x (18.7k against 15.6k, 17.5k against 14.4k, 17.8k against 14.1k).
 GOAL = 0.5
-#: The test's floor: a regression catch with room for this VM's rounds.
-BAR = float(os.environ.get("FASTSIP_BENCH_SATURATION_BAR", "0.4"))
+#: The test's floor: a regression catch with room for this VM's rounds (0.4 before 553bb11,
+#: when the measurements read 0.64-0.77x; losing the batched sends would read ~0.7x).
+BAR = float(os.environ.get("FASTSIP_BENCH_SATURATION_BAR", "0.8"))
 
 GUARDS: list[tuple[str, str, float, str]] = []   # a plain test: see the docstring
 
