@@ -507,15 +507,7 @@ cdef extern from *:
         unsigned int i;
         int r;
         if (n > FSU_RECV_SLOTS) n = FSU_RECV_SLOTS;
-        memset(msgs, 0, sizeof(struct mmsghdr) * n);
-        for (i = 0; i < n; i++) {
-            iov[i].iov_base = buf + (size_t)i * FSU_RECV_SLOT;
-            iov[i].iov_len = FSU_RECV_SLOT;
-            msgs[i].msg_hdr.msg_name = &addrs[i];
-            msgs[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_storage);
-            msgs[i].msg_hdr.msg_iov = &iov[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
-        }
+        fs_mmsg_slots(msgs, iov, n, buf, FSU_RECV_SLOT, addrs);
         r = recvmmsg((int)fd, msgs, n, MSG_DONTWAIT, NULL);
         for (i = 0; r > 0 && i < (unsigned int)r; i++) {
             lens[i] = msgs[i].msg_len;

@@ -18,8 +18,10 @@ cdef extern from *:
     #else
     #include <errno.h>
     #include <stdio.h>
+    #include <string.h>
     #include <sys/types.h>
     #include <sys/socket.h>
+    #include <sys/uio.h>
     #include <netinet/in.h>
     #include <arpa/inet.h>
     #include <net/if.h>
@@ -29,6 +31,25 @@ cdef extern from *:
     #define FS_ERR_AGAIN 1   /* nothing (more) to read, or no room to send: stop this batch */
     #define FS_ERR_INTR 2    /* a signal: try again */
     #define FS_ERR_OTHER 3   /* this datagram alone was refused (unreachable, EPERM...) */
+
+    #if defined(__linux__)
+    /* Point msgs[0..n) at consecutive slots of buf (slot octets each) through iov, and at
+     * addrs for their sources: what recvmmsg needs, for the media receiver and the SIP
+     * socket alike (a caller adds control buffers after). */
+    static void fs_mmsg_slots(struct mmsghdr *msgs, struct iovec *iov, unsigned int n,
+                              void *buf, size_t slot, struct sockaddr_storage *addrs) {
+        unsigned int i;
+        memset(msgs, 0, sizeof(struct mmsghdr) * n);
+        for (i = 0; i < n; i++) {
+            iov[i].iov_base = (char *)buf + (size_t)i * slot;
+            iov[i].iov_len = slot;
+            msgs[i].msg_hdr.msg_name = &addrs[i];
+            msgs[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_storage);
+            msgs[i].msg_hdr.msg_iov = &iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+    }
+    #endif
 
     /* The error number of the last failed socket call (read it before anything else runs). */
     static int fs_errno(void) {

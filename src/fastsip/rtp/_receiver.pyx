@@ -53,14 +53,8 @@ cdef extern from *:
         struct mmsghdr msgs[FSR_MAX_BATCH];
         struct iovec iov[FSR_MAX_BATCH];
         int got, tries = 0;
-        memset(msgs, 0, sizeof(struct mmsghdr) * n);
+        fs_mmsg_slots(msgs, iov, n, buf, FSR_SLOT, addrs);
         for (i = 0; i < n; i++) {
-            iov[i].iov_base = buf + (size_t)i * FSR_SLOT;
-            iov[i].iov_len = FSR_SLOT;
-            msgs[i].msg_hdr.msg_name = &addrs[i];
-            msgs[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_storage);
-            msgs[i].msg_hdr.msg_iov = &iov[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
             msgs[i].msg_hdr.msg_control = ctrl + (size_t)i * FSR_CTRL;
             msgs[i].msg_hdr.msg_controllen = FSR_CTRL;
         }
