@@ -9,6 +9,7 @@ Contact and top Via through the parser's views, typed (no attribute look-ups).
 """
 
 from fastsip.sip._message cimport URI, Message, NameAddr, Request, Via
+from fastsip.transport._address cimport Address
 
 import ipaddress
 from functools import lru_cache
@@ -49,10 +50,12 @@ cdef inline str _host(str host):
     return host.strip("[]").lower()
 
 
-cpdef bint request_behind_nat(Request request, source) except -1:
+cpdef bint request_behind_nat(Request request, Address source) except -1:
     """Did ``request`` come from behind a NAT?  Its top Via's sent-by is not the source
     address (host, or port over UDP -- rport says where the answer really goes), or its Contact
     is private while the source is not."""
+    if source is None:
+        return False            # (no source to compare with: nothing says NAT)
     cdef Via via = request.top_via
     if via is not None:
         if _host(via._host()) != _host(source.host):
@@ -64,10 +67,12 @@ cpdef bint request_behind_nat(Request request, source) except -1:
     return _private_contact(request, source)
 
 
-cpdef bint contact_behind_nat(Message message, peer) except -1:
+cpdef bint contact_behind_nat(Message message, Address peer) except -1:
     """Is the Contact of ``message`` (a response from ``peer``, or a request) not where the
     message came from -- another host, or over UDP another port -- or private while the peer
     is not?"""
+    if peer is None:
+        return False
     cdef URI uri = _contact_uri(message)
     if uri is None or not uri._is_sip():
         return False
@@ -81,7 +86,7 @@ cpdef bint contact_behind_nat(Message message, peer) except -1:
     return False
 
 
-cdef bint _private_contact(Message message, source) except -1:
+cdef bint _private_contact(Message message, Address source) except -1:
     cdef URI uri = _contact_uri(message)
     return (uri is not None and uri._is_sip() and is_private(uri.host)
             and not is_private(source.host) and _host(uri.host) != _host(source.host))
