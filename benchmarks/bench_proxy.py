@@ -26,7 +26,7 @@ it with the others (about 50 s).  Standalone:
 
     PYTHONPATH=. python benchmarks/bench_proxy.py [--calls 1500] [--rate 150] [--rounds 2]
                                                   [--quiet] [--kamailio-mem fm] [--steady]
-                                                  [--floor]
+                                                  [--floor] [--against TREE]
 
 ``--steady`` warms each proxy up for ``STEADY_SECONDS`` (34 s) of calls first, so that the
 measured calls also pay for the transactions of earlier calls ending, 64*T1 after they
@@ -48,6 +48,13 @@ or logging) on the loop serve runs.  Its CPU per call is what the asyncio shell,
 and Python's per-datagram callbacks cost before any of fastsip's work, so the report can say
 how much of its CPU per call fastsip spends above that floor, and how much a ratio to
 Kamailio (issue 11's 0.7x) leaves for it.
+
+``--against TREE`` gives each round one more proxy: serve as another build runs it, from the
+source tree ``TREE`` (``TREE/fastsip`` is imported first: a checkout built in place, or a
+wheel's files unpacked over its ``src``).  On this kind of VM a build's best round moves by
+15-40 % from run to run, which hides a 5 % step between two builds measured in two runs;
+interleaved in one run, the report gives the two builds' best and median rounds and each
+round's ratio (the paired ratios are the steadiest reading).
 
 Saturation, opt-in (never run by pytest or ``guard.py``; about 1-3 minutes):
 
@@ -77,6 +84,7 @@ import csv
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -313,11 +321,14 @@ def fastsip_argv(workdir: Path, log_level: str | None = None) -> list[str]:
 
 def compare(calls: int = CALLS, rate: int = RATE, quiet: bool = False,
             rounds: int = ROUNDS, kamailio_mem: str = KAMAILIO_MEM,
-            warmup: int = WARMUP_CALLS, floor: bool = False) -> dict[str, Any]:
+            warmup: int = WARMUP_CALLS, floor: bool = False,
+            against: str | None = None) -> dict[str, Any]:
     """Interleaved rounds (K F, F K, K F ...); each proxy's best round counts: the CPU cost
     least disturbed by whatever else the machine runs (CI hosts and dev boxes are shared).
-    ``floor``: the naive relay (``naive_proxy.py``) takes a turn in each round too."""
-    names = ["kamailio", "fastsip", *(["floor"] if floor else [])]
+    ``floor``: the naive relay (``naive_proxy.py``) takes a turn in each round too;
+    ``against``: serve from that source tree too (another build, see the module docstring)."""
+    names = ["kamailio", "fastsip", *(["floor"] if floor else []),
+             *(["against"] if against else [])]
     runs: dict[str, list[tuple[float, int, float, float]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -330,6 +341,12 @@ def compare(calls: int = CALLS, rate: int = RATE, quiet: bool = False,
                 elif name == "floor":
                     cpu, ok, _ = measure(floor_argv(), fastsip_env(), calls, rate, workdir,
                                          f"floor{i}", warmup=warmup)
+                elif name == "against":
+                    assert against is not None
+                    env = dict(os.environ, PYTHONPATH=str(Path(against).resolve()))
+                    cpu, ok, _ = measure(fastsip_argv(workdir, "warning" if quiet else None),
+                                         env, calls, rate, workdir, f"against{i}",
+                                         warmup=warmup)
                 else:
                     cpu, ok, _ = measure(fastsip_argv(workdir, "warning" if quiet else None),
                                          fastsip_env(), calls, rate, workdir, f"fastsip{i}",
@@ -341,6 +358,8 @@ def compare(calls: int = CALLS, rate: int = RATE, quiet: bool = False,
     ref = figures["kamailio_us_per_call"]
     if floor:
         figures["floor_ratio"] = figures["floor_us_per_call"] / ref if ref > 0 else float("inf")
+    if against:
+        figures["against_tree"] = against
     return {"calls": calls, "rate": rate, "quiet": float(quiet), "rounds": rounds,
             "warmup": warmup, "kamailio_mem": kamailio_mem or "qm (default)", **figures,
             "ratio": figures["fastsip_us_per_call"] / ref if ref > 0 else float("inf")}
@@ -375,7 +394,8 @@ def report(r: dict[str, Any]) -> str:
             f"issue 11's goal {GOAL}x; asserted <= {BAR}x); best of "
             f"{r['rounds']} interleaved rounds, us/call per round: kamailio "
             f"{r['kamailio_rounds']}, fastsip {r['fastsip_rounds']}"
-            + ("" if "floor_ratio" not in r else _floor_report(r)))
+            + ("" if "floor_ratio" not in r else _floor_report(r))
+            + ("" if "against_tree" not in r else _against_report(r)))
 
 
 def _floor_report(r: dict[str, Any]) -> str:
@@ -388,6 +408,19 @@ def _floor_report(r: dict[str, Any]) -> str:
             f"{r['floor_rounds']}\n"
             f"  above the floor: fastsip {ours - floor:.1f} us/call; issue 11's {GOAL}x goal "
             f"leaves {GOAL * kam - floor:.1f} us/call above it")
+
+
+def _against_report(r: dict[str, Any]) -> str:
+    """The other build's line: best and median rounds against this build's, and each round's
+    ratio (this build / the other)."""
+    ours, theirs = r["fastsip_rounds"], r["against_rounds"]
+    paired = [round(a / b, 3) if b > 0 else float("inf") for a, b in zip(ours, theirs)]
+    return (f"\n  serve from {r['against_tree']} {r['against_us_per_call']:8.1f} us/call  "
+            f"(user {r['against_user_us']:.0f}, sys {r['against_sys_us']:.0f}) "
+            f"({r['against_ok']:.0f} calls ok); per round {theirs}\n"
+            f"  this build / that build: best {min(ours) / min(theirs):.3f}x, median "
+            f"{statistics.median(ours) / statistics.median(theirs):.3f}x; per round {paired} "
+            f"(median {statistics.median(paired):.3f}x)")
 
 
 # -- saturation (--saturate; not run by pytest) ------------------------------------------------
@@ -609,6 +642,9 @@ if __name__ == "__main__":
     ap.add_argument("--floor", action="store_true",
                     help="a third proxy in each round: naive_proxy.py, a stateless relay in "
                     "plain Python on serve's loop (what the shell and kernel cost per call)")
+    ap.add_argument("--against", metavar="TREE",
+                    help="serve from another build's source tree (TREE/fastsip) in each "
+                    "round too, to compare two builds in one run")
     sat = ap.add_argument_group("saturation", "step the offered rate instead (see the module "
                                 "docstring); --calls, --rate and --rounds do not apply")
     sat.add_argument("--saturate", action="store_true",
@@ -637,5 +673,8 @@ if __name__ == "__main__":
         print(saturation_report(rows, a.saturate_seconds, a.quiet, a.kamailio_mem))
     else:
         warm = round(STEADY_SECONDS * a.rate) if a.steady else WARMUP_CALLS
+        if a.against and not (Path(a.against) / "fastsip").is_dir():
+            sys.exit(f"--against {a.against}: no fastsip package there (give a source tree "
+                     "whose compiled modules are built in place)")
         print(report(compare(a.calls, a.rate, a.quiet, a.rounds, a.kamailio_mem, warm,
-                             a.floor)))
+                             a.floor, a.against)))
