@@ -763,8 +763,9 @@ def test_udp_sends_held_by_a_wakeup_all_leave_after_it_in_order(factory: Any) ->
 @pytest.mark.parametrize("factory", LOOPS)
 def test_udp_sends_held_by_a_wakeup_go_nowhere_once_a_hook_closed_the_socket(
         factory: Any) -> None:
-    """A hook that closes the socket mid-wakeup: what the wakeup held is not sent (its
-    descriptor may already be another socket's), and nothing raises into the loop."""
+    """A hook that closes the socket mid-wakeup: what the wakeup held is not sent, even when
+    the descriptor's number already names another socket (POSIX hands out the lowest free
+    one) -- it would leave from that socket -- and nothing raises into the loop."""
     async def main() -> None:
         server = make_layer(True)
         peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -777,11 +778,16 @@ def test_udp_sends_held_by_a_wakeup_go_nowhere_once_a_hook_closed_the_socket(
             assert isinstance(udp, _UdpSocket)
             dest = Address("UDP", "127.0.0.1", peer.getsockname()[1])
             handled: list[str] = []
+            strangers: list[socket.socket] = []
 
             def on_message(msg: Any, source: Address) -> None:
                 handled.append(msg.call_id)
                 udp.send(b"held", dest)
                 udp.close()
+                # Most likely the same descriptor number, now another socket's.
+                stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                stranger.bind(("127.0.0.1", 0))
+                strangers.append(stranger)
 
             server.on_message = on_message
             raw.sendto(bytes(options("sip:a@x", "127.0.0.1:1", call_id="c")),
@@ -793,6 +799,8 @@ def test_udp_sends_held_by_a_wakeup_go_nowhere_once_a_hook_closed_the_socket(
         finally:
             raw.close()
             peer.close()
+            for sock in strangers:
+                sock.close()
             await server.close()
 
     run(factory, main())
