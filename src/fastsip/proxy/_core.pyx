@@ -1282,7 +1282,7 @@ cdef class Proxy:
         if media is not None and media.on_ack(
                 request, functools.partial(self._forward_stateless, request, Target(), source)):
             return
-        self._forward_stateless(request, Target(), source)
+        self._relay_stateless(request, Target(), source)
 
     def on_stray_response(self, Response response not None, source):
         """A response no client transaction wants (a 2xx retransmitted after Timer M, or any
@@ -1577,6 +1577,10 @@ cdef class Proxy:
         return made
 
     def _forward_stateless(self, Request request not None, Target target not None, source):
+        self._relay_stateless(request, target, source)
+
+    cdef _relay_stateless(self, Request request, Target target, source):
+        # (The ACK's path calls this directly: no Python method call per ACK.)
         cdef bint rr
         cdef NameAddr to
         try:

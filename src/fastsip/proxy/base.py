@@ -92,6 +92,11 @@ def canonical_host(host: str) -> str:
         return text.lower()
 
 
+#: The empty hash every stateless branch starts from (80 bits: a collision of two requests'
+#: transaction ids is out of reach).
+_BRANCH_HASH = hashlib.blake2b(digest_size=10)
+
+
 def stateless_branch(request: Request) -> str:
     """§16.11: the branch a stateless proxy puts in its Via is a function of the received
     request's own transaction id, so a retransmission, the ACK for a non-2xx and the CANCEL
@@ -111,8 +116,9 @@ def stateless_branch(request: Request) -> str:
                 str(top) if top is not None else "",
             )
         )
-    return MAGIC_COOKIE + "sl" + hashlib.blake2b(key.encode("utf-8", "surrogateescape"),
-                                                 digest_size=10).hexdigest()
+    digest = _BRANCH_HASH.copy()     # (a copy: no keyword parsing per ACK, as a new one has)
+    digest.update(key.encode("utf-8", "surrogateescape"))
+    return MAGIC_COOKIE + "sl" + digest.hexdigest()
 
 
 def new_tag() -> str:
