@@ -899,10 +899,11 @@ class Router:
         it?  Anything goes for a trusted or authenticated request; otherwise an initial request
         may only reach our users' registered contacts (or come back to us), and an in-dialog
         one must have come through our Record-Route."""
-        if self.open_relay or req.authenticated:
+        if self.open_relay or req.user is not None:     # (req.authenticated, inline)
             return True
         ctx = req.ctx
-        if req.in_dialog:
+        to = ctx.request.to
+        if to is not None and to.tag is not None:       # (req.in_dialog, inline)
             proxy = self.proxy
             return req.trusted or proxy is None or proxy.dialog_allowed(ctx)
         # Where it goes is asked before who sent it: the usual INVITE, to a user's registered
@@ -914,7 +915,8 @@ class Router:
         contacts, or (its Request-URI, or a target's) one of our domains or this proxy?"""
         if request.route:
             return False                         # a preloaded Route that is not ours
-        for target in decision.all_targets():
+        # (Most decisions have no serial groups: their targets as they are, no copy.)
+        for target in decision.all_targets() if decision.groups else decision.targets:
             if target.binding is not None:
                 continue                         # a registered contact of one of our users
             if target.route or target.dest is not None:
