@@ -316,7 +316,7 @@ class Request:
             return Decision("forward", targets=[Target(uri, route=route, trunk=trunk)],
                             ring_timeout=ring_timeout)
         if to is None:
-            if req.route or not self.for_us:
+            if req.route or not self._router.is_ours(req.uri):    # (self.for_us, inline)
                 return Decision("forward", targets=[Target(route=route)],
                                 ring_timeout=ring_timeout)
             if self._router.registrar is None:

@@ -136,18 +136,10 @@ def _quote(value: str) -> str:
 _REQUEST_LINE = "request method=%s status=%d outcome=%s duration_ms=%.1f %s"
 
 
-class _Pending:
-    """An initial request whose final response has not gone upstream yet; ``fields``: its
-    Call-ID, From and To URIs and source, as logged (None when no line is logged)."""
-
-    __slots__ = ("call_id", "fields", "method", "started")
-
-    def __init__(self, method: str, fields: tuple[str, str, str, str] | None,
-                 started: float, call_id: str = "") -> None:
-        self.method = method
-        self.fields = fields
-        self.started = started
-        self.call_id = call_id
+#: An initial request whose final response has not gone upstream yet: (method, fields,
+#: started, call_id); ``fields``: its Call-ID, From and To URIs and source, as logged (None
+#: when no line is logged).  A tuple, not a class: no constructor's frame per INVITE.
+_Pending = tuple[str, tuple[str, str, str, str] | None, float, str]
 
 
 def _text_fields(fields: tuple[str, str, str, str]) -> str:
@@ -215,7 +207,7 @@ class ServeRouter:
                 frm, to = request.from_, request.to
                 fields = (call_id, str(frm.uri) if frm is not None else "",
                           str(to.uri) if to is not None else "", str(ctx.source))
-            self.pending[id(ctx)] = _Pending(request.method, fields, self.clock(), call_id)
+            self.pending[id(ctx)] = (request.method, fields, self.clock(), call_id)
         self.inner.on_request(ctx)
 
     def on_failure(self, ctx: ResponseContext, best: Response) -> bool:
@@ -246,10 +238,11 @@ class ServeRouter:
     def on_final(self, ctx: ResponseContext, response: Response) -> None:
         entry = self.pending.pop(id(ctx), None)
         if entry is not None:
-            outcome = self._log(entry.method, entry.fields, entry.started,
-                                response.status_code, cancelled=ctx.cancelled)
+            method, fields, started, call_id = entry
+            outcome = self._log(method, fields, started, response.status_code,
+                                cancelled=ctx.cancelled)
             if outcome == "answered" and self.on_answered is not None:
-                self.on_answered(entry.call_id, self.clock())
+                self.on_answered(call_id, self.clock())
 
     # outcome tracking ----------------------------------------------------------------------
 
@@ -286,17 +279,17 @@ class ServeRouter:
 
     def flush(self) -> None:
         """At stop: log what never got a final response."""
-        for entry in self.pending.values():
+        for method, fields, started, _ in self.pending.values():
             self.outcomes["abandoned"] = self.outcomes.get("abandoned", 0) + 1
-            if entry.fields is None:
+            if fields is None:
                 continue
-            duration = (self.clock() - entry.started) * 1000.0
-            extra = _request_extra(entry.method, None, "abandoned", duration, entry.fields)
+            duration = (self.clock() - started) * 1000.0
+            extra = _request_extra(method, None, "abandoned", duration, fields)
             if self._json:
                 log.info("request", extra=extra)
             else:
                 log.info("request method=%s status=- outcome=abandoned duration_ms=%.1f %s",
-                         entry.method, duration, _text_fields(entry.fields), extra=extra)
+                         method, duration, _text_fields(fields), extra=extra)
         self.pending.clear()
 
 
