@@ -356,18 +356,24 @@ def retained(calls: int) -> float:
             tracemalloc.stop()
 
 
-def untimed(calls: int) -> None:
+def untimed(calls: int, cold: bool = False) -> None:
     """Twenty calls, then ``calls`` calls through fastsip's stack, nothing timed: for an
     instruction count, ``valgrind --tool=callgrind`` of ``--untimed --calls 151`` minus that
-    of ``--calls 1``, divided by 150 (``PYTHONHASHSEED=0`` makes runs repeatable)."""
+    of ``--calls 1``, divided by 150 (``PYTHONHASHSEED=0`` makes runs repeatable).
+
+    ``cold``: the CPU caches are evicted before each message of those ``calls`` calls, for a
+    count of cache misses that does not depend on the machine's noise (docs/performance.md,
+    "Cold cost"): ``--cache-sim=yes --collect-atstart=no --toggle-collect=`` the intake's
+    ``receive_datagram``, so that the evictions themselves are not counted."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench_routes.py"
         path.write_text(ROUTES)
         receive, wire, wheel = fastsip_relay(str(path))
+        evicting = _timed(receive, [0.0], True) if cold else receive
         with serve_gc(restore=False):
             for n in range(20 + calls):
                 wheel.advance(n * 0.004)
-                one_call(n, receive, wire)
+                one_call(n, evicting if n >= 20 else receive, wire)
 
 
 if __name__ == "__main__":
@@ -381,13 +387,14 @@ if __name__ == "__main__":
                          "linger (tracemalloc over --calls calls) instead of timing")
     ap.add_argument("--untimed", action="store_true",
                     help="run --calls calls (after 20) through fastsip's stack untimed, for "
-                         "an instruction count under valgrind")
+                         "an instruction count under valgrind (with --cold: caches evicted "
+                         "before each of their messages, for a cache-miss count)")
     args = ap.parse_args()
     with open(os.devnull, "w") as devnull:
         logqueue.install(logging.INFO, devnull)
         try:
             if args.untimed:
-                untimed(args.calls)
+                untimed(args.calls, args.cold)
                 sys.exit(0)
             if args.retained:
                 print(f"retained per call after {args.calls} calls: "
