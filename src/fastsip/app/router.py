@@ -902,8 +902,7 @@ class Router:
         if self.open_relay or req.user is not None:     # (req.authenticated, inline)
             return True
         ctx = req.ctx
-        to = ctx.request.to
-        if to is not None and to.tag is not None:       # (req.in_dialog, inline)
+        if req.in_dialog:
             proxy = self.proxy
             return req.trusted or proxy is None or proxy.dialog_allowed(ctx)
         # Where it goes is asked before who sent it: the usual INVITE, to a user's registered

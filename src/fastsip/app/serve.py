@@ -200,14 +200,8 @@ class ServeRouter:
                 return
         if self._track and not ctx.stateless:
             # Before the router runs: a local answer (registrar, 404) reaches on_final at once.
-            # (The fields are read here, not through _fields: a frame less per INVITE.)
-            call_id = request.call_id or ""
-            fields: tuple[str, str, str, str] | None = None
-            if self._lines:
-                frm, to = request.from_, request.to
-                fields = (call_id, str(frm.uri) if frm is not None else "",
-                          str(to.uri) if to is not None else "", str(ctx.source))
-            self.pending[id(ctx)] = (request.method, fields, self.clock(), call_id)
+            self.pending[id(ctx)] = (request.method, self._fields(ctx) if self._lines else None,
+                                     self.clock(), request.call_id or "")
         self.inner.on_request(ctx)
 
     def on_failure(self, ctx: ResponseContext, best: Response) -> bool:
