@@ -13,6 +13,7 @@ import pytest
 
 from fastsip.transport._placement import (
     BUCKET,
+    LOAD_SMOOTHING,
     LOAD_WINDOW,
     CallPlacement,
     format_table,
@@ -74,7 +75,7 @@ def test_a_busy_worker_passes_new_calls_to_the_busiest_one_still_under_the_thres
     shared = table(3)
     workers = [CallPlacement(shared, i, 3, 0.5, 1024) for i in range(3)]
     receiver = workers[0]
-    busy(LOAD_WINDOW * 1.5)
+    busy(LOAD_SMOOTHING * 2)                # (the load is an average: long enough to show)
     receiver.measure()
     assert receiver.load > 0.5
     # Worker 2 is loaded 0.3 (under the threshold), worker 1 idle: packing prefers worker 2.
@@ -89,10 +90,31 @@ def test_a_busy_worker_passes_new_calls_to_the_busiest_one_still_under_the_thres
     loads.release()
 
 
+def test_one_busy_window_does_not_make_a_quiet_worker_pass_calls_on() -> None:
+    """The load is a moving average: a lone window at a full core (a noisy moment) moves a
+    quiet worker's reading by about a fifth, so it keeps its new calls; a sustained load
+    still shows within about a second."""
+    shared = table()
+    zero = CallPlacement(shared, 0, 2, 0.5, 1024)
+    for _ in range(5):                     # quiet: a message every window, nothing busy
+        time.sleep(LOAD_WINDOW * 1.05)
+        zero.measure()
+    assert zero.load < 0.1
+    busy(LOAD_WINDOW * 1.05)               # one window at a full core
+    zero.measure()
+    assert 0.02 < zero.load < 0.5, zero.load      # (counted, by about a fifth)
+    assert zero.owner("e@host", True) == 0 and zero.passed == 0
+    for _ in range(12):                    # busy for 1.2 s: it shows
+        busy(LOAD_WINDOW * 1.05)
+        zero.measure()
+    assert zero.load > 0.5, zero.load
+    assert zero.owner("f@host", True) == 1 and zero.passed == 1
+
+
 def test_a_load_not_refreshed_fades_and_then_reads_idle() -> None:
     shared = table()
     zero, one = CallPlacement(shared, 0, 2, 0.5, 1024), CallPlacement(shared, 1, 2, 0.5, 1024)
-    busy(LOAD_WINDOW * 1.5)
+    busy(LOAD_SMOOTHING * 2)
     one.measure()
     published = zero.loads()[1]
     assert published > 0.5

@@ -7,6 +7,7 @@ from typing_extensions import Buffer
 BUCKET: int
 DEFAULT_SLOTS: int
 LOAD_WINDOW: float
+LOAD_SMOOTHING: float
 LOAD_STALE: float
 
 def table_bytes(count: int, slots: int = ...) -> int: ...
