@@ -316,7 +316,7 @@ class Request:
             return Decision("forward", targets=[Target(uri, route=route, trunk=trunk)],
                             ring_timeout=ring_timeout)
         if to is None:
-            if req.route or not self._router.is_ours(req.uri):    # (self.for_us, inline)
+            if req.route or not self.for_us:
                 return Decision("forward", targets=[Target(route=route)],
                                 ring_timeout=ring_timeout)
             if self._router.registrar is None:
@@ -899,7 +899,7 @@ class Router:
         it?  Anything goes for a trusted or authenticated request; otherwise an initial request
         may only reach our users' registered contacts (or come back to us), and an in-dialog
         one must have come through our Record-Route."""
-        if self.open_relay or req.user is not None:     # (req.authenticated, inline)
+        if self.open_relay or req.authenticated:
             return True
         ctx = req.ctx
         if req.in_dialog:
@@ -914,8 +914,7 @@ class Router:
         contacts, or (its Request-URI, or a target's) one of our domains or this proxy?"""
         if request.route:
             return False                         # a preloaded Route that is not ours
-        # (Most decisions have no serial groups: their targets as they are, no copy.)
-        for target in decision.all_targets() if decision.groups else decision.targets:
+        for target in decision.all_targets():
             if target.binding is not None:
                 continue                         # a registered contact of one of our users
             if target.route or target.dest is not None:
