@@ -1074,6 +1074,9 @@ class Case:
     sends: int = 0
     statuses: list[int] = field(default_factory=list)
     final_at: float = 0.0
+    #: Seconds from sending to the harness closing the TCP stream (0: not closed, or UDP):
+    #: an answer missing from a stream closed early is the harness's doing, not serve's.
+    closed_after: float = 0.0
     sink: int = 0
 
     @property
@@ -1086,6 +1089,7 @@ class Case:
                "transport": self.transport, "mutations": self.mutations,
                "expect": self.expect, "why": self.why, "statuses": self.statuses[:8],
                "sink": self.sink, "sends": self.sends, "stream": self.stream,
+               "closed_after": round(self.closed_after, 2),
                "data": base64.b64encode(self.data).decode()}
         if self.template and self.template != self.data:
             out["template"] = base64.b64encode(self.template).decode()
@@ -2011,6 +2015,9 @@ class FuzzRun:
             except OSError:
                 pass
             finally:
+                closed = time.monotonic()
+                for c in st.cases:
+                    c.closed_after = closed - c.sent_at
                 reading.cancel()
                 writer.close()
                 with contextlib.suppress(Exception):

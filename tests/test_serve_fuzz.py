@@ -83,8 +83,13 @@ def torture(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def _show(cases: list[dict[str, Any]], n: int = 5) -> str:
     out = []
     for c in cases[:n]:
+        # Where it was lost: "sink" counts the copies serve forwarded to the harness's sink
+        # (0: serve never relayed it), "stream" names the TCP stream (-1: a datagram) and
+        # "closed_after" when the harness closed it (seconds after sending).
         out.append(f"#{c['idx']} {c['seed']} {c['transport']} {c['mutations']} "
-                   f"statuses={c['statuses']}\n{base64.b64decode(c['data'])[:600]!r}")
+                   f"statuses={c['statuses']} sink={c.get('sink')} sends={c.get('sends')} "
+                   f"stream={c.get('stream')} closed_after={c.get('closed_after')}\n"
+                   f"{base64.b64decode(c['data'])[:600]!r}")
     return "\n".join(out)
 
 
