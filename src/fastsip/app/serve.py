@@ -29,7 +29,8 @@ nobody answered, ``--ring-timeout`` ran out), ``unavailable`` (503), ``rejected`
 failure) and, at stop, ``abandoned`` (no final response yet).  The stop summary counts them,
 and so does ``--metrics HOST:PORT`` (Prometheus, :mod:`fastsip.app.metrics`; the same dict).
 Below INFO and without ``--metrics`` nothing is tracked per request, so a quiet server pays
-nothing for it.  ``--log-format json`` writes every line as a JSON object instead, the request
+nothing for it.  (The drain's 503 and the line are :class:`ServeRouter`'s, compiled in
+:mod:`fastsip.app._serve_router`: it runs twice for every initial request.)  ``--log-format json`` writes every line as a JSON object instead, the request
 line's fields as keys (``docs/operations.md``).  At INFO
 the line costs the event loop a tuple put on a queue (~0.7 µs): a writer thread
 (:mod:`fastsip.app.logqueue`) formats and writes, in batches while lines come fast.  Every
@@ -57,7 +58,6 @@ import contextlib
 import gc
 import logging
 import os
-import re
 import sys
 import time
 import traceback
@@ -66,7 +66,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastsip.app import logqueue
-from fastsip.app.logqueue import DEFAULT_MAX_QUEUED, direct_emitter, dropped_lines
+from fastsip.app._serve_router import ServeRouter
+from fastsip.app.logqueue import DEFAULT_MAX_QUEUED, dropped_lines
 from fastsip.asyncio.runner import LOOPS, ReloadSignals, StopSignals, loop_name
 from fastsip.asyncio.workers import DEFAULT_SPREAD_ABOVE, MAX_WORKERS
 
@@ -74,8 +75,6 @@ if TYPE_CHECKING:
     import ssl
 
     from fastsip.app.config import ServeSettings
-    from fastsip.proxy.core import Proxy, ProxyContext, ResponseContext
-    from fastsip.sip import Response
 
 __all__ = ["add_parser", "run"]
 
@@ -89,211 +88,6 @@ DEFAULT_LISTEN = ("udp:127.0.0.1:5060", "tcp:127.0.0.1:5060")
 #: How often expired bindings are removed from the store (they are ignored by lookups before
 #: that; the purge only bounds the store's size).
 PURGE_INTERVAL = 60.0
-
-
-# -- per-request outcome log ------------------------------------------------------------------
-
-
-def _outcome(method: str, status: int, cancelled: bool = False) -> str:
-    """A word for the log: what became of the request, as an operator reads it.
-
-    ``cancelled``: the caller's CANCEL reached us (the response context knows, §16.10), so a
-    failure that went up -- normally 487 -- is the caller hanging up before an answer, not a
-    rejection.  A 487 from downstream without a CANCEL of the caller's is *not* "cancelled":
-    something past us ended the request (a B2BUA's other leg, a device's own policy), and the
-    caller did not ask for it; it stays "rejected" with its status in the line."""
-    if cancelled and status >= 300:
-        return "cancelled"
-    if status < 300:
-        return "registered" if method == "REGISTER" else (
-            "answered" if method == "INVITE" else "accepted")
-    if status < 400:
-        return "redirected"
-    if status in (401, 407):
-        return "challenged"
-    if status == 503:
-        return "unavailable"
-    if status in (408, 480):
-        return "unanswered"
-    return "rejected"
-
-
-#: What makes a log field value need quotes (one regex search: a generator over the
-#: characters cost more than the rest of the line's fields together).
-_NEEDS_QUOTES = re.compile(r'[ "=\\]')
-
-
-def _quote(value: str) -> str:
-    """A log field value: bare when it has no space, quote, equals sign or backslash, else
-    quoted."""
-    if value and _NEEDS_QUOTES.search(value) is None:
-        return value
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-#: The per-request line; its arguments are all immutable (str, int, float), as the log
-#: writer thread formats it later.
-_REQUEST_LINE = "request method=%s status=%d outcome=%s duration_ms=%.1f %s"
-
-
-#: An initial request whose final response has not gone upstream yet: (method, fields,
-#: started, call_id); ``fields``: its Call-ID, From and To URIs and source, as logged (None
-#: when no line is logged).  A tuple, not a class: no constructor's frame per INVITE.
-_Pending = tuple[str, tuple[str, str, str, str] | None, float, str]
-
-
-def _text_fields(fields: tuple[str, str, str, str]) -> str:
-    call_id, frm, to, source = fields
-    if call_id and frm and to and _NEEDS_QUOTES.search(f"{call_id}{frm}{to}") is None:
-        # The usual line: no value needs quotes (one search, no call per field).
-        return f"call_id={call_id} from={frm} to={to} source={source}"
-    return f"call_id={_quote(call_id)} from={_quote(frm)} to={_quote(to)} source={source}"
-
-
-class ServeRouter:
-    """Wraps the :class:`~fastsip.app.Router` for the server: refuses new initial requests
-    while draining, and logs each initial request with its outcome (the proxy core's
-    ``on_final`` hook: the first final response that went upstream, local or forwarded)."""
-
-    def __init__(self, inner: Any, *, clock: Callable[[], float] = time.monotonic,
-                 retry_after: int = 5, track: bool = False) -> None:
-        self.inner = inner
-        self.clock = clock
-        self.retry_after = retry_after
-        self.draining = False
-        #: The routes' choice: see in-dialog requests too, or leave them to the core.
-        self.in_dialog = bool(getattr(inner, "in_dialog", False))
-        #: Only what the routes ask for: the outcome comes from on_final, not from here.
-        self.wants_responses = bool(getattr(inner, "wants_responses", False))
-        self.pending: dict[int, _Pending] = {}
-        #: A line per request at INFO; outcomes counted then, or when metrics ask (``track``).
-        self._metrics = track
-        self._lines = log.isEnabledFor(logging.INFO)
-        self._track = self._lines or track
-        #: JSON lines: the fields go as ``extra=`` (the text line is not built at all).
-        self._json = logqueue.structured(log)
-        #: Under ``fastsip serve`` the line is queued as a tuple for the log writer thread.
-        self._emit = direct_emitter(log, logging.INFO)
-        #: Counts by outcome word, for the summary at stop and the metrics (one source).
-        self.outcomes: dict[str, int] = {}
-        #: Called with the Call-ID of each initial INVITE answered (the metrics' calls).
-        self.on_answered: Callable[[str, float], None] | None = None
-
-    # RequestRouter -------------------------------------------------------------------------
-
-    def attach(self, proxy: Proxy) -> None:
-        attach = getattr(self.inner, "attach", None)
-        if attach is not None:
-            attach(proxy)
-
-    def on_request(self, ctx: ProxyContext) -> None:
-        request = ctx.request
-        if self.draining:
-            to = request.to
-            if to is None or to.tag is None:  # in-dialog requests (routes with in_dialog) pass
-                started = self.clock()
-                ctx.respond(503, "Shutting Down",
-                            headers=[("Retry-After", str(self.retry_after))])
-                if self._track:
-                    self._log(request.method, self._fields(ctx) if self._lines else None,
-                              started, 503)
-                return
-        if self._track and not ctx.stateless:
-            # Before the router runs: a local answer (registrar, 404) reaches on_final at once.
-            self.pending[id(ctx)] = (request.method, self._fields(ctx) if self._lines else None,
-                                     self.clock(), request.call_id or "")
-        self.inner.on_request(ctx)
-
-    def on_failure(self, ctx: ResponseContext, best: Response) -> bool:
-        return bool(self._owner(ctx).on_failure(ctx, best))
-
-    def on_response(self, ctx: ResponseContext, response: Response) -> None:
-        self._owner(ctx).on_response(ctx, response)
-
-    def _owner(self, ctx: ResponseContext) -> Any:
-        """The Router that took the request: after a reload (SIGHUP) a request in flight keeps
-        the routes and authenticator it started with."""
-        owner = getattr(ctx.data, "router", None)
-        return owner if owner is not None else self.inner
-
-    def use(self, inner: Any) -> None:
-        """Route new requests with ``inner`` (a reload); the log level may have changed too.
-        (A response hook that appears or goes with the reload takes a restart: the proxy
-        asked ``wants_responses`` once.)"""
-        if bool(getattr(inner, "wants_responses", False)) != self.wants_responses:
-            log.warning("reload: the routes %s a response hook: that takes a restart",
-                        "add" if not self.wants_responses else "remove")
-        self.inner = inner
-        self.in_dialog = bool(getattr(inner, "in_dialog", False))
-        self._lines = log.isEnabledFor(logging.INFO)
-        self._track = self._lines or self._metrics
-        self._emit = direct_emitter(log, logging.INFO)
-
-    def on_final(self, ctx: ResponseContext, response: Response) -> None:
-        entry = self.pending.pop(id(ctx), None)
-        if entry is not None:
-            method, fields, started, call_id = entry
-            outcome = self._log(method, fields, started, response.status_code,
-                                cancelled=ctx.cancelled)
-            if outcome == "answered" and self.on_answered is not None:
-                self.on_answered(call_id, self.clock())
-
-    # outcome tracking ----------------------------------------------------------------------
-
-    @staticmethod
-    def _fields(ctx: ProxyContext) -> tuple[str, str, str, str]:
-        request = ctx.request
-        frm, to = request.from_, request.to
-        return (request.call_id or "", str(frm.uri) if frm is not None else "",
-                str(to.uri) if to is not None else "", str(ctx.source))
-
-    def _log(self, method: str, fields: tuple[str, str, str, str] | None, started: float,
-             status: int, cancelled: bool = False) -> str:
-        """Count the request's outcome, and log its line when ``fields`` are given."""
-        outcome = _outcome(method, status, cancelled)
-        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
-        if fields is None:           # counted for the metrics; no line at this log level
-            return outcome
-        duration = (self.clock() - started) * 1000.0
-        if self._json:
-            # The fields as they are: the JSON formatter (the writer thread) escapes them.
-            extra = _request_extra(method, status, outcome, duration, fields)
-            if self._emit is not None:
-                self._emit("request", (), extra)
-            else:
-                log.info("request", extra=extra)
-            return outcome
-        args = (method, status, outcome, duration, _text_fields(fields))
-        if self._emit is not None:   # straight onto the writer's queue: no LogRecord
-            self._emit(_REQUEST_LINE, args)
-        else:
-            log.info(_REQUEST_LINE, *args,
-                     extra=_request_extra(method, status, outcome, duration, fields))
-        return outcome
-
-    def flush(self) -> None:
-        """At stop: log what never got a final response."""
-        for method, fields, started, _ in self.pending.values():
-            self.outcomes["abandoned"] = self.outcomes.get("abandoned", 0) + 1
-            if fields is None:
-                continue
-            duration = (self.clock() - started) * 1000.0
-            extra = _request_extra(method, None, "abandoned", duration, fields)
-            if self._json:
-                log.info("request", extra=extra)
-            else:
-                log.info("request method=%s status=- outcome=abandoned duration_ms=%.1f %s",
-                         method, duration, _text_fields(fields), extra=extra)
-        self.pending.clear()
-
-
-def _request_extra(method: str, status: int | None, outcome: str, duration_ms: float,
-                   fields: tuple[str, str, str, str]) -> dict[str, Any]:
-    """The request line's fields, for ``extra=`` (a JSON line's keys)."""
-    call_id, frm, to, source = fields
-    return {"method": method, "status": status, "outcome": outcome,
-            "duration_ms": round(duration_ms, 1), "call_id": call_id, "from": frm, "to": to,
-            "source": source}
 
 
 # -- the server --------------------------------------------------------------------------------
