@@ -59,6 +59,10 @@ WARMUP = 50
 #: that adds ~13 % to serve's path, and leaves room for drift in the libraries both run on
 #: (CPython, uvloop).
 BAR = float(os.environ.get("FASTSIP_BENCH_INSTR_BAR", "1.5"))
+#: Seconds a proxy under callgrind has to answer its first OPTIONS.  serve imports its
+#: modules ~50 times slower there; with no bytecode cache (PYTHONDONTWRITEBYTECODE, as CI
+#: runs) it compiled them too and outlasted bench_proxy's 15 s, failing the first attempts.
+STARTUP_UNDER_VALGRIND = 180.0
 
 
 def _pids(root: int) -> list[int]:
@@ -86,7 +90,8 @@ def count(argv: Sequence[str], env: dict[str, str] | None, calls: int, workdir: 
         marked.append(pid)
         return (0.0,)
 
-    _, ok, _ = bp.measure(cmd, run_env, calls, RATE, workdir, name, cpu=mark, warmup=WARMUP)
+    _, ok, _ = bp.measure(cmd, run_env, calls, RATE, workdir, name, cpu=mark, warmup=WARMUP,
+                          ready_timeout=STARTUP_UNDER_VALGRIND)
     time.sleep(0.5)
     totals: dict[str, int] = {}
     for f in glob.glob(str(out / "cg.*.*")):        # the dumps (cg.PID.N), not the final files

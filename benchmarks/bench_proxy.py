@@ -248,12 +248,12 @@ def measure(argv: Sequence[str], env: dict[str, str] | None, calls: int, rate: i
             workdir: Path, name: str,
             cpu: Callable[[int], tuple[float, ...]] | None = None,
             uac_extra: Sequence[str] = (), warmup: int = WARMUP_CALLS,
-            ) -> tuple[tuple[float, ...], int, int]:
+            ready_timeout: float = 15.0) -> tuple[tuple[float, ...], int, int]:
     """Start a proxy (``{port}`` in argv; its output goes to ``NAME.log``), register the UAS,
     warm up (``warmup`` calls at ``rate``), then the measured load: (what ``cpu(pid)`` counted
     during it -- by default :func:`cpu_seconds`'s (CPU, user, system seconds) --, successful
     calls, successful warm-up calls).  ``uac_extra``: more options for the measured sipp
-    UAC."""
+    UAC.  ``ready_timeout``: seconds the proxy has to answer its first OPTIONS (start-up)."""
     read_cpu = cpu if cpu is not None else cpu_seconds
     port = free_port()
     uas_port = free_port()
@@ -263,7 +263,7 @@ def measure(argv: Sequence[str], env: dict[str, str] | None, calls: int, rate: i
                             stdin=subprocess.DEVNULL)
     uas = None
     try:
-        _wait_udp_answers(port)
+        _wait_udp_answers(port, ready_timeout)
         total = warmup + calls
         uas = _sipp("uas_rr.xml", "-p", str(uas_port), "-m", str(total), workdir=workdir,
                     name=f"{name}_uas", timeout=total / rate + 120, background=True)
