@@ -1,12 +1,12 @@
 """Type stub for the compiled routing classes (fastsip/app/_router.pyx); they are documented in
 fastsip.app.router, where users import them from."""
 
-from collections.abc import Callable, Container, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any
 
 from fastsip.app.gateways import GatewaySet
 from fastsip.app.numbers import normalize_e164 as normalize_e164
-from fastsip.app.router import Authenticator, Registrar, TargetLike
+from fastsip.app.router import Authenticator, Registrar, TargetLike, _Spawn
 from fastsip.app.routes import Routes
 from fastsip.proxy.core import Proxy, ProxyContext, ResponseContext, Target
 from fastsip.proxy.edge import SourceGuard
@@ -98,7 +98,7 @@ class Router:
     authenticator: Authenticator | None
     domains: frozenset[str]
     open_relay: bool
-    spawn: Callable[[Coroutine[Any, Any, None]], object] | None
+    spawn: _Spawn | None
     max_concurrency: int
     max_per_source: int
     retry_after: int
@@ -116,7 +116,7 @@ class Router:
     def __init__(self, routes: Routes | None = None, *, registrar: Registrar | None = None,
                  authenticator: Authenticator | None = None,
                  domains: Iterable[str] | None = None, open_relay: bool = False,
-                 spawn: Callable[[Coroutine[Any, Any, None]], object] | None = None,
+                 spawn: _Spawn | None = None,
                  max_concurrency: int = 1000, max_per_source: int | None = None,
                  retry_after: int = 5, serial_by_q: bool = False,
                  handler_timeout: float = 30.0,

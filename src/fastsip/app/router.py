@@ -54,6 +54,7 @@ from fastsip.transport import Address
 __all__ = ["Decision", "Request", "Router", "normalize_e164"]
 
 TargetLike = str | URI | Target | Any  # Any: a location Binding
+#: What a Router's ``spawn`` is: ``loop.create_task`` (the stub types it with this).
 _Spawn = Callable[[Coroutine[Any, Any, None]], object]
 
 
