@@ -155,6 +155,33 @@ def test_malformed_header_gets_400_and_proxy_keeps_serving() -> None:
     assert down.requests("MESSAGE")
 
 
+@pytest.mark.parametrize("header, to_tag", [("From", None), ("To", None), ("From", "t1"),
+                                             ("To", "t1")])
+def test_malformed_from_or_to_uri_gets_400_and_is_not_relayed(header: str,
+                                                               to_tag: str | None) -> None:
+    # An empty URI parameter (";;") is caught by the URI's own parse, not by the name-addr
+    # scan: the core checks the URI without building it (a BYE's From and To are never
+    # read), and the answer must still be 400 before anything is relayed.
+    net, proxy, _ = setup(FixedRouter(["sip:bob@127.0.0.1:5090"]))
+    up = Raw(net, "up", 5071)
+    down = Raw(net, "down", 5090, auto=lambda r: r.reply(200, to_tag="x"))
+    method = "MESSAGE" if to_tag is None else "BYE"
+    route = "" if to_tag is None else f"Route: <{PROXY}>\n"     # a BYE routed through us
+    text = raw_request(method, "sip:bob@127.0.0.1:5090", to_tag=to_tag or "", extra=route)
+    start = text.index(f"\n{header}: <") + len(header) + 4
+    end = text.index(">", start)
+    up.send_to(text[:end] + ";;lr" + text[end:])
+    net.run(0.2)
+    assert [s for s in up.statuses() if s >= 200] == [400]
+    assert down.requests(method) == []
+    # The same request with the URI intact goes through.
+    up.send_to(raw_request(method, "sip:bob@127.0.0.1:5090", to_tag=to_tag or "", extra=route,
+                           call_id="ok-" + header))
+    net.run(0.2)
+    assert len(down.requests(method)) == 1
+    assert proxy.proxy.pending == 0
+
+
 def test_options_with_max_forwards_zero_to_us_is_not_483() -> None:
     net, _proxy, _ = setup(None)
     up = Raw(net, "up", 5071)

@@ -9,10 +9,11 @@ every initial request (on arrival, and on its first final response), so it is a 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable
 from typing import Any
+
+from fastsip.sip._message cimport Message, NameAddr
 
 from fastsip.app import logqueue
 from fastsip.app.logqueue import direct_emitter
@@ -45,15 +46,21 @@ cdef str _outcome(str method, int status, bint cancelled=False):
     return "rejected"
 
 
-#: What makes a log field value need quotes (one regex search: a generator over the
-#: characters cost more than the rest of the line's fields together).
-_NEEDS_QUOTES = re.compile(r'[ "=\\]')
+cdef bint _needs_quotes(str value):
+    """Whether a log field value must be quoted: it has a space, a quote, an equals sign or a
+    backslash.  (A loop over the str's code points in C: a regex search cost more than the
+    rest of the line's fields together.)"""
+    cdef Py_UCS4 c
+    for c in value:
+        if c == u' ' or c == u'"' or c == u'=' or c == u'\\':
+            return True
+    return False
 
 
 cdef str _quote(str value):
     """A log field value: bare when it has no space, quote, equals sign or backslash, else
     quoted."""
-    if value and _NEEDS_QUOTES.search(value) is None:
+    if value and not _needs_quotes(value):
         return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -65,7 +72,8 @@ cdef str _REQUEST_LINE = "request method=%s status=%d outcome=%s duration_ms=%.1
 
 cdef str _text_fields(tuple fields):
     call_id, frm, to, source = fields
-    if call_id and frm and to and _NEEDS_QUOTES.search(f"{call_id}{frm}{to}") is None:
+    if call_id and frm and to and not (_needs_quotes(call_id) or _needs_quotes(frm)
+                                       or _needs_quotes(to)):
         # The usual line: no value needs quotes (one search, no call per field).
         return f"call_id={call_id} from={frm} to={to} source={source}"
     return f"call_id={_quote(call_id)} from={_quote(frm)} to={_quote(to)} source={source}"
@@ -219,11 +227,13 @@ cdef class ServeRouter:
 
 
 cdef tuple _fields(ctx):
-    # What the line names: the Call-ID, the From and To URIs and the source.
-    request = ctx.request
-    frm, to = request.from_, request.to
-    return (request.call_id or "", str(frm.uri) if frm is not None else "",
-            str(to.uri) if to is not None else "", str(ctx.source))
+    # What the line names: the Call-ID, the From and To URIs (their text, as the core checked
+    # it: no URI is built for the line) and the source.
+    cdef Message request = ctx.request
+    cdef NameAddr frm = request._from()
+    cdef NameAddr to = request._to()
+    return (request._call_id() or "", (frm._uri_text() or "") if frm is not None else "",
+            (to._uri_text() or "") if to is not None else "", str(ctx.source))
 
 
 cdef dict _request_extra(str method, status, str outcome, double duration_ms, tuple fields):

@@ -1359,7 +1359,9 @@ cdef class Proxy:
         cdef NameAddr to = request._to()
         if frm is None or to is None or not request._call_id() or cseq is None:
             return (400, "Bad Request (missing From, To, Call-ID or CSeq)", [])
-        if frm._uri() is None or to._uri() is None:  # parsing them raises ParseError: 400 too
+        # (Checked, not built: a BYE's From and To are never read as URIs.  A malformed one
+        # raises ParseError: 400 too.)
+        if not frm._uri_valid() or not to._uri_valid():
             return (400, "Bad Request (From or To)", [])
         cdef str method = request._method()
         if (<tuple>cseq)[1] != method:     # the CSeq namedtuple's method

@@ -8,7 +8,7 @@ one), so they are C functions the compiled core calls directly, and they read a 
 Contact and top Via through the parser's views, typed (no attribute look-ups).
 """
 
-from fastsip.sip._message cimport URI, Message, NameAddr, Request, Via
+from fastsip.sip._message cimport URI, Message, NameAddr, Request, Via, lowered
 from fastsip.transport._address cimport Address
 
 import ipaddress
@@ -47,7 +47,7 @@ def is_private(str host):
 
 
 cdef inline str _host(str host):
-    return host.strip("[]").lower()
+    return lowered(host.strip("[]"))
 
 
 cpdef bint request_behind_nat(Request request, Address source) except -1:
@@ -114,7 +114,8 @@ cpdef bint add_alias(Message message, flow) except -1:
     being forwarded, or a response on its way upstream).  Returns False when there is no single
     SIP Contact to mark or it already carries an alias."""
     cdef URI uri = _contact_uri(message)
-    if uri is None or not uri._is_sip() or ALIAS in {k.lower() for k in uri.params}:
+    # (A URI's parameter names are in lower case: the message core lowers them.)
+    if uri is None or not uri._is_sip() or ALIAS in uri.params:
         return False
     contact = message.contact[0]
     host = f"[{flow.host}]" if ":" in flow.host else flow.host
@@ -137,13 +138,10 @@ cpdef pop_alias(Request request):
     """If the Request-URI carries our ``alias``, remove it and return the flow it names (the
     address to send the request to); else None.  A malformed alias is removed and ignored."""
     cdef URI uri = request._uri()
-    value = None
-    for name, v in uri.params.items():
-        if name.lower() == ALIAS:
-            value = v
-            break
-    else:
+    # (A URI's parameter names are in lower case: the message core lowers them.)
+    if ALIAS not in uri.params:
         return None
+    value = uri.params[ALIAS]
     text = str(uri)
     # Rebuild the URI without the parameter (URI params are ;name=value up to '?' or the end).
     head, sep, headers = text.partition("?")

@@ -135,7 +135,20 @@ cdef class NameAddr:
     cdef dict _params
 
     cdef URI _uri(self)
+    cdef bint _uri_valid(self) except -1
+    cdef str _uri_text(self)
     cdef object _tag(self)
+
+
+cdef inline str lowered(str text):
+    """``text.lower()``, without the call and the copy when nothing would change: hosts,
+    schemes and parameter names nearly always arrive in lower case (§19.1.4 compares them
+    case-insensitively).  One home for the compiled layers' case folding of such names."""
+    cdef Py_UCS4 c
+    for c in text:
+        if (c >= 65 and c <= 90) or c >= 0x80:      # A-Z, or anything str.lower() may fold
+            return text.lower()
+    return text
 
 
 # Message, Request and Response take no part in the cyclic GC (see Message's fields below);

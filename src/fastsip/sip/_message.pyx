@@ -1086,6 +1086,30 @@ cdef str _tel_digits(str number):
     return "".join(c for c in number if c not in "-.()").lower()
 
 
+cdef inline Py_ssize_t _uri_param_end(const char* p, Py_ssize_t i, Py_ssize_t e) except -1:
+    """The end of the URI parameter that starts at p[i] (just after its ';'): the next ';', or
+    e.  URI params are ;name[=value], split on ';' (values may hold ':' '[' ']' '/' ...); an
+    empty one (';;', a trailing ';') is malformed."""
+    cdef const char* q = <const char*>memchr(p + i, b';', e - i)
+    cdef Py_ssize_t j = e if q == NULL else q - p
+    if j == i:
+        raise ParseError("empty URI parameter", i)
+    return j
+
+
+cdef int _check_uri(const char* p, Py_ssize_t s, Py_ssize_t e) except -1:
+    """Raise the ParseError that building the URI in p[s:e] would raise, without building it:
+    for a URI that is only validated (a request's From and To), not read."""
+    cdef UriParts u
+    cdef Py_ssize_t i
+    _scan_uri(p, s, e, &u)
+    if u.params_e > u.params_s:
+        i = u.params_s
+        while i < u.params_e:
+            i = _uri_param_end(p, i + 1, u.params_e)
+    return 0
+
+
 cdef int _fill_uri_p(URI self, const char* p, Py_ssize_t s, Py_ssize_t e) except -1:
     cdef UriParts u
     cdef Py_ssize_t i, j, k
@@ -1104,13 +1128,8 @@ cdef int _fill_uri_p(URI self, const char* p, Py_ssize_t s, Py_ssize_t e) except
     if u.params_e > u.params_s:
         i = u.params_s
         while i < u.params_e:
-            # URI params: ;name[=value], split on ';' (values may hold ':' '[' ']' '/' ...)
             i += 1
-            j = i
-            while j < u.params_e and p[j] != b';':
-                j += 1
-            if j == i:
-                raise ParseError("empty URI parameter", i)
+            j = _uri_param_end(p, i, u.params_e)
             k = i
             while k < j and p[k] != b'=':
                 k += 1
@@ -1322,6 +1341,23 @@ cdef class NameAddr:
         if self._c_uri is None:
             self._c_uri = _make_uri(self._p, self._n.uri_s, self._n.uri_e)
         return self._c_uri
+
+    cdef bint _uri_valid(self) except -1:
+        """Whether there is a URI (not the "*" Contact); raises the ParseError :attr:`uri`
+        would, without building the URI when it was not read yet."""
+        if self._n.wildcard:
+            return False
+        if self._c_uri is None:
+            _check_uri(self._p, self._n.uri_s, self._n.uri_e)
+        return True
+
+    cdef str _uri_text(self):
+        """``str(self.uri)`` without building the URI: the text as written (None for "*")."""
+        if self._n.wildcard:
+            return None
+        if self._c_uri is not None:
+            return self._c_uri._text
+        return _text(self._p, self._n.uri_s, self._n.uri_e)
 
     @property
     def tag(self):

@@ -8,7 +8,7 @@ their work.  They read the message core's views (Via, URI, NameAddr) and the add
 their ``.pxd``: struct members and C accessors, no attribute look-ups.
 """
 
-from fastsip.sip._message cimport URI, Message, NameAddr, Request, Via
+from fastsip.sip._message cimport URI, Message, NameAddr, Request, Via, lowered
 from fastsip.transport._address cimport Address
 
 from fastsip.sip import parse_uri
@@ -132,14 +132,14 @@ def check_sent_by(response, local):
     cdef Via via = (<Message?>response).top_via
     if via is None:
         return False
-    host = strip_brackets(via._host()).lower()
+    host = lowered(strip_brackets(via._host()))
     port = via._port()
     if port is None:
         port = _DEFAULT_PORTS.get(via._transport(), 5060)
     for local_host, local_port in local:
         if local_port != port:
             continue
-        h = strip_brackets(local_host).lower()
+        h = lowered(strip_brackets(local_host))
         if h == host or h == "0.0.0.0" or h == "::":
             return True
     return False
