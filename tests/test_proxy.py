@@ -4,6 +4,7 @@ for 2xx, loop detection and the stateless mode."""
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from test_proxy_net import Net, Phone, ProxyNode, Raw, raw_request
 
+from fastsip.proxy.base import stateless_branch
 from fastsip.proxy.core import Branch, ProxyContext, ResponseContext, Target
-from fastsip.sip import Response
+from fastsip.sip import Request, Response, parse
 from fastsip.ua import Call
 
 PROXY = "sip:127.0.0.1:5060;lr"
@@ -518,6 +520,47 @@ def test_stateless_forwarding_and_response_by_via() -> None:
     assert msgs[0].via[0].branch == msgs[1].via[0].branch
     assert up.statuses() == [200, 200]
     assert proxy.layer.server_transactions == 0 and proxy.layer.client_transactions == 0
+
+
+def _blake_branch(key: str) -> str:
+    # §16.11's branch as fastsip defines it (an interoperable, stable value: a worker or a
+    # restarted process must give a retransmission the branch its first copy got).
+    return "z9hG4bKsl" + hashlib.blake2b(key.encode(), digest_size=10).hexdigest()
+
+
+def test_stateless_branch_is_a_function_of_the_transaction_id() -> None:
+    invite = parse(raw_request("INVITE", "sip:bob@example.com", port=5071,
+                               branch="z9hG4bKabc", call_id="sb1").encode())
+    ack = parse(raw_request("ACK", "sip:bob@example.com", port=5071, branch="z9hG4bKabc",
+                            call_id="sb1").encode())
+    other = parse(raw_request("INVITE", "sip:bob@example.com", port=5072,
+                              branch="z9hG4bKabc", call_id="sb1").encode())
+    assert isinstance(invite, Request) and isinstance(ack, Request)
+    assert isinstance(other, Request)
+    # RFC 3261 peers: the top Via's branch and sent-by, method left out.
+    assert stateless_branch(invite) == _blake_branch("z9hG4bKabc\x00127.0.0.1\x005071")
+    assert stateless_branch(ack) == stateless_branch(invite)
+    assert stateless_branch(other) != stateless_branch(invite)     # another sent-by port
+    no_port = parse(raw_request("MESSAGE", "sip:bob@example.com", branch="z9hG4bKp")
+                    .replace("127.0.0.1:5071;branch", "host.example;branch").encode())
+    assert isinstance(no_port, Request)
+    assert stateless_branch(no_port) == _blake_branch("z9hG4bKp\x00host.example\x00None")
+    # An RFC 2543 peer (no magic cookie): §17.2.3's fields, the top Via among them.
+    old = parse(raw_request("INVITE", "sip:bob@example.com", port=5071, branch="1234",
+                            call_id="sb2").encode())
+    assert isinstance(old, Request) and old.from_ is not None and old.cseq is not None
+    key = "\x00".join(("sip:bob@example.com", old.from_.tag or "", "sb2", "1",
+                       str(old.top_via)))
+    assert stateless_branch(old) == _blake_branch(key)
+    # The proxy's stateless ACK carries it.
+    net, _proxy, _ = setup(FixedRouter())
+    up = Raw(net, "up", 5071)
+    down = Raw(net, "down", 5090)
+    up.send_to(raw_request("ACK", "sip:bob@127.0.0.1:5090", to_tag="t", branch="z9hG4bKack",
+                           extra=f"Route: <{PROXY}>\n"))
+    net.run(0.1)
+    (fwd,) = down.requests("ACK")
+    assert fwd.via[0].branch == _blake_branch(f"z9hG4bKack\x00{fwd.via[1].host}\x005071")
 
 
 def test_stateless_cancel_follows_invite_branch() -> None:

@@ -52,7 +52,6 @@ from fastsip.proxy.base import keep_scheme as _keep_scheme
 from fastsip.proxy.base import new_tag as _new_tag
 from fastsip.proxy.base import phrase as _phrase
 from fastsip.proxy.base import rank as _rank
-from fastsip.proxy.base import stateless_branch as _stateless_branch
 from fastsip.proxy.base import stateless_tag as _stateless_tag
 from fastsip.proxy.base import with_to_tag as _with_to_tag
 from fastsip.transaction.base import Refusals as _Refusals
@@ -1596,7 +1595,7 @@ cdef class Proxy:
         except ValueError as exc:  # Max-Forwards ran out, or no route to the target
             _log.debug("not forwarding %s: %s", request.method, exc)
             return
-        request.add_via(self._via(dest, _stateless_branch(request), local))
+        request.add_via(self._via(dest, request.stateless_branch(), local))
         self._attached().transport.send(bytes(request), dest)
 
     def _send_response(self, Response response not None, source):

@@ -241,6 +241,7 @@ cdef class Request(Message):
     cdef str _method(self)
     cdef URI _uri(self)
     cpdef object transaction_key(self)
+    cpdef str stateless_branch(self)
 
 
 cdef class Response(Message):

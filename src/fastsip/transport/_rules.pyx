@@ -11,6 +11,8 @@ their ``.pxd``: struct members and C accessors, no attribute look-ups.
 from fastsip.sip._message cimport URI, Message, NameAddr, Request, Via, lowered
 from fastsip.transport._address cimport Address
 
+import os
+
 from fastsip.sip import parse_uri
 from fastsip.transport import DEFAULT_PORTS as _PORTS
 from fastsip.transport._address import RELIABLE as _RELIABLE_TRANSPORTS
@@ -20,6 +22,24 @@ cdef dict _URI_TRANSPORTS = {"udp": "UDP", "tcp": "TCP", "tls": "TLS", "sctp": "
                              "ws": "WS", "wss": "WSS"}
 cdef dict _DEFAULT_PORTS = _PORTS
 cdef frozenset _RELIABLE = _RELIABLE_TRANSPORTS
+
+#: Every To tag this process puts on a response it makes itself starts with this, so an ACK
+#: for one of our local answers -- most go out statelessly, with no transaction to absorb
+#: their ACK -- is known as ours and dropped instead of forwarded (Kamailio's ``sl`` does
+#: the same with its tag).  (Here, compiled, because every in-dialog request asks.)
+LOCAL_TAG_PREFIX = "fs" + os.urandom(3).hex()
+cdef str _LOCAL_TAG_PREFIX = LOCAL_TAG_PREFIX
+
+
+def local_tag(suffix=None):
+    """A To tag for a response we make: our prefix, then ``suffix`` (a stateless answer
+    derives it from the request, so a retransmission gets the same tag) or random hex."""
+    return _LOCAL_TAG_PREFIX + (suffix if suffix is not None else os.urandom(4).hex())
+
+
+cpdef bint is_local_tag(tag) except -1:
+    """Was this To tag made by this process (one of our local answers)?"""
+    return tag is not None and (<str?>tag).startswith(_LOCAL_TAG_PREFIX)
 
 
 cpdef str strip_brackets(str host):

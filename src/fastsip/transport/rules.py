@@ -3,14 +3,15 @@
 Sans-IO: these decide *where* a message goes and what the receiving side records in the top Via;
 :mod:`fastsip.asyncio` does the sending.  The ones every message meets (:func:`next_hop`,
 :func:`request_next_hop`, :func:`response_destination`, :func:`check_sent_by`,
-:func:`strip_brackets`) are compiled in :mod:`fastsip.transport._rules`, where their
-docstrings give each one's contract; they are imported from here.
+:func:`strip_brackets`), and our local To tags (:data:`LOCAL_TAG_PREFIX`, :func:`local_tag`,
+:func:`is_local_tag`, asked by every in-dialog request), are compiled in
+:mod:`fastsip.transport._rules`, where their docstrings give each one's contract; they are
+imported from here.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import zlib
 
@@ -18,7 +19,10 @@ from fastsip.errors import ParseError
 from fastsip.sip import REASON_PHRASES, Message
 from fastsip.transport import DEFAULT_PORTS, Address
 from fastsip.transport._rules import (
+    LOCAL_TAG_PREFIX,
     check_sent_by,
+    is_local_tag,
+    local_tag,
     next_hop,
     request_next_hop,
     response_destination,
@@ -46,24 +50,6 @@ __all__ = [
 #: §18.1.1: a request larger than this (path MTU unknown) goes over a congestion-controlled
 #: transport (TCP) instead of UDP.
 UDP_SIZE_LIMIT = 1300
-
-#: Every To tag this process puts on a response it makes itself starts with this, so an ACK
-#: for one of our local answers -- most go out statelessly, with no transaction to absorb
-#: their ACK -- is known as ours and dropped instead of forwarded (Kamailio's ``sl`` does
-#: the same with its tag).
-LOCAL_TAG_PREFIX = "fs" + os.urandom(3).hex()
-
-
-def local_tag(suffix: str | None = None) -> str:
-    """A To tag for a response we make: our prefix, then ``suffix`` (a stateless answer
-    derives it from the request, so a retransmission gets the same tag) or random hex."""
-    return LOCAL_TAG_PREFIX + (suffix if suffix is not None else os.urandom(4).hex())
-
-
-def is_local_tag(tag: str | None) -> bool:
-    """Was this To tag made by this process (one of our local answers)?"""
-    return tag is not None and tag.startswith(LOCAL_TAG_PREFIX)
-
 
 def stamp_received(request: Message, source: Address) -> bool:
     """§18.2.1 and RFC 3581 §4: a server records in the top Via where the request really came
