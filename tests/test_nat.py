@@ -229,3 +229,44 @@ def test_keeper_spreads_pings_and_removes_silent_flows() -> None:
     assert isinstance(other, Response) and not keeper.on_response(other)
     keeper.stop()
     assert not clock.timers
+
+
+def _behind_nat_by_built_uri(message: Request, peer: Address) -> bool:
+    # contact_behind_nat's rule, read through the built URI (what the NAT rules did before
+    # they scanned the Contact without building it): the reference the scan must agree with.
+    contacts = message.contact
+    if len(contacts) != 1 or contacts[0].wildcard:
+        return False
+    try:
+        uri = contacts[0].uri
+    except ValueError:
+        return False
+    if uri is None or uri.scheme not in ("sip", "sips") or uri.params.get("maddr"):
+        return False
+    if uri.host.strip("[]").lower() != peer.host.strip("[]").lower():
+        return True
+    return peer.transport == "UDP" and (uri.port or 5060) != peer.port
+
+
+CONTACT_HOSTS = ["192.168.1.20", "203.0.113.7", "EXAMPLE.com", "[2001:DB8::1]", "10.0.0.1"]
+CONTACT_TAILS = ["", ";maddr=203.0.113.9", ";MADDR=x", ";maddr=", ";maddr", ";m%61ddr=x",
+                 ";maddr=x;maddr=", ";transport=udp;ob", ";;", "?h=v", ";lr;maddr=%41"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["sip", "sips", "tel", "SIP", "urn"]), st.sampled_from(CONTACT_HOSTS),
+       st.sampled_from(["", ":5060", ":40312", ":0", ":5070"]), st.sampled_from(CONTACT_TAILS),
+       st.sampled_from([PUBLIC, Address("UDP", "192.168.1.20", 5060),
+                        Address("TCP", "203.0.113.7", 5999, 1),
+                        Address("UDP", "2001:db8::1", 5060)]))
+def test_contact_read_without_building_the_uri_agrees(scheme: str, host: str, port: str,
+                                                      tail: str, peer: Address) -> None:
+    contact = f"<{scheme}:a@{host}{port}{tail}>" if scheme != "urn" else "<urn:x:y>"
+    try:
+        msg = invite(contact=contact)
+    except ValueError:
+        return                                      # not a message the parser accepts
+    expected = _behind_nat_by_built_uri(msg, peer)
+    fresh = invite(contact=contact)                 # no URI built yet: the scanning path
+    assert contact_behind_nat(fresh, peer) is expected, contact
+    assert contact_behind_nat(msg, peer) is expected, contact   # the built URI's path

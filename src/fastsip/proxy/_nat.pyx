@@ -73,26 +73,31 @@ cpdef bint contact_behind_nat(Message message, Address peer) except -1:
     is not?"""
     if peer is None:
         return False
-    cdef URI uri = _contact_uri(message)
-    if uri is None or not uri._is_sip():
+    contact = _contact_sip(message)
+    if contact is None:
         return False
-    if uri._maddr():
+    host, port, maddr = <tuple>contact
+    if maddr:
         return False
-    if _host(uri.host) != _host(peer.host):
+    if _host(host) != _host(peer.host):
         return True
     if peer.transport == "UDP":
-        port = uri.port or _DEFAULT_PORTS.get("UDP", 5060)
+        port = port or _DEFAULT_PORTS.get("UDP", 5060)
         return port != peer.port
     return False
 
 
 cdef bint _private_contact(Message message, Address source) except -1:
-    cdef URI uri = _contact_uri(message)
-    return (uri is not None and uri._is_sip() and is_private(uri.host)
-            and not is_private(source.host) and _host(uri.host) != _host(source.host))
+    contact = _contact_sip(message)
+    if contact is None:
+        return False
+    host = (<tuple>contact)[0]
+    return is_private(host) and not is_private(source.host) and _host(host) != _host(source.host)
 
 
-cdef URI _contact_uri(Message message):
+cdef NameAddr _single_contact(Message message):
+    """The one Contact of ``message``; None when there is none, several, "*" or a malformed
+    header."""
     cdef list contacts
     try:
         contacts = message._contacts()
@@ -101,7 +106,24 @@ cdef URI _contact_uri(Message message):
     if len(contacts) != 1:
         return None
     cdef NameAddr contact = contacts[0]
-    if contact._n.wildcard:
+    return None if contact._n.wildcard else contact
+
+
+cdef tuple _contact_sip(Message message):
+    """(host, port, maddr) of the one Contact's URI when it is sip or sips (see
+    ``NameAddr._sip_host_port``: no URI is built); None otherwise or when it is malformed."""
+    cdef NameAddr contact = _single_contact(message)
+    if contact is None:
+        return None
+    try:
+        return contact._sip_host_port()
+    except ValueError:
+        return None
+
+
+cdef URI _contact_uri(Message message):
+    cdef NameAddr contact = _single_contact(message)
+    if contact is None:
         return None
     try:
         return contact._uri()

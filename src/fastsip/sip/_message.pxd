@@ -137,6 +137,7 @@ cdef class NameAddr:
     cdef URI _uri(self)
     cdef bint _uri_valid(self) except -1
     cdef str _uri_text(self)
+    cdef tuple _sip_host_port(self)
     cdef object _tag(self)
 
 

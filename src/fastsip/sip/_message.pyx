@@ -1352,6 +1352,43 @@ cdef class NameAddr:
             _check_uri(self._p, self._n.uri_s, self._n.uri_e)
         return True
 
+    cdef tuple _sip_host_port(self):
+        """``(host, port, maddr)`` of the URI when it is a sip or sips URI, read without
+        building it: the host as written (compare it lowered), the port or None, and whether a
+        ``maddr`` parameter with a value is set.  None for another scheme or the "*" Contact.
+        Raises the ParseError :attr:`uri` would: the URI is checked whole.  (The NAT rules ask
+        this of every message's Contact, which nothing else reads as a URI.)"""
+        cdef UriParts u
+        cdef const char* p = self._p
+        cdef Py_ssize_t i, j, k
+        cdef bint maddr = False, escaped = False
+        cdef URI built
+        if self._n.wildcard:
+            return None
+        if self._c_uri is None:
+            _scan_uri(p, self._n.uri_s, self._n.uri_e, &u)
+            if u.params_e > u.params_s:
+                i = u.params_s
+                while i < u.params_e:
+                    i += 1
+                    j = _uri_param_end(p, i, u.params_e)
+                    k = i
+                    while k < j and p[k] != b'=':
+                        k += 1
+                    if memchr(p + i, b'%', k - i) != NULL:
+                        escaped = True           # an escaped name: the URI's own reading
+                    elif _ieq(p + i, k - i, b"maddr", 5):
+                        maddr = k + 1 < j        # (the last one counts, as in uri.params)
+                    i = j
+            if not escaped:
+                if u.kind != URI_SIP and u.kind != URI_SIPS:
+                    return None
+                return (_text(p, u.host_s, u.host_e), u.port if u.port >= 0 else None, maddr)
+        built = self._uri()
+        if not built._is_sip():
+            return None
+        return (built.host, built.port, bool(built._maddr()))
+
     cdef str _uri_text(self):
         """``str(self.uri)`` without building the URI: the text as written (None for "*")."""
         if self._n.wildcard:
