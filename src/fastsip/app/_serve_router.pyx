@@ -74,7 +74,7 @@ cdef str _text_fields(tuple fields):
     call_id, frm, to, source = fields
     if call_id and frm and to and not (_needs_quotes(call_id) or _needs_quotes(frm)
                                        or _needs_quotes(to)):
-        # The usual line: no value needs quotes (one search, no call per field).
+        # The usual line: no value needs quotes (a scan each, no quoting call per field).
         return f"call_id={call_id} from={frm} to={to} source={source}"
     return f"call_id={_quote(call_id)} from={_quote(frm)} to={_quote(to)} source={source}"
 
