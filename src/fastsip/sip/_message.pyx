@@ -1087,14 +1087,19 @@ cdef str _tel_digits(str number):
     return "".join(c for c in number if c not in "-.()").lower()
 
 
-cdef inline Py_ssize_t _uri_param_end(const char* p, Py_ssize_t i, Py_ssize_t e) except -1:
-    """The end of the URI parameter that starts at p[i] (just after its ';'): the next ';', or
-    e.  URI params are ;name[=value], split on ';' (values may hold ':' '[' ']' '/' ...); an
-    empty one (';;', a trailing ';') is malformed."""
+cdef inline Py_ssize_t _uri_param(const char* p, Py_ssize_t i, Py_ssize_t e,
+                                  Py_ssize_t* name_e) except -1:
+    """The URI parameter that starts at p[i] (just after its ';'): returns its end (the next
+    ';', or e) and sets ``name_e`` to the end of its name (its '=', or that end).  URI params
+    are ;name[=value], split on ';' (values may hold ':' '[' ']' '/' ...); an empty one (';;',
+    a trailing ';') is malformed.  The one reading of a parameter list: the URI builder, the
+    check without building, and the NAT rules' scan all walk it with this."""
     cdef const char* q = <const char*>memchr(p + i, b';', e - i)
     cdef Py_ssize_t j = e if q == NULL else q - p
     if j == i:
         raise ParseError("empty URI parameter", i)
+    q = <const char*>memchr(p + i, b'=', j - i)
+    name_e[0] = j if q == NULL else q - p
     return j
 
 
@@ -1102,12 +1107,12 @@ cdef int _check_uri(const char* p, Py_ssize_t s, Py_ssize_t e) except -1:
     """Raise the ParseError that building the URI in p[s:e] would raise, without building it:
     for a URI that is only validated (a request's From and To), not read."""
     cdef UriParts u
-    cdef Py_ssize_t i
+    cdef Py_ssize_t i, k
     _scan_uri(p, s, e, &u)
     if u.params_e > u.params_s:
         i = u.params_s
         while i < u.params_e:
-            i = _uri_param_end(p, i + 1, u.params_e)
+            i = _uri_param(p, i + 1, u.params_e, &k)
     return 0
 
 
@@ -1130,10 +1135,7 @@ cdef int _fill_uri_p(URI self, const char* p, Py_ssize_t s, Py_ssize_t e) except
         i = u.params_s
         while i < u.params_e:
             i += 1
-            j = _uri_param_end(p, i, u.params_e)
-            k = i
-            while k < j and p[k] != b'=':
-                k += 1
+            j = _uri_param(p, i, u.params_e, &k)
             name = _text(p, i, k) if _lower_already(p, i, k) else _unescape(p, i, k).lower()
             self.params[name] = _unescape(p, k + 1, j) if k < j else None
             i = j
@@ -1371,10 +1373,7 @@ cdef class NameAddr:
                 i = u.params_s
                 while i < u.params_e:
                     i += 1
-                    j = _uri_param_end(p, i, u.params_e)
-                    k = i
-                    while k < j and p[k] != b'=':
-                        k += 1
+                    j = _uri_param(p, i, u.params_e, &k)
                     if memchr(p + i, b'%', k - i) != NULL:
                         escaped = True           # an escaped name: the URI's own reading
                     elif _ieq(p + i, k - i, b"maddr", 5):
