@@ -18,7 +18,7 @@ from fastsip.proxy._nat cimport (
     pop_alias as _pop_alias,
     request_behind_nat as _request_behind_nat,
 )
-from fastsip.sip._message cimport H_PROXY_REQUIRE, URI, NameAddr, Request, Response, Via
+from fastsip.sip._message cimport H_PROXY_REQUIRE, URI, NameAddr, Request, Response, Via, wire
 from fastsip.transport._address cimport Address
 from fastsip.transaction._layer cimport (
     S_ACCEPTED,
@@ -141,7 +141,7 @@ cdef _send_upstream(Proxy proxy, ServerTransaction txn, Response response):
         # A 2xx after the server transaction is gone (RFC 6026 Timer L ran out): forward
         # it statelessly, as §16.7 step 9 asks.
         if 200 <= response._status < 300:
-            proxy._attached().transport.send(bytes(response), txn.dest)
+            proxy._attached().transport.send(wire(response), txn.dest)
         return
     try:
         txn.respond(response)
@@ -1296,7 +1296,7 @@ cdef class Proxy:
         nxt = response.top_via
         if nxt is None:
             return  # it was for us
-        self._attached().transport.send(bytes(response), _response_destination(nxt))
+        self._attached().transport.send(wire(response), _response_destination(nxt))
 
     def on_server_timeout(self, txn):
         pass  # Timer H: the upstream never ACKed our non-2xx; nothing is waiting on it
@@ -1596,13 +1596,13 @@ cdef class Proxy:
             _log.debug("not forwarding %s: %s", request.method, exc)
             return
         request.add_via(self._via(dest, request.stateless_branch(), local))
-        self._attached().transport.send(bytes(request), dest)
+        self._attached().transport.send(wire(request), dest)
 
     def _send_response(self, Response response not None, source):
         top = response.top_via
         if top is None:
             return
-        self._attached().transport.send(bytes(response), _response_destination(top, source))
+        self._attached().transport.send(wire(response), _response_destination(top, source))
 
     # -- §16.10 CANCEL -----------------------------------------------------------------------
 

@@ -2066,7 +2066,12 @@ cdef class Message:
             p = unfolded
             vs = 0
             ve = len(unfolded)
-        k = _scan_via(p, vs, ve, &v)
+        if self._parts_ok and not h.folded:
+            # The parts parse() found (every request is stamped: no second scan of it).
+            v = self._top_via
+            k = _skip_lws(p, v.e, ve)
+        else:
+            k = _scan_via(p, vs, ve, &v)
         hs = v.host_s
         he = v.host_e
         if he - hs >= 2 and p[hs] == b'[' and p[he - 1] == b']':
@@ -2249,6 +2254,11 @@ cdef class Message:
     # -- serialization -----------------------------------------------------------------------
 
     def __bytes__(self):
+        return self._wire()
+
+    cdef bytes _wire(self):
+        # The message as sent: the original bytes while nothing changed, else the lines
+        # assembled in one allocation (the compiled layers call it through wire()).
         cdef Py_ssize_t total, n
         cdef int i
         cdef HEntry* h
@@ -2293,7 +2303,7 @@ cdef class Message:
         return out
 
     def __len__(self):
-        return len(self.__bytes__())
+        return len(self._wire())
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.start_line!r}>"

@@ -11,7 +11,7 @@ and the transport stay Python objects, called as before.
 
 import logging
 
-from fastsip.sip._message cimport Request, Response, Via
+from fastsip.sip._message cimport Request, Response, Via, wire
 
 from fastsip.errors import ParseError
 from fastsip.transaction import base as _base
@@ -74,7 +74,7 @@ cdef class ClientTransaction(_Lingering):
         self.is_invite = self.method == "INVITE"
         self._state = S_CALLING if self.is_invite else S_TRYING
         self.last_response = None
-        self._data = bytes(request)
+        self._data = wire(request)
         self._timer = None       # A or E (retransmit) and then B or F, or D or K (linger)
         self._timeout = None     # B or F over a reliable transport, then M (Accepted)
         self._interval = layer._t1
@@ -185,7 +185,7 @@ cdef class ClientTransaction(_Lingering):
                 self._stop_retransmitting()
                 self._cancel_timeout()
                 self.last_response = response
-                self._ack = bytes(self._build_ack(response))
+                self._ack = wire(self._build_ack(response))
                 layer.transport.send(self._ack, self.dest)
                 self.handler.on_response(self, response)
                 self._shed()
@@ -277,11 +277,11 @@ cdef class ServerTransaction(_Lingering):
             raise ValueError(f"{self!r} already sent a final response")
         if state == S_ACCEPTED:
             if 200 <= status < 300:                      # the TU retransmits its 2xx (§13.3.1.4)
-                layer.transport.send(bytes(response), self.dest)
+                layer.transport.send(wire(response), self.dest)
                 return
             raise ValueError("a final response was already sent")
         self.last_response = response
-        self._data = bytes(response)
+        self._data = wire(response)
         layer.transport.send(self._data, self.dest)
         if status < 200:
             if state == S_TRYING:
@@ -324,7 +324,7 @@ cdef class ServerTransaction(_Lingering):
         if response._status < 200:
             raise ValueError("a provisional response is never sent statelessly")
         self.last_response = response
-        self.layer.transport.send(bytes(response), self.dest)
+        self.layer.transport.send(wire(response), self.dest)
         self._end()
 
     def reply(self, status, reason=None, **kwargs):
@@ -562,7 +562,7 @@ cdef class TransactionLayer:
         if top is None:
             return 0
         response = request.reply(status, reason, to_tag=local_tag(), headers=headers)
-        self.transport.send(bytes(response), response_destination(top, source))
+        self.transport.send(wire(response), response_destination(top, source))
         return 0
 
     cdef bint _reclaim(self, dict lingering) except -1:
