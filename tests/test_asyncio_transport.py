@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -714,6 +715,40 @@ def test_endpoint_transactions_over_udp_and_tcp(factory: Any) -> None:
         assert server.listeners == [] and client.listeners == []
 
     run(factory, main())
+
+
+def test_a_udp_wakeup_reads_the_clock_once_for_its_timers() -> None:
+    # The plain asyncio loop's clock moves on every read: while a UDP wakeup's datagram is
+    # handled, the transactions' clock stays at the wakeup's one reading (uvloop's does
+    # anyway: libuv caches it per iteration), and it moves again once the wakeup is over.
+    readings: list[tuple[float, float]] = []
+
+    class Slow(Answerer):
+        def on_request(self, txn: ServerTransaction, request: Request) -> None:
+            before = server.transactions.clock.time()
+            time.sleep(0.02)                         # (a slow handler: the clock would move)
+            readings.append((before, server.transactions.clock.time()))
+            super().on_request(txn, request)
+
+    async def main() -> None:
+        nonlocal server
+        async with Endpoint(Slow(), ["udp:127.0.0.1:0"]) as server, \
+                Endpoint(Answerer(), ["udp:127.0.0.1:0"]) as client:
+            dest = server.address("UDP")
+            req = options(f"sip:b@{hostport(dest.host, dest.port)}",
+                          hostport(*client.transport.sent_by("UDP")), "UDP",
+                          branch=new_branch(), call_id="held-clock")
+            waiter = Waiter()
+            client.transactions.request(req, dest, waiter)
+            assert await asyncio.wait_for(waiter.done, 5) == 200
+            outside = server.transactions.clock.time()
+            time.sleep(0.02)
+            assert server.transactions.clock.time() >= outside + 0.019
+
+    server: Endpoint
+    asyncio.run(main())
+    [(before, after)] = readings
+    assert after == before
 
 
 def test_endpoint_before_start_and_bad_spec() -> None:

@@ -706,6 +706,39 @@ def test_call_later_now_counts_from_the_owners_clock() -> None:
     assert wheel.call_later_now(1.0, fired.append, "c").when == wheel.time() + 1.0
 
 
+def test_a_held_clock_is_read_once_for_every_timer_set_meanwhile() -> None:
+    # The UDP shell reads the clock once per wakeup and holds the wheel's clock at that
+    # reading while the wakeup's datagrams schedule their timers: clock() is not called,
+    # every timer counts from the held reading, and the clock is read again once released
+    # (also when the work raised).
+    wheel = TimerWheel(0.001)
+    reads: list[float] = []
+    owner = [10.0]
+
+    def clock() -> float:
+        reads.append(owner[0])
+        return owner[0]
+
+    wheel.set_clock(clock, 4.0)
+
+    def work() -> list[float]:
+        owner[0] = 11.0                                   # time passes during the wakeup
+        return [wheel.call_later_now(1.0, lambda: None).when,
+                wheel.call_later_lax(0.001, lambda: None).when,
+                wheel.clock_time()]
+
+    assert wheel.held_clock(10.5, work) == [7.5, 6.501, 6.5]
+    assert reads == []
+    assert wheel.clock_time() == 7.0 and reads == [11.0]
+
+    def fails() -> None:
+        raise RuntimeError("a handler's bug")
+
+    with pytest.raises(RuntimeError):
+        wheel.held_clock(10.5, fails)
+    assert wheel.call_later_now(1.0, lambda: None).when == 8.0   # released: read again
+
+
 # -- lax timers: state that lingers, long timeouts ---------------------------------------------
 
 

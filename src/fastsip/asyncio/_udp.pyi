@@ -7,6 +7,7 @@ import socket
 from typing import Any, final
 
 from fastsip.asyncio.transport import TransportLayer, _Datagram
+from fastsip.timers import TimerWheel
 from fastsip.transport import Address
 
 STREAM: tuple[str, str]
@@ -48,6 +49,7 @@ class IntakeState:
     own: dict[int, Listener]
     nearest: dict[str, dict[int, Listener | None]]
     closed: bool
+    wheel: TimerWheel | None
     def __init__(self, layer: TransportLayer) -> None: ...
 
 def is_loopback(host: str) -> bool: ...

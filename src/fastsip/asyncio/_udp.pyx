@@ -44,6 +44,7 @@ from fastsip.rtp._net cimport (
     sockaddr_storage,
 )
 from fastsip.transport._address cimport Address
+from fastsip.timers._wheel cimport TimerWheel
 
 import ipaddress
 import logging
@@ -166,7 +167,7 @@ cdef class Listener:
 #: refreshes the layer's IntakeState (TransportLayer.__setattr__).
 INTAKE_ATTRIBUTES = frozenset({"limits", "on_message", "check_via", "_local", "steer",
                                "_answer_malformed", "admit", "stats", "listeners", "_own",
-                               "_nearest_cache", "_closed"})
+                               "_nearest_cache", "_closed", "wheel"})
 
 
 @cython.final
@@ -186,6 +187,8 @@ cdef class IntakeState:
     cdef readonly dict own
     cdef readonly dict nearest
     cdef readonly bint closed
+    # The timers' wheel, whose clock a wakeup holds at its one reading (None: not held).
+    cdef readonly TimerWheel wheel
 
     def __init__(self, layer):
         self.limits = layer.limits
@@ -199,6 +202,7 @@ cdef class IntakeState:
         self.own = layer._own
         self.nearest = layer._nearest_cache
         self.closed = layer._closed
+        self.wheel = getattr(layer, "wheel", None)
 
 
 # -- choosing the socket ------------------------------------------------------------------------
@@ -641,6 +645,10 @@ cdef class UdpSocket:
         cdef IntakeState st = _state(layer)
         admit = st.admit
         now = self._time()
+        cdef TimerWheel wheel = st.wheel
+        if wheel is not None:
+            # Every timer this wakeup's messages schedule counts from this one reading.
+            wheel.hold_clock(now)
         # Sends wait until the queue is drained, then go together (sendmmsg): one system
         # call and one wakeup of the peers for the lot, where a send per message let the
         # woken peer preempt this process after each (~7 switches a proxied call, against
@@ -688,6 +696,8 @@ cdef class UdpSocket:
                     # otherwise cost a wakeup per short batch.)
                     break
         finally:
+            if wheel is not None:
+                wheel.release_clock()
             self._corked = False
             stats = st.stats
             stats.datagrams += count

@@ -160,6 +160,7 @@ class Endpoint:
             await self.transport.close()
             raise
         self._driver = WheelDriver()
+        self.transport.wheel = self._driver.wheel
         self._transactions = TransactionLayer(self.transport, self._driver, self.tu, self.timers)
         self.transport.on_message = self._transactions.receive
         self.transport.on_error = self._transactions.transport_error

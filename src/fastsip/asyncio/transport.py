@@ -63,6 +63,7 @@ from fastsip.asyncio.dns import DnsFailure, Rfc3263Resolver
 from fastsip.asyncio.netif import interface_addresses, routed_address
 from fastsip.errors import FastSIPError, ParseError
 from fastsip.sip import Limits, Message, Request, Response, message_length, parse
+from fastsip.timers import TimerWheel
 from fastsip.transport import DEFAULT_PORTS, Address
 from fastsip.transport.intake import Steer, answer_malformed, deliver_message
 from fastsip.transport.rules import (
@@ -446,6 +447,10 @@ class TransportLayer:
     # Set at the end of __init__: from then on, setting one of _udp.INTAKE_ATTRIBUTES makes
     # the UDP path's snapshot of them again (__setattr__).
     _intake: _udp.IntakeState | None = None
+    #: The timers' wheel (its owner sets it: :class:`~fastsip.asyncio.Endpoint`). A wakeup of
+    #: a UDP socket reads the clock once and holds the wheel's clock at that reading while
+    #: its datagrams are handled, so the timers they schedule read no clock of their own.
+    wheel: TimerWheel | None = None
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)

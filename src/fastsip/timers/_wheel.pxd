@@ -88,6 +88,11 @@ cdef class TimerWheel:
     cdef object _wakeup_hook
     cdef object _clock              # the owner's clock, for call_later_now (None: the wheel's)
     cdef double _clock_offset
+    cdef double _held               # the owner's clock while a shell holds it (hold_clock)
+    cdef bint _holding
 
     cdef int64_t schedule_key_c(self, double when, int64_t key) except -1
+    cdef void hold_clock(self, double now) noexcept
+    cdef void release_clock(self) noexcept
+    cdef double _owner_now(self) except? -1.0
     cdef bint cancel_key_c(self, int64_t token) noexcept

@@ -2,13 +2,14 @@
 
 import array
 from collections.abc import Callable
-from typing import Any, TypeAlias, final
+from typing import Any, TypeAlias, TypeVar, final
 
 from typing_extensions import TypeVarTuple, Unpack
 
 from fastsip.errors import FastSIPError
 
 _Ts = TypeVarTuple("_Ts")
+_R = TypeVar("_R")
 _ErrorHandler: TypeAlias = Callable[[Exception, Callable[..., Any]], object]
 
 class TimerError(FastSIPError, ValueError):
@@ -46,6 +47,11 @@ class TimerWheel:
         """Count ``call_later_now`` from ``clock() - offset`` (None: the wheel's clock)."""
     def clock_time(self) -> float:
         """The owner's clock as ``call_later_now`` counts it (the wheel's time without one)."""
+    def held_clock(
+        self, now: float, callback: Callable[[Unpack[_Ts]], _R], *args: Unpack[_Ts]
+    ) -> _R:
+        """``callback(*args)`` with the owner's clock held at ``now`` (the shell holds it in
+        C for a wakeup's datagrams); returns what it returns."""
     def call_later_now(
         self, delay: float, callback: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]
     ) -> TimerHandle:

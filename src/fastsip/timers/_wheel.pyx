@@ -905,16 +905,45 @@ cdef class TimerWheel:
         self._clock = clock
         self._clock_offset = offset
 
+    cdef void hold_clock(self, double now) noexcept:
+        """Until :meth:`release_clock`, the owner's clock reads ``now`` (in its own units,
+        before the offset): a shell that read the clock once for a wakeup's datagrams hands
+        that reading to every timer they schedule, instead of a call of ``clock()`` per
+        timer (about twenty a proxied call).  uvloop's ``loop.time()`` is that already:
+        libuv caches it per loop iteration."""
+        self._held = now
+        self._holding = True
+
+    cdef void release_clock(self) noexcept:
+        self._holding = False
+
+    cdef double _owner_now(self) except? -1.0:
+        # The owner's clock (set_clock) as call_later_now counts it.
+        if self._holding:
+            return self._held - self._clock_offset
+        if self._clock is None:
+            return self._now
+        return self._clock() - self._clock_offset
+
+    def held_clock(self, double now, callback, *args):
+        """``callback(*args)`` with the owner's clock held at ``now`` (see
+        ``hold_clock``, the shell's C call); returns what it returns."""
+        self.hold_clock(now)
+        try:
+            return callback(*args)
+        finally:
+            self.release_clock()
+
     def clock_time(self) -> float:
         """The owner's clock as :meth:`call_later_now` counts it (``clock() - offset``; the
         wheel's own time without one): a driver's ``time()``, read without a Python frame."""
-        return self._now if self._clock is None else self._clock() - self._clock_offset
+        return self._owner_now()
 
     def call_later_now(self, double delay, callback, *args) -> TimerHandle:
         """``call_later`` counted from the owner's clock (see :meth:`set_clock`) instead of
         the latest advance: what a driver's ``call_later`` is, without a Python frame and an
         attribute walk per timer (a proxied call schedules about eight)."""
-        cdef double now = self._now if self._clock is None else self._clock() - self._clock_offset
+        cdef double now = self._owner_now()
         return _call_at(self, now + delay, callback, args)
 
     def call_later_lax(self, double delay, callback, *args) -> TimerHandle:
@@ -925,7 +954,7 @@ cdef class TimerWheel:
         timers of every call in progress share a few wakeups a second instead of one each (a
         proxy at 150 calls/s otherwise wakes ~240 times a second for them alone).  Never
         early; a delay under 16 ticks is not moved."""
-        cdef double now = self._now if self._clock is None else self._clock() - self._clock_offset
+        cdef double now = self._owner_now()
         return _call_at(self, _lax_when(self, now + delay, delay), callback, args)
 
     def call_at(self, double when, callback, *args) -> TimerHandle:
