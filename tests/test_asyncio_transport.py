@@ -742,7 +742,7 @@ def test_a_udp_wakeup_reads_the_clock_once_for_its_timers() -> None:
             client.transactions.request(req, dest, waiter)
             assert await asyncio.wait_for(waiter.done, 5) == 200
             outside = server.transactions.clock.time()
-            time.sleep(0.02)
+            await asyncio.sleep(0.02)
             assert server.transactions.clock.time() >= outside + 0.019
 
     server: Endpoint

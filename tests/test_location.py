@@ -35,6 +35,7 @@ from fastsip.proxy.location import (
     contact_key,
     run_immediately,
 )
+from fastsip.sip import URI
 
 AOR = "sip:bob@example.com"
 
@@ -96,6 +97,9 @@ def test_aor_of_canonical() -> None:
     assert aor_of("sip:Bob@EXAMPLE.com:5070;transport=udp?x=y") == "sip:Bob@example.com"
     assert aor_of("SIPS:alice@Example.COM") == "sips:alice@example.com"
     assert aor_of("sip:example.com") == "sip:example.com"
+    # The message core's URI.aor() is the one rule: aor_of and the router's look-up use it.
+    assert URI("sip:Bob@EXAMPLE.com;user=phone").aor() == aor_of("sip:Bob@example.com")
+    assert aor_of(URI("TEL:+1-201-555-0123;phone-context=x")) == "tel:+1-201-555-0123"
 
 
 def test_contact_key_follows_uri_equality() -> None:

@@ -325,3 +325,7 @@ def test_lookup_now_reads_the_memory_store_in_place_and_defers_to_any_other_look
             return []
 
     assert Registrar(OwnLookup()).lookup_now(AOR, T0) is None
+    # The router reads memory_store: it follows the store a registrar is given later.
+    assert registrar.memory_store is registrar.store
+    registrar.store = OwnLookup()
+    assert registrar.memory_store is None and registrar.lookup_now(AOR, T0) is None

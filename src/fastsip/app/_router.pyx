@@ -755,14 +755,14 @@ cdef class Router:
             immediate = registrar.immediate
             work = self._register(req, registrar)
         else:
-            # The in-memory store reads in place: no coroutine at all on every INVITE.
-            lookup_now = getattr(registrar, "lookup_now", None)
-            if lookup_now is not None:
-                bindings = lookup_now(req.ctx.request.uri, self.wallclock())
-                if bindings is not None:
-                    self._apply(req, self._found(req, bindings, decision.targets[0].route,
-                                                 decision.ring_timeout), failure)
-                    return
+            # The in-memory store reads in place: no coroutine at all on every INVITE (what
+            # Registrar.lookup_now does, without its frame and the AOR function's).
+            memory = getattr(registrar, "memory_store", None)
+            if memory is not None:
+                bindings = memory.lookup_now(req.ctx.request.uri.aor(), self.wallclock())
+                self._apply(req, self._found(req, bindings, decision.targets[0].route,
+                                             decision.ring_timeout), failure)
+                return
             immediate = registrar.store.immediate_reads
             work = self._lookup(req, registrar, decision.targets[0].route,
                                 decision.ring_timeout)

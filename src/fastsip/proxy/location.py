@@ -46,14 +46,7 @@ def aor_of(uri: URI | str) -> str:
     """The canonical address-of-record for ``uri``: ``scheme:user@host`` with the scheme and host
     lowercased, the user kept as is (user parts compare case-sensitively, §19.1.4), and no port,
     parameters or headers.  A URI without a user part gives ``scheme:host``."""
-    if isinstance(uri, str):
-        uri = URI(uri)
-    scheme = uri.scheme.lower()
-    if not uri.is_sip:
-        # tel: and other schemes: the host field holds the whole opaque part, kept as is.
-        return f"{scheme}:{uri.host}"
-    host = uri.host.lower()
-    return f"{scheme}:{host}" if uri.user is None else f"{scheme}:{uri.user}@{host}"
+    return (URI(uri) if isinstance(uri, str) else uri).aor()    # (the message core's rule)
 
 
 def contact_key(contact: URI | str) -> str:

@@ -164,11 +164,25 @@ class Registrar:
         """:meth:`lookup` in place, when the store is the in-memory one (its lookup is a dict
         read: no coroutine, for the lookup on every INVITE); None for any other store (one
         whose ``lookup`` is its own), which is awaited instead."""
-        store = self.store
-        if not isinstance(store, MemoryLocationStore) \
-                or type(store).lookup is not MemoryLocationStore.lookup:
+        store = self.memory_store
+        if store is None:
             return None
-        return store.lookup_now(aor_of(uri), now)
+        return store.lookup_now(uri.aor() if isinstance(uri, URI) else aor_of(uri), now)
+
+    @property
+    def store(self) -> LocationStore:
+        """Where the bindings are kept."""
+        return self._location_store
+
+    @store.setter
+    def store(self, store: LocationStore) -> None:
+        self._location_store = store
+        #: The store when it is the in-memory one, whose lookup is a dict read (the router
+        #: reads it in place on every INVITE: :meth:`lookup_now`); None for any other store
+        #: (one whose ``lookup`` is its own).
+        self.memory_store: MemoryLocationStore | None = (
+            store if isinstance(store, MemoryLocationStore)
+            and type(store).lookup is MemoryLocationStore.lookup else None)
 
     async def handle(
         self, request: Request, source: Address, now: float, *, user: str | None = None,

@@ -104,6 +104,7 @@ cdef class URI:
     cdef str _text
 
     cdef bint _is_sip(self) noexcept
+    cpdef str aor(self)
     cdef object _maddr(self)
     cdef bint _lr(self) except -1
     cdef object _transport(self)

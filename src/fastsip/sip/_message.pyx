@@ -985,6 +985,18 @@ cdef class URI:
     cdef bint _is_sip(self) noexcept:
         return self.scheme == "sip" or self.scheme == "sips"
 
+    cpdef str aor(self):
+        """The canonical address-of-record this URI names (the registrar's and the location
+        service's key, RFC 3261 §10.3): ``scheme:user@host`` with the scheme and host
+        lowercased, the user kept as is (§19.1.4 compares user parts case-sensitively), and
+        no port, parameters or headers; ``scheme:host`` without a user part.  A tel: (or
+        other non-SIP) URI keeps its opaque part as is."""
+        scheme = lowered(self.scheme)
+        if not self._is_sip():
+            return f"{scheme}:{self.host}"
+        host = lowered(self.host)
+        return f"{scheme}:{host}" if self.user is None else f"{scheme}:{self.user}@{host}"
+
     @property
     def transport(self):
         """The transport parameter, lowercased, or None."""
