@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastsip
 from fastsip import URI, CSeq, Limits, ParseError, message_length, parse
@@ -701,3 +703,64 @@ def test_loop_hash_covers_the_fields_of_rfc3261_16_6_step_8() -> None:
     # Fields that run together differently are not confused ("ab"+"" vs "a"+"b").
     assert parse(_invite(from_tag="ab", call_id="c")).loop_hash() != \
         parse(_invite(from_tag="a", call_id="bc")).loop_hash()
+
+
+# -- what an edit keeps --------------------------------------------------------------------------
+
+_EDITS = [
+    ("stamp", lambda m: m.stamp_received("198.51.100.7", 40000)),
+    ("add_via", lambda m: m.add_via("SIP/2.0/UDP  [2001:db8::9]:5070 ;rport;branch=z9hG4bK-n")),
+    ("pop_via", lambda m: m.pop_via()),
+    ("from", lambda m: m.set_header("From", '"A" <sip:a@example.org>;tag=f2')),
+    ("to", lambda m: m.set_header("t", "<sip:bob@example.com>;tag=t9")),
+    ("route", lambda m: m.add_route("<sip:p9.example.net;lr>")),
+    ("pop_route", lambda m: m.pop_route()),
+    ("record_route", lambda m: m.add_record_route("<sip:p8.example.net;lr>")),
+    ("other", lambda m: m.add_header("X-Note", "1")),
+    ("drop_other", lambda m: m.remove_header("Subject")),
+    ("cseq", lambda m: m.set_header("CSeq", "7 INVITE")),
+    ("contact", lambda m: m.set_header("m", "<sip:alice@192.0.2.66:5999>")),
+]
+
+
+def _read(m: Request) -> tuple[object, ...]:
+    # What the layers read of a message: the top Via's fields, every Via, the tags and URIs
+    # of From and To, the routes, the Contact, the keys computed from the parts.
+    top = m.top_via
+    assert top is not None
+    return (str(top), top.branch, top.host, top.port, top.received, top.rport,
+            [str(v) for v in m.via], m.from_.tag, str(m.from_.uri), m.to.tag, str(m.to.uri),
+            [str(r) for r in m.route], [str(r) for r in m.record_route],
+            [str(c.uri) for c in m.contact], m.cseq.seq, m.transaction_key(), m.loop_hash(),
+            m.stateless_branch())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(range(len(_EDITS))), st.booleans()), max_size=8))
+def test_an_edit_keeps_what_it_did_not_touch_and_renews_what_it_did(
+        edits: list[tuple[int, bool]]) -> None:
+    # An edit drops only its own header's parts and views (the intake's stamp keeps the From
+    # and To parse() found; a Via edit scans the new top once): whatever was read before or
+    # after, every read agrees with a fresh parse of what goes on the wire.
+    msg = parse(
+        b"INVITE sip:bob@example.com SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 192.0.2.1:5060;rport;branch=z9hG4bK-a1,\r\n"
+        b" SIP/2.0/TCP 192.0.2.2;branch=z9hG4bK-a2\r\n"
+        b"Via: SIP/2.0/UDP 192.0.2.3;branch=z9hG4bK-a3\r\n"
+        b"Route: <sip:p1.example.com;lr>\r\n"
+        b"From: <sip:alice@example.com>;tag=1\r\nTo: <sip:bob@example.com>\r\n"
+        b"Contact: <sip:alice@192.0.2.1:5060>\r\nSubject: hi\r\n"
+        b"Call-ID: c1\r\nCSeq: 1 INVITE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+    assert isinstance(msg, Request)
+    for index, read_between in edits:
+        if read_between:
+            _read(msg)
+        name, edit = _EDITS[index]
+        if name == "pop_via" and len(msg.via) < 2:
+            continue
+        edit(msg)
+        again = parse(bytes(msg))
+        assert isinstance(again, Request)
+        assert _read(msg) == _read(again), name
+        copy = msg.copy()
+        assert _read(copy) == _read(again), name

@@ -170,16 +170,18 @@ cdef class Message:
     cdef int _nh, _cap
     cdef int16_t _first[N_HEADER_IDS]
     # Parts of the top Via, From and To found while validating, reused by the accessors (they
-    # describe the original buffer, so any edit clears _parts_ok).
-    cdef bint _parts_ok
+    # describe the original buffer, so an edit of their header clears them).
+    cdef bint _parts_ok             # the top Via's (any Via edit clears it)
+    cdef bint _names_ok             # From's and To's (an edit of either clears it)
     cdef ViaParts _top_via
     cdef NameAddrParts _from_p, _to_p
     cdef list _extra
     cdef object _new_body
     cdef object _new_start_line     # bytes, CRLF included
     cdef bint _edited
-    # caches of typed views (every edit clears them: _invalidate)
-    cdef object _c_via, _c_from, _c_to, _c_cseq, _c_route, _c_contact, _c_record_route
+    # caches of typed views (an edit clears its header's: _invalidate_for)
+    cdef object _c_via, _c_top_via, _c_from, _c_to, _c_cseq, _c_route, _c_contact
+    cdef object _c_record_route
     # No GC participation, on purpose: a message and its views reference only immutable
     # buffers (never each other), so they cannot form cycles.  The object stays under
     # pymalloc's 512-byte limit and its header index comes from a pool, so creating and
@@ -201,7 +203,8 @@ cdef class Message:
     cdef int _find(self, int hid, int after) noexcept
     cdef int _add_entry(self) except -1
     cdef void _reindex(self) noexcept
-    cdef void _invalidate(self) noexcept
+    cdef void _invalidate_for(self, int hid) noexcept
+    cdef int _rescan_top_via(self, HEntry* h) except -1
     cdef int _copy_into(self, Message m) except -1
     cdef int _validate(self) except -1
     cdef str _value_str(self, int i)

@@ -760,6 +760,30 @@ cdef inline Py_ssize_t _scan_via(const char* p, Py_ssize_t i, Py_ssize_t e, ViaP
     return i
 
 
+cdef inline void _shift_via(ViaParts* v, int32_t d) noexcept:
+    # The parts of a value scanned on its own, moved by d: to where a header line puts it.
+    v.s += d
+    v.e += d
+    v.proto_s += d
+    v.proto_e += d
+    v.ver_s += d
+    v.ver_e += d
+    v.tr_s += d
+    v.tr_e += d
+    v.host_s += d
+    v.host_e += d
+    v.params_s += d
+    if v.branch_s >= 0:
+        v.branch_s += d
+        v.branch_e += d
+    if v.received_s >= 0:
+        v.received_s += d
+        v.received_e += d
+    if v.maddr_s >= 0:
+        v.maddr_s += d
+        v.maddr_e += d
+
+
 cdef inline Py_ssize_t _scan_name_addr(const char* p, Py_ssize_t i, Py_ssize_t e, bint in_list,
                                        NameAddrParts* na, bint check_uri=True) except -2:
     """One (name-addr / addr-spec) *(;param) element from i; returns the index of the ',' that
@@ -1574,11 +1598,29 @@ cdef class Message:
             if not self._h[i].deleted:
                 self._first[self._h[i].id] = i
 
-    cdef void _invalidate(self) noexcept:
+    cdef void _invalidate_for(self, int hid) noexcept:
+        # An edit of the header ``hid`` (0: one of no known name): what was read of the
+        # other headers stays valid -- their bytes and offsets did not move (the views and
+        # parts point into buffers, never at entry numbers) -- so a stamped Via, an added
+        # Record-Route or a popped Route keeps the From and To parse() found, and the views.
         self._edited = True
-        self._parts_ok = False
-        self._c_via = self._c_from = self._c_to = self._c_cseq = self._c_route = None
-        self._c_contact = self._c_record_route = None
+        if hid == H_VIA:
+            self._parts_ok = False
+            self._c_via = self._c_top_via = None
+        elif hid == H_FROM:
+            self._names_ok = False
+            self._c_from = None
+        elif hid == H_TO:
+            self._names_ok = False
+            self._c_to = None
+        elif hid == H_CSEQ:
+            self._c_cseq = None
+        elif hid == H_ROUTE:
+            self._c_route = None
+        elif hid == H_CONTACT:
+            self._c_contact = None
+        elif hid == H_RECORD_ROUTE:
+            self._c_record_route = None
 
     cdef int _copy_into(self, Message m) except -1:
         # The copy shares the (immutable) buffer and the bytes of edited lines, and gets its
@@ -1603,6 +1645,7 @@ cdef class Message:
         m._nh = self._nh
         memcpy(m._first, self._first, sizeof(self._first))
         m._parts_ok = self._parts_ok
+        m._names_ok = self._names_ok
         m._top_via = self._top_via
         m._from_p = self._from_p
         m._to_p = self._to_p
@@ -1613,6 +1656,7 @@ cdef class Message:
         # The views read the shared buffers at offsets the copy has too, and an edit of either
         # message clears only its own caches: the copy starts with the views parsed so far.
         m._c_via = self._c_via
+        m._c_top_via = self._c_top_via
         m._c_from = self._c_from
         m._c_to = self._c_to
         m._c_cseq = self._c_cseq
@@ -1660,7 +1704,7 @@ cdef class Message:
             elif h.id == H_CALL_ID:
                 if h.value_e <= h.value_s:
                     _fail("Call-ID: empty", h.value_s)
-        self._parts_ok = True
+        self._parts_ok = self._names_ok = True
         return 0
 
     # -- header access -----------------------------------------------------------------------
@@ -1803,32 +1847,44 @@ cdef class Message:
     def top_via(self):
         """The topmost Via value, or None."""
         cdef int i = self._first[H_VIA]
-        cdef ViaParts v
         cdef HEntry* h
+        if self._c_top_via is not None:
+            return self._c_top_via
         if self._c_via is not None:
             return self._c_via[0] if self._c_via else None
         if i < 0:
             return None
         h = &self._h[i]
-        if self._parts_ok:
-            return _make_via(self._owner_of(h), self._base(h), &self._top_via)
-        _scan_via(self._base(h), h.value_s, h.value_e, &v)
-        return _make_via(self._owner_of(h), self._base(h), &v)
+        if not self._parts_ok:
+            self._rescan_top_via(h)
+        via = _make_via(self._owner_of(h), self._base(h), &self._top_via)
+        # (Read several times a message -- the key, the stamp, the response's route -- and
+        # made once until the Via changes.)
+        self._c_top_via = via
+        return via
 
     cdef bint _top_via_parts(self, ViaParts* v, const char** p) except -1:
         """Fill ``v`` and ``p`` with the top Via's parts; False when there is no Via.  The
-        parts parse() found are reused; after an edit the top value is scanned again."""
+        parts parse() found are reused; after an edit of a Via the top value is scanned once
+        more (_rescan_top_via)."""
         cdef int i = self._first[H_VIA]
         cdef HEntry* h
         if i < 0:
             return False
         h = &self._h[i]
         p[0] = self._base(h)
-        if self._parts_ok:
-            v[0] = self._top_via
-        else:
-            _scan_via(p[0], h.value_s, h.value_e, v)
+        if not self._parts_ok:
+            self._rescan_top_via(h)
+        v[0] = self._top_via
         return True
+
+    cdef int _rescan_top_via(self, HEntry* h) except -1:
+        # After an edit of a Via (the intake's stamp, the proxy's own Via on a branch): the
+        # top value's parts again, kept until the next Via edit, so the transaction key, the
+        # view and the routing of the response scan it once.
+        _scan_via(self._base(h), h.value_s, h.value_e, &self._top_via)
+        self._parts_ok = True
+        return 0
 
     cdef object _single_name_addr(self, int hid):
         cdef int i = self._first[hid]
@@ -1837,7 +1893,7 @@ cdef class Message:
         if i < 0:
             return None
         h = &self._h[i]
-        if self._parts_ok and (hid == H_FROM or hid == H_TO):
+        if self._names_ok and (hid == H_FROM or hid == H_TO):
             return _make_name_addr(self._owner_of(h), self._base(h),
                                    &self._from_p if hid == H_FROM else &self._to_p)
         # As parse() does: the URI's own syntax is checked when .uri is read, so .from_/.to
@@ -1988,7 +2044,7 @@ cdef class Message:
                     self._first[k] += 1
         if self._first[hid] < 0 or self._first[hid] > at:
             self._first[hid] = at
-        self._invalidate()
+        self._invalidate_for(hid)
         return at
 
     cdef int _insert_obj(self, int at, int hid, object name, object value) except -1:
@@ -2000,10 +2056,11 @@ cdef class Message:
         """Give entry i a new value, keeping its name as written."""
         cdef HEntry* h = &self._h[i]
         cdef const char* p = self._base(h)
-        cdef int j = self._line(h.id, p + h.name_s, h.name_e - h.name_s, value, vlen)
+        cdef int hid = h.id
+        cdef int j = self._line(hid, p + h.name_s, h.name_e - h.name_s, value, vlen)
         self._h[i] = self._h[j]
         self._nh -= 1
-        self._invalidate()
+        self._invalidate_for(hid)
         return 0
 
     cdef int _replace_value_obj(self, int i, object value) except -1:
@@ -2015,7 +2072,7 @@ cdef class Message:
         self._h[i].deleted = True
         if self._first[hid] == i:
             self._first[hid] = self._find(hid, i)
-        self._invalidate()
+        self._invalidate_for(hid)
         return 0
 
     cdef object _pop_first_value(self, int hid):
@@ -2047,7 +2104,12 @@ cdef class Message:
         if _scan_via(b, 0, len(b), &v) != len(b):
             raise ParseError("add_via takes exactly one Via value", 0)
         cdef int at = self._first[H_VIA]
-        self._insert(at if at >= 0 else 0, H_VIA, b"Via", 3, b, len(b))
+        at = self._insert(at if at >= 0 else 0, H_VIA, b"Via", 3, b, len(b))
+        # The new top value's parts are the scan's above, where the new line holds the value:
+        # the branch's transaction key and the views read them without another scan.
+        _shift_via(&v, self._h[at].value_s)
+        self._top_via = v
+        self._parts_ok = True
 
     cpdef bint stamp_received(self, str host, int port) except -1:
         """§18.2.1 and RFC 3581 §4 on the top Via of a request that came from ``host``:``port``
@@ -2205,7 +2267,7 @@ cdef class Message:
                 n += 1
         if n:
             self._reindex()
-            self._invalidate()
+            self._invalidate_for(hid)
         return n
 
     cdef bint _entry_named(self, int i, int hid, object name) except -1:
@@ -2261,7 +2323,7 @@ cdef class Message:
             self._insert_obj(self._nh, H_CONTENT_LENGTH, "Content-Length", str(len(b)))
         if content_type is not None:
             self.set_header("Content-Type", content_type)
-        self._invalidate()
+        self._invalidate_for(H_CONTENT_LENGTH)     # (the body: no view reads it)
 
     # -- serialization -----------------------------------------------------------------------
 
@@ -2485,7 +2547,7 @@ cdef class Request(Message):
             if i >= 0:
                 h = &self._h[i]
                 p = self._base(h)
-                if self._parts_ok:        # the parts parse() found (no edit since)
+                if self._names_ok:        # the parts parse() found (no edit since)
                     na = self._from_p if hid == H_FROM else self._to_p
                 else:
                     _scan_name_addr(p, h.value_s, h.value_e, False, &na, False)
