@@ -44,6 +44,7 @@ from fastsip.rtp._net cimport (
     sockaddr_storage,
 )
 from fastsip.transport._address cimport Address
+from fastsip.transport._intake cimport receive_datagram_c
 from fastsip.timers._wheel cimport TimerWheel
 
 import ipaddress
@@ -51,7 +52,6 @@ import logging
 import os
 import socket
 
-from fastsip.transport.intake import receive_datagram as _receive_datagram
 
 log = logging.getLogger("fastsip.asyncio.transport")
 
@@ -425,8 +425,8 @@ def datagram_send(self, data, Address dest):
 # -- receiving ----------------------------------------------------------------------------------
 
 cdef _receive(layer, IntakeState st, data, str host, int port, int lid, bint steer):
-    _receive_datagram(data, host, port, lid, st.limits, layer, st.on_message, st.local,
-                      st.steer if steer else None, st.answer_malformed)
+    receive_datagram_c(data, host, port, lid, st.limits, layer, st.on_message, st.local,
+                       st.steer if steer else None, st.answer_malformed)
 
 
 def receive(self, data, str host, int port, int lid=0, bint steer=True):

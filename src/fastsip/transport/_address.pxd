@@ -13,3 +13,14 @@ cdef class Address:
     cdef readonly str host
     cdef readonly object port
     cdef readonly object connection
+
+
+cdef inline Address make_address(str transport, str host, object port, object connection):
+    """``Address(transport, host, port, connection)`` from compiled code: the fields set in C,
+    without the constructor's Python call (a datagram's source is made once per datagram)."""
+    cdef Address a = Address.__new__(Address)
+    a.transport = transport
+    a.host = host
+    a.port = port
+    a.connection = connection
+    return a

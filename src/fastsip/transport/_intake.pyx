@@ -12,12 +12,12 @@ it): it runs for every datagram, and a Python call cost more than the test.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 from fastsip.sip._message cimport H_VIA, Message, Request
+from fastsip.transport._address cimport make_address
 
 import logging
 
 from fastsip.errors import ParseError
 from fastsip.sip import parse
-from fastsip.transport import Address
 from fastsip.transport.rules import check_sent_by, error_response
 
 log = logging.getLogger("fastsip.transport")
@@ -44,6 +44,14 @@ def receive_datagram(data, str host, int port, int connection, limits, transport
     that does not parse, instead of :func:`answer_malformed` (a shell that counts them, then
     answers).  True when a message was delivered.  (Positional arguments:
     this is the per-datagram path.)"""
+    return receive_datagram_c(data, host, port, connection, limits, transport, deliver, local,
+                              steer, malformed)
+
+
+cdef bint receive_datagram_c(data, str host, int port, int connection, limits, transport,
+                             deliver, local, steer, malformed) except -1:
+    # receive_datagram for the compiled shell (_intake.pxd): no Python call, no int objects
+    # for the port and the socket per datagram but the Address's own.
     cdef Py_ssize_t n = len(data)
     if n <= 4 and not data.strip():
         return False
@@ -53,9 +61,9 @@ def receive_datagram(data, str host, int port, int connection, limits, transport
         from fastsip.transport.stun import binding_response
         answer = binding_response(data, host, port)
         if answer is not None:
-            transport.send(answer, Address("UDP", host, port, connection))
+            transport.send(answer, make_address("UDP", host, port, connection))
         return False
-    source = Address("UDP", host, port, connection)
+    source = make_address("UDP", host, port, connection)
     try:
         msg = parse(data, limits)
     except ParseError as exc:
