@@ -737,6 +737,9 @@ def test_a_held_clock_is_read_once_for_every_timer_set_meanwhile() -> None:
     with pytest.raises(RuntimeError):
         wheel.held_clock(10.5, fails)
     assert wheel.call_later_now(1.0, lambda: None).when == 8.0   # released: read again
+    wheel.set_clock(None)           # no owner's clock: the wheel's own, held or not
+    assert wheel.held_clock(99.0, lambda: wheel.call_later_now(1.0, lambda: None).when) == \
+        wheel.time() + 1.0
 
 
 # -- lax timers: state that lingers, long timeouts ---------------------------------------------

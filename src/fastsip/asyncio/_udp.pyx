@@ -43,15 +43,14 @@ from fastsip.rtp._net cimport (
     sockaddr_in6,
     sockaddr_storage,
 )
+from fastsip.timers._wheel cimport TimerWheel
 from fastsip.transport._address cimport Address
 from fastsip.transport._intake cimport receive_datagram_c
-from fastsip.timers._wheel cimport TimerWheel
 
 import ipaddress
 import logging
 import os
 import socket
-
 
 log = logging.getLogger("fastsip.asyncio.transport")
 

@@ -167,7 +167,7 @@ class Registrar:
         store = self.memory_store
         if store is None:
             return None
-        return store.lookup_now(uri.aor() if isinstance(uri, URI) else aor_of(uri), now)
+        return store.lookup_now(aor_of(uri), now)
 
     @property
     def store(self) -> LocationStore:

@@ -910,7 +910,8 @@ cdef class TimerWheel:
         before the offset): a shell that read the clock once for a wakeup's datagrams hands
         that reading to every timer they schedule, instead of a call of ``clock()`` per
         timer (about twenty a proxied call).  uvloop's ``loop.time()`` is that already:
-        libuv caches it per loop iteration."""
+        libuv caches it per loop iteration.  A wheel without an owner's clock (set_clock
+        None) counts from its own, held or not."""
         self._held = now
         self._holding = True
 
@@ -919,10 +920,10 @@ cdef class TimerWheel:
 
     cdef double _owner_now(self) except? -1.0:
         # The owner's clock (set_clock) as call_later_now counts it.
+        if self._clock is None:
+            return self._now                # (no owner's clock: nothing is held either)
         if self._holding:
             return self._held - self._clock_offset
-        if self._clock is None:
-            return self._now
         return self._clock() - self._clock_offset
 
     def held_clock(self, double now, callback, *args):
