@@ -30,6 +30,7 @@ from fastsip.transaction._layer cimport (
     ClientTransaction,
     ServerTransaction,
     TransactionLayer,
+    cancel_timer,
 )
 
 import functools
@@ -206,10 +207,10 @@ cdef class Branch:
 
     cdef _stop_timers(self):
         if self._timer_c is not None:
-            self._timer_c.cancel()
+            cancel_timer(self._timer_c)
             self._timer_c = None
         if self._cancel_guard is not None:
-            self._cancel_guard.cancel()
+            cancel_timer(self._cancel_guard)
             self._cancel_guard = None
 
     cpdef cancel(self):
@@ -226,15 +227,15 @@ cdef class Branch:
             self.cancel_wanted = True
             return
         self.cancel_sent = True
-        layer = self.ctx.proxy._attached()
+        cdef TransactionLayer layer = self.ctx.proxy._attached()
         cancel = _hop_by_hop_request(self.request, "CANCEL")
         try:
             layer.request(cancel, self.dest, _IGNORE)
         except ValueError as exc:  # a CANCEL for this branch exists already
             _log.debug("no CANCEL for %s: %s", self.dest, exc)
         # §9.1: a UAS that never answers the CANCEL must not keep the branch alive forever.
-        self._cancel_guard = layer.clock.call_later(
-            layer.config.timeout, self.ctx._branch_failed, self, 408
+        self._cancel_guard = layer._later(
+            layer.config.timeout, self.ctx._branch_failed, (self, 408)
         )
 
 
@@ -484,7 +485,7 @@ cdef class ResponseContext:
 
     cdef _arm_timer_c(self, Branch branch, double delay):
         # §16.8: Timer C for ``branch``, ``delay`` seconds from now.
-        branch._timer_c = self.proxy._attached().clock.call_later(delay, self._timer_c, branch)
+        branch._timer_c = self.proxy._attached()._later(delay, self._timer_c, (branch,))
 
     def _timer_c(self, Branch branch not None):
         # §16.8: a branch stuck after a provisional response is cancelled; one that never
@@ -496,8 +497,7 @@ cdef class ResponseContext:
             # A provisional response restarted Timer C after this node was armed: wait out
             # the rest (restarting lazily, here, spares every ringing call a cancel and a
             # schedule on the wheel; almost all are answered or gone long before).
-            clock = self.proxy._attached().clock
-            left = branch._timer_c_due - clock.time()
+            left = branch._timer_c_due - self.proxy._attached()._now()
             if left > 0:
                 self._arm_timer_c(branch, left)
                 return
@@ -511,7 +511,7 @@ cdef class ResponseContext:
         """Timer C's expiry for ``branch`` now, whatever its deadline (a routing decision's
         ring timeout, shorter than Timer C): CANCELled if it rang, else failed as by a 408."""
         if branch._timer_c is not None:
-            branch._timer_c.cancel()
+            cancel_timer(branch._timer_c)
         branch._timer_c_due = 0.0      # (a restart by a 1xx would otherwise re-arm it)
         self._timer_c(branch)
 
@@ -632,7 +632,7 @@ cdef class ResponseContext:
         if trunks is not None and self.request.method == "INVITE":
             if 100 < status < 300:
                 trunks.dialog_answered(tb, self.request, response,
-                                       self.proxy._attached().clock.time())
+                                       self.proxy._attached()._now())
             elif status >= 300 and tb.dialog is not None \
                     and (self.request.to is None or self.request.to.tag is None):
                 trunks.dialog_failed(tb)     # an early dialog that never became one
@@ -667,7 +667,7 @@ cdef class ResponseContext:
         branch.provisional = False
         if branch._timer_c is not None:  # §16.8: a new request, a new wait for an answer
             branch._timer_c_due = 0.0
-            branch._timer_c.cancel()
+            cancel_timer(branch._timer_c)
             self._arm_timer_c(branch, proxy.timer_c)
         try:
             branch.key = proxy._attached().request(request, branch.dest, branch).key
@@ -688,7 +688,7 @@ cdef class ResponseContext:
                 return  # §16.7 step 5: 100 is hop by hop
             if branch._timer_c is not None:  # §16.8: a 101-199 restarts Timer C (see _timer_c)
                 proxy = self.proxy
-                branch._timer_c_due = proxy._attached().clock.time() + proxy.timer_c
+                branch._timer_c_due = proxy._attached()._now() + proxy.timer_c
             self._hook(response)
             if not self.final_sent:
                 _send_upstream(self.proxy, self.txn, response)
@@ -1216,7 +1216,7 @@ cdef class Proxy:
         self._dispatch(ctx, in_dialog, routed)
 
     cdef _overloaded(self, host, method):
-        if self.refusals.refused(self._attached().clock.time()):
+        if self.refusals.refused(self._attached()._now()):
             _log.warning("overload: %d contexts pending (%d from %s): 503 for %s "
                          "(%d refused so far)", self._live, self._per_source.get(host, 0), host,
                          method, self.refusals.count)
@@ -1562,7 +1562,7 @@ cdef class Proxy:
         if trunks is not None:
             # To a trunk, or in a dialog whose CSeq we shift: stay in the path (a forced
             # Record-Route) and number the request as the provider expects.
-            tb = trunks.branch(original, copy, target, self._attached().clock.time())
+            tb = trunks.branch(original, copy, target, self._attached()._now())
             if tb is not None and target.trunk is not None \
                     and method in _RECORD_ROUTE_METHODS:
                 rr = rr or to is None or to._tag() is None

@@ -237,6 +237,13 @@ cdef class Message:
     cpdef bint stamp_received(self, str host, int port) except -1
     cpdef bint ensure_content_length(self) except -1
     cdef bytes _wire(self)
+    # The edits a proxy makes to every message it relays, callable from C.
+    cpdef add_via(self, value)
+    cpdef pop_via(self)
+    cpdef add_record_route(self, value)
+    cpdef pop_route(self)
+    cpdef decrement_max_forwards(self)
+    cpdef repeated_single_field(self)
 
 
 cdef class Request(Message):
@@ -248,6 +255,8 @@ cdef class Request(Message):
     cdef URI _uri(self)
     cpdef object transaction_key(self)
     cpdef str stateless_branch(self)
+    cpdef copy(self)
+    cpdef loop_hash(self)
 
 
 cdef class Response(Message):
@@ -255,6 +264,7 @@ cdef class Response(Message):
     cdef int32_t _r_s, _r_e
 
     cpdef object transaction_key(self)
+    cpdef copy(self)
 
 
 cdef inline bytes wire(object msg):

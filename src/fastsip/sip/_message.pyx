@@ -2097,7 +2097,7 @@ cdef class Message:
             self._replace_value(i, p + r, h.value_e - r)
         return first
 
-    def add_via(self, value):
+    cpdef add_via(self, value):
         """Add a Via value on top (a proxy's or a UAC's own; RFC 3261 16.6 step 8)."""
         cdef ViaParts v
         cdef bytes b = _as_bytes(value)
@@ -2176,12 +2176,12 @@ cdef class Message:
         self._replace_value(i, value, len(value))
         return True
 
-    def pop_via(self):
+    cpdef pop_via(self):
         """Remove the top Via value (a proxy forwarding a response, RFC 3261 16.7 step 3);
         returns it as text, or None when there was none."""
         return self._pop_first_value(H_VIA)
 
-    def add_record_route(self, value):
+    cpdef add_record_route(self, value):
         """Add a Record-Route value on top of the Record-Route list (RFC 3261 16.6 step 4)."""
         cdef NameAddrParts na
         cdef bytes b = _as_bytes(value)
@@ -2199,12 +2199,12 @@ cdef class Message:
         cdef int at = self._first[H_ROUTE]
         self._insert(at if at >= 0 else 0, H_ROUTE, b"Route", 5, b, len(b))
 
-    def pop_route(self):
+    cpdef pop_route(self):
         """Remove the first Route value (loose routing, RFC 3261 16.4); returns it as text,
         or None when there was none."""
         return self._pop_first_value(H_ROUTE)
 
-    def decrement_max_forwards(self):
+    cpdef decrement_max_forwards(self):
         """Max-Forwards minus one (RFC 3261 16.6 step 3; added as 70 when absent).  Returns the
         new value.  Raises ValueError when it is already 0: the caller answers 483."""
         cdef int i = self._first[H_MAX_FORWARDS]
@@ -2280,7 +2280,7 @@ cdef class Message:
         b = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else bytes(name)
         return _ieq_bytes(self._base(h) + h.name_s, h.name_e - h.name_s, b)
 
-    def repeated_single_field(self):
+    cpdef repeated_single_field(self):
         """The name of the first field that may appear once but stands on more than one
         header line -- From, To, Call-ID, CSeq, Max-Forwards or Content-Length (RFC 3261
         §20; a compact form counts as its field) -- or None.  A proxy answers such a request
@@ -2471,7 +2471,7 @@ cdef class Request(Message):
             host = host.lower()
         return (_text(p, v.branch_s, v.branch_e), host, v.port if v.port >= 0 else None, method)
 
-    def copy(self):
+    cpdef copy(self):
         """An independent copy of this request, edits so far included: what a proxy forwards
         on each branch (§16.6 step 1).  Nothing is scanned again -- the cost of
         ``parse(bytes(msg))`` without the serialization and the parse."""
@@ -2527,7 +2527,7 @@ cdef class Request(Message):
         digest.update(key.encode("utf-8", "surrogateescape"))
         return "z9hG4bKsl" + digest.hexdigest()
 
-    def loop_hash(self):
+    cpdef loop_hash(self):
         """RFC 3261 §16.6 step 8: 16 hex digits that are the same for this request when it
         comes back to us -- over the Request-URI as received, the From and To tags, Call-ID,
         the CSeq number, Proxy-Require and Proxy-Authorization.  The Via header, which §16.6
@@ -2631,7 +2631,7 @@ cdef class Request(Message):
 @cython.no_gc
 cdef class Response(Message):
     """A SIP response."""
-    def copy(self):
+    cpdef copy(self):
         """An independent copy of this response, edits so far included."""
         cdef Response m = Response.__new__(Response)
         self._copy_into(m)

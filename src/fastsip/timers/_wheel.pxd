@@ -8,6 +8,7 @@ A compiled caller schedules integer keys without touching a Python object::
     wheel.cancel_key_c(token)                   # 1 if it was pending, 0 otherwise
 """
 
+from cpython.object cimport PyObject
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 
@@ -53,6 +54,15 @@ cdef struct Entry:
     uint32_t gen
 
 
+cdef class TimerHandle:
+    cdef PyObject* _wheel       # owned reference: the handle keeps its wheel alive
+    cdef double _when
+    cdef uint32_t _idx
+    cdef uint32_t _gen          # the node's generation when scheduled | HANDLE_CANCELLED
+
+    cpdef bint cancel(self) except -1
+
+
 cdef class TimerWheel:
     cdef Node** _chunks
     cdef Py_ssize_t _nchunks
@@ -96,3 +106,6 @@ cdef class TimerWheel:
     cdef void release_clock(self) noexcept
     cdef double _owner_now(self) except? -1.0
     cdef bint cancel_key_c(self, int64_t token) noexcept
+    # call_later_now and call_later_lax for compiled callers (the transaction layer's timers).
+    cdef TimerHandle later_c(self, double delay, object callback, tuple args)
+    cdef TimerHandle later_lax_c(self, double delay, object callback, tuple args)

@@ -718,18 +718,13 @@ cdef class TimerHandle:
     the callback, not the handle, so a handle nobody holds costs nothing after scheduling.
     """
 
-    cdef PyObject* _wheel       # owned reference: the handle keeps its wheel alive
-    cdef double _when
-    cdef uint32_t _idx
-    cdef uint32_t _gen          # the node's generation when scheduled | HANDLE_CANCELLED
-
     def __init__(self) -> None:
         raise TypeError("TimerHandle is made by TimerWheel.call_later()/call_at()")
 
     def __dealloc__(self) -> None:
         Py_XDECREF(self._wheel)
 
-    def cancel(self) -> bool:
+    cpdef bint cancel(self) except -1:
         """Unschedule the callback; True if it was still pending (O(1): an unlink)."""
         self._gen |= HANDLE_CANCELLED
         if self._wheel == NULL:
@@ -946,6 +941,16 @@ cdef class TimerWheel:
         attribute walk per timer (a proxied call schedules about eight)."""
         cdef double now = self._owner_now()
         return _call_at(self, now + delay, callback, args)
+
+    cdef TimerHandle later_c(self, double delay, object callback, tuple args):
+        """:meth:`call_later_now` for compiled callers: no argument tuple to build, no
+        Python call."""
+        return _call_at(self, self._owner_now() + delay, callback, args)
+
+    cdef TimerHandle later_lax_c(self, double delay, object callback, tuple args):
+        """:meth:`call_later_lax` for compiled callers."""
+        cdef double now = self._owner_now()
+        return _call_at(self, _lax_when(self, now + delay, delay), callback, args)
 
     def call_later_lax(self, double delay, callback, *args) -> TimerHandle:
         """:meth:`call_later_now` for a timer whose exact moment does not matter: one that

@@ -7,6 +7,7 @@ instead of Python attribute look-ups and calls.  What Python sees is documented 
 cimport cython
 
 from fastsip.sip._message cimport Request, Response
+from fastsip.timers._wheel cimport TimerHandle, TimerWheel
 
 
 cdef enum:
@@ -18,6 +19,15 @@ cdef enum:
     S_ACCEPTED = 4
     S_CONFIRMED = 5
     S_TERMINATED = 6
+
+
+cdef inline int cancel_timer(timer) except -1:
+    # A timer of the layer's clock: a wheel's handle by a C call, another's by its method.
+    if type(timer) is TimerHandle:
+        (<TimerHandle>timer).cancel()
+    else:
+        timer.cancel()
+    return 0
 
 
 @cython.final
@@ -41,8 +51,15 @@ cdef class TransactionLayer:
     cdef dict _client_lingering
     cdef dict _server_lingering
     cdef readonly Py_ssize_t reclaimed
+    # The clock's wheel, when the clock is a WheelDriver (its methods are the wheel's): timers
+    # by C calls.  _wheel_lax: call_later_lax as __init__ found it, while it is the wheel's.
+    cdef TimerWheel _wheel
+    cdef object _wheel_lax
 
     cpdef tuple server_key(self, Request request)
+    cdef object _later(self, double delay, callback, tuple args=*)
+    cdef object _later_lax(self, double delay, callback)
+    cdef double _now(self) except? -1.0
     cdef int _receive_response(self, Response response, object source) except -1
     cdef int _receive_request(self, Request request, object source) except -1
     cdef int _answer_statelessly(self, object request, object source, int status,

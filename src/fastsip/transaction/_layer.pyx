@@ -12,6 +12,7 @@ and the transport stay Python objects, called as before.
 import logging
 
 from fastsip.sip._message cimport Request, Response, Via, wire
+from fastsip.timers._wheel cimport TimerWheel
 
 from fastsip.errors import ParseError
 from fastsip.transaction import base as _base
@@ -52,10 +53,10 @@ cdef class _Lingering:
     cdef int _cancel_timers(self) except -1:
         # Both of a transaction's wheel nodes: the retransmit or linger timer and the timeout.
         if self._timer is not None:
-            self._timer.cancel()
+            cancel_timer(self._timer)
             self._timer = None
         if self._timeout is not None:
-            self._timeout.cancel()
+            cancel_timer(self._timeout)
             self._timeout = None
         return 0
 
@@ -87,16 +88,15 @@ cdef class ClientTransaction(_Lingering):
 
     cdef int _start(self) except -1:
         cdef TransactionLayer layer = self.layer
-        clock = layer.clock
         if self._reliable:
-            self._timeout = layer.call_later_lax(layer._timeout, self._on_timeout)
+            self._timeout = layer._later_lax(layer._timeout, self._on_timeout)
         else:
             # Over UDP Timer B (or F) is not a wheel node of its own: Timer A (or E) keeps
             # firing until B is due, so its chain carries B's deadline and its last link is
             # armed for B itself.  A final response (almost every transaction gets one) then
             # cancels one node, and the start schedules one, instead of two each.
-            self._deadline = clock.time() + layer._timeout
-            self._timer = clock.call_later(layer._t1, self._retransmit)
+            self._deadline = layer._now() + layer._timeout
+            self._timer = layer._later(layer._t1, self._retransmit)
         layer.transport.send(self._data, self.dest)
         return 0
 
@@ -115,14 +115,13 @@ cdef class ClientTransaction(_Lingering):
             self._interval = layer._t2
         else:
             self._interval = min(self._interval * 2, layer._t2)
-        clock = layer.clock
-        left = self._deadline - clock.time()
+        left = self._deadline - layer._now()
         if left <= self._interval:
             # Timer B / F comes before the next retransmission (or with it: it wins, as a
             # separate B armed at the start would have fired first).
-            self._timer = clock.call_later(max(left, 0.0), self._on_deadline)
+            self._timer = layer._later(max(left, 0.0), self._on_deadline)
         else:
-            self._timer = clock.call_later(self._interval, self._retransmit)
+            self._timer = layer._later(self._interval, self._retransmit)
         layer.transport.send(self._data, self.dest)
 
     def _on_deadline(self):
@@ -146,7 +145,7 @@ cdef class ClientTransaction(_Lingering):
         if delay <= 0:
             self._end()
         else:
-            self._timer = self.layer.call_later_lax(delay, self._terminate)
+            self._timer = self.layer._later_lax(delay, self._terminate)
             self.layer._client_lingering[self.key] = self
         return 0
 
@@ -172,7 +171,7 @@ cdef class ClientTransaction(_Lingering):
                     self._state = S_ACCEPTED             # RFC 6026: absorb nothing, pass every 2xx
                     self._stop_retransmitting()
                     self._cancel_timeout()
-                    self._timeout = layer.call_later_lax(layer._timeout, self._on_timeout)
+                    self._timeout = layer._later_lax(layer._timeout, self._on_timeout)
                     layer._client_lingering[self.key] = self
                     self._shed()
                 if self._state == S_ACCEPTED:
@@ -219,14 +218,14 @@ cdef class ClientTransaction(_Lingering):
         # from here, so they go: a finished transaction lingers for up to 32 s (Timer D/M),
         # and at carrier rates every byte it keeps is multiplied by tens of thousands.
         if self._timer is not None:
-            self._timer.cancel()
+            cancel_timer(self._timer)
             self._timer = None
         self._data = b""
         return 0
 
     cdef int _cancel_timeout(self) except -1:
         if self._timeout is not None:
-            self._timeout.cancel()
+            cancel_timer(self._timeout)
             self._timeout = None
         return 0
 
@@ -288,24 +287,24 @@ cdef class ServerTransaction(_Lingering):
                 self._state = S_PROCEEDING
             return
         if self._timeout is not None:                    # the abandon guard, if armed
-            self._timeout.cancel()
+            cancel_timer(self._timeout)
             self._timeout = None
         self._shed()
         if self.is_invite and status < 300:
             self._state = S_ACCEPTED                     # RFC 6026: Timer L
             self._data = None          # never resent by us: the TU retransmits its 2xx
-            self._timeout = layer.call_later_lax(layer._timeout, self._terminate)
+            self._timeout = layer._later_lax(layer._timeout, self._terminate)
             layer._server_lingering[self.key] = self
             return
         self._state = S_COMPLETED
         if self.is_invite:
             if not self._reliable:                       # Timer G
-                self._timer = layer.clock.call_later(layer._t1, self._retransmit)
-            self._timeout = layer.call_later_lax(layer._timeout, self._on_timer_h)
+                self._timer = layer._later(layer._t1, self._retransmit)
+            self._timeout = layer._later_lax(layer._timeout, self._on_timer_h)
         elif self._reliable:
             self._end()                                  # Timer J = 0
         else:
-            self._timeout = layer.call_later_lax(layer._timeout, self._terminate)
+            self._timeout = layer._later_lax(layer._timeout, self._terminate)
             layer._server_lingering[self.key] = self
 
     cpdef respond_statelessly(self, Response response):
@@ -338,7 +337,7 @@ cdef class ServerTransaction(_Lingering):
             return
         cdef TransactionLayer layer = self.layer
         self._interval = min(self._interval * 2, layer._t2)
-        self._timer = layer.clock.call_later(self._interval, self._retransmit)
+        self._timer = layer._later(self._interval, self._retransmit)
         layer.transport.send(self._data, self.dest)
 
     def _abandon(self):
@@ -365,7 +364,7 @@ cdef class ServerTransaction(_Lingering):
                 if self._reliable:
                     self._end()
                 else:
-                    self._timeout = layer.call_later_lax(layer._t4, self._terminate)
+                    self._timeout = layer._later_lax(layer._t4, self._terminate)
                     layer._server_lingering[self.key] = self
             elif state == S_ACCEPTED:
                 layer.tu.on_ack(request, source)         # RFC 6026: the 2xx's ACK goes up
@@ -413,6 +412,18 @@ cdef class TransactionLayer:
         # wakeup each -- 1.6 more per call than the call's own datagrams, measured in serve at
         # 150 calls/s.  Retransmissions (A, E, G) and the end of a UDP chain stay exact.
         self.call_later_lax = getattr(clock, "call_later_lax", clock.call_later)
+        # A WheelDriver's clock is its wheel's own methods (call_later_now, call_later_lax,
+        # clock_time): then the timers go on the wheel by C calls, the same calls without a
+        # Python one each (about ten a proxied call).  Any other clock is called as given.
+        wheel = getattr(clock, "wheel", None)
+        if isinstance(wheel, TimerWheel) and clock.call_later == wheel.call_later_now \
+                and clock.time == wheel.clock_time:
+            self._wheel = wheel
+            self._wheel_lax = self.call_later_lax if self.call_later_lax == \
+                wheel.call_later_lax else None
+        else:
+            self._wheel = None
+            self._wheel_lax = None
         self.tu = tu
         # Drop a transaction's messages when it starts to linger (the TU's ``sheds_messages``).
         self.shed = bool(getattr(tu, "sheds_messages", False))
@@ -490,6 +501,26 @@ cdef class TransactionLayer:
             log.debug("dropping a %d from %s: %s", response.status_code, source, exc)
         return 0
 
+    cdef object _later(self, double delay, callback, tuple args=()):
+        # The clock's call_later(delay, callback, *args): Timers A, E, G, the end of a UDP
+        # chain, and the proxy's Timer C and CANCEL guard.
+        if self._wheel is not None:
+            return self._wheel.later_c(delay, callback, args)
+        return self.clock.call_later(delay, callback, *args)
+
+    cdef object _later_lax(self, double delay, callback):
+        # call_later_lax(delay, callback): the timers that may fire a little late (__init__).
+        lax = self.call_later_lax
+        if lax is self._wheel_lax and lax is not None:
+            return self._wheel.later_lax_c(delay, callback, ())
+        return lax(delay, callback)
+
+    cdef double _now(self) except? -1.0:
+        # The clock's time().
+        if self._wheel is not None:
+            return self._wheel._owner_now()
+        return self.clock.time()
+
     cpdef tuple server_key(self, Request request):
         """§17.2.3: branch + sent-by + method (ACK matches INVITE), or for a request without
         the magic cookie (RFC 2543) Request-URI, From tag, Call-ID, CSeq number, top Via."""
@@ -550,7 +581,7 @@ cdef class TransactionLayer:
                 # §17.2.1: a 100 unless the TU answers within 200 ms; it did not answer at once.
                 txn.respond(request.reply(100))
         elif txn._state == S_TRYING or txn._state == S_PROCEEDING:
-            txn._timeout = self.call_later_lax(2 * self._timeout, txn._abandon)
+            txn._timeout = self._later_lax(2 * self._timeout, txn._abandon)
         return 0
 
     cdef int _answer_statelessly(self, object request, object source, int status,
@@ -582,7 +613,7 @@ cdef class TransactionLayer:
         return True
 
     cdef int _overload(self, str side, object cap) except -1:
-        if self.refusals.refused(self.clock.time()):
+        if self.refusals.refused(self._now()):
             log.warning("overload: %d %s transactions (the cap): refusing new work with 503 "
                         "(%d refused so far)", cap, side, self.refusals.count)
         return 0
