@@ -7,25 +7,21 @@ from typing import Any, ClassVar, final
 from fastsip.proxy.core import MediaHook, ProxyContext, RequestRouter
 from fastsip.sip import URI, Message, Request, Response
 from fastsip.transaction import ClientTransaction, Refusals, ServerTransaction, TransactionLayer
+from fastsip.transaction._layer import ClientHandlerBase, TransactionUserBase
 from fastsip.transport import Address, Transport
 from fastsip.transport.rfc3263 import NextHopResolver
 
 @final
-class _Ignore:
-    def on_response(self, txn: ClientTransaction, response: Response) -> None: ...
-    def on_timeout(self, txn: ClientTransaction) -> None: ...
-    def on_transport_error(self, txn: ClientTransaction) -> None: ...
+class _Ignore(ClientHandlerBase): ...
 
 @final
-class _Settled:
+class _Settled(ClientHandlerBase):
     def __init__(self, proxy: Proxy, upstream: ServerTransaction, dest: Address,
                  alias: bool) -> None: ...
     def on_response(self, txn: ClientTransaction, response: Response) -> None: ...
-    def on_timeout(self, txn: ClientTransaction) -> None: ...
-    def on_transport_error(self, txn: ClientTransaction) -> None: ...
 
 @final
-class Branch:
+class Branch(ClientHandlerBase):
     target: Target
     request: Request
     dest: Address
@@ -135,7 +131,7 @@ class StatelessContext:
     ) -> None: ...
 
 @final
-class Proxy:
+class Proxy(TransactionUserBase):
     sheds_messages: ClassVar[bool]
     router: RequestRouter | None
     record_route: bool

@@ -20,6 +20,7 @@ from fastsip.proxy._nat cimport (
 )
 from fastsip.sip._message cimport H_PROXY_REQUIRE, URI, NameAddr, Request, Response, Via, wire
 from fastsip.transport._address cimport Address
+from fastsip.transport._rules cimport next_hop, request_next_hop, response_destination
 from fastsip.transaction._layer cimport (
     S_ACCEPTED,
     S_COMPLETED,
@@ -27,9 +28,11 @@ from fastsip.transaction._layer cimport (
     S_PROCEEDING,
     S_TERMINATED,
     S_TRYING,
+    ClientHandlerBase,
     ClientTransaction,
     ServerTransaction,
     TransactionLayer,
+    TransactionUserBase,
     cancel_timer,
 )
 
@@ -64,9 +67,6 @@ from fastsip.transport.rfc3263 import fail_over as _rfc3263_fail_over
 from fastsip.transport.rfc3263 import is_ip_literal as _is_ip_literal
 from fastsip.transport.rfc3263 import retry_after as _retry_after
 from fastsip.transport.rules import is_local_tag as _is_local_tag
-from fastsip.transport.rules import next_hop as _next_hop
-from fastsip.transport.rules import request_next_hop as _request_next_hop
-from fastsip.transport.rules import response_destination as _response_destination
 
 _log = logging.getLogger("fastsip.proxy")
 
@@ -84,24 +84,16 @@ cdef inline bint _terminated(ServerTransaction txn) noexcept:
 
 
 @cython.final
-cdef class _Ignore:
-    """Client handler for our CANCELs: their responses change nothing (§16.10 / §9.1)."""
-
-    def on_response(self, txn, response):
-        pass
-
-    def on_timeout(self, txn):
-        pass
-
-    def on_transport_error(self, txn):
-        pass
+cdef class _Ignore(ClientHandlerBase):
+    """Client handler for our CANCELs: their responses change nothing (§16.10 / §9.1): the
+    base class's methods, which do nothing."""
 
 
 cdef _Ignore _IGNORE = _Ignore()
 
 
 @cython.final
-cdef class _Settled:
+cdef class _Settled(ClientHandlerBase):
     """The handler of a settled context's INVITE branch that got a 2xx, while its client
     transaction lingers in Accepted (RFC 6026 Timer M, 32 s): each retransmitted 2xx goes
     upstream, as the branch would have sent it, and nothing else is kept -- the context, its
@@ -121,20 +113,13 @@ cdef class _Settled:
         self.dest = dest
         self.alias = alias
 
-    def on_response(self, txn, Response response):
+    cpdef on_response(self, txn, Response response):
         if not 200 <= response._status < 300:
             return  # the branch has its final response: nothing else goes upstream
         response.pop_via()  # §16.7 step 3: our Via
         if self.alias and _contact_behind_nat(response, self.dest):
             _add_alias(response, self.dest)
         _send_upstream(self.proxy, self.upstream, response)
-
-    def on_timeout(self, txn):
-        pass
-
-    def on_transport_error(self, txn):
-        pass
-
 
 cdef _send_upstream(Proxy proxy, ServerTransaction txn, Response response):
     """A response goes upstream through the server transaction ``txn``."""
@@ -151,7 +136,7 @@ cdef _send_upstream(Proxy proxy, ServerTransaction txn, Response response):
 
 
 @cython.final
-cdef class Branch:
+cdef class Branch(ClientHandlerBase):
     """One client transaction of a response context (a ClientHandler)."""
 
     cdef readonly ResponseContext ctx
@@ -193,14 +178,16 @@ cdef class Branch:
     def pending(self):
         return self.final is None
 
-    # ClientHandler
-    def on_response(self, txn, Response response not None):
+    # ClientHandler, by C calls from the transaction layer (ClientHandlerBase)
+    cpdef on_response(self, txn, Response response):
+        if response is None:
+            raise TypeError("on_response needs a Response")
         self.ctx._on_branch_response(self, response)
 
-    def on_timeout(self, txn):
+    cpdef on_timeout(self, txn):
         self.ctx._branch_failed(self, 408)
 
-    def on_transport_error(self, txn):
+    cpdef on_transport_error(self, txn):
         # §16.9: as if a 503 had come -- but one of ours, which send_best passes on as a 503
         # (the next hop could not be reached or resolved), not as a downstream server's.
         self.ctx._branch_failed(self, 503, _UNREACHABLE)
@@ -981,7 +968,7 @@ cdef inline bint _same_peer(Address a, Address b) except -1:
 
 
 @cython.final
-cdef class Proxy:
+cdef class Proxy(TransactionUserBase):
     """The proxy core: a TransactionUser (stateful) or a message sink (``stateless=True``).
 
     - ``router``: the routing policy (:class:`RequestRouter`; None: loose-route everything,
@@ -1178,7 +1165,11 @@ cdef class Proxy:
 
     # -- TransactionUser ---------------------------------------------------------------------
 
-    def on_request(self, ServerTransaction txn not None, Request request not None):
+    cpdef on_request(self, txn_, Request request):
+        # (The TransactionUser callbacks are C calls from the layer: TransactionUserBase.)
+        if txn_ is None or request is None:
+            raise TypeError("on_request needs a ServerTransaction and a Request")
+        cdef ServerTransaction txn = txn_
         cdef str method = request._method()
         if method == "CANCEL":
             self._on_cancel(txn, request)
@@ -1251,12 +1242,14 @@ cdef class Proxy:
             _log.exception("router raised for %s %s", request.method, request.uri)
             ctx.respond(500)
 
-    def on_ack(self, Request request not None, source):
+    cpdef on_ack(self, Request request, source):
         """An ACK for a 2xx (or one that matches nothing): forwarded statelessly, end to end,
         along its Route set / Request-URI (§16.11 for the ACK, §13.2.2.4 end to end).  An ACK
         for one of our own stateless answers (our To tag) ends here, and so does one that did
         not come through our Record-Route (see ``require_own_route``)."""
         cdef NameAddr to
+        if request is None:
+            raise TypeError("on_ack needs a Request")
         try:
             to = request._to()
             if to is not None and _is_local_tag(to._tag()):
@@ -1283,9 +1276,11 @@ cdef class Proxy:
             return
         self._relay_stateless(request, Target(), source)
 
-    def on_stray_response(self, Response response not None, source):
+    cpdef on_stray_response(self, Response response, source):
         """A response no client transaction wants (a 2xx retransmitted after Timer M, or any
         response in stateless mode): route it back by the next Via (§16.7 step 3, §16.11)."""
+        if response is None:
+            raise TypeError("on_stray_response needs a Response")
         top = response.top_via
         if top is None or not self._via_is_ours(top.host, top.port, top.transport):
             return
@@ -1296,9 +1291,9 @@ cdef class Proxy:
         nxt = response.top_via
         if nxt is None:
             return  # it was for us
-        self._attached().transport.send(wire(response), _response_destination(nxt))
+        self._attached().transport.send(wire(response), response_destination(nxt))
 
-    def on_server_timeout(self, txn):
+    cpdef on_server_timeout(self, txn):
         pass  # Timer H: the upstream never ACKed our non-2xx; nothing is waiting on it
 
     # -- stateless entry ---------------------------------------------------------------------
@@ -1491,7 +1486,7 @@ cdef class Proxy:
             else:
                 try:
                     # Step 7: to the first Route, or (a strict router) the new Request-URI.
-                    dest = _next_hop(request._uri()) if strict else _request_next_hop(request)
+                    dest = next_hop(request._uri()) if strict else request_next_hop(request)
                 except ValueError as exc:
                     raise _BadTarget(str(exc)) from None
         if self.nat and request._method() in _TARGET_METHODS \
@@ -1602,7 +1597,7 @@ cdef class Proxy:
         top = response.top_via
         if top is None:
             return
-        self._attached().transport.send(wire(response), _response_destination(top, source))
+        self._attached().transport.send(wire(response), response_destination(top, source))
 
     # -- §16.10 CANCEL -----------------------------------------------------------------------
 

@@ -267,6 +267,10 @@ cdef class Response(Message):
     cpdef copy(self)
 
 
+# parse() for compiled callers (the datagram intake); ``limits`` a Limits or None.
+cdef Message parse_c(object data, object limits)
+
+
 cdef inline bytes wire(object msg):
     """``bytes(msg)`` for the compiled layers' sends: a Message serializes in C, without
     the look-up and binding of ``__bytes__`` that ``bytes()`` does (seven a proxied call).

@@ -3089,6 +3089,11 @@ cdef int _scan_uri_check(const char* p, Py_ssize_t s, Py_ssize_t e) except -1:
 _BRANCH_HASH = hashlib.blake2b(digest_size=10)
 
 
+cdef Message parse_c(object data, object limits):
+    # parse() for compiled callers (the datagram intake): no Python call per datagram.
+    return _parse(data, <Limits?>limits if limits is not None else _default_limits)
+
+
 def parse(data, Limits limits=None):
     """Parse one SIP message from bytes, bytearray or memoryview; returns a Request or Response.
 

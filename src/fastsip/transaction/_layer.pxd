@@ -21,6 +21,23 @@ cdef enum:
     S_TERMINATED = 6
 
 
+cdef class ClientHandlerBase:
+    # The ClientHandler protocol (fastsip.transaction.layer) as C methods: a compiled handler
+    # (the proxy's branches) that inherits it is called without a Python call; any other
+    # object with the three methods is called as before.
+    cpdef on_response(self, txn, Response response)
+    cpdef on_timeout(self, txn)
+    cpdef on_transport_error(self, txn)
+
+
+cdef class TransactionUserBase:
+    # The TransactionUser protocol as C methods, for a compiled TU (the proxy core).
+    cpdef on_request(self, txn, Request request)
+    cpdef on_ack(self, Request request, source)
+    cpdef on_stray_response(self, Response response, source)
+    cpdef on_server_timeout(self, txn)
+
+
 cdef inline int cancel_timer(timer) except -1:
     # A timer of the layer's clock: a wheel's handle by a C call, another's by its method.
     if type(timer) is TimerHandle:
@@ -36,6 +53,7 @@ cdef class TransactionLayer:
     cdef readonly object clock
     cdef public object call_later_lax
     cdef readonly object tu
+    cdef TransactionUserBase _ctu     # tu, when it is compiled (C calls); else None
     cdef readonly bint shed
     cdef readonly object config
     # The config's values, read once: a frozen TimerConfig never changes.
@@ -57,6 +75,10 @@ cdef class TransactionLayer:
     cdef object _wheel_lax
 
     cpdef tuple server_key(self, Request request)
+    cdef int _on_request(self, txn, Request request) except -1
+    cdef int _on_ack(self, Request request, source) except -1
+    cdef int _on_stray_response(self, Response response, source) except -1
+    cdef int _on_server_timeout(self, txn) except -1
     cdef object _later(self, double delay, callback, tuple args=*)
     cdef object _later_lax(self, double delay, callback)
     cdef double _now(self) except? -1.0
@@ -111,3 +133,4 @@ cdef class ServerTransaction(_Lingering):
     cpdef respond_statelessly(self, Response response)
     cdef int _receive_retransmission(self, object request, object source) except -1
     cdef int _end(self) except -1
+

@@ -9,6 +9,23 @@ from fastsip.transaction.base import Refusals, TimerConfig
 from fastsip.transaction.layer import ClientHandler, Clock, TransactionUser
 from fastsip.transport import Address, Transport
 
+class ClientHandlerBase:
+    """The ClientHandler protocol as a compiled base class: the layer calls a handler that
+    inherits it by C calls.  Its methods do nothing."""
+
+    def on_response(self, txn: Any, response: Response) -> None: ...
+    def on_timeout(self, txn: Any) -> None: ...
+    def on_transport_error(self, txn: Any) -> None: ...
+
+class TransactionUserBase:
+    """The TransactionUser protocol as a compiled base class: the layer calls a TU that
+    inherits it by C calls.  Its methods do nothing."""
+
+    def on_request(self, txn: Any, request: Request) -> None: ...
+    def on_ack(self, request: Request, source: Any) -> None: ...
+    def on_stray_response(self, response: Response, source: Any) -> None: ...
+    def on_server_timeout(self, txn: Any) -> None: ...
+
 class _Lingering:
     last_response: Response | None
     @property

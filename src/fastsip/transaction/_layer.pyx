@@ -13,11 +13,12 @@ import logging
 
 from fastsip.sip._message cimport Request, Response, Via, wire
 from fastsip.timers._wheel cimport TimerWheel
+from fastsip.transport._rules cimport response_destination
 
 from fastsip.errors import ParseError
 from fastsip.transaction import base as _base
 from fastsip.transaction.base import Refusals, TimerConfig, hop_by_hop_request
-from fastsip.transport.rules import local_tag, response_destination
+from fastsip.transport.rules import local_tag
 
 log = logging.getLogger("fastsip.transaction")
 
@@ -59,6 +60,67 @@ cdef class _Lingering:
             cancel_timer(self._timeout)
             self._timeout = None
         return 0
+
+
+# A client transaction's handler: a compiled one's callbacks by C calls.
+cdef inline int _on_response(ClientTransaction txn, Response response) except -1:
+    h = txn.handler
+    if isinstance(h, ClientHandlerBase):
+        (<ClientHandlerBase>h).on_response(txn, response)
+    else:
+        h.on_response(txn, response)
+    return 0
+
+
+cdef inline int _on_timeout(ClientTransaction txn) except -1:
+    h = txn.handler
+    if isinstance(h, ClientHandlerBase):
+        (<ClientHandlerBase>h).on_timeout(txn)
+    else:
+        h.on_timeout(txn)
+    return 0
+
+
+cdef inline int _on_transport_error(ClientTransaction txn) except -1:
+    h = txn.handler
+    if isinstance(h, ClientHandlerBase):
+        (<ClientHandlerBase>h).on_transport_error(txn)
+    else:
+        h.on_transport_error(txn)
+    return 0
+
+
+cdef class ClientHandlerBase:
+    """The :class:`~fastsip.transaction.layer.ClientHandler` protocol as a compiled base
+    class: the layer calls a handler that inherits it by C calls (a Python subclass may still
+    override each method).  Any other object with the three methods serves as before."""
+
+    cpdef on_response(self, txn, Response response):
+        """Each provisional and final response once; for INVITE, every 2xx (RFC 6026)."""
+
+    cpdef on_timeout(self, txn):
+        """Timer B or F: no final response."""
+
+    cpdef on_transport_error(self, txn):
+        """The request could not be sent."""
+
+
+cdef class TransactionUserBase:
+    """The :class:`~fastsip.transaction.layer.TransactionUser` protocol as a compiled base
+    class: the layer calls a TU that inherits it (the proxy core) by C calls.  Its methods do
+    nothing; a TU overrides the ones it needs."""
+
+    cpdef on_request(self, txn, Request request):
+        """A new request (never a retransmission; never an ACK)."""
+
+    cpdef on_ack(self, Request request, source):
+        """An ACK that belongs to no INVITE server transaction in Completed state."""
+
+    cpdef on_stray_response(self, Response response, source):
+        """A response that matches no client transaction."""
+
+    cpdef on_server_timeout(self, txn):
+        """Timer H: the ACK for a non-2xx final response never came."""
 
 
 cdef class ClientTransaction(_Lingering):
@@ -138,7 +200,7 @@ cdef class ClientTransaction(_Lingering):
         if state in (S_CALLING, S_TRYING, S_PROCEEDING) \
                 and not (self.is_invite and state == S_PROCEEDING):
             self._end()                                  # Timer B / F
-            self.handler.on_timeout(self)
+            _on_timeout(self)
 
     cdef int _linger(self, double delay) except -1:
         # Timer D / K: absorb retransmitted final responses, then go.
@@ -163,7 +225,7 @@ cdef class ClientTransaction(_Lingering):
                     self._cancel_timeout()
             if state == S_CALLING or state == S_TRYING or state == S_PROCEEDING:
                 self.last_response = response
-                self.handler.on_response(self, response)
+                _on_response(self, response)
             return 0
         if self.is_invite:
             if 200 <= status < 300:
@@ -177,7 +239,7 @@ cdef class ClientTransaction(_Lingering):
                 if self._state == S_ACCEPTED:
                     if not layer.shed:
                         self.last_response = response
-                    self.handler.on_response(self, response)
+                    _on_response(self, response)
                 return 0
             if state == S_CALLING or state == S_PROCEEDING:
                 self._state = S_COMPLETED
@@ -186,7 +248,7 @@ cdef class ClientTransaction(_Lingering):
                 self.last_response = response
                 self._ack = wire(self._build_ack(response))
                 layer.transport.send(self._ack, self.dest)
-                self.handler.on_response(self, response)
+                _on_response(self, response)
                 self._shed()
                 self._linger(0 if self._reliable else 32.0)
             elif state == S_COMPLETED and self._ack is not None:
@@ -197,7 +259,7 @@ cdef class ClientTransaction(_Lingering):
             self._stop_retransmitting()
             self._cancel_timeout()
             self.last_response = response
-            self.handler.on_response(self, response)
+            _on_response(self, response)
             self._shed()
             self._linger(0 if self._reliable else layer._t4)
         return 0
@@ -211,7 +273,7 @@ cdef class ClientTransaction(_Lingering):
         if self._state == S_TERMINATED:
             return
         self._end()
-        self.handler.on_transport_error(self)
+        _on_transport_error(self)
 
     cdef int _stop_retransmitting(self) except -1:
         # Timer A/E (or D/K, the linger) is stopped; the request's bytes are never sent again
@@ -352,7 +414,7 @@ cdef class ServerTransaction(_Lingering):
         self._timeout = None
         if self._state == S_COMPLETED:
             self._end()
-            self.layer.tu.on_server_timeout(self)
+            self.layer._on_server_timeout(self)
 
     cdef int _receive_retransmission(self, object request, object source) except -1:
         cdef TransactionLayer layer = self.layer
@@ -367,7 +429,7 @@ cdef class ServerTransaction(_Lingering):
                     self._timeout = layer._later_lax(layer._t4, self._terminate)
                     layer._server_lingering[self.key] = self
             elif state == S_ACCEPTED:
-                layer.tu.on_ack(request, source)         # RFC 6026: the 2xx's ACK goes up
+                layer._on_ack(request, source)         # RFC 6026: the 2xx's ACK goes up
             return 0
         if (state == S_PROCEEDING or state == S_COMPLETED) and self._data is not None:
             layer.transport.send(self._data, self.dest)  # last response again
@@ -425,6 +487,7 @@ cdef class TransactionLayer:
             self._wheel = None
             self._wheel_lax = None
         self.tu = tu
+        self._ctu = tu if isinstance(tu, TransactionUserBase) else None
         # Drop a transaction's messages when it starts to linger (the TU's ``sheds_messages``).
         self.shed = bool(getattr(tu, "sheds_messages", False))
         self.config = config if config is not None else TimerConfig()
@@ -493,12 +556,41 @@ cdef class TransactionLayer:
         cdef object found = self._client.get(key)
         try:
             if found is None:
-                self.tu.on_stray_response(response, source)
+                self._on_stray_response(response, source)
             else:
                 (<ClientTransaction>found)._receive(response)
         except ParseError as exc:
             # A response is never answered (§18.1.2): a malformed one is dropped.
             log.debug("dropping a %d from %s: %s", response.status_code, source, exc)
+        return 0
+
+    # The TU's callbacks: a compiled TU's by C calls.
+    cdef int _on_request(self, txn, Request request) except -1:
+        if self._ctu is not None:
+            self._ctu.on_request(txn, request)
+        else:
+            self.tu.on_request(txn, request)
+        return 0
+
+    cdef int _on_ack(self, Request request, source) except -1:
+        if self._ctu is not None:
+            self._ctu.on_ack(request, source)
+        else:
+            self.tu.on_ack(request, source)
+        return 0
+
+    cdef int _on_stray_response(self, Response response, source) except -1:
+        if self._ctu is not None:
+            self._ctu.on_stray_response(response, source)
+        else:
+            self.tu.on_stray_response(response, source)
+        return 0
+
+    cdef int _on_server_timeout(self, txn) except -1:
+        if self._ctu is not None:
+            self._ctu.on_server_timeout(txn)
+        else:
+            self.tu.on_server_timeout(txn)
         return 0
 
     cdef object _later(self, double delay, callback, tuple args=()):
@@ -550,7 +642,7 @@ cdef class TransactionLayer:
             return 0
         if request._method() == "ACK":
             try:
-                self.tu.on_ack(request, source)
+                self._on_ack(request, source)
             except ParseError as exc:
                 log.debug("dropping ACK from %s: %s", source, exc)
             return 0
@@ -564,7 +656,7 @@ cdef class TransactionLayer:
         cdef ServerTransaction txn = ServerTransaction(self, request, source, key)
         self._server[key] = txn
         try:
-            self.tu.on_request(txn, request)
+            self._on_request(txn, request)
         except ParseError as exc:
             # Malformed content the TU met while handling the request (a header parsed
             # lazily): the RFC's answer is 400 with the problem, never silence.

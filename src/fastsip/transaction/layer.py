@@ -13,7 +13,11 @@ retransmissions excepted: RFC 6026 hands those to the TU, which owns the 2xx/ACK
 The transaction table and its four state machines are compiled
 (:mod:`fastsip.transaction._layer`: every message of a call passes through them); the timer
 values, state names and overload counter are plain Python (:mod:`fastsip.transaction.base`).
-This module is their public home, with the protocols the layer's users implement.
+This module is their public home, with the protocols the layer's users implement.  A compiled
+handler or TU may inherit :class:`ClientHandlerBase` or :class:`TransactionUserBase` (the
+proxy core does): the layer then calls it by C calls instead of Python ones; any object with
+the methods serves as well.  Likewise a clock that is a ``WheelDriver`` (its methods are its
+wheel's own) has its timers scheduled on the wheel by C calls.
 """
 
 from __future__ import annotations
@@ -22,7 +26,13 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from fastsip.sip import Request, Response
-from fastsip.transaction._layer import ClientTransaction, ServerTransaction, TransactionLayer
+from fastsip.transaction._layer import (
+    ClientHandlerBase,
+    ClientTransaction,
+    ServerTransaction,
+    TransactionLayer,
+    TransactionUserBase,
+)
 from fastsip.transaction.base import (
     ACCEPTED,
     CALLING,
@@ -49,6 +59,7 @@ __all__ = [
     "TERMINATED",
     "TRYING",
     "ClientHandler",
+    "ClientHandlerBase",
     "ClientTransaction",
     "Clock",
     "Refusals",
@@ -56,6 +67,7 @@ __all__ = [
     "TimerConfig",
     "TransactionLayer",
     "TransactionUser",
+    "TransactionUserBase",
     "hop_by_hop_request",
     "new_branch",
 ]

@@ -11,14 +11,14 @@ it): it runs for every datagram, and a Python call cost more than the test.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
-from fastsip.sip._message cimport H_VIA, Message, Request
+from fastsip.sip._message cimport H_VIA, Message, Request, parse_c
 from fastsip.transport._address cimport make_address
+from fastsip.transport._rules cimport check_sent_by
 
 import logging
 
 from fastsip.errors import ParseError
-from fastsip.sip import parse
-from fastsip.transport.rules import check_sent_by, error_response
+from fastsip.transport.rules import error_response
 
 log = logging.getLogger("fastsip.transport")
 
@@ -65,7 +65,7 @@ cdef bint receive_datagram_c(data, str host, int port, int connection, limits, t
         return False
     source = make_address("UDP", host, port, connection)
     try:
-        msg = parse(data, limits)
+        msg = parse_c(data, limits)
     except ParseError as exc:
         log.debug("malformed datagram from %s: %s", source, exc)
         if malformed is not None:

@@ -50,7 +50,7 @@ cpdef str strip_brackets(str host):
     return host
 
 
-def response_destination(via, source=None):
+cpdef Address response_destination(via, source=None):
     """Where a response to a request whose top Via is ``via`` goes (§18.2.2, RFC 3581 §4).
 
     Reliable transport with the connection still known: back over it (``source.connection``),
@@ -89,7 +89,7 @@ def response_destination(via, source=None):
     return Address(transport, host, port, 0)
 
 
-def next_hop(target):
+cpdef Address next_hop(target):
     """Where a request for ``target`` (a Request-URI or the first Route) is sent: RFC 3263 §4
     without NAPTR/SRV lookups.
 
@@ -128,7 +128,7 @@ def next_hop(target):
     return Address(transport, host, port)
 
 
-def request_next_hop(request, outbound_proxy=None):
+cpdef Address request_next_hop(request, outbound_proxy=None):
     """The next hop of an outgoing request (§8.1.2): the outbound proxy when configured, else
     the first Route (loose routing; a strict router has already been swapped into the
     Request-URI by §12.2.1.1), else the Request-URI."""
@@ -141,7 +141,7 @@ def request_next_hop(request, outbound_proxy=None):
     return next_hop(r._uri())
 
 
-def check_sent_by(response, local):
+cpdef bint check_sent_by(response, local) except -1:
     """§18.1.2: does the top Via's sent-by name one of our ``local`` (host, port) pairs?  A
     client transport silently discards a response for which it does not.
 
