@@ -706,3 +706,133 @@ def test_a_tu_that_keeps_messages_reads_them_after_the_final_response() -> None:
     layer.receive(req, UDP)
     txn = next(iter(layer._server.values()))
     assert txn.request is req and txn.last_response is not None
+
+
+# -- the compiled paths: a driver's wheel scheduled in C, compiled TUs and handlers ---------------
+
+class WheelClock:
+    """What ``fastsip.asyncio.WheelDriver`` is to the layer, without a loop: its methods are
+    its wheel's own (``call_later_now``, ``call_later_lax``, ``clock_time``), counted from an
+    owner's clock that the test moves with the wheel.  The layer schedules on the wheel by C
+    calls then; the timers must fire exactly as through a called clock."""
+
+    def __init__(self, wheel: TimerWheel) -> None:
+        self.now = wheel.time()
+        self.wheel = wheel
+        wheel.set_clock(lambda: self.now)
+        self.call_later = wheel.call_later_now
+        self.call_later_lax = wheel.call_later_lax
+        self.time = wheel.clock_time
+
+
+def times_of_owned(clock: WheelClock, wire: Wire, until: float,
+                   step: float = 0.0005) -> list[float]:
+    """times_of, with the owner's clock moved along with the wheel (as a loop's is)."""
+    out = []
+    t = clock.wheel.time()
+    while t < until:
+        t = round(t + step, 6)
+        clock.now = t
+        clock.wheel.advance(t)
+        if wire.sent:
+            out.append(t)
+            wire.sent.clear()
+    return out
+
+
+def test_a_driver_clock_fires_the_same_client_timers_through_its_wheel() -> None:
+    wire, wheel, rec = Wire(), TimerWheel(tick=0.001), Recorder()
+    clock = WheelClock(wheel)
+    layer = TransactionLayer(wire, clock, rec, TimerConfig())
+    before = wheel.scheduled
+    txn = layer.request(request(), UDP, rec)
+    wire.take()
+    assert wheel.scheduled == before + 1      # Timer A, on the driver's wheel
+    # Timer A doubling, Timer B at 64*T1 (as test_client_invite_timer_a_doubles_... above).
+    assert times_of_owned(clock, wire, 33.0) == pytest.approx(
+        [0.5, 1.5, 3.5, 7.5, 15.5, 31.5], abs=0.002)
+    assert rec.events == [("timeout", "INVITE")] and txn.state == TERMINATED
+    # Non-INVITE: Timer E caps at T2; a final response then lingers (Timer K, lax).
+    req = request("OPTIONS")
+    ntxn = layer.request(req, UDP, rec)
+    wire.take()
+    start = clock.now
+    sends = times_of_owned(clock, wire, start + 8.0)
+    assert [round(t - start, 3) for t in sends] == pytest.approx([0.5, 1.5, 3.5, 7.5],
+                                                                 abs=0.002)
+    layer.receive(response(req, 200), UDP)
+    assert ntxn.state == COMPLETED
+    times_of_owned(clock, wire, clock.now + 5.2, step=0.01)     # T4 = 5 s, up to 1/8 late
+    assert ntxn.state == TERMINATED
+
+
+def test_a_driver_clock_fires_the_same_server_timers_through_its_wheel() -> None:
+    wire, wheel, rec = Wire(), TimerWheel(tick=0.001), Recorder(answer=486)
+    clock = WheelClock(wheel)
+    layer = TransactionLayer(wire, clock, rec, TimerConfig())
+    layer.receive(request(), UDP)
+    assert [m.status_code for m in wire.take()] == [486]
+    # Timer G doubling up to T2, Timer H at 64*T1 (lax: at most an eighth late, never early).
+    assert times_of_owned(clock, wire, 36.5) == pytest.approx(
+        [0.5, 1.5, 3.5, 7.5, 11.5, 15.5, 19.5, 23.5, 27.5, 31.5], abs=0.002)
+    assert rec.events == [("request", "INVITE"), ("server_timeout", "INVITE")]
+    assert layer.server_transactions == 0
+
+
+def test_a_clock_that_is_not_its_wheels_own_is_called() -> None:
+    # A driver whose call_later is its own (a wrapper, a test's spy) is called, not bypassed.
+    wire, wheel, rec = Wire(), TimerWheel(tick=0.001), Recorder()
+    clock = WheelClock(wheel)
+    calls: list[float] = []
+
+    def spy(delay: float, callback: Any, *args: Any) -> Any:
+        calls.append(delay)
+        return wheel.call_later_now(delay, callback, *args)
+
+    clock.call_later = spy     # type: ignore[assignment]
+    layer = TransactionLayer(wire, clock, rec, TimerConfig())
+    layer.request(request(), UDP, rec)
+    assert calls == [0.5]
+
+
+def test_compiled_tu_and_handler_bases_dispatch_to_python_overrides() -> None:
+    # TransactionUserBase / ClientHandlerBase are called by C calls; a Python subclass's
+    # methods must still be the ones that run (and a base's own do nothing).
+    from fastsip.transaction import ClientHandlerBase, TransactionUserBase
+
+    class TU(TransactionUserBase):
+        def __init__(self) -> None:
+            self.events: list[tuple[str, Any]] = []
+
+        def on_request(self, txn: Any, request: fastsip.Request) -> None:
+            self.events.append(("request", request.method))
+            txn.reply(486)
+
+        def on_ack(self, request: fastsip.Request, source: Any) -> None:
+            self.events.append(("ack", request.method))
+
+    class Handler(ClientHandlerBase):
+        def __init__(self) -> None:
+            self.events: list[tuple[str, Any]] = []
+
+        def on_response(self, txn: Any, response: fastsip.Response) -> None:
+            self.events.append(("response", response.status_code))
+
+    wire, wheel, tu = Wire(), TimerWheel(tick=0.001), TU()
+    layer = TransactionLayer(wire, wheel, tu, TimerConfig())
+    layer.receive(request("INVITE"), UDP)
+    assert tu.events == [("request", "INVITE")]
+    assert [m.status_code for m in wire.take()] == [486]
+    layer.receive(request("ACK"), UDP)             # matches nothing: to the TU
+    assert tu.events[-1] == ("ack", "ACK")
+    layer.receive(response(request(), 200), UDP)  # a stray: the base's on_stray_response
+    handler = Handler()
+    req = request("OPTIONS")
+    layer.request(req, UDP, handler)
+    layer.receive(response(req, 200), UDP)
+    assert handler.events == [("response", 200)]
+    wheel.advance(40.0)                            # Timer K: no callback; nothing raised
+    base = ClientHandlerBase()
+    txn = layer.request(request("OPTIONS"), UDP, base)
+    wheel.advance(80.0)                            # Timer F: the base's on_timeout, a no-op
+    assert txn.state == TERMINATED

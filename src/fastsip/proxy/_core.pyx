@@ -1165,30 +1165,30 @@ cdef class Proxy(TransactionUserBase):
 
     # -- TransactionUser ---------------------------------------------------------------------
 
-    cpdef on_request(self, txn_, Request request):
+    cpdef on_request(self, txn, Request request):
         # (The TransactionUser callbacks are C calls from the layer: TransactionUserBase.)
-        if txn_ is None or request is None:
+        if txn is None or request is None:
             raise TypeError("on_request needs a ServerTransaction and a Request")
-        cdef ServerTransaction txn = txn_
+        cdef ServerTransaction stxn = txn
         cdef str method = request._method()
         if method == "CANCEL":
-            self._on_cancel(txn, request)
+            self._on_cancel(stxn, request)
             return
-        source = txn.source
+        source = stxn.source
         host = source.host
         per_source = self._per_source
         if self._live >= self.max_pending or \
                 per_source.get(host, 0) >= self.max_pending_per_source:
             self._overloaded(host, method)
-            txn.respond_statelessly(
+            stxn.respond_statelessly(
                 request.reply(
                     503, to_tag=_stateless_tag(request),
                     headers=[("Retry-After", str(self.retry_after))],
                 )
             )
             return
-        cdef ResponseContext ctx = ResponseContext(self, txn, request, source)
-        txn.data = ctx  # for a CANCEL (§16.10)
+        cdef ResponseContext ctx = ResponseContext(self, stxn, request, source)
+        stxn.data = ctx  # for a CANCEL (§16.10)
         self._live += 1
         per_source[host] = per_source.get(host, 0) + 1
         try:

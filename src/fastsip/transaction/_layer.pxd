@@ -133,4 +133,3 @@ cdef class ServerTransaction(_Lingering):
     cpdef respond_statelessly(self, Response response)
     cdef int _receive_retransmission(self, object request, object source) except -1
     cdef int _end(self) except -1
-
