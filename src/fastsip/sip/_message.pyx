@@ -404,6 +404,9 @@ cdef inline bint _ieq(const char* p, Py_ssize_t n, const char* lower, Py_ssize_t
     return True
 
 
+cdef const char* _HEX_DIGITS = b"0123456789abcdef"
+
+
 cdef inline str _text(const char* p, Py_ssize_t s, Py_ssize_t e):
     return fastsip_text(p + s, e - s)
 
@@ -2573,7 +2576,13 @@ cdef class Request(Message):
                 if h.id == hid and not h.deleted:
                     hv = _fnv_end(_fnv(hv, self._base(h), h.value_s, h.value_e))
             hv = _fnv_end(hv)
-        return "%016x" % hv
+        # Sixteen hex digits, written here: "%016x" % hv made an int and ran the formatter
+        # (~1,200 instructions, twice a call).
+        cdef char digits[16]
+        for j in range(15, -1, -1):
+            digits[j] = _HEX_DIGITS[hv & 15]
+            hv >>= 4
+        return _text(digits, 0, 16)
 
     def reply(self, int status, reason=None, *, to_tag=None, headers=None, body=None,
               content_type=None, record_route=False):
