@@ -121,6 +121,7 @@ cdef class _Settled(ClientHandlerBase):
             _add_alias(response, self.dest)
         _send_upstream(self.proxy, self.upstream, response)
 
+
 cdef _send_upstream(Proxy proxy, ServerTransaction txn, Response response):
     """A response goes upstream through the server transaction ``txn``."""
     if _terminated(txn):

@@ -5,8 +5,10 @@ documents them and is where users import them from.
 
 Every message of a call passes through here (seven at a stateful proxy), and the machines
 are small and fixed: with typed fields and C calls between them, matching, state changes and
-timer bookkeeping run without the interpreter.  The transaction user's callbacks, the clock
-and the transport stay Python objects, called as before.
+timer bookkeeping run without the interpreter.  A TU or handler that inherits the compiled
+bases below (the proxy core does) is called by C calls, and a WheelDriver's wheel gets its
+timers by C calls; any other TU, handler or clock, and the transport, are Python objects,
+called as before.
 """
 
 import logging
