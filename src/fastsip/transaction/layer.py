@@ -17,7 +17,7 @@ This module is their public home, with the protocols the layer's users implement
 handler or TU may inherit :class:`ClientHandlerBase` or :class:`TransactionUserBase` (the
 proxy core does): the layer then calls it by C calls instead of Python ones; any object with
 the methods serves as well.  Likewise a clock that is a ``WheelDriver`` (its methods are its
-wheel's own) has its timers scheduled on the wheel by C calls.
+wheel's own, checked when the layer is built) has its timers scheduled on the wheel by C calls.
 """
 
 from __future__ import annotations
