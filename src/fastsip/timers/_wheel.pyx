@@ -943,8 +943,8 @@ cdef class TimerWheel:
         return _call_at(self, now + delay, callback, args)
 
     cdef TimerHandle later_c(self, double delay, object callback, tuple args):
-        """:meth:`call_later_now` for compiled callers: no argument tuple to build, no
-        Python call."""
+        """:meth:`call_later_now` for compiled callers: ``args`` as a tuple the caller holds
+        (``()`` for most), instead of a Python call that packs ``*args`` anew."""
         return _call_at(self, self._owner_now() + delay, callback, args)
 
     cdef TimerHandle later_lax_c(self, double delay, object callback, tuple args):
