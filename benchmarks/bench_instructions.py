@@ -21,7 +21,17 @@ comparable between two versions of serve, not between serve and another program.
 runs several times serve's instructions a call, nine tenths of them in its default allocator
 (``qm_malloc`` walking its free list; ``--kamailio-mem tlsf`` in bench_proxy halves its CPU).
 
-    python benchmarks/bench_instructions.py [--calls 200] [--kamailio]
+With ``--cache``, callgrind also simulates the caches (the same geometry on every machine:
+32 KiB 8-way L1 instruction and data caches, a 1 MiB last level, 64-byte lines) and the
+report adds the L1 misses per call.  They are what the instruction count leaves out: serve
+runs about as many instructions a call as the floor but misses the L1 caches two to three
+times as often (its path crosses a dozen compiled modules and more objects), and on a host
+where an L1 miss that hits L2 costs ~12 cycles those misses are much of the difference in
+time between the two (docs/performance.md).  The simulated caches belong to the process
+alone -- no kernel, no sipp on the same core evicting lines -- so the counts are a floor
+under what the real run misses.
+
+    python benchmarks/bench_instructions.py [--calls 200] [--kamailio] [--cache]
 """
 
 from __future__ import annotations
@@ -63,6 +73,11 @@ BAR = float(os.environ.get("FASTSIP_BENCH_INSTR_BAR", "1.5"))
 #: modules ~50 times slower there; with no bytecode cache (PYTHONDONTWRITEBYTECODE, as CI
 #: runs) it compiled them too and outlasted bench_proxy's 15 s, failing the first attempts.
 STARTUP_UNDER_VALGRIND = 180.0
+#: ``--cache``: the simulated caches, fixed so that counts compare between machines.
+CACHE_SIM = ["--cache-sim=yes", "--I1=32768,8,64", "--D1=32768,8,64", "--LL=1048576,16,64"]
+#: The simulated events reported per call: L1 instruction misses, L1 data misses (reads and
+#: writes).
+MISS_EVENTS = {"i1_misses": ("I1mr",), "d1_misses": ("D1mr", "D1mw")}
 
 
 def _pids(root: int) -> list[int]:
@@ -70,15 +85,16 @@ def _pids(root: int) -> list[int]:
 
 
 def count(argv: Sequence[str], env: dict[str, str] | None, calls: int, workdir: Path,
-          name: str, function: str = "") -> tuple[float, int, float]:
+          name: str, function: str = "", cache: bool = False) -> tuple[float, int, float]:
     """(instructions per completed call of every process ``argv`` starts, completed calls,
-    the instructions per call of ``function`` alone in the busiest process, when named)."""
+    the instructions per call of ``function`` alone in the busiest process, when named).
+    ``cache``: simulate the caches too (:func:`misses` reads the counts)."""
     out = workdir / f"cg-{name}"
     out.mkdir()
     run_env = dict(env if env is not None else os.environ)
     run_env["PYTHONHASHSEED"] = "0"
     cmd = [VALGRIND or "valgrind", "--tool=callgrind", "--trace-children=yes",
-           f"--callgrind-out-file={out}/cg.%p", *argv]
+           *(CACHE_SIM if cache else []), f"--callgrind-out-file={out}/cg.%p", *argv]
     assert CALLGRIND_CONTROL is not None
     marked: list[int] = []
 
@@ -105,6 +121,24 @@ def count(argv: Sequence[str], env: dict[str, str] | None, calls: int, workdir: 
     return sum(totals.values()) / ok, ok, own / ok
 
 
+def misses(workdir: Path, name: str, calls: int) -> dict[str, float]:
+    """The simulated L1 misses per call of a :func:`count` run with ``cache``, summed over
+    its processes' dumps: ``i1_misses`` and ``d1_misses``."""
+    totals = dict.fromkeys(MISS_EVENTS, 0)
+    for f in glob.glob(str(workdir / f"cg-{name}" / "cg.*.*")):
+        events: list[str] = []
+        with open(f, errors="replace") as text:
+            for line in text:
+                if line.startswith("events:"):
+                    events = line.split()[1:]
+                elif line.startswith(("summary:", "totals:")) and events:
+                    values = dict(zip(events, (int(v) for v in line.split()[1:])))
+                    for key, names in MISS_EVENTS.items():
+                        totals[key] += sum(values.get(n, 0) for n in names)
+                    break
+    return {key: total / calls if calls else 0.0 for key, total in totals.items()}
+
+
 def _own_cost(path: str, function: str) -> int:
     """The instructions ``function`` ran itself (callees excluded) in a callgrind file."""
     text = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=100", path],
@@ -116,14 +150,19 @@ def _own_cost(path: str, function: str) -> int:
     return 0
 
 
-def compare(calls: int = CALLS, kamailio: bool = False) -> dict[str, float]:
+def compare(calls: int = CALLS, kamailio: bool = False, cache: bool = False
+            ) -> dict[str, float]:
     r: dict[str, float] = {"calls": calls}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         r["floor"], r["floor_ok"], _ = count(bp.floor_argv(), fastsip_env(), calls, work,
-                                             "floor")
+                                             "floor", cache=cache)
         r["fastsip"], r["fastsip_ok"], _ = count(bp.fastsip_argv(work), fastsip_env(), calls,
-                                                 work, "fastsip")
+                                                 work, "fastsip", cache=cache)
+        if cache:
+            for name in ("floor", "fastsip"):
+                for key, value in misses(work, name, int(r[f"{name}_ok"])).items():
+                    r[f"{name}_{key}"] = value
         if kamailio:
             r["kamailio"], r["kamailio_ok"], r["kamailio_qm_malloc"] = count(
                 bp.kamailio_argv(work), None, calls, work, "kamailio", "qm_malloc")
@@ -140,6 +179,13 @@ def report(r: dict[str, float]) -> str:
     lines.append(f"  fastsip serve (README install, INFO)  {r['fastsip']:>12,.0f}  "
                  f"({int(r['fastsip_ok'])} calls)")
     lines.append(f"  serve / floor: {r['ratio']:.2f} (bar {BAR})")
+    if "fastsip_i1_misses" in r:
+        lines.append("  simulated L1 misses per call (32 KiB I1 and D1; the process alone):")
+        for key, label in (("i1_misses", "instruction"), ("d1_misses", "data (read+write)")):
+            floor, serve = r[f"floor_{key}"], r[f"fastsip_{key}"]
+            ratio = f"{serve / floor:.2f}" if floor else "-"
+            lines.append(f"    {label:<18} floor {floor:>9,.0f}  serve {serve:>9,.0f}  "
+                         f"serve / floor {ratio}")
     if "kamailio" in r:
         share = r["kamailio_qm_malloc"] / r["kamailio"] if r["kamailio"] else 0.0
         lines.append(f"  Kamailio 5.6, every process           {r['kamailio']:>12,.0f}  "
@@ -164,9 +210,11 @@ if __name__ == "__main__":
     ap.add_argument("--calls", type=int, default=CALLS)
     ap.add_argument("--kamailio", action="store_true",
                     help="count Kamailio's processes too (its allocator's share is shown)")
+    ap.add_argument("--cache", action="store_true",
+                    help="simulate the L1 caches too and report their misses per call")
     a = ap.parse_args()
     if VALGRIND is None or CALLGRIND_CONTROL is None or bp.SIPP is None:
         sys.exit("needs valgrind (callgrind_control) and sipp")
     if a.kamailio and bp.KAMAILIO is None:
         sys.exit("--kamailio: kamailio is not installed")
-    print(report(compare(a.calls, a.kamailio)))
+    print(report(compare(a.calls, a.kamailio, a.cache)))
