@@ -17,6 +17,7 @@ import pytest
 from fastsip import Request, Response, parse
 from fastsip.asyncio import Endpoint, TransportLayer, interface_addresses, netif
 from fastsip.asyncio.transport import _UdpSocket
+from fastsip.proxy.edge import SourceGuard
 from fastsip.transaction import ServerTransaction
 from fastsip.transport import Address
 
@@ -618,6 +619,72 @@ def test_udp_path_follows_hooks_set_while_listening(factory: Any, lean: bool) ->
         finally:
             raw.close()
             await server.close()
+
+    run(factory, main())
+
+
+class CountingGuard(SourceGuard):
+    """A source guard whose ``admit`` a user overrode in Python (here: a switch, then the
+    guard's own rate limit)."""
+
+    def __init__(self) -> None:
+        super().__init__(rate=1000.0, burst=1000.0)
+        self.deny = False
+        self.asked: list[str] = []
+
+    def admit(self, host: str, now: float) -> bool:
+        self.asked.append(host)
+        return not self.deny and super().admit(host, now)
+
+
+@pytest.mark.parametrize("lean", IO)
+@pytest.mark.parametrize("factory", LOOPS)
+def test_udp_path_calls_the_layer_and_the_guard_as_c_objects(factory: Any, lean: bool) -> None:
+    """Wired as the Endpoint and serve wire them (the transaction layer's bound ``receive`` as
+    ``on_message``, a guard's bound ``admit`` as the hook), the compiled UDP path keeps the
+    two objects and calls their C methods; a Python override of ``admit`` still decides, and
+    every request still reaches the transaction user and is answered."""
+    async def main() -> None:
+        guard = CountingGuard()
+        raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        raw.bind(("127.0.0.1", 0))
+        raw.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            ep = Endpoint(Answerer(), ["udp:127.0.0.1:0"], admit=guard.admit)
+            layer = ep.transport
+            layer._lean_io = layer._lean_udp = lean
+            async with ep:
+                intake = layer._intake
+                assert intake is not None
+                assert intake.on_message is ep.transactions     # the layer, not its method
+                assert intake.admit is guard
+                dest = ("127.0.0.1", ep.address("UDP").port)
+                sent_by = f"127.0.0.1:{raw.getsockname()[1]}"
+
+                async def ask(call_id: str) -> Response | None:
+                    raw.sendto(bytes(options("sip:a@x", sent_by, call_id=call_id,
+                                             branch=f"z9hG4bK{call_id}")), dest)
+                    try:
+                        data = await asyncio.wait_for(loop.sock_recv(raw, 65535), 1)
+                    except asyncio.TimeoutError:
+                        return None
+                    answer = parse(data)
+                    assert isinstance(answer, Response)
+                    return answer
+
+                first = await ask("c-one")
+                assert first is not None and first.status_code == 200
+                assert first.call_id == "c-one"
+                guard.deny = True                    # the override says no: nothing comes back
+                assert await ask("c-two") is None
+                assert layer.stats.datagrams_denied == 1
+                guard.deny = False
+                third = await ask("c-three")
+                assert third is not None and third.call_id == "c-three"
+                assert guard.asked == ["127.0.0.1"] * 3
+        finally:
+            raw.close()
 
     run(factory, main())
 

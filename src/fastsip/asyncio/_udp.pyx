@@ -45,7 +45,7 @@ from fastsip.rtp._net cimport (
 )
 from fastsip.timers._wheel cimport TimerWheel
 from fastsip.transport._address cimport Address
-from fastsip.transport._intake cimport receive_datagram_c
+from fastsip.transport._intake cimport admit_c, direct_callee, receive_datagram_c
 
 import ipaddress
 import logging
@@ -176,6 +176,8 @@ cdef class IntakeState:
     dicts are the layer's own, so appending a listener needs no new snapshot)."""
 
     cdef readonly object limits
+    # The layer's on_message and admit, or the compiled objects whose bound methods they are
+    # (the transaction layer, the source guard: called in C, see _intake.direct_callee).
     cdef readonly object on_message
     cdef readonly object local          # our sent-bys for the Via check; None: no check
     cdef readonly object steer
@@ -191,11 +193,11 @@ cdef class IntakeState:
 
     def __init__(self, layer):
         self.limits = layer.limits
-        self.on_message = layer.on_message
+        self.on_message = direct_callee(layer.on_message)
         self.local = layer._local if layer.check_via else None
         self.steer = layer.steer
         self.answer_malformed = layer._answer_malformed
-        self.admit = layer.admit
+        self.admit = direct_callee(layer.admit)
         self.stats = layer.stats
         self.listeners = layer.listeners
         self.own = layer._own
@@ -447,7 +449,7 @@ def datagram_received(self, data, addr):
     try:
         host = addr[0]
         admit = st.admit
-        if admit is not None and not admit(host, self._time()):
+        if admit is not None and not admit_c(admit, host, self._time()):
             stats.datagrams_denied += 1
             return
         _receive(layer, st, data, host, addr[1], self.lid, True)
@@ -678,7 +680,7 @@ cdef class UdpSocket:
                     if host is None:
                         continue                     # not IPv4/IPv6: not ours to answer
                     try:
-                        if admit is not None and not admit(host, now):
+                        if admit is not None and not admit_c(admit, host, now):
                             denied += 1
                             continue
                         _receive(layer, st, PyBytes_FromStringAndSize(

@@ -3,7 +3,9 @@ fastsip.proxy.edge.SourceGuard derives from, which documents it."""
 
 from typing import Any
 
-class GuardState:
+from fastsip.transport._intake import SourceAdmission
+
+class GuardState(SourceAdmission):
     bans: dict[str, float]
     rate: float
     burst: float

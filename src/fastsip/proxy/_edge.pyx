@@ -9,14 +9,18 @@ reads (the bans, the rate and burst, the trusted networks, the sources) are C fi
 guard: no Python frame, and no attribute looked up by name, per packet.
 """
 
+from fastsip.transport._intake cimport SourceAdmission
+
 import logging
 
 log = logging.getLogger("fastsip.proxy.edge")
 
 
-cdef class GuardState:
+cdef class GuardState(SourceAdmission):
     """What :meth:`admit` reads and writes, as C fields; :class:`~fastsip.proxy.edge.SourceGuard`
-    (a Python class deriving from this one) sets them and keeps the rest of its state."""
+    (a Python class deriving from this one) sets them and keeps the rest of its state.  As a
+    :class:`~fastsip.transport._intake.SourceAdmission`, the compiled UDP shell asks it by a
+    C call."""
 
     #: host -> the time its ban ends
     cdef public dict bans
@@ -31,7 +35,7 @@ cdef class GuardState:
         self.bans = {}
         self._sources = {}
 
-    def admit(self, host, double now):
+    cpdef bint admit(self, host, double now) except -1:
         """Called for every message (or new connection) from ``host`` before any work is done
         on it: False means drop it silently (banned, or it just went over its rate)."""
         cdef dict bans = self.bans

@@ -257,6 +257,8 @@ cdef class Request(Message):
     cpdef str stateless_branch(self)
     cpdef copy(self)
     cpdef loop_hash(self)
+    cdef Message _reply(self, int status, object reason, object to_tag, object headers,
+                        object body, object content_type, bint record_route)
 
 
 cdef class Response(Message):

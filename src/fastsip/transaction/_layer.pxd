@@ -8,6 +8,7 @@ cimport cython
 
 from fastsip.sip._message cimport Request, Response
 from fastsip.timers._wheel cimport TimerHandle, TimerWheel
+from fastsip.transport._intake cimport MessageSink
 
 
 cdef enum:
@@ -48,7 +49,7 @@ cdef inline int cancel_timer(timer) except -1:
 
 
 @cython.final
-cdef class TransactionLayer:
+cdef class TransactionLayer(MessageSink):
     cdef readonly object transport
     cdef readonly object clock
     cdef public object call_later_lax

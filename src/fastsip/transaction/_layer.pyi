@@ -8,6 +8,7 @@ from fastsip.sip import Message, Request, Response
 from fastsip.transaction.base import Refusals, TimerConfig
 from fastsip.transaction.layer import ClientHandler, Clock, TransactionUser
 from fastsip.transport import Address, Transport
+from fastsip.transport._intake import MessageSink
 
 class ClientHandlerBase:
     """The ClientHandler protocol as a compiled base class: the layer calls a handler that
@@ -75,7 +76,7 @@ class ServerTransaction(_Lingering):
     def _terminate(self) -> None: ...
 
 @final
-class TransactionLayer:
+class TransactionLayer(MessageSink):
     call_later_lax: Callable[..., Any]
     max_server_transactions: int | None
     max_client_transactions: int | None

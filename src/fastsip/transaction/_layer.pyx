@@ -453,7 +453,7 @@ cdef class ServerTransaction(_Lingering):
         return f"<ServerTransaction {self.method} {self.key[0]} {self.state}>"
 
 
-cdef class TransactionLayer:
+cdef class TransactionLayer(MessageSink):
     """The transaction table and the matching rules of §17.1.3 and §17.2.3.
 
     ``max_server_transactions`` / ``max_client_transactions`` bound the tables (memory under
@@ -544,8 +544,10 @@ cdef class TransactionLayer:
 
     # -- receiving -------------------------------------------------------------------------
 
-    def receive(self, msg, source):
-        """Hand a parsed message from ``source`` to its transaction, or up to the TU."""
+    cpdef receive(self, msg, source):
+        """Hand a parsed message from ``source`` to its transaction, or up to the TU.  (A
+        C method of :class:`~fastsip.transport._intake.MessageSink`: the compiled UDP shell
+        calls it without a Python call.)"""
         if isinstance(msg, Response):
             self._receive_response(msg, source)
         else:
@@ -673,7 +675,7 @@ cdef class TransactionLayer:
         if txn.is_invite:
             if txn._state == S_PROCEEDING and txn.last_response is None:
                 # §17.2.1: a 100 unless the TU answers within 200 ms; it did not answer at once.
-                txn.respond(request.reply(100))
+                txn.respond(request._reply(100, None, None, None, None, None, False))
         elif txn._state == S_TRYING or txn._state == S_PROCEEDING:
             txn._timeout = self._later_lax(2 * self._timeout, txn._abandon)
         return 0
