@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 
 from fastsip import Request, Response, parse
-from fastsip.asyncio import Endpoint, TransportLayer, interface_addresses, netif
+from fastsip.asyncio import Endpoint, TransportLayer, _udp, interface_addresses, netif
+from fastsip.asyncio.timers import WheelDriver
 from fastsip.asyncio.transport import _UdpSocket
 from fastsip.proxy.edge import SourceGuard
-from fastsip.transaction import ServerTransaction
+from fastsip.transaction import ServerTransaction, TransactionLayer
 from fastsip.transport import Address
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -685,6 +686,71 @@ def test_udp_path_calls_the_layer_and_the_guard_as_c_objects(factory: Any, lean:
                 assert guard.asked == ["127.0.0.1"] * 3
         finally:
             raw.close()
+
+    run(factory, main())
+
+
+class RecordingTransport(TransportLayer):
+    """A transport whose ``send`` a user replaced (here: to see every message go)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[Address] = []
+
+    def send(self, data: bytes, dest: Address) -> None:
+        self.sent.append(dest)
+        super().send(data, dest)
+
+
+@pytest.mark.parametrize("replaced", ["by-subclass", "on-instance"])
+@pytest.mark.parametrize("factory", LOOPS)
+def test_transactions_send_through_the_compiled_transport_unless_send_is_replaced(
+        factory: Any, replaced: str) -> None:
+    """A TransportLayer gives the layers above a compiled stand-in for its send, local_for
+    and via_for (called without a Python call).  A subclass that replaces one of them has
+    none; a ``send`` set on the instance after the layers above were built (as serve's
+    metrics wrap it) is called by the stand-in.  Either way the transaction layer's
+    messages go through the replaced send."""
+    async def main() -> None:
+        plain = TransportLayer()
+        assert isinstance(plain.compiled, _udp.LayerTransport) and plain.compiled.layer is plain
+        server: TransportLayer
+        sent: list[Address] = []
+        if replaced == "by-subclass":
+            server = RecordingTransport()
+            sent = server.sent
+            assert server.compiled is None
+        else:
+            server = TransportLayer()
+            assert server.compiled is not None
+        raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        raw.bind(("127.0.0.1", 0))
+        raw.setblocking(False)
+        loop = asyncio.get_running_loop()
+        driver = WheelDriver()
+        try:
+            s = await server.listen("udp:127.0.0.1:0")
+            transactions = TransactionLayer(server, driver, Answerer())
+            server.on_message = transactions.receive
+            if replaced == "on-instance":
+                send = server.send
+
+                def counting(data: bytes, dest: Address) -> None:
+                    sent.append(dest)
+                    send(data, dest)
+
+                server.send = counting  # type: ignore[method-assign]
+            raw.sendto(bytes(options("sip:a@x", f"127.0.0.1:{raw.getsockname()[1]}",
+                                     call_id="through-send")), ("127.0.0.1", s.address.port))
+            answer = parse(await asyncio.wait_for(loop.sock_recv(raw, 65535), 2))
+            assert isinstance(answer, Response) and answer.status_code == 200
+            assert answer.call_id == "through-send"
+            assert [d.port for d in sent] == [raw.getsockname()[1]]
+        finally:
+            raw.close()
+            driver.close()
+            await server.close()
+            await plain.close()
 
     run(factory, main())
 

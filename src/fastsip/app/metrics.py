@@ -560,7 +560,8 @@ async def start_exporter(spec: str, timer: HandlerTimer, *, serve_router: Any, p
 
     counts = MessageCounts()
     transport.on_message = counts.receiving(transport.on_message)
-    # (an instance attribute: the transaction layer and the proxy look ``send`` up per call)
+    # (an instance attribute: the transport's compiled stand-in, which the transaction layer
+    # and the proxy call, is told and calls it: TransportLayer.__setattr__)
     transport.send = counts.sending(transport.send)
     serve_router.on_answered = counts.answered
     lag = LoopLag(loop)

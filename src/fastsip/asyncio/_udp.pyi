@@ -9,6 +9,7 @@ from typing import Any, final
 from fastsip.asyncio.transport import TransportLayer, _Datagram
 from fastsip.timers import TimerWheel
 from fastsip.transport import Address
+from fastsip.transport._base import TransportBase
 
 STREAM: tuple[str, str]
 WILDCARDS: tuple[str, str, str]
@@ -63,6 +64,12 @@ def datagram_send(self: _Datagram, data: bytes, dest: Address) -> None: ...
 def receive(self: TransportLayer, data: bytes, host: str, port: int, lid: int = 0,
             steer: bool = True) -> None: ...
 def datagram_received(self: _Datagram, data: bytes, addr: tuple[Any, ...]) -> None: ...
+
+@final
+class LayerTransport(TransportBase):
+    layer: TransportLayer
+    def __init__(self, layer: TransportLayer) -> None: ...
+    def replaced(self, name: str) -> None: ...
 
 @final
 class UdpSocket:

@@ -45,6 +45,7 @@ from fastsip.rtp._net cimport (
 )
 from fastsip.timers._wheel cimport TimerWheel
 from fastsip.transport._address cimport Address
+from fastsip.transport._base cimport TransportBase
 from fastsip.transport._intake cimport admit_c, direct_callee, receive_datagram_c
 
 import ipaddress
@@ -307,14 +308,18 @@ def via_for(self, Address dest, local=None):
     (``local``, when the caller has it already), but a worker's own socket
     (``own_sockets``) where the request will leave from it -- the port its responses
     must come back to."""
-    cdef IntakeState st = _state(self)
+    return _via_for(self, dest, local)
+
+
+cdef Address _via_for(layer, Address dest, local):
+    cdef IntakeState st = _state(layer)
     cdef Listener found, own
     if st.own and not dest.connection and dest.transport == "UDP":
-        found = _listener_for(self, st, dest)
+        found = _listener_for(layer, st, dest)
         if found is not None and found.own is not None:
             own = found.own
             return own.local
-    return local if local is not None else _local_for(self, st, dest)
+    return local if local is not None else _local_for(layer, st, dest)
 
 
 def udp_listener(self, int family, str host=""):
@@ -331,17 +336,63 @@ def send(self, data, Address dest):
     go to ``on_error(dest)``).  Stream transports: ``dest.connection`` while open, else
     an open connection to ``dest.peer``, else a new one (data queued until it is up).
     A host name (not an IP literal) is resolved first (A/AAAA, RFC 3263 §4.2)."""
-    cdef IntakeState st = _state(self)
+    _send(self, data, dest)
+
+
+cdef _send(layer, data, Address dest):
+    cdef IntakeState st = _state(layer)
     if st.closed:
         return
     transport = dest.transport
     if transport == "UDP":
-        _send_udp(self, st, data, dest)
+        _send_udp(layer, st, data, dest)
     elif transport in STREAM:
-        self._send_stream(data, dest)
+        layer._send_stream(data, dest)
     else:
         log.debug("no %s transport for %s", transport, dest)
-        self._fail_soon(dest)
+        layer._fail_soon(dest)
+
+
+@cython.final
+cdef class LayerTransport(TransportBase):
+    """A TransportLayer's ``send``, ``local_for`` and ``via_for`` as C methods (its
+    ``compiled`` attribute, :mod:`fastsip.transport._base`): the transaction layer and the
+    proxy core call them without a Python call, about a dozen a proxied call.
+
+    A method set on the layer itself later (serve's metrics wrap ``send`` to count the
+    responses) is called instead of the compiled one: the layer tells this object
+    (:meth:`replaced`), as those above it looked the object up once."""
+
+    cdef readonly object layer
+    cdef bint _send_replaced, _local_for_replaced, _via_for_replaced
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def replaced(self, str name):
+        """The layer's ``name`` (send, local_for or via_for) is its own now: call that."""
+        if name == "send":
+            self._send_replaced = True
+        elif name == "local_for":
+            self._local_for_replaced = True
+        elif name == "via_for":
+            self._via_for_replaced = True
+
+    cpdef send(self, data, dest):
+        if self._send_replaced:
+            self.layer.send(data, dest)
+        else:
+            _send(self.layer, data, <Address?>dest)
+
+    cpdef local_for(self, dest):
+        if self._local_for_replaced:
+            return self.layer.local_for(dest)
+        return _local_for(self.layer, _state(self.layer), <Address?>dest)
+
+    cpdef via_for(self, dest, local=None):
+        if self._via_for_replaced:
+            return self.layer.via_for(dest, local)
+        return _via_for(self.layer, <Address?>dest, local)
 
 
 cdef object _open(sock):

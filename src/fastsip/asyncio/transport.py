@@ -153,6 +153,8 @@ Listener = _udp.Listener
 #: A UDP listening socket read and written in C (``_udp.pyx``), on the loop's ``add_reader``.
 _UdpSocket = _udp.UdpSocket
 _INTAKE_ATTRIBUTES = _udp.INTAKE_ATTRIBUTES
+#: The methods the layers above call through ``TransportLayer.compiled``.
+_COMPILED_METHODS = ("send", "local_for", "via_for")
 
 
 class _Datagram(asyncio.DatagramProtocol):
@@ -452,10 +454,17 @@ class TransportLayer:
     #: its datagrams are handled, so the timers they schedule read no clock of their own.
     wheel: TimerWheel | None = None
 
+    #: ``send``, ``local_for`` and ``via_for`` as C methods (set in __init__, see there).
+    compiled: _udp.LayerTransport | None = None
+
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
         if name in _INTAKE_ATTRIBUTES and self._intake is not None:
             object.__setattr__(self, "_intake", _udp.IntakeState(self))
+        elif name in _COMPILED_METHODS and self.compiled is not None:
+            # A method of our own on this instance (serve's metrics wrap send): the layers
+            # above, which call the compiled stand-in, must reach it.
+            self.compiled.replaced(name)
 
     def __init__(
         self,
@@ -532,6 +541,14 @@ class TransportLayer:
         self.dns: Rfc3263Resolver | None = None
         #: What the UDP path reads for every datagram, as C fields (see __setattr__).
         self._intake = _udp.IntakeState(self)
+        # ``send``, ``local_for`` and ``via_for`` as C methods, for the compiled layers that
+        # send through this transport (fastsip.transport._base); None when a subclass
+        # replaced one of them, so that its own runs.  (One set on the instance later is
+        # called through the stand-in: __setattr__.)
+        self.compiled = (
+            _udp.LayerTransport(self) if all(
+                getattr(type(self), name) is getattr(TransportLayer, name)
+                for name in _COMPILED_METHODS) else None)
 
     # -- set-up ----------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from fastsip.proxy._nat cimport (
 )
 from fastsip.sip._message cimport H_PROXY_REQUIRE, URI, NameAddr, Request, Response, Via, wire
 from fastsip.transport._address cimport Address
+from fastsip.transport._base cimport TransportBase, compiled_transport
 from fastsip.transport._rules cimport next_hop, request_next_hop, response_destination
 from fastsip.transaction._layer cimport (
     S_ACCEPTED,
@@ -128,7 +129,7 @@ cdef _send_upstream(Proxy proxy, ServerTransaction txn, Response response):
         # A 2xx after the server transaction is gone (RFC 6026 Timer L ran out): forward
         # it statelessly, as §16.7 step 9 asks.
         if 200 <= response._status < 300:
-            proxy._attached().transport.send(wire(response), txn.dest)
+            proxy._attached()._send(wire(response), txn.dest)
         return
     try:
         txn.respond(response)
@@ -1028,6 +1029,9 @@ cdef class Proxy(TransactionUserBase):
     cdef TransactionLayer _layer
     cdef object _transport_local_for
     cdef object _transport_via_for
+    # The transport's compiled stand-in (fastsip.transport._base): both of the above by C
+    # calls.  None: the transport has none, and they are called as bound methods.
+    cdef TransportBase _transport_c
     cdef Py_ssize_t _live
     cdef bint _wants_responses
     cdef bint _wants_final
@@ -1083,6 +1087,7 @@ cdef class Proxy(TransactionUserBase):
         # Our Via may name another port than our Record-Route: a worker's own socket, which
         # the requests it forwards leave from (fastsip.asyncio.transport's own_sockets).
         self._transport_via_for = getattr(layer.transport, "via_for", None)
+        self._transport_c = compiled_transport(layer.transport)
         attach = getattr(self.router, "attach", None)
         if attach is not None:
             attach(self)
@@ -1292,7 +1297,7 @@ cdef class Proxy(TransactionUserBase):
         nxt = response.top_via
         if nxt is None:
             return  # it was for us
-        self._attached().transport.send(wire(response), response_destination(nxt))
+        self._attached()._send(wire(response), response_destination(nxt))
 
     cpdef on_server_timeout(self, txn):
         pass  # Timer H: the upstream never ACKed our non-2xx; nothing is waiting on it
@@ -1516,6 +1521,8 @@ cdef class Proxy(TransactionUserBase):
         """Our end of a message to ``peer`` (or from it, when ``peer`` is a source naming the
         socket it arrived on): transport, advertised host and port of that listener.  A
         transport without ``local_for`` stands in with its ``sent_by`` for the transport."""
+        if self._transport_c is not None:
+            return self._transport_c.local_for(peer)
         local_for = self._transport_local_for
         if local_for is not None:
             return local_for(peer)
@@ -1527,7 +1534,9 @@ cdef class Proxy(TransactionUserBase):
         with ``via_for`` names it, as the socket the request leaves from may not be the one
         our Record-Route names)."""
         via_for = self._transport_via_for
-        if via_for is not None:
+        if self._transport_c is not None:
+            local = self._transport_c.via_for(dest, local)
+        elif via_for is not None:
             local = via_for(dest, local)
         elif local is None:
             local = self.local_for(dest)
@@ -1592,13 +1601,13 @@ cdef class Proxy(TransactionUserBase):
             _log.debug("not forwarding %s: %s", request.method, exc)
             return
         request.add_via(self._via(dest, request.stateless_branch(), local))
-        self._attached().transport.send(wire(request), dest)
+        self._attached()._send(wire(request), dest)
 
     def _send_response(self, Response response not None, source):
         top = response.top_via
         if top is None:
             return
-        self._attached().transport.send(wire(response), response_destination(top, source))
+        self._attached()._send(wire(response), response_destination(top, source))
 
     # -- §16.10 CANCEL -----------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ cimport cython
 
 from fastsip.sip._message cimport Request, Response
 from fastsip.timers._wheel cimport TimerHandle, TimerWheel
+from fastsip.transport._base cimport TransportBase
 from fastsip.transport._intake cimport MessageSink
 
 
@@ -51,6 +52,8 @@ cdef inline int cancel_timer(timer) except -1:
 @cython.final
 cdef class TransactionLayer(MessageSink):
     cdef readonly object transport
+    # The transport's compiled stand-in (fastsip.transport._base), None without one.
+    cdef TransportBase _compiled
     cdef readonly object clock
     cdef public object call_later_lax
     cdef readonly object tu
@@ -83,6 +86,8 @@ cdef class TransactionLayer(MessageSink):
     cdef object _later(self, double delay, callback, tuple args=*)
     cdef object _later_lax(self, double delay, callback)
     cdef double _now(self) except? -1.0
+    cdef int _send(self, data, dest) except -1
+    cpdef request(self, request, dest, handler)
     cdef int _receive_response(self, Response response, object source) except -1
     cdef int _receive_request(self, Request request, object source) except -1
     cdef int _answer_statelessly(self, object request, object source, int status,

@@ -15,6 +15,7 @@ import logging
 
 from fastsip.sip._message cimport Request, Response, Via, wire
 from fastsip.timers._wheel cimport TimerWheel
+from fastsip.transport._base cimport compiled_transport
 from fastsip.transport._rules cimport response_destination
 
 from fastsip.errors import ParseError
@@ -161,7 +162,7 @@ cdef class ClientTransaction(_Lingering):
             # cancels one node, and the start schedules one, instead of two each.
             self._deadline = layer._now() + layer._timeout
             self._timer = layer._later(layer._t1, self._retransmit)
-        layer.transport.send(self._data, self.dest)
+        layer._send(self._data, self.dest)
         return 0
 
     def _retransmit(self):
@@ -186,7 +187,7 @@ cdef class ClientTransaction(_Lingering):
             self._timer = layer._later(max(left, 0.0), self._on_deadline)
         else:
             self._timer = layer._later(self._interval, self._retransmit)
-        layer.transport.send(self._data, self.dest)
+        layer._send(self._data, self.dest)
 
     def _on_deadline(self):
         # Timer B / F at the end of the retransmission chain (over UDP).
@@ -249,12 +250,12 @@ cdef class ClientTransaction(_Lingering):
                 self._cancel_timeout()
                 self.last_response = response
                 self._ack = wire(self._build_ack(response))
-                layer.transport.send(self._ack, self.dest)
+                layer._send(self._ack, self.dest)
                 _on_response(self, response)
                 self._shed()
                 self._linger(0 if self._reliable else 32.0)
             elif state == S_COMPLETED and self._ack is not None:
-                layer.transport.send(self._ack, self.dest)  # final retransmitted: ACK again
+                layer._send(self._ack, self.dest)  # final retransmitted: ACK again
             return 0
         if state == S_TRYING or state == S_PROCEEDING:
             self._state = S_COMPLETED
@@ -340,12 +341,12 @@ cdef class ServerTransaction(_Lingering):
             raise ValueError(f"{self!r} already sent a final response")
         if state == S_ACCEPTED:
             if 200 <= status < 300:                      # the TU retransmits its 2xx (§13.3.1.4)
-                layer.transport.send(wire(response), self.dest)
+                layer._send(wire(response), self.dest)
                 return
             raise ValueError("a final response was already sent")
         self.last_response = response
         self._data = wire(response)
-        layer.transport.send(self._data, self.dest)
+        layer._send(self._data, self.dest)
         if status < 200:
             if state == S_TRYING:
                 self._state = S_PROCEEDING
@@ -387,7 +388,7 @@ cdef class ServerTransaction(_Lingering):
         if response._status < 200:
             raise ValueError("a provisional response is never sent statelessly")
         self.last_response = response
-        self.layer.transport.send(wire(response), self.dest)
+        self.layer._send(wire(response), self.dest)
         self._end()
 
     def reply(self, status, reason=None, **kwargs):
@@ -402,7 +403,7 @@ cdef class ServerTransaction(_Lingering):
         cdef TransactionLayer layer = self.layer
         self._interval = min(self._interval * 2, layer._t2)
         self._timer = layer._later(self._interval, self._retransmit)
-        layer.transport.send(self._data, self.dest)
+        layer._send(self._data, self.dest)
 
     def _abandon(self):
         # No timer of §17.2.2 ends a non-INVITE server transaction whose TU never answers; the
@@ -434,7 +435,7 @@ cdef class ServerTransaction(_Lingering):
                 layer._on_ack(request, source)         # RFC 6026: the 2xx's ACK goes up
             return 0
         if (state == S_PROCEEDING or state == S_COMPLETED) and self._data is not None:
-            layer.transport.send(self._data, self.dest)  # last response again
+            layer._send(self._data, self.dest)  # last response again
         return 0
 
     def _terminate(self):
@@ -468,6 +469,7 @@ cdef class TransactionLayer(MessageSink):
                  max_server_transactions=None, max_client_transactions=None,
                  retry_after=5):
         self.transport = transport
+        self._compiled = compiled_transport(transport)
         self.clock = clock
         # For the timers that only free state or give up after 64*T1 (B and F over reliable
         # transports, D, H, I, J, K, L, M, the abandon guard): they may fire a little late
@@ -510,7 +512,7 @@ cdef class TransactionLayer(MessageSink):
 
     # -- sending ---------------------------------------------------------------------------
 
-    def request(self, request, dest, handler):
+    cpdef request(self, request, dest, handler):
         """Start a client transaction for ``request`` (whose top Via, with a fresh branch, the
         caller has added: see :func:`new_branch`) towards ``dest``.  Not for ACK (§17.1)."""
         cdef str method = (<Request?>request)._method()
@@ -617,6 +619,15 @@ cdef class TransactionLayer(MessageSink):
             return self._wheel._owner_now()
         return self.clock.time()
 
+    cdef int _send(self, data, dest) except -1:
+        # Through the transport's compiled stand-in when it has one (a C call), else its
+        # ``send``: every message a transaction sends.
+        if self._compiled is not None:
+            self._compiled.send(data, dest)
+        else:
+            self.transport.send(data, dest)
+        return 0
+
     cpdef tuple server_key(self, Request request):
         """§17.2.3: branch + sent-by + method (ACK matches INVITE), or for a request without
         the magic cookie (RFC 2543) Request-URI, From tag, Call-ID, CSeq number, top Via."""
@@ -689,7 +700,7 @@ cdef class TransactionLayer(MessageSink):
         if top is None:
             return 0
         response = request.reply(status, reason, to_tag=local_tag(), headers=headers)
-        self.transport.send(wire(response), response_destination(top, source))
+        self._send(wire(response), response_destination(top, source))
         return 0
 
     cdef bint _reclaim(self, dict lingering) except -1:
