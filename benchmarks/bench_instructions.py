@@ -127,15 +127,17 @@ def misses(workdir: Path, name: str, calls: int) -> dict[str, float]:
     totals = dict.fromkeys(MISS_EVENTS, 0)
     for f in glob.glob(str(workdir / f"cg-{name}" / "cg.*.*")):
         events: list[str] = []
+        values: dict[str, int] = {}
         with open(f, errors="replace") as text:
             for line in text:
                 if line.startswith("events:"):
                     events = line.split()[1:]
                 elif line.startswith(("summary:", "totals:")) and events:
+                    # The last one, as count() reads it: a dump's "totals:" (the sum of its
+                    # cost lines) follows its "summary:".
                     values = dict(zip(events, (int(v) for v in line.split()[1:])))
-                    for key, names in MISS_EVENTS.items():
-                        totals[key] += sum(values.get(n, 0) for n in names)
-                    break
+        for key, names in MISS_EVENTS.items():
+            totals[key] += sum(values.get(n, 0) for n in names)
     return {key: total / calls if calls else 0.0 for key, total in totals.items()}
 
 
