@@ -2596,7 +2596,9 @@ cdef class Request(Message):
                         object body, object content_type, bint record_route):
         # reply() for compiled callers (the server transaction's 100 Trying): no Python call
         # and keyword parsing, and the status line and an empty body's Content-Length are
-        # constants (formatting them was a third of a 100 Trying's ~9,000 instructions).
+        # constants; with the call they were a third of a 100 Trying's instructions (9,100
+        # before, 6,200 now).  A status line is made once per code, from REASON_PHRASES as
+        # it reads then.
         cdef int i
         cdef NameAddr to
         if status < 100 or status > 699:
