@@ -45,8 +45,8 @@ from fastsip.rtp._net cimport (
 )
 from fastsip.timers._wheel cimport TimerWheel
 from fastsip.transport._address cimport Address
-from fastsip.transport._base cimport TransportBase
-from fastsip.transport._intake cimport admit_c, direct_callee, receive_datagram_c
+from fastsip.transport._base cimport TransportBase, admit_c, direct_callee
+from fastsip.transport._intake cimport receive_datagram_c
 
 import ipaddress
 import logging
@@ -178,7 +178,7 @@ cdef class IntakeState:
 
     cdef readonly object limits
     # The layer's on_message and admit, or the compiled objects whose bound methods they are
-    # (the transaction layer, the source guard: called in C, see _intake.direct_callee).
+    # (the transaction layer, the source guard: called in C, see _base.direct_callee).
     cdef readonly object on_message
     cdef readonly object local          # our sent-bys for the Via check; None: no check
     cdef readonly object steer

@@ -1533,11 +1533,10 @@ cdef class Proxy(TransactionUserBase):
         """Our Via towards ``dest`` (``local``: our end of it, when already known; a transport
         with ``via_for`` names it, as the socket the request leaves from may not be the one
         our Record-Route names)."""
-        via_for = self._transport_via_for
         if self._transport_c is not None:
             local = self._transport_c.via_for(dest, local)
-        elif via_for is not None:
-            local = via_for(dest, local)
+        elif self._transport_via_for is not None:
+            local = self._transport_via_for(dest, local)
         elif local is None:
             local = self.local_for(dest)
         cdef Address ours = local

@@ -3,7 +3,7 @@ fastsip.proxy.edge.SourceGuard derives from, which documents it."""
 
 from typing import Any
 
-from fastsip.transport._intake import SourceAdmission
+from fastsip.transport._base import SourceAdmission
 
 class GuardState(SourceAdmission):
     bans: dict[str, float]

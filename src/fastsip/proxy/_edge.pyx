@@ -9,7 +9,7 @@ reads (the bans, the rate and burst, the trusted networks, the sources) are C fi
 guard: no Python frame, and no attribute looked up by name, per packet.
 """
 
-from fastsip.transport._intake cimport SourceAdmission
+from fastsip.transport._base cimport SourceAdmission
 
 import logging
 
@@ -19,7 +19,7 @@ log = logging.getLogger("fastsip.proxy.edge")
 cdef class GuardState(SourceAdmission):
     """What :meth:`admit` reads and writes, as C fields; :class:`~fastsip.proxy.edge.SourceGuard`
     (a Python class deriving from this one) sets them and keeps the rest of its state.  As a
-    :class:`~fastsip.transport._intake.SourceAdmission`, the compiled UDP shell asks it by a
+    :class:`~fastsip.transport._base.SourceAdmission`, the compiled UDP shell asks it by a
     C call."""
 
     #: host -> the time its ban ends

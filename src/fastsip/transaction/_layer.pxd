@@ -8,8 +8,7 @@ cimport cython
 
 from fastsip.sip._message cimport Request, Response
 from fastsip.timers._wheel cimport TimerHandle, TimerWheel
-from fastsip.transport._base cimport TransportBase
-from fastsip.transport._intake cimport MessageSink
+from fastsip.transport._base cimport MessageSink, TransportBase
 
 
 cdef enum:

@@ -8,7 +8,7 @@ from fastsip.sip import Message, Request, Response
 from fastsip.transaction.base import Refusals, TimerConfig
 from fastsip.transaction.layer import ClientHandler, Clock, TransactionUser
 from fastsip.transport import Address, Transport
-from fastsip.transport._intake import MessageSink
+from fastsip.transport._base import MessageSink
 
 class ClientHandlerBase:
     """The ClientHandler protocol as a compiled base class: the layer calls a handler that

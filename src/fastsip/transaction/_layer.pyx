@@ -6,9 +6,10 @@ documents them and is where users import them from.
 Every message of a call passes through here (seven at a stateful proxy), and the machines
 are small and fixed: with typed fields and C calls between them, matching, state changes and
 timer bookkeeping run without the interpreter.  A TU or handler that inherits the compiled
-bases below (the proxy core does) is called by C calls, and a WheelDriver's wheel gets its
-timers by C calls; any other TU, handler or clock, and the transport, are Python objects,
-called as before.
+bases below (the proxy core does) is called by C calls, a WheelDriver's wheel gets its
+timers by C calls, and a transport with a compiled stand-in (fastsip.transport._base: the
+asyncio TransportLayer's) gets its sends by C calls; any other TU, handler, clock or
+transport is a Python object, called as before.
 """
 
 import logging
@@ -548,7 +549,7 @@ cdef class TransactionLayer(MessageSink):
 
     cpdef receive(self, msg, source):
         """Hand a parsed message from ``source`` to its transaction, or up to the TU.  (A
-        C method of :class:`~fastsip.transport._intake.MessageSink`: the compiled UDP shell
+        C method of :class:`~fastsip.transport._base.MessageSink`: the compiled UDP shell
         calls it without a Python call.)"""
         if isinstance(msg, Response):
             self._receive_response(msg, source)

@@ -1,6 +1,6 @@
 # cython: language_level=3
-"""C-level view of :class:`fastsip.transport.Transport` (fastsip/transport/_base.pyx), for the
-compiled layers that send through it to ``cimport``."""
+"""C-level forms of the callbacks between the shell and the compiled layers (the transport,
+``deliver``, ``admit``: fastsip/transport/_base.pyx), for both sides to ``cimport``."""
 
 
 cdef class TransportBase:
@@ -13,3 +13,21 @@ cdef class TransportBase:
 
 
 cdef TransportBase compiled_transport(object transport)
+
+
+cdef class MessageSink:
+    # The intake's ``deliver(msg, source)`` as a C method: the transaction layer inherits it,
+    # and a shell that holds the layer itself (see direct_callee) delivers each message by a
+    # C call instead of a Python call of the bound ``receive``.
+    cpdef receive(self, msg, source)
+
+
+cdef class SourceAdmission:
+    # The shell's ``admit(host, now)`` hook as a C method, for a compiled edge policy (the
+    # proxy's source guard) that inherits it.
+    cpdef bint admit(self, host, double now) except -1
+
+
+cdef object direct_callee(object callback)
+cdef bint admit_c(object admit, object host, double now) except -1
+cdef bint deliver_c(object deliver, object msg, object source) except -1

@@ -2,7 +2,6 @@
 documented in fastsip.transport.intake."""
 
 from collections.abc import Iterable
-from typing import Any
 
 from fastsip.errors import ParseError
 from fastsip.sip import Limits, Request, Response
@@ -19,9 +18,3 @@ def deliver_message(msg: Request | Response, source: Address, deliver: Deliver |
                     local: Iterable[tuple[str, int]] | None = None) -> bool: ...
 def answer_malformed(data: bytes, error: ParseError, source: Address,
                      transport: Transport) -> bool: ...
-
-class MessageSink:
-    def receive(self, msg: Any, source: Any) -> Any: ...
-
-class SourceAdmission:
-    def admit(self, host: Any, now: float) -> bool: ...

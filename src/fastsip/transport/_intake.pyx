@@ -13,6 +13,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 from fastsip.sip._message cimport H_VIA, Message, Request, parse_c
 from fastsip.transport._address cimport make_address
+from fastsip.transport._base cimport deliver_c
 from fastsip.transport._rules cimport check_sent_by
 
 import logging
@@ -107,56 +108,6 @@ cdef bint _deliver(Message msg, source, str host, int port, deliver, local) exce
         deliver_c(deliver, msg, source)
     except Exception:
         log.exception("error handling a message from %s", source)
-    return True
-
-
-# -- the shell's two per-message callbacks, called in C when they are compiled ----------------
-
-cdef class MessageSink:
-    """What the intake hands a message to, ``deliver(msg, source)``, as a class with a C
-    method: :class:`~fastsip.transaction.TransactionLayer` derives from it.  The compiled UDP
-    shell, given the layer's bound ``receive`` as its ``on_message``, keeps the layer itself
-    and delivers each message by a C call: six Python calls a proxied call fewer."""
-
-    cpdef receive(self, msg, source):
-        """Take a parsed message from ``source``."""
-        raise NotImplementedError
-
-
-cdef class SourceAdmission:
-    """The shell's ``admit(host, now)`` hook as a class with a C method: the proxy's source
-    guard (:class:`fastsip.proxy.edge.SourceGuard`) derives from it, and the compiled UDP
-    shell, given a guard's bound ``admit`` as its hook, asks the guard by a C call."""
-
-    cpdef bint admit(self, host, double now) except -1:
-        """May ``host`` be heard at loop time ``now``?"""
-        return True
-
-
-cdef object direct_callee(object callback):
-    # A bound ``receive`` of a MessageSink, or ``admit`` of a SourceAdmission, becomes the
-    # object itself (deliver_c and admit_c call its C method; a Python subclass's override
-    # still runs, by cpdef's dispatch); any other callable stays as it is.  Done once, where
-    # a shell stores the callback, not per message.
-    owner = getattr(callback, "__self__", None)
-    if isinstance(owner, MessageSink) and callback == owner.receive:
-        return owner
-    if isinstance(owner, SourceAdmission) and callback == owner.admit:
-        return owner
-    return callback
-
-
-cdef bint admit_c(object admit, object host, double now) except -1:
-    if isinstance(admit, SourceAdmission):
-        return (<SourceAdmission>admit).admit(host, now)
-    return bool(admit(host, now))
-
-
-cdef bint deliver_c(object deliver, object msg, object source) except -1:
-    if isinstance(deliver, MessageSink):
-        (<MessageSink>deliver).receive(msg, source)
-    else:
-        deliver(msg, source)
     return True
 
 
