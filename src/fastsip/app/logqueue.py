@@ -46,11 +46,15 @@ DROP_REPORT_INTERVAL = 10.0
 BATCH = 1024
 #: Seconds between two writes of INFO (and DEBUG) lines at least.  A line after a quiet spell
 #: is written at once, and a WARNING or worse always is; lines that come faster are written
-#: together, this long after the previous write.  Each wake-up of the writer costs ~150-300 us
-#: of CPU while the loop is busy (a futex wake, context switches, and the writer contending
-#: for the GIL the loop drops at every syscall): measured at 150 lines a second, one wake-up
-#: per line cost +150 us a line, 20 ms apart +80 us, 100 ms apart +20 us.
-WRITE_INTERVAL = 0.1
+#: together, this long after the previous write.  Each wake-up of the writer costs ~100-300 us
+#: of CPU while the loop is busy (a futex wake, context switches, cold caches, and the writer
+#: contending for the GIL the loop drops at every syscall): measured at 150 lines a second,
+#: one wake-up per line cost +150 us a line, 20 ms apart +80 us, 100 ms apart +20 us; at 250
+#: calls a second through serve (a line each, the writer thread's own run time from
+#: /proc/PID/task/TID/schedstat), 100 ms apart cost the writer 6.0-7.6 us a line, 1 s apart
+#: 2.6-3.0 us.  Half a second keeps most of that gain, and an operator tailing the log sees
+#: a line at most half a second after its request ended.
+WRITE_INTERVAL = 0.5
 
 #: Arguments that cannot change between the call and the writer's formatting.  Anything else
 #: (a list, a message object, a dataclass) is formatted on the calling thread.
