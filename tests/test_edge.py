@@ -55,6 +55,39 @@ def test_trusted_sources_are_never_limited_or_banned() -> None:
     assert not guard.banned("192.0.2.9", 0.0)
 
 
+def test_a_new_trusted_set_takes_over_at_once() -> None:
+    # admit() keeps the hosts its trusted set vouched for; a reload that sets another set
+    # (serve's SIGHUP) must not leave an old answer behind, nor keep asking the old set.
+    guard = SourceGuard(rate=1, burst=1, trusted=["192.0.2.0/24"])
+    assert all(guard.admit("192.0.2.9", 0.0) for _ in range(5))
+    guard.trusted = TrustedNetworks(["198.51.100.0/24"])
+    assert guard.admit("192.0.2.9", 0.0) and not guard.admit("192.0.2.9", 0.0)
+    assert all(guard.admit("198.51.100.4", 0.0) for _ in range(5))
+
+    class Counting(TrustedNetworks):
+        """Counts its answers: the kept ones are not asked again."""
+        __slots__ = ("asked",)
+
+        def __init__(self, networks: list[str]) -> None:
+            super().__init__(networks)
+            self.asked = 0
+            inner = self.host_trusted
+
+            def host_trusted(host: str) -> bool:
+                self.asked += 1
+                return inner(host)
+            self.host_trusted = host_trusted
+
+    counting = Counting(["192.0.2.0/24"])
+    guard.trusted = counting             # (192.0.2.9 went over its rate above: banned now)
+    assert all(guard.admit("192.0.2.10", 0.0) for _ in range(100))
+    assert counting.asked == 1
+    # An untrusted host is asked about every time (nothing of a flood's sources is kept)
+    # and gets its token bucket.
+    assert guard.admit("203.0.113.1", 0.0) and counting.asked == 2
+    assert not guard.admit("203.0.113.1", 0.0) and guard.banned("203.0.113.1", 0.0)
+
+
 def test_rate_zero_turns_limiting_off() -> None:
     guard = SourceGuard(rate=0)
     assert all(guard.admit("198.51.100.7", 0.0) for _ in range(10_000))
