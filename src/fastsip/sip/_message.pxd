@@ -134,6 +134,10 @@ cdef class NameAddr:
     cdef NameAddrParts _n
     cdef URI _c_uri
     cdef dict _params
+    # The URI's parts once it was scanned and checked whole (_u_ok): building it, or reading
+    # its host and port, then scans it no more.
+    cdef UriParts _u
+    cdef bint _u_ok
 
     cdef URI _uri(self)
     cdef bint _uri_valid(self) except -1
@@ -250,6 +254,10 @@ cdef class Request(Message):
     cdef int32_t _m_s, _m_e, _u_s, _u_e
     cdef URI _c_uri
     cdef str _c_method
+    # The Request-URI's parts as parse() scanned them (_ru_ok; offsets into the buffer, as
+    # _u_s and _u_e are): building the URI does not scan it again.
+    cdef UriParts _ru
+    cdef bint _ru_ok
 
     cdef str _method(self)
     cdef URI _uri(self)

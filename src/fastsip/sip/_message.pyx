@@ -1142,12 +1142,12 @@ cdef inline Py_ssize_t _uri_param(const char* p, Py_ssize_t i, Py_ssize_t e,
     return j
 
 
-cdef int _check_uri(const char* p, Py_ssize_t s, Py_ssize_t e) except -1:
+cdef int _check_uri(const char* p, Py_ssize_t s, Py_ssize_t e, UriParts* u) except -1:
     """Raise the ParseError that building the URI in p[s:e] would raise, without building it:
-    for a URI that is only validated (a request's From and To), not read."""
-    cdef UriParts u
+    for a URI that is only validated (a request's From and To), not read.  Its parts are left
+    in ``u``."""
     cdef Py_ssize_t i, k
-    _scan_uri(p, s, e, &u)
+    _scan_uri(p, s, e, u)
     if u.params_e > u.params_s:
         i = u.params_s
         while i < u.params_e:
@@ -1157,8 +1157,14 @@ cdef int _check_uri(const char* p, Py_ssize_t s, Py_ssize_t e) except -1:
 
 cdef int _fill_uri_p(URI self, const char* p, Py_ssize_t s, Py_ssize_t e) except -1:
     cdef UriParts u
-    cdef Py_ssize_t i, j, k
     _scan_uri(p, s, e, &u)
+    return _fill_uri_parts(self, p, s, e, &u)
+
+
+cdef int _fill_uri_parts(URI self, const char* p, Py_ssize_t s, Py_ssize_t e,
+                         const UriParts* u) except -1:
+    """Fill ``self`` from the parts ``_scan_uri`` found in p[s:e]."""
+    cdef Py_ssize_t i, j, k
     self._text = _text(p, s, e)
     self.scheme = _text_lower(p, s, u.scheme_e)
     self.user = _unescape(p, u.user_s, u.user_e) if u.user_s >= 0 else None
@@ -1197,6 +1203,13 @@ cdef int _fill_uri_p(URI self, const char* p, Py_ssize_t s, Py_ssize_t e) except
 cdef URI _make_uri(const char* p, Py_ssize_t s, Py_ssize_t e):
     cdef URI u = URI.__new__(URI)
     _fill_uri_p(u, p, s, e)
+    return u
+
+
+cdef URI _make_uri_from(const char* p, Py_ssize_t s, Py_ssize_t e, const UriParts* parts):
+    """``_make_uri`` for a URI already scanned (and its parameters checked)."""
+    cdef URI u = URI.__new__(URI)
+    _fill_uri_parts(u, p, s, e, parts)
     return u
 
 
@@ -1381,7 +1394,10 @@ cdef class NameAddr:
         if self._n.wildcard:
             return None
         if self._c_uri is None:
-            self._c_uri = _make_uri(self._p, self._n.uri_s, self._n.uri_e)
+            if self._u_ok:
+                self._c_uri = _make_uri_from(self._p, self._n.uri_s, self._n.uri_e, &self._u)
+            else:
+                self._c_uri = _make_uri(self._p, self._n.uri_s, self._n.uri_e)
         return self._c_uri
 
     cdef bint _uri_valid(self) except -1:
@@ -1389,8 +1405,9 @@ cdef class NameAddr:
         would, without building the URI when it was not read yet."""
         if self._n.wildcard:
             return False
-        if self._c_uri is None:
-            _check_uri(self._p, self._n.uri_s, self._n.uri_e)
+        if self._c_uri is None and not self._u_ok:
+            _check_uri(self._p, self._n.uri_s, self._n.uri_e, &self._u)
+            self._u_ok = True
         return True
 
     cdef tuple _sip_host_port(self):
@@ -1399,7 +1416,7 @@ cdef class NameAddr:
         ``maddr`` parameter with a value is set.  None for another scheme or the "*" Contact.
         Raises the ParseError :attr:`uri` would: the URI is checked whole.  (The NAT rules ask
         this of every message's Contact, which nothing else reads as a URI.)"""
-        cdef UriParts u
+        cdef UriParts* u = &self._u
         cdef const char* p = self._p
         cdef Py_ssize_t i, j, k
         cdef bint maddr = False, escaped = False
@@ -1407,7 +1424,8 @@ cdef class NameAddr:
         if self._n.wildcard:
             return None
         if self._c_uri is None:
-            _scan_uri(p, self._n.uri_s, self._n.uri_e, &u)
+            if not self._u_ok:
+                _scan_uri(p, self._n.uri_s, self._n.uri_e, u)
             if u.params_e > u.params_s:
                 i = u.params_s
                 while i < u.params_e:
@@ -1418,6 +1436,7 @@ cdef class NameAddr:
                     elif _ieq(p + i, k - i, b"maddr", 5):
                         maddr = k + 1 < j        # (the last one counts, as in uri.params)
                     i = j
+            self._u_ok = True                    # scanned, and every parameter checked
             if not escaped:
                 if u.kind != URI_SIP and u.kind != URI_SIPS:
                     return None
@@ -2442,7 +2461,10 @@ cdef class Request(Message):
 
     cdef URI _uri(self):
         if self._c_uri is None:
-            self._c_uri = _make_uri(self._buf, self._u_s, self._u_e)
+            if self._ru_ok:
+                self._c_uri = _make_uri_from(self._buf, self._u_s, self._u_e, &self._ru)
+            else:
+                self._c_uri = _make_uri(self._buf, self._u_s, self._u_e)
         return self._c_uri
 
     cpdef object transaction_key(self):
@@ -2484,6 +2506,8 @@ cdef class Request(Message):
         m._m_e = self._m_e
         m._u_s = self._u_s
         m._u_e = self._u_e
+        m._ru = self._ru
+        m._ru_ok = self._ru_ok
         m._c_method = self._c_method
         # After ``uri = ...`` the new URI lives only in the cache (the offsets still name the
         # old one).  URIs are immutable, so the copy shares it in any case: a branch's copy
@@ -2985,7 +3009,8 @@ cdef Message _parse(object data, Limits limits):
             _check_version(p, k + 1, ce)
             req._u_s = j
             req._u_e = k
-            _scan_uri_check(p, j, k)
+            _scan_uri(p, j, k, &req._ru)
+            req._ru_ok = True
 
         m._start = i
         m._sl_e = ce
@@ -3109,12 +3134,6 @@ cdef int _bad_header_line(const char* p, Py_ssize_t i, Py_ssize_t ce) except -1:
     if k >= ce or p[k] != b':':
         _fail("header line without ':'", k)
     _fail("invalid header name", i)     # not reached: the fast path accepts such a line
-
-
-cdef int _scan_uri_check(const char* p, Py_ssize_t s, Py_ssize_t e) except -1:
-    cdef UriParts u
-    _scan_uri(p, s, e, &u)
-    return 0
 
 
 #: The empty hash every stateless branch starts from (Request.stateless_branch).
