@@ -78,6 +78,20 @@ class Serve:
     def log(self) -> str:
         return self.log_path.read_text()
 
+    def wait_log(self, text: str, timeout: float = 5.0, times: int = 1) -> str:
+        """The log once it holds ``text`` (``times`` times at least; an AssertionError with
+        the log after ``timeout`` seconds).  A running serve writes its INFO lines in batches,
+        up to half a second after they were logged (``logqueue.WRITE_INTERVAL``), in order: a
+        line found means every earlier one is there too."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.log()
+            if log.count(text) >= times:
+                return log
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{text!r} not in serve's log after {timeout} s:\n{log}")
+            time.sleep(0.05)
+
     def close(self) -> int:
         rc = stop(self.proc)
         if self.proc.stdout is not None:
