@@ -20,7 +20,9 @@
     INVITE's; the BYE is in-dialog, not an initial request) against ``--log-level warning`` (none), the load of
     ``bench_proxy.py`` (sipp ``uac_rr`` through serve to a registered sipp UAS), fastsip alone,
     in interleaved rounds, user and system CPU of serve's process (every thread) read from
-    ``/proc/PID/stat``; each level's best round counts.  The issue's bar: INFO at most 10%
+    ``/proc/PID/stat``.  The ratio asserted is the median of the rounds' INFO / WARNING
+    ratios (``benchproc.paired_ratio``: a slow spell of the VM moves both figures of a round
+    alike); each level's best round is reported too.  The issue's bar: INFO at most 10%
     over WARNING.
 
     PYTHONPATH=. python benchmarks/bench_logging.py [--calls 1500] [--rate 150] [--rounds 3]
@@ -44,7 +46,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchproc import fastsip_env
+from benchproc import fastsip_env, paired_ratio
 
 from fastsip.app import logqueue
 
@@ -238,6 +240,8 @@ def compare_levels(calls: int = CALLS, rate: int = RATE, rounds: int = ROUNDS
         return (r[0] + r[1]) / max(r[2], 1) * 1e6
 
     best = {level: min(r, key=per_call) for level, r in runs.items()}
+    paired = paired_ratio([per_call(r) for r in runs["info"]],
+                          [per_call(r) for r in runs["warning"]])
     return {"calls": calls, "rate": rate, "rounds": rounds,
             "us": {level: per_call(best[level]) for level in runs},
             "user_us": {level: best[level][0] / max(best[level][2], 1) * 1e6 for level in runs},
@@ -247,7 +251,8 @@ def compare_levels(calls: int = CALLS, rate: int = RATE, rounds: int = ROUNDS
             "ok": {level: min(r[2] for r in runs[level]) for level in runs},
             "lines": {level: max(r[3] for r in runs[level]) for level in runs},
             "rounds_us": {level: [round(per_call(r), 1) for r in runs[level]] for level in runs},
-            "ratio": per_call(best["info"]) / max(per_call(best["warning"]), 1e-9)}
+            "best_ratio": per_call(best["info"]) / max(per_call(best["warning"]), 1e-9),
+            "ratio": paired}
 
 
 def report_levels(r: dict[str, Any]) -> str:
@@ -259,8 +264,9 @@ def report_levels(r: dict[str, Any]) -> str:
     verdict = "within" if r["ratio"] <= TARGET else "ABOVE"
     return (f"fastsip serve --routes CPU per completed call, sipp uac_rr at {r['rate']} cps x "
             f"{r['calls']} calls, best of {r['rounds']} interleaved rounds:\n" + "\n".join(rows)
-            + f"\n  info / warning {r['ratio']:.3f}x  ({verdict} the {TARGET:.2f}x target; "
-              f"asserted <= {BAR:.2f}x)")
+            + f"\n  info / warning {r['ratio']:.3f}x, the median of the rounds' ratios "
+              f"({verdict} the {TARGET:.2f}x target; asserted <= {BAR:.2f}x); of the best "
+              f"rounds {r['best_ratio']:.3f}x")
 
 
 @pytest.mark.skipif(SIPP is None or not os.path.isdir("/proc/self/task"),

@@ -9,7 +9,8 @@
     bench_proxy's load (sipp ``uac_rr`` through serve to a registered sipp UAS), interleaved
     rounds in the same run, serve's user+system CPU from ``/proc``; with metrics on, /metrics
     is scraped every second during the load (Prometheus scrapes every 15 s: this is 15x the
-    scrape cost a real deployment pays).  Each variant's best round counts.
+    scrape cost a real deployment pays).  The ratio asserted is the median of the rounds'
+    on / off ratios (``benchproc.paired_ratio``); each variant's best round is reported too.
 
 (c) The same per call in one process without sockets (``bench_relay.py``'s sans-IO stack
     and driver: INVITE/180/200/ACK/BYE/200 through serve's layers), thread CPU, metrics off
@@ -40,7 +41,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchproc import fastsip_env, free_port
+from benchproc import fastsip_env, free_port, paired_ratio
 
 from fastsip.app.metrics import MessageCounts
 
@@ -441,7 +442,9 @@ def compare(calls: int = CALLS, rate: int = RATE, rounds: int = ROUNDS) -> dict[
             "rounds_us": {v: [round(per_call(r), 1) for r in runs[v]] for v in runs},
             "ok": {v: min(r[1] for r in runs[v]) for v in runs},
             "scrapes": max(r[2] for r in runs["on"]),
-            "ratio": per_call(best["on"]) / max(per_call(best["off"]), 1e-9)}
+            "best_ratio": per_call(best["on"]) / max(per_call(best["off"]), 1e-9),
+            "ratio": paired_ratio([per_call(r) for r in runs["on"]],
+                                  [per_call(r) for r in runs["off"]])}
 
 
 def report(r: dict[str, Any]) -> str:
@@ -450,7 +453,8 @@ def report(r: dict[str, Any]) -> str:
     return (f"fastsip serve --routes CPU per completed call, sipp uac_rr at {r['rate']} cps x "
             f"{r['calls']} calls, best of {r['rounds']} interleaved rounds (metrics on: "
             f"scraped every {SCRAPE_EVERY:g} s, {r['scrapes']} scrapes in a round):\n" + "\n".join(rows)
-            + f"\n  on / off {r['ratio']:.3f}x  (asserted <= {BAR:.2f}x)")
+            + f"\n  on / off {r['ratio']:.3f}x, the median of the rounds' ratios (asserted <= "
+              f"{BAR:.2f}x); of the best rounds {r['best_ratio']:.3f}x")
 
 
 @pytest.mark.skipif(SIPP is None or not os.path.isdir("/proc/self/task"),

@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,18 @@ def machine_busy_seconds() -> float:
         ticks = [int(v) for v in f.readline().split()[1:]]
     idle = (ticks[3] + (ticks[4] if len(ticks) > 4 else 0)) / os.sysconf("SC_CLK_TCK")
     return (os.cpu_count() or 1) * time.clock_gettime(time.CLOCK_BOOTTIME) - idle
+
+
+def paired_ratio(measured: Sequence[float], reference: Sequence[float]) -> float:
+    """The median over rounds of ``measured[i] / reference[i]``, for two variants measured in
+    interleaved rounds (round i runs both, back to back).  On this kind of VM a slow spell
+    lasts minutes and moves every figure taken in it by tens of percent; it moves both
+    figures of a round alike, so their ratio keeps still where the ratio of each variant's
+    best round compares figures taken minutes apart (one best may come from a fast spell,
+    the other not).  The median leaves out a round that a spell began or ended inside."""
+    if not measured or len(measured) != len(reference):
+        raise ValueError("paired_ratio needs as many rounds of each variant, at least one")
+    return statistics.median(m / max(r, 1e-9) for m, r in zip(measured, reference))
 
 
 def cpu_seconds(pid: int) -> float:
