@@ -97,7 +97,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from benchproc import cpu_seconds as _task_seconds
-from benchproc import fastsip_env, free_port, machine_busy_seconds, stop
+from benchproc import fastsip_env, free_port, machine_busy_seconds, paired_ratio, stop
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS = HERE.parent / "tests" / "data" / "sipp"
@@ -420,7 +420,7 @@ def _against_report(r: dict[str, Any]) -> str:
             f"({r['against_ok']:.0f} calls ok); per round {theirs}\n"
             f"  this build / that build: best {min(ours) / min(theirs):.3f}x, median "
             f"{statistics.median(ours) / statistics.median(theirs):.3f}x; per round {paired} "
-            f"(median {statistics.median(paired):.3f}x)")
+            f"(median {paired_ratio(ours, theirs):.3f}x)")
 
 
 # -- saturation (--saturate; not run by pytest) ------------------------------------------------
