@@ -69,9 +69,23 @@ def test_sdist_carries_the_tests_their_data_and_the_license(tmp_path: Path) -> N
     # the tests with their helpers and data, the examples they run, the scripts that install
     # the system packages they use
     wanted |= set(_tracked("tests", "examples", ".ci", "benchmarks", "contrib"))
+    # and the profile-guided build's training run (setup.py)
+    wanted |= set(_tracked("build_support"))
     assert not wanted - names, f"missing from the sdist: {sorted(wanted - names)[:20]}"
     generated = [n for n in names if re.search(r"\.(so|pyd|c|html)$|__pycache__", n)]
     assert not generated, f"build products in the sdist: {generated[:20]}"
+
+
+@needs_checkout
+def test_the_profile_training_run_relays_calls_through_serve() -> None:
+    # setup.py's profile-guided build trains on this run.  Should it stop working (serve's
+    # command line or answers changed), every build would fall back to one without a profile,
+    # saying so only in pip's verbose log: this is where it shows.  It runs the installed serve.
+    proc = subprocess.run([sys.executable, str(ROOT / "build_support" / "pgo_train.py"),
+                           "--calls", "40"], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "pgo training: 40 calls through serve" in proc.stdout
 
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
