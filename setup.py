@@ -155,7 +155,13 @@ class ProfileGuidedBuild(build_ext):
         if proc.returncode != 0:
             _say(f"the profile's training run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
             return False
-        _say(proc.stdout.strip())
+        # Each module the run imported wrote its counters beside its object file at exit; none
+        # at all means they went elsewhere, and pass 2 would silently build without them.
+        profiled = len(list((work / "temp").rglob("*.gcda")))
+        if not profiled:
+            _say("the profile's training run left no counters (*.gcda) beside the objects")
+            return False
+        _say(f"{proc.stdout.strip()}; counters for {profiled} of {len(self.extensions)} modules")
         return True
 
 
