@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,3 +64,15 @@ def fastsip_env() -> dict[str, str]:
     pkg_parent = str(Path(fastsip.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([pkg_parent, *filter(None, [env.get("PYTHONPATH")])])
     return env
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str,
+               interval: float = 0.1) -> None:
+    """Poll ``predicate`` until it holds; after ``timeout`` seconds (and one last look), an
+    AssertionError that names ``what`` was awaited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    assert predicate(), f"timed out after {timeout} s waiting for {what}"

@@ -228,15 +228,6 @@ def calls_by_gateway(msg_file: Path) -> Counter[int]:
     return counts
 
 
-def wait_for(serve: Serve, pattern: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if re.search(pattern, serve.log()):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"no {pattern!r} in the log within {timeout} s:\n{serve.log()[-3000:]}")
-
-
 CALLS = 30
 
 
@@ -264,7 +255,7 @@ def test_serve_gateway_set_shares_fails_and_recovers(tmp_path: Path) -> None:
         gw1.kill()  # type: ignore[attr-defined]
         finish(gw1, 5)  # type: ignore[arg-type]
         killed = time.monotonic()
-        wait_for(serve, rf"gateway sip:{HOST}:{p1} of set pstn is inactive", 10)
+        serve.wait_log(f"gateway sip:{HOST}:{p1} of set pstn is inactive", 10)
         assert time.monotonic() - killed >= 0.9         # 3 probes: two intervals at least
         run_uac(tmp_path, "uac2", serve.port, "+15551234567", CALLS, rate=20)
         assert successful(tmp_path, "uac2") == CALLS, serve.log()[-3000:]
@@ -273,7 +264,7 @@ def test_serve_gateway_set_shares_fails_and_recovers(tmp_path: Path) -> None:
         # 3. gw1 comes back: one answered probe and it is active again; shared again.
         gw1 = start_gateway(tmp_path, "gw1b", p1)
         gateways.append(gw1)
-        wait_for(serve, rf"gateway sip:{HOST}:{p1} of set pstn is active again", 10)
+        serve.wait_log(f"gateway sip:{HOST}:{p1} of set pstn is active again", 10)
         run_uac(tmp_path, "uac3", serve.port, "+15551234567", CALLS, rate=20)
         assert successful(tmp_path, "uac3") == CALLS, serve.log()[-3000:]
         shared = calls_by_gateway(tmp_path / "uac3.msg")
@@ -363,7 +354,7 @@ def test_serve_answers_503_with_reason_when_no_gateway_is_left(tmp_path: Path) -
                   "--gateway-set", f"pstn=sip:{HOST}:{nobody}",   # nobody there
                   "--metrics", f"{HOST}:{metrics_port}")
     try:
-        wait_for(serve, "of set pstn is inactive", 10)
+        serve.wait_log("of set pstn is inactive", 10)
         *_, reply = sip_exchange(serve.port, request("INVITE", f"sip:+15551234567@{DOMAIN}",
                                                      call_id="no-gw"), full=True)
         assert reply.startswith("SIP/2.0 503"), reply

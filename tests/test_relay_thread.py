@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from procutil import wait_until
 
 from fastsip.rtp._relay import THREAD_ENV, Relay
 
@@ -64,15 +65,6 @@ def receive(sock: socket.socket, count: int, timeout: float = TIMEOUT) -> list[b
     return got
 
 
-def wait_for(check, timeout: float = TIMEOUT) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.005)
-    return bool(check())
-
-
 def bridged_pair(relay: Relay, sockets: list[socket.socket]) -> tuple[socket.socket, ...]:
     """caller <-> leg 1 | relay | leg 2 <-> callee, the SDP addresses set."""
     caller, callee, leg_a, leg_b = (udp(sockets) for _ in range(4))
@@ -94,7 +86,7 @@ def test_a_threaded_relay_forwards_without_the_loop(sockets):
             caller.sendto(rtp(i), leg_a.getsockname())
         got = receive(callee, 50)
         assert got == [rtp(i) for i in range(50)]
-        assert wait_for(lambda: relay.stats(1)["packets"] == 50)
+        wait_until(lambda: relay.stats(1)["packets"] == 50, TIMEOUT, "50 packets", 0.005)
         stats = relay.stats(1)
         assert stats["bytes"] == 50 * 172 and stats["errors"] == 0
         assert stats["received"] == 50 and stats["ssrc"] == 0x1234
@@ -150,12 +142,12 @@ def test_legs_added_and_removed_while_packets_flow(sockets):
         relay.add_leg(leg_id, last.fileno())
         relay.set_peer(leg_id, "127.0.0.1", callee.getsockname()[1])
         relay.bridge(1, leg_id)
-        assert wait_for(lambda: relay.stats(leg_id)["sent"] > 0)
+        wait_until(lambda: relay.stats(leg_id)["sent"] > 0, TIMEOUT, "a packet sent", 0.005)
     finally:
         stop.set()
         sender.join()
     # every datagram the sender got out is counted on leg 1 (relayed or an error)
-    assert wait_for(lambda: relay.stats(1)["packets"] == sent)
+    wait_until(lambda: relay.stats(1)["packets"] == sent, TIMEOUT, "every packet", 0.005)
     stats = relay.stats(1)
     assert stats["packets"] == sent and stats["bytes"] == sent * 172
     assert relay.legs == 2
@@ -186,7 +178,7 @@ def test_a_removed_legs_port_is_freed(sockets):
                 s.close()
             return True
 
-        assert wait_for(rebinds)
+        wait_until(rebinds, TIMEOUT, "the port to be free again", 0.005)
     finally:
         relay.stop()
 
@@ -231,7 +223,7 @@ def test_a_removed_legs_port_is_freed_with_its_connected_twin(sockets):
                     s.close()
             return True
 
-        assert wait_for(rebinds)
+        wait_until(rebinds, TIMEOUT, "the port to be free again", 0.005)
     finally:
         relay.stop()
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import socket
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fastsip.asyncio.workers import reuse_port_supported
 
 sys.path.insert(0, str(Path(__file__).parent))
-from procutil import free_port
+from procutil import free_port, wait_until
 from redisutil import RedisServer
 from serveutil import (
     CALLS,
@@ -85,15 +84,6 @@ def moved(before: Samples, after: Samples, name: str, **labels: str) -> float:
     return value(after, name, **labels) - value(before, name, **labels)
 
 
-def wait_for(predicate: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise AssertionError("timed out")
-
-
 def test_calls_move_the_counters_by_exactly_the_calls_made(tmp_path: Path) -> None:
     port, uas_port, metrics = free_port(), free_port(), free_port()
     routes = tmp_path / "routes.py"
@@ -106,7 +96,8 @@ def test_calls_move_the_counters_by_exactly_the_calls_made(tmp_path: Path) -> No
         assert register(tmp_path, "register", port, "service", uas_port).returncode == 0
         # Each call is held 2 s: all CALLS are up together for a while.
         uac = run_uac(tmp_path, "uac", port, "service", CALLS, "-d", "2000", background=True)
-        wait_for(lambda: value(scrape(metrics), "fastsip_calls_active") == CALLS)
+        wait_until(lambda: value(scrape(metrics), "fastsip_calls_active") == CALLS, 10,
+                   "every call in fastsip_calls_active")
         finish(uac, 40)
         finish(uas, 30)
         assert uac.returncode == 0 and successful(tmp_path, "uac") == CALLS, serve.log()
@@ -174,7 +165,8 @@ def test_malformed_and_flood_are_counted_as_drops(flood_serve: tuple[Serve, int,
         for n in range(200):
             s.sendto(request("OPTIONS", f"sip:{HOST}:{port}", call_id=f"f{n}")
                      .replace("{me}", str(me)).encode(), (HOST, port))
-    wait_for(lambda: value(scrape(metrics), "fastsip_banned_sources") == 1)
+    wait_until(lambda: value(scrape(metrics), "fastsip_banned_sources") == 1, 10,
+               "the ban in fastsip_banned_sources")
     flooded = scrape(metrics)
     assert moved(after, flooded, "fastsip_dropped_total", reason="rate_limited") > 0
     assert moved(after, flooded, "fastsip_bans_total") == 1

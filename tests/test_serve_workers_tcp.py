@@ -26,7 +26,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from procutil import HOST, free_port
+from procutil import HOST, free_port, wait_until
 from redisutil import RedisServer
 from serveutil import DOMAIN, SCENARIOS, SIPP, Serve, finish, run_uac, sipp, successful
 from test_serve_workers import stopped_counts, worker_pids, workers_serve
@@ -48,15 +48,6 @@ def tcp_workers_serve(tmp_path: Path, port: int, redis: RedisServer, *extra: str
     spread = ("--spread-above", "0") if placement == "hashed" else ()
     return workers_serve(tmp_path, port, redis, *spread, *extra,
                          listen=[f"tcp:{HOST}:{port}"])
-
-
-def wait_for(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def counters(log: str, name: str) -> list[int]:
@@ -153,7 +144,7 @@ def test_tcp_calls_through_two_workers_all_complete(tmp_path: Path, redis: Redis
     phone = None
     try:
         phone = start_phone(tmp_path, "phone", port, "service", free_port(), 60_000)
-        wait_for(lambda: registered(serve, "service"), 10, "the phone's REGISTER")
+        wait_until(lambda: registered(serve, "service"), 10, "the phone's REGISTER")
         pids = list(worker_pids(serve.log()).values())
         uac = run_uac(tmp_path, "uac", port, "service", calls, "-t", "t1",
                       "-recv_timeout", "10000", rate=50, timeout=60)
@@ -261,7 +252,7 @@ def test_a_killed_workers_connections_drop_and_the_other_workers_calls_complete(
         # registered over a connection worker 1 holds.
         phone = start_phone(tmp_path, "phone", port, "service",
                             port_held_by(port, survivor, list(pids.values())), 60_000)
-        wait_for(lambda: registered(serve, "service"), 10, "the phone's REGISTER")
+        wait_until(lambda: registered(serve, "service"), 10, "the phone's REGISTER")
         stranded = TcpClient(port, port_held_by(port, victim, list(pids.values())))
         stranded.send(register_request(
             "stranded", "reg-stranded",
@@ -273,7 +264,7 @@ def test_a_killed_workers_connections_drop_and_the_other_workers_calls_complete(
                       "-recv_timeout", "6000", "-trace_err", "-error_file", str(errors),
                       rate=rate, timeout=90, background=True)
         caller = TcpClient(port, port_held_by(port, survivor, list(pids.values())))
-        wait_for(lambda: holder(port, caller.port, list(pids.values())) is not None, 5,
+        wait_until(lambda: holder(port, caller.port, list(pids.values())) is not None, 5,
                  "the caller's connection")
         assert holder(port, caller.port, list(pids.values())) == survivor
         time.sleep(3)
@@ -285,12 +276,12 @@ def test_a_killed_workers_connections_drop_and_the_other_workers_calls_complete(
         # TCP nobody retransmits it: it would wait out Timer B).  (Once the supervisor has
         # seen it exit: until the dying process has closed every socket, what is handed to
         # it is lost in its queue, as a datagram would be.)
-        wait_for(lambda: f"(pid {victim}) exited" in serve.log(), 5, "worker 1's exit")
+        wait_until(lambda: f"(pid {victim}) exited" in serve.log(), 5, "worker 1's exit")
         owned_by_victim = next(f"down-{n}" for n in range(100)
                                if call_id_shard(f"down-{n}@{HOST}", 2) == 1)
         caller.send(request("INVITE", f"sip:nobody@{DOMAIN}", call_id=owned_by_victim))
         assert caller.final(2) == 503                # (404 once it is back)
-        wait_for(lambda: "worker 1 running again" in serve.log(), 20, "worker 1's restart")
+        wait_until(lambda: "worker 1 running again" in serve.log(), 20, "worker 1's restart")
         # A call to the phone whose connection worker 1 held: a closed flow -- an error answer
         # at once (RFC 3261 §18.4), from whichever worker owns the call, not Timer B's 408.
         started = time.monotonic()
