@@ -8,7 +8,7 @@ With GCC 10 or later on Linux the build is profile-guided: the modules are built
 built again from that profile, which lays each module's hot paths out together (fewer
 instruction cache misses a message: docs/performance.md).  It costs one more compile of every
 module and a few seconds of calls.  ``FASTSIP_PGO=0`` builds once, without a profile; a failed
-training run says why on stderr and falls back to that build.
+instrumented build or training run says why on stderr and falls back to that build.
 """
 
 import os
@@ -24,6 +24,7 @@ from pathlib import Path
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.errors import BaseError, CCompilerError
 
 ROOT = Path(__file__).parent
 # The src/ layout: a checkout never shadows the installed, compiled package.
@@ -107,14 +108,20 @@ class ProfileGuidedBuild(build_ext):
             # Pass 1 in a scratch tree.  Its objects' directory stays for pass 2: GCC writes
             # each module's counters beside its object file and reads them back from there.
             self.build_lib, self.build_temp, self.force = str(work / "lib"), str(work / "temp"), True
-            with _extra_flags(self.extensions, PGO_GENERATE, PGO_GENERATE):
-                super().build_extensions()
-            trained = self._train(work)
+            try:
+                with _extra_flags(self.extensions, PGO_GENERATE, PGO_GENERATE):
+                    super().build_extensions()
+                trained = self._train(work)
+            except (BaseError, CCompilerError, OSError) as exc:
+                # An instrumented build that cannot compile or link (no libgcov, say) must not
+                # fail the install: pass 2 is then the plain build.
+                _say(f"the instrumented build failed: {exc}")
+                trained = False
             self.build_lib = out_lib
             with _extra_flags(self.extensions, PGO_USE if trained else [], []):
                 super().build_extensions()
             _say("built with a profile from calls through serve" if trained else
-                 "built without a profile (the training run failed, above)")
+                 "built without a profile (the instrumented build or its training failed, above)")
         finally:
             self.build_lib, self.build_temp, self.force = out_lib, out_temp, out_force
             shutil.rmtree(work, ignore_errors=True)
