@@ -99,6 +99,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from benchproc import cpu_seconds as _task_seconds
 from benchproc import fastsip_env, free_port, machine_busy_seconds, paired_ratio, stop
 
+# ROUTES, the routes module fastsip serve runs (a Python decision on every initial request,
+# then the location service), lives with the profile-guided build's training run, so the
+# build trains on the routing this benchmark measures.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "build_support"))
+from pgo_train import ROUTES
+
 HERE = Path(__file__).resolve().parent
 SCENARIOS = HERE.parent / "tests" / "data" / "sipp"
 KAMAILIO_CFG = HERE / "kamailio" / "kamailio.cfg"
@@ -136,26 +142,6 @@ FLOOR = os.environ.get("FASTSIP_BENCH_PROXY_FLOOR", "") == "1"
 
 # No GUARDS entry: this is not a pytest-benchmark timing (see the module docstring).
 GUARDS: list[tuple[str, str, float, str]] = []
-
-#: The routes module fastsip serve runs: real Python on every initial request (a header look,
-#: a dict lookup, the location service), as a small deployment's routing would be.
-ROUTES = '''\
-"""Benchmark routing: a per-call Python decision, then the location service."""
-from fastsip.app import route
-
-BLOCKED = {"mallory", "eve"}
-
-
-@route
-def initial(req):
-    if req.method == "REGISTER":
-        return None                       # the default: digest (if on), then the registrar
-    frm = req.from_
-    if frm is not None and frm.uri is not None and frm.uri.user in BLOCKED:
-        return req.reply(403, "Blocked")
-    return req.relay()                    # our domain: the registered contacts, else 404
-'''
-
 
 def _descendants(root: int) -> list[int]:
     children: dict[int, list[int]] = {}

@@ -30,8 +30,12 @@ from pathlib import Path
 HOST = "127.0.0.1"
 DOMAIN = "example.com"
 TIMEOUT = 5.0                     # a step that takes longer: serve did not come up or hangs
-#: benchmarks/bench_proxy.py's routes module: a Python decision per call, then the location service
+#: The routes module serve runs: real Python on every initial request (a header look, a dict
+#: lookup, the location service), as a small deployment's routing would be.  It is also
+#: benchmarks/bench_proxy.py's (and so bench_relay's, bench_metrics'): the build trains on
+#: the routing the benchmarks measure.
 ROUTES = '''\
+"""Benchmark routing: a per-call Python decision, then the location service."""
 from fastsip.app import route
 
 BLOCKED = {"mallory", "eve"}
@@ -40,11 +44,11 @@ BLOCKED = {"mallory", "eve"}
 @route
 def initial(req):
     if req.method == "REGISTER":
-        return None
+        return None                       # the default: digest (if on), then the registrar
     frm = req.from_
     if frm is not None and frm.uri is not None and frm.uri.user in BLOCKED:
         return req.reply(403, "Blocked")
-    return req.relay()
+    return req.relay()                    # our domain: the registered contacts, else 404
 '''
 
 
