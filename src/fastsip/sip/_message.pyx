@@ -691,7 +691,10 @@ cdef inline Py_ssize_t _next_param(const char* p, Py_ssize_t i, Py_ssize_t e,
     return i
 
 
-cdef inline Py_ssize_t _scan_via(const char* p, Py_ssize_t i, Py_ssize_t e, ViaParts* v) except -2:
+# Not inline: _validate and the accessors each had a copy of the two scanners below, and a
+# message runs through several of them -- one shared copy takes fewer instruction cache
+# lines a message (_validate went from 12 KB of code to 1.6 KB; docs/performance.md).
+cdef Py_ssize_t _scan_via(const char* p, Py_ssize_t i, Py_ssize_t e, ViaParts* v) except -2:
     """One via-parm from i; returns the index of the ',' that ends it, or e."""
     cdef ParamSpan prm
     cdef Py_ssize_t n
@@ -787,8 +790,8 @@ cdef inline void _shift_via(ViaParts* v, int32_t d) noexcept:
         v.maddr_e += d
 
 
-cdef inline Py_ssize_t _scan_name_addr(const char* p, Py_ssize_t i, Py_ssize_t e, bint in_list,
-                                       NameAddrParts* na, bint check_uri=True) except -2:
+cdef Py_ssize_t _scan_name_addr(const char* p, Py_ssize_t i, Py_ssize_t e, bint in_list,
+                                NameAddrParts* na, bint check_uri=True) except -2:
     """One (name-addr / addr-spec) *(;param) element from i; returns the index of the ',' that
     ends it (only when in_list), or e.  With check_uri False the URI's own syntax is left for
     the first read of ``.uri`` (parse() uses that: routing needs From/To tags, not their URIs)."""
