@@ -8,6 +8,29 @@ import logging
 import pytest
 
 from fastsip.proxy.edge import SourceGuard, TrustedNetworks
+from fastsip.transport._address import HostMemo
+
+
+def test_a_host_memo_answers_as_its_function_asks_once_per_host_and_stays_bounded() -> None:
+    # What the relay path asks about hosts on every message (is it us, private, trusted):
+    # remembered, but a flood of made-up hosts must not grow it without bound.
+    asked: list[str] = []
+
+    def private(host: str) -> bool:
+        asked.append(host)
+        return host.startswith("10.")
+
+    memo = HostMemo(private, bound=8)
+    assert memo("10.0.0.1") is True and memo("192.0.2.1") is False
+    assert memo("10.0.0.1") is True and memo("192.0.2.1") is False
+    assert asked == ["10.0.0.1", "192.0.2.1"]
+    for i in range(100):
+        memo(f"198.51.100.{i}")
+    assert 1 <= len(memo) <= 8
+    assert memo("10.0.0.1") is True              # forgotten in the flood: asked again
+    assert asked.count("10.0.0.1") == 2
+    with pytest.raises(TypeError):
+        memo(None)  # type: ignore[arg-type]
 
 
 def test_trusted_networks_match_cidrs_and_hosts() -> None:

@@ -44,7 +44,7 @@ from fastsip.rtp._net cimport (
     sockaddr_storage,
 )
 from fastsip.timers._wheel cimport TimerWheel
-from fastsip.transport._address cimport Address
+from fastsip.transport._address cimport Address, HostMemo, memo_get
 from fastsip.transport._base cimport TransportBase, admit_c, direct_callee
 from fastsip.transport._intake cimport receive_datagram_c
 
@@ -76,38 +76,32 @@ cdef Py_ssize_t _MAX_WRITE_BUFFER = MAX_WRITE_BUFFER
 cdef Py_ssize_t _VIA_WINDOW = VIA_WINDOW
 
 
-# Host -> answer caches of the two tests below, bounded (a flood of distinct hosts clears them).
-cdef dict _LOOPBACK = {}
-cdef dict _FAMILY = {}
-cdef Py_ssize_t _HOSTS_CACHED = 4096
+def _loopback_answer(str host) -> bool:
+    try:
+        return ipaddress.ip_address(host.partition("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _family_answer(str host) -> int:
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return 0
+    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+
+
+# The two tests below, remembered per host (bounded: a flood of distinct hosts starts them over).
+cdef HostMemo _LOOPBACK = HostMemo(_loopback_answer)
+cdef HostMemo _FAMILY = HostMemo(_family_answer)
 
 
 cdef bint _is_loopback(str host) except -1:
-    found = _LOOPBACK.get(host)
-    if found is None:
-        try:
-            found = ipaddress.ip_address(host.partition("%")[0]).is_loopback
-        except ValueError:
-            found = False
-        if len(_LOOPBACK) >= _HOSTS_CACHED:
-            _LOOPBACK.clear()
-        _LOOPBACK[host] = found
-    return found is True
+    return memo_get(_LOOPBACK, host) is True
 
 
 cdef int _family_of(str host) except -1:
-    found = _FAMILY.get(host)
-    if found is None:
-        try:
-            ip = ipaddress.ip_address(host.partition("%")[0])
-        except ValueError:
-            found = 0
-        else:
-            found = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-        if len(_FAMILY) >= _HOSTS_CACHED:
-            _FAMILY.clear()
-        _FAMILY[host] = found
-    return found
+    return memo_get(_FAMILY, host)
 
 
 def is_loopback(str host) -> bool:

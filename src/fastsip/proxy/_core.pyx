@@ -19,7 +19,7 @@ from fastsip.proxy._nat cimport (
     request_behind_nat as _request_behind_nat,
 )
 from fastsip.sip._message cimport H_PROXY_REQUIRE, URI, NameAddr, Request, Response, Via, wire
-from fastsip.transport._address cimport Address
+from fastsip.transport._address cimport Address, HostMemo, memo_get
 from fastsip.transport._base cimport TransportBase, compiled_transport
 from fastsip.transport._rules cimport next_hop, request_next_hop, response_destination
 from fastsip.transaction._layer cimport (
@@ -70,6 +70,10 @@ from fastsip.transport.rfc3263 import retry_after as _retry_after
 from fastsip.transport.rules import is_local_tag as _is_local_tag
 
 _log = logging.getLogger("fastsip.proxy")
+# The host questions every message asks ("is this us", "a host name to resolve?"), read from
+# compiled code in one dict look-up (HostMemo; the functions stay the one definition).
+cdef HostMemo _CANONICAL = HostMemo(_canonical_host)
+cdef HostMemo _IP_LITERAL = HostMemo(_is_ip_literal)
 
 
 cdef inline bint _is_sips(URI uri) noexcept:
@@ -1157,14 +1161,14 @@ cdef class Proxy(TransactionUserBase):
         if not u._is_sip():
             return False
         hosts = self._local()
-        if _canonical_host(u._maddr() or u.host) not in hosts:
+        if memo_get(_CANONICAL, u._maddr() or u.host) not in hosts:
             return False
         port = u.port
         return port is None or port in self._ports
 
     cdef bint _via_is_ours(self, str host, port, str transport) except -1:
         hosts = self._local()
-        if _canonical_host(host) not in hosts:
+        if memo_get(_CANONICAL, host) not in hosts:
             return False
         return (port if port is not None else _DEFAULT_PORTS.get(transport, 5060)) \
             in self._ports
@@ -1576,7 +1580,7 @@ cdef class Proxy(TransactionUserBase):
         if tb is not None:
             made.trunk = tb
         if resolved is None and hop_uri is not None and self.resolver is not None \
-                and not _is_ip_literal((<Address?>dest).host):
+                and not memo_get(_IP_LITERAL, (<Address?>dest).host):
             # A host name: RFC 3263 orders its addresses before this branch is sent.
             made.hop = _NextHop.from_uri(hop_uri)
         return made

@@ -9,14 +9,15 @@ reads (the bans, the rate and burst, the trusted networks, the sources) are C fi
 guard: no Python frame, and no attribute looked up by name, per packet.
 """
 
+from fastsip.transport._address cimport HostMemo, memo_get
 from fastsip.transport._base cimport SourceAdmission
 
 import logging
 
 log = logging.getLogger("fastsip.proxy.edge")
 
-#: Trusted hosts whose answer :meth:`GuardState.admit` keeps in its own dict at most (then it
-#: starts over): the trusted peers of a deployment are a handful of gateways and proxies.
+#: Hosts whose answer (trusted or not) :meth:`GuardState.admit` keeps at most (then it starts
+#: over): a deployment's trusted peers are a handful of gateways and proxies.
 cdef enum:
     TRUSTED_KEPT = 1024
 
@@ -35,16 +36,14 @@ cdef class GuardState(SourceAdmission):
     cdef public dict _sources
     #: Messages dropped: from a banned source, or over the rate.
     cdef public long long dropped
-    #: Hosts ``trusted`` said yes to, and the ``trusted`` that said it: a trusted peer sends
-    #: most of the traffic, and a C dict look-up answers it for a tenth of the Python call to
-    #: ``host_trusted`` (an untrusted host still asks that, then its token bucket).
-    cdef dict _trusted_hosts
+    #: ``trusted.host_trusted`` remembered, and the ``trusted`` it asks: a trusted peer sends
+    #: most of the traffic, and a C dict look-up answers it for a tenth of the Python call.
+    cdef HostMemo _trusted_hosts
     cdef object _trusted_for
 
     def __cinit__(self, *args, **kwargs):
         self.bans = {}
         self._sources = {}
-        self._trusted_hosts = {}
 
     cpdef bint admit(self, host, double now) except -1:
         """Called for every message (or new connection) from ``host`` before any work is done
@@ -63,16 +62,11 @@ cdef class GuardState(SourceAdmission):
         if not rate:
             return True
         trusted = self.trusted
-        if trusted is not self._trusted_for:    # set anew (a reload): forget the old answers
+        if self._trusted_hosts is None or trusted is not self._trusted_for:
+            # Set anew (a reload): forget the old answers.
             self._trusted_for = trusted
-            self._trusted_hosts = {}
-        cdef dict kept = self._trusted_hosts
-        if host in kept:
-            return True
-        if trusted.host_trusted(host):
-            if len(kept) >= TRUSTED_KEPT:
-                kept.clear()
-            kept[host] = True
+            self._trusted_hosts = HostMemo(trusted.host_trusted, TRUSTED_KEPT)
+        if memo_get(self._trusted_hosts, host):
             return True
         src = self._sources.get(host)
         if src is None:

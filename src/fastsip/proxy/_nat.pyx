@@ -9,7 +9,7 @@ Contact and top Via through the parser's views, typed (no attribute look-ups).
 """
 
 from fastsip.sip._message cimport URI, Message, NameAddr, Request, Via, lowered
-from fastsip.transport._address cimport Address
+from fastsip.transport._address cimport Address, HostMemo, memo_get
 
 import ipaddress
 from functools import lru_cache
@@ -44,6 +44,10 @@ def is_private(str host):
     except ValueError:
         return False
     return any(ip in net for net in _PRIVATE if net.version == ip.version)
+
+
+# Asked for a message's Contact and its source on each request and response (compiled callers).
+cdef HostMemo _IS_PRIVATE = HostMemo(is_private)
 
 
 cdef inline str _host(str host):
@@ -92,7 +96,8 @@ cdef bint _private_contact(Message message, Address source) except -1:
     if contact is None:
         return False
     host = (<tuple>contact)[0]
-    return is_private(host) and not is_private(source.host) and _host(host) != _host(source.host)
+    return memo_get(_IS_PRIVATE, host) and not memo_get(_IS_PRIVATE, source.host) \
+        and _host(host) != _host(source.host)
 
 
 cdef NameAddr _single_contact(Message message):

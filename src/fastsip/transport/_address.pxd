@@ -5,6 +5,8 @@ instead of through Python attribute look-ups (several per datagram on the relay 
 :mod:`fastsip.transport` documents it."""
 
 cimport cython
+from cpython.dict cimport PyDict_GetItem
+from cpython.object cimport PyObject
 
 
 @cython.final
@@ -24,3 +26,19 @@ cdef inline Address make_address(str transport, str host, object port, object co
     a.port = port
     a.connection = connection
     return a
+
+
+@cython.final
+cdef class HostMemo:
+    cdef dict _known
+    cdef object _fn
+    cdef Py_ssize_t _bound
+    cdef object _compute(self, str host)
+
+
+cdef inline object memo_get(HostMemo memo, str host):
+    """``memo(host)`` from compiled code: a host asked before costs one dict look-up."""
+    cdef PyObject* known = PyDict_GetItem(memo._known, host)
+    if known is not NULL:
+        return <object>known
+    return memo._compute(host)

@@ -1,7 +1,8 @@
 """Type stub for the compiled transport address (fastsip/transport/_address.pyx); it is
 documented in fastsip.transport."""
 
-from typing import final
+from collections.abc import Callable
+from typing import Any, final
 
 RELIABLE: frozenset[str]
 
@@ -23,3 +24,9 @@ class Address:
     def __eq__(self, other: object, /) -> bool: ...
     def __hash__(self) -> int: ...
     def __reduce__(self) -> tuple[type[Address], tuple[str, str, int, int]]: ...
+
+@final
+class HostMemo:
+    def __init__(self, fn: Callable[[str], Any], bound: int = 4096) -> None: ...
+    def __call__(self, host: str) -> Any: ...
+    def __len__(self) -> int: ...
