@@ -187,6 +187,22 @@ def test_max_forwards_zero_and_absent() -> None:
     assert m.decrement_max_forwards() == 70 and parse(bytes(m)).max_forwards == 70
 
 
+def test_a_presence_test_sees_compact_forms_any_case_and_not_what_was_removed(
+        msg: fastsip.Request) -> None:
+    h = msg.headers
+    assert "From" in h and "from" in h and "f" in h      # written in its compact form
+    assert "Call-ID" in h and "x-custom" in h and "X-CUSTOM" in h
+    assert "Subject" not in h and "X-Other" not in h and "X-Custo" not in h
+    assert msg.remove_header("Date") == 1 and "Date" not in msg.headers
+    assert msg.remove_header("X-Custom") == 1 and "X-Custom" not in msg.headers
+    assert msg.remove_header("Route") == 2 and "Route" not in msg.headers
+    msg.add_header("X-Custom", "again")
+    assert "x-custom" in msg.headers
+    msg.pop_via()
+    assert "Via" in msg.headers                            # the second line's two remain
+    assert "Via" in parse(bytes(msg)).headers
+
+
 def test_set_add_remove_headers_and_body(msg: fastsip.Request) -> None:
     msg.set_header("Allow", "INVITE, BYE")
     assert msg.headers.getall("Allow") == ["INVITE", "BYE"]

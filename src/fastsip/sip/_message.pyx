@@ -2864,7 +2864,26 @@ cdef class Headers:
         return vals[0]
 
     def __contains__(self, name):
-        return bool(self._collect(name, False))
+        # A presence test makes no strings (the router asks one of every initial request).
+        cdef int hid = _name_id_of(name)
+        cdef Message m = self._m
+        cdef int i
+        cdef bytes b
+        cdef HEntry* h
+        if hid:
+            i = m._first[hid]
+            while i >= 0:
+                if not m._h[i].deleted:
+                    return True
+                i = m._find(hid, i)
+            return False
+        b = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else bytes(name)
+        for i in range(m._nh):
+            h = &m._h[i]
+            if not h.deleted and h.id == 0 and _ieq_bytes(m._base(h) + h.name_s,
+                                                          h.name_e - h.name_s, b):
+                return True
+        return False
 
     def __iter__(self):
         cdef Message m = self._m
