@@ -76,32 +76,26 @@ cdef Py_ssize_t _MAX_WRITE_BUFFER = MAX_WRITE_BUFFER
 cdef Py_ssize_t _VIA_WINDOW = VIA_WINDOW
 
 
-def _loopback_answer(str host) -> bool:
-    try:
-        return ipaddress.ip_address(host.partition("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
-def _family_answer(str host) -> int:
+def _address_kind(str host) -> int:
+    # Both facts the shell needs of a destination host, from one parse: its family times two
+    # (AF_INET/AF_INET6; 0 for a name), plus one for a loopback address.
     try:
         ip = ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
         return 0
-    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    return (socket.AF_INET6 if ip.version == 6 else socket.AF_INET) * 2 + ip.is_loopback
 
 
-# The two tests below, remembered per host (bounded: a flood of distinct hosts starts them over).
-cdef HostMemo _LOOPBACK = HostMemo(_loopback_answer)
-cdef HostMemo _FAMILY = HostMemo(_family_answer)
+# Remembered per host (bounded: a flood of distinct hosts starts it over).
+cdef HostMemo _KIND = HostMemo(_address_kind)
 
 
 cdef bint _is_loopback(str host) except -1:
-    return memo_get(_LOOPBACK, host) is True
+    return <int>memo_get(_KIND, host) & 1
 
 
 cdef int _family_of(str host) except -1:
-    return memo_get(_FAMILY, host)
+    return <int>memo_get(_KIND, host) >> 1
 
 
 def is_loopback(str host) -> bool:
