@@ -758,3 +758,23 @@ def test_endpoint_before_start_and_bad_spec() -> None:
     with pytest.raises(ValueError, match="listen spec"):
         asyncio.run(ep.start())
     assert ep.listeners == []        # the UDP listener bound first was closed again
+
+
+def test_transport_stats_are_plain_counters() -> None:
+    """TransportStats (compiled, so a UDP wakeup counts in C) reads, sets, compares and
+    prints as the dataclass it replaced did, and refuses a counter it does not have."""
+    from fastsip.asyncio import TransportStats
+    stats = TransportStats()
+    assert stats.datagrams == 0 and stats.malformed == 0
+    stats.datagrams += 5
+    stats.sends_dropped = 2
+    assert stats == TransportStats(datagrams=5, sends_dropped=2)
+    assert stats != TransportStats(datagrams=5)
+    assert stats.as_dict()["datagrams"] == 5 and len(stats.as_dict()) == 13
+    assert repr(stats).startswith("TransportStats(datagrams=5, datagrams_denied=0,")
+    with pytest.raises(TypeError):
+        TransportStats(packets=1)
+    with pytest.raises(AttributeError):
+        stats.packets = 1  # type: ignore[attr-defined]
+    with pytest.raises(TypeError):
+        hash(stats)

@@ -38,6 +38,26 @@ class Listener:
                  lid: int = 0) -> None: ...
 
 @final
+class TransportStats:
+    datagrams: int
+    datagrams_denied: int
+    connections_denied: int
+    connections_refused: int
+    connections_refused_per_source: int
+    messages_denied: int
+    connects_refused: int
+    closed_idle: int
+    closed_read_timeout: int
+    tls_handshakes_failed: int
+    sends_dropped: int
+    kernel_filtered: int
+    malformed: int
+    def __init__(self, **counts: int) -> None: ...
+    def as_dict(self) -> dict[str, int]: ...
+    def __eq__(self, other: object) -> bool: ...
+    __hash__: None  # type: ignore[assignment]
+
+@final
 class IntakeState:
     limits: Any
     on_message: Any
@@ -45,13 +65,14 @@ class IntakeState:
     steer: Any
     answer_malformed: Any
     admit: Any
-    stats: Any
+    stats: TransportStats
     listeners: list[Listener]
     own: dict[int, Listener]
     nearest: dict[str, dict[int, Listener | None]]
     closed: bool
     wheel: TimerWheel | None
     def __init__(self, layer: TransportLayer) -> None: ...
+    def refresh(self, layer: TransportLayer) -> None: ...
 
 def is_loopback(host: str) -> bool: ...
 def family_of(host: str) -> int: ...

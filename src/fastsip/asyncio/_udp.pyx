@@ -110,6 +110,74 @@ def family_of(str host) -> int:
 
 # -- the layer's state, as C fields --------------------------------------------------------------
 
+#: The counters of TransportStats, in the order its repr and its keyword arguments take them.
+_STATS_FIELDS = ("datagrams", "datagrams_denied", "connections_denied", "connections_refused",
+                 "connections_refused_per_source", "messages_denied", "connects_refused",
+                 "closed_idle", "closed_read_timeout", "tls_handshakes_failed", "sends_dropped",
+                 "kernel_filtered", "malformed")
+
+
+@cython.final
+cdef class TransportStats:
+    """What the transport took in and turned away, counted since it was made (plain ints:
+    read them, or reset them, from the loop's thread).  Compiled: every wakeup of a UDP
+    socket adds to ``datagrams``, which as a Python object's attribute cost a lookup and a
+    store through the generic attribute protocol each time.
+
+    - ``datagrams``, ``datagrams_denied``: UDP datagrams read, and those of them ``admit``
+      dropped before parsing;
+    - ``connections_denied`` / ``connections_refused`` / ``connections_refused_per_source``:
+      accepted connections closed at once: ``admit`` said no / over ``max_connections`` /
+      over ``max_connections_per_source``;
+    - ``messages_denied``: connections closed because ``admit`` refused a message on them;
+    - ``connects_refused``: outgoing connects not made because ``max_connections`` were open
+      (reported to on_error);
+    - ``closed_idle``, ``closed_read_timeout``: connections closed by the sweeper: idle, or an
+      incomplete message held too long;
+    - ``tls_handshakes_failed``: accepted TLS connections whose handshake failed or outlasted
+      tls_handshake_timeout;
+    - ``sends_dropped``: UDP sends dropped because the socket could not take them (EAGAIN,
+      ENOBUFS);
+    - ``kernel_filtered``: banned sources the kernel currently drops for us (drop_sources);
+    - ``malformed``: messages (datagrams, or messages framed on a stream) that did not parse.
+    """
+
+    cdef public long long datagrams
+    cdef public long long datagrams_denied
+    cdef public long long connections_denied
+    cdef public long long connections_refused
+    cdef public long long connections_refused_per_source
+    cdef public long long messages_denied
+    cdef public long long connects_refused
+    cdef public long long closed_idle
+    cdef public long long closed_read_timeout
+    cdef public long long tls_handshakes_failed
+    cdef public long long sends_dropped
+    cdef public long long kernel_filtered
+    cdef public long long malformed
+
+    def __init__(self, **counts):
+        for name, value in counts.items():
+            if name not in _STATS_FIELDS:
+                raise TypeError(f"TransportStats() got an unexpected keyword argument {name!r}")
+            setattr(self, name, value)
+
+    def as_dict(self):
+        """The counters by name."""
+        return {name: getattr(self, name) for name in _STATS_FIELDS}
+
+    def __eq__(self, other):
+        if type(other) is not TransportStats:
+            return NotImplemented
+        return self.as_dict() == (<TransportStats>other).as_dict()
+
+    __hash__ = None
+
+    def __repr__(self):
+        fields = ", ".join(f"{name}={getattr(self, name)}" for name in _STATS_FIELDS)
+        return f"TransportStats({fields})"
+
+
 @cython.final
 cdef class Listener:
     """A bound listening socket: ``address`` has the real port (after port 0), ``sent_by`` what
@@ -161,8 +229,9 @@ INTAKE_ATTRIBUTES = frozenset({"limits", "on_message", "check_via", "_local", "s
 @cython.final
 cdef class IntakeState:
     """What the UDP path reads of its layer for every datagram, as C fields: a snapshot that
-    the layer makes again whenever one of :data:`INTAKE_ATTRIBUTES` is set (its lists and
-    dicts are the layer's own, so appending a listener needs no new snapshot)."""
+    the layer refreshes whenever one of :data:`INTAKE_ATTRIBUTES` is set (its lists and
+    dicts are the layer's own, so appending a listener needs no refresh).  Refreshed in
+    place, never replaced: the layer's sockets and its ``compiled`` stand-in hold it."""
 
     cdef readonly object limits
     # The layer's on_message and admit, or the compiled objects whose bound methods they are
@@ -172,7 +241,7 @@ cdef class IntakeState:
     cdef readonly object steer
     cdef readonly object answer_malformed
     cdef readonly object admit
-    cdef readonly object stats
+    cdef readonly TransportStats stats
     cdef readonly list listeners
     cdef readonly dict own
     cdef readonly dict nearest
@@ -181,6 +250,11 @@ cdef class IntakeState:
     cdef readonly TimerWheel wheel
 
     def __init__(self, layer):
+        self.refresh(layer)
+
+    def refresh(self, layer):
+        """Read the layer's attributes again (one of them was set): in place, so that those
+        holding this object (the layer's sockets and ``compiled``) see the new values."""
         self.limits = layer.limits
         self.on_message = direct_callee(layer.on_message)
         self.local = layer._local if layer.check_via else None
@@ -296,11 +370,10 @@ def via_for(self, Address dest, local=None):
     (``local``, when the caller has it already), but a worker's own socket
     (``own_sockets``) where the request will leave from it -- the port its responses
     must come back to."""
-    return _via_for(self, dest, local)
+    return _via_for(self, _state(self), dest, local)
 
 
-cdef Address _via_for(layer, Address dest, local):
-    cdef IntakeState st = _state(layer)
+cdef Address _via_for(layer, IntakeState st, Address dest, local):
     cdef Listener found, own
     if st.own and not dest.connection and dest.transport == "UDP":
         found = _listener_for(layer, st, dest)
@@ -324,11 +397,10 @@ def send(self, data, Address dest):
     go to ``on_error(dest)``).  Stream transports: ``dest.connection`` while open, else
     an open connection to ``dest.peer``, else a new one (data queued until it is up).
     A host name (not an IP literal) is resolved first (A/AAAA, RFC 3263 §4.2)."""
-    _send(self, data, dest)
+    _send(self, _state(self), data, dest)
 
 
-cdef _send(layer, data, Address dest):
-    cdef IntakeState st = _state(layer)
+cdef _send(layer, IntakeState st, data, Address dest):
     if st.closed:
         return
     transport = dest.transport
@@ -352,10 +424,14 @@ cdef class LayerTransport(TransportBase):
     (:meth:`replaced`), as those above it looked the object up once."""
 
     cdef readonly object layer
+    # The layer's IntakeState (refreshed in place, never replaced): no attribute lookup on
+    # the layer per call.
+    cdef IntakeState _st
     cdef bint _send_replaced, _local_for_replaced, _via_for_replaced
 
     def __init__(self, layer):
         self.layer = layer
+        self._st = _state(layer)
 
     def replaced(self, str name):
         """The layer's ``name`` (send, local_for or via_for) is its own now: call that."""
@@ -370,17 +446,17 @@ cdef class LayerTransport(TransportBase):
         if self._send_replaced:
             self.layer.send(data, dest)
         else:
-            _send(self.layer, data, <Address?>dest)
+            _send(self.layer, self._st, data, <Address?>dest)
 
     cpdef local_for(self, dest):
         if self._local_for_replaced:
             return self.layer.local_for(dest)
-        return _local_for(self.layer, _state(self.layer), <Address?>dest)
+        return _local_for(self.layer, self._st, <Address?>dest)
 
     cpdef via_for(self, dest, local=None):
         if self._via_for_replaced:
             return self.layer.via_for(dest, local)
-        return _via_for(self.layer, <Address?>dest, local)
+        return _via_for(self.layer, self._st, <Address?>dest, local)
 
 
 cdef object _open(sock):
@@ -483,7 +559,7 @@ def datagram_received(self, data, addr):
     then to the intake; an error below is logged, never raised into the loop."""
     layer = self.layer
     cdef IntakeState st = _state(layer)
-    stats = st.stats
+    cdef TransportStats stats = st.stats
     stats.datagrams += 1
     try:
         host = addr[0]
@@ -641,6 +717,8 @@ cdef class UdpSocket:
     cdef public bint closed
     cdef Py_ssize_t _fd
     cdef object _time
+    # The layer's IntakeState (refreshed in place, never replaced).
+    cdef IntakeState _st
     cdef char *_buf
     # The names of recent sources: a datagram from one of them reuses its str.
     cdef sockaddr_storage _sources[SOURCES]
@@ -668,6 +746,7 @@ cdef class UdpSocket:
         self.lid = lid
         self._fd = sock.fileno()
         self._time = loop.time
+        self._st = _state(layer)
         self.closed = False
         loop.add_reader(self._fd, self._read_ready)   # NotImplementedError: proactor
 
@@ -682,7 +761,7 @@ cdef class UdpSocket:
         cdef sockaddr_storage addrs[RECV_SLOTS]
         cdef unsigned int alens[RECV_SLOTS]
         layer = self.layer
-        cdef IntakeState st = _state(layer)
+        cdef IntakeState st = self._st
         admit = st.admit
         now = self._time()
         cdef TimerWheel wheel = st.wheel
@@ -739,10 +818,8 @@ cdef class UdpSocket:
             if wheel is not None:
                 wheel.release_clock()
             self._corked = False
-            stats = st.stats
-            stats.datagrams += count
-            if denied:
-                stats.datagrams_denied += denied
+            st.stats.datagrams += count
+            st.stats.datagrams_denied += denied
             if self._held:
                 try:
                     self._flush()

@@ -51,7 +51,6 @@ import socket
 import ssl
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, cast
 
 from fastsip.asyncio import _udp, kernelban
@@ -114,34 +113,9 @@ def _same_host(a: str, b: str) -> bool:
     return a == b or _host_key(a) == _host_key(b)
 
 
-@dataclass(slots=True)
-class TransportStats:
-    """What the transport took in and turned away, counted since it was made (plain ints:
-    read them, or reset them, from the loop's thread)."""
-
-    #: UDP datagrams read, and those of them ``admit`` dropped before parsing.
-    datagrams: int = 0
-    datagrams_denied: int = 0
-    #: Accepted connections closed at once: ``admit`` said no / over ``max_connections`` /
-    #: over ``max_connections_per_source``.
-    connections_denied: int = 0
-    connections_refused: int = 0
-    connections_refused_per_source: int = 0
-    #: Connections closed because ``admit`` refused a message on them.
-    messages_denied: int = 0
-    #: Outgoing connects not made because ``max_connections`` were open (reported to on_error).
-    connects_refused: int = 0
-    #: Connections closed by the sweeper: idle, or an incomplete message held too long.
-    closed_idle: int = 0
-    closed_read_timeout: int = 0
-    #: Accepted TLS connections whose handshake failed or outlasted tls_handshake_timeout.
-    tls_handshakes_failed: int = 0
-    #: UDP sends dropped because the socket could not take them (EAGAIN, ENOBUFS).
-    sends_dropped: int = 0
-    #: Banned sources the kernel currently drops for us (drop_sources).
-    kernel_filtered: int = 0
-    #: Messages (datagrams, or messages framed on a stream) that did not parse.
-    malformed: int = 0
+#: What the transport took in and turned away (compiled: a UDP wakeup counts its datagrams
+#: in C; the counters are documented there).
+TransportStats = _udp.TransportStats
 
 
 #: A bound listening socket (compiled: the UDP path reads its fields per message).
@@ -447,7 +421,8 @@ class TransportLayer:
     # benchmarks/bench_udp_intake.py).
     _lean_udp: bool | None = None
     # Set at the end of __init__: from then on, setting one of _udp.INTAKE_ATTRIBUTES makes
-    # the UDP path's snapshot of them again (__setattr__).
+    # the UDP path's snapshot of them again (__setattr__), in place: the sockets and the
+    # compiled stand-in hold this one object.
     _intake: _udp.IntakeState | None = None
     #: The timers' wheel (its owner sets it: :class:`~fastsip.asyncio.Endpoint`). A wakeup of
     #: a UDP socket reads the clock once and holds the wheel's clock at that reading while
@@ -460,7 +435,7 @@ class TransportLayer:
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
         if name in _INTAKE_ATTRIBUTES and self._intake is not None:
-            object.__setattr__(self, "_intake", _udp.IntakeState(self))
+            self._intake.refresh(self)
         elif name in _COMPILED_METHODS and self.compiled is not None:
             # A method of our own on this instance (serve's metrics wrap send): the layers
             # above, which call the compiled stand-in, must reach it.
