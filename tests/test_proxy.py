@@ -236,6 +236,35 @@ def test_loose_route_to_next_proxy_keeps_request_uri() -> None:
     assert [str(r) for r in msg.route] == ["<sip:127.0.0.1:5090;lr>"]
 
 
+@pytest.mark.parametrize("ours", [
+    "<sip:127.0.0.1;lr>",                               # no port: ours on any port we listen
+    "<sip:127.0.0.1:5060;transport=udp;lr>",
+    "<SIP:127.0.0.1:5060;LR>",                          # scheme and parameter in any case
+    "<sip:elsewhere.invalid;maddr=127.0.0.1;lr>",       # maddr decides where it points
+])
+def test_route_naming_us_is_popped_in_any_form(ours: str) -> None:
+    net, _proxy, _ = setup(FixedRouter())
+    up = Raw(net, "up", 5071)
+    down = Raw(net, "down", 5090, auto=lambda r: r.reply(200))
+    up.send_to(raw_request("MESSAGE", "sip:bob@example.com",
+                           extra=f"Route: {ours}, <sip:127.0.0.1:5090;lr>\n"))
+    net.run(0.1)
+    (msg,) = down.requests("MESSAGE")
+    assert [str(r) for r in msg.route] == ["<sip:127.0.0.1:5090;lr>"]
+
+
+def test_route_whose_maddr_is_elsewhere_is_not_ours() -> None:
+    # Our address, but a maddr that is not: the Route points there, and stays.
+    net, _proxy, _ = setup(FixedRouter())
+    up = Raw(net, "up", 5071)
+    down = Raw(net, "down", 5090, auto=lambda r: r.reply(200))
+    up.send_to(raw_request("MESSAGE", "sip:bob@example.com",
+                           extra="Route: <sip:127.0.0.1:5060;maddr=127.0.0.9;lr>, "
+                                 "<sip:127.0.0.1:5090;lr>\n"))
+    net.run(0.1)
+    assert down.requests("MESSAGE") == []
+
+
 def test_loop_detected_482_but_spiral_allowed() -> None:
     # The target is the proxy itself with the same Request-URI: the request comes back
     # unchanged -> 482.  (A target that changes the Request-URI spirals and is fine.)

@@ -1166,6 +1166,20 @@ cdef class Proxy(TransactionUserBase):
         port = u.port
         return port is None or port in self._ports
 
+    cdef bint _names_us(self, NameAddr route) except -1:
+        """:meth:`is_local` of a Route value's URI, read from the parser's index: every
+        in-dialog request's Route names us, and building its URI to ask cost more than the
+        question (a URI with a ``maddr`` is built and asked as it is)."""
+        parts = route._sip_host_port()
+        if parts is None:
+            return False
+        host, port, maddr = <tuple>parts
+        if maddr:
+            return self.is_local(route._uri())
+        if memo_get(_CANONICAL, host) not in self._local():
+            return False
+        return port is None or port in self._ports
+
     cdef bint _via_is_ours(self, str host, port, str transport) except -1:
         hosts = self._local()
         if memo_get(_CANONICAL, host) not in hosts:
@@ -1433,7 +1447,7 @@ cdef class Proxy(TransactionUserBase):
         cdef list routes_view
         for _ in range(2):
             routes_view = request._routes()
-            if not routes_view or not self.is_local((<NameAddr>routes_view[0])._uri()):
+            if not routes_view or not self._names_us(<NameAddr>routes_view[0]):
                 break
             request.pop_route()
             routed = True
