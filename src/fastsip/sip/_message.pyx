@@ -407,6 +407,25 @@ cdef inline bint _ieq(const char* p, Py_ssize_t n, const char* lower, Py_ssize_t
 cdef const char* _HEX_DIGITS = b"0123456789abcdef"
 
 
+cdef Py_ssize_t _port_digits(int port, char* out) noexcept:
+    """A Via's port as decimal digits into ``out`` (12 octets), or "None" for no port
+    (negative): the port as the stateless branch's key has always written it."""
+    cdef Py_ssize_t n = 0, i
+    cdef char tmp[12]
+    if port < 0:
+        memcpy(out, b"None", 4)
+        return 4
+    while True:
+        tmp[n] = <char>(48 + port % 10)
+        n += 1
+        port //= 10
+        if port == 0:
+            break
+    for i in range(n):
+        out[i] = tmp[n - 1 - i]
+    return n
+
+
 cdef inline str _text(const char* p, Py_ssize_t s, Py_ssize_t e):
     return fastsip_text(p + s, e - s)
 
@@ -2521,7 +2540,7 @@ cdef class Request(Message):
     @uri.setter
     def uri(self, value):
         cdef URI u = value if isinstance(value, URI) else URI(value)
-        self._new_start_line = (f"{self._method()} {u} SIP/2.0\r\n").encode(
+        self._new_start_line = (f"{self._method()} {u._text} SIP/2.0\r\n").encode(
             "utf-8", "surrogateescape")
         self._c_uri = u
         self._edited = True
@@ -2536,10 +2555,26 @@ cdef class Request(Message):
         index, no Via object built (every ACK for a 2xx pays it)."""
         cdef ViaParts v
         cdef const char* p
+        cdef char port[12]
+        cdef Py_ssize_t nb, nh, np
+        cdef char* out
         if self._top_via_parts(&v, &p) and v.branch_s >= 0 and v.branch_e - v.branch_s >= 7 \
                 and memcmp(p + v.branch_s, b"z9hG4bK", 7) == 0:
-            key = (f"{_text(p, v.branch_s, v.branch_e)}\x00{_text(p, v.host_s, v.host_e)}"
-                   f"\x00{v.port if v.port >= 0 else None}")
+            # The octets of "BRANCH\0HOST\0PORT" (PORT "None" without one) straight from the
+            # buffer: the UTF-8 (surrogate-escaped) text the key once was, built as one bytes.
+            nb = v.branch_e - v.branch_s
+            nh = v.host_e - v.host_s
+            np = _port_digits(v.port, port)
+            key_bytes = PyBytes_FromStringAndSize(NULL, nb + nh + np + 2)
+            out = PyBytes_AS_STRING(key_bytes)
+            memcpy(out, p + v.branch_s, nb)
+            out[nb] = 0
+            memcpy(out + nb + 1, p + v.host_s, nh)
+            out[nb + 1 + nh] = 0
+            memcpy(out + nb + nh + 2, port, np)
+            digest = _BRANCH_HASH.copy()
+            digest.update(key_bytes)
+            return "z9hG4bKsl" + digest.hexdigest()
         else:  # RFC 2543 peer: the §17.2.3 fields
             top = self.top_via
             frm = self.from_
