@@ -773,7 +773,7 @@ def test_transport_stats_are_plain_counters() -> None:
     assert stats.as_dict()["datagrams"] == 5 and len(stats.as_dict()) == 13
     assert repr(stats).startswith("TransportStats(datagrams=5, datagrams_denied=0,")
     with pytest.raises(TypeError):
-        TransportStats(packets=1)
+        TransportStats(packets=1)  # type: ignore[call-arg]
     with pytest.raises(AttributeError):
         stats.packets = 1  # type: ignore[attr-defined]
     with pytest.raises(TypeError):

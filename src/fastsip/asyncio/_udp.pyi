@@ -52,9 +52,15 @@ class TransportStats:
     sends_dropped: int
     kernel_filtered: int
     malformed: int
-    def __init__(self, **counts: int) -> None: ...
+    def __init__(self, *, datagrams: int = 0, datagrams_denied: int = 0,
+                 connections_denied: int = 0, connections_refused: int = 0,
+                 connections_refused_per_source: int = 0, messages_denied: int = 0,
+                 connects_refused: int = 0, closed_idle: int = 0,
+                 closed_read_timeout: int = 0, tls_handshakes_failed: int = 0,
+                 sends_dropped: int = 0, kernel_filtered: int = 0,
+                 malformed: int = 0) -> None: ...
     def as_dict(self) -> dict[str, int]: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
     __hash__: None  # type: ignore[assignment]
 
 @final

@@ -156,11 +156,26 @@ cdef class TransportStats:
     cdef public long long kernel_filtered
     cdef public long long malformed
 
-    def __init__(self, **counts):
-        for name, value in counts.items():
-            if name not in _STATS_FIELDS:
-                raise TypeError(f"TransportStats() got an unexpected keyword argument {name!r}")
-            setattr(self, name, value)
+    def __init__(self, *, long long datagrams=0, long long datagrams_denied=0,
+                 long long connections_denied=0, long long connections_refused=0,
+                 long long connections_refused_per_source=0, long long messages_denied=0,
+                 long long connects_refused=0, long long closed_idle=0,
+                 long long closed_read_timeout=0, long long tls_handshakes_failed=0,
+                 long long sends_dropped=0, long long kernel_filtered=0,
+                 long long malformed=0):
+        self.datagrams = datagrams
+        self.datagrams_denied = datagrams_denied
+        self.connections_denied = connections_denied
+        self.connections_refused = connections_refused
+        self.connections_refused_per_source = connections_refused_per_source
+        self.messages_denied = messages_denied
+        self.connects_refused = connects_refused
+        self.closed_idle = closed_idle
+        self.closed_read_timeout = closed_read_timeout
+        self.tls_handshakes_failed = tls_handshakes_failed
+        self.sends_dropped = sends_dropped
+        self.kernel_filtered = kernel_filtered
+        self.malformed = malformed
 
     def as_dict(self):
         """The counters by name."""
