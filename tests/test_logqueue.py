@@ -72,6 +72,23 @@ def test_lines_match_logging_formatter(logger: logging.Logger) -> None:
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO ", second), second
 
 
+def test_direct_line_is_the_text_logging_formatter_writes() -> None:
+    """The writer's compiled line of a queued tuple is logging.Formatter(FORMAT)'s text of
+    the same record, to the millisecond, as the second it caches moves on and back."""
+    fmt = logqueue.LineFormatter()
+    reference = logging.Formatter(logqueue.FORMAT)
+    args = ("INVITE", 486, "rejected", 0.04999, 'call_id="a b" from=sip:a@b to=sip:c@d')
+    for created in (1_700_000_000.0, 1_700_000_000.9996, 1_700_000_001.0421,
+                    1_700_000_000.5, 86_399.001, 1_765_432_109.999):
+        record = logging.LogRecord("fastsip.app.serve", logging.INFO, __file__, 1, LINE, args,
+                                   None)
+        record.created = created
+        record.msecs = int((created - int(created)) * 1000) + 0.0
+        assert fmt.line(created, "INFO", "fastsip.app.serve", LINE, args) == \
+            reference.format(record)
+    assert fmt.line(1.5, "WARNING", "x", "no arguments", ()).endswith(" WARNING x: no arguments")
+
+
 def test_mutable_arguments_are_formatted_when_logged(logger: logging.Logger) -> None:
     stream = _StuckStream()
     handler = logqueue.QueueLogHandler(stream)

@@ -31,6 +31,8 @@ import threading
 import time
 from typing import IO, Any, Protocol
 
+from fastsip.app._logline import TextLines
+
 __all__ = ["DEFAULT_MAX_QUEUED", "FORMAT", "JsonFormatter", "LineFormatter",
            "QueueLogHandler", "direct_emitter", "dropped_lines", "flush", "install",
            "set_format", "stop", "structured"]
@@ -72,25 +74,22 @@ class DirectEmit(Protocol):
 
 class LineFormatter(logging.Formatter):
     """:data:`FORMAT`, the same text as ``logging.Formatter(FORMAT)`` writes, at a fraction of
-    its cost: ``time.strftime`` runs once per second, not once per line."""
+    its cost: ``time.strftime`` runs once per second, not once per line, and the line of a
+    queued tuple is made in C (:class:`~fastsip.app._logline.TextLines`)."""
 
     def __init__(self) -> None:
         super().__init__(FORMAT)
-        self._second = -1
-        self._stamp = ""
+        #: The writer thread calls ``text.line`` for each queued tuple (no Python frame).
+        self.text = TextLines(self.default_time_format, self.converter)
 
     def _asctime(self, created: float) -> str:
-        second = int(created)
-        if second != self._second:       # (the writer thread is the only caller)
-            self._stamp = time.strftime(self.default_time_format, self.converter(created))
-            self._second = second
-        return f"{self._stamp},{int((created - second) * 1000):03d}"
+        return self.text.asctime(created)
 
     def line(self, created: float, levelname: str, name: str, msg: str,
              args: tuple[Any, ...], extra: dict[str, Any] | None = None) -> str:
         """The line of a tuple queued by :func:`direct_emitter` (``extra`` is not part of the
         text: the message says it all)."""
-        return f"{self._asctime(created)} {levelname} {name}: {msg % args if args else msg}"
+        return self.text.line(created, levelname, name, msg, args)
 
     def format(self, record: logging.LogRecord) -> str:
         record.message = record.getMessage()
@@ -285,13 +284,14 @@ class QueueLogHandler(logging.Handler):
                 pass
             fmt = self.formatter             # (read per batch: set_format may change it)
             assert isinstance(fmt, LineFormatter | JsonFormatter)
+            line = fmt.text.line if isinstance(fmt, LineFormatter) else fmt.line
             lines: list[str] = []
             markers: list[_Flush] = []
             stopping = False
             for item in batch:
                 if type(item) is tuple:
                     try:
-                        lines.append(fmt.line(*item))
+                        lines.append(line(*item))
                     except Exception:    # noqa: BLE001 - a template and args that do not fit
                         lines.append(f"{item[0]:.3f} {item[1]} {item[2]}: {item[3]!r} % "
                                      f"{item[4]!r}")
