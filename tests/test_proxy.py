@@ -224,45 +224,34 @@ def test_strict_router_downstream_postprocess() -> None:
     assert [str(r) for r in msg.route] == ["<sip:bob@example.com>"]
 
 
-def test_loose_route_to_next_proxy_keeps_request_uri() -> None:
+def _past_our_route(first: str) -> list[Request]:
+    """What reaches the next hop (down, 5090) of a MESSAGE whose Route is ``first`` and then
+    down's loose-routing URI."""
     net, _proxy, _ = setup(FixedRouter())
     up = Raw(net, "up", 5071)
     down = Raw(net, "down", 5090, auto=lambda r: r.reply(200))
     up.send_to(raw_request("MESSAGE", "sip:bob@example.com",
-                           extra=f"Route: <{PROXY}>, <sip:127.0.0.1:5090;lr>\n"))
+                           extra=f"Route: {first}, <sip:127.0.0.1:5090;lr>\n"))
     net.run(0.1)
-    (msg,) = down.requests("MESSAGE")
-    assert str(msg.uri) == "sip:bob@example.com"
-    assert [str(r) for r in msg.route] == ["<sip:127.0.0.1:5090;lr>"]
+    return down.requests("MESSAGE")
 
 
 @pytest.mark.parametrize("ours", [
+    f"<{PROXY}>",
     "<sip:127.0.0.1;lr>",                               # no port: ours on any port we listen
     "<sip:127.0.0.1:5060;transport=udp;lr>",
     "<SIP:127.0.0.1:5060;LR>",                          # scheme and parameter in any case
     "<sip:elsewhere.invalid;maddr=127.0.0.1;lr>",       # maddr decides where it points
 ])
-def test_route_naming_us_is_popped_in_any_form(ours: str) -> None:
-    net, _proxy, _ = setup(FixedRouter())
-    up = Raw(net, "up", 5071)
-    down = Raw(net, "down", 5090, auto=lambda r: r.reply(200))
-    up.send_to(raw_request("MESSAGE", "sip:bob@example.com",
-                           extra=f"Route: {ours}, <sip:127.0.0.1:5090;lr>\n"))
-    net.run(0.1)
-    (msg,) = down.requests("MESSAGE")
+def test_loose_route_pops_ours_in_any_form_and_keeps_request_uri(ours: str) -> None:
+    (msg,) = _past_our_route(ours)
+    assert str(msg.uri) == "sip:bob@example.com"
     assert [str(r) for r in msg.route] == ["<sip:127.0.0.1:5090;lr>"]
 
 
 def test_route_whose_maddr_is_elsewhere_is_not_ours() -> None:
     # Our address, but a maddr that is not: the Route points there, and stays.
-    net, _proxy, _ = setup(FixedRouter())
-    up = Raw(net, "up", 5071)
-    down = Raw(net, "down", 5090, auto=lambda r: r.reply(200))
-    up.send_to(raw_request("MESSAGE", "sip:bob@example.com",
-                           extra="Route: <sip:127.0.0.1:5060;maddr=127.0.0.9;lr>, "
-                                 "<sip:127.0.0.1:5090;lr>\n"))
-    net.run(0.1)
-    assert down.requests("MESSAGE") == []
+    assert _past_our_route("<sip:127.0.0.1:5060;maddr=127.0.0.9;lr>") == []
 
 
 def test_loop_detected_482_but_spiral_allowed() -> None:
