@@ -1160,10 +1160,12 @@ cdef class Proxy(TransactionUserBase):
         cdef URI u = uri
         if not u._is_sip():
             return False
-        hosts = self._local()
-        if memo_get(_CANONICAL, u._maddr() or u.host) not in hosts:
+        return self._host_port_is_ours(u._maddr() or u.host, u.port)
+
+    cdef bint _host_port_is_ours(self, str host, port) except -1:
+        # is_local's answer for a SIP URI's host (or maddr) and port (None: any of ours).
+        if memo_get(_CANONICAL, host) not in self._local():
             return False
-        port = u.port
         return port is None or port in self._ports
 
     cdef bint _names_us(self, NameAddr route) except -1:
@@ -1176,16 +1178,12 @@ cdef class Proxy(TransactionUserBase):
         host, port, maddr = <tuple>parts
         if maddr:
             return self.is_local(route._uri())
-        if memo_get(_CANONICAL, host) not in self._local():
-            return False
-        return port is None or port in self._ports
+        return self._host_port_is_ours(host, port)
 
     cdef bint _via_is_ours(self, str host, port, str transport) except -1:
-        hosts = self._local()
-        if memo_get(_CANONICAL, host) not in hosts:
-            return False
-        return (port if port is not None else _DEFAULT_PORTS.get(transport, 5060)) \
-            in self._ports
+        # A Via without a port names its transport's default one (DEFAULT_PORTS).
+        return self._host_port_is_ours(
+            host, port if port is not None else _DEFAULT_PORTS.get(transport, 5060))
 
     # -- TransactionUser ---------------------------------------------------------------------
 
