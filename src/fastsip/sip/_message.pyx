@@ -407,25 +407,6 @@ cdef inline bint _ieq(const char* p, Py_ssize_t n, const char* lower, Py_ssize_t
 cdef const char* _HEX_DIGITS = b"0123456789abcdef"
 
 
-cdef Py_ssize_t _port_digits(int port, char* out) noexcept:
-    """A Via's port as decimal digits into ``out`` (12 octets), or "None" for no port
-    (negative): the port as the stateless branch's key has always written it."""
-    cdef Py_ssize_t n = 0, i
-    cdef char tmp[12]
-    if port < 0:
-        memcpy(out, b"None", 4)
-        return 4
-    while True:
-        tmp[n] = <char>(48 + port % 10)
-        n += 1
-        port //= 10
-        if port == 0:
-            break
-    for i in range(n):
-        out[i] = tmp[n - 1 - i]
-    return n
-
-
 cdef inline str _text(const char* p, Py_ssize_t s, Py_ssize_t e):
     return fastsip_text(p + s, e - s)
 
@@ -2262,7 +2243,7 @@ cdef class Message:
         if mf <= 0:
             raise ValueError("Max-Forwards is 0: answer 483 Too Many Hops")
         cdef char digits[4]
-        cdef int nd = _format_small(mf - 1, digits)
+        cdef int nd = _format_decimal(mf - 1, digits)
         self._replace_value(i, digits, nd)
         return mf - 1
 
@@ -2438,19 +2419,16 @@ cdef inline bytes _as_bytes(object v):
     return bytes(v)
 
 
-cdef inline int _format_small(int v, char* out) noexcept:
-    """Decimal digits of 0 <= v < 1000 into out; returns how many."""
-    if v >= 100:
-        out[0] = <char>(48 + v // 100)
-        out[1] = <char>(48 + (v // 10) % 10)
-        out[2] = <char>(48 + v % 10)
-        return 3
-    if v >= 10:
-        out[0] = <char>(48 + v // 10)
-        out[1] = <char>(48 + v % 10)
-        return 2
-    out[0] = <char>(48 + v)
-    return 1
+cdef inline int _format_decimal(int v, char* out) noexcept:
+    """Decimal digits of v >= 0 into out (10 octets at most); returns how many."""
+    cdef int n = 1, t = v, i
+    while t >= 10:
+        t //= 10
+        n += 1
+    for i in range(n - 1, -1, -1):
+        out[i] = <char>(48 + v % 10)
+        v //= 10
+    return n
 
 
 cdef bint _ieq_bytes(const char* p, Py_ssize_t n, bytes name):
@@ -2558,13 +2536,18 @@ cdef class Request(Message):
         cdef char port[12]
         cdef Py_ssize_t nb, nh, np
         cdef char* out
+        cdef bytes key_bytes
         if self._top_via_parts(&v, &p) and v.branch_s >= 0 and v.branch_e - v.branch_s >= 7 \
                 and memcmp(p + v.branch_s, b"z9hG4bK", 7) == 0:
             # The octets of "BRANCH\0HOST\0PORT" (PORT "None" without one) straight from the
             # buffer: the UTF-8 (surrogate-escaped) text the key once was, built as one bytes.
             nb = v.branch_e - v.branch_s
             nh = v.host_e - v.host_s
-            np = _port_digits(v.port, port)
+            if v.port >= 0:
+                np = _format_decimal(v.port, port)
+            else:
+                memcpy(port, b"None", 4)
+                np = 4
             key_bytes = PyBytes_FromStringAndSize(NULL, nb + nh + np + 2)
             out = PyBytes_AS_STRING(key_bytes)
             memcpy(out, p + v.branch_s, nb)
@@ -2572,14 +2555,11 @@ cdef class Request(Message):
             memcpy(out + nb + 1, p + v.host_s, nh)
             out[nb + 1 + nh] = 0
             memcpy(out + nb + nh + 2, port, np)
-            digest = _BRANCH_HASH.copy()
-            digest.update(key_bytes)
-            return "z9hG4bKsl" + digest.hexdigest()
         else:  # RFC 2543 peer: the §17.2.3 fields
             top = self.top_via
             frm = self.from_
             cseq = self._cseq()
-            key = "\x00".join(
+            key_bytes = "\x00".join(
                 (
                     str(self._uri()),
                     (frm.tag or "") if frm is not None else "",
@@ -2587,9 +2567,9 @@ cdef class Request(Message):
                     str(cseq.seq) if cseq is not None else "",
                     str(top) if top is not None else "",
                 )
-            )
+            ).encode("utf-8", "surrogateescape")
         digest = _BRANCH_HASH.copy()     # (a copy: no keyword parsing per ACK, as a new one has)
-        digest.update(key.encode("utf-8", "surrogateescape"))
+        digest.update(key_bytes)
         return "z9hG4bKsl" + digest.hexdigest()
 
     cpdef loop_hash(self):
