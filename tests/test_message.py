@@ -535,6 +535,31 @@ def test_copy_of_a_response() -> None:
     assert len(resp.via) == 2 and bytes(resp).count(b"Via:") == 2
 
 
+@pytest.mark.parametrize("first", [
+    "SIP/2.0/UDP p;branch=z9hG4bK-1",
+    "SIP/2.0/UDP p;branch=z9hG4bK-1 ",                      # LWS before the comma
+    'SIP/2.0/UDP p:5070;branch=z9hG4bK-1;x="a, b"',          # a comma in a quoted value
+    "SIP/2.0/UDP [2001:db8::1]:5070;rport=1;branch=z9hG4bK-1",
+])
+@pytest.mark.parametrize("read_first", [False, True])
+def test_pop_via_of_a_line_with_several_values(first: str, read_first: bool) -> None:
+    # A response's Via line often carries every hop ("Via: ours, theirs"): the pop ends the
+    # top value where parse() found its end, whether or not the Via was read before.
+    resp = parse(f"SIP/2.0 200 OK\r\nVia: {first}, SIP/2.0/TCP a;branch=z9hG4bK-2,"
+                 f"SIP/2.0/UDP b;branch=z9hG4bK-3\r\nFrom: <sip:a@x>;tag=1\r\n"
+                 f"To: <sip:b@x>;tag=2\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n"
+                 f"Content-Length: 0\r\n\r\n".encode())
+    assert isinstance(resp, Response)
+    if read_first:
+        assert resp.top_via is not None and resp.top_via.branch == "z9hG4bK-1"
+    assert resp.pop_via() == first.strip()
+    assert [v.branch for v in resp.via] == ["z9hG4bK-2", "z9hG4bK-3"]
+    assert resp.top_via is not None and resp.top_via.transport == "TCP"
+    again = parse(bytes(resp))
+    assert isinstance(again, Response) and [str(v) for v in again.via] == [
+        "SIP/2.0/TCP a;branch=z9hG4bK-2", "SIP/2.0/UDP b;branch=z9hG4bK-3"]
+
+
 def test_headers_count_counts_lines_not_values() -> None:
     msg = parse(b"OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP a;branch=z9hG4bK-1, "
                 b"SIP/2.0/UDP b;branch=z9hG4bK-2\r\nv: SIP/2.0/UDP c;branch=z9hG4bK-3\r\n"

@@ -258,7 +258,8 @@ CONTACT_TAILS = ["", ";maddr=203.0.113.9", ";MADDR=x", ";maddr=", ";maddr", ";m%
        st.sampled_from(["", ":5060", ":40312", ":0", ":5070"]), st.sampled_from(CONTACT_TAILS),
        st.sampled_from([PUBLIC, Address("UDP", "192.168.1.20", 5060),
                         Address("TCP", "203.0.113.7", 5999, 1),
-                        Address("UDP", "2001:db8::1", 5060)]))
+                        Address("UDP", "2001:db8::1", 5060),
+                        Address("UDP", "Example.COM", 5060)]))
 def test_contact_read_without_building_the_uri_agrees(scheme: str, host: str, port: str,
                                                       tail: str, peer: Address) -> None:
     contact = f"<{scheme}:a@{host}{port}{tail}>" if scheme != "urn" else "<urn:x:y>"

@@ -18,7 +18,9 @@ from fastsip.proxy._nat cimport (
     pop_alias as _pop_alias,
     request_behind_nat as _request_behind_nat,
 )
-from fastsip.sip._message cimport H_PROXY_REQUIRE, URI, NameAddr, Request, Response, Via, wire
+from fastsip.sip._message cimport (
+    H_PROXY_REQUIRE, H_ROUTE, H_VIA, URI, NameAddr, Request, Response, Via, wire,
+)
 from fastsip.transport._address cimport Address, HostMemo, memo_get
 from fastsip.transport._base cimport TransportBase, compiled_transport
 from fastsip.transport._rules cimport next_hop, request_next_hop, response_destination
@@ -74,6 +76,17 @@ _log = logging.getLogger("fastsip.proxy")
 # compiled code in one dict look-up (HostMemo; the functions stay the one definition).
 cdef HostMemo _CANONICAL = HostMemo(_canonical_host)
 cdef HostMemo _IP_LITERAL = HostMemo(_is_ip_literal)
+# A target's Request-URI as text (a registered contact, retargeted to on every call to it):
+# parsed once.  A URI is a value (its fields are read-only), so branches may share one.
+cdef HostMemo _TARGET_URI = HostMemo(URI)
+
+
+cdef URI _as_uri(object uri):
+    if isinstance(uri, URI):
+        return <URI>uri
+    if type(uri) is str:
+        return memo_get(_TARGET_URI, <str>uri)
+    return URI(uri)
 
 
 cdef inline bint _is_sips(URI uri) noexcept:
@@ -121,7 +134,7 @@ cdef class _Settled(ClientHandlerBase):
     cpdef on_response(self, txn, Response response):
         if not 200 <= response._status < 300:
             return  # the branch has its final response: nothing else goes upstream
-        response.pop_via()  # §16.7 step 3: our Via
+        response._drop_first_value(H_VIA)  # §16.7 step 3: our Via
         if self.alias and _contact_behind_nat(response, self.dest):
             _add_alias(response, self.dest)
         _send_upstream(self.proxy, self.upstream, response)
@@ -567,7 +580,7 @@ cdef class ResponseContext:
         self._branch_final(branch, response)
 
     cdef _on_branch_response(self, Branch branch, Response response):
-        response.pop_via()  # §16.7 step 3: our Via
+        response._drop_first_value(H_VIA)  # §16.7 step 3: our Via
         if branch.trunk is not None:
             # A branch to a trunk: its challenge is answered here (None: re-sent), and its
             # responses carry the caller's CSeq again.
@@ -639,7 +652,7 @@ cdef class ResponseContext:
         proxy = self.proxy
         old = branch.request
         cdef Request request = old.copy()
-        request.pop_via()
+        request._drop_first_value(H_VIA)
         request.add_via(proxy._via(branch.dest, proxy._new_branch(self.loop)))
         cseq = old.cseq
         assert cseq is not None  # validated on arrival
@@ -1309,7 +1322,7 @@ cdef class Proxy(TransactionUserBase):
         keeper = self.nat_keeper
         if keeper is not None and keeper.on_response(response):
             return  # the answer to a keep-alive: the flow is alive
-        response.pop_via()
+        response._drop_first_value(H_VIA)
         nxt = response.top_via
         if nxt is None:
             return  # it was for us
@@ -1447,7 +1460,7 @@ cdef class Proxy(TransactionUserBase):
             routes_view = request._routes()
             if not routes_view or not self._names_us(<NameAddr>routes_view[0]):
                 break
-            request.pop_route()
+            request._drop_first_value(H_ROUTE)
             routed = True
         cdef NameAddr to = request._to()
         return to is not None and to._tag() is not None, routed
@@ -1466,7 +1479,7 @@ cdef class Proxy(TransactionUserBase):
         cdef bint secure = _is_sips(request._uri())
         tls_target = None
         if target.uri is not None:
-            request.uri = target.uri
+            request._set_uri(_as_uri(target.uri))
             if _is_sips(request._uri()) != secure:
                 tls_target = _keep_scheme(request, secure)
         if request._max_forwards() is None:

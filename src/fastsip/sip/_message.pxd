@@ -128,6 +128,14 @@ cdef class Via:
     cdef object _rport(self)
 
 
+# What NameAddr._sip_scan found out about a sip/sips URI without building it.
+cdef enum:
+    SIP_SCAN_OTHER = 0
+    SIP_SCAN_PLAIN = 1
+    SIP_SCAN_MADDR = 2
+    SIP_SCAN_READ = 3
+
+
 cdef class NameAddr:
     cdef object _owner
     cdef const char* _p
@@ -143,6 +151,7 @@ cdef class NameAddr:
     cdef bint _uri_valid(self) except -1
     cdef str _uri_text(self)
     cdef tuple _sip_host_port(self)
+    cdef int _sip_scan(self) except -2
     cdef object _tag(self)
 
 
@@ -224,7 +233,8 @@ cdef class Message:
     cdef int _replace_value(self, int i, const char* value, Py_ssize_t vlen) except -1
     cdef int _replace_value_obj(self, int i, object value) except -1
     cdef int _delete(self, int i) except -1
-    cdef object _pop_first_value(self, int hid)
+    cdef object _pop_first_value(self, int hid, bint want_text)
+    cdef int _drop_first_value(self, int hid) except -1
     cdef bint _entry_named(self, int i, int hid, object name) except -1
     # The C side of the properties of the same name (the lists are the cached ones: read,
     # never edit them).
@@ -261,6 +271,7 @@ cdef class Request(Message):
 
     cdef str _method(self)
     cdef URI _uri(self)
+    cdef int _set_uri(self, URI u) except -1
     cpdef object transaction_key(self)
     cpdef str stateless_branch(self)
     cpdef copy(self)

@@ -1419,35 +1419,50 @@ cdef class NameAddr:
         ``maddr`` parameter with a value is set.  None for another scheme or the "*" Contact.
         Raises the ParseError :attr:`uri` would: the URI is checked whole.  (The NAT rules ask
         this of every message's Contact, which nothing else reads as a URI.)"""
-        cdef UriParts* u = &self._u
-        cdef const char* p = self._p
-        cdef Py_ssize_t i, j, k
-        cdef bint maddr = False, escaped = False
+        cdef int kind = self._sip_scan()
         cdef URI built
-        if self._n.wildcard:
+        if kind == SIP_SCAN_OTHER:
             return None
-        if self._c_uri is None:
-            if not self._u_ok:
-                _scan_uri(p, self._n.uri_s, self._n.uri_e, u)
-            if u.params_e > u.params_s:
-                i = u.params_s
-                while i < u.params_e:
-                    i += 1
-                    j = _uri_param(p, i, u.params_e, &k)
-                    if memchr(p + i, b'%', k - i) != NULL:
-                        escaped = True           # an escaped name: the URI's own reading
-                    elif _ieq(p + i, k - i, b"maddr", 5):
-                        maddr = k + 1 < j        # (the last one counts, as in uri.params)
-                    i = j
-            self._u_ok = True                    # scanned, and every parameter checked
-            if not escaped:
-                if u.kind != URI_SIP and u.kind != URI_SIPS:
-                    return None
-                return (_text(p, u.host_s, u.host_e), u.port if u.port >= 0 else None, maddr)
+        if kind != SIP_SCAN_READ:
+            return (_text(self._p, self._u.host_s, self._u.host_e),
+                    self._u.port if self._u.port >= 0 else None, kind == SIP_SCAN_MADDR)
         built = self._uri()
         if not built._is_sip():
             return None
         return (built.host, built.port, bool(built._maddr()))
+
+    cdef int _sip_scan(self) except -2:
+        """How :meth:`_sip_host_port` can answer: SIP_SCAN_OTHER (not a sip or sips URI, or
+        "*"), SIP_SCAN_PLAIN or SIP_SCAN_MADDR (host and port are ``_u``'s offsets into
+        ``_p``; with or without a ``maddr``), or SIP_SCAN_READ (the URI object must read it:
+        an escaped parameter name, or it is built already).  Raises the ParseError
+        :attr:`uri` would."""
+        cdef UriParts* u = &self._u
+        cdef const char* p = self._p
+        cdef Py_ssize_t i, j, k
+        cdef bint maddr = False, escaped = False
+        if self._n.wildcard:
+            return SIP_SCAN_OTHER
+        if self._c_uri is not None:
+            return SIP_SCAN_READ
+        if not self._u_ok:
+            _scan_uri(p, self._n.uri_s, self._n.uri_e, u)
+        if u.params_e > u.params_s:
+            i = u.params_s
+            while i < u.params_e:
+                i += 1
+                j = _uri_param(p, i, u.params_e, &k)
+                if memchr(p + i, b'%', k - i) != NULL:
+                    escaped = True           # an escaped name: the URI's own reading
+                elif _ieq(p + i, k - i, b"maddr", 5):
+                    maddr = k + 1 < j        # (the last one counts, as in uri.params)
+                i = j
+        self._u_ok = True                    # scanned, and every parameter checked
+        if escaped:
+            return SIP_SCAN_READ
+        if u.kind != URI_SIP and u.kind != URI_SIPS:
+            return SIP_SCAN_OTHER
+        return SIP_SCAN_MADDR if maddr else SIP_SCAN_PLAIN
 
     cdef str _uri_text(self):
         """``str(self.uri)`` without building the URI: the text as written (None for "*")."""
@@ -2100,8 +2115,9 @@ cdef class Message:
         self._invalidate_for(hid)
         return 0
 
-    cdef object _pop_first_value(self, int hid):
-        """Remove the first comma-separated value of header hid; returns its text or None."""
+    cdef object _pop_first_value(self, int hid, bint want_text):
+        """Remove the first comma-separated value of header hid; returns its text (None when
+        there was none, or when the caller said it does not want it)."""
         cdef int i = self._first[hid]
         cdef HEntry* h
         cdef const char* p
@@ -2110,8 +2126,14 @@ cdef class Message:
             return None
         h = &self._h[i]
         p = self._base(h)
-        k = _split_comma(p, h.value_s, h.value_e)
-        first = _text_lws(p, h.value_s, k)
+        if hid == H_VIA and self._parts_ok and not h.folded:
+            # Where the top value ends, parse() (or the last Via edit) already found: a
+            # response's Via line often holds every hop's value ("Via: ours, theirs"), and
+            # the split would walk ours byte by byte again.
+            k = _skip_lws(p, self._top_via.e, h.value_e)
+        else:
+            k = _split_comma(p, h.value_s, h.value_e)
+        first = _text_lws(p, h.value_s, k) if want_text else None
         if k >= h.value_e:
             self._delete(i)
         elif h.folded:
@@ -2204,7 +2226,13 @@ cdef class Message:
     cpdef pop_via(self):
         """Remove the top Via value (a proxy forwarding a response, RFC 3261 16.7 step 3);
         returns it as text, or None when there was none."""
-        return self._pop_first_value(H_VIA)
+        return self._pop_first_value(H_VIA, True)
+
+    cdef int _drop_first_value(self, int hid) except -1:
+        """pop_via() or pop_route() for a caller that discards the value (a proxy forwarding
+        a response, or past its own Route): the value is not decoded."""
+        self._pop_first_value(hid, False)
+        return 0
 
     cpdef add_record_route(self, value):
         """Add a Record-Route value on top of the Record-Route list (RFC 3261 16.6 step 4)."""
@@ -2227,7 +2255,7 @@ cdef class Message:
     cpdef pop_route(self):
         """Remove the first Route value (loose routing, RFC 3261 16.4); returns it as text,
         or None when there was none."""
-        return self._pop_first_value(H_ROUTE)
+        return self._pop_first_value(H_ROUTE, True)
 
     cpdef decrement_max_forwards(self):
         """Max-Forwards minus one (RFC 3261 16.6 step 3; added as 70 when absent).  Returns the
@@ -2517,11 +2545,15 @@ cdef class Request(Message):
 
     @uri.setter
     def uri(self, value):
-        cdef URI u = value if isinstance(value, URI) else URI(value)
+        self._set_uri(value if isinstance(value, URI) else URI(value))
+
+    cdef int _set_uri(self, URI u) except -1:
+        # (The setter, callable from C: a proxy retargets every branch it makes.)
         self._new_start_line = (f"{self._method()} {u._text} SIP/2.0\r\n").encode(
             "utf-8", "surrogateescape")
         self._c_uri = u
         self._edited = True
+        return 0
 
     cpdef str stateless_branch(self):
         """§16.11: the branch a stateless proxy puts in its Via is a function of this
