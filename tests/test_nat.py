@@ -16,7 +16,7 @@ from fastsip.proxy.nat import (
     request_behind_nat,
 )
 from fastsip.sip import Request, Response, parse
-from fastsip.transport import Address
+from fastsip.transport import DEFAULT_PORTS, Address
 
 
 def invite(via: str = "192.168.1.20:5060", contact: str = "<sip:a@192.168.1.20:5060>",
@@ -246,6 +246,34 @@ def _behind_nat_by_built_uri(message: Request, peer: Address) -> bool:
     if uri.host.strip("[]").lower() != peer.host.strip("[]").lower():
         return True
     return peer.transport == "UDP" and (uri.port or 5060) != peer.port
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["UDP", "TCP", "TLS"]),
+       st.sampled_from(["192.168.1.20", "203.0.113.7", "EXAMPLE.com", "[2001:DB8::1]"]),
+       st.sampled_from(["", ":5060", ":5061", ":40312", ":0"]),
+       st.sampled_from([PUBLIC, Address("UDP", "203.0.113.7", 5060),
+                        Address("UDP", "Example.COM", 5061), Address("UDP", "example.com", 5060),
+                        Address("TCP", "203.0.113.7", 5999, 1),
+                        Address("UDP", "2001:db8::1", 5060)]))
+def test_request_sent_by_read_in_place_agrees(transport: str, host: str, port: str,
+                                              peer: Address) -> None:
+    # request_behind_nat compares the top Via's sent-by in place: it must say what the Via
+    # view says (host without brackets and case, the port or the transport's default over
+    # UDP), whether or not the view was read first.  (The Contact is public: only the Via
+    # decides.)
+    text = (f"INVITE sip:b@example.com SIP/2.0\r\nVia: SIP/2.0/{transport} {host}{port}"
+            ";branch=z9hG4bKx\r\nMax-Forwards: 70\r\nFrom: <sip:a@example.com>;tag=1\r\n"
+            "To: <sip:b@example.com>\r\nCall-ID: c1\r\nCSeq: 1 INVITE\r\n"
+            "Contact: <sip:a@198.51.100.1>\r\nContent-Length: 0\r\n\r\n").encode()
+    fresh, read = parse(text), parse(text)
+    assert isinstance(fresh, Request) and isinstance(read, Request)
+    via = read.top_via
+    assert via is not None
+    expected = via.host.strip("[]").lower() != peer.host.strip("[]").lower() or (
+        peer.transport == "UDP" and (via.port or DEFAULT_PORTS[via.transport]) != peer.port)
+    assert request_behind_nat(fresh, peer) is expected
+    assert request_behind_nat(read, peer) is expected
 
 
 CONTACT_HOSTS = ["192.168.1.20", "203.0.113.7", "EXAMPLE.com", "[2001:DB8::1]", "10.0.0.1"]

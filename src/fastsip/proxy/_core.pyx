@@ -1058,6 +1058,10 @@ cdef class Proxy(TransactionUserBase):
     cdef dict _sent_by
     cdef object _hosts
     cdef set _ports
+    # Our last Via up to its branch, and the end and transport it was made for (_via).
+    cdef str _via_head
+    cdef Address _via_ours
+    cdef str _via_transport
 
     def __init__(self, router=None, *, record_route=True, timer_c=180.0, stateless=False,
                  max_pending=100_000, max_pending_per_source=None, retry_after=5,
@@ -1569,10 +1573,19 @@ cdef class Proxy(TransactionUserBase):
         elif local is None:
             local = self.local_for(dest)
         cdef Address ours = local
-        cdef str host = ours.host
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        return f"SIP/2.0/{(<Address?>dest).transport} {host}:{ours.port};branch={branch}"
+        cdef str transport = (<Address?>dest).transport
+        cdef str host
+        if ours is not self._via_ours or transport != self._via_transport:
+            # Nearly every branch leaves from the same end over the same transport: its
+            # sent-by is formatted once (an Address is a value: the same object, the same
+            # end).
+            host = ours.host
+            if ":" in host and not host.startswith("["):
+                host = f"[{host}]"
+            self._via_head = f"SIP/2.0/{transport} {host}:{ours.port};branch="
+            self._via_ours = ours
+            self._via_transport = transport
+        return self._via_head + branch
 
     cdef str _new_branch(self, str loop):
         # "z9hG4bK-" + §16.6 step 8's loop hash + "." + this process's prefix and a counter:

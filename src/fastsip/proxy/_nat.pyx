@@ -11,7 +11,8 @@ Contact and top Via through the parser's views, typed (no attribute look-ups).
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 
 from fastsip.sip._message cimport (
-    SIP_SCAN_MADDR, SIP_SCAN_OTHER, SIP_SCAN_PLAIN, URI, Message, NameAddr, Request, Via, lowered,
+    SIP_SCAN_MADDR, SIP_SCAN_OTHER, SIP_SCAN_PLAIN, URI, Message, NameAddr, Request, Via,
+    ViaParts, lowered,
 )
 from fastsip.transport._address cimport Address, HostMemo, memo_get
 
@@ -64,12 +65,23 @@ cpdef bint request_behind_nat(Request request, Address source) except -1:
     is private while the source is not."""
     if source is None:
         return False            # (no source to compare with: nothing says NAT)
-    cdef Via via = request.top_via
-    if via is not None:
-        if _host(via._host()) != _host(source.host):
+    cdef ViaParts parts
+    cdef const char* p
+    cdef int same
+    cdef Via via
+    if request._top_via_parts(&parts, &p):
+        # The sent-by as parse() found it, compared in place (asked of every INVITE).
+        same = _same_host(p, parts.host_s, parts.host_e, source.host)
+        if same < 0:
+            via = request.top_via
+            same = _host(via._host()) == _host(source.host)
+        if not same:
             return True
         if source.transport == "UDP":
-            port = via._port() or _DEFAULT_PORTS.get(via._transport(), 5060)
+            if parts.port > 0:
+                port = parts.port
+            else:
+                port = _DEFAULT_PORTS.get((<Via>request.top_via)._transport(), 5060)
             if port != source.port:
                 return True
     return _private_contact(request, source)
