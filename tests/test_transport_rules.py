@@ -91,6 +91,10 @@ def test_check_sent_by() -> None:
     # A wildcard listener without an advertised address: any host on its port.
     assert check_sent_by(response("SIP/2.0/UDP 10.1.1.1:5080;branch=z9hG4bK1"),
                          [("0.0.0.0", 5080)])
+    assert check_sent_by(response("SIP/2.0/UDP [2001:DB8::5]:5090;branch=z9hG4bK1"),
+                         [("192.0.2.1", 5090), ("::", 5090)])
+    assert check_sent_by(response("SIP/2.0/UDP [2001:DB8::5]:5090;branch=z9hG4bK1"),
+                         [("[2001:db8::5]", 5090)])
     no_via = parse(b"SIP/2.0 200 OK\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
     assert isinstance(no_via, Response)
     assert not check_sent_by(no_via, local)

@@ -8,11 +8,9 @@ one), so they are C functions the compiled core calls directly, and they read a 
 Contact and top Via through the parser's views, typed (no attribute look-ups).
 """
 
-from cpython.unicode cimport PyUnicode_AsUTF8AndSize
-
 from fastsip.sip._message cimport (
     SIP_SCAN_MADDR, SIP_SCAN_OTHER, SIP_SCAN_PLAIN, URI, Message, NameAddr, Request, Via,
-    ViaParts, lowered,
+    ViaParts, lowered, same_host,
 )
 from fastsip.transport._address cimport Address, HostMemo, memo_get
 
@@ -71,7 +69,7 @@ cpdef bint request_behind_nat(Request request, Address source) except -1:
     cdef Via via
     if request._top_via_parts(&parts, &p):
         # The sent-by as parse() found it, compared in place (asked of every INVITE).
-        same = _same_host(p, parts.host_s, parts.host_e, source.host)
+        same = same_host(p, parts.host_s, parts.host_e, source.host)
         if same < 0:
             via = request.top_via
             same = _host(via._host()) == _host(source.host)
@@ -106,7 +104,7 @@ cpdef bint contact_behind_nat(Message message, Address peer) except -1:
     if kind == SIP_SCAN_OTHER or kind == SIP_SCAN_MADDR:
         return False
     if kind == SIP_SCAN_PLAIN:
-        same = _same_host(single._p, single._u.host_s, single._u.host_e, peer.host)
+        same = same_host(single._p, single._u.host_s, single._u.host_e, peer.host)
         if same == 0:
             return True
         if same == 1:
@@ -126,41 +124,6 @@ cpdef bint contact_behind_nat(Message message, Address peer) except -1:
         port = port or _DEFAULT_PORTS.get("UDP", 5060)
         return port != peer.port
     return False
-
-
-cdef int _same_host(const char* p, Py_ssize_t s, Py_ssize_t e, str host) except -2:
-    """Is the host p[s:e] (as a URI writes it) ``host``, as ``_host`` compares them (brackets
-    and case aside)?  1 or 0; -1 when either is not ASCII (then the str comparison decides:
-    str.lower() folds more than ASCII)."""
-    cdef Py_ssize_t hs = 0, n, i
-    cdef const char* h = PyUnicode_AsUTF8AndSize(host, &n)
-    cdef unsigned char a, b
-    while s < e and (p[s] == b'[' or p[s] == b']'):
-        s += 1
-    while e > s and (p[e - 1] == b'[' or p[e - 1] == b']'):
-        e -= 1
-    while hs < n and (h[hs] == b'[' or h[hs] == b']'):
-        hs += 1
-    while n > hs and (h[n - 1] == b'[' or h[n - 1] == b']'):
-        n -= 1
-    for i in range(s, e):
-        if <unsigned char>p[i] >= 0x80:
-            return -1
-    for i in range(hs, n):
-        if <unsigned char>h[i] >= 0x80:
-            return -1
-    if e - s != n - hs:
-        return 0
-    for i in range(e - s):
-        a = <unsigned char>p[s + i]
-        b = <unsigned char>h[hs + i]
-        if a >= b'A' and a <= b'Z':
-            a += 32
-        if b >= b'A' and b <= b'Z':
-            b += 32
-        if a != b:
-            return 0
-    return 1
 
 
 cdef bint _private_contact(Message message, Address source) except -1:

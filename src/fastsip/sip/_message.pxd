@@ -291,6 +291,9 @@ cdef class Response(Message):
 # parse() for compiled callers (the datagram intake); ``limits`` a Limits or None.
 cdef Message parse_c(object data, object limits)
 
+# Host comparison in place, for the compiled layers (a sent-by or URI host against ours).
+cdef int same_host(const char* p, Py_ssize_t s, Py_ssize_t e, str host) except -2
+
 
 cdef inline bytes wire(object msg):
     """``bytes(msg)`` for the compiled layers' sends: a Message serializes in C, without

@@ -19,6 +19,7 @@ untouched lines from the original buffer.  An unedited message serializes to its
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset
 
@@ -476,6 +477,42 @@ cdef inline int64_t _digits(const char* p, Py_ssize_t s, Py_ssize_t e, int64_t l
         if v > limit:
             return -1
     return v
+
+
+cdef int same_host(const char* p, Py_ssize_t s, Py_ssize_t e, str host) except -2:
+    """Is the host p[s:e], as a message writes it (a sent-by, a URI's host), ``host``?  Brackets
+    and ASCII case aside, as ``lowered(host.strip("[]"))`` compares them, without making a
+    string.  1 or 0; -1 when either is not ASCII (the caller compares the strs: str.lower()
+    folds more than ASCII)."""
+    cdef Py_ssize_t hs = 0, n, i
+    cdef const char* h = PyUnicode_AsUTF8AndSize(host, &n)
+    cdef unsigned char a, b
+    while s < e and (p[s] == b'[' or p[s] == b']'):
+        s += 1
+    while e > s and (p[e - 1] == b'[' or p[e - 1] == b']'):
+        e -= 1
+    while hs < n and (h[hs] == b'[' or h[hs] == b']'):
+        hs += 1
+    while n > hs and (h[n - 1] == b'[' or h[n - 1] == b']'):
+        n -= 1
+    for i in range(s, e):
+        if <unsigned char>p[i] >= 0x80:
+            return -1
+    for i in range(hs, n):
+        if <unsigned char>h[i] >= 0x80:
+            return -1
+    if e - s != n - hs:
+        return 0
+    for i in range(e - s):
+        a = <unsigned char>p[s + i]
+        b = <unsigned char>h[hs + i]
+        if a >= b'A' and a <= b'Z':
+            a += 32
+        if b >= b'A' and b <= b'Z':
+            b += 32
+        if a != b:
+            return 0
+    return 1
 
 
 cdef int _fail(str reason, Py_ssize_t offset, int status=400) except -1:

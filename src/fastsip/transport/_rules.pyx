@@ -8,8 +8,10 @@ their work.  They read the message core's views (Via, URI, NameAddr) and the add
 their ``.pxd``: struct members and C accessors, no attribute look-ups.
 """
 
-from fastsip.sip._message cimport URI, Message, NameAddr, Request, Via, lowered
-from fastsip.transport._address cimport Address
+from fastsip.sip._message cimport (
+    URI, Message, NameAddr, Request, Via, ViaParts, lowered, same_host,
+)
+from fastsip.transport._address cimport Address, make_address
 
 import os
 
@@ -111,7 +113,7 @@ cpdef Address next_hop(target):
     cdef bint secure = uri.scheme == "sips"
     param = uri._transport()
     if param is not None:
-        transport = _URI_TRANSPORTS.get(param.lower())
+        transport = _URI_TRANSPORTS.get(lowered(param))
         if transport is None:
             transport = param.upper()
         if secure:
@@ -125,7 +127,7 @@ cpdef Address next_hop(target):
     port = uri.port
     if not port:
         port = _DEFAULT_PORTS.get(transport, 5060)
-    return Address(transport, host, port)
+    return make_address(transport, host, port, 0)
 
 
 cpdef Address request_next_hop(request, outbound_proxy=None):
@@ -149,17 +151,27 @@ cpdef bint check_sent_by(response, local) except -1:
     transport's default port.  A ``local`` host of ``0.0.0.0`` or ``::`` (a wildcard listener
     with no advertised address) matches any host on that port.
     """
-    cdef Via via = (<Message?>response).top_via
-    if via is None:
+    cdef Message message = response
+    cdef ViaParts v
+    cdef const char* p
+    cdef int same
+    if message is None or not message._top_via_parts(&v, &p):
         return False
-    host = lowered(strip_brackets(via._host()))
-    port = via._port()
-    if port is None:
-        port = _DEFAULT_PORTS.get(via._transport(), 5060)
+    # (Asked of every response: the sent-by parse() found, compared in place.)
+    if v.port >= 0:
+        port = v.port
+    else:
+        port = _DEFAULT_PORTS.get((<Via>message.top_via)._transport(), 5060)
     for local_host, local_port in local:
         if local_port != port:
             continue
+        same = same_host(p, v.host_s, v.host_e, local_host)
+        if same < 0:
+            same = lowered(strip_brackets((<Via>message.top_via)._host())) == \
+                lowered(strip_brackets(local_host))
+        if same:
+            return True
         h = lowered(strip_brackets(local_host))
-        if h == host or h == "0.0.0.0" or h == "::":
+        if h == "0.0.0.0" or h == "::":
             return True
     return False
