@@ -11,6 +11,8 @@ were.  (Annotations document; the typed fields and ``cdef`` methods below are wh
 
 from __future__ import annotations
 
+from fastsip.proxy._nat cimport binding_flow
+
 import inspect
 import logging
 import time
@@ -25,7 +27,6 @@ from fastsip.errors import FastSIPError, ParseError
 from fastsip.proxy.core import Proxy, ProxyContext, ResponseContext, Target
 from fastsip.proxy.edge import SourceGuard
 from fastsip.proxy.location import run_immediately
-from fastsip.proxy.nat import binding_flow
 from fastsip.proxy.registrar import SUPPORTED as _REGISTRAR_SUPPORTED
 from fastsip.sip import URI, Headers, NameAddr, Response
 from fastsip.sip import Request as SipRequest

@@ -10,3 +10,4 @@ cpdef bint request_behind_nat(Request request, Address source) except -1
 cpdef bint contact_behind_nat(Message message, Address peer) except -1
 cpdef bint add_alias(Message message, flow) except -1
 cpdef pop_alias(Request request)
+cpdef Address binding_flow(binding)

@@ -12,13 +12,14 @@ from fastsip.sip._message cimport (
     SIP_SCAN_MADDR, SIP_SCAN_OTHER, SIP_SCAN_PLAIN, URI, Message, NameAddr, Request, Via,
     ViaParts, lowered, same_host,
 )
-from fastsip.transport._address cimport Address, HostMemo, memo_get
+from fastsip.transport._address cimport Address, HostMemo, make_address, memo_get
 
 import ipaddress
 from functools import lru_cache
 
 from fastsip.transport import DEFAULT_PORTS as _DEFAULT_PORTS
 from fastsip.transport import Address as _Address
+from fastsip.transport._address import RELIABLE as _RELIABLE_TRANSPORTS
 from fastsip.transport.rules import connection_holder as _connection_holder
 
 #: The Contact / Request-URI parameter that carries a flow through a dialog.
@@ -28,6 +29,7 @@ ALIAS = "alias"
 cdef dict _PROTO_NUMBER = {"UDP": "1", "TCP": "2", "TLS": "3", "SCTP": "4", "WS": "5",
                            "WSS": "6"}
 cdef dict _PROTO_NAME = {v: k for k, v in _PROTO_NUMBER.items()}
+cdef frozenset _RELIABLE = _RELIABLE_TRANSPORTS
 
 cdef tuple _PRIVATE = tuple(ipaddress.ip_network(n) for n in (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",   # RFC 1918
@@ -169,6 +171,50 @@ cdef URI _contact_uri(Message message):
         return contact._uri()
     except ValueError:
         return None
+
+
+cpdef Address binding_flow(binding):
+    """Where a binding is reached when not at its Contact: the flow its REGISTER came over
+    (address, and for UDP the id of our socket it arrived on) for a client behind NAT, an
+    RFC 5626 outbound client, or any TCP/TLS client (it cannot accept connections: its
+    Contact port is not listening) -- over the connection the REGISTER came on, whose id
+    names the worker holding it (``serve --workers``: any worker can reach it through that
+    one; a connection gone, or its worker dead, is a closed flow).  None: reach it at its
+    Contact (or its Path).  (Compiled: every call to a registered user asks.)"""
+    source = binding.source
+    if not source or binding.path:
+        return None
+    cdef Address addr = memo_get(_ADDRESS_OF, <str?>source)
+    if addr is None:
+        return None
+    if addr.transport in _RELIABLE:
+        # (A server of one process finds the connection by the peer's address, as ever.)
+        if _connection_holder(binding.socket) is None:
+            return addr
+        return make_address(addr.transport, addr.host, addr.port, binding.socket)
+    if not binding.flow:
+        return None
+    return make_address(addr.transport, addr.host, addr.port, binding.socket)
+
+
+def _address_of(str text):
+    try:
+        transport, rest = text.split(":", 1)
+        host, port = rest.rsplit(":", 1)
+        return make_address(transport.upper(), host.strip("[]"), int(port), 0)
+    except ValueError:
+        return None
+
+
+# A binding's source, read back for every call to it (an Address is an immutable value).
+cdef HostMemo _ADDRESS_OF = HostMemo(_address_of)
+
+
+def parse_address(str text not None):
+    """``"tcp:198.51.100.7:5060"`` / ``"udp:[2001:db8::1]:5060"`` (``str(Address)``) back to
+    an Address; None for anything else.  Remembered (4,096 texts at most): every call to a
+    registered user reads its binding's source."""
+    return memo_get(_ADDRESS_OF, text)
 
 
 cpdef bint add_alias(Message message, flow) except -1:

@@ -40,20 +40,21 @@ import itertools
 import logging
 import os
 from collections.abc import Callable, Coroutine
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from fastsip.proxy._nat import (
     ALIAS,
     add_alias,
+    binding_flow,
     contact_behind_nat,
     is_private,
+    parse_address,
     pop_alias,
     request_behind_nat,
 )
 from fastsip.sip import Response
 from fastsip.transport import Address
-from fastsip.transport.rules import call_id_shard, connection_holder
+from fastsip.transport.rules import call_id_shard
 
 if TYPE_CHECKING:
     from fastsip.proxy.location import Binding, LocationStore
@@ -76,43 +77,6 @@ log = logging.getLogger("fastsip.proxy.nat")
 
 #: The branch prefix of our keep-alive OPTIONS: their answers are recognized by it.
 PING_BRANCH = "z9hG4bK-nat."
-
-
-def binding_flow(binding: Binding) -> Address | None:
-    """Where a binding is reached when not at its Contact: the flow its REGISTER came over
-    (address, and for UDP the id of our socket it arrived on) for a client behind NAT, an
-    RFC 5626 outbound client, or any TCP/TLS client (it cannot accept connections: its
-    Contact port is not listening) -- over the connection the REGISTER came on, whose id
-    names the worker holding it (``serve --workers``: any worker can reach it through that
-    one; a connection gone, or its worker dead, is a closed flow).  None: reach it at its
-    Contact (or its Path)."""
-    source = binding.source
-    if not source or binding.path:
-        return None
-    addr = parse_address(source)
-    if addr is None:
-        return None
-    if addr.reliable:
-        # (A server of one process finds the connection by the peer's address, as ever.)
-        if connection_holder(binding.socket) is None:
-            return addr
-        return Address(addr.transport, addr.host, addr.port, binding.socket)
-    if not binding.flow:
-        return None
-    return Address(addr.transport, addr.host, addr.port, binding.socket)
-
-
-@lru_cache(maxsize=4096)
-def parse_address(text: str) -> Address | None:
-    """``"tcp:198.51.100.7:5060"`` / ``"udp:[2001:db8::1]:5060"`` (``str(Address)``) back to
-    an Address; None for anything else.  Cached: every call to a registered user reads its
-    binding's source, and an Address is an immutable value."""
-    try:
-        transport, rest = text.split(":", 1)
-        host, port = rest.rsplit(":", 1)
-        return Address(transport.upper(), host.strip("[]"), int(port))
-    except ValueError:
-        return None
 
 
 # -- keep-alives ------------------------------------------------------------------------------
