@@ -72,6 +72,23 @@ def test_lines_match_logging_formatter(logger: logging.Logger) -> None:
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO ", second), second
 
 
+def test_a_direct_line_after_close_is_written_at_once(logger: logging.Logger) -> None:
+    # The writer thread is gone after close(): the emitter has the handler write the line
+    # itself (a line logged while serve stops is not lost), and counts no drop.
+    stream = io.StringIO()
+    handler = logqueue.QueueLogHandler(stream)
+    logger.addHandler(handler)
+    emit = logqueue.direct_emitter(logger, logging.INFO)
+    assert emit is not None
+    emit("before %s", ("close",))
+    handler.close()
+    emit("after %s", ("close",))
+    lines = stream.getvalue().splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == ["before close", "after close"]
+    assert all(" INFO " + logger.name + ": " in line for line in lines), lines
+    assert handler.dropped == 0
+
+
 def test_direct_line_is_the_text_logging_formatter_writes() -> None:
     """The writer's compiled line of a queued tuple is logging.Formatter(FORMAT)'s text of
     the same record, to the millisecond, as the second it caches moves on and back."""

@@ -8,6 +8,8 @@ writer about as much again as the line's own ``template % args``.
 
 from __future__ import annotations
 
+from cpython.time cimport time as _wall_clock
+
 import time
 
 
@@ -41,3 +43,32 @@ cdef class TextLines:
         it all)."""
         text = msg % args if args else msg
         return f"{self.asctime(created)} {levelname} {name}: {text}"
+
+
+cdef class QueueEmitter:
+    """What :meth:`QueueLogHandler.direct <fastsip.app.logqueue.QueueLogHandler.direct>`
+    gives: ``emit(template, args, extra=None)`` puts one line of logger ``name`` at ``level``
+    on ``handler``'s queue as a tuple -- no LogRecord, no Python frame (serve's request line,
+    one a call).  Past ``bound`` lines waiting it counts a drop; once the handler has closed,
+    it has the handler write the line itself (``_write_now``)."""
+
+    def __init__(self, handler, queue, str name, str levelname, Py_ssize_t bound):
+        self._handler = handler
+        self._put = queue.put
+        self._qsize = queue.qsize
+        self._name = name
+        self._levelname = levelname
+        self._bound = bound
+
+    def __call__(self, str msg, args, extra=None):
+        self.emit(msg, args, extra)
+
+    cdef int emit(self, str msg, object args, object extra) except -1:
+        handler = self._handler
+        if self._qsize() < self._bound and not handler._closed:
+            self._put((_wall_clock(), self._levelname, self._name, msg, args, extra))
+        elif handler._closed:
+            handler._write_now(_wall_clock(), self._levelname, self._name, msg, args, extra)
+        else:
+            handler.dropped += 1
+        return 0

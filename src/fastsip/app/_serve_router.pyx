@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fastsip.app._logline cimport QueueEmitter
 from fastsip.sip._message cimport Message, NameAddr
 
 from fastsip.app import logqueue
@@ -98,7 +99,7 @@ cdef class ServeRouter:
     cdef bint _lines
     cdef bint _track
     cdef bint _json
-    cdef object _emit
+    cdef QueueEmitter _emit
     cdef public dict outcomes
     cdef public object on_answered
 
@@ -198,13 +199,13 @@ cdef class ServeRouter:
             # The fields as they are: the JSON formatter (the writer thread) escapes them.
             extra = _request_extra(method, status, outcome, duration, fields)
             if self._emit is not None:
-                self._emit("request", (), extra)
+                self._emit.emit("request", (), extra)
             else:
                 log.info("request", extra=extra)
             return outcome
         args = (method, status, outcome, duration, _text_fields(fields))
         if self._emit is not None:   # straight onto the writer's queue: no LogRecord
-            self._emit(_REQUEST_LINE, args)
+            self._emit.emit(_REQUEST_LINE, args, None)
         else:
             log.info(_REQUEST_LINE, *args,
                      extra=_request_extra(method, status, outcome, duration, fields))

@@ -31,7 +31,7 @@ import threading
 import time
 from typing import IO, Any, Protocol
 
-from fastsip.app._logline import TextLines
+from fastsip.app._logline import QueueEmitter, TextLines
 
 __all__ = ["DEFAULT_MAX_QUEUED", "FORMAT", "JsonFormatter", "LineFormatter",
            "QueueLogHandler", "direct_emitter", "dropped_lines", "flush", "install",
@@ -233,20 +233,15 @@ class QueueLogHandler(logging.Handler):
         ``name`` at ``level`` with no :class:`~logging.LogRecord` (see
         :func:`direct_emitter`); ``args`` must hold only immutable values (str, int, float),
         and ``extra`` (the fields a JSON line carries) must not change once passed."""
-        levelname = logging.getLevelName(level)
-        put, qsize, now = self._queue.put, self._queue.qsize, time.time
-        bound = self.max_queued
+        return QueueEmitter(self, self._queue, name, logging.getLevelName(level),
+                            self.max_queued)
 
-        def emit(msg: str, args: tuple[Any, ...], extra: dict[str, Any] | None = None) -> None:
-            if qsize() < bound and not self._closed:
-                put((now(), levelname, name, msg, args, extra))
-            elif self._closed:
-                fmt = self.formatter
-                assert isinstance(fmt, LineFormatter | JsonFormatter)
-                self._write(fmt.line(now(), levelname, name, msg, args, extra) + "\n")
-            else:
-                self.dropped += 1
-        return emit
+    def _write_now(self, created: float, levelname: str, name: str, msg: str,
+                   args: tuple[Any, ...], extra: dict[str, Any] | None) -> None:
+        # A direct line after close(): the writer is gone, so it is written here.
+        fmt = self.formatter
+        assert isinstance(fmt, LineFormatter | JsonFormatter)
+        self._write(fmt.line(created, levelname, name, msg, args, extra) + "\n")
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait (``timeout`` seconds at most) until every line queued so far is written."""
