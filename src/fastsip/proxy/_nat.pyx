@@ -67,15 +67,9 @@ cpdef bint request_behind_nat(Request request, Address source) except -1:
         return False            # (no source to compare with: nothing says NAT)
     cdef ViaParts parts
     cdef const char* p
-    cdef int same
-    cdef Via via
     if request._top_via_parts(&parts, &p):
         # The sent-by as parse() found it, compared in place (asked of every INVITE).
-        same = same_host(p, parts.host_s, parts.host_e, source.host)
-        if same < 0:
-            via = request.top_via
-            same = _host(via._host()) == _host(source.host)
-        if not same:
+        if not same_host(p, parts.host_s, parts.host_e, source.host):
             return True
         if source.transport == "UDP":
             if parts.port > 0:
@@ -96,7 +90,7 @@ cpdef bint contact_behind_nat(Message message, Address peer) except -1:
     # Asked of every 1xx/2xx a proxy relays: read in place where the Contact allows it (no
     # host string, no tuple), else as _contact_sip reads it.
     cdef NameAddr single = _single_contact(message)
-    cdef int kind, same
+    cdef int kind
     if single is None:
         return False
     try:
@@ -106,14 +100,12 @@ cpdef bint contact_behind_nat(Message message, Address peer) except -1:
     if kind == SIP_SCAN_OTHER or kind == SIP_SCAN_MADDR:
         return False
     if kind == SIP_SCAN_PLAIN:
-        same = same_host(single._p, single._u.host_s, single._u.host_e, peer.host)
-        if same == 0:
+        if not same_host(single._p, single._u.host_s, single._u.host_e, peer.host):
             return True
-        if same == 1:
-            if peer.transport == "UDP":
-                return (single._u.port if single._u.port > 0
-                        else _DEFAULT_PORTS.get("UDP", 5060)) != peer.port
-            return False
+        if peer.transport == "UDP":
+            return (single._u.port if single._u.port > 0
+                    else _DEFAULT_PORTS.get("UDP", 5060)) != peer.port
+        return False
     contact = _contact_sip(message)
     if contact is None:
         return False

@@ -292,7 +292,7 @@ cdef class Response(Message):
 cdef Message parse_c(object data, object limits)
 
 # Host comparison in place, for the compiled layers (a sent-by or URI host against ours).
-cdef int same_host(const char* p, Py_ssize_t s, Py_ssize_t e, str host) except -2
+cdef bint same_host(const char* p, Py_ssize_t s, Py_ssize_t e, str host) except -1
 
 
 cdef inline bytes wire(object msg):

@@ -479,11 +479,11 @@ cdef inline int64_t _digits(const char* p, Py_ssize_t s, Py_ssize_t e, int64_t l
     return v
 
 
-cdef int same_host(const char* p, Py_ssize_t s, Py_ssize_t e, str host) except -2:
-    """Is the host p[s:e], as a message writes it (a sent-by, a URI's host), ``host``?  Brackets
-    and ASCII case aside, as ``lowered(host.strip("[]"))`` compares them, without making a
-    string.  1 or 0; -1 when either is not ASCII (the caller compares the strs: str.lower()
-    folds more than ASCII)."""
+cdef bint same_host(const char* p, Py_ssize_t s, Py_ssize_t e, str host) except -1:
+    """Is the host p[s:e], as a message writes it (a sent-by, a URI's host), ``host``?  As
+    ``lowered(h.strip("[]"))`` compares them (brackets and case aside), without making a
+    string while both are ASCII; otherwise by those strs (str.lower() folds more than
+    ASCII)."""
     cdef Py_ssize_t hs = 0, n, i
     cdef const char* h = PyUnicode_AsUTF8AndSize(host, &n)
     cdef unsigned char a, b
@@ -497,10 +497,10 @@ cdef int same_host(const char* p, Py_ssize_t s, Py_ssize_t e, str host) except -
         n -= 1
     for i in range(s, e):
         if <unsigned char>p[i] >= 0x80:
-            return -1
+            return lowered(_text(p, s, e)) == lowered(host.strip("[]"))
     for i in range(hs, n):
         if <unsigned char>h[i] >= 0x80:
-            return -1
+            return lowered(_text(p, s, e)) == lowered(host.strip("[]"))
     if e - s != n - hs:
         return 0
     for i in range(e - s):

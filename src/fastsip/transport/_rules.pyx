@@ -154,7 +154,6 @@ cpdef bint check_sent_by(response, local) except -1:
     cdef Message message = response
     cdef ViaParts v
     cdef const char* p
-    cdef int same
     if message is None or not message._top_via_parts(&v, &p):
         return False
     # (Asked of every response: the sent-by parse() found, compared in place.)
@@ -165,11 +164,7 @@ cpdef bint check_sent_by(response, local) except -1:
     for local_host, local_port in local:
         if local_port != port:
             continue
-        same = same_host(p, v.host_s, v.host_e, local_host)
-        if same < 0:
-            same = lowered(strip_brackets((<Via>message.top_via)._host())) == \
-                lowered(strip_brackets(local_host))
-        if same:
+        if same_host(p, v.host_s, v.host_e, local_host):
             return True
         h = lowered(strip_brackets(local_host))
         if h == "0.0.0.0" or h == "::":
